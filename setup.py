@@ -1,0 +1,32 @@
+"""ament_python set-up for ovss_ros: works under colcon (ROS from apt) and pip (standalone venv)."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = "ovss_ros"
+
+setup(
+    name=package_name,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*"]),
+    package_data={"ovss_ros": ["data/*"]},
+    data_files=[
+        ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
+        ("share/" + package_name, ["package.xml"]),
+        ("share/" + package_name + "/launch", glob("launch/*.py")),
+        ("share/" + package_name + "/config", glob("config/*.yaml") + glob("config/*.rviz")),
+    ],
+    install_requires=["setuptools", "numpy", "torch", "open_clip_torch"],
+    zip_safe=False,
+    maintainer="ovss_ros developers",
+    maintainer_email="ovss_ros@example.com",
+    description="Open-vocabulary semantic segmentation node for ROS 2 on training-free CLIP.",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "ovss_node = ovss_ros.node:main",
+            "ovss-segment = ovss_ros.cli.segment:main",
+        ],
+    },
+)
