@@ -1,0 +1,1 @@
+"""ovss_ros: open-vocabulary semantic segmentation for ROS 2 on training-free CLIP."""

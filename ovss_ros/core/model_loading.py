@@ -1,0 +1,161 @@
+"""Load an open_clip CLIP model for dense segmentation, with one clear error for every way it fails.
+
+Weights come from an open_clip pretrained tag (downloaded once on a machine with internet and
+then cached), from a local checkpoint file (robots without internet), or from nowhere
+(``pretrained: none``: random weights, only good for plumbing checks, so it warns loudly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transformer import VisionTransformer
+
+logger = logging.getLogger(__name__)
+
+NO_WEIGHTS = ("", "none", "random")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; ``str(error)`` says what to set."""
+
+
+@dataclass
+class LoadedClip:
+    """A CLIP model ready for dense inference, with what pre-processing needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.visual.patch_size[0])
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA device that is missing is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ModelLoadError(
+            f"unknown device {device!r}: set device to auto, cpu or cuda:N"
+        ) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device {device!r} asked for but CUDA is not available: set device to cpu or auto"
+        )
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {device!r} does not exist ({torch.cuda.device_count()} GPUs)"
+        )
+    return resolved
+
+
+def _resolve_model_name(model: str) -> str:
+    """A model-config JSON file registers a custom architecture under its file stem."""
+    if model.endswith(".json"):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(
+                f"model config file {str(path)!r} not found: set model to a file that exists"
+            )
+        open_clip.add_model_config(path)
+        return path.stem
+    if model.startswith(("hf-hub:", "local-dir:")):
+        return model
+    if model not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown model {model!r}: set model to an open_clip name such as ViT-B-16 "
+            "(python -c 'import open_clip; print(open_clip.list_models())') or to a model-config JSON"
+        )
+    return model
+
+
+def _resolve_pretrained(name: str, pretrained: str) -> str | None:
+    if pretrained.strip().lower() in NO_WEIGHTS:
+        logger.warning(
+            "pretrained is %r: %s runs with RANDOM weights; its segmentation is meaningless. "
+            "Set pretrained to an open_clip tag or a checkpoint file for real results.",
+            pretrained,
+            name,
+        )
+        return None
+    looks_like_file = os.sep in pretrained or pretrained.endswith(
+        (".pt", ".pth", ".bin", ".safetensors")
+    )
+    if looks_like_file or Path(pretrained).expanduser().exists():
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(
+                f"checkpoint file {str(path)!r} not found: set pretrained to an existing file"
+            )
+        return str(path)
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ModelLoadError(
+            f"unknown pretrained tag {pretrained!r} for {name}: set pretrained to one of {tags}, "
+            "a local checkpoint file, or none"
+        )
+    return pretrained
+
+
+def load_clip(
+    model: str, pretrained: str, device: str = "auto", precision: str = "fp32"
+) -> LoadedClip:
+    """Build the model, load its weights and check that its image tower supports dense CLIP."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(
+            f"unknown precision {precision!r}: set precision to one of {list(PRECISIONS)}"
+        )
+    torch_device = resolve_device(device)
+    if torch_device.type == "cpu" and precision != "fp32":
+        raise ModelLoadError(
+            f"precision {precision} needs a GPU: set precision to fp32 on the CPU"
+        )
+    name = _resolve_model_name(model)
+    weights = _resolve_pretrained(name, pretrained)
+    try:
+        clip = open_clip.create_model(
+            name, pretrained=weights, device=torch_device, precision=precision
+        )
+    except Exception as error:  # open_clip raises many types: download, key mismatch, bad file
+        hint = (
+            "set pretrained to a local checkpoint file (no internet?)"
+            if weights is not None and not Path(weights).is_file()
+            else "check that the checkpoint matches the model architecture"
+        )
+        raise ModelLoadError(
+            f"could not load {name} with pretrained={pretrained!r}: {error}; {hint}"
+        ) from error
+    visual = clip.visual
+    if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+        raise ModelLoadError(
+            f"model {name} has no plain open_clip ViT image tower, which dense CLIP needs: "
+            "set model to a ViT such as ViT-B-16"
+        )
+    clip.eval().requires_grad_(False)
+    cfg = getattr(visual, "preprocess_cfg", {})
+    return LoadedClip(
+        model=clip,
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        device=torch_device,
+        dtype=PRECISIONS[precision],
+        mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+    )
