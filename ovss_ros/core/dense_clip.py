@@ -7,8 +7,6 @@ method's own (methods.md section 0). Written as plain tensor code in the spirit 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
@@ -34,7 +32,7 @@ def interpolate_pos_embed(visual: VisionTransformer, grid: tuple[int, int]) -> t
 def gaussian_window(
     grid: tuple[int, int], sigma: float = NACLIP_SIGMA, device=None
 ) -> torch.Tensor:
-    """NACLIP's Omega: exp(-d^2 / 2 sigma^2) between patches (patch units), zero for the class token."""
+    """NACLIP's Omega: exp(-d^2 / 2 sigma^2) between patches, zero for the class token."""
     rows, cols = torch.meshgrid(
         torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij"
     )
@@ -80,7 +78,7 @@ def last_block(
 def patch_features(
     visual: VisionTransformer, pixels: torch.Tensor, mode: str = "naclip"
 ) -> torch.Tensor:
-    """L2-normalised patch features in text space, (N, h, w, D), for normalised pixels (N, 3, H, W)."""
+    """Normalised patch features in text space (N, h, w, D) of normalised pixels (N, 3, H, W)."""
     x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
     grid = (x.shape[-2], x.shape[-1])
     x = x.flatten(2).transpose(1, 2)
@@ -93,7 +91,3 @@ def patch_features(
     x = visual.ln_post(x[:, 1:]) @ visual.proj
     return F.normalize(x.float(), dim=-1).reshape(x.shape[0], *grid, -1)
 
-
-def grid_size(size: tuple[int, int], patch: int) -> tuple[int, int]:
-    """Patch grid of an image of ``size`` (H, W); the resize step makes sizes multiples of patch."""
-    return (math.floor(size[0] / patch), math.floor(size[1] / patch))

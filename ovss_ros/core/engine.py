@@ -180,7 +180,7 @@ class Segmenter:
             for top in window_starts(height, crop, stride)
             for left in window_starts(width, crop, stride)
         ]
-        windows = torch.cat([pixels[..., t : t + h, l : l + w] for t, l, h, w in boxes])
+        windows = torch.cat([pixels[..., y : y + h, x : x + w] for y, x, h, w in boxes])
         features = patch_features(visual, windows, config.method)
         window_logits = torch.einsum("nhwd,qd->nqhw", features, self._text_embeddings)
         window_logits = F.interpolate(
@@ -194,7 +194,7 @@ class Segmenter:
         return total / count
 
     def postprocess(self, logits: torch.Tensor, size: tuple[int, int]) -> Segmentation:
-        """Upsample, softmax, max over synonyms, background; copy labels and confidence back once."""
+        """Upsample, softmax, max over synonyms, background; copy labels/confidence back once."""
         logits = F.interpolate(
             logits[None].float(), size=size, mode="bilinear", align_corners=False
         )[0]

@@ -1,4 +1,4 @@
-"""Load an open_clip CLIP model for dense segmentation, with one clear error for every way it fails.
+"""Load an open_clip CLIP model for dense segmentation, with one clear error per failure.
 
 Weights come from an open_clip pretrained tag (downloaded once on a machine with internet and
 then cached), from a local checkpoint file (robots without internet), or from nowhere
@@ -79,7 +79,7 @@ def _resolve_model_name(model: str) -> str:
     if model not in open_clip.list_models():
         raise ModelLoadError(
             f"unknown model {model!r}: set model to an open_clip name such as ViT-B-16 "
-            "(python -c 'import open_clip; print(open_clip.list_models())') or to a model-config JSON"
+            "(see open_clip.list_models()) or to a model-config JSON file"
         )
     return model
 

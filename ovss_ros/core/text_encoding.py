@@ -25,13 +25,13 @@ def template_set(templates: str) -> tuple[str, ...]:
     custom = tuple(t.strip() for t in templates.split("|") if t.strip())
     if not custom or any("{}" not in t for t in custom):
         raise ValueError(
-            f"bad templates {templates!r}: use imagenet, single, or templates with {{}} joined by |"
+            f"bad templates {templates!r}: use imagenet, single, or {{}}-templates joined by |"
         )
     return custom
 
 
 class TextEncoder:
-    """Encodes texts as the L2-normalised mean of their prompt embeddings, with a per-text cache."""
+    """Encodes texts as the normalised mean of their prompt embeddings, with a per-text cache."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Callable, templates: str = "imagenet"):
         self.model = model
@@ -68,7 +68,7 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-tower forward of prompts, cut to the longest real prompt where the model allows it."""
+        """Text-tower forward, cut to the longest real prompt where the model allows it."""
         self.prompts_encoded += len(prompts)
         tokens = self.tokenizer(prompts).to(next(self.model.parameters()).device)
         model = self.model

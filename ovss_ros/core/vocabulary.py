@@ -64,7 +64,7 @@ def parse_classes(entries: Sequence[object], max_classes: int = 1000) -> list[Cl
         elif isinstance(entry, str):
             if len(entry) > MAX_ENTRY_LENGTH:
                 raise VocabularyError(
-                    f"class entry {index} is too long ({len(entry)} > {MAX_ENTRY_LENGTH} characters)"
+                    f"class entry {index} is too long ({len(entry)} > {MAX_ENTRY_LENGTH} chars)"
                 )
             parsed_entry = ClassEntry.parse(entry)
         else:
