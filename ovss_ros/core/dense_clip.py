@@ -90,4 +90,3 @@ def patch_features(
     x = last_block(visual.transformer.resblocks[-1], x, mode, grid)
     x = visual.ln_post(x[:, 1:]) @ visual.proj
     return F.normalize(x.float(), dim=-1).reshape(x.shape[0], *grid, -1)
-

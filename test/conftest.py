@@ -1,0 +1,30 @@
+"""Shared test set-up: no hub access, tiny random open_clip configs, the real VOC sample images."""
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may try to download
+
+DATA = Path(__file__).parent / "data"
+TINY_VIT = DATA / "tiny-vit.json"  # 64 px, patch 16: a 4x4 grid at its native size
+TINY_VIT_B32 = DATA / "tiny-vit-b32.json"  # 224 px, patch 32: a 7x7 grid at its native size
+VOC_DIR = Path("/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc")
+
+
+def voc_image_paths() -> list[Path]:
+    paths = sorted((VOC_DIR / "JPEGImages").glob("*.jpg"))
+    if not paths:
+        pytest.fail(
+            f"VOC samples missing under {VOC_DIR}: run scripts/setup.sh (labelme-examples)"
+        )
+    return paths
+
+
+@pytest.fixture(scope="session")
+def voc_rgb() -> list[np.ndarray]:
+    """The real VOC 2012 sample photos as RGB uint8 arrays."""
+    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in voc_image_paths()]

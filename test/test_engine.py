@@ -1,0 +1,218 @@
+"""The segmenter end to end on real images, with planted text embeddings as known answers."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIT
+
+from ovss_ros.core import EngineConfig, Segmenter, VocabularyError, class_color, overlay
+from ovss_ros.core.dense_clip import patch_features
+from ovss_ros.core.engine import resized_size, window_starts
+
+
+@pytest.fixture()
+def segmenter():
+    torch.manual_seed(0)
+    config = EngineConfig(model=str(TINY_VIT), pretrained="none", device="cpu", short_side=64)
+    segmenter = Segmenter(config)
+    segmenter.reconfigure(templates="single")
+    segmenter.set_classes(["person", "tv; television; monitor", "dog"])
+    return segmenter
+
+
+def plant(segmenter, rgb, patches, owner):
+    """Make query q equal to the feature of patch ``patches[q]``: that patch must win it."""
+    features = patch_features(segmenter.clip.model.visual, segmenter.preprocess(rgb))[0]
+    segmenter._text_embeddings = torch.stack([features[r, c] for r, c in patches])
+    segmenter._query_owner = torch.tensor(owner)
+
+
+def patch_centre(rgb, segmenter, row, col):
+    """Pixel at the centre of patch (row, col) in input coordinates."""
+    h, w = resized_size(*rgb.shape[:2], segmenter.config.short_side, segmenter.clip.patch_size)
+    p = segmenter.clip.patch_size
+    return int((row + 0.5) * p * rgb.shape[0] / h), int((col + 0.5) * p * rgb.shape[1] / w)
+
+
+def test_real_image_outputs(segmenter, voc_rgb):
+    for rgb in voc_rgb:
+        seg = segmenter.segment(rgb)
+        assert seg.labels.shape == rgb.shape[:2] and seg.labels.dtype == np.uint8
+        assert seg.confidence.shape == rgb.shape[:2] and seg.confidence.dtype == np.float32
+        assert set(np.unique(seg.labels)) <= {0, 1, 2}
+        assert (seg.confidence >= 1 / 5 - 1e-6).all()  # 5 queries and (seg.confidence <= 1).all()
+        assert seg.class_names == ["person", "tv", "dog"]
+        assert seg.unlabeled == 255
+        np.testing.assert_array_equal(seg.mask(1), seg.labels == 1)
+
+
+def test_planted_queries_win_their_patches(segmenter, voc_rgb):
+    rgb = voc_rgb[0]
+    patches = [(0, 0), (2, 3), (3, 1)]
+    segmenter.reconfigure(logit_scale=100.0)  # before planting: reconfigure re-encodes
+    plant(segmenter, rgb, patches, [0, 1, 2])
+    seg = segmenter.segment(rgb)
+    for label, (row, col) in enumerate(patches):
+        assert seg.labels[patch_centre(rgb, segmenter, row, col)] == label
+
+
+def test_class_probability_is_max_over_synonyms(segmenter, voc_rgb):
+    rgb = voc_rgb[0]
+    # class 1 owns queries 1 and 2; its second synonym is planted at patch (3, 3)
+    segmenter.reconfigure(logit_scale=100.0)  # before planting: reconfigure re-encodes
+    plant(segmenter, rgb, [(0, 0), (1, 1), (3, 3), (3, 0)], [0, 1, 1, 2])
+    seg = segmenter.segment(rgb)
+    assert seg.labels[patch_centre(rgb, segmenter, 3, 3)] == 1
+    assert seg.labels[patch_centre(rgb, segmenter, 1, 1)] == 1
+
+
+def test_background_word_unlabels_its_region(segmenter, voc_rgb):
+    rgb = voc_rgb[0]
+    segmenter.reconfigure(logit_scale=100.0)  # before planting: reconfigure re-encodes
+    plant(segmenter, rgb, [(0, 0), (1, 1), (2, 2), (3, 3)], [0, 1, 2, 3])  # owner 3: background
+    seg = segmenter.segment(rgb)
+    assert seg.labels[patch_centre(rgb, segmenter, 3, 3)] == 255
+    assert seg.labels[patch_centre(rgb, segmenter, 0, 0)] == 0
+
+
+def test_background_words_are_encoded_queries(segmenter, voc_rgb):
+    segmenter.reconfigure(background_words=("sky", "wall"))
+    assert segmenter._text_embeddings.shape[0] == 5 + 2
+    assert segmenter._query_owner.tolist() == [0, 1, 1, 1, 2, 3, 3]
+    assert segmenter.segment(voc_rgb[0]).labels.shape == voc_rgb[0].shape[:2]
+
+
+def test_score_threshold(segmenter, voc_rgb):
+    segmenter.reconfigure(score_threshold=1.0)
+    assert (segmenter.segment(voc_rgb[1]).labels == 255).all()
+    segmenter.reconfigure(score_threshold=0.0)
+    assert (segmenter.segment(voc_rgb[1]).labels != 255).all()
+
+
+def test_more_than_254_classes_use_uint16(segmenter, voc_rgb):
+    segmenter.set_classes([f"thing {i}" for i in range(300)])
+    segmenter.reconfigure(score_threshold=1.0)
+    seg = segmenter.segment(voc_rgb[0])
+    assert seg.labels.dtype == np.uint16 and seg.unlabeled == 65535
+    assert (seg.labels == 65535).all()
+    segmenter.reconfigure(score_threshold=0.0)
+    assert segmenter.segment(voc_rgb[0]).labels.max() < 300
+
+
+def test_sliding_window_covering_whole_image_equals_whole_image(segmenter, voc_rgb):
+    rgb = cv2.resize(voc_rgb[2], (96, 64))
+    segmenter.reconfigure(short_side=0)
+    whole = segmenter.segment(rgb)
+    segmenter.reconfigure(crop=96, stride=48)
+    slid = segmenter.segment(rgb)
+    np.testing.assert_array_equal(whole.labels, slid.labels)
+    np.testing.assert_allclose(whole.confidence, slid.confidence, atol=1e-5)
+
+
+def test_sliding_window_averages_overlaps(segmenter, voc_rgb):
+    """Two 64x64 windows on a 64x96 image: the overlap is the mean of both windows' logits."""
+    rgb = cv2.resize(voc_rgb[0], (96, 64))
+    segmenter.reconfigure(short_side=0, crop=64, stride=32)
+    pixels = segmenter.preprocess(rgb)
+    logits = segmenter.logits(pixels)
+    visual, text = segmenter.clip.model.visual, segmenter._text_embeddings
+    left = torch.einsum("hwd,qd->qhw", patch_features(visual, pixels[..., :64])[0], text)
+    right = torch.einsum("hwd,qd->qhw", patch_features(visual, pixels[..., 32:])[0], text)
+    up = lambda x: torch.nn.functional.interpolate(x[None], (64, 64), mode="bilinear")[0]  # noqa: E731
+    left, right = up(left), up(right)
+    torch.testing.assert_close(logits[..., :32], left[..., :32])
+    torch.testing.assert_close(logits[..., 32:64], (left[..., 32:] + right[..., :32]) / 2)
+    torch.testing.assert_close(logits[..., 64:], right[..., 32:])
+
+
+@pytest.mark.parametrize(
+    ("length", "crop", "stride", "starts"),
+    [
+        (100, 224, 112, [0]),
+        (224, 224, 112, [0]),
+        (336, 224, 112, [0, 112]),
+        (400, 224, 112, [0, 112, 176]),
+    ],
+)
+def test_window_starts_cover_the_axis(length, crop, stride, starts):
+    assert window_starts(length, crop, stride) == starts
+
+
+def test_resized_size_rounds_to_patches():
+    assert resized_size(480, 640, 448, 16) == (448, 592)
+    assert resized_size(480, 640, 0, 16) == (480, 640)
+    assert resized_size(3, 5, 0, 16) == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"method": "magic"}, "unknown method"),
+        ({"short_side": -1}, "short_side must be >= 0"),
+        ({"crop": 224, "stride": 300}, "stride 300 larger than crop"),
+        ({"stride": 8}, "stride needs crop"),
+        ({"score_threshold": 1.5}, "score_threshold"),
+        ({"logit_scale": 0.0}, "logit_scale"),
+        ({"templates": "nothing"}, "templates"),
+        ({"background_words": ("",)}, "background_words"),
+        ({"model": "ViT-L-14"}, "need a new Segmenter"),
+        ({"colour": "red"}, "unknown settings"),
+    ],
+)
+def test_reconfigure_rejects_and_changes_nothing(segmenter, changes, message):
+    before = segmenter.config
+    with pytest.raises(ValueError, match=message):
+        segmenter.reconfigure(**changes)
+    assert segmenter.config == before
+
+
+def test_crop_must_fit_patches(segmenter, voc_rgb):
+    segmenter.reconfigure(crop=40)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        segmenter.segment(voc_rgb[0])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((10, 10), np.uint8),
+        np.zeros((10, 10, 4), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((0, 10, 3), np.uint8),
+        [[1, 2, 3]],
+    ],
+    ids=["2d", "rgba", "float", "empty", "list"],
+)
+def test_segment_rejects_bad_images(segmenter, bad):
+    with pytest.raises(ValueError):
+        segmenter.segment(bad)
+
+
+def test_segment_needs_classes(voc_rgb):
+    config = EngineConfig(model=str(TINY_VIT), pretrained="none", device="cpu", short_side=64)
+    with pytest.raises(VocabularyError, match="no classes"):
+        Segmenter(config).segment(voc_rgb[0])
+
+
+def test_rejected_vocabulary_keeps_the_old_one(segmenter):
+    with pytest.raises(VocabularyError):
+        segmenter.set_classes(["cup", "cup"])
+    assert [c.name for c in segmenter.classes] == ["person", "tv", "dog"]
+
+
+def test_overlay_blends_labelled_pixels_only(segmenter, voc_rgb):
+    rgb = voc_rgb[0]
+    seg = segmenter.segment(rgb)
+    seg.labels[:10] = 255
+    out = overlay(rgb, seg, alpha=0.5)
+    np.testing.assert_array_equal(out[:10], rgb[:10])
+    y, x = 200, 200
+    colour = np.array(class_color(seg.class_names[seg.labels[y, x]]))
+    np.testing.assert_allclose(out[y, x], np.rint(0.5 * rgb[y, x] + 0.5 * colour), atol=1)
+
+
+def test_class_colours_are_stable_and_distinct():
+    assert class_color("cup") == class_color("cup")
+    colours = {class_color(name) for name in ["cup", "door handle", "wet floor", "person", "dog"]}
+    assert len(colours) == 5
