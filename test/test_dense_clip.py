@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import TINY_VIT, TINY_VIT_B32
 from open_clip.model import resize_pos_embed
 
-from ovss_ros.core.dense_clip import LAST_BLOCK_MODES, patch_features
+from ovss_ros.core.dense_clip import LAST_BLOCK_MODES, dense_forward, patch_features
 from ovss_ros.core.model_loading import load_clip
 
 
@@ -141,3 +141,37 @@ def test_works_on_a_stock_open_clip_config():
             features = patch_features(model.visual, pixels, mode)
             assert features.shape == (1, 6, 10, model.visual.output_dim)
             assert torch.allclose(features.norm(dim=-1), torch.ones(1, 6, 10), atol=1e-5)
+
+
+def test_mean_affinity_is_the_mean_of_torch_attention_weights(visual):
+    """Reference: nn.MultiheadAttention's own head-averaged weights of blocks 1..L-1."""
+    pixels = torch.randn(2, 3, *visual.image_size)
+    with torch.no_grad():
+        got = dense_forward(visual, pixels, "naclip", affinity="mean")
+        x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(2, 1, -1), x], 1)
+        x = visual.ln_pre(x + visual.positional_embedding)
+        layers = []
+        for block in visual.transformer.resblocks[:-1]:
+            h = block.ln_1(x)
+            layers.append(block.attn(h, h, h, need_weights=True)[1][:, 1:, 1:])
+            x = block(x)
+    want = torch.stack(layers).mean(0)
+    assert got.affinity.shape == want.shape
+    assert (got.affinity - want).abs().max().item() <= 1e-6
+    assert torch.equal(got.features, patch_features(visual, pixels, "naclip"))
+
+
+@pytest.mark.parametrize("source", ["naclip", "keykey"])
+def test_last_block_affinity(visual, source):
+    pixels = torch.randn(1, 3, *visual.image_size)
+    with torch.no_grad():
+        affinity = dense_forward(visual, pixels, "maskclip", affinity=source).affinity
+    tokens = visual.grid_size[0] * visual.grid_size[1]
+    assert affinity.shape == (1, tokens, tokens)
+    assert (affinity >= 0).all() and (affinity.sum(-1) <= 1 + 1e-5).all()
+
+
+def test_unknown_affinity_source_rejected(visual):
+    with pytest.raises(ValueError, match="affinity source"):
+        dense_forward(visual, torch.randn(1, 3, *visual.image_size), affinity="sd2")

@@ -7,6 +7,9 @@ method's own (methods.md section 0). Written as plain tensor code in the spirit 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
@@ -14,6 +17,9 @@ from open_clip.transformer import VisionTransformer
 LAST_BLOCK_MODES = ("naclip", "sclip", "clearclip", "maskclip", "vanilla")
 REDUCED_MODES = ("naclip", "clearclip", "maskclip")  # last block without residual and FFN
 NACLIP_SIGMA = 5.0
+# Where a refinement's patch affinity comes from (methods.md sections 1 and 2): the last block's
+# NACLIP attention, its plain key-key attention, or the mean attention of the earlier layers.
+AFFINITY_SOURCES = ("naclip", "keykey", "mean")
 
 
 def interpolate_pos_embed(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
@@ -29,6 +35,7 @@ def interpolate_pos_embed(visual: VisionTransformer, grid: tuple[int, int]) -> t
     return torch.cat([cls_pos, patch_pos])
 
 
+@lru_cache(maxsize=8)
 def gaussian_window(
     grid: tuple[int, int], sigma: float = NACLIP_SIGMA, device=None
 ) -> torch.Tensor:
@@ -41,52 +48,97 @@ def gaussian_window(
     return F.pad(omega, (1, 0, 1, 0))  # class token row and column stay zero
 
 
+def _split_qkv(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v of a block's attention, each (N, heads, L, head_dim), and the softmax scale."""
+    attn = block.attn
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.reshape(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    return q, k, v, (width // heads) ** -0.5
+
+
+def attention_weights(
+    q: torch.Tensor, k: torch.Tensor, scale: float, mode: str, grid: tuple[int, int]
+) -> torch.Tensor:
+    """The (N, heads, L, L) attention of a last-block mode (maskclip's identity excepted)."""
+    if mode == "naclip":
+        omega = gaussian_window(grid, device=q.device).to(q.dtype)
+        return torch.softmax(k @ k.transpose(-2, -1) * scale + omega, dim=-1)
+    if mode == "keykey":
+        return torch.softmax(k @ k.transpose(-2, -1) * scale, dim=-1)
+    if mode == "sclip":
+        return torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1) + torch.softmax(
+            k @ k.transpose(-2, -1) * scale, dim=-1
+        )
+    if mode == "clearclip":
+        return torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1)
+    if mode == "vanilla":
+        return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1)
+    raise ValueError(f"unknown method {mode!r}: use one of {list(LAST_BLOCK_MODES)}")
+
+
 def last_block(
     block: torch.nn.Module, x: torch.Tensor, mode: str, grid: tuple[int, int]
 ) -> torch.Tensor:
     """The last residual block with the attention of ``mode``; x is (N, 1 + h*w, C)."""
-    attn = block.attn
-    batch, length, width = x.shape
-    heads = attn.num_heads
-    scale = (width // heads) ** -0.5
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.reshape(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-
-    if mode == "maskclip":
-        out = v
-    else:
-        if mode == "naclip":
-            omega = gaussian_window(grid, device=x.device).to(q.dtype)
-            weights = torch.softmax(k @ k.transpose(-2, -1) * scale + omega, dim=-1)
-        elif mode == "sclip":
-            weights = torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1)
-            weights = weights + torch.softmax(k @ k.transpose(-2, -1) * scale, dim=-1)
-        elif mode == "clearclip":
-            weights = torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1)
-        elif mode == "vanilla":
-            weights = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1)
-        else:
-            raise ValueError(f"unknown method {mode!r}: use one of {LAST_BLOCK_MODES}")
-        out = weights @ v
-    out = block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(batch, length, width)))
+    q, k, v, scale = _split_qkv(block, x)
+    out = v if mode == "maskclip" else attention_weights(q, k, scale, mode, grid) @ v
+    out = block.ls_1(block.attn.out_proj(out.transpose(1, 2).reshape(x.shape)))
     if mode in REDUCED_MODES:
         return out
     x = x + out
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def patch_features(
-    visual: VisionTransformer, pixels: torch.Tensor, mode: str = "naclip"
-) -> torch.Tensor:
-    """Normalised patch features in text space (N, h, w, D) of normalised pixels (N, 3, H, W)."""
+@dataclass
+class DenseOutput:
+    """Patch features (N, h, w, D), and the patch affinity (N, h*w, h*w) when one was asked for.
+
+    The affinity is the patch-to-patch block of the attention, averaged over heads (and layers
+    for ``mean``); its rows sum to at most 1 because the class token's share is left out.
+    """
+
+    features: torch.Tensor
+    affinity: torch.Tensor | None = None
+
+
+def dense_forward(
+    visual: VisionTransformer,
+    pixels: torch.Tensor,
+    mode: str = "naclip",
+    affinity: str | None = None,
+) -> DenseOutput:
+    """One forward of the image tower for normalised pixels (N, 3, H, W)."""
+    if affinity is not None and affinity not in AFFINITY_SOURCES:
+        raise ValueError(f"unknown affinity source {affinity!r}: use one of {AFFINITY_SOURCES}")
     x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
     grid = (x.shape[-2], x.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(visual, grid).to(x.dtype)
     x = visual.ln_pre(x)
-    for block in visual.transformer.resblocks[:-1]:
+    blocks = visual.transformer.resblocks
+    patch_affinity = None
+    for block in blocks[:-1]:
+        if affinity == "mean":
+            q, k, _, scale = _split_qkv(block, x)
+            layer = attention_weights(q, k, scale, "vanilla", grid)[:, :, 1:, 1:].mean(dim=1)
+            patch_affinity = layer if patch_affinity is None else patch_affinity + layer
         x = block(x)
-    x = last_block(visual.transformer.resblocks[-1], x, mode, grid)
+    if affinity == "mean":
+        patch_affinity = patch_affinity / (len(blocks) - 1)
+    elif affinity is not None:
+        q, k, _, scale = _split_qkv(blocks[-1], x)
+        patch_affinity = attention_weights(q, k, scale, affinity, grid)[:, :, 1:, 1:].mean(dim=1)
+    x = last_block(blocks[-1], x, mode, grid)
     x = visual.ln_post(x[:, 1:]) @ visual.proj
-    return F.normalize(x.float(), dim=-1).reshape(x.shape[0], *grid, -1)
+    features = F.normalize(x.float(), dim=-1).reshape(x.shape[0], *grid, -1)
+    return DenseOutput(features, None if patch_affinity is None else patch_affinity.float())
+
+
+def patch_features(
+    visual: VisionTransformer, pixels: torch.Tensor, mode: str = "naclip"
+) -> torch.Tensor:
+    """Normalised patch features in text space (N, h, w, D) of normalised pixels (N, 3, H, W)."""
+    return dense_forward(visual, pixels, mode).features
