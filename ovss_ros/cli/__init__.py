@@ -1,0 +1,1 @@
+"""Command-line tools on top of the core: segment files, evaluate, benchmark, process bags."""

@@ -1,0 +1,56 @@
+"""The engine's options as command-line flags, shared by every ovss_ros command-line tool."""
+
+from __future__ import annotations
+
+import argparse
+
+from ovss_ros.core.dense_clip import LAST_BLOCK_MODES
+from ovss_ros.core.engine import EngineConfig
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) -> None:
+    """Add --model, --pretrained, ... with EngineConfig's defaults unless ``defaults`` override."""
+    base = EngineConfig(**defaults)
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=base.model, help="open_clip model name or config JSON")
+    group.add_argument(
+        "--pretrained",
+        default=base.pretrained,
+        help="open_clip pretrained tag, local checkpoint file, or 'none' (random weights)",
+    )
+    group.add_argument("--device", default=base.device, help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--precision", default=base.precision, choices=["fp32", "fp16", "bf16"])
+    group.add_argument("--method", default=base.method, choices=list(LAST_BLOCK_MODES))
+    group.add_argument(
+        "--size", type=int, default=base.short_side, help="short side in pixels (0 = keep)"
+    )
+    group.add_argument("--crop", type=int, default=base.crop, help="sliding window (0 = whole)")
+    group.add_argument("--stride", type=int, default=base.stride, help="window stride")
+    group.add_argument(
+        "--templates", default=base.templates, help="imagenet, single, or templates joined by |"
+    )
+    group.add_argument(
+        "--background",
+        default=";".join(base.background_words),
+        help="background words separated by ';'",
+    )
+    group.add_argument(
+        "--threshold", type=float, default=base.score_threshold, help="min class probability"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from parsed flags; EngineConfig.validate reports bad combinations."""
+    return EngineConfig(
+        model=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        precision=args.precision,
+        short_side=args.size,
+        crop=args.crop,
+        stride=args.stride,
+        method=args.method,
+        templates=args.templates,
+        background_words=tuple(w.strip() for w in args.background.split(";") if w.strip()),
+        score_threshold=args.threshold,
+    )

@@ -1,0 +1,85 @@
+"""ovss-segment end to end on the real VOC samples with a tiny random model."""
+
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from conftest import TINY_VIT, voc_image_paths
+
+from ovss_ros.cli.segment import main
+
+ENGINE = [
+    "--model",
+    str(TINY_VIT),
+    "--pretrained",
+    "none",
+    "--size",
+    "64",
+    "--templates",
+    "single",
+]
+
+
+def test_folder_in_labels_and_overlays_out(tmp_path):
+    folder = voc_image_paths()[0].parent
+    out = tmp_path / "out"
+    assert (
+        main([str(folder), "--classes", "person", "tv; monitor", "dog", "-o", str(out)] + ENGINE)
+        == 0
+    )
+    assert (out / "labels.txt").read_text() == "0 person\n1 tv\n2 dog\n"
+    for path in voc_image_paths():
+        labels = cv2.imread(str(out / f"{path.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
+        image = cv2.imread(str(path))
+        assert labels.dtype == np.uint8 and labels.shape == image.shape[:2]
+        assert set(np.unique(labels)) <= {0, 1, 2}
+        overlay = cv2.imread(str(out / f"{path.stem}_overlay.jpg"))
+        assert overlay.shape == image.shape
+
+
+def test_sliding_window_method_and_no_overlay(tmp_path):
+    image = voc_image_paths()[1]
+    args = [
+        str(image),
+        "--classes",
+        "cat",
+        "dog",
+        "--no-overlay",
+        "-o",
+        str(tmp_path),
+        "--crop",
+        "32",
+    ]
+    args += ["--method", "sclip", "--threshold", "1.0"] + ENGINE
+    assert main(args) == 0
+    labels = cv2.imread(str(tmp_path / f"{image.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert (labels == 255).all()  # threshold 1.0 leaves everything unlabeled
+    assert not list(tmp_path.glob("*_overlay.jpg"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["/no/such/image.jpg", "--classes", "cat"], "does not exist"),
+        (["IMAGE", "--classes", "cat", "cat"], "duplicate class"),
+        (["IMAGE", "--classes", "cat", "--model", "ViT-Q-1"], "unknown model"),
+        (["IMAGE", "--classes", "cat", "--crop", "32", "--stride", "64"], "larger than crop"),
+    ],
+)
+def test_bad_arguments_exit_2_with_reason(args, message, caplog):
+    args = [str(voc_image_paths()[0]) if a == "IMAGE" else a for a in args]
+    engine = [a for a in ENGINE] if "--model" not in args else ENGINE[2:]
+    assert main(args + engine) == 2
+    assert message in caplog.text
+
+
+def test_unreadable_image_is_skipped_and_reported(tmp_path, caplog):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(voc_image_paths()[0], folder / "good.jpg")
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main([str(folder), "--classes", "cat", "-o", str(out)] + ENGINE) == 1
+    assert (out / "good_labels.png").exists() and not (out / "broken_labels.png").exists()
+    assert "broken.png: not a readable image" in caplog.text
