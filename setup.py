@@ -1,4 +1,4 @@
-"""ament_python set-up for ovss_ros: works under colcon (ROS from apt) and pip (standalone venv)."""
+"""ament_python set-up of ovss_ros: builds with colcon (ROS from apt) or pip (standalone venv)."""
 
 from glob import glob
 
