@@ -10,7 +10,7 @@ setup(
     name=package_name,
     version="0.1.0",
     packages=find_packages(exclude=["test", "test.*"]),
-    package_data={"ovss_ros": ["data/*"]},
+    package_data={"ovss_ros": ["data/*", "data/class_names/*.txt"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
@@ -27,6 +27,7 @@ setup(
         "console_scripts": [
             "ovss_node = ovss_ros.node:main",
             "ovss-segment = ovss_ros.cli.segment:main",
+            "ovss-eval = ovss_ros.cli.evaluate:main",
         ],
     },
 )

@@ -1,0 +1,265 @@
+"""Readers for the benchmark folder layouts that mmsegmentation, SCLIP and NACLIP use.
+
+Every reader gives (image path, label array) pairs in one convention, so the metrics never need to
+know which data set they score: a label value is an index into that data set's class-name file,
+and 255 means "not evaluated" (object boundaries in VOC, unlabeled pixels, and the background of
+the data sets that have no background class). The conversions are the ones the published numbers
+were computed with (mmsegmentation's ``reduce_zero_label``, the GroupViT/TCL COCO-Object
+conversion), so our mIoU is comparable with theirs.
+
+Each ``read_*`` function takes the data set's root folder (the one mmsegmentation calls
+``data_root``); a parent folder that holds the usual sub-folder (``VOCdevkit/VOC2012``, ...) works
+too. Missing labels are reported before any image is segmented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IGNORE = 255  # label value that is never scored
+
+
+def identity_map() -> np.ndarray:
+    """Stored value = class index (VOC21, PASCAL Context 60, COCO-Stuff, Cityscapes trainIds)."""
+    return np.arange(256, dtype=np.uint8)
+
+
+def reduce_zero_label_map() -> np.ndarray:
+    """mmsegmentation's ``reduce_zero_label``: 0 (background / other) -> 255, k -> k - 1.
+
+    Used where the benchmark has no background class (VOC20, PASCAL Context 59, ADE20K): those
+    pixels are not scored at all, rather than scored as a class nobody asked for.
+    """
+    table = np.arange(256, dtype=np.int32) - 1
+    table[0] = IGNORE
+    table[IGNORE] = IGNORE
+    return table.astype(np.uint8)
+
+
+def coco_object_from_stuff_map() -> np.ndarray:
+    """COCO-Stuff trainIds (0..79 things, 80..170 stuff, 255) -> COCO-Object (0 = background).
+
+    Same result as NACLIP/SCLIP's ``cvt_coco_object.py`` (from GroupViT): things shift to 1..80,
+    stuff becomes background, and so do the unlabeled pixels (its table maps 255 to 0 as well).
+    """
+    table = np.zeros(256, dtype=np.uint8)
+    table[:80] = np.arange(1, 81)
+    return table
+
+
+class DatasetReader:
+    """(image path, label path) pairs of one split, and how stored label values become classes."""
+
+    def __init__(
+        self,
+        name: str,
+        pairs: Sequence[tuple[Path, Path]],
+        label_map: np.ndarray | None = None,
+    ) -> None:
+        self.name = name
+        self.pairs = list(pairs)
+        self.label_map = identity_map() if label_map is None else label_map
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[tuple[Path, np.ndarray]]:
+        for index in range(len(self.pairs)):
+            yield self.sample(index)
+
+    def sample(self, index: int) -> tuple[Path, np.ndarray]:
+        """Image path and HxW uint8 labels (255 = ignore) of sample ``index``."""
+        image_path, label_path = self.pairs[index]
+        return image_path, self.load_labels(label_path)
+
+    def load_labels(self, path: Path) -> np.ndarray:
+        """HxW uint8 class indices (255 = ignore) from an index PNG (palette or grey)."""
+        with Image.open(path) as image:
+            stored = np.asarray(image)  # palette PNGs give their indices, not colours
+        if stored.ndim != 2:
+            raise ValueError(
+                f"{path}: label image has {stored.shape[2]} channels; expected an index PNG "
+                "(palette or grey), not a colour visualisation"
+            )
+        if stored.dtype != np.uint8:
+            if stored.min() < 0 or stored.max() > 255:
+                raise ValueError(f"{path}: label values outside 0..255 ({stored.dtype})")
+            stored = stored.astype(np.uint8)
+        return self.label_map[stored]
+
+
+def find_root(root: Path, required: Sequence[str], nested: Sequence[str] = ()) -> Path:
+    """``root`` itself if it holds ``required``, else the first ``root/nested`` that does."""
+    root = Path(root).expanduser()
+    for candidate in [root, *(root / sub for sub in nested)]:
+        if all((candidate / part).exists() for part in required):
+            return candidate
+    looked = ", ".join(str(root / part) for part in required)
+    raise FileNotFoundError(f"data set layout not found: expected {looked}")
+
+
+def pairs_from_split(
+    image_dir: Path, label_dir: Path, split_file: Path, image_suffix: str, label_suffix: str
+) -> list[tuple[Path, Path]]:
+    """Pairs for the ids listed in a split file (one image id per line), in the file's order."""
+    ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    pairs = [(image_dir / f"{i}{image_suffix}", label_dir / f"{i}{label_suffix}") for i in ids]
+    _check_exist(pairs)
+    return pairs
+
+
+def pairs_from_scan(
+    image_dir: Path, label_dir: Path, image_suffix: str, label_suffix: str
+) -> list[tuple[Path, Path]]:
+    """Pairs for every ``*image_suffix`` below ``image_dir`` (sub-folders kept), sorted by path."""
+    images = sorted(image_dir.rglob(f"*{image_suffix}"))
+    if not images:
+        raise FileNotFoundError(f"no *{image_suffix} images below {image_dir}")
+    pairs = []
+    for image in images:
+        relative = image.relative_to(image_dir)
+        stem = relative.name[: -len(image_suffix)]
+        pairs.append((image, label_dir / relative.parent / f"{stem}{label_suffix}"))
+    _check_exist(pairs)
+    return pairs
+
+
+def _check_exist(pairs: Sequence[tuple[Path, Path]]) -> None:
+    missing = [path for pair in pairs for path in pair if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} files missing, first: {missing[0]}")
+
+
+def read_voc21(root: Path) -> DatasetReader:
+    """PASCAL VOC 2012 val, 21 classes (0 = background, 255 = object boundary).
+
+    ``VOCdevkit/VOC2012/``: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNG,
+    index = class), ``ImageSets/Segmentation/val.txt``.
+    """
+    return DatasetReader("voc21", _voc_pairs(root))
+
+
+def read_voc20(root: Path) -> DatasetReader:
+    """PASCAL VOC 2012 val without background: 0 -> 255 (not scored), class k -> k - 1.
+
+    Same files as :func:`read_voc21`.
+    """
+    return DatasetReader("voc20", _voc_pairs(root), reduce_zero_label_map())
+
+
+def _voc_pairs(root: Path) -> list[tuple[Path, Path]]:
+    split = "ImageSets/Segmentation/val.txt"
+    base = find_root(
+        root, ("JPEGImages", "SegmentationClass", split), ("VOCdevkit/VOC2012", "VOC2012")
+    )
+    return pairs_from_split(
+        base / "JPEGImages", base / "SegmentationClass", base / split, ".jpg", ".png"
+    )
+
+
+def read_context60(root: Path) -> DatasetReader:
+    """PASCAL Context val, 59 classes + background 0 (mmsegmentation's converted labels).
+
+    ``VOCdevkit/VOC2010/``: ``JPEGImages/<id>.jpg``, ``SegmentationClassContext/<id>.png``
+    (values 0..59, from mmsegmentation's ``tools/dataset_converters/pascal_context.py``),
+    ``ImageSets/SegmentationContext/val.txt``.
+    """
+    return DatasetReader("context60", _context_pairs(root))
+
+
+def read_context59(root: Path) -> DatasetReader:
+    """PASCAL Context val without background: 0 -> 255, k -> k - 1; same files as context60."""
+    return DatasetReader("context59", _context_pairs(root), reduce_zero_label_map())
+
+
+def _context_pairs(root: Path) -> list[tuple[Path, Path]]:
+    split = "ImageSets/SegmentationContext/val.txt"
+    base = find_root(
+        root,
+        ("JPEGImages", "SegmentationClassContext", split),
+        ("VOCdevkit/VOC2010", "VOC2010"),
+    )
+    return pairs_from_split(
+        base / "JPEGImages", base / "SegmentationClassContext", base / split, ".jpg", ".png"
+    )
+
+
+def read_coco_stuff(root: Path) -> DatasetReader:
+    """COCO-Stuff 164k val2017, 171 classes (mmsegmentation ``coco_stuff164k`` layout).
+
+    ``coco_stuff164k/``: ``images/val2017/<id>.jpg`` and
+    ``annotations/val2017/<id>_labelTrainIds.png`` (values 0..170, 255 = unlabeled, from
+    mmsegmentation's ``coco_stuff164k.py`` converter).
+    """
+    base = _coco_root(root)
+    return DatasetReader(
+        "coco_stuff",
+        pairs_from_scan(
+            base / "images/val2017", base / "annotations/val2017", ".jpg", "_labelTrainIds.png"
+        ),
+    )
+
+
+def read_coco_object(root: Path) -> DatasetReader:
+    """COCO-Object val2017: background 0 + the 80 COCO things (as in SCLIP / NACLIP / GroupViT).
+
+    ``coco_stuff164k/``: ``images/val2017/<id>.jpg`` and
+    ``annotations/val2017/<id>_instanceTrainIds.png`` (made by ``cvt_coco_object.py``, values
+    0..80). Without those files the COCO-Stuff
+    ``<id>_labelTrainIds.png`` are converted on the fly, with the same result.
+    """
+    base = _coco_root(root)
+    images, labels = base / "images/val2017", base / "annotations/val2017"
+    if next(labels.glob("*_instanceTrainIds.png"), None) is not None:
+        return DatasetReader(
+            "coco_object", pairs_from_scan(images, labels, ".jpg", "_instanceTrainIds.png")
+        )
+    return DatasetReader(
+        "coco_object",
+        pairs_from_scan(images, labels, ".jpg", "_labelTrainIds.png"),
+        coco_object_from_stuff_map(),
+    )
+
+
+def _coco_root(root: Path) -> Path:
+    return find_root(root, ("images/val2017", "annotations/val2017"), ("coco_stuff164k",))
+
+
+def read_cityscapes(root: Path) -> DatasetReader:
+    """Cityscapes val, the 19 train classes (255 = void).
+
+    ``cityscapes/``: ``leftImg8bit/val/<city>/<name>_leftImg8bit.png`` and
+    ``gtFine/val/<city>/<name>_gtFine_labelTrainIds.png`` (made by cityscapesscripts'
+    ``createTrainIdLabelImgs`` or mmsegmentation's ``cityscapes.py`` converter).
+    """
+    base = find_root(root, ("leftImg8bit/val", "gtFine/val"), ("cityscapes",))
+    return DatasetReader(
+        "cityscapes",
+        pairs_from_scan(
+            base / "leftImg8bit/val",
+            base / "gtFine/val",
+            "_leftImg8bit.png",
+            "_gtFine_labelTrainIds.png",
+        ),
+    )
+
+
+def read_ade20k(root: Path) -> DatasetReader:
+    """ADE20K (SceneParsing) val, 150 classes: stored 1..150 -> 0..149, 0 ("other") -> 255.
+
+    ``ADEChallengeData2016/``: ``images/validation/<id>.jpg``, ``annotations/validation/<id>.png``.
+    """
+    base = find_root(
+        root, ("images/validation", "annotations/validation"), ("ADEChallengeData2016",)
+    )
+    return DatasetReader(
+        "ade20k",
+        pairs_from_scan(
+            base / "images/validation", base / "annotations/validation", ".jpg", ".png"
+        ),
+        reduce_zero_label_map(),
+    )
