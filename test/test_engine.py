@@ -115,7 +115,8 @@ def test_sliding_window_averages_overlaps(segmenter, voc_rgb):
     rgb = cv2.resize(voc_rgb[0], (96, 64))
     segmenter.reconfigure(short_side=0, crop=64, stride=32)
     pixels = segmenter.preprocess(rgb)
-    logits = segmenter.logits(pixels)
+    encoded = segmenter.encode(pixels)
+    logits = segmenter.to_image(segmenter.head(encoded)[0], encoded, jbu=False)
     visual, text = segmenter.clip.model.visual, segmenter._text_embeddings
     left = torch.einsum("hwd,qd->qhw", patch_features(visual, pixels[..., :64])[0], text)
     right = torch.einsum("hwd,qd->qhw", patch_features(visual, pixels[..., 32:])[0], text)
@@ -169,7 +170,7 @@ def test_reconfigure_rejects_and_changes_nothing(segmenter, changes, message):
 
 def test_crop_must_fit_patches(segmenter, voc_rgb):
     segmenter.reconfigure(crop=40)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(ValueError, match="multiple of the patch"):
         segmenter.segment(voc_rgb[0])
 
 

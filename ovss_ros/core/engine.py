@@ -1,7 +1,14 @@
 """The segmentation engine: RGB image + vocabulary in, labels and confidence out.
 
-Pre-processing runs on the model's device (the uint8 image is uploaded once), the whole pipeline
-stays there, and only the label map and confidence come back to the host.
+One frame goes through four stages, each a method so that benchmarks can time them:
+``preprocess`` (upload the uint8 image once, resize and normalise on the model's device),
+``encode`` (the dense CLIP forward, whole image or a batch of sliding windows), ``head``
+(patch-text logits and the optional DSLO / FreeCP refinement) and ``postprocess`` (upsampling,
+optional PAMR, softmax, synonyms, background; only labels and confidence return to the host).
+
+Confidence is always CLIP's probability of the chosen class (softmax over all queries, max over
+the class's synonyms), also when a refinement chose the class, so ``score_threshold`` means the
+same thing for every method.
 """
 
 from __future__ import annotations
@@ -14,57 +21,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.dense_clip import LAST_BLOCK_MODES, patch_features
+from ovss_ros.core.config import LOAD_FIELDS, EngineConfig
+from ovss_ros.core.dense_clip import DenseOutput, dense_forward
 from ovss_ros.core.model_loading import load_clip
+from ovss_ros.core.refine import (
+    dslo_scores,
+    freecp,
+    joint_bilateral_upsample,
+    make_crop_classifier,
+    pamr,
+)
 from ovss_ros.core.segmentation import Segmentation, label_dtype
-from ovss_ros.core.text_encoding import TextEncoder, template_set
+from ovss_ros.core.text_encoding import TextEncoder
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
+__all__ = ["EngineConfig", "Segmenter", "resized_size", "window_starts"]
 logger = logging.getLogger(__name__)
-
-# Fields that need a new model when they change; everything else can change between frames.
-LOAD_FIELDS = ("model", "pretrained", "device", "precision")
-
-
-@dataclass
-class EngineConfig:
-    """Everything that decides how a frame is segmented (node parameters map onto these)."""
-
-    model: str = "ViT-B-16"  # open_clip name, or a path to an open_clip model-config JSON
-    pretrained: str = "laion2b_s34b_b88k"  # open_clip tag, checkpoint file, or none (random)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | fp16 | bf16 (half precision on a GPU only)
-    short_side: int = 448  # resize so the short side is this many pixels; 0 keeps the size
-    crop: int = 0  # sliding-window size in pixels; 0 = whole image in one forward
-    stride: int = 0  # sliding-window stride; 0 = crop / 2
-    method: str = "naclip"  # last-block attention: naclip | sclip | clearclip | maskclip | vanilla
-    templates: str = "imagenet"  # imagenet (80) | single | custom templates joined by |
-    background_words: tuple[str, ...] = ()  # texts that mean "none of the classes"
-    score_threshold: float = 0.0  # pixels whose best class probability is below are unlabeled
-    logit_scale: float = 40.0  # softmax temperature of the standard protocol
-
-    def validate(self) -> None:
-        """Raise ValueError with the reason for the first bad value."""
-        if self.method not in LAST_BLOCK_MODES:
-            raise ValueError(
-                f"unknown method {self.method!r}: use one of {list(LAST_BLOCK_MODES)}"
-            )
-        for name in ("short_side", "crop", "stride"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.stride and not self.crop:
-            raise ValueError("stride needs crop > 0 (sliding window)")
-        if self.stride > self.crop:
-            raise ValueError(
-                f"stride {self.stride} larger than crop {self.crop} would skip pixels"
-            )
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        if self.logit_scale <= 0:
-            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
-        if any(not isinstance(w, str) or not w.strip() for w in self.background_words):
-            raise ValueError("background_words must be non-empty strings")
-        template_set(self.templates)
+Box = tuple[int, int, int, int]  # top, left, height, width in resized-image pixels
+FREECP_DROPPED = -1.0  # below every refined score, and finite so upsampling stays NaN-free
 
 
 def resized_size(height: int, width: int, short_side: int, patch: int) -> tuple[int, int]:
@@ -84,6 +58,16 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, length - crop) for i in range(count)]
 
 
+@dataclass
+class Encoded:
+    """The dense forward of one frame: windows (whole image = one window) and their features."""
+
+    windows: torch.Tensor  # (n, 3, h, w) normalised pixels
+    boxes: list[Box]
+    dense: DenseOutput
+    size: tuple[int, int]  # resized image (H', W')
+
+
 class Segmenter:
     """Segments RGB frames into the classes of its vocabulary. Not thread-safe: one caller."""
 
@@ -93,8 +77,10 @@ class Segmenter:
         self.clip = load_clip(config.model, config.pretrained, config.device, config.precision)
         self.text = TextEncoder(self.clip.model, self.clip.tokenizer, config.templates)
         self.classes: list[ClassEntry] = []
-        self._text_embeddings: torch.Tensor | None = None
-        self._query_owner: torch.Tensor | None = None
+        self._text_embeddings: torch.Tensor | None = None  # (queries, D)
+        self._query_owner: torch.Tensor | None = None  # query -> label; len(classes) = background
+        self._class_text: torch.Tensor | None = None  # (classes, D) mean over synonyms
+        self._descriptions: torch.Tensor | None = None  # (classes, D) for FreeCP's crop check
         device, dtype = self.clip.device, torch.float32
         self._mean = torch.tensor(self.clip.mean, device=device, dtype=dtype).view(1, 3, 1, 1)
         self._std = torch.tensor(self.clip.std, device=device, dtype=dtype).view(1, 3, 1, 1)
@@ -113,20 +99,20 @@ class Segmenter:
         unknown = set(changes) - {f.name for f in fields(EngineConfig)}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
-        reload = [
-            name
-            for name in LOAD_FIELDS
-            if name in changes and changes[name] != getattr(self.config, name)
-        ]
+        reload = [n for n in LOAD_FIELDS if n in changes and changes[n] != getattr(self.config, n)]
         if reload:
             raise ValueError(f"{reload} need a new Segmenter (they choose the model)")
         if "background_words" in changes:
             changes["background_words"] = tuple(changes["background_words"])
         config = replace(self.config, **changes)
         config.validate()
+        text_changed = (config.templates, config.background_words) != (
+            self.config.templates,
+            self.config.background_words,
+        )
         self.config = config
         self.text.set_templates(config.templates)
-        if self.classes:
+        if self.classes and text_changed:
             self._encode_queries()
 
     def _encode_queries(self) -> None:
@@ -137,8 +123,21 @@ class Segmenter:
             owner += [index] * len(entry.synonyms)
         texts += self.config.background_words
         owner += [len(self.classes)] * len(self.config.background_words)
-        self._text_embeddings = self.text.embeddings(texts).to(self.device)
+        embeddings = self.text.embeddings(texts).to(self.device)
+        self._text_embeddings = embeddings
         self._query_owner = torch.tensor(owner, device=self.device)
+        per_class = torch.zeros(len(self.classes), embeddings.shape[1], device=self.device)
+        per_class.index_add_(
+            0,
+            self._query_owner[: len(owner) - len(self.config.background_words)],
+            embeddings[: len(owner) - len(self.config.background_words)],
+        )
+        self._class_text = F.normalize(per_class, dim=-1)
+        self._descriptions = self._class_text.clone()
+        for index, entry in enumerate(self.classes):
+            if entry.descriptions:
+                sentences = self.text.sentence_embeddings(entry.descriptions).to(self.device)
+                self._descriptions[index] = F.normalize(sentences.mean(dim=0), dim=-1)
 
     @torch.inference_mode()
     def segment(self, rgb: np.ndarray) -> Segmentation:
@@ -146,75 +145,179 @@ class Segmenter:
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
         height, width = _check_rgb(rgb)
-        pixels = self.preprocess(rgb)
-        logits = self.logits(pixels)
-        return self.postprocess(logits, (height, width))
+        encoded = self.encode(self.preprocess(rgb))
+        logits, scores = self.head(encoded)
+        return self.postprocess(encoded, logits, scores, (height, width))
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """Upload the uint8 image once, then resize and normalise on the model's device."""
         image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
         image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-        size = resized_size(
-            rgb.shape[0], rgb.shape[1], self.config.short_side, self.clip.patch_size
-        )
+        size = resized_size(rgb.shape[0], rgb.shape[1], self.config.short_side, self.patch)
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(
                 image, size=size, mode="bilinear", align_corners=False, antialias=True
             )
         return ((image - self._mean) / self._std).to(self.clip.dtype)
 
-    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch-text cosine logits (queries, h, w): one forward, or averaged sliding windows."""
-        config, visual = self.config, self.clip.model.visual
-        if not config.crop:
-            features = patch_features(visual, pixels, config.method)[0]
-            return torch.einsum("hwd,qd->qhw", features, self._text_embeddings)
-        crop, stride = config.crop, config.stride or config.crop // 2
-        height, width = pixels.shape[-2:]
-        if crop % self.clip.patch_size:
-            raise ValueError(
-                f"crop {crop} must be a multiple of the patch size {self.clip.patch_size}"
-            )
-        boxes = [
-            (top, left, min(crop, height), min(crop, width))
-            for top in window_starts(height, crop, stride)
-            for left in window_starts(width, crop, stride)
-        ]
-        windows = torch.cat([pixels[..., y : y + h, x : x + w] for y, x, h, w in boxes])
-        features = patch_features(visual, windows, config.method)
-        window_logits = torch.einsum("nhwd,qd->nqhw", features, self._text_embeddings)
-        window_logits = F.interpolate(
-            window_logits, size=windows.shape[-2:], mode="bilinear", align_corners=False
-        )
-        total = pixels.new_zeros((len(self._query_owner), height, width), dtype=torch.float32)
-        count = pixels.new_zeros((1, height, width), dtype=torch.float32)
-        for (top, left, h, w), logits in zip(boxes, window_logits, strict=True):
-            total[:, top : top + h, left : left + w] += logits
-            count[:, top : top + h, left : left + w] += 1
-        return total / count
+    @property
+    def patch(self) -> int:
+        return self.clip.patch_size
 
-    def postprocess(self, logits: torch.Tensor, size: tuple[int, int]) -> Segmentation:
-        """Upsample, softmax, max over synonyms, background; copy labels/confidence back once."""
-        logits = F.interpolate(
-            logits[None].float(), size=size, mode="bilinear", align_corners=False
-        )[0]
+    def encode(self, pixels: torch.Tensor) -> Encoded:
+        """Dense forward of the whole image, or of all sliding windows in one batch."""
+        config = self.config
+        height, width = pixels.shape[-2:]
+        if config.crop:
+            if config.crop % self.patch:
+                raise ValueError(
+                    f"crop {config.crop} must be a multiple of the patch {self.patch}"
+                )
+            stride = config.stride or config.crop // 2
+            boxes = [
+                (top, left, min(config.crop, height), min(config.crop, width))
+                for top in window_starts(height, config.crop, stride)
+                for left in window_starts(width, config.crop, stride)
+            ]
+            windows = torch.cat([pixels[..., y : y + h, x : x + w] for y, x, h, w in boxes])
+        else:
+            boxes, windows = [(0, 0, height, width)], pixels
+        affinity = {"dslo": config.affinity, "freecp": "mean"}.get(config.refinement)
+        dense = dense_forward(self.clip.model.visual, windows, config.method, affinity)
+        return Encoded(windows, boxes, dense, (height, width))
+
+    def head(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query logits (n, Q, h, w), and per-label refined scores (n, L, h, w) or None."""
+        features = encoded.dense.features
+        logits = torch.einsum("nhwd,qd->nqhw", features, self._text_embeddings)
+        config = self.config
+        if config.refinement == "dslo":
+            scores = dslo_scores(
+                self._label_logits(logits),
+                encoded.dense.affinity,
+                mode=config.dslo_mode,
+                sinkhorn_iters=config.sinkhorn_iterations,
+                epsilon=config.sinkhorn_epsilon,
+                ipf_rounds=config.ipf_rounds,
+                tau=config.velocity_tau,
+                logit_scale=config.logit_scale,
+            )
+            return logits, scores
+        if config.refinement == "freecp":
+            return logits, torch.stack(
+                [self._freecp(encoded, i) for i in range(len(encoded.boxes))]
+            )
+        return logits, None
+
+    def _label_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Max over each label's queries: (n, classes [+1 background], h, w)."""
+        labels = len(self.classes) + bool(self.config.background_words)
+        out = logits.new_full((logits.shape[0], labels, *logits.shape[2:]), float("-inf"))
+        index = self._query_owner.view(1, -1, 1, 1).expand_as(logits)
+        return out.scatter_reduce_(1, index, logits, reduce="amax")
+
+    def _freecp(self, encoded: Encoded, window: int) -> torch.Tensor:
+        features = encoded.dense.features[window]
+        background = self._text_embeddings[
+            len(self._query_owner) - len(self.config.background_words) :
+        ]
+        classify = make_crop_classifier(
+            self.clip.model.encode_image,
+            self._descriptions,
+            encoded.windows[window : window + 1],
+            tuple(features.shape[:2]),
+            self.clip.model.visual.image_size,
+        )
+        return freecp(
+            features,
+            self._class_text,
+            encoded.dense.affinity[window],
+            redundancy_threshold=self.config.freecp_redundancy,
+            ambiguity_threshold=self.config.freecp_ambiguity,
+            crop_classifier=classify,
+            background=bool(self.config.background_words),
+            background_text=background if len(background) else None,
+            dropped_value=FREECP_DROPPED,
+        )
+
+    def postprocess(
+        self,
+        encoded: Encoded,
+        logits: torch.Tensor,
+        scores: torch.Tensor | None,
+        size: tuple[int, int],
+    ) -> Segmentation:
+        """Upsample, PAMR, softmax, synonyms, background; copy labels/confidence back once."""
+        logits = self.to_image(logits, encoded, self.config.upsample == "jbu" and scores is None)
+        if scores is not None:
+            scores = self.to_image(scores, encoded, self.config.upsample == "jbu")
+        if self.config.pamr:
+            guide = self._full_resolution(encoded)
+            if scores is None:
+                logits = pamr(guide, logits[None])[0]
+            else:
+                scores = pamr(guide, scores[None])[0]
+        logits = _resize(logits, size)
         probs = torch.softmax(self.config.logit_scale * logits, dim=0)
         num_classes = len(self.classes)
         owner = self._query_owner.view(-1, 1, 1).expand_as(probs)
         per_label = probs.new_zeros((num_classes + 1, *size))
         per_label.scatter_reduce_(0, owner, probs, reduce="amax", include_self=True)
-        confidence, labels = per_label[:num_classes].max(dim=0)
+        if scores is None:
+            confidence, labels = per_label[:num_classes].max(dim=0)
+            background = per_label[num_classes] > confidence
+        else:
+            labels = _resize(scores, size).argmax(dim=0)
+            background = labels == num_classes  # the refinement's background channel
+            labels = labels.clamp(max=num_classes - 1)
+            confidence = per_label[:num_classes].gather(0, labels[None])[0]
         dtype = label_dtype(num_classes)
-        unlabeled = np.iinfo(dtype).max
-        rejected = (per_label[num_classes] > confidence) | (
-            confidence < self.config.score_threshold
-        )
-        labels = labels.masked_fill(rejected, unlabeled).to(torch.int32)
+        rejected = background | (confidence < self.config.score_threshold)
+        labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
+        torch_dtype = torch.uint8 if dtype == np.uint8 else torch.int32
         return Segmentation(
-            labels=labels.cpu().numpy().astype(dtype),
+            labels=labels.to(torch_dtype).cpu().numpy().astype(dtype, copy=False),
             confidence=confidence.cpu().numpy(),
             class_names=[c.name for c in self.classes],
         )
+
+    def to_image(self, maps: torch.Tensor, encoded: Encoded, jbu: bool) -> torch.Tensor:
+        """Window maps (n, K, h, w) -> one map of the resized image (K, H', W').
+
+        The whole image without JBU or PAMR stays at patch resolution: the final resize goes
+        straight to the input size, one interpolation instead of two.
+        """
+        (top, left, height, width), n = encoded.boxes[0], len(encoded.boxes)
+        if n == 1 and not jbu and not self.config.pamr and (height, width) == encoded.size:
+            return maps[0]
+        if jbu:
+            guide = (encoded.windows.float() * self._std + self._mean).clamp(0, 1)
+            maps = joint_bilateral_upsample(maps.float(), guide)
+        else:
+            maps = F.interpolate(
+                maps.float(), size=encoded.windows.shape[-2:], mode="bilinear", align_corners=False
+            )
+        if n == 1:
+            return maps[0]
+        total = maps.new_zeros((maps.shape[1], *encoded.size))
+        count = maps.new_zeros((1, *encoded.size))
+        for (top, left, height, width), window in zip(encoded.boxes, maps, strict=True):
+            total[:, top : top + height, left : left + width] += window
+            count[:, top : top + height, left : left + width] += 1
+        return total / count
+
+    def _full_resolution(self, encoded: Encoded) -> torch.Tensor:
+        """The resized input image (1, 3, H', W') reassembled from the windows (PAMR's guide)."""
+        image = encoded.windows.new_zeros((1, 3, *encoded.size))
+        for (top, left, height, width), window in zip(encoded.boxes, encoded.windows, strict=True):
+            image[0, :, top : top + height, left : left + width] = window
+        return image.float()
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
 def _check_rgb(rgb: np.ndarray) -> tuple[int, int]:

@@ -37,20 +37,29 @@ class TextEncoder:
         self.model = model
         self.tokenizer = tokenizer
         self.templates = template_set(templates)
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[tuple[bool, str], torch.Tensor] = {}
         self.prompts_encoded = 0  # counts text-tower work, for tests and diagnostics
 
     def set_templates(self, templates: str) -> None:
-        """New templates change every embedding, so the cache starts over."""
+        """New templates change every templated embedding; sentence embeddings stay cached."""
         new = template_set(templates)
         if new != self.templates:
-            self.templates, self.cache = new, {}
+            self.templates = new
+            self.cache = {key: value for key, value in self.cache.items() if not key[0]}
 
     def embeddings(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), D) embeddings; only texts not in the cache reach the text tower."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        return self._cached(texts, self.templates)
+
+    def sentence_embeddings(self, sentences: Sequence[str]) -> torch.Tensor:
+        """(len(sentences), D) embeddings of whole sentences (class descriptions): no templates."""
+        return self._cached(sentences, ("{}",))
+
+    def _cached(self, texts: Sequence[str], templates: tuple[str, ...]) -> torch.Tensor:
+        templated = templates == self.templates  # the key keeps words and sentences apart
+        missing = [t for t in dict.fromkeys(texts) if (templated, t) not in self.cache]
         if missing:
-            prompts = [template.format(text) for text in missing for template in self.templates]
+            prompts = [template.format(text) for text in missing for template in templates]
             encoded = torch.cat(
                 [
                     self.encode_prompts(prompts[i : i + PROMPT_BATCH])
@@ -58,13 +67,13 @@ class TextEncoder:
                 ]
             )
             per_text = F.normalize(encoded.float(), dim=-1).reshape(
-                len(missing), len(self.templates), -1
+                len(missing), len(templates), -1
             )
             for text, embedding in zip(
                 missing, F.normalize(per_text.mean(dim=1), dim=-1), strict=True
             ):
-                self.cache[text] = embedding
-        return torch.stack([self.cache[t] for t in texts])
+                self.cache[templated, text] = embedding
+        return torch.stack([self.cache[templated, t] for t in texts])
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 A robot engineer types classes as strings (``"tv; television; monitor"``): the first word is the
 class name that appears in label_info and topic names, the rest are synonyms that only help CLIP
-(the class probability is the max over its synonyms). Validation is all-or-nothing so that a
-rejected parameter change leaves the running vocabulary untouched.
+(the class probability is the max over its synonyms). Sentences after ``|`` describe the class
+(``"tv; monitor | a flat screen showing a picture"``): FreeCP's ambiguity step compares image
+crops with them; they travel with the class so one parameter change stays atomic. Validation
+is all-or-nothing so that a rejected parameter change leaves the running vocabulary untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ClassEntry:
 
     name: str
     synonyms: tuple[str, ...]
+    descriptions: tuple[str, ...] = ()
 
     @property
     def slug(self) -> str:
@@ -40,12 +43,14 @@ class ClassEntry:
 
     @classmethod
     def parse(cls, entry: str) -> ClassEntry:
-        """``"tv; television"`` -> ClassEntry("tv", ("tv", "television"))."""
-        words = [word.strip() for word in entry.split(";")]
+        """``"tv; telly | a screen"`` -> ClassEntry("tv", ("tv", "telly"), ("a screen",))."""
+        names, *descriptions = entry.split("|")
+        descriptions = tuple(d.strip() for d in descriptions if d.strip())
+        words = [word.strip() for word in names.split(";")]
         words = [word for word in words if word]
         if not words:
             raise VocabularyError(f"empty class entry {entry!r}")
-        return cls(words[0], tuple(dict.fromkeys(words)))
+        return cls(words[0], tuple(dict.fromkeys(words)), descriptions)
 
 
 def parse_classes(entries: Sequence[object], max_classes: int = 1000) -> list[ClassEntry]:

@@ -1,0 +1,77 @@
+"""EngineConfig: every setting that decides how a frame is segmented, validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES
+from ovss_ros.core.text_encoding import template_set
+
+# Fields that need a new model when they change; everything else can change between frames.
+LOAD_FIELDS = ("model", "pretrained", "device", "precision")
+REFINEMENTS = ("none", "dslo", "freecp")
+DSLO_MODES = ("ot", "velocity")
+UPSAMPLERS = ("bilinear", "jbu")
+
+
+@dataclass
+class EngineConfig:
+    """Everything that decides how a frame is segmented (node parameters map onto these)."""
+
+    model: str = "ViT-B-16"  # open_clip name, or a path to an open_clip model-config JSON
+    pretrained: str = "laion2b_s34b_b88k"  # open_clip tag, checkpoint file, or none (random)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (half precision on a GPU only)
+    short_side: int = 448  # resize so the short side is this many pixels; 0 keeps the size
+    crop: int = 0  # sliding-window size in pixels; 0 = whole image in one forward
+    stride: int = 0  # sliding-window stride; 0 = crop / 2
+    method: str = "naclip"  # last-block attention: naclip | sclip | clearclip | maskclip | vanilla
+    templates: str = "imagenet"  # imagenet (80) | single | custom templates joined by |
+    background_words: tuple[str, ...] = ()  # texts that mean "none of the classes"
+    score_threshold: float = 0.0  # pixels whose best class probability is below are unlabeled
+    logit_scale: float = 40.0  # softmax temperature of the standard protocol
+    refinement: str = "none"  # none | dslo | freecp: decides the label after the base method
+    pamr: bool = False  # pixel-adaptive mask refinement of the final scores (10 its, 8/16)
+    upsample: str = "bilinear"  # bilinear | jbu (joint bilateral, guided by the image)
+    affinity: str = "naclip"  # DSLO's patch affinity: naclip | keykey | mean (of layers 1..L-1)
+    dslo_mode: str = "velocity"  # ot (Sinkhorn) | velocity (Markov chain)
+    sinkhorn_iterations: int = 50
+    sinkhorn_epsilon: float = 0.1
+    ipf_rounds: int = 15
+    velocity_tau: float = 0.3
+    freecp_redundancy: float = 0.1  # keep a class iff its purification score is above this
+    freecp_ambiguity: float = 0.7  # soft IoU above which surviving classes are resolved by crops
+
+    def validate(self) -> None:
+        """Raise ValueError with the reason for the first bad value."""
+        choices = {
+            "method": LAST_BLOCK_MODES,
+            "refinement": REFINEMENTS,
+            "upsample": UPSAMPLERS,
+            "affinity": AFFINITY_SOURCES,
+            "dslo_mode": DSLO_MODES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}: use one of {allowed}")
+        for name in ("short_side", "crop", "stride"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stride and not self.crop:
+            raise ValueError("stride needs crop > 0 (sliding window)")
+        if self.stride > self.crop:
+            raise ValueError(
+                f"stride {self.stride} larger than crop {self.crop} would skip pixels"
+            )
+        for name in ("score_threshold", "freecp_redundancy", "freecp_ambiguity"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("logit_scale", "sinkhorn_epsilon", "velocity_tau"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("sinkhorn_iterations", "ipf_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(not isinstance(w, str) or not w.strip() for w in self.background_words):
+            raise ValueError("background_words must be non-empty strings")
+        template_set(self.templates)

@@ -1,0 +1,135 @@
+"""Newest-frame buffer and the worker thread that drains it.
+
+A camera publishes faster than CLIP segments on most robots. Queueing frames would only add
+latency (every result would be older than the last), so the subscription callback overwrites a
+single slot and a worker thread takes whatever is newest when it is ready for more, as
+image_pipeline's camera_calibration does. The executor thread therefore never waits on inference,
+and parameter or service calls are answered while a frame is being segmented.
+
+The buffer also carries wake-ups without a frame, so that the worker can apply configuration
+changes (a new vocabulary, a new method) as soon as they are accepted, even when no images arrive.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class FrameBuffer(Generic[T]):
+    """One-slot buffer: ``put`` overwrites, ``take`` waits for the newest item."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._frame: T | None = None
+        self._woken = False
+        self._closed = False
+        self.overwritten = 0  # frames replaced before the worker took them
+
+    def put(self, frame: T) -> bool:
+        """Store ``frame``; return True when it replaced a frame that was never taken."""
+        with self._condition:
+            if self._closed:
+                return False
+            replaced = self._frame is not None
+            if replaced:
+                self.overwritten += 1
+            self._frame = frame
+            self._condition.notify()
+            return replaced
+
+    def take(self, timeout: float | None = None) -> T | None:
+        """Wait for a frame, a wake-up, close or ``timeout``; return the frame or None."""
+        with self._condition:
+            self._condition.wait_for(
+                lambda: self._frame is not None or self._woken or self._closed, timeout
+            )
+            self._woken = False
+            if self._closed:
+                return None
+            frame, self._frame = self._frame, None
+            return frame
+
+    def wake(self) -> None:
+        """Make a waiting ``take`` return (None if no frame) so the worker can do other work."""
+        with self._condition:
+            self._woken = True
+            self._condition.notify()
+
+    def clear(self) -> None:
+        """Drop the pending frame, e.g. while inference is paused."""
+        with self._condition:
+            self._frame = None
+
+    def close(self) -> None:
+        """Refuse new frames and release the worker for good."""
+        with self._condition:
+            self._closed = True
+            self._frame = None
+            self._condition.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class FrameWorker(Generic[T]):
+    """A thread that runs ``between_frames`` and then ``handle_frame`` for each newest frame.
+
+    ``between_frames`` runs after every wake-up, before the frame (if any) is handled: the place
+    to apply accepted configuration changes so that they take effect on the next frame.
+    An exception from either callable goes to ``on_error`` and the loop goes on: one failed frame
+    (a CUDA out-of-memory, a bad input) must not end the node's service.
+    """
+
+    def __init__(
+        self,
+        buffer: FrameBuffer[T],
+        handle_frame: Callable[[T], None],
+        between_frames: Callable[[], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        name: str = "ovss_worker",
+    ) -> None:
+        self._buffer = buffer
+        self._handle_frame = handle_frame
+        self._between_frames = between_frames
+        self._on_error = on_error
+        # Daemon: a worker stuck inside a long forward pass must not keep the process alive.
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Close the buffer and wait for the thread; return False if it is still busy."""
+        self._buffer.close()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._buffer.closed:
+            frame = self._buffer.take()
+            if self._buffer.closed:
+                break
+            if self._between_frames is not None:
+                self._guarded(self._between_frames)
+            if frame is not None:
+                self._guarded(self._handle_frame, frame)
+
+    def _guarded(self, function: Callable[..., None], *args: object) -> None:
+        try:
+            function(*args)
+        except Exception as error:  # the worker must survive any frame
+            if self._on_error is not None:
+                try:
+                    self._on_error(error)
+                except Exception:  # never let reporting kill the thread
+                    pass

@@ -1,0 +1,435 @@
+"""The node's parameters: one table of names, defaults, ranges and descriptions, and their checks.
+
+Every parameter is declared from ``PARAMETERS`` with a descriptor (description, range, read-only
+flag), so ``ros2 param describe /ovss <name>`` tells a robot engineer what a value means and what
+it may be. The same table drives the validation of a requested change: the node checks the
+whole would-be configuration (all parameters after the change) before accepting anything, so a
+rejected request changes nothing, and the worker thread never receives a configuration that the
+engine would refuse.
+
+Keep ``config/ovss.yaml`` in step with the defaults here (a test compares them).
+"""
+
+from __future__ import annotations
+
+import array
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+from ovss_ros.core import ClassEntry, EngineConfig, parse_classes
+from ovss_ros.core.config import DSLO_MODES, REFINEMENTS, UPSAMPLERS
+from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES
+
+IMAGE_TRANSPORTS = ("raw", "compressed")
+METHODS = tuple(LAST_BLOCK_MODES)
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEFAULT_CLASSES = ("person", "chair", "table", "floor", "wall", "door")
+
+
+class ParameterError(ValueError):
+    """A parameter value was refused; ``str(error)`` is the reason given to the caller."""
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One node parameter: what it is, its default, and what values it may take."""
+
+    name: str
+    default: Any
+    description: str
+    read_only: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    constraints: str = ""
+
+    @property
+    def type(self) -> Parameter.Type:
+        if self.name in STRING_ARRAYS:
+            return Parameter.Type.STRING_ARRAY
+        return Parameter.Type.from_parameter_value(self.default)
+
+    def descriptor(self) -> ParameterDescriptor:
+        """The descriptor rclpy enforces (type, read-only, range) and tools display."""
+        descriptor = ParameterDescriptor(
+            name=self.name,
+            type=self.type.value,
+            description=self.description,
+            additional_constraints=self.constraints,
+            read_only=self.read_only,
+            # String arrays are type-checked here, not by rclpy, whose refusal ("expected '9'
+            # got '7'") would not tell a user that classes must be text.
+            dynamic_typing=self.name in STRING_ARRAYS,
+        )
+        if self.minimum is not None and isinstance(self.default, int):
+            descriptor.integer_range = [
+                IntegerRange(from_value=int(self.minimum), to_value=int(self.maximum), step=0)
+            ]
+        elif self.minimum is not None:
+            descriptor.floating_point_range = [
+                FloatingPointRange(from_value=self.minimum, to_value=self.maximum, step=0.0)
+            ]
+        return descriptor
+
+
+STRING_ARRAYS = ("classes", "background_words")
+
+_ENGINE_DEFAULTS = EngineConfig()
+
+PARAMETERS: tuple[ParameterSpec, ...] = (
+    # Chosen at start-up: they decide which model is loaded or which topic is read.
+    ParameterSpec(
+        "model",
+        _ENGINE_DEFAULTS.model,
+        "open_clip model name (e.g. ViT-B-16) or path to an open_clip model-config JSON",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "pretrained",
+        _ENGINE_DEFAULTS.pretrained,
+        "open_clip pretrained tag, a local checkpoint file, or 'none' (random weights)",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "device",
+        _ENGINE_DEFAULTS.device,
+        "inference device: auto picks CUDA when present",
+        read_only=True,
+        constraints="auto | cpu | cuda | cuda:N",
+    ),
+    ParameterSpec(
+        "precision",
+        _ENGINE_DEFAULTS.precision,
+        "weights and activations precision; half precision on a GPU only",
+        read_only=True,
+        constraints=" | ".join(PRECISIONS),
+    ),
+    ParameterSpec(
+        "image_transport",
+        "raw",
+        "subscribe to 'image' (raw) or 'image/compressed' (compressed)",
+        read_only=True,
+        constraints=" | ".join(IMAGE_TRANSPORTS),
+    ),
+    # Runtime: validated atomically, applied by the worker before the next frame.
+    ParameterSpec(
+        "classes",
+        list(DEFAULT_CLASSES),
+        "vocabulary: one entry per class, synonyms after ';' (the first names the class), "
+        "descriptions after '|'; label value = index in this list",
+        constraints="non-empty, unique names, at most 1000 entries of 200 characters",
+    ),
+    ParameterSpec(
+        "background_words",
+        [],
+        "texts that mean 'none of the classes' (e.g. sky, wall); pixels they win are unlabeled",
+    ),
+    ParameterSpec(
+        "method",
+        _ENGINE_DEFAULTS.method,
+        "dense CLIP last-block attention",
+        constraints=" | ".join(METHODS),
+    ),
+    ParameterSpec(
+        "refinement",
+        _ENGINE_DEFAULTS.refinement,
+        "how labels are decided after the base method",
+        constraints=" | ".join(REFINEMENTS),
+    ),
+    ParameterSpec(
+        "pamr",
+        _ENGINE_DEFAULTS.pamr,
+        "pixel-adaptive mask refinement of the final scores (10 iterations, dilations 8 and 16)",
+    ),
+    ParameterSpec(
+        "upsample",
+        _ENGINE_DEFAULTS.upsample,
+        "patch scores to pixels: bilinear, or joint bilateral guided by the image",
+        constraints=" | ".join(UPSAMPLERS),
+    ),
+    ParameterSpec(
+        "affinity",
+        _ENGINE_DEFAULTS.affinity,
+        "DSLO: patch affinity the discrepancy is measured along",
+        constraints=" | ".join(AFFINITY_SOURCES),
+    ),
+    ParameterSpec(
+        "dslo_mode",
+        _ENGINE_DEFAULTS.dslo_mode,
+        "DSLO: optimal transport (Sinkhorn) or maximum velocity (Markov chain)",
+        constraints=" | ".join(DSLO_MODES),
+    ),
+    ParameterSpec(
+        "sinkhorn_iterations",
+        _ENGINE_DEFAULTS.sinkhorn_iterations,
+        "DSLO ot: Sinkhorn iterations",
+        minimum=1,
+        maximum=1000,
+    ),
+    ParameterSpec(
+        "sinkhorn_epsilon",
+        _ENGINE_DEFAULTS.sinkhorn_epsilon,
+        "DSLO ot: entropic regularisation",
+        minimum=0.0,
+        maximum=100.0,
+        constraints="> 0",
+    ),
+    ParameterSpec(
+        "ipf_rounds",
+        _ENGINE_DEFAULTS.ipf_rounds,
+        "DSLO: iterative proportional fitting rounds for the transition matrix",
+        minimum=1,
+        maximum=1000,
+    ),
+    ParameterSpec(
+        "velocity_tau",
+        _ENGINE_DEFAULTS.velocity_tau,
+        "DSLO velocity: a patch stops when its class density is within tau of uniform",
+        minimum=0.0,
+        maximum=100.0,
+        constraints="> 0",
+    ),
+    ParameterSpec(
+        "freecp_redundancy",
+        _ENGINE_DEFAULTS.freecp_redundancy,
+        "FreeCP: keep a class only if its purification score is above this",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    ParameterSpec(
+        "freecp_ambiguity",
+        _ENGINE_DEFAULTS.freecp_ambiguity,
+        "FreeCP: soft IoU above which overlapping classes are resolved with image crops",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    ParameterSpec(
+        "templates",
+        _ENGINE_DEFAULTS.templates,
+        "prompt templates: imagenet (80), single ('a photo of a {}.'), or custom joined by '|'",
+        constraints="imagenet | single | 'template with {}|...'",
+    ),
+    ParameterSpec(
+        "short_side",
+        _ENGINE_DEFAULTS.short_side,
+        "resize the input so its short side has this many pixels before inference (0 = keep)",
+        minimum=0,
+        maximum=4096,
+    ),
+    ParameterSpec(
+        "crop",
+        _ENGINE_DEFAULTS.crop,
+        "sliding-window size in pixels, a multiple of the patch size (0 = whole image)",
+        minimum=0,
+        maximum=4096,
+    ),
+    ParameterSpec(
+        "stride",
+        _ENGINE_DEFAULTS.stride,
+        "sliding-window stride in pixels, at most crop (0 = crop / 2)",
+        minimum=0,
+        maximum=4096,
+    ),
+    ParameterSpec(
+        "score_threshold",
+        _ENGINE_DEFAULTS.score_threshold,
+        "pixels whose best class probability is below this are unlabeled (255)",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    ParameterSpec(
+        "logit_scale",
+        _ENGINE_DEFAULTS.logit_scale,
+        "softmax temperature applied to the patch-text cosine similarities",
+        minimum=0.0,
+        maximum=1000.0,
+        constraints="> 0",
+    ),
+    ParameterSpec(
+        "publish_masks",
+        True,
+        "publish ~/masks/<class> (mono8 0/255), computed only while someone subscribes",
+    ),
+    ParameterSpec(
+        "publish_overlay",
+        True,
+        "publish ~/overlay (rgb8), computed only while someone subscribes",
+    ),
+    ParameterSpec(
+        "publish_confidence",
+        True,
+        "publish ~/confidence (32FC1), computed only while someone subscribes",
+    ),
+    ParameterSpec(
+        "overlay_alpha",
+        0.5,
+        "weight of the class colour in ~/overlay",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    ParameterSpec(
+        "max_frame_age",
+        0.0,
+        "drop frames whose header stamp is older than this many seconds (0 = keep all)",
+        minimum=0.0,
+        maximum=3600.0,
+    ),
+)
+
+SPECS: dict[str, ParameterSpec] = {spec.name: spec for spec in PARAMETERS}
+ENGINE_FIELDS = tuple(field.name for field in fields(EngineConfig))
+READ_ONLY = tuple(spec.name for spec in PARAMETERS if spec.read_only)
+# Engine settings the worker applies with Segmenter.reconfigure.
+RUNTIME_ENGINE_FIELDS = tuple(name for name in ENGINE_FIELDS if name not in READ_ONLY)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A validated configuration: what the engine gets and what the node itself uses."""
+
+    engine: EngineConfig
+    classes: list[ClassEntry]
+    image_transport: str
+    publish_masks: bool
+    publish_overlay: bool
+    publish_confidence: bool
+    overlay_alpha: float
+    max_frame_age: float
+
+
+def defaults() -> dict[str, Any]:
+    """Parameter name -> default value."""
+    return {
+        spec.name: list(spec.default) if isinstance(spec.default, list) else spec.default
+        for spec in PARAMETERS
+    }
+
+
+def declare_parameters(node: Node) -> dict[str, Any]:
+    """Declare every parameter (overrides from the command line or YAML apply) and return values.
+
+    Raises rclpy's InvalidParameterValueException / InvalidParameterTypeException when an override
+    is out of range or of the wrong type.
+    """
+    values: dict[str, Any] = {}
+    for spec in PARAMETERS:
+        parameter = node.declare_parameter(spec.name, spec.default, spec.descriptor())
+        if spec.name in STRING_ARRAYS and not parameter.value:
+            # An empty list cannot carry its type (rclpy makes [] a byte array, a YAML [] is
+            # "not set"): store it as the empty string array it means.
+            parameter = Parameter(spec.name, Parameter.Type.STRING_ARRAY, [])
+            node.set_parameters([parameter])
+        values[spec.name] = normalize(spec.name, parameter.value)
+    restore_types(node)
+    return values
+
+
+def restore_types(node: Node) -> None:
+    """Keep the string arrays described as string arrays.
+
+    rclpy writes the type of a requested value into a dynamically typed parameter's descriptor
+    before the set callbacks run, and leaves it there when they refuse the value.
+    """
+    for name in STRING_ARRAYS:
+        if node.has_parameter(name):
+            node.describe_parameter(name).type = Parameter.Type.STRING_ARRAY.value
+
+
+def normalize(name: str, value: Any) -> Any:
+    """Plain Python values: arrays as lists; an unset string array is an empty list."""
+    if name in STRING_ARRAYS:
+        if value is None:
+            return []
+        if isinstance(value, list | tuple | array.array):  # rclpy gives numeric arrays as array
+            return list(value)
+    return value
+
+
+def validate(values: Mapping[str, Any]) -> Settings:
+    """Check a complete set of parameter values; raise ParameterError with the first reason."""
+    missing = [spec.name for spec in PARAMETERS if spec.name not in values]
+    if missing:
+        raise ParameterError(f"missing parameters {missing}")
+    for spec in PARAMETERS:
+        _check_value(spec, values[spec.name])
+    if values["precision"] not in PRECISIONS:
+        raise ParameterError(
+            f"unknown precision {values['precision']!r}: use one of {list(PRECISIONS)}"
+        )
+    if values["image_transport"] not in IMAGE_TRANSPORTS:
+        raise ParameterError(
+            f"unknown image_transport {values['image_transport']!r}: "
+            f"use one of {list(IMAGE_TRANSPORTS)}"
+        )
+    try:
+        classes = parse_classes(values["classes"])
+    except ValueError as error:  # VocabularyError: its text already names the problem
+        raise ParameterError(str(error)) from error
+    engine = engine_config(values)
+    try:
+        engine.validate()
+    except ValueError as error:
+        raise ParameterError(str(error)) from error
+    return Settings(
+        engine=engine,
+        classes=classes,
+        image_transport=values["image_transport"],
+        publish_masks=values["publish_masks"],
+        publish_overlay=values["publish_overlay"],
+        publish_confidence=values["publish_confidence"],
+        overlay_alpha=float(values["overlay_alpha"]),
+        max_frame_age=float(values["max_frame_age"]),
+    )
+
+
+def validate_update(current: Mapping[str, Any], changes: Mapping[str, Any]) -> Settings:
+    """Validate ``current`` with ``changes`` applied, refusing read-only and unknown names."""
+    for name in changes:
+        if name not in SPECS:
+            raise ParameterError(f"unknown parameter {name!r}")
+        if SPECS[name].read_only and changes[name] != current.get(name):
+            raise ParameterError(f"{name} is read-only: restart the node to change it")
+    merged = dict(current)
+    merged.update({name: normalize(name, value) for name, value in changes.items()})
+    return validate(merged)
+
+
+def engine_config(values: Mapping[str, Any]) -> EngineConfig:
+    """The engine configuration that the parameter values describe (not yet validated)."""
+    config = {name: values[name] for name in ENGINE_FIELDS if name in values}
+    if "background_words" in config:
+        config["background_words"] = tuple(
+            normalize("background_words", config["background_words"])
+        )
+    return EngineConfig(**config)
+
+
+def _check_value(spec: ParameterSpec, value: Any) -> None:
+    """Type and range check, mirroring the descriptor for values that did not pass rclpy."""
+    if spec.name in STRING_ARRAYS:
+        if value is None:
+            value = []
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise ParameterError(f"{spec.name} must be a list of strings, got {value!r}")
+        for index, entry in enumerate(value):
+            if not isinstance(entry, str):
+                raise ParameterError(
+                    f"{spec.name} must be a list of strings (text): entry {index} is "
+                    f"{entry!r} ({type(entry).__name__})"
+                )
+        return
+    expected = type(spec.default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ParameterError(
+            f"{spec.name} must be {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if spec.minimum is not None and not spec.minimum <= value <= spec.maximum:
+        raise ParameterError(
+            f"{spec.name} must be in [{spec.minimum}, {spec.maximum}], got {value}"
+        )

@@ -1,0 +1,521 @@
+"""Helpers for tests that talk to the node over real DDS (docs/platform.md, "DDS on one machine").
+
+- ``isolate_dds()``: a ROS_DOMAIN_ID of its own for this test run (claimed with a lock file, so
+  parallel runs on one machine never share one), discovery kept on localhost, and a Fast DDS
+  profile with a 16 MiB shared-memory segment (a 640x480 rgb8 frame is larger than the default
+  512 KB one and would be lost under BEST_EFFORT) and UDP pinned to 127.0.0.1.
+- ``NodeProcess``: the node in its own process (``python -m ovss_ros.node --ros-args -p ...``), its
+  output in a file, stopped with SIGINT like Ctrl-C.
+- ``spin_until``: spin the test's node until a condition holds. Discovery takes 0.1-2.4 s, so tests
+  poll for what they need and never sleep a fixed time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import rclpy
+from rclpy.client import Client
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TINY_MODEL = DATA_DIR / "tiny-vit.json"
+VOC_IMAGES = Path(
+    "/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc/JPEGImages"
+)
+# The tiny random CLIP: fast on two CPU cores, nothing downloaded.
+TINY_NODE_PARAMETERS = {
+    "model": str(TINY_MODEL),
+    "pretrained": "none",
+    "short_side": 64,
+    "templates": "single",
+}
+
+FASTDDS_PROFILE = """<?xml version="1.0" encoding="UTF-8"?>
+<dds xmlns="http://www.eprosima.com">
+  <profiles>
+    <transport_descriptors>
+      <transport_descriptor>
+        <transport_id>shm_16mib</transport_id>
+        <type>SHM</type>
+        <segment_size>16777216</segment_size>
+      </transport_descriptor>
+      <transport_descriptor>
+        <transport_id>udp_localhost</transport_id>
+        <type>UDPv4</type>
+        <interfaces>
+          <allowlist>
+            <interface name="127.0.0.1"/>
+          </allowlist>
+        </interfaces>
+      </transport_descriptor>
+    </transport_descriptors>
+    <participant profile_name="ovss_test_participant" is_default_profile="true">
+      <rtps>
+        <useBuiltinTransports>false</useBuiltinTransports>
+        <userTransports>
+          <transport_id>shm_16mib</transport_id>
+          <transport_id>udp_localhost</transport_id>
+        </userTransports>
+      </rtps>
+    </participant>
+  </profiles>
+</dds>
+"""
+
+# Domain IDs 1..100 keep Fast DDS's port numbers within range; 0 is what everyone else uses.
+_DOMAIN_IDS = range(1, 101)
+_claimed: dict[str, Any] = {}
+
+
+def _claim_domain_id() -> int:
+    """A domain ID no other test run on this machine holds: start from the pid, lock a file."""
+    lock_dir = Path(tempfile.gettempdir()) / "ovss_ros_test_domains"
+    lock_dir.mkdir(exist_ok=True)
+    first = os.getpid() % len(_DOMAIN_IDS)
+    for offset in range(len(_DOMAIN_IDS)):
+        domain_id = _DOMAIN_IDS[(first + offset) % len(_DOMAIN_IDS)]
+        handle = open(lock_dir / f"{domain_id}.lock", "w")  # held (locked) for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _claimed["lock"] = handle  # released when this process ends
+        return domain_id
+    raise RuntimeError("no free ROS_DOMAIN_ID for the test run")
+
+
+def isolate_dds() -> dict[str, str]:
+    """Set (once per process) and return the environment every ROS process of the test needs.
+
+    Call before ``rclpy.init``: the domain and the Fast DDS profile are read when the context
+    and its participant are created.
+    """
+    if "env" not in _claimed:
+        profile = Path(tempfile.gettempdir()) / f"ovss_ros_fastdds_{os.getpid()}.xml"
+        profile.write_text(FASTDDS_PROFILE)
+        atexit.register(profile.unlink, missing_ok=True)
+        env = {
+            "ROS_DOMAIN_ID": str(_claim_domain_id()),
+            "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+            "FASTDDS_DEFAULT_PROFILES_FILE": str(profile),
+            "RMW_IMPLEMENTATION": "rmw_fastrtps_cpp",
+            "HF_HUB_OFFLINE": "1",
+        }
+        os.environ.update(env)
+        _claimed["env"] = env
+    return dict(_claimed["env"])
+
+
+def child_environment() -> dict[str, str]:
+    """Environment of a node process: this process's, the DDS isolation, the repo importable."""
+    env = dict(os.environ)
+    env.update(isolate_dds())
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    env["RCUTILS_LOGGING_BUFFERED_STREAM"] = "0"
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def ros_argument(value: Any) -> str:
+    """A parameter value as ``-p name:=value`` reads it (YAML; JSON is valid YAML)."""
+    return json.dumps(value)
+
+
+class NodeProcess:
+    """The ovss node in a child process, with its console output captured in a file."""
+
+    def __init__(
+        self,
+        parameters: Mapping[str, Any] | None = None,
+        extra_ros_args: Sequence[str] = (),
+        module: str = "ovss_ros.node",
+    ) -> None:
+        self.log_path = Path(tempfile.mkstemp(prefix="ovss_node_", suffix=".log")[1])
+        # Extra arguments (remaps, --params-file) first: a later -p wins over a params file.
+        args = [sys.executable, "-m", module, "--ros-args", *extra_ros_args]
+        for name, value in (parameters or {}).items():
+            args += ["-p", f"{name}:={ros_argument(value)}"]
+        self.args = args
+        self._log = open(self.log_path, "wb")  # closed in stop()
+        self.process = subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            env=child_environment(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def output(self) -> str:
+        """Everything the node printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to end on its own; return its exit status."""
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Ctrl-C the node and wait; escalate to SIGTERM and SIGKILL if it does not end."""
+        if self.process.poll() is None:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+                self.process.send_signal(sig)
+                try:
+                    self.process.wait(timeout)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> NodeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.log_path.unlink(missing_ok=True)
+
+
+def spin_until(
+    node: Node,
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    executor: SingleThreadedExecutor | None = None,
+    message: str | Callable[[], str] = "",
+) -> Any:
+    """Spin ``node`` until ``predicate()`` is truthy; return that value or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            text = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout} s waiting: {text}")
+        if executor is not None:
+            executor.spin_once(timeout_sec=min(0.05, remaining))
+        else:
+            rclpy.spin_once(node, timeout_sec=min(0.05, remaining))
+
+
+def call_service(node: Node, client: Client, request: Any, timeout: float = 10.0) -> Any:
+    """Call a service once its server is discovered; return the response."""
+    spin_until(node, client.service_is_ready, timeout, message=f"service {client.srv_name}")
+    future = client.call_async(request)
+    spin_until(node, future.done, timeout, message=f"response from {client.srv_name}")
+    return future.result()
+
+
+def topic_names(node: Node) -> set[str]:
+    return {name for name, _types in node.get_topic_names_and_types()}
+
+
+def published_topics(node: Node, prefix: str = "") -> set[str]:
+    """Topics under ``prefix`` that have a publisher (a subscriber alone keeps a name alive)."""
+    return {
+        name
+        for name in topic_names(node)
+        if name.startswith(prefix) and node.count_publishers(name) > 0
+    }
+
+
+def stamp_key(header: Any) -> tuple[int, int, str]:
+    """What identifies a frame across topics: its stamp and frame_id."""
+    return (header.stamp.sec, header.stamp.nanosec, header.frame_id)
+
+
+class OvssClient:
+    """The test's side of the graph: feeds the node images, records everything it publishes.
+
+    Every received message is kept per topic, so a test can find the outputs of one input frame by
+    its header, whatever order they arrive in.
+    """
+
+    def __init__(
+        self,
+        node_namespace: str = "/ovss",
+        input_namespace: str = "",
+        name: str = "ovss_test_client",
+        reliable_input: bool = False,
+    ) -> None:
+        from rcl_interfaces.srv import GetParameters, SetParameters
+        from rclpy.qos import (
+            DurabilityPolicy,
+            QoSProfile,
+            ReliabilityPolicy,
+            qos_profile_sensor_data,
+        )
+        from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+        from std_srvs.srv import SetBool
+        from vision_msgs.msg import LabelInfo
+
+        self.ns = node_namespace
+        self.node = Node(name)
+        self.messages: dict[str, list[Any]] = {}
+        self._subscriptions: dict[str, Any] = {}
+        inputs = input_namespace.rstrip("/")
+        # A camera driver's usual QoS; a RELIABLE one also serves RELIABLE subscriptions.
+        input_qos = (
+            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+            if reliable_input
+            else qos_profile_sensor_data
+        )
+        self.image_pub = self.node.create_publisher(Image, f"{inputs}/image", input_qos)
+        self.compressed_pub = self.node.create_publisher(
+            CompressedImage, f"{inputs}/image/compressed", input_qos
+        )
+        self.camera_info_pub = self.node.create_publisher(
+            CameraInfo, f"{inputs}/camera_info", qos_profile_sensor_data
+        )
+        self.reliable = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+        latched = QoSProfile(
+            depth=20,
+            reliability=ReliabilityPolicy.RELIABLE,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL,
+        )
+        for topic in ("labels", "overlay", "confidence"):
+            self.subscribe(f"{self.ns}/{topic}", Image)
+        self.subscribe(f"{self.ns}/camera_info", CameraInfo)
+        self.subscribe(f"{self.ns}/label_info", LabelInfo, latched)
+        self.set_client = self.node.create_client(SetParameters, f"{self.ns}/set_parameters")
+        self.get_client = self.node.create_client(GetParameters, f"{self.ns}/get_parameters")
+        self.enable_client = self.node.create_client(SetBool, f"{self.ns}/enable")
+        self._image_type = Image
+
+    def subscribe(self, topic: str, message_type: type, qos: Any = None) -> None:
+        if topic in self._subscriptions:
+            return
+        self.messages.setdefault(topic, [])
+        self._subscriptions[topic] = self.node.create_subscription(
+            message_type, topic, self.messages[topic].append, qos or self.reliable
+        )
+
+    def subscribe_mask(self, slug: str) -> str:
+        topic = f"{self.ns}/masks/{slug}"
+        self.subscribe(topic, self._image_type)
+        return topic
+
+    def unsubscribe(self, topic: str) -> None:
+        subscription = self._subscriptions.pop(topic, None)
+        if subscription is not None:
+            self.node.destroy_subscription(subscription)
+
+    def spin_until(
+        self, predicate: Callable[[], Any], timeout: float = 10.0, message: Any = ""
+    ) -> Any:
+        return spin_until(self.node, predicate, timeout, message=message)
+
+    def spin_for(self, seconds: float) -> None:
+        """Spin for a fixed time: only for checking that something does NOT arrive."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            rclpy.spin_once(self.node, timeout_sec=min(0.05, remaining))
+
+    def topic(self, name: str) -> str:
+        """Absolute name of a node output: ``labels`` -> ``/ovss/labels``."""
+        return name if name.startswith("/") else f"{self.ns}/{name}"
+
+    def find(self, topic: str, header: Any) -> Any:
+        """The message on ``topic`` with the same stamp and frame_id as ``header``, or None."""
+        key = stamp_key(header)
+        for message in reversed(self.messages.get(self.topic(topic), [])):
+            if stamp_key(message.header) == key:
+                return message
+        return None
+
+    def clear(self) -> None:
+        """Forget the messages received so far (they hold whole images)."""
+        for messages in self.messages.values():
+            messages.clear()
+
+    def wait_for_output(
+        self,
+        message: Any,
+        topics: Sequence[str] = ("labels",),
+        timeout: float = 15.0,
+        resend_every: float = 1.0,
+    ) -> dict[str, Any]:
+        """Publish ``message`` until each output topic has a message with its header.
+
+        Resending covers the first frames after discovery, which BEST_EFFORT may drop; outputs
+        are matched by header, so a repeat does no harm. Returns topic (as given) -> message.
+        """
+        compressed = "Compressed" in type(message).__name__
+        publisher = self.compressed_pub if compressed else self.image_pub
+        deadline = time.monotonic() + timeout
+        next_send = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_send:
+                publisher.publish(message)
+                next_send = now + resend_every
+            found = {topic: self.find(topic, message.header) for topic in topics}
+            if all(output is not None for output in found.values()):
+                return found
+            if now >= deadline:
+                missing = [topic for topic, output in found.items() if output is None]
+                raise AssertionError(f"no output on {missing} within {timeout} s")
+            rclpy.spin_once(self.node, timeout_sec=0.02)
+
+    def set_parameters(self, parameters: Sequence[Parameter]) -> list[Any]:
+        from rcl_interfaces.srv import SetParameters
+
+        request = SetParameters.Request(parameters=[p.to_parameter_msg() for p in parameters])
+        return call_service(self.node, self.set_client, request).results
+
+    def get_parameter(self, name: str) -> Any:
+        from rcl_interfaces.srv import GetParameters
+
+        response = call_service(self.node, self.get_client, GetParameters.Request(names=[name]))
+        return parameter_value(response.values[0])
+
+    def describe_parameter(self, name: str) -> Any:
+        from rcl_interfaces.srv import DescribeParameters
+
+        if not hasattr(self, "_describe_client"):
+            self._describe_client = self.node.create_client(
+                DescribeParameters, f"{self.ns}/describe_parameters"
+            )
+        request = DescribeParameters.Request(names=[name])
+        return call_service(self.node, self._describe_client, request).descriptors[0]
+
+    def enable(self, enabled: bool) -> Any:
+        from std_srvs.srv import SetBool
+
+        return call_service(self.node, self.enable_client, SetBool.Request(data=enabled))
+
+    def destroy(self) -> None:
+        self.node.destroy_node()
+
+
+def parameter_value(value: Any) -> Any:
+    """The Python value of an rcl_interfaces/ParameterValue."""
+    from rclpy.parameter import parameter_value_to_python
+
+    return parameter_value_to_python(value)
+
+
+_frame_counter = [0]
+
+
+def next_header(node: Node, frame_id: str = "camera") -> Any:
+    """A header no other frame of the run has: now, plus a counter in the nanoseconds."""
+    from std_msgs.msg import Header
+
+    _frame_counter[0] += 1
+    stamp = node.get_clock().now().to_msg()
+    return Header(stamp=stamp, frame_id=f"{frame_id}_{_frame_counter[0]}")
+
+
+def make_image(array: Any, encoding: str, header: Any) -> Any:
+    """A sensor_msgs/Image built by hand (not by the code under test)."""
+    from sensor_msgs.msg import Image
+
+    height, width = array.shape[:2]
+    return Image(
+        header=header,
+        height=height,
+        width=width,
+        encoding=encoding,
+        is_bigendian=0,
+        step=array.strides[0],
+        data=array.tobytes(),
+    )
+
+
+def make_compressed(data: bytes, header: Any, image_format: str = "jpeg") -> Any:
+    from sensor_msgs.msg import CompressedImage
+
+    return CompressedImage(header=header, format=image_format, data=data)
+
+
+def image_array(message: Any) -> Any:
+    """The pixels of an output Image (mono8, mono16, rgb8, 32FC1), checked against its step."""
+    import numpy as np
+
+    dtype, channels = {
+        "mono8": (np.uint8, 1),
+        "mono16": (np.uint16, 1),
+        "rgb8": (np.uint8, 3),
+        "32FC1": (np.float32, 1),
+    }[message.encoding]
+    row = message.width * channels * np.dtype(dtype).itemsize
+    assert message.step == row, f"step {message.step} != {row}"
+    assert len(message.data) == message.step * message.height
+    array = np.frombuffer(bytes(message.data), dtype=dtype)
+    if message.is_bigendian:
+        array = array.byteswap()
+    shape = (message.height, message.width) + ((channels,) if channels > 1 else ())
+    return array.reshape(shape)
+
+
+@contextmanager
+def running_node(
+    parameters: Mapping[str, Any],
+    extra_ros_args: Sequence[str] = (),
+    node_namespace: str = "/ovss",
+    input_namespace: str = "",
+    compressed: bool = False,
+    reliable_input: bool = False,
+    ready_timeout: float = 60.0,
+) -> Iterator[tuple[OvssClient, NodeProcess]]:
+    """Start the node and a client; yield once the node is subscribed and its label_info is in.
+
+    On the way out the node gets Ctrl-C and must exit with status 0 (a clean shutdown).
+    """
+    isolate_dds()
+    process = NodeProcess(parameters, extra_ros_args)
+    rclpy.init()
+    client = OvssClient(node_namespace, input_namespace, reliable_input=reliable_input)
+    input_pub = client.compressed_pub if compressed else client.image_pub
+    try:
+        client.spin_until(
+            lambda: (
+                process.returncode is not None
+                or (
+                    input_pub.get_subscription_count() > 0
+                    and client.messages[client.topic("label_info")]
+                )
+            ),
+            ready_timeout,
+            message=lambda: f"node start-up; its output:\n{process.output()}",
+        )
+        if process.returncode is not None:
+            raise AssertionError(f"node exited with {process.returncode}:\n{process.output()}")
+        yield client, process
+    finally:
+        client.destroy()
+        rclpy.shutdown()
+        returncode = process.stop()
+    if returncode != 0:
+        raise AssertionError(f"node did not shut down cleanly ({returncode}):\n{process.output()}")
+    process.log_path.unlink(missing_ok=True)
+
+
+# At import, i.e. while pytest collects, before any test creates a participant: Fast DDS reads its
+# profiles file once per process, so a later isolate_dds() would be too late for the XML.
+isolate_dds()

@@ -1,0 +1,56 @@
+"""A node that cannot start ends quickly, with status 1 and one message that says what to set.
+
+The failing processes are started together (each one pays the torch import) and then checked
+one by one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from ros_harness import TINY_NODE_PARAMETERS, NodeProcess
+
+CASES = {
+    "unknown model": (
+        {"model": "NoSuchNet-42", "pretrained": "none"},
+        ["unknown model", "NoSuchNet-42", "set model"],
+    ),
+    "missing checkpoint": (
+        TINY_NODE_PARAMETERS | {"pretrained": "/nonexistent/ovss/weights.pt"},
+        ["/nonexistent/ovss/weights.pt", "not found", "set pretrained"],
+    ),
+    "bad vocabulary": (
+        TINY_NODE_PARAMETERS | {"classes": ["cat", "dog", "cat"]},
+        ["duplicate class", "cat"],
+    ),
+    "out of range": (
+        TINY_NODE_PARAMETERS | {"score_threshold": 5.0},
+        ["score_threshold"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def failed_starts():
+    processes = {name: NodeProcess(parameters) for name, (parameters, _) in CASES.items()}
+    yield processes
+    for process in processes.values():
+        process.stop()
+        process.log_path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_start_up_failure_exits_with_one_clear_message(failed_starts, case):
+    process = failed_starts[case]
+    try:
+        returncode = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"node still running after 60 s:\n{process.output()}")
+    output = process.output()
+    assert returncode == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1, output
+    for text in CASES[case][1]:
+        assert text in errors[0], output
