@@ -217,3 +217,32 @@ def test_class_colours_are_stable_and_distinct():
     assert class_color("cup") == class_color("cup")
     colours = {class_color(name) for name in ["cup", "door handle", "wet floor", "person", "dog"]}
     assert len(colours) == 5
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"crop": 32, "stride": 16},
+        {"refinement": "dslo"},
+        {"refinement": "freecp", "pamr": True},
+    ],
+    ids=["whole", "windows", "dslo", "freecp+pamr"],
+)
+def test_batch_equals_one_by_one_with_one_forward_per_size(segmenter, voc_rgb, changes):
+    segmenter.reconfigure(**changes)
+    images = [voc_rgb[0], voc_rgb[1], cv2.resize(voc_rgb[2], (500, 375)), voc_rgb[2]]
+    single = [segmenter.segment(rgb) for rgb in images]
+    forwards = []
+    hook = segmenter.clip.model.visual.conv1.register_forward_hook(
+        lambda module, args, out: forwards.append(args[0].shape[0])
+    )
+    try:
+        batch = segmenter.segment_many(images)
+    finally:
+        hook.remove()
+    # 500x375 images share one resized size: three of them go through one forward
+    assert len(forwards) == 2
+    for one, many in zip(single, batch, strict=True):
+        np.testing.assert_array_equal(one.labels, many.labels)
+        np.testing.assert_allclose(one.confidence, many.confidence, atol=1e-5)

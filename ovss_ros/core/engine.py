@@ -60,12 +60,21 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 @dataclass
 class Encoded:
-    """The dense forward of one frame: windows (whole image = one window) and their features."""
+    """Dense forward of a batch: every image's windows (whole image = one window), image-major."""
 
-    windows: torch.Tensor  # (n, 3, h, w) normalised pixels
-    boxes: list[Box]
+    windows: torch.Tensor  # (images * len(boxes), 3, h, w) normalised pixels
+    boxes: list[Box]  # the same windows for every image of the batch (they share one size)
     dense: DenseOutput
     size: tuple[int, int]  # resized image (H', W')
+
+    def image(self, index: int) -> Encoded:
+        """The part of the batch that belongs to image ``index``."""
+        part = slice(index * len(self.boxes), (index + 1) * len(self.boxes))
+        affinity = self.dense.affinity
+        dense = DenseOutput(
+            self.dense.features[part], None if affinity is None else affinity[part]
+        )
+        return Encoded(self.windows[part], self.boxes, dense, self.size)
 
 
 class Segmenter:
@@ -139,15 +148,34 @@ class Segmenter:
                 sentences = self.text.sentence_embeddings(entry.descriptions).to(self.device)
                 self._descriptions[index] = F.normalize(sentences.mean(dim=0), dim=-1)
 
-    @torch.inference_mode()
     def segment(self, rgb: np.ndarray) -> Segmentation:
         """Segment one HxWx3 uint8 RGB image with the current vocabulary."""
+        return self.segment_many([rgb])[0]
+
+    @torch.inference_mode()
+    def segment_many(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
+        """Segment several images (e.g. one per camera): one forward per group of equal size."""
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
-        height, width = _check_rgb(rgb)
-        encoded = self.encode(self.preprocess(rgb))
-        logits, scores = self.head(encoded)
-        return self.postprocess(encoded, logits, scores, (height, width))
+        sizes = [_check_rgb(rgb) for rgb in images]
+        pixels = [self.preprocess(rgb) for rgb in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(pixels):
+            groups.setdefault(tuple(image.shape), []).append(index)
+        results: list[Segmentation | None] = [None] * len(images)
+        for members in groups.values():
+            encoded = self.encode(torch.cat([pixels[i] for i in members]))
+            logits, scores = self.head(encoded)
+            per_image = len(encoded.boxes)
+            for slot, index in enumerate(members):
+                part = slice(slot * per_image, (slot + 1) * per_image)
+                results[index] = self.postprocess(
+                    encoded.image(slot),
+                    logits[part],
+                    None if scores is None else scores[part],
+                    sizes[index],
+                )
+        return results
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """Upload the uint8 image once, then resize and normalise on the model's device."""
@@ -165,7 +193,7 @@ class Segmenter:
         return self.clip.patch_size
 
     def encode(self, pixels: torch.Tensor) -> Encoded:
-        """Dense forward of the whole image, or of all sliding windows in one batch."""
+        """Dense forward of images (N, 3, H', W'), whole or as sliding windows, in one batch."""
         config = self.config
         height, width = pixels.shape[-2:]
         if config.crop:
@@ -179,7 +207,8 @@ class Segmenter:
                 for top in window_starts(height, config.crop, stride)
                 for left in window_starts(width, config.crop, stride)
             ]
-            windows = torch.cat([pixels[..., y : y + h, x : x + w] for y, x, h, w in boxes])
+            crops = [pixels[..., y : y + h, x : x + w] for y, x, h, w in boxes]
+            windows = torch.stack(crops, dim=1).flatten(0, 1)  # image-major
         else:
             boxes, windows = [(0, 0, height, width)], pixels
         affinity = {"dslo": config.affinity, "freecp": "mean"}.get(config.refinement)
@@ -205,7 +234,7 @@ class Segmenter:
             return logits, scores
         if config.refinement == "freecp":
             return logits, torch.stack(
-                [self._freecp(encoded, i) for i in range(len(encoded.boxes))]
+                [self._freecp(encoded, i) for i in range(len(encoded.windows))]
             )
         return logits, None
 
