@@ -28,6 +28,7 @@ setup(
             "ovss_node = ovss_ros.node:main",
             "ovss-segment = ovss_ros.cli.segment:main",
             "ovss-eval = ovss_ros.cli.evaluate:main",
+            "ovss-bench = ovss_ros.cli.bench:main",
         ],
     },
 )

@@ -223,22 +223,17 @@ def _to_image(
     return msg
 
 
-# rclpy's generated ``data`` setter copies whatever it is given into a new ``array.array('B')``,
-# unless field checks are on: then an ``array.array('B')`` is stored as it is. Turning them on for
-# our own messages (we set only valid fields) saves a second copy of every outgoing image, and
-# with it a large allocation per frame. Older ROS 2 (Humble) always checks and has no such
-# argument.
+# How rclpy's generated ``data`` setter treats a value (640x480 rgb8, measured on Kilted):
+# with field checks off (the default) it copies anything into a new ``array.array('B')``: one more
+# copy and, worse, one more 0.9 MB allocation per frame (~0.9 ms of page faults); with checks on
+# (per message, ROS_PYTHON_CHECK_FIELDS=1, or always on Humble) it stores an ``array.array('B')``
+# as it is and walks anything else element by element (bytes: ~60 ms). So we hand it an
+# ``array.array('B')`` with checks on for our own messages, whose fields are valid anyway.
 _KEEP_DATA: dict[str, bool] = {"check_fields": True} if "_check_fields" in Image.__slots__ else {}
 
 
 def _byte_array(contiguous: np.ndarray) -> pyarray.array:
-    """The bytes of a C-contiguous array as the ``array.array('B')`` rclpy stores in ``data``.
-
-    The generated setter turns anything else into ``array.array('B', value)``: from ``bytes``
-    that is a second full copy, from an ndarray or a memoryview an element-by-element loop
-    (tens of ms). ``frombytes`` reads the buffer with one memcpy, and the setter keeps or
-    memcpy-copies an ``array.array`` as is.
-    """
+    """Copy a C-contiguous array's bytes, once, into the ``array.array('B')`` rclpy stores."""
     data = pyarray.array("B")
     data.frombytes(contiguous.reshape(-1).view(np.uint8))  # a byte view: frombytes wants "B"
     return data

@@ -83,3 +83,20 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path, caplog):
     assert main([str(folder), "--classes", "cat", "-o", str(out)] + ENGINE) == 1
     assert (out / "good_labels.png").exists() and not (out / "broken_labels.png").exists()
     assert "broken.png: not a readable image" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--refinement", "dslo", "--dslo-mode", "ot", "--affinity", "mean", "--upsample", "jbu"],
+        ["--refinement", "freecp", "--pamr", "--freecp-redundancy", "0.05"],
+    ],
+    ids=["dslo", "freecp"],
+)
+def test_refinement_flags(tmp_path, flags):
+    image = voc_image_paths()[0]
+    args = [str(image), "--classes", "cat", "dog", "--no-overlay", "-o", str(tmp_path)]
+    assert main(args + flags + ENGINE) == 0
+    labels = cv2.imread(str(tmp_path / f"{image.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.shape == cv2.imread(str(image)).shape[:2]
+    assert set(np.unique(labels)) <= {0, 1}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ovss_ros.core.dense_clip import LAST_BLOCK_MODES
-from ovss_ros.core.engine import EngineConfig
+from ovss_ros.core.config import DSLO_MODES, REFINEMENTS, UPSAMPLERS, EngineConfig
+from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) -> None:
@@ -37,6 +37,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) ->
     group.add_argument(
         "--threshold", type=float, default=base.score_threshold, help="min class probability"
     )
+    group.add_argument("--refinement", default=base.refinement, choices=list(REFINEMENTS))
+    group.add_argument("--dslo-mode", default=base.dslo_mode, choices=list(DSLO_MODES))
+    group.add_argument(
+        "--affinity", default=base.affinity, choices=list(AFFINITY_SOURCES), help="DSLO affinity"
+    )
+    group.add_argument("--upsample", default=base.upsample, choices=list(UPSAMPLERS))
+    group.add_argument("--pamr", action="store_true", default=base.pamr, help="PAMR refinement")
+    group.add_argument(
+        "--freecp-redundancy", type=float, default=base.freecp_redundancy, help="FreeCP T_rp"
+    )
+    group.add_argument(
+        "--freecp-ambiguity", type=float, default=base.freecp_ambiguity, help="FreeCP T_ap"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -53,4 +66,11 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         templates=args.templates,
         background_words=tuple(w.strip() for w in args.background.split(";") if w.strip()),
         score_threshold=args.threshold,
+        refinement=args.refinement,
+        dslo_mode=args.dslo_mode,
+        affinity=args.affinity,
+        upsample=args.upsample,
+        pamr=args.pamr,
+        freecp_redundancy=args.freecp_redundancy,
+        freecp_ambiguity=args.freecp_ambiguity,
     )
