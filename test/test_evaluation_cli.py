@@ -102,3 +102,16 @@ def test_cli_reports_bad_data_root(tmp_path, capsys):
     assert "images/validation" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["kitti", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("dataset", "redundancy", "ambiguity"), [("voc21", 0.15, 0.8), ("ade20k", 0.05, 0.7)]
+)
+def test_freecp_thresholds_default_per_data_set(tmp_path, dataset, redundancy, ambiguity):
+    from ovss_ros.cli.evaluate import engine_config, parse_args
+
+    args, _ = parse_args([dataset, str(tmp_path), "--refinement", "freecp"])
+    config = engine_config(args, ())
+    assert (config.freecp_redundancy, config.freecp_ambiguity) == (redundancy, ambiguity)
+    args, _ = parse_args([dataset, str(tmp_path), "--freecp-redundancy", "0.3"])
+    assert engine_config(args, ()).freecp_redundancy == 0.3

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, VocabularyError
+from ovss_ros.core.refine.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
 from ovss_ros.evaluation.protocol import DatasetProtocol, load_vocabulary
 
@@ -52,6 +53,9 @@ def build_parser(protocol: DatasetProtocol | None) -> argparse.ArgumentParser:
             "stride": protocol.stride,
             "score_threshold": protocol.threshold,
         }
+        if protocol.name in FREECP_THRESHOLDS:  # FreeCP's released per-data-set settings
+            redundancy, ambiguity = FREECP_THRESHOLDS[protocol.name]
+            defaults.update(freecp_redundancy=redundancy, freecp_ambiguity=ambiguity)
     add_engine_arguments(parser, **defaults)
     # The papers say "short side"; accept it next to the shared --size.
     parser.add_argument(
