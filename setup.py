@@ -29,6 +29,7 @@ setup(
             "ovss-segment = ovss_ros.cli.segment:main",
             "ovss-eval = ovss_ros.cli.evaluate:main",
             "ovss-bench = ovss_ros.cli.bench:main",
+            "ovss-bag = ovss_ros.cli.bag:main",
         ],
     },
 )

@@ -1,0 +1,423 @@
+"""Segment an image topic of a recorded rosbag2 into a new bag with the node's output topics.
+
+The output bag is what ``ros2 bag record`` would have captured with ovss_node running live on the
+recording: the input topics copied through unchanged, plus ``<ns>/labels``, ``<ns>/label_info``,
+``<ns>/masks/<slug>`` and ``<ns>/overlay``, each with the input frame's header and bag timestamp.
+
+Messages go through rclpy: an input frame is deserialized into rclpy's message class and decoded
+by :mod:`ovss_ros.image_conversion`, and the outputs are built by the same converters the node
+publishes with and serialized by ``rclpy.serialization``. So a bag frame is byte-for-byte what the
+node would send, and there is one image converter to maintain, not a second one for rosbags'
+dataclasses. rosbags does the bag files (sqlite3 and MCAP) and, through its typestore, supplies
+the message definitions and type hashes each new topic's connection records.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rclpy.serialization import deserialize_message, serialize_message
+from rosbags.interfaces import (
+    Connection,
+    ConnectionExtRosbag2,
+    Qos,
+    QosDurability,
+    QosHistory,
+    QosLiveliness,
+    QosReliability,
+    QosTime,
+)
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+from rosbags.typesys.store import Typestore
+from ruamel.yaml import YAML
+from sensor_msgs.msg import CompressedImage, Image
+from tqdm import tqdm
+
+from ovss_ros.core import ClassEntry, Segmenter, overlay
+from ovss_ros.image_conversion import (
+    compressed_to_rgb8,
+    image_to_rgb8,
+    mono8_to_image,
+    mono16_to_image,
+    rgb8_to_image,
+)
+from ovss_ros.label_info import label_info
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+LABEL_INFO_TYPE = "vision_msgs/msg/LabelInfo"
+# The rclpy class and decoder for each image type the tool reads (as the node's two inputs).
+IMAGE_READERS: dict[str, tuple[type, Callable[[Any], np.ndarray]]] = {
+    IMAGE_TYPE: (Image, image_to_rgb8),
+    COMPRESSED_TYPE: (CompressedImage, compressed_to_rgb8),
+}
+STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
+COPY_CHOICES = ("all", "image", "none")
+
+# vision_msgs is not in rosbags' stores; these are the fields of vision_msgs_lite/msg (identical
+# to ros-perception/vision_msgs, so the type hash matches a real vision_msgs install). Kept here
+# rather than read from vision_msgs_lite/ because an installed ovss_ros has no source tree.
+VISION_MSGS_DEFINITIONS = {
+    "vision_msgs/msg/VisionClass": "uint16 class_id\nstring class_name\n",
+    LABEL_INFO_TYPE: (
+        "std_msgs/Header header\nvision_msgs/VisionClass[] class_map\nfloat32 threshold\n"
+    ),
+}
+
+
+def _qos(depth: int, durability: QosDurability) -> Qos:
+    unspecified = QosTime(0, 0)  # rmw's "use the default" (infinite) for the time limits
+    return Qos(
+        QosHistory.KEEP_LAST,
+        depth,
+        QosReliability.RELIABLE,
+        durability,
+        unspecified,
+        unspecified,
+        QosLiveliness.AUTOMATIC,
+        unspecified,
+        False,
+    )
+
+
+# The node's publisher QoS, recorded as the offered profiles so that `ros2 bag play` republishes
+# the outputs the way the node does: label_info latched, so a late subscriber can decode labels.
+OUTPUT_QOS = _qos(5, QosDurability.VOLATILE)
+LABEL_INFO_QOS = _qos(1, QosDurability.TRANSIENT_LOCAL)
+
+_ROS_NAMESPACE = re.compile(r"^(/[A-Za-z_][A-Za-z0-9_]*)*$")
+MAX_REPORTED_SKIPS = 10  # skipped frames logged one by one; the rest are only counted
+
+
+class BagError(Exception):
+    """A problem with the bags, topic or options the user gave; ``str(error)`` says what."""
+
+
+def typestore() -> Typestore:
+    """rosbags' message types of this ROS release (Kilted), plus vision_msgs/LabelInfo."""
+    store = get_typestore(Stores.ROS2_KILTED if hasattr(Stores, "ROS2_KILTED") else Stores.LATEST)
+    types: dict[str, Any] = {}
+    for name, definition in VISION_MSGS_DEFINITIONS.items():
+        types.update(get_types_from_msg(definition, name))
+    store.register(types)
+    return store
+
+
+def bag_storage(path: Path) -> str:
+    """The storage plugin (``sqlite3`` or ``mcap``) named in a bag folder's metadata.yaml.
+
+    A bare ``.mcap`` or ``.db3`` file (which rosbags also reads) is named by its suffix.
+    """
+    if path.is_file():
+        by_suffix = {".mcap": "mcap", ".db3": "sqlite3"}
+        if path.suffix not in by_suffix:
+            raise BagError(f"{path} is not a rosbag2 folder, .mcap or .db3 file")
+        return by_suffix[path.suffix]
+    metadata = path / "metadata.yaml"
+    if not metadata.is_file():
+        what = "does not exist" if not path.exists() else "has no metadata.yaml"
+        raise BagError(f"input bag {str(path)!r} {what}")
+    try:
+        info = YAML(typ="safe").load(metadata.read_text())["rosbag2_bagfile_information"]
+        storage = info["storage_identifier"]
+    except Exception as error:  # unreadable YAML or missing keys: the same answer for the user
+        raise BagError(f"cannot read {metadata}: {error}") from error
+    if storage not in STORAGES:
+        raise BagError(f"{metadata} names storage {storage!r}; supported: {', '.join(STORAGES)}")
+    return storage
+
+
+def output_namespace(namespace: str) -> str:
+    """``ovss``, ``/ovss/`` -> ``/ovss``; ``/`` -> ``""`` (topics at the root)."""
+    normalised = "/" + namespace.strip().strip("/") if namespace.strip("/ ") else ""
+    if not _ROS_NAMESPACE.match(normalised):
+        raise BagError(
+            f"namespace {namespace!r} is not a valid ROS name (letters, digits, _ and /; "
+            "no part may start with a digit)"
+        )
+    return normalised
+
+
+@dataclass(frozen=True)
+class OutputTopics:
+    """The topics the tool adds, named as the node's relative outputs under a namespace."""
+
+    labels: str
+    label_info: str
+    masks: dict[str, str]  # class name -> topic; empty with --no-masks
+    overlay: str | None  # None with --no-overlay
+
+    @classmethod
+    def under(
+        cls, namespace: str, classes: Sequence[ClassEntry], masks: bool, overlay: bool
+    ) -> OutputTopics:
+        ns = output_namespace(namespace)
+        return cls(
+            labels=f"{ns}/labels",
+            label_info=f"{ns}/label_info",
+            masks={c.name: f"{ns}/masks/{c.slug}" for c in classes} if masks else {},
+            overlay=f"{ns}/overlay" if overlay else None,
+        )
+
+    def names(self) -> list[str]:
+        return [self.labels, self.label_info, *self.masks.values(), *filter(None, [self.overlay])]
+
+
+@dataclass(frozen=True)
+class BagJob:
+    """A checked plan: everything about the bags is validated before the model is loaded."""
+
+    input_path: Path
+    output_path: Path
+    storage: str  # of the output bag
+    image_topic: str
+    image_type: str  # IMAGE_TYPE or COMPRESSED_TYPE
+    frames: int  # messages on the image topic
+    outputs: OutputTopics
+    copy: str  # which input topics go into the output: all | image | none
+
+    @classmethod
+    def plan(
+        cls,
+        input_path: Path,
+        output_path: Path,
+        image_topic: str,
+        outputs: OutputTopics,
+        storage: str | None = None,
+        copy: str = "all",
+    ) -> BagJob:
+        """Check the bags, topic and output names; raise BagError saying what is wrong."""
+        input_storage = bag_storage(input_path)
+        storage = storage or input_storage
+        if storage not in STORAGES:
+            raise BagError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
+        if copy not in COPY_CHOICES:
+            raise BagError(f"unknown copy choice {copy!r}; use one of {', '.join(COPY_CHOICES)}")
+        if output_path.exists():
+            raise BagError(f"output bag {str(output_path)!r} exists already; not overwriting")
+        topics = _read_topics(input_path)
+        if image_topic not in topics:
+            images = sorted(t for t, types in topics.items() if types & IMAGE_READERS.keys())
+            listed = ", ".join(f"{t} ({'/'.join(sorted(topics[t]))})" for t in images)
+            raise BagError(
+                f"topic {image_topic!r} is not in {input_path}; its image topics: "
+                + (listed or "none")
+            )
+        types = topics[image_topic]
+        if len(types) != 1 or not types <= IMAGE_READERS.keys():
+            raise BagError(
+                f"topic {image_topic!r} has type {', '.join(sorted(types))}; ovss-bag reads "
+                f"{' or '.join(IMAGE_READERS)}"
+            )
+        if copy == "all":
+            if clashes := sorted(set(outputs.names()) & topics.keys()):
+                raise BagError(
+                    f"the input bag already has {', '.join(clashes)}: choose another --namespace"
+                )
+        elif image_topic in outputs.names():
+            raise BagError(f"the output topics include the input {image_topic!r}")
+        frames = _count_messages(input_path, image_topic)
+        return cls(
+            input_path, output_path, storage, image_topic, next(iter(types)), frames, outputs, copy
+        )
+
+
+def _read_topics(path: Path) -> dict[str, set[str]]:
+    """Topic -> message types, from the bag's index (no messages are read)."""
+    try:
+        with Reader(path) as reader:
+            topics: dict[str, set[str]] = {}
+            for connection in reader.connections:
+                topics.setdefault(connection.topic, set()).add(connection.msgtype)
+            return topics
+    except Exception as error:  # rosbags' ReaderError, sqlite3 or MCAP errors: a broken bag
+        raise BagError(f"cannot open input bag {path}: {error}") from error
+
+
+def _count_messages(path: Path, topic: str) -> int:
+    with Reader(path) as reader:
+        return sum(c.msgcount for c in reader.connections if c.topic == topic)
+
+
+@dataclass
+class BagReport:
+    """What happened to the frames and how many messages each output topic received."""
+
+    frames: int = 0  # image messages read
+    segmented: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (bag timestamp ns, reason)
+    written: dict[str, int] = field(default_factory=dict)  # output topic -> messages
+    interrupted: bool = False  # stopped by Ctrl-C; the bag holds the frames before it
+
+
+class FrameError(ValueError):
+    """An input frame that cannot be turned into an RGB image; it is skipped."""
+
+
+def decode_frame(raw: bytes | memoryview, image_type: str) -> tuple[Any, np.ndarray]:
+    """CDR bytes of an Image or CompressedImage -> (its std_msgs/Header, HxWx3 uint8 RGB)."""
+    message_class, to_rgb = IMAGE_READERS[image_type]
+    try:
+        message = deserialize_message(bytes(raw), message_class)
+    except Exception as error:  # rclpy raises RMWError for bytes that are not this type
+        raise FrameError(f"not a valid {image_type} message: {error}") from error
+    try:
+        return message.header, to_rgb(message)
+    except ValueError as error:  # ImageConversionError (and OpenCV's own complaints)
+        raise FrameError(str(error)) from error
+
+
+class _OutputBag:
+    """The rosbags Writer, its connections by topic, and a count of what went to each."""
+
+    def __init__(self, writer: Writer, store: Typestore) -> None:
+        self.writer = writer
+        self.store = store
+        self.connections: dict[str, Connection] = {}
+        self.counts: dict[str, int] = {}
+
+    def add_topic(self, topic: str, msgtype: str, qos: Qos) -> None:
+        self.connections[topic] = self.writer.add_connection(
+            topic, msgtype, typestore=self.store, offered_qos_profiles=[qos]
+        )
+        self.counts[topic] = 0
+
+    def write(self, topic: str, timestamp: int, message: object) -> None:
+        self.writer.write(self.connections[topic], timestamp, serialize_message(message))
+        self.counts[topic] += 1
+
+
+def _copy_connections(
+    reader: Reader, writer: Writer, store: Typestore, topics: set[str]
+) -> dict[int, Connection]:
+    """Input connection id -> output connection, keeping the recorded definitions and QoS."""
+    copies: dict[int, Connection] = {}
+    by_key: dict[tuple[object, ...], Connection] = {}
+    for connection in reader.connections:
+        if connection.topic not in topics:
+            continue
+        ext = connection.ext
+        assert isinstance(ext, ConnectionExtRosbag2)
+        key = (connection.topic, connection.msgtype, ext.serialization_format)
+        if key in by_key:  # the same topic recorded twice (e.g. split files): one output
+            copies[connection.id] = by_key[key]
+            continue
+        definition = {"msgdef": connection.msgdef.data, "rihs01": connection.digest}
+        if not (connection.msgdef.data and connection.digest):  # older bags store neither
+            if connection.msgtype not in store.fielddefs:
+                logger.warning(
+                    "not copying %s: the bag has no definition of %s and rosbags does not know it",
+                    connection.topic,
+                    connection.msgtype,
+                )
+                continue
+            definition = {"typestore": store}
+        by_key[key] = copies[connection.id] = writer.add_connection(
+            connection.topic,
+            connection.msgtype,
+            serialization_format=ext.serialization_format,
+            offered_qos_profiles=ext.offered_qos_profiles,
+            **definition,
+        )
+    return copies
+
+
+def segment_bag(
+    job: BagJob,
+    segmenter: Segmenter,
+    alpha: float = 0.5,
+    progress: bool | None = None,
+) -> BagReport:
+    """Run ``segmenter`` over every frame of ``job`` and write the output bag.
+
+    Frames that cannot be decoded are logged (the first few), counted in the report and skipped;
+    their input messages are still copied. ``progress`` None shows the bar on a terminal only.
+    Ctrl-C stops the run and still closes the output bag with the frames done so far (rosbags
+    would otherwise abort it, leaving no metadata.yaml); ``report.interrupted`` tells.
+    """
+    copied_topics = {"all": None, "image": {job.image_topic}, "none": set()}[job.copy]
+    report = BagReport()
+    store = typestore()
+    with (
+        Reader(job.input_path) as reader,
+        Writer(job.output_path, version=9, storage_plugin=STORAGES[job.storage]) as writer,
+    ):
+        if copied_topics is None:
+            copied_topics = {c.topic for c in reader.connections}
+        copies = _copy_connections(reader, writer, store, copied_topics)
+        out = _OutputBag(writer, store)
+        out.add_topic(job.outputs.label_info, LABEL_INFO_TYPE, LABEL_INFO_QOS)
+        for topic in [job.outputs.labels, *job.outputs.masks.values(), job.outputs.overlay]:
+            if topic is not None:
+                out.add_topic(topic, IMAGE_TYPE, OUTPUT_QOS)
+        wanted = [c for c in reader.connections if c.id in copies or c.topic == job.image_topic]
+        bar = tqdm(
+            total=job.frames,
+            unit="frame",
+            desc=job.image_topic,
+            disable=None if progress is None else not progress,
+        )
+        try:
+            with bar:
+                for connection, timestamp, raw in reader.messages(connections=wanted):
+                    if connection.id in copies:
+                        writer.write(copies[connection.id], timestamp, raw)
+                    if connection.topic == job.image_topic:
+                        report.frames += 1
+                        bar.update()
+                        _segment_frame(job, segmenter, alpha, out, report, timestamp, raw)
+        except KeyboardInterrupt:  # keep what is done: the Writer closes the bag normally
+            report.interrupted = True
+    report.written = out.counts
+    return report
+
+
+def _segment_frame(
+    job: BagJob,
+    segmenter: Segmenter,
+    alpha: float,
+    out: _OutputBag,
+    report: BagReport,
+    timestamp: int,
+    raw: bytes | memoryview,
+) -> None:
+    """Segment one input frame and write its outputs, or record why it was skipped."""
+    try:
+        header, rgb = decode_frame(raw, job.image_type)
+    except FrameError as error:
+        _report_skip(report, timestamp, str(error))
+        return
+    segmentation = segmenter.segment(rgb)
+    # label_info first, as the node does: whoever has the labels can decode them.
+    threshold = segmenter.config.score_threshold
+    out.write(
+        job.outputs.label_info, timestamp, label_info(header, segmentation.class_names, threshold)
+    )
+    labels = segmentation.labels
+    to_image = mono16_to_image if labels.dtype == np.uint16 else mono8_to_image
+    out.write(job.outputs.labels, timestamp, to_image(labels, header))
+    for index, name in enumerate(segmentation.class_names):
+        if name in job.outputs.masks:
+            mask = segmentation.mask(index).astype(np.uint8) * np.uint8(255)
+            out.write(job.outputs.masks[name], timestamp, mono8_to_image(mask, header))
+    if job.outputs.overlay is not None:
+        blended = overlay(rgb, segmentation, alpha)
+        out.write(job.outputs.overlay, timestamp, rgb8_to_image(blended, header))
+    report.segmented += 1
+
+
+def _report_skip(report: BagReport, timestamp: int, reason: str) -> None:
+    report.skipped.append((timestamp, reason))
+    if len(report.skipped) <= MAX_REPORTED_SKIPS:
+        logger.warning("skipping frame at %d ns: %s", timestamp, reason)
+    if len(report.skipped) == MAX_REPORTED_SKIPS:
+        logger.warning("further undecodable frames are only counted")
