@@ -246,3 +246,29 @@ def test_batch_equals_one_by_one_with_one_forward_per_size(segmenter, voc_rgb, c
     for one, many in zip(single, batch, strict=True):
         np.testing.assert_array_equal(one.labels, many.labels)
         np.testing.assert_allclose(one.confidence, many.confidence, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cuda_matches_cpu(voc_rgb, precision):
+    """The GPU path (upload, resize, normalise, forward, one copy back) agrees with the CPU."""
+    results = []
+    for device, prec in (("cpu", "fp32"), ("cuda", precision)):
+        torch.manual_seed(0)
+        config = EngineConfig(
+            model=str(TINY_VIT),
+            pretrained="none",
+            device=device,
+            precision=prec,
+            short_side=64,
+            templates="single",
+        )
+        segmenter = Segmenter(config)
+        segmenter.set_classes(["person", "tv; monitor", "dog"])
+        results.append(segmenter.segment(voc_rgb[0]))
+    cpu, gpu = results
+    agreement = (cpu.labels == gpu.labels).mean()
+    assert agreement > (0.999 if precision == "fp32" else 0.95)
+    np.testing.assert_allclose(
+        cpu.confidence, gpu.confidence, atol=1e-4 if precision == "fp32" else 5e-2
+    )

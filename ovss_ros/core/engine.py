@@ -304,9 +304,10 @@ class Segmenter:
         rejected = background | (confidence < self.config.score_threshold)
         labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
         torch_dtype = torch.uint8 if dtype == np.uint8 else torch.int32
+        labels_host, confidence_host = _to_host(labels.to(torch_dtype), confidence)
         return Segmentation(
-            labels=labels.to(torch_dtype).cpu().numpy().astype(dtype, copy=False),
-            confidence=confidence.cpu().numpy(),
+            labels=labels_host.astype(dtype, copy=False),
+            confidence=confidence_host,
             class_names=[c.name for c in self.classes],
         )
 
@@ -341,6 +342,17 @@ class Segmenter:
         for (top, left, height, width), window in zip(encoded.boxes, encoded.windows, strict=True):
             image[0, :, top : top + height, left : left + width] = window
         return image.float()
+
+
+def _to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Copy results to the host with one synchronisation (pinned buffers on CUDA)."""
+    if tensors[0].device.type != "cuda":
+        return [t.numpy() for t in tensors]
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, tensor in zip(hosts, tensors, strict=True):
+        host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [host.numpy() for host in hosts]
 
 
 def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
