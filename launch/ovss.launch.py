@@ -1,0 +1,51 @@
+"""Launch the ovss node on a camera, optionally with RViz2.
+
+    ros2 launch ovss_ros ovss.launch.py namespace:=front_camera \
+        image:=/camera/color/image_raw classes:="['person', 'cup; mug']" use_rviz:=true
+
+Every decision (names, remappings, parameters, what runs) is made by ``ovss_ros.launch_plan``,
+which the tests exercise without ROS launch; this file only turns its plan into launch actions.
+"""
+
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
+from launch.launch_context import LaunchContext
+from launch.launch_description import LaunchDescription
+from launch_ros.actions import Node
+
+from ovss_ros import launch_plan
+
+
+def _start(context: LaunchContext, *args: object, **kwargs: object) -> list:
+    """Resolve the arguments, plan, and start the processes the plan enables."""
+    values = {name: context.launch_configurations[name] for name in launch_plan.ARGUMENTS}
+    actions = []
+    for spec in launch_plan.plan(values):
+        if not spec.enabled:
+            continue
+        actions += [LogInfo(msg=f"{spec.name}: {warning}") for warning in spec.warnings]
+        parameters = [*spec.params_files] + ([spec.parameters] if spec.parameters else [])
+        actions.append(
+            Node(
+                package=spec.package,
+                executable=spec.executable,
+                name=spec.name,
+                namespace=spec.namespace,
+                remappings=list(spec.remappings),
+                parameters=parameters,
+                arguments=list(spec.arguments),
+                ros_arguments=list(spec.ros_arguments),
+                output="screen",
+            )
+        )
+    return actions
+
+
+def generate_launch_description() -> LaunchDescription:
+    """Declare the plan's arguments; plan once their values are known (an OpaqueFunction)."""
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument(name, default_value=arg.default, description=arg.description)
+            for name, arg in launch_plan.ARGUMENTS.items()
+        ]
+        + [OpaqueFunction(function=_start)]
+    )
