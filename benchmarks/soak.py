@@ -149,7 +149,8 @@ def soak(args: argparse.Namespace) -> SoakReport:
                 key = ros_harness.stamp_key(labels.pop().header)
                 report.answered += 1
                 if key in sent_stamps:
-                    latencies.append(time.monotonic() - sent_stamps.pop(key))
+                    sent = sent_stamps.pop(key)
+                    latencies.append((sent - start, time.monotonic() - sent))
             rclpy.spin_once(client.node, timeout_sec=max(0.0, min(0.005, next_frame - now)))
         # Drain: the last frame may still be in flight; then wait for counters that add up.
         settle = time.monotonic() + 15.0
@@ -159,7 +160,8 @@ def soak(args: argparse.Namespace) -> SoakReport:
                 key = ros_harness.stamp_key(labels.pop().header)
                 report.answered += 1
                 if key in sent_stamps:
-                    latencies.append(time.monotonic() - sent_stamps.pop(key))
+                    sent = sent_stamps.pop(key)
+                    latencies.append((sent - start, time.monotonic() - sent))
             if statuses and all(f.done() for f in futures):
                 counters = node_counters(statuses)
                 accounted = sum(v for k, v in counters.items() if k != "received")
@@ -177,12 +179,26 @@ def soak(args: argparse.Namespace) -> SoakReport:
     return report
 
 
-def check(report: SoakReport, latencies: list[float], samples: list, args) -> None:
-    ms = sorted(1000 * s for s in latencies)
+def check(report: SoakReport, latencies: list[tuple[float, float]], samples: list, args) -> None:
+    """Fill in the figures and list every check that fails. ``latencies``: (sent at, latency)."""
+    ms = sorted(1000 * latency for _, latency in latencies)
+    first = [1000 * lat for at, lat in latencies if at < args.duration / 3]
+    last = [1000 * lat for at, lat in latencies if at >= 2 * args.duration / 3]
     if ms:
         report.latency_ms = {
             f"p{p}": ms[min(len(ms) - 1, round(p / 100 * (len(ms) - 1)))] for p in (50, 90, 99)
         } | {"max": ms[-1], "mean": statistics.fmean(ms)}
+    if first and last:
+        report.latency_ms |= {
+            "first_third_p50": statistics.median(first),
+            "last_third_p50": statistics.median(last),
+        }
+        # Newest-frame buffering: latency must not pile up (a queue would grow it without end).
+        if statistics.median(last) > 2 * statistics.median(first) + 100:
+            report.failures.append(
+                f"latency grew from {statistics.median(first):.0f} to "
+                f"{statistics.median(last):.0f} ms (median, first vs last third)"
+            )
     # Memory: compare the settled part of the run (after its first third) with its end.
     settled = [rss for t, rss in samples if t >= args.duration / 3] or [s[1] for s in samples]
     report.rss_mib = {"start": samples[0][1], "settled": settled[0], "end": samples[-1][1]}

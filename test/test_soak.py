@@ -27,9 +27,11 @@ def test_short_soak_accounts_for_every_frame(tmp_path):
     node = report["node"]
     assert report["sent_valid"] > 300 and report["sent_broken"] > 30  # ~30 Hz for 15 s
     assert node["received"] == report["sent_valid"] + report["sent_broken"]
-    assert node["rejected"] == report["sent_broken"]
+    # A broken frame that a newer one overwrote before the worker took it counts as dropped.
+    assert 0 < node["rejected"] <= report["sent_broken"]
     dropped = node["dropped_stale"] + node["dropped_overwritten"]
-    assert node["processed"] + dropped == report["sent_valid"]
+    assert node["processed"] + dropped + node["rejected"] == node["received"]
+    assert node["processed"] + dropped >= report["sent_valid"]
     assert report["answered"] == node["processed"] > 0
     assert report["vocabulary_accepted"] == report["vocabulary_changes"] >= 13
 
@@ -48,7 +50,7 @@ def test_soak_checks_can_fail():
         "failed": 0,
     }
     samples = [(0, 100.0), (3, 150.0), (9, 200.0)]
-    soak.check(report, [0.01, 0.02], samples, args)
+    soak.check(report, [(1.0, 0.01), (2.0, 0.02), (7.0, 0.5)], samples, args)
     text = " | ".join(report.failures)
     assert "do not add up" in text and "9 processed but 8 labels" in text
-    assert "memory grew 50.0 MiB" in text
+    assert "memory grew 50.0 MiB" in text and "latency grew from 15 to 500 ms" in text
