@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "ovss_node = ovss_ros.node:main",
+            "ovss_lifecycle_node = ovss_ros.lifecycle_node:main",
             "ovss-segment = ovss_ros.cli.segment:main",
             "ovss-eval = ovss_ros.cli.evaluate:main",
             "ovss-bench = ovss_ros.cli.bench:main",

@@ -1,10 +1,15 @@
-"""Newest-frame buffer and the worker thread that drains it.
+"""Newest-frame buffer (one slot per camera) and the worker thread that drains it.
 
 A camera publishes faster than CLIP segments on most robots. Queueing frames would only add
-latency (every result would be older than the last), so the subscription callback overwrites a
-single slot and a worker thread takes whatever is newest when it is ready for more, as
+latency (every result would be older than the last), so the subscription callback overwrites its
+camera's slot and a worker thread takes whatever is newest when it is ready for more, as
 image_pipeline's camera_calibration does. The executor thread therefore never waits on inference,
 and parameter or service calls are answered while a frame is being segmented.
+
+The worker takes every filled slot at once: frames of several cameras that arrived while it was
+busy are segmented together (one forward pass when they share a size), so a second camera costs
+little more GPU time than the first. An idle worker takes a lone frame at once: it never waits for
+the other cameras, which would add latency to every frame.
 
 The buffer also carries wake-ups without a frame, so that the worker can apply configuration
 changes (a new vocabulary, a new method) as soon as they are accepted, even when no images arrive.
@@ -13,62 +18,66 @@ changes (a new vocabulary, a new method) as soon as they are accepted, even when
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class FrameBuffer(Generic[T]):
-    """One-slot buffer: ``put`` overwrites, ``take`` waits for the newest item."""
+    """One newest-item slot per source: ``put`` overwrites a slot, ``take`` empties them all."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
-        self._frame: T | None = None
+        self._slots: dict[Hashable, T] = {}  # filled slots, in the order they were filled
         self._woken = False
         self._closed = False
         self.overwritten = 0  # frames replaced before the worker took them
 
-    def put(self, frame: T) -> bool:
-        """Store ``frame``; return True when it replaced a frame that was never taken."""
+    def put(self, frame: T, slot: Hashable = None) -> bool:
+        """Store ``frame`` in ``slot``; return True when it replaced a frame never taken."""
         with self._condition:
             if self._closed:
                 return False
-            replaced = self._frame is not None
+            replaced = slot in self._slots
             if replaced:
                 self.overwritten += 1
-            self._frame = frame
+            self._slots[slot] = frame
             self._condition.notify()
             return replaced
 
-    def take(self, timeout: float | None = None) -> T | None:
-        """Wait for a frame, a wake-up, close or ``timeout``; return the frame or None."""
+    def take(self, timeout: float | None = None) -> list[T]:
+        """Wait for a frame, a wake-up, close or ``timeout``; return every waiting frame.
+
+        The list is empty after a wake-up without frames, a timeout, or close.
+        """
         with self._condition:
             self._condition.wait_for(
-                lambda: self._frame is not None or self._woken or self._closed, timeout
+                lambda: bool(self._slots) or self._woken or self._closed, timeout
             )
             self._woken = False
             if self._closed:
-                return None
-            frame, self._frame = self._frame, None
-            return frame
+                return []
+            frames = list(self._slots.values())
+            self._slots.clear()
+            return frames
 
     def wake(self) -> None:
-        """Make a waiting ``take`` return (None if no frame) so the worker can do other work."""
+        """Make a waiting ``take`` return (maybe with no frame) so the worker can do other work."""
         with self._condition:
             self._woken = True
             self._condition.notify()
 
     def clear(self) -> None:
-        """Drop the pending frame, e.g. while inference is paused."""
+        """Drop the pending frames, e.g. while inference is paused."""
         with self._condition:
-            self._frame = None
+            self._slots.clear()
 
     def close(self) -> None:
         """Refuse new frames and release the worker for good."""
         with self._condition:
             self._closed = True
-            self._frame = None
+            self._slots.clear()
             self._condition.notify_all()
 
     @property
@@ -77,10 +86,11 @@ class FrameBuffer(Generic[T]):
 
 
 class FrameWorker(Generic[T]):
-    """A thread that runs ``between_frames`` and then ``handle_frame`` for each newest frame.
+    """A thread that runs ``between_frames`` and then ``handle_frames`` for the newest frames.
 
-    ``between_frames`` runs after every wake-up, before the frame (if any) is handled: the place
+    ``between_frames`` runs after every wake-up, before the frames (if any) are handled: the place
     to apply accepted configuration changes so that they take effect on the next frame.
+    ``handle_frames`` gets every frame taken at once (at most one per slot), never an empty list.
     An exception from either callable goes to ``on_error`` and the loop goes on: one failed frame
     (a CUDA out-of-memory, a bad input) must not end the node's service.
     """
@@ -88,13 +98,13 @@ class FrameWorker(Generic[T]):
     def __init__(
         self,
         buffer: FrameBuffer[T],
-        handle_frame: Callable[[T], None],
+        handle_frames: Callable[[list[T]], None],
         between_frames: Callable[[], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         name: str = "ovss_worker",
     ) -> None:
         self._buffer = buffer
-        self._handle_frame = handle_frame
+        self._handle_frames = handle_frames
         self._between_frames = between_frames
         self._on_error = on_error
         # Daemon: a worker stuck inside a long forward pass must not keep the process alive.
@@ -116,13 +126,13 @@ class FrameWorker(Generic[T]):
 
     def _run(self) -> None:
         while not self._buffer.closed:
-            frame = self._buffer.take()
+            frames = self._buffer.take()
             if self._buffer.closed:
                 break
             if self._between_frames is not None:
                 self._guarded(self._between_frames)
-            if frame is not None:
-                self._guarded(self._handle_frame, frame)
+            if frames:
+                self._guarded(self._handle_frames, frames)
 
     def _guarded(self, function: Callable[..., None], *args: object) -> None:
         try:

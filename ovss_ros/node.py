@@ -1,11 +1,17 @@
 """The ovss node: images in, open-vocabulary segmentation out (contract: docs/ros_interface.md).
 
 A thin adapter around ``ovss_ros.core.Segmenter``. The executor thread only runs cheap callbacks:
-the image subscription stores the newest frame in a one-slot buffer, parameter changes are
-validated and queued, ``~/enable`` flips a flag. One worker thread owns the Segmenter (it is not
-thread-safe): it applies accepted changes, then segments the newest frame and publishes. So the
-parameter service never waits behind inference or text encoding, and a slow model drops frames
-instead of queueing them.
+each camera's image subscription stores its newest frame in that camera's slot, parameter changes
+are validated and queued, ``~/enable`` flips a flag, a timer publishes /diagnostics. One worker
+thread owns the Segmenter (it is not thread-safe): it applies accepted changes, then segments the
+newest frame of every camera that has one, together (``segment_many``: one forward pass for frames
+of one size), and publishes each to its camera's outputs. So the parameter service never waits
+behind inference or text encoding, and a slow model drops frames instead of queueing them.
+
+The plain node (``OvssNode``) and the managed one (``ovss_ros.lifecycle_node``) share all of this
+through ``SegmentationNodeMixin``, written as the steps of a lifecycle: set up (parameters,
+services, diagnostics), load (model and vocabulary), open (outputs and worker), start (inputs),
+and back: stop, close. The plain node runs the first four at construction.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import (
     InvalidParameterTypeException,
     InvalidParameterValueException,
@@ -27,8 +36,15 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.publisher import Publisher
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSPolicyKind,
+    QoSProfile,
+    ReliabilityPolicy,
+)
 from rclpy.qos_overriding_options import QoSOverridingOptions
+from rclpy.subscription import Subscription
 from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
@@ -37,6 +53,14 @@ from vision_msgs.msg import LabelInfo
 
 from ovss_ros import node_parameters
 from ovss_ros.core import ModelLoadError, Segmentation, Segmenter, overlay, parse_classes
+from ovss_ros.core.engine import resized_size
+from ovss_ros.diagnostics import (
+    CameraStats,
+    NodeState,
+    camera_report,
+    gpu_memory_mib,
+    status_message,
+)
 from ovss_ros.frame_buffer import FrameBuffer, FrameWorker
 from ovss_ros.image_conversion import (
     ImageConversionError,
@@ -50,12 +74,21 @@ from ovss_ros.image_conversion import (
 from ovss_ros.label_info import label_info
 
 NODE_NAME = "ovss"
+SINGLE_CAMERA = "image"  # the single camera's name in diagnostics: "ovss: image"
 LOG_THROTTLE_S = 5.0
+DIAGNOSTICS_PERIOD_S = 1.0
+# What makes start-up fail with one clear message instead of a traceback.
+START_ERRORS = (
+    ModelLoadError,
+    ValueError,
+    InvalidParameterTypeException,
+    InvalidParameterValueException,
+)
 
 
 def sensor_qos(depth: int = 1) -> QoSProfile:
     """Sensor data QoS: best effort, newest only. A fresh object each time: QoS overrides
-    modify the profile they are given, which must not leak into other subscriptions."""
+    modify the profile they are given, which must not leak into other entities."""
     return QoSProfile(
         history=HistoryPolicy.KEEP_LAST,
         depth=depth,
@@ -64,114 +97,308 @@ def sensor_qos(depth: int = 1) -> QoSProfile:
     )
 
 
-# Outputs: reliable so that RViz / rqt_image_view (reliable by default) and best-effort
-# subscribers both match; shallow so that a slow subscriber does not hold old frames.
-OUTPUT_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
-# Latched: a late subscriber still learns what the label values mean.
-LABEL_INFO_QOS = QoSProfile(
-    depth=1,
-    reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+def output_qos() -> QoSProfile:
+    """Outputs: reliable so that RViz / rqt_image_view (reliable by default) and best-effort
+    subscribers both match; shallow so that a slow subscriber does not hold old frames."""
+    return QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+
+
+def label_info_qos() -> QoSProfile:
+    """Latched: a late subscriber still learns what the label values mean."""
+    return QoSProfile(
+        depth=1,
+        reliability=ReliabilityPolicy.RELIABLE,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL,
+    )
+
+
+# Every policy a subscriber's match depends on can be overridden per output topic, e.g.
+# qos_overrides./ovss/labels.publisher.reliability: best_effort.
+OUTPUT_QOS_OVERRIDES = QoSOverridingOptions(
+    policy_kinds=(
+        QoSPolicyKind.HISTORY,
+        QoSPolicyKind.DEPTH,
+        QoSPolicyKind.RELIABILITY,
+        QoSPolicyKind.DURABILITY,
+    )
 )
 
 
 @dataclass
-class FrameCounters:
-    """What happened to the frames, for diagnostics."""
+class Outputs:
+    """A camera's publishers, from configure (or start-up) to cleanup (or shutdown)."""
 
-    received: int = 0
-    processed: int = 0
-    dropped_stale: int = 0  # older than max_frame_age
-    dropped_overwritten: int = 0  # replaced by a newer frame before the worker took it
-    rejected: int = 0  # could not be converted (bad encoding, size or data)
-    failed: int = 0  # inference raised (e.g. out of GPU memory)
-    last_inference_s: float = 0.0  # Segmenter.segment wall time of the last frame
-    last_latency_s: float = 0.0  # header stamp to publish of the last frame
+    labels: Publisher
+    label_info: Publisher
+    overlay: Publisher
+    confidence: Publisher
+    camera_info: Publisher
+    mask_qos: QoSProfile  # that of ~/labels after its overrides: the masks follow it
+    masks: dict[str, Publisher]  # class name -> ~/masks/<slug>
+
+
+class Camera:
+    """One input stream and its outputs; all cameras share the node's one Segmenter.
+
+    The single camera (parameter ``cameras`` empty) keeps the plain contract: it reads ``image``
+    and ``camera_info`` and publishes ``~/labels`` and so on. Camera ``front`` reads
+    ``front/image`` and ``front/camera_info`` and publishes ``~/front/labels`` and so on.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or SINGLE_CAMERA
+        self._inputs = f"{name}/" if name else ""
+        self._outputs = f"~/{name}/" if name else "~/"
+        self.stats = CameraStats()
+        self.frame_id = ""  # of its newest frame: label_info sent on a vocabulary change has it
+        self.outputs: Outputs | None = None
+        self._subscriptions: list[Subscription] = []
+
+    def open_outputs(self, node: Node) -> None:
+        def publisher(message_type: type, topic: str, qos: QoSProfile) -> Publisher:
+            return node.create_publisher(
+                message_type,
+                self._outputs + topic,
+                qos,
+                qos_overriding_options=OUTPUT_QOS_OVERRIDES,
+            )
+
+        labels_qos = output_qos()
+        self.outputs = Outputs(
+            labels=publisher(Image, "labels", labels_qos),
+            label_info=publisher(LabelInfo, "label_info", label_info_qos()),
+            overlay=publisher(Image, "overlay", output_qos()),
+            confidence=publisher(Image, "confidence", output_qos()),
+            camera_info=publisher(CameraInfo, "camera_info", output_qos()),
+            # Mask topics come and go with the vocabulary, and are created by the worker thread:
+            # one QoS for all of them (set through ~/labels) declares no parameters on the way.
+            mask_qos=labels_qos,
+            masks={},
+        )
+
+    def close_outputs(self, node: Node) -> None:
+        outputs, self.outputs = self.outputs, None
+        if outputs is None:
+            return
+        for publisher in (
+            outputs.labels,
+            outputs.label_info,
+            outputs.overlay,
+            outputs.confidence,
+            outputs.camera_info,
+            *outputs.masks.values(),
+        ):
+            node.destroy_publisher(publisher)
+
+    def update_masks(self, node: Node, wanted: Mapping[str, str]) -> None:
+        """One ~/masks/<slug> publisher per entry of ``wanted`` (class name -> slug), no other."""
+        outputs = self.outputs
+        if outputs is None:
+            return
+        for name in list(outputs.masks):
+            if name not in wanted:
+                node.destroy_publisher(outputs.masks.pop(name))
+        for name, slug in wanted.items():
+            if name not in outputs.masks:
+                outputs.masks[name] = node.create_publisher(
+                    Image, f"{self._outputs}masks/{slug}", outputs.mask_qos
+                )
+
+    def subscribe(
+        self,
+        node: Node,
+        transport: str,
+        on_image: Callable[[Camera, Image | CompressedImage], None],
+    ) -> None:
+        if transport == "compressed":
+            # Like image_transport: the compressed topic hangs below the (remapped) image topic.
+            topic = node.resolve_topic_name(self._inputs + "image") + "/compressed"
+            message_type: type = CompressedImage
+        else:
+            topic, message_type = self._inputs + "image", Image
+        self._subscriptions = [
+            node.create_subscription(
+                message_type,
+                topic,
+                lambda message: on_image(self, message),
+                sensor_qos(depth=1),
+                qos_overriding_options=QoSOverridingOptions.with_default_policies(),
+            ),
+            node.create_subscription(
+                CameraInfo, self._inputs + "camera_info", self._on_camera_info, sensor_qos(5)
+            ),
+        ]
+
+    def unsubscribe(self, node: Node) -> None:
+        for subscription in self._subscriptions:
+            node.destroy_subscription(subscription)
+        self._subscriptions = []
+
+    def _on_camera_info(self, message: CameraInfo) -> None:
+        # Every output has the input's width and height (labels are upsampled to the input size),
+        # so the camera model applies unchanged: no scaling of K, P or the ROI needed.
+        if self.outputs is not None:
+            self.outputs.camera_info.publish(message)
+
+    def publish(
+        self,
+        rgb: np.ndarray,
+        segmentation: Segmentation,
+        header: Header,
+        settings: node_parameters.Settings,
+        threshold: float,
+    ) -> None:
+        """Publish one frame's results with the frame's header; lazy outputs only if watched."""
+        outputs = self.outputs
+        if outputs is None:
+            return
+        # label_info first, with the frame's header: a consumer holding a labels frame can
+        # always find the vocabulary that produced it.
+        outputs.label_info.publish(label_info(header, segmentation.class_names, threshold))
+        labels = segmentation.labels
+        to_image = mono16_to_image if labels.dtype == np.uint16 else mono8_to_image
+        outputs.labels.publish(to_image(labels, header))
+        for index, name in enumerate(segmentation.class_names):
+            publisher = outputs.masks.get(name)
+            if publisher is not None and publisher.get_subscription_count() > 0:
+                mask = segmentation.mask(index).astype(np.uint8) * np.uint8(255)
+                publisher.publish(mono8_to_image(mask, header))
+        if settings.publish_overlay and outputs.overlay.get_subscription_count() > 0:
+            blended = overlay(rgb, segmentation, settings.overlay_alpha)
+            outputs.overlay.publish(rgb8_to_image(blended, header))
+        if settings.publish_confidence and outputs.confidence.get_subscription_count() > 0:
+            outputs.confidence.publish(float32_to_image(segmentation.confidence, header))
+
+    def publish_label_info(self, header: Header, class_names: list[str], threshold: float) -> None:
+        if self.outputs is not None:
+            self.outputs.label_info.publish(label_info(header, class_names, threshold))
 
 
 @dataclass
 class Frame:
-    """A received message, and when it arrived."""
+    """A received message, its camera, and when it arrived."""
 
+    camera: Camera
     message: Image | CompressedImage
     received: Time
 
 
-class OvssNode(Node):
-    """Segments the newest image with the classes named in the ``classes`` parameter."""
+# One frame ready to publish: (frame, its RGB pixels, its segmentation, inference seconds).
+Result = tuple[Frame, np.ndarray, Segmentation, float]
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(NODE_NAME, **kwargs)
-        self.counters = FrameCounters()
+
+class SegmentationNodeMixin:
+    """What the plain and the managed ovss node share; mixed into an rclpy Node subclass.
+
+    The steps, in lifecycle order: ``_setup`` (construction), ``_load`` and ``_open``
+    (configure), ``_start`` (activate), ``_stop`` (deactivate), ``_close`` and ``_unload``
+    (cleanup). Each undoing step tolerates a half-done doing step, so a failed configure or
+    construction can always be undone.
+    """
+
+    # For readers and type checkers: this class is only ever mixed into a Node.
+    get_logger: Callable[..., Any]
+    get_clock: Callable[[], Clock]
+    get_name: Callable[[], str]
+
+    def _setup(self, inactive_reason: str = "not active") -> None:
+        """Declare and check the parameters, build the cameras, start ~/enable and diagnostics.
+
+        Raises ValueError (ParameterError) or rclpy's parameter exceptions if a parameter
+        given at start-up is invalid.
+        """
+        self.segmenter: Segmenter | None = None
+        self._device = ""  # of the loaded model; kept after unloading, for GPU memory
         self._lock = threading.Lock()
         self._pending: dict[str, Any] = {}
-        self._enabled = threading.Event()
+        self._enabled = threading.Event()  # ~/enable
         self._enabled.set()
-        self._frame_id = ""
-        self._mask_publishers: dict[str, Publisher] = {}  # class name -> ~/masks/<slug>
+        self._active = threading.Event()  # inputs subscribed (lifecycle: active)
+        self._inactive_reason = inactive_reason
+        self._buffer: FrameBuffer[Frame] = FrameBuffer()
         self._worker: FrameWorker[Frame] | None = None
-        try:
-            self._values = node_parameters.declare_parameters(self)
-            self._settings = node_parameters.validate(self._values)
-            # Loading may take seconds (and text encoding of the first vocabulary more):
-            # done before any subscription exists, so no frame waits on a half-built node.
-            self.segmenter = Segmenter(self._settings.engine)
-            self._check_crop(self._settings.engine.crop)
-            self.segmenter.set_classes(self._settings.classes)
-        except BaseException:
-            self.destroy_node()
-            raise
-        self.get_logger().info(
-            f"model {self._settings.engine.model} on {self.segmenter.device}, "
-            f"{len(self.segmenter.classes)} classes"
-        )
+        self.cameras: list[Camera] = []
 
-        self._labels_pub = self.create_publisher(Image, "~/labels", OUTPUT_QOS)
-        self._label_info_pub = self.create_publisher(LabelInfo, "~/label_info", LABEL_INFO_QOS)
-        self._overlay_pub = self.create_publisher(Image, "~/overlay", OUTPUT_QOS)
-        self._confidence_pub = self.create_publisher(Image, "~/confidence", OUTPUT_QOS)
-        self._camera_info_pub = self.create_publisher(CameraInfo, "~/camera_info", OUTPUT_QOS)
-        self._update_mask_publishers()
-        self._publish_label_info(self._stamp_now())
+        self._values = node_parameters.declare_parameters(self)
+        self._settings = node_parameters.validate(self._values)
+        self.cameras = [Camera(name) for name in self._settings.cameras] or [Camera()]
 
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._accept_parameters)
         self.create_service(SetBool, "~/enable", self._on_enable)
+        self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        # Steady time: diagnostics go on while a paused bag holds the simulated clock.
+        self.create_timer(
+            DIAGNOSTICS_PERIOD_S,
+            self._publish_diagnostics,
+            clock=Clock(clock_type=ClockType.STEADY_TIME),
+        )
 
-        self._buffer: FrameBuffer[Frame] = FrameBuffer()
+    def _load(self) -> None:
+        """Load the model and encode the vocabulary (seconds); raises START_ERRORS."""
+        with self._lock:
+            self._pending.clear()  # changes accepted so far are in the settings already
+            settings = self._settings
+        self.segmenter = Segmenter(settings.engine)
+        self._device = str(self.segmenter.device)
+        self._check_crop(settings.engine.crop)
+        self.segmenter.set_classes(settings.classes)
+        cameras = f", cameras {', '.join(settings.cameras)}" if settings.cameras else ""
+        self.get_logger().info(
+            f"model {settings.engine.model} on {self.segmenter.device}, "
+            f"{len(self.segmenter.classes)} classes{cameras}"
+        )
+
+    def _open(self) -> None:
+        """Create the outputs and start the worker: all done before any input is subscribed,
+        so no frame waits on a half-built node."""
+        wanted = self._wanted_masks()
+        for camera in self.cameras:
+            camera.open_outputs(self)
+            camera.update_masks(self, wanted)
+        self._publish_label_info()
+        self._buffer = FrameBuffer()
         self._worker = FrameWorker(
             self._buffer, self._process, self._apply_pending, self._on_worker_error
         )
         self._worker.start()
 
-        if self._settings.image_transport == "compressed":
-            # Like image_transport: the compressed topic hangs below the (remapped) image topic.
-            topic = self.resolve_topic_name("image") + "/compressed"
-            message_type: type = CompressedImage
-        else:
-            topic, message_type = "image", Image
-        self.create_subscription(
-            message_type,
-            topic,
-            self._on_image,
-            sensor_qos(depth=1),
-            qos_overriding_options=QoSOverridingOptions.with_default_policies(),
-        )
-        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sensor_qos(5))
+    def _start(self) -> None:
+        self._active.set()
+        for camera in self.cameras:
+            camera.subscribe(self, self._settings.image_transport, self._on_image)
+
+    def _stop(self) -> None:
+        self._active.clear()
+        for camera in self.cameras:
+            camera.unsubscribe(self)
+        self._buffer.clear()
+
+    def _close(self) -> None:
+        """Stop the worker first (it publishes with the outputs' handles), then the outputs."""
+        if self._worker is not None:
+            if not self._worker.stop(timeout=10.0):
+                self.get_logger().warning("worker still busy with a frame at shutdown")
+            self._worker = None
+        for camera in self.cameras:
+            camera.close_outputs(self)
+
+    def _unload(self) -> None:
+        """Drop the model: its memory is freed once the last reference goes."""
+        self.segmenter = None
+
+    def _running(self) -> bool:
+        return self._active.is_set() and self._enabled.is_set()
 
     # Executor thread: cheap callbacks only.
 
-    def _on_image(self, message: Image | CompressedImage) -> None:
-        self.counters.received += 1
+    def _on_image(self, camera: Camera, message: Image | CompressedImage) -> None:
+        camera.stats.count("received")
         if not self._enabled.is_set():
             return
-        if self._buffer.put(Frame(message, self.get_clock().now())):
-            self.counters.dropped_overwritten += 1
-
-    def _on_camera_info(self, message: CameraInfo) -> None:
-        # Every output has the input's width and height (labels are upsampled to the input size),
-        # so the camera model applies unchanged: no scaling of K, P or the ROI needed.
-        self._camera_info_pub.publish(message)
+        frame = Frame(camera, message, self.get_clock().now())
+        if self._buffer.put(frame, slot=camera.name):
+            camera.stats.count("dropped_overwritten")
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         if request.data:
@@ -187,6 +414,8 @@ class OvssNode(Node):
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Refuse the whole request unless every parameter after it is valid (nothing changes)."""
         changes = self._own_changes(parameters)
+        if not changes:  # rclpy's own (use_sim_time, qos_overrides.*): its business
+            return SetParametersResult(successful=True)
         try:
             for parameter in parameters:
                 if parameter.name in changes and parameter.type_ == Parameter.Type.NOT_SET:
@@ -211,7 +440,6 @@ class OvssNode(Node):
         self._buffer.wake()
 
     def _own_changes(self, parameters: list[Parameter]) -> dict[str, Any]:
-        # Other parameters (use_sim_time, qos_overrides.*) are rclpy's business.
         return {
             p.name: node_parameters.normalize(p.name, p.value)
             for p in parameters
@@ -219,17 +447,38 @@ class OvssNode(Node):
         }
 
     def _check_crop(self, crop: int) -> None:
-        """The patch size comes with the loaded model, so EngineConfig.validate cannot check it."""
+        """The patch size comes with the loaded model, so EngineConfig.validate cannot check it
+        (nor can anyone before the model is loaded: then the next configure does)."""
         patch = getattr(getattr(self.segmenter, "clip", None), "patch_size", None)
         if patch and crop % patch:
             raise ValueError(f"crop {crop} must be a multiple of the model's patch size {patch}")
+
+    def _publish_diagnostics(self) -> None:
+        segmenter = self.segmenter
+        state = NodeState(
+            device=self._device or self._values["device"],
+            vocabulary_size=len(segmenter.classes) if segmenter is not None else 0,
+            enabled=self._running(),
+            gpu_memory_mib=gpu_memory_mib(self._device) if self._device else None,
+            not_enabled_reason=(
+                "inference paused (~/enable)" if self._active.is_set() else self._inactive_reason
+            ),
+        )
+        array = DiagnosticArray()
+        array.header.stamp = self.get_clock().now().to_msg()
+        for camera in self.cameras:
+            report = camera_report(camera.stats.window(), state)
+            array.status.append(
+                status_message(f"{self.get_name()}: {camera.name}", state.device, report)
+            )
+        self._diagnostics_pub.publish(array)
 
     # Worker thread: owns the Segmenter.
 
     def _apply_pending(self) -> None:
         with self._lock:
             changes, self._pending = self._pending, {}
-        if not changes:
+        if not changes or self.segmenter is None:
             return
         engine_changes = {
             name: value
@@ -252,135 +501,159 @@ class OvssNode(Node):
                 "vocabulary: " + ", ".join(entry.name for entry in self.segmenter.classes)
             )
         if "classes" in changes or "publish_masks" in changes:
-            self._update_mask_publishers()
+            wanted = self._wanted_masks()
+            for camera in self.cameras:
+                camera.update_masks(self, wanted)
         if "classes" in changes or "score_threshold" in changes:
-            self._publish_label_info(self._stamp_now())
+            self._publish_label_info()
 
-    def _process(self, frame: Frame) -> None:
-        """Convert, segment and publish one frame; count and skip what cannot be used."""
-        if not self._enabled.is_set():
+    def _process(self, frames: list[Frame]) -> None:
+        """Convert, segment together and publish the newest frame of each camera that has one;
+        count and skip what cannot be used."""
+        if not self._running():
             return
-        message, settings = frame.message, self._settings
-        header = message.header
-        if settings.max_frame_age > 0.0 and self._is_stale(header, settings.max_frame_age):
-            self.counters.dropped_stale += 1
-            return
+        settings = self._settings
+        batch = [
+            (frame, rgb) for frame in frames if (rgb := self._convert(frame, settings)) is not None
+        ]
+        for frame, rgb, segmentation, inference_s in self._segment(batch):
+            if not self._running():  # paused or deactivated meanwhile: publish no more
+                return
+            header = frame.message.header
+            frame.camera.frame_id = header.frame_id
+            frame.camera.publish(
+                rgb, segmentation, header, settings, self.segmenter.config.score_threshold
+            )
+            frame.camera.stats.add_sample(inference_s, self._age(header))
+
+    def _convert(self, frame: Frame, settings: node_parameters.Settings) -> np.ndarray | None:
+        """The frame as RGB, or None (counted) if it is stale or cannot be read."""
+        message, stats = frame.message, frame.camera.stats
+        if settings.max_frame_age > 0.0:
+            age = self._age(message.header)
+            if age is not None and age > settings.max_frame_age:
+                stats.count("dropped_stale")
+                return None
         try:
             if isinstance(message, CompressedImage):
-                rgb = compressed_to_rgb8(message)
-            else:
-                rgb = image_to_rgb8(message)
+                return compressed_to_rgb8(message)
+            return image_to_rgb8(message)
         except ImageConversionError as error:
-            self.counters.rejected += 1
+            stats.count("rejected")
             self.get_logger().warning(
-                f"skipping frame ({self.counters.rejected} rejected so far): {error}",
+                f"skipping frame from {frame.camera.name} ({stats.totals.rejected} rejected so "
+                f"far): {error}",
                 throttle_duration_sec=LOG_THROTTLE_S,
             )
-            return
+            return None
+
+    def _segment(self, batch: list[tuple[Frame, np.ndarray]]) -> list[Result]:
+        """Segment the frames in one ``segment_many`` call.
+
+        If it raises (e.g. CUDA out of memory), each frame is tried alone, so that a batch too
+        large for the GPU, or one camera's frame that the model cannot take, costs only the
+        frames that fail on their own: those are counted as failed, and the node goes on.
+        """
+        if not batch:
+            return []
         start = time.perf_counter()
         try:
-            segmentation = self.segmenter.segment(rgb)
-        except Exception as error:  # e.g. CUDA out of memory: this frame is lost, not the node
-            self.counters.failed += 1
+            segmentations = self.segmenter.segment_many([rgb for _, rgb in batch])
+        except Exception as error:
+            # Only the text leaves this block: the traceback holds the failed forward's tensors.
+            failure = f"{type(error).__name__}: {error}"
+        else:
+            inference_s = time.perf_counter() - start
+            self._count_batched(batch)
+            return [
+                (frame, rgb, segmentation, inference_s)
+                for (frame, rgb), segmentation in zip(batch, segmentations, strict=True)
+            ]
+        if len(batch) == 1:
+            frame = batch[0][0]
+            frame.camera.stats.count("failed")
             self.get_logger().error(
-                f"inference failed ({self.counters.failed} so far): "
-                f"{type(error).__name__}: {error}",
+                f"inference failed on a frame from {frame.camera.name} "
+                f"({frame.camera.stats.totals.failed} so far): {failure}",
                 throttle_duration_sec=LOG_THROTTLE_S,
             )
-            return
-        self.counters.last_inference_s = time.perf_counter() - start
-        self._frame_id = header.frame_id
-        self._publish(rgb, segmentation, header, settings)
-        self.counters.processed += 1
-        stamp = Time.from_msg(header.stamp, clock_type=self.get_clock().clock_type)
-        self.counters.last_latency_s = (self.get_clock().now() - stamp).nanoseconds * 1e-9
+            return []
+        self.get_logger().warning(
+            f"inference failed on a batch of {len(batch)} frames ({failure}): "
+            "segmenting them one by one",
+            throttle_duration_sec=LOG_THROTTLE_S,
+        )
+        return [result for item in batch for result in self._segment([item])]
 
-    def _is_stale(self, header: Header, max_age: float) -> bool:
+    def _count_batched(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
+        """Count the frames that shared a forward pass: the engine batches equal resized sizes."""
+        short_side, patch = self.segmenter.config.short_side, self.segmenter.patch
+        sizes = [resized_size(*rgb.shape[:2], short_side, patch) for _, rgb in batch]
+        for (frame, _), size in zip(batch, sizes, strict=True):
+            if sizes.count(size) > 1:
+                frame.camera.stats.count("batched")
+
+    def _age(self, header: Header) -> float | None:
+        """Seconds from the header stamp to now; None for an unstamped frame (age unknown)."""
         if header.stamp.sec == 0 and header.stamp.nanosec == 0:
-            return False  # no stamp: the age is unknown, not infinite
-        stamp = Time.from_msg(header.stamp, clock_type=self.get_clock().clock_type)
-        return (self.get_clock().now() - stamp).nanoseconds * 1e-9 > max_age
+            return None
+        clock = self.get_clock()
+        stamp = Time.from_msg(header.stamp, clock_type=clock.clock_type)
+        return (clock.now() - stamp).nanoseconds * 1e-9
 
-    def _publish(
-        self,
-        rgb: np.ndarray,
-        segmentation: Segmentation,
-        header: Header,
-        settings: node_parameters.Settings,
-    ) -> None:
-        # label_info first, with the frame's header: a consumer holding a labels frame can
-        # always find the vocabulary that produced it.
-        self._label_info_pub.publish(
-            label_info(header, segmentation.class_names, self.segmenter.config.score_threshold)
-        )
-        labels = segmentation.labels
-        to_image = mono16_to_image if labels.dtype == np.uint16 else mono8_to_image
-        self._labels_pub.publish(to_image(labels, header))
-        for index, name in enumerate(segmentation.class_names):
-            publisher = self._mask_publishers.get(name)
-            if publisher is not None and publisher.get_subscription_count() > 0:
-                mask = segmentation.mask(index).astype(np.uint8) * np.uint8(255)
-                publisher.publish(mono8_to_image(mask, header))
-        if settings.publish_overlay and self._overlay_pub.get_subscription_count() > 0:
-            blended = overlay(rgb, segmentation, settings.overlay_alpha)
-            self._overlay_pub.publish(rgb8_to_image(blended, header))
-        if settings.publish_confidence and self._confidence_pub.get_subscription_count() > 0:
-            self._confidence_pub.publish(float32_to_image(segmentation.confidence, header))
+    def _publish_label_info(self) -> None:
+        if self.segmenter is None:
+            return
+        names = [entry.name for entry in self.segmenter.classes]
+        threshold = self.segmenter.config.score_threshold
+        stamp = self.get_clock().now().to_msg()
+        for camera in self.cameras:
+            header = Header(stamp=stamp, frame_id=camera.frame_id)
+            camera.publish_label_info(header, names, threshold)
 
-    def _publish_label_info(self, header: Header) -> None:
-        self._label_info_pub.publish(
-            label_info(
-                header,
-                [entry.name for entry in self.segmenter.classes],
-                self.segmenter.config.score_threshold,
-            )
-        )
-
-    def _stamp_now(self) -> Header:
-        return Header(stamp=self.get_clock().now().to_msg(), frame_id=self._frame_id)
-
-    def _update_mask_publishers(self) -> None:
-        """One ~/masks/<slug> publisher per class while publish_masks is on; none otherwise."""
-        wanted = (
-            {entry.name: entry.slug for entry in self.segmenter.classes}
-            if self._settings.publish_masks
-            else {}
-        )
-        for name in list(self._mask_publishers):
-            if name not in wanted:
-                self.destroy_publisher(self._mask_publishers.pop(name))
-        for name, slug in wanted.items():
-            if name not in self._mask_publishers:
-                self._mask_publishers[name] = self.create_publisher(
-                    Image, f"~/masks/{slug}", OUTPUT_QOS
-                )
+    def _wanted_masks(self) -> dict[str, str]:
+        """Class name -> slug of the mask topics there should be (none with publish_masks off)."""
+        if not self._settings.publish_masks or self.segmenter is None:
+            return {}
+        return {entry.name: entry.slug for entry in self.segmenter.classes}
 
     def _on_worker_error(self, error: BaseException) -> None:
         self.get_logger().error(
             f"worker: {type(error).__name__}: {error}", throttle_duration_sec=LOG_THROTTLE_S
         )
 
+
+class OvssNode(SegmentationNodeMixin, Node):
+    """Segments the newest image of each camera with the classes of the ``classes`` parameter.
+
+    Starts serving at construction: loads the model, opens the outputs, subscribes the inputs.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        try:
+            self._setup(inactive_reason="starting")
+            self._load()
+            self._open()
+            self._start()
+        except BaseException:
+            self.destroy_node()
+            raise
+
     def destroy_node(self) -> None:
-        """Stop the worker first: it publishes with this node's handles."""
-        if self._worker is not None:
-            if not self._worker.stop(timeout=10.0):
-                self.get_logger().warning("worker still busy with a frame at shutdown")
-            self._worker = None
+        if hasattr(self, "cameras"):  # _setup got that far
+            self._stop()
+            self._close()
         super().destroy_node()
 
 
-def main(args: list[str] | None = None) -> int:
-    """Run the node until Ctrl-C; return 1 (one clear message) if it cannot start."""
+def run(make_node: Callable[[], Node], args: list[str] | None = None) -> int:
+    """Run a node until Ctrl-C; return 1 (one clear message) if it cannot start."""
     try:
         with rclpy.init(args=args):
             try:
-                node = OvssNode()
-            except (
-                ModelLoadError,
-                ValueError,
-                InvalidParameterTypeException,
-                InvalidParameterValueException,
-            ) as error:
+                node = make_node()
+            except START_ERRORS as error:
                 rclpy.logging.get_logger(NODE_NAME).error(f"cannot start: {error}")
                 return 1
             try:
@@ -390,6 +663,10 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     return 0
+
+
+def main(args: list[str] | None = None) -> int:
+    return run(OvssNode, args)
 
 
 if __name__ == "__main__":

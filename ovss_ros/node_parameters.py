@@ -13,7 +13,8 @@ Keep ``config/ovss.yaml`` in step with the defaults here (a test compares them).
 from __future__ import annotations
 
 import array
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -29,6 +30,8 @@ IMAGE_TRANSPORTS = ("raw", "compressed")
 METHODS = tuple(LAST_BLOCK_MODES)
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_CLASSES = ("person", "chair", "table", "floor", "wall", "door")
+# A ROS name token: letters, digits and '_', not starting with a digit, no '__' (rcl's rules).
+CAMERA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ParameterError(ValueError):
@@ -76,7 +79,7 @@ class ParameterSpec:
         return descriptor
 
 
-STRING_ARRAYS = ("classes", "background_words")
+STRING_ARRAYS = ("cameras", "classes", "background_words")
 
 _ENGINE_DEFAULTS = EngineConfig()
 
@@ -114,6 +117,15 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "subscribe to 'image' (raw) or 'image/compressed' (compressed)",
         read_only=True,
         constraints=" | ".join(IMAGE_TRANSPORTS),
+    ),
+    ParameterSpec(
+        "cameras",
+        [],
+        "camera names: camera 'front' reads front/image and front/camera_info and publishes "
+        "~/front/labels etc.; one model segments all (frames ready together share a forward "
+        "pass); empty = one camera: image -> ~/labels",
+        read_only=True,
+        constraints="unique ROS name tokens (letters, digits, '_'; not starting with a digit)",
     ),
     # Runtime: validated atomically, applied by the worker before the next frame.
     ParameterSpec(
@@ -294,6 +306,7 @@ class Settings:
     engine: EngineConfig
     classes: list[ClassEntry]
     image_transport: str
+    cameras: tuple[str, ...]  # empty: the single camera of the plain contract
     publish_masks: bool
     publish_overlay: bool
     publish_confidence: bool
@@ -317,12 +330,16 @@ def declare_parameters(node: Node) -> dict[str, Any]:
     """
     values: dict[str, Any] = {}
     for spec in PARAMETERS:
-        parameter = node.declare_parameter(spec.name, spec.default, spec.descriptor())
+        descriptor = spec.descriptor()
+        descriptor.read_only = False  # made read-only once its value is final (typed, below)
+        parameter = node.declare_parameter(spec.name, spec.default, descriptor)
         if spec.name in STRING_ARRAYS and not parameter.value:
             # An empty list cannot carry its type (rclpy makes [] a byte array, a YAML [] is
             # "not set"): store it as the empty string array it means.
             parameter = Parameter(spec.name, Parameter.Type.STRING_ARRAY, [])
             node.set_parameters([parameter])
+        # rclpy hands out the stored descriptor (restore_types relies on that too).
+        node.describe_parameter(spec.name).read_only = spec.read_only
         values[spec.name] = normalize(spec.name, parameter.value)
     restore_types(node)
     return values
@@ -369,6 +386,7 @@ def validate(values: Mapping[str, Any]) -> Settings:
         classes = parse_classes(values["classes"])
     except ValueError as error:  # VocabularyError: its text already names the problem
         raise ParameterError(str(error)) from error
+    cameras = parse_cameras(values["cameras"])
     engine = engine_config(values)
     try:
         engine.validate()
@@ -378,6 +396,7 @@ def validate(values: Mapping[str, Any]) -> Settings:
         engine=engine,
         classes=classes,
         image_transport=values["image_transport"],
+        cameras=cameras,
         publish_masks=values["publish_masks"],
         publish_overlay=values["publish_overlay"],
         publish_confidence=values["publish_confidence"],
@@ -396,6 +415,25 @@ def validate_update(current: Mapping[str, Any], changes: Mapping[str, Any]) -> S
     merged = dict(current)
     merged.update({name: normalize(name, value) for name, value in changes.items()})
     return validate(merged)
+
+
+def parse_cameras(names: Sequence[str]) -> tuple[str, ...]:
+    """Check the camera names: each becomes a topic namespace, so it must be one ROS name token.
+
+    Raises ParameterError with the first problem (the node does not start).
+    """
+    for index, name in enumerate(names):
+        if not name:
+            raise ParameterError(f"cameras: entry {index} is empty; name every camera")
+        if not CAMERA_NAME.fullmatch(name) or "__" in name:
+            raise ParameterError(
+                f"cameras: {name!r} is not a valid ROS name token: use letters, digits and "
+                "single '_', not starting with a digit (e.g. front, rear_left)"
+            )
+    duplicates = sorted({name for name in names if list(names).count(name) > 1})
+    if duplicates:
+        raise ParameterError(f"cameras: duplicate names {duplicates}; name each camera once")
+    return tuple(names)
 
 
 def engine_config(values: Mapping[str, Any]) -> EngineConfig:

@@ -8,6 +8,7 @@
   output in a file, stopped with SIGINT like Ctrl-C.
 - ``spin_until``: spin the test's node until a condition holds. Discovery takes 0.1-2.4 s, so tests
   poll for what they need and never sleep a fixed time.
+- ``OvssClient``: the other side of the graph (one camera or several), with /diagnostics.
 """
 
 from __future__ import annotations
@@ -261,7 +262,9 @@ class OvssClient:
         input_namespace: str = "",
         name: str = "ovss_test_client",
         reliable_input: bool = False,
+        cameras: Sequence[str] = (),
     ) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
         from rcl_interfaces.srv import GetParameters, SetParameters
         from rclpy.qos import (
             DurabilityPolicy,
@@ -284,23 +287,36 @@ class OvssClient:
             if reliable_input
             else qos_profile_sensor_data
         )
-        self.image_pub = self.node.create_publisher(Image, f"{inputs}/image", input_qos)
-        self.compressed_pub = self.node.create_publisher(
-            CompressedImage, f"{inputs}/image/compressed", input_qos
-        )
-        self.camera_info_pub = self.node.create_publisher(
-            CameraInfo, f"{inputs}/camera_info", qos_profile_sensor_data
-        )
+        # Camera "front": front/image... in, <node>/front/labels... out; "" = the single camera.
+        self.cameras = list(cameras) or [""]
+        self.image_pubs: dict[str, Any] = {}
+        self.camera_info_pubs: dict[str, Any] = {}
         self.reliable = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
         latched = QoSProfile(
             depth=20,
             reliability=ReliabilityPolicy.RELIABLE,
             durability=DurabilityPolicy.TRANSIENT_LOCAL,
         )
-        for topic in ("labels", "overlay", "confidence"):
-            self.subscribe(f"{self.ns}/{topic}", Image)
-        self.subscribe(f"{self.ns}/camera_info", CameraInfo)
-        self.subscribe(f"{self.ns}/label_info", LabelInfo, latched)
+        for camera in self.cameras:
+            prefix = f"{inputs}/{camera}" if camera else inputs
+            self.image_pubs[camera] = self.node.create_publisher(
+                Image, f"{prefix}/image", input_qos
+            )
+            self.camera_info_pubs[camera] = self.node.create_publisher(
+                CameraInfo, f"{prefix}/camera_info", qos_profile_sensor_data
+            )
+            outputs = f"{self.ns}/{camera}" if camera else self.ns
+            for topic in ("labels", "overlay", "confidence"):
+                self.subscribe(f"{outputs}/{topic}", Image)
+            self.subscribe(f"{outputs}/camera_info", CameraInfo)
+            self.subscribe(f"{outputs}/label_info", LabelInfo, latched)
+        self.image_pub = self.image_pubs[self.cameras[0]]
+        self.camera_info_pub = self.camera_info_pubs[self.cameras[0]]
+        first = f"{inputs}/{self.cameras[0]}" if self.cameras[0] else inputs
+        self.compressed_pub = self.node.create_publisher(
+            CompressedImage, f"{first}/image/compressed", input_qos
+        )
+        self.subscribe("/diagnostics", DiagnosticArray)
         self.set_client = self.node.create_client(SetParameters, f"{self.ns}/set_parameters")
         self.get_client = self.node.create_client(GetParameters, f"{self.ns}/get_parameters")
         self.enable_client = self.node.create_client(SetBool, f"{self.ns}/enable")
@@ -314,8 +330,16 @@ class OvssClient:
             message_type, topic, self.messages[topic].append, qos or self.reliable
         )
 
-    def subscribe_mask(self, slug: str) -> str:
-        topic = f"{self.ns}/masks/{slug}"
+    def ready(self, compressed: bool = False) -> bool:
+        """Every camera's input is subscribed by the node and its label_info has arrived."""
+        inputs = [self.compressed_pub] if compressed else list(self.image_pubs.values())
+        return all(pub.get_subscription_count() > 0 for pub in inputs) and all(
+            self.messages[self.topic(f"{camera}/label_info" if camera else "label_info")]
+            for camera in self.cameras
+        )
+
+    def subscribe_mask(self, slug: str, camera: str = "") -> str:
+        topic = f"{self.ns}/{camera}/masks/{slug}" if camera else f"{self.ns}/masks/{slug}"
         self.subscribe(topic, self._image_type)
         return topic
 
@@ -358,14 +382,17 @@ class OvssClient:
         topics: Sequence[str] = ("labels",),
         timeout: float = 15.0,
         resend_every: float = 1.0,
+        publisher: Any = None,
     ) -> dict[str, Any]:
         """Publish ``message`` until each output topic has a message with its header.
 
         Resending covers the first frames after discovery, which BEST_EFFORT may drop; outputs
         are matched by header, so a repeat does no harm. Returns topic (as given) -> message.
+        ``publisher``: another camera's (``image_pubs[name]``); default: the first camera's.
         """
-        compressed = "Compressed" in type(message).__name__
-        publisher = self.compressed_pub if compressed else self.image_pub
+        if publisher is None:
+            compressed = "Compressed" in type(message).__name__
+            publisher = self.compressed_pub if compressed else self.image_pub
         deadline = time.monotonic() + timeout
         next_send = 0.0
         while True:
@@ -380,6 +407,33 @@ class OvssClient:
                 missing = [topic for topic, output in found.items() if output is None]
                 raise AssertionError(f"no output on {missing} within {timeout} s")
             rclpy.spin_once(self.node, timeout_sec=0.02)
+
+    def statuses(self, name: str) -> list[Any]:
+        """Every diagnostic_msgs/DiagnosticStatus called ``name`` received so far, oldest first."""
+        return [
+            status
+            for array in self.messages["/diagnostics"]
+            for status in array.status
+            if status.name == name
+        ]
+
+    def wait_for_status(
+        self, name: str, predicate: Callable[[dict[str, str]], Any], timeout: float = 10.0
+    ) -> Any:
+        """The first newly received status ``name`` whose key/values satisfy ``predicate``."""
+        seen = len(self.statuses(name))
+
+        def found() -> Any:
+            for status in self.statuses(name)[seen:]:
+                if predicate(status_values(status)):
+                    return status
+            return None
+
+        return self.spin_until(
+            found,
+            timeout,
+            message=lambda: f"status {name!r}; last: {self.statuses(name)[-1:]}",
+        )
 
     def set_parameters(self, parameters: Sequence[Parameter]) -> list[Any]:
         from rcl_interfaces.srv import SetParameters
@@ -410,6 +464,11 @@ class OvssClient:
 
     def destroy(self) -> None:
         self.node.destroy_node()
+
+
+def status_values(status: Any) -> dict[str, str]:
+    """A DiagnosticStatus's key/values as a dict."""
+    return {entry.key: entry.value for entry in status.values}
 
 
 def parameter_value(value: Any) -> Any:
@@ -482,25 +541,22 @@ def running_node(
     compressed: bool = False,
     reliable_input: bool = False,
     ready_timeout: float = 60.0,
+    cameras: Sequence[str] = (),
 ) -> Iterator[tuple[OvssClient, NodeProcess]]:
     """Start the node and a client; yield once the node is subscribed and its label_info is in.
 
     On the way out the node gets Ctrl-C and must exit with status 0 (a clean shutdown).
+    ``cameras``: the names the node is given in its ``cameras`` parameter (not passed for you).
     """
     isolate_dds()
     process = NodeProcess(parameters, extra_ros_args)
     rclpy.init()
-    client = OvssClient(node_namespace, input_namespace, reliable_input=reliable_input)
-    input_pub = client.compressed_pub if compressed else client.image_pub
+    client = OvssClient(
+        node_namespace, input_namespace, reliable_input=reliable_input, cameras=cameras
+    )
     try:
         client.spin_until(
-            lambda: (
-                process.returncode is not None
-                or (
-                    input_pub.get_subscription_count() > 0
-                    and client.messages[client.topic("label_info")]
-                )
-            ),
+            lambda: process.returncode is not None or client.ready(compressed),
             ready_timeout,
             message=lambda: f"node start-up; its output:\n{process.output()}",
         )

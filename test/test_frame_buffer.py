@@ -1,4 +1,5 @@
-"""The newest-frame buffer and its worker: no queueing, no lost wake-ups, survives errors."""
+"""The newest-frame buffer and its worker: no queueing, no lost wake-ups, survives errors,
+one slot per camera and every ready camera taken at once."""
 
 from __future__ import annotations
 
@@ -23,14 +24,14 @@ def test_put_overwrites_and_counts():
     assert buffer.put(2) is True
     assert buffer.put(3) is True
     assert buffer.overwritten == 2
-    assert buffer.take(timeout=0) == 3
-    assert buffer.take(timeout=0) is None
+    assert buffer.take(timeout=0) == [3]
+    assert buffer.take(timeout=0) == []
 
 
 def test_take_times_out_without_frame():
     buffer: FrameBuffer[int] = FrameBuffer()
     start = time.monotonic()
-    assert buffer.take(timeout=0.05) is None
+    assert buffer.take(timeout=0.05) == []
     assert time.monotonic() - start >= 0.04
 
 
@@ -43,14 +44,14 @@ def test_wake_releases_take_without_frame():
     buffer.wake()
     thread.join(1.0)
     assert not thread.is_alive()
-    assert result == [None]
+    assert result == [[]]
 
 
 def test_wake_before_take_is_not_lost():
     buffer: FrameBuffer[int] = FrameBuffer()
     buffer.wake()
     start = time.monotonic()
-    assert buffer.take(timeout=5.0) is None
+    assert buffer.take(timeout=5.0) == []
     assert time.monotonic() - start < 1.0
 
 
@@ -59,15 +60,16 @@ def test_close_releases_and_refuses():
     buffer.put(1)
     buffer.close()
     assert buffer.closed
-    assert buffer.take(timeout=5.0) is None
+    assert buffer.take(timeout=5.0) == []
     assert buffer.put(2) is False
 
 
 def test_clear_drops_pending_frame():
     buffer: FrameBuffer[int] = FrameBuffer()
     buffer.put(1)
+    buffer.put(2, slot="rear")
     buffer.clear()
-    assert buffer.take(timeout=0) is None
+    assert buffer.take(timeout=0) == []
 
 
 def test_worker_handles_newest_only():
@@ -75,8 +77,8 @@ def test_worker_handles_newest_only():
     handled: list[int] = []
     release = threading.Event()
 
-    def handle(frame: int) -> None:
-        handled.append(frame)
+    def handle(frames: list[int]) -> None:
+        handled.extend(frames)
         release.wait(5.0)
 
     worker = FrameWorker(buffer, handle)
@@ -95,7 +97,7 @@ def test_worker_handles_newest_only():
 def test_worker_runs_between_frames_before_each_frame_and_on_wake():
     buffer: FrameBuffer[str] = FrameBuffer()
     events: list[str] = []
-    worker = FrameWorker(buffer, lambda f: events.append(f), lambda: events.append("apply"))
+    worker = FrameWorker(buffer, events.extend, lambda: events.append("apply"))
     worker.start()
     buffer.wake()
     assert wait_until(lambda: events == ["apply"])
@@ -109,10 +111,10 @@ def test_worker_survives_exceptions_and_reports_them():
     errors: list[BaseException] = []
     handled: list[int] = []
 
-    def handle(frame: int) -> None:
-        if frame == 1:
+    def handle(frames: list[int]) -> None:
+        if frames == [1]:
             raise RuntimeError("CUDA out of memory")
-        handled.append(frame)
+        handled.extend(frames)
 
     def broken_reporter(error: BaseException) -> None:
         errors.append(error)
@@ -137,7 +139,7 @@ def test_failed_between_frames_still_handles_frame():
     def broken_apply() -> None:
         raise ValueError("bad change")
 
-    worker = FrameWorker(buffer, handled.append, broken_apply, errors.append)
+    worker = FrameWorker(buffer, handled.extend, broken_apply, errors.append)
     worker.start()
     buffer.put(7)
     assert wait_until(lambda: handled == [7])
@@ -147,10 +149,41 @@ def test_failed_between_frames_still_handles_frame():
 
 def test_stop_is_prompt_when_idle_and_idempotent():
     buffer: FrameBuffer[int] = FrameBuffer()
-    worker = FrameWorker(buffer, lambda frame: None)
+    worker = FrameWorker(buffer, lambda frames: None)
     worker.start()
     start = time.monotonic()
     assert worker.stop(timeout=2.0)
     assert time.monotonic() - start < 1.0
     assert worker.stop(timeout=0.1)
     assert not worker.alive
+
+
+def test_each_slot_keeps_its_newest_and_take_returns_all_in_arrival_order():
+    buffer: FrameBuffer[str] = FrameBuffer()
+    assert buffer.put("rear 1", slot="rear") is False
+    assert buffer.put("front 1", slot="front") is False
+    assert buffer.put("rear 2", slot="rear") is True  # only the same camera overwrites
+    assert buffer.overwritten == 1
+    assert buffer.take(timeout=0) == ["rear 2", "front 1"]
+    assert buffer.take(timeout=0) == []
+
+
+def test_worker_gets_the_frames_of_every_camera_that_was_ready_together():
+    buffer: FrameBuffer[str] = FrameBuffer()
+    batches: list[list[str]] = []
+    release = threading.Event()
+
+    def handle(frames: list[str]) -> None:
+        batches.append(frames)
+        release.wait(5.0)
+
+    worker = FrameWorker(buffer, handle)
+    worker.start()
+    buffer.put("front 0", slot="front")
+    assert wait_until(lambda: batches == [["front 0"]])  # an idle worker does not wait
+    buffer.put("front 1", slot="front")  # both arrive while front 0 is being processed
+    buffer.put("rear 1", slot="rear")
+    release.set()
+    assert wait_until(lambda: len(batches) == 2)
+    assert batches[1] == ["front 1", "rear 1"]
+    assert worker.stop(timeout=2.0)

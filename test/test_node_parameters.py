@@ -26,11 +26,13 @@ def test_defaults_are_valid_and_map_onto_engine_defaults():
     assert settings.engine == EngineConfig()
     assert [entry.name for entry in settings.classes] == list(node_parameters.DEFAULT_CLASSES)
     assert settings.image_transport == "raw"
+    assert settings.cameras == ()  # the single camera of the plain contract
     assert settings.publish_masks and settings.publish_overlay and settings.publish_confidence
 
 
 def test_config_file_holds_every_default():
-    config = yaml.safe_load(CONFIG.read_text())["ovss"]["ros__parameters"]
+    # "/**": the file applies to the node whatever its name or namespace.
+    config = yaml.safe_load(CONFIG.read_text())["/**"]["ros__parameters"]
     assert config == node_parameters.defaults()
 
 
@@ -42,6 +44,7 @@ def test_every_engine_field_is_a_parameter():
         "device",
         "precision",
         "image_transport",
+        "cameras",
     }
 
 
@@ -93,6 +96,29 @@ def test_engine_config_from_values():
 def test_invalid_updates_are_refused_with_a_reason(changes, reason):
     with pytest.raises(ParameterError, match=reason):
         validate_update(node_parameters.defaults(), changes)
+
+
+def test_camera_names_become_settings():
+    values = node_parameters.defaults() | {"cameras": ["front", "rear_left", "_aux2"]}
+    assert validate(values).cameras == ("front", "rear_left", "_aux2")
+
+
+@pytest.mark.parametrize(
+    ("cameras", "reason"),
+    [
+        (["front", ""], "entry 1 is empty"),
+        (["front", "front"], "duplicate names \\['front'\\]"),
+        (["front/left"], "'front/left' is not a valid ROS name token"),
+        (["2nd"], "not starting with a digit"),
+        (["rear cam"], "not a valid ROS name token"),
+        (["a__b"], "not a valid ROS name token"),
+        (["~front"], "not a valid ROS name token"),
+        ([3], "list of strings"),
+    ],
+)
+def test_invalid_camera_names_are_refused_with_a_reason(cameras, reason):
+    with pytest.raises(ParameterError, match=reason):
+        validate(node_parameters.defaults() | {"cameras": cameras})
 
 
 def test_read_only_parameters_refuse_changes_but_accept_their_own_value():
@@ -147,14 +173,15 @@ def test_declared_parameters_have_types_ranges_and_read_only(ros_context):
             assert descriptor.description
             assert descriptor.read_only == spec.read_only
         assert node.describe_parameter("classes").type == ParameterType.PARAMETER_STRING_ARRAY
-        assert (
-            node.describe_parameter("background_words").type
-            == ParameterType.PARAMETER_STRING_ARRAY
-        )
+        for name in ("background_words", "cameras"):
+            assert node.describe_parameter(name).type == ParameterType.PARAMETER_STRING_ARRAY
+        assert node.get_parameter("cameras").type_ == Parameter.Type.STRING_ARRAY
         assert node.describe_parameter("short_side").integer_range[0].to_value == 4096
         assert node.describe_parameter("score_threshold").floating_point_range[0].to_value == 1.0
 
         refused = node.set_parameters([Parameter("model", value="ViT-L-14")])[0]
+        assert not refused.successful and "read-only" in refused.reason
+        refused = node.set_parameters([Parameter("cameras", value=["front"])])[0]
         assert not refused.successful and "read-only" in refused.reason
         refused = node.set_parameters([Parameter("score_threshold", value=3.0)])[0]
         assert not refused.successful and "range" in refused.reason
@@ -171,11 +198,14 @@ def test_overrides_apply_at_declaration(ros_context):
             Parameter("classes", value=["cat", "dog"]),
             Parameter("background_words", value=["sky"]),
             Parameter("short_side", value=64),
+            Parameter("cameras", value=["front", "rear"]),
         ],
     )
     try:
         values = node_parameters.declare_parameters(node)
         assert values["classes"] == ["cat", "dog"]
+        assert validate(values).cameras == ("front", "rear")
+        assert node.describe_parameter("cameras").read_only
         assert values["background_words"] == ["sky"]
         assert validate(values).engine.short_side == 64
     finally:

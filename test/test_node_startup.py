@@ -1,7 +1,8 @@
 """A node that cannot start ends quickly, with status 1 and one message that says what to set.
 
 The failing processes are started together (each one pays the torch import) and then checked
-one by one.
+one by one. The managed node checks its parameters at start-up too (the model waits for
+configure: test_node_lifecycle.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import subprocess
 import pytest
 from ros_harness import TINY_NODE_PARAMETERS, NodeProcess
 
+LIFECYCLE = "ovss_ros.lifecycle_node"
+# name: (parameters, texts the one error line must hold[, module])
 CASES = {
     "unknown model": (
         {"model": "NoSuchNet-42", "pretrained": "none"},
@@ -28,12 +31,28 @@ CASES = {
         TINY_NODE_PARAMETERS | {"score_threshold": 5.0},
         ["score_threshold"],
     ),
+    "duplicate camera": (
+        TINY_NODE_PARAMETERS | {"cameras": ["front", "rear", "front"]},
+        ["cameras", "duplicate", "front"],
+    ),
+    "camera name not a ROS name": (
+        TINY_NODE_PARAMETERS | {"cameras": ["front", "rear/left"]},
+        ["cameras", "'rear/left'", "not a valid ROS name token"],
+    ),
+    "managed node, bad vocabulary": (
+        TINY_NODE_PARAMETERS | {"classes": ["cat", "cat"]},
+        ["duplicate class", "cat"],
+        LIFECYCLE,
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def failed_starts():
-    processes = {name: NodeProcess(parameters) for name, (parameters, _) in CASES.items()}
+    processes = {
+        name: NodeProcess(case[0], module=case[2] if len(case) > 2 else "ovss_ros.node")
+        for name, case in CASES.items()
+    }
     yield processes
     for process in processes.values():
         process.stop()

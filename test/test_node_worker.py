@@ -1,7 +1,8 @@
 """The node's worker logic in-process, with a stand-in Segmenter that can fail on demand.
 
-What the DDS tests cannot provoke on purpose: inference raising (a CUDA out-of-memory), a failed
-vocabulary change; and the counters kept for diagnostics.
+What the DDS tests cannot provoke on purpose: inference raising (a CUDA out-of-memory) for one
+frame or for a whole multi-camera batch, a failed vocabulary change; and the counters kept for
+diagnostics.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from std_msgs.msg import Header
 
 import ovss_ros.node as node_module
 from ovss_ros.core import ClassEntry, EngineConfig, Segmentation, parse_classes
+from ovss_ros.diagnostics import ERROR, OK, WARN, NodeState, camera_report
 from ovss_ros.node import Frame, OvssNode
 
 
@@ -29,6 +31,8 @@ class FakeSegmenter:
 
     fail_segment = False
     fail_set_classes = False
+    fail_width: int | None = None  # any batch with a frame this wide raises
+    patch = 16
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -49,40 +53,70 @@ class FakeSegmenter:
             setattr(self.config, name, value)
 
     def segment(self, rgb: np.ndarray) -> Segmentation:
-        self.calls.append("segment")
-        if FakeSegmenter.fail_segment:
+        return self.segment_many([rgb])[0]
+
+    def segment_many(self, images: list[np.ndarray]) -> list[Segmentation]:
+        self.calls.append(f"segment_many {len(images)}")
+        widths = [rgb.shape[1] for rgb in images]
+        if FakeSegmenter.fail_segment or FakeSegmenter.fail_width in widths:
             raise RuntimeError("CUDA out of memory")
-        height, width = rgb.shape[:2]
-        return Segmentation(
-            labels=np.zeros((height, width), np.uint8),
-            confidence=np.ones((height, width), np.float32),
-            class_names=[entry.name for entry in self.classes],
-        )
+        return [
+            Segmentation(
+                labels=np.zeros(rgb.shape[:2], np.uint8),
+                confidence=np.ones(rgb.shape[:2], np.float32),
+                class_names=[entry.name for entry in self.classes],
+            )
+            for rgb in images
+        ]
+
+    def forwards(self) -> list[str]:
+        return [call for call in self.calls if call.startswith("segment_many")]
 
 
-@pytest.fixture
-def node(monkeypatch):
+def make_node(monkeypatch, *overrides: Parameter):
     isolate_dds()
     monkeypatch.setattr(node_module, "Segmenter", FakeSegmenter)
     FakeSegmenter.fail_segment = FakeSegmenter.fail_set_classes = False
+    FakeSegmenter.fail_width = None
     context = rclpy.Context()
     rclpy.init(context=context)
     ovss = OvssNode(
         context=context,
-        parameter_overrides=[Parameter("classes", value=["cat", "dog"])],
+        parameter_overrides=[Parameter("classes", value=["cat", "dog"]), *overrides],
     )
     yield ovss
     ovss.destroy_node()
     rclpy.shutdown(context=context)
 
 
-def frame(node: OvssNode, age: float = 0.0, stamped: bool = True, encoding: str = "rgb8"):
+@pytest.fixture
+def node(monkeypatch):
+    yield from make_node(monkeypatch)
+
+
+@pytest.fixture
+def two_cameras(monkeypatch):
+    yield from make_node(monkeypatch, Parameter("cameras", value=["front", "rear"]))
+
+
+def frame(
+    node: OvssNode,
+    age: float = 0.0,
+    stamped: bool = True,
+    encoding: str = "rgb8",
+    camera: int = 0,
+    width: int = 12,
+):
     header = Header(frame_id="camera")
     if stamped:
         now = node.get_clock().now().nanoseconds - int(age * 1e9)
         header.stamp.sec, header.stamp.nanosec = divmod(now, 10**9)
-    message = make_image(np.zeros((8, 12, 3), np.uint8), encoding, header)
-    return Frame(message, node.get_clock().now())
+    message = make_image(np.zeros((8, width, 3), np.uint8), encoding, header)
+    return Frame(node.cameras[camera], message, node.get_clock().now())
+
+
+def totals(node: OvssNode, camera: int = 0):
+    return node.cameras[camera].stats.totals
 
 
 def wait_until(predicate, timeout: float = 5.0) -> None:
@@ -94,35 +128,36 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
 
 def test_inference_failure_is_counted_and_the_next_frame_is_served(node):
     FakeSegmenter.fail_segment = True
-    node._process(frame(node))
-    assert node.counters.failed == 1 and node.counters.processed == 0
+    node._process([frame(node)])
+    assert totals(node).failed == 1 and totals(node).processed == 0
     FakeSegmenter.fail_segment = False
-    node._process(frame(node))
-    assert node.counters.processed == 1
-    assert node.counters.last_inference_s >= 0.0
+    node._process([frame(node)])
+    assert totals(node).processed == 1
+    (sample,) = node.cameras[0].stats.window().samples
+    assert sample.inference_s >= 0.0 and sample.latency_s >= 0.0
 
 
 def test_bad_frames_are_counted_as_rejected(node):
-    node._process(frame(node, encoding="no_such_encoding"))
-    assert node.counters.rejected == 1
-    assert "segment" not in node.segmenter.calls
+    node._process([frame(node, encoding="no_such_encoding")])
+    assert totals(node).rejected == 1
+    assert not node.segmenter.forwards()
 
 
 def test_stale_frames_are_dropped_but_unstamped_ones_are_not(node):
     assert node.set_parameters([Parameter("max_frame_age", value=1.0)])[0].successful
-    node._process(frame(node, age=5.0))
-    assert node.counters.dropped_stale == 1 and node.counters.processed == 0
-    node._process(frame(node, age=0.1))
-    node._process(frame(node, stamped=False))
-    assert node.counters.processed == 2
+    node._process([frame(node, age=5.0)])
+    assert totals(node).dropped_stale == 1 and totals(node).processed == 0
+    node._process([frame(node, age=0.1)])
+    node._process([frame(node, stamped=False)])
+    assert totals(node).processed == 2
 
 
 def test_paused_node_does_not_segment(node):
     node._enabled.clear()
-    node._process(frame(node))
-    node._on_image(frame(node).message)
-    assert node.counters.processed == 0 and node.counters.received == 1
-    assert "segment" not in node.segmenter.calls
+    node._process([frame(node)])
+    node._on_image(node.cameras[0], frame(node).message)
+    assert totals(node).processed == 0 and totals(node).received == 1
+    assert not node.segmenter.forwards()
 
 
 def test_accepted_parameters_reach_the_segmenter_in_the_worker(node):
@@ -135,7 +170,7 @@ def test_accepted_parameters_reach_the_segmenter_in_the_worker(node):
     assert all(result.successful for result in results)
     wait_until(lambda: [c.name for c in node.segmenter.classes] == ["tv", "sofa"])
     wait_until(lambda: node.segmenter.config.method == "sclip")
-    assert sorted(node._mask_publishers) == ["sofa", "tv"]
+    assert sorted(node.cameras[0].outputs.masks) == ["sofa", "tv"]
 
 
 def test_refused_parameters_reach_nothing(node):
@@ -155,8 +190,8 @@ def test_failed_vocabulary_change_keeps_the_node_serving(node):
     wait_until(lambda: node.segmenter.calls.count("set_classes") == 2)
     FakeSegmenter.fail_set_classes = False
     assert [c.name for c in node.segmenter.classes] == ["cat", "dog"]
-    node._process(frame(node))
-    assert node.counters.processed == 1
+    node._process([frame(node)])
+    assert totals(node).processed == 1
 
 
 def test_destroy_node_stops_the_worker(node):
@@ -164,3 +199,63 @@ def test_destroy_node_stops_the_worker(node):
     assert worker.alive
     node.destroy_node()
     assert not worker.alive
+
+
+def test_frames_of_two_cameras_share_one_forward_and_are_counted_as_batched(two_cameras):
+    node = two_cameras
+    assert [camera.name for camera in node.cameras] == ["front", "rear"]
+    node._process([frame(node, camera=0), frame(node, camera=1)])
+    assert node.segmenter.forwards() == ["segment_many 2"]
+    for camera in (0, 1):
+        assert totals(node, camera).processed == 1 and totals(node, camera).batched == 1
+    # Different sizes after resizing: one call, but two forward passes in the engine.
+    node._process([frame(node, camera=0), frame(node, camera=1, width=300)])
+    assert totals(node, 0).batched == 1 and totals(node, 1).processed == 2
+
+
+def test_failed_batch_costs_only_the_frames_that_fail_alone(two_cameras):
+    node = two_cameras
+    FakeSegmenter.fail_width = 13  # the rear camera's frames cannot be segmented
+    node._process([frame(node, camera=0), frame(node, camera=1, width=13)])
+    assert node.segmenter.forwards() == ["segment_many 2", "segment_many 1", "segment_many 1"]
+    assert totals(node, 0).processed == 1 and totals(node, 0).failed == 0
+    assert totals(node, 1).processed == 0 and totals(node, 1).failed == 1
+    assert totals(node, 0).batched == 0  # it was segmented alone in the end
+
+
+def test_batch_that_fails_whole_loses_those_frames_and_the_next_batch_is_served(two_cameras):
+    node = two_cameras
+    FakeSegmenter.fail_segment = True  # e.g. the GPU is out of memory for a while
+    node._process([frame(node, camera=0), frame(node, camera=1)])
+    assert [totals(node, c).failed for c in (0, 1)] == [1, 1]
+    FakeSegmenter.fail_segment = False
+    node._process([frame(node, camera=0), frame(node, camera=1)])
+    assert [totals(node, c).processed for c in (0, 1)] == [1, 1]
+    assert [totals(node, c).failed for c in (0, 1)] == [1, 1]
+
+
+def test_diagnostics_level_follows_the_failures_in_the_window(two_cameras):
+    node = two_cameras
+    state = NodeState(device="cpu", vocabulary_size=2, enabled=True)
+    FakeSegmenter.fail_width = 13
+    node._process([frame(node, camera=0), frame(node, camera=1, width=13)])
+    front = camera_report(node.cameras[0].stats.window(), state)
+    rear = camera_report(node.cameras[1].stats.window(), state)
+    assert front.level == OK and rear.level == ERROR
+    assert rear.value("frames failed") == "1" and "every frame" in rear.message
+    node._process([frame(node, camera=1)])  # a frame the model takes: only some failed now
+    rear = camera_report(node.cameras[1].stats.window(), state)
+    assert rear.level == WARN and rear.value("frames processed") == "1"
+
+
+def test_each_camera_publishes_under_its_own_namespace(two_cameras):
+    node = two_cameras
+    topics = {camera.name: camera.outputs.labels.topic_name for camera in node.cameras}
+    assert topics == {"front": "/ovss/front/labels", "rear": "/ovss/rear/labels"}
+    masks = node.cameras[1].outputs.masks
+    assert sorted(publisher.topic_name for publisher in masks.values()) == [
+        "/ovss/rear/masks/cat",
+        "/ovss/rear/masks/dog",
+    ]
+    inputs = {name for name, _ in node.get_subscriber_names_and_types_by_node("ovss", "/")}
+    assert {"/front/image", "/front/camera_info", "/rear/image", "/rear/camera_info"} <= inputs

@@ -1,0 +1,239 @@
+"""Diagnostics without ROS: counters, the sliding window, levels, and the message they make."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from ovss_ros.diagnostics import (
+    ERROR,
+    NOT_AVAILABLE,
+    OK,
+    WARN,
+    CameraStats,
+    FrameCounters,
+    NodeState,
+    camera_report,
+    gpu_memory_mib,
+    status_message,
+)
+
+STATE = NodeState(device="cpu", vocabulary_size=3, enabled=True)
+KEYS = [
+    "rate (frames/s)",
+    "latency median (ms)",
+    "latency max (ms)",
+    "inference median (ms)",
+    "inference max (ms)",
+    "window (s)",
+    "frames received",
+    "frames processed",
+    "frames dropped (stale)",
+    "frames dropped (overwritten)",
+    "frames rejected",
+    "frames failed",
+    "batched frames",
+    "vocabulary size",
+    "device",
+    "GPU memory allocated (MiB)",
+    "GPU memory reserved (MiB)",
+    "enabled",
+]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def stats(clock) -> CameraStats:
+    return CameraStats(window_s=5.0, clock=clock)
+
+
+def serve(stats: CameraStats, frames: int, inference_s: float = 0.02, latency_s=0.05) -> None:
+    for _ in range(frames):
+        stats.count("received")
+        stats.add_sample(inference_s, latency_s)
+
+
+def test_counters_subtract_field_by_field():
+    later = FrameCounters(received=10, processed=7, rejected=2, batched=4)
+    earlier = FrameCounters(received=4, processed=3, rejected=2)
+    assert later.minus(earlier) == FrameCounters(received=6, processed=4, batched=4)
+
+
+def test_report_has_every_key_and_cumulative_counts(stats, clock):
+    serve(stats, 8, inference_s=0.01, latency_s=0.03)
+    stats.count("rejected", 2)
+    stats.count("dropped_overwritten", 3)
+    stats.count("batched", 8)
+    clock.now += 2.0
+    report = camera_report(stats.window(), STATE)
+    assert [key for key, _ in report.values] == KEYS
+    assert report.value("rate (frames/s)") == "4.00"
+    assert report.value("latency median (ms)") == "30.0"
+    assert report.value("inference max (ms)") == "10.0"
+    assert report.value("frames received") == "8"
+    assert report.value("frames processed") == "8"
+    assert report.value("frames rejected") == "2"
+    assert report.value("frames dropped (overwritten)") == "3"
+    assert report.value("batched frames") == "8"
+    assert report.value("vocabulary size") == "3"
+    assert report.value("device") == "cpu"
+    assert report.value("GPU memory allocated (MiB)") == NOT_AVAILABLE
+    assert report.value("enabled") == "true"
+
+
+def test_steady_serving_is_ok(stats, clock):
+    serve(stats, 10)
+    clock.now += 1.0
+    report = camera_report(stats.window(), STATE)
+    assert report.level == OK
+    assert report.message == "segmenting at 10.0 frames/s"
+
+
+def test_window_slides_and_counters_stay_cumulative(stats, clock):
+    latencies = iter([0.5, 0.01])  # two slow frames in the first second, then fast ones
+    for _ in range(6):  # one report a second, two frames in the first two seconds only
+        if clock.now < 102.0:
+            serve(stats, 2, latency_s=next(latencies))
+        clock.now += 1.0
+        window = stats.window()
+    # Window of 5 s: the first second (the slow frames) has left it.
+    assert window.duration_s == pytest.approx(5.0)
+    assert window.counts.processed == 2
+    assert [s.latency_s for s in window.samples] == [0.01, 0.01]
+    report = camera_report(window, STATE)
+    assert report.value("frames processed") == "4"
+    assert report.value("latency max (ms)") == "10.0"
+    clock.now += 5.0
+    report = camera_report(stats.window(), STATE)
+    assert report.value("rate (frames/s)") == "0.00"
+    assert report.value("latency median (ms)") == NOT_AVAILABLE
+    assert report.level == OK and report.message == "no frames"
+
+
+def test_unstamped_frames_have_no_latency(stats, clock):
+    serve(stats, 3, latency_s=None)
+    clock.now += 1.0
+    report = camera_report(stats.window(), STATE)
+    assert report.value("latency median (ms)") == NOT_AVAILABLE
+    assert report.value("inference median (ms)") == "20.0"
+
+
+def test_rejected_frames_warn(stats, clock):
+    serve(stats, 5)
+    stats.count("received")
+    stats.count("rejected")
+    clock.now += 1.0
+    report = camera_report(stats.window(), STATE)
+    assert report.level == WARN
+    assert "1 frames rejected" in report.message
+
+
+def test_some_failures_warn_and_all_failures_are_an_error(stats, clock):
+    serve(stats, 3)
+    stats.count("failed")
+    clock.now += 1.0
+    report = camera_report(stats.window(), STATE)
+    assert report.level == WARN and "failed for 1 of 4 frames" in report.message
+    clock.now += 10.0  # the window now holds only what follows
+    stats.window()
+    stats.count("received", 2)
+    stats.count("failed", 2)
+    clock.now += 1.0
+    report = camera_report(stats.window(), STATE)
+    assert report.level == ERROR and "every frame (2)" in report.message
+    assert report.value("frames failed") == "3"
+
+
+def test_frames_arriving_but_none_segmented_warn(stats, clock):
+    stats.count("received", 4)
+    stats.count("dropped_stale", 4)
+    clock.now += 1.0
+    report = camera_report(stats.window(), STATE)
+    assert report.level == WARN
+    assert report.message == "frames arrive but none was segmented, 4 too old"
+
+
+def test_paused_node_is_ok_and_says_why(stats, clock):
+    stats.count("received", 4)
+    clock.now += 1.0
+    state = NodeState(device="cpu", vocabulary_size=3, enabled=False)
+    report = camera_report(stats.window(), state)
+    assert report.level == OK and report.message == "inference paused"
+    assert report.value("enabled") == "false"
+    stats.count("rejected")  # what happened before the pause still shows
+    clock.now += 1.0
+    report = camera_report(stats.window(), state)
+    assert report.level == WARN
+    assert report.message == "inference paused; 1 frames rejected (encoding, size or data)"
+
+
+def test_gpu_memory_is_shown_in_mib():
+    state = NodeState(device="cuda:0", vocabulary_size=3, enabled=True, gpu_memory_mib=(1.5, 64))
+    report = camera_report(CameraStats().window(), state)
+    assert report.value("GPU memory allocated (MiB)") == "1.5"
+    assert report.value("GPU memory reserved (MiB)") == "64.0"
+
+
+def test_no_gpu_memory_off_cuda():
+    assert gpu_memory_mib("cpu") is None
+
+
+def test_status_message_carries_level_name_hardware_and_values(stats, clock):
+    stats.count("received")
+    stats.count("rejected")
+    clock.now += 1.0
+    report = camera_report(stats.window(), STATE)
+    status = status_message("ovss: front", "cuda:0", report)
+    assert status.level == bytes([WARN])
+    assert (status.name, status.hardware_id, status.message) == (
+        "ovss: front",
+        "cuda:0",
+        report.message,
+    )
+    assert [(kv.key, kv.value) for kv in status.values] == list(report.values)
+
+
+def test_counting_from_two_threads_loses_nothing(stats):
+    def count(name: str) -> None:
+        for _ in range(20000):
+            stats.count(name)
+
+    threads = [threading.Thread(target=count, args=(n,)) for n in ("received", "rejected")]
+    threads += [
+        threading.Thread(target=lambda: [stats.add_sample(0.0, None) for _ in range(2000)])
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert stats.totals == FrameCounters(received=20000, rejected=20000, processed=2000)
+
+
+def test_gpu_memory_comes_from_torchs_allocator_on_cuda(monkeypatch):
+    import torch
+
+    asked = []
+
+    def allocated(device):
+        asked.append(device)
+        return 3 * 2**20
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", allocated)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 8 * 2**20)
+    assert gpu_memory_mib("cuda:1") == (3.0, 8.0)
+    assert gpu_memory_mib(torch.device("cuda", 0)) == (3.0, 8.0)
+    assert asked == ["cuda:1", torch.device("cuda", 0)]
+    assert gpu_memory_mib(torch.device("cpu")) is None
