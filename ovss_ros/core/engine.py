@@ -88,6 +88,7 @@ class Segmenter:
         self.classes: list[ClassEntry] = []
         self._text_embeddings: torch.Tensor | None = None  # (queries, D)
         self._query_owner: torch.Tensor | None = None  # query -> label; len(classes) = background
+        self._class_queries = 0  # queries [0, this) are class synonyms, the rest background words
         self._class_text: torch.Tensor | None = None  # (classes, D) mean over synonyms
         self._descriptions: torch.Tensor | None = None  # (classes, D) for FreeCP's crop check
         device, dtype = self.clip.device, torch.float32
@@ -130,17 +131,15 @@ class Segmenter:
         for index, entry in enumerate(self.classes):
             texts += entry.synonyms
             owner += [index] * len(entry.synonyms)
+        self._class_queries = len(texts)  # then the background words
         texts += self.config.background_words
         owner += [len(self.classes)] * len(self.config.background_words)
         embeddings = self.text.embeddings(texts).to(self.device)
         self._text_embeddings = embeddings
         self._query_owner = torch.tensor(owner, device=self.device)
         per_class = torch.zeros(len(self.classes), embeddings.shape[1], device=self.device)
-        per_class.index_add_(
-            0,
-            self._query_owner[: len(owner) - len(self.config.background_words)],
-            embeddings[: len(owner) - len(self.config.background_words)],
-        )
+        synonyms = slice(0, self._class_queries)
+        per_class.index_add_(0, self._query_owner[synonyms], embeddings[synonyms])
         self._class_text = F.normalize(per_class, dim=-1)
         self._descriptions = self._class_text.clone()
         for index, entry in enumerate(self.classes):
@@ -247,9 +246,7 @@ class Segmenter:
 
     def _freecp(self, encoded: Encoded, window: int) -> torch.Tensor:
         features = encoded.dense.features[window]
-        background = self._text_embeddings[
-            len(self._query_owner) - len(self.config.background_words) :
-        ]
+        background = self._text_embeddings[self._class_queries :]
         classify = make_crop_classifier(
             self.clip.model.encode_image,
             self._descriptions,
