@@ -159,7 +159,8 @@ def test_mean_affinity_is_the_mean_of_torch_attention_weights(visual):
     want = torch.stack(layers).mean(0)
     assert got.affinity.shape == want.shape
     assert (got.affinity - want).abs().max().item() <= 1e-6
-    assert torch.equal(got.features, patch_features(visual, pixels, "naclip"))
+    # the explicit attention of the affinity pass and torch's fused one agree to rounding
+    torch.testing.assert_close(got.features, patch_features(visual, pixels, "naclip"))
 
 
 @pytest.mark.parametrize("source", ["naclip", "keykey"])

@@ -78,17 +78,29 @@ def attention_weights(
     raise ValueError(f"unknown method {mode!r}: use one of {list(LAST_BLOCK_MODES)}")
 
 
+def block_forward(
+    block: torch.nn.Module, x: torch.Tensor, mode: str, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A residual block with the attention of ``mode``, and that attention (N, heads, L, L).
+
+    ``vanilla`` is the block unchanged; with its weights in hand, FreeCP's layer-mean affinity
+    costs no second attention pass.
+    """
+    q, k, v, scale = _split_qkv(block, x)
+    weights = None if mode == "maskclip" else attention_weights(q, k, scale, mode, grid)
+    out = v if weights is None else weights @ v
+    out = block.ls_1(block.attn.out_proj(out.transpose(1, 2).reshape(x.shape)))
+    if mode in REDUCED_MODES:
+        return out, weights
+    x = x + out
+    return x + block.ls_2(block.mlp(block.ln_2(x))), weights
+
+
 def last_block(
     block: torch.nn.Module, x: torch.Tensor, mode: str, grid: tuple[int, int]
 ) -> torch.Tensor:
     """The last residual block with the attention of ``mode``; x is (N, 1 + h*w, C)."""
-    q, k, v, scale = _split_qkv(block, x)
-    out = v if mode == "maskclip" else attention_weights(q, k, scale, mode, grid) @ v
-    out = block.ls_1(block.attn.out_proj(out.transpose(1, 2).reshape(x.shape)))
-    if mode in REDUCED_MODES:
-        return out
-    x = x + out
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    return block_forward(block, x, mode, grid)[0]
 
 
 @dataclass
@@ -122,10 +134,11 @@ def dense_forward(
     patch_affinity = None
     for block in blocks[:-1]:
         if affinity == "mean":
-            q, k, _, scale = _split_qkv(block, x)
-            layer = attention_weights(q, k, scale, "vanilla", grid)[:, :, 1:, 1:].mean(dim=1)
+            x, weights = block_forward(block, x, "vanilla", grid)
+            layer = weights[:, :, 1:, 1:].mean(dim=1)
             patch_affinity = layer if patch_affinity is None else patch_affinity + layer
-        x = block(x)
+        else:
+            x = block(x)
     if affinity == "mean":
         patch_affinity = patch_affinity / (len(blocks) - 1)
     elif affinity is not None:
