@@ -35,12 +35,20 @@ def test_slugify(name, slug):
         (["cup", ";"], "empty class entry"),
         (["cup", "!!!"], "no letters"),
         (["x" * 201], "too long"),
+        (["cup | " + "a mug. " * 300], "too long"),
         ([f"c{i}" for i in range(1001)], "too many"),
     ],
 )
 def test_rejections(entries, reason):
     with pytest.raises(VocabularyError, match=reason):
         parse_classes(entries)
+
+
+def test_descriptions_after_bar():
+    (entry,) = parse_classes(["tv; monitor | a flat screen showing a picture | a television set"])
+    assert entry.name == "tv" and entry.synonyms == ("tv", "monitor")
+    assert entry.descriptions == ("a flat screen showing a picture", "a television set")
+    assert parse_classes(["cup | " + "a mug for coffee. " * 20])[0].slug == "cup"
 
 
 def test_entries_may_be_parsed_already():

@@ -14,7 +14,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-MAX_ENTRY_LENGTH = 200
+MAX_NAMES_LENGTH = 200  # the class name and its synonyms
+MAX_ENTRY_LENGTH = 2000  # with descriptions: a few sentences
 
 
 class VocabularyError(ValueError):
@@ -67,9 +68,11 @@ def parse_classes(entries: Sequence[object], max_classes: int = 1000) -> list[Cl
         if isinstance(entry, ClassEntry):
             parsed_entry = entry
         elif isinstance(entry, str):
-            if len(entry) > MAX_ENTRY_LENGTH:
+            names_length = len(entry.split("|", 1)[0])
+            if names_length > MAX_NAMES_LENGTH or len(entry) > MAX_ENTRY_LENGTH:
                 raise VocabularyError(
-                    f"class entry {index} is too long ({len(entry)} > {MAX_ENTRY_LENGTH} chars)"
+                    f"class entry {index} is too long ({names_length} > {MAX_NAMES_LENGTH} chars "
+                    f"of names, or {len(entry)} > {MAX_ENTRY_LENGTH} in all)"
                 )
             parsed_entry = ClassEntry.parse(entry)
         else:
