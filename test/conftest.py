@@ -28,3 +28,19 @@ def voc_image_paths() -> list[Path]:
 def voc_rgb() -> list[np.ndarray]:
     """The real VOC 2012 sample photos as RGB uint8 arrays."""
     return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in voc_image_paths()]
+
+
+# Node test modules define a module-scoped ``node`` fixture, (client, process) of a running node;
+# these two serve all of them (opt in with pytestmark = usefixtures("node_survives")).
+@pytest.fixture(scope="module")
+def client(node):
+    return node[0]
+
+
+@pytest.fixture()
+def node_survives(node):
+    """Every test leaves the node running, with messages of earlier tests forgotten."""
+    client, process = node
+    client.clear()
+    yield
+    assert process.returncode is None, f"node died:\n{process.output()}"

@@ -6,13 +6,11 @@ arrives and the counters in /diagnostics can be compared with what was sent.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 from rclpy.parameter import Parameter
 from ros_harness import (
     TINY_NODE_PARAMETERS,
-    VOC_IMAGES,
     image_array,
     make_image,
     next_header,
@@ -28,6 +26,9 @@ CLASSES = ["cat", "dog", "person"]
 OUTPUTS = ("labels", "label_info", "overlay", "confidence")
 
 
+pytestmark = pytest.mark.usefixtures("node_survives")
+
+
 @pytest.fixture(scope="module")
 def node():
     extra = []
@@ -39,25 +40,6 @@ def node():
         process,
     ):
         yield client, process
-
-
-@pytest.fixture(scope="module")
-def client(node):
-    return node[0]
-
-
-@pytest.fixture(autouse=True)
-def node_survives(node):
-    client, process = node
-    client.clear()
-    yield
-    assert process.returncode is None, f"node died:\n{process.output()}"
-
-
-@pytest.fixture(scope="module")
-def voc_rgb() -> list[np.ndarray]:
-    paths = sorted(VOC_IMAGES.glob("*.jpg"))
-    return [cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB) for path in paths]
 
 
 def test_each_camera_has_its_own_inputs_and_outputs(client):

@@ -23,6 +23,9 @@ from ros_harness import (
 CLASSES = ["sofa", "plant; potted plant"]
 
 
+pytestmark = pytest.mark.usefixtures("node_survives")
+
+
 @pytest.fixture(scope="module")
 def node():
     parameters = TINY_NODE_PARAMETERS | {"classes": CLASSES, "image_transport": "compressed"}
@@ -40,19 +43,6 @@ def node():
         reliable_input=True,
     ) as (client, process):
         yield client, process
-
-
-@pytest.fixture(scope="module")
-def client(node):
-    return node[0]
-
-
-@pytest.fixture(autouse=True)
-def node_survives(node):
-    client, process = node
-    client.clear()
-    yield
-    assert process.returncode is None, f"node died:\n{process.output()}"
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,9 @@ OUTPUT_OVERRIDES = {
 }
 
 
+pytestmark = pytest.mark.usefixtures("node_survives")
+
+
 @pytest.fixture(scope="module")
 def node():
     overrides = {"qos_overrides./image.subscription.reliability": "reliable", **OUTPUT_OVERRIDES}
@@ -61,18 +64,6 @@ def node():
         client.subscribe(client.topic("labels"), Image, qos_profile_sensor_data)
         client.subscribe(client.topic("masks/cat"), Image, qos_profile_sensor_data)
         yield client, process
-
-
-@pytest.fixture(scope="module")
-def client(node):
-    return node[0]
-
-
-@pytest.fixture(autouse=True)
-def node_survives(node):
-    client, process = node
-    yield
-    assert process.returncode is None, f"node died:\n{process.output()}"
 
 
 @pytest.fixture(scope="module")

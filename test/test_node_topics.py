@@ -17,7 +17,6 @@ from rclpy.parameter import Parameter
 from ros_harness import (
     REPO_ROOT,
     TINY_NODE_PARAMETERS,
-    VOC_IMAGES,
     image_array,
     make_image,
     next_header,
@@ -33,6 +32,9 @@ CLASSES = ["cat", "dog", "person"]
 ALL_OUTPUTS = ("labels", "label_info", "overlay", "confidence")
 
 
+pytestmark = pytest.mark.usefixtures("node_survives")
+
+
 @pytest.fixture(scope="module")
 def node():
     # The shipped defaults file, with the tiny model and the test vocabulary over it.
@@ -42,27 +44,6 @@ def node():
         for name in CLASSES:
             client.subscribe_mask(name)
         yield client, process
-
-
-@pytest.fixture(scope="module")
-def client(node):
-    return node[0]
-
-
-@pytest.fixture(autouse=True)
-def node_survives(node):
-    """Every test leaves the node running, with messages of earlier tests forgotten."""
-    client, process = node
-    client.clear()
-    yield
-    assert process.returncode is None, f"node died:\n{process.output()}"
-
-
-@pytest.fixture(scope="module")
-def voc_rgb() -> list[np.ndarray]:
-    paths = sorted(VOC_IMAGES.glob("*.jpg"))
-    assert paths, f"no VOC samples under {VOC_IMAGES} (Debian package labelme-examples)"
-    return [cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB) for path in paths]
 
 
 def class_names(label_info) -> list[str]:
