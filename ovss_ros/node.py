@@ -53,7 +53,6 @@ from vision_msgs.msg import LabelInfo
 
 from ovss_ros import node_parameters
 from ovss_ros.core import ModelLoadError, Segmentation, Segmenter, overlay, parse_classes
-from ovss_ros.core.engine import resized_size
 from ovss_ros.diagnostics import (
     CameraStats,
     NodeState,
@@ -587,11 +586,10 @@ class SegmentationNodeMixin:
 
     def _count_batched(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
         """Count the frames that shared a forward pass: the engine batches equal resized sizes."""
-        short_side, patch = self.segmenter.config.short_side, self.segmenter.patch
-        sizes = [resized_size(*rgb.shape[:2], short_side, patch) for _, rgb in batch]
-        for (frame, _), size in zip(batch, sizes, strict=True):
-            if sizes.count(size) > 1:
-                frame.camera.stats.count("batched")
+        for group in self.segmenter.batch_groups([rgb for _, rgb in batch]):
+            if len(group) > 1:
+                for index in group:
+                    batch[index][0].camera.stats.count("batched")
 
     def _age(self, header: Header) -> float | None:
         """Seconds from the header stamp to now; None for an unstamped frame (age unknown)."""

@@ -1,4 +1,4 @@
-"""The node's worker logic in-process, with a stand-in Segmenter that can fail on demand.
+"""The node's worker logic in-process, with the real Segmenter failing on demand.
 
 What the DDS tests cannot provoke on purpose: inference raising (a CUDA out-of-memory) for one
 frame or for a whole multi-camera batch, a failed vocabulary change; and the counters kept for
@@ -13,61 +13,43 @@ import numpy as np
 import pytest
 import rclpy
 from rclpy.parameter import Parameter
-from ros_harness import isolate_dds, make_image
+from ros_harness import TINY_NODE_PARAMETERS, isolate_dds, make_image
 from std_msgs.msg import Header
 
 import ovss_ros.node as node_module
-from ovss_ros.core import ClassEntry, EngineConfig, Segmentation, parse_classes
+from ovss_ros.core import EngineConfig, Segmentation, Segmenter
 from ovss_ros.diagnostics import ERROR, OK, WARN, NodeState, camera_report
 from ovss_ros.node import Frame, OvssNode
 
 
-class FakeClip:
-    patch_size = 16
-
-
-class FakeSegmenter:
-    """Same surface as ovss_ros.core.Segmenter; records calls, fails when told to."""
+class FaultySegmenter(Segmenter):
+    """The real engine on a tiny random open_clip model, with faults injected on demand (as a
+    CUDA out-of-memory would raise), and a record of the calls the node made."""
 
     fail_segment = False
     fail_set_classes = False
     fail_width: int | None = None  # any batch with a frame this wide raises
-    patch = 16
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        self.device = "cpu"
-        self.clip = FakeClip()
-        self.classes: list[ClassEntry] = []
         self.calls: list[str] = []
+        super().__init__(config)
 
     def set_classes(self, entries) -> None:
         self.calls.append("set_classes")
-        if FakeSegmenter.fail_set_classes:
+        if FaultySegmenter.fail_set_classes:
             raise RuntimeError("out of memory while encoding text")
-        self.classes = parse_classes(entries)
+        super().set_classes(entries)
 
     def reconfigure(self, **changes) -> None:
         self.calls.append(f"reconfigure {sorted(changes)}")
-        for name, value in changes.items():
-            setattr(self.config, name, value)
-
-    def segment(self, rgb: np.ndarray) -> Segmentation:
-        return self.segment_many([rgb])[0]
+        super().reconfigure(**changes)
 
     def segment_many(self, images: list[np.ndarray]) -> list[Segmentation]:
         self.calls.append(f"segment_many {len(images)}")
         widths = [rgb.shape[1] for rgb in images]
-        if FakeSegmenter.fail_segment or FakeSegmenter.fail_width in widths:
+        if FaultySegmenter.fail_segment or FaultySegmenter.fail_width in widths:
             raise RuntimeError("CUDA out of memory")
-        return [
-            Segmentation(
-                labels=np.zeros(rgb.shape[:2], np.uint8),
-                confidence=np.ones(rgb.shape[:2], np.float32),
-                class_names=[entry.name for entry in self.classes],
-            )
-            for rgb in images
-        ]
+        return super().segment_many(images)
 
     def forwards(self) -> list[str]:
         return [call for call in self.calls if call.startswith("segment_many")]
@@ -75,14 +57,18 @@ class FakeSegmenter:
 
 def make_node(monkeypatch, *overrides: Parameter):
     isolate_dds()
-    monkeypatch.setattr(node_module, "Segmenter", FakeSegmenter)
-    FakeSegmenter.fail_segment = FakeSegmenter.fail_set_classes = False
-    FakeSegmenter.fail_width = None
+    monkeypatch.setattr(node_module, "Segmenter", FaultySegmenter)
+    FaultySegmenter.fail_segment = FaultySegmenter.fail_set_classes = False
+    FaultySegmenter.fail_width = None
     context = rclpy.Context()
     rclpy.init(context=context)
     ovss = OvssNode(
         context=context,
-        parameter_overrides=[Parameter("classes", value=["cat", "dog"]), *overrides],
+        parameter_overrides=[
+            *(Parameter(name, value=value) for name, value in TINY_NODE_PARAMETERS.items()),
+            Parameter("classes", value=["cat", "dog"]),
+            *overrides,
+        ],
     )
     yield ovss
     ovss.destroy_node()
@@ -127,10 +113,10 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
 
 
 def test_inference_failure_is_counted_and_the_next_frame_is_served(node):
-    FakeSegmenter.fail_segment = True
+    FaultySegmenter.fail_segment = True
     node._process([frame(node)])
     assert totals(node).failed == 1 and totals(node).processed == 0
-    FakeSegmenter.fail_segment = False
+    FaultySegmenter.fail_segment = False
     node._process([frame(node)])
     assert totals(node).processed == 1
     (sample,) = node.cameras[0].stats.window().samples
@@ -185,10 +171,10 @@ def test_refused_parameters_reach_nothing(node):
 
 
 def test_failed_vocabulary_change_keeps_the_node_serving(node):
-    FakeSegmenter.fail_set_classes = True
+    FaultySegmenter.fail_set_classes = True
     assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
     wait_until(lambda: node.segmenter.calls.count("set_classes") == 2)
-    FakeSegmenter.fail_set_classes = False
+    FaultySegmenter.fail_set_classes = False
     assert [c.name for c in node.segmenter.classes] == ["cat", "dog"]
     node._process([frame(node)])
     assert totals(node).processed == 1
@@ -215,7 +201,7 @@ def test_frames_of_two_cameras_share_one_forward_and_are_counted_as_batched(two_
 
 def test_failed_batch_costs_only_the_frames_that_fail_alone(two_cameras):
     node = two_cameras
-    FakeSegmenter.fail_width = 13  # the rear camera's frames cannot be segmented
+    FaultySegmenter.fail_width = 13  # the rear camera's frames cannot be segmented
     node._process([frame(node, camera=0), frame(node, camera=1, width=13)])
     assert node.segmenter.forwards() == ["segment_many 2", "segment_many 1", "segment_many 1"]
     assert totals(node, 0).processed == 1 and totals(node, 0).failed == 0
@@ -225,10 +211,10 @@ def test_failed_batch_costs_only_the_frames_that_fail_alone(two_cameras):
 
 def test_batch_that_fails_whole_loses_those_frames_and_the_next_batch_is_served(two_cameras):
     node = two_cameras
-    FakeSegmenter.fail_segment = True  # e.g. the GPU is out of memory for a while
+    FaultySegmenter.fail_segment = True  # e.g. the GPU is out of memory for a while
     node._process([frame(node, camera=0), frame(node, camera=1)])
     assert [totals(node, c).failed for c in (0, 1)] == [1, 1]
-    FakeSegmenter.fail_segment = False
+    FaultySegmenter.fail_segment = False
     node._process([frame(node, camera=0), frame(node, camera=1)])
     assert [totals(node, c).processed for c in (0, 1)] == [1, 1]
     assert [totals(node, c).failed for c in (0, 1)] == [1, 1]
@@ -237,7 +223,7 @@ def test_batch_that_fails_whole_loses_those_frames_and_the_next_batch_is_served(
 def test_diagnostics_level_follows_the_failures_in_the_window(two_cameras):
     node = two_cameras
     state = NodeState(device="cpu", vocabulary_size=2, enabled=True)
-    FakeSegmenter.fail_width = 13
+    FaultySegmenter.fail_width = 13
     node._process([frame(node, camera=0), frame(node, camera=1, width=13)])
     front = camera_report(node.cameras[0].stats.window(), state)
     rear = camera_report(node.cameras[1].stats.window(), state)

@@ -158,11 +158,8 @@ class Segmenter:
             raise VocabularyError("no classes set: call set_classes first")
         sizes = [_check_rgb(rgb) for rgb in images]
         pixels = [self.preprocess(rgb) for rgb in images]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, image in enumerate(pixels):
-            groups.setdefault(tuple(image.shape), []).append(index)
         results: list[Segmentation | None] = [None] * len(images)
-        for members in groups.values():
+        for members in self.batch_groups(images):
             encoded = self.encode(torch.cat([pixels[i] for i in members]))
             logits, scores = self.head(encoded)
             per_image = len(encoded.boxes)
@@ -175,6 +172,14 @@ class Segmenter:
                     sizes[index],
                 )
         return results
+
+    def batch_groups(self, images: Sequence[np.ndarray]) -> list[list[int]]:
+        """Indices of the images that share one forward pass: those of equal resized size."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, rgb in enumerate(images):
+            size = resized_size(rgb.shape[0], rgb.shape[1], self.config.short_side, self.patch)
+            groups.setdefault(size, []).append(index)
+        return list(groups.values())
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """Upload the uint8 image once, then resize and normalise on the model's device."""
