@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
@@ -39,10 +38,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--templates", default="single")
     args = parser.parse_args()
-    rgb = cv2.cvtColor(
-        cv2.resize(cv2.imread(str(sorted(ros_harness.VOC_IMAGES.glob("*.jpg"))[0])), (640, 480)),
-        cv2.COLOR_BGR2RGB,
-    )
+    rgb = ros_harness.camera_frame(640, 480)
     parameters = {
         "model": args.model,
         "pretrained": "none",

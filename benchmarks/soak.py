@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import rclpy
 
@@ -87,10 +86,7 @@ def soak(args: argparse.Namespace) -> SoakReport:
     from rcl_interfaces.srv import SetParameters
     from rclpy.parameter import Parameter
 
-    rgb = cv2.cvtColor(
-        cv2.resize(cv2.imread(str(sorted(ros_harness.VOC_IMAGES.glob("*.jpg"))[0])), (640, 480)),
-        cv2.COLOR_BGR2RGB,
-    )
+    rgb = ros_harness.camera_frame(640, 480)
     parameters = {
         "model": args.model,
         "pretrained": "none",

@@ -506,6 +506,14 @@ def make_image(array: Any, encoding: str, header: Any) -> Any:
     )
 
 
+def camera_frame(width: int = 640, height: int = 480) -> Any:
+    """A real VOC photo resized to a camera's frame size, RGB uint8 (benchmarks and soak)."""
+    import cv2
+
+    bgr = cv2.imread(str(sorted(VOC_IMAGES.glob("*.jpg"))[0]))
+    return cv2.cvtColor(cv2.resize(bgr, (width, height)), cv2.COLOR_BGR2RGB)
+
+
 def make_compressed(data: bytes, header: Any, image_format: str = "jpeg") -> Any:
     from sensor_msgs.msg import CompressedImage
 

@@ -20,28 +20,11 @@ from ros_harness import (
     status_values,
 )
 from sensor_msgs.msg import Image
+from test_diagnostics import KEYS as DIAGNOSTIC_KEYS
 
 CLASSES = ["cat", "dog", "person"]
 STATUS = "ovss: image"
-KEYS = {
-    "rate (frames/s)",
-    "latency median (ms)",
-    "latency max (ms)",
-    "inference median (ms)",
-    "inference max (ms)",
-    "frames received",
-    "frames processed",
-    "frames dropped (stale)",
-    "frames dropped (overwritten)",
-    "frames rejected",
-    "frames failed",
-    "batched frames",
-    "vocabulary size",
-    "device",
-    "GPU memory allocated (MiB)",
-    "GPU memory reserved (MiB)",
-    "enabled",
-}
+KEYS = set(DIAGNOSTIC_KEYS)  # every key the status computation writes
 OUTPUT_OVERRIDES = {
     "qos_overrides./ovss/labels.publisher.reliability": "best_effort",
     "qos_overrides./ovss/labels.publisher.depth": "1",
