@@ -100,6 +100,9 @@ def soak(args: argparse.Namespace) -> SoakReport:
         # The node's input QoS override (a parameter): no frame is lost in transport, so every
         # frame sent must show up in the node's counters.
         parameters["qos_overrides./image.subscription.reliability"] = "reliable"
+        # and a labels history deep enough (3 s at 30 Hz) that a briefly busy client still
+        # acknowledges every frame before the node's writer overwrites it.
+        parameters["qos_overrides./ovss/labels.publisher.depth"] = 100
     report = SoakReport(duration_s=args.duration)
     latencies: list[float] = []
     sent_stamps: dict[tuple, float] = {}
