@@ -171,10 +171,15 @@ def test_compressed_mcap_skips_an_undecodable_frame(tmp_path, voc_rgb, caplog):
     out = tmp_path / "out"
     args = [str(path), str(out), "--topic", "/camera/image_raw/compressed", "--no-overlay"]
     args += ["--namespace", "front/ovss/", "--classes"]
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         assert main(args + CLASSES + ENGINE) == 1  # the bag is written; one frame is missing
-    assert "skipping frame at 1700000000100000000 ns: undecodable compressed image" in caplog.text
-    assert "skipped 1 of 4 frames" in caplog.text
+    assert (
+        "skipping frame at 1700000000100000000 ns (undecodable): undecodable compressed image"
+        in caplog.text
+    )
+    assert "skipped 1 of 4 frames (1 undecodable)" in caplog.text
+    assert "finished 4 of 4 frames (3 segmented, 1 skipped)" in caplog.text
+    assert f"{out} holds 4 input frames and the outputs of 3" in caplog.text
     assert storage_of(out) == "mcap"
     topics = read_bag(out)
     assert len(topics["/camera/image_raw/compressed"]) == 4  # copied, the bad frame too
@@ -197,7 +202,8 @@ def test_compressed_mcap_skips_an_undecodable_frame(tmp_path, voc_rgb, caplog):
     assert names == [["person", "cup", "tv"]] * 3
 
 
-def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch):
+def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch, caplog):
+    """Ctrl-C while the second frame is segmented: neither that frame nor its outputs are written."""
     segment = Segmenter.segment
     calls = []
 
@@ -210,9 +216,15 @@ def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch):
     monkeypatch.setattr(Segmenter, "segment", interrupted_on_second_frame)
     out = tmp_path / "out"
     args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--classes", "cup"]
-    assert main(args + ENGINE) == 130
+    with caplog.at_level(logging.INFO):
+        assert main(args + ENGINE) == 130
+    assert (
+        f"interrupted by SIGINT after 1 of 3 frames (1 segmented, 0 skipped): {out} holds 1 "
+        "input frames and the outputs of 1"
+    ) in caplog.text
     topics = read_bag(out)  # closed properly: metadata.yaml is there
-    assert len(topics["/ovss/labels"]) == 1 and len(topics["/camera/image_raw"]) == 2
+    assert len(topics["/ovss/labels"]) == 1 and len(topics["/camera/image_raw"]) == 1
+    assert topics["/ovss/labels"][0][0] == topics["/camera/image_raw"][0][0]
 
 
 def test_storage_conversion_and_copy_choice(tmp_path, raw_sqlite3_bag):
