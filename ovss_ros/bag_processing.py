@@ -24,6 +24,7 @@ import logging
 import re
 import signal
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -380,6 +381,7 @@ def segment_bag(
     alpha: float = 0.5,
     progress: bool | None = None,
     max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+    stop: StopSignals | None = None,
 ) -> BagReport:
     """Run ``segmenter`` over every frame of ``job`` and write the output bag.
 
@@ -390,14 +392,19 @@ def segment_bag(
     the total) on a terminal only. Ctrl-C / SIGTERM (handled while this runs, in the main thread)
     and errors reading or writing the bags stop the run; the output bag is closed normally with the
     frames finished so far (rosbags would otherwise abort it, leaving no metadata.yaml), and
-    ``report.interrupted`` / ``report.error`` tell.
+    ``report.interrupted`` / ``report.error`` tell. ``stop``: an entered StopSignals of the
+    caller (to keep handling signals after this returns); by default one for this call only.
     """
     copied_topics = {"all": None, "image": {job.image_topic}, "none": set()}[job.copy]
     report = BagReport()
     store = typestore()
-    stop = StopSignals()
+    if stop is None:
+        stop = StopSignals()
+        handling = stop
+    else:
+        handling = nullcontext(stop)
     with (
-        stop,  # entered first, left last: signals during the closing are only recorded
+        handling,  # entered first, left last: signals during the closing are only recorded
         Reader(job.input_path) as reader,
         Writer(job.output_path, version=9, storage_plugin=STORAGES[job.storage]) as writer,
     ):

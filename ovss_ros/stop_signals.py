@@ -62,6 +62,13 @@ class StopSignals:
         finally:
             self._interruptible = False
 
+    def ignore_further(self) -> None:
+        """Ignore the stop signals from now on, also after the block: for a process that was told
+        to stop and has only to exit (a further Ctrl-C would otherwise kill it on the way out)."""
+        for number in self._previous:
+            signal.signal(number, signal.SIG_IGN)
+        self._previous.clear()
+
     def exit_status(self) -> int:
         """128 + the signal's number, as a shell reports it (SIGINT 130, SIGTERM 143)."""
         return 128 + int(self.received or signal.SIGINT)

@@ -203,7 +203,7 @@ def test_compressed_mcap_skips_an_undecodable_frame(tmp_path, voc_rgb, caplog):
 
 
 def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch, caplog):
-    """Ctrl-C while the second frame is segmented: neither that frame nor its outputs are written."""
+    """Ctrl-C while the second frame is segmented: neither it nor its outputs are written."""
     segment = Segmenter.segment
     calls = []
 

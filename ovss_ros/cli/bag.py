@@ -34,6 +34,7 @@ from ovss_ros.bag_processing import (
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.core import ModelLoadError, Segmenter, VocabularyError, parse_classes
+from ovss_ros.stop_signals import StopSignals
 
 logger = logging.getLogger("ovss-bag")
 
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BagError, ModelLoadError, VocabularyError, ValueError) as error:
         logger.error("%s", error)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: no bag was started
+        logger.warning("interrupted before the first frame; nothing written")
+        return 130
     logger.info(
         "segmenting %d frames of %s (%s) into %s (%s)",
         job.frames,
@@ -100,15 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         job.output_path,
         job.storage,
     )
-    with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
+    # Signals are handled until the summary is out; warnings print above the progress bar.
+    with StopSignals() as stop, logging_redirect_tqdm():
         report = segment_bag(
             job,
             segmenter,
             alpha=args.alpha,
             progress=args.progress,
             max_pixels=args.max_input_pixels,
+            stop=stop,
         )
-    return _summarise(job, report)
+        status = _summarise(job, report)
+        if stop.received is not None:
+            stop.ignore_further()  # told to stop: only the exit is left, a second Ctrl-C waits
+    return status
 
 
 def _summarise(job: BagJob, report: BagReport) -> int:
