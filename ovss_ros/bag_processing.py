@@ -423,6 +423,7 @@ def segment_bag(
             desc=job.image_topic,
             disable=None if progress is None else not progress,
         )
+        writing: int | None = None  # bag time of the frame whose messages are being written
         try:
             with bar:
                 for connection, timestamp, raw in reader.messages(connections=wanted):
@@ -432,6 +433,7 @@ def segment_bag(
                     with stop.interruptible():  # nothing of this frame is written yet
                         outputs = _frame_outputs(job, segmenter, alpha, max_pixels, raw)
                     # The frame and its outputs, together (signals now wait for the next frame).
+                    writing = timestamp
                     if connection.id in copies:
                         writer.write(copies[connection.id], timestamp, raw)
                         report.copied_frames += 1
@@ -442,12 +444,18 @@ def segment_bag(
                             out.write(topic, timestamp, data)
                         report.segmented += 1
                     report.frames += 1
+                    writing = None
                     bar.update()
         except KeyboardInterrupt:  # keep what is done: the Writer closes the bag normally
             report.interrupted = True
             report.stop_signal = (stop.received or signal.SIGINT).name
         except Exception as error:  # reading or writing the bags: stop, keep what is done
             report.error = f"{type(error).__name__}: {error}"
+            if writing is not None:
+                report.error += (
+                    f" (while writing the frame at {writing} ns: part of its messages may be in "
+                    "the bag; the per-topic counts are exact)"
+                )
             logger.debug("the run stopped on an error", exc_info=True)
     report.written = out.counts
     return report

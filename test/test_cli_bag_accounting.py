@@ -3,7 +3,8 @@
 Interrupted for real (a child process sent SIGINT, two SIGINTs, SIGTERM once its progress bar shows
 frames done), stopped by a real read error (a chunk of the input MCAP whose checksum is wrong),
 and with the real segmenter failing on some frames; each time the output bag is read back with
-rosbags and compared with the numbers printed.
+rosbags and compared with the numbers printed. A full disk is the one fault injected (into rosbags'
+Writer.write).
 """
 
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from mcap.reader import make_reader
-from rosbags.rosbag2 import StoragePlugin
+from rosbags.rosbag2 import StoragePlugin, Writer
 from test_cli_bag import ENGINE, _jpeg, _raw_image, read_bag, write_bag
 
 from ovss_ros.cli.bag import main
@@ -183,3 +184,32 @@ def test_read_error_stops_the_run_and_the_bag_holds_what_is_reported(tmp_path, v
     numbers = summary(caplog.text)
     assert numbers["how"] == "stopped by an error after" and 0 < numbers["done"] < 8
     check_bag_matches(out, "/image", numbers)
+
+
+def test_write_error_stops_the_run_and_per_topic_counts_are_exact(
+    tmp_path, voc_rgb, monkeypatch, caplog
+):
+    """A full disk while a frame's outputs are written: the message says so, the counts hold."""
+    bag = tmp_path / "in"
+    write_bag(bag, StoragePlugin.SQLITE3, "/image", [_raw_image(i, voc_rgb[i]) for i in range(3)])
+    write, calls = Writer.write, []
+
+    def disk_full_on_tenth_message(self, connection, timestamp, data):
+        calls.append(connection.topic)
+        if len(calls) == 10:
+            raise OSError(28, "No space left on device (injected)")
+        return write(self, connection, timestamp, data)
+
+    monkeypatch.setattr(Writer, "write", disk_full_on_tenth_message)
+    out = tmp_path / "out"
+    args = [str(bag), str(out), "--topic", "/image", "--classes", "person"]
+    with caplog.at_level(logging.INFO):
+        assert main(args + ENGINE) == 1
+    monkeypatch.undo()
+    # per frame: /image, label_info, labels, masks/person, overlay, then /note: the 10th message
+    # is the second frame's mask, after its input, label_info and labels went in.
+    assert "No space left on device (injected) (while writing the frame at" in caplog.text
+    topics = read_bag(out)
+    for topic, count in re.findall(r"(/\S+): (\d+) messages", caplog.text):
+        assert len(topics.get(topic, [])) == int(count), topic
+    assert [len(topics[t]) for t in ("/image", "/ovss/labels", "/ovss/masks/person")] == [2, 2, 1]
