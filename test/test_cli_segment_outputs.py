@@ -137,6 +137,12 @@ def test_output_that_would_overwrite_an_input_is_refused_before_the_model_loads(
     assert "unknown model" not in caplog.text
     assert sorted(p.name for p in folder.iterdir()) == before
 
+    caplog.clear()
+    args = [str(folder), "-o", str(folder / "a.jpg"), "--classes", "cat", "--model", "ViT-Q-1"]
+    assert main(args) == 2
+    assert f"--output '{folder / 'a.jpg'}' exists and is not a folder" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == before
+
 
 def test_images_over_the_pixel_limit_are_refused_from_the_header_and_counted(
     tmp_path, voc_rgb, caplog

@@ -126,8 +126,10 @@ def plan(inputs: Sequence[str], output: Path, with_overlay: bool) -> list[ImageJ
 
     Raises:
         FileNotFoundError: an input does not exist.
-        ValueError: an output file would overwrite one of the input images.
+        ValueError: ``output`` is not a folder, or an output file would overwrite an input image.
     """
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} exists and is not a folder")
     files = image_files(inputs)
     jobs = [ImageJob(p, n) for p, n in zip(files, output_names(files), strict=True)]
     for job in jobs:
