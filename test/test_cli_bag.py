@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_VIT
 from mcap.reader import make_reader
 from mcap_ros2.decoder import DecoderFactory
@@ -26,7 +27,8 @@ from rosbags.typesys import get_types_from_msg
 from vision_msgs.msg import LabelInfo
 
 from ovss_ros.bag_processing import LABEL_INFO_TYPE, VISION_MSGS_DEFINITIONS, typestore
-from ovss_ros.cli.bag import main
+from ovss_ros.cli.bag import main, parse_args
+from ovss_ros.cli.engine_args import config_from_args
 from ovss_ros.core import Segmenter
 
 ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--size", "64"]
@@ -231,17 +233,28 @@ def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch, ca
     assert topics["/ovss/labels"][0][0] == topics["/camera/image_raw"][0][0]
 
 
-def test_storage_conversion_and_copy_choice(tmp_path, raw_sqlite3_bag):
+def test_storage_conversion_and_copy_choice(tmp_path, raw_sqlite3_bag, voc_rgb):
     out = tmp_path / "out"
     args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--storage", "mcap"]
     args += ["--copy", "none", "--no-masks", "--threshold", "1.0", "--classes", "person", "dog"]
+    torch.manual_seed(0)  # the random tiny model's weights, again for the reference below
     assert main(args + ENGINE) == 0
     assert storage_of(out) == "mcap"
     topics = read_bag(out)
     assert set(topics) == {"/ovss/labels", "/ovss/label_info", "/ovss/overlay"}
-    for _, raw, _ in topics["/ovss/labels"]:
+    # The threshold reached the engine: the labels are those of the same engine with
+    # score_threshold 1.0, where only a pixel whose probability rounds to exactly 1.0 keeps its
+    # label (random weights can saturate the softmax, so "all unlabeled" would be flaky).
+    torch.manual_seed(0)
+    reference = Segmenter(config_from_args(parse_args(args + ENGINE)))
+    assert reference.config.score_threshold == 1.0
+    reference.set_classes(["person", "dog"])
+    for (_, raw, _), rgb in zip(topics["/ovss/labels"], voc_rgb, strict=True):
         labels = STORE.deserialize_cdr(raw, "sensor_msgs/msg/Image")
-        assert (labels.data == 255).all()  # threshold 1.0 leaves every pixel unlabeled
+        expected = reference.segment(rgb)
+        np.testing.assert_array_equal(labels.data.reshape(rgb.shape[:2]), expected.labels)
+        assert (expected.confidence[expected.labels != 255] == 1.0).all()
+        assert (expected.labels == 255).mean() > 0.5
 
 
 def test_more_than_254_classes_give_mono16_labels(tmp_path, voc_rgb):
