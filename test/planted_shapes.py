@@ -1,4 +1,5 @@
-"""A planted segmentation data set: coloured shapes on textured backgrounds, with their masks.
+"""Helpers of the DeOP tests: a planted data set (coloured shapes on textured backgrounds, with
+their masks) and a one-thread fixture.
 
 Written in the folder layout of ``ovss_ros.training.deop_data.folder_data`` (``classes.txt``,
 optional ``unseen.txt``, ``train|val/images/*.png``, ``train|val/labels/*.png``). Label 0 is the
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
+import torch
 
 CLASSES = ("stripes", "red circle", "blue square", "yellow triangle", "green diamond")
 COLOURS = {1: (215, 40, 40), 2: (40, 70, 215), 3: (230, 205, 35), 4: (40, 175, 70)}
@@ -70,3 +73,12 @@ def write_planted_set(
             cv2.imwrite(str(root / split / "images" / f"{index:04d}.png"), rgb[:, :, ::-1])
             cv2.imwrite(str(root / split / "labels" / f"{index:04d}.png"), labels)
     return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run faster on one thread than on two shared with a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

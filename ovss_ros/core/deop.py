@@ -75,9 +75,7 @@ def severed_last_block(
     """
     attn = block.attn
     width = x.shape[-1]
-    v = F.linear(
-        block.ln_1(x), attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :]
-    )
+    v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :])
     out = block.ls_1(attn.out_proj(v * weights[..., None].to(v.dtype)))
     x = residual * x + out
     return x + block.ls_2(block.mlp(block.ln_2(x)))

@@ -39,14 +39,19 @@ class _DecoderLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, feedforward), nn.ReLU(), nn.Dropout(dropout), nn.Linear(feedforward, dim)
+            nn.Linear(dim, feedforward),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(feedforward, dim),
         )
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt, query_pos, memory, pos, padding):
         q = tgt + query_pos
-        tgt = self.norms[0](tgt + self.dropout(self.self_attn(q, q, tgt, key_padding_mask=padding)[0]))
+        tgt = self.norms[0](
+            tgt + self.dropout(self.self_attn(q, q, tgt, key_padding_mask=padding)[0])
+        )
         attended = self.cross_attn(tgt + query_pos, memory + pos, memory)[0]
         tgt = self.norms[1](tgt + self.dropout(attended))
         return self.norms[2](tgt + self.dropout(self.ffn(tgt)))
@@ -113,7 +118,9 @@ class AnchorDecoder(nn.Module):
         for layer in self.layers:
             tgt = layer(tgt, query_pos, memory, pos, padding)
         q = tgt + query_pos
-        tgt = self.out_norm(tgt + self.dropout(self.out_attn(q, q, tgt, key_padding_mask=padding)[0]))
+        tgt = self.out_norm(
+            tgt + self.dropout(self.out_attn(q, q, tgt, key_padding_mask=padding)[0])
+        )
         head_dim = dim // self.heads
         q = self.anchor_q(tgt + query_pos).reshape(n, -1, self.heads, head_dim)
         k = self.anchor_k(memory + pos).reshape(n, h * w, self.heads, head_dim)
@@ -145,8 +152,14 @@ class DeopModules(nn.Module):
         self.architecture = {k: v for k, v in architecture.items()}
         dim = int(architecture["embed_dim"])
         decoder = architecture.get("decoder")
-        self.decoder = AnchorDecoder(**{k: v for k, v in decoder.items() if k != "dim"}, dim=dim) if decoder else None
-        self.void = nn.Parameter(torch.randn(1, dim) * dim**-0.5) if architecture.get("void") else None
+        self.decoder = (
+            AnchorDecoder(**{k: v for k, v in decoder.items() if k != "dim"}, dim=dim)
+            if decoder
+            else None
+        )
+        self.void = (
+            nn.Parameter(torch.randn(1, dim) * dim**-0.5) if architecture.get("void") else None
+        )
         prompt = architecture.get("prompt")
         self.prompt = PromptContext(**prompt) if prompt else None
         head = architecture.get("proposal_head")
@@ -168,7 +181,9 @@ class DeopModules(nn.Module):
                 "decoder": None if decoder is None else AnchorDecoder(embed_dim, **decoder).config,
                 "void": void,
                 "prompt": None if prompt is None else PromptContext(**prompt).config,
-                "proposal_head": None if proposal_head is None else ProposalHead(**proposal_head).config,
+                "proposal_head": None
+                if proposal_head is None
+                else ProposalHead(**proposal_head).config,
             }
         )
 

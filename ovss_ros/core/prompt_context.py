@@ -41,9 +41,7 @@ class PromptContext(nn.Module):
     def length(self) -> int:
         return self.context.shape[0]
 
-    def encode(
-        self, model: nn.Module, tokenizer: Callable, texts: Sequence[str]
-    ) -> torch.Tensor:
+    def encode(self, model: nn.Module, tokenizer: Callable, texts: Sequence[str]) -> torch.Tensor:
         """Normalised embeddings (len(texts), D); differentiable with respect to the context.
 
         Raises ValueError for a model whose text tower is not open_clip's causal transformer.

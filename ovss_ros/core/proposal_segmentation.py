@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.dense_clip import interpolate_pos_embed
 from ovss_ros.core.deop_checkpoint import Checkpoint, load_checkpoint
 from ovss_ros.core.deop_heads import DeopModules
-from ovss_ros.core.dense_clip import interpolate_pos_embed
 from ovss_ros.core.engine import resized_size
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.proposals import (

@@ -310,11 +310,15 @@ CLASS_WEIGHT, MASK_WEIGHT, DICE_WEIGHT, NO_OBJECT_WEIGHT = 1.0, 20.0, 1.0, 0.1
 def pairwise_focal_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sigmoid focal loss (alpha 0.25, gamma 2) of every prediction (Q, P) vs target (T, P)."""
     prob = logits.sigmoid()
-    pos = 0.25 * (1 - prob) ** 2 * F.binary_cross_entropy_with_logits(
-        logits, torch.ones_like(logits), reduction="none"
+    pos = (
+        0.25
+        * (1 - prob) ** 2
+        * F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
     )
-    neg = 0.75 * prob**2 * F.binary_cross_entropy_with_logits(
-        logits, torch.zeros_like(logits), reduction="none"
+    neg = (
+        0.75
+        * prob**2
+        * F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
     )
     return (pos @ targets.T + neg @ (1 - targets).T) / logits.shape[1]
 

@@ -150,7 +150,11 @@ def folder_data(root: Path) -> TrainingData:
             f"{root.name}_{split}", pairs_from_scan(images, labels, suffix, ".png")
         )
     return TrainingData(
-        root.name, readers["train"], readers["val"], classes, _indices(classes, unseen_names, str(root))
+        root.name,
+        readers["train"],
+        readers["val"],
+        classes,
+        _indices(classes, unseen_names, str(root)),
     )
 
 

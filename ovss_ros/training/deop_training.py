@@ -156,8 +156,10 @@ def create_modules(clip: LoadedClip, config: TrainingConfig) -> DeopModules:
         }
     prompt = None
     if config.prompt_length:
-        prompt = {"width": int(clip.model.token_embedding.weight.shape[1]),
-                  "length": config.prompt_length}
+        prompt = {
+            "width": int(clip.model.token_embedding.weight.shape[1]),
+            "length": config.prompt_length,
+        }
     return DeopModules.create(
         int(visual.output_dim),
         decoder={
@@ -236,7 +238,9 @@ class DeopTrainer:
         h, w = patches.shape[1:3]
         if config.proposal_source == "superpixels":
             grid = (h * cells, w * cells)
-            return superpixel_proposals(list(images), grid, config.proposals, device=labels.device), {}
+            return superpixel_proposals(
+                list(images), grid, config.proposals, device=labels.device
+            ), {}
         if config.proposal_source == "clusters":
             return cluster_proposals(patches, config.proposals, cells), {}
         mask_logits, object_logits = self.modules.proposal_head(patches)
@@ -371,7 +375,10 @@ def train(
         modules = create_modules(clip, config)
         trainer = DeopTrainer(clip, data, config, modules)
     dataset = CropDataset(
-        data, config.crop, config.seed, (config.scale_min, config.scale_max),
+        data,
+        config.crop,
+        config.seed,
+        (config.scale_min, config.scale_max),
         length=config.steps * config.batch_size,
     )
     sampler = range(start * config.batch_size, config.steps * config.batch_size)
