@@ -343,12 +343,14 @@ def train(
     config: TrainingConfig,
     output: str | Path,
     resume: bool = False,
+    stop_at: int | None = None,
 ) -> dict:
     """Train, checkpointing to ``output/checkpoint.pt`` every ``checkpoint_every`` steps and at
     the end, validating every ``validate_every`` steps and at the end (``output/metrics.json``).
 
     ``resume``: continue from ``output/checkpoint.pt`` (same data order, optimiser and RNG
-    state); its architecture wins over ``config``'s. Returns the final summary (losses, metrics).
+    state); its architecture wins over ``config``'s. ``stop_at``: stop after that step with a
+    checkpoint, as an interrupted run would (no final validation). Returns the final summary.
     Raises CheckpointError for an unusable checkpoint, ValueError for a bad config.
     """
     config.validate()
@@ -381,13 +383,15 @@ def train(
         (config.scale_min, config.scale_max),
         length=config.steps * config.batch_size,
     )
-    sampler = range(start * config.batch_size, config.steps * config.batch_size)
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    sampler = range(start * config.batch_size, end * config.batch_size)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
         sampler=sampler,
         num_workers=config.workers,
         collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
     )
 
     def save(step: int) -> None:
@@ -423,6 +427,9 @@ def train(
         if config.checkpoint_every and done % config.checkpoint_every == 0:
             save(done)
     bar.close()
+    if end < config.steps:
+        save(end)
+        return {"step": end, "last": last, "validation": None}
     final_step = max(start, config.steps)
     if not history["validation"] or history["validation"][-1]["step"] != final_step:
         history["validation"].append({"step": final_step, **trainer.validate(config.progress)})
