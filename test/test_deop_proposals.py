@@ -29,7 +29,7 @@ def test_superpixels_cover_the_image_once(voc_rgb, count):
     coverage = (proposals.masks * proposals.valid[:, :, None, None]).sum(dim=1)
     assert torch.equal(coverage, torch.ones_like(coverage))  # a partition: every cell once
     assert int(proposals.count.max()) <= count
-    assert int(proposals.count.min()) >= min(count, 10)  # real photos give many segments
+    assert int(proposals.count.min()) >= int(0.9 * count)  # SLIC is re-run when it falls short
     padded = ~proposals.valid
     assert proposals.masks[padded].sum() == 0
 

@@ -31,6 +31,7 @@ from skimage.segmentation import slic
 from torch import nn
 
 PROPOSAL_SOURCES = ("superpixels", "clusters", "learned")
+SLIC_ATTEMPTS, SLIC_ENOUGH = 3, 0.9
 
 
 @dataclass
@@ -107,21 +108,29 @@ def _longest_border_neighbour(segments: np.ndarray, label: int) -> int | None:
 def superpixel_segments(rgb: np.ndarray, count: int, compactness: float = 10.0) -> np.ndarray:
     """SLIC segment ids (H, W) int64 in 0..k-1, k <= ``count``, of an HxWx3 uint8 image.
 
-    ``skimage.segmentation.slic`` with ``n_segments=count`` (connectivity enforced), then
-    :func:`merge_to_count` where SLIC returned more segments than asked for.
+    ``skimage.segmentation.slic`` with ``n_segments=count`` (connectivity enforced). SLIC's
+    count is approximate and often well below the request on small grids, so while it returns
+    under 90% of ``count`` it runs again with the request scaled up (at most three runs);
+    :func:`merge_to_count` then merges the surplus.
     """
     if count < 1:
         raise ValueError(f"proposal count must be >= 1, got {count}")
     if count == 1:
         return np.zeros(rgb.shape[:2], dtype=np.int64)
-    segments = slic(
-        rgb,
-        n_segments=count,
-        compactness=compactness,
-        start_label=0,
-        enforce_connectivity=True,
-        channel_axis=-1,
-    )
+    asked = count
+    for _ in range(SLIC_ATTEMPTS):
+        segments = slic(
+            rgb,
+            n_segments=asked,
+            compactness=compactness,
+            start_label=0,
+            enforce_connectivity=True,
+            channel_axis=-1,
+        )
+        found = int(segments.max()) + 1
+        if found >= SLIC_ENOUGH * count or asked >= rgb.shape[0] * rgb.shape[1]:
+            break
+        asked = min(rgb.shape[0] * rgb.shape[1], math.ceil(asked * count / max(found, 1)))
     return merge_to_count(segments, count).astype(np.int64)
 
 

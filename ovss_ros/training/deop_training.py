@@ -81,7 +81,7 @@ class TrainingConfig:
     mask_cells: int = 4
     severance_residual: float = 0.2
     templates: str = "imagenet"  # the text side without a learned prompt
-    prompt_length: int = 0  # 0: templates; > 0: learned context of that many tokens (DeOP: 16)
+    prompt_length: int = 16  # learned context tokens (DeOP: 16); 0: the prompt templates
     decoder_layers: int = 1
     decoder_heads: int = 8
     decoder_feedforward: int = 1024
