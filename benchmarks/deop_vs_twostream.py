@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             frames = deop.prepare([rgb])
         crops = int(frames.proposals.count[0])
-        propose = median_ms(lambda: deop.propose(frames), args.iterations, sync)
+        propose = median_ms(lambda f=frames: deop.propose(f), args.iterations, sync)
         deop_ms = median_ms(lambda: deop.segment(rgb), args.iterations, sync)
         two_ms = median_ms(lambda: two.segment(rgb), args.twostream_iterations, sync)
         row = {

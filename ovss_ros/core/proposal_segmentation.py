@@ -69,10 +69,10 @@ class ProposalSettings:
                 f"unknown proposal_source {self.proposal_source!r}: use one of "
                 f"{['auto', *PROPOSAL_SOURCES]}"
             )
-        _check_int(self.proposals, "proposals", 1, MAX_PROPOSALS)
-        _check_int(self.short_side, "short_side", 0, 10_000)
-        _check_int(self.mask_cells, "mask_cells", 1, 16)
-        _check_int(self.cluster_iterations, "cluster_iterations", 1, 100)
+        check_int(self.proposals, "proposals", 1, MAX_PROPOSALS)
+        check_int(self.short_side, "short_side", 0, 10_000)
+        check_int(self.mask_cells, "mask_cells", 1, 16)
+        check_int(self.cluster_iterations, "cluster_iterations", 1, 100)
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         for name in ("logit_scale", "superpixel_compactness"):
@@ -84,7 +84,7 @@ class ProposalSettings:
         template_set(self.templates)
 
 
-def _check_int(value: object, name: str, low: int, high: int) -> None:
+def check_int(value: object, name: str, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 

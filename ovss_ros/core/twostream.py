@@ -20,7 +20,7 @@ from ovss_ros.core.proposal_segmentation import (
     Frames,
     ProposalSegmenter,
     ProposalSettings,
-    _check_int,
+    check_int,
 )
 
 MASK_THRESHOLD = 0.5  # the adapter's mask_thr
@@ -34,7 +34,7 @@ class TwoStreamSettings(ProposalSettings):
 
     def validate(self) -> None:
         super().validate()
-        _check_int(self.crop_batch, "crop_batch", 1, 1024)
+        check_int(self.crop_batch, "crop_batch", 1, 1024)
 
 
 class TwoStream(ProposalSegmenter):
