@@ -30,7 +30,7 @@ def plant(segmenter, rgb, patches, owner):
 
 def patch_centre(rgb, segmenter, row, col):
     """Pixel at the centre of patch (row, col) in input coordinates."""
-    h, w = resized_size(*rgb.shape[:2], segmenter.config.short_side, segmenter.clip.patch_size)
+    h, w = segmenter.network_size(*rgb.shape[:2])
     p = segmenter.clip.patch_size
     return int((row + 0.5) * p * rgb.shape[0] / h), int((col + 0.5) * p * rgb.shape[1] / w)
 
@@ -141,9 +141,9 @@ def test_window_starts_cover_the_axis(length, crop, stride, starts):
 
 
 def test_resized_size_rounds_to_patches():
-    assert resized_size(480, 640, 448, 16) == (448, 592)
-    assert resized_size(480, 640, 0, 16) == (480, 640)
-    assert resized_size(3, 5, 0, 16) == (16, 16)
+    assert resized_size(480, 640, 448, 16, max_long_side=2048) == (448, 592)
+    assert resized_size(480, 640, 0, 16, max_long_side=2048) == (480, 640)
+    assert resized_size(3, 5, 0, 16, max_long_side=2048) == (16, 16)
 
 
 @pytest.mark.parametrize(
@@ -152,6 +152,12 @@ def test_resized_size_rounds_to_patches():
         ({"method": "magic"}, "unknown method"),
         ({"short_side": -1}, "short_side must be >= 0"),
         ({"crop": 224, "stride": 300}, "stride 300 larger than crop"),
+        ({"crop": 40}, "crop 40 must be a multiple of the patch 16"),
+        ({"max_long_side": 8}, "below one patch"),
+        ({"max_long_side": 0}, "max_long_side must be in"),
+        ({"templates": "a {} of {}"}, "templates"),
+        ({"background_words": "sky"}, "list of strings"),
+        ({"background_words": ("sky\n",)}, "U\\+000A"),
         ({"stride": 8}, "stride needs crop"),
         ({"score_threshold": 1.5}, "score_threshold"),
         ({"logit_scale": 0.0}, "logit_scale"),
@@ -166,12 +172,6 @@ def test_reconfigure_rejects_and_changes_nothing(segmenter, changes, message):
     with pytest.raises(ValueError, match=message):
         segmenter.reconfigure(**changes)
     assert segmenter.config == before
-
-
-def test_crop_must_fit_patches(segmenter, voc_rgb):
-    segmenter.reconfigure(crop=40)
-    with pytest.raises(ValueError, match="multiple of the patch"):
-        segmenter.segment(voc_rgb[0])
 
 
 @pytest.mark.parametrize(
