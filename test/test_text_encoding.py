@@ -1,10 +1,10 @@
 """The text side: templates, the cut forward, and the per-class cache."""
 
+import threading
+
 import pytest
 import torch
 from conftest import TINY_VIT
-
-import threading
 
 from ovss_ros.core import Stopped
 from ovss_ros.core.engine import EngineConfig, Segmenter
