@@ -102,7 +102,7 @@ def test_more_than_254_classes_use_uint16(segmenter, voc_rgb):
 
 def test_sliding_window_covering_whole_image_equals_whole_image(segmenter, voc_rgb):
     rgb = cv2.resize(voc_rgb[2], (96, 64))
-    segmenter.reconfigure(short_side=0)
+    segmenter.reconfigure(short_side=0, max_long_side=96)  # keep the size
     whole = segmenter.segment(rgb)
     segmenter.reconfigure(crop=96, stride=48)
     slid = segmenter.segment(rgb)
@@ -113,7 +113,7 @@ def test_sliding_window_covering_whole_image_equals_whole_image(segmenter, voc_r
 def test_sliding_window_averages_overlaps(segmenter, voc_rgb):
     """Two 64x64 windows on a 64x96 image: the overlap is the mean of both windows' logits."""
     rgb = cv2.resize(voc_rgb[0], (96, 64))
-    segmenter.reconfigure(short_side=0, crop=64, stride=32)
+    segmenter.reconfigure(short_side=0, max_long_side=96, crop=64, stride=32)
     pixels = segmenter.preprocess(rgb)
     encoded = segmenter.encode(pixels)
     logits = segmenter.to_image(segmenter.head(encoded)[0], encoded, jbu=False)
@@ -153,6 +153,7 @@ def test_resized_size_rounds_to_patches():
         ({"short_side": -1}, "short_side must be >= 0"),
         ({"crop": 224, "stride": 300}, "stride 300 larger than crop"),
         ({"crop": 40}, "crop 40 must be a multiple of the patch 16"),
+        ({"crop": 448, "stride": 1}, "1601 sliding windows"),
         ({"max_long_side": 8}, "below one patch"),
         ({"max_long_side": 0}, "max_long_side must be in"),
         ({"templates": "a {} of {}"}, "templates"),

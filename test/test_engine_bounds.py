@@ -16,7 +16,7 @@ from conftest import TINY_VIT
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
+from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT, MAX_WINDOWS
 from ovss_ros.core.engine import resized_size
 
 
@@ -179,3 +179,46 @@ def test_command_line_flag():
     assert config_from_args(parser.parse_args([])).max_long_side == 2048
     config = config_from_args(parser.parse_args(["--max-long-side", "1024", "--size", "336"]))
     assert (config.max_long_side, config.short_side) == (1024, 336)
+
+
+@pytest.mark.parametrize(
+    ("settings", "windows"),
+    [
+        ({"short_side": 336, "crop": 224, "stride": 112}, 2 * 18),  # the standard protocol
+        ({"short_side": 560, "crop": 224, "stride": 112}, 4 * 18),  # Cityscapes
+        ({"short_side": 448, "crop": 448, "stride": 224}, 1 * 9),  # ClearCLIP
+        ({"short_side": 0, "crop": 224, "stride": 112}, 18 * 18),  # kept size, up to 2048
+        ({"short_side": 448, "crop": 224}, 3 * 18),  # stride 0 = crop / 2
+        ({"short_side": 448}, 1),  # whole image
+    ],
+)
+def test_window_counts_within_the_limit(settings, windows):
+    config = EngineConfig(**settings)
+    config.validate()
+    assert config.max_windows() == windows <= MAX_WINDOWS
+
+
+@pytest.mark.parametrize(
+    ("settings", "windows"),
+    [
+        ({"crop": 448, "stride": 1}, 1601),  # a one-pixel stride: 1601 forwards of 784 patches
+        ({"crop": 16, "stride": 8}, 255 * 55),  # a one-patch crop
+        ({"short_side": 0, "crop": 64, "stride": 32}, 63 * 63),
+    ],
+)
+def test_too_many_windows_are_refused(settings, windows):
+    with pytest.raises(ValueError, match=f"needs up to {windows} sliding windows"):
+        EngineConfig(**settings).validate()
+
+
+def test_window_count_matches_the_engine(segmenter, voc_rgb):
+    """The bound counts what the engine builds: a frame at the size limits, tiny model."""
+    segmenter.reconfigure(crop=32, stride=16)
+    try:
+        rgb = strip(voc_rgb, 128, 512)  # network input 64 x 256: at both limits
+        assert segmenter.network_size(128, 512) == (64, 256)
+        (seg,), shapes = network_inputs(segmenter, [rgb])
+        assert shapes == [(segmenter.config.max_windows(), 3, 32, 32)] == [(3 * 15, 3, 32, 32)]
+        assert seg.labels.shape == (128, 512)
+    finally:
+        segmenter.reconfigure(crop=0, stride=0)

@@ -16,6 +16,11 @@ UPSAMPLERS = ("bilinear", "jbu")
 # Upper bound of max_long_side: a 4K UHD frame (3840 px) fits unscaled. The whole-image forward
 # attends over all patches at once, so the bound is only affordable with sliding windows.
 MAX_LONG_SIDE_LIMIT = 4096
+# Sliding windows per frame, counted for a frame at the size bounds: every window is one more
+# image in the forward batch. The official protocols need at most 72 (Cityscapes: 560 x 2048,
+# 224/112); 224/112 windows on a kept-size 2048 x 2048 frame need 324. A stride of a few
+# pixels, or a one-patch crop, would need thousands: refused.
+MAX_WINDOWS = 512
 
 
 @dataclass
@@ -78,6 +83,13 @@ class EngineConfig:
             raise ValueError(
                 f"stride {self.stride} larger than crop {self.crop} would skip pixels"
             )
+        if self.max_windows() > MAX_WINDOWS:
+            raise ValueError(
+                f"crop {self.crop} with stride {self.stride or self.crop // 2} needs up to "
+                f"{self.max_windows()} sliding windows per frame (short side "
+                f"{self.short_side}, long side up to {self.max_long_side}); at most "
+                f"{MAX_WINDOWS}: use a larger crop or stride"
+            )
         for name in ("score_threshold", "freecp_redundancy", "freecp_ambiguity"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -89,3 +101,20 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_background_words(self.background_words)
         template_set(self.templates)
+
+    def max_windows(self) -> int:
+        """Sliding windows of the largest frame the size bounds allow (1 without ``crop``).
+
+        Its sides: ``max_long_side`` and ``short_side`` (``max_long_side`` when ``short_side`` is
+        0). The engine rounds sides to whole patches, so a short side that is no multiple of the
+        patch may get one window row more.
+        """
+        if self.crop <= 0:
+            return 1
+        stride = self.stride or max(1, self.crop // 2)
+        short = min(self.short_side or self.max_long_side, self.max_long_side)
+
+        def count(length: int) -> int:  # as engine.window_starts
+            return 1 if length <= self.crop else -(-(length - self.crop) // stride) + 1
+
+        return count(self.max_long_side) * count(short)
