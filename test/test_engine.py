@@ -26,6 +26,7 @@ def plant(segmenter, rgb, patches, owner):
     features = patch_features(segmenter.clip.model.visual, segmenter.preprocess(rgb))[0]
     segmenter._text_embeddings = torch.stack([features[r, c] for r, c in patches])
     segmenter._query_owner = torch.tensor(owner)
+    segmenter._class_queries = sum(label < len(segmenter.classes) for label in owner)
 
 
 def patch_centre(rgb, segmenter, row, col):

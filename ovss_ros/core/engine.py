@@ -55,6 +55,9 @@ __all__ = ["EngineConfig", "Segmenter", "Stopped", "resized_size", "window_start
 logger = logging.getLogger(__name__)
 Box = tuple[int, int, int, int]  # top, left, height, width in resized-image pixels
 FREECP_DROPPED = -1.0  # below every refined score, and finite so upsampling stays NaN-free
+# Float32 elements of one chunk of class maps in postprocess (64 MiB): a frame's peak memory is a
+# few such buffers (or a few input-sized maps, if larger) whatever the number of text queries.
+POSTPROCESS_ELEMENTS = 1 << 24
 
 
 def resized_size(
@@ -398,30 +401,53 @@ class Segmenter:
         scores: torch.Tensor | None,
         size: tuple[int, int],
     ) -> Segmentation:
-        """Upsample, PAMR, softmax, synonyms, background; copy labels/confidence back once."""
-        logits = self.to_image(logits, encoded, self.config.upsample == "jbu" and scores is None)
-        if scores is not None:
-            scores = self.to_image(scores, encoded, self.config.upsample == "jbu")
-        if self.config.pamr:
-            guide = self._full_resolution(encoded)
-            if scores is None:
-                logits = pamr(guide, logits[None])[0]
-            else:
-                scores = pamr(guide, scores[None])[0]
-        logits = _resize(logits, size)
-        probs = torch.softmax(self.config.logit_scale * logits, dim=0)
-        num_classes = len(self.classes)
-        owner = self._query_owner.view(-1, 1, 1).expand_as(probs)
-        per_label = probs.new_zeros((num_classes + 1, *size))
-        per_label.scatter_reduce_(0, owner, probs, reduce="amax", include_self=True)
-        if scores is None:
-            confidence, labels = per_label[:num_classes].max(dim=0)
-            background = per_label[num_classes] > confidence
+        """Upsample, PAMR, softmax, synonyms, background; copy labels/confidence back once.
+
+        ``logits``: (n, Q, h, w) query logits of the image's n windows; ``scores``: (n, L, h, w)
+        refined label scores or None; ``size``: the input (H, W). Pixel p gets the class whose
+        best synonym has the largest ``softmax(logit_scale * logits)`` over all Q queries
+        (methods.md section 0), unlabeled where a background word wins or the probability is
+        below ``score_threshold``. The maps reach the input size a chunk of queries at a time
+        (POSTPROCESS_ELEMENTS) and are reduced on the fly (running log-sum-exp, best class,
+        best background word), so the peak memory does not grow with the number of queries;
+        the result equals the whole softmax at once up to float rounding.
+        """
+        num_classes, class_queries = len(self.classes), self._class_queries
+        step = self._chunk(encoded, size)
+        labels = None if scores is None else self._best_label(encoded, scores, size, step)
+        peak = torch.full(size, float("-inf"), device=logits.device)  # max of scaled logits
+        total = torch.zeros(size, device=logits.device)  # sum of exp(scaled logit - peak)
+        best = torch.full(size, float("-inf"), device=logits.device)  # best class logit
+        best_query = torch.zeros(size, dtype=torch.long, device=logits.device)
+        background = torch.full(size, float("-inf"), device=logits.device)
+        owner = self._query_owner
+        for start in range(0, logits.shape[1], step):
+            stop = min(start + step, logits.shape[1])
+            maps = self._to_input(logits[:, start:stop], encoded, size, scores is None)
+            maps = maps * self.config.logit_scale
+            new_peak = torch.maximum(peak, maps.amax(dim=0))
+            total = total * torch.exp(peak - new_peak) + torch.exp(maps - new_peak).sum(dim=0)
+            peak = new_peak
+            if labels is not None:  # the refinement chose: its class's best synonym
+                target = labels.clamp(max=num_classes - 1)
+                mine = owner[start:stop].view(-1, 1, 1) == target
+                best = torch.maximum(best, maps.masked_fill(~mine, float("-inf")).amax(dim=0))
+                continue
+            split = min(max(class_queries - start, 0), stop - start)
+            if split:  # first maximum wins ties, as argmax over the whole softmax would
+                value, index = maps[:split].max(dim=0)
+                better = value > best
+                best = torch.where(better, value, best)
+                best_query = torch.where(better, index + start, best_query)
+            if split < stop - start:
+                background = torch.maximum(background, maps[split:].amax(dim=0))
+        confidence = torch.exp(best - peak) / total
+        if labels is None:
+            labels = owner[best_query]
+            background = torch.exp(background - peak) / total > confidence
         else:
-            labels = _resize(scores, size).argmax(dim=0)
             background = labels == num_classes  # the refinement's background channel
             labels = labels.clamp(max=num_classes - 1)
-            confidence = per_label[:num_classes].gather(0, labels[None])[0]
         dtype = label_dtype(num_classes)
         rejected = background | (confidence < self.config.score_threshold)
         labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
@@ -432,6 +458,43 @@ class Segmenter:
             confidence=confidence_host,
             class_names=[c.name for c in self.classes],
         )
+
+    def _chunk(self, encoded: Encoded, size: tuple[int, int]) -> int:
+        """Maps per chunk so that one chunk's largest buffer holds about POSTPROCESS_ELEMENTS."""
+        windows = encoded.windows
+        pixels = max(
+            size[0] * size[1],
+            encoded.size[0] * encoded.size[1],
+            windows.shape[0] * windows.shape[-2] * windows.shape[-1],
+        )
+        return max(1, POSTPROCESS_ELEMENTS // pixels)
+
+    def _to_input(
+        self, maps: torch.Tensor, encoded: Encoded, size: tuple[int, int], refine: bool
+    ) -> torch.Tensor:
+        """Window maps (n, K, h, w) -> (K, H, W) float32 at the input size: JBU and PAMR when
+        configured and ``refine`` (they refine whichever maps decide the label)."""
+        maps = self.to_image(maps, encoded, refine and self.config.upsample == "jbu")
+        if refine and self.config.pamr:
+            maps = pamr(self._full_resolution(encoded), maps[None])[0]
+        return _resize(maps, size).float()
+
+    def _best_label(
+        self, encoded: Encoded, scores: torch.Tensor, size: tuple[int, int], step: int
+    ) -> torch.Tensor:
+        """(H, W) argmax over the refined label scores (n, L, h, w) at the input size, taken a
+        chunk of labels at a time (the first maximum wins, as ``argmax``)."""
+        best = label = None
+        for start in range(0, scores.shape[1], step):
+            maps = self._to_input(scores[:, start : start + step], encoded, size, True)
+            value, index = maps.max(dim=0)
+            if best is None:
+                best, label = value, index + start
+            else:
+                better = value > best
+                best = torch.where(better, value, best)
+                label = torch.where(better, index + start, label)
+        return label
 
     def to_image(self, maps: torch.Tensor, encoded: Encoded, jbu: bool) -> torch.Tensor:
         """Window maps (n, K, h, w) -> one map of the resized image (K, H', W').
