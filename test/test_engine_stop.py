@@ -151,3 +151,19 @@ def test_without_a_stop_event_every_stage_runs(voc_rgb):
     assert segmenter.stop is None and segmenter.text.stop is None
     segmenter.set_classes(["person", "dog"])
     assert len(segmenter.segment_many([voc_rgb[0], voc_rgb[1]])) == 2
+
+
+def test_postprocess_checks_the_event_between_query_chunks(segmenter, voc_rgb, monkeypatch):
+    monkeypatch.setattr(segmenter, "_chunk", lambda encoded, size: 1)  # one query per chunk
+    real = segmenter._to_input
+    chunks = []
+
+    def to_input(*args, **kwargs):
+        chunks.append(1)
+        segmenter.stop.set()  # set during the first chunk
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter, "_to_input", to_input)
+    with pytest.raises(Stopped, match="postprocess of queries 1"):
+        segmenter.segment(voc_rgb[0])
+    assert len(chunks) == 1 < len(segmenter._query_owner)

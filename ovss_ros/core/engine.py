@@ -262,7 +262,7 @@ class Segmenter:
         Each image: HxWx3 uint8 RGB, any H, W >= 1 (the network input is bounded by
         ``resized_size``); labels and confidence come back at HxW. Raises ValueError for a bad
         image, VocabularyError without classes, Stopped once the stop event is set (checked
-        before each stage of each batch group).
+        before each stage of each batch group and between postprocess's query chunks).
         """
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
@@ -422,6 +422,8 @@ class Segmenter:
         background = torch.full(size, float("-inf"), device=logits.device)
         owner = self._query_owner
         for start in range(0, logits.shape[1], step):
+            if start:
+                check_stop(self.stop, f"postprocess of queries {start}..")
             stop = min(start + step, logits.shape[1])
             maps = self._to_input(logits[:, start:stop], encoded, size, scores is None)
             maps = maps * self.config.logit_scale
