@@ -12,7 +12,8 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
 
 LAST_BLOCK_MODES = ("naclip", "sclip", "clearclip", "maskclip", "vanilla")
 REDUCED_MODES = ("naclip", "clearclip", "maskclip")  # last block without residual and FFN
@@ -56,6 +57,62 @@ def _split_qkv(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, .
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.reshape(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     return q, k, v, (width // heads) ** -0.5
+
+
+def _plain_attention(block: nn.Module) -> bool:
+    """Whether ``block`` is open_clip's ResidualAttentionBlock with a plain self-attention
+    (packed q/k/v projection with bias, no extra key/value bias, no active dropout)."""
+    attn = getattr(block, "attn", None)
+    return (
+        isinstance(block, ResidualAttentionBlock)
+        and isinstance(attn, nn.MultiheadAttention)
+        and attn.batch_first
+        and attn._qkv_same_embed_dim
+        and attn.in_proj_bias is not None
+        and attn.bias_k is None
+        and not attn.add_zero_attn
+        and not hasattr(block, "ln_1_kv")
+        and not (attn.training and attn.dropout)
+    )
+
+
+def _add_linear(
+    x: torch.Tensor, inputs: torch.Tensor, linear: nn.Module, scale: nn.Module
+) -> torch.Tensor:
+    """``x + scale(linear(inputs))`` for x (N, L, C) and inputs (N, L, C_in).
+
+    Without a layer scale, ``x + bias`` is the accumulator of the matrix product (``addmm_``):
+    one pass over x instead of a bias copy, the product and a separate residual add. The sum is
+    the same up to the order of the float additions.
+    """
+    if not isinstance(scale, nn.Identity) or not isinstance(linear, nn.Linear):
+        return x + scale(linear(inputs))
+    out = (x.clone() if linear.bias is None else x + linear.bias).contiguous()
+    out.view(-1, out.shape[-1]).addmm_(inputs.reshape(-1, inputs.shape[-1]), linear.weight.T)
+    return out
+
+
+def residual_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's residual attention block on x (N, L, C), with the same math, faster.
+
+    ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))`` (Radford et al. 2021; open_clip
+    ``ResidualAttentionBlock.forward``), with the attention as one
+    ``F.scaled_dot_product_attention`` on strided views of the packed q/k/v projection (no
+    copies; torch's fused kernels) instead of ``nn.MultiheadAttention``'s batch-first path, and
+    the residual adds folded into the output projections (:func:`_add_linear`). Equal to
+    ``block(x)`` up to float rounding (test/test_dense_clip_blocks.py); a block of any other
+    structure runs as ``block(x)``. No attention weights are formed: where they are needed
+    (the ``mean`` affinity) use :func:`block_forward`.
+    """
+    if not _plain_attention(block):
+        return block(x)
+    q, k, v, _ = _split_qkv(block, x)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (N, L, heads, head_dim)
+    x = _add_linear(x, out.reshape(x.shape), block.attn.out_proj, block.ls_1)
+    mlp = block.mlp
+    if isinstance(mlp, nn.Sequential) and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]:
+        return _add_linear(x, mlp.gelu(mlp.c_fc(block.ln_2(x))), mlp.c_proj, block.ls_2)
+    return x + block.ls_2(mlp(block.ln_2(x)))
 
 
 def attention_weights(
@@ -138,7 +195,7 @@ def dense_forward(
             layer = weights[:, :, 1:, 1:].mean(dim=1)
             patch_affinity = layer if patch_affinity is None else patch_affinity + layer
         else:
-            x = block(x)
+            x = residual_block(block, x)
     if affinity == "mean":
         patch_affinity = patch_affinity / (len(blocks) - 1)
     elif affinity is not None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
-from ovss_ros.core.dense_clip import interpolate_pos_embed
+from ovss_ros.core.dense_clip import interpolate_pos_embed, residual_block
 from ovss_ros.core.deop_checkpoint import Checkpoint, load_checkpoint
 from ovss_ros.core.deop_heads import DeopModules
 from ovss_ros.core.engine import resized_size
@@ -107,7 +107,7 @@ def tokens_before_last_block(
     x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(visual, grid).to(x.dtype)
     x = visual.ln_pre(x)
     for block in visual.transformer.resblocks[:-1]:
-        x = block(x)
+        x = residual_block(block, x)
     return x, grid
 
 
