@@ -6,8 +6,10 @@ region's class direction plus noise; the text adds absent classes that resemble 
 with distance, and leaks a little across region borders, like a real attention map.
 """
 
+import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,3 +267,38 @@ def test_a_finite_dropped_value_survives_bilinear_upsampling():
     assert torch.isfinite(large).all() and (large[3:5] == -1).all()
     expected = labels.repeat_interleave(4, 0).repeat_interleave(4, 1)
     assert ((large.argmax(dim=0) == expected).float().mean() > 0.95).item()
+
+
+@pytest.mark.parametrize("rows", [1, 3, None], ids=["1-row", "3-rows", "all"])
+def test_ambiguous_groups_in_row_blocks_equal_the_pairwise_formula(monkeypatch, rows):
+    """Many kept classes (40 maps: 8 planted groups of near-copies, 16 loners): the grouping
+    taken a block of rows at a time equals soft IoU from its definition, pair by pair, and
+    scipy's connected components of the graph IoU >= threshold."""
+    from scipy.sparse.csgraph import connected_components
+
+    freecp_module = importlib.import_module("ovss_ros.core.refine.freecp")  # not the function
+    generator = torch.Generator().manual_seed(7)
+    bases = torch.rand(24, 12, 12, generator=generator)
+    maps = torch.cat([bases[:8].repeat_interleave(3, dim=0), bases[8:]])
+    maps = (maps + 0.05 * torch.rand(maps.shape, generator=generator)).clamp(0, 1)
+    keep = torch.ones(len(maps), dtype=torch.bool)
+    keep[[5, 30]] = False  # dropped classes take no part
+    if rows is not None:
+        monkeypatch.setattr(freecp_module, "PAIRWISE_ELEMENTS", rows * int(keep.sum()) * 144)
+    got = ambiguous_groups(maps, keep, 0.7)
+
+    kept = keep.nonzero().flatten().tolist()
+    flat = maps.flatten(1).double().numpy()
+    adjacency = np.zeros((len(kept), len(kept)), dtype=bool)
+    for i, a in enumerate(kept):
+        for j, b in enumerate(kept):
+            iou = np.minimum(flat[a], flat[b]).sum() / np.maximum(flat[a], flat[b]).sum()
+            adjacency[i, j] = iou >= 0.7
+    _, component = connected_components(adjacency, directed=False)
+    want = [
+        sorted(kept[i] for i in np.flatnonzero(component == c))
+        for c in np.unique(component)
+        if (component == c).sum() > 1
+    ]
+    assert got == sorted(want)
+    assert len(got) == 8 and [3, 4] in got  # the planted triples; 5 was dropped

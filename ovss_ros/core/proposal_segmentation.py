@@ -29,7 +29,7 @@ from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
 from ovss_ros.core.dense_clip import interpolate_pos_embed, residual_block
 from ovss_ros.core.deop_checkpoint import Checkpoint, load_checkpoint
 from ovss_ros.core.deop_heads import DeopModules
-from ovss_ros.core.engine import resized_size
+from ovss_ros.core.engine import POSTPROCESS_ELEMENTS, resized_size
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.proposals import (
     PROPOSAL_SOURCES,
@@ -391,11 +391,24 @@ class ProposalSegmenter:
         return out.scatter_reduce_(2, owner, probs[..., keep], reduce="amax", include_self=True)
 
     def postprocess(self, scores: torch.Tensor, size: tuple[int, int]) -> Segmentation:
-        """Scores (labels, Hm, Wm) -> input size, labels (255/65535 unlabeled), confidence."""
-        scores = F.interpolate(scores[None].float(), size=size, mode="bilinear")[0]
+        """Scores (labels, Hm, Wm) -> input size, labels (255/65535 unlabeled), confidence.
+
+        Bilinear upsampling to ``size`` and the argmax over classes are taken a chunk of labels
+        at a time (about POSTPROCESS_ELEMENTS per chunk; the first maximum wins, as ``max``),
+        so the memory does not grow with labels x pixels; equal to upsampling all at once.
+        """
         num_classes = len(self.classes)
-        confidence, labels = scores[:num_classes].max(dim=0)
-        background = scores[num_classes] > confidence
+        step = max(1, POSTPROCESS_ELEMENTS // (size[0] * size[1]))
+        confidence = labels = None
+        for start in range(0, num_classes, step):
+            value, index = _upsample(scores[start : min(start + step, num_classes)], size).max(0)
+            if confidence is None:
+                confidence, labels = value, index
+                continue
+            better = value > confidence
+            confidence = torch.where(better, value, confidence)
+            labels = torch.where(better, index + start, labels)
+        background = _upsample(scores[num_classes:], size)[0] > confidence
         rejected = background | (confidence < self.settings.score_threshold)
         dtype = label_dtype(num_classes)
         labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
@@ -405,6 +418,11 @@ class ProposalSegmenter:
             confidence=confidence.cpu().numpy(),
             class_names=[c.name for c in self.classes],
         )
+
+
+def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(K, h, w) -> (K, H, W) float32, bilinear."""
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear")[0]
 
 
 def semantic_scores(label_probs: torch.Tensor, proposals: Proposals) -> torch.Tensor:

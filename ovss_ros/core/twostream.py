@@ -69,10 +69,11 @@ class TwoStream(ProposalSegmenter):
     def crops(
         self, rgb, masks: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, list[int]]:
-        """Normalised masked crops (M, 3, S, S) of one image and the proposal index of each."""
+        """Normalised masked crops (M, 3, S, S) of one image and the proposal index of each.
+
+        Each proposal's mask is upsampled to the image on its own (one H x W map at a time,
+        not proposals x H x W)."""
         height, width = rgb.shape[:2]
-        binary = F.interpolate(masks[None].float(), size=(height, width), mode="bilinear")[0]
-        binary = binary > MASK_THRESHOLD
         image = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1).float() / 255.0
         fill = self._mean[0]
         size = self.clip.model.visual.image_size
@@ -81,12 +82,16 @@ class TwoStream(ProposalSegmenter):
         for k in range(masks.shape[0]):
             if not bool(valid[k]):
                 continue
-            rows, cols = binary[k].any(dim=1), binary[k].any(dim=0)
+            binary = F.interpolate(
+                masks[None, k : k + 1].float(), (height, width), mode="bilinear"
+            )
+            binary = binary[0, 0] > MASK_THRESHOLD
+            rows, cols = binary.any(dim=1), binary.any(dim=0)
             if not bool(rows.any()):
                 continue  # nothing left after the threshold: the proposal stays unclassified
             top, bottom = int(rows.nonzero()[0]), int(rows.nonzero()[-1]) + 1
             left, right = int(cols.nonzero()[0]), int(cols.nonzero()[-1]) + 1
-            keep = binary[k, top:bottom, left:right].float()
+            keep = binary[top:bottom, left:right].float()
             crop = image[:, top:bottom, left:right] * keep + (1 - keep) * fill
             crop = F.interpolate(crop[None], size=tuple(size), mode="bicubic", align_corners=False)
             crops.append(((crop - self._mean) / self._std).to(self.clip.dtype))

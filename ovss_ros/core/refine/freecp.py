@@ -38,6 +38,8 @@ REDUNDANCY_THRESHOLD = 0.1
 AMBIGUITY_THRESHOLD = 0.7
 BOX_THRESHOLD = 0.4
 EPS = 1e-8
+# Float32 elements of one block of the pairwise-minimum temporary in ambiguous_groups (64 MiB).
+PAIRWISE_ELEMENTS = 1 << 24
 
 
 def _minmax(x: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
@@ -161,14 +163,22 @@ def ambiguous_groups(
     """Groups (two or more class indices, sorted) of kept classes that claim the same region.
 
     Soft IoU sum(min) / sum(max) between the kept refined maps; a group is a connected component
-    of the graph "IoU >= threshold" (FreeCP uses >=). The pairwise minimum is one
-    (n, n, hw) temporary for the n kept classes, few after redundancy purification.
+    of the graph "IoU >= threshold" (FreeCP uses >=). The pairwise minimum of the n kept
+    classes is taken a block of rows at a time, each (rows, n, hw) temporary at most about
+    PAIRWISE_ELEMENTS, so a large vocabulary that survives purification costs time, not
+    n^2 hw memory.
     """
     index = keep.nonzero().flatten()
     if len(index) < 2:
         return []
     maps = refined[index].flatten(1).float()
-    inter = torch.minimum(maps[:, None], maps[None, :]).sum(dim=-1)
+    rows = max(1, PAIRWISE_ELEMENTS // maps.numel())
+    inter = torch.cat(
+        [
+            torch.minimum(maps[start : start + rows, None], maps[None, :]).sum(dim=-1)
+            for start in range(0, len(maps), rows)
+        ]
+    )
     total = maps.sum(dim=1)
     iou = inter / (total[:, None] + total[None, :] - inter).clamp_min(EPS)  # max = a + b - min
     reach = (iou >= threshold).cpu().float()
