@@ -30,7 +30,7 @@ def segmenter():
     return segmenter
 
 
-def reference(segmenter, rgb):
+def reference(segmenter, rgb, unlabeled=255):
     """The whole softmax at once: (labels, confidence) as numpy arrays."""
     config, size = segmenter.config, rgb.shape[:2]
     with torch.inference_mode():
@@ -60,8 +60,8 @@ def reference(segmenter, rgb):
             background = labels == classes
             labels = labels.clamp(max=classes - 1)
             confidence = per_label.gather(0, labels[None])[0]
-    unlabeled = background | (confidence < config.score_threshold)
-    return labels.masked_fill(unlabeled, 255).numpy(), confidence.numpy()
+    rejected = background | (confidence < config.score_threshold)
+    return labels.masked_fill(rejected, unlabeled).numpy(), confidence.numpy()
 
 
 SETTINGS = {

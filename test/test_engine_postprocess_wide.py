@@ -1,0 +1,60 @@
+"""The chunked postprocess with a wide vocabulary: more than 254 classes (uint16 labels, 65535
+unlabeled), synonyms, background words, many chunks at the default chunk size, on every path.
+Reference: the whole softmax at once (``test_engine_postprocess.reference``)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIT
+from test_engine_postprocess import reference
+
+from ovss_ros.core import EngineConfig, Segmenter, engine
+
+
+@pytest.fixture(scope="module")
+def wide():
+    torch.manual_seed(0)
+    config = EngineConfig(
+        model=str(TINY_VIT),
+        pretrained="none",
+        device="cpu",
+        short_side=64,
+        templates="single",
+        background_words=("sky", "wall"),
+    )
+    segmenter = Segmenter(config)
+    # 300 classes, every third with a synonym: 400 queries with the background words
+    segmenter.set_classes(
+        [f"thing {i}; object {i}" if i % 3 == 0 else f"thing {i}" for i in range(300)]
+    )
+    return segmenter
+
+
+SETTINGS = {
+    "whole": {},
+    "windows": {"crop": 32, "stride": 16},
+    "jbu+pamr": {"upsample": "jbu", "pamr": True},
+    "dslo": {"refinement": "dslo"},
+    "freecp": {"refinement": "freecp"},
+}
+
+
+@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+def test_wide_vocabulary_in_chunks_equals_the_whole_softmax(wide, voc_rgb, monkeypatch, settings):
+    rgb = voc_rgb[1]
+    # at most 40 maps per chunk: at least ten chunks over the 402 queries
+    monkeypatch.setattr(engine, "POSTPROCESS_ELEMENTS", 40 * rgb.shape[0] * rgb.shape[1])
+    base = {name: getattr(wide.config, name) for name in settings}
+    wide.reconfigure(**settings)
+    try:
+        with torch.inference_mode():
+            encoded = wide.encode(wide.preprocess(rgb))
+        assert 10 * wide._chunk(encoded, rgb.shape[:2]) <= len(wide._text_embeddings) == 402
+        want_labels, want_confidence = reference(wide, rgb, unlabeled=65535)
+        seg = wide.segment(rgb)
+    finally:
+        wide.reconfigure(**base)
+    assert seg.labels.dtype == np.uint16 and seg.unlabeled == 65535
+    np.testing.assert_array_equal(seg.labels, want_labels)
+    np.testing.assert_allclose(seg.confidence, want_confidence, rtol=1e-5, atol=1e-6)
+    assert len(np.unique(seg.labels)) > 1  # not a trivial map
