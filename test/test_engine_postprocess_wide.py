@@ -2,6 +2,8 @@
 unlabeled), synonyms, background words, many chunks at the default chunk size, on every path.
 Reference: the whole softmax at once (``test_engine_postprocess.reference``)."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,28 @@ def test_wide_vocabulary_in_chunks_equals_the_whole_softmax(wide, voc_rgb, monke
     np.testing.assert_array_equal(seg.labels, want_labels)
     np.testing.assert_allclose(seg.confidence, want_confidence, rtol=1e-5, atol=1e-6)
     assert len(np.unique(seg.labels)) > 1  # not a trivial map
+
+
+def test_guide_weights_are_computed_once_per_frame(wide, voc_rgb, monkeypatch):
+    """JBU's window weights and PAMR's affinity depend on the image only: each frame computes
+    them once, not once per chunk of classes (ten chunks here)."""
+    calls = Counter()
+
+    def counting(name, original):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    for name in ("jbu_weights", "pamr_affinity"):
+        monkeypatch.setattr(engine, name, counting(name, getattr(engine, name)))
+    first, second = voc_rgb[1], voc_rgb[1][:, ::-1].copy()  # two frames of one size: one batch
+    monkeypatch.setattr(engine, "POSTPROCESS_ELEMENTS", 40 * first.shape[0] * first.shape[1])
+    wide.reconfigure(upsample="jbu", pamr=True)
+    try:
+        results = wide.segment_many([first, second])
+    finally:
+        wide.reconfigure(upsample="bilinear", pamr=False)
+    assert calls == {"jbu_weights": 2, "pamr_affinity": 2}
+    assert not np.array_equal(results[0].labels, results[1].labels)

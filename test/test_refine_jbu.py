@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.refine.jbu import joint_bilateral_upsample
+from ovss_ros.core.refine.jbu import jbu_weights, joint_bilateral_upsample
 
 SIZE, LOW = 64, 8  # 8x8 "patches" of 8x8 pixels
 
@@ -99,3 +99,27 @@ def test_cuda_matches_cpu():
     on_gpu = joint_bilateral_upsample(scores.cuda(), guide.cuda())
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), joint_bilateral_upsample(scores, guide))
+
+
+def test_precomputed_weights_give_the_same_maps_chunk_by_chunk():
+    """The engine computes the guide's weights once and upsamples a chunk of classes at a
+    time: the concatenated chunks equal one call on all classes (bit for bit)."""
+    generator = torch.Generator().manual_seed(0)
+    guide = torch.rand(2, 3, 40, 56, generator=generator)
+    scores = torch.randn(2, 7, 5, 7, generator=generator)
+    whole = joint_bilateral_upsample(scores, guide)
+    weights = jbu_weights(guide, (5, 7))
+    chunks = [
+        joint_bilateral_upsample(scores[:, i : i + 3], guide, weights=weights) for i in (0, 3, 6)
+    ]
+    assert torch.equal(torch.cat(chunks, dim=1), whole)
+
+
+def test_weights_of_another_size_are_refused():
+    guide = torch.rand(1, 3, 40, 56)
+    with pytest.raises(ValueError, match="do not fit"):
+        joint_bilateral_upsample(torch.rand(1, 2, 5, 7), guide, weights=jbu_weights(guide, (4, 7)))
+    with pytest.raises(ValueError, match="do not fit"):
+        joint_bilateral_upsample(
+            torch.rand(2, 2, 5, 7), guide.expand(2, -1, -1, -1), weights=jbu_weights(guide, (5, 7))
+        )

@@ -105,3 +105,22 @@ def test_cuda_matches_cpu():
     on_gpu = pamr(image.cuda(), scores.cuda())
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), pamr(image, scores), atol=1e-5, rtol=1e-4)
+
+
+def test_precomputed_affinity_gives_the_same_maps_chunk_by_chunk():
+    """The engine computes the image's affinity once and refines a chunk of classes at a time:
+    the concatenated chunks equal one call on all classes (bit for bit)."""
+    image, scores, _ = step_scene()
+    scores = torch.cat([scores, scores.flip(-1), scores.flip(-2)], dim=1)  # 6 maps
+    whole = pamr(image, scores)
+    affinity = pamr_affinity(image)
+    chunks = [pamr(image, scores[:, i : i + 4], affinity=affinity) for i in (0, 4)]
+    assert torch.equal(torch.cat(chunks, dim=1), whole)
+
+
+def test_affinity_of_another_image_size_or_dilations_is_refused():
+    image = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="does not fit"):
+        pamr(image, torch.rand(1, 2, 32, 32), affinity=pamr_affinity(torch.rand(1, 3, 32, 30)))
+    with pytest.raises(ValueError, match="does not fit"):
+        pamr(image, torch.rand(1, 2, 32, 32), dilations=(1, 2, 4), affinity=pamr_affinity(image))

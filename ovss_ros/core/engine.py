@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -37,9 +37,11 @@ from ovss_ros.core.model_loading import load_clip
 from ovss_ros.core.refine import (
     dslo_scores,
     freecp,
+    jbu_weights,
     joint_bilateral_upsample,
     make_crop_classifier,
     pamr,
+    pamr_affinity,
 )
 from ovss_ros.core.segmentation import Segmentation, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
@@ -99,6 +101,8 @@ class Encoded:
     boxes: list[Box]  # the same windows for every image of the batch (they share one size)
     dense: DenseOutput
     size: tuple[int, int]  # resized image (H', W')
+    # guide-dependent values postprocess computes once and reuses for every chunk of classes
+    guides: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     def image(self, index: int) -> Encoded:
         """The part of the batch that belongs to image ``index``."""
@@ -478,7 +482,9 @@ class Segmenter:
         configured and ``refine`` (they refine whichever maps decide the label)."""
         maps = self.to_image(maps, encoded, refine and self.config.upsample == "jbu")
         if refine and self.config.pamr:
-            maps = pamr(self._full_resolution(encoded), maps[None])[0]
+            image = self._full_resolution(encoded)
+            affinity = _per_frame(encoded, "pamr", lambda: pamr_affinity(image))
+            maps = pamr(image, maps[None], affinity=affinity)[0]
         return _resize(maps, size).float()
 
     def _best_label(
@@ -509,7 +515,8 @@ class Segmenter:
             return maps[0]
         if jbu:
             guide = (encoded.windows.float() * self._std + self._mean).clamp(0, 1)
-            maps = joint_bilateral_upsample(maps.float(), guide)
+            weights = _per_frame(encoded, "jbu", lambda: jbu_weights(guide, maps.shape[-2:]))
+            maps = joint_bilateral_upsample(maps.float(), guide, weights=weights)
         else:
             maps = F.interpolate(
                 maps.float(), size=encoded.windows.shape[-2:], mode="bilinear", align_corners=False
@@ -529,6 +536,14 @@ class Segmenter:
         for (top, left, height, width), window in zip(encoded.boxes, encoded.windows, strict=True):
             image[0, :, top : top + height, left : left + width] = window
         return image.float()
+
+
+def _per_frame(encoded: Encoded, key: str, compute: Callable[[], object]) -> object:
+    """``compute()`` once per frame: guide-dependent weights (JBU, PAMR) that every chunk of
+    classes in postprocess reuses instead of recomputing them."""
+    if key not in encoded.guides:
+        encoded.guides[key] = compute()
+    return encoded.guides[key]
 
 
 def _to_host(*tensors: torch.Tensor) -> list[np.ndarray]:

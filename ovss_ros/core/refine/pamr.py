@@ -63,20 +63,30 @@ def pamr(
     scores: torch.Tensor,
     iterations: int = 10,
     dilations: Sequence[int] = (8, 16),
+    affinity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Refine class ``scores`` (N, K, H, W) along the edges of ``image`` (N, 3, H, W).
 
     Each of the ``iterations`` rounds sets every score to the affinity-weighted mean of its
     neighbours' scores. The weights are convex, so each class map stays within its original
     range (probabilities stay probabilities). ``image`` may be in any scale (uint8-range, [0, 1]
-    or CLIP-normalised) because the affinity divides by the local spread. Computed in float32,
-    returned in ``scores.dtype``.
+    or CLIP-normalised) because the affinity divides by the local spread. ``affinity``: the
+    same image's ``pamr_affinity(image, dilations)``, for a caller that refines many score maps
+    (a chunk of classes at a time) with one image. Computed in float32, returned in
+    ``scores.dtype``. ValueError when the shapes do not fit.
     """
     if image.shape[0] != scores.shape[0] or image.shape[-2:] != scores.shape[-2:]:
         raise ValueError(
             f"image {tuple(image.shape)} and scores {tuple(scores.shape)} need the same N, H, W"
         )
-    weights = pamr_affinity(image, dilations).unsqueeze(2).unbind(1)  # P x (N, 1, H, W)
+    if affinity is None:
+        affinity = pamr_affinity(image, dilations)
+    elif affinity.shape != (scores.shape[0], 8 * len(dilations), *scores.shape[-2:]):
+        raise ValueError(
+            f"affinity {tuple(affinity.shape)} does not fit scores {tuple(scores.shape)} "
+            f"with {len(dilations)} dilations"
+        )
+    weights = affinity.unsqueeze(2).unbind(1)  # P x (N, 1, H, W)
     refined = scores.float()
     for _ in range(iterations):
         neighbours = _without_centres(_neighbourhoods(refined, dilations))
