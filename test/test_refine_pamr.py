@@ -124,3 +124,27 @@ def test_affinity_of_another_image_size_or_dilations_is_refused():
         pamr(image, torch.rand(1, 2, 32, 32), affinity=pamr_affinity(torch.rand(1, 3, 32, 30)))
     with pytest.raises(ValueError, match="does not fit"):
         pamr(image, torch.rand(1, 2, 32, 32), dilations=(1, 2, 4), affinity=pamr_affinity(image))
+
+
+def test_affinity_built_tap_by_tap_equals_the_stacked_formula():
+    """Reference from the definition with every tap stacked at once (unfold-style): spread =
+    torch.std over all 18 taps per channel, distance = |I_i - I_j| / (eps + 0.1 spread),
+    channel mean, softmax over the 16 neighbours; on a real photo (a sharp-edged, flat-region
+    image where the spread varies over orders of magnitude)."""
+    bgr = cv2.imread(str(voc_image_paths()[1]))
+    image = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)[None].float()
+    image = image[..., :120, :160]
+    padded = {d: F.pad(image, (d, d, d, d), mode="replicate") for d in (8, 16)}
+    height, width = image.shape[-2:]
+    taps = [
+        padded[d][..., d + dy * d : d + dy * d + height, d + dx * d : d + dx * d + width]
+        for d in (8, 16)
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    ]
+    stacked = torch.stack(taps, dim=2)  # (1, 3, 18, H, W)
+    spread = stacked.std(dim=2, keepdim=True)
+    neighbours = stacked[:, :, [i for i in range(18) if i % 9 != 4]]
+    distance = (neighbours - image[:, :, None]).abs() / (1e-8 + 0.1 * spread)
+    want = torch.softmax(-distance.mean(dim=1), dim=1)
+    torch.testing.assert_close(pamr_affinity(image), want, rtol=1e-5, atol=1e-6)

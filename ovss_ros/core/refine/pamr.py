@@ -46,16 +46,32 @@ def pamr_affinity(image: torch.Tensor, dilations: Sequence[int] = (8, 16)) -> to
     """Local affinity (N, 8 * len(dilations), H, W) of every pixel to its dilated neighbours.
 
     ``-|I_i - I_j| / (0.1 * std)``, where std is the spread of the pixel's whole neighbourhood
-    (all taps of all dilations, per channel): dividing by it makes the weights independent of
-    the image's contrast and normalisation, so only *relative* edges count. The channel mean
-    and a softmax over the neighbours give weights that sum to 1 at every pixel.
+    (all taps of all dilations, per channel, unbiased): dividing by it makes the weights
+    independent of the image's contrast and normalisation, so only *relative* edges count. The
+    channel mean and a softmax over the neighbours give weights that sum to 1 at every pixel.
+
+    Built one tap at a time into the output (mean and spread as two passes over the taps), so
+    the memory is the output and a few (N, C, H, W) buffers, not a (N, C, taps, H, W) stack:
+    at a 4000x3000 input about 1.3 GB instead of 9 GB.
     """
     image = image.float()
     taps = _neighbourhoods(image, dilations)
-    spread = torch.stack(taps, dim=2).std(dim=2)  # (N, C, H, W)
-    neighbours = torch.stack(_without_centres(taps), dim=2)  # (N, C, P, H, W)
-    distance = (neighbours - image.unsqueeze(2)).abs() / (EPS + STD_SCALE * spread.unsqueeze(2))
-    return torch.softmax(-distance.mean(dim=1), dim=1)
+    mean = torch.zeros_like(image)
+    for tap in taps:
+        mean += tap
+    mean /= len(taps)
+    spread = torch.zeros_like(image)
+    for tap in taps:
+        spread += (tap - mean).square_()
+    del mean
+    spread = spread.div_(len(taps) - 1).sqrt_().mul_(STD_SCALE).add_(EPS)
+    neighbours = _without_centres(taps)
+    out = image.new_empty((image.shape[0], len(neighbours), *image.shape[-2:]))
+    for index, tap in enumerate(neighbours):
+        torch.mean((tap - image).abs_().div_(spread), dim=1, out=out[:, index])
+    out.neg_()  # softmax over the neighbours, in place
+    out.sub_(out.amax(dim=1, keepdim=True)).exp_()
+    return out.div_(out.sum(dim=1, keepdim=True))
 
 
 def pamr(
