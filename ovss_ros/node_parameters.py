@@ -570,6 +570,9 @@ def _topic_problem(relative: str, resolve: Callable[[str], str]) -> str | None:
 def engine_config(values: Mapping[str, Any]) -> EngineConfig:
     """The engine configuration that the parameter values describe (not yet validated)."""
     config = {name: values[name] for name in ENGINE_FIELDS if name in values}
+    for name, value in config.items():  # an integer given for a float: the float it means
+        if SPECS[name].type == Parameter.Type.DOUBLE and type(value) is int:
+            config[name] = float(value)
     if "background_words" in config:
         config["background_words"] = tuple(
             normalize("background_words", config["background_words"])
@@ -627,7 +630,12 @@ def check_value(spec: ParameterSpec, value: Any) -> None:
                 f"{spec.name} must be {_EXPECTED[expected]}, got {type_name(value)} "
                 f"{quoted(value)}"
             )
-        for index, entry in enumerate(value):
+        whole = type_name(list(value))
+        if value and whole.startswith("list of") and whole != "list of strings":
+            raise ParameterError(
+                f"{spec.name} must be {_EXPECTED[expected]}, got {whole} {quoted(value)}"
+            )
+        for index, entry in enumerate(value):  # a list of mixed types (from Python)
             if not isinstance(entry, str):
                 raise ParameterError(
                     f"{spec.name} must be {_EXPECTED[expected]}: entry {index} is "

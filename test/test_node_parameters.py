@@ -15,7 +15,7 @@ from rclpy.parameter import Parameter
 from ros_harness import isolate_dds
 
 from ovss_ros import node_parameters
-from ovss_ros.core import EngineConfig
+from ovss_ros.core import EngineConfig, parse_classes
 from ovss_ros.node_parameters import ParameterError, validate, validate_update
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "ovss.yaml"
@@ -70,7 +70,8 @@ def test_engine_config_from_values():
         ({"classes": ["cat", "dog", "cat"]}, "duplicate"),
         ({"classes": ["Cat", "cat"]}, "duplicate"),
         ({"classes": ["wet floor", "wet-floor"]}, "duplicate"),
-        ({"classes": [1, 2]}, "entry 0 is 1 \\(int\\)"),
+        ({"classes": [1, 2]}, "got list of integers \\[1, 2\\]"),
+        ({"classes": ["cat", 2]}, "entry 1 is integer 2"),
         ({"classes": array.array("q", [1, 2])}, "list of strings"),
         ({"classes": "cat"}, "list of strings"),
         ({"classes": ["x" * 201]}, "too long"),
@@ -91,6 +92,8 @@ def test_engine_config_from_values():
         ({"max_frame_age": -1.0}, "max_frame_age"),
         ({"background_words": ["sky", "  "]}, "background_words"),
         ({"publish_masks": "yes"}, "publish_masks"),
+        ({"max_input_pixels": 0}, "max_input_pixels must be in"),
+        ({"max_long_side": 0}, "max_long_side must be in"),
     ],
 )
 def test_invalid_updates_are_refused_with_a_reason(changes, reason):
@@ -230,3 +233,218 @@ def test_empty_string_array_is_a_typed_value_not_unset(ros_context):
         assert parameter.value == []
     finally:
         node.destroy_node()
+
+
+# Item 5 of issue 7: parameters as ROS users type them.
+FLOATS = [spec.name for spec in node_parameters.PARAMETERS if isinstance(spec.default, float)]
+
+
+def test_the_float_parameters_are_found():
+    # If this changes, the tests below cover the new ones too (they use FLOATS).
+    assert FLOATS == [
+        "sinkhorn_epsilon",
+        "velocity_tau",
+        "freecp_redundancy",
+        "freecp_ambiguity",
+        "score_threshold",
+        "logit_scale",
+        "overlay_alpha",
+        "max_frame_age",
+    ]
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_an_integer_is_accepted_for_every_float_and_means_that_float(name):
+    settings = validate_update(node_parameters.defaults(), {name: 1})
+    value = getattr(settings, name, None)
+    if value is None:
+        value = getattr(settings.engine, name)
+    assert value == 1.0 and type(value) is float
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_coerce_turns_an_integer_into_the_float(name):
+    (parameter,) = node_parameters.coerce([Parameter(name, value=1)])
+    assert parameter.type_ == Parameter.Type.DOUBLE and parameter.value == 1.0
+
+
+def test_coerce_leaves_everything_else_to_validation():
+    given = [
+        Parameter("overlay_alpha", value="abc"),
+        Parameter("overlay_alpha", value=True),
+        Parameter("short_side", value=64),
+        Parameter("short_side", value=2.5),
+        Parameter("publish_masks", value=1),
+        Parameter("classes", value=["cat"]),
+        Parameter("classes", value="cat"),
+        Parameter("use_sim_time", value=1),  # not ours
+    ]
+    assert [(p.type_, p.value) for p in node_parameters.coerce(given)] == [
+        (p.type_, p.value) for p in given
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        Parameter.Type.BYTE_ARRAY,  # what rclpy makes of []
+        Parameter.Type.INTEGER_ARRAY,
+        Parameter.Type.DOUBLE_ARRAY,
+        Parameter.Type.BOOL_ARRAY,
+    ],
+)
+def test_coerce_types_an_empty_list_as_the_string_array_it_means(kind):
+    (parameter,) = node_parameters.coerce([Parameter("background_words", kind, [])])
+    assert parameter.type_ == Parameter.Type.STRING_ARRAY and parameter.value == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        (
+            "overlay_alpha",
+            "abc",
+            "overlay_alpha must be a floating-point number, got string 'abc'",
+        ),
+        ("score_threshold", True, "must be a floating-point number, got boolean True"),
+        ("logit_scale", None, "logit_scale must be a floating-point number, got nothing (unset)"),
+        (
+            "overlay_alpha",
+            array.array("d", [0.5]),
+            "must be a floating-point number, got list of floating-point numbers [0.5]",
+        ),
+        ("short_side", 2.5, "short_side must be an integer, got floating-point number 2.5"),
+        ("crop", False, "crop must be an integer, got boolean False"),
+        ("sinkhorn_iterations", "50", "must be an integer, got string '50'"),
+        ("publish_masks", 1, "publish_masks must be a boolean (true or false), got integer 1"),
+        ("pamr", "yes", "pamr must be a boolean (true or false), got string 'yes'"),
+        ("method", 3, "method must be a string, got integer 3"),
+        ("templates", ["a {}"], "templates must be a string, got list of strings ['a {}']"),
+        ("classes", "cat", "classes must be a list of strings (e.g. ['cat', 'dog']), got string"),
+        ("background_words", array.array("q", [1, 2]), "got list of integers [1, 2]"),
+        ("background_words", [True], "got list of booleans [True]"),
+        ("background_words", ["sky", 5], "entry 1 is integer 5"),
+        ("classes", 7, "classes must be a list of strings (e.g. ['cat', 'dog']), got integer 7"),
+    ],
+)
+def test_a_refusal_names_the_parameter_the_type_given_and_the_type_expected(name, value, reason):
+    with pytest.raises(ParameterError) as refused:
+        validate_update(node_parameters.defaults(), {name: value})
+    assert reason in str(refused.value)
+
+
+def test_a_long_or_control_character_value_is_quoted_safely_in_a_refusal():
+    with pytest.raises(ParameterError) as refused:
+        validate_update(node_parameters.defaults(), {"overlay_alpha": "x\n[ERROR] forged" * 20})
+    text = str(refused.value)
+    assert "\n" not in text and "\\n" in text  # escaped, one line
+    assert len(text) < 200 and text.endswith("...")
+
+
+def test_integer_overrides_of_every_float_are_declared_as_floats(ros_context):
+    node = make_node(ros_context, [Parameter(name, value=1) for name in FLOATS])
+    try:
+        values = node_parameters.declare_parameters(node)
+        for name in FLOATS:
+            assert values[name] == 1.0 and type(values[name]) is float, name
+            parameter = node.get_parameter(name)
+            assert parameter.type_ == Parameter.Type.DOUBLE and parameter.value == 1.0, name
+            assert node.describe_parameter(name).type == ParameterType.PARAMETER_DOUBLE, name
+        validate(values)
+    finally:
+        node.destroy_node()
+
+
+def test_an_integer_override_out_of_range_is_refused_with_the_range(ros_context):
+    node = make_node(ros_context, [Parameter("overlay_alpha", value=5)])
+    try:
+        with pytest.raises(ParameterError, match=r"overlay_alpha must be in \[0.0, 1.0\], got 5"):
+            node_parameters.declare_parameters(node)
+    finally:
+        node.destroy_node()
+
+
+def node_from_arguments(arguments: list[str]):
+    """A node whose overrides come from command-line arguments, parsed by rcl (as at start-up)."""
+    isolate_dds()
+    context = rclpy.Context()
+    rclpy.init(context=context, args=["ovss", "--ros-args", *arguments])
+    return context, Node("ovss", context=context)
+
+
+@pytest.mark.parametrize("path", ["-p", "--params-file"])
+def test_integers_for_floats_at_start_up_from_the_command_line_and_a_params_file(tmp_path, path):
+    integers = {name: 1 for name in FLOATS}
+    if path == "-p":
+        arguments = [arg for name in FLOATS for arg in ("-p", f"{name}:=1")]
+    else:
+        params = tmp_path / "ovss.yaml"
+        params.write_text(yaml.safe_dump({"/**": {"ros__parameters": integers}}))
+        assert "overlay_alpha: 1\n" in params.read_text()  # an integer in the YAML
+        arguments = ["--params-file", str(params)]
+    context, node = node_from_arguments(arguments)
+    try:
+        values = node_parameters.declare_parameters(node)
+        for name in FLOATS:
+            assert values[name] == 1.0 and type(values[name]) is float, name
+            assert node.get_parameter(name).type_ == Parameter.Type.DOUBLE, name
+        assert validate(values).overlay_alpha == 1.0
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+@pytest.mark.parametrize(
+    ("argument", "reason"),
+    [
+        ("overlay_alpha:=abc", "overlay_alpha must be a floating-point number, got string 'abc'"),
+        ("publish_masks:=1", "publish_masks must be a boolean (true or false), got integer 1"),
+        ("short_side:=64.5", "short_side must be an integer, got floating-point number 64.5"),
+        ("classes:=cat", "classes must be a list of strings (e.g. ['cat', 'dog']), got string"),
+        ("background_words:=[1, 2]", "got list of integers [1, 2]"),
+    ],
+)
+def test_a_wrong_type_at_start_up_is_refused_with_names_and_types(argument, reason):
+    context, node = node_from_arguments(["-p", argument])
+    try:
+        values = node_parameters.declare_parameters(node)
+        with pytest.raises(ParameterError) as refused:
+            validate(values)
+        assert reason in str(refused.value)
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+# Mask topics (issue 7, item 1): resolved as the node resolves them, checked by ROS's rules.
+NAMESPACE = "/warehouse_robot_07/perception/front_left_camera"
+
+
+@pytest.fixture
+def namespaced_node(ros_context):
+    node = Node("ovss", namespace=NAMESPACE, context=ros_context)
+    yield node
+    node.destroy_node()
+
+
+def test_mask_topics_longer_than_ros_allows_are_refused(namespaced_node):
+    resolve = namespaced_node.resolve_topic_name
+    prefix_length = len(f"{NAMESPACE}/ovss/masks/")
+    assert prefix_length == 60
+    fits = "a" * (node_parameters.TOPIC_MAX_LENGTH - prefix_length)  # 187: exactly 247
+    classes = parse_classes(["cat", fits])
+    node_parameters.check_mask_topics(classes, ["~/"], resolve)
+    # The issue's example: a 193-character class name in this namespace.
+    long_name = "a very long class name " * 8 + "x" * 9
+    assert len(long_name) == 193
+    with pytest.raises(ParameterError) as refused:
+        node_parameters.check_mask_topics(parse_classes(["cat", long_name]), ["~/"], resolve)
+    reason = str(refused.value)
+    assert reason.startswith("classes: entry 1 'a very long class name")
+    assert "would be 253 characters long, more than the 247 that ROS allows" in reason
+    # One more character than fits, and the same class for a named camera (6 more characters).
+    with pytest.raises(ParameterError, match="248 characters"):
+        node_parameters.check_mask_topics(parse_classes([fits + "b"]), ["~/"], resolve)
+    with pytest.raises(ParameterError, match="entry 0 .* 253 characters"):
+        node_parameters.check_mask_topics(parse_classes([fits]), ["~/front/"], resolve)
+
