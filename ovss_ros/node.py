@@ -469,16 +469,24 @@ class SegmentationNodeMixin:
         if not self._enabled.is_set():
             camera.stats.receive("dropped_paused")
             return
-        frame = Frame(camera, message, self.get_clock().now())
-        camera.stats.receive()
-        with self._frames_lock:
-            self._held.add(frame)
-            previous, self._newest[camera.name] = self._newest.get(camera.name), frame
+        frame, previous = self._admit(camera, message)
         if self._buffer.put(frame, slot=camera.name):
             if previous is not None:  # put replaced the frame this camera put last
                 self._settle(previous, "dropped_overwritten")
         elif self._buffer.closed:  # shutting down: no worker will take it
             self._settle(frame, "dropped_paused")
+
+    def _admit(
+        self, camera: Camera, message: Image | CompressedImage
+    ) -> tuple[Frame, Frame | None]:
+        """Count a frame received and hold it until it has an outcome; return it and the frame
+        this camera admitted before it."""
+        frame = Frame(camera, message, self.get_clock().now())
+        camera.stats.receive()
+        with self._frames_lock:
+            self._held.add(frame)
+            previous, self._newest[camera.name] = self._newest.get(camera.name), frame
+        return frame, previous
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         if request.data:
