@@ -80,6 +80,17 @@ from ovss_ros.image_conversion import (
 )
 from ovss_ros.label_info import label_info
 
+try:  # image_conversion checks the pixel limit itself (issue 7, item 3)
+    from ovss_ros.image_conversion import ImageTooLarge
+
+    _CONVERSION_LIMITS = True
+except ImportError:  # until it does: the node checks raw frames (to_rgb8)
+    _CONVERSION_LIMITS = False
+
+    class ImageTooLarge(ImageConversionError):  # type: ignore[no-redef]
+        """A frame over max_input_pixels, refused from its declared size."""
+
+
 NODE_NAME = "ovss"
 SINGLE_CAMERA = "image"  # the single camera's name in diagnostics: "ovss: image"
 LOG_THROTTLE_S = 5.0
@@ -326,16 +337,21 @@ def stamp_usable(stamp: Any) -> bool:
 
 
 def to_rgb8(message: Image | CompressedImage, max_pixels: int) -> np.ndarray:
-    """The frame as HxWx3 uint8 RGB; raises ImageConversionError, also for a frame of more than
-    ``max_pixels`` pixels, which is refused from its declared size before anything is converted
-    (raw: width x height)."""
+    """The frame as HxWx3 uint8 RGB; raises ImageConversionError, and ImageTooLarge for a frame
+    of more than ``max_pixels`` pixels, refused from its declared size before anything is
+    decoded or converted."""
+    if _CONVERSION_LIMITS:
+        if isinstance(message, CompressedImage):
+            return compressed_to_rgb8(message, max_pixels=max_pixels)
+        return image_to_rgb8(message, max_pixels=max_pixels)
+    # Until image_conversion takes the limit: raw frames from width x height here.
     if isinstance(message, CompressedImage):
         return compressed_to_rgb8(message)
     pixels = message.width * message.height
     if pixels > max_pixels:
-        raise ImageConversionError(
-            f"{message.width}x{message.height} image has {pixels} pixels, more than "
-            f"max_input_pixels ({max_pixels})"
+        raise ImageTooLarge(
+            f"{message.encoding} image declares {message.width}x{message.height} = {pixels} "
+            f"pixels, more than max_input_pixels = {max_pixels}"
         )
     return image_to_rgb8(message)
 
@@ -385,6 +401,7 @@ class SegmentationNodeMixin:
         self._parameter_change = ("none", False)  # (diagnostics text, failed)
         self._reverts: dict[str, tuple[Any, Any]] = {}  # name -> (refused value, in force)
         self._reverting = False
+        self._warned: dict[tuple, float] = {}  # kind of warning -> when last logged (worker)
 
         self._values = node_parameters.declare_parameters(self)
         self._settings = node_parameters.validate(self._values)
@@ -795,11 +812,11 @@ class SegmentationNodeMixin:
         if not stamp_usable(message.header.stamp):
             stats.count("unusable_stamp")
             stamp = message.header.stamp
-            self.get_logger().warning(
+            self._warn_once_in_a_while(
+                ("stamp", frame.camera.name),
                 f"frame from {frame.camera.name} has a header stamp that is no time "
                 f"(sec {stamp.sec}, nanosec {stamp.nanosec}): its age is unknown, so it is "
                 "never too old and gives no latency",
-                throttle_duration_sec=LOG_THROTTLE_S,
             )
         if settings.max_frame_age > 0.0:
             age = self._age(message.header)
@@ -810,12 +827,21 @@ class SegmentationNodeMixin:
             return to_rgb8(message, settings.max_input_pixels)
         except ImageConversionError as error:
             self._settle(frame, "rejected")
-            self.get_logger().warning(
+            self._warn_once_in_a_while(
+                ("rejected", frame.camera.name, type(error).__name__),
                 f"skipping frame from {frame.camera.name} ({stats.totals.rejected} rejected so "
                 f"far): {error}",
-                throttle_duration_sec=LOG_THROTTLE_S,
             )
             return None
+
+    def _warn_once_in_a_while(self, kind: tuple, text: str) -> None:
+        """Log a warning unless one of the same kind was logged within LOG_THROTTLE_S: a stream
+        of bad frames gives a line every few seconds, and a new kind of problem shows at once
+        (rclpy throttles per call site, which would hide it behind the first kind)."""
+        now = time.monotonic()
+        if now - self._warned.get(kind, float("-inf")) >= LOG_THROTTLE_S:
+            self._warned[kind] = now
+            self.get_logger().warning(text)
 
     def _segment(self, batch: list[tuple[Frame, np.ndarray]]) -> list[Result]:
         """Segment the frames in one ``segment_many`` call.

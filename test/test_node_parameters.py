@@ -447,4 +447,3 @@ def test_mask_topics_longer_than_ros_allows_are_refused(namespaced_node):
         node_parameters.check_mask_topics(parse_classes([fits + "b"]), ["~/"], resolve)
     with pytest.raises(ParameterError, match="entry 0 .* 253 characters"):
         node_parameters.check_mask_topics(parse_classes([fits]), ["~/front/"], resolve)
-
