@@ -82,6 +82,7 @@ def running_fault_node(
     fault_dir: Path,
     extra_ros_args: Sequence[str] = (),
     node_namespace: str = "/ovss",
+    input_namespace: str = "",
     cameras: Sequence[str] = (),
     reliable_input: bool = False,
     ready_timeout: float = 120.0,
@@ -105,7 +106,9 @@ def running_fault_node(
             else:
                 os.environ[name] = value
     rclpy.init()
-    client = OvssClient(node_namespace, reliable_input=reliable_input, cameras=cameras)
+    client = OvssClient(
+        node_namespace, input_namespace, reliable_input=reliable_input, cameras=cameras
+    )
     try:
         client.spin_until(
             lambda: process.returncode is not None or client.ready(),
