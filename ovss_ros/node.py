@@ -8,6 +8,13 @@ newest frame of every camera that has one, together (``segment_many``: one forwa
 of one size), and publishes each to its camera's outputs. So the parameter service never waits
 behind inference or text encoding, and a slow model drops frames instead of queueing them.
 
+Every received frame gets exactly one outcome, counted per camera (``diagnostics``): processed,
+dropped (paused, stale, overwritten), rejected or failed; each frame is converted, checked and
+published in its own error boundary, so one bad frame never costs another its output. Every
+parameter change is validated whole before it is accepted, and applied whole by the worker or
+not at all: if applying fails anyway (out of memory while encoding text), the previous settings
+stay in force and the parameters are put back to them.
+
 The plain node (``OvssNode``) and the managed one (``ovss_ros.lifecycle_node``) share all of this
 through ``SegmentationNodeMixin``, written as the steps of a lifecycle: set up (parameters,
 services, diagnostics), load (model and vocabulary), open (outputs and worker), start (inputs),
