@@ -461,3 +461,31 @@ def test_each_camera_publishes_under_its_own_namespace(two_cameras):
     ]
     inputs = {name for name, _ in node.get_subscriber_names_and_types_by_node("ovss", "/")}
     assert {"/front/image", "/front/camera_info", "/rear/image", "/rear/camera_info"} <= inputs
+
+
+def test_frames_waiting_when_the_managed_node_deactivates_are_counted(monkeypatch):
+    """Deactivating drops the frames waiting in the slots, as pausing does, and counts them."""
+    from ovss_ros.lifecycle_node import OvssLifecycleNode
+
+    isolate_dds()
+    monkeypatch.setattr(node_module, "Segmenter", FaultySegmenter)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = OvssLifecycleNode(
+        context=context,
+        parameter_overrides=[
+            Parameter(name, value=value) for name, value in TINY_NODE_PARAMETERS.items()
+        ],
+    )
+    try:
+        node.trigger_configure()
+        node.trigger_activate()
+        node._buffer = FrameBuffer()  # a slot the worker does not read: frames stay waiting
+        node._on_image(node.cameras[0], message(node))
+        assert totals(node).in_progress == 1
+        node.trigger_deactivate()
+        assert totals(node).dropped_paused == 1
+        accounted(node)
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
