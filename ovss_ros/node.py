@@ -336,6 +336,21 @@ class Frame:
     state: str = "waiting"
 
 
+def one_line(text: str, limit: int = 400) -> str:
+    """Text for one log line: whitespace runs (newlines too) as one space, other control and
+    format characters escaped (camera data or user text cannot forge log lines or send
+    terminal escapes), cut to ``limit`` characters."""
+    text = "".join(
+        char if char.isprintable() else f"\\u{ord(char):04x}" for char in " ".join(text.split())
+    )
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(error: BaseException) -> str:
+    """``Type: message`` on one line (``one_line``)."""
+    return one_line(f"{type(error).__name__}: {error}")
+
+
 def stamp_usable(stamp: Any) -> bool:
     """Whether a builtin_interfaces/Time is a time: sec >= 0 (rclpy refuses negative times) and
     nanosec below one second. A frame whose stamp is not gets "age unknown": it is never stale
@@ -695,7 +710,7 @@ class SegmentationNodeMixin:
                 self.segmenter.set_classes(parse_classes(changes["classes"]))
         except Exception as error:
             # Only the text: the traceback holds the tensors of the failed encoding.
-            failure = f"{type(error).__name__}: {error}"
+            failure = describe(error)
         if failure is not None:
             self._undo(engine_changes)
         self._settle_change(changes, failure)
@@ -724,9 +739,7 @@ class SegmentationNodeMixin:
             if segmenter.classes != vocabulary:
                 segmenter.set_classes(vocabulary)
         except Exception as error:
-            self.get_logger().error(
-                f"could not restore the previous settings: {type(error).__name__}: {error}"
-            )
+            self.get_logger().error(f"could not restore the previous settings: {describe(error)}")
 
     def _settle_change(self, changes: Mapping[str, Any], failure: str | None) -> None:
         """Record what is in force after applying ``changes`` (failed: ``failure``)."""
@@ -809,7 +822,7 @@ class SegmentationNodeMixin:
             self.get_logger().error(
                 f"a frame from {frame.camera.name} failed {stage} "
                 f"({frame.camera.stats.totals.failed} failed so far): "
-                f"{type(error).__name__}: {error}",
+                f"{describe(error)}",
                 throttle_duration_sec=LOG_THROTTLE_S,
             )
 
@@ -837,7 +850,7 @@ class SegmentationNodeMixin:
             self._warn_once_in_a_while(
                 ("rejected", frame.camera.name, type(error).__name__),
                 f"skipping frame from {frame.camera.name} ({stats.totals.rejected} rejected so "
-                f"far): {error}",
+                f"far): {one_line(str(error))}",
             )
             return None
 
@@ -864,7 +877,7 @@ class SegmentationNodeMixin:
             segmentations = self.segmenter.segment_many([rgb for _, rgb in batch])
         except Exception as error:
             # Only the text leaves this block: the traceback holds the failed forward's tensors.
-            failure = f"{type(error).__name__}: {error}"
+            failure = describe(error)
         else:
             inference_s = time.perf_counter() - start
             self._count_batched(batch)
@@ -931,9 +944,7 @@ class SegmentationNodeMixin:
         return {entry.name: entry.slug for entry in self.segmenter.classes}
 
     def _on_worker_error(self, error: BaseException) -> None:
-        self.get_logger().error(
-            f"worker: {type(error).__name__}: {error}", throttle_duration_sec=LOG_THROTTLE_S
-        )
+        self.get_logger().error(f"worker: {describe(error)}", throttle_duration_sec=LOG_THROTTLE_S)
 
 
 class OvssNode(SegmentationNodeMixin, Node):

@@ -489,3 +489,11 @@ def test_frames_waiting_when_the_managed_node_deactivates_are_counted(monkeypatc
     finally:
         node.destroy_node()
         rclpy.shutdown(context=context)
+
+
+def test_log_text_is_one_line_with_control_characters_escaped():
+    text = node_module.one_line("yuv\n[ERROR] [ovss]: forged\x1b[31m \u202eevil 椅子")
+    assert "\n" not in text and "\x1b" not in text and "\u202e" not in text
+    assert text == "yuv [ERROR] [ovss]: forged\\u001b[31m \\u202eevil 椅子"
+    assert node_module.describe(RuntimeError("out of\nmemory")) == "RuntimeError: out of memory"
+    assert len(node_module.one_line("x" * 1000)) == 400
