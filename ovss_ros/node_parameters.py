@@ -376,6 +376,8 @@ def declare_parameters(node: Node) -> dict[str, Any]:
         descriptor.read_only = False  # made read-only once its value is final (typed, below)
         parameter = node.declare_parameter(spec.name, spec.default, descriptor)
         (typed,) = coerce([parameter])
+        if spec.type == Parameter.Type.STRING_ARRAY and parameter.type_ == Parameter.Type.NOT_SET:
+            typed = Parameter(spec.name, Parameter.Type.STRING_ARRAY, [])  # a YAML []
         if typed is not parameter:
             # A float given as an integer, or an empty list (rclpy makes [] a byte array, a YAML
             # [] is "not set"): store it as the value it means, range-checked as that.

@@ -447,3 +447,24 @@ def test_mask_topics_longer_than_ros_allows_are_refused(namespaced_node):
         node_parameters.check_mask_topics(parse_classes([fits + "b"]), ["~/"], resolve)
     with pytest.raises(ParameterError, match="entry 0 .* 253 characters"):
         node_parameters.check_mask_topics(parse_classes([fits]), ["~/front/"], resolve)
+
+
+@pytest.mark.parametrize("path", ["-p", "--params-file"])
+def test_an_empty_list_at_start_up_is_an_empty_list_of_strings(tmp_path, path):
+    """rcl reads a YAML [] as "not set": it is stored as the empty string array it means."""
+    if path == "-p":
+        arguments = ["-p", "background_words:=[]", "-p", "cameras:=[]"]
+    else:
+        params = tmp_path / "ovss.yaml"
+        params.write_text("/**:\n  ros__parameters:\n    background_words: []\n    cameras: []\n")
+        arguments = ["--params-file", str(params)]
+    context, node = node_from_arguments(arguments)
+    try:
+        values = node_parameters.declare_parameters(node)
+        for name in ("background_words", "cameras"):
+            assert values[name] == []
+            parameter = node.get_parameter(name)
+            assert parameter.type_ == Parameter.Type.STRING_ARRAY and parameter.value == [], name
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
