@@ -87,6 +87,14 @@ from ovss_ros.image_conversion import (
 )
 from ovss_ros.label_info import label_info
 
+try:  # the engine's answer to its stop event (issue 7, item 6): no failure, the node stops
+    from ovss_ros.core.stopping import Stopped
+except ImportError:  # until the engine has one: never raised
+
+    class Stopped(Exception):  # type: ignore[no-redef]
+        """The engine abandoned its work because the node is stopping."""
+
+
 try:  # image_conversion checks the pixel limit itself (issue 7, item 3)
     from ovss_ros.image_conversion import ImageTooLarge
 
@@ -708,6 +716,8 @@ class SegmentationNodeMixin:
                 self.segmenter.reconfigure(**engine_changes)
             if "classes" in changes:
                 self.segmenter.set_classes(parse_classes(changes["classes"]))
+        except Stopped:  # the node is stopping: nothing failed, nothing to put back
+            raise
         except Exception as error:
             # Only the text: the traceback holds the tensors of the failed encoding.
             failure = describe(error)
@@ -779,6 +789,10 @@ class SegmentationNodeMixin:
         """
         try:
             self._process_frames(frames)
+        except Stopped:  # the node is stopping: what was not published is dropped, quietly
+            for frame in frames:
+                self._settle(frame, "dropped_paused")
+            raise
         finally:
             for frame in frames:
                 if self._settle(frame, "failed"):
@@ -875,6 +889,8 @@ class SegmentationNodeMixin:
         start = time.perf_counter()
         try:
             segmentations = self.segmenter.segment_many([rgb for _, rgb in batch])
+        except Stopped:
+            raise
         except Exception as error:
             # Only the text leaves this block: the traceback holds the failed forward's tensors.
             failure = describe(error)
@@ -905,6 +921,8 @@ class SegmentationNodeMixin:
         """Count the frames that shared a forward pass: the engine batches equal resized sizes."""
         try:
             groups = self.segmenter.batch_groups([rgb for _, rgb in batch])
+        except Stopped:
+            raise
         except Exception as error:  # a statistic: never worth a frame's output
             self._on_worker_error(error)
             return

@@ -32,6 +32,7 @@ class FaultySegmenter(Segmenter):
     fail_segment = False
     fail_set_classes = False
     fail_width: int | None = None  # any batch with a frame this wide raises
+    stopped = False  # the stop event is set: the engine raises Stopped
 
     def __init__(self, config: EngineConfig) -> None:
         self.calls: list[str] = []
@@ -39,6 +40,8 @@ class FaultySegmenter(Segmenter):
 
     def set_classes(self, entries) -> None:
         self.calls.append("set_classes")
+        if FaultySegmenter.stopped:
+            raise node_module.Stopped("stop requested before encoding")
         if FaultySegmenter.fail_set_classes:
             raise RuntimeError("out of memory while encoding text")
         super().set_classes(entries)
@@ -50,6 +53,8 @@ class FaultySegmenter(Segmenter):
     def segment_many(self, images: list[np.ndarray]) -> list[Segmentation]:
         self.calls.append(f"segment_many {len(images)}")
         widths = [rgb.shape[1] for rgb in images]
+        if FaultySegmenter.stopped:
+            raise node_module.Stopped("stop requested before encode")
         if FaultySegmenter.fail_segment or FaultySegmenter.fail_width in widths:
             raise RuntimeError("CUDA out of memory")
         return super().segment_many(images)
@@ -62,6 +67,7 @@ def make_node(monkeypatch, *overrides: Parameter):
     isolate_dds()
     monkeypatch.setattr(node_module, "Segmenter", FaultySegmenter)
     FaultySegmenter.fail_segment = FaultySegmenter.fail_set_classes = False
+    FaultySegmenter.stopped = False
     FaultySegmenter.fail_width = None
     context = rclpy.Context()
     rclpy.init(context=context)
@@ -497,3 +503,20 @@ def test_log_text_is_one_line_with_control_characters_escaped():
     assert text == "yuv [ERROR] [ovss]: forged\\u001b[31m \\u202eevil 椅子"
     assert node_module.describe(RuntimeError("out of\nmemory")) == "RuntimeError: out of memory"
     assert len(node_module.one_line("x" * 1000)) == 400
+
+
+def test_a_stop_is_no_failure(two_cameras):
+    """The engine raising Stopped (the node is shutting down): the frames in hand are dropped,
+    not failed, no change is put back, and Stopped reaches the worker (which ends quietly)."""
+    node = two_cameras
+    FaultySegmenter.stopped = True
+    with pytest.raises(node_module.Stopped):
+        node._process([frame(node, camera=0), frame(node, camera=1)])
+    assert [totals(node, c).dropped_paused for c in (0, 1)] == [1, 1]
+    assert [totals(node, c).failed for c in (0, 1)] == [0, 0]
+    accounted(node)
+    with node._lock:
+        node._pending = {"classes": ["bird"]}
+    with pytest.raises(node_module.Stopped):
+        node._apply_pending()
+    assert node._parameter_change == ("none", False) and not node._reverts
