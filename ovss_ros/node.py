@@ -61,6 +61,7 @@ from vision_msgs.msg import LabelInfo
 from ovss_ros import node_parameters
 from ovss_ros.core import (
     ClassEntry,
+    EngineConfig,
     ModelLoadError,
     Segmentation,
     Segmenter,
@@ -459,7 +460,7 @@ class SegmentationNodeMixin:
             settings, values = self._settings, dict(self._values)
         self.segmenter = Segmenter(settings.engine)
         self._device = str(self.segmenter.device)
-        self._check_crop(settings.engine.crop)
+        self._check_model_fit(settings.engine)
         self.segmenter.set_classes(settings.classes)
         self._applied, self._applied_settings = values, settings
         self._parameter_change = ("none", False)
@@ -561,7 +562,7 @@ class SegmentationNodeMixin:
                 if parameter.name in changes and parameter.type_ == Parameter.Type.NOT_SET:
                     raise ValueError(f"{parameter.name} cannot be unset")
             settings = node_parameters.validate_update(self._values, changes)
-            self._check_crop(settings.engine.crop)
+            self._check_model_fit(settings.engine)
             if "classes" in changes:
                 self._check_mask_topics(settings.classes)
         except ValueError as error:
@@ -617,12 +618,19 @@ class SegmentationNodeMixin:
             if p.name in node_parameters.SPECS
         }
 
-    def _check_crop(self, crop: int) -> None:
-        """The patch size comes with the loaded model, so EngineConfig.validate cannot check it
-        (nor can anyone before the model is loaded: then the next configure does)."""
-        patch = getattr(getattr(self.segmenter, "clip", None), "patch_size", None)
-        if patch and crop % patch:
-            raise ValueError(f"crop {crop} must be a multiple of the model's patch size {patch}")
+    def _check_model_fit(self, engine: EngineConfig) -> None:
+        """What EngineConfig.validate cannot check: settings that depend on the loaded model's
+        patch size (nor can anyone before the model is loaded: then the next configure does).
+        Raises ValueError."""
+        if self.segmenter is None:
+            return
+        check_config = getattr(self.segmenter, "check_config", None)
+        if check_config is not None:  # the engine's own check (issue 7: transactional core)
+            check_config(engine)
+            return
+        patch = self.segmenter.clip.patch_size
+        if engine.crop % patch:
+            raise ValueError(f"crop {engine.crop} must be a multiple of the patch {patch}")
 
     def _check_mask_topics(self, classes: list[ClassEntry]) -> None:
         """Every camera's mask topic of every class, resolved as this node resolves names."""

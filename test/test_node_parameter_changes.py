@@ -4,7 +4,7 @@
   and ``--params-file``) and at runtime (SetParameters with an INTEGER), stored as the float;
   every other mismatch refused with the parameter's name, the type given and the type expected.
 - Mask topics: a class whose resolved mask topic is longer than ROS allows is refused up front
-  (the issue's namespace and 193-character class name).
+  (the issue's namespace, deeper, and its 193-character class name).
 - A change that passes validation but fails while being applied (text encoding out of memory,
   injected by test/fault_injection_node.py on the word ``oom_trigger``): the previous vocabulary
   and settings stay in force, label_info keeps matching the labels, /diagnostics says so, and
@@ -30,7 +30,11 @@ from ros_harness import (
 
 from ovss_ros import node_parameters
 
-NAMESPACE = "/warehouse_robot_07/perception/front_left_camera"
+# The issue's namespace, deeper: room for a mask slug of exactly ROOM characters (and for the
+# node's own service names: Fast DDS refuses "rq/<service>Request" above 255 characters).
+ROOM = 30
+NAMESPACE = "/warehouse_robot_07/perception/front_left_camera/segmentation/"
+NAMESPACE += "n" * (247 - len("/ovss/masks/") - ROOM - len(NAMESPACE))
 NODE = f"{NAMESPACE}/ovss"
 STATUS = "ovss: image"
 CLASSES = ["cat", "dog", "person"]
@@ -171,13 +175,15 @@ def test_an_empty_list_is_stored_as_an_empty_list_of_strings(client):
 
 def test_a_class_whose_mask_topic_is_too_long_is_refused_and_one_that_fits_is_not(client, rgb):
     long_name = "a very long class name " * 8 + "x" * 9  # the issue's 193 characters
-    result = set_one(client, Parameter("classes", value=["cat", long_name]))
-    assert not result.successful
-    assert "entry 1 'a very long class name" in result.reason
-    assert "253 characters long, more than the 247 that ROS allows" in result.reason
-    assert client.get_parameter("classes") == CLASSES
+    for refused in (long_name, "f" * (ROOM + 1)):
+        result = set_one(client, Parameter("classes", value=["cat", refused]))
+        assert not result.successful
+        assert f"entry 1 {refused[:20]!r}"[:-1] in result.reason
+        assert "characters long, more than the 247 that ROS allows" in result.reason
+        assert client.get_parameter("classes") == CLASSES
+    assert "248 characters long" in result.reason
     # Exactly as long as ROS allows: accepted, with its mask topic.
-    fits = "f" * (247 - len(f"{NODE}/masks/"))
+    fits = "f" * ROOM
     try:
         assert set_one(client, Parameter("classes", value=["cat", fits])).successful
         wait_for_vocabulary(client, ["cat", fits])

@@ -12,26 +12,31 @@ import pytest
 from ros_harness import TINY_NODE_PARAMETERS, NodeProcess
 
 LIFECYCLE = "ovss_ros.lifecycle_node"
-NAMESPACE = "/warehouse_robot_07/perception/front_left_camera"
+# The issue's namespace, deeper: room for a mask slug of ROOM characters (<ns>/ovss/masks/<slug>
+# at most 247), whatever the vocabulary makes of a long name (a 48-character slug at most).
+ROOM = 30
+NAMESPACE = "/warehouse_robot_07/perception/front_left_camera/segmentation/"
+NAMESPACE += "n" * (247 - len("/ovss/masks/") - ROOM - len(NAMESPACE))
 LONG_CLASS = "a very long class name " * 8 + "x" * 9  # 193 characters: the issue's example
 # name: (parameters, extra ROS arguments, texts the one error line must hold, module)
 CASES = {
     "mask topic too long": (
         TINY_NODE_PARAMETERS | {"classes": ["cat", LONG_CLASS]},
         ["-r", f"__ns:={NAMESPACE}"],
-        ["cannot start", "classes: entry 1", "253 characters long", "247"],
+        ["cannot start", "classes: entry 1 'a very long class name", "characters long", "247"],
         "ovss_ros.node",
     ),
     "managed node, mask topic too long": (
         TINY_NODE_PARAMETERS | {"classes": ["cat", LONG_CLASS]},
         ["-r", f"__ns:={NAMESPACE}"],
-        ["cannot start", "classes: entry 1", "253 characters long"],
+        ["cannot start", "classes: entry 1 'a very long class name", "characters long"],
         LIFECYCLE,
     ),
     "mask topic of a camera too long": (
-        TINY_NODE_PARAMETERS | {"classes": ["f" * 187], "cameras": ["front"]},
+        # Fits without a camera (242 characters), not under ~/front/ (248).
+        TINY_NODE_PARAMETERS | {"classes": ["cat", "f" * (ROOM - 5)], "cameras": ["front"]},
         ["-r", f"__ns:={NAMESPACE}"],
-        ["cannot start", "classes: entry 0", "253 characters long"],
+        ["cannot start", "classes: entry 1 'fffff", "248 characters long"],
         "ovss_ros.node",
     ),
     "text for a float": (

@@ -295,8 +295,9 @@ def test_refused_parameters_reach_nothing(node):
     calls = len(node.segmenter.calls)
     result = node.set_parameters([Parameter("classes", value=["cat", "cat"])])[0]
     assert not result.successful and "duplicate" in result.reason
-    result = node.set_parameters([Parameter("crop", value=24)])[0]
-    assert not result.successful and "patch size 16" in result.reason
+    crop = [Parameter("crop", value=24), Parameter("stride", value=24)]  # one request
+    result = node.set_parameters_atomically(crop)
+    assert not result.successful and "crop 24 must be a multiple of the patch 16" in result.reason
     node._apply_pending()
     assert len(node.segmenter.calls) == calls
     assert node.get_parameter("classes").value == ["cat", "dog"]
