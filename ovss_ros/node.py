@@ -96,17 +96,6 @@ except ImportError:  # until the engine has one: never raised
         """The engine abandoned its work because the node is stopping."""
 
 
-try:  # image_conversion checks the pixel limit itself (issue 7, item 3)
-    from ovss_ros.image_conversion import ImageTooLarge
-
-    _CONVERSION_LIMITS = True
-except ImportError:  # until it does: the node checks raw frames (to_rgb8)
-    _CONVERSION_LIMITS = False
-
-    class ImageTooLarge(ImageConversionError):  # type: ignore[no-redef]
-        """A frame over max_input_pixels, refused from its declared size."""
-
-
 NODE_NAME = "ovss"
 SINGLE_CAMERA = "image"  # the single camera's name in diagnostics: "ovss: image"
 LOG_THROTTLE_S = 5.0
@@ -368,23 +357,12 @@ def stamp_usable(stamp: Any) -> bool:
 
 
 def to_rgb8(message: Image | CompressedImage, max_pixels: int) -> np.ndarray:
-    """The frame as HxWx3 uint8 RGB; raises ImageConversionError, and ImageTooLarge for a frame
-    of more than ``max_pixels`` pixels, refused from its declared size before anything is
-    decoded or converted."""
-    if _CONVERSION_LIMITS:
-        if isinstance(message, CompressedImage):
-            return compressed_to_rgb8(message, max_pixels=max_pixels)
-        return image_to_rgb8(message, max_pixels=max_pixels)
-    # Until image_conversion takes the limit: raw frames from width x height here.
+    """The frame as HxWx3 uint8 RGB; raises ImageConversionError, and its ImageTooLarge for a
+    frame of more than ``max_pixels`` pixels, refused from its declared size (width x height,
+    or the compressed data's header) before anything is decoded or converted."""
     if isinstance(message, CompressedImage):
-        return compressed_to_rgb8(message)
-    pixels = message.width * message.height
-    if pixels > max_pixels:
-        raise ImageTooLarge(
-            f"{message.encoding} image declares {message.width}x{message.height} = {pixels} "
-            f"pixels, more than max_input_pixels = {max_pixels}"
-        )
-    return image_to_rgb8(message)
+        return compressed_to_rgb8(message, max_pixels=max_pixels)
+    return image_to_rgb8(message, max_pixels=max_pixels)
 
 
 # One frame ready to publish: (frame, its RGB pixels, its segmentation, inference seconds).

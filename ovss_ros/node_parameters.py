@@ -39,10 +39,7 @@ try:  # the limit on text queries per frame (issue 7, item 2)
 except ImportError:  # until the vocabulary module has it
     check_query_count = None
 
-try:  # the input pixel limit that image_conversion enforces (issue 7, item 3)
-    from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
-except ImportError:  # until image_conversion defines it
-    DEFAULT_MAX_INPUT_PIXELS = 40_000_000
+from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
 METHODS = tuple(LAST_BLOCK_MODES)
