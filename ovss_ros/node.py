@@ -243,10 +243,9 @@ class Camera:
                 self._mask_error(node, name, error)
 
     def _mask_error(self, node: Node, name: str, error: Exception) -> None:
-        reason = str(error).splitlines()[0] if str(error) else ""
         node.get_logger().error(
             f"camera {self.name}: no mask topic for class {node_parameters.quoted(name)}: "
-            f"{type(error).__name__}: {reason}"
+            f"{describe(error)}"
         )
 
     def subscribe(
