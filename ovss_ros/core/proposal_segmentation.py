@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
 from ovss_ros.core.dense_clip import interpolate_pos_embed
 from ovss_ros.core.deop_checkpoint import Checkpoint, load_checkpoint
 from ovss_ros.core.deop_heads import DeopModules
@@ -54,6 +55,7 @@ class ProposalSettings:
     proposal_source: str = "auto"  # auto (learned if the checkpoint has a head) | superpixels |
     #                                clusters | learned
     short_side: int = 448  # resize so the short side is this many pixels (whole patches); 0 keeps
+    max_long_side: int = 2048  # and the long side at most this many (the engine's frame bound)
     templates: str = "imagenet"  # prompt templates: imagenet | single | custom joined by |
     background_words: tuple[str, ...] = ()  # texts that mean "none of the classes"
     score_threshold: float = 0.0  # pixels whose best class probability is below are unlabeled
@@ -71,6 +73,7 @@ class ProposalSettings:
             )
         check_int(self.proposals, "proposals", 1, MAX_PROPOSALS)
         check_int(self.short_side, "short_side", 0, 10_000)
+        check_int(self.max_long_side, "max_long_side", 1, MAX_LONG_SIDE_LIMIT)
         check_int(self.mask_cells, "mask_cells", 1, 16)
         check_int(self.cluster_iterations, "cluster_iterations", 1, 100)
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -305,7 +308,13 @@ class ProposalSegmenter:
         """Indices of the images that share one batch: those of equal resized size."""
         groups: dict[tuple[int, int], list[int]] = {}
         for index, rgb in enumerate(images):
-            size = resized_size(rgb.shape[0], rgb.shape[1], self.settings.short_side, self.patch)
+            size = resized_size(
+                rgb.shape[0],
+                rgb.shape[1],
+                self.settings.short_side,
+                self.patch,
+                max_long_side=self.settings.max_long_side,
+            )
             groups.setdefault(size, []).append(index)
         return list(groups.values())
 
@@ -329,7 +338,13 @@ class ProposalSegmenter:
         """Upload the uint8 image, resize to whole patches and normalise: (1, 3, H', W')."""
         image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
         image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-        size = resized_size(rgb.shape[0], rgb.shape[1], self.settings.short_side, self.patch)
+        size = resized_size(
+            rgb.shape[0],
+            rgb.shape[1],
+            self.settings.short_side,
+            self.patch,
+            max_long_side=self.settings.max_long_side,
+        )
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(
                 image, size=size, mode="bilinear", align_corners=False, antialias=True
