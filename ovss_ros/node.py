@@ -65,6 +65,7 @@ from ovss_ros.core import (
     ModelLoadError,
     Segmentation,
     Segmenter,
+    Stopped,
     overlay,
     parse_classes,
 )
@@ -87,14 +88,6 @@ from ovss_ros.image_conversion import (
     rgb8_to_image,
 )
 from ovss_ros.label_info import label_info
-
-try:  # the engine's answer to its stop event (issue 7, item 6): no failure, the node stops
-    from ovss_ros.core.stopping import Stopped
-except ImportError:  # until the engine has one: never raised
-
-    class Stopped(Exception):  # type: ignore[no-redef]
-        """The engine abandoned its work because the node is stopping."""
-
 
 NODE_NAME = "ovss"
 SINGLE_CAMERA = "image"  # the single camera's name in diagnostics: "ovss: image"
@@ -599,15 +592,8 @@ class SegmentationNodeMixin:
         """What EngineConfig.validate cannot check: settings that depend on the loaded model's
         patch size (nor can anyone before the model is loaded: then the next configure does).
         Raises ValueError."""
-        if self.segmenter is None:
-            return
-        check_config = getattr(self.segmenter, "check_config", None)
-        if check_config is not None:  # the engine's own check (issue 7: transactional core)
-            check_config(engine)
-            return
-        patch = self.segmenter.clip.patch_size
-        if engine.crop % patch:
-            raise ValueError(f"crop {engine.crop} must be a multiple of the patch {patch}")
+        if self.segmenter is not None:
+            self.segmenter.check_config(engine)
 
     def _check_mask_topics(self, classes: list[ClassEntry]) -> None:
         """Every camera's mask topic of every class, resolved as this node resolves names."""

@@ -30,15 +30,9 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.validate_full_topic_name import validate_full_topic_name
 
-from ovss_ros.core import ClassEntry, EngineConfig, parse_classes
-from ovss_ros.core.config import DSLO_MODES, REFINEMENTS, UPSAMPLERS
+from ovss_ros.core import ClassEntry, EngineConfig, check_query_count, parse_classes
+from ovss_ros.core.config import DSLO_MODES, MAX_LONG_SIDE_LIMIT, REFINEMENTS, UPSAMPLERS
 from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES
-
-try:  # the limit on text queries per frame (issue 7, item 2)
-    from ovss_ros.core.vocabulary import check_query_count
-except ImportError:  # until the vocabulary module has it
-    check_query_count = None
-
 from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -100,8 +94,6 @@ class ParameterSpec:
 STRING_ARRAYS = ("cameras", "classes", "background_words")
 
 _ENGINE_DEFAULTS = EngineConfig()
-# The engine's long-side bound (issue 7, item 3); 1792 until EngineConfig has the field.
-_MAX_LONG_SIDE = getattr(_ENGINE_DEFAULTS, "max_long_side", 1792)
 
 PARAMETERS: tuple[ParameterSpec, ...] = (
     # Chosen at start-up: they decide which model is loaded or which topic is read.
@@ -254,11 +246,12 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ),
     ParameterSpec(
         "max_long_side",
-        _MAX_LONG_SIDE,
+        _ENGINE_DEFAULTS.max_long_side,
         "bound on the network input's long side in pixels, whatever the frame's aspect ratio "
         "(a wide or tall strip is scaled down to it), so the patch count stays bounded",
         minimum=1,
-        maximum=16384,
+        maximum=MAX_LONG_SIDE_LIMIT,
+        constraints="at least one patch of the model",
     ),
     ParameterSpec(
         "crop",
@@ -472,8 +465,7 @@ def validate(values: Mapping[str, Any]) -> Settings:
     engine = engine_config(values)
     try:
         engine.validate()
-        if check_query_count is not None:
-            check_query_count(classes, engine.background_words)
+        check_query_count(classes, engine.background_words)
     except ValueError as error:
         raise ParameterError(str(error)) from error
     return Settings(

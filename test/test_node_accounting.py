@@ -291,3 +291,16 @@ def test_a_bad_stamp_costs_the_other_camera_nothing(client, ledger, gate, rgb, b
     for camera in CAMERAS:  # the two shared one forward pass
         now = int(status_values(ledger.latest(camera))["batched frames"])
         assert now == batched[camera] + 1, camera
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 16), (16, 1), (2, 400)])
+def test_wide_and_tall_strips_are_segmented_at_their_size(client, ledger, rgb, height, width):
+    """Issue 7, item 3: a 16x1 rgb8 frame (48 bytes) asked for 7.5 GB; the network input is now
+    bounded by max_long_side, and the outputs have the frame's own size."""
+    pixels = np.ascontiguousarray(np.resize(rgb, (height, width, 3)))
+    message = make_image(pixels, "rgb8", next_header(client.node))
+    out = client.wait_for_output(
+        message, ("rear/labels",), resend_every=1e9, publisher=client.image_pubs["rear"]
+    )
+    assert image_array(out["rear/labels"]).shape == (height, width)
+    ledger.add("rear", received=1, processed=1)

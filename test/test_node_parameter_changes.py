@@ -282,3 +282,69 @@ def test_one_request_is_applied_whole_or_not_at_all(client, rgb):
     out = client.wait_for_output(message, ("labels", "label_info", "confidence"))
     assert [entry.class_name for entry in out["label_info"].class_map] == CLASSES
     np.testing.assert_array_equal(image_array(out["labels"]), before_labels)
+
+
+# Item 1: everything the worker would fail on is refused up front, with the reason.
+
+
+@pytest.mark.parametrize(
+    ("parameter", "reason"),
+    [
+        (
+            Parameter("templates", value="a photo of a {} in the {room}."),
+            "bad template 'a photo of a {} in the {room}.': it has 2 fields",
+        ),
+        (Parameter("templates", value="a {} of {}"), "bad template 'a {} of {}': it has 2 fields"),
+        (
+            Parameter("background_words", value=[f"word {index}" for index in range(5000)]),
+            "background_words: too many words: 5000 > 1000",
+        ),
+        (
+            Parameter("classes", value=[f"c{i}; s{i}; t{i}" for i in range(700)]),
+            "too many text queries: 2100",
+        ),
+        (
+            Parameter("classes", value=["cat", "chair\n[ERROR] [ovss]: forged"]),
+            "class entry 1 'chair\\n[ERROR] [ovss]: forged' contains U+000A (control character)",
+        ),
+    ],
+    ids=[
+        "template with a named field",
+        "template with two fields",
+        "5000 background words",
+        "2100 text queries",
+        "newline in a class",
+    ],
+)
+def test_what_would_fail_in_the_worker_is_refused_up_front(client, node, parameter, reason):
+    _, process = node
+    before = client.get_parameter(parameter.name)
+    result = set_one(client, parameter)
+    assert not result.successful and reason in result.reason, result.reason
+    assert client.get_parameter(parameter.name) == before
+    assert "forged" not in "".join(
+        line for line in process.output().splitlines() if line.startswith("[ERROR]")
+    )
+
+
+# Item 2, node side: names in any language, ASCII mask topics that cannot collide.
+
+
+def test_class_names_in_any_language_get_their_own_mask_topics(client, node, rgb):
+    _, process = node
+    names = ["椅子; chair", "кошка", "café", "caf", "straße"]
+    expected = ["椅子", "кошка", "café", "caf", "straße"]
+    try:
+        result = set_one(client, Parameter("classes", value=names))
+        assert result.successful, result.reason
+        wait_for_vocabulary(client, expected)  # label_info: the names as written
+        slugs = [entry.slug for entry in node_parameters.parse_classes(names)]
+        assert len(set(slugs)) == 5 and all(slug.isascii() for slug in slugs)
+        topics = {f"{NODE}/masks/{slug}" for slug in slugs}
+        client.spin_until(lambda: topics <= published_topics(client.node, f"{NODE}/masks/"))
+        _, label_names = segment(client, rgb)
+        assert label_names == expected
+        client.spin_until(lambda: "vocabulary: '椅子', 'кошка', 'café'" in process.output())
+    finally:
+        assert set_one(client, Parameter("classes", value=CLASSES)).successful
+        wait_for_vocabulary(client, CLASSES)

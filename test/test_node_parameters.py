@@ -48,6 +48,21 @@ def test_every_engine_field_is_a_parameter():
     }
 
 
+def test_the_engine_bounds_are_parameters_with_the_engines_defaults():
+    """Issue 7, item 3: max_long_side (the engine's) and max_input_pixels (the conversion's)."""
+    from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
+    from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
+
+    defaults = node_parameters.defaults()
+    assert defaults["max_long_side"] == EngineConfig().max_long_side == 2048
+    assert defaults["max_input_pixels"] == DEFAULT_MAX_INPUT_PIXELS == 40_000_000
+    settings = validate(defaults | {"max_long_side": 1024, "max_input_pixels": 640 * 480})
+    assert settings.engine.max_long_side == 1024 and settings.max_input_pixels == 307200
+    assert "max_long_side" in node_parameters.RUNTIME_ENGINE_FIELDS
+    with pytest.raises(ParameterError, match="max_long_side must be in"):
+        validate(defaults | {"max_long_side": MAX_LONG_SIDE_LIMIT + 1})
+
+
 def test_engine_config_from_values():
     values = node_parameters.defaults() | {
         "model": "/models/tiny.json",

@@ -34,9 +34,9 @@ class FaultySegmenter(Segmenter):
     fail_width: int | None = None  # any batch with a frame this wide raises
     stopped = False  # the stop event is set: the engine raises Stopped
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, **kwargs) -> None:
         self.calls: list[str] = []
-        super().__init__(config)
+        super().__init__(config, **kwargs)
 
     def set_classes(self, entries) -> None:
         self.calls.append("set_classes")
@@ -298,6 +298,8 @@ def test_refused_parameters_reach_nothing(node):
     crop = [Parameter("crop", value=24), Parameter("stride", value=24)]  # one request
     result = node.set_parameters_atomically(crop)
     assert not result.successful and "crop 24 must be a multiple of the patch 16" in result.reason
+    result = node.set_parameters([Parameter("max_long_side", value=8)])[0]
+    assert not result.successful and "below one patch of the model (16 px)" in result.reason
     node._apply_pending()
     assert len(node.segmenter.calls) == calls
     assert node.get_parameter("classes").value == ["cat", "dog"]
