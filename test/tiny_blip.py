@@ -48,7 +48,7 @@ def tiny_tokenizer(folder: Path) -> BertTokenizer:
     return BertTokenizer.from_pretrained(str(folder))
 
 
-def tiny_config(vocab_size: int) -> BlipConfig:
+def tiny_config(vocab_size: int, max_positions: int = 64) -> BlipConfig:
     """Small vision and text towers; the text encoder cross-attends in every layer."""
     vision = {
         "hidden_size": 32,
@@ -65,7 +65,7 @@ def tiny_config(vocab_size: int) -> BlipConfig:
         "num_hidden_layers": TEXT_LAYERS,
         "num_attention_heads": TEXT_HEADS,
         "encoder_hidden_size": 32,
-        "max_position_embeddings": 64,
+        "max_position_embeddings": max_positions,
         "pad_token_id": 0,
         "bos_token_id": 5,
         "sep_token_id": 3,
@@ -73,17 +73,19 @@ def tiny_config(vocab_size: int) -> BlipConfig:
     return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
 
 
-def tiny_blip(folder: Path, seed: int = 0) -> tuple[BlipForImageTextRetrieval, BertTokenizer]:
+def tiny_blip(
+    folder: Path, seed: int = 0, max_positions: int = 64
+) -> tuple[BlipForImageTextRetrieval, BertTokenizer]:
     """A random tiny BLIP ITM model (eval mode) and its tokenizer."""
     tokenizer = tiny_tokenizer(folder / "tokenizer")
     torch.manual_seed(seed)
-    model = BlipForImageTextRetrieval(tiny_config(len(tokenizer))).eval()
+    model = BlipForImageTextRetrieval(tiny_config(len(tokenizer), max_positions)).eval()
     return model, tokenizer
 
 
-def save_tiny_blip(folder: Path, seed: int = 0) -> Path:
+def save_tiny_blip(folder: Path, seed: int = 0, max_positions: int = 64) -> Path:
     """Write a loadable checkpoint directory (model + processor) and return it."""
-    model, tokenizer = tiny_blip(folder / "build", seed)
+    model, tokenizer = tiny_blip(folder / "build", seed, max_positions)
     out = folder / "tiny-blip-itm"
     model.save_pretrained(out)
     BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=tokenizer).save_pretrained(out)
