@@ -507,3 +507,14 @@ def test_bad_vocabulary_keeps_the_old_one(make):
             pipeline.set_classes(bad)
         assert [c.name for c in pipeline.classes] == ["person", "dog", "aeroplane", "tv"]
         assert torch.equal(pipeline.class_text, text)
+
+
+def test_segment_inside_inference_mode_still_takes_the_gradient(make, rgb):
+    """Callers such as the engine's segment_many run under torch.inference_mode."""
+    pipeline = make(refine="none")
+    small = rgb[:48, :64].copy()
+    outside = pipeline.segment(small, present=[0, 1])
+    with torch.inference_mode():
+        inside = pipeline.segment(small, present=[0, 1])
+    assert np.array_equal(inside.labels, outside.labels)
+    np.testing.assert_allclose(inside.confidence, outside.confidence, atol=1e-6)

@@ -439,8 +439,11 @@ class PnpOvss:
             else contextlib.nullcontext()
         )
         try:
-            with torch.enable_grad(), autocast:
-                image = pixels.detach().requires_grad_(True)  # makes the attention differentiable
+            # a caller under inference_mode (as the engine's segment_many) still gets a graph;
+            # clones turn inference tensors into ones autograd may save
+            with torch.inference_mode(False), torch.enable_grad(), autocast:
+                image = pixels.clone().requires_grad_(True)  # makes the attention differentiable
+                input_ids = input_ids.clone()
                 output = model(
                     input_ids=input_ids,
                     pixel_values=image,
@@ -463,6 +466,9 @@ class PnpOvss:
         size: tuple[int, int],
     ) -> Segmentation:
         """Threshold, background, blur, CRF/PAMR and argmax at the input size.
+
+        The maps are upsampled on the model's device; blur (OpenCV) and CRF (pydensecrf) run
+        on the host, PAMR on the device.
 
         Confidence is the final probability of the best class (CRF marginals, or the softmax
         over background and class maps after blur, refined by PAMR): PnP-OVSS's own scale.
