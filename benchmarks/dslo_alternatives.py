@@ -12,8 +12,8 @@ of the tests and the small object) and six with CLIP-style attention affinities 
    the engine uses), 50 iterations, epsilon 0.1, IPF 15 rounds, as ``dslo_scores``. Scores:
    minus the mean transport cost of the patch's share (= mean similarity when the cost is
    1 - similarity) or minus its source potential f_i (the OT distance's per-patch part,
-   centred per class). The row "shipped (dslo_scores)" runs the engine's code and must equal
-   the row of the shipped cost with the mean-cost score.
+   centred per class). The row "shipped (dslo_scores)" runs the engine's code (float32, plain
+   kernel) and should match "1-nT/(1+nT) / -potential f_i (centred)" (float64, log domain).
 2. Velocity mode: readings of the published stop rule ``|f_l - f_(l-1)| <= tau`` (tau 0.3),
    each scored "slower wins" (the paper) and "faster wins", ties broken by the raw
    probability (a generous reading: without it every reading that fires at step 1 everywhere
@@ -76,8 +76,8 @@ def costs(transition: torch.Tensor) -> dict[str, torch.Tensor]:
     n = transition.shape[-1]
     density = n * transition
     return {
-        "1-min(nT,1) (shipped)": 1 - density.clamp(max=1),
-        "1-nT/(1+nT) (before)": 1 - density / (1 + density),
+        "1-nT/(1+nT)": 1 - density / (1 + density),
+        "1-min(nT,1)": 1 - density.clamp(max=1),
         "1-T/rowmax": 1 - transition / transition.amax(-1, keepdim=True),
         "1-T/max": 1 - transition / transition.amax((-2, -1), keepdim=True),
         "-log T": -transition.clamp_min(1e-30).log(),
