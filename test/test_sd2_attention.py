@@ -193,6 +193,37 @@ def test_dslo_runs_on_the_sd2_affinity(pipeline, pixels, mode):
         assert (present >= 1).all()
 
 
+def test_reconfigure_changes_settings_without_reloading(pipeline, pixels):
+    sd2 = load(pipeline)
+    unet = sd2.unet
+    sd2.reconfigure(timestep=400, noise=True, layers="up", temperature=0.65)
+    assert sd2.unet is unet and len(sd2.layer_names) == 4
+    fresh = load(pipeline, timestep=400, noise=True, layers="up", temperature=0.65)
+    torch.testing.assert_close(sd2.affinity(pixels, (6, 10)), fresh.affinity(pixels, (6, 10)))
+    hooked = [m for m in unet.modules() if m._forward_pre_hooks]
+    assert len(hooked) == 4  # the m2n2 hooks were replaced, not added to
+
+
+@pytest.mark.parametrize(
+    "settings, reason",
+    [
+        ({"timestep": 5000, "layers": "up"}, "sd_timestep"),
+        ({"size": 8, "noise": True}, "sd_size"),
+        ({"temperature": -1.0}, "sd_temperature"),
+        ({"layers": "mid"}, "sd_layers"),
+        ({"steps": 3}, "unknown"),
+    ],
+)
+def test_bad_reconfigure_changes_nothing(pipeline, pixels, settings, reason):
+    sd2 = load(pipeline)
+    before = sd2.affinity(pixels, (6, 10))
+    names = list(sd2.layer_names)
+    with pytest.raises(ValueError, match=reason):
+        sd2.reconfigure(**settings)
+    assert (sd2.timestep, sd2.noise, sd2.size, sd2.layer_names) == (100, False, SD_SIZE, names)
+    torch.testing.assert_close(sd2.affinity(pixels, (6, 10)), before)
+
+
 def test_release_frees_the_models(pipeline, pixels):
     sd2 = load(pipeline)
     unet = sd2.unet

@@ -164,7 +164,7 @@ def _self_attention_layers(unet: torch.nn.Module, layers: str) -> list[str]:
             if f"{last}{index}.transformer_blocks.0.attn1" in names
         ]
         if len(names) < 2:
-            raise ModelLoadError(
+            raise ValueError(
                 "sd_layers m2n2 needs two attention layers in the UNet's last up block "
                 "(SD2: up_blocks.3.attentions.0 and 1): set sd_layers to up"
             )
@@ -196,28 +196,53 @@ class Sd2Attention:
         layers: str = "m2n2",
         seed: int = 0,
     ) -> None:
-        steps = int(scheduler.config.num_train_timesteps)
-        if not 0 <= timestep < steps:
-            raise ValueError(f"sd_timestep must be in [0, {steps}), got {timestep}")
-        if temperature <= 0:
-            raise ValueError(f"sd_temperature must be > 0, got {temperature}")
-        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-        if size < self.multiple:
-            raise ValueError(f"sd_size must be >= {self.multiple} pixels, got {size}")
         self.unet, self.vae, self.scheduler = unet.eval(), vae.eval(), scheduler
         self.device, self.dtype = unet.device, unet.dtype
         self.null_embedding = null_embedding.to(self.device, self.dtype)
-        self.size, self.timestep, self.noise = size, timestep, noise
-        self.temperature, self.seed = temperature, seed
-        self.layer_names = _self_attention_layers(unet, layers)
-        modules = dict(unet.named_modules())
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         self._collected: list[LayerAttention] = []
         self._latent_grid = (0, 0)
-        self._hooks = [
-            modules[name].register_forward_pre_hook(self._hook(name), with_kwargs=True)
-            for name in self.layer_names
-        ]
+        self._hooks: list = []
+        self.layer_names: list[str] = []
+        self.reconfigure(
+            size=size,
+            timestep=timestep,
+            noise=noise,
+            temperature=temperature,
+            layers=layers,
+            seed=seed,
+        )
+
+    def reconfigure(self, **settings: object) -> None:
+        """Change ``size``, ``timestep``, ``noise``, ``temperature``, ``layers`` or ``seed``
+        without reloading the models. Everything is checked first: on ValueError (a bad value,
+        an unknown name) nothing changes."""
+        if self.unet is None:
+            raise RuntimeError("Sd2Attention was released")
+        allowed = {"size", "timestep", "noise", "temperature", "layers", "seed"}
+        if set(settings) - allowed:
+            raise ValueError(f"unknown Sd2Attention settings {sorted(set(settings) - allowed)}")
+        merged = {name: getattr(self, name, None) for name in allowed} | settings
+        steps = int(self.scheduler.config.num_train_timesteps)
+        if not 0 <= merged["timestep"] < steps:
+            raise ValueError(f"sd_timestep must be in [0, {steps}), got {merged['timestep']}")
+        if merged["temperature"] <= 0:
+            raise ValueError(f"sd_temperature must be > 0, got {merged['temperature']}")
+        if merged["size"] < self.multiple:
+            raise ValueError(f"sd_size must be >= {self.multiple} pixels, got {merged['size']}")
+        names = _self_attention_layers(self.unet, merged["layers"])
+        for name in allowed:
+            setattr(self, name, merged[name])
+        if names != self.layer_names:
+            for hook in self._hooks:
+                hook.remove()
+            modules = dict(self.unet.named_modules())
+            self.layer_names = names
+            self._hooks = [
+                modules[name].register_forward_pre_hook(self._hook(name), with_kwargs=True)
+                for name in names
+            ]
 
     @classmethod
     def load(
