@@ -111,3 +111,15 @@ def test_whole_image_logits_take_two_steps(segmenter, voc_rgb):
         torch.testing.assert_close(got, two_steps)
         one_step = F.interpolate(logits, size=(338, 500), mode="bilinear")[0]
         assert (one_step - two_steps).abs().max() > 1e-3  # the order shows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_preprocess_equals_the_cpu_one(voc_rgb):
+    """The GPU resizes on the device (opencv_bilinear_resize), the CPU with OpenCV: same bytes."""
+    outputs = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        config = EngineConfig(model=str(TINY_VIT), pretrained="none", device=device)
+        outputs.append([Segmenter(config).preprocess(rgb).cpu() for rgb in voc_rgb])
+    for cpu, gpu in zip(*outputs, strict=True):
+        torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-6)

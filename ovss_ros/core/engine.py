@@ -1,7 +1,7 @@
 """The segmentation engine: RGB image + vocabulary in, labels and confidence out.
 
 One frame goes through four stages, each a method so that benchmarks can time them:
-``preprocess`` (upload the uint8 image once, resize and normalise on the model's device),
+``preprocess`` (resize the uint8 image as OpenCV does, normalise on the model's device),
 ``encode`` (the dense CLIP forward, whole image or a batch of sliding windows), ``head``
 (patch-text logits and the optional DSLO / FreeCP refinement) and ``postprocess`` (upsampling,
 optional PAMR, softmax, synonyms, background; only labels and confidence return to the host).
@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -324,14 +325,23 @@ class Segmenter:
         )
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """Upload the uint8 HxWx3 image once, resize it to ``network_size`` as uint8 with
-        OpenCV's bilinear arithmetic (``opencv_bilinear_resize``: the official pipeline's
-        ``mmcv.imrescale``, bit for bit, also on a GPU), then normalise on the model's device:
-        (1, 3, H', W') in the model's dtype."""
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
+        """Resize the uint8 HxWx3 image to ``network_size`` as the official pipeline does
+        (``mmcv.imrescale``: ``cv2.resize`` with ``INTER_LINEAR`` on the uint8 image, no
+        antialiasing), then normalise on the model's device: (1, 3, H', W') in the model's dtype.
+
+        On the CPU that is OpenCV itself; on a GPU the image is uploaded once and resized there
+        with ``opencv_bilinear_resize``, OpenCV's integer arithmetic bit for bit.
+        """
         size = self.network_size(rgb.shape[0], rgb.shape[1])
-        if size != tuple(image.shape[:2]):
-            image = opencv_bilinear_resize(image, size)
+        resize = size != tuple(rgb.shape[:2])
+        if self.device.type == "cpu":
+            if resize:
+                rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+            image = torch.from_numpy(np.ascontiguousarray(rgb))
+        else:
+            image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
+            if resize:
+                image = opencv_bilinear_resize(image, size)
         image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         return ((image - self._mean) / self._std).to(self.clip.dtype)
 

@@ -5,8 +5,9 @@ The official NACLIP / SCLIP / ClearCLIP test pipelines resize the uint8 image wi
 OpenCV's fixed-point arithmetic. A float bilinear resize rounds differently in about 12% of the
 values (by one grey level); an antialiased one differs by up to 80 grey levels when shrinking.
 This module repeats OpenCV's integer steps (``imgproc/src/resize.cpp``: ``resizeGeneric_`` with
-``HResizeLinear`` and the vectorised ``VResizeLinearVec_32s8u``), so that the network sees the
-same bytes as the official pipeline on the CPU and on the GPU.
+``HResizeLinear`` and the vectorised ``VResizeLinearVec_32s8u``), so that on a GPU the network
+sees the same bytes as the official pipeline without a round trip to the host. On the CPU the
+engine calls OpenCV itself (0.7 ms instead of about 120 ms for 640x480 -> 448x597 here).
 """
 
 from __future__ import annotations
