@@ -54,6 +54,8 @@ def interpolate_pos_embed(
       (the floor of n * scale), but the sampling ratio is n / (g + 0.1), a slightly shrunk
       grid (differences of about 1e-3 in the features).
 
+    The default, ``exact``, is what callers outside the engine were written against (DeOP's
+    proposal pipeline, the benchmark's bare encoder); ``dense_forward`` picks per method.
     Raises ValueError for an unknown rule.
     """
     if rule not in ("dino", "exact"):
