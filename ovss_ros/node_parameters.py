@@ -32,7 +32,7 @@ from rclpy.validate_full_topic_name import validate_full_topic_name
 
 from ovss_ros.core import ClassEntry, EngineConfig, check_query_count, parse_classes
 from ovss_ros.core.config import DSLO_MODES, MAX_LONG_SIDE_LIMIT, REFINEMENTS, UPSAMPLERS
-from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES
+from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
 from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -157,6 +157,21 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.method,
         "dense CLIP last-block attention",
         constraints=" | ".join(METHODS),
+    ),
+    ParameterSpec(
+        "pos_interpolation",
+        _ENGINE_DEFAULTS.pos_interpolation,
+        "positional grid at other input sizes: official = as the method's own code (DINO's "
+        "'+0.1' rule of NACLIP/SCLIP/ClearCLIP), exact = bicubic to exactly the patch grid",
+        constraints=" | ".join(POS_INTERPOLATIONS),
+    ),
+    ParameterSpec(
+        "area_threshold",
+        _ENGINE_DEFAULTS.area_threshold,
+        "SCLIP's area filter: a class labelling at most this share of the labelled pixels gives "
+        "them to the next best class (0 = off; base method only, refinement none)",
+        minimum=0.0,
+        maximum=1.0,
     ),
     ParameterSpec(
         "refinement",

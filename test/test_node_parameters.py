@@ -256,6 +256,7 @@ FLOATS = [spec.name for spec in node_parameters.PARAMETERS if isinstance(spec.de
 def test_the_float_parameters_are_found():
     # If this changes, the tests below cover the new ones too (they use FLOATS).
     assert FLOATS == [
+        "area_threshold",
         "sinkhorn_epsilon",
         "velocity_tau",
         "freecp_redundancy",
