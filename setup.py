@@ -32,6 +32,7 @@ setup(
             "ovss-bench = ovss_ros.cli.bench:main",
             "ovss-bag = ovss_ros.cli.bag:main",
             "ovss-train-deop = ovss_ros.cli.train_deop:main",
+            "ovss-tune = ovss_ros.cli.tune:main",
         ],
     },
 )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import voc_image_paths
 
-from ovss_ros.core.refine.pamr import pamr, pamr_affinity
+from ovss_ros.core.refine.pamr import pamr, pamr_affinity, pamr_propagate
 
 HEIGHT, WIDTH = 64, 96
 
@@ -114,16 +114,8 @@ def test_precomputed_affinity_gives_the_same_maps_chunk_by_chunk():
     scores = torch.cat([scores, scores.flip(-1), scores.flip(-2)], dim=1)  # 6 maps
     whole = pamr(image, scores)
     affinity = pamr_affinity(image)
-    chunks = [pamr(image, scores[:, i : i + 4], affinity=affinity) for i in (0, 4)]
+    chunks = [pamr_propagate(affinity, scores[:, i : i + 4]) for i in (0, 4)]
     assert torch.equal(torch.cat(chunks, dim=1), whole)
-
-
-def test_affinity_of_another_image_size_or_dilations_is_refused():
-    image = torch.rand(1, 3, 32, 32)
-    with pytest.raises(ValueError, match="does not fit"):
-        pamr(image, torch.rand(1, 2, 32, 32), affinity=pamr_affinity(torch.rand(1, 3, 32, 30)))
-    with pytest.raises(ValueError, match="does not fit"):
-        pamr(image, torch.rand(1, 2, 32, 32), dilations=(1, 2, 4), affinity=pamr_affinity(image))
 
 
 def test_affinity_built_tap_by_tap_equals_the_stacked_formula():
