@@ -36,16 +36,23 @@ import torch
 import torch.nn.functional as F
 
 from ovss_ros.core import dense_clip
-from ovss_ros.core.dense_clip import dense_forward, gaussian_window, interpolate_pos_embed
+from ovss_ros.core.dense_clip import (
+    dense_forward,
+    gaussian_window,
+    interpolate_pos_embed,
+    official_pos_rule,
+)
 
 
 def embed(visual, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Patch embedding, class token, resized positions, ln_pre: (N, 1 + h*w, C) and (h, w)."""
+    """Patch embedding, class token, positions resized by NACLIP's rule, ln_pre:
+    (N, 1 + h*w, C) and (h, w)."""
     x = visual.conv1(pixels)
     grid = (x.shape[-2], x.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
-    return visual.ln_pre(x + interpolate_pos_embed(visual, grid).to(x.dtype)), grid
+    positions = interpolate_pos_embed(visual, grid, official_pos_rule("naclip"))
+    return visual.ln_pre(x + positions.to(x.dtype)), grid
 
 
 def head(visual, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
