@@ -13,7 +13,8 @@
 Waiting: every wait is for an event (a message, a service, a log line, a process status) with a
 limit generous enough for a 2-core machine with other work running beside the tests: a node
 process pays seconds of imports (torch) before anything else, so whatever waits on a node
-starting gets STARTUP_TIMEOUT_S; a node that runs answers within EVENT_TIMEOUT_S.
+starting gets STARTUP_TIMEOUT_S (more when several start together: ``startup_timeout``); a node
+that runs answers within EVENT_TIMEOUT_S.
 - ``OvssClient``: the other side of the graph (one camera or several), with /diagnostics.
 """
 
@@ -50,6 +51,14 @@ VOC_IMAGES = Path(
 STARTUP_TIMEOUT_S = 120.0  # a node process starting: imports, model, vocabulary, discovery
 EVENT_TIMEOUT_S = 30.0  # a running node: an output, a service answer, a status, discovery
 STOP_TIMEOUT_S = 60.0  # a node process ending after a signal
+
+
+def startup_timeout(processes: int = 1) -> float:
+    """The limit for one of ``processes`` node processes that start together: they share the
+    CPU, so each may take that many times longer (half of it on two cores)."""
+    return STARTUP_TIMEOUT_S * max(1.0, processes / 2)
+
+
 # The tiny random CLIP: fast on two CPU cores, nothing downloaded.
 TINY_NODE_PARAMETERS = {
     "model": str(TINY_MODEL),

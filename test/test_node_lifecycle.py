@@ -15,7 +15,6 @@ import rclpy
 from lifecycle_msgs.msg import Transition
 from rclpy.parameter import Parameter
 from ros_harness import (
-    STARTUP_TIMEOUT_S,
     TINY_NODE_PARAMETERS,
     VOC_IMAGES,
     Lifecycle,
@@ -25,6 +24,7 @@ from ros_harness import (
     make_image,
     next_header,
     shutdown_problems,
+    startup_timeout,
     status_values,
 )
 
@@ -73,8 +73,8 @@ def test_configure_activate_deactivate_cleanup_shutdown(nodes, rgb):
     labels, image = client.topic("labels"), client.image_pub
 
     # Unconfigured: parameters and diagnostics, no model and no topics. The process may still be
-    # importing torch (seconds, more on a busy machine): the first answer gets a start-up's limit.
-    assert lifecycle.state(timeout=STARTUP_TIMEOUT_S) == "unconfigured", process.output()
+    # importing torch (seconds, more on a busy machine; two start together): a start-up's limit.
+    assert lifecycle.state(timeout=startup_timeout(2)) == "unconfigured", process.output()
     status = client.wait_for_status("ovss: image", bool)
     values = status_values(status)
     assert values["enabled"] == "false" and values["vocabulary size"] == "0"
@@ -139,7 +139,7 @@ def test_configure_activate_deactivate_cleanup_shutdown(nodes, rgb):
 def test_a_model_that_cannot_load_fails_configure_and_stays_unconfigured(nodes):
     client, _, process = nodes
     lifecycle = Lifecycle(client, "/ovss_broken")
-    assert lifecycle.state(timeout=STARTUP_TIMEOUT_S) == "unconfigured", process.output()
+    assert lifecycle.state(timeout=startup_timeout(2)) == "unconfigured", process.output()
     assert not lifecycle.transition(Transition.TRANSITION_CONFIGURE)
     assert lifecycle.state() == "unconfigured"
     errors = [line for line in process.output().splitlines() if "[ERROR]" in line]

@@ -7,8 +7,8 @@ for Ctrl-C), with no ERROR line, no traceback, no abort ("terminate called witho
 exception") and no publish on a context that is shut down.
 
 The racy cases (a signal while a frame is being segmented, while a 30 Hz camera streams) run on
-several processes each, in different namespaces, started together so that the torch imports
-overlap.
+several processes each, one after another in namespaces of their own; the next one starts while
+the test works with the current one, so that its imports overlap that work.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import inspect
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import pytest
 import rclpy
@@ -34,6 +35,7 @@ from ros_harness import (
     make_image,
     next_header,
     shutdown_problems,
+    startup_timeout,
 )
 
 from ovss_ros.core import Segmenter
@@ -55,32 +57,36 @@ class Node:
     """One node process in its own namespace, and the test's client of it."""
 
     def __init__(self, executable: str, parameters: dict, namespace: str) -> None:
+        """Start the process and make its client (rclpy must be initialised)."""
         self.namespace = namespace
         self.managed = executable == MANAGED
         self.process = NodeProcess(
             parameters, extra_ros_args=["-r", f"__ns:={namespace}"], executable=executable
         )
-        self.client: OvssClient | None = None
-
-    def connect(self) -> OvssClient:
-        """The client (rclpy must be initialised); the process may still be starting."""
         self.client = OvssClient(
-            node_namespace=f"{self.namespace}/ovss",
-            input_namespace=self.namespace,
-            name=f"client_{self.namespace.strip('/')}",
+            node_namespace=f"{namespace}/ovss",
+            input_namespace=namespace,
+            name=f"client_{namespace.strip('/')}",
         )
-        return self.client
+        self.lifecycle = Lifecycle(self.client, f"{namespace}/ovss")
 
-    def serve(self) -> None:
+    def serve(self, startup_s: float = STARTUP_TIMEOUT_S) -> None:
         """Wait until the node segments (a managed node is configured and activated first)."""
         if self.managed:
-            Lifecycle(self.client, f"{self.namespace}/ovss").activate()
+            assert self.lifecycle.state(timeout=startup_s) == "unconfigured"
+            self.lifecycle.activate()
         self.client.spin_until(
             lambda: self.process.returncode is not None or self.client.ready(),
-            STARTUP_TIMEOUT_S,
+            startup_s,
             message=lambda: f"node start-up; its output:\n{self.process.output()}",
         )
         assert self.process.returncode is None, self.process.output()
+
+    def finish(self) -> None:
+        """Destroy the client, stop the process if it still runs (a failed test), drop its log."""
+        self.client.destroy()
+        self.process.stop()
+        self.process.log_path.unlink(missing_ok=True)
 
     def assert_clean_exit(self, status: int = 0, signal_name: str | None = "") -> None:
         """Ended with ``status``, nothing a clean shutdown never prints; ``signal_name``: the
@@ -100,21 +106,40 @@ def ros() -> Iterator[None]:
     rclpy.shutdown()
 
 
-def start(executable: str, parameters: dict, count: int, test: str) -> list[Node]:
-    """``count`` node processes started together, each with a client."""
-    nodes = [Node(executable, parameters, f"/{test}_{index}") for index in range(count)]
-    for node in nodes:
-        node.connect()
-    return nodes
+@contextmanager
+def one_node(executable: str, parameters: dict, test: str) -> Iterator[Node]:
+    node = Node(executable, parameters, f"/{test}")
+    try:
+        yield node
+    finally:
+        node.finish()
 
 
-def finish(nodes: Sequence[Node]) -> None:
-    """Destroy the clients and stop whatever still runs (a failed test); remove the logs."""
-    for node in nodes:
-        if node.client is not None:
-            node.client.destroy()
-        node.process.stop()
-        node.process.log_path.unlink(missing_ok=True)
+@contextmanager
+def serving_nodes(
+    executable: str, parameters: dict, count: int, test: str
+) -> Iterator[Iterator[Node]]:
+    """``count`` nodes, each yielded once it serves; the next one starts then, so its start-up
+    overlaps the test's work with the current one (at most two start-ups share the CPU)."""
+    started: list[Node] = []
+
+    def start(index: int) -> Node:
+        started.append(Node(executable, parameters, f"/{test}_{index}"))
+        return started[-1]
+
+    def series() -> Iterator[Node]:
+        node = start(0)
+        for index in range(count):
+            node.serve(startup_timeout(2))
+            following = start(index + 1) if index + 1 < count else None
+            yield node
+            node = following
+
+    try:
+        yield series()
+    finally:
+        for node in started:
+            node.finish()
 
 
 def stream(node: Node, rgb, until: Callable[[], object], timeout: float, what: str = "") -> object:
@@ -162,43 +187,28 @@ def signal_while_streaming(node: Node, rgb, signals: Sequence[int], gap_s: float
 def test_double_sigint_during_inference_exits_cleanly(ros, voc_rgb, executable):
     """Two Ctrl-C 0.2 s apart while the worker is inside a slow forward pass (it used to abort:
     the second one interrupted the join, and the interpreter exited with the worker in torch)."""
-    nodes = start(executable, SLOW, 3, "double_sigint")
-    try:
+    with serving_nodes(executable, SLOW, 3, "double_sigint") as nodes:
         for node in nodes:
-            node.serve()
             signal_while_streaming(node, voc_rgb[0], [SIGINT, SIGINT])
             node.assert_clean_exit(0, "SIGINT")
-    finally:
-        finish(nodes)
 
 
 @pytest.mark.parametrize("executable", [PLAIN, MANAGED])
 def test_signals_while_a_30_hz_camera_streams_exit_cleanly(ros, voc_rgb, executable):
     """SIGINT, SIGTERM and mixes of them while frames arrive at 30 Hz and results go out (one
     used to be published on a context that was already shut down)."""
-    cases = [
-        [SIGINT],
-        [SIGTERM],
-        [SIGINT, SIGTERM],
-        [SIGTERM, SIGTERM],
-        [SIGTERM, SIGINT, SIGTERM, SIGINT],
-    ]
-    nodes = start(executable, FAST, len(cases), "camera_signals")
-    try:
+    cases = [[SIGINT], [SIGTERM], [SIGINT, SIGTERM], [SIGTERM, SIGINT, SIGTERM, SIGINT]]
+    with serving_nodes(executable, FAST, len(cases), "camera_signals") as nodes:
         for node, signals in zip(nodes, cases, strict=True):
-            node.serve()
             signal_while_streaming(node, voc_rgb[0], signals, gap_s=0.05)
             node.assert_clean_exit(0, signal.Signals(signals[0]).name)
-    finally:
-        finish(nodes)
 
 
 def test_signal_while_the_worker_encodes_a_long_vocabulary(ros):
     """A vocabulary change of 1000 classes x 80 templates (a minute and more of text encoding in
     the worker), then SIGINT and SIGTERM: a clean exit, and with the engine's stop event the
     encoding ends at once (the worker used to be left behind, mid-encoding, after a 10 s join)."""
-    (node,) = start(PLAIN, FAST | {"templates": "imagenet"}, 1, "long_vocabulary")
-    try:
+    with one_node(PLAIN, FAST | {"templates": "imagenet"}, "long_vocabulary") as node:
         node.serve()
         result = node.client.set_parameters([Parameter("classes", value=LONG_VOCABULARY)])
         assert result[0].successful, result[0].reason
@@ -213,21 +223,16 @@ def test_signal_while_the_worker_encodes_a_long_vocabulary(ros):
         if not ENGINE_STOPS:
             pytest.xfail("Segmenter takes no stop event yet: the worker ends its step alone")
         assert "worker still" not in output, output
-    finally:
-        finish([node])
 
 
 @pytest.mark.skipif(not ENGINE_STOPS, reason="Segmenter takes no stop event yet")
 def test_signal_during_configure_of_a_managed_node(ros):
     """The managed node encoding a long vocabulary in configure: a signal ends configure early
     (it fails, quietly) and the process exits cleanly."""
-    (node,) = start(
-        MANAGED, FAST | {"templates": "imagenet", "classes": LONG_VOCABULARY}, 1, "configure"
-    )
-    try:
-        lifecycle = Lifecycle(node.client, f"{node.namespace}/ovss")
-        assert lifecycle.state(timeout=STARTUP_TIMEOUT_S) == "unconfigured"
-        configure = lifecycle.request(Transition.TRANSITION_CONFIGURE)
+    parameters = FAST | {"templates": "imagenet", "classes": LONG_VOCABULARY}
+    with one_node(MANAGED, parameters, "configure") as node:
+        assert node.lifecycle.state(timeout=STARTUP_TIMEOUT_S) == "unconfigured"
+        configure = node.lifecycle.request(Transition.TRANSITION_CONFIGURE)
         # The model is created (open_clip says so), then the vocabulary is encoded.
         node.process.wait_for_output("No pretrained weights loaded")
         node.client.spin_for(1.0)
@@ -237,18 +242,14 @@ def test_signal_during_configure_of_a_managed_node(ros):
         node.process.wait(STOP_TIMEOUT_S)
         node.assert_clean_exit(0, "SIGTERM")
         assert "configure interrupted" in node.process.output()
-    finally:
-        finish([node])
 
 
 @pytest.mark.parametrize("executable", [PLAIN, MANAGED])
 def test_signal_while_idle_exits_cleanly(ros, executable):
     """No frame at all (a managed node left unconfigured): SIGTERM, then SIGINT."""
-    (node,) = start(executable, FAST, 1, "idle")
-    try:
+    with one_node(executable, FAST, "idle") as node:
         if node.managed:
-            lifecycle = Lifecycle(node.client, f"{node.namespace}/ovss")
-            assert lifecycle.state(timeout=STARTUP_TIMEOUT_S) == "unconfigured"
+            assert node.lifecycle.state(timeout=STARTUP_TIMEOUT_S) == "unconfigured"
         else:
             node.serve()
         node.process.send_signal(SIGTERM)
@@ -256,14 +257,12 @@ def test_signal_while_idle_exits_cleanly(ros, executable):
         node.process.send_signal(SIGINT)
         node.process.wait(STOP_TIMEOUT_S)
         node.assert_clean_exit(0, "SIGTERM")
-    finally:
-        finish([node])
 
 
 def test_signal_while_the_plain_node_encodes_its_vocabulary_at_start_up(ros):
     """Start-up (model loaded, 1000 x 80 prompts being encoded) ends at once: status 130."""
-    (node,) = start(PLAIN, FAST | {"templates": "imagenet", "classes": LONG_VOCABULARY}, 1, "su")
-    try:
+    parameters = FAST | {"templates": "imagenet", "classes": LONG_VOCABULARY}
+    with one_node(PLAIN, parameters, "start_up") as node:
         node.process.wait_for_output("No pretrained weights loaded")
         time.sleep(1.0)  # into the encoding, which takes a minute and more
         node.process.send_signal(SIGINT)
@@ -272,8 +271,6 @@ def test_signal_while_the_plain_node_encodes_its_vocabulary_at_start_up(ros):
         node.process.wait(STOP_TIMEOUT_S)
         node.assert_clean_exit(130, None)
         assert "1000 classes" not in node.process.output(), "start-up finished before the signal"
-    finally:
-        finish([node])
 
 
 # Each: (console script, signals, seconds after the handlers are in place, exit status).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from ros_harness import STARTUP_TIMEOUT_S, TINY_NODE_PARAMETERS, NodeProcess, shutdown_problems
+from ros_harness import TINY_NODE_PARAMETERS, NodeProcess, shutdown_problems, startup_timeout
 
 LIFECYCLE = "ovss_lifecycle_node"
 # name: (parameters, texts the one error line must hold[, console script])
@@ -62,10 +62,11 @@ def failed_starts():
 @pytest.mark.parametrize("case", list(CASES))
 def test_start_up_failure_exits_with_one_clear_message(failed_starts, case):
     process = failed_starts[case]
+    limit = startup_timeout(len(CASES))  # all of them start together
     try:
-        returncode = process.wait(timeout=STARTUP_TIMEOUT_S)
+        returncode = process.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"node still running after {STARTUP_TIMEOUT_S} s:\n{process.output()}")
+        pytest.fail(f"node still running after {limit} s:\n{process.output()}")
     output = process.output()
     assert returncode == 1, output
     errors = [line for line in output.splitlines() if "[ERROR]" in line]
