@@ -680,8 +680,10 @@ def run(
     its publishers), then the context is shut down.
     """
     signals = signals or ShutdownSignals.install()
+    init = None
     try:
-        with rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO):
+        init = rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+        with init:
             try:
                 node = make_node()
             except START_ERRORS as error:
@@ -699,6 +701,9 @@ def run(
                 node.destroy_node()
     except Interrupted as interrupt:
         return interrupt.exit_status
+    finally:
+        if init is not None:  # shut down already: free it (the DDS participant) now, not at exit
+            init.context.destroy()
     return 0
 
 

@@ -20,6 +20,7 @@ context down from another thread while the worker may still publish.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import signal
@@ -92,11 +93,11 @@ def run_main(main: Callable[..., int], signals: ShutdownSignals | None = None) -
     """Run a node's ``main(signals=...)``; return the status for ``sys.exit``.
 
     Once ``main`` is done, SIGINT and SIGTERM are ignored: Python would restore their default
-    action while it finalizes (seconds with torch loaded), and a late Ctrl-C would kill the
-    process. If a thread is still alive (a worker that did not stop in time), or start-up was
-    interrupted (maybe inside an import), the process ends here with ``os._exit``: an interpreter
-    that finalizes while a daemon thread runs inside torch aborts ("terminate called without an
-    active exception"). ROS has been shut down by then; only the standard streams need flushing.
+    action while it finalizes, and a late Ctrl-C would kill the process. If a thread is still
+    alive (a worker that did not stop in time), or start-up was interrupted (maybe inside an
+    import), the process ends here with ``os._exit``: an interpreter that finalizes while a
+    daemon thread runs inside torch aborts ("terminate called without an active exception").
+    ROS has been shut down by then; only the standard streams need flushing.
     """
     signals = signals or ShutdownSignals.install()
     interrupted = False
@@ -116,6 +117,9 @@ def run_main(main: Callable[..., int], signals: ShutdownSignals | None = None) -
             except (OSError, ValueError):
                 pass
         os._exit(status)
+    # The interpreter's last garbage collections walk every object torch and open_clip made
+    # (seconds on a busy CPU); ROS is shut down and nothing left needs collecting.
+    gc.freeze()
     return status
 
 
