@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import inspect
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +34,7 @@ from ros_harness import (
     Lifecycle,
     NodeProcess,
     OvssClient,
+    child_environment,
     isolate_dds,
     make_image,
     next_header,
@@ -39,6 +43,7 @@ from ros_harness import (
 )
 
 from ovss_ros.core import Segmenter
+from ovss_ros.node_entry import SHUTDOWN_SIGNALS, Interrupted, ShutdownSignals
 
 PLAIN, MANAGED = "ovss_node", "ovss_lifecycle_node"
 CLASSES = ["cat", "dog", "person"]
@@ -310,3 +315,99 @@ def test_signals_during_imports_end_start_up_without_a_traceback():
         finally:
             process.stop()
             process.log_path.unlink(missing_ok=True)
+
+
+# The handlers and the process exit on their own, without a node.
+
+
+@pytest.fixture
+def restore_signal_handlers() -> Iterator[None]:
+    saved = {signum: signal.getsignal(signum) for signum in SHUTDOWN_SIGNALS}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_a_signal_during_start_up_interrupts_it_once_and_later_ones_are_ignored(
+    restore_signal_handlers,
+):
+    signals = ShutdownSignals.install()
+    with pytest.raises(Interrupted) as interrupt:
+        signal.raise_signal(SIGTERM)
+    assert interrupt.value.exit_status == 143
+    signal.raise_signal(SIGINT)  # shutting down already: nothing raised
+    signal.raise_signal(SIGTERM)
+    assert signals.requested and signals.name() == "SIGTERM"
+    assert signals.received == [SIGTERM, SIGINT, SIGTERM]
+
+
+def test_a_signal_while_serving_asks_for_a_stop_once(restore_signal_handlers):
+    signals = ShutdownSignals.install()
+    requests: list[str] = []
+    signals.serve(on_request=lambda: requests.append("stop"))
+    assert not signals.requested
+    signal.raise_signal(SIGINT)  # nothing raised: the spin loop polls ``requested``
+    signal.raise_signal(SIGINT)
+    assert requests == ["stop"] and signals.name() == "SIGINT"
+
+
+def run_script(script: str) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter with the repository importable."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT_S,
+    )
+
+
+def test_a_thread_still_inside_torch_at_exit_does_not_abort_the_process():
+    """A worker that did not stop in time, busy in torch when main returns: an interpreter that
+    finalizes then aborts ("terminate called without an active exception", measured 4 of 4 with
+    this script's thread and a plain ``sys.exit``); ``run_main`` ends the process before that."""
+    result = run_script(
+        """
+        import sys, threading, time
+        import torch
+        from ovss_ros.node_entry import run_main
+
+        busy = threading.Event()
+
+        def work():
+            a = torch.randn(512, 512)
+            while True:
+                busy.set()
+                a = torch.tanh(a @ a)
+
+        def main(signals):
+            threading.Thread(target=work, daemon=True).start()
+            busy.wait()
+            time.sleep(0.2)
+            print("main done", flush=True)
+            return 0
+
+        sys.exit(run_main(main))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "main done\n" and shutdown_problems(result.stderr) == []
+
+
+def test_an_interrupt_that_escapes_main_ends_the_process_with_128_plus_the_signal():
+    """E.g. a signal inside an import that ``main`` does: no traceback, status 130."""
+    result = run_script(
+        """
+        import signal, sys
+        from ovss_ros.node_entry import run_main
+
+        def main(signals):
+            signal.raise_signal(signal.SIGINT)  # start-up: raises Interrupted here
+            print("not reached")
+            return 0
+
+        sys.exit(run_main(main))
+        """
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stdout == "" and result.stderr == ""
