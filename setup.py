@@ -31,6 +31,8 @@ setup(
             "ovss-eval = ovss_ros.cli.evaluate:main",
             "ovss-bench = ovss_ros.cli.bench:main",
             "ovss-bag = ovss_ros.cli.bag:main",
+            "ovss-train-deop = ovss_ros.cli.train_deop:main",
+            "ovss-tune = ovss_ros.cli.tune:main",
         ],
     },
 )

@@ -10,16 +10,24 @@ publishes with and serialized by ``rclpy.serialization``. So a bag frame is byte
 node would send, and there is one image converter to maintain, not a second one for rosbags'
 dataclasses. rosbags does the bag files (sqlite3 and MCAP) and, through its typestore, supplies
 the message definitions and type hashes each new topic's connection records.
+
+The bag always matches the report: an input frame and all its outputs are written together, after
+the frame has been segmented, so a frame is in the bag with its outputs, or skipped (undecodable,
+over the pixel limit, or its segmentation failed; the input copied, no outputs), or not at all.
+Ctrl-C or SIGTERM, and errors reading or writing the bags, stop the run between frames and the
+output bag is closed normally with the frames finished so far.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import signal
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from rclpy.serialization import deserialize_message, serialize_message
@@ -42,6 +50,8 @@ from tqdm import tqdm
 
 from ovss_ros.core import ClassEntry, Segmenter, overlay
 from ovss_ros.image_conversion import (
+    DEFAULT_MAX_INPUT_PIXELS,
+    ImageTooLarge,
     compressed_to_rgb8,
     image_to_rgb8,
     mono8_to_image,
@@ -49,6 +59,7 @@ from ovss_ros.image_conversion import (
     rgb8_to_image,
 )
 from ovss_ros.label_info import label_info
+from ovss_ros.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +67,7 @@ IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 LABEL_INFO_TYPE = "vision_msgs/msg/LabelInfo"
 # The rclpy class and decoder for each image type the tool reads (as the node's two inputs).
-IMAGE_READERS: dict[str, tuple[type, Callable[[Any], np.ndarray]]] = {
+IMAGE_READERS: dict[str, tuple[type, Callable[..., np.ndarray]]] = {
     IMAGE_TYPE: (Image, image_to_rgb8),
     COMPRESSED_TYPE: (CompressedImage, compressed_to_rgb8),
 }
@@ -96,6 +107,11 @@ LABEL_INFO_QOS = _qos(1, QosDurability.TRANSIENT_LOCAL)
 
 _ROS_NAMESPACE = re.compile(r"^(/[A-Za-z_][A-Za-z0-9_]*)*$")
 MAX_REPORTED_SKIPS = 10  # skipped frames logged one by one; the rest are only counted
+# Why a frame was skipped (its input is copied, it has no outputs).
+UNDECODABLE = "undecodable"
+TOO_LARGE = "over max_input_pixels"
+FAILED = "segmentation failed"
+SKIP_CAUSES = (UNDECODABLE, TOO_LARGE, FAILED)
 
 
 class BagError(Exception):
@@ -248,30 +264,58 @@ def _count_messages(path: Path, topic: str) -> int:
         return sum(c.msgcount for c in reader.connections if c.topic == topic)
 
 
+class SkippedFrame(NamedTuple):
+    timestamp: int  # bag time, ns
+    reason: str
+    cause: str  # one of SKIP_CAUSES
+
+
 @dataclass
 class BagReport:
-    """What happened to the frames and how many messages each output topic received."""
+    """What happened to the frames and what the output bag holds; it always matches the bag."""
 
-    frames: int = 0  # image messages read
-    segmented: int = 0
-    skipped: list[tuple[int, str]] = field(default_factory=list)  # (bag timestamp ns, reason)
+    frames: int = 0  # input frames finished: segmented or skipped (the interrupted one is not)
+    segmented: int = 0  # frames whose outputs are in the bag
+    skipped: list[SkippedFrame] = field(default_factory=list)
+    copied_frames: int = 0  # input frames copied into the output bag (0 unless it copies them)
     written: dict[str, int] = field(default_factory=dict)  # output topic -> messages
-    interrupted: bool = False  # stopped by Ctrl-C; the bag holds the frames before it
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM
+    stop_signal: str = ""  # the signal that stopped it: SIGINT, SIGTERM
+    error: str = ""  # an error reading or writing the bags that stopped the run
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped frames by cause, causes with none left out."""
+        counts = {cause: sum(s.cause == cause for s in self.skipped) for cause in SKIP_CAUSES}
+        return {cause: count for cause, count in counts.items() if count}
 
 
 class FrameError(ValueError):
-    """An input frame that cannot be turned into an RGB image; it is skipped."""
+    """An input frame that cannot be turned into an RGB image; it is skipped. ``cause`` says why
+    (UNDECODABLE or TOO_LARGE)."""
+
+    def __init__(self, reason: str, cause: str = UNDECODABLE) -> None:
+        super().__init__(reason)
+        self.cause = cause
 
 
-def decode_frame(raw: bytes | memoryview, image_type: str) -> tuple[Any, np.ndarray]:
-    """CDR bytes of an Image or CompressedImage -> (its std_msgs/Header, HxWx3 uint8 RGB)."""
+def decode_frame(
+    raw: bytes | memoryview, image_type: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS
+) -> tuple[Any, np.ndarray]:
+    """CDR bytes of an Image or CompressedImage -> (its std_msgs/Header, HxWx3 uint8 RGB).
+
+    Raises:
+        FrameError: not a message of ``image_type``, undecodable, or over ``max_pixels``
+            (width * height, from the message or the compressed header, before decoding).
+    """
     message_class, to_rgb = IMAGE_READERS[image_type]
     try:
         message = deserialize_message(bytes(raw), message_class)
     except Exception as error:  # rclpy raises RMWError for bytes that are not this type
         raise FrameError(f"not a valid {image_type} message: {error}") from error
     try:
-        return message.header, to_rgb(message)
+        return message.header, to_rgb(message, max_pixels=max_pixels)
+    except ImageTooLarge as error:
+        raise FrameError(str(error), TOO_LARGE) from error
     except ValueError as error:  # ImageConversionError (and OpenCV's own complaints)
         raise FrameError(str(error)) from error
 
@@ -291,8 +335,8 @@ class _OutputBag:
         )
         self.counts[topic] = 0
 
-    def write(self, topic: str, timestamp: int, message: object) -> None:
-        self.writer.write(self.connections[topic], timestamp, serialize_message(message))
+    def write(self, topic: str, timestamp: int, data: bytes) -> None:
+        self.writer.write(self.connections[topic], timestamp, data)
         self.counts[topic] += 1
 
 
@@ -336,18 +380,31 @@ def segment_bag(
     segmenter: Segmenter,
     alpha: float = 0.5,
     progress: bool | None = None,
+    max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+    stop: StopSignals | None = None,
 ) -> BagReport:
     """Run ``segmenter`` over every frame of ``job`` and write the output bag.
 
-    Frames that cannot be decoded are logged (the first few), counted in the report and skipped;
-    their input messages are still copied. ``progress`` None shows the bar on a terminal only.
-    Ctrl-C stops the run and still closes the output bag with the frames done so far (rosbags
-    would otherwise abort it, leaving no metadata.yaml); ``report.interrupted`` tells.
+    Each frame is decoded and segmented and its output messages serialized first; then the input
+    frame (if copied) and its outputs are written together. Frames that are undecodable, over
+    ``max_pixels`` or whose segmentation raises are skipped: counted in the report with the reason
+    (the first few logged), the input still copied. ``progress`` None shows the bar (frames done of
+    the total) on a terminal only. Ctrl-C / SIGTERM (handled while this runs, in the main thread)
+    and errors reading or writing the bags stop the run; the output bag is closed normally with the
+    frames finished so far (rosbags would otherwise abort it, leaving no metadata.yaml), and
+    ``report.interrupted`` / ``report.error`` tell. ``stop``: an entered StopSignals of the
+    caller (to keep handling signals after this returns); by default one for this call only.
     """
     copied_topics = {"all": None, "image": {job.image_topic}, "none": set()}[job.copy]
     report = BagReport()
     store = typestore()
+    if stop is None:
+        stop = StopSignals()
+        handling = stop
+    else:
+        handling = nullcontext(stop)
     with (
+        handling,  # entered first, left last: signals during the closing are only recorded
         Reader(job.input_path) as reader,
         Writer(job.output_path, version=9, storage_plugin=STORAGES[job.storage]) as writer,
     ):
@@ -366,58 +423,77 @@ def segment_bag(
             desc=job.image_topic,
             disable=None if progress is None else not progress,
         )
+        writing: int | None = None  # bag time of the frame whose messages are being written
         try:
             with bar:
                 for connection, timestamp, raw in reader.messages(connections=wanted):
+                    if connection.topic != job.image_topic:
+                        writer.write(copies[connection.id], timestamp, raw)
+                        continue
+                    with stop.interruptible():  # nothing of this frame is written yet
+                        outputs = _frame_outputs(job, segmenter, alpha, max_pixels, raw)
+                    # The frame and its outputs, together (signals now wait for the next frame).
+                    writing = timestamp
                     if connection.id in copies:
                         writer.write(copies[connection.id], timestamp, raw)
-                    if connection.topic == job.image_topic:
-                        report.frames += 1
-                        bar.update()
-                        _segment_frame(job, segmenter, alpha, out, report, timestamp, raw)
+                        report.copied_frames += 1
+                    if isinstance(outputs, FrameError):
+                        _report_skip(report, timestamp, str(outputs), outputs.cause)
+                    else:
+                        for topic, data in outputs:
+                            out.write(topic, timestamp, data)
+                        report.segmented += 1
+                    report.frames += 1
+                    writing = None
+                    bar.update()
         except KeyboardInterrupt:  # keep what is done: the Writer closes the bag normally
             report.interrupted = True
+            report.stop_signal = (stop.received or signal.SIGINT).name
+        except Exception as error:  # reading or writing the bags: stop, keep what is done
+            report.error = f"{type(error).__name__}: {error}"
+            if writing is not None:
+                report.error += (
+                    f" (while writing the frame at {writing} ns: part of its messages may be in "
+                    "the bag; the per-topic counts are exact)"
+                )
+            logger.debug("the run stopped on an error", exc_info=True)
     report.written = out.counts
     return report
 
 
-def _segment_frame(
-    job: BagJob,
-    segmenter: Segmenter,
-    alpha: float,
-    out: _OutputBag,
-    report: BagReport,
-    timestamp: int,
-    raw: bytes | memoryview,
-) -> None:
-    """Segment one input frame and write its outputs, or record why it was skipped."""
+def _frame_outputs(
+    job: BagJob, segmenter: Segmenter, alpha: float, max_pixels: int, raw: bytes | memoryview
+) -> list[tuple[str, bytes]] | FrameError:
+    """One input frame's output messages, serialized, in the node's order; or why it is skipped."""
     try:
-        header, rgb = decode_frame(raw, job.image_type)
+        header, rgb = decode_frame(raw, job.image_type, max_pixels)
     except FrameError as error:
-        _report_skip(report, timestamp, str(error))
-        return
-    segmentation = segmenter.segment(rgb)
-    # label_info first, as the node does: whoever has the labels can decode them.
-    threshold = segmenter.config.score_threshold
-    out.write(
-        job.outputs.label_info, timestamp, label_info(header, segmentation.class_names, threshold)
-    )
-    labels = segmentation.labels
-    to_image = mono16_to_image if labels.dtype == np.uint16 else mono8_to_image
-    out.write(job.outputs.labels, timestamp, to_image(labels, header))
-    for index, name in enumerate(segmentation.class_names):
-        if name in job.outputs.masks:
-            mask = segmentation.mask(index).astype(np.uint8) * np.uint8(255)
-            out.write(job.outputs.masks[name], timestamp, mono8_to_image(mask, header))
-    if job.outputs.overlay is not None:
-        blended = overlay(rgb, segmentation, alpha)
-        out.write(job.outputs.overlay, timestamp, rgb8_to_image(blended, header))
-    report.segmented += 1
+        return error
+    try:
+        segmentation = segmenter.segment(rgb)
+        # label_info first, as the node does: whoever has the labels can decode them.
+        threshold = segmenter.config.score_threshold
+        outputs = [
+            (job.outputs.label_info, label_info(header, segmentation.class_names, threshold))
+        ]
+        labels = segmentation.labels
+        to_image = mono16_to_image if labels.dtype == np.uint16 else mono8_to_image
+        outputs.append((job.outputs.labels, to_image(labels, header)))
+        for index, name in enumerate(segmentation.class_names):
+            if name in job.outputs.masks:
+                mask = segmentation.mask(index).astype(np.uint8) * np.uint8(255)
+                outputs.append((job.outputs.masks[name], mono8_to_image(mask, header)))
+        if job.outputs.overlay is not None:
+            blended = overlay(rgb, segmentation, alpha)
+            outputs.append((job.outputs.overlay, rgb8_to_image(blended, header)))
+        return [(topic, serialize_message(message)) for topic, message in outputs]
+    except Exception as error:  # e.g. out of memory: this frame fails, the next may not
+        return FrameError(f"{type(error).__name__}: {error}", FAILED)
 
 
-def _report_skip(report: BagReport, timestamp: int, reason: str) -> None:
-    report.skipped.append((timestamp, reason))
+def _report_skip(report: BagReport, timestamp: int, reason: str, cause: str) -> None:
+    report.skipped.append(SkippedFrame(timestamp, reason, cause))
     if len(report.skipped) <= MAX_REPORTED_SKIPS:
-        logger.warning("skipping frame at %d ns: %s", timestamp, reason)
+        logger.warning("skipping frame at %d ns (%s): %s", timestamp, cause, reason)
     if len(report.skipped) == MAX_REPORTED_SKIPS:
-        logger.warning("further undecodable frames are only counted")
+        logger.warning("further skipped frames are only counted")

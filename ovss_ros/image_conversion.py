@@ -13,15 +13,26 @@ Where ``cv_bridge`` is importable (ROS from apt), it decodes the plain Image pat
 runs first either way so that bad input is rejected with the same ``ImageConversionError``, and
 anything the bridge cannot do (or gets wrong: a ``step`` that is not a whole number of pixels)
 goes through our converter. Both scale 16-bit data to 8 bits the same way (value * 255 / 65535).
+
+Every input is bounded before anything is allocated for it: a raw image by its ``width * height``,
+compressed data (and image files) by the size declared in the header, read with Pillow's lazy
+``Image.open`` (the header only) before OpenCV decodes anything. Larger images raise
+:class:`ImageTooLarge`. Compressed images always come out in their stored pixel grid, as
+image_transport and camera_info see them: the EXIF / TIFF Orientation tag is not applied.
 """
 
 from __future__ import annotations
 
 import array as pyarray
-from typing import NamedTuple
+import io
+import warnings
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import cv2
 import numpy as np
+from PIL import ExifTags
+from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -35,6 +46,49 @@ except Exception:  # a missing or broken install (the ROS 1 port on numpy 2) mea
 
 class ImageConversionError(ValueError):
     """An image message or array that cannot be converted; the message says why."""
+
+
+class ImageTooLarge(ImageConversionError):
+    """An image whose declared ``width * height`` exceeds the pixel limit; refused undecoded.
+
+    ``width`` and ``height`` are the declared size (None when the header could not be read to
+    the end because Pillow's own decompression-bomb limit stopped it), ``max_pixels`` the limit.
+    """
+
+    def __init__(self, reason: str, width: int | None, height: int | None, max_pixels: int):
+        super().__init__(reason)
+        self.width = width
+        self.height = height
+        self.max_pixels = max_pixels
+
+
+DEFAULT_MAX_INPUT_PIXELS = 40_000_000
+"""Default limit on an input image's ``width * height`` (pixels), checked before decoding.
+
+40 MP takes every camera resolution in use on robots with room to spare, 8K included (7680x4320 =
+33.2 MP, DCI 8K 8192x4320 = 35.4 MP), and bounds one decoded frame to 120 MB of RGB. A 17.6 KB
+PNG declaring 12000x12000 pixels (144 MP) cost 78 s and 14.7 GB before this limit; now it is
+refused from its header. It is below Pillow's own decompression-bomb limits (89.5 MP warns,
+179 MP raises), so those never decide.
+"""
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Raise ImageTooLarge when ``width * height > max_pixels``."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{what} declares {width}x{height} = {width * height} pixels, more than "
+            f"max_input_pixels = {max_pixels}",
+            width,
+            height,
+            max_pixels,
+        )
+
+
+def _valid_limit(max_pixels: int) -> int:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    return max_pixels
 
 
 class _Layout(NamedTuple):
@@ -77,7 +131,7 @@ SUPPORTED_ENCODINGS: frozenset[str] = frozenset(_LAYOUTS)
 _SCALE_16_TO_8 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 
 
-def image_to_rgb8(msg: Image) -> np.ndarray:
+def image_to_rgb8(msg: Image, *, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> np.ndarray:
     """Convert a ``sensor_msgs/Image`` to a new, C-contiguous HxWx3 uint8 RGB array.
 
     Accepts the encodings in :data:`SUPPORTED_ENCODINGS`. Mono is replicated into three
@@ -85,9 +139,12 @@ def image_to_rgb8(msg: Image) -> np.ndarray:
     ``width * channels * bytes`` bytes are read; the rest of ``step`` is padding.
 
     Raises:
+        ImageTooLarge: ``width * height`` exceeds ``max_pixels`` (checked before the data).
         ImageConversionError: unknown encoding, zero width or height, ``step`` smaller than a
             row, or ``data`` shorter than ``step * height``.
+        ValueError: ``max_pixels`` is not a positive integer.
     """
+    _valid_limit(max_pixels)
     layout = _LAYOUTS.get(msg.encoding)
     if layout is None:
         raise ImageConversionError(
@@ -96,6 +153,7 @@ def image_to_rgb8(msg: Image) -> np.ndarray:
     height, width, step = msg.height, msg.width, msg.step
     if height == 0 or width == 0:
         raise ImageConversionError(f"zero-size image: width={width} height={height}")
+    _check_pixels(width, height, max_pixels, f"{msg.encoding} image")
     pixel_bytes = layout.channels * layout.bytes_per_channel
     if step < width * pixel_bytes:
         raise ImageConversionError(
@@ -142,30 +200,128 @@ def _decode(
     return cv2.cvtColor(pixels, layout.to_rgb)
 
 
-def compressed_to_rgb8(msg: CompressedImage) -> np.ndarray:
-    """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG, anything OpenCV reads) to HxWx3 RGB.
+def compressed_to_rgb8(
+    msg: CompressedImage, *, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS
+) -> np.ndarray:
+    """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG, WebP, ...) to HxWx3 uint8 RGB.
 
-    The ``format`` field is informational only: OpenCV recognises the codec by its signature.
-    Grey and 16-bit PNGs are converted to 8-bit RGB by OpenCV. ``compressedDepth`` images (a
-    private header in front of the PNG) are not supported and are rejected as undecodable.
+    The ``format`` field is informational only: the codec is recognised by its signature. The
+    size declared in the header is read first (Pillow, header only) and checked against
+    ``max_pixels``; only then does OpenCV decode. The result has the stored pixel grid's size
+    (EXIF orientation is ignored, as image_transport and camera_info do). Grey and 16-bit PNGs
+    are converted to 8-bit RGB by OpenCV. ``compressedDepth`` images (a private header in front of
+    the PNG) are not supported and are rejected as undecodable, and so is any format whose size
+    Pillow cannot read from the header (it could not be bounded before decoding).
 
     Raises:
+        ImageTooLarge: the declared width * height exceeds ``max_pixels``.
         ImageConversionError: empty or undecodable data.
+        ValueError: ``max_pixels`` is not a positive integer.
     """
+    _valid_limit(max_pixels)
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if data.size == 0:
         raise ImageConversionError(f"empty compressed image data (format {msg.format!r})")
+    what = f"compressed image data ({data.size} bytes, format {msg.format!r})"
+    header = _read_header(io.BytesIO(data), what, max_pixels)
+    return _decode_encoded(data, header, what)
+
+
+def image_file_to_rgb8(path: Path, *, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8 RGB, bounded and oriented as compressed images are.
+
+    Only the header is read before the size check, so a file over the limit is refused without
+    reading its pixel data. The result has the stored pixel grid (EXIF orientation ignored), the
+    grid of the ground-truth masks of segmentation data sets.
+
+    Raises:
+        ImageTooLarge: the declared width * height exceeds ``max_pixels``.
+        ImageConversionError: not an image file OpenCV can decode.
+        OSError: the file cannot be read.
+        ValueError: ``max_pixels`` is not a positive integer.
+    """
+    _valid_limit(max_pixels)
+    with Path(path).open("rb") as stream:
+        header = _read_header(stream, "image", max_pixels)
+        stream.seek(0)
+        data = np.frombuffer(stream.read(), dtype=np.uint8)
+    return _decode_encoded(data, header, "image")
+
+
+class _Header(NamedTuple):
+    format: str  # Pillow's name: JPEG, PNG, TIFF, ...
+    width: int
+    height: int
+    orientation: int  # the TIFF Orientation tag (1..8) that OpenCV's TIFF reader applies; else 1
+
+
+def _read_header(stream: BinaryIO, what: str, max_pixels: int) -> _Header:
+    """The declared size, from the header alone (Pillow's ``Image.open`` is lazy)."""
+    # Pillow's own decompression-bomb check (a warning above PIL.Image.MAX_IMAGE_PIXELS, 89.5 MP by
+    # default, an error above twice that) runs inside Image.open. Our limit decides: the warning
+    # (and any other Pillow warning about these untrusted bytes) is silenced here; the error, which
+    # comes before the size is known, becomes an ImageTooLarge. So data over Pillow's error limit
+    # is refused even when max_pixels is larger (by default max_pixels is far below it).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with PILImage.open(stream) as image:
+                width, height = image.size
+                orientation = 1
+                if image.format == "TIFF":
+                    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                header = _Header(str(image.format), width, height, orientation)
+        except PILImage.DecompressionBombError as error:
+            limit = 2 * (PILImage.MAX_IMAGE_PIXELS or 0)
+            raise ImageTooLarge(
+                f"{what} declares more than {limit} pixels, Pillow's decompression-bomb "
+                f"limit (max_input_pixels = {max_pixels})",
+                None,
+                None,
+                max_pixels,
+            ) from error
+        except Exception as error:  # untrusted bytes: any failure to parse is a refusal
+            detail = (
+                "no image format recognised"
+                if isinstance(error, PILImage.UnidentifiedImageError)
+                else f"{type(error).__name__}: {error}"
+            )
+            raise ImageConversionError(
+                f"undecodable {what}: cannot read its size from the header ({detail})"
+            ) from error
+    if width <= 0 or height <= 0:
+        raise ImageConversionError(f"undecodable {what}: header declares {width}x{height}")
+    _check_pixels(width, height, max_pixels, what)
+    return header
+
+
+# OpenCV's TIFF reader applies the Orientation tag even with IMREAD_IGNORE_ORIENTATION (libtiff's
+# oriented read, OpenCV 5.0); this undoes it. Orientation o maps the stored grid to the display;
+# the inverse of 6 is 8 and vice versa, the others are their own inverse (TIFF 6.0, tag 274).
+_UNDO_ORIENTATION = {
+    2: lambda a: cv2.flip(a, 1),
+    3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
+    4: lambda a: cv2.flip(a, 0),
+    5: cv2.transpose,
+    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+    7: lambda a: cv2.rotate(cv2.transpose(a), cv2.ROTATE_180),
+    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+}
+
+
+def _decode_encoded(data: np.ndarray, header: _Header, what: str) -> np.ndarray:
+    """OpenCV decode of checked data into RGB, in the stored pixel grid."""
     try:
-        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as error:
         bgr = None
         detail = f": {error}"
     else:
         detail = ""
     if bgr is None:
-        raise ImageConversionError(
-            f"undecodable compressed image data ({data.size} bytes, format {msg.format!r}){detail}"
-        )
+        raise ImageConversionError(f"undecodable {what}{detail}")
+    if header.format == "TIFF" and header.orientation in _UNDO_ORIENTATION:
+        bgr = _UNDO_ORIENTATION[header.orientation](bgr)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

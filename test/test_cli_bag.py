@@ -5,24 +5,30 @@ outputs are decoded with rosbags (and label_info also with rclpy and with mcap_r
 stored in the MCAP file), so the tests also check that these readers agree on the bytes.
 """
 
+import io
 import json
 import logging
+import re
+import struct
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_VIT
 from mcap.reader import make_reader
 from mcap_ros2.decoder import DecoderFactory
+from PIL import Image as PILImage
 from rclpy.serialization import deserialize_message
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import get_types_from_msg
 from vision_msgs.msg import LabelInfo
 
 from ovss_ros.bag_processing import LABEL_INFO_TYPE, VISION_MSGS_DEFINITIONS, typestore
-from ovss_ros.cli.bag import main
+from ovss_ros.cli.bag import main, parse_args
+from ovss_ros.cli.engine_args import config_from_args
 from ovss_ros.core import Segmenter
 
 ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--size", "64"]
@@ -171,10 +177,15 @@ def test_compressed_mcap_skips_an_undecodable_frame(tmp_path, voc_rgb, caplog):
     out = tmp_path / "out"
     args = [str(path), str(out), "--topic", "/camera/image_raw/compressed", "--no-overlay"]
     args += ["--namespace", "front/ovss/", "--classes"]
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         assert main(args + CLASSES + ENGINE) == 1  # the bag is written; one frame is missing
-    assert "skipping frame at 1700000000100000000 ns: undecodable compressed image" in caplog.text
-    assert "skipped 1 of 4 frames" in caplog.text
+    assert (
+        "skipping frame at 1700000000100000000 ns (undecodable): undecodable compressed image"
+        in caplog.text
+    )
+    assert "skipped 1 of 4 frames (1 undecodable)" in caplog.text
+    assert "finished 4 of 4 frames (3 segmented, 1 skipped)" in caplog.text
+    assert f"{out} holds 4 input frames and the outputs of 3" in caplog.text
     assert storage_of(out) == "mcap"
     topics = read_bag(out)
     assert len(topics["/camera/image_raw/compressed"]) == 4  # copied, the bad frame too
@@ -197,7 +208,8 @@ def test_compressed_mcap_skips_an_undecodable_frame(tmp_path, voc_rgb, caplog):
     assert names == [["person", "cup", "tv"]] * 3
 
 
-def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch):
+def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch, caplog):
+    """Ctrl-C while the second frame is segmented: neither it nor its outputs are written."""
     segment = Segmenter.segment
     calls = []
 
@@ -210,22 +222,39 @@ def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch):
     monkeypatch.setattr(Segmenter, "segment", interrupted_on_second_frame)
     out = tmp_path / "out"
     args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--classes", "cup"]
-    assert main(args + ENGINE) == 130
+    with caplog.at_level(logging.INFO):
+        assert main(args + ENGINE) == 130
+    assert (
+        f"interrupted by SIGINT after 1 of 3 frames (1 segmented, 0 skipped): {out} holds 1 "
+        "input frames and the outputs of 1"
+    ) in caplog.text
     topics = read_bag(out)  # closed properly: metadata.yaml is there
-    assert len(topics["/ovss/labels"]) == 1 and len(topics["/camera/image_raw"]) == 2
+    assert len(topics["/ovss/labels"]) == 1 and len(topics["/camera/image_raw"]) == 1
+    assert topics["/ovss/labels"][0][0] == topics["/camera/image_raw"][0][0]
 
 
-def test_storage_conversion_and_copy_choice(tmp_path, raw_sqlite3_bag):
+def test_storage_conversion_and_copy_choice(tmp_path, raw_sqlite3_bag, voc_rgb):
     out = tmp_path / "out"
     args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--storage", "mcap"]
     args += ["--copy", "none", "--no-masks", "--threshold", "1.0", "--classes", "person", "dog"]
+    torch.manual_seed(0)  # the random tiny model's weights, again for the reference below
     assert main(args + ENGINE) == 0
     assert storage_of(out) == "mcap"
     topics = read_bag(out)
     assert set(topics) == {"/ovss/labels", "/ovss/label_info", "/ovss/overlay"}
-    for _, raw, _ in topics["/ovss/labels"]:
+    # The threshold reached the engine: the labels are those of the same engine with
+    # score_threshold 1.0, where only a pixel whose probability rounds to exactly 1.0 keeps its
+    # label (random weights can saturate the softmax, so "all unlabeled" would be flaky).
+    torch.manual_seed(0)
+    reference = Segmenter(config_from_args(parse_args(args + ENGINE)))
+    assert reference.config.score_threshold == 1.0
+    reference.set_classes(["person", "dog"])
+    for (_, raw, _), rgb in zip(topics["/ovss/labels"], voc_rgb, strict=True):
         labels = STORE.deserialize_cdr(raw, "sensor_msgs/msg/Image")
-        assert (labels.data == 255).all()  # threshold 1.0 leaves every pixel unlabeled
+        expected = reference.segment(rgb)
+        np.testing.assert_array_equal(labels.data.reshape(rgb.shape[:2]), expected.labels)
+        assert (expected.confidence[expected.labels != 255] == 1.0).all()
+        assert (expected.labels == 255).mean() > 0.5
 
 
 def test_more_than_254_classes_give_mono16_labels(tmp_path, voc_rgb):
@@ -277,3 +306,96 @@ def test_label_info_type_matches_vision_msgs():
     hashes = json.loads(built.read_text())["type_hashes"]
     expected = next(h["hash_string"] for h in hashes if h["type_name"] == LABEL_INFO_TYPE)
     assert STORE.hash_rihs01(LABEL_INFO_TYPE) == expected
+
+
+def _tagged_jpeg(index: int, rgb: np.ndarray, orientation: int) -> object:
+    """A CompressedImage JPEG of ``rgb`` whose EXIF Orientation tag is ``orientation``."""
+    exif = PILImage.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    PILImage.fromarray(rgb).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    data = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    return T["sensor_msgs/msg/CompressedImage"](header=_header(index), format="jpeg", data=data)
+
+
+def test_exif_orientation_is_ignored_outputs_keep_the_stored_grid(tmp_path, voc_rgb):
+    """A 64x48 JPEG tagged Orientation 6 (and 3, 8) gives 64x48 outputs, as camera_info says."""
+    crop = np.ascontiguousarray(voc_rgb[0][:48, :64])
+    path = tmp_path / "oriented"
+    messages = [_tagged_jpeg(i, crop, o) for i, o in enumerate([6, 3, 8])]
+    write_bag(path, StoragePlugin.MCAP, "/image/compressed", messages)
+    out = tmp_path / "out"
+    args = [str(path), str(out), "--topic", "/image/compressed", "--classes", "person", "cup"]
+    assert main(args + ENGINE) == 0
+    topics = read_bag(out)
+    for topic in ["/ovss/labels", "/ovss/masks/person", "/ovss/overlay"]:
+        sizes = [STORE.deserialize_cdr(raw, t) for _, raw, t in topics[topic]]
+        assert [(m.height, m.width) for m in sizes] == [(48, 64)] * 3, topic
+
+
+def _jpeg_declaring(index: int, rgb: np.ndarray, width: int, height: int) -> object:
+    """A JPEG bomb: a small JPEG whose SOF0 marker declares ``width`` x ``height``."""
+    data = bytearray(cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    array = np.frombuffer(bytes(data), dtype=np.uint8)
+    return T["sensor_msgs/msg/CompressedImage"](header=_header(index), format="jpeg", data=array)
+
+
+def test_compressed_bomb_is_skipped_with_its_reason(tmp_path, voc_rgb, caplog):
+    path = tmp_path / "bomb_bag"
+    crop = voc_rgb[1][:64, :64]
+    messages = [_jpeg(0, voc_rgb[0]), _jpeg_declaring(1, crop, 12000, 12000), _jpeg(2, voc_rgb[1])]
+    write_bag(path, StoragePlugin.MCAP, "/image/compressed", messages)
+    out = tmp_path / "out"
+    args = [str(path), str(out), "--topic", "/image/compressed", "--classes", "person"]
+    with caplog.at_level(logging.INFO):
+        assert main(args + ENGINE) == 1
+    assert (
+        "skipping frame at 1700000000100000000 ns (over max_input_pixels): compressed image data "
+        in caplog.text
+    )
+    assert "declares 12000x12000 = 144000000 pixels, more than max_input_pixels = 40000000" in (
+        caplog.text
+    )
+    assert "skipped 1 of 3 frames (1 over max_input_pixels)" in caplog.text
+    assert f"{out} holds 3 input frames and the outputs of 2" in caplog.text
+    topics = read_bag(out)
+    assert len(topics["/image/compressed"]) == 3
+    assert [s for s, _, _ in topics["/ovss/labels"]] == [FIRST_STAMP, FIRST_STAMP + 2 * PERIOD]
+
+
+def test_max_input_pixels_flag_bounds_raw_frames(tmp_path, raw_sqlite3_bag, voc_rgb, caplog):
+    """The limit is inclusive: only the first VOC frame (500x338) fits 500 * 338 pixels."""
+    limit = voc_rgb[0].shape[0] * voc_rgb[0].shape[1]
+    assert all(rgb.shape[0] * rgb.shape[1] > limit for rgb in voc_rgb[1:])
+    out = tmp_path / "out"
+    args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--classes", "cup"]
+    args += ["--max-input-pixels", str(limit), "--copy", "none"]
+    with caplog.at_level(logging.INFO):
+        assert main(args + ENGINE) == 1
+    assert "skipped 2 of 3 frames (2 over max_input_pixels)" in caplog.text
+    assert (
+        f"rgb8 image declares 500x375 = 187500 pixels, more than max_input_pixels = {limit}"
+        in (caplog.text)
+    )
+    assert f"{out} holds the outputs of 1 frames" in caplog.text
+    topics = read_bag(out)
+    assert "/camera/image_raw" not in topics
+    assert [s for s, _, _ in topics["/ovss/labels"]] == [FIRST_STAMP]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_max_input_pixels_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["in", "out", "--topic", "/x", "--classes", "a", "--max-input-pixels", value])
+    assert exit_info.value.code == 2
+    assert "--max-input-pixels: expected a positive integer" in capsys.readouterr().err
+
+
+def test_progress_bar_counts_frames_done(tmp_path, raw_sqlite3_bag, capsys):
+    out = tmp_path / "out"
+    args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--classes", "cup"]
+    assert main(args + ["--progress", "--no-masks", "--no-overlay"] + ENGINE) == 0
+    counts = re.findall(r"\| *(\d)/3 \[", capsys.readouterr().err)
+    assert counts and counts[-1] == "3"

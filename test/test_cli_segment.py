@@ -5,9 +5,12 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_VIT, voc_image_paths
 
-from ovss_ros.cli.segment import main
+from ovss_ros.cli.engine_args import config_from_args
+from ovss_ros.cli.segment import main, parse_args
+from ovss_ros.core import Segmenter
 
 ENGINE = [
     "--model",
@@ -52,10 +55,20 @@ def test_sliding_window_method_and_no_overlay(tmp_path):
         "32",
     ]
     args += ["--method", "sclip", "--threshold", "1.0"] + ENGINE
+    torch.manual_seed(0)  # the random tiny model's weights, again for the reference below
     assert main(args) == 0
     labels = cv2.imread(str(tmp_path / f"{image.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
-    assert (labels == 255).all()  # threshold 1.0 leaves everything unlabeled
     assert not list(tmp_path.glob("*_overlay.jpg"))
+    # The flags reached the engine: the labels are the same engine's, sliding windows of 32 and
+    # threshold 1.0 (only a probability that rounds to exactly 1.0 keeps its label).
+    torch.manual_seed(0)
+    reference = Segmenter(config_from_args(parse_args(args)))
+    assert (reference.config.crop, reference.config.method) == (32, "sclip")
+    reference.set_classes(["cat", "dog"])
+    expected = reference.segment(cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB))
+    np.testing.assert_array_equal(labels, expected.labels)
+    assert (expected.confidence[expected.labels != 255] == 1.0).all()
+    assert (labels == 255).mean() > 0.5
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,12 @@
 """The text side: templates, the cut forward, and the per-class cache."""
 
+import threading
+
 import pytest
 import torch
 from conftest import TINY_VIT
 
+from ovss_ros.core import Stopped
 from ovss_ros.core.engine import EngineConfig, Segmenter
 from ovss_ros.core.model_loading import load_clip
 from ovss_ros.core.text_encoding import TextEncoder, template_set
@@ -56,13 +59,98 @@ def test_segmenter_vocabulary_change_encodes_one_class():
     assert segmenter.text.prompts_encoded == 6
 
 
-@pytest.mark.parametrize("bad", ["", "no placeholder", "a {}.|oops"])
-def test_bad_templates_rejected(bad):
-    with pytest.raises(ValueError, match="templates"):
+@pytest.mark.parametrize(
+    ("bad", "shown", "reason"),
+    [
+        ("", "''", "use imagenet, single"),
+        ("   |  ", "'   |  '", "use imagenet, single"),
+        ("no placeholder", "'no placeholder'", "no {} field"),
+        ("a {}.|oops", "'oops'", "no {} field"),
+        ("a photo of a {} in the {room}.", "'a photo of a {} in the {room}.'", "2 fields"),
+        ("a photo of a {room}.", "'a photo of a {room}.'", "the field {room}"),
+        ("a {} of {}", "'a {} of {}'", "2 fields"),
+        ("{0}", "'{0}'", "the field {0}"),
+        ("a {0} and {0}", "'a {0} and {0}'", "2 fields"),
+        ("a {[0]}", "'a {[0]}'", "the field {[0]}"),
+        ("a {.upper}", "'a {.upper}'", "the field {.upper}"),
+        ("a {!r}", "'a {!r}'", "conversion or format spec"),
+        ("a {!s}.", "'a {!s}.'", "conversion or format spec"),
+        ("a {:>20}", "'a {:>20}'", "conversion or format spec"),
+        ("a {:{}}", "'a {:{}}'", "conversion or format spec"),
+        ("a {} {", "'a {} {'", "Single '{'"),
+        ("a } {}", "'a } {}'", "Single '}'"),
+        ("{{}}", "'{{}}'", "no {} field"),  # escaped braces: a literal {}, no field
+        ("a {{}} photo", "'a {{}} photo'", "no {} field"),
+        ("a {}\n", "'a {}\\n'", "U+000A"),
+        ("a {}\n|the {}.", "'a {}\\n'", "U+000A"),
+        ("a\x1b[2J {}", "'a\\x1b[2J {}'", "U+001B"),
+        ("a {}\u202e.", "'a {}\\u202e.'", "U+202E"),
+        ("a {}" + "x" * 200, "'a {}xxx", "too long"),
+        ("|".join(["a {}."] * 81), "", "too many templates: 81 > 80"),
+    ],
+)
+def test_bad_templates_rejected_with_the_template_named(bad, shown, reason):
+    with pytest.raises(ValueError, match="templates") as raised:
         template_set(bad)
+    message = str(raised.value)
+    assert shown in message and reason in message, message
+    assert message.isprintable()
+
+
+@pytest.mark.parametrize(
+    ("templates", "formatted"),
+    [
+        ("a {}.", ("a cup.",)),
+        ("{}", ("cup",)),
+        (" a {} |  the {}. ", ("a cup", "the cup.")),
+        ("a {{literal}} {}", ("a {literal} cup",)),  # doubled braces are literal braces
+        ("{{{}}}", ("{cup}",)),
+        ("a photo of a {}, a type of 椅子.", ("a photo of a cup, a type of 椅子.",)),
+        ("|".join(["a {}."] * 80), ("a cup.",) * 80),
+    ],
+)
+def test_good_templates_fill_the_name_once(templates, formatted):
+    assert tuple(t.format("cup") for t in template_set(templates)) == formatted
 
 
 def test_imagenet_templates_are_the_80_openai_ones():
     templates = template_set("imagenet")
     assert len(templates) == 80 and all("{}" in t for t in templates)
     assert "a photo of a {}." in templates
+
+
+def test_set_stop_event_stops_encoding_and_keeps_the_cache(clip):
+    stop = threading.Event()
+    encoder = TextEncoder(clip.model, clip.tokenizer, "single", stop)
+    first = encoder.embeddings(["cup"])
+    stop.set()
+    with pytest.raises(Stopped):
+        encoder.embeddings(["cup", "plate"])
+    assert encoder.prompts_encoded == 1 and list(encoder.cache) == [(encoder.templates, "cup")]
+    assert torch.equal(encoder.embeddings(["cup"])[0], first[0])  # cached texts need no tower
+
+
+def test_other_templates_encode_without_switching(clip):
+    encoder = TextEncoder(clip.model, clip.tokenizer, "single")
+    other = template_set("a {}.|the {}.")
+    encoded = encoder.embeddings(["cup"], other)
+    assert encoder.templates == template_set("single")
+    fresh = TextEncoder(clip.model, clip.tokenizer, "a {}.|the {}.")
+    assert torch.equal(encoded, fresh.embeddings(["cup"]))
+    encoder.set_templates(other)  # the embeddings made ahead are used, nothing is encoded again
+    before = encoder.prompts_encoded
+    assert torch.equal(encoder.embeddings(["cup"]), encoded) and encoder.prompts_encoded == before
+
+
+def test_trim_bounds_the_cache(clip, monkeypatch):
+    import ovss_ros.core.text_encoding as text_encoding
+
+    monkeypatch.setattr(text_encoding, "CACHE_LIMIT", 5)
+    encoder = TextEncoder(clip.model, clip.tokenizer, "single")
+    encoder.embeddings(["a", "b", "c"])
+    encoder.sentence_embeddings(["a dog."])
+    encoder.trim(["a"], [])  # 4 entries: within the limit, nothing is forgotten
+    assert len(encoder.cache) == 4
+    encoder.embeddings(["d", "e"])
+    encoder.trim(["a", "e"], ["a dog."])
+    assert sorted(text for _, text in encoder.cache) == ["a", "a dog.", "e"]

@@ -5,15 +5,18 @@
 Reads a sqlite3 or MCAP bag (sensor_msgs/Image or CompressedImage topic) and writes a new bag:
 the input topics copied through plus <ns>/labels, <ns>/label_info, <ns>/masks/<slug> and
 <ns>/overlay, stamped with each input frame's header and bag time, as if ovss_node had run
-live during the recording. Exit status: 0 all frames segmented, 1 some frames were undecodable
-(skipped; the bag is still written), 2 bad arguments, bag, topic or engine settings, 130 Ctrl-C
-(the bag holds the frames done so far).
+live during the recording. Each input frame is written together with its outputs, so the bag
+always holds what the last line reports. Exit status: 0 all frames segmented, 1 some frames were
+skipped (undecodable, over --max-input-pixels, or segmentation failed; the bag is still written)
+or an error reading or writing the bags stopped the run, 2 bad arguments, bag, topic or engine
+settings, 130 Ctrl-C and 143 SIGTERM (the bag holds the frames finished so far).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -29,7 +32,9 @@ from ovss_ros.bag_processing import (
     segment_bag,
 )
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
+from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.core import ModelLoadError, Segmenter, VocabularyError, parse_classes
+from ovss_ros.stop_signals import StopSignals
 
 logger = logging.getLogger("ovss-bag")
 
@@ -57,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="all",
         help="input topics copied into the output bag: all (default), only the image topic, none",
     )
+    add_max_input_pixels_argument(parser)
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar of frames done (default: on a terminal only)",
+    )
     add_engine_arguments(parser)
     return parser.parse_args(argv)
 
@@ -81,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BagError, ModelLoadError, VocabularyError, ValueError) as error:
         logger.error("%s", error)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: no bag was started
+        logger.warning("interrupted before the first frame; nothing written")
+        return 130
     logger.info(
         "segmenting %d frames of %s (%s) into %s (%s)",
         job.frames,
@@ -89,32 +104,54 @@ def main(argv: list[str] | None = None) -> int:
         job.output_path,
         job.storage,
     )
-    with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
-        report = segment_bag(job, segmenter, alpha=args.alpha)
-    return _summarise(job, report)
+    # Signals are handled until the summary is out; warnings print above the progress bar.
+    with StopSignals() as stop, logging_redirect_tqdm():
+        report = segment_bag(
+            job,
+            segmenter,
+            alpha=args.alpha,
+            progress=args.progress,
+            max_pixels=args.max_input_pixels,
+            stop=stop,
+        )
+        status = _summarise(job, report)
+        if stop.received is not None:
+            stop.ignore_further()  # told to stop: only the exit is left, a second Ctrl-C waits
+    return status
 
 
 def _summarise(job: BagJob, report: BagReport) -> int:
-    """Log what the bag holds; the exit status says whether every frame made it."""
+    """Log what the bag holds (exactly); the exit status says whether every frame made it."""
     for topic, count in report.written.items():
         logger.info("%s: %d messages", topic, count)
+    skipped = len(report.skipped)
+    if skipped:
+        causes = ", ".join(f"{n} {cause}" for cause, n in report.skip_counts().items())
+        logger.warning(
+            "skipped %d of %d frames (%s); first: %s",
+            skipped,
+            report.frames,
+            causes,
+            report.skipped[0].reason,
+        )
+    if job.copy == "none":
+        holds = f"{job.output_path} holds the outputs of {report.segmented} frames"
+    else:
+        holds = (
+            f"{job.output_path} holds {report.copied_frames} input frames and the outputs of "
+            f"{report.segmented}"
+        )
+    done = (
+        f"{report.frames} of {job.frames} frames ({report.segmented} segmented, {skipped} skipped)"
+    )
     if report.interrupted:
-        logger.warning(
-            "interrupted after %d of %d frames; %s holds them",
-            report.frames,
-            job.frames,
-            job.output_path,
-        )
-        return 130
-    if report.skipped:
-        logger.warning(
-            "skipped %d of %d frames (undecodable); first: %s",
-            len(report.skipped),
-            report.frames,
-            report.skipped[0][1],
-        )
-    logger.info("wrote %d segmented frames to %s", report.segmented, job.output_path)
-    return 1 if report.skipped else 0
+        logger.warning("interrupted by %s after %s: %s", report.stop_signal, done, holds)
+        return 128 + int(signal.Signals[report.stop_signal])
+    if report.error:
+        logger.error("stopped by an error after %s: %s; %s", done, report.error, holds)
+        return 1
+    logger.info("finished %s: %s", done, holds)
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) ->
     group.add_argument(
         "--size", type=int, default=base.short_side, help="short side in pixels (0 = keep)"
     )
+    group.add_argument(
+        "--max-long-side",
+        type=int,
+        default=base.max_long_side,
+        help="never feed the network a side longer than this (pixels; scales the image down)",
+    )
     group.add_argument("--crop", type=int, default=base.crop, help="sliding window (0 = whole)")
     group.add_argument("--stride", type=int, default=base.stride, help="window stride")
     group.add_argument(
@@ -60,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         precision=args.precision,
         short_side=args.size,
+        max_long_side=args.max_long_side,
         crop=args.crop,
         stride=args.stride,
         method=args.method,

@@ -5,18 +5,35 @@ from ovss_ros.core.engine import Segmenter
 from ovss_ros.core.model_loading import ModelLoadError, load_clip
 from ovss_ros.core.overlay import class_color, overlay
 from ovss_ros.core.segmentation import Segmentation
-from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes, slugify
+from ovss_ros.core.stopping import Stopped
+from ovss_ros.core.vocabulary import (
+    MAX_QUERIES,
+    ClassEntry,
+    VocabularyError,
+    check_query_count,
+    check_text,
+    name_key,
+    parse_classes,
+    quoted,
+    slugify,
+)
 
 __all__ = [
+    "MAX_QUERIES",
     "ClassEntry",
     "EngineConfig",
     "ModelLoadError",
     "Segmentation",
     "Segmenter",
+    "Stopped",
     "VocabularyError",
+    "check_query_count",
+    "check_text",
     "class_color",
     "load_clip",
+    "name_key",
     "overlay",
     "parse_classes",
+    "quoted",
     "slugify",
 ]

@@ -6,12 +6,21 @@ from dataclasses import dataclass
 
 from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES
 from ovss_ros.core.text_encoding import template_set
+from ovss_ros.core.vocabulary import check_background_words
 
 # Fields that need a new model when they change; everything else can change between frames.
 LOAD_FIELDS = ("model", "pretrained", "device", "precision")
 REFINEMENTS = ("none", "dslo", "freecp")
 DSLO_MODES = ("ot", "velocity")
 UPSAMPLERS = ("bilinear", "jbu")
+# Upper bound of max_long_side: a 4K UHD frame (3840 px) fits unscaled. The whole-image forward
+# attends over all patches at once, so the bound is only affordable with sliding windows.
+MAX_LONG_SIDE_LIMIT = 4096
+# Sliding windows per frame, counted for a frame at the size bounds: every window is one more
+# image in the forward batch. The official protocols need at most 72 (Cityscapes: 560 x 2048,
+# 224/112); 224/112 windows on a kept-size 2048 x 2048 frame need 324. A stride of a few
+# pixels, or a one-patch crop, would need thousands: refused.
+MAX_WINDOWS = 512
 
 
 @dataclass
@@ -23,6 +32,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | fp16 | bf16 (half precision on a GPU only)
     short_side: int = 448  # resize so the short side is this many pixels; 0 keeps the size
+    # ... unless the long side would then exceed this (pixels): every frame's network input is
+    # bounded (2048: the long edge of the official NACLIP/SCLIP/ClearCLIP test resize).
+    max_long_side: int = 2048
     crop: int = 0  # sliding-window size in pixels; 0 = whole image in one forward
     stride: int = 0  # sliding-window stride; 0 = crop / 2
     method: str = "naclip"  # last-block attention: naclip | sclip | clearclip | maskclip | vanilla
@@ -43,7 +55,10 @@ class EngineConfig:
     freecp_ambiguity: float = 0.7  # soft IoU above which surviving classes are resolved by crops
 
     def validate(self) -> None:
-        """Raise ValueError with the reason for the first bad value."""
+        """Raise ValueError with the reason for the first bad value.
+
+        Model-independent checks only; Segmenter.check_config adds those that need the model.
+        """
         choices = {
             "method": LAST_BLOCK_MODES,
             "refinement": REFINEMENTS,
@@ -57,11 +72,23 @@ class EngineConfig:
         for name in ("short_side", "crop", "stride"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.max_long_side <= MAX_LONG_SIDE_LIMIT:
+            raise ValueError(
+                f"max_long_side must be in [1, {MAX_LONG_SIDE_LIMIT}] pixels, got "
+                f"{self.max_long_side}"
+            )
         if self.stride and not self.crop:
             raise ValueError("stride needs crop > 0 (sliding window)")
         if self.stride > self.crop:
             raise ValueError(
                 f"stride {self.stride} larger than crop {self.crop} would skip pixels"
+            )
+        if self.max_windows() > MAX_WINDOWS:
+            raise ValueError(
+                f"crop {self.crop} with stride {self.stride or self.crop // 2} needs up to "
+                f"{self.max_windows()} sliding windows per frame (short side "
+                f"{self.short_side}, long side up to {self.max_long_side}); at most "
+                f"{MAX_WINDOWS}: use a larger crop or stride"
             )
         for name in ("score_threshold", "freecp_redundancy", "freecp_ambiguity"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -72,6 +99,22 @@ class EngineConfig:
         for name in ("sinkhorn_iterations", "ipf_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if any(not isinstance(w, str) or not w.strip() for w in self.background_words):
-            raise ValueError("background_words must be non-empty strings")
+        check_background_words(self.background_words)
         template_set(self.templates)
+
+    def max_windows(self) -> int:
+        """Sliding windows of the largest frame the size bounds allow (1 without ``crop``).
+
+        Its sides: ``max_long_side`` and ``short_side`` (``max_long_side`` when ``short_side`` is
+        0). The engine rounds sides to whole patches, so a short side that is no multiple of the
+        patch may get one window row more.
+        """
+        if self.crop <= 0:
+            return 1
+        stride = self.stride or max(1, self.crop // 2)
+        short = min(self.short_side or self.max_long_side, self.max_long_side)
+
+        def count(length: int) -> int:  # as engine.window_starts
+            return 1 if length <= self.crop else -(-(length - self.crop) // stride) + 1
+
+        return count(self.max_long_side) * count(short)

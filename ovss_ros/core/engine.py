@@ -6,6 +6,15 @@ One frame goes through four stages, each a method so that benchmarks can time th
 (patch-text logits and the optional DSLO / FreeCP refinement) and ``postprocess`` (upsampling,
 optional PAMR, softmax, synonyms, background; only labels and confidence return to the host).
 
+Every frame is bounded before anything is allocated: the network input keeps the aspect ratio
+with its short side at ``short_side`` unless that would make the long side longer than
+``max_long_side`` (``resized_size``), so a 16x1 strip costs no more than a 2048x448 frame.
+
+Changes are transactional: ``set_classes`` and ``reconfigure`` validate, then encode the text
+with the new vocabulary/settings, and only then swap the state in; on any exception (bad input,
+out of memory, Stopped) everything stays as it was. With a stop event (``Segmenter(config,
+stop)``), text encoding and each inference stage raise Stopped once the event is set.
+
 Confidence is always CLIP's probability of the chosen class (softmax over all queries, max over
 the class's synonyms), also when a refinement chose the class, so ``score_threshold`` means the
 same thing for every method.
@@ -14,7 +23,8 @@ same thing for every method.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -32,21 +42,44 @@ from ovss_ros.core.refine import (
     pamr,
 )
 from ovss_ros.core.segmentation import Segmentation, label_dtype
-from ovss_ros.core.text_encoding import TextEncoder
-from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
+from ovss_ros.core.stopping import Stopped, check_stop
+from ovss_ros.core.text_encoding import TextEncoder, template_set
+from ovss_ros.core.vocabulary import (
+    ClassEntry,
+    VocabularyError,
+    check_query_count,
+    parse_classes,
+)
 
-__all__ = ["EngineConfig", "Segmenter", "resized_size", "window_starts"]
+__all__ = ["EngineConfig", "Segmenter", "Stopped", "resized_size", "window_starts"]
 logger = logging.getLogger(__name__)
 Box = tuple[int, int, int, int]  # top, left, height, width in resized-image pixels
 FREECP_DROPPED = -1.0  # below every refined score, and finite so upsampling stays NaN-free
+# Float32 elements of one chunk of class maps in postprocess (64 MiB): a frame's peak memory is a
+# few such buffers (or a few input-sized maps, if larger) whatever the number of text queries.
+POSTPROCESS_ELEMENTS = 1 << 24
 
 
-def resized_size(height: int, width: int, short_side: int, patch: int) -> tuple[int, int]:
-    """Size after scaling the short side to ``short_side``, rounded to whole patches."""
-    scale = short_side / min(height, width) if short_side else 1.0
+def resized_size(
+    height: int, width: int, short_side: int, patch: int, *, max_long_side: int
+) -> tuple[int, int]:
+    """Network input size (H', W') of a ``height`` x ``width`` image, in whole patches.
+
+    ``scale = min(short_side / short, max_long_side / long)`` (``short_side`` 0: 1 instead of
+    the first term), each side rounded to whole patches, at least one patch, and never longer
+    than ``max_long_side`` rounded down to whole patches (or one patch if that is less). The
+    aspect ratio is kept (up to the rounding) until a side reaches one patch: a 1x100000 strip
+    at patch 16 becomes 16 x (max_long_side rounded down to patches). This is mmseg's
+    ``Resize(scale=(max_long_side, short_side), keep_ratio=True)`` of the official NACLIP /
+    SCLIP / ClearCLIP test pipelines (long edge 2048), with sides rounded to patches.
+    """
+    long, short = max(height, width), min(height, width)
+    scale = short_side / short if short_side else 1.0
+    scale = min(scale, max_long_side / long)
+    cap = max(patch, max_long_side // patch * patch)
     return (
-        max(patch, round(height * scale / patch) * patch),
-        max(patch, round(width * scale / patch) * patch),
+        min(cap, max(patch, round(height * scale / patch) * patch)),
+        min(cap, max(patch, round(width * scale / patch) * patch)),
     )
 
 
@@ -77,14 +110,33 @@ class Encoded:
         return Encoded(self.windows[part], self.boxes, dense, self.size)
 
 
-class Segmenter:
-    """Segments RGB frames into the classes of its vocabulary. Not thread-safe: one caller."""
+@dataclass(frozen=True)
+class TextQueries:
+    """Everything the text side hands inference, computed together and swapped in together."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    embeddings: torch.Tensor  # (queries, D): class synonyms first, then background words
+    owner: torch.Tensor  # (queries,) query -> label; len(classes) = background
+    class_queries: int  # queries [0, this) are class synonyms
+    class_text: torch.Tensor  # (classes, D) normalised mean over each class's synonyms
+    descriptions: torch.Tensor  # (classes, D) for FreeCP's crop check
+
+
+class Segmenter:
+    """Segments RGB frames into the classes of its vocabulary. Not thread-safe: one caller.
+
+    ``stop``: optional event shared with the caller's other threads (e.g. the node's shutdown).
+    Once set, text encoding (between prompt batches) and ``segment_many`` (between stages and
+    batch groups) raise Stopped; the engine never clears it.
+    Raises ValueError for a bad config, ModelLoadError when the model cannot be loaded.
+    """
+
+    def __init__(self, config: EngineConfig, stop: threading.Event | None = None) -> None:
         config.validate()
         self.config = config
+        self.stop = stop
         self.clip = load_clip(config.model, config.pretrained, config.device, config.precision)
-        self.text = TextEncoder(self.clip.model, self.clip.tokenizer, config.templates)
+        self.check_config(config)
+        self.text = TextEncoder(self.clip.model, self.clip.tokenizer, config.templates, stop)
         self.classes: list[ClassEntry] = []
         self._text_embeddings: torch.Tensor | None = None  # (queries, D)
         self._query_owner: torch.Tensor | None = None  # query -> label; len(classes) = background
@@ -100,12 +152,25 @@ class Segmenter:
         return self.clip.device
 
     def set_classes(self, entries: Sequence[ClassEntry | str]) -> None:
-        """Replace the vocabulary; raises VocabularyError, leaving the old one, when invalid."""
-        self.classes = parse_classes(entries)
-        self._encode_queries()
+        """Replace the vocabulary (parse_classes entries), encoding only new texts.
+
+        Raises VocabularyError (invalid, or too many queries with the background words: nothing
+        is encoded then), Stopped, or what the text tower raises (e.g. out of memory); on any
+        exception the old vocabulary and its embeddings stay in force, unchanged.
+        """
+        classes = parse_classes(entries)
+        check_query_count(classes, self.config.background_words)
+        queries = self._attempt(lambda: self._encode_queries(classes, self.config))
+        self.classes = classes
+        self._swap_in(queries)
 
     def reconfigure(self, **changes: object) -> None:
-        """Change runtime settings between frames; raises ValueError and changes nothing if bad."""
+        """Change runtime settings (EngineConfig fields) between frames.
+
+        New templates or background words are encoded before anything changes. Raises
+        ValueError (unknown or bad setting, a setting that needs a new model, too many queries),
+        Stopped, or what the text tower raises; on any exception nothing changes.
+        """
         unknown = set(changes) - {f.name for f in fields(EngineConfig)}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
@@ -113,39 +178,78 @@ class Segmenter:
         if reload:
             raise ValueError(f"{reload} need a new Segmenter (they choose the model)")
         if "background_words" in changes:
+            if isinstance(changes["background_words"], str | bytes):
+                raise ValueError("background_words must be a list of strings")
             changes["background_words"] = tuple(changes["background_words"])
         config = replace(self.config, **changes)
-        config.validate()
-        text_changed = (config.templates, config.background_words) != (
-            self.config.templates,
+        self.check_config(config)
+        templates = template_set(config.templates)
+        queries = None
+        if self.classes and (templates, config.background_words) != (
+            self.text.templates,
             self.config.background_words,
-        )
+        ):
+            check_query_count(self.classes, config.background_words)
+            queries = self._attempt(lambda: self._encode_queries(self.classes, config))
         self.config = config
-        self.text.set_templates(config.templates)
-        if self.classes and text_changed:
-            self._encode_queries()
+        self.text.set_templates(templates)
+        if queries is not None:
+            self._swap_in(queries)
 
-    def _encode_queries(self) -> None:
-        """One text query per synonym and background word; ``owner`` maps queries to labels."""
-        texts, owner = [], []
-        for index, entry in enumerate(self.classes):
-            texts += entry.synonyms
-            owner += [index] * len(entry.synonyms)
-        self._class_queries = len(texts)  # then the background words
-        texts += self.config.background_words
-        owner += [len(self.classes)] * len(self.config.background_words)
-        embeddings = self.text.embeddings(texts).to(self.device)
-        self._text_embeddings = embeddings
-        self._query_owner = torch.tensor(owner, device=self.device)
-        per_class = torch.zeros(len(self.classes), embeddings.shape[1], device=self.device)
-        synonyms = slice(0, self._class_queries)
-        per_class.index_add_(0, self._query_owner[synonyms], embeddings[synonyms])
-        self._class_text = F.normalize(per_class, dim=-1)
-        self._descriptions = self._class_text.clone()
-        for index, entry in enumerate(self.classes):
+    def check_config(self, config: EngineConfig) -> None:
+        """Raise ValueError with the reason if ``config`` is bad or does not fit this model
+        (``crop`` not whole patches, ``max_long_side`` below one patch): what ``reconfigure``
+        checks before it changes anything, for callers that validate ahead (the node)."""
+        config.validate()
+        _check_fits_model(config, self.patch)
+
+    def _attempt(self, encode: Callable[[], TextQueries]) -> TextQueries:
+        """Run ``encode``; on failure bound the text cache it may have grown, then re-raise."""
+        try:
+            return encode()
+        except BaseException:
+            self.text.trim(self._texts(self.classes, self.config), self._sentences(self.classes))
+            raise
+
+    @staticmethod
+    def _texts(classes: Sequence[ClassEntry], config: EngineConfig) -> list[str]:
+        """The text queries: every synonym of every class, then the background words."""
+        return [text for entry in classes for text in entry.synonyms] + list(
+            config.background_words
+        )
+
+    @staticmethod
+    def _sentences(classes: Sequence[ClassEntry]) -> list[str]:
+        return [sentence for entry in classes for sentence in entry.descriptions]
+
+    def _encode_queries(self, classes: list[ClassEntry], config: EngineConfig) -> TextQueries:
+        """One text query per synonym and background word (``owner`` maps queries to labels),
+        computed for ``classes`` and ``config`` without touching the current state."""
+        texts = self._texts(classes, config)
+        owner = [index for index, entry in enumerate(classes) for _ in entry.synonyms]
+        class_queries = len(owner)  # then the background words
+        owner += [len(classes)] * len(config.background_words)
+        embeddings = self.text.embeddings(texts, template_set(config.templates))
+        embeddings = embeddings.to(self.device)
+        owner_tensor = torch.tensor(owner, device=self.device)
+        per_class = torch.zeros(len(classes), embeddings.shape[1], device=self.device)
+        synonyms = slice(0, class_queries)
+        per_class.index_add_(0, owner_tensor[synonyms], embeddings[synonyms])
+        class_text = F.normalize(per_class, dim=-1)
+        descriptions = class_text.clone()
+        for index, entry in enumerate(classes):
             if entry.descriptions:
                 sentences = self.text.sentence_embeddings(entry.descriptions).to(self.device)
-                self._descriptions[index] = F.normalize(sentences.mean(dim=0), dim=-1)
+                descriptions[index] = F.normalize(sentences.mean(dim=0), dim=-1)
+        return TextQueries(embeddings, owner_tensor, class_queries, class_text, descriptions)
+
+    def _swap_in(self, queries: TextQueries) -> None:
+        """Install new text state: plain assignments, nothing here can fail half-way."""
+        self._text_embeddings = queries.embeddings
+        self._query_owner = queries.owner
+        self._class_queries = queries.class_queries
+        self._class_text = queries.class_text
+        self._descriptions = queries.descriptions
 
     def segment(self, rgb: np.ndarray) -> Segmentation:
         """Segment one HxWx3 uint8 RGB image with the current vocabulary."""
@@ -153,17 +257,29 @@ class Segmenter:
 
     @torch.inference_mode()
     def segment_many(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
-        """Segment several images (e.g. one per camera): one forward per group of equal size."""
+        """Segment several images (e.g. one per camera): one forward per group of equal size.
+
+        Each image: HxWx3 uint8 RGB, any H, W >= 1 (the network input is bounded by
+        ``resized_size``); labels and confidence come back at HxW. Raises ValueError for a bad
+        image, VocabularyError without classes, Stopped once the stop event is set (checked
+        before each stage of each batch group and between postprocess's query chunks).
+        """
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
         sizes = [_check_rgb(rgb) for rgb in images]
-        pixels = [self.preprocess(rgb) for rgb in images]
+        pixels = []
+        for rgb in images:
+            check_stop(self.stop, "preprocess")
+            pixels.append(self.preprocess(rgb))
         results: list[Segmentation | None] = [None] * len(images)
         for members in self.batch_groups(images):
+            check_stop(self.stop, "encode")
             encoded = self.encode(torch.cat([pixels[i] for i in members]))
+            check_stop(self.stop, "head")
             logits, scores = self.head(encoded)
             per_image = len(encoded.boxes)
             for slot, index in enumerate(members):
+                check_stop(self.stop, "postprocess")
                 part = slice(slot * per_image, (slot + 1) * per_image)
                 results[index] = self.postprocess(
                     encoded.image(slot),
@@ -174,18 +290,29 @@ class Segmenter:
         return results
 
     def batch_groups(self, images: Sequence[np.ndarray]) -> list[list[int]]:
-        """Indices of the images that share one forward pass: those of equal resized size."""
+        """Indices of the images that share one forward pass: those of equal network size."""
         groups: dict[tuple[int, int], list[int]] = {}
         for index, rgb in enumerate(images):
-            size = resized_size(rgb.shape[0], rgb.shape[1], self.config.short_side, self.patch)
-            groups.setdefault(size, []).append(index)
+            groups.setdefault(self.network_size(rgb.shape[0], rgb.shape[1]), []).append(index)
         return list(groups.values())
 
+    def network_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H', W') the network sees for a ``height`` x ``width`` image (``resized_size`` with
+        this config and model): every side at most ``max_long_side``, at least one patch."""
+        return resized_size(
+            height,
+            width,
+            self.config.short_side,
+            self.patch,
+            max_long_side=self.config.max_long_side,
+        )
+
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """Upload the uint8 image once, then resize and normalise on the model's device."""
+        """Upload the uint8 HxWx3 image once, then resize to ``network_size`` (bilinear,
+        antialiased) and normalise on the model's device: (1, 3, H', W') in the model's dtype."""
         image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
         image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-        size = resized_size(rgb.shape[0], rgb.shape[1], self.config.short_side, self.patch)
+        size = self.network_size(rgb.shape[0], rgb.shape[1])
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(
                 image, size=size, mode="bilinear", align_corners=False, antialias=True
@@ -201,10 +328,6 @@ class Segmenter:
         config = self.config
         height, width = pixels.shape[-2:]
         if config.crop:
-            if config.crop % self.patch:
-                raise ValueError(
-                    f"crop {config.crop} must be a multiple of the patch {self.patch}"
-                )
             stride = config.stride or config.crop // 2
             boxes = [
                 (top, left, min(config.crop, height), min(config.crop, width))
@@ -278,30 +401,55 @@ class Segmenter:
         scores: torch.Tensor | None,
         size: tuple[int, int],
     ) -> Segmentation:
-        """Upsample, PAMR, softmax, synonyms, background; copy labels/confidence back once."""
-        logits = self.to_image(logits, encoded, self.config.upsample == "jbu" and scores is None)
-        if scores is not None:
-            scores = self.to_image(scores, encoded, self.config.upsample == "jbu")
-        if self.config.pamr:
-            guide = self._full_resolution(encoded)
-            if scores is None:
-                logits = pamr(guide, logits[None])[0]
-            else:
-                scores = pamr(guide, scores[None])[0]
-        logits = _resize(logits, size)
-        probs = torch.softmax(self.config.logit_scale * logits, dim=0)
-        num_classes = len(self.classes)
-        owner = self._query_owner.view(-1, 1, 1).expand_as(probs)
-        per_label = probs.new_zeros((num_classes + 1, *size))
-        per_label.scatter_reduce_(0, owner, probs, reduce="amax", include_self=True)
-        if scores is None:
-            confidence, labels = per_label[:num_classes].max(dim=0)
-            background = per_label[num_classes] > confidence
+        """Upsample, PAMR, softmax, synonyms, background; copy labels/confidence back once.
+
+        ``logits``: (n, Q, h, w) query logits of the image's n windows; ``scores``: (n, L, h, w)
+        refined label scores or None; ``size``: the input (H, W). Pixel p gets the class whose
+        best synonym has the largest ``softmax(logit_scale * logits)`` over all Q queries
+        (methods.md section 0), unlabeled where a background word wins or the probability is
+        below ``score_threshold``. The maps reach the input size a chunk of queries at a time
+        (POSTPROCESS_ELEMENTS) and are reduced on the fly (running log-sum-exp, best class,
+        best background word), so the peak memory does not grow with the number of queries;
+        the result equals the whole softmax at once up to float rounding.
+        """
+        num_classes, class_queries = len(self.classes), self._class_queries
+        step = self._chunk(encoded, size)
+        labels = None if scores is None else self._best_label(encoded, scores, size, step)
+        peak = torch.full(size, float("-inf"), device=logits.device)  # max of scaled logits
+        total = torch.zeros(size, device=logits.device)  # sum of exp(scaled logit - peak)
+        best = torch.full(size, float("-inf"), device=logits.device)  # best class logit
+        best_query = torch.zeros(size, dtype=torch.long, device=logits.device)
+        background = torch.full(size, float("-inf"), device=logits.device)
+        owner = self._query_owner
+        for start in range(0, logits.shape[1], step):
+            if start:
+                check_stop(self.stop, f"postprocess of queries {start}..")
+            stop = min(start + step, logits.shape[1])
+            maps = self._to_input(logits[:, start:stop], encoded, size, scores is None)
+            maps = maps * self.config.logit_scale
+            new_peak = torch.maximum(peak, maps.amax(dim=0))
+            total = total * torch.exp(peak - new_peak) + torch.exp(maps - new_peak).sum(dim=0)
+            peak = new_peak
+            if labels is not None:  # the refinement chose: its class's best synonym
+                target = labels.clamp(max=num_classes - 1)
+                mine = owner[start:stop].view(-1, 1, 1) == target
+                best = torch.maximum(best, maps.masked_fill(~mine, float("-inf")).amax(dim=0))
+                continue
+            split = min(max(class_queries - start, 0), stop - start)
+            if split:  # first maximum wins ties, as argmax over the whole softmax would
+                value, index = maps[:split].max(dim=0)
+                better = value > best
+                best = torch.where(better, value, best)
+                best_query = torch.where(better, index + start, best_query)
+            if split < stop - start:
+                background = torch.maximum(background, maps[split:].amax(dim=0))
+        confidence = torch.exp(best - peak) / total
+        if labels is None:
+            labels = owner[best_query]
+            background = torch.exp(background - peak) / total > confidence
         else:
-            labels = _resize(scores, size).argmax(dim=0)
             background = labels == num_classes  # the refinement's background channel
             labels = labels.clamp(max=num_classes - 1)
-            confidence = per_label[:num_classes].gather(0, labels[None])[0]
         dtype = label_dtype(num_classes)
         rejected = background | (confidence < self.config.score_threshold)
         labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
@@ -312,6 +460,43 @@ class Segmenter:
             confidence=confidence_host,
             class_names=[c.name for c in self.classes],
         )
+
+    def _chunk(self, encoded: Encoded, size: tuple[int, int]) -> int:
+        """Maps per chunk so that one chunk's largest buffer holds about POSTPROCESS_ELEMENTS."""
+        windows = encoded.windows
+        pixels = max(
+            size[0] * size[1],
+            encoded.size[0] * encoded.size[1],
+            windows.shape[0] * windows.shape[-2] * windows.shape[-1],
+        )
+        return max(1, POSTPROCESS_ELEMENTS // pixels)
+
+    def _to_input(
+        self, maps: torch.Tensor, encoded: Encoded, size: tuple[int, int], refine: bool
+    ) -> torch.Tensor:
+        """Window maps (n, K, h, w) -> (K, H, W) float32 at the input size: JBU and PAMR when
+        configured and ``refine`` (they refine whichever maps decide the label)."""
+        maps = self.to_image(maps, encoded, refine and self.config.upsample == "jbu")
+        if refine and self.config.pamr:
+            maps = pamr(self._full_resolution(encoded), maps[None])[0]
+        return _resize(maps, size).float()
+
+    def _best_label(
+        self, encoded: Encoded, scores: torch.Tensor, size: tuple[int, int], step: int
+    ) -> torch.Tensor:
+        """(H, W) argmax over the refined label scores (n, L, h, w) at the input size, taken a
+        chunk of labels at a time (the first maximum wins, as ``argmax``)."""
+        best = label = None
+        for start in range(0, scores.shape[1], step):
+            maps = self._to_input(scores[:, start : start + step], encoded, size, True)
+            value, index = maps.max(dim=0)
+            if best is None:
+                best, label = value, index + start
+            else:
+                better = value > best
+                best = torch.where(better, value, best)
+                label = torch.where(better, index + start, label)
+        return label
 
     def to_image(self, maps: torch.Tensor, encoded: Encoded, jbu: bool) -> torch.Tensor:
         """Window maps (n, K, h, w) -> one map of the resized image (K, H', W').
@@ -361,6 +546,16 @@ def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _check_fits_model(config: EngineConfig, patch: int) -> None:
+    """Settings that depend on the model's patch size; raises ValueError."""
+    if config.max_long_side < patch:
+        raise ValueError(
+            f"max_long_side {config.max_long_side} is below one patch of the model ({patch} px)"
+        )
+    if config.crop % patch:
+        raise ValueError(f"crop {config.crop} must be a multiple of the patch {patch}")
 
 
 def _check_rgb(rgb: np.ndarray) -> tuple[int, int]:

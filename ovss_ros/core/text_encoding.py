@@ -6,74 +6,160 @@ tokens after the end token never influence it): 10x faster on a CPU with the sam
 
 from __future__ import annotations
 
+import string
+import threading
 from collections.abc import Callable, Sequence
 
 import open_clip
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.stopping import check_stop
+from ovss_ros.core.vocabulary import check_text, quoted
+
 SINGLE_TEMPLATE = ("a photo of a {}.",)
+SENTENCE = ("{}",)  # class descriptions are encoded as written, without templates
 PROMPT_BATCH = 256
+MAX_TEMPLATES = 80  # as many as the OpenAI ImageNet set: prompts = queries x templates
+MAX_TEMPLATE_LENGTH = 200  # characters; CLIP's context is 77 tokens anyway
+# Cached embeddings kept beyond those in use: above this many, TextEncoder.trim forgets the rest
+# (a full vocabulary is at most MAX_QUERIES words and MAX_CLASSES x MAX_DESCRIPTIONS sentences).
+CACHE_LIMIT = 20000
 
 
 def template_set(templates: str) -> tuple[str, ...]:
-    """``imagenet`` (the 80 OpenAI templates), ``single``, or custom templates joined by ``|``."""
+    """``imagenet`` (the 80 OpenAI templates), ``single``, or custom templates joined by ``|``.
+
+    A custom template must format with exactly one positional field ``{}`` and nothing else: no
+    named or numbered field (``{room}``, ``{0}``), no second ``{}``, no conversion or format spec
+    (``{!r}``, ``{:>9}``), balanced braces (``{{`` and ``}}`` are literal braces); at most
+    MAX_TEMPLATES templates of at most MAX_TEMPLATE_LENGTH characters, without control or
+    format characters. Raises ValueError naming the bad template (the text starts with
+    ``templates``).
+    """
     if templates == "imagenet":
         return tuple(fill("{}") for fill in open_clip.OPENAI_IMAGENET_TEMPLATES)
     if templates == "single":
         return SINGLE_TEMPLATE
+    if not isinstance(templates, str):
+        raise ValueError(f"templates must be text, got {quoted(templates)}")
+    if len(templates) > MAX_TEMPLATES * (MAX_TEMPLATE_LENGTH + 1):
+        raise ValueError(f"templates is too long ({len(templates)} chars)")
+    for index, piece in enumerate(templates.split("|")):  # as typed, before any stripping
+        check_text(piece, f"templates: template {index}")
     custom = tuple(t.strip() for t in templates.split("|") if t.strip())
-    if not custom or any("{}" not in t for t in custom):
+    if not custom:
         raise ValueError(
-            f"bad templates {templates!r}: use imagenet, single, or {{}}-templates joined by |"
+            f"bad templates {quoted(templates)}: use imagenet, single, or {{}}-templates joined "
+            "by |"
         )
+    if len(custom) > MAX_TEMPLATES:
+        raise ValueError(f"templates: too many templates: {len(custom)} > {MAX_TEMPLATES}")
+    for index, template in enumerate(custom):
+        if len(template) > MAX_TEMPLATE_LENGTH:
+            raise ValueError(
+                f"templates: template {index} {quoted(template)} is too long "
+                f"({len(template)} > {MAX_TEMPLATE_LENGTH} chars)"
+            )
+        problem = _template_problem(template)
+        if problem:
+            raise ValueError(
+                f"templates: bad template {quoted(template)}: {problem}; a template needs "
+                "exactly one {} where the class name goes (write {{ and }} for literal braces)"
+            )
     return custom
 
 
-class TextEncoder:
-    """Encodes texts as the normalised mean of their prompt embeddings, with a per-text cache."""
+def _template_problem(template: str) -> str | None:
+    """Why ``template.format(name)`` would fail or not show the name once; None if it is fine."""
+    try:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as error:  # unbalanced braces
+        return str(error)
+    if not fields:
+        return "it has no {} field"
+    if len(fields) > 1:
+        return f"it has {len(fields)} fields"
+    name, spec, conversion = fields[0]
+    if name:
+        return f"it has the field {{{name}}} (only an empty {{}} is filled)"
+    if conversion or spec:
+        return "it has a conversion or format spec inside {}"
+    return None
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Callable, templates: str = "imagenet"):
+
+class TextEncoder:
+    """Encodes texts as the normalised mean of their prompt embeddings, with a per-text cache.
+
+    ``stop``: an event checked before every batch of PROMPT_BATCH prompts; once it is set, an
+    encoding raises Stopped and leaves the cache as it was.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Callable,
+        templates: str = "imagenet",
+        stop: threading.Event | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.templates = template_set(templates)
-        self.cache: dict[tuple[bool, str], torch.Tensor] = {}
+        self.stop = stop
+        # (templates, text) -> (D,) embedding; sentences are cached under SENTENCE.
+        self.cache: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
         self.prompts_encoded = 0  # counts text-tower work, for tests and diagnostics
 
-    def set_templates(self, templates: str) -> None:
-        """New templates change every templated embedding; sentence embeddings stay cached."""
-        new = template_set(templates)
+    def set_templates(self, templates: str | tuple[str, ...]) -> None:
+        """Use new templates (a template_set string, or its result); raises ValueError if bad.
+
+        Embeddings made with other templates leave the cache; sentence embeddings stay.
+        """
+        new = templates if isinstance(templates, tuple) else template_set(templates)
         if new != self.templates:
             self.templates = new
-            self.cache = {key: value for key, value in self.cache.items() if not key[0]}
+            self.cache = {k: v for k, v in self.cache.items() if k[0] in (new, SENTENCE)}
 
-    def embeddings(self, texts: Sequence[str]) -> torch.Tensor:
-        """(len(texts), D) embeddings; only texts not in the cache reach the text tower."""
-        return self._cached(texts, self.templates)
+    def trim(self, texts: Sequence[str], sentences: Sequence[str]) -> None:
+        """Above CACHE_LIMIT cached embeddings, keep only those of ``texts`` (current templates)
+        and ``sentences``: the cache of a long-running node stays bounded."""
+        if len(self.cache) > CACHE_LIMIT:
+            keep = {(self.templates, t) for t in texts} | {(SENTENCE, s) for s in sentences}
+            self.cache = {k: v for k, v in self.cache.items() if k in keep}
+
+    def embeddings(
+        self, texts: Sequence[str], templates: tuple[str, ...] | None = None
+    ) -> torch.Tensor:
+        """(len(texts), D) embeddings with ``templates`` (default: the current ones); only texts
+        not in the cache reach the text tower. Raises Stopped (see ``stop``), or what the model
+        raises (e.g. out of memory), leaving the current templates and cached entries unchanged.
+        """
+        return self._cached(texts, self.templates if templates is None else templates)
 
     def sentence_embeddings(self, sentences: Sequence[str]) -> torch.Tensor:
         """(len(sentences), D) embeddings of whole sentences (class descriptions): no templates."""
-        return self._cached(sentences, ("{}",))
+        return self._cached(sentences, SENTENCE)
 
     def _cached(self, texts: Sequence[str], templates: tuple[str, ...]) -> torch.Tensor:
-        templated = templates == self.templates  # the key keeps words and sentences apart
-        missing = [t for t in dict.fromkeys(texts) if (templated, t) not in self.cache]
+        missing = [t for t in dict.fromkeys(texts) if (templates, t) not in self.cache]
         if missing:
             prompts = [template.format(text) for text in missing for template in templates]
-            encoded = torch.cat(
-                [
-                    self.encode_prompts(prompts[i : i + PROMPT_BATCH])
-                    for i in range(0, len(prompts), PROMPT_BATCH)
-                ]
-            )
-            per_text = F.normalize(encoded.float(), dim=-1).reshape(
+            batches = []
+            for start in range(0, len(prompts), PROMPT_BATCH):
+                check_stop(self.stop, f"text prompts {start}..{len(prompts)}")
+                batches.append(self.encode_prompts(prompts[start : start + PROMPT_BATCH]))
+            per_text = F.normalize(torch.cat(batches).float(), dim=-1).reshape(
                 len(missing), len(templates), -1
             )
             for text, embedding in zip(
                 missing, F.normalize(per_text.mean(dim=1), dim=-1), strict=True
             ):
-                self.cache[templated, text] = embedding
-        return torch.stack([self.cache[templated, t] for t in texts])
+                self.cache[templates, text] = embedding
+        return torch.stack([self.cache[templates, t] for t in texts])
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""ovss-train-deop: train DeOP's CAL decoder (and prompt context, proposal head) with CLIP frozen.
+
+    ovss-train-deop coco_stuff ~/data/coco_stuff164k --output runs/deop --device cuda
+    ovss-train-deop voc ~/data/VOCdevkit/VOC2012 --steps 20000 --prompt-length 16
+    ovss-train-deop folder my_set/ --steps 500 --device cpu
+
+Trains on the seen classes of the zero-shot split (COCO-Stuff 156/15, VOC 15/5; a folder set
+may list its unseen classes in unseen.txt) and validates on all classes: mIoU on seen, unseen and
+their harmonic mean. Writes ``<output>/checkpoint.pt`` (the file ``deop_checkpoint`` takes, also
+the resume point) every --checkpoint-every steps and at the end, and ``<output>/metrics.json``.
+--resume continues from ``<output>/checkpoint.pt``. Exit status 0 done, 2 bad arguments, data,
+model or checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from ovss_ros.core.deop_checkpoint import CheckpointError
+from ovss_ros.core.model_loading import ModelLoadError, load_clip
+from ovss_ros.core.proposals import PROPOSAL_SOURCES
+from ovss_ros.training.deop_data import DATASETS, training_data
+from ovss_ros.training.deop_training import LOSSES, TrainingConfig, train
+
+logger = logging.getLogger("ovss-train-deop")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    base = TrainingConfig()
+    parser = argparse.ArgumentParser(prog="ovss-train-deop", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", choices=DATASETS, help="data set layout")
+    parser.add_argument("root", help="data set root folder")
+    parser.add_argument("--output", "-o", default="deop_run", help="run folder")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder")
+    clip = parser.add_argument_group("CLIP (frozen)")
+    clip.add_argument("--model", default="ViT-B-16", help="open_clip model name or config JSON")
+    clip.add_argument(
+        "--pretrained", default="laion2b_s34b_b88k", help="open_clip tag, file, or none"
+    )
+    clip.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    clip.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    run = parser.add_argument_group("training")
+    run.add_argument("--steps", type=int, default=base.steps)
+    run.add_argument("--batch-size", type=int, default=base.batch_size)
+    run.add_argument("--lr", type=float, default=base.lr)
+    run.add_argument("--prompt-lr", type=float, default=base.prompt_lr)
+    run.add_argument("--weight-decay", type=float, default=base.weight_decay)
+    run.add_argument("--crop", type=int, default=base.crop, help="training crop (pixels)")
+    run.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=(base.scale_min, base.scale_max),
+        metavar=("MIN", "MAX"),
+        help="random scale of the short side vs the crop",
+    )
+    run.add_argument("--proposal-source", default=base.proposal_source, choices=PROPOSAL_SOURCES)
+    run.add_argument("--proposals", type=int, default=base.proposals)
+    run.add_argument(
+        "--prompt-length",
+        type=int,
+        default=base.prompt_length,
+        help="learned prompt context tokens (0: the templates)",
+    )
+    run.add_argument("--templates", default=base.templates, help="imagenet, single or custom")
+    run.add_argument("--loss", default=base.loss, choices=LOSSES)
+    run.add_argument("--checkpoint-every", type=int, default=base.checkpoint_every)
+    run.add_argument("--validate-every", type=int, default=base.validate_every)
+    run.add_argument("--val-images", type=int, default=base.val_images, help="0: all")
+    run.add_argument(
+        "--val-size",
+        type=int,
+        default=base.val_short_side,
+        help="validation short side (0: the crop)",
+    )
+    run.add_argument("--workers", type=int, default=base.workers, help="data loader processes")
+    run.add_argument("--seed", type=int, default=base.seed)
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    return TrainingConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        prompt_lr=args.prompt_lr,
+        weight_decay=args.weight_decay,
+        crop=args.crop,
+        scale_min=args.scale[0],
+        scale_max=args.scale[1],
+        proposal_source=args.proposal_source,
+        proposals=args.proposals,
+        prompt_length=args.prompt_length,
+        templates=args.templates,
+        loss=args.loss,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        val_images=args.val_images,
+        val_short_side=args.val_size,
+        workers=args.workers,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+        config.validate()
+        data = training_data(args.dataset, args.root)
+        torch.manual_seed(args.seed)  # the same random CLIP weights for pretrained none
+        clip = load_clip(args.model, args.pretrained, args.device, args.precision)
+        logger.info(
+            "%s: %d training images, %d validation images, %d classes (%d unseen)",
+            data.name,
+            len(data.train),
+            len(data.val),
+            len(data.classes),
+            len(data.unseen),
+        )
+        summary = train(clip, data, config, args.output, resume=args.resume)
+    except (FileNotFoundError, ModelLoadError, CheckpointError, ValueError) as error:
+        logger.error("%s", error)
+        return 2
+    logger.info("done: %s", json.dumps(summary["validation"]))
+    print(json.dumps(summary, allow_nan=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""ovss-tune: choose PnP-OVSS settings without labels (CLIP reward, random search).
+
+    ovss-tune photos/ --classes person dog "tv; monitor" --budget 30 -o pnp_tuned.yaml
+
+Every trial segments the images with one choice of layer, head, threshold and dropout rounds;
+its reward is how often CLIP recognises a class better with the class's mask region kept than
+removed (ovss_ros/core/pnp_tuning.py). The classes of each image are decided once, by CLIP, with
+the starting settings, which are always the first trial. The best settings are printed and
+written as a ROS 2 params file (``/**: ros__parameters:``) for the node (``--params-file``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import cv2
+import yaml
+from tqdm import tqdm
+
+from ovss_ros.cli.segment import image_files
+from ovss_ros.core import ModelLoadError, VocabularyError
+from ovss_ros.core.config import EngineConfig
+from ovss_ros.core.model_loading import load_clip
+from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES, PnpOvss, PnpOvssSettings
+from ovss_ros.core.pnp_tuning import SearchSpace, best_of, evaluate_settings, random_search
+from ovss_ros.core.vlm_loading import DEFAULT_VLM, VLM_MODELS, load_vlm
+
+logger = logging.getLogger("ovss-tune")
+THRESHOLDS = "0.05,0.15,0.25,0.35,0.45"  # the release's search grid (np.arange(0.05, 0.5, 0.1))
+ROUNDS = "1,2,3,4,5"
+
+
+def node_parameters(
+    settings: PnpOvssSettings, args: argparse.Namespace
+) -> dict[str, dict[str, dict[str, object]]]:
+    """The params-file content: ``pnp_<setting>`` for every PnP-OVSS setting, and the models."""
+    parameters: dict[str, object] = {
+        "method": "pnp_ovss",
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "templates": args.templates,
+        "vlm_model": args.vlm_model,
+        "vlm_pretrained": args.vlm_pretrained,
+    }
+    parameters |= {f"pnp_{name}": value for name, value in asdict(settings).items()}
+    return {"/**": {"ros__parameters": parameters}}
+
+
+def int_list(text: str) -> list[int]:
+    """``"1-3,8"`` -> [1, 2, 3, 8]."""
+    values: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        values += range(int(low), int(high or low) + 1)
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    return [float(p) for p in text.split(",") if p.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults, pnp = EngineConfig(), PnpOvssSettings()
+    parser = argparse.ArgumentParser(prog="ovss-tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="unlabeled image files or folders")
+    parser.add_argument("--classes", nargs="+", required=True, help="class names ('a; synonym')")
+    parser.add_argument("--output", "-o", default="pnp_ovss_tuned.yaml", help="params file")
+    parser.add_argument("--budget", type=int, default=20, help="number of settings to try")
+    parser.add_argument("--seed", type=int, default=0, help="random search seed")
+    parser.add_argument("--max-images", type=int, default=0, help="use the first N (0 = all)")
+    space = parser.add_argument_group("search space (1-based layers and heads)")
+    space.add_argument("--layers", default="", help="e.g. 6-10 (default: every text layer)")
+    space.add_argument("--heads", default="", help="e.g. 1-12 (default: every head)")
+    space.add_argument("--thresholds", default=THRESHOLDS, help="comma-separated")
+    space.add_argument("--rounds", default=ROUNDS, help="dropout rounds, e.g. 1-5")
+    fixed = parser.add_argument_group("PnP-OVSS settings (the first trial; fixed unless searched)")
+    fixed.add_argument("--layer", type=int, default=pnp.layer)
+    fixed.add_argument("--head", type=int, default=pnp.head)
+    fixed.add_argument("--threshold", type=float, default=pnp.threshold)
+    fixed.add_argument("--dropout-rounds", type=int, default=pnp.dropout_rounds)
+    fixed.add_argument("--dropout-patches", type=int, default=pnp.dropout_patches)
+    fixed.add_argument("--image-size", type=int, default=pnp.image_size)
+    fixed.add_argument("--presence", default=pnp.presence, choices=PRESENCE_MODES)
+    fixed.add_argument("--presence-threshold", type=float, default=pnp.presence_threshold)
+    fixed.add_argument("--blur", type=float, default=pnp.blur)
+    fixed.add_argument("--refine", default=pnp.refine, choices=REFINES)
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--model", default=defaults.model, help="open_clip model (presence, reward)"
+    )
+    models.add_argument("--pretrained", default=defaults.pretrained, help="open_clip weights")
+    models.add_argument("--templates", default=defaults.templates, help="CLIP prompt templates")
+    models.add_argument("--vlm-model", default="blip_itm", choices=VLM_MODELS)
+    models.add_argument("--vlm-pretrained", default=DEFAULT_VLM, help="hub id or local directory")
+    models.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    models.add_argument(
+        "--precision", default=defaults.precision, choices=["fp32", "fp16", "bf16"]
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    start = PnpOvssSettings(
+        image_size=args.image_size,
+        layer=args.layer,
+        head=args.head,
+        threshold=args.threshold,
+        dropout_rounds=args.dropout_rounds,
+        dropout_patches=args.dropout_patches,
+        presence=args.presence,
+        presence_threshold=args.presence_threshold,
+        blur=args.blur,
+        refine=args.refine,
+    )
+    try:
+        files = image_files(args.inputs)[: args.max_images or None]
+        if not files:
+            raise FileNotFoundError("no images found in the inputs")
+        start.validate()
+        clip = load_clip(args.model, args.pretrained, args.device, args.precision)
+        vlm = load_vlm(args.vlm_model, args.vlm_pretrained, args.device, args.precision)
+        pipeline = PnpOvss(clip, vlm, start, templates=args.templates)
+        pipeline.set_classes(args.classes)
+        space = SearchSpace(
+            layers=int_list(args.layers) or list(range(1, vlm.num_layers + 1)),
+            heads=int_list(args.heads) or list(range(1, vlm.num_heads + 1)),
+            thresholds=float_list(args.thresholds),
+            dropout_rounds=int_list(args.rounds),
+        )
+        for candidate in space.candidates():  # refuse a bad space before any work
+            pipeline.check(replace(start, **candidate))
+    except (FileNotFoundError, ModelLoadError, VocabularyError, ValueError) as error:
+        logger.error("%s", error)
+        return 2
+    images = []
+    for path in files:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            logger.warning("skipping %s: not a readable image", path)
+            continue
+        images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    if not images:
+        logger.error("no readable images")
+        return 2
+    present = [pipeline.present_classes(pipeline.preprocess(rgb)[1]) for rgb in images]
+    first = {
+        name: getattr(start, name) for name in ("layer", "head", "threshold", "dropout_rounds")
+    }
+    results = random_search(
+        lambda candidate: evaluate_settings(pipeline, images, present, candidate),
+        space,
+        args.budget,
+        args.seed,
+        first=first,
+        progress=lambda total: tqdm(total=total, desc="ovss-tune", unit="trial", file=sys.stderr),
+    )
+    best, best_reward = best_of(results)
+    tuned = PnpOvssSettings(**{**asdict(start), **best})
+    first_reward = results[0][1]
+    print(
+        f"start {first}: win rate {first_reward.win_rate:.3f}, margin {first_reward.margin:+.4f}"
+    )
+    print(
+        f"best  {best}: win rate {best_reward.win_rate:.3f}, margin {best_reward.margin:+.4f} "
+        f"({best_reward.pairs} image-class pairs, {len(results)} trials, {len(images)} images)"
+    )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# PnP-OVSS settings chosen by ovss-tune (CLIP reward, no labels): "
+        f"win rate {best_reward.win_rate:.3f} on {len(images)} images\n"
+    )
+    output.write_text(header + yaml.safe_dump(node_parameters(tuned, args), sort_keys=False))
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

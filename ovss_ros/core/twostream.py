@@ -1,0 +1,96 @@
+"""The two-stream baseline DeOP replaces: every proposal's masked crop through CLIP.
+
+Proposal classification as in ZegFormer / SimBaseline (``MaskFormerClipAdapter`` in
+CongHan0808/DeOP, ``mask_former/modeling/clip_adapter/adapter.py`` and ``utils.py``): each
+proposal's mask, thresholded at 0.5 at the input resolution, gives a bounding box; the crop keeps
+the pixels inside the mask and fills the rest with CLIP's mean colour, is resized to CLIP's input
+size (bicubic) and goes through ``encode_image``; the normalised image embedding is classified
+against the same text queries as DeOP, and the same semantic inference makes the labels. So one
+CLIP image forward per proposal (batched by ``crop_batch``) instead of DeOP's single pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ovss_ros.core.proposal_segmentation import (
+    Frames,
+    ProposalSegmenter,
+    ProposalSettings,
+    check_int,
+)
+
+MASK_THRESHOLD = 0.5  # the adapter's mask_thr
+
+
+@dataclass
+class TwoStreamSettings(ProposalSettings):
+    """The two-stream baseline's settings (changeable between frames)."""
+
+    crop_batch: int = 32  # crops per encode_image call, 1..1024
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self.crop_batch, "crop_batch", 1, 1024)
+
+
+class TwoStream(ProposalSegmenter):
+    """Two-stream proposal classification behind the ``Segmenter`` surface.
+
+    ``TwoStream(clip, settings=None, checkpoint=None)``: a DeOP checkpoint is optional; from it
+    the learned proposal head, prompt context and "no object" embedding are used (its CAL
+    decoder is not: that is DeOP's part).
+    """
+
+    settings_type = TwoStreamSettings
+    name = "twostream"
+
+    def embed(self, frames: Frames) -> torch.Tensor:
+        proposals = frames.proposals
+        out = proposals.masks.new_zeros(
+            (*proposals.valid.shape, int(self.clip.model.visual.output_dim))
+        )
+        for index, rgb in enumerate(frames.images):
+            crops, slots = self.crops(rgb, proposals.masks[index], proposals.valid[index])
+            if not slots:
+                continue
+            embeddings = torch.cat(
+                [
+                    self.clip.model.encode_image(crops[i : i + self.settings.crop_batch])
+                    for i in range(0, len(crops), self.settings.crop_batch)
+                ]
+            )
+            out[index, slots] = F.normalize(embeddings.float(), dim=-1)
+        return out
+
+    def crops(
+        self, rgb, masks: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Normalised masked crops (M, 3, S, S) of one image and the proposal index of each."""
+        height, width = rgb.shape[:2]
+        binary = F.interpolate(masks[None].float(), size=(height, width), mode="bilinear")[0]
+        binary = binary > MASK_THRESHOLD
+        image = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1).float() / 255.0
+        fill = self._mean[0]
+        size = self.clip.model.visual.image_size
+        size = size if isinstance(size, tuple | list) else (size, size)
+        crops, slots = [], []
+        for k in range(masks.shape[0]):
+            if not bool(valid[k]):
+                continue
+            rows, cols = binary[k].any(dim=1), binary[k].any(dim=0)
+            if not bool(rows.any()):
+                continue  # nothing left after the threshold: the proposal stays unclassified
+            top, bottom = int(rows.nonzero()[0]), int(rows.nonzero()[-1]) + 1
+            left, right = int(cols.nonzero()[0]), int(cols.nonzero()[-1]) + 1
+            keep = binary[k, top:bottom, left:right].float()
+            crop = image[:, top:bottom, left:right] * keep + (1 - keep) * fill
+            crop = F.interpolate(crop[None], size=tuple(size), mode="bicubic", align_corners=False)
+            crops.append(((crop - self._mean) / self._std).to(self.clip.dtype))
+            slots.append(k)
+        if not crops:
+            return image.new_zeros((0, 3, *size)), []
+        return torch.cat(crops), slots

@@ -1,0 +1,74 @@
+"""SIGINT and SIGTERM as a stop request for the batch tools (ovss-bag, ovss-segment).
+
+A batch tool writes each item's outputs together, so that what it reports is what is on disk.
+While :class:`StopSignals` is entered, a signal raises ``KeyboardInterrupt`` only inside an
+:meth:`StopSignals.interruptible` block, the expensive per-item work that writes nothing, so that
+Ctrl-C answers at once; anywhere else (reading, writing an item's outputs, closing the output) it
+is only recorded, and :meth:`StopSignals.interruptible` raises at the next item. Any number of
+further signals is recorded and nothing more: a second Ctrl-C cannot abort the closing.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType, TracebackType
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """Context manager: installs the handlers (main thread only) and restores the old ones."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None  # the first stop signal, once one came
+        self._interruptible = False
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number)
+        if self._interruptible:
+            self._interruptible = False  # one KeyboardInterrupt at most, however many signals
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A block a stop signal ends at once; raises KeyboardInterrupt if one came before it."""
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def ignore_further(self) -> None:
+        """Ignore the stop signals from now on, also after the block: for a process that was told
+        to stop and has only to exit (a further Ctrl-C would otherwise kill it on the way out)."""
+        for number in self._previous:
+            signal.signal(number, signal.SIG_IGN)
+        self._previous.clear()
+
+    def exit_status(self) -> int:
+        """128 + the signal's number, as a shell reports it (SIGINT 130, SIGTERM 143)."""
+        return 128 + int(self.received or signal.SIGINT)

@@ -1,0 +1,437 @@
+"""Training of DeOP's modules with CLIP frozen: the CAL decoder, the "no object" embedding, and
+optionally the learned prompt context and the class-agnostic proposal head.
+
+One step (DeOP's ``ZeroShotClipfeatUpsample_addnorm_vit16Query2D_maskvit.forward`` and
+``criterion_decoder.SetCriterion.loss_labels_bce``, CongHan0808/DeOP):
+
+1. CLIP blocks 1..L-1 on the crops (no gradient), proposals on the mask grid (superpixels,
+   clusters, or the proposal head, whose masks are detached for the rest of the step);
+2. severed last block (no gradient), CAL decoder -> proposal embeddings, softmax of
+   ``100 * cos`` over the seen classes' text embeddings and "no object";
+3. per pixel ``out = sigmoid(3 * sum_k p_k m_k - 3)`` (``OUTPUT_SIG`` 3), against the one-hot
+   labels at the mask grid where ignored pixels (and unseen classes) are "no object";
+   loss ``2.0 * focal BCE (alpha 0.25, gamma 2) + 0.8 * Dice over the classes`` (the released
+   ``DECODER_CE_WEIGHT`` / ``DECODER_DICE_WEIGHT``);
+4. with a proposal head: MaskFormer's Hungarian set loss (``ovss_ros.core.proposals``) added.
+
+``loss: ce`` replaces step 3 by the per-pixel cross-entropy of the normalised semantic scores
+``sum_k p_k m_k / sum_k m_k`` (ignored pixels and unseen classes count as "no object"), weighted
+by ``ce_weight``. Not in the release: its ``sigmoid(3 * out - 3)`` is made for MaskFormer's
+overlapping masks; on a partition of the image (superpixels, clusters) ``out`` is at most 1, so
+a perfect prediction scores 0.5 and training crawls (planted shapes, tiny random CLIP, 200
+steps: mIoU 21 -> 30 with ``deop``, 21 -> 62 with ``ce``).
+
+Departures: the loss is computed on the mask grid (1/4 of the crop at 4 cells per 16-pixel
+patch) rather than at label resolution; the proposal head trains in the same run as the
+decoder (the release trains its MaskFormer first); CLIP's positional embeddings stay frozen.
+Optimiser AdamW (lr 2e-4 as released, weight decay 1e-4), poly learning-rate decay (power 0.9).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ovss_ros.core.deop import Deop, DeopSettings, severed_features
+from ovss_ros.core.deop_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ovss_ros.core.deop_heads import DeopModules
+from ovss_ros.core.model_loading import LoadedClip
+from ovss_ros.core.proposal_segmentation import tokens_before_last_block
+from ovss_ros.core.proposals import (
+    PROPOSAL_SOURCES,
+    Proposals,
+    cluster_proposals,
+    proposal_losses,
+    superpixel_proposals,
+)
+from ovss_ros.core.text_encoding import TextEncoder
+from ovss_ros.core.vocabulary import ClassEntry
+from ovss_ros.evaluation.dataset_readers import IGNORE
+from ovss_ros.evaluation.evaluation_loop import evaluate
+from ovss_ros.training.deop_data import CropDataset, TrainingData, collate
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+LOSSES = ("deop", "ce")
+
+
+@dataclass
+class TrainingConfig:
+    """Everything a run needs besides the data and CLIP (defaults: DeOP's COCO-Stuff run)."""
+
+    steps: int = 60_000
+    batch_size: int = 16
+    lr: float = 2e-4
+    prompt_lr: float = 2e-3  # the learned prompt context learns faster (DeOP trains it alone)
+    weight_decay: float = 1e-4
+    crop: int = 512
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+    proposal_source: str = "superpixels"  # superpixels | clusters | learned
+    proposals: int = 100
+    mask_cells: int = 4
+    severance_residual: float = 0.2
+    templates: str = "imagenet"  # the text side without a learned prompt
+    prompt_length: int = 16  # learned context tokens (DeOP: 16); 0: the prompt templates
+    decoder_layers: int = 1
+    decoder_heads: int = 8
+    decoder_feedforward: int = 1024
+    decoder_dropout: float = 0.1
+    head_queries: int = 100
+    head_dim: int = 256
+    head_layers: int = 2
+    loss: str = "deop"  # deop (released focal BCE + Dice) | ce (per-pixel cross-entropy)
+    ce_weight: float = 2.0
+    dice_weight: float = 0.8
+    output_sharpness: float = 3.0
+    logit_scale: float = 100.0
+    checkpoint_every: int = 1000
+    validate_every: int = 5000
+    log_every: int = 50  # training losses are kept as means over this many steps
+    val_images: int = 0  # 0: all
+    val_short_side: int = 0  # 0: the crop size
+    workers: int = 0
+    seed: int = 0
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ValueError with the reason for the first bad value."""
+        positive = ("steps", "batch_size", "crop", "proposals", "mask_cells", "decoder_heads")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "prompt_lr", "logit_scale", "scale_min", "output_sharpness"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.scale_max < self.scale_min:
+            raise ValueError(f"scale_max {self.scale_max} < scale_min {self.scale_min}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: use one of {LOSSES}")
+        if self.proposal_source not in PROPOSAL_SOURCES:
+            raise ValueError(
+                f"unknown proposal_source {self.proposal_source!r}: use one of {PROPOSAL_SOURCES}"
+            )
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        for name in ("checkpoint_every", "validate_every", "val_images", "prompt_length"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def inference_settings(self) -> DeopSettings:
+        """The DeOP settings validation uses, stored in the checkpoint as its defaults."""
+        return DeopSettings(
+            proposals=self.proposals if self.proposal_source != "learned" else self.head_queries,
+            proposal_source=self.proposal_source,
+            short_side=self.val_short_side or self.crop,
+            templates=self.templates,
+            logit_scale=self.logit_scale,
+            mask_cells=self.mask_cells,
+            severance_residual=self.severance_residual,
+            pooling="cal",
+        )
+
+
+def create_modules(clip: LoadedClip, config: TrainingConfig) -> DeopModules:
+    """Fresh modules for ``clip`` as ``config`` asks (seeded by the caller)."""
+    visual = clip.model.visual
+    head = None
+    if config.proposal_source == "learned":
+        head = {
+            "width": int(visual.conv1.out_channels),
+            "queries": config.head_queries,
+            "dim": config.head_dim,
+            "layers": config.head_layers,
+            "heads": config.decoder_heads,
+            "cells": config.mask_cells,
+        }
+    prompt = None
+    if config.prompt_length:
+        prompt = {
+            "width": int(clip.model.token_embedding.weight.shape[1]),
+            "length": config.prompt_length,
+        }
+    return DeopModules.create(
+        int(visual.output_dim),
+        decoder={
+            "heads": config.decoder_heads,
+            "layers": config.decoder_layers,
+            "feedforward": config.decoder_feedforward,
+            "dropout": config.decoder_dropout,
+        },
+        void=True,
+        prompt=prompt,
+        proposal_head=head,
+    )
+
+
+def focal_bce(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """DeOP's ``bce_loss_ignore``: focal BCE on probabilities, alpha 0.25, gamma 2, mean."""
+    p_t = probs * targets + (1 - targets) * (1 - probs)
+    alpha = targets * 0.25 + (1 - targets) * 0.75
+    return (-alpha * (1 - p_t) ** 2 * torch.log(p_t.clamp(1e-4, 1 - 1e-4))).mean()
+
+
+def class_dice(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """DeOP's ``dice_loss_ignore``: Dice over the class channels (the last, "no object",
+    excluded), each image flattened over channels and pixels, mean over images."""
+    p, t = probs[:, :-1].flatten(1), targets[:, :-1].flatten(1)
+    return (1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)).mean()
+
+
+class DeopTrainer:
+    """Holds CLIP (frozen), the modules, the optimiser and the training vocabulary."""
+
+    def __init__(
+        self, clip: LoadedClip, data: TrainingData, config: TrainingConfig, modules: DeopModules
+    ) -> None:
+        config.validate()
+        self.clip, self.data, self.config = clip, data, config
+        self.modules = modules.to(clip.device)
+        self.modules.requires_grad_(True).train()
+        self.seen_entries = [ClassEntry.parse(data.classes[i]) for i in data.seen]
+        texts, owner = [], []
+        for index, entry in enumerate(self.seen_entries):
+            texts += entry.synonyms
+            owner += [index] * len(entry.synonyms)
+        self.texts = texts
+        self.owner = torch.tensor(owner, device=clip.device)
+        self.text = TextEncoder(clip.model, clip.tokenizer, config.templates)
+        device = clip.device
+        self._mean = torch.tensor(clip.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(clip.std, device=device).view(1, 3, 1, 1)
+        prompt_params = [] if modules.prompt is None else list(modules.prompt.parameters())
+        prompt_ids = {id(p) for p in prompt_params}
+        other = [p for p in modules.parameters() if id(p) not in prompt_ids]
+        groups = [{"params": other, "lr": config.lr}]
+        if prompt_params:
+            groups.append({"params": prompt_params, "lr": config.prompt_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.base_lrs = [group["lr"] for group in groups]
+
+    def text_queries(self) -> torch.Tensor:
+        """Seen-class synonym embeddings (Q, D) with the void embedding last."""
+        modules = self.modules
+        if modules.prompt is not None:
+            words = modules.prompt.encode(self.clip.model, self.clip.tokenizer, self.texts)
+        else:
+            words = self.text.embeddings(self.texts).to(self.clip.device)
+        return torch.cat([words.float(), modules.void_embedding()])
+
+    def normalise(self, images: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(images).to(self.clip.device).permute(0, 3, 1, 2).float() / 255
+        return ((pixels - self._mean) / self._std).to(self.clip.dtype)
+
+    def proposals(
+        self, images: np.ndarray, patches: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[Proposals, dict[str, torch.Tensor]]:
+        config, cells = self.config, self.config.mask_cells
+        h, w = patches.shape[1:3]
+        if config.proposal_source == "superpixels":
+            grid = (h * cells, w * cells)
+            return superpixel_proposals(
+                list(images), grid, config.proposals, device=labels.device
+            ), {}
+        if config.proposal_source == "clusters":
+            return cluster_proposals(patches, config.proposals, cells), {}
+        mask_logits, object_logits = self.modules.proposal_head(patches)
+        losses = proposal_losses(mask_logits, object_logits, labels)
+        masks = mask_logits.detach().sigmoid()
+        valid = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
+        return Proposals(masks, valid), losses
+
+    def losses(self, images: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
+        """All weighted losses of one batch (crops uint8 (B, S, S, 3), labels (B, S, S))."""
+        config, visual = self.config, self.clip.model.visual
+        pixels = self.normalise(images)
+        with torch.no_grad():
+            tokens, grid = tokens_before_last_block(visual, pixels)
+        patches = tokens[:, 1:].reshape(len(images), *grid, -1)
+        mask_grid = (grid[0] * config.mask_cells, grid[1] * config.mask_cells)
+        targets = torch.from_numpy(labels).to(self.clip.device).long()
+        targets = F.interpolate(targets[:, None].float(), size=mask_grid, mode="nearest")[:, 0]
+        targets = targets.long()
+        proposals, losses = self.proposals(images, patches, targets)
+        with torch.no_grad():
+            features = severed_features(
+                visual, tokens, grid, proposals, config.mask_cells, config.severance_residual
+            )
+        patch_masks = proposals.on_patches(config.mask_cells)
+        embeddings = self.modules.decoder(features, patch_masks, proposals.valid)
+        probs = torch.softmax(config.logit_scale * embeddings @ self.text_queries().T, dim=-1)
+        classes = len(self.seen_entries)
+        per_class = probs.new_zeros((*probs.shape[:2], classes))
+        owner = self.owner.view(1, 1, -1).expand(*probs.shape[:2], -1)
+        per_class = per_class.scatter_reduce(2, owner, probs[..., :-1], "amax", include_self=True)
+        per_label = torch.cat([per_class, probs[..., -1:]], dim=-1)  # + "no object"
+        out = torch.einsum("bkc,bkhw->bchw", per_label, proposals.masks.float())
+        target = targets.masked_fill(targets == IGNORE, classes)
+        if config.loss == "ce":
+            coverage = proposals.masks.float().sum(dim=1, keepdim=True).clamp(min=1e-6)
+            scores = (out / coverage).clamp(min=1e-6)
+            losses["ce"] = config.ce_weight * F.nll_loss(torch.log(scores), target)
+            return losses
+        out = torch.sigmoid(config.output_sharpness * (out - 1))
+        one_hot = F.one_hot(target, classes + 1).permute(0, 3, 1, 2).float()
+        losses["focal"] = config.ce_weight * focal_bce(out, one_hot)
+        losses["dice"] = config.dice_weight * class_dice(out, one_hot)
+        return losses
+
+    def step(self, images: np.ndarray, labels: np.ndarray, step: int) -> dict[str, float]:
+        """One optimisation step; returns the losses as floats (and their sum as ``loss``)."""
+        factor = (1 - step / self.config.steps) ** 0.9
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self.modules.train()
+        losses = self.losses(images, labels)
+        total = sum(losses.values())
+        total_value = float(total.detach())
+        if not math.isfinite(total_value):
+            raise FloatingPointError(f"loss is {total_value} at step {step}: lower the lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return {"loss": total_value, **{k: float(v.detach()) for k, v in losses.items()}}
+
+    def validate(self, progress: bool = False) -> dict[str, float]:
+        """mIoU (percent) on all, seen and unseen classes and their harmonic mean, computed by
+        the evaluator's confusion matrix, with the DeOP pipeline as it would run deployed."""
+        self.modules.eval()
+        settings = self.config.inference_settings()
+        with torch.no_grad():
+            deop = Deop(self.clip, settings, modules=self.modules)
+            deop.set_classes(self.data.classes)
+            limit = self.config.val_images or None
+            result = evaluate(
+                deop, self.data.val, self.data.names, False, limit=limit, progress=progress
+            )
+        self.modules.train()
+        iou = result.confusion.iou()
+        seen = _mean(iou[self.data.seen])
+        unseen = _mean(iou[self.data.unseen]) if self.data.unseen else float("nan")
+        harmonic = (
+            2 * seen * unseen / (seen + unseen)
+            if seen + unseen > 0 and not math.isnan(unseen)
+            else float("nan")
+        )
+        return {
+            "mIoU": 100 * _mean(iou),
+            "mIoU_seen": 100 * seen,
+            "mIoU_unseen": 100 * unseen,
+            "hIoU": 100 * harmonic,
+            "images": result.images,
+        }
+
+
+def _mean(values: np.ndarray) -> float:
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
+def train(
+    clip: LoadedClip,
+    data: TrainingData,
+    config: TrainingConfig,
+    output: str | Path,
+    resume: bool = False,
+    stop_at: int | None = None,
+) -> dict:
+    """Train, checkpointing to ``output/checkpoint.pt`` every ``checkpoint_every`` steps and at
+    the end, validating every ``validate_every`` steps and at the end (``output/metrics.json``).
+
+    ``resume``: continue from ``output/checkpoint.pt`` (same data order, optimiser and RNG
+    state); its architecture wins over ``config``'s. ``stop_at``: stop after that step with a
+    checkpoint, as an interrupted run would (no final validation). Returns the final summary.
+    Raises CheckpointError for an unusable checkpoint, ValueError for a bad config.
+    """
+    config.validate()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / CHECKPOINT_NAME
+    torch.manual_seed(config.seed)
+    start, history = 0, {"train": [], "validation": []}
+    if resume:
+        if not path.is_file():
+            raise CheckpointError(f"nothing to resume: {path} does not exist")
+        checkpoint = load_checkpoint(path, clip)
+        if not checkpoint.training:
+            raise CheckpointError(f"{path} holds no training state (not written by a run?)")
+        modules = checkpoint.modules
+        trainer = DeopTrainer(clip, data, config, modules)
+        state = checkpoint.training
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["step"]), state.get("history", history)
+        torch.set_rng_state(state["rng"])
+        if start >= config.steps:
+            logger.info("checkpoint is already at step %d of %d", start, config.steps)
+    else:
+        modules = create_modules(clip, config)
+        trainer = DeopTrainer(clip, data, config, modules)
+    dataset = CropDataset(
+        data,
+        config.crop,
+        config.seed,
+        (config.scale_min, config.scale_max),
+        length=config.steps * config.batch_size,
+    )
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    sampler = range(start * config.batch_size, end * config.batch_size)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
+    )
+
+    def save(step: int) -> None:
+        training = {
+            "step": step,
+            "optimizer": trainer.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "config": asdict(config),
+            "data": data.name,
+            "history": history,
+        }
+        save_checkpoint(path, trainer.modules, clip, asdict(config.inference_settings()), training)
+        (output / METRICS_NAME).write_text(json.dumps(history, indent=1, allow_nan=True))
+
+    last: dict[str, float] = {}
+    window: list[dict[str, float]] = []
+    bar = tqdm(
+        total=config.steps, initial=start, desc="deop", unit="step", disable=not config.progress
+    )
+    for step, (images, labels) in enumerate(loader, start=start):
+        last = trainer.step(images, labels, step)
+        window.append(last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
+        bar.update(1)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            history["train"].append({"step": done, "steps": len(window), **means})
+            window = []
+        if config.validate_every and done % config.validate_every == 0 and done < config.steps:
+            history["validation"].append({"step": done, **trainer.validate()})
+            logger.info("step %d: %s", done, history["validation"][-1])
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            save(done)
+    bar.close()
+    if end < config.steps:
+        save(end)
+        return {"step": end, "last": last, "validation": None}
+    final_step = max(start, config.steps)
+    if not history["validation"] or history["validation"][-1]["step"] != final_step:
+        history["validation"].append({"step": final_step, **trainer.validate(config.progress)})
+    save(final_step)
+    return {"step": final_step, "last": last, "validation": history["validation"][-1]}

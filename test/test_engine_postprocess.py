@@ -1,0 +1,113 @@
+"""postprocess reduces the query maps a chunk at a time; the result is the whole softmax's.
+
+The reference below is the standard protocol written out at once (methods.md section 0): every
+query map at the input size, ``softmax(logit_scale * logits)`` over all queries, the max over
+each class's synonyms, argmax over classes, background where a background word's probability
+beats the best class, unlabeled below the threshold. The engine must give the same labels and
+(up to float rounding) the same confidence with chunks of 1, 2, 3 or all queries.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_VIT
+
+from ovss_ros.core import EngineConfig, Segmenter
+from ovss_ros.core.refine import pamr
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    torch.manual_seed(0)
+    config = EngineConfig(
+        model=str(TINY_VIT), pretrained="none", device="cpu", short_side=64, templates="single"
+    )
+    segmenter = Segmenter(config)
+    segmenter.set_classes(
+        ["person", "tv; television; monitor", "dog; puppy", "cat | a small furry pet", "chair"]
+    )
+    return segmenter
+
+
+def reference(segmenter, rgb):
+    """The whole softmax at once: (labels, confidence) as numpy arrays."""
+    config, size = segmenter.config, rgb.shape[:2]
+    with torch.inference_mode():
+        encoded = segmenter.encode(segmenter.preprocess(rgb))
+        logits, scores = segmenter.head(encoded)
+        jbu = config.upsample == "jbu"
+        logits = segmenter.to_image(logits, encoded, jbu and scores is None)
+        if scores is not None:
+            scores = segmenter.to_image(scores, encoded, jbu)
+        if config.pamr:
+            guide = segmenter._full_resolution(encoded)
+            if scores is None:
+                logits = pamr(guide, logits[None])[0]
+            else:
+                scores = pamr(guide, scores[None])[0]
+        up = lambda x: F.interpolate(x[None].float(), size, mode="bilinear")[0]  # noqa: E731
+        probs = torch.softmax(config.logit_scale * up(logits), dim=0)
+        owner, classes = segmenter._query_owner, len(segmenter.classes)
+        per_label = torch.zeros((classes + 1, *size))
+        for query, label in enumerate(owner.tolist()):
+            per_label[label] = torch.maximum(per_label[label], probs[query])
+        if scores is None:
+            confidence, labels = per_label[:classes].max(dim=0)
+            background = per_label[classes] > confidence
+        else:
+            labels = up(scores).argmax(dim=0)
+            background = labels == classes
+            labels = labels.clamp(max=classes - 1)
+            confidence = per_label.gather(0, labels[None])[0]
+    unlabeled = background | (confidence < config.score_threshold)
+    return labels.masked_fill(unlabeled, 255).numpy(), confidence.numpy()
+
+
+SETTINGS = {
+    "whole": {},
+    "background": {"background_words": ("sky", "wall", "floor")},
+    "threshold": {"score_threshold": 0.3, "background_words": ("sky",)},
+    "windows": {"crop": 32, "stride": 16, "background_words": ("sky",)},
+    "jbu": {"upsample": "jbu", "background_words": ("sky",)},
+    "pamr": {"pamr": True, "crop": 32, "stride": 16},
+    "dslo": {"refinement": "dslo", "background_words": ("sky", "wall")},
+    "dslo+jbu+pamr": {"refinement": "dslo", "upsample": "jbu", "pamr": True},
+    "freecp": {"refinement": "freecp", "background_words": ("sky",)},
+}
+
+
+@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+@pytest.mark.parametrize("chunk", [1, 2, 3, None], ids=["1", "2", "3", "all"])
+def test_chunked_postprocess_equals_the_whole_softmax(
+    segmenter, voc_rgb, monkeypatch, settings, chunk
+):
+    rgb = voc_rgb[1]
+    base = {name: getattr(segmenter.config, name) for name in settings}
+    segmenter.reconfigure(**settings)
+    try:
+        want_labels, want_confidence = reference(segmenter, rgb)
+        if chunk is not None:
+            monkeypatch.setattr(segmenter, "_chunk", lambda encoded, size: chunk)
+        seg = segmenter.segment(rgb)
+    finally:
+        segmenter.reconfigure(**base)
+    np.testing.assert_array_equal(seg.labels, want_labels)
+    np.testing.assert_allclose(seg.confidence, want_confidence, rtol=1e-5, atol=1e-6)
+    assert (seg.labels != 255).any() and len(np.unique(seg.labels)) > 1  # not a trivial map
+
+
+def test_chunk_size_follows_the_largest_buffer(segmenter, voc_rgb):
+    rgb = voc_rgb[0]
+    encoded = segmenter.encode(segmenter.preprocess(rgb))
+    pixels = rgb.shape[0] * rgb.shape[1]  # the input is the largest map here
+    assert segmenter._chunk(encoded, rgb.shape[:2]) == (1 << 24) // pixels
+    assert segmenter._chunk(encoded, (4096, 8192)) == 1  # never fewer than one map
+    segmenter.reconfigure(crop=32, stride=16)
+    try:  # windows: each window's maps are upsampled to the window size first
+        encoded = segmenter.encode(segmenter.preprocess(rgb))
+        windows = encoded.windows.shape[0] * 32 * 32
+        assert windows > 8 * 8  # larger than a tiny input
+        assert segmenter._chunk(encoded, (8, 8)) == (1 << 24) // windows
+    finally:
+        segmenter.reconfigure(crop=0, stride=0)
