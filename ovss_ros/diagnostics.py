@@ -9,6 +9,11 @@ to run: ``CameraStats`` collects counters and per-frame samples from the node's 
 Rates, latencies and levels look at a sliding window of the last few seconds, not at one timer
 period: a model slower than one frame a second would otherwise flap between "no frames" and "ok".
 Counters are cumulative, so two reports can be compared without knowing the window.
+
+Every frame is accounted for: a received frame is "in progress" (waiting in the newest-frame slot
+or being segmented) until it gets exactly one outcome (processed, dropped paused / stale /
+overwritten, rejected or failed), and both changes happen under one lock, so every report holds
+``received = processed + dropped (each reason) + rejected + failed + in progress``.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ class FrameCounters:
 
     received: int = 0
     processed: int = 0  # segmented and published
+    dropped_paused: int = 0  # arrived or waiting while inference was paused or inactive
     dropped_stale: int = 0  # older than max_frame_age
     dropped_overwritten: int = 0  # replaced by a newer frame before the worker took it
-    rejected: int = 0  # could not be converted (bad encoding, size or data)
-    failed: int = 0  # inference raised (e.g. out of GPU memory)
+    rejected: int = 0  # could not be converted (bad encoding, size or data; too many pixels)
+    failed: int = 0  # inference or publishing raised (e.g. out of GPU memory)
+    in_progress: int = 0  # received, no outcome yet (a level, not a count)
     batched: int = 0  # segmented in one forward pass together with another camera's frame
+    unusable_stamp: int = 0  # header stamp rclpy cannot represent: age unknown
 
     def minus(self, earlier: FrameCounters) -> FrameCounters:
         return FrameCounters(
@@ -65,9 +73,21 @@ class Window:
     samples: tuple[FrameSample, ...]
 
 
+# A frame's outcome: exactly one per received frame.
+OUTCOMES = (
+    "processed",
+    "dropped_paused",
+    "dropped_stale",
+    "dropped_overwritten",
+    "rejected",
+    "failed",
+)
+
+
 class CameraStats:
-    """Counters and samples of one camera. Thread-safe: the executor thread counts received and
-    overwritten frames, the worker the rest, and the diagnostics timer reads windows."""
+    """Counters and samples of one camera. Thread-safe: the executor thread counts received,
+    overwritten and paused frames, the worker the rest, and the diagnostics timer reads windows.
+    """
 
     def __init__(self, window_s: float = WINDOW_S, clock: Callable[[], float] = time.monotonic):
         self._lock = threading.Lock()
@@ -78,17 +98,33 @@ class CameraStats:
         # (time, totals) at the start of the window and at every report since.
         self._history: deque[tuple[float, FrameCounters]] = deque([(clock(), self._totals)])
 
-    def count(self, counter: str, amount: int = 1) -> None:
-        """Add ``amount`` to one of the ``FrameCounters`` fields."""
+    def receive(self, outcome: str | None = None) -> None:
+        """Count a received frame: in progress, or settled at once with ``outcome``."""
         with self._lock:
-            value = getattr(self._totals, counter) + amount
-            self._totals = replace(self._totals, **{counter: value})
+            self._add(received=1, **{outcome or "in_progress": 1})
 
-    def add_sample(self, inference_s: float, latency_s: float | None) -> None:
-        """Record a published frame (and count it as processed)."""
+    def settle(
+        self, outcome: str, inference_s: float | None = None, latency_s: float | None = None
+    ) -> None:
+        """Give a frame in progress its one outcome (``OUTCOMES``); a processed frame's sample
+        (inference seconds; latency seconds, None when its age is unknown) is recorded too."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
         with self._lock:
-            self._totals = replace(self._totals, processed=self._totals.processed + 1)
-            self._samples.append(FrameSample(self._clock(), inference_s, latency_s))
+            self._add(in_progress=-1, **{outcome: 1})
+            if outcome == "processed":
+                self._samples.append(FrameSample(self._clock(), inference_s or 0.0, latency_s))
+
+    def count(self, counter: str, amount: int = 1) -> None:
+        """Add ``amount`` to a counter that is no outcome (``batched``, ``unusable_stamp``)."""
+        if counter in OUTCOMES or counter in ("received", "in_progress"):
+            raise ValueError(f"{counter} is part of the frame accounting: receive() / settle()")
+        with self._lock:
+            self._add(**{counter: amount})
+
+    def _add(self, **amounts: int) -> None:
+        values = {name: getattr(self._totals, name) + amount for name, amount in amounts.items()}
+        self._totals = replace(self._totals, **values)
 
     @property
     def totals(self) -> FrameCounters:
@@ -122,6 +158,8 @@ class NodeState:
     enabled: bool
     gpu_memory_mib: tuple[float, float] | None = None  # (allocated, reserved); None off CUDA
     not_enabled_reason: str = "inference paused"
+    parameter_change: str = "none"  # the last accepted change: none | applied | why it failed
+    parameter_change_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,8 +178,10 @@ def camera_report(window: Window, state: NodeState) -> Report:
     """Level and message from what happened within the window; counters are cumulative.
 
     ERROR: inference failed for every frame it was tried on. WARN: some failed, some frames were
-    rejected, or frames arrive but none is segmented (all stale, or the model is stuck) while
-    inference is enabled. OK otherwise. While paused, the message starts with why.
+    rejected or had an unusable stamp, frames arrive but none is segmented (all stale, or the
+    model is stuck) while inference is enabled, or the last accepted parameter change could not
+    be applied (the previous settings stay in force). OK otherwise. While paused, the message
+    starts with why.
     """
     counts = window.counts
     rate = counts.processed / window.duration_s if window.duration_s > 0 else 0.0
@@ -152,16 +192,25 @@ def camera_report(window: Window, state: NodeState) -> Report:
         attempts = counts.failed + counts.processed
         problems.append((WARN, f"inference failed for {counts.failed} of {attempts} frames"))
     if counts.rejected:
-        problems.append((WARN, f"{counts.rejected} frames rejected (encoding, size or data)"))
+        problems.append(
+            (WARN, f"{counts.rejected} frames rejected (encoding, size, data or pixel limit)")
+        )
+    if counts.unusable_stamp:
+        problems.append(
+            (WARN, f"{counts.unusable_stamp} frames with an unusable header stamp (age unknown)")
+        )
     unused = not (counts.processed or counts.failed or counts.rejected)
-    if state.enabled and counts.received and unused:
+    if state.enabled and counts.received > counts.dropped_paused and unused:
         stale = f", {counts.dropped_stale} too old" if counts.dropped_stale else ""
         problems.append((WARN, f"frames arrive but none was segmented{stale}"))
+    if state.parameter_change_failed:
+        problems.append((WARN, f"parameter change failed: {state.parameter_change}"))
     messages = [text for _, text in problems]
     if not state.enabled:
         messages.insert(0, state.not_enabled_reason)
     elif not messages:
-        messages.append(f"segmenting at {rate:.1f} frames/s" if counts.received else "no frames")
+        arrived = counts.received - counts.dropped_paused  # while segmenting
+        messages.append(f"segmenting at {rate:.1f} frames/s" if arrived else "no frames")
     level = max((level for level, _ in problems), default=OK)
     message = "; ".join(messages)
 
@@ -182,12 +231,16 @@ def camera_report(window: Window, state: NodeState) -> Report:
         ("window (s)", f"{window.duration_s:.1f}"),
         ("frames received", str(totals.received)),
         ("frames processed", str(totals.processed)),
+        ("frames dropped (paused)", str(totals.dropped_paused)),
         ("frames dropped (stale)", str(totals.dropped_stale)),
         ("frames dropped (overwritten)", str(totals.dropped_overwritten)),
         ("frames rejected", str(totals.rejected)),
         ("frames failed", str(totals.failed)),
+        ("frames in progress", str(totals.in_progress)),
         ("batched frames", str(totals.batched)),
+        ("frames with unusable stamp", str(totals.unusable_stamp)),
         ("vocabulary size", str(state.vocabulary_size)),
+        ("parameter change", state.parameter_change),
         ("device", state.device),
         ("GPU memory allocated (MiB)", allocated),
         ("GPU memory reserved (MiB)", reserved),

@@ -8,6 +8,13 @@ newest frame of every camera that has one, together (``segment_many``: one forwa
 of one size), and publishes each to its camera's outputs. So the parameter service never waits
 behind inference or text encoding, and a slow model drops frames instead of queueing them.
 
+Every received frame gets exactly one outcome, counted per camera (``diagnostics``): processed,
+dropped (paused, stale, overwritten), rejected or failed; each frame is converted, checked and
+published in its own error boundary, so one bad frame never costs another its output. Every
+parameter change is validated whole before it is accepted, and applied whole by the worker or
+not at all: if applying fails anyway (out of memory while encoding text), the previous settings
+stay in force and the parameters are put back to them.
+
 The plain node (``OvssNode``) and the managed one (``ovss_ros.lifecycle_node``) share all of this
 through ``SegmentationNodeMixin``, written as the steps of a lifecycle: set up (parameters,
 services, diagnostics), load (model and vocabulary), open (outputs and worker), start (inputs),
@@ -53,8 +60,18 @@ from std_srvs.srv import SetBool
 from vision_msgs.msg import LabelInfo
 
 from ovss_ros import node_parameters
-from ovss_ros.core import ModelLoadError, Segmentation, Segmenter, overlay, parse_classes
+from ovss_ros.core import (
+    ClassEntry,
+    EngineConfig,
+    ModelLoadError,
+    Segmentation,
+    Segmenter,
+    Stopped,
+    overlay,
+    parse_classes,
+)
 from ovss_ros.diagnostics import (
+    OUTCOMES,
     CameraStats,
     NodeState,
     camera_report,
@@ -149,7 +166,7 @@ class Camera:
     def __init__(self, name: str | None = None) -> None:
         self.name = name or SINGLE_CAMERA
         self._inputs = f"{name}/" if name else ""
-        self._outputs = f"~/{name}/" if name else "~/"
+        self.output_prefix = f"~/{name}/" if name else "~/"
         self.stats = CameraStats()
         self.frame_id = ""  # of its newest frame: label_info sent on a vocabulary change has it
         self.outputs: Outputs | None = None
@@ -159,7 +176,7 @@ class Camera:
         def publisher(message_type: type, topic: str, qos: QoSProfile) -> Publisher:
             return node.create_publisher(
                 message_type,
-                self._outputs + topic,
+                self.output_prefix + topic,
                 qos,
                 qos_overriding_options=OUTPUT_QOS_OVERRIDES,
             )
@@ -192,18 +209,39 @@ class Camera:
             node.destroy_publisher(publisher)
 
     def update_masks(self, node: Node, wanted: Mapping[str, str]) -> None:
-        """One ~/masks/<slug> publisher per entry of ``wanted`` (class name -> slug), no other."""
+        """One ~/masks/<slug> publisher per entry of ``wanted`` (class name -> slug), no other.
+
+        Each class on its own: a mask topic that cannot be created (validation should have
+        refused its name) is logged and skipped, and costs no other class its mask, nor the
+        camera its labels and label_info.
+        """
         outputs = self.outputs
         if outputs is None:
             return
-        for name in list(outputs.masks):
-            if name not in wanted:
-                node.destroy_publisher(outputs.masks.pop(name))
+        topics = {}
         for name, slug in wanted.items():
-            if name not in outputs.masks:
-                outputs.masks[name] = node.create_publisher(
-                    Image, f"{self._outputs}masks/{slug}", outputs.mask_qos
+            try:
+                topics[name] = node.resolve_topic_name(
+                    node_parameters.mask_topic(self.output_prefix, slug)
                 )
+            except Exception as error:
+                self._mask_error(node, name, error)
+        for name in list(outputs.masks):
+            if outputs.masks[name].topic_name != topics.get(name):
+                node.destroy_publisher(outputs.masks.pop(name))
+        for name, topic in topics.items():
+            if name in outputs.masks:
+                continue
+            try:
+                outputs.masks[name] = node.create_publisher(Image, topic, outputs.mask_qos)
+            except Exception as error:
+                self._mask_error(node, name, error)
+
+    def _mask_error(self, node: Node, name: str, error: Exception) -> None:
+        node.get_logger().error(
+            f"camera {self.name}: no mask topic for class {node_parameters.quoted(name)}: "
+            f"{describe(error)}"
+        )
 
     def subscribe(
         self,
@@ -275,13 +313,50 @@ class Camera:
             self.outputs.label_info.publish(label_info(header, class_names, threshold))
 
 
-@dataclass
+@dataclass(eq=False)
 class Frame:
-    """A received message, its camera, and when it arrived."""
+    """A received message, its camera, when it arrived, and where it is in its life.
+
+    ``state``: ``waiting`` (in the newest-frame slot or being segmented), ``publishing``
+    (claimed by the worker: pausing no longer drops it), then its one outcome
+    (``diagnostics.OUTCOMES``), counted once.
+    """
 
     camera: Camera
     message: Image | CompressedImage
     received: Time
+    state: str = "waiting"
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """Text for one log line: whitespace runs (newlines too) as one space, other control and
+    format characters escaped (camera data or user text cannot forge log lines or send
+    terminal escapes), cut to ``limit`` characters."""
+    text = "".join(
+        char if char.isprintable() else f"\\u{ord(char):04x}" for char in " ".join(text.split())
+    )
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(error: BaseException) -> str:
+    """``Type: message`` on one line (``one_line``)."""
+    return one_line(f"{type(error).__name__}: {error}")
+
+
+def stamp_usable(stamp: Any) -> bool:
+    """Whether a builtin_interfaces/Time is a time: sec >= 0 (rclpy refuses negative times) and
+    nanosec below one second. A frame whose stamp is not gets "age unknown": it is never stale
+    and gives no latency sample, and it is segmented and published with its header as sent."""
+    return stamp.sec >= 0 and stamp.nanosec < 1_000_000_000
+
+
+def to_rgb8(message: Image | CompressedImage, max_pixels: int) -> np.ndarray:
+    """The frame as HxWx3 uint8 RGB; raises ImageConversionError, and its ImageTooLarge for a
+    frame of more than ``max_pixels`` pixels, refused from its declared size (width x height,
+    or the compressed data's header) before anything is decoded or converted."""
+    if isinstance(message, CompressedImage):
+        return compressed_to_rgb8(message, max_pixels=max_pixels)
+    return image_to_rgb8(message, max_pixels=max_pixels)
 
 
 # One frame ready to publish: (frame, its RGB pixels, its segmentation, inference seconds).
@@ -319,13 +394,28 @@ class SegmentationNodeMixin:
         self._buffer: FrameBuffer[Frame] = FrameBuffer()
         self._worker: FrameWorker[Frame] | None = None
         self.cameras: list[Camera] = []
+        # Frame accounting: frames received and without an outcome; each camera's newest.
+        self._frames_lock = threading.Lock()
+        self._held: set[Frame] = set()
+        self._newest: dict[str, Frame] = {}
+        # What is in force (the worker's): parameter values, settings, last change's fate.
+        self._applied: dict[str, Any] = {}
+        self._applied_settings: node_parameters.Settings | None = None
+        self._parameter_change = ("none", False)  # (diagnostics text, failed)
+        self._reverts: dict[str, tuple[Any, Any]] = {}  # name -> (refused value, in force)
+        self._reverting = False
+        self._warned: dict[tuple, float] = {}  # kind of warning -> when last logged (worker)
 
         self._values = node_parameters.declare_parameters(self)
         self._settings = node_parameters.validate(self._values)
         self.cameras = [Camera(name) for name in self._settings.cameras] or [Camera()]
+        self._check_mask_topics(self._settings.classes)
 
+        self.add_pre_set_parameters_callback(node_parameters.coerce)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._accept_parameters)
+        # The worker asks the executor thread to put parameters back (_revert_parameters).
+        self._revert_guard = self.create_guard_condition(self._revert_parameters)
         self.create_service(SetBool, "~/enable", self._on_enable)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # Steady time: diagnostics go on while a paused bag holds the simulated clock.
@@ -339,11 +429,13 @@ class SegmentationNodeMixin:
         """Load the model and encode the vocabulary (seconds); raises START_ERRORS."""
         with self._lock:
             self._pending.clear()  # changes accepted so far are in the settings already
-            settings = self._settings
-        self.segmenter = Segmenter(settings.engine)
+            settings, values = self._settings, dict(self._values)
+        self.segmenter = Segmenter(settings.engine, stop=stop_event(self))
         self._device = str(self.segmenter.device)
-        self._check_crop(settings.engine.crop)
+        self._check_model_fit(settings.engine)
         self.segmenter.set_classes(settings.classes)
+        self._applied, self._applied_settings = values, settings
+        self._parameter_change = ("none", False)
         cameras = f", cameras {', '.join(settings.cameras)}" if settings.cameras else ""
         self.get_logger().info(
             f"model {settings.engine.model} on {self.segmenter.device}, "
@@ -378,7 +470,7 @@ class SegmentationNodeMixin:
         self._active.clear()
         for camera in self.cameras:
             camera.unsubscribe(self)
-        self._buffer.clear()
+        self._clear_frames()
 
     def _close(self) -> None:
         """Stop the worker, then destroy the outputs it publishes with.
@@ -412,26 +504,46 @@ class SegmentationNodeMixin:
     # Executor thread: cheap callbacks only.
 
     def _on_image(self, camera: Camera, message: Image | CompressedImage) -> None:
-        camera.stats.count("received")
         if not self._enabled.is_set():
+            camera.stats.receive("dropped_paused")
             return
-        frame = Frame(camera, message, self.get_clock().now())
+        frame, previous = self._admit(camera, message)
         if self._buffer.put(frame, slot=camera.name):
-            camera.stats.count("dropped_overwritten")
+            if previous is not None:  # put replaced the frame this camera put last
+                self._settle(previous, "dropped_overwritten")
+        elif self._buffer.closed:  # shutting down: no worker will take it
+            self._settle(frame, "dropped_paused")
+
+    def _admit(
+        self, camera: Camera, message: Image | CompressedImage
+    ) -> tuple[Frame, Frame | None]:
+        """Count a frame received and hold it until it has an outcome; return it and the frame
+        this camera admitted before it."""
+        frame = Frame(camera, message, self.get_clock().now())
+        camera.stats.receive()
+        with self._frames_lock:
+            self._held.add(frame)
+            previous, self._newest[camera.name] = self._newest.get(camera.name), frame
+        return frame, previous
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         if request.data:
             self._enabled.set()
         else:
             self._enabled.clear()
-            self._buffer.clear()
+            self._clear_frames()
         response.success = True
         response.message = "inference enabled" if request.data else "inference paused"
         self.get_logger().info(response.message)
         return response
 
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
-        """Refuse the whole request unless every parameter after it is valid (nothing changes)."""
+        """Refuse the whole request unless every parameter after it is valid (nothing changes).
+
+        Valid means everything the worker will do with it can be done: the whole configuration
+        passes ``node_parameters.validate`` (types, ranges, vocabulary, templates, query count),
+        the crop fits the loaded model, and every class gets a mask topic that ROS accepts.
+        """
         changes = self._own_changes(parameters)
         if not changes:  # rclpy's own (use_sim_time, qos_overrides.*): its business
             return SetParametersResult(successful=True)
@@ -440,7 +552,9 @@ class SegmentationNodeMixin:
                 if parameter.name in changes and parameter.type_ == Parameter.Type.NOT_SET:
                     raise ValueError(f"{parameter.name} cannot be unset")
             settings = node_parameters.validate_update(self._values, changes)
-            self._check_crop(settings.engine.crop)
+            self._check_model_fit(settings.engine)
+            if "classes" in changes:
+                self._check_mask_topics(settings.classes)
         except ValueError as error:
             return SetParametersResult(successful=False, reason=str(error))
         finally:
@@ -448,15 +562,44 @@ class SegmentationNodeMixin:
         return SetParametersResult(successful=True)
 
     def _accept_parameters(self, parameters: list[Parameter]) -> None:
-        """Hand accepted changes to the worker; it applies them before the next frame."""
+        """Hand accepted changes to the worker; it applies them before the next frame.
+
+        Not a revert (``_revert_parameters``): those values are in force already.
+        """
         changes = self._own_changes(parameters)
         if not changes:
             return
         with self._lock:
             self._values.update(changes)
             self._settings = node_parameters.validate(self._values)
-            self._pending.update(changes)
-        self._buffer.wake()
+            if not self._reverting:
+                self._pending.update(changes)
+        if not self._reverting:
+            self._buffer.wake()
+
+    def _revert_parameters(self) -> None:
+        """Put parameters whose change failed in the worker back to the values in force, so that
+        ``ros2 param get`` tells the truth; a name changed again meanwhile is left alone (that
+        newer change is queued). Runs on the executor thread, like every parameter request."""
+        with self._lock:
+            reverts, self._reverts = self._reverts, {}
+            wanted = [
+                Parameter(name, node_parameters.SPECS[name].type, value)
+                for name, (refused, value) in reverts.items()
+                if name not in self._pending and self._values.get(name) == refused
+            ]
+        if not wanted:
+            return
+        self._reverting = True
+        try:
+            result = self.set_parameters_atomically(wanted)
+        finally:
+            self._reverting = False
+        names = ", ".join(parameter.name for parameter in wanted)
+        if result.successful:
+            self.get_logger().warning(f"parameters put back to the values in force: {names}")
+        else:
+            self.get_logger().error(f"could not put back {names}: {result.reason}")
 
     def _own_changes(self, parameters: list[Parameter]) -> dict[str, Any]:
         return {
@@ -465,15 +608,58 @@ class SegmentationNodeMixin:
             if p.name in node_parameters.SPECS
         }
 
-    def _check_crop(self, crop: int) -> None:
-        """The patch size comes with the loaded model, so EngineConfig.validate cannot check it
-        (nor can anyone before the model is loaded: then the next configure does)."""
-        patch = getattr(getattr(self.segmenter, "clip", None), "patch_size", None)
-        if patch and crop % patch:
-            raise ValueError(f"crop {crop} must be a multiple of the model's patch size {patch}")
+    def _check_model_fit(self, engine: EngineConfig) -> None:
+        """What EngineConfig.validate cannot check: settings that depend on the loaded model's
+        patch size (nor can anyone before the model is loaded: then the next configure does).
+        Raises ValueError."""
+        if self.segmenter is not None:
+            self.segmenter.check_config(engine)
+
+    def _check_mask_topics(self, classes: list[ClassEntry]) -> None:
+        """Every camera's mask topic of every class, resolved as this node resolves names."""
+        node_parameters.check_mask_topics(
+            classes, [camera.output_prefix for camera in self.cameras], self.resolve_topic_name
+        )
+
+    def _clear_frames(self) -> None:
+        """Pausing or stopping: the frames waiting are dropped, and counted as such (a frame
+        already being published is not: it is counted when it is out)."""
+        self._buffer.clear()
+        with self._frames_lock:
+            dropped = [frame for frame in self._held if frame.state == "waiting"]
+            for frame in dropped:
+                frame.state = "dropped_paused"
+                self._held.discard(frame)
+        for frame in dropped:
+            frame.camera.stats.settle("dropped_paused")
+
+    def _settle(
+        self,
+        frame: Frame,
+        outcome: str,
+        inference_s: float | None = None,
+        latency_s: float | None = None,
+    ) -> bool:
+        """Give ``frame`` its one outcome; False (nothing counted) if it has one already."""
+        with self._frames_lock:
+            if frame.state in OUTCOMES:
+                return False
+            frame.state = outcome
+            self._held.discard(frame)
+        frame.camera.stats.settle(outcome, inference_s, latency_s)
+        return True
+
+    def _claim(self, frame: Frame) -> bool:
+        """Mark a segmented frame as being published; False if it was dropped meanwhile."""
+        with self._frames_lock:
+            if frame.state != "waiting":
+                return False
+            frame.state = "publishing"
+            return True
 
     def _publish_diagnostics(self) -> None:
         segmenter = self.segmenter
+        change, change_failed = self._parameter_change
         state = NodeState(
             device=self._device or self._values["device"],
             vocabulary_size=len(segmenter.classes) if segmenter is not None else 0,
@@ -482,6 +668,8 @@ class SegmentationNodeMixin:
             not_enabled_reason=(
                 "inference paused (~/enable)" if self._active.is_set() else self._inactive_reason
             ),
+            parameter_change=change,
+            parameter_change_failed=change_failed,
         )
         array = DiagnosticArray()
         array.header.stamp = self.get_clock().now().to_msg()
@@ -495,6 +683,15 @@ class SegmentationNodeMixin:
     # Worker thread: owns the Segmenter.
 
     def _apply_pending(self) -> None:
+        """Apply the accepted changes, all of them or none.
+
+        Validation refused everything that can be foreseen, so a failure here is unexpected
+        (e.g. out of memory while encoding text). Then the engine keeps (or gets back) its
+        previous settings and vocabulary (``Segmenter.reconfigure`` and ``set_classes`` change
+        nothing when they raise), the node keeps its previous output settings, label_info keeps
+        telling the vocabulary in force, diagnostics show the failure, and the parameters are
+        put back to the values in force (``_revert_parameters``).
+        """
         with self._lock:
             changes, self._pending = self._pending, {}
         if not changes or self.segmenter is None:
@@ -504,67 +701,172 @@ class SegmentationNodeMixin:
             for name, value in changes.items()
             if name in node_parameters.RUNTIME_ENGINE_FIELDS
         }
-        # Validated already, so a failure here is unexpected (e.g. out of memory while encoding
-        # text): log it, keep the previous state of that part, and still publish what is true.
-        if engine_changes:
-            try:
+        failure = None
+        try:
+            if engine_changes:
                 self.segmenter.reconfigure(**engine_changes)
-            except Exception as error:
-                self.get_logger().error(f"could not apply {engine_changes}: {error}")
-        if "classes" in changes:
-            try:
+            if "classes" in changes:
                 self.segmenter.set_classes(parse_classes(changes["classes"]))
-            except Exception as error:
-                self.get_logger().error(f"could not change the vocabulary: {error}")
-            self.get_logger().info(
-                "vocabulary: " + ", ".join(entry.name for entry in self.segmenter.classes)
-            )
-        if "classes" in changes or "publish_masks" in changes:
-            wanted = self._wanted_masks()
-            for camera in self.cameras:
-                camera.update_masks(self, wanted)
-        if "classes" in changes or "score_threshold" in changes:
-            self._publish_label_info()
+        except Stopped:  # the node is stopping: nothing failed, nothing to put back
+            raise
+        except Exception as error:
+            # Only the text: the traceback holds the tensors of the failed encoding.
+            failure = describe(error)
+        if failure is not None:
+            self._undo(engine_changes)
+        self._settle_change(changes, failure)
+        if "classes" in changes and failure is None:
+            names = ", ".join(node_parameters.quoted(e.name) for e in self.segmenter.classes)
+            self.get_logger().info(f"vocabulary: {names}")
+        wanted = self._wanted_masks()
+        for camera in self.cameras:
+            camera.update_masks(self, wanted)
+        self._publish_label_info()
+
+    def _undo(self, engine_changes: Mapping[str, Any]) -> None:
+        """After a failed change: the engine gets back the settings and the vocabulary in force
+        before it, where the part of the change that did succeed altered them (the old
+        vocabulary's texts are cached: restoring it encodes nothing)."""
+        segmenter = self.segmenter
+        previous = {name: self._applied[name] for name in engine_changes}
+        current = {
+            name: node_parameters.in_force(name, getattr(segmenter.config, name))
+            for name in engine_changes
+        }
+        try:
+            if current != previous:
+                segmenter.reconfigure(**previous)
+            vocabulary = parse_classes(self._applied["classes"])
+            if segmenter.classes != vocabulary:
+                segmenter.set_classes(vocabulary)
+        except Exception as error:
+            self.get_logger().error(f"could not restore the previous settings: {describe(error)}")
+
+    def _settle_change(self, changes: Mapping[str, Any], failure: str | None) -> None:
+        """Record what is in force after applying ``changes`` (failed: ``failure``)."""
+        if failure is None:
+            self._applied.update(changes)
+        else:
+            # The truth, whatever the engine kept: its settings, and the vocabulary in force.
+            for name in changes:
+                if name in node_parameters.RUNTIME_ENGINE_FIELDS:
+                    value = getattr(self.segmenter.config, name)
+                    self._applied[name] = node_parameters.in_force(name, value)
+        try:
+            self._applied_settings = node_parameters.validate(self._applied)
+        except ValueError as error:  # only if restoring the engine failed half-way
+            self.get_logger().error(f"settings in force do not validate: {error}")
+        if failure is None:
+            self._parameter_change = ("applied", False)
+            return
+        names = ", ".join(sorted(changes))
+        self._parameter_change = (f"{names}: {failure}; previous settings in force", True)
+        self.get_logger().error(
+            f"could not apply the change of {names} ({failure}): the previous settings stay in "
+            "force and the parameters are put back"
+        )
+        with self._lock:
+            for name, value in changes.items():
+                if value != self._applied[name]:
+                    self._reverts[name] = (value, self._applied[name])
+        self._revert_guard.trigger()
 
     def _process(self, frames: list[Frame]) -> None:
-        """Convert, segment together and publish the newest frame of each camera that has one;
-        count and skip what cannot be used."""
-        if not self._running():
+        """Convert, segment together and publish the newest frame of each camera that has one.
+
+        Every frame gets exactly one outcome: what cannot be used is counted and skipped on its
+        own, and an error nobody expected costs only the frames it left without an outcome
+        (counted as failed), never another frame's output.
+        """
+        try:
+            self._process_frames(frames)
+        except Stopped:  # the node is stopping: what was not published is dropped, quietly
+            for frame in frames:
+                self._settle(frame, "dropped_paused")
+            raise
+        finally:
+            for frame in frames:
+                if self._settle(frame, "failed"):
+                    self.get_logger().error(
+                        f"a frame from {frame.camera.name} was lost to an unexpected error",
+                        throttle_duration_sec=LOG_THROTTLE_S,
+                    )
+
+    def _process_frames(self, frames: list[Frame]) -> None:
+        settings = self._applied_settings
+        if not self._running() or settings is None:
+            for frame in frames:
+                self._settle(frame, "dropped_paused")
             return
-        settings = self._settings
-        batch = [
-            (frame, rgb) for frame in frames if (rgb := self._convert(frame, settings)) is not None
-        ]
+        batch = []
+        for frame in frames:
+            try:
+                rgb = self._convert(frame, settings)
+            except Exception as error:
+                self._fail(frame, "while converting", error)
+                continue
+            if rgb is not None:
+                batch.append((frame, rgb))
         for frame, rgb, segmentation, inference_s in self._segment(batch):
-            if not self._running():  # paused or deactivated meanwhile: publish no more
-                return
-            header = frame.message.header
-            frame.camera.frame_id = header.frame_id
-            frame.camera.publish(
-                rgb, segmentation, header, settings, self.segmenter.config.score_threshold
+            if not self._running() or not self._claim(frame):
+                self._settle(frame, "dropped_paused")  # paused or deactivated meanwhile
+                continue
+            try:
+                header = frame.message.header
+                frame.camera.frame_id = header.frame_id
+                frame.camera.publish(
+                    rgb, segmentation, header, settings, self.segmenter.config.score_threshold
+                )
+            except Exception as error:
+                self._fail(frame, "while publishing", error)
+            else:
+                self._settle(frame, "processed", inference_s, self._age(header))
+
+    def _fail(self, frame: Frame, stage: str, error: Exception) -> None:
+        if self._settle(frame, "failed"):
+            self.get_logger().error(
+                f"a frame from {frame.camera.name} failed {stage} "
+                f"({frame.camera.stats.totals.failed} failed so far): "
+                f"{describe(error)}",
+                throttle_duration_sec=LOG_THROTTLE_S,
             )
-            frame.camera.stats.add_sample(inference_s, self._age(header))
 
     def _convert(self, frame: Frame, settings: node_parameters.Settings) -> np.ndarray | None:
-        """The frame as RGB, or None (counted) if it is stale or cannot be read."""
+        """The frame as RGB, or None (its outcome given) if it is stale or cannot be read."""
         message, stats = frame.message, frame.camera.stats
+        if not stamp_usable(message.header.stamp):
+            stats.count("unusable_stamp")
+            stamp = message.header.stamp
+            self._warn_once_in_a_while(
+                ("stamp", frame.camera.name),
+                f"frame from {frame.camera.name} has a header stamp that is no time "
+                f"(sec {stamp.sec}, nanosec {stamp.nanosec}): its age is unknown, so it is "
+                "never too old and gives no latency",
+            )
         if settings.max_frame_age > 0.0:
             age = self._age(message.header)
             if age is not None and age > settings.max_frame_age:
-                stats.count("dropped_stale")
+                self._settle(frame, "dropped_stale")
                 return None
         try:
-            if isinstance(message, CompressedImage):
-                return compressed_to_rgb8(message)
-            return image_to_rgb8(message)
+            return to_rgb8(message, settings.max_input_pixels)
         except ImageConversionError as error:
-            stats.count("rejected")
-            self.get_logger().warning(
+            self._settle(frame, "rejected")
+            self._warn_once_in_a_while(
+                ("rejected", frame.camera.name, type(error).__name__),
                 f"skipping frame from {frame.camera.name} ({stats.totals.rejected} rejected so "
-                f"far): {error}",
-                throttle_duration_sec=LOG_THROTTLE_S,
+                f"far): {one_line(str(error))}",
             )
             return None
+
+    def _warn_once_in_a_while(self, kind: tuple, text: str) -> None:
+        """Log a warning unless one of the same kind was logged within LOG_THROTTLE_S: a stream
+        of bad frames gives a line every few seconds, and a new kind of problem shows at once
+        (rclpy throttles per call site, which would hide it behind the first kind)."""
+        now = time.monotonic()
+        if now - self._warned.get(kind, float("-inf")) >= LOG_THROTTLE_S:
+            self._warned[kind] = now
+            self.get_logger().warning(text)
 
     def _segment(self, batch: list[tuple[Frame, np.ndarray]]) -> list[Result]:
         """Segment the frames in one ``segment_many`` call.
@@ -578,9 +880,11 @@ class SegmentationNodeMixin:
         start = time.perf_counter()
         try:
             segmentations = self.segmenter.segment_many([rgb for _, rgb in batch])
+        except Stopped:
+            raise
         except Exception as error:
             # Only the text leaves this block: the traceback holds the failed forward's tensors.
-            failure = f"{type(error).__name__}: {error}"
+            failure = describe(error)
         else:
             inference_s = time.perf_counter() - start
             self._count_batched(batch)
@@ -590,7 +894,7 @@ class SegmentationNodeMixin:
             ]
         if len(batch) == 1:
             frame = batch[0][0]
-            frame.camera.stats.count("failed")
+            self._settle(frame, "failed")
             self.get_logger().error(
                 f"inference failed on a frame from {frame.camera.name} "
                 f"({frame.camera.stats.totals.failed} so far): {failure}",
@@ -606,18 +910,30 @@ class SegmentationNodeMixin:
 
     def _count_batched(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
         """Count the frames that shared a forward pass: the engine batches equal resized sizes."""
-        for group in self.segmenter.batch_groups([rgb for _, rgb in batch]):
+        try:
+            groups = self.segmenter.batch_groups([rgb for _, rgb in batch])
+        except Stopped:
+            raise
+        except Exception as error:  # a statistic: never worth a frame's output
+            self._on_worker_error(error)
+            return
+        for group in groups:
             if len(group) > 1:
                 for index in group:
                     batch[index][0].camera.stats.count("batched")
 
     def _age(self, header: Header) -> float | None:
-        """Seconds from the header stamp to now; None for an unstamped frame (age unknown)."""
-        if header.stamp.sec == 0 and header.stamp.nanosec == 0:
+        """Seconds from the header stamp to now; None when the age is unknown: an unstamped
+        frame (zero stamp) or a stamp that is no time (``stamp_usable``)."""
+        stamp = header.stamp
+        if (stamp.sec == 0 and stamp.nanosec == 0) or not stamp_usable(stamp):
             return None
         clock = self.get_clock()
-        stamp = Time.from_msg(header.stamp, clock_type=clock.clock_type)
-        return (clock.now() - stamp).nanoseconds * 1e-9
+        try:
+            time_of_stamp = Time.from_msg(stamp, clock_type=clock.clock_type)
+        except (ValueError, OverflowError, TypeError):
+            return None
+        return (clock.now() - time_of_stamp).nanoseconds * 1e-9
 
     def _publish_label_info(self) -> None:
         if self.segmenter is None:
@@ -631,14 +947,13 @@ class SegmentationNodeMixin:
 
     def _wanted_masks(self) -> dict[str, str]:
         """Class name -> slug of the mask topics there should be (none with publish_masks off)."""
-        if not self._settings.publish_masks or self.segmenter is None:
+        settings = self._applied_settings
+        if settings is None or not settings.publish_masks or self.segmenter is None:
             return {}
         return {entry.name: entry.slug for entry in self.segmenter.classes}
 
     def _on_worker_error(self, error: BaseException) -> None:
-        self.get_logger().error(
-            f"worker: {type(error).__name__}: {error}", throttle_duration_sec=LOG_THROTTLE_S
-        )
+        self.get_logger().error(f"worker: {describe(error)}", throttle_duration_sec=LOG_THROTTLE_S)
 
 
 class OvssNode(SegmentationNodeMixin, Node):
@@ -714,7 +1029,9 @@ def main(args: list[str] | None = None, signals: ShutdownSignals | None = None) 
 # Step of a FrameWorker -> what the worker is doing then, for the log.
 WORKER_STEPS = {"between_frames": "applying a change", "handle_frames": "segmenting frames"}
 WORKER_STOP_TIMEOUT_S = 5.0
-SPIN_POLL_S = 0.1  # how soon the spin loop notices a signal (handlers run between bytecodes)
+# How soon at most the spin loop notices a signal: Python runs its handlers between bytecodes,
+# not while the executor waits. (Each wake-up costs CPU: 0.1 s cost 0.7 % of a core idle.)
+SPIN_POLL_S = 0.5
 
 
 def stop_event(node: SegmentationNodeMixin) -> threading.Event:

@@ -7,6 +7,13 @@ whole would-be configuration (all parameters after the change) before accepting 
 rejected request changes nothing, and the worker thread never receives a configuration that the
 engine would refuse.
 
+Types are checked here, not by rclpy, for every parameter (all are declared with dynamic typing
+and their descriptor's type is put back after each request): rclpy's own refusal ("expected '3'
+got '2'", or a start-up failure "expecting type 'DOUBLE'") names neither the parameter nor what it
+wanted. An integer is accepted wherever a floating-point number is expected, as ``ros2 param
+set`` and ``-p`` type ``1`` as an integer, and stored as the float (``coerce``); every other
+mismatch is refused with the parameter's name, the type given and the type expected.
+
 Keep ``config/ovss.yaml`` in step with the defaults here (a test compares them).
 """
 
@@ -14,17 +21,19 @@ from __future__ import annotations
 
 import array
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.validate_full_topic_name import validate_full_topic_name
 
-from ovss_ros.core import ClassEntry, EngineConfig, parse_classes
-from ovss_ros.core.config import DSLO_MODES, REFINEMENTS, UPSAMPLERS
-from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES
+from ovss_ros.core import ClassEntry, EngineConfig, check_query_count, parse_classes
+from ovss_ros.core.config import DSLO_MODES, MAX_LONG_SIDE_LIMIT, REFINEMENTS, UPSAMPLERS
+from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
+from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
 METHODS = tuple(LAST_BLOCK_MODES)
@@ -32,6 +41,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_CLASSES = ("person", "chair", "table", "floor", "wall", "door")
 # A ROS name token: letters, digits and '_', not starting with a digit, no '__' (rcl's rules).
 CAMERA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# rmw's RMW_TOPIC_MAX_NAME_LENGTH (255 - 8: the DDS "rt/" prefix and more): rcl refuses longer.
+TOPIC_MAX_LENGTH = 255 - 8
 
 
 class ParameterError(ValueError):
@@ -64,9 +75,10 @@ class ParameterSpec:
             description=self.description,
             additional_constraints=self.constraints,
             read_only=self.read_only,
-            # String arrays are type-checked here, not by rclpy, whose refusal ("expected '9'
-            # got '7'") would not tell a user that classes must be text.
-            dynamic_typing=self.name in STRING_ARRAYS,
+            # Types are checked here (check_value), not by rclpy, whose refusal ("expected '3'
+            # got '2'") names neither the parameter nor the types; restore_types puts the type
+            # that rclpy overwrites with the requested one back.
+            dynamic_typing=True,
         )
         if self.minimum is not None and isinstance(self.default, int):
             descriptor.integer_range = [
@@ -145,6 +157,21 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.method,
         "dense CLIP last-block attention",
         constraints=" | ".join(METHODS),
+    ),
+    ParameterSpec(
+        "pos_interpolation",
+        _ENGINE_DEFAULTS.pos_interpolation,
+        "positional grid at other input sizes: official = as the method's own code (DINO's "
+        "'+0.1' rule of NACLIP/SCLIP/ClearCLIP), exact = bicubic to exactly the patch grid",
+        constraints=" | ".join(POS_INTERPOLATIONS),
+    ),
+    ParameterSpec(
+        "area_threshold",
+        _ENGINE_DEFAULTS.area_threshold,
+        "SCLIP's area filter: a class labelling at most this share of the labelled pixels gives "
+        "them to the next best class (0 = off; base method only, refinement none)",
+        minimum=0.0,
+        maximum=1.0,
     ),
     ParameterSpec(
         "refinement",
@@ -233,6 +260,15 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         maximum=4096,
     ),
     ParameterSpec(
+        "max_long_side",
+        _ENGINE_DEFAULTS.max_long_side,
+        "bound on the network input's long side in pixels, whatever the frame's aspect ratio "
+        "(a wide or tall strip is scaled down to it), so the patch count stays bounded",
+        minimum=1,
+        maximum=MAX_LONG_SIDE_LIMIT,
+        constraints="at least one patch of the model",
+    ),
+    ParameterSpec(
         "crop",
         _ENGINE_DEFAULTS.crop,
         "sliding-window size in pixels, a multiple of the patch size (0 = whole image)",
@@ -284,6 +320,14 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         maximum=1.0,
     ),
     ParameterSpec(
+        "max_input_pixels",
+        DEFAULT_MAX_INPUT_PIXELS,
+        "frames with more pixels (width x height; for compressed frames the size the data "
+        "declares) are rejected before they are decoded or converted, and counted as rejected",
+        minimum=1,
+        maximum=2**31 - 1,
+    ),
+    ParameterSpec(
         "max_frame_age",
         0.0,
         "drop frames whose header stamp is older than this many seconds (0 = keep all)",
@@ -312,6 +356,7 @@ class Settings:
     publish_confidence: bool
     overlay_alpha: float
     max_frame_age: float
+    max_input_pixels: int
 
 
 def defaults() -> dict[str, Any]:
@@ -325,19 +370,28 @@ def defaults() -> dict[str, Any]:
 def declare_parameters(node: Node) -> dict[str, Any]:
     """Declare every parameter (overrides from the command line or YAML apply) and return values.
 
-    Raises rclpy's InvalidParameterValueException / InvalidParameterTypeException when an override
-    is out of range or of the wrong type.
+    An integer given for a floating-point parameter is stored as the float (``coerce``); other
+    values of the wrong type are declared as given and refused by ``validate``, which names the
+    parameter and both types. Raises ParameterError, or rclpy's InvalidParameterValueException
+    when an override of the right type is out of range.
     """
     values: dict[str, Any] = {}
     for spec in PARAMETERS:
         descriptor = spec.descriptor()
         descriptor.read_only = False  # made read-only once its value is final (typed, below)
         parameter = node.declare_parameter(spec.name, spec.default, descriptor)
-        if spec.name in STRING_ARRAYS and not parameter.value:
-            # An empty list cannot carry its type (rclpy makes [] a byte array, a YAML [] is
-            # "not set"): store it as the empty string array it means.
-            parameter = Parameter(spec.name, Parameter.Type.STRING_ARRAY, [])
-            node.set_parameters([parameter])
+        (typed,) = coerce([parameter])
+        if spec.type == Parameter.Type.STRING_ARRAY and parameter.type_ == Parameter.Type.NOT_SET:
+            typed = Parameter(spec.name, Parameter.Type.STRING_ARRAY, [])  # a YAML []
+        if typed is not parameter:
+            # A float given as an integer, or an empty list (rclpy makes [] a byte array, a YAML
+            # [] is "not set"): store it as the value it means, range-checked as that.
+            if spec.type == Parameter.Type.DOUBLE:
+                check_value(spec, typed.value)
+            result = node.set_parameters([typed])[0]
+            if not result.successful:
+                raise ParameterError(f"{spec.name}: {result.reason}")
+            parameter = typed
         # rclpy hands out the stored descriptor (restore_types relies on that too).
         node.describe_parameter(spec.name).read_only = spec.read_only
         values[spec.name] = normalize(spec.name, parameter.value)
@@ -345,15 +399,46 @@ def declare_parameters(node: Node) -> dict[str, Any]:
     return values
 
 
+def coerce(parameters: Sequence[Parameter]) -> list[Parameter]:
+    """The parameters as they are meant: what rclpy's pre-set callback (and declaration) use.
+
+    - an integer for a floating-point parameter becomes that float (``-p overlay_alpha:=1``);
+    - an empty list of any type, or an unset value, for a string array becomes ``[]`` typed as a
+      string array (``ros2 param set /ovss background_words '[]'``).
+
+    Anything else is left as given, for ``validate`` to accept or refuse with a reason.
+    """
+    typed = []
+    for parameter in parameters:
+        spec = SPECS.get(parameter.name)
+        kind = parameter.type_
+        if (
+            spec is not None
+            and spec.type == Parameter.Type.DOUBLE
+            and (kind == Parameter.Type.INTEGER)
+        ):
+            parameter = Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
+        elif (
+            spec is not None
+            and spec.type == Parameter.Type.STRING_ARRAY
+            and kind != Parameter.Type.STRING_ARRAY
+            and kind.name.endswith("_ARRAY")
+            and len(parameter.value) == 0
+        ):
+            parameter = Parameter(parameter.name, Parameter.Type.STRING_ARRAY, [])
+        typed.append(parameter)
+    return typed
+
+
 def restore_types(node: Node) -> None:
-    """Keep the string arrays described as string arrays.
+    """Keep every parameter described with its own type.
 
     rclpy writes the type of a requested value into a dynamically typed parameter's descriptor
     before the set callbacks run, and leaves it there when they refuse the value.
     """
-    for name in STRING_ARRAYS:
-        if node.has_parameter(name):
-            node.describe_parameter(name).type = Parameter.Type.STRING_ARRAY.value
+    for spec in PARAMETERS:
+        if node.has_parameter(spec.name):
+            node.describe_parameter(spec.name).type = spec.type.value
 
 
 def normalize(name: str, value: Any) -> Any:
@@ -366,13 +451,18 @@ def normalize(name: str, value: Any) -> Any:
     return value
 
 
+def in_force(name: str, value: Any) -> Any:
+    """An engine setting as the parameter's value (a tuple of background words as a list)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def validate(values: Mapping[str, Any]) -> Settings:
     """Check a complete set of parameter values; raise ParameterError with the first reason."""
     missing = [spec.name for spec in PARAMETERS if spec.name not in values]
     if missing:
         raise ParameterError(f"missing parameters {missing}")
     for spec in PARAMETERS:
-        _check_value(spec, values[spec.name])
+        check_value(spec, values[spec.name])
     if values["precision"] not in PRECISIONS:
         raise ParameterError(
             f"unknown precision {values['precision']!r}: use one of {list(PRECISIONS)}"
@@ -390,6 +480,7 @@ def validate(values: Mapping[str, Any]) -> Settings:
     engine = engine_config(values)
     try:
         engine.validate()
+        check_query_count(classes, engine.background_words)
     except ValueError as error:
         raise ParameterError(str(error)) from error
     return Settings(
@@ -402,6 +493,7 @@ def validate(values: Mapping[str, Any]) -> Settings:
         publish_confidence=values["publish_confidence"],
         overlay_alpha=float(values["overlay_alpha"]),
         max_frame_age=float(values["max_frame_age"]),
+        max_input_pixels=values["max_input_pixels"],
     )
 
 
@@ -436,9 +528,57 @@ def parse_cameras(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def mask_topic(prefix: str, slug: str) -> str:
+    """A camera's mask topic, relative: ``~/masks/chair``, ``~/front/masks/chair``."""
+    return f"{prefix}masks/{slug}"
+
+
+def check_mask_topics(
+    classes: Sequence[ClassEntry], prefixes: Sequence[str], resolve: Callable[[str], str]
+) -> None:
+    """Refuse a vocabulary whose mask topics could not be created.
+
+    Every class of every camera gets ``<prefix>masks/<slug>``; each is resolved as the node will
+    resolve it (``resolve``: the node's ``resolve_topic_name``: namespace, node name, remapping)
+    and checked with rclpy's topic-name rules (at most TOPIC_MAX_LENGTH characters).
+    ``prefixes``: each camera's relative output prefix (``~/`` or ``~/front/``).
+    Raises ParameterError naming the class and the problem.
+    """
+    for prefix in prefixes:
+        for index, entry in enumerate(classes):
+            problem = _topic_problem(mask_topic(prefix, entry.slug), resolve)
+            if problem:
+                raise ParameterError(f"classes: entry {index} {quoted(entry.name, 60)}: {problem}")
+
+
+def _topic_problem(relative: str, resolve: Callable[[str], str]) -> str | None:
+    """Why ``relative`` cannot be a topic of this node, or None."""
+    try:
+        validate_full_topic_name(resolve(relative))
+        return None
+    except Exception as error:  # rcl refuses some names while resolving them (RCLError)
+        reason = str(error).splitlines()[0].split(", at /")[0]
+    # rcl refuses a name that resolves too long without saying how long: measure it.
+    head, _, tail = relative.rpartition("/")
+    try:
+        stem = resolve(f"{head}/x")[:-1]
+    except Exception:
+        stem = None
+    if stem is not None and len(stem) + len(tail) > TOPIC_MAX_LENGTH:
+        return (
+            f"its mask topic {stem}{tail[:20]}... would be {len(stem) + len(tail)} characters "
+            f"long, more than the {TOPIC_MAX_LENGTH} that ROS allows: shorten the class name "
+            "(its first synonym) or the node's namespace"
+        )
+    return f"its mask topic {relative!r} is not a valid ROS topic name ({reason})"
+
+
 def engine_config(values: Mapping[str, Any]) -> EngineConfig:
     """The engine configuration that the parameter values describe (not yet validated)."""
     config = {name: values[name] for name in ENGINE_FIELDS if name in values}
+    for name, value in config.items():  # an integer given for a float: the float it means
+        if SPECS[name].type == Parameter.Type.DOUBLE and type(value) is int:
+            config[name] = float(value)
     if "background_words" in config:
         config["background_words"] = tuple(
             normalize("background_words", config["background_words"])
@@ -446,26 +586,84 @@ def engine_config(values: Mapping[str, Any]) -> EngineConfig:
     return EngineConfig(**config)
 
 
-def _check_value(spec: ParameterSpec, value: Any) -> None:
-    """Type and range check, mirroring the descriptor for values that did not pass rclpy."""
-    if spec.name in STRING_ARRAYS:
+# How a refusal names a type: as ROS users type and see them (ros2 param describe).
+_TYPE_NAMES = {
+    Parameter.Type.NOT_SET: "nothing (unset)",
+    Parameter.Type.BOOL: "boolean",
+    Parameter.Type.INTEGER: "integer",
+    Parameter.Type.DOUBLE: "floating-point number",
+    Parameter.Type.STRING: "string",
+    Parameter.Type.BYTE_ARRAY: "byte array",
+    Parameter.Type.BOOL_ARRAY: "list of booleans",
+    Parameter.Type.INTEGER_ARRAY: "list of integers",
+    Parameter.Type.DOUBLE_ARRAY: "list of floating-point numbers",
+    Parameter.Type.STRING_ARRAY: "list of strings",
+}
+_EXPECTED = {
+    Parameter.Type.BOOL: "a boolean (true or false)",
+    Parameter.Type.INTEGER: "an integer",
+    Parameter.Type.DOUBLE: "a floating-point number",
+    Parameter.Type.STRING: "a string",
+    Parameter.Type.STRING_ARRAY: "a list of strings (e.g. ['cat', 'dog'])",
+}
+
+
+def type_name(value: Any) -> str:
+    """The ROS parameter type of a Python value, in words: ``1`` -> ``integer``."""
+    if isinstance(value, array.array):
+        value = list(value)
+    try:
+        return _TYPE_NAMES[Parameter.Type.from_parameter_value(value)]
+    except TypeError:  # not a ROS parameter value (a list of mixed types, built in Python)
+        return type(value).__name__
+
+
+def quoted(value: Any, limit: int = 80) -> str:
+    """``repr`` of user-given text for messages and logs: control and format characters escaped
+    (a newline cannot forge a log line), long values cut with an ellipsis."""
+    text = repr(list(value) if isinstance(value, array.array) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_value(spec: ParameterSpec, value: Any) -> None:
+    """Type and range check; raise ParameterError naming the parameter, given and expected."""
+    expected = spec.type
+    if expected == Parameter.Type.STRING_ARRAY:
         if value is None:
             value = []
-        if isinstance(value, str) or not isinstance(value, list | tuple):
-            raise ParameterError(f"{spec.name} must be a list of strings, got {value!r}")
-        for index, entry in enumerate(value):
+        if isinstance(value, array.array) or not isinstance(value, list | tuple):
+            raise ParameterError(
+                f"{spec.name} must be {_EXPECTED[expected]}, got {type_name(value)} "
+                f"{quoted(value)}"
+            )
+        whole = type_name(list(value))
+        if value and whole.startswith("list of") and whole != "list of strings":
+            raise ParameterError(
+                f"{spec.name} must be {_EXPECTED[expected]}, got {whole} {quoted(value)}"
+            )
+        for index, entry in enumerate(value):  # a list of mixed types (from Python)
             if not isinstance(entry, str):
                 raise ParameterError(
-                    f"{spec.name} must be a list of strings (text): entry {index} is "
-                    f"{entry!r} ({type(entry).__name__})"
+                    f"{spec.name} must be {_EXPECTED[expected]}: entry {index} is "
+                    f"{type_name(entry)} {quoted(entry)}"
                 )
         return
-    expected = type(spec.default)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    if (
+        expected == Parameter.Type.DOUBLE
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+    ):
         value = float(value)
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+    python_type = {
+        Parameter.Type.BOOL: bool,
+        Parameter.Type.INTEGER: int,
+        Parameter.Type.DOUBLE: float,
+        Parameter.Type.STRING: str,
+    }[expected]
+    wrong = not isinstance(value, python_type) or (python_type is int and isinstance(value, bool))
+    if wrong:
         raise ParameterError(
-            f"{spec.name} must be {expected.__name__}, got {type(value).__name__} {value!r}"
+            f"{spec.name} must be {_EXPECTED[expected]}, got {type_name(value)} {quoted(value)}"
         )
     if spec.minimum is not None and not spec.minimum <= value <= spec.maximum:
         raise ParameterError(

@@ -56,15 +56,15 @@ def reference_features(visual, pixels, mode):
             a = a + torch.softmax(kh @ kh.transpose(1, 2) * s, -1)
         elif mode == "clearclip":
             a = torch.softmax(qh @ qh.transpose(1, 2) * s, -1)
-        elif mode == "maskclip":
+        elif mode in ("maskclip", "maskclip_reduced"):
             a = torch.eye(tokens).expand(x.shape[0], -1, -1)
         else:
             a = torch.softmax(qh @ kh.transpose(1, 2) * s, -1)
         outs.append(a @ vh)
     o = torch.cat(outs, -1) @ attn.out_proj.weight.T + attn.out_proj.bias
-    if mode in ("naclip", "clearclip", "maskclip"):
+    if mode in ("naclip", "clearclip", "maskclip_reduced"):
         x = o
-    else:
+    else:  # SCLIP, vanilla, and MaskCLIP as published (vit.py: v += x; v = ffn(norm2(v), v))
         x = x + o
         x = x + block.mlp(block.ln_2(x))
     features = visual.ln_post(x) @ visual.proj
@@ -104,14 +104,15 @@ def test_vanilla_equals_open_clip_tokens():
     assert (ours - want).abs().max().item() <= 1e-5
 
 
-def test_other_sizes_use_interpolated_positions():
-    """A 320x448 input (10x14 grid) matches open_clip's own bicubic positional resize (without
-    antialiasing, as NACLIP and SCLIP interpolate)."""
+def test_exact_positions_match_open_clip_resize():
+    """With ``pos_interpolation="exact"`` a 320x448 input (10x14 grid) matches open_clip's own
+    bicubic positional resize to the grid size (without antialiasing). The official NACLIP /
+    SCLIP / ClearCLIP rule ("+0.1") differs from it: test_conventions_positions.py."""
     torch.manual_seed(3)
     visual = load_clip(str(TINY_VIT_B32), "none", "cpu").model.visual
     pixels = torch.randn(1, 3, 320, 448)
     with torch.no_grad():
-        ours = patch_features(visual, pixels, "naclip")
+        ours = patch_features(visual, pixels, "naclip", pos_interpolation="exact")
     resized = open_clip.create_model(TINY_VIT_B32.stem, pretrained=None).visual
     resized.load_state_dict(visual.state_dict())
     resized.eval()

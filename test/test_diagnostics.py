@@ -10,6 +10,7 @@ from ovss_ros.diagnostics import (
     ERROR,
     NOT_AVAILABLE,
     OK,
+    OUTCOMES,
     WARN,
     CameraStats,
     FrameCounters,
@@ -29,12 +30,16 @@ KEYS = [
     "window (s)",
     "frames received",
     "frames processed",
+    "frames dropped (paused)",
     "frames dropped (stale)",
     "frames dropped (overwritten)",
     "frames rejected",
     "frames failed",
+    "frames in progress",
     "batched frames",
+    "frames with unusable stamp",
     "vocabulary size",
+    "parameter change",
     "device",
     "GPU memory allocated (MiB)",
     "GPU memory reserved (MiB)",
@@ -62,8 +67,21 @@ def stats(clock) -> CameraStats:
 
 def serve(stats: CameraStats, frames: int, inference_s: float = 0.02, latency_s=0.05) -> None:
     for _ in range(frames):
-        stats.count("received")
-        stats.add_sample(inference_s, latency_s)
+        stats.receive()
+        stats.settle("processed", inference_s, latency_s)
+
+
+def frames(stats: CameraStats, outcome: str, count: int = 1) -> None:
+    """``count`` frames received and given ``outcome``."""
+    for _ in range(count):
+        stats.receive()
+        stats.settle(outcome)
+
+
+def accounted(totals: FrameCounters) -> bool:
+    """received = processed + dropped (each reason) + rejected + failed + in progress."""
+    outcomes = sum(getattr(totals, name) for name in OUTCOMES)
+    return totals.received == outcomes + totals.in_progress
 
 
 def test_counters_subtract_field_by_field():
@@ -74,8 +92,8 @@ def test_counters_subtract_field_by_field():
 
 def test_report_has_every_key_and_cumulative_counts(stats, clock):
     serve(stats, 8, inference_s=0.01, latency_s=0.03)
-    stats.count("rejected", 2)
-    stats.count("dropped_overwritten", 3)
+    frames(stats, "rejected", 2)
+    frames(stats, "dropped_overwritten", 3)
     stats.count("batched", 8)
     clock.now += 2.0
     report = camera_report(stats.window(), STATE)
@@ -83,7 +101,7 @@ def test_report_has_every_key_and_cumulative_counts(stats, clock):
     assert report.value("rate (frames/s)") == "4.00"
     assert report.value("latency median (ms)") == "30.0"
     assert report.value("inference max (ms)") == "10.0"
-    assert report.value("frames received") == "8"
+    assert report.value("frames received") == "13"
     assert report.value("frames processed") == "8"
     assert report.value("frames rejected") == "2"
     assert report.value("frames dropped (overwritten)") == "3"
@@ -92,6 +110,67 @@ def test_report_has_every_key_and_cumulative_counts(stats, clock):
     assert report.value("device") == "cpu"
     assert report.value("GPU memory allocated (MiB)") == NOT_AVAILABLE
     assert report.value("enabled") == "true"
+    assert report.value("frames in progress") == "0"
+    assert report.value("parameter change") == "none"
+
+
+def test_every_frame_gets_one_outcome_and_the_sum_always_holds(stats, clock):
+    stats.receive()  # waiting in its slot
+    stats.receive()
+    stats.receive("dropped_paused")  # arrived while paused: settled at once
+    assert stats.totals == FrameCounters(received=3, in_progress=2, dropped_paused=1)
+    assert accounted(stats.totals)
+    stats.settle("dropped_overwritten")
+    stats.settle("processed", 0.01, None)
+    assert stats.totals == FrameCounters(
+        received=3, processed=1, dropped_paused=1, dropped_overwritten=1
+    )
+    report = camera_report(stats.window(), STATE)
+    assert report.value("frames dropped (paused)") == "1"
+    assert report.value("frames in progress") == "0"
+    with pytest.raises(ValueError, match="unknown outcome"):
+        stats.settle("vanished")
+    for name in ("received", "in_progress", "processed", "dropped_paused"):
+        with pytest.raises(ValueError, match="frame accounting"):
+            stats.count(name)
+
+
+def test_unusable_stamps_warn(stats, clock):
+    serve(stats, 2, latency_s=None)
+    stats.count("unusable_stamp", 2)
+    clock.now += 1.0
+    report = camera_report(stats.window(), STATE)
+    assert report.level == WARN
+    assert "2 frames with an unusable header stamp (age unknown)" in report.message
+    assert report.value("frames with unusable stamp") == "2"
+
+
+def test_a_failed_parameter_change_warns_until_one_is_applied(stats, clock):
+    failed = NodeState(
+        device="cpu",
+        vocabulary_size=3,
+        enabled=True,
+        parameter_change="classes: RuntimeError: out of memory; previous settings in force",
+        parameter_change_failed=True,
+    )
+    serve(stats, 3)
+    clock.now += 1.0
+    report = camera_report(stats.window(), failed)
+    assert report.level == WARN
+    assert "parameter change failed: classes: RuntimeError: out of memory" in report.message
+    assert report.value("parameter change").startswith("classes: RuntimeError")
+    applied = NodeState(device="cpu", vocabulary_size=2, enabled=True, parameter_change="applied")
+    report = camera_report(stats.window(), applied)
+    assert report.level == OK and report.value("parameter change") == "applied"
+
+
+def test_frames_dropped_while_paused_are_no_sign_of_a_stuck_model(stats, clock):
+    stats.receive("dropped_paused")
+    stats.receive("dropped_paused")
+    clock.now += 1.0
+    # Just resumed: the window holds only frames that came while paused.
+    report = camera_report(stats.window(), STATE)
+    assert report.level == OK and report.message == "no frames"
 
 
 def test_steady_serving_is_ok(stats, clock):
@@ -133,8 +212,7 @@ def test_unstamped_frames_have_no_latency(stats, clock):
 
 def test_rejected_frames_warn(stats, clock):
     serve(stats, 5)
-    stats.count("received")
-    stats.count("rejected")
+    frames(stats, "rejected")
     clock.now += 1.0
     report = camera_report(stats.window(), STATE)
     assert report.level == WARN
@@ -143,14 +221,13 @@ def test_rejected_frames_warn(stats, clock):
 
 def test_some_failures_warn_and_all_failures_are_an_error(stats, clock):
     serve(stats, 3)
-    stats.count("failed")
+    frames(stats, "failed")
     clock.now += 1.0
     report = camera_report(stats.window(), STATE)
     assert report.level == WARN and "failed for 1 of 4 frames" in report.message
     clock.now += 10.0  # the window now holds only what follows
     stats.window()
-    stats.count("received", 2)
-    stats.count("failed", 2)
+    frames(stats, "failed", 2)
     clock.now += 1.0
     report = camera_report(stats.window(), STATE)
     assert report.level == ERROR and "every frame (2)" in report.message
@@ -158,8 +235,7 @@ def test_some_failures_warn_and_all_failures_are_an_error(stats, clock):
 
 
 def test_frames_arriving_but_none_segmented_warn(stats, clock):
-    stats.count("received", 4)
-    stats.count("dropped_stale", 4)
+    frames(stats, "dropped_stale", 4)
     clock.now += 1.0
     report = camera_report(stats.window(), STATE)
     assert report.level == WARN
@@ -167,17 +243,20 @@ def test_frames_arriving_but_none_segmented_warn(stats, clock):
 
 
 def test_paused_node_is_ok_and_says_why(stats, clock):
-    stats.count("received", 4)
+    for _ in range(4):
+        stats.receive("dropped_paused")
     clock.now += 1.0
     state = NodeState(device="cpu", vocabulary_size=3, enabled=False)
     report = camera_report(stats.window(), state)
     assert report.level == OK and report.message == "inference paused"
     assert report.value("enabled") == "false"
-    stats.count("rejected")  # what happened before the pause still shows
+    frames(stats, "rejected")  # what happened before the pause still shows
     clock.now += 1.0
     report = camera_report(stats.window(), state)
     assert report.level == WARN
-    assert report.message == "inference paused; 1 frames rejected (encoding, size or data)"
+    assert report.message == (
+        "inference paused; 1 frames rejected (encoding, size, data or pixel limit)"
+    )
 
 
 def test_gpu_memory_is_shown_in_mib():
@@ -192,8 +271,7 @@ def test_no_gpu_memory_off_cuda():
 
 
 def test_status_message_carries_level_name_hardware_and_values(stats, clock):
-    stats.count("received")
-    stats.count("rejected")
+    frames(stats, "rejected")
     clock.now += 1.0
     report = camera_report(stats.window(), STATE)
     status = status_message("ovss: front", "cuda:0", report)
@@ -206,20 +284,43 @@ def test_status_message_carries_level_name_hardware_and_values(stats, clock):
     assert [(kv.key, kv.value) for kv in status.values] == list(report.values)
 
 
-def test_counting_from_two_threads_loses_nothing(stats):
-    def count(name: str) -> None:
-        for _ in range(20000):
-            stats.count(name)
+def test_counting_from_threads_loses_nothing_and_every_report_adds_up(stats):
+    """The executor thread receives, the worker settles, the timer reports, all at once: no
+    count is lost, and every report's totals add up (received and the outcome of a frame
+    change together)."""
+    done = threading.Event()
 
-    threads = [threading.Thread(target=count, args=(n,)) for n in ("received", "rejected")]
-    threads += [
-        threading.Thread(target=lambda: [stats.add_sample(0.0, None) for _ in range(2000)])
-    ]
+    def executor() -> None:
+        for index in range(20000):
+            stats.receive("dropped_paused" if index % 4 == 0 else None)
+
+    def worker() -> None:
+        settled = 0
+        while settled < 15000:
+            if stats.totals.in_progress > 0:
+                stats.settle("rejected" if settled % 2 else "processed", 0.0, None)
+                settled += 1
+
+    reports = []
+
+    def timer() -> None:
+        while not done.is_set():
+            reports.append(stats.window().totals)
+
+    threads = [threading.Thread(target=f) for f in (executor, worker)]
+    reporter = threading.Thread(target=timer)
+    reporter.start()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert stats.totals == FrameCounters(received=20000, rejected=20000, processed=2000)
+    done.set()
+    reporter.join()
+    assert stats.totals == FrameCounters(
+        received=20000, dropped_paused=5000, processed=7500, rejected=7500
+    )
+    assert len(reports) > 10
+    assert all(accounted(totals) for totals in reports)
 
 
 def test_gpu_memory_comes_from_torchs_allocator_on_cuda(monkeypatch):

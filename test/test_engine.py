@@ -141,8 +141,10 @@ def test_window_starts_cover_the_axis(length, crop, stride, starts):
     assert window_starts(length, crop, stride) == starts
 
 
-def test_resized_size_rounds_to_patches():
-    assert resized_size(480, 640, 448, 16, max_long_side=2048) == (448, 592)
+def test_resized_size_is_mmcv_rescale():
+    """int(side * scale + 0.5), not whole patches (more in test_engine_bounds.py)."""
+    assert resized_size(480, 640, 448, 16, max_long_side=2048) == (448, 597)
+    assert resized_size(338, 500, 336, 16, max_long_side=2048) == (336, 497)
     assert resized_size(480, 640, 0, 16, max_long_side=2048) == (480, 640)
     assert resized_size(3, 5, 0, 16, max_long_side=2048) == (16, 16)
 

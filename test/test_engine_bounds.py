@@ -20,20 +20,30 @@ from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT, MAX_WINDOWS
 from ovss_ros.core.engine import resized_size
 
 
+def mmcv_rescale(height: int, width: int, short_side: int, max_long_side: int):
+    """mmcv.rescale_size((w, h), (max_long_side, short_side)), from mmcv/image/geometric.py:
+    scale_factor = min(max_long_edge / max(h, w), max_short_edge / min(h, w)), then
+    _scale_size: int(w * scale + 0.5), int(h * scale + 0.5)."""
+    scale = min(max_long_side / max(height, width), short_side / min(height, width))
+    return int(height * float(scale) + 0.5), int(width * float(scale) + 0.5)
+
+
 @pytest.mark.parametrize(
     ("size", "short_side", "max_long_side", "network"),
     [
-        ((480, 640), 448, 2048, (448, 592)),  # short side rules: 640 * 448/480 = 597 -> 592
-        ((1080, 3840), 448, 1792, (448, 1600)),  # 3840 * 0.4148 = 1593 -> 1600
+        ((338, 500), 336, 2048, (336, 497)),  # the issue's example (was 336 x 496)
+        ((375, 500), 336, 2048, (336, 448)),
+        ((480, 640), 448, 2048, (448, 597)),  # short side rules: 640 * 448/480 = 597.3
+        ((1080, 3840), 448, 1792, (448, 1593)),  # 3840 * 0.4148 = 1592.9
         ((1080, 5760), 448, 1792, (336, 1792)),  # long side rules: scale 1792/5760
-        ((16, 1), 448, 1792, (1792, 112)),  # the issue's example: was (7168, 448)
+        ((16, 1), 448, 1792, (1792, 112)),  # was (7168, 448) before max_long_side
         ((16, 1), 448, 2048, (2048, 128)),
-        ((4, 1), 448, 1792, (1792, 448)),  # was (1792, 448) too: scale 448 either way
+        ((4, 1), 448, 1792, (1792, 448)),
         ((1, 100000), 448, 2048, (16, 2048)),  # at least one patch on the short side
         ((100000, 1), 448, 2048, (2048, 16)),
         ((1, 1), 448, 2048, (448, 448)),
         ((3000, 4000), 0, 2048, (1536, 2048)),  # short_side 0 keeps the size unless too long
-        ((1, 1000), 448, 1816, (16, 1808)),  # 1816/16 = 113.5 rounds up: cut to 113 patches
+        ((1, 1000), 448, 1816, (16, 1816)),
         ((10, 10), 448, 8, (16, 16)),  # below one patch: one patch
     ],
 )
@@ -41,7 +51,7 @@ def test_resized_size(size, short_side, max_long_side, network):
     assert resized_size(*size, short_side, 16, max_long_side=max_long_side) == network
 
 
-def test_every_shape_stays_within_the_bound():
+def test_every_shape_stays_within_the_bound_and_follows_mmcv():
     rng = np.random.default_rng(0)
     for _ in range(3000):
         height, width = np.exp(rng.uniform(0, np.log(200000), size=2)).astype(int) + 1
@@ -49,9 +59,13 @@ def test_every_shape_stays_within_the_bound():
         short_side = int(rng.choice([0, 224, 336, 448, 560]))
         max_long_side = int(rng.integers(patch, 4097))
         out = resized_size(height, width, short_side, patch, max_long_side=max_long_side)
-        cap = max_long_side // patch * patch
         for side in out:
-            assert side % patch == 0 and patch <= side <= cap, (height, width, out)
+            assert patch <= side <= max_long_side, (height, width, out)
+        if short_side == 0:  # kept size (scale at most 1): no mmcv counterpart
+            continue
+        want = mmcv_rescale(height, width, short_side, max_long_side)
+        if min(want) >= patch:  # mmcv's own size unless a side is below one patch
+            assert out == want, (height, width, short_side, max_long_side)
 
 
 def test_default_bound_for_the_default_model():
@@ -109,7 +123,7 @@ def strip(voc_rgb, height, width):
         ((4, 1), (256, 64)),
         ((3, 700), (16, 256)),
         ((1, 257), (16, 256)),
-        ((480, 640), (64, 80)),
+        ((480, 640), (64, 85)),
     ],
 )
 def test_strips_get_bounded_inputs_and_labels_of_their_size(segmenter, voc_rgb, size, network):

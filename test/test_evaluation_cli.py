@@ -87,8 +87,9 @@ def test_cli_end_to_end(voc_root, tmp_path, capsys):
     assert report["dataset"] == "voc21" and report["images"] == 3
     assert 0.0 <= report["mIoU"] <= 100.0 and 0.0 <= report["aAcc"] <= 100.0
     assert [row["name"] for row in report["per_class"]][:2] == ["background", "aeroplane"]
-    engine = report["engine"]  # protocol defaults, except what the flags changed
+    engine = report["engine"]  # NACLIP's protocol, except what the flags changed
     assert engine["short_side"] == 64 and engine["crop"] == 0 and engine["score_threshold"] == 0.1
+    assert engine["pamr"] is True and report["protocol"] == "naclip"
     assert engine["background_words"][:2] == ["sky", "wall"]
 
     assert main([*common, "--limit", "1", "--output", str(output), "--crop", "32"]) == 0
@@ -110,8 +111,8 @@ def test_cli_reports_bad_data_root(tmp_path, capsys):
 def test_freecp_thresholds_default_per_data_set(tmp_path, dataset, redundancy, ambiguity):
     from ovss_ros.cli.evaluate import engine_config, parse_args
 
-    args, _ = parse_args([dataset, str(tmp_path), "--refinement", "freecp"])
+    args, _, _ = parse_args([dataset, str(tmp_path), "--refinement", "freecp"])
     config = engine_config(args, ())
     assert (config.freecp_redundancy, config.freecp_ambiguity) == (redundancy, ambiguity)
-    args, _ = parse_args([dataset, str(tmp_path), "--freecp-redundancy", "0.3"])
+    args, _, _ = parse_args([dataset, str(tmp_path), "--freecp-redundancy", "0.3"])
     assert engine_config(args, ()).freecp_redundancy == 0.3

@@ -11,6 +11,7 @@ from PIL import Image
 from ovss_ros.core import parse_classes
 from ovss_ros.evaluation import PROTOCOLS, get_protocol, load_vocabulary
 from ovss_ros.evaluation import dataset_readers as readers
+from ovss_ros.evaluation.protocol import METHOD_PROTOCOLS
 
 SIZE = (3, 4)  # tiny images: 3 rows, 4 columns
 
@@ -191,10 +192,12 @@ def test_protocol_vocabularies(name, labels, background):
     assert all("," not in entry for entry in vocabulary.classes)
     if background:
         assert vocabulary.label_names[0] == "background" and vocabulary.background_words
-        assert protocol.threshold == 0.1
     else:
-        assert vocabulary.background_words == () and protocol.threshold == 0.0
-    assert protocol.short_side == (560 if name == "cityscapes" else 336)
+        assert vocabulary.background_words == ()
+    for method in METHOD_PROTOCOLS.values():  # every method's own class file fits the labels
+        own = load_vocabulary(protocol, builtin=method.for_dataset(protocol).class_file(protocol))
+        assert len(own.label_names) == labels and own.has_background is background
+        assert len(parse_classes(own.classes)) == labels - background
 
 
 def test_protocol_details():

@@ -1,10 +1,17 @@
 """The real loading paths (checkpoint file, config file, tags) and one clear error per failure."""
 
+import json
+
+import open_clip
 import pytest
 import torch
 from conftest import TINY_VIT, TINY_VIT_B32
+from open_clip.transformer import QuickGELU
 
-from ovss_ros.core.model_loading import ModelLoadError, load_clip
+from ovss_ros.core.model_loading import ModelLoadError, load_clip, needs_quick_gelu
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def test_saved_checkpoint_loads_through_local_file(tmp_path):
@@ -68,3 +75,65 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelLoadError, match="could not load"):
         load_clip(str(TINY_VIT), str(path), "cpu")
+
+
+def activations(model: torch.nn.Module) -> set[type]:
+    """The activation classes of every MLP in both towers."""
+    return {type(block.mlp.gelu) for block in model.modules() if hasattr(block, "mlp")}
+
+
+@pytest.mark.parametrize(
+    ("model", "pretrained", "needed"),
+    [
+        ("ViT-B-16", "openai", True),  # open_clip would build nn.GELU and only warn
+        ("ViT-B-32", "openai", True),
+        ("ViT-L-14", "openai", True),
+        ("ViT-B-16", "metaclip_fullcc", True),
+        ("ViT-B-16", "dfn2b", True),
+        ("ViT-B-16-quickgelu", "openai", False),  # the name already builds QuickGELU
+        ("ViT-B-16", "laion2b_s34b_b88k", False),  # trained with nn.GELU
+        ("ViT-B-16", None, False),  # random weights
+    ],
+)
+def test_quick_gelu_tags(model, pretrained, needed):
+    """The decision from open_clip's own registry (no download): tag trained with QuickGELU,
+    model config without it."""
+    assert needs_quick_gelu(model, pretrained) is needed
+
+
+@pytest.fixture()
+def quick_gelu_tag(tmp_path, monkeypatch):
+    """A pretrained tag of tiny-vit-b32 in open_clip's registry, trained with QuickGELU like
+    OpenAI's, whose weights are a locally saved file (open_clip's ``file`` entry: no hub)."""
+    torch.manual_seed(7)
+    state = load_clip(str(TINY_VIT_B32), "none", "cpu").model.state_dict()
+    path = tmp_path / "tiny-openai.pt"
+    torch.save(state, path)
+    entry = {"file": str(path), "quick_gelu": True, "mean": OPENAI_MEAN, "std": OPENAI_STD}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-vit-b32", {"quicktag": entry})
+    return state, path
+
+
+def test_quick_gelu_tag_loads_with_quick_gelu(quick_gelu_tag):
+    state, _ = quick_gelu_tag
+    with pytest.warns(UserWarning, match="QuickGELU mismatch"):  # the fault, in open_clip
+        stock = open_clip.create_model("tiny-vit-b32", pretrained="quicktag")
+    assert activations(stock) == {torch.nn.GELU}
+    loaded = load_clip(str(TINY_VIT_B32), "quicktag", "cpu")
+    assert activations(loaded.model) == {QuickGELU}
+    for name, tensor in state.items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():  # same weights, other activation: another function
+        assert (loaded.model.encode_image(pixels) - stock.encode_image(pixels)).abs().max() > 1e-4
+
+
+def test_checkpoint_file_keeps_the_named_activation(quick_gelu_tag, tmp_path):
+    """A file says nothing about its activation: the model name decides (a -quickgelu config
+    for OpenAI weights in a file)."""
+    _, path = quick_gelu_tag
+    assert activations(load_clip(str(TINY_VIT_B32), str(path), "cpu").model) == {torch.nn.GELU}
+    config = json.loads(TINY_VIT_B32.read_text())
+    quick = tmp_path / "tiny-vit-b32-quickgelu.json"
+    quick.write_text(json.dumps({**config, "quick_gelu": True}))
+    assert activations(load_clip(str(quick), str(path), "cpu").model) == {QuickGELU}

@@ -6,9 +6,12 @@ and the input's QoS is overridden to RELIABLE through the standard ``qos_overrid
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
 import pytest
+from PIL import Image as PILImage
 from rclpy.qos import ReliabilityPolicy
 from ros_harness import (
     TINY_NODE_PARAMETERS,
@@ -18,9 +21,19 @@ from ros_harness import (
     next_header,
     running_node,
     stamp_key,
+    status_values,
 )
 
 CLASSES = ["sofa", "plant; potted plant"]
+STATUS = "ovss: image"
+OUTCOME_KEYS = (
+    "frames processed",
+    "frames dropped (paused)",
+    "frames dropped (stale)",
+    "frames dropped (overwritten)",
+    "frames rejected",
+    "frames failed",
+)
 
 
 pytestmark = pytest.mark.usefixtures("node_survives")
@@ -111,3 +124,50 @@ def test_undecodable_data_is_skipped_and_the_node_keeps_serving(node, voc_bgr):
     )
     for message in broken:
         assert client.find("labels", message.header) is None
+
+
+def png_1bit(width: int, height: int) -> bytes:
+    """A real 1-bit PNG of zero pixels, written by Pillow (the issue's bomb at 12000x12000)."""
+    buffer = io.BytesIO()
+    PILImage.new("1", (width, height)).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_a_decompression_bomb_is_rejected_from_its_header_and_counted(node, voc_bgr):
+    """Issue 7, item 3: 17.6 KB declaring 12000x12000 pixels (78 s and 14.7 GB before)."""
+    client, process = node
+    bomb = png_1bit(12000, 12000)
+    assert len(bomb) < 20_000
+    before = client.wait_for_status(STATUS, lambda values: True)
+    rejected = int(status_values(before)["frames rejected"])
+    message = make_compressed(bomb, next_header(client.node), "png")
+    client.compressed_pub.publish(message)
+    client.wait_for_status(STATUS, lambda values: int(values["frames rejected"]) == rejected + 1)
+    client.spin_until(
+        lambda: (
+            "declares 12000x12000 = 144000000 pixels, more than max_input_pixels = "
+            "40000000" in process.output()
+        ),
+        message="the reason in the log",
+    )
+    assert client.find("labels", message.header) is None
+    good = make_compressed(encode(voc_bgr[0], ".jpg"), next_header(client.node))
+    client.wait_for_output(good, ("labels",))
+    status = client.wait_for_status(STATUS, lambda values: values["frames in progress"] == "0")
+    values = status_values(status)
+    outcomes = sum(int(values[key]) for key in OUTCOME_KEYS)
+    assert int(values["frames received"]) == outcomes
+
+
+def test_exif_orientation_does_not_turn_the_outputs(client, voc_bgr):
+    """Outputs have the stored pixel grid's size (as camera_info and image_transport see it),
+    whatever the EXIF Orientation tag says (6: rotate 90 degrees to display)."""
+    rgb = np.ascontiguousarray(voc_bgr[1][100:148, 200:264, ::-1])
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    PILImage.fromarray(rgb).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    message = make_compressed(buffer.getvalue(), next_header(client.node), "jpeg")
+    out = client.wait_for_output(message, ("labels", "overlay", "confidence"))
+    for topic, output in out.items():
+        assert (output.width, output.height) == (64, 48), topic

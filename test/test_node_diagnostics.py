@@ -83,6 +83,10 @@ def test_diagnostics_count_exactly_the_frames_sent(client, rgb):
     assert values["frames dropped (stale)"] == "1"
     assert values["frames dropped (overwritten)"] == "0"
     assert values["frames failed"] == "0"
+    assert values["frames dropped (paused)"] == "0"
+    assert values["frames in progress"] == "0"  # received = the outcomes above
+    assert values["frames with unusable stamp"] == "0"
+    assert values["parameter change"] == "none"
     assert values["batched frames"] == "0"  # one camera: nothing to batch with
     assert values["vocabulary size"] == "3"
     assert values["device"] == status.hardware_id == "cpu"

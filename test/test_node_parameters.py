@@ -15,7 +15,7 @@ from rclpy.parameter import Parameter
 from ros_harness import isolate_dds
 
 from ovss_ros import node_parameters
-from ovss_ros.core import EngineConfig
+from ovss_ros.core import EngineConfig, parse_classes
 from ovss_ros.node_parameters import ParameterError, validate, validate_update
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "ovss.yaml"
@@ -48,6 +48,21 @@ def test_every_engine_field_is_a_parameter():
     }
 
 
+def test_the_engine_bounds_are_parameters_with_the_engines_defaults():
+    """Issue 7, item 3: max_long_side (the engine's) and max_input_pixels (the conversion's)."""
+    from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
+    from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
+
+    defaults = node_parameters.defaults()
+    assert defaults["max_long_side"] == EngineConfig().max_long_side == 2048
+    assert defaults["max_input_pixels"] == DEFAULT_MAX_INPUT_PIXELS == 40_000_000
+    settings = validate(defaults | {"max_long_side": 1024, "max_input_pixels": 640 * 480})
+    assert settings.engine.max_long_side == 1024 and settings.max_input_pixels == 307200
+    assert "max_long_side" in node_parameters.RUNTIME_ENGINE_FIELDS
+    with pytest.raises(ParameterError, match="max_long_side must be in"):
+        validate(defaults | {"max_long_side": MAX_LONG_SIDE_LIMIT + 1})
+
+
 def test_engine_config_from_values():
     values = node_parameters.defaults() | {
         "model": "/models/tiny.json",
@@ -69,8 +84,8 @@ def test_engine_config_from_values():
         ({"classes": []}, "empty"),
         ({"classes": ["cat", "dog", "cat"]}, "duplicate"),
         ({"classes": ["Cat", "cat"]}, "duplicate"),
-        ({"classes": ["wet floor", "wet-floor"]}, "duplicate"),
-        ({"classes": [1, 2]}, "entry 0 is 1 \\(int\\)"),
+        ({"classes": [1, 2]}, "got list of integers \\[1, 2\\]"),
+        ({"classes": ["cat", 2]}, "entry 1 is integer 2"),
         ({"classes": array.array("q", [1, 2])}, "list of strings"),
         ({"classes": "cat"}, "list of strings"),
         ({"classes": ["x" * 201]}, "too long"),
@@ -91,6 +106,8 @@ def test_engine_config_from_values():
         ({"max_frame_age": -1.0}, "max_frame_age"),
         ({"background_words": ["sky", "  "]}, "background_words"),
         ({"publish_masks": "yes"}, "publish_masks"),
+        ({"max_input_pixels": 0}, "max_input_pixels must be in"),
+        ({"max_long_side": 0}, "max_long_side must be in"),
     ],
 )
 def test_invalid_updates_are_refused_with_a_reason(changes, reason):
@@ -230,3 +247,278 @@ def test_empty_string_array_is_a_typed_value_not_unset(ros_context):
         assert parameter.value == []
     finally:
         node.destroy_node()
+
+
+# Item 5 of issue 7: parameters as ROS users type them.
+FLOATS = [spec.name for spec in node_parameters.PARAMETERS if isinstance(spec.default, float)]
+
+
+def test_the_float_parameters_are_found():
+    # If this changes, the tests below cover the new ones too (they use FLOATS).
+    assert FLOATS == [
+        "area_threshold",
+        "sinkhorn_epsilon",
+        "velocity_tau",
+        "freecp_redundancy",
+        "freecp_ambiguity",
+        "score_threshold",
+        "logit_scale",
+        "overlay_alpha",
+        "max_frame_age",
+    ]
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_an_integer_is_accepted_for_every_float_and_means_that_float(name):
+    settings = validate_update(node_parameters.defaults(), {name: 1})
+    value = getattr(settings, name, None)
+    if value is None:
+        value = getattr(settings.engine, name)
+    assert value == 1.0 and type(value) is float
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_coerce_turns_an_integer_into_the_float(name):
+    (parameter,) = node_parameters.coerce([Parameter(name, value=1)])
+    assert parameter.type_ == Parameter.Type.DOUBLE and parameter.value == 1.0
+
+
+def test_coerce_leaves_everything_else_to_validation():
+    given = [
+        Parameter("overlay_alpha", value="abc"),
+        Parameter("overlay_alpha", value=True),
+        Parameter("short_side", value=64),
+        Parameter("short_side", value=2.5),
+        Parameter("publish_masks", value=1),
+        Parameter("classes", value=["cat"]),
+        Parameter("classes", value="cat"),
+        Parameter("use_sim_time", value=1),  # not ours
+    ]
+    assert [(p.type_, p.value) for p in node_parameters.coerce(given)] == [
+        (p.type_, p.value) for p in given
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        Parameter.Type.BYTE_ARRAY,  # what rclpy makes of []
+        Parameter.Type.INTEGER_ARRAY,
+        Parameter.Type.DOUBLE_ARRAY,
+        Parameter.Type.BOOL_ARRAY,
+    ],
+)
+def test_coerce_types_an_empty_list_as_the_string_array_it_means(kind):
+    (parameter,) = node_parameters.coerce([Parameter("background_words", kind, [])])
+    assert parameter.type_ == Parameter.Type.STRING_ARRAY and parameter.value == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        (
+            "overlay_alpha",
+            "abc",
+            "overlay_alpha must be a floating-point number, got string 'abc'",
+        ),
+        ("score_threshold", True, "must be a floating-point number, got boolean True"),
+        ("logit_scale", None, "logit_scale must be a floating-point number, got nothing (unset)"),
+        (
+            "overlay_alpha",
+            array.array("d", [0.5]),
+            "must be a floating-point number, got list of floating-point numbers [0.5]",
+        ),
+        ("short_side", 2.5, "short_side must be an integer, got floating-point number 2.5"),
+        ("crop", False, "crop must be an integer, got boolean False"),
+        ("sinkhorn_iterations", "50", "must be an integer, got string '50'"),
+        ("publish_masks", 1, "publish_masks must be a boolean (true or false), got integer 1"),
+        ("pamr", "yes", "pamr must be a boolean (true or false), got string 'yes'"),
+        ("method", 3, "method must be a string, got integer 3"),
+        ("templates", ["a {}"], "templates must be a string, got list of strings ['a {}']"),
+        ("classes", "cat", "classes must be a list of strings (e.g. ['cat', 'dog']), got string"),
+        ("background_words", array.array("q", [1, 2]), "got list of integers [1, 2]"),
+        ("background_words", [True], "got list of booleans [True]"),
+        ("background_words", ["sky", 5], "entry 1 is integer 5"),
+        ("classes", 7, "classes must be a list of strings (e.g. ['cat', 'dog']), got integer 7"),
+    ],
+)
+def test_a_refusal_names_the_parameter_the_type_given_and_the_type_expected(name, value, reason):
+    with pytest.raises(ParameterError) as refused:
+        validate_update(node_parameters.defaults(), {name: value})
+    assert reason in str(refused.value)
+
+
+def test_a_long_or_control_character_value_is_quoted_safely_in_a_refusal():
+    with pytest.raises(ParameterError) as refused:
+        validate_update(node_parameters.defaults(), {"overlay_alpha": "x\n[ERROR] forged" * 20})
+    text = str(refused.value)
+    assert "\n" not in text and "\\n" in text  # escaped, one line
+    assert len(text) < 200 and text.endswith("...")
+
+
+def test_integer_overrides_of_every_float_are_declared_as_floats(ros_context):
+    node = make_node(ros_context, [Parameter(name, value=1) for name in FLOATS])
+    try:
+        values = node_parameters.declare_parameters(node)
+        for name in FLOATS:
+            assert values[name] == 1.0 and type(values[name]) is float, name
+            parameter = node.get_parameter(name)
+            assert parameter.type_ == Parameter.Type.DOUBLE and parameter.value == 1.0, name
+            assert node.describe_parameter(name).type == ParameterType.PARAMETER_DOUBLE, name
+        validate(values)
+    finally:
+        node.destroy_node()
+
+
+def test_an_integer_override_out_of_range_is_refused_with_the_range(ros_context):
+    node = make_node(ros_context, [Parameter("overlay_alpha", value=5)])
+    try:
+        with pytest.raises(ParameterError, match=r"overlay_alpha must be in \[0.0, 1.0\], got 5"):
+            node_parameters.declare_parameters(node)
+    finally:
+        node.destroy_node()
+
+
+def node_from_arguments(arguments: list[str]):
+    """A node whose overrides come from command-line arguments, parsed by rcl (as at start-up)."""
+    isolate_dds()
+    context = rclpy.Context()
+    rclpy.init(context=context, args=["ovss", "--ros-args", *arguments])
+    return context, Node("ovss", context=context)
+
+
+@pytest.mark.parametrize("path", ["-p", "--params-file"])
+def test_integers_for_floats_at_start_up_from_the_command_line_and_a_params_file(tmp_path, path):
+    integers = {name: 1 for name in FLOATS}
+    if path == "-p":
+        arguments = [arg for name in FLOATS for arg in ("-p", f"{name}:=1")]
+    else:
+        params = tmp_path / "ovss.yaml"
+        params.write_text(yaml.safe_dump({"/**": {"ros__parameters": integers}}))
+        assert "overlay_alpha: 1\n" in params.read_text()  # an integer in the YAML
+        arguments = ["--params-file", str(params)]
+    context, node = node_from_arguments(arguments)
+    try:
+        values = node_parameters.declare_parameters(node)
+        for name in FLOATS:
+            assert values[name] == 1.0 and type(values[name]) is float, name
+            assert node.get_parameter(name).type_ == Parameter.Type.DOUBLE, name
+        assert validate(values).overlay_alpha == 1.0
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+@pytest.mark.parametrize(
+    ("argument", "reason"),
+    [
+        ("overlay_alpha:=abc", "overlay_alpha must be a floating-point number, got string 'abc'"),
+        ("publish_masks:=1", "publish_masks must be a boolean (true or false), got integer 1"),
+        ("short_side:=64.5", "short_side must be an integer, got floating-point number 64.5"),
+        ("classes:=cat", "classes must be a list of strings (e.g. ['cat', 'dog']), got string"),
+        ("background_words:=[1, 2]", "got list of integers [1, 2]"),
+    ],
+)
+def test_a_wrong_type_at_start_up_is_refused_with_names_and_types(argument, reason):
+    context, node = node_from_arguments(["-p", argument])
+    try:
+        values = node_parameters.declare_parameters(node)
+        with pytest.raises(ParameterError) as refused:
+            validate(values)
+        assert reason in str(refused.value)
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+# Mask topics (issue 7, item 1): resolved as the node resolves them, checked by ROS's rules.
+ISSUE_NAMESPACE = "/warehouse_robot_07/perception/front_left_camera"
+LONG_CLASS = "a very long class name " * 8 + "x" * 9  # the issue's 193 characters
+
+
+def mask_topic_length(namespace: str, slug: str, camera: str = "") -> int:
+    """Computed independently of the code under test: <ns>/ovss/[<camera>/]masks/<slug>."""
+    return len(f"{namespace}/ovss/{camera + '/' if camera else ''}masks/{slug}")
+
+
+def test_the_issues_long_class_gets_a_mask_topic_or_a_reason(ros_context):
+    """The issue's example. Its right value depends on the slug the vocabulary gives the class:
+    a slug that makes the topic longer than ROS allows is refused with the length, a shorter
+    one (a slug cut with a hash suffix) is accepted and the topic fits."""
+    assert len(LONG_CLASS) == 193
+    node = Node("ovss", namespace=ISSUE_NAMESPACE, context=ros_context)
+    try:
+        classes = parse_classes(["cat", LONG_CLASS])
+        length = mask_topic_length(ISSUE_NAMESPACE, classes[1].slug)
+        if length > node_parameters.TOPIC_MAX_LENGTH:
+            with pytest.raises(ParameterError) as refused:
+                node_parameters.check_mask_topics(classes, ["~/"], node.resolve_topic_name)
+            reason = str(refused.value)
+            assert reason.startswith("classes: entry 1 'a very long class name")
+            assert f"would be {length} characters long, more than the 247" in reason
+        else:
+            node_parameters.check_mask_topics(classes, ["~/"], node.resolve_topic_name)
+            assert len(node.resolve_topic_name(f"~/masks/{classes[1].slug}")) == length
+    finally:
+        node.destroy_node()
+
+
+def test_mask_topics_longer_than_ros_allows_are_refused(ros_context):
+    """A namespace that leaves room for 'cat' but is one character short for the long class."""
+    classes = parse_classes(["cat", LONG_CLASS])
+    slug = classes[1].slug
+    assert len(slug) > 10
+    width = node_parameters.TOPIC_MAX_LENGTH + 1 - mask_topic_length("", slug)
+    namespace = "/robot_" + "n" * (width - len("/robot_"))
+    assert mask_topic_length(namespace, slug) == 248
+    node = Node("ovss", namespace=namespace, context=ros_context)
+    try:
+        resolve = node.resolve_topic_name
+        node_parameters.check_mask_topics(classes[:1], ["~/", "~/front/"], resolve)
+        with pytest.raises(ParameterError) as refused:
+            node_parameters.check_mask_topics(classes, ["~/"], resolve)
+        reason = str(refused.value)
+        assert reason.startswith("classes: entry 1 'a very long class name")
+        assert "would be 248 characters long, more than the 247 that ROS allows" in reason
+        assert "shorten the class name (its first synonym) or the node's namespace" in reason
+        # A camera's topics are longer by its name: the last class that fits alone does not.
+        fits = parse_classes(["c" * (len(slug) - 1)])
+        if len(fits[0].slug) == len(slug) - 1:  # a readable slug (no hash suffix)
+            node_parameters.check_mask_topics(fits, ["~/"], resolve)
+            with pytest.raises(ParameterError, match="entry 0 .* 253 characters"):
+                node_parameters.check_mask_topics(fits, ["~/front/"], resolve)
+    finally:
+        node.destroy_node()
+
+
+def test_a_mask_topic_rcl_cannot_resolve_is_refused_with_rcls_reason(ros_context):
+    node = Node("ovss", context=ros_context)
+    try:
+        entry = parse_classes(["cat"])[0]
+        problem = node_parameters._topic_problem("~/masks/bad name", node.resolve_topic_name)
+        assert "'~/masks/bad name' is not a valid ROS topic name" in problem
+        assert "alphanumerics" in problem and "/project/src" not in problem
+        node_parameters.check_mask_topics([entry], ["~/"], node.resolve_topic_name)
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize("path", ["-p", "--params-file"])
+def test_an_empty_list_at_start_up_is_an_empty_list_of_strings(tmp_path, path):
+    """rcl reads a YAML [] as "not set": it is stored as the empty string array it means."""
+    if path == "-p":
+        arguments = ["-p", "background_words:=[]", "-p", "cameras:=[]"]
+    else:
+        params = tmp_path / "ovss.yaml"
+        params.write_text("/**:\n  ros__parameters:\n    background_words: []\n    cameras: []\n")
+        arguments = ["--params-file", str(params)]
+    context, node = node_from_arguments(arguments)
+    try:
+        values = node_parameters.declare_parameters(node)
+        for name in ("background_words", "cameras"):
+            assert values[name] == []
+            parameter = node.get_parameter(name)
+            assert parameter.type_ == Parameter.Type.STRING_ARRAY and parameter.value == [], name
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)

@@ -179,7 +179,8 @@ def test_vocabulary_change_reaches_label_info_masks_and_labels(client, voc_rgb):
         (Parameter("classes", value=None), "unset"),
         (Parameter("classes", value=["x" * 201]), "too long"),
         (Parameter("classes", value=[f"class {i}" for i in range(1001)]), "too many"),
-        (Parameter("classes", value=["cat", "???"]), "letters"),
+        (Parameter("classes", value=["cat", "dog\u202e"]), "u+202e (right-to-left override)"),
+        (Parameter("classes", value=["cat", "bell\x07"]), "u+0007 (control character)"),
     ],
     ids=[
         "empty",
@@ -190,7 +191,8 @@ def test_vocabulary_change_reaches_label_info_masks_and_labels(client, voc_rgb):
         "unset",
         "long",
         "many",
-        "symbols",
+        "bidi override",
+        "control character",
     ],
 )
 def test_invalid_vocabulary_is_refused_and_changes_nothing(client, voc_rgb, value, reason):

@@ -1,8 +1,8 @@
 """The node's worker logic in-process, with the real Segmenter failing on demand.
 
 What the DDS tests cannot provoke on purpose: inference raising (a CUDA out-of-memory) for one
-frame or for a whole multi-camera batch, a failed vocabulary change; and the counters kept for
-diagnostics.
+frame or for a whole multi-camera batch, a failed vocabulary change, a publisher that cannot be
+created; and the counters kept for diagnostics, which must account for every frame.
 """
 
 from __future__ import annotations
@@ -12,14 +12,17 @@ import time
 import numpy as np
 import pytest
 import rclpy
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from ros_harness import TINY_NODE_PARAMETERS, isolate_dds, make_image
 from std_msgs.msg import Header
+from std_srvs.srv import SetBool
 
 import ovss_ros.node as node_module
 from ovss_ros.core import EngineConfig, Segmentation, Segmenter
-from ovss_ros.diagnostics import ERROR, OK, WARN, NodeState, camera_report
-from ovss_ros.node import Frame, OvssNode
+from ovss_ros.diagnostics import ERROR, OK, OUTCOMES, WARN, NodeState, camera_report
+from ovss_ros.frame_buffer import FrameBuffer
+from ovss_ros.node import OvssNode
 
 
 class FaultySegmenter(Segmenter):
@@ -29,13 +32,16 @@ class FaultySegmenter(Segmenter):
     fail_segment = False
     fail_set_classes = False
     fail_width: int | None = None  # any batch with a frame this wide raises
+    stopped = False  # the stop event is set: the engine raises Stopped
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, **kwargs) -> None:
         self.calls: list[str] = []
-        super().__init__(config)
+        super().__init__(config, **kwargs)
 
     def set_classes(self, entries) -> None:
         self.calls.append("set_classes")
+        if FaultySegmenter.stopped:
+            raise node_module.Stopped("stop requested before encoding")
         if FaultySegmenter.fail_set_classes:
             raise RuntimeError("out of memory while encoding text")
         super().set_classes(entries)
@@ -47,6 +53,8 @@ class FaultySegmenter(Segmenter):
     def segment_many(self, images: list[np.ndarray]) -> list[Segmentation]:
         self.calls.append(f"segment_many {len(images)}")
         widths = [rgb.shape[1] for rgb in images]
+        if FaultySegmenter.stopped:
+            raise node_module.Stopped("stop requested before encode")
         if FaultySegmenter.fail_segment or FaultySegmenter.fail_width in widths:
             raise RuntimeError("CUDA out of memory")
         return super().segment_many(images)
@@ -59,6 +67,7 @@ def make_node(monkeypatch, *overrides: Parameter):
     isolate_dds()
     monkeypatch.setattr(node_module, "Segmenter", FaultySegmenter)
     FaultySegmenter.fail_segment = FaultySegmenter.fail_set_classes = False
+    FaultySegmenter.stopped = False
     FaultySegmenter.fail_width = None
     context = rclpy.Context()
     rclpy.init(context=context)
@@ -85,24 +94,45 @@ def two_cameras(monkeypatch):
     yield from make_node(monkeypatch, Parameter("cameras", value=["front", "rear"]))
 
 
-def frame(
+def message(
     node: OvssNode,
     age: float = 0.0,
     stamped: bool = True,
     encoding: str = "rgb8",
-    camera: int = 0,
     width: int = 12,
+    stamp: tuple[int, int] | None = None,
 ):
     header = Header(frame_id="camera")
-    if stamped:
+    if stamp is not None:
+        header.stamp.sec, header.stamp.nanosec = stamp
+    elif stamped:
         now = node.get_clock().now().nanoseconds - int(age * 1e9)
         header.stamp.sec, header.stamp.nanosec = divmod(now, 10**9)
-    message = make_image(np.zeros((8, width, 3), np.uint8), encoding, header)
-    return Frame(node.cameras[camera], message, node.get_clock().now())
+    return make_image(np.zeros((8, width, 3), np.uint8), encoding, header)
+
+
+def frame(node: OvssNode, camera: int = 0, **kwargs):
+    """A frame received (counted, held) as the image callback receives one, not yet taken."""
+    received, _ = node._admit(node.cameras[camera], message(node, **kwargs))
+    return received
 
 
 def totals(node: OvssNode, camera: int = 0):
     return node.cameras[camera].stats.totals
+
+
+def accounted(node: OvssNode) -> None:
+    """Every camera: received = processed + dropped (each reason) + rejected + failed, nothing
+    left in progress once the frames handed over are handled."""
+    for camera in node.cameras:
+        counts = camera.stats.totals
+        assert counts.in_progress == 0, counts
+        assert counts.received == sum(getattr(counts, name) for name in OUTCOMES), counts
+
+
+def applied(node: OvssNode, name: str, value) -> bool:
+    """The worker has applied a node setting (it takes effect with the engine's changes)."""
+    return getattr(node._applied_settings, name) == value
 
 
 def wait_until(predicate, timeout: float = 5.0) -> None:
@@ -121,29 +151,130 @@ def test_inference_failure_is_counted_and_the_next_frame_is_served(node):
     assert totals(node).processed == 1
     (sample,) = node.cameras[0].stats.window().samples
     assert sample.inference_s >= 0.0 and sample.latency_s >= 0.0
+    accounted(node)
 
 
 def test_bad_frames_are_counted_as_rejected(node):
     node._process([frame(node, encoding="no_such_encoding")])
     assert totals(node).rejected == 1
     assert not node.segmenter.forwards()
+    accounted(node)
+
+
+def test_frames_over_the_pixel_limit_are_rejected_before_conversion(node):
+    assert node.set_parameters([Parameter("max_input_pixels", value=95)])[0].successful
+    wait_until(lambda: applied(node, "max_input_pixels", 95))
+    node._process([frame(node, width=12)])  # 8x12 = 96 pixels
+    assert totals(node).rejected == 1 and not node.segmenter.forwards()
+    node._process([frame(node, width=11)])  # 88
+    assert totals(node).processed == 1
+    # Declared 100000 x 100000, with 12 bytes of data: refused for its size, nothing allocated.
+    huge = frame(node, width=2)
+    huge.message.width = huge.message.height = 100_000
+    node._process([huge])
+    assert totals(node).rejected == 2
+    accounted(node)
 
 
 def test_stale_frames_are_dropped_but_unstamped_ones_are_not(node):
     assert node.set_parameters([Parameter("max_frame_age", value=1.0)])[0].successful
+    wait_until(lambda: applied(node, "max_frame_age", 1.0))
     node._process([frame(node, age=5.0)])
     assert totals(node).dropped_stale == 1 and totals(node).processed == 0
     node._process([frame(node, age=0.1)])
     node._process([frame(node, stamped=False)])
     assert totals(node).processed == 2
+    accounted(node)
 
 
-def test_paused_node_does_not_segment(node):
+@pytest.mark.parametrize(
+    "stamp", [(-1, 0), (-5, 999_999_999), (12, 1_000_000_000), (0, 2**32 - 1)]
+)
+def test_a_stamp_that_is_no_time_means_age_unknown(node, stamp):
+    """Never stale, no latency sample, segmented and published, counted (issue 7, item 4)."""
+    assert node.set_parameters([Parameter("max_frame_age", value=1.0)])[0].successful
+    wait_until(lambda: applied(node, "max_frame_age", 1.0))
+    node._process([frame(node, stamp=stamp)])
+    assert totals(node).processed == 1 and totals(node).dropped_stale == 0
+    assert totals(node).unusable_stamp == 1
+    (sample,) = node.cameras[0].stats.window().samples
+    assert sample.latency_s is None
+    accounted(node)
+
+
+def test_paused_node_does_not_segment_and_counts_what_it_drops(node):
     node._enabled.clear()
-    node._process([frame(node)])
-    node._on_image(node.cameras[0], frame(node).message)
-    assert totals(node).processed == 0 and totals(node).received == 1
+    node._process([frame(node)])  # taken before the pause, handed over after it
+    node._on_image(node.cameras[0], message(node))  # arrives while paused
+    assert totals(node).processed == 0 and totals(node).received == 2
+    assert totals(node).dropped_paused == 2
     assert not node.segmenter.forwards()
+    accounted(node)
+
+
+def test_frames_waiting_when_paused_are_dropped_and_counted(node):
+    node._buffer = FrameBuffer()  # a slot the worker does not read: frames stay waiting
+    camera = node.cameras[0]
+    node._on_image(camera, message(node))
+    node._on_image(camera, message(node))  # overwrites the first
+    assert totals(node).dropped_overwritten == 1 and totals(node).in_progress == 1
+    request = SetBool.Request(data=False)
+    assert node._on_enable(request, SetBool.Response()).success
+    assert totals(node).dropped_paused == 1
+    node._on_image(camera, message(node))
+    assert totals(node).dropped_paused == 2
+    accounted(node)
+    node._on_enable(SetBool.Request(data=True), SetBool.Response())
+
+
+def test_a_frame_being_published_when_paused_is_counted_once(node):
+    """Pausing drops waiting frames; one the worker has already claimed is counted as it ends."""
+    claimed, waiting = frame(node), frame(node)
+    assert node._claim(claimed)
+    node._clear_frames()
+    assert claimed.state == "publishing" and waiting.state == "dropped_paused"
+    assert not node._claim(waiting)  # the worker skips it
+    assert node._settle(claimed, "processed") and not node._settle(claimed, "failed")
+    accounted(node)
+
+
+def test_an_error_publishing_one_frame_costs_no_other_frame(two_cameras, monkeypatch):
+    node = two_cameras
+    front = node.cameras[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("publisher's context is invalid")
+
+    monkeypatch.setattr(front, "publish", broken)
+    node._process([frame(node, camera=0), frame(node, camera=1)])
+    assert totals(node, 0).failed == 1 and totals(node, 1).processed == 1
+    accounted(node)
+
+
+def test_an_unexpected_error_converting_one_frame_costs_no_other_frame(two_cameras, monkeypatch):
+    node = two_cameras
+    convert = node_module.to_rgb8
+
+    def faulty(message, max_pixels):
+        if message.width == 13:
+            raise MemoryError("no memory for the conversion")
+        return convert(message, max_pixels)
+
+    monkeypatch.setattr(node_module, "to_rgb8", faulty)
+    node._process([frame(node, camera=0, width=13), frame(node, camera=1)])
+    assert totals(node, 0).failed == 1 and totals(node, 1).processed == 1
+    accounted(node)
+
+
+def test_one_bad_stamp_costs_the_other_camera_nothing(two_cameras):
+    """The issue's example: two cameras, one sec = -1 stamp, one batch: both published."""
+    node = two_cameras
+    node._process([frame(node, camera=0, stamp=(-1, 0)), frame(node, camera=1)])
+    assert node.segmenter.forwards() == ["segment_many 2"]
+    assert [totals(node, c).processed for c in (0, 1)] == [1, 1]
+    assert [totals(node, c).batched for c in (0, 1)] == [1, 1]
+    assert totals(node, 0).unusable_stamp == 1 and totals(node, 1).unusable_stamp == 0
+    accounted(node)
 
 
 def test_accepted_parameters_reach_the_segmenter_in_the_worker(node):
@@ -156,26 +287,120 @@ def test_accepted_parameters_reach_the_segmenter_in_the_worker(node):
     assert all(result.successful for result in results)
     wait_until(lambda: [c.name for c in node.segmenter.classes] == ["tv", "sofa"])
     wait_until(lambda: node.segmenter.config.method == "sclip")
-    assert sorted(node.cameras[0].outputs.masks) == ["sofa", "tv"]
+    wait_until(lambda: sorted(node.cameras[0].outputs.masks) == ["sofa", "tv"])
+    wait_until(lambda: node._parameter_change == ("applied", False))
 
 
 def test_refused_parameters_reach_nothing(node):
     calls = len(node.segmenter.calls)
     result = node.set_parameters([Parameter("classes", value=["cat", "cat"])])[0]
     assert not result.successful and "duplicate" in result.reason
-    result = node.set_parameters([Parameter("crop", value=24)])[0]
-    assert not result.successful and "patch size 16" in result.reason
+    crop = [Parameter("crop", value=24), Parameter("stride", value=24)]  # one request
+    result = node.set_parameters_atomically(crop)
+    assert not result.successful and "crop 24 must be a multiple of the patch 16" in result.reason
+    result = node.set_parameters([Parameter("max_long_side", value=8)])[0]
+    assert not result.successful and "below one patch of the model (16 px)" in result.reason
     node._apply_pending()
     assert len(node.segmenter.calls) == calls
     assert node.get_parameter("classes").value == ["cat", "dog"]
 
 
-def test_failed_vocabulary_change_keeps_the_node_serving(node):
+def spin_until(node: OvssNode, predicate, timeout: float = 10.0) -> None:
+    """Spin the node's executor (parameter reverts run there) until ``predicate()``."""
+    executor = SingleThreadedExecutor(context=node.context)
+    executor.add_node(node)
+    try:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        executor.remove_node(node)
+
+
+def test_failed_vocabulary_change_keeps_the_node_serving_and_the_parameters_truthful(node):
     FaultySegmenter.fail_set_classes = True
     assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
-    wait_until(lambda: node.segmenter.calls.count("set_classes") == 2)
+    wait_until(lambda: node._parameter_change[1])
     FaultySegmenter.fail_set_classes = False
+    text, failed = node._parameter_change
+    assert failed and text.startswith("classes: RuntimeError: out of memory while encoding")
     assert [c.name for c in node.segmenter.classes] == ["cat", "dog"]
+    assert sorted(node.cameras[0].outputs.masks) == ["cat", "dog"]
+    node._process([frame(node)])
+    assert totals(node).processed == 1
+    # `ros2 param get` must not claim a vocabulary that is not in force: put back.
+    spin_until(node, lambda: node.get_parameter("classes").value == ["cat", "dog"])
+    assert node._values["classes"] == ["cat", "dog"] and not node._pending
+    # The put-back is no new change: the worker has nothing to apply (no re-queueing).
+    calls = len(node.segmenter.calls)
+    node._apply_pending()
+    assert len(node.segmenter.calls) == calls
+    # A later change that works is applied, and clears the failure.
+    assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
+    wait_until(lambda: node._parameter_change == ("applied", False))
+    assert [c.name for c in node.segmenter.classes] == ["bird"]
+
+
+def test_a_change_is_applied_whole_or_not_at_all(node):
+    """templates (engine), overlay_alpha (node) and classes in one request; the vocabulary
+    fails: the engine gets its old templates back, the node its old overlay weight, and every
+    parameter shows the value in force again."""
+    FaultySegmenter.fail_set_classes = True
+    result = node.set_parameters_atomically(
+        [
+            Parameter("templates", value="a photo of a {}.|a {} in a room"),
+            Parameter("overlay_alpha", value=0.9),
+            Parameter("classes", value=["bird"]),
+        ]
+    )
+    assert result.successful
+    wait_until(lambda: node._parameter_change[1])
+    FaultySegmenter.fail_set_classes = False
+    assert node.segmenter.config.templates == "single"
+    assert node._applied_settings.overlay_alpha == 0.5
+    spin_until(
+        node,
+        lambda: (
+            (
+                node.get_parameter("templates").value,
+                node.get_parameter("overlay_alpha").value,
+                node.get_parameter("classes").value,
+            )
+            == ("single", 0.5, ["cat", "dog"])
+        ),
+    )
+
+
+def test_a_newer_change_is_not_put_back(node):
+    """A change that failed is put back only if nobody changed the parameter since."""
+    FaultySegmenter.fail_set_classes = True
+    assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
+    wait_until(lambda: node._parameter_change[1])
+    FaultySegmenter.fail_set_classes = False
+    # Before the executor puts it back, the user asks for another vocabulary.
+    assert node.set_parameters([Parameter("classes", value=["fish"])])[0].successful
+    wait_until(lambda: [c.name for c in node.segmenter.classes] == ["fish"])
+    spin_until(node, lambda: not node._reverts)
+    assert node.get_parameter("classes").value == ["fish"]
+
+
+def test_a_mask_topic_that_cannot_be_created_costs_no_other_output(node, monkeypatch):
+    create = node.create_publisher
+
+    def faulty(message_type, topic, *args, **kwargs):
+        if topic.endswith("/masks/cow"):
+            raise RuntimeError("rcl could not create the publisher")
+        return create(message_type, topic, *args, **kwargs)
+
+    monkeypatch.setattr(node, "create_publisher", faulty)
+    published = []
+    outputs = node.cameras[0].outputs
+    monkeypatch.setattr(outputs.label_info, "publish", published.append)
+    assert node.set_parameters([Parameter("classes", value=["cow", "bird", "fish"])])[0].successful
+    wait_until(lambda: published)
+    assert [entry.class_name for entry in published[-1].class_map] == ["cow", "bird", "fish"]
+    assert sorted(outputs.masks) == ["bird", "fish"]
     node._process([frame(node)])
     assert totals(node).processed == 1
 
@@ -245,3 +470,56 @@ def test_each_camera_publishes_under_its_own_namespace(two_cameras):
     ]
     inputs = {name for name, _ in node.get_subscriber_names_and_types_by_node("ovss", "/")}
     assert {"/front/image", "/front/camera_info", "/rear/image", "/rear/camera_info"} <= inputs
+
+
+def test_frames_waiting_when_the_managed_node_deactivates_are_counted(monkeypatch):
+    """Deactivating drops the frames waiting in the slots, as pausing does, and counts them."""
+    from ovss_ros.lifecycle_node import OvssLifecycleNode
+
+    isolate_dds()
+    monkeypatch.setattr(node_module, "Segmenter", FaultySegmenter)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = OvssLifecycleNode(
+        context=context,
+        parameter_overrides=[
+            Parameter(name, value=value) for name, value in TINY_NODE_PARAMETERS.items()
+        ],
+    )
+    try:
+        node.trigger_configure()
+        node.trigger_activate()
+        node._buffer = FrameBuffer()  # a slot the worker does not read: frames stay waiting
+        node._on_image(node.cameras[0], message(node))
+        assert totals(node).in_progress == 1
+        node.trigger_deactivate()
+        assert totals(node).dropped_paused == 1
+        accounted(node)
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def test_log_text_is_one_line_with_control_characters_escaped():
+    text = node_module.one_line("yuv\n[ERROR] [ovss]: forged\x1b[31m \u202eevil 椅子")
+    assert "\n" not in text and "\x1b" not in text and "\u202e" not in text
+    assert text == "yuv [ERROR] [ovss]: forged\\u001b[31m \\u202eevil 椅子"
+    assert node_module.describe(RuntimeError("out of\nmemory")) == "RuntimeError: out of memory"
+    assert len(node_module.one_line("x" * 1000)) == 400
+
+
+def test_a_stop_is_no_failure(two_cameras):
+    """The engine raising Stopped (the node is shutting down): the frames in hand are dropped,
+    not failed, no change is put back, and Stopped reaches the worker (which ends quietly)."""
+    node = two_cameras
+    FaultySegmenter.stopped = True
+    with pytest.raises(node_module.Stopped):
+        node._process([frame(node, camera=0), frame(node, camera=1)])
+    assert [totals(node, c).dropped_paused for c in (0, 1)] == [1, 1]
+    assert [totals(node, c).failed for c in (0, 1)] == [0, 0]
+    accounted(node)
+    with node._lock:
+        node._pending = {"classes": ["bird"]}
+    with pytest.raises(node_module.Stopped):
+        node._apply_pending()
+    assert node._parameter_change == ("none", False) and not node._reverts

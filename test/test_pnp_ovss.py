@@ -465,7 +465,7 @@ def test_no_classes_is_a_vocabulary_error(clip, vlm, rgb):
         ({"dropout_patches": 0}, r"dropout_patches must be in \[1"),
         ({"presence": "gpt4o"}, "unknown presence 'gpt4o'"),
         ({"refine": "bilateral"}, "unknown refine 'bilateral'"),
-        ({"templates": "no placeholder"}, "bad templates"),
+        ({"templates": "no placeholder"}, "bad template"),
         ({"layr": 3}, r"unknown settings \['layr'\]"),
     ],
 )

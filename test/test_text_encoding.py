@@ -2,6 +2,7 @@
 
 import threading
 
+import open_clip
 import pytest
 import torch
 from conftest import TINY_VIT
@@ -26,6 +27,42 @@ def test_cut_prompts_equal_padded_encode_text(clip):
     cut = encoder.encode_prompts(prompts)
     assert cut.shape == padded.shape
     assert (cut - padded).abs().max().item() <= 1e-5
+
+
+# A lone "!" is token id 0 in open_clip's tokenizer (open_clip #453): these prompts have a 0
+# before their end token, which a cut at the count of non-zero ids loses.
+EXCLAIMED = ['a photo of a sign reading "exit!".', 'a "wow!", said the cat', "no!;"]
+
+
+def test_exclamation_zero_id_is_real():
+    """Guards the test below: the tokenizer really puts a 0 before the end token."""
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    for prompt in EXCLAIMED:
+        ids = tokenizer([prompt])[0]
+        end = int(ids.argmax())
+        assert ids[end] == tokenizer.eot_token_id and (ids[1:end] == 0).any(), prompt
+
+
+@pytest.mark.parametrize("prompt", EXCLAIMED)
+def test_cut_keeps_the_end_token_after_a_zero_id(clip, prompt):
+    encoder = TextEncoder(clip.model, clip.tokenizer, "single")
+    with torch.no_grad():
+        want = clip.model.encode_text(clip.tokenizer([prompt]))
+    got = encoder.encode_prompts([prompt])  # alone: its own length decides the cut
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    mixed = encoder.encode_prompts([prompt, "a cat.", "a photo of a dog with a hat."])
+    torch.testing.assert_close(mixed[:1], want, rtol=0, atol=1e-5)
+
+
+def test_class_name_with_exclamation_equals_encode_text(clip):
+    """The name a user types, through the templates: the embedding is encode_text's."""
+    encoder = TextEncoder(clip.model, clip.tokenizer, "a photo of a {}.|{}")
+    name = 'sign reading "exit!"'
+    with torch.no_grad():
+        raw = clip.model.encode_text(clip.tokenizer([f"a photo of a {name}.", name]))
+    raw = raw / raw.norm(dim=-1, keepdim=True)
+    want = raw.mean(0) / raw.mean(0).norm()
+    torch.testing.assert_close(encoder.embeddings([name])[0], want, rtol=0, atol=1e-5)
 
 
 def test_embedding_is_normalised_template_mean(clip):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ovss_ros.core.config import DSLO_MODES, REFINEMENTS, UPSAMPLERS, EngineConfig
-from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES
+from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) -> None:
@@ -21,6 +21,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) ->
     group.add_argument("--device", default=base.device, help="auto, cpu, cuda or cuda:N")
     group.add_argument("--precision", default=base.precision, choices=["fp32", "fp16", "bf16"])
     group.add_argument("--method", default=base.method, choices=list(LAST_BLOCK_MODES))
+    group.add_argument(
+        "--pos-interpolation",
+        default=base.pos_interpolation,
+        choices=list(POS_INTERPOLATIONS),
+        help="positional grid for other sizes: official (the method's own code) or exact",
+    )
     group.add_argument(
         "--size", type=int, default=base.short_side, help="short side in pixels (0 = keep)"
     )
@@ -43,13 +49,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) ->
     group.add_argument(
         "--threshold", type=float, default=base.score_threshold, help="min class probability"
     )
+    group.add_argument(
+        "--logit-scale", type=float, default=base.logit_scale, help="softmax temperature"
+    )
+    group.add_argument(
+        "--area-threshold",
+        type=float,
+        default=base.area_threshold,
+        help="drop classes labelling at most this share of the labelled pixels (SCLIP; 0 = off)",
+    )
     group.add_argument("--refinement", default=base.refinement, choices=list(REFINEMENTS))
     group.add_argument("--dslo-mode", default=base.dslo_mode, choices=list(DSLO_MODES))
     group.add_argument(
         "--affinity", default=base.affinity, choices=list(AFFINITY_SOURCES), help="DSLO affinity"
     )
     group.add_argument("--upsample", default=base.upsample, choices=list(UPSAMPLERS))
-    group.add_argument("--pamr", action="store_true", default=base.pamr, help="PAMR refinement")
+    group.add_argument(
+        "--pamr",
+        action=argparse.BooleanOptionalAction,
+        default=base.pamr,
+        help="PAMR refinement at the input size",
+    )
     group.add_argument(
         "--freecp-redundancy", type=float, default=base.freecp_redundancy, help="FreeCP T_rp"
     )
@@ -70,9 +90,12 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         crop=args.crop,
         stride=args.stride,
         method=args.method,
+        pos_interpolation=args.pos_interpolation,
         templates=args.templates,
         background_words=tuple(w.strip() for w in args.background.split(";") if w.strip()),
         score_threshold=args.threshold,
+        logit_scale=args.logit_scale,
+        area_threshold=args.area_threshold,
         refinement=args.refinement,
         dslo_mode=args.dslo_mode,
         affinity=args.affinity,

@@ -2,12 +2,15 @@
 
     ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --limit 100 --output voc21.json
     ovss-eval cityscapes ~/data/cityscapes --method sclip --device cuda
+    ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --method naclip --protocol standard
 
-The engine settings default to the published protocol of the data set (short side, sliding
-window, probability threshold, class names and background words, see
-``ovss_ros.evaluation.protocol``); any engine flag overrides them (--background replaces the
-data set's background words). Data sets: voc21, context60, coco_object, voc20, context59,
-coco_stuff, cityscapes, ade20k.
+The engine settings default to the official protocol of the method (``--method``; naclip,
+sclip and clearclip have their own, the other methods get ``standard``) on the data set:
+weights, short side, sliding window, probability threshold, logit scale, SCLIP's area
+threshold, PAMR, class names and background words (``ovss_ros.evaluation.protocol``).
+``--protocol`` picks another method's protocol; any engine flag overrides single settings
+(--background replaces the data set's background words). Data sets: voc21, context60,
+coco_object, voc20, context59, coco_stuff, cityscapes, ade20k.
 """
 
 from __future__ import annotations
@@ -23,13 +26,22 @@ from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, VocabularyError
 from ovss_ros.core.refine.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
-from ovss_ros.evaluation.protocol import DatasetProtocol, load_vocabulary
+from ovss_ros.evaluation.protocol import (
+    METHOD_PROTOCOLS,
+    DatasetProtocol,
+    MethodProtocol,
+    load_vocabulary,
+    method_protocol,
+)
 
 logger = logging.getLogger("ovss-eval")
 
 
-def build_parser(protocol: DatasetProtocol | None) -> argparse.ArgumentParser:
-    """Parser whose engine defaults are the protocol's (generic ones before it is known)."""
+def build_parser(
+    protocol: DatasetProtocol | None, method: MethodProtocol | None = None
+) -> argparse.ArgumentParser:
+    """Parser whose engine defaults are the method protocol's on the data set (generic ones
+    before they are known)."""
     parser = argparse.ArgumentParser(
         prog="ovss-eval",
         description=__doc__.split("\n\n")[0],
@@ -37,6 +49,11 @@ def build_parser(protocol: DatasetProtocol | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("dataset", help=f"one of {', '.join(PROTOCOLS)}")
     parser.add_argument("root", type=Path, help="data set folder (e.g. VOCdevkit/VOC2012)")
+    parser.add_argument(
+        "--protocol",
+        choices=list(METHOD_PROTOCOLS),
+        help="official settings of this method's code (default: the --method's own)",
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--output", "-o", type=Path, help="write the results as JSON here")
     parser.add_argument(
@@ -46,12 +63,18 @@ def build_parser(protocol: DatasetProtocol | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     defaults = {}
-    if protocol is not None:
+    if protocol is not None and method is not None:
+        settings = method.for_dataset(protocol)
         defaults = {
-            "short_side": protocol.short_side,
-            "crop": protocol.crop,
-            "stride": protocol.stride,
-            "score_threshold": protocol.threshold,
+            "model": method.model,
+            "pretrained": method.pretrained,
+            "short_side": settings.short_side,
+            "crop": settings.crop,
+            "stride": settings.stride,
+            "score_threshold": settings.threshold,
+            "logit_scale": settings.logit_scale,
+            "area_threshold": settings.area_threshold,
+            "pamr": settings.pamr,
         }
         if protocol.name in FREECP_THRESHOLDS:  # FreeCP's released per-data-set settings
             redundancy, ambiguity = FREECP_THRESHOLDS[protocol.name]
@@ -64,21 +87,26 @@ def build_parser(protocol: DatasetProtocol | None) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, DatasetProtocol]:
-    """Two passes: the data set named first decides the defaults of the engine flags."""
+def parse_args(
+    argv: list[str] | None,
+) -> tuple[argparse.Namespace, DatasetProtocol, MethodProtocol]:
+    """Two passes: the data set and the method (or --protocol) decide the engine defaults."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("dataset", nargs="?")
+    first.add_argument("--method", default=EngineConfig.method)
+    first.add_argument("--protocol")
     known, _ = first.parse_known_args(argv)
-    protocol = None
+    protocol = method = None
     if known.dataset is not None:
         try:
             protocol = get_protocol(known.dataset)
+            method = method_protocol(known.protocol, known.method)
         except ValueError as error:
             build_parser(None).error(str(error))
-    args = build_parser(protocol).parse_args(argv)
+    args = build_parser(protocol, method).parse_args(argv)
     if args.limit is not None and args.limit < 1:
-        build_parser(protocol).error("--limit must be at least 1")
-    return args, protocol
+        build_parser(protocol, method).error("--limit must be at least 1")
+    return args, protocol, method
 
 
 def engine_config(args: argparse.Namespace, background_words: tuple[str, ...]) -> EngineConfig:
@@ -109,9 +137,10 @@ def format_report(result: EvaluationResult, title: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args, protocol = parse_args(argv)
+    args, protocol, method = parse_args(argv)
     try:
-        vocabulary = load_vocabulary(protocol, args.class_names)
+        builtin = method.for_dataset(protocol).class_file(protocol)
+        vocabulary = load_vocabulary(protocol, args.class_names, builtin)
         reader = protocol.read(args.root)
         config = engine_config(args, vocabulary.background_words)
         config.validate()
@@ -128,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ModelLoadError, VocabularyError) as error:
         print(f"ovss-eval: error: {error}", file=sys.stderr)
         return 1
-    print(format_report(result, protocol.title))
+    print(format_report(result, f"{protocol.title}, {method.name} protocol"))
     if args.output:
         report = {
             **result.to_dict(),
             "data_root": str(args.root),
+            "protocol": method.name,
+            "protocol_source": method.source,
             "engine": asdict(config),
         }
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES
+from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
 from ovss_ros.core.text_encoding import template_set
 from ovss_ros.core.vocabulary import check_background_words
 
@@ -25,7 +25,13 @@ MAX_WINDOWS = 512
 
 @dataclass
 class EngineConfig:
-    """Everything that decides how a frame is segmented (node parameters map onto these)."""
+    """Everything that decides how a frame is segmented (node parameters map onto these).
+
+    The defaults follow the official NACLIP / SCLIP / ClearCLIP code wherever ovss_ros could
+    differ from it (methods.md section 0): mmcv's resize size and OpenCV's bilinear resize of
+    the uint8 image, the method's own positional-grid rule, logits upsampled to the resized
+    image and then to the input, PAMR at the input size.
+    """
 
     model: str = "ViT-B-16"  # open_clip name, or a path to an open_clip model-config JSON
     pretrained: str = "laion2b_s34b_b88k"  # open_clip tag, checkpoint file, or none (random)
@@ -37,11 +43,18 @@ class EngineConfig:
     max_long_side: int = 2048
     crop: int = 0  # sliding-window size in pixels; 0 = whole image in one forward
     stride: int = 0  # sliding-window stride; 0 = crop / 2
-    method: str = "naclip"  # last-block attention: naclip | sclip | clearclip | maskclip | vanilla
+    # last-block attention: naclip | sclip | clearclip | maskclip | maskclip_reduced | vanilla
+    method: str = "naclip"
+    # positional grid for other input sizes: official (the method's own code: DINO's "+0.1"
+    # rule; exact for maskclip) | exact (bicubic to exactly the patch grid)
+    pos_interpolation: str = "official"
     templates: str = "imagenet"  # imagenet (80) | single | custom templates joined by |
     background_words: tuple[str, ...] = ()  # texts that mean "none of the classes"
     score_threshold: float = 0.0  # pixels whose best class probability is below are unlabeled
     logit_scale: float = 40.0  # softmax temperature of the standard protocol
+    # SCLIP's area_thd: a class labelling at most this share of the class-labelled pixels is
+    # dropped and its pixels go to the next best class (0: off; base method only)
+    area_threshold: float = 0.0
     refinement: str = "none"  # none | dslo | freecp: decides the label after the base method
     pamr: bool = False  # pixel-adaptive mask refinement of the final scores (10 its, 8/16)
     upsample: str = "bilinear"  # bilinear | jbu (joint bilateral, guided by the image)
@@ -61,6 +74,7 @@ class EngineConfig:
         """
         choices = {
             "method": LAST_BLOCK_MODES,
+            "pos_interpolation": POS_INTERPOLATIONS,
             "refinement": REFINEMENTS,
             "upsample": UPSAMPLERS,
             "affinity": AFFINITY_SOURCES,
@@ -90,7 +104,7 @@ class EngineConfig:
                 f"{self.short_side}, long side up to {self.max_long_side}); at most "
                 f"{MAX_WINDOWS}: use a larger crop or stride"
             )
-        for name in ("score_threshold", "freecp_redundancy", "freecp_ambiguity"):
+        for name in ("score_threshold", "area_threshold", "freecp_redundancy", "freecp_ambiguity"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("logit_scale", "sinkhorn_epsilon", "velocity_tau"):
@@ -99,6 +113,11 @@ class EngineConfig:
         for name in ("sinkhorn_iterations", "ipf_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.area_threshold and self.refinement != "none":
+            raise ValueError(
+                f"area_threshold applies to the base method's labels, not to refinement "
+                f"{self.refinement!r}: set area_threshold to 0 or refinement to none"
+            )
         check_background_words(self.background_words)
         template_set(self.templates)
 
@@ -106,8 +125,8 @@ class EngineConfig:
         """Sliding windows of the largest frame the size bounds allow (1 without ``crop``).
 
         Its sides: ``max_long_side`` and ``short_side`` (``max_long_side`` when ``short_side`` is
-        0). The engine rounds sides to whole patches, so a short side that is no multiple of the
-        patch may get one window row more.
+        0), the largest the engine's resize (``engine.resized_size``) gives unless a side is
+        below one patch (then one window along it).
         """
         if self.crop <= 0:
             return 1

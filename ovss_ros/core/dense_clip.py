@@ -14,23 +14,71 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
-LAST_BLOCK_MODES = ("naclip", "sclip", "clearclip", "maskclip", "vanilla")
-REDUCED_MODES = ("naclip", "clearclip", "maskclip")  # last block without residual and FFN
+LAST_BLOCK_MODES = ("naclip", "sclip", "clearclip", "maskclip", "maskclip_reduced", "vanilla")
+# Last block without residual and FFN. ``maskclip`` as published (chongzhou96/MaskCLIP) keeps
+# both around its identity attention; ``maskclip_reduced`` is ClearCLIP's "MaskCLIP" ablation.
+REDUCED_MODES = ("naclip", "clearclip", "maskclip_reduced")
+IDENTITY_MODES = ("maskclip", "maskclip_reduced")  # each token keeps its own value
 NACLIP_SIGMA = 5.0
+# How the trained positional grid is resized to another patch grid (``interpolate_pos_embed``):
+# ``official``: as the method's official code does it, ``exact``: bicubic to exactly the grid.
+POS_INTERPOLATIONS = ("official", "exact")
 # Where a refinement's patch affinity comes from (methods.md sections 1 and 2): the last block's
 # NACLIP attention, its plain key-key attention, or the mean attention of the earlier layers.
 AFFINITY_SOURCES = ("naclip", "keykey", "mean")
 
 
-def interpolate_pos_embed(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
-    """Positional embedding for a ``grid`` of patches: bicubic resize of the trained grid."""
+def official_pos_rule(mode: str) -> str:
+    """The positional-grid rule of ``mode``'s official code: ``dino`` or ``exact``.
+
+    NACLIP (``clip/model.py``), SCLIP (``clip/model.py``) and ClearCLIP
+    (``open_clip/transformer.py``, also for its reduced MaskCLIP) use DINO's "+0.1" rule; the
+    published MaskCLIP resizes to the grid size (``mmseg/models/backbones/vit.py``,
+    ``resize_pos_embed``).
+    """
+    return "exact" if mode == "maskclip" else "dino"
+
+
+def interpolate_pos_embed(
+    visual: VisionTransformer, grid: tuple[int, int], rule: str = "exact"
+) -> torch.Tensor:
+    """Positional embedding (1 + h*w, C) for a ``grid`` (h, w) of patches.
+
+    The trained (n_h, n_w) grid is resized bicubically (no antialiasing, corners not aligned);
+    the native grid is returned unchanged. ``rule``:
+
+    - ``exact``: ``F.interpolate(size=grid)``: output pixel centres map onto the trained grid
+      with the ratio n / g;
+    - ``dino``: ``F.interpolate(scale_factor=((h + 0.1) / n_h, (w + 0.1) / n_w))``, DINO's
+      trick that the NACLIP, SCLIP and ClearCLIP code use: the output still has h x w entries
+      (the floor of n * scale), but the sampling ratio is n / (g + 0.1), a slightly shrunk
+      grid (differences of about 1e-3 in the features).
+
+    The default, ``exact``, is what callers outside the engine were written against (DeOP's
+    proposal pipeline, the benchmark's bare encoder); ``dense_forward`` picks per method.
+    Raises ValueError for an unknown rule.
+    """
+    if rule not in ("dino", "exact"):
+        raise ValueError(f"unknown positional interpolation rule {rule!r}: use dino or exact")
     pos = visual.positional_embedding
     native = tuple(visual.grid_size)
     if tuple(grid) == native:
         return pos
     cls_pos, patch_pos = pos[:1], pos[1:]
     patch_pos = patch_pos.reshape(1, *native, -1).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+    if rule == "exact":
+        patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+    else:
+        scale = tuple((g + 0.1) / n for g, n in zip(grid, native, strict=True))
+        patch_pos = F.interpolate(
+            patch_pos,
+            scale_factor=scale,
+            mode="bicubic",
+            align_corners=False,
+            recompute_scale_factor=False,
+        )
+        if tuple(patch_pos.shape[-2:]) != tuple(grid):  # floor(n * (g + 0.1) / n) is g
+            raise RuntimeError(f"dino rule gave {tuple(patch_pos.shape[-2:])}, not {grid}")
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
     return torch.cat([cls_pos, patch_pos])
 
@@ -61,7 +109,7 @@ def _split_qkv(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, .
 def attention_weights(
     q: torch.Tensor, k: torch.Tensor, scale: float, mode: str, grid: tuple[int, int]
 ) -> torch.Tensor:
-    """The (N, heads, L, L) attention of a last-block mode (maskclip's identity excepted)."""
+    """The (N, heads, L, L) attention of a last-block mode (the identity modes excepted)."""
     if mode == "naclip":
         omega = gaussian_window(grid, device=q.device).to(q.dtype)
         return torch.softmax(k @ k.transpose(-2, -1) * scale + omega, dim=-1)
@@ -83,11 +131,12 @@ def block_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A residual block with the attention of ``mode``, and that attention (N, heads, L, L).
 
-    ``vanilla`` is the block unchanged; with its weights in hand, FreeCP's layer-mean affinity
-    costs no second attention pass.
+    REDUCED_MODES return the attention output alone (no residual, no FFN); the others keep
+    both, as SCLIP and the published MaskCLIP do. ``vanilla`` is the block unchanged; with its
+    weights in hand, FreeCP's layer-mean affinity costs no second attention pass.
     """
     q, k, v, scale = _split_qkv(block, x)
-    weights = None if mode == "maskclip" else attention_weights(q, k, scale, mode, grid)
+    weights = None if mode in IDENTITY_MODES else attention_weights(q, k, scale, mode, grid)
     out = v if weights is None else weights @ v
     out = block.ls_1(block.attn.out_proj(out.transpose(1, 2).reshape(x.shape)))
     if mode in REDUCED_MODES:
@@ -120,15 +169,27 @@ def dense_forward(
     pixels: torch.Tensor,
     mode: str = "naclip",
     affinity: str | None = None,
+    pos_interpolation: str = "official",
 ) -> DenseOutput:
-    """One forward of the image tower for normalised pixels (N, 3, H, W)."""
+    """One forward of the image tower for normalised pixels (N, 3, H, W).
+
+    The patch grid is (H // patch, W // patch): the patch embedding drops a remainder, as in
+    the official code. ``pos_interpolation`` (POS_INTERPOLATIONS): ``official`` resizes the
+    positional grid as ``mode``'s official code does (``official_pos_rule``), ``exact`` to
+    exactly the grid. Raises ValueError for an unknown affinity source or interpolation.
+    """
+    if pos_interpolation not in POS_INTERPOLATIONS:
+        raise ValueError(
+            f"unknown pos_interpolation {pos_interpolation!r}: use one of {POS_INTERPOLATIONS}"
+        )
+    rule = official_pos_rule(mode) if pos_interpolation == "official" else "exact"
     if affinity is not None and affinity not in AFFINITY_SOURCES:
         raise ValueError(f"unknown affinity source {affinity!r}: use one of {AFFINITY_SOURCES}")
     x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
     grid = (x.shape[-2], x.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(visual, grid).to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(visual, grid, rule).to(x.dtype)
     x = visual.ln_pre(x)
     blocks = visual.transformer.resblocks
     patch_affinity = None
@@ -151,7 +212,10 @@ def dense_forward(
 
 
 def patch_features(
-    visual: VisionTransformer, pixels: torch.Tensor, mode: str = "naclip"
+    visual: VisionTransformer,
+    pixels: torch.Tensor,
+    mode: str = "naclip",
+    pos_interpolation: str = "official",
 ) -> torch.Tensor:
     """Normalised patch features in text space (N, h, w, D) of normalised pixels (N, 3, H, W)."""
-    return dense_forward(visual, pixels, mode).features
+    return dense_forward(visual, pixels, mode, pos_interpolation=pos_interpolation).features

@@ -1,7 +1,7 @@
 """The segmentation engine: RGB image + vocabulary in, labels and confidence out.
 
 One frame goes through four stages, each a method so that benchmarks can time them:
-``preprocess`` (upload the uint8 image once, resize and normalise on the model's device),
+``preprocess`` (resize the uint8 image as OpenCV does, normalise on the model's device),
 ``encode`` (the dense CLIP forward, whole image or a batch of sliding windows), ``head``
 (patch-text logits and the optional DSLO / FreeCP refinement) and ``postprocess`` (upsampling,
 optional PAMR, softmax, synonyms, background; only labels and confidence return to the host).
@@ -27,20 +27,23 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ovss_ros.core.config import LOAD_FIELDS, EngineConfig
 from ovss_ros.core.dense_clip import DenseOutput, dense_forward
+from ovss_ros.core.image_resize import opencv_bilinear_resize
 from ovss_ros.core.model_loading import load_clip
 from ovss_ros.core.refine import (
     dslo_scores,
     freecp,
     joint_bilateral_upsample,
     make_crop_classifier,
-    pamr,
+    pamr_affinity,
 )
+from ovss_ros.core.refine.pamr import pamr_propagate
 from ovss_ros.core.segmentation import Segmentation, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
 from ovss_ros.core.text_encoding import TextEncoder, template_set
@@ -63,23 +66,23 @@ POSTPROCESS_ELEMENTS = 1 << 24
 def resized_size(
     height: int, width: int, short_side: int, patch: int, *, max_long_side: int
 ) -> tuple[int, int]:
-    """Network input size (H', W') of a ``height`` x ``width`` image, in whole patches.
+    """Network input size (H', W') of a ``height`` x ``width`` image.
 
-    ``scale = min(short_side / short, max_long_side / long)`` (``short_side`` 0: 1 instead of
-    the first term), each side rounded to whole patches, at least one patch, and never longer
-    than ``max_long_side`` rounded down to whole patches (or one patch if that is less). The
-    aspect ratio is kept (up to the rounding) until a side reaches one patch: a 1x100000 strip
-    at patch 16 becomes 16 x (max_long_side rounded down to patches). This is mmseg's
-    ``Resize(scale=(max_long_side, short_side), keep_ratio=True)`` of the official NACLIP /
-    SCLIP / ClearCLIP test pipelines (long edge 2048), with sides rounded to patches.
+    mmcv's ``rescale_size`` with ``scale = (max_long_side, short_side)``, as the official NACLIP /
+    SCLIP / ClearCLIP test pipelines (``Resize(scale=(2048, S), keep_ratio=True)``):
+    ``s = min(short_side / short, max_long_side / long)`` (``short_side`` 0: 1 instead of the
+    first term), each side ``int(side * s + 0.5)`` (338x500 at 336 -> 336x497), not rounded to
+    whole patches: windows need no rounding, and a whole-image forward drops the remainder in
+    its patch embedding. Bounds: no side longer than ``max_long_side``, none below one patch (a
+    1x100000 strip at patch 16 becomes 16 x 2048), so the forward stays bounded for any frame.
     """
     long, short = max(height, width), min(height, width)
     scale = short_side / short if short_side else 1.0
     scale = min(scale, max_long_side / long)
-    cap = max(patch, max_long_side // patch * patch)
+    cap = max(patch, max_long_side)
     return (
-        min(cap, max(patch, round(height * scale / patch) * patch)),
-        min(cap, max(patch, round(width * scale / patch) * patch)),
+        min(cap, max(patch, int(height * scale + 0.5))),
+        min(cap, max(patch, int(width * scale + 0.5))),
     )
 
 
@@ -108,6 +111,20 @@ class Encoded:
             self.dense.features[part], None if affinity is None else affinity[part]
         )
         return Encoded(self.windows[part], self.boxes, dense, self.size)
+
+
+@dataclass
+class Reduced:
+    """One pass of ``postprocess`` over the query maps, per input pixel (each (H, W))."""
+
+    peak: torch.Tensor  # max over queries of the scaled logits
+    total: torch.Tensor  # sum over queries of exp(scaled logit - peak)
+    best: torch.Tensor  # best scaled class logit (of the classes allowed to win)
+    best_query: torch.Tensor  # its query
+    background: torch.Tensor  # best scaled background-word logit (-inf without any)
+
+    def background_probability(self) -> torch.Tensor:
+        return torch.exp(self.background - self.peak) / self.total
 
 
 @dataclass(frozen=True)
@@ -308,15 +325,24 @@ class Segmenter:
         )
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """Upload the uint8 HxWx3 image once, then resize to ``network_size`` (bilinear,
-        antialiased) and normalise on the model's device: (1, 3, H', W') in the model's dtype."""
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
-        image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        """Resize the uint8 HxWx3 image to ``network_size`` as the official pipeline does
+        (``mmcv.imrescale``: ``cv2.resize`` with ``INTER_LINEAR`` on the uint8 image, no
+        antialiasing), then normalise on the model's device: (1, 3, H', W') in the model's dtype.
+
+        On the CPU that is OpenCV itself; on a GPU the image is uploaded once and resized there
+        with ``opencv_bilinear_resize``, OpenCV's integer arithmetic bit for bit.
+        """
         size = self.network_size(rgb.shape[0], rgb.shape[1])
-        if size != tuple(image.shape[-2:]):
-            image = F.interpolate(
-                image, size=size, mode="bilinear", align_corners=False, antialias=True
-            )
+        resize = size != tuple(rgb.shape[:2])
+        if self.device.type == "cpu":
+            if resize:
+                rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+            image = torch.from_numpy(np.ascontiguousarray(rgb))
+        else:
+            image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
+            if resize:
+                image = opencv_bilinear_resize(image, size)
+        image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         return ((image - self._mean) / self._std).to(self.clip.dtype)
 
     @property
@@ -339,7 +365,9 @@ class Segmenter:
         else:
             boxes, windows = [(0, 0, height, width)], pixels
         affinity = {"dslo": config.affinity, "freecp": "mean"}.get(config.refinement)
-        dense = dense_forward(self.clip.model.visual, windows, config.method, affinity)
+        dense = dense_forward(
+            self.clip.model.visual, windows, config.method, affinity, config.pos_interpolation
+        )
         return Encoded(windows, boxes, dense, (height, width))
 
     def head(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -407,46 +435,31 @@ class Segmenter:
         refined label scores or None; ``size``: the input (H, W). Pixel p gets the class whose
         best synonym has the largest ``softmax(logit_scale * logits)`` over all Q queries
         (methods.md section 0), unlabeled where a background word wins or the probability is
-        below ``score_threshold``. The maps reach the input size a chunk of queries at a time
-        (POSTPROCESS_ELEMENTS) and are reduced on the fly (running log-sum-exp, best class,
-        best background word), so the peak memory does not grow with the number of queries;
-        the result equals the whole softmax at once up to float rounding.
+        below ``score_threshold``. With ``area_threshold`` (SCLIP's ``area_thd``), classes that
+        label at most that share of the class-labelled pixels are dropped and their pixels go
+        to the best remaining class (or background), as SCLIP's ``postprocess_result``.
+
+        The maps reach the input size as in the official code (``_to_input``) a chunk of
+        queries at a time (POSTPROCESS_ELEMENTS) and are reduced on the fly (running
+        log-sum-exp, best class, best background word), so the peak memory does not grow with
+        the number of queries; the result equals the whole softmax at once up to float
+        rounding.
         """
-        num_classes, class_queries = len(self.classes), self._class_queries
+        num_classes = len(self.classes)
         step = self._chunk(encoded, size)
-        labels = None if scores is None else self._best_label(encoded, scores, size, step)
-        peak = torch.full(size, float("-inf"), device=logits.device)  # max of scaled logits
-        total = torch.zeros(size, device=logits.device)  # sum of exp(scaled logit - peak)
-        best = torch.full(size, float("-inf"), device=logits.device)  # best class logit
-        best_query = torch.zeros(size, dtype=torch.long, device=logits.device)
-        background = torch.full(size, float("-inf"), device=logits.device)
-        owner = self._query_owner
-        for start in range(0, logits.shape[1], step):
-            if start:
-                check_stop(self.stop, f"postprocess of queries {start}..")
-            stop = min(start + step, logits.shape[1])
-            maps = self._to_input(logits[:, start:stop], encoded, size, scores is None)
-            maps = maps * self.config.logit_scale
-            new_peak = torch.maximum(peak, maps.amax(dim=0))
-            total = total * torch.exp(peak - new_peak) + torch.exp(maps - new_peak).sum(dim=0)
-            peak = new_peak
-            if labels is not None:  # the refinement chose: its class's best synonym
-                target = labels.clamp(max=num_classes - 1)
-                mine = owner[start:stop].view(-1, 1, 1) == target
-                best = torch.maximum(best, maps.masked_fill(~mine, float("-inf")).amax(dim=0))
-                continue
-            split = min(max(class_queries - start, 0), stop - start)
-            if split:  # first maximum wins ties, as argmax over the whole softmax would
-                value, index = maps[:split].max(dim=0)
-                better = value > best
-                best = torch.where(better, value, best)
-                best_query = torch.where(better, index + start, best_query)
-            if split < stop - start:
-                background = torch.maximum(background, maps[split:].amax(dim=0))
-        confidence = torch.exp(best - peak) / total
+        affinity = self._pamr_affinity(encoded, size) if self.config.pamr else None
+        labels = None
+        if scores is not None:
+            labels = self._best_label(encoded, scores, size, step, affinity)
+        reduced = self._reduce(encoded, logits, size, step, affinity, labels)
+        if labels is None and self.config.area_threshold:
+            dropped = self._small_classes(reduced)
+            if dropped is not None:
+                reduced = self._reduce(encoded, logits, size, step, affinity, None, dropped)
+        confidence = torch.exp(reduced.best - reduced.peak) / reduced.total
         if labels is None:
-            labels = owner[best_query]
-            background = torch.exp(background - peak) / total > confidence
+            labels = self._query_owner[reduced.best_query]
+            background = reduced.background_probability() > confidence
         else:
             background = labels == num_classes  # the refinement's background channel
             labels = labels.clamp(max=num_classes - 1)
@@ -461,6 +474,69 @@ class Segmenter:
             class_names=[c.name for c in self.classes],
         )
 
+    def _reduce(
+        self,
+        encoded: Encoded,
+        logits: torch.Tensor,
+        size: tuple[int, int],
+        step: int,
+        affinity: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        dropped: torch.Tensor | None = None,
+    ) -> Reduced:
+        """One pass over the query maps, ``step`` queries at a time (see ``Reduced``).
+
+        ``labels`` (H, W): a refinement's choice; the best logit is then that class's best
+        synonym. ``dropped`` (classes,) bool: classes that may not win (area threshold); they
+        still count in the softmax's denominator, as SCLIP multiplies their probability by 0.
+        """
+        num_classes, class_queries = len(self.classes), self._class_queries
+        device = logits.device
+        peak = torch.full(size, float("-inf"), device=device)  # max of scaled logits
+        total = torch.zeros(size, device=device)  # sum of exp(scaled logit - peak)
+        best = torch.full(size, float("-inf"), device=device)  # best class logit
+        best_query = torch.zeros(size, dtype=torch.long, device=device)
+        background = torch.full(size, float("-inf"), device=device)
+        owner = self._query_owner
+        for start in range(0, logits.shape[1], step):
+            if start:
+                check_stop(self.stop, f"postprocess of queries {start}..")
+            stop = min(start + step, logits.shape[1])
+            maps = self._to_input(logits[:, start:stop], encoded, size, labels is None, affinity)
+            maps = maps * self.config.logit_scale
+            new_peak = torch.maximum(peak, maps.amax(dim=0))
+            total = total * torch.exp(peak - new_peak) + torch.exp(maps - new_peak).sum(dim=0)
+            peak = new_peak
+            if labels is not None:  # the refinement chose: its class's best synonym
+                target = labels.clamp(max=num_classes - 1)
+                mine = owner[start:stop].view(-1, 1, 1) == target
+                best = torch.maximum(best, maps.masked_fill(~mine, float("-inf")).amax(dim=0))
+                continue
+            split = min(max(class_queries - start, 0), stop - start)
+            if split:  # first maximum wins ties, as argmax over the whole softmax would
+                candidates = maps[:split]
+                if dropped is not None:
+                    banned = dropped[owner[start : start + split]].view(-1, 1, 1)
+                    candidates = candidates.masked_fill(banned, float("-inf"))
+                value, index = candidates.max(dim=0)
+                better = value > best
+                best = torch.where(better, value, best)
+                best_query = torch.where(better, index + start, best_query)
+            if split < stop - start:
+                background = torch.maximum(background, maps[split:].amax(dim=0))
+        return Reduced(peak, total, best, best_query, background)
+
+    def _small_classes(self, reduced: Reduced) -> torch.Tensor | None:
+        """Classes (bool, (classes,)) to drop under ``area_threshold``, or None if none labels
+        any pixel: a class is kept iff its pixels are more than ``area_threshold`` times all
+        class-labelled pixels (background-word pixels excluded; SCLIP's ``area_pred``)."""
+        confidence = torch.exp(reduced.best - reduced.peak) / reduced.total
+        labelled = reduced.background_probability() <= confidence
+        labels = self._query_owner[reduced.best_query][labelled]
+        counts = torch.bincount(labels, minlength=len(self.classes))
+        dropped = counts <= self.config.area_threshold * counts.sum()
+        return dropped if bool((dropped & (counts > 0)).any()) else None
+
     def _chunk(self, encoded: Encoded, size: tuple[int, int]) -> int:
         """Maps per chunk so that one chunk's largest buffer holds about POSTPROCESS_ELEMENTS."""
         windows = encoded.windows
@@ -472,23 +548,48 @@ class Segmenter:
         return max(1, POSTPROCESS_ELEMENTS // pixels)
 
     def _to_input(
-        self, maps: torch.Tensor, encoded: Encoded, size: tuple[int, int], refine: bool
+        self,
+        maps: torch.Tensor,
+        encoded: Encoded,
+        size: tuple[int, int],
+        refine: bool,
+        affinity: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Window maps (n, K, h, w) -> (K, H, W) float32 at the input size: JBU and PAMR when
-        configured and ``refine`` (they refine whichever maps decide the label)."""
-        maps = self.to_image(maps, encoded, refine and self.config.upsample == "jbu")
-        if refine and self.config.pamr:
-            maps = pamr(self._full_resolution(encoded), maps[None])[0]
-        return _resize(maps, size).float()
+        """Window maps (n, K, h, w) -> (K, H, W) float32 at the input size.
+
+        As NACLIP (``forward_feature``, ``predict``) and SCLIP: bilinear to each window, windows
+        averaged into the resized image (H', W'), bilinear to the input size (two steps also
+        for the whole image), then PAMR there (``affinity``, when configured). JBU, when
+        configured, replaces the first step. Both only when ``refine``: they refine whichever
+        maps decide the label.
+        """
+        jbu = refine and self.config.upsample == "jbu"
+        maps = _resize(self.to_image(maps, encoded, jbu), size)
+        if refine and affinity is not None:
+            maps = pamr_propagate(affinity, maps[None].float())[0]
+        return maps.float()
+
+    def _pamr_affinity(self, encoded: Encoded, size: tuple[int, int]) -> torch.Tensor:
+        """PAMR's affinity (1, 16, H, W) at the input size, guided by the normalised network
+        input upsampled bilinearly to the input size (NACLIP's ``predict``); once per image."""
+        guide = F.interpolate(
+            self._full_resolution(encoded), size=size, mode="bilinear", align_corners=False
+        )
+        return pamr_affinity(guide)
 
     def _best_label(
-        self, encoded: Encoded, scores: torch.Tensor, size: tuple[int, int], step: int
+        self,
+        encoded: Encoded,
+        scores: torch.Tensor,
+        size: tuple[int, int],
+        step: int,
+        affinity: torch.Tensor | None,
     ) -> torch.Tensor:
         """(H, W) argmax over the refined label scores (n, L, h, w) at the input size, taken a
         chunk of labels at a time (the first maximum wins, as ``argmax``)."""
         best = label = None
         for start in range(0, scores.shape[1], step):
-            maps = self._to_input(scores[:, start : start + step], encoded, size, True)
+            maps = self._to_input(scores[:, start : start + step], encoded, size, True, affinity)
             value, index = maps.max(dim=0)
             if best is None:
                 best, label = value, index + start
@@ -501,12 +602,11 @@ class Segmenter:
     def to_image(self, maps: torch.Tensor, encoded: Encoded, jbu: bool) -> torch.Tensor:
         """Window maps (n, K, h, w) -> one map of the resized image (K, H', W').
 
-        The whole image without JBU or PAMR stays at patch resolution: the final resize goes
-        straight to the input size, one interpolation instead of two.
+        Each window's patch map is upsampled to the window (bilinear, or JBU guided by the
+        window), overlapping windows are averaged (NACLIP's ``forward_slide``). A window whose
+        side is not whole patches had its remainder dropped by the patch embedding: its map is
+        stretched over the whole window, as in the official code.
         """
-        (top, left, height, width), n = encoded.boxes[0], len(encoded.boxes)
-        if n == 1 and not jbu and not self.config.pamr and (height, width) == encoded.size:
-            return maps[0]
         if jbu:
             guide = (encoded.windows.float() * self._std + self._mean).clamp(0, 1)
             maps = joint_bilateral_upsample(maps.float(), guide)
@@ -514,7 +614,7 @@ class Segmenter:
             maps = F.interpolate(
                 maps.float(), size=encoded.windows.shape[-2:], mode="bilinear", align_corners=False
             )
-        if n == 1:
+        if len(encoded.boxes) == 1:
             return maps[0]
         total = maps.new_zeros((maps.shape[1], *encoded.size))
         count = maps.new_zeros((1, *encoded.size))

@@ -3,6 +3,13 @@
 Weights come from an open_clip pretrained tag (downloaded once on a machine with internet and
 then cached), from a local checkpoint file (robots without internet), or from nowhere
 (``pretrained: none``: random weights, only good for plumbing checks, so it warns loudly).
+
+Activation: OpenAI's weights (and MetaCLIP's, DFN's, ...) were trained with QuickGELU, but
+open_clip builds ``ViT-B-16`` with ``nn.GELU`` even for ``pretrained=openai`` and only warns;
+the model then computes another function than the one trained. For a tag that open_clip marks
+``quick_gelu``, ``load_clip`` builds the model with QuickGELU (as ``ViT-B-16-quickgelu``). A
+checkpoint file says nothing about its activation: for such weights in a file, name the
+``-quickgelu`` model.
 """
 
 from __future__ import annotations
@@ -114,10 +121,28 @@ def _resolve_pretrained(name: str, pretrained: str) -> str | None:
     return pretrained
 
 
+def needs_quick_gelu(name: str, weights: str | None) -> bool:
+    """Whether ``weights`` is an open_clip tag trained with QuickGELU while the model config
+    ``name`` builds ``nn.GELU`` (e.g. ``ViT-B-16`` + ``openai``); False for files and no weights.
+    """
+    if weights is None or Path(weights).expanduser().is_file():
+        return False
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return False
+    tag = open_clip.get_pretrained_cfg(name, weights) or {}
+    model = open_clip.get_model_config(name) or {}
+    return bool(tag.get("quick_gelu")) and not model.get("quick_gelu", False)
+
+
 def load_clip(
     model: str, pretrained: str, device: str = "auto", precision: str = "fp32"
 ) -> LoadedClip:
-    """Build the model, load its weights and check that its image tower supports dense CLIP."""
+    """Build the model, load its weights and check that its image tower supports dense CLIP.
+
+    ``model``: an open_clip name or a model-config JSON file; ``pretrained``: a tag, a checkpoint
+    file or ``none``. A tag trained with QuickGELU gets QuickGELU (``needs_quick_gelu``).
+    Raises ModelLoadError saying what to set.
+    """
     if precision not in PRECISIONS:
         raise ModelLoadError(
             f"unknown precision {precision!r}: set precision to one of {list(PRECISIONS)}"
@@ -129,9 +154,21 @@ def load_clip(
         )
     name = _resolve_model_name(model)
     weights = _resolve_pretrained(name, pretrained)
+    quick_gelu = needs_quick_gelu(name, weights)
+    if quick_gelu:
+        logger.info(
+            "pretrained %r was trained with QuickGELU: building %s with it (as %s-quickgelu)",
+            weights,
+            name,
+            name,
+        )
     try:
         clip = open_clip.create_model(
-            name, pretrained=weights, device=torch_device, precision=precision
+            name,
+            pretrained=weights,
+            device=torch_device,
+            precision=precision,
+            force_quick_gelu=quick_gelu,
         )
     except Exception as error:  # open_clip raises many types: download, key mismatch, bad file
         hint = (

@@ -1,7 +1,8 @@
 """Text embeddings of class names, cached per text so a vocabulary change encodes only new words.
 
-Prompts are cut to the longest real prompt before the text tower (the text mask is causal, so the
-tokens after the end token never influence it): 10x faster on a CPU with the same result.
+Prompts are cut after the last end-of-text token of the batch before the text tower (the text mask
+is causal, so the tokens after the end token never influence it): 10x faster on a CPU with the
+same result as open_clip's ``encode_text``.
 """
 
 from __future__ import annotations
@@ -163,19 +164,25 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-tower forward, cut to the longest real prompt where the model allows it."""
+        """Text-tower forward, cut after the batch's last end token where the model allows it.
+
+        The end token is where ``encode_text`` pools: the highest token id (``argmax``). The
+        cut is not the count of non-zero ids: open_clip's tokenizer gives a lone ``!`` the id 0
+        (open_clip issue #453), so ``sign reading "exit!".`` has a 0 before its end token.
+        """
         self.prompts_encoded += len(prompts)
         tokens = self.tokenizer(prompts).to(next(self.model.parameters()).device)
         model = self.model
         if not _can_cut(model):
             return model.encode_text(tokens)
-        length = int((tokens != 0).sum(dim=1).max())
+        ends = tokens.argmax(dim=-1)  # end-of-text positions, as encode_text pools
+        length = int(ends.max()) + 1
         tokens = tokens[:, :length]
         dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(tokens).to(dtype) + model.positional_embedding[:length].to(dtype)
         x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
         x = model.ln_final(x)
-        x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]  # end token: highest id
+        x = x[torch.arange(x.shape[0]), ends]
         return x @ model.text_projection
 
 

@@ -1,19 +1,36 @@
-"""The standard evaluation protocol of training-free CLIP segmentation, one row per data set.
+"""Benchmark protocols of ovss-eval: the data sets, and each method's official settings on them.
 
-The settings are those of NACLIP's released configs (github.com/sinahmr/NACLIP, v2), the numbers
-in docs/methods.md are measured with: the short side resized to 336 (Cityscapes 560), sliding
-windows of 224 with stride 112 except on VOC, where NACLIP v2 runs the whole image in one forward,
-softmax temperature 40, and a probability threshold of 0.1 on the three data sets that score a
-background class. The class-name files in ``ovss_ros/data/class_names`` are NACLIP's, with
-synonyms separated by ';' as everywhere in ovss_ros.
+A data set (``DatasetProtocol``) says how the benchmark is read and whether label 0 is
+background. A method protocol (``MethodProtocol``) holds, per data set, the engine settings of a
+method's released test configs: resize short side, sliding window, probability threshold,
+softmax temperature, SCLIP's area threshold, PAMR, and the class-name file. Published numbers
+can only be reproduced with these and the official conventions the engine defaults to
+(methods.md section 0). ``ovss-eval`` picks the method's own protocol unless ``--protocol``
+names another; flags override single settings.
+
+- ``naclip``: github.com/sinahmr/NACLIP (v2) ``configs/cfg_<set>.py``, defaults of
+  ``naclip.py`` (logit scale 40, 224/112 windows, PAMR 10 iterations at dilations 8/16, which
+  ``test_all.sh ... on`` uses for the README's main results).
+- ``sclip``: github.com/wangf3014/SCLIP ``configs/cfg_<set>.py``, defaults of
+  ``clip_segmentor.py`` (logit scale 40, 224/112 windows, no PAMR, ``area_thd`` None).
+- ``clearclip``: github.com/mc-lan/ClearCLIP ``configs/cfg_<set>.py``, defaults of
+  ``clearclip_segmentor.py`` (logit scale 50, 448/224 windows), its own class-name files for
+  VOC and COCO-Object (``clearclip_<set>.txt``).
+- ``standard``: the data-set settings NACLIP and SCLIP share, without any method's tuning or
+  post-processing (NACLIP's table without PAMR); for methods without a protocol of their own.
+
+All three official repositories evaluate OpenAI's ViT-B/16 (QuickGELU), so that is every
+protocol's model. The class-name files in ``ovss_ros/data/class_names`` are the repositories'
+(NACLIP's and SCLIP's are identical), with synonyms separated by ';' as everywhere in ovss_ros.
 
 Background: in VOC21, PASCAL Context 60 and COCO-Object label 0 is "background", which is not a
 thing CLIP can be asked about by name. Line 0 of those class files therefore lists background
-*words* (VOC21 / COCO-Object: sky, wall, tree, ...; Context 60: just "background"), which go to
-the engine as ``background_words``; the other lines are the classes. The engine calls a pixel
-unlabeled when a background word beats every class or the best class is below the threshold,
-which is exactly NACLIP's "argmax over background + classes, then 0 where max prob < 0.1", so
-unlabeled is scored as label 0 and engine label k as data-set label k + 1.
+*words* (VOC21 / COCO-Object: sky, wall, tree, ...; Context 60 and ClearCLIP's files: just
+"background"), which go to the engine as ``background_words``; the other lines are the classes.
+The engine calls a pixel unlabeled when a background word beats every class or the best class
+is below the threshold, which is exactly the official "argmax over background + classes, then
+0 where max prob < prob_thd", so unlabeled is scored as label 0 and engine label k as data-set
+label k + 1.
 """
 
 from __future__ import annotations
@@ -41,20 +58,16 @@ BACKGROUND_NAME = "background"
 
 @dataclass(frozen=True)
 class DatasetProtocol:
-    """How one benchmark is read and which engine settings the published numbers used."""
+    """How one benchmark is read; the engine settings come from a ``MethodProtocol``."""
 
     name: str
     title: str
     read: Callable[[Path], DatasetReader]
     has_background: bool  # label 0 is background; line 0 of the class file holds its words
-    short_side: int
-    crop: int  # 0: the whole image in one forward
-    stride: int
-    threshold: float  # pixels whose best class probability is below are background
 
     @property
     def class_file(self) -> str:
-        """File name in ovss_ros/data/class_names."""
+        """File name in ovss_ros/data/class_names (the shared NACLIP/SCLIP names)."""
         return f"{self.name}.txt"
 
 
@@ -62,15 +75,15 @@ class DatasetProtocol:
 PROTOCOLS: dict[str, DatasetProtocol] = {
     row[0]: DatasetProtocol(*row)
     for row in (
-        # name         title                    reader            background short crop stride thd
-        ("voc21",       "PASCAL VOC 2012 (21)",  read_voc21,       True,  336, 0,   0,   0.1),
-        ("context60",   "PASCAL Context (60)",   read_context60,   True,  336, 224, 112, 0.1),
-        ("coco_object", "COCO-Object (81)",      read_coco_object, True,  336, 224, 112, 0.1),
-        ("voc20",       "PASCAL VOC 2012 (20)",  read_voc20,       False, 336, 0,   0,   0.0),
-        ("context59",   "PASCAL Context (59)",   read_context59,   False, 336, 224, 112, 0.0),
-        ("coco_stuff",  "COCO-Stuff 164k (171)", read_coco_stuff,  False, 336, 224, 112, 0.0),
-        ("cityscapes",  "Cityscapes (19)",       read_cityscapes,  False, 560, 224, 112, 0.0),
-        ("ade20k",      "ADE20K (150)",          read_ade20k,      False, 336, 224, 112, 0.0),
+        # name         title                    reader            background
+        ("voc21",       "PASCAL VOC 2012 (21)",  read_voc21,       True),
+        ("context60",   "PASCAL Context (60)",   read_context60,   True),
+        ("coco_object", "COCO-Object (81)",      read_coco_object, True),
+        ("voc20",       "PASCAL VOC 2012 (20)",  read_voc20,       False),
+        ("context59",   "PASCAL Context (59)",   read_context59,   False),
+        ("coco_stuff",  "COCO-Stuff 164k (171)", read_coco_stuff,  False),
+        ("cityscapes",  "Cityscapes (19)",       read_cityscapes,  False),
+        ("ade20k",      "ADE20K (150)",          read_ade20k,      False),
     )
 }  # fmt: skip
 
@@ -85,12 +98,133 @@ ALIASES = {
 
 
 def get_protocol(name: str) -> DatasetProtocol:
-    """Protocol by name or common alias (``pc59``, ``ade``, ...), case and '-' insensitive."""
+    """Data set by name or common alias (``pc59``, ``ade``, ...), case and '-' insensitive."""
     key = name.lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in PROTOCOLS:
         raise ValueError(f"unknown data set {name!r}: use one of {list(PROTOCOLS)}")
     return PROTOCOLS[key]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Engine settings of one method's official config on one data set."""
+
+    short_side: int  # Resize(scale=(2048, short_side), keep_ratio=True)
+    crop: int  # slide_crop; 0: the whole image in one forward
+    stride: int  # slide_stride
+    threshold: float  # prob_thd: pixels whose best class probability is below are background
+    logit_scale: float = 40.0
+    area_threshold: float = 0.0  # SCLIP's area_thd (0: off)
+    pamr: bool = False
+    class_prefix: str = ""  # the method's own class-name files: <prefix><set>.txt
+
+    def class_file(self, dataset: DatasetProtocol) -> str:
+        return f"{self.class_prefix}{dataset.class_file}"
+
+
+@dataclass(frozen=True)
+class MethodProtocol:
+    """A method's official evaluation settings per data set, and where they come from."""
+
+    name: str
+    source: str  # repository and files the settings are read from
+    settings: dict[str, Settings]
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+
+    def for_dataset(self, dataset: DatasetProtocol) -> Settings:
+        return self.settings[dataset.name]
+
+
+def _table(**rows: Settings) -> dict[str, Settings]:
+    if set(rows) != set(PROTOCOLS):
+        raise ValueError(f"a protocol needs a row for every data set: {sorted(PROTOCOLS)}")
+    return rows
+
+
+_SLIDE = {"crop": 224, "stride": 112}
+_NACLIP = {**_SLIDE, "pamr": True}
+_CLEARCLIP = {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 50.0}
+
+METHOD_PROTOCOLS: dict[str, MethodProtocol] = {
+    "naclip": MethodProtocol(
+        "naclip",
+        "github.com/sinahmr/NACLIP: configs/cfg_<set>.py, naclip.py, test_all.sh",
+        _table(
+            voc21=Settings(336, 0, 0, 0.1, pamr=True),
+            context60=Settings(336, threshold=0.1, **_NACLIP),
+            coco_object=Settings(336, threshold=0.1, **_NACLIP),
+            voc20=Settings(336, 0, 0, 0.0, pamr=True),
+            context59=Settings(336, threshold=0.0, **_NACLIP),
+            coco_stuff=Settings(336, threshold=0.0, **_NACLIP),
+            cityscapes=Settings(560, threshold=0.0, **_NACLIP),
+            ade20k=Settings(336, threshold=0.0, **_NACLIP),
+        ),
+    ),
+    "sclip": MethodProtocol(
+        "sclip",
+        "github.com/wangf3014/SCLIP: configs/cfg_<set>.py, clip_segmentor.py",
+        _table(
+            voc21=Settings(336, threshold=0.1, logit_scale=65.0, area_threshold=0.1, **_SLIDE),
+            context60=Settings(336, threshold=0.1, logit_scale=50.0, **_SLIDE),
+            coco_object=Settings(336, threshold=0.1, logit_scale=50.0, **_SLIDE),
+            voc20=Settings(336, threshold=0.0, **_SLIDE),
+            context59=Settings(336, threshold=0.0, **_SLIDE),
+            coco_stuff=Settings(448, threshold=0.0, **_SLIDE),  # cfg_coco_stuff164k.py
+            cityscapes=Settings(560, threshold=0.0, **_SLIDE),
+            ade20k=Settings(336, threshold=0.0, **_SLIDE),
+        ),
+    ),
+    "clearclip": MethodProtocol(
+        "clearclip",
+        "github.com/mc-lan/ClearCLIP: configs/cfg_<set>.py, configs/cls_<set>.txt, "
+        "clearclip_segmentor.py",
+        _table(
+            voc21=Settings(threshold=0.5, class_prefix="clearclip_", **_CLEARCLIP),
+            context60=Settings(threshold=0.15, **_CLEARCLIP),
+            coco_object=Settings(threshold=0.4, class_prefix="clearclip_", **_CLEARCLIP),
+            voc20=Settings(threshold=0.0, class_prefix="clearclip_", **_CLEARCLIP),
+            context59=Settings(threshold=0.0, **_CLEARCLIP),
+            coco_stuff=Settings(threshold=0.0, **_CLEARCLIP),
+            cityscapes=Settings(threshold=0.0, **{**_CLEARCLIP, "crop": 224}),  # stride 224
+            ade20k=Settings(threshold=0.0, **_CLEARCLIP),
+        ),
+    ),
+    "standard": MethodProtocol(
+        "standard",
+        "NACLIP's configs without PAMR (the data-set settings it shares with SCLIP)",
+        _table(
+            voc21=Settings(336, 0, 0, 0.1),
+            context60=Settings(336, threshold=0.1, **_SLIDE),
+            coco_object=Settings(336, threshold=0.1, **_SLIDE),
+            voc20=Settings(336, 0, 0, 0.0),
+            context59=Settings(336, threshold=0.0, **_SLIDE),
+            coco_stuff=Settings(336, threshold=0.0, **_SLIDE),
+            cityscapes=Settings(560, threshold=0.0, **_SLIDE),
+            ade20k=Settings(336, threshold=0.0, **_SLIDE),
+        ),
+    ),
+}
+
+# The protocol of a last-block method's own code; methods without one get the standard one.
+# maskclip_reduced is ClearCLIP's "MaskCLIP" ablation, evaluated with ClearCLIP's code.
+DEFAULT_PROTOCOL = {
+    "naclip": "naclip",
+    "sclip": "sclip",
+    "clearclip": "clearclip",
+    "maskclip_reduced": "clearclip",
+    "maskclip": "standard",
+    "vanilla": "standard",
+}
+
+
+def method_protocol(name: str | None, method: str) -> MethodProtocol:
+    """Protocol ``name``, or ``method``'s own when None; raises ValueError for unknown ones."""
+    key = DEFAULT_PROTOCOL.get(method, "standard") if name is None else name.lower()
+    if key not in METHOD_PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}: use one of {list(METHOD_PROTOCOLS)}")
+    return METHOD_PROTOCOLS[key]
 
 
 @dataclass(frozen=True)
@@ -114,14 +248,17 @@ def builtin_class_file(file_name: str) -> str:
 
 
 def load_vocabulary(
-    protocol: DatasetProtocol, class_file: Path | None = None
+    protocol: DatasetProtocol,
+    class_file: Path | None = None,
+    builtin: str | None = None,
 ) -> EvaluationVocabulary:
-    """The protocol's vocabulary, or the one in ``class_file`` (same format, same line count).
+    """The data set's vocabulary from the built-in file ``builtin`` (default: the shared one,
+    ``protocol.class_file``), or the one in ``class_file`` (same format, same line count).
 
     A replacement file may change the words (prompt engineering) but not the number or order of
     the classes, because line i must still name label i of the ground truth.
     """
-    lines = class_lines(builtin_class_file(protocol.class_file))
+    lines = class_lines(builtin_class_file(builtin or protocol.class_file))
     if class_file is not None:
         custom = class_lines(Path(class_file).read_text())
         if len(custom) != len(lines):

@@ -4,8 +4,17 @@ Patch-level class scores are brought to image resolution by a weighted mean of t
 low-resolution scores, where a neighbour counts less the farther it is (spatial Gaussian, in
 low-resolution pixels) and the more its colour differs from the high-resolution pixel's (range
 Gaussian on the guide image). Unlike bilinear upsampling, which puts a class boundary anywhere
-inside the 16-pixel patch that straddles it, JBU puts it on the colour edge. DSLO's third step
-(methods.md section 1).
+inside the 16-pixel patch that straddles it, JBU puts it on the colour edge.
+
+JBU is the third step of DSLO (arXiv 2604.07723), whose JBU settings are not known here. The
+defaults, spatial sigma 1 low-resolution pixel and range sigma 0.1 on RGB in [0, 1], are those
+of M2N2 (CVPR 2025, robert-gabriel-gaube/m2n2, ``joint_bilateral_upsampling`` in
+``src/utils.py``), which DSLO follows for its Markov chain. Departures from M2N2's version, ours:
+M2N2 first upsamples the scores bilinearly and then filters in high-resolution pixels (a window
+of 3 spatial sigmas, colour differences between high-resolution pixels); here, as in Kopf et
+al., the window holds the (2 radius + 1)^2 low-resolution samples themselves, and a sample's
+colour is the guide area-averaged over its patch (the colour the patch saw) rather than one
+pixel of it. Tests: test/test_refine_jbu.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,88 @@
+"""Parameters a node cannot start with end start-up at once: status 1, one clear line naming the
+parameter and what was wrong, no traceback (issue 7, items 1 and 5).
+
+The processes start together (each pays the torch import) and are checked one by one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from ros_harness import TINY_NODE_PARAMETERS, NodeProcess
+
+LIFECYCLE = "ovss_ros.lifecycle_node"
+# The issue's namespace, deeper: room for a mask slug of ROOM characters (<ns>/ovss/masks/<slug>
+# at most 247), whatever the vocabulary makes of a long name (a 48-character slug at most).
+ROOM = 30
+NAMESPACE = "/warehouse_robot_07/perception/front_left_camera/segmentation/"
+NAMESPACE += "n" * (247 - len("/ovss/masks/") - ROOM - len(NAMESPACE))
+LONG_CLASS = "a very long class name " * 8 + "x" * 9  # 193 characters: the issue's example
+# name: (parameters, extra ROS arguments, texts the one error line must hold, module)
+CASES = {
+    "mask topic too long": (
+        TINY_NODE_PARAMETERS | {"classes": ["cat", LONG_CLASS]},
+        ["-r", f"__ns:={NAMESPACE}"],
+        ["cannot start", "classes: entry 1 'a very long class name", "characters long", "247"],
+        "ovss_ros.node",
+    ),
+    "managed node, mask topic too long": (
+        TINY_NODE_PARAMETERS | {"classes": ["cat", LONG_CLASS]},
+        ["-r", f"__ns:={NAMESPACE}"],
+        ["cannot start", "classes: entry 1 'a very long class name", "characters long"],
+        LIFECYCLE,
+    ),
+    "mask topic of a camera too long": (
+        # Fits without a camera (242 characters), not under ~/front/ (248).
+        TINY_NODE_PARAMETERS | {"classes": ["cat", "f" * (ROOM - 5)], "cameras": ["front"]},
+        ["-r", f"__ns:={NAMESPACE}"],
+        ["cannot start", "classes: entry 1 'fffff", "248 characters long"],
+        "ovss_ros.node",
+    ),
+    "text for a float": (
+        TINY_NODE_PARAMETERS | {"overlay_alpha": "abc"},
+        [],
+        ["cannot start", "overlay_alpha must be a floating-point number, got string 'abc'"],
+        "ovss_ros.node",
+    ),
+    "integer for a boolean": (
+        TINY_NODE_PARAMETERS | {"publish_masks": 1},
+        [],
+        ["cannot start", "publish_masks must be a boolean (true or false), got integer 1"],
+        "ovss_ros.node",
+    ),
+    "integer float out of range": (
+        TINY_NODE_PARAMETERS | {"overlay_alpha": 2},
+        [],
+        ["cannot start", "overlay_alpha must be in [0.0, 1.0], got 2"],
+        LIFECYCLE,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def failed_starts():
+    processes = {
+        name: NodeProcess(parameters, extra, module=module)
+        for name, (parameters, extra, _, module) in CASES.items()
+    }
+    yield processes
+    for process in processes.values():
+        process.stop()
+        process.log_path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_start_up_with_a_bad_parameter_ends_with_one_clear_line(failed_starts, case):
+    process = failed_starts[case]
+    try:
+        returncode = process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"node still running after 300 s:\n{process.output()}")
+    output = process.output()
+    assert returncode == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1, output
+    for text in CASES[case][2]:
+        assert text in errors[0], output
