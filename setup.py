@@ -25,8 +25,8 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "ovss_node = ovss_ros.node:main",
-            "ovss_lifecycle_node = ovss_ros.lifecycle_node:main",
+            "ovss_node = ovss_ros.node_entry:ovss_node",
+            "ovss_lifecycle_node = ovss_ros.node_entry:ovss_lifecycle_node",
             "ovss-segment = ovss_ros.cli.segment:main",
             "ovss-eval = ovss_ros.cli.evaluate:main",
             "ovss-bench = ovss_ros.cli.bench:main",

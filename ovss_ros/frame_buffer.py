@@ -93,6 +93,11 @@ class FrameWorker(Generic[T]):
     ``handle_frames`` gets every frame taken at once (at most one per slot), never an empty list.
     An exception from either callable goes to ``on_error`` and the loop goes on: one failed frame
     (a CUDA out-of-memory, a bad input) must not end the node's service.
+
+    ``stop``: the event that ends the worker (``stop`` sets it), shared with whatever the
+    callables run so that a long step (text encoding, an inference stage) can end early too, by
+    raising. Once it is set, an exception from a callable is the stop itself (or a consequence of
+    the shutdown under way): it is not reported, and the worker ends.
     """
 
     def __init__(
@@ -102,11 +107,14 @@ class FrameWorker(Generic[T]):
         between_frames: Callable[[], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         name: str = "ovss_worker",
+        stop: threading.Event | None = None,
     ) -> None:
         self._buffer = buffer
         self._handle_frames = handle_frames
         self._between_frames = between_frames
         self._on_error = on_error
+        self.stopping = stop if stop is not None else threading.Event()
+        self.step: str | None = None  # "between_frames" or "handle_frames" while one runs
         # Daemon: a worker stuck inside a long forward pass must not keep the process alive.
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -114,7 +122,9 @@ class FrameWorker(Generic[T]):
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> bool:
-        """Close the buffer and wait for the thread; return False if it is still busy."""
+        """Set the stop event, close the buffer and wait for the thread; return False if it is
+        still busy after ``timeout`` seconds (``step`` says with what)."""
+        self.stopping.set()
         self._buffer.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -125,21 +135,27 @@ class FrameWorker(Generic[T]):
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        while not self._buffer.closed:
+        while not self._stopped():
             frames = self._buffer.take()
-            if self._buffer.closed:
+            if self._stopped():
                 break
             if self._between_frames is not None:
-                self._guarded(self._between_frames)
-            if frames:
-                self._guarded(self._handle_frames, frames)
+                self._guarded("between_frames", self._between_frames)
+            if frames and not self._stopped():
+                self._guarded("handle_frames", self._handle_frames, frames)
 
-    def _guarded(self, function: Callable[..., None], *args: object) -> None:
+    def _stopped(self) -> bool:
+        return self._buffer.closed or self.stopping.is_set()
+
+    def _guarded(self, step: str, function: Callable[..., None], *args: object) -> None:
+        self.step = step
         try:
             function(*args)
         except Exception as error:  # the worker must survive any frame
-            if self._on_error is not None:
+            if self._on_error is not None and not self.stopping.is_set():
                 try:
                     self._on_error(error)
                 except Exception:  # never let reporting kill the thread
                     pass
+        finally:
+            self.step = None

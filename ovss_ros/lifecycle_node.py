@@ -27,7 +27,8 @@ from typing import Any
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from ovss_ros.node import NODE_NAME, START_ERRORS, SegmentationNodeMixin, run
+from ovss_ros.node import NODE_NAME, START_ERRORS, SegmentationNodeMixin, run, stop_event
+from ovss_ros.node_entry import ShutdownSignals
 
 
 class OvssLifecycleNode(SegmentationNodeMixin, LifecycleNode):
@@ -42,13 +43,20 @@ class OvssLifecycleNode(SegmentationNodeMixin, LifecycleNode):
             raise
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        stopping = stop_event(self)  # a shutdown signal sets it: loading ends early (Stopped)
         try:
             self._load()
             self._open()
-        except START_ERRORS as error:
+        except Exception as error:
+            interrupted = stopping.is_set()  # before _release, which sets it
+            self._release()
+            if interrupted:
+                self.get_logger().info("configure interrupted: shutting down")
+                return TransitionCallbackReturn.FAILURE
+            if not isinstance(error, START_ERRORS):
+                raise
             # rclpy's lifecycle swallows exceptions without a word: say what went wrong here.
             self.get_logger().error(f"cannot configure: {error}")
-            self._release()
             return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS
 
@@ -98,9 +106,12 @@ class OvssLifecycleNode(SegmentationNodeMixin, LifecycleNode):
         super().destroy_node()
 
 
-def main(args: list[str] | None = None) -> int:
-    return run(OvssLifecycleNode, args)
+def main(args: list[str] | None = None, signals: ShutdownSignals | None = None) -> int:
+    return run(OvssLifecycleNode, args, signals)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The console script (node_entry.ovss_lifecycle_node) installs its handlers before imports.
+    from ovss_ros.node_entry import run_main
+
+    sys.exit(run_main(main))

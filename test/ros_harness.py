@@ -4,10 +4,17 @@
   parallel runs on one machine never share one), discovery kept on localhost, and a Fast DDS
   profile with a 16 MiB shared-memory segment (a 640x480 rgb8 frame is larger than the default
   512 KB one and would be lost under BEST_EFFORT) and UDP pinned to 127.0.0.1.
-- ``NodeProcess``: the node in its own process (``python -m ovss_ros.node --ros-args -p ...``), its
-  output in a file, stopped with SIGINT like Ctrl-C.
+- ``NodeProcess``: the node in its own process (``python -m ovss_ros.node --ros-args -p ...``, or a
+  console script of setup.py exactly as ``ros2 run`` starts it), its output in a file, stopped with
+  SIGINT like Ctrl-C.
 - ``spin_until``: spin the test's node until a condition holds. Discovery takes 0.1-2.4 s, so tests
   poll for what they need and never sleep a fixed time.
+
+Waiting: every wait is for an event (a message, a service, a log line, a process status) with a
+limit generous enough for a 2-core machine with other work running beside the tests: a node
+process pays seconds of imports (torch) before anything else, so whatever waits on a node
+starting gets STARTUP_TIMEOUT_S (more when several start together: ``startup_timeout``); a node
+that runs answers within EVENT_TIMEOUT_S.
 - ``OvssClient``: the other side of the graph (one camera or several), with /diagnostics.
 """
 
@@ -17,6 +24,7 @@ import atexit
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +47,18 @@ TINY_MODEL = DATA_DIR / "tiny-vit.json"
 VOC_IMAGES = Path(
     "/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc/JPEGImages"
 )
+# Limits of the waits (seconds): generous on purpose; a passing test never waits them out.
+STARTUP_TIMEOUT_S = 120.0  # a node process starting: imports, model, vocabulary, discovery
+EVENT_TIMEOUT_S = 30.0  # a running node: an output, a service answer, a status, discovery
+STOP_TIMEOUT_S = 60.0  # a node process ending after a signal
+
+
+def startup_timeout(processes: int = 1) -> float:
+    """The limit for one of ``processes`` node processes that start together: they share the
+    CPU, so each may take that many times longer (half of it on two cores)."""
+    return STARTUP_TIMEOUT_S * max(1.0, processes / 2)
+
+
 # The tiny random CLIP: fast on two CPU cores, nothing downloaded.
 TINY_NODE_PARAMETERS = {
     "model": str(TINY_MODEL),
@@ -142,18 +162,39 @@ def ros_argument(value: Any) -> str:
     return json.dumps(value)
 
 
+def console_script(name: str) -> tuple[str, str]:
+    """(module, function) of a console script declared in setup.py, e.g. ``ovss_node``."""
+    text = (REPO_ROOT / "setup.py").read_text()
+    match = re.search(rf'"{re.escape(name)}\s*=\s*([\w.]+):(\w+)"', text)
+    if match is None:
+        raise ValueError(f"no console script {name!r} in setup.py")
+    return match[1], match[2]
+
+
 class NodeProcess:
-    """The ovss node in a child process, with its console output captured in a file."""
+    """The ovss node in a child process, with its console output captured in a file.
+
+    ``module``: run as ``python -m module``. ``executable``: a console script of setup.py
+    (``ovss_node``, ``ovss_lifecycle_node``), run as pip's and colcon's generated script runs it
+    (import the entry function, ``sys.exit`` its result), without needing it installed.
+    """
 
     def __init__(
         self,
         parameters: Mapping[str, Any] | None = None,
         extra_ros_args: Sequence[str] = (),
         module: str = "ovss_ros.node",
+        executable: str | None = None,
     ) -> None:
         self.log_path = Path(tempfile.mkstemp(prefix="ovss_node_", suffix=".log")[1])
+        if executable is not None:
+            entry_module, function = console_script(executable)
+            script = f"import sys; from {entry_module} import {function}; sys.exit({function}())"
+            command = [sys.executable, "-c", script]
+        else:
+            command = [sys.executable, "-m", module]
         # Extra arguments (remaps, --params-file) first: a later -p wins over a params file.
-        args = [sys.executable, "-m", module, "--ros-args", *extra_ros_args]
+        args = [*command, "--ros-args", *extra_ros_args]
         for name, value in (parameters or {}).items():
             args += ["-p", f"{name}:={ros_argument(value)}"]
         self.args = args
@@ -179,7 +220,32 @@ class NodeProcess:
         """Wait for the process to end on its own; return its exit status."""
         return self.process.wait(timeout)
 
-    def stop(self, timeout: float = 10.0) -> int:
+    def send_signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait_for_output(self, text: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Wait until the node has printed ``text`` (fail if it ends or the time runs out)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.returncode is not None:
+                raise AssertionError(
+                    f"node ended ({self.returncode}) before printing {text!r}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output()}")
+            time.sleep(0.01)
+
+    def handles_signals(self) -> bool:
+        """True once the process catches SIGTERM (Python's default does not): the node's own
+        handlers are installed. Read from /proc/<pid>/status (SigCgt, a hex mask)."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return False
+        caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.MULTILINE)[1], 16)
+        return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """Ctrl-C the node and wait; escalate to SIGTERM and SIGKILL if it does not end."""
         if self.process.poll() is None:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
@@ -200,10 +266,17 @@ class NodeProcess:
         self.log_path.unlink(missing_ok=True)
 
 
+def shutdown_problems(output: str) -> list[str]:
+    """Lines of a node's output that a clean shutdown never prints: errors, tracebacks, an
+    abort, a failed publish."""
+    markers = ("[ERROR]", "Traceback", "terminate called", "context is invalid", "Aborted")
+    return [line for line in output.splitlines() if any(m in line for m in markers)]
+
+
 def spin_until(
     node: Node,
     predicate: Callable[[], Any],
-    timeout: float = 10.0,
+    timeout: float = EVENT_TIMEOUT_S,
     executor: SingleThreadedExecutor | None = None,
     message: str | Callable[[], str] = "",
 ) -> Any:
@@ -223,7 +296,9 @@ def spin_until(
             rclpy.spin_once(node, timeout_sec=min(0.05, remaining))
 
 
-def call_service(node: Node, client: Client, request: Any, timeout: float = 10.0) -> Any:
+def call_service(
+    node: Node, client: Client, request: Any, timeout: float = EVENT_TIMEOUT_S
+) -> Any:
     """Call a service once its server is discovered; return the response."""
     spin_until(node, client.service_is_ready, timeout, message=f"service {client.srv_name}")
     future = client.call_async(request)
@@ -349,7 +424,7 @@ class OvssClient:
             self.node.destroy_subscription(subscription)
 
     def spin_until(
-        self, predicate: Callable[[], Any], timeout: float = 10.0, message: Any = ""
+        self, predicate: Callable[[], Any], timeout: float = EVENT_TIMEOUT_S, message: Any = ""
     ) -> Any:
         return spin_until(self.node, predicate, timeout, message=message)
 
@@ -380,7 +455,7 @@ class OvssClient:
         self,
         message: Any,
         topics: Sequence[str] = ("labels",),
-        timeout: float = 15.0,
+        timeout: float = EVENT_TIMEOUT_S,
         resend_every: float = 1.0,
         publisher: Any = None,
     ) -> dict[str, Any]:
@@ -418,7 +493,10 @@ class OvssClient:
         ]
 
     def wait_for_status(
-        self, name: str, predicate: Callable[[dict[str, str]], Any], timeout: float = 10.0
+        self,
+        name: str,
+        predicate: Callable[[dict[str, str]], Any],
+        timeout: float = EVENT_TIMEOUT_S,
     ) -> Any:
         """The first newly received status ``name`` whose key/values satisfy ``predicate``."""
         seen = len(self.statuses(name))
@@ -464,6 +542,46 @@ class OvssClient:
 
     def destroy(self) -> None:
         self.node.destroy_node()
+
+
+class Lifecycle:
+    """The ChangeState / GetState clients of one managed node (``node``: its full name)."""
+
+    def __init__(self, client: OvssClient, node: str) -> None:
+        from lifecycle_msgs.srv import ChangeState, GetState
+
+        self.client = client
+        self.change = client.node.create_client(ChangeState, f"{node}/change_state")
+        self.get = client.node.create_client(GetState, f"{node}/get_state")
+
+    def state(self, timeout: float = EVENT_TIMEOUT_S) -> str:
+        """The node's state label (``unconfigured``, ``inactive``, ``active``, ``finalized``)."""
+        from lifecycle_msgs.srv import GetState
+
+        request = GetState.Request()
+        return call_service(self.client.node, self.get, request, timeout).current_state.label
+
+    def request(self, transition_id: int) -> Any:
+        """Ask for a transition without waiting for it: the future of the ChangeState call."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        spin_until(self.client.node, self.change.service_is_ready, STARTUP_TIMEOUT_S)
+        request = ChangeState.Request(transition=Transition(id=transition_id))
+        return self.change.call_async(request)
+
+    def transition(self, transition_id: int, timeout: float = STARTUP_TIMEOUT_S) -> bool:
+        """Make a transition (configure loads a model: a start-up's limit); True on success."""
+        future = self.request(transition_id)
+        spin_until(self.client.node, future.done, timeout, message=f"transition {transition_id}")
+        return future.result().success
+
+    def activate(self) -> None:
+        """Configure, then activate (the caller waits for the inputs to be subscribed)."""
+        from lifecycle_msgs.msg import Transition
+
+        assert self.transition(Transition.TRANSITION_CONFIGURE), "configure failed"
+        assert self.transition(Transition.TRANSITION_ACTIVATE), "activate failed"
 
 
 def status_values(status: Any) -> dict[str, str]:
@@ -548,7 +666,7 @@ def running_node(
     input_namespace: str = "",
     compressed: bool = False,
     reliable_input: bool = False,
-    ready_timeout: float = 60.0,
+    ready_timeout: float = STARTUP_TIMEOUT_S,
     cameras: Sequence[str] = (),
 ) -> Iterator[tuple[OvssClient, NodeProcess]]:
     """Start the node and a client; yield once the node is subscribed and its label_info is in.

@@ -1,5 +1,8 @@
 """The newest-frame buffer and its worker: no queueing, no lost wake-ups, survives errors,
-one slot per camera and every ready camera taken at once."""
+one slot per camera and every ready camera taken at once, stops on its stop event.
+
+Waits are on conditions with generous limits (a busy machine may not schedule a thread for a
+while); no assertion depends on how fast something happens."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import time
 
 from ovss_ros.frame_buffer import FrameBuffer, FrameWorker
 
+LIMIT_S = 30.0  # for anything another thread must do: generous, never waited out when passing
 
-def wait_until(predicate, timeout: float = 5.0) -> bool:
+
+def wait_until(predicate, timeout: float = LIMIT_S) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -38,12 +43,12 @@ def test_take_times_out_without_frame():
 def test_wake_releases_take_without_frame():
     buffer: FrameBuffer[int] = FrameBuffer()
     result: list[object] = []
-    thread = threading.Thread(target=lambda: result.append(buffer.take(timeout=5.0)))
+    thread = threading.Thread(target=lambda: result.append(buffer.take(timeout=3600.0)))
     thread.start()
-    time.sleep(0.02)
+    time.sleep(0.02)  # most likely waiting by now; a wake before take is not lost either
     buffer.wake()
-    thread.join(1.0)
-    assert not thread.is_alive()
+    thread.join(LIMIT_S)
+    assert not thread.is_alive()  # long before the take's own timeout
     assert result == [[]]
 
 
@@ -51,8 +56,8 @@ def test_wake_before_take_is_not_lost():
     buffer: FrameBuffer[int] = FrameBuffer()
     buffer.wake()
     start = time.monotonic()
-    assert buffer.take(timeout=5.0) == []
-    assert time.monotonic() - start < 1.0
+    assert buffer.take(timeout=3600.0) == []
+    assert time.monotonic() - start < LIMIT_S  # returned on the wake, not the timeout
 
 
 def test_close_releases_and_refuses():
@@ -60,7 +65,7 @@ def test_close_releases_and_refuses():
     buffer.put(1)
     buffer.close()
     assert buffer.closed
-    assert buffer.take(timeout=5.0) == []
+    assert buffer.take(timeout=3600.0) == []
     assert buffer.put(2) is False
 
 
@@ -79,7 +84,7 @@ def test_worker_handles_newest_only():
 
     def handle(frames: list[int]) -> None:
         handled.extend(frames)
-        release.wait(5.0)
+        release.wait(LIMIT_S)
 
     worker = FrameWorker(buffer, handle)
     worker.start()
@@ -91,7 +96,7 @@ def test_worker_handles_newest_only():
     assert wait_until(lambda: handled[-1] == 9)
     assert handled == [0, 9]
     assert buffer.overwritten == 8
-    assert worker.stop(timeout=2.0)
+    assert worker.stop(timeout=LIMIT_S)
 
 
 def test_worker_runs_between_frames_before_each_frame_and_on_wake():
@@ -103,7 +108,7 @@ def test_worker_runs_between_frames_before_each_frame_and_on_wake():
     assert wait_until(lambda: events == ["apply"])
     buffer.put("frame")
     assert wait_until(lambda: events == ["apply", "apply", "frame"])
-    assert worker.stop(timeout=2.0)
+    assert worker.stop(timeout=LIMIT_S)
 
 
 def test_worker_survives_exceptions_and_reports_them():
@@ -128,7 +133,7 @@ def test_worker_survives_exceptions_and_reports_them():
     assert wait_until(lambda: handled == [2])
     assert worker.alive
     assert "out of memory" in str(errors[0])
-    assert worker.stop(timeout=2.0)
+    assert worker.stop(timeout=LIMIT_S)
 
 
 def test_failed_between_frames_still_handles_frame():
@@ -144,7 +149,7 @@ def test_failed_between_frames_still_handles_frame():
     buffer.put(7)
     assert wait_until(lambda: handled == [7])
     assert errors and isinstance(errors[0], ValueError)
-    assert worker.stop(timeout=2.0)
+    assert worker.stop(timeout=LIMIT_S)
 
 
 def test_stop_is_prompt_when_idle_and_idempotent():
@@ -152,8 +157,8 @@ def test_stop_is_prompt_when_idle_and_idempotent():
     worker = FrameWorker(buffer, lambda frames: None)
     worker.start()
     start = time.monotonic()
-    assert worker.stop(timeout=2.0)
-    assert time.monotonic() - start < 1.0
+    assert worker.stop(timeout=3600.0)
+    assert time.monotonic() - start < LIMIT_S  # the idle worker ended, no timeout ran out
     assert worker.stop(timeout=0.1)
     assert not worker.alive
 
@@ -175,7 +180,7 @@ def test_worker_gets_the_frames_of_every_camera_that_was_ready_together():
 
     def handle(frames: list[str]) -> None:
         batches.append(frames)
-        release.wait(5.0)
+        release.wait(LIMIT_S)
 
     worker = FrameWorker(buffer, handle)
     worker.start()
@@ -186,4 +191,66 @@ def test_worker_gets_the_frames_of_every_camera_that_was_ready_together():
     release.set()
     assert wait_until(lambda: len(batches) == 2)
     assert batches[1] == ["front 1", "rear 1"]
-    assert worker.stop(timeout=2.0)
+    assert worker.stop(timeout=LIMIT_S)
+
+
+def test_stop_sets_the_stop_event_that_ends_a_long_step():
+    """The worker's stop event is handed to the long step (as the node hands it to its engine):
+    stop() sets it, the step raises, and that exception is the stop, not an error."""
+    buffer: FrameBuffer[int] = FrameBuffer()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    class Stopped(Exception):
+        pass
+
+    def long_step(frames: list[int]) -> None:  # e.g. a forward pass checking between stages
+        started.set()
+        if stop.wait(3600.0):
+            raise Stopped
+
+    worker = FrameWorker(buffer, long_step, on_error=errors.append, stop=stop)
+    worker.start()
+    buffer.put(1)
+    assert started.wait(LIMIT_S)
+    assert worker.step == "handle_frames"
+    assert worker.stop(timeout=LIMIT_S)
+    assert stop.is_set() and not worker.alive
+    assert errors == []
+
+
+def test_an_error_during_stop_is_not_reported_and_a_busy_worker_says_with_what():
+    buffer: FrameBuffer[int] = FrameBuffer()
+    errors: list[BaseException] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def apply_changes() -> None:  # e.g. text encoding that does not check the stop event
+        entered.set()
+        release.wait(LIMIT_S)
+        raise RuntimeError("publisher destroyed under me")
+
+    worker = FrameWorker(buffer, lambda frames: None, apply_changes, errors.append)
+    worker.start()
+    buffer.wake()
+    assert entered.wait(LIMIT_S)
+    assert not worker.stop(timeout=0.05)  # still inside the step
+    assert worker.step == "between_frames" and worker.stopping.is_set()
+    release.set()
+    assert wait_until(lambda: not worker.alive)
+    assert errors == []  # raised after the stop request: part of stopping
+
+
+def test_a_stop_event_set_from_outside_ends_the_worker_after_its_step():
+    """A shutdown signal sets the event before the node closes the buffer: no new step starts."""
+    buffer: FrameBuffer[int] = FrameBuffer()
+    stop = threading.Event()
+    handled: list[int] = []
+    worker = FrameWorker(buffer, handled.extend, stop=stop)
+    worker.start()
+    buffer.put(1)
+    assert wait_until(lambda: handled == [1])
+    stop.set()
+    buffer.put(2)  # wakes the worker, which sees the stop event and ends without handling it
+    assert wait_until(lambda: not worker.alive)
+    assert handled == [1]

@@ -1,0 +1,143 @@
+"""Process entry of the ovss nodes: the console scripts ``ovss_node`` and ``ovss_lifecycle_node``
+(what ``ros2 run ovss_ros ovss_node`` starts), and how SIGINT / SIGTERM end such a process.
+
+Light on purpose: only the standard library is imported here, so the signal handlers are in place
+before rclpy, torch and open_clip are imported (seconds on a small CPU). What a signal does:
+
+- during start-up (imports, model loading, vocabulary encoding, until the node serves): it ends
+  start-up at once (``Interrupted``, unwound through the node's own clean-up) and the process
+  exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), without a traceback;
+- while the node serves: it asks for an orderly stop (``ovss_ros.node.run``): the engine's stop
+  event is set (text encoding and every inference stage end early), the spin loop ends, the node
+  stops its worker, then destroys its publishers, then the ROS context is shut down; exit
+  status 0;
+- any later signal is ignored: the shutdown under way is not interrupted, so nothing is left half
+  torn down and no thread is killed inside native code.
+
+rclpy's own signal handlers are not installed (``SignalHandlerOptions.NO``): they shut the
+context down from another thread while the worker may still publish.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A shutdown signal that arrived during start-up; the process exits with ``exit_status``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal number, as a shell reports a process a signal ended."""
+        return 128 + self.signum
+
+
+class ShutdownSignals:
+    """SIGINT and SIGTERM handlers for a node process (handlers run in the main thread).
+
+    Starting (from ``install`` until ``serve``): the first signal raises ``Interrupted`` in the
+    main thread. Serving: the first signal calls ``on_request`` (e.g. sets the engine's stop
+    event) and ``requested`` becomes true; the spin loop polls it. Every later signal is ignored.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []  # signal numbers, in arrival order
+        self._on_request: Callable[[], None] | None = None
+        self._serving = False
+
+    @classmethod
+    def install(cls) -> ShutdownSignals:
+        """Handlers for SIGINT and SIGTERM; call from the main thread, before heavy imports."""
+        signals = cls()
+        for signum in SHUTDOWN_SIGNALS:
+            signal.signal(signum, signals._handle)
+        return signals
+
+    def serve(self, on_request: Callable[[], None] | None = None) -> None:
+        """Start-up is over: from now on a signal asks for an orderly stop."""
+        self._on_request = on_request
+        self._serving = True
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.received)
+
+    def name(self) -> str:
+        """The first signal's name (SIGINT, SIGTERM), or an empty string."""
+        return signal.Signals(self.received[0]).name if self.received else ""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if len(self.received) > 1:
+            return  # shutting down already: let it finish
+        if not self._serving:
+            raise Interrupted(signum)
+        if self._on_request is not None:
+            self._on_request()
+
+
+def run_main(main: Callable[..., int], signals: ShutdownSignals | None = None) -> int:
+    """Run a node's ``main(signals=...)``; return the status for ``sys.exit``.
+
+    Once ``main`` is done, SIGINT and SIGTERM are ignored: Python would restore their default
+    action while it finalizes, and a late Ctrl-C would kill the process. If a thread is still
+    alive (a worker that did not stop in time), or start-up was interrupted (maybe inside an
+    import), the process ends here with ``os._exit``: an interpreter that finalizes while a
+    daemon thread runs inside torch aborts ("terminate called without an active exception").
+    ROS has been shut down by then; only the standard streams need flushing.
+    """
+    signals = signals or ShutdownSignals.install()
+    interrupted = False
+    try:
+        try:
+            status = main(signals=signals)
+        finally:
+            _ignore_shutdown_signals()
+    except Interrupted as interrupt:  # before main's own handling, e.g. in an import
+        _ignore_shutdown_signals()
+        status, interrupted = interrupt.exit_status, True
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    if interrupted or any(thread.is_alive() for thread in others):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+    # The interpreter's last garbage collections walk every object torch and open_clip made
+    # (seconds on a busy CPU); ROS is shut down and nothing left needs collecting.
+    gc.freeze()
+    return status
+
+
+def _ignore_shutdown_signals() -> None:
+    for signum in SHUTDOWN_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _node_main(module: str) -> int:
+    signals = ShutdownSignals.install()
+    return run_main(lambda **kwargs: importlib.import_module(module).main(**kwargs), signals)
+
+
+def ovss_node() -> int:
+    """Console script ``ovss_node``: the plain node (``ovss_ros.node.OvssNode``)."""
+    return _node_main("ovss_ros.node")
+
+
+def ovss_lifecycle_node() -> int:
+    """Console script ``ovss_lifecycle_node``: the managed node (``ovss_ros.lifecycle_node``)."""
+    return _node_main("ovss_ros.lifecycle_node")
