@@ -13,6 +13,7 @@ the test works with the current one, so that its imports overlap that work.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -90,14 +91,23 @@ class Node:
         self.process.stop()
         self.process.log_path.unlink(missing_ok=True)
 
-    def assert_clean_exit(self, status: int = 0, signal_name: str | None = "") -> None:
+    def assert_clean_exit(
+        self, status: int = 0, signal_name: str | Sequence[str] | None = ""
+    ) -> None:
         """Ended with ``status``, nothing a clean shutdown never prints; ``signal_name``: the
-        orderly shutdown's log line names it (None: not checked)."""
+        orderly shutdown's one log line names it, or one of several (None: not checked).
+
+        Several: signals sent a few milliseconds apart can all be pending when the interpreter
+        runs its handlers, and it runs them in signal-number order (SIGINT before SIGTERM), so
+        the first one sent is not always the one that starts the shutdown."""
         output = self.process.output()
         assert self.process.returncode == status, output
         assert shutdown_problems(output) == [], output
         if signal_name:
-            assert f"{signal_name}: shutting down" in output, output
+            names = [signal_name] if isinstance(signal_name, str) else list(signal_name)
+            lines = re.findall(r"\bSIG[A-Z]+: shutting down", output)
+            assert len(lines) == 1, output
+            assert any(f"{name}: shutting down" in lines[0] for name in names), output
 
 
 @pytest.fixture
@@ -203,7 +213,7 @@ def test_signals_while_a_30_hz_camera_streams_exit_cleanly(ros, voc_rgb, executa
     with serving_nodes(executable, FAST, len(cases), "camera_signals") as nodes:
         for node, signals in zip(nodes, cases, strict=True):
             signal_while_streaming(node, voc_rgb[0], signals, gap_s=0.05)
-            node.assert_clean_exit(0, signal.Signals(signals[0]).name)
+            node.assert_clean_exit(0, {signal.Signals(sig).name for sig in signals})
 
 
 def test_signal_while_the_worker_encodes_a_long_vocabulary(ros):
@@ -252,8 +262,8 @@ def test_signals_to_an_unconfigured_managed_node_exit_cleanly(ros):
     with one_node(MANAGED, FAST, "unconfigured") as node:
         assert node.lifecycle.state(timeout=STARTUP_TIMEOUT_S) == "unconfigured"
         node.process.send_signal(SIGTERM)
-        node.client.spin_for(0.2)
-        node.process.send_signal(SIGINT)
+        node.process.wait_for_output("SIGTERM: shutting down", STOP_TIMEOUT_S)
+        node.process.send_signal(SIGINT)  # during the orderly stop: ignored
         node.process.wait(STOP_TIMEOUT_S)
         node.assert_clean_exit(0, "SIGTERM")
 
