@@ -48,8 +48,9 @@ VOC_IMAGES = Path(
     "/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc/JPEGImages"
 )
 # Limits of the waits (seconds): generous on purpose; a passing test never waits them out.
-STARTUP_TIMEOUT_S = 240.0  # a node process starting: imports, model, vocabulary, discovery (generous:
-# under a load of 6 on 2 cores two processes importing torch together took over 120 s)
+# A node process starting: imports, model, vocabulary, discovery (under a load of 6 on 2 cores two
+# processes importing torch together took over 120 s).
+STARTUP_TIMEOUT_S = 240.0
 EVENT_TIMEOUT_S = 30.0  # a running node: an output, a service answer, a status, discovery
 STOP_TIMEOUT_S = 60.0  # a node process ending after a signal
 
