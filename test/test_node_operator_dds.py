@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from ros_harness import (
@@ -249,3 +250,25 @@ def test_matched_publisher_without_frames_warns_with_the_fix_until_a_frame_arriv
     assert int(status_values(status)["frames received"]) >= 1
     # Logged once for that silence, not every second.
     assert process.output().count("no frame on /image") == 1, process.output()
+
+
+# The launch file hands the profile to the processes it starts (launch has no wheels: the
+# launch modules are stand-ins that record what the file builds, as in test_launch_plan).
+
+
+def test_launch_gives_the_started_processes_the_profile_unless_one_is_set(monkeypatch, tmp_path):
+    from test_launch_plan import run_launch_file
+
+    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
+    _, actions = run_launch_file(monkeypatch, {"use_rviz": "true"})
+    nodes = [action for action in actions if type(action).__name__ == "Node"]
+    assert [node.kwargs["executable"] for node in nodes] == ["ovss_node", "rviz2"]
+    for node in nodes:
+        (path,) = node.kwargs["additional_env"].values()
+        assert list(node.kwargs["additional_env"]) == ["FASTDDS_DEFAULT_PROFILES_FILE"]
+        assert Path(path).samefile(PROFILE)
+    # The user's own profile (or another middleware's setting) is left alone.
+    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", str(tmp_path / "own_profile.xml"))
+    _, actions = run_launch_file(monkeypatch, {})
+    (node,) = actions
+    assert node.kwargs["additional_env"] is None
