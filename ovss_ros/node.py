@@ -39,6 +39,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import (
     InvalidParameterTypeException,
     InvalidParameterValueException,
+    ParameterNotDeclaredException,
 )
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -374,6 +375,21 @@ def undeclared_overrides(given: list[str], declared: list[str]) -> list[tuple[st
         for name in given
         if name not in known
     ]
+
+
+def undeclared_message(name: str, closest: str | None) -> str:
+    hint = f"did you mean {closest}?" if closest else "no parameter of that name exists"
+    return f"{one_line(name, 120)} is not a parameter of this node: {hint}"
+
+
+class UndeclaredParameters(ParameterNotDeclaredException):
+    """A request names parameters the node does not declare. rclpy's own refusal says
+    "Invalid access to undeclared parameter(s): []" (its list comes out empty); this one names
+    each parameter and the closest declared one (``undeclared_overrides``)."""
+
+    def __init__(self, found: list[tuple[str, str | None]]) -> None:
+        super().__init__([name for name, _ in found])
+        self.args = ("; ".join(undeclared_message(name, closest) for name, closest in found),)
 
 
 def stamp_usable(stamp: Any) -> bool:
@@ -758,11 +774,28 @@ class SegmentationNodeMixin:
             if name in self._overrides_reported or (name.startswith(QOS_PREFIX) and not qos):
                 continue
             self._overrides_reported.add(name)
-            hint = f"did you mean {closest}?" if closest else "no parameter of that name exists"
             self.get_logger().warning(
-                f"parameter {one_line(name, 120)} is not a parameter of this node and is "
-                f"ignored: {hint}"
+                f"parameter {undeclared_message(name, closest)} (the value is ignored)"
             )
+
+    def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
+        """rclpy's, after refusing a list with an undeclared name whole (``UndeclaredParameters``,
+        which the parameter services turn into an unsuccessful result with its message)."""
+        self._refuse_undeclared(parameter_list)
+        return super().set_parameters(parameter_list)
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        """rclpy's, after refusing a list with an undeclared name (``UndeclaredParameters``)."""
+        self._refuse_undeclared(parameter_list)
+        return super().set_parameters_atomically(parameter_list)
+
+    def _refuse_undeclared(self, parameter_list: list[Parameter]) -> None:
+        names = [getattr(parameter, "name", None) for parameter in parameter_list]
+        if None in names:  # not Parameters: rclpy's own TypeError says so
+            return
+        found = undeclared_overrides(names, list(self._parameters))
+        if found:
+            raise UndeclaredParameters(found)
 
     # Worker thread: owns the Segmenter.
 

@@ -19,6 +19,7 @@ import rclpy
 import yaml
 from lifecycle_msgs.msg import Transition
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from ros_harness import (
     EVENT_TIMEOUT_S,
     STARTUP_TIMEOUT_S,
@@ -36,7 +37,7 @@ from ovss_ros.node import undeclared_overrides
 from ovss_ros.node_entry import wants_help
 
 STATUS = "ovss: image"
-IGNORED = "is not a parameter of this node and is ignored"
+IGNORED = "is not a parameter of this node: "
 # Given name -> what the warning must suggest.
 MISTAKES = {
     "clases": "did you mean classes?",
@@ -100,11 +101,45 @@ def test_each_unknown_parameter_is_reported_once_with_the_closest_name(node):
     assert set(found) == set(MISTAKES), process.output()
     for name, hint in MISTAKES.items():
         (line,) = found[name]  # once
-        assert "[WARN]" in line and line.endswith(hint), line
+        assert "[WARN]" in line and line.endswith(f"{hint} (the value is ignored)"), line
     # The node runs with the values it does know, the typo ignored.
     assert client.get_parameter("overlay_alpha") == 0.5
     assert client.get_parameter("short_side") == 64  # the params file's real name applied
     assert client.get_parameter("score_threshold") == 0.0
+
+
+def test_an_unknown_name_at_runtime_is_refused_naming_it_and_the_closest(node):
+    # rclpy's own refusal names nothing: "Invalid access to undeclared parameter(s): []".
+    client, _ = node
+    (result,) = client.set_parameters([Parameter("clases", value=["cat"])])
+    assert not result.successful
+    assert result.reason == "clases is not a parameter of this node: did you mean classes?"
+    results = client.set_parameters([Parameter("zzz", value=1)])
+    assert (
+        results[0].reason
+        == "zzz is not a parameter of this node: no parameter of that name exists"
+    )
+    assert client.get_parameter("classes") == ["cat", "dog"]
+
+
+def test_an_atomic_request_with_one_unknown_name_changes_nothing(node):
+    from rcl_interfaces.srv import SetParametersAtomically
+    from ros_harness import call_service
+
+    client, _ = node
+    service = client.node.create_client(SetParametersAtomically, "/ovss/set_parameters_atomically")
+    request = SetParametersAtomically.Request(
+        parameters=[
+            Parameter("overlay_alpha", value=0.9).to_parameter_msg(),
+            Parameter("overlay_alpa", value=0.9).to_parameter_msg(),
+        ]
+    )
+    result = call_service(client.node, service, request).result
+    assert not result.successful
+    assert result.reason == (
+        "overlay_alpa is not a parameter of this node: did you mean overlay_alpha?"
+    )
+    assert client.get_parameter("overlay_alpha") == 0.5
 
 
 def wait_for_message(client: OvssClient, predicate) -> object:
@@ -161,9 +196,10 @@ def test_lifecycle_node_reports_unknown_names_at_construction_and_qos_ones_on_ac
             assert lifecycle.transition(Transition.TRANSITION_ACTIVATE)
             process.wait_for_output("qos_overrides./imag.", timeout=EVENT_TIMEOUT_S)
             found = ignored_lines(process.output())
-            assert found["clases"][0].endswith("did you mean classes?")
-            assert found["qos_overrides./imag.subscription.depth"][0].endswith(
+            assert "did you mean classes?" in found["clases"][0]
+            assert (
                 "did you mean qos_overrides./image.subscription.depth?"
+                in found["qos_overrides./imag.subscription.depth"][0]
             )
             assert set(found) == {"clases", "qos_overrides./imag.subscription.depth"}
             assert all(len(lines) == 1 for lines in found.values())
