@@ -41,6 +41,8 @@ NOT_SOURCE = (
     "install",
     "log",
     "__pycache__",
+    "*.pyc",
+    ".cache",
     "*.egg-info",
     ".ruff_cache",
     ".pytest_cache",
