@@ -5,7 +5,14 @@
 
 Every decision (names, remappings, parameters, what runs) is made by ``ovss_ros.launch_plan``,
 which the tests exercise without ROS launch; this file only turns its plan into launch actions.
+
+Large images: unless FASTDDS_DEFAULT_PROFILES_FILE is set already, the processes started here get
+the package's config/fastdds_large_data.xml (Fast DDS's LARGE_DATA transports), so that the
+overlay and labels reach RViz whole. The camera driver needs the same profile for the input
+(README: "Large images and DDS"); with Cyclone DDS the variable is ignored.
 """
+
+import os
 
 from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
 from launch.launch_context import LaunchContext
@@ -14,10 +21,20 @@ from launch_ros.actions import Node
 
 from ovss_ros import launch_plan
 
+FASTDDS_PROFILE_VARIABLE = "FASTDDS_DEFAULT_PROFILES_FILE"
+
+
+def _dds_environment() -> dict[str, str]:
+    """The large-data Fast DDS profile for the started processes, unless one is set already."""
+    if os.environ.get(FASTDDS_PROFILE_VARIABLE):
+        return {}
+    return {FASTDDS_PROFILE_VARIABLE: str(launch_plan.default_file("fastdds_large_data.xml"))}
+
 
 def _start(context: LaunchContext, *args: object, **kwargs: object) -> list:
     """Resolve the arguments, plan, and start the processes the plan enables."""
     values = {name: context.launch_configurations[name] for name in launch_plan.ARGUMENTS}
+    environment = _dds_environment()
     actions = []
     for spec in launch_plan.plan(values):
         if not spec.enabled:
@@ -34,6 +51,7 @@ def _start(context: LaunchContext, *args: object, **kwargs: object) -> list:
                 parameters=parameters,
                 arguments=list(spec.arguments),
                 ros_arguments=list(spec.ros_arguments),
+                additional_env=environment or None,
                 output="screen",
             )
         )

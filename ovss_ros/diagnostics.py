@@ -31,6 +31,10 @@ from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 OK, WARN, ERROR = 0, 1, 2
 WINDOW_S = 5.0
 NOT_AVAILABLE = "n/a"
+# An input with a matched publisher and no frame for this long gets a WARN (``InputWatch``).
+SILENT_INPUT_S = 5.0
+# Where the fix for frames lost in transport lives (installed as share/ovss_ros/config/...).
+LARGE_DATA_PROFILE = "config/fastdds_large_data.xml"
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,42 @@ class CameraStats:
 
 
 @dataclass(frozen=True)
+class InputState:
+    """A camera's image subscription as the DDS graph shows it."""
+
+    topic: str  # absolute name of the subscribed image topic
+    publishers: int  # publishers matched with the subscription (QoS compatible)
+    silent_s: float | None  # seconds with a matched publisher and no frame; None: no publisher
+
+
+class InputWatch:
+    """How long a camera's input has had a matched publisher but delivered no frame.
+
+    A publisher that matches and sends frames that never arrive is what DDS does to frames
+    larger than Fast DDS's default 512 KiB shared-memory segment under BEST_EFFORT: they go
+    over fragmented UDP and are lost, and no counter of the node sees them. The silence is
+    counted from the later of: the publisher appearing, the last frame received.
+    Called from the diagnostics timer only (one thread).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._since: float | None = None  # start of the current silence
+        self._received = -1
+
+    def observe(self, topic: str, publishers: int, received: int) -> InputState:
+        """The state now, given the matched publisher count and the total frames received."""
+        now = self._clock()
+        if publishers <= 0:
+            self._since = None
+        elif self._since is None or received != self._received:
+            self._since = now
+        self._received = received
+        silent = None if self._since is None else now - self._since
+        return InputState(topic, publishers, silent)
+
+
+@dataclass(frozen=True)
 class NodeState:
     """What every camera's status shares: the one model and whether it is segmenting."""
 
@@ -160,6 +200,9 @@ class NodeState:
     not_enabled_reason: str = "inference paused"
     parameter_change: str = "none"  # the last accepted change: none | applied | why it failed
     parameter_change_failed: bool = False
+    # Other nodes in the graph with this node's fully qualified name (they share its topics).
+    duplicate_nodes: int = 0
+    node_name: str = ""  # fully qualified, for the duplicate-name message
 
 
 @dataclass(frozen=True)
@@ -174,14 +217,31 @@ class Report:
         return dict(self.values)[key]
 
 
-def camera_report(window: Window, state: NodeState) -> Report:
+def silent_input_message(state: InputState) -> str:
+    """The WARN for an input that has a matched publisher and delivers nothing, with the fix."""
+    count = "1 publisher" if state.publishers == 1 else f"{state.publishers} publishers"
+    return (
+        f"no frame on {state.topic} for {state.silent_s:.0f} s although {count} matched: "
+        "frames larger than the DDS shared-memory segment are lost in transport with default "
+        f"Fast DDS settings; set FASTDDS_DEFAULT_PROFILES_FILE to ovss_ros's "
+        f"{LARGE_DATA_PROFILE} in the camera driver and this node, or make the input reliable "
+        "(README: Large images and DDS)"
+    )
+
+
+def camera_report(
+    window: Window, state: NodeState, input_state: InputState | None = None
+) -> Report:
     """Level and message from what happened within the window; counters are cumulative.
 
     ERROR: inference failed for every frame it was tried on. WARN: some failed, some frames were
     rejected or had an unusable stamp, frames arrive but none is segmented (all stale, or the
-    model is stuck) while inference is enabled, or the last accepted parameter change could not
-    be applied (the previous settings stay in force). OK otherwise. While paused, the message
-    starts with why.
+    model is stuck) while inference is enabled, the last accepted parameter change could not
+    be applied (the previous settings stay in force), the input has a matched publisher but no
+    frame arrived for SILENT_INPUT_S (``input_state``; the message names the fix), or another
+    node has this node's name. OK otherwise. While paused, the message starts with why.
+    ``input_state`` given: the values also say the input topic, its matched publishers and
+    seconds without a frame.
     """
     counts = window.counts
     rate = counts.processed / window.duration_s if window.duration_s > 0 else 0.0
@@ -205,6 +265,14 @@ def camera_report(window: Window, state: NodeState) -> Report:
         problems.append((WARN, f"frames arrive but none was segmented{stale}"))
     if state.parameter_change_failed:
         problems.append((WARN, f"parameter change failed: {state.parameter_change}"))
+    if (
+        input_state is not None
+        and input_state.silent_s is not None
+        and input_state.silent_s >= SILENT_INPUT_S
+    ):
+        problems.append((WARN, silent_input_message(input_state)))
+    if state.duplicate_nodes:
+        problems.append((WARN, duplicate_node_message(state.node_name, state.duplicate_nodes)))
     messages = [text for _, text in problems]
     if not state.enabled:
         messages.insert(0, state.not_enabled_reason)
@@ -246,7 +314,23 @@ def camera_report(window: Window, state: NodeState) -> Report:
         ("GPU memory reserved (MiB)", reserved),
         ("enabled", "true" if state.enabled else "false"),
     )
+    if input_state is not None:
+        silent = input_state.silent_s
+        values += (
+            ("input topic", input_state.topic),
+            ("input publishers", str(input_state.publishers)),
+            ("seconds without a frame", NOT_AVAILABLE if silent is None else f"{silent:.1f}"),
+        )
     return Report(level, message, values)
+
+
+def duplicate_node_message(name: str, others: int) -> str:
+    """The WARN for a node name that another node in the graph has too."""
+    more = "another node" if others == 1 else f"{others} other nodes"
+    return (
+        f"{more} named {name} in the graph: they share this node's topics, services and "
+        "parameters; give each a name or namespace of its own (-r __node:=... / -r __ns:=...)"
+    )
 
 
 def status_message(name: str, hardware_id: str, report: Report) -> DiagnosticStatus:

@@ -23,6 +23,7 @@ and back: stop, close. The plain node runs the first four at construction.
 
 from __future__ import annotations
 
+import difflib
 import sys
 import threading
 import time
@@ -38,6 +39,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import (
     InvalidParameterTypeException,
     InvalidParameterValueException,
+    ParameterNotDeclaredException,
 )
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -72,10 +74,15 @@ from ovss_ros.core import (
 )
 from ovss_ros.diagnostics import (
     OUTCOMES,
+    SILENT_INPUT_S,
     CameraStats,
+    InputState,
+    InputWatch,
     NodeState,
     camera_report,
+    duplicate_node_message,
     gpu_memory_mib,
+    silent_input_message,
     status_message,
 )
 from ovss_ros.frame_buffer import FrameBuffer, FrameWorker
@@ -168,6 +175,8 @@ class Camera:
         self._inputs = f"{name}/" if name else ""
         self.output_prefix = f"~/{name}/" if name else "~/"
         self.stats = CameraStats()
+        self.input_watch = InputWatch()
+        self.silence_logged = False  # the current silence of the input has been logged
         self.frame_id = ""  # of its newest frame: label_info sent on a vocabulary change has it
         self.outputs: Outputs | None = None
         self._subscriptions: list[Subscription] = []
@@ -272,6 +281,17 @@ class Camera:
         for subscription in self._subscriptions:
             node.destroy_subscription(subscription)
         self._subscriptions = []
+        self.input_watch = InputWatch()
+        self.silence_logged = False
+
+    def input_state(self) -> InputState | None:
+        """The image subscription's matched publishers and silence; None while unsubscribed."""
+        if not self._subscriptions:
+            return None
+        image = self._subscriptions[0]
+        return self.input_watch.observe(
+            image.topic_name, image.get_publisher_count(), self.stats.totals.received
+        )
 
     def _on_camera_info(self, message: CameraInfo) -> None:
         # Every output has the input's width and height (labels are upsampled to the input size),
@@ -343,6 +363,35 @@ def describe(error: BaseException) -> str:
     return one_line(f"{type(error).__name__}: {error}")
 
 
+QOS_PREFIX = "qos_overrides."
+
+
+def undeclared_overrides(given: list[str], declared: list[str]) -> list[tuple[str, str | None]]:
+    """Each name in ``given`` that is not in ``declared``, with the closest declared name
+    (``difflib.get_close_matches``, cutoff 0.6), or None when nothing is close."""
+    known = set(declared)
+    return [
+        (name, next(iter(difflib.get_close_matches(name, declared, n=1, cutoff=0.6)), None))
+        for name in given
+        if name not in known
+    ]
+
+
+def undeclared_message(name: str, closest: str | None) -> str:
+    hint = f"did you mean {closest}?" if closest else "no parameter of that name exists"
+    return f"{one_line(name, 120)} is not a parameter of this node: {hint}"
+
+
+class UndeclaredParameters(ParameterNotDeclaredException):
+    """A request names parameters the node does not declare. rclpy's own refusal says
+    "Invalid access to undeclared parameter(s): []" (its list comes out empty); this one names
+    each parameter and the closest declared one (``undeclared_overrides``)."""
+
+    def __init__(self, found: list[tuple[str, str | None]]) -> None:
+        super().__init__([name for name, _ in found])
+        self.args = ("; ".join(undeclared_message(name, closest) for name, closest in found),)
+
+
 def stamp_usable(stamp: Any) -> bool:
     """Whether a builtin_interfaces/Time is a time: sec >= 0 (rclpy refuses negative times) and
     nanosec below one second. A frame whose stamp is not gets "age unknown": it is never stale
@@ -406,7 +455,10 @@ class SegmentationNodeMixin:
         self._reverting = False
         self._warned: dict[tuple, float] = {}  # kind of warning -> when last logged (worker)
 
+        self._overrides_reported: set[str] = set()
+        self._duplicates_logged = 0
         self._values = node_parameters.declare_parameters(self)
+        self._report_undeclared_overrides(qos=False)
         self._settings = node_parameters.validate(self._values)
         self.cameras = [Camera(name) for name in self._settings.cameras] or [Camera()]
         self._check_mask_topics(self._settings.classes)
@@ -465,6 +517,8 @@ class SegmentationNodeMixin:
         self._active.set()
         for camera in self.cameras:
             camera.subscribe(self, self._settings.image_transport, self._on_image)
+        # Every qos_overrides.* the node knows is declared now: outputs and inputs exist.
+        self._report_undeclared_overrides(qos=True)
 
     def _stop(self) -> None:
         self._active.clear()
@@ -670,15 +724,78 @@ class SegmentationNodeMixin:
             ),
             parameter_change=change,
             parameter_change_failed=change_failed,
+            duplicate_nodes=self._check_duplicate_name(),
+            node_name=self.get_fully_qualified_name(),
         )
         array = DiagnosticArray()
         array.header.stamp = self.get_clock().now().to_msg()
         for camera in self.cameras:
-            report = camera_report(camera.stats.window(), state)
+            input_state = camera.input_state()
+            self._log_silent_input(camera, input_state)
+            report = camera_report(camera.stats.window(), state, input_state)
             array.status.append(
                 status_message(f"{self.get_name()}: {camera.name}", state.device, report)
             )
         self._diagnostics_pub.publish(array)
+
+    def _log_silent_input(self, camera: Camera, input_state: InputState | None) -> None:
+        """Log the diagnostics' silent-input WARN once per silence (it names the fix)."""
+        silent = input_state is not None and (input_state.silent_s or 0.0) >= SILENT_INPUT_S
+        if silent and not camera.silence_logged:
+            self.get_logger().warning(f"camera {camera.name}: {silent_input_message(input_state)}")
+        camera.silence_logged = silent
+
+    def _check_duplicate_name(self) -> int:
+        """How many other nodes in the graph have this node's fully qualified name; logged when
+        the number grows (discovery: a late joiner sees the whole graph within seconds)."""
+        own = self.get_fully_qualified_name()
+        try:
+            others = self.get_fully_qualified_node_names().count(own) - 1
+        except Exception as error:  # a graph query: never worth the diagnostics
+            self.get_logger().debug(f"graph query failed: {describe(error)}")
+            return self._duplicates_logged
+        if others > self._duplicates_logged:
+            self.get_logger().warning(duplicate_node_message(own, others))
+        self._duplicates_logged = max(others, 0)
+        return self._duplicates_logged
+
+    def _report_undeclared_overrides(self, qos: bool) -> None:
+        """Warn about every parameter given at start-up (-p, --params-file) that this node does
+        not declare, naming the closest declared one: rclpy ignores such a value without a word.
+
+        ``qos``: include ``qos_overrides.*`` names, which rclpy declares only as the publishers
+        and subscriptions they configure are created (so: once the inputs are subscribed).
+        Each name is reported once.
+        """
+        declared = list(self._parameters)  # rclpy's own too (use_sim_time, ...)
+        # rclpy keeps the start-up values here and offers no public accessor.
+        given = list(getattr(self, "_parameter_overrides", {}))
+        for name, closest in undeclared_overrides(given, declared):
+            if name in self._overrides_reported or (name.startswith(QOS_PREFIX) and not qos):
+                continue
+            self._overrides_reported.add(name)
+            self.get_logger().warning(
+                f"parameter {undeclared_message(name, closest)} (the value is ignored)"
+            )
+
+    def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
+        """rclpy's, after refusing a list with an undeclared name whole (``UndeclaredParameters``,
+        which the parameter services turn into an unsuccessful result with its message)."""
+        self._refuse_undeclared(parameter_list)
+        return super().set_parameters(parameter_list)
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        """rclpy's, after refusing a list with an undeclared name (``UndeclaredParameters``)."""
+        self._refuse_undeclared(parameter_list)
+        return super().set_parameters_atomically(parameter_list)
+
+    def _refuse_undeclared(self, parameter_list: list[Parameter]) -> None:
+        names = [getattr(parameter, "name", None) for parameter in parameter_list]
+        if None in names:  # not Parameters: rclpy's own TypeError says so
+            return
+        found = undeclared_overrides(names, list(self._parameters))
+        if found:
+            raise UndeclaredParameters(found)
 
     # Worker thread: owns the Segmenter.
 

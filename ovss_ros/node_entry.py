@@ -16,6 +16,10 @@ before rclpy, torch and open_clip are imported (seconds on a small CPU). What a 
 
 rclpy's own signal handlers are not installed (``SignalHandlerOptions.NO``): they shut the
 context down from another thread while the worker may still publish.
+
+``-h`` / ``--help`` before any ``--ros-args`` prints usage (topics, every parameter with its type,
+default, range or values, and description, from ``node_parameters.PARAMETERS``) and exits 0
+without initialising ROS.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import importlib
 import os
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -128,16 +133,90 @@ def _ignore_shutdown_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _node_main(module: str) -> int:
+HELP_FLAGS = ("-h", "--help")
+
+USAGE = """\
+usage: {program} [-h] [--ros-args [-r FROM:=TO] [-p NAME:=VALUE] [--params-file FILE] ...]
+
+{summary}
+
+Topics (relative to the node's namespace; remap with -r, e.g. -r image:=/camera/image_raw):
+  in:  image (sensor_msgs/Image; image/compressed with image_transport:=compressed),
+       camera_info
+  out: ~/labels, ~/label_info, ~/masks/<class>, ~/overlay, ~/confidence, ~/camera_info,
+       /diagnostics; service ~/enable (std_srvs/SetBool)
+  cameras:=[front, rear]: front/image -> ~/front/labels, ... (one model for all)
+
+Large images between processes need the Fast DDS profile config/fastdds_large_data.xml:
+  export FASTDDS_DEFAULT_PROFILES_FILE=<ovss_ros share>/config/fastdds_large_data.xml
+(in the camera driver too; README: "Large images and DDS").
+
+Parameters (-p NAME:=VALUE, or --params-file config/ovss.yaml; runtime ones also with
+ros2 param set; read-only ones only at start-up):
+"""
+
+SUMMARIES = {
+    "ovss_node": "Open-vocabulary semantic segmentation of camera images (the plain node: it "
+    "loads\nits model and starts serving at once).",
+    "ovss_lifecycle_node": "Open-vocabulary semantic segmentation of camera images (managed "
+    "node: configure\nloads the model, activate subscribes; ros2 lifecycle set /ovss ...).",
+}
+
+
+def wants_help(argv: list[str]) -> bool:
+    """``-h`` or ``--help`` among the arguments before ``--ros-args`` (after it, ROS's own)."""
+    own = argv[: argv.index("--ros-args")] if "--ros-args" in argv else argv
+    return any(arg in HELP_FLAGS for arg in own)
+
+
+def usage_header(program: str) -> str:
+    """What a node console script is and does, before its parameters (no imports needed)."""
+    return USAGE.format(program=program, summary=SUMMARIES[program])
+
+
+def parameter_help() -> str:
+    """Every declared parameter: name, type, read-only or runtime, default, range, description
+    and allowed values, wrapped to 99 columns."""
+    from ovss_ros import node_parameters  # imports torch and rclpy's Python API: seconds
+
+    lines = []
+    for spec in node_parameters.PARAMETERS:
+        kind = node_parameters.type_name(spec.default)
+        if spec.name in node_parameters.STRING_ARRAYS:
+            kind = "list of strings"
+        facts = [kind, "read-only" if spec.read_only else "runtime", f"default {spec.default!r}"]
+        if spec.minimum is not None:
+            facts.append(f"range {spec.minimum:g} .. {spec.maximum:g}")
+        lines.append(f"  {spec.name} ({', '.join(facts)})")
+        texts = [spec.description] + ([f"values: {spec.constraints}"] if spec.constraints else [])
+        lines += [
+            textwrap.fill(text, 99, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            for text in texts
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def print_help(program: str) -> None:
+    """Usage of a node console script on stdout: the header at once, then the parameters."""
+    sys.stdout.write(usage_header(program))
+    sys.stdout.flush()
+    sys.stdout.write(parameter_help())
+    sys.stdout.flush()
+
+
+def _node_main(module: str, program: str) -> int:
+    if wants_help(sys.argv[1:]):
+        print_help(program)
+        return 0
     signals = ShutdownSignals.install()
     return run_main(lambda **kwargs: importlib.import_module(module).main(**kwargs), signals)
 
 
 def ovss_node() -> int:
     """Console script ``ovss_node``: the plain node (``ovss_ros.node.OvssNode``)."""
-    return _node_main("ovss_ros.node")
+    return _node_main("ovss_ros.node", "ovss_node")
 
 
 def ovss_lifecycle_node() -> int:
     """Console script ``ovss_lifecycle_node``: the managed node (``ovss_ros.lifecycle_node``)."""
-    return _node_main("ovss_ros.lifecycle_node")
+    return _node_main("ovss_ros.lifecycle_node", "ovss_lifecycle_node")
