@@ -33,7 +33,7 @@ SIZES = ["480x640", "3000x4000"]
 
 
 def whole_softmax(segmenter, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The former postprocess (methods.md section 0): every query map at the input size, one
+    """The former postprocess (README, conventions): every query map at the input size, one
     softmax over all queries, max over each class's synonyms, argmax over classes, background
     where a background word beats the best class. JBU / PAMR / windows as configured."""
     config, size = segmenter.config, rgb.shape[:2]

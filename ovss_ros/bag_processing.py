@@ -382,6 +382,7 @@ def segment_bag(
     progress: bool | None = None,
     max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
     stop: StopSignals | None = None,
+    legend: bool = True,
 ) -> BagReport:
     """Run ``segmenter`` over every frame of ``job`` and write the output bag.
 
@@ -394,6 +395,7 @@ def segment_bag(
     frames finished so far (rosbags would otherwise abort it, leaving no metadata.yaml), and
     ``report.interrupted`` / ``report.error`` tell. ``stop``: an entered StopSignals of the
     caller (to keep handling signals after this returns); by default one for this call only.
+    ``alpha``, ``legend``: the overlay's colour weight and legend, as the node's parameters.
     """
     copied_topics = {"all": None, "image": {job.image_topic}, "none": set()}[job.copy]
     report = BagReport()
@@ -431,7 +433,7 @@ def segment_bag(
                         writer.write(copies[connection.id], timestamp, raw)
                         continue
                     with stop.interruptible():  # nothing of this frame is written yet
-                        outputs = _frame_outputs(job, segmenter, alpha, max_pixels, raw)
+                        outputs = _frame_outputs(job, segmenter, (alpha, legend), max_pixels, raw)
                     # The frame and its outputs, together (signals now wait for the next frame).
                     writing = timestamp
                     if connection.id in copies:
@@ -462,7 +464,11 @@ def segment_bag(
 
 
 def _frame_outputs(
-    job: BagJob, segmenter: Segmenter, alpha: float, max_pixels: int, raw: bytes | memoryview
+    job: BagJob,
+    segmenter: Segmenter,
+    drawing: tuple[float, bool],
+    max_pixels: int,
+    raw: bytes | memoryview,
 ) -> list[tuple[str, bytes]] | FrameError:
     """One input frame's output messages, serialized, in the node's order; or why it is skipped."""
     try:
@@ -484,7 +490,8 @@ def _frame_outputs(
                 mask = segmentation.mask(index).astype(np.uint8) * np.uint8(255)
                 outputs.append((job.outputs.masks[name], mono8_to_image(mask, header)))
         if job.outputs.overlay is not None:
-            blended = overlay(rgb, segmentation, alpha)
+            alpha, legend = drawing
+            blended = overlay(rgb, segmentation, alpha, legend=legend)
             outputs.append((job.outputs.overlay, rgb8_to_image(blended, header)))
         return [(topic, serialize_message(message)) for topic, message in outputs]
     except Exception as error:  # e.g. out of memory: this frame fails, the next may not

@@ -63,6 +63,7 @@ from vision_msgs.msg import LabelInfo
 
 from ovss_ros import node_parameters
 from ovss_ros.core import (
+    ClassColours,
     ClassEntry,
     EngineConfig,
     ModelLoadError,
@@ -170,8 +171,9 @@ class Camera:
     ``front/image`` and ``front/camera_info`` and publishes ``~/front/labels`` and so on.
     """
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, colours: ClassColours | None = None) -> None:
         self.name = name or SINGLE_CAMERA
+        self.colours = colours or ClassColours()  # the node's: one colour per class name
         self._inputs = f"{name}/" if name else ""
         self.output_prefix = f"~/{name}/" if name else "~/"
         self.stats = CameraStats()
@@ -323,7 +325,9 @@ class Camera:
                 mask = segmentation.mask(index).astype(np.uint8) * np.uint8(255)
                 publisher.publish(mono8_to_image(mask, header))
         if settings.publish_overlay and outputs.overlay.get_subscription_count() > 0:
-            blended = overlay(rgb, segmentation, settings.overlay_alpha)
+            blended = overlay(
+                rgb, segmentation, settings.overlay_alpha, self.colours, settings.overlay_legend
+            )
             outputs.overlay.publish(rgb8_to_image(blended, header))
         if settings.publish_confidence and outputs.confidence.get_subscription_count() > 0:
             outputs.confidence.publish(float32_to_image(segmentation.confidence, header))
@@ -460,7 +464,10 @@ class SegmentationNodeMixin:
         self._values = node_parameters.declare_parameters(self)
         self._report_undeclared_overrides(qos=False)
         self._settings = node_parameters.validate(self._values)
-        self.cameras = [Camera(name) for name in self._settings.cameras] or [Camera()]
+        colours = ClassColours()  # shared: a class has one colour on every camera
+        self.cameras = [Camera(name, colours) for name in self._settings.cameras] or [
+            Camera(None, colours)
+        ]
         self._check_mask_topics(self._settings.classes)
 
         self.add_pre_set_parameters_callback(node_parameters.coerce)

@@ -320,6 +320,11 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         maximum=1.0,
     ),
     ParameterSpec(
+        "overlay_legend",
+        True,
+        "draw a legend on ~/overlay, top left: each class present in the frame with its colour",
+    ),
+    ParameterSpec(
         "max_input_pixels",
         DEFAULT_MAX_INPUT_PIXELS,
         "frames with more pixels (width x height; for compressed frames the size the data "
@@ -355,6 +360,7 @@ class Settings:
     publish_overlay: bool
     publish_confidence: bool
     overlay_alpha: float
+    overlay_legend: bool
     max_frame_age: float
     max_input_pixels: int
 
@@ -492,6 +498,7 @@ def validate(values: Mapping[str, Any]) -> Settings:
         publish_overlay=values["publish_overlay"],
         publish_confidence=values["publish_confidence"],
         overlay_alpha=float(values["overlay_alpha"]),
+        overlay_legend=values["overlay_legend"],
         max_frame_age=float(values["max_frame_age"]),
         max_input_pixels=values["max_input_pixels"],
     )

@@ -2,7 +2,7 @@
 # Build the vision_msgs subset in vision_msgs_lite/ (LabelInfo, VisionClass) and install it
 # into a venv that has ROS 2 from the PyPI wheels, where no vision_msgs wheel exists.
 # Does nothing when the venv can already import vision_msgs.msg.LabelInfo (e.g. a robot
-# with ROS from apt, or a second run). See /work/shared/docs/platform.md.
+# with ROS from apt, or a second run). See README.md, "Set-up and tests".
 #
 # Usage: bash scripts/build_vision_msgs.sh [VENV]   (default: $OVSS_VENV or .venv)
 #        FORCE=1 bash scripts/build_vision_msgs.sh   rebuilds even if importable

@@ -1,4 +1,4 @@
-"""Helpers for tests that talk to the node over real DDS (docs/platform.md, "DDS on one machine").
+"""Helpers for tests that talk to the node over real DDS, isolated for each test run.
 
 - ``isolate_dds()``: a ROS_DOMAIN_ID of its own for this test run (claimed with a lock file, so
   parallel runs on one machine never share one), discovery kept on localhost, and a Fast DDS

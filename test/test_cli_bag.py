@@ -29,7 +29,8 @@ from vision_msgs.msg import LabelInfo
 from ovss_ros.bag_processing import LABEL_INFO_TYPE, VISION_MSGS_DEFINITIONS, typestore
 from ovss_ros.cli.bag import main, parse_args
 from ovss_ros.cli.engine_args import config_from_args
-from ovss_ros.core import Segmenter
+from ovss_ros.core import Segmentation, Segmenter, palette
+from ovss_ros.core import overlay as draw_overlay
 
 ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--size", "64"]
 ENGINE += ["--templates", "single"]
@@ -165,9 +166,34 @@ def test_raw_images_from_sqlite3(tmp_path, raw_sqlite3_bag, voc_rgb):
     for topic in ("/camera/image_raw", "/note"):
         assert topics[topic] == original[topic]
     check_frames(topics, "/ovss", "/camera/image_raw", [rgb.shape[:2] for rgb in voc_rgb])
-    for (_, raw, _), rgb in zip(topics["/ovss/overlay"], voc_rgb, strict=True):
+    # The overlay is the node's: the same colours (a fresh vocabulary's) and the same legend.
+    overlays = zip(topics["/ovss/overlay"], topics["/ovss/labels"], voc_rgb, strict=True)
+    for (_, raw, _), (_, labels_raw, _), rgb in overlays:
         overlay = STORE.deserialize_cdr(raw, "sensor_msgs/msg/Image")
         assert overlay.encoding == "rgb8" and (overlay.height, overlay.width) == rgb.shape[:2]
+        labels_msg = STORE.deserialize_cdr(labels_raw, "sensor_msgs/msg/Image")
+        labels = labels_msg.data.reshape(labels_msg.height, labels_msg.width)
+        segmentation = Segmentation(labels, np.ones(labels.shape, np.float32), SLUGS)
+        expected = draw_overlay(rgb, segmentation, 0.5)
+        assert (expected != draw_overlay(rgb, segmentation, 0.5, legend=False)).any()
+        np.testing.assert_array_equal(overlay.data.reshape(expected.shape), expected)
+
+
+def test_no_legend_overlay_is_the_plain_blend(tmp_path, raw_sqlite3_bag, voc_rgb):
+    out = tmp_path / "out"
+    args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--no-masks"]
+    args += ["--alpha", "0.25", "--no-legend", "--classes"]
+    assert main(args + CLASSES + ENGINE) == 0
+    topics = read_bag(out)
+    overlays = zip(topics["/ovss/overlay"], topics["/ovss/labels"], voc_rgb, strict=True)
+    colours = palette(SLUGS).astype(np.float64)
+    for (_, raw, _), (_, labels_raw, _), rgb in overlays:
+        overlay = STORE.deserialize_cdr(raw, "sensor_msgs/msg/Image")
+        labels_msg = STORE.deserialize_cdr(labels_raw, "sensor_msgs/msg/Image")
+        labels = labels_msg.data.reshape(labels_msg.height, labels_msg.width)
+        blend = 0.75 * rgb + 0.25 * colours[labels]
+        drawn = overlay.data.reshape(rgb.shape).astype(np.float64)
+        assert np.abs(drawn - blend).max() <= 1.0
 
 
 def test_compressed_mcap_skips_an_undecodable_frame(tmp_path, voc_rgb, caplog):

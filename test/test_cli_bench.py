@@ -5,6 +5,7 @@ import json
 import pytest
 from conftest import TINY_VIT
 
+from ovss_ros.cli import bench
 from ovss_ros.cli.bench import STAGES, main, parse_combo
 
 ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--templates", "single"]
@@ -12,7 +13,7 @@ ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--templates", "sing
 
 def test_report_has_every_stage_and_the_bare_forward(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["--combos", "naclip", "sclip+dslo-ot+jbu", "--iterations", "2", "--warmup", "1"]
+    args = ["--combos", "naclip", "sclip+dslo-ot+jbu", "--iterations", "3", "--warmup", "1"]
     args += ["--size", "64", "--json", str(out)]
     assert main(args + ENGINE) == 0
     report = json.loads(out.read_text())
@@ -22,9 +23,41 @@ def test_report_has_every_stage_and_the_bare_forward(tmp_path, capsys):
         result = report["combos"][combo]
         assert set(result["stages"]) == set(STAGES)
         assert all(s["p95_ms"] >= s["median_ms"] > 0 for s in result["stages"].values())
-        assert result["end_to_end"]["median_ms"] > 0
-    printed = capsys.readouterr().out
+        e2e = result["end_to_end"]
+        assert e2e["p75_ms"] >= e2e["median_ms"] >= e2e["p25_ms"] >= e2e["min_ms"] > 0
+        # From the same iterations: no end-to-end figure below that of one of its stages.
+        for key in ("median_ms", "p95_ms", "p25_ms", "p75_ms", "min_ms"):
+            assert e2e[key] >= max(s[key] for s in result["stages"].values()), key
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "bare open_clip forward" in printed and "sclip+dslo-ot+jbu" in printed
+    assert "spread (IQR)" in printed
+    # Progress on stderr while it runs: one line per round, every row in every round.
+    rounds = [line for line in captured.err.splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in rounds] == [
+        "round 1/4 (warm-up)",
+        "round 2/4 (timed)",
+        "round 3/4 (timed)",
+        "round 4/4 (timed)",
+    ]
+    for line in rounds:
+        rows = [part.split(" ")[0] for part in line.split(": ", 1)[1].split(", ")]
+        assert rows == ["bare", "naclip", "sclip+dslo-ot+jbu"]  # interleaved, in order
+
+
+def test_rows_are_interleaved_round_by_round(monkeypatch):
+    """The engine sees the combos in turn within each round, not one combo's frames in a row."""
+    order = []
+    original = bench.Segmenter.reconfigure
+
+    def recording(self, **changes):
+        order.append(changes["method"])
+        return original(self, **changes)
+
+    monkeypatch.setattr(bench.Segmenter, "reconfigure", recording)
+    args = ["--combos", "naclip", "sclip", "clearclip", "--iterations", "2", "--warmup", "1"]
+    assert main(args + ["--size", "64", "--width", "64", "--height", "48"] + ENGINE) == 0
+    assert order == ["naclip", "sclip", "clearclip"] * 3
 
 
 def test_parse_combo():
@@ -44,3 +77,9 @@ def test_parse_combo():
 def test_bad_combo_exits_2(capsys):
     assert main(["--combos", "naclip+magic", "--iterations", "1"] + ENGINE) == 2
     assert "unknown part" in capsys.readouterr().err
+
+
+def test_unreadable_image_exits_2(tmp_path, capsys):
+    missing = tmp_path / "no-such.jpg"
+    assert main(["--image", str(missing), "--iterations", "1"] + ENGINE) == 2
+    assert "no-such.jpg" in capsys.readouterr().err

@@ -10,7 +10,10 @@ from conftest import TINY_VIT, voc_image_paths
 
 from ovss_ros.cli.engine_args import config_from_args
 from ovss_ros.cli.segment import main, parse_args
-from ovss_ros.core import Segmenter
+from ovss_ros.core import Segmentation, Segmenter
+from ovss_ros.core import overlay as draw_overlay
+
+CLASS_NAMES = ["person", "tv", "dog"]
 
 ENGINE = [
     "--model",
@@ -39,6 +42,16 @@ def test_folder_in_labels_and_overlays_out(tmp_path):
         assert set(np.unique(labels)) <= {0, 1, 2}
         overlay = cv2.imread(str(out / f"{path.stem}_overlay.jpg"))
         assert overlay.shape == image.shape
+        # The node's colours and legend (up to JPEG's loss): the drawing is the same code.
+        segmentation = Segmentation(labels, np.ones(labels.shape, np.float32), CLASS_NAMES)
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        expected = draw_overlay(rgb, segmentation, 0.5)[:, :, ::-1].astype(np.float64)
+        plain = draw_overlay(rgb, segmentation, 0.5, legend=False)[:, :, ::-1]
+        legend = (expected != plain).any(axis=-1)
+        assert legend.any()
+        error = np.abs(overlay - expected)
+        assert error.mean() < 2.0 and error[legend].mean() < 8.0
+        assert np.abs(overlay - plain.astype(np.float64))[legend].mean() > 25.0
 
 
 def test_sliding_window_method_and_no_overlay(tmp_path):

@@ -1,4 +1,4 @@
-"""Every last-block mode against an independent reference written from methods.md's equations."""
+"""Every last-block mode against an independent reference written from the papers' equations."""
 
 import math
 

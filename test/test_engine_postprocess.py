@@ -1,6 +1,6 @@
 """postprocess reduces the query maps a chunk at a time; the result is the whole softmax's.
 
-The reference below is the standard protocol written out at once (methods.md section 0), in the
+The reference below is the standard protocol written out at once (README, conventions), in the
 order of NACLIP's ``predict``: every query map upsampled to the resized image, then to the input
 size, PAMR there (guided by the resized input upsampled to the input size), ``softmax(logit_scale
 * logits)`` over all queries, the max over each class's synonyms, SCLIP's area threshold, argmax

@@ -162,6 +162,22 @@ def test_missing_labels_and_layouts_are_reported(tmp_path):
         readers.read_voc21(tmp_path)
 
 
+def test_layout_error_names_the_missing_path(tmp_path):
+    base = make_voc_layout(tmp_path)  # VOCdevkit/VOC2012 with all three parts
+    split = base / "ImageSets" / "Segmentation" / "val.txt"
+    split.unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        readers.read_voc21(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"data set layout not found: missing {split} (")
+    assert str(base / "JPEGImages") not in message.split("(")[0]  # only the missing one
+    shutil.rmtree(base / "SegmentationClass")
+    with pytest.raises(FileNotFoundError, match="missing .*SegmentationClass and .*val.txt"):
+        readers.read_voc21(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no-such-folder does not exist"):
+        readers.read_voc21(tmp_path / "no-such-folder")
+
+
 def test_colour_label_images_are_rejected(tmp_path):
     base = make_coco(tmp_path, "_labelTrainIds.png", [0])
     write_image(base / "annotations" / "val2017" / "000000000139_labelTrainIds.png")

@@ -5,7 +5,7 @@ diagnostics WARN, with the fix named, when the input has a matched publisher but
 - The profile: valid Fast DDS XML, installed by setup.py, pointed to from README, launch, params.
 - Over real DDS, in processes of their own: a 4000x3000 rgb8 frame (36 MB), sent BEST_EFFORT,
   arrives with the shipped profile in both processes (with Fast DDS's defaults none of 30 did:
-  platform.md and the profile's own comment).
+  README, "Large images and DDS", and the profile's own comment).
 - Over real DDS, the node: a publisher that matches its input and sends nothing makes the status
   a WARN naming the profile (and the log says it once); a frame ends it.
 """

@@ -7,6 +7,7 @@ label values, topics, parameter behaviour), not segmentation quality.
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import cv2
@@ -26,7 +27,9 @@ from ros_harness import (
 )
 from sensor_msgs.msg import CameraInfo
 
-from ovss_ros.core import class_color
+from ovss_ros.core import Segmentation, overlay, palette
+
+overlay_module = importlib.import_module("ovss_ros.core.overlay")
 
 CLASSES = ["cat", "dog", "person"]
 ALL_OUTPUTS = ("labels", "label_info", "overlay", "confidence")
@@ -118,12 +121,53 @@ def test_every_output_matches_the_input_frame(client, voc_rgb, encoding, index):
         assert set(np.unique(mask)) <= {0, 255}
         np.testing.assert_array_equal(mask == 255, labels == class_index)
 
-    # The overlay blends the image as RGB (so bgr8 and mono8 were converted) with class colours.
+    # The overlay blends the image as RGB (so bgr8 and mono8 were converted) with class colours
+    # (a fresh vocabulary's: the first palette entries) and draws the legend (overlay_legend
+    # true in config/ovss.yaml) as ovss-segment and ovss-bag do.
     assert out["overlay"].encoding == "rgb8"
-    colours = np.array([class_color(name) for name in CLASSES], dtype=np.float64)
-    expected = 0.5 * seen_rgb + 0.5 * colours[labels]
-    difference = np.abs(image_array(out["overlay"]).astype(np.float64) - expected)
-    assert difference.max() <= 1.0
+    colours = palette(CLASSES).astype(np.float64)
+    blend = 0.5 * seen_rgb + 0.5 * colours[labels]
+    drawn = image_array(out["overlay"]).astype(np.float64)
+    segmentation = Segmentation(labels, confidence, CLASSES)
+    expected = overlay(seen_rgb, segmentation, 0.5).astype(np.float64)
+    assert np.abs(drawn - expected).max() <= 1.0
+    legend = np.abs(drawn - blend).max(axis=-1) > 1.0
+    assert legend.any() and not legend[height // 2 :].any()  # a legend, in the top part
+
+
+def overlay_of(client, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, overlay) the node publishes for ``rgb``, as arrays."""
+    message = make_image(rgb, "rgb8", next_header(client.node))
+    out = client.wait_for_output(message, ("labels", "overlay"))
+    return image_array(out["labels"]), image_array(out["overlay"]).astype(np.float64)
+
+
+def test_overlay_colour_stays_with_its_class_and_the_legend_switches(client, voc_rgb):
+    rgb = voc_rgb[0]
+    entries = overlay_module.PALETTE.astype(np.float64)
+    try:
+        # "wall" alone takes palette entry 0; then "door handle" comes first in the vocabulary
+        # but wall keeps entry 0 and door handle gets 1 (a fresh vocabulary would swap them).
+        set_ok(client, classes=["wall"], overlay_legend=False)
+        wait_for_vocabulary(client, ["wall"])
+        labels, drawn = overlay_of(client, rgb)
+        assert (labels == 0).all()
+        assert np.abs(drawn - (0.5 * rgb + 0.5 * entries[0])).max() <= 1.0  # and no legend
+
+        set_ok(client, classes=["door handle", "wall"])
+        wait_for_vocabulary(client, ["door handle", "wall"])
+        labels, drawn = overlay_of(client, rgb)
+        assert set(np.unique(labels)) <= {0, 1}
+        colours = entries[[1, 0]]  # door handle, wall
+        assert np.abs(drawn - (0.5 * rgb + 0.5 * colours[labels])).max() <= 1.0
+
+        set_ok(client, overlay_legend=True)
+        labels, drawn = overlay_of(client, rgb)
+        legend = np.abs(drawn - (0.5 * rgb + 0.5 * colours[labels])).max(axis=-1) > 1.0
+        assert legend[:40, :40].any() and not legend[rgb.shape[0] // 2 :].any()
+    finally:
+        set_ok(client, classes=CLASSES, overlay_legend=True)
+        wait_for_vocabulary(client, CLASSES)
 
 
 def test_camera_info_is_passed_through(client):

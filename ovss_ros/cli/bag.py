@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-overlay", action="store_true", help="no <ns>/overlay topic")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     parser.add_argument(
+        "--no-legend", action="store_true", help="no legend (classes and colours) on the overlay"
+    )
+    parser.add_argument(
         "--copy",
         choices=COPY_CHOICES,
         default="all",
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             job,
             segmenter,
             alpha=args.alpha,
+            legend=not args.no_legend,
             progress=args.progress,
             max_pixels=args.max_input_pixels,
             stop=stop,

@@ -5,8 +5,12 @@
 One frame goes through: decode (sensor_msgs/Image -> numpy, as the node does), preprocess,
 encoder (dense CLIP forward), head (text logits and refinement), postprocess (upsampling,
 softmax, labels back on the host), publish (label and overlay messages built and serialised, as
-rclpy does before sending). Stages are timed with a device synchronisation after each, which adds
-stalls; the end-to-end figure is timed separately without them. The bare forward is open_clip's
+rclpy does before sending). Stages are timed with a device synchronisation after each (which adds
+stalls on a GPU); the end-to-end time of a frame is the sum of its stages, so every end-to-end
+figure is at least that of each of its stages. Rows (the bare forward and each combo) are
+interleaved, one frame each per round, so that noise from the machine falls on all rows alike;
+each row's spread (interquartile range) is printed with it, and a line per round shows progress
+on stderr. The bare forward is open_clip's
 own ``VisionTransformer.forward`` at the same input size (positional embedding resized): the
 floor that one CLIP forward per frame sets. All figures come from one process and one run.
 """
@@ -16,10 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -30,7 +34,12 @@ from std_msgs.msg import Header
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.core import Segmenter, overlay
 from ovss_ros.core.dense_clip import interpolate_pos_embed
-from ovss_ros.image_conversion import image_to_rgb8, mono8_to_image, rgb8_to_image
+from ovss_ros.image_conversion import (
+    image_file_to_rgb8,
+    image_to_rgb8,
+    mono8_to_image,
+    rgb8_to_image,
+)
 
 STAGES = ("decode", "preprocess", "encoder", "head", "postprocess", "publish")
 VOC_SAMPLE = (
@@ -68,10 +77,16 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def summary(samples: list[float]) -> dict[str, float]:
-    """Median and 95th percentile in milliseconds."""
-    ms = sorted(1000.0 * s for s in samples)
-    p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
-    return {"median_ms": statistics.median(ms), "p95_ms": p95}
+    """Median, 95th percentile and spread (quartiles, minimum) in milliseconds."""
+    ms = np.array(samples, dtype=np.float64) * 1000.0
+    p25, median, p75, p95 = np.percentile(ms, [25, 50, 75, 95])
+    return {
+        "median_ms": float(median),
+        "p95_ms": float(p95),
+        "p25_ms": float(p25),
+        "p75_ms": float(p75),
+        "min_ms": float(ms.min()),
+    }
 
 
 def bare_encoder(segmenter: Segmenter, size: tuple[int, int]) -> torch.nn.Module:
@@ -84,71 +99,85 @@ def bare_encoder(segmenter: Segmenter, size: tuple[int, int]) -> torch.nn.Module
     return visual
 
 
-def time_combo(segmenter: Segmenter, message, iterations: int, warmup: int) -> dict[str, object]:
-    """Per-stage times (synchronised) and end-to-end times (not) of one engine setting."""
+def time_frame(segmenter: Segmenter, message) -> list[float]:
+    """Seconds of each stage (STAGES order) of one frame, each ended by a device sync."""
     sync = synchronizer(segmenter.device)
     header = message.header
-    stages: dict[str, list[float]] = {name: [] for name in STAGES}
-    end_to_end: list[float] = []
-
-    def publish(rgb, seg) -> None:
-        serialize_message(mono8_to_image(seg.labels, header))
-        serialize_message(rgb8_to_image(overlay(rgb, seg), header))
-
-    with torch.inference_mode():
-        for i in range(warmup + iterations):
-            marks = [time.perf_counter()]
-            rgb = image_to_rgb8(message)
-            marks.append(time.perf_counter())
-            pixels = segmenter.preprocess(rgb)
-            sync()
-            marks.append(time.perf_counter())
-            encoded = segmenter.encode(pixels)
-            sync()
-            marks.append(time.perf_counter())
-            logits, scores = segmenter.head(encoded)
-            sync()
-            marks.append(time.perf_counter())
-            seg = segmenter.postprocess(encoded, logits, scores, rgb.shape[:2])
-            marks.append(time.perf_counter())
-            publish(rgb, seg)
-            marks.append(time.perf_counter())
-            if i >= warmup:
-                for name, start, stop in zip(STAGES, marks, marks[1:], strict=False):
-                    stages[name].append(stop - start)
-        for i in range(warmup + iterations):
-            start = time.perf_counter()
-            rgb = image_to_rgb8(message)
-            publish(rgb, segmenter.segment(rgb))
-            if i >= warmup:
-                end_to_end.append(time.perf_counter() - start)
-    return {
-        "stages": {name: summary(samples) for name, samples in stages.items()},
-        "end_to_end": summary(end_to_end),
-    }
+    marks = [time.perf_counter()]
+    rgb = image_to_rgb8(message)
+    marks.append(time.perf_counter())
+    pixels = segmenter.preprocess(rgb)
+    sync()
+    marks.append(time.perf_counter())
+    encoded = segmenter.encode(pixels)
+    sync()
+    marks.append(time.perf_counter())
+    logits, scores = segmenter.head(encoded)
+    sync()
+    marks.append(time.perf_counter())
+    seg = segmenter.postprocess(encoded, logits, scores, rgb.shape[:2])
+    marks.append(time.perf_counter())
+    serialize_message(mono8_to_image(seg.labels, header))
+    serialize_message(rgb8_to_image(overlay(rgb, seg), header))
+    marks.append(time.perf_counter())
+    return [stop - start for start, stop in zip(marks, marks[1:], strict=False)]
 
 
-def time_bare(segmenter: Segmenter, message, iterations: int, warmup: int) -> dict[str, float]:
+def time_rows(
+    segmenter: Segmenter,
+    message,
+    combos: dict[str, dict[str, object]],
+    iterations: int,
+    warmup: int,
+    progress: bool = True,
+) -> tuple[dict[str, float], dict[str, dict[str, object]]]:
+    """Bare forward and every combo, interleaved: round r times one frame of each row in turn,
+    so that machine noise (other processes, clocks, heat) falls on every row alike.
+
+    A combo's end-to-end time is the sum of its stages in the same iteration, so each of its
+    figures (median, p95, quartiles) is at least that of any of its stages. ``progress``: one
+    line per round on stderr. Returns (bare forward summary, combo -> figures).
+    """
     rgb = image_to_rgb8(message)
     pixels = segmenter.preprocess(rgb)
     visual = bare_encoder(segmenter, tuple(pixels.shape[-2:]))
     sync = synchronizer(segmenter.device)
-    samples = []
+    bare: list[float] = []
+    stages = {combo: [] for combo in combos}  # combo -> per iteration, seconds per stage
+    rounds = warmup + iterations
     with torch.inference_mode():
-        for i in range(warmup + iterations):
-            start = time.perf_counter()
+        for round_index in range(rounds):
+            timed = round_index >= warmup
+            started = time.perf_counter()
             visual(pixels)
             sync()
-            if i >= warmup:
-                samples.append(time.perf_counter() - start)
-    return summary(samples)
+            figures = {"bare": time.perf_counter() - started}
+            for combo, changes in combos.items():
+                segmenter.reconfigure(**changes)
+                frame = time_frame(segmenter, message)
+                figures[combo] = sum(frame)
+                if timed:
+                    stages[combo].append(frame)
+            if timed:
+                bare.append(figures["bare"])
+            if progress:
+                kind = "timed" if timed else "warm-up"
+                rows = ", ".join(f"{row} {1000 * t:.0f} ms" for row, t in figures.items())
+                print(f"round {round_index + 1}/{rounds} ({kind}): {rows}", file=sys.stderr)
+                sys.stderr.flush()
+    results = {}
+    for combo, frames in stages.items():
+        per_stage = np.array(frames).T  # (stages, iterations)
+        results[combo] = {
+            "stages": {name: summary(list(t)) for name, t in zip(STAGES, per_stage, strict=True)},
+            "end_to_end": summary(list(per_stage.sum(axis=0))),
+        }
+    return summary(bare), results
 
 
 def test_message(path: str, width: int, height: int):
-    bgr = cv2.imread(path)
-    if bgr is None:
-        raise FileNotFoundError(f"image {path!r} not readable")
-    rgb = cv2.cvtColor(cv2.resize(bgr, (width, height)), cv2.COLOR_BGR2RGB)
+    rgb = image_file_to_rgb8(Path(path))
+    rgb = cv2.resize(rgb, (width, height))
     return rgb8_to_image(np.ascontiguousarray(rgb), Header(frame_id="camera"))
 
 
@@ -159,12 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--classes", nargs="+", default=DEFAULT_CLASSES)
     parser.add_argument("--combos", nargs="+", default=None, help="e.g. naclip naclip+dslo+jbu")
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=10, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--json", help="write the figures to this file")
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
+    if args.iterations < 1 or args.warmup < 0:
+        parser.error("--iterations must be at least 1 and --warmup at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
@@ -174,14 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         segmenter = Segmenter(config)
         segmenter.set_classes(args.classes)
         message = test_message(args.image, args.width, args.height)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"ovss-bench: {error}", file=sys.stderr)
         return 2
-    bare = time_bare(segmenter, message, args.iterations, args.warmup)
-    results = {}
-    for combo, changes in zip(combos, settings, strict=True):
-        segmenter.reconfigure(**changes)
-        results[combo] = time_combo(segmenter, message, args.iterations, args.warmup)
+    rows = dict(zip(combos, settings, strict=True))
+    print(
+        f"ovss-bench: {args.warmup} warm-up and {args.iterations} timed rounds of "
+        f"{len(rows) + 1} rows (bare forward, {', '.join(rows)}), interleaved",
+        file=sys.stderr,
+    )
+    bare, results = time_rows(segmenter, message, rows, args.iterations, args.warmup)
     report = {
         "device": str(segmenter.device),
         "model": config.model,
@@ -205,20 +238,31 @@ def print_report(report: dict) -> None:
     print(
         f"{report['model']} on {report['device']} ({report['threads']} threads), "
         f"{report['input'][0]}x{report['input'][1]} input, short side {report['short_side']}, "
-        f"crop {report['crop'] or 'whole image'}"
+        f"crop {report['crop'] or 'whole image'}; rows interleaved, medians in ms"
     )
+    spread = _spread(report["bare_forward"])
     print(
-        f"bare open_clip forward: median {bare:.1f} ms, p95 {report['bare_forward']['p95_ms']:.1f}"
+        f"bare open_clip forward: median {bare:.1f} ms, p95 "
+        f"{report['bare_forward']['p95_ms']:.1f}, spread {spread}"
     )
     header = "combo".ljust(28) + "".join(s[:8].rjust(9) for s in STAGES)
-    print(header + "   e2e med   e2e p95  /bare  /first")
+    print(header + "   e2e med   e2e p95  /bare  /first  spread (IQR)")
     for combo, result in report["combos"].items():
         stages = "".join(f"{result['stages'][s]['median_ms']:9.1f}" for s in STAGES)
         e2e = result["end_to_end"]
         print(
             f"{combo[:28]:<28}{stages}{e2e['median_ms']:10.1f}{e2e['p95_ms']:10.1f}"
-            f"{e2e['median_ms'] / bare:7.2f}{e2e['median_ms'] / first:8.2f}"
+            f"{e2e['median_ms'] / bare:7.2f}{e2e['median_ms'] / first:8.2f}  {_spread(e2e)}"
         )
+    print(
+        "e2e = the sum of the stages in the same iteration (each stage ends with a device sync); "
+        "spread = interquartile range: rows whose ratios differ by less are within noise"
+    )
+
+
+def _spread(figures: dict[str, float]) -> str:
+    iqr = figures["p75_ms"] - figures["p25_ms"]
+    return f"{iqr:.1f} ms ({100 * iqr / figures['median_ms']:.0f}%)"
 
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", "-o", default="ovss_out", help="output folder")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     parser.add_argument("--no-overlay", action="store_true", help="write label PNGs only")
+    parser.add_argument(
+        "--no-legend", action="store_true", help="no legend (classes and colours) on the overlay"
+    )
     add_max_input_pixels_argument(parser)
     add_engine_arguments(parser)
     return parser.parse_args(argv)
@@ -225,7 +228,9 @@ def _segment_all(
                     continue
                 rgb, segmentation = result
                 paths = job.outputs(output, not args.no_overlay)
-                if _write_outputs(job, paths, rgb, segmentation, args.alpha):
+                if _write_outputs(
+                    job, paths, rgb, segmentation, args.alpha, not args.no_legend
+                ):
                     overlay_name = paths[1].name if len(paths) > 1 else ""
                     manifest.writerow([str(job.path), paths[0].name, overlay_name])
                     manifest_file.flush()
@@ -259,12 +264,17 @@ def _segment_one(
 
 
 def _write_outputs(
-    job: ImageJob, paths: list[Path], rgb: np.ndarray, segmentation: Segmentation, alpha: float
+    job: ImageJob,
+    paths: list[Path],
+    rgb: np.ndarray,
+    segmentation: Segmentation,
+    alpha: float,
+    legend: bool,
 ) -> bool:
     """Write the label PNG (and overlay); all or none: a partial set is removed."""
     images = [segmentation.labels]
     if len(paths) > 1:
-        images.append(overlay(rgb, segmentation, alpha)[:, :, ::-1])
+        images.append(overlay(rgb, segmentation, alpha, legend=legend)[:, :, ::-1])
     for number, (path, image) in enumerate(zip(paths, images, strict=True)):
         try:
             written = cv2.imwrite(str(path), image)

@@ -3,7 +3,7 @@
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.engine import Segmenter
 from ovss_ros.core.model_loading import ModelLoadError, load_clip
-from ovss_ros.core.overlay import class_color, overlay
+from ovss_ros.core.overlay import ClassColours, class_color, overlay, palette
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.stopping import Stopped
 from ovss_ros.core.vocabulary import (
@@ -20,6 +20,7 @@ from ovss_ros.core.vocabulary import (
 
 __all__ = [
     "MAX_QUERIES",
+    "ClassColours",
     "ClassEntry",
     "EngineConfig",
     "ModelLoadError",
@@ -33,6 +34,7 @@ __all__ = [
     "load_clip",
     "name_key",
     "overlay",
+    "palette",
     "parse_classes",
     "quoted",
     "slugify",

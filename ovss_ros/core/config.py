@@ -28,7 +28,7 @@ class EngineConfig:
     """Everything that decides how a frame is segmented (node parameters map onto these).
 
     The defaults follow the official NACLIP / SCLIP / ClearCLIP code wherever ovss_ros could
-    differ from it (methods.md section 0): mmcv's resize size and OpenCV's bilinear resize of
+    differ from it (README, conventions): mmcv's resize size and OpenCV's bilinear resize of
     the uint8 image, the method's own positional-grid rule, logits upsampled to the resized
     image and then to the input, PAMR at the input size.
     """

@@ -1,7 +1,7 @@
 """Dense CLIP: one forward of the image tower that keeps a text-aligned feature per patch.
 
 Blocks 1..L-1 of the open_clip ViT run unchanged; the last block's attention is replaced by the
-method's own (methods.md section 0). Written as plain tensor code in the spirit of NACLIP's
+method's own (README, conventions). Written as plain tensor code in the spirit of NACLIP's
 ``custom_attn`` so each mode reads like its equation.
 """
 
@@ -24,7 +24,7 @@ NACLIP_SIGMA = 5.0
 # How the trained positional grid is resized to another patch grid (``interpolate_pos_embed``):
 # ``official``: as the method's official code does it, ``exact``: bicubic to exactly the grid.
 POS_INTERPOLATIONS = ("official", "exact")
-# Where a refinement's patch affinity comes from (methods.md sections 1 and 2): the last block's
+# Where a refinement's patch affinity comes from (the DSLO and FreeCP papers): the last block's
 # NACLIP attention, its plain key-key attention, or the mean attention of the earlier layers.
 AFFINITY_SOURCES = ("naclip", "keykey", "mean")
 

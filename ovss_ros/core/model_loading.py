@@ -10,6 +10,11 @@ the model then computes another function than the one trained. For a tag that op
 ``quick_gelu``, ``load_clip`` builds the model with QuickGELU (as ``ViT-B-16-quickgelu``). A
 checkpoint file says nothing about its activation: for such weights in a file, name the
 ``-quickgelu`` model.
+
+Offline: a tag whose weights are in the local Hugging Face cache loads from there without any
+network access; one that is not cached fails at once when ``HF_HUB_OFFLINE`` is set, or after
+one request without retries when the hub cannot be reached (``hub_access``), with one message
+that says how to get the weights onto the machine.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.transform import merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
+
+from ovss_ros.core import hub_access
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +130,52 @@ def _resolve_pretrained(name: str, pretrained: str) -> str | None:
     return pretrained
 
 
+OFFLINE_HINT = (
+    "pre-fetch the weights on a machine with internet and copy its Hugging Face cache "
+    "(~/.cache/huggingface/hub) to this one, or set pretrained to a local checkpoint file"
+)
+
+
+def tag_files(name: str, tag: str) -> tuple[str, list[str]] | None:
+    """(hub repo id, file names in open_clip's order of preference) of an open_clip tag's
+    weights, or None for a tag that is not on the Hugging Face hub (a plain URL).
+
+    Follows ``open_clip.pretrained.download_pretrained``: ``hf_hub`` is ``org/repo/[file]``, the
+    file defaults to ``open_clip_pytorch_model.bin`` and a ``.safetensors`` twin comes first.
+    """
+    hub = (open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub", "")
+    if not hub:
+        return None
+    repo_id, filename = os.path.split(hub)
+    filename = filename or HF_WEIGHTS_NAME
+    if filename == HF_WEIGHTS_NAME:
+        return repo_id, [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return repo_id, [filename[:-4] + ".safetensors", filename]
+    return repo_id, [filename]
+
+
+def _local_weights(name: str, tag: str) -> str | None:
+    """The cached weights file of ``tag`` (no network), None to let open_clip download them;
+    raises ModelLoadError at once when they are not cached and cannot be downloaded."""
+    files = tag_files(name, tag)
+    if files is None:
+        return None
+    repo_id, filenames = files
+    cached = hub_access.cached_file(repo_id, filenames)
+    if cached is not None:
+        return cached
+    problem = hub_access.unavailable(
+        f"the weights of {name} pretrained={tag!r} ({repo_id})",
+        repo_id,
+        filenames[-1],
+        OFFLINE_HINT,
+    )
+    if problem is not None:
+        raise ModelLoadError(problem)
+    return None
+
+
 def needs_quick_gelu(name: str, weights: str | None) -> bool:
     """Whether ``weights`` is an open_clip tag trained with QuickGELU while the model config
     ``name`` builds ``nn.GELU`` (e.g. ``ViT-B-16`` + ``openai``); False for files and no weights.
@@ -162,10 +217,20 @@ def load_clip(
             name,
             name,
         )
+    if name.startswith("hf-hub:") and not hub_access.cached_file(name[7:], [HF_CONFIG_NAME]):
+        problem = hub_access.unavailable(f"model {name}", name[7:], HF_CONFIG_NAME, OFFLINE_HINT)
+        if problem is not None:
+            raise ModelLoadError(problem)
+    tag_cfg: dict = {}
+    source = weights
+    if weights is not None and not Path(weights).is_file() and not name.startswith("hf-hub:"):
+        cached = _local_weights(name, weights)
+        if cached is not None:  # load the file: open_clip would still ask the hub about it
+            tag_cfg, source = open_clip.get_pretrained_cfg(name, weights) or {}, cached
     try:
         clip = open_clip.create_model(
             name,
-            pretrained=weights,
+            pretrained=source,
             device=torch_device,
             precision=precision,
             force_quick_gelu=quick_gelu,
@@ -173,11 +238,12 @@ def load_clip(
     except Exception as error:  # open_clip raises many types: download, key mismatch, bad file
         hint = (
             "set pretrained to a local checkpoint file (no internet?)"
-            if weights is not None and not Path(weights).is_file()
+            if source is not None and not Path(source).is_file()
             else "check that the checkpoint matches the model architecture"
         )
+        cached = f" (cached file {source})" if tag_cfg else ""
         raise ModelLoadError(
-            f"could not load {name} with pretrained={pretrained!r}: {error}; {hint}"
+            f"could not load {name} with pretrained={pretrained!r}{cached}: {error}; {hint}"
         ) from error
     visual = clip.visual
     if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
@@ -187,6 +253,9 @@ def load_clip(
         )
     clip.eval().requires_grad_(False)
     cfg = getattr(visual, "preprocess_cfg", {})
+    if tag_cfg:  # loaded from the cached file: the tag's pre-processing, as open_clip sets it
+        cfg = merge_preprocess_dict(cfg, tag_cfg)
+        visual.preprocess_cfg = cfg
     return LoadedClip(
         model=clip,
         tokenizer=open_clip.get_tokenizer(name),

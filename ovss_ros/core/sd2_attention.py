@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core import hub_access
 from ovss_ros.core.model_loading import PRECISIONS, ModelLoadError, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -411,6 +412,12 @@ def _local_directory(model: str, cache_dir: str | None = None) -> str:
                 f"Stable Diffusion model {model!r} is not in the Hugging Face cache and "
                 f"HF_HUB_OFFLINE is set ({type(cached_error).__name__}): {LOAD_HINT}"
             ) from cached_error
+    unreachable = hub_access.probe(model, "model_index.json")  # one request, no retries
+    if unreachable is not None:
+        raise ModelLoadError(
+            f"Stable Diffusion model {model!r} is not in the Hugging Face cache and the hub "
+            f"cannot be reached ({hub_access.where()}; {unreachable}): {LOAD_HINT}"
+        )
     try:
         return snapshot_download(model, allow_patterns=list(HUB_FILES), cache_dir=cache_dir)
     except Exception as error:  # huggingface_hub raises many types: network, auth, not found

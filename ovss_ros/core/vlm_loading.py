@@ -10,8 +10,8 @@ PnP-OVSS needs a text encoder that cross-attends to image patches and an image-t
   internet copy it there.
 
 The cache is always tried first with ``local_files_only`` so that a cached model loads without
-touching the network; offline (``HF_HUB_OFFLINE=1``) and not cached, the error comes at once,
-without any download attempt or retry.
+touching the network; not cached, the error comes at once when offline (``HF_HUB_OFFLINE=1``)
+and after one request without retries when the hub cannot be reached (``hub_access``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub
 import torch
 
+from ovss_ros.core import hub_access
 from ovss_ros.core.model_loading import PRECISIONS, ModelLoadError, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -66,12 +66,6 @@ class LoadedVlm:
     @property
     def max_text_tokens(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
-
-
-def _offline() -> bool:
-    return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or os.environ.get(
-        "HF_HUB_OFFLINE", ""
-    ).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -175,12 +169,15 @@ def _load_hub(hub_id: str) -> tuple[torch.nn.Module, object, object]:
         return _from_pretrained(hub_id, local_only=True)
     except (OSError, ValueError) as error:
         cache_error = error
-    if _offline():
-        raise ModelLoadError(
-            f"BLIP model {hub_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
-            "set: set vlm_pretrained to a local directory saved with save_pretrained, or "
-            f"download it once with internet ({cache_error.__class__.__name__})"
-        )
+    problem = hub_access.unavailable(
+        f"BLIP model {hub_id!r} ({cache_error.__class__.__name__})",
+        hub_id,
+        "config.json",
+        "set vlm_pretrained to a local directory saved with save_pretrained, or pre-fetch the "
+        "model on a machine with internet and copy its Hugging Face cache to this one",
+    )
+    if problem is not None:
+        raise ModelLoadError(problem)
     return _load(
         hub_id,
         local_only=False,

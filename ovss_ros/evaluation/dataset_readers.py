@@ -93,13 +93,26 @@ class DatasetReader:
 
 
 def find_root(root: Path, required: Sequence[str], nested: Sequence[str] = ()) -> Path:
-    """``root`` itself if it holds ``required``, else the first ``root/nested`` that does."""
+    """``root`` itself if it holds ``required``, else the first ``root/nested`` that does.
+
+    Raises FileNotFoundError naming what is missing: ``root`` itself, or the paths missing in
+    the candidate folder that holds most of the layout (``root`` first on ties).
+    """
     root = Path(root).expanduser()
-    for candidate in [root, *(root / sub for sub in nested)]:
-        if all((candidate / part).exists() for part in required):
+    if not root.is_dir():
+        raise FileNotFoundError(f"data set folder {root} does not exist (or is not a folder)")
+    candidates = [root, *(root / sub for sub in nested)]
+    found = {c: [part for part in required if (c / part).exists()] for c in candidates}
+    for candidate in candidates:
+        if len(found[candidate]) == len(required):
             return candidate
-    looked = ", ".join(str(root / part) for part in required)
-    raise FileNotFoundError(f"data set layout not found: expected {looked}")
+    closest = max(candidates, key=lambda c: len(found[c]))  # max keeps the first on ties
+    missing = [str(closest / part) for part in required if part not in found[closest]]
+    where = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"data set layout not found: missing {' and '.join(missing)} "
+        f"(looked for {', '.join(required)} in {where})"
+    )
 
 
 def pairs_from_split(

@@ -1,4 +1,4 @@
-"""FreeCP class purification (ICCV 2025, chenqi1126/FreeCP; methods.md section 2).
+"""FreeCP class purification (ICCV 2025, chenqi1126/FreeCP).
 
 A plug-in after any dense CLIP: it drops vocabulary classes that are absent from the frame
 (*redundancy*) and, among near-synonyms that claim the same region, keeps the one a CLIP crop
@@ -274,7 +274,7 @@ def freecp(
 
     Output: dropped classes are ``dropped_value`` (-inf) everywhere, kept classes carry their
     refined maps in [0, 1]. With ``background`` the last channel (index K) is 1 - max over kept
-    classes of M~ (methods.md step 6), and every class may be dropped. Without it at least the
+    classes of M~ (the paper's step 6), and every class may be dropped. Without it at least the
     best-scoring class is kept, so an argmax is always a real class.
 
     Engine use: ``labels = scores.argmax(0)``; label K (the background channel) maps to
