@@ -112,8 +112,13 @@ def scoremap_boxes(scoremap: torch.Tensor, threshold: float = BOX_THRESHOLD) -> 
     contour along them can give an empty (degenerate) box. No contour at all gives the single
     degenerate box (0, 0, 0, 0).
     """
-    height, width = scoremap.shape[-2:]
-    image = (scoremap.detach().float().cpu().numpy() * 255).astype(np.uint8)
+    return _contour_boxes(scoremap.detach().float().cpu().numpy(), threshold)
+
+
+def _contour_boxes(scoremap: np.ndarray, threshold: float) -> list[Box]:
+    """:func:`scoremap_boxes` of a float32 (h, w) array."""
+    height, width = scoremap.shape
+    image = (scoremap * 255).astype(np.uint8)
     _, mask = cv2.threshold(image, int(threshold * image.max()), 255, cv2.THRESH_BINARY)
     contours = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
     if not contours:
@@ -131,8 +136,10 @@ def degenerate(box: Box) -> bool:
 
 
 def class_boxes(cam: torch.Tensor, threshold: float = BOX_THRESHOLD) -> list[list[Box]]:
-    """Per class of ``cam`` (K, h, w), its :func:`scoremap_boxes` (the refinement's masks)."""
-    return [scoremap_boxes(scoremap, threshold) for scoremap in cam]
+    """Per class of ``cam`` (K, h, w), its :func:`scoremap_boxes` (the refinement's masks);
+    the maps go to the host in one copy."""
+    maps = cam.detach().float().cpu().numpy()
+    return [_contour_boxes(scoremap, threshold) for scoremap in maps]
 
 
 def box_masks(
