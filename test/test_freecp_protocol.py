@@ -2,6 +2,7 @@
 freecp``: FreeCP's released configs, class files and variant, without changing what ``sclip``
 means elsewhere."""
 
+import json
 import math
 
 import pytest
@@ -125,3 +126,27 @@ def test_freecp_variants_are_attention_plus_ffn_without_the_residual(tiny_clip, 
     assert (got - base).abs().max() > 1e-2  # not the base method's own last block
     assert official_pos_rule(variant) == "dino"  # FreeCP's interpolate_pos_encoding: "+0.1"
     assert math.isclose(float(got.norm(dim=-1).mean()), 1.0, abs_tol=1e-5)
+
+
+def test_ovss_eval_runs_the_freecp_protocol_end_to_end(tmp_path, capsys):
+    """ovss-eval on a VOC folder of the real samples with ``--protocol freecp``: the report
+    names FreeCP's protocol and the engine ran FreeCP after its SCLIP variant."""
+    from test_evaluation_readers import make_voc_layout
+
+    from ovss_ros.cli.evaluate import main
+
+    root = make_voc_layout(tmp_path / "voc")
+    output = tmp_path / "results.json"
+    argv = [
+        "voc20", str(root), "--method", "sclip", "--protocol", "freecp", "--model",
+        str(TINY_VIT), "--pretrained", "none", "--device", "cpu", "--short-side", "64",
+        "--crop", "32", "--stride", "16", "--templates", "single", "--no-progress",
+        "--output", str(output),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "freecp protocol" in capsys.readouterr().out
+    report = json.loads(output.read_text())
+    engine = report["engine"]
+    assert report["protocol"] == "freecp" and report["images"] == 3
+    assert (engine["method"], engine["refinement"]) == ("sclip_freecp", "freecp")
+    assert (engine["freecp_redundancy"], engine["freecp_ambiguity"]) == (0.15, 0.7)
