@@ -45,6 +45,8 @@ def reference_features(visual, pixels, mode):
             rj, cj = divmod(j - 1, grid_w)
             omega[i, j] = math.exp(-((ri - rj) ** 2 + (ci - cj) ** 2) / (2 * 5.0**2))
     s = head_dim**-0.5
+    freecp = mode.endswith("_freecp")  # FreeCP's forward_all: the base's attention ...
+    mode = mode.removesuffix("_freecp")
     outs = []
     for head in range(heads):
         cols = slice(head * head_dim, (head + 1) * head_dim)
@@ -64,6 +66,8 @@ def reference_features(visual, pixels, mode):
     o = torch.cat(outs, -1) @ attn.out_proj.weight.T + attn.out_proj.bias
     if mode in ("naclip", "clearclip", "maskclip_reduced"):
         x = o
+    elif freecp:  # ... then the FFN on the attention output, without the residual stream
+        x = o + block.mlp(block.ln_2(o))
     else:  # SCLIP, vanilla, and MaskCLIP as published (vit.py: v += x; v = ffn(norm2(v), v))
         x = x + o
         x = x + block.mlp(block.ln_2(x))

@@ -63,6 +63,10 @@ def reference(segmenter, rgb, unlabeled=255):
                 per_label[:classes] *= keep.view(-1, 1, 1)
                 confidence, labels = per_label[:classes].max(dim=0)
                 background = per_label[classes] > confidence
+        elif config.refinement == "freecp":  # FreeCP's postprocess_result, background first
+            labels, best = scores.argmax(dim=0), scores.amax(dim=0)
+            background = 1 - best >= best if config.background_words else best <= 0
+            confidence = per_label.gather(0, labels[None])[0]
         else:
             labels = scores.argmax(dim=0)
             background = labels == classes

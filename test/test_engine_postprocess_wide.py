@@ -37,7 +37,7 @@ SETTINGS = {
     "windows": {"crop": 32, "stride": 16},
     "jbu+pamr": {"upsample": "jbu", "pamr": True},
     "dslo": {"refinement": "dslo"},
-    "freecp": {"refinement": "freecp"},
+    "freecp": {"refinement": "freecp", "freecp_redundancy": 0.0},  # P is spread over 402
 }
 
 

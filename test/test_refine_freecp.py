@@ -19,17 +19,18 @@ from ovss_ros.core.model_loading import load_clip
 from ovss_ros.core.refine.freecp import (
     DATASET_THRESHOLDS,
     ambiguous_groups,
+    background_wins,
     box_masks,
     class_activation,
     class_boxes,
+    class_probabilities,
+    crop_embeddings,
     freecp,
     make_crop_classifier,
     purification_affinity,
     redundancy_keep,
     redundancy_scores,
     refined_maps,
-    resolve_ambiguity,
-    union_box,
 )
 
 GRID = 16
@@ -111,11 +112,11 @@ def test_class_boxes_finds_two_separated_blobs():
     cam[0, 1:4, 2:6] = 1.0  # rows 1..3, cols 2..5
     cam[0, 10:15, 9:12] = 0.8
     cam[0, 7, 7] = 0.3  # below 0.4 * max: no box
-    assert class_boxes(cam) == [[(2, 1, 6, 4), (9, 10, 12, 15)], []]  # class 1 is all zero
+    # class 1 is all zero: no contour, FreeCP's single degenerate box
+    assert class_boxes(cam) == [[(9, 10, 12, 15), (2, 1, 6, 4)], [(0, 0, 0, 0)]]
     masks = box_masks(class_boxes(cam), (GRID, GRID))
     assert masks.shape == (2, GRID, GRID) and masks.dtype == torch.bool
     assert masks[0].sum() == 3 * 4 + 5 * 3 and not masks[1].any()
-    assert union_box([(2, 1, 6, 4), (9, 10, 12, 15)]) == (2, 1, 12, 15)
 
 
 def test_refined_maps_propagate_only_from_inside_the_boxes():
@@ -142,10 +143,11 @@ def test_redundancy_drops_the_absent_classes_and_keeps_the_present(seed):
     features, text, affinity, _ = planted(seed)
     cam = class_activation(features, text)
     refined = refined_maps(cam, purification_affinity(affinity))
-    scores = redundancy_scores(cam, refined)
+    probabilities = class_probabilities(features, text)
+    scores = redundancy_scores(probabilities, refined)
     assert scores.shape == (5,) and scores.dtype == torch.float32
     assert (scores >= 0).all() and (scores <= 0.5).all()
-    keep = redundancy_keep(cam, refined, threshold=0.1)
+    keep = redundancy_keep(probabilities, refined, threshold=0.1)
     assert keep.dtype == torch.bool
     assert keep.tolist() == [True, True, True, False, False]
     raw = torch.einsum("hwd,kd->khw", features, text).argmax(dim=0)
@@ -159,28 +161,21 @@ def test_freecp_recovers_planted_regions_better_than_raw_argmax(seed):
     raw_accuracy = (raw == labels).float().mean().item()
     scores = freecp(features, text, affinity, redundancy_threshold=0.1)
     assert scores.shape == (5, GRID, GRID) and scores.dtype == torch.float32
-    assert torch.isneginf(scores[3:]).all() and torch.isfinite(scores[:3]).all()
+    assert (scores[3:] == 0).all() and (scores[:3].amax(dim=(1, 2)) == 1).all()
     accuracy = (scores.argmax(dim=0) == labels).float().mean().item()
     margin = 0.04
     assert raw_accuracy < 0.95, "the planted problem is too easy to show anything"
     assert accuracy >= 0.98 and accuracy >= raw_accuracy + margin, (raw_accuracy, accuracy)
 
 
-def test_freecp_background_channel_and_never_empty_without_it():
+def test_background_prompts_join_the_softmax_only_and_background_wins_ties():
     features, text, affinity, _ = planted()
-    scores = freecp(features, text, affinity, background=True)
-    assert scores.shape == (6, GRID, GRID)
-    kept = scores[:3]
-    torch.testing.assert_close(scores[5], 1 - kept.amax(dim=0))
-    # an impossible threshold drops everything: background wins everywhere...
-    scores = freecp(features, text, affinity, redundancy_threshold=0.6, background=True)
-    assert torch.isneginf(scores[:5]).all() and (scores.argmax(dim=0) == 5).all()
-    # ...and without a background channel the best-scoring class stays so argmax is meaningful
-    scores = freecp(features, text, affinity, redundancy_threshold=0.6)
-    assert torch.isfinite(scores).flatten(1).all(dim=1).sum() == 1
-    # background prompts join the softmax only: no channel of their own
     scores = freecp(features, text[:3], affinity, background_text=text[3:])
     assert scores.shape == (3, GRID, GRID)
+    alone = freecp(features, text[:3], affinity)
+    assert not torch.equal(scores, alone)  # the prompts changed the softmax and its min-max
+    best = torch.tensor([0.0, 0.3, 0.5, 0.7, 1.0])
+    assert background_wins(best).tolist() == [True, True, True, False, False]  # 0.5: a tie
 
 
 def test_near_synonyms_form_one_group():
@@ -188,25 +183,11 @@ def test_near_synonyms_form_one_group():
     assert (text[0] @ text[1]).item() == pytest.approx(0.95, abs=1e-5)
     cam = class_activation(features, text)
     refined = refined_maps(cam, purification_affinity(affinity))
-    keep = redundancy_keep(cam, refined, 0.1)
+    keep = redundancy_keep(class_probabilities(features, text), refined, 0.1)
     assert keep.all(), "both synonyms claim region A, so both survive redundancy"
     assert ambiguous_groups(refined, keep, 0.7) == [[0, 1]]
     keep[1] = False
     assert ambiguous_groups(refined, keep, 0.7) == []  # dropped classes take no part
-
-
-def test_resolve_ambiguity_asks_the_classifier_about_the_union_box():
-    calls = []
-
-    def classifier(boxes, candidates):
-        calls.append((boxes, candidates))
-        return torch.tensor([[0.1, 0.9, 0.3]])
-
-    boxes = {0: [(1, 1, 3, 3)], 2: [(2, 2, 5, 4)], 3: [(0, 4, 2, 6)], 1: [(8, 8, 9, 9)]}
-    keep = torch.ones(5, dtype=torch.bool)
-    result = resolve_ambiguity([[0, 2, 3]], boxes, classifier, keep)
-    assert calls == [([(0, 1, 5, 6)], [0, 2, 3])]
-    assert result.tolist() == [False, True, True, False, True] and keep.all()
 
 
 @pytest.fixture(scope="module")
@@ -217,20 +198,21 @@ def tiny_clip():
 @pytest.mark.parametrize("winner", [0, 1])
 def test_crop_classifier_keeps_the_synonym_whose_description_matches(tiny_clip, winner):
     features, text, affinity, _ = planted(synonym=True)
-    model = tiny_clip.model
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, tuple) else size
-    image = torch.randn(1, 3, 4 * GRID, 4 * GRID, generator=torch.Generator().manual_seed(3))
+    visual = tiny_clip.model.visual
+    patch = 16
+    image = torch.randn(
+        1, 3, patch * GRID, patch * GRID, generator=torch.Generator().manual_seed(3)
+    )
 
     def encoded_crop(box):
-        x0, y0, x1, y1 = (4 * v for v in box)
-        crop = F.interpolate(image[..., y0:y1, x0:x1], size=(size, size), mode="bilinear")
+        x0, y0, x1, y1 = (patch * v for v in box)
+        crop = F.interpolate(image[..., y0:y1, x0:x1], size=(112, 112), mode="bilinear")
         with torch.no_grad():
-            return F.normalize(model.encode_image(crop), dim=-1)[0]
+            return F.normalize(crop_embeddings(visual, crop), dim=-1)[0]
 
     descriptions = torch.stack([encoded_crop(b) for b in (B_BOX, B_BOX, B_BOX, (0, 0, 16, 2))])
     descriptions[winner] = encoded_crop(A_BOX)  # the crop of A's region is the winner's
-    classify = make_crop_classifier(model.encode_image, descriptions, image, (GRID, GRID), size)
+    classify = make_crop_classifier(visual, descriptions, image, patch)
     scores = classify([A_BOX, B_BOX], [0, 1, 2])
     assert scores.shape == (2, 3) and scores.dtype == torch.float32
     calls = []
@@ -239,10 +221,10 @@ def test_crop_classifier_keeps_the_synonym_whose_description_matches(tiny_clip, 
         calls.append((boxes, candidates))
         return classify(boxes, candidates)
 
-    scores = freecp(features, text, affinity, crop_classifier=recording)
-    assert calls == [([A_BOX], [0, 1])]
-    finite = torch.isfinite(scores).flatten(1).all(dim=1)
-    assert finite.tolist() == [winner == 0, winner == 1, True, True]
+    scores = freecp(features, text, affinity, 0.1, crop_classifier=recording)
+    assert calls == [([A_BOX], [0, 1])]  # the group's mean map has one contour: region A
+    kept = (scores.amax(dim=(1, 2)) > 0).tolist()
+    assert kept == [winner == 0, winner == 1, True, True]
 
 
 def test_dataset_thresholds_are_in_the_papers_range():
@@ -253,18 +235,18 @@ def test_dataset_thresholds_are_in_the_papers_range():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_freecp_runs_on_the_gpu_like_on_the_cpu():
     features, text, affinity, _ = planted()
-    cpu = freecp(features, text, affinity, background=True)
-    gpu = freecp(features.cuda(), text.cuda(), affinity.cuda(), background=True)
+    cpu = freecp(features, text, affinity)
+    gpu = freecp(features.cuda(), text.cuda(), affinity.cuda())
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
 
 
-def test_a_finite_dropped_value_survives_bilinear_upsampling():
+def test_dropped_classes_are_zero_and_upsample_cleanly():
     features, text, affinity, labels = planted()
-    scores = freecp(features, text, affinity, background=True, dropped_value=-1.0)
-    assert (scores[3:5] == -1).all()
+    scores = freecp(features, text, affinity, 0.1)
+    assert (scores[3:5] == 0).all()
     large = F.interpolate(scores[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
-    assert torch.isfinite(large).all() and (large[3:5] == -1).all()
+    assert torch.isfinite(large).all() and (large[3:5] == 0).all()
     expected = labels.repeat_interleave(4, 0).repeat_interleave(4, 1)
     assert ((large.argmax(dim=0) == expected).float().mean() > 0.95).item()
 

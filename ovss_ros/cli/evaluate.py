@@ -8,9 +8,10 @@ The engine settings default to the official protocol of the method (``--method``
 sclip and clearclip have their own, the other methods get ``standard``) on the data set:
 weights, short side, sliding window, probability threshold, logit scale, SCLIP's area
 threshold, PAMR, class names and background words (``ovss_ros.evaluation.protocol``).
-``--protocol`` picks another method's protocol; any engine flag overrides single settings
-(--background replaces the data set's background words). Data sets: voc21, context60,
-coco_object, voc20, context59, coco_stuff, cityscapes, ade20k.
+``--protocol`` picks another method's protocol (``freecp``: FreeCP's settings, refinement and
+variant of the base method, e.g. ``--method sclip --protocol freecp``); any engine flag
+overrides single settings (--background replaces the data set's background words). Data
+sets: voc21, context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, VocabularyError
 from ovss_ros.core.refine.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
+from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
 from ovss_ros.evaluation.protocol import (
     METHOD_PROTOCOLS,
@@ -75,6 +79,7 @@ def build_parser(
             "logit_scale": settings.logit_scale,
             "area_threshold": settings.area_threshold,
             "pamr": settings.pamr,
+            "refinement": method.refinement,
         }
         if protocol.name in FREECP_THRESHOLDS:  # FreeCP's released per-data-set settings
             redundancy, ambiguity = FREECP_THRESHOLDS[protocol.name]
@@ -109,14 +114,52 @@ def parse_args(
     return args, protocol, method
 
 
-def engine_config(args: argparse.Namespace, background_words: tuple[str, ...]) -> EngineConfig:
-    """Flags -> EngineConfig; the data set's background words unless --background is given."""
+def engine_config(
+    args: argparse.Namespace,
+    background_words: tuple[str, ...],
+    method: MethodProtocol | None = None,
+) -> EngineConfig:
+    """Flags -> EngineConfig; the data set's background words unless --background is given;
+    the protocol's own variant of the --method (``method.base_variants``, e.g. FreeCP's)."""
     config = config_from_args(args)
+    if method is not None and config.method in method.base_variants:
+        config = replace(config, method=method.base_variants[config.method])
     if not config.background_words:
         config = replace(config, background_words=background_words)
     if config.crop == 0:
         config = replace(config, stride=0)  # whole-image inference has no stride
     return config
+
+
+@dataclass
+class EmptyAsFirstClass:
+    """A segmenter whose unlabeled pixels are scored as class 0 (FreeCP's protocol on data sets
+    without background and without a probability threshold, ``MethodProtocol.empty_as_first``:
+    there the engine leaves only pixels without any surviving class unlabeled, which FreeCP's
+    argmax over all-zero scores gives its first class)."""
+
+    segmenter: Segmenter
+
+    def segment(self, rgb: np.ndarray) -> Segmentation:
+        segmentation = self.segmenter.segment(rgb)
+        labels = segmentation.labels.copy()
+        labels[labels == segmentation.unlabeled] = 0
+        return replace(segmentation, labels=labels)
+
+
+def protocol_segmenter(
+    segmenter: Segmenter, method: MethodProtocol, has_background: bool
+) -> Segmenter | EmptyAsFirstClass:
+    """The segmenter as the protocol scores it (see ``EmptyAsFirstClass``)."""
+    config = segmenter.config
+    if (
+        method.empty_as_first
+        and not has_background
+        and config.refinement == "freecp"
+        and config.score_threshold == 0
+    ):
+        return EmptyAsFirstClass(segmenter)
+    return segmenter
 
 
 def format_report(result: EvaluationResult, title: str) -> str:
@@ -142,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         builtin = method.for_dataset(protocol).class_file(protocol)
         vocabulary = load_vocabulary(protocol, args.class_names, builtin)
         reader = protocol.read(args.root)
-        config = engine_config(args, vocabulary.background_words)
+        config = engine_config(args, vocabulary.background_words, method)
         config.validate()
         segmenter = Segmenter(config)
         segmenter.set_classes(vocabulary.classes)
         result = evaluate(
-            segmenter,
+            protocol_segmenter(segmenter, method, vocabulary.has_background),
             reader,
             vocabulary.label_names,
             vocabulary.has_background,

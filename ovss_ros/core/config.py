@@ -43,7 +43,8 @@ class EngineConfig:
     max_long_side: int = 2048
     crop: int = 0  # sliding-window size in pixels; 0 = whole image in one forward
     stride: int = 0  # sliding-window stride; 0 = crop / 2
-    # last-block attention: naclip | sclip | clearclip | maskclip | maskclip_reduced | vanilla
+    # last-block attention: naclip | sclip | clearclip | maskclip | maskclip_reduced | vanilla,
+    # or FreeCP's variants sclip_freecp | maskclip_freecp | vanilla_freecp (attention + FFN)
     method: str = "naclip"
     # positional grid for other input sizes: official (the method's own code: DINO's "+0.1"
     # rule; exact for maskclip) | exact (bicubic to exactly the patch grid)
@@ -64,7 +65,7 @@ class EngineConfig:
     sinkhorn_epsilon: float = 0.1
     ipf_rounds: int = 15
     velocity_tau: float = 0.3
-    freecp_redundancy: float = 0.1  # keep a class iff its purification score is above this
+    freecp_redundancy: float = 0.15  # keep a class iff its redundancy score is above (official)
     freecp_ambiguity: float = 0.7  # soft IoU above which surviving classes are resolved by crops
 
     def validate(self) -> None:

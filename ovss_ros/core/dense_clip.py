@@ -15,10 +15,28 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-LAST_BLOCK_MODES = ("naclip", "sclip", "clearclip", "maskclip", "maskclip_reduced", "vanilla")
+LAST_BLOCK_MODES = (
+    "naclip",
+    "sclip",
+    "clearclip",
+    "maskclip",
+    "maskclip_reduced",
+    "vanilla",
+    "sclip_freecp",
+    "maskclip_freecp",
+    "vanilla_freecp",
+)
 # Last block without residual and FFN. ``maskclip`` as published (chongzhou96/MaskCLIP) keeps
 # both around its identity attention; ``maskclip_reduced`` is ClearCLIP's "MaskCLIP" ablation.
 REDUCED_MODES = ("naclip", "clearclip", "maskclip_reduced")
+# FreeCP's ``forward_all`` (chenqi1126/FreeCP, open_clip/transformer.py) runs its SCLIP, MaskCLIP
+# and vanilla bases as the attention output plus the FFN on it, without the residual stream;
+# its published "SCLIP + FreeCP" numbers use that variant. Each maps to its attention.
+FREECP_VARIANTS = {
+    "sclip_freecp": "sclip",
+    "maskclip_freecp": "maskclip",
+    "vanilla_freecp": "vanilla",
+}
 IDENTITY_MODES = ("maskclip", "maskclip_reduced")  # each token keeps its own value
 NACLIP_SIGMA = 5.0
 # How the trained positional grid is resized to another patch grid (``interpolate_pos_embed``):
@@ -35,7 +53,8 @@ def official_pos_rule(mode: str) -> str:
     NACLIP (``clip/model.py``), SCLIP (``clip/model.py``) and ClearCLIP
     (``open_clip/transformer.py``, also for its reduced MaskCLIP) use DINO's "+0.1" rule; the
     published MaskCLIP resizes to the grid size (``mmseg/models/backbones/vit.py``,
-    ``resize_pos_embed``).
+    ``resize_pos_embed``). FreeCP's variants use the "+0.1" rule too
+    (``interpolate_pos_encoding``).
     """
     return "exact" if mode == "maskclip" else "dino"
 
@@ -188,16 +207,21 @@ def block_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A residual block with the attention of ``mode``, and that attention (N, heads, L, L).
 
-    REDUCED_MODES return the attention output alone (no residual, no FFN); the others keep
-    both, as SCLIP and the published MaskCLIP do. ``vanilla`` is the block unchanged; with its
-    weights in hand, FreeCP's layer-mean affinity costs no second attention pass.
+    REDUCED_MODES return the attention output alone (no residual, no FFN); FREECP_VARIANTS
+    return the attention output plus the FFN on it (no residual); the others keep both, as
+    SCLIP and the published MaskCLIP do. ``vanilla`` is the block unchanged; with its weights
+    in hand, FreeCP's layer-mean affinity costs no second attention pass.
     """
+    attention = FREECP_VARIANTS.get(mode, mode)
     q, k, v, scale = _split_qkv(block, x)
-    weights = None if mode in IDENTITY_MODES else attention_weights(q, k, scale, mode, grid)
+    identity = attention in IDENTITY_MODES
+    weights = None if identity else attention_weights(q, k, scale, attention, grid)
     out = v if weights is None else weights @ v
     out = block.ls_1(block.attn.out_proj(out.transpose(1, 2).reshape(x.shape)))
     if mode in REDUCED_MODES:
         return out, weights
+    if mode in FREECP_VARIANTS:
+        return out + block.ls_2(block.mlp(block.ln_2(out))), weights
     x = x + out
     return x + block.ls_2(block.mlp(block.ln_2(x))), weights
 

@@ -44,6 +44,7 @@ from ovss_ros.core.refine import (
     make_crop_classifier,
     pamr_affinity,
 )
+from ovss_ros.core.refine.freecp import background_wins
 from ovss_ros.core.refine.pamr import pamr_propagate
 from ovss_ros.core.segmentation import Segmentation, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
@@ -58,7 +59,6 @@ from ovss_ros.core.vocabulary import (
 __all__ = ["EngineConfig", "Segmenter", "Stopped", "resized_size", "window_starts"]
 logger = logging.getLogger(__name__)
 Box = tuple[int, int, int, int]  # top, left, height, width in resized-image pixels
-FREECP_DROPPED = -1.0  # below every refined score, and finite so upsampling stays NaN-free
 # Float32 elements of one chunk of class maps in postprocess (64 MiB): a frame's peak memory is a
 # few such buffers (or a few input-sized maps, if larger) whatever the number of text queries.
 POSTPROCESS_ELEMENTS = 1 << 24
@@ -404,14 +404,16 @@ class Segmenter:
         return out.scatter_reduce_(1, index, logits, reduce="amax")
 
     def _freecp(self, encoded: Encoded, window: int) -> torch.Tensor:
+        """FreeCP's class scores (classes, h, w) of one window: refined maps of the kept
+        classes, 0 for dropped ones; the background is formed after the windows are averaged
+        (``postprocess``), as FreeCP's ``forward_slide`` and ``postprocess_result``."""
         features = encoded.dense.features[window]
         background = self._text_embeddings[self._class_queries :]
         classify = make_crop_classifier(
-            self.clip.model.encode_image,
+            self.clip.model.visual,
             self._descriptions,
             encoded.windows[window : window + 1],
-            tuple(features.shape[:2]),
-            self.clip.model.visual.image_size,
+            self.patch,
         )
         return freecp(
             features,
@@ -420,10 +422,19 @@ class Segmenter:
             redundancy_threshold=self.config.freecp_redundancy,
             ambiguity_threshold=self.config.freecp_ambiguity,
             crop_classifier=classify,
-            background=bool(self.config.background_words),
             background_text=background if len(background) else None,
-            dropped_value=FREECP_DROPPED,
         )
+
+    def _freecp_background(self, best: torch.Tensor) -> torch.Tensor:
+        """(H, W) bool: pixels FreeCP leaves unlabeled, from the best window-averaged class
+        score ``best``. With background words: FreeCP's background = 1 - best wins (ties too).
+        Without: pixels where every class scores 0, i.e. no class survived purification in any
+        window over them; the official code labels those with its first class (argmax of
+        zeros), ovss_ros calls them unlabeled (``ovss-eval --protocol freecp`` scores them as
+        the official does)."""
+        if self.config.background_words:
+            return background_wins(best)
+        return best <= 0
 
     def postprocess(
         self,
@@ -451,9 +462,9 @@ class Segmenter:
         num_classes = len(self.classes)
         step = self._chunk(encoded, size)
         affinity = self._pamr_affinity(encoded, size) if self.config.pamr else None
-        labels = None
+        labels = best = None
         if scores is not None:
-            labels = self._best_label(encoded, scores, size, step, affinity)
+            best, labels = self._best_label(encoded, scores, size, step, affinity)
         reduced = self._reduce(encoded, logits, size, step, affinity, labels)
         if labels is None and self.config.area_threshold:
             dropped = self._small_classes(reduced)
@@ -463,6 +474,8 @@ class Segmenter:
         if labels is None:
             labels = self._query_owner[reduced.best_query]
             background = reduced.background_probability() > confidence
+        elif self.config.refinement == "freecp":
+            background = self._freecp_background(best)
         else:
             background = labels == num_classes  # the refinement's background channel
             labels = labels.clamp(max=num_classes - 1)
@@ -587,9 +600,9 @@ class Segmenter:
         size: tuple[int, int],
         step: int,
         affinity: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """(H, W) argmax over the refined label scores (n, L, h, w) at the input size, taken a
-        chunk of labels at a time (the first maximum wins, as ``argmax``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, W) max and argmax over the refined label scores (n, L, h, w) at the input size,
+        taken a chunk of labels at a time (the first maximum wins, as ``argmax``)."""
         best = label = None
         for start in range(0, scores.shape[1], step):
             maps = self._to_input(scores[:, start : start + step], encoded, size, True, affinity)
@@ -600,7 +613,7 @@ class Segmenter:
                 better = value > best
                 best = torch.where(better, value, best)
                 label = torch.where(better, index + start, label)
-        return label
+        return best, label
 
     def to_image(self, maps: torch.Tensor, encoded: Encoded, jbu: bool) -> torch.Tensor:
         """Window maps (n, K, h, w) -> one map of the resized image (K, H', W').

@@ -16,6 +16,15 @@ names another; flags override single settings.
 - ``clearclip``: github.com/mc-lan/ClearCLIP ``configs/cfg_<set>.py``, defaults of
   ``clearclip_segmentor.py`` (logit scale 50, 448/224 windows), its own class-name files for
   VOC and COCO-Object (``clearclip_<set>.txt``).
+- ``freecp``: github.com/chenqi1126/FreeCP ``configs/cfg_<set>.py``, ``configs/cls_<set>.txt``,
+  defaults of ``freecp_segmentor.py``: resize short side 448 (Cityscapes 560), 384/112
+  windows (Cityscapes 224/112), no probability threshold, refinement ``freecp`` with the
+  per-data-set thresholds of ``refine.freecp.DATASET_THRESHOLDS``, and FreeCP's own base
+  variants (``base_variants``: ``--method sclip`` runs ``sclip_freecp``, the attention output
+  plus FFN without the residual of FreeCP's ``forward_all``, which its "SCLIP + FreeCP"
+  numbers use). Where no class survives in any window over a pixel of a data set without
+  background, the official argmax of all-zero scores gives the first class; the engine calls
+  such pixels unlabeled, and ovss-eval scores them as the first class (``empty_as_first``).
 - ``standard``: the data-set settings NACLIP and SCLIP share, without any method's tuning or
   post-processing (NACLIP's table without PAMR); for methods without a protocol of their own.
 
@@ -36,10 +45,11 @@ label k + 1.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ovss_ros.core.dense_clip import FREECP_VARIANTS
 from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import (
     DatasetReader,
@@ -132,6 +142,12 @@ class MethodProtocol:
     settings: dict[str, Settings]
     model: str = "ViT-B-16"
     pretrained: str = "openai"
+    refinement: str = "none"  # the refinement the method's code runs after the base method
+    # --method -> the variant the method's code runs instead (FreeCP's forward_all bases)
+    base_variants: dict[str, str] = field(default_factory=dict)
+    # score unlabeled pixels as the first class on data sets without background: the official
+    # argmax where every class score is 0 (FreeCP: no class survived purification)
+    empty_as_first: bool = False
 
     def for_dataset(self, dataset: DatasetProtocol) -> Settings:
         return self.settings[dataset.name]
@@ -146,6 +162,7 @@ def _table(**rows: Settings) -> dict[str, Settings]:
 _SLIDE = {"crop": 224, "stride": 112}
 _NACLIP = {**_SLIDE, "pamr": True}
 _CLEARCLIP = {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 50.0}
+_FREECP = {"short_side": 448, "crop": 384, "stride": 112, "threshold": 0.0}
 
 METHOD_PROTOCOLS: dict[str, MethodProtocol] = {
     "naclip": MethodProtocol(
@@ -191,6 +208,24 @@ METHOD_PROTOCOLS: dict[str, MethodProtocol] = {
             ade20k=Settings(threshold=0.0, **_CLEARCLIP),
         ),
     ),
+    "freecp": MethodProtocol(
+        "freecp",
+        "github.com/chenqi1126/FreeCP: configs/cfg_<set>.py, configs/cls_<set>.txt, "
+        "freecp_segmentor.py, open_clip/transformer.py (forward_all)",
+        _table(
+            voc21=Settings(class_prefix="freecp_", **_FREECP),
+            context60=Settings(**_FREECP),
+            coco_object=Settings(class_prefix="freecp_", **_FREECP),
+            voc20=Settings(class_prefix="freecp_", **_FREECP),
+            context59=Settings(**_FREECP),
+            coco_stuff=Settings(**_FREECP),
+            cityscapes=Settings(**{**_FREECP, "short_side": 560, "crop": 224}),
+            ade20k=Settings(**_FREECP),
+        ),
+        refinement="freecp",
+        base_variants=dict((base, variant) for variant, base in FREECP_VARIANTS.items()),
+        empty_as_first=True,
+    ),
     "standard": MethodProtocol(
         "standard",
         "NACLIP's configs without PAMR (the data-set settings it shares with SCLIP)",
@@ -216,6 +251,7 @@ DEFAULT_PROTOCOL = {
     "maskclip_reduced": "clearclip",
     "maskclip": "standard",
     "vanilla": "standard",
+    **dict.fromkeys(FREECP_VARIANTS, "freecp"),
 }
 
 

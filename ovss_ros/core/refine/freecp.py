@@ -1,22 +1,28 @@
 """FreeCP class purification (ICCV 2025, chenqi1126/FreeCP).
 
 A plug-in after any dense CLIP: it drops vocabulary classes that are absent from the frame
-(*redundancy*) and, among near-synonyms that claim the same region, keeps the one a CLIP crop
-classifier prefers (*ambiguity*). Surviving classes are scored by their affinity-refined
-activation maps. Everything is plain tensor code on the features' device; only the small box
-masks and the class-graph go through the CPU (OpenCV connected components, a K x K closure).
+(*redundancy*) and, among near-synonyms that claim the same region, keeps those a CLIP crop
+classifier votes for (*ambiguity*). Surviving classes are scored by their affinity-refined
+activation maps. Each step follows the official ``freecp_segmentor.py`` and its modified
+``open_clip`` (window-level maths, box extraction, crop classifier); the background score is
+formed by the caller after the windows are averaged (:func:`background_wins`). Everything is
+plain tensor code on the features' device; only the small score maps (OpenCV contours) and the
+class graph (a K x K closure) go through the CPU.
 
 Boxes are ``(x0, y0, x1, y1)`` in patch units with exclusive ends (OpenCV / torchvision style).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+
+from ovss_ros.core.dense_clip import interpolate_pos_embed, residual_block
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in patches, x1/y1 exclusive
 CropClassifier = Callable[[list[Box], list[int]], torch.Tensor]
@@ -34,9 +40,10 @@ DATASET_THRESHOLDS: dict[str, tuple[float, float]] = {
     "cityscapes": (0.10, 0.8),
     "ade20k": (0.05, 0.7),
 }
-REDUNDANCY_THRESHOLD = 0.1
+REDUNDANCY_THRESHOLD = 0.15  # the official class default (rp_thres)
 AMBIGUITY_THRESHOLD = 0.7
 BOX_THRESHOLD = 0.4
+CROP_SIZE = 112  # pixels: FreeCP resizes every crop to 112 x 112 before classifying it
 EPS = 1e-8
 # Float32 elements of one block of the pairwise-minimum temporary in ambiguous_groups (64 MiB).
 PAIRWISE_ELEMENTS = 1 << 24
@@ -51,17 +58,28 @@ def _minmax(x: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.
     return (x - low) / (high - low + EPS)
 
 
+def class_probabilities(
+    features: torch.Tensor, queries: torch.Tensor, temperature: float = 100.0
+) -> torch.Tensor:
+    """P (Q, h, w): softmax over the queries of ``temperature * cos`` (FreeCP's ``logits``).
+
+    ``features`` (h, w, D) and ``queries`` (Q, D) are L2-normalised; ``temperature`` is CLIP's
+    logit scale (100). The redundancy score compares this raw P with the refined map
+    (``freecp_segmentor.py``, ``redundancy_purification``).
+    """
+    logits = torch.einsum("hwd,kd->khw", features, queries.to(features.dtype))
+    return torch.softmax(temperature * logits, dim=0)
+
+
 def class_activation(
     features: torch.Tensor, text: torch.Tensor, temperature: float = 100.0
 ) -> torch.Tensor:
-    """CAM M (K, h, w): softmax over classes of ``temperature * cos``, then global min-max.
+    """CAM M (K, h, w): :func:`class_probabilities`, then one global min-max.
 
-    ``features`` (h, w, D) and ``text`` (K, D) are L2-normalised. The normalisation is global,
-    not per class, so a class that is weak everywhere stays weak: that is what lets step 4 see
-    an absent class for what it is.
+    The normalisation is global, not per class (FreeCP's ``normalized_logits``), so a class
+    that is weak everywhere stays weak; the boxes and the refinement start from this map.
     """
-    logits = torch.einsum("hwd,kd->khw", features, text.to(features.dtype))
-    return _minmax(torch.softmax(temperature * logits, dim=0))
+    return _minmax(class_probabilities(features, text, temperature))
 
 
 def purification_affinity(
@@ -82,36 +100,58 @@ def purification_affinity(
     return a @ a if square else a
 
 
-def class_boxes(cam: torch.Tensor, threshold: float = BOX_THRESHOLD) -> list[list[Box]]:
-    """Per class, the bounding boxes of the connected regions above ``threshold * max``.
+def scoremap_boxes(scoremap: torch.Tensor, threshold: float = BOX_THRESHOLD) -> list[Box]:
+    """Boxes of every contour of a (h, w) map in [0, 1]: FreeCP's ``scoremap2bbox`` with
+    ``multi_contour_eval=True`` (``freecp_segmentor.py``, after Choe et al.'s WSOL code).
 
-    The masks go to the CPU once (K x h x w bytes, tiny) for OpenCV's 8-connected components;
-    a class whose map is zero everywhere gets no box.
+    The map is quantised as ``uint8(255 * map)`` (truncated) and thresholded at
+    ``int(threshold * max)`` of the quantised map (strictly above, OpenCV ``THRESH_BINARY``);
+    every contour OpenCV finds with ``RETR_TREE`` (outer borders and holes alike) gives the
+    bounding box ``(x0, y0, x1, y1)`` with the end clipped to ``size - 1``. The clipped end is
+    used as an exclusive end, so the last patch row and column are never in a box and a
+    contour along them can give an empty (degenerate) box. No contour at all gives the single
+    degenerate box (0, 0, 0, 0).
     """
-    peak = cam.amax(dim=(-2, -1), keepdim=True)
-    masks = ((cam > threshold * peak) & (peak > 0)).to("cpu", torch.uint8).numpy()
+    return _contour_boxes(scoremap.detach().float().cpu().numpy(), threshold)
+
+
+def _contour_boxes(scoremap: np.ndarray, threshold: float) -> list[Box]:
+    """:func:`scoremap_boxes` of a float32 (h, w) array."""
+    height, width = scoremap.shape
+    image = (scoremap * 255).astype(np.uint8)
+    _, mask = cv2.threshold(image, int(threshold * image.max()), 255, cv2.THRESH_BINARY)
+    contours = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+    if not contours:
+        return [(0, 0, 0, 0)]
     boxes = []
-    for mask in masks:
-        _, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        boxes.append([(x, y, x + w, y + h) for x, y, w, h, _ in stats[1:].tolist()])
+    for contour in contours:
+        x, y, w, h = cv2.boundingRect(contour)
+        boxes.append((x, y, min(x + w, width - 1), min(y + h, height - 1)))
     return boxes
+
+
+def degenerate(box: Box) -> bool:
+    """Whether ``box`` holds no patch (x0 == x1 or y0 == y1)."""
+    return box[0] >= box[2] or box[1] >= box[3]
+
+
+def class_boxes(cam: torch.Tensor, threshold: float = BOX_THRESHOLD) -> list[list[Box]]:
+    """Per class of ``cam`` (K, h, w), its :func:`scoremap_boxes` (the refinement's masks);
+    the maps go to the host in one copy."""
+    maps = cam.detach().float().cpu().numpy()
+    return [_contour_boxes(scoremap, threshold) for scoremap in maps]
 
 
 def box_masks(
     boxes: Sequence[Sequence[Box]], grid: tuple[int, int], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """(len(boxes), h, w) bool: the union of each entry's boxes (drawn in NumPy, uploaded once)."""
+    """(len(boxes), h, w) bool: the union of each entry's boxes (drawn in NumPy, uploaded once;
+    a degenerate box draws nothing)."""
     masks = np.zeros((len(boxes), *grid), dtype=bool)
     for mask, entry in zip(masks, boxes, strict=True):
         for x0, y0, x1, y1 in entry:
             mask[y0:y1, x0:x1] = True
     return torch.from_numpy(masks).to(device)
-
-
-def union_box(boxes: Sequence[Box]) -> Box:
-    """The smallest box that holds all of ``boxes`` (not empty)."""
-    x0, y0, x1, y1 = zip(*boxes, strict=True)
-    return min(x0), min(y0), max(x1), max(y1)
 
 
 def refined_maps(
@@ -140,21 +180,23 @@ def refined_maps(
     return _minmax(refined, dim=-1).reshape(num, height, width)
 
 
-def redundancy_scores(cam: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
-    """S_c = sum(M_c * M~_c) / (sum M_c + sum M~_c), in [0, 0.5]: (K,).
+def redundancy_scores(probabilities: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
+    """S_c = sum(P_c * M~_c) / (sum P_c + sum M~_c): (K,), each in [0, 0.5].
 
-    A present class's CAM and refined map agree (S near 0.5); an absent class fires on scattered
-    patches whose refined map spreads over the whole region they sit in, so S is small.
+    ``probabilities`` (K, h, w) is the raw softmax P (:func:`class_probabilities`, not the
+    min-max normalised CAM), ``refined`` (K, h, w) the refined maps; as FreeCP's
+    ``redundancy_purification``. A present class's P and refined map agree; an absent class
+    fires on scattered patches whose refined map spreads over the region they sit in.
     """
-    overlap = (cam * refined).sum(dim=(-2, -1))
-    return overlap / (cam.sum(dim=(-2, -1)) + refined.sum(dim=(-2, -1)) + EPS)
+    overlap = (probabilities * refined).sum(dim=(-2, -1))
+    return overlap / (probabilities.sum(dim=(-2, -1)) + refined.sum(dim=(-2, -1)) + EPS)
 
 
 def redundancy_keep(
-    cam: torch.Tensor, refined: torch.Tensor, threshold: float = REDUNDANCY_THRESHOLD
+    probabilities: torch.Tensor, refined: torch.Tensor, threshold: float = REDUNDANCY_THRESHOLD
 ) -> torch.Tensor:
     """Classes that survive redundancy purification: bool (K,), S_c > ``threshold``."""
-    return redundancy_scores(cam, refined) > threshold
+    return redundancy_scores(probabilities, refined) > threshold
 
 
 def ambiguous_groups(
@@ -194,56 +236,82 @@ def ambiguous_groups(
 
 def resolve_ambiguity(
     groups: Sequence[Sequence[int]],
-    boxes_per_class: Mapping[int, Sequence[Box]] | Sequence[Sequence[Box]],
+    refined: torch.Tensor,
     crop_classifier: CropClassifier,
     keep: torch.Tensor,
+    box_threshold: float = BOX_THRESHOLD,
 ) -> torch.Tensor:
-    """New ``keep`` (K,) where each group keeps only the crop classifier's winner.
+    """New ``keep`` (K,): each group keeps the union of its crops' winners.
 
-    The classifier gets ``[union box of the group's boxes]`` (patch units) and the group's class
-    indices and returns scores (boxes, candidates); the winner has the highest mean score. A
-    group without any box (all maps empty) is left as it is.
+    FreeCP's ``ambiguity_purification``: the group's mean refined map (``refined`` (K, h, w))
+    is boxed with :func:`scoremap_boxes` (every contour: fragments and holes alike); each box is
+    one vote, the class the crop classifier scores highest on that crop. A group keeps every
+    class that wins at least one vote; if any box is degenerate (empty) the whole group stays,
+    as the official loop adds the group for such a box. ``crop_classifier(boxes, candidates)``
+    returns scores (boxes, candidates) for boxes in patch units; it is called once per group
+    with all the group's boxes.
     """
     keep = keep.clone()
     for group in groups:
         group = list(group)
-        boxes = [box for c in group for box in boxes_per_class[c]]
-        if not boxes:
+        boxes = scoremap_boxes(refined[group].mean(dim=0), box_threshold)
+        if any(degenerate(box) for box in boxes):
             continue
-        scores = crop_classifier([union_box(boxes)], group)
-        winner = group[int(scores.reshape(-1, len(group)).mean(dim=0).argmax())]
-        keep[[c for c in group if c != winner]] = False
+        votes = crop_classifier(boxes, group).reshape(len(boxes), len(group)).argmax(dim=1)
+        keep[group] = False
+        keep[[group[int(v)] for v in votes]] = True
     return keep
 
 
+def crop_embeddings(visual: VisionTransformer, pixels: torch.Tensor) -> torch.Tensor:
+    """CLIP image embeddings (N, D) of crops (N, 3, S, S) at any size S of whole patches.
+
+    The plain ViT forward read from its class token (the vanilla path of FreeCP's
+    ``forward_all``, whose ``class_logits`` judge the crops), with the positional grid resized
+    to S / patch by the DINO "+0.1" bicubic rule (``interpolate_pos_embed(rule="dino")``, as
+    FreeCP's ``interpolate_pos_encoding``). At 112 px a ViT-B/16 sees a 7 x 7 grid.
+    """
+    x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
+    grid = (x.shape[-2], x.shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(visual, grid, "dino").to(x.dtype)
+    x = visual.ln_pre(x)
+    for block in visual.transformer.resblocks:
+        x = residual_block(block, x)
+    return visual.ln_post(x[:, 0]) @ visual.proj
+
+
 def make_crop_classifier(
-    encode_image: Callable[[torch.Tensor], torch.Tensor],
+    visual: VisionTransformer,
     description_embeddings: torch.Tensor,
     image: torch.Tensor,
-    grid: tuple[int, int],
-    input_size: int | tuple[int, int],
+    patch: int,
+    crop_size: int = CROP_SIZE,
 ) -> CropClassifier:
-    """FreeCP's crop classifier: crop the image at patch boxes, re-encode, match descriptions.
+    """FreeCP's crop classifier: cut the image at patch boxes, re-encode, match descriptions.
 
-    ``image`` (1, 3, H, W) is the normalised input of the dense forward, ``grid`` (h, w) its patch
-    grid, ``description_embeddings`` (K, D) normalised (class descriptions, or the prompt-template
-    embeddings when the vocabulary has none). Crops are resized to ``input_size`` (the model's
-    native size: a plain ``encode_image`` has no positional-embedding interpolation; FreeCP used
-    112 px with its own interpolating encoder) and encoded in one batch. The callable returns
-    cosine scores (boxes, candidates).
+    ``image`` (1, 3, H, W) is the normalised input of the dense forward (one window), ``patch``
+    the model's patch size in pixels, ``description_embeddings`` (K, D) normalised (class
+    descriptions, or the prompt-template embeddings when the vocabulary has none). A box
+    (x0, y0, x1, y1) in patches is the pixel crop ``[y0 * patch : y1 * patch, x0 * patch :
+    x1 * patch]``, resized bilinearly (corners not aligned) to ``crop_size`` (FreeCP: 112) and
+    embedded with :func:`crop_embeddings`, all boxes in one batch. The callable returns cosine
+    scores (boxes, candidates) in float32.
     """
-    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    scale_y, scale_x = image.shape[-2] / grid[0], image.shape[-1] / grid[1]
 
     @torch.no_grad()
     def classify(boxes: list[Box], candidates: list[int]) -> torch.Tensor:
-        crops = []
-        for x0, y0, x1, y1 in boxes:
-            top, bottom = round(y0 * scale_y), round(y1 * scale_y)
-            left, right = round(x0 * scale_x), round(x1 * scale_x)
-            crop = image[..., top:bottom, left:right]
-            crops.append(F.interpolate(crop, size=size, mode="bilinear", align_corners=False))
-        embeddings = F.normalize(encode_image(torch.cat(crops)).float(), dim=-1)
+        crops = [
+            F.interpolate(
+                image[..., y0 * patch : y1 * patch, x0 * patch : x1 * patch],
+                size=(crop_size, crop_size),
+                mode="bilinear",
+                align_corners=False,
+            )
+            for x0, y0, x1, y1 in boxes
+        ]
+        embeddings = F.normalize(crop_embeddings(visual, torch.cat(crops)).float(), dim=-1)
         return embeddings @ description_embeddings[candidates].float().T
 
     return classify
@@ -256,50 +324,47 @@ def freecp(
     redundancy_threshold: float = REDUNDANCY_THRESHOLD,
     ambiguity_threshold: float = AMBIGUITY_THRESHOLD,
     crop_classifier: CropClassifier | None = None,
-    background: bool = False,
     background_text: torch.Tensor | None = None,
     box_threshold: float = BOX_THRESHOLD,
-    dropped_value: float = float("-inf"),
 ) -> torch.Tensor:
-    """The whole FreeCP pipeline: class scores (K, h, w), or (K + 1, h, w) with ``background``.
+    """FreeCP on one window: class scores (K, h, w), FreeCP's ``logits_ref``.
 
-    Inputs: ``features`` (h, w, D) normalised patch features of one image (any base method),
-    ``text`` (K, D) normalised, one row per class (merge synonyms before, e.g. the normalised mean
-    of their embeddings: synonyms as separate rows would split the CAM softmax and then look
+    Inputs: ``features`` (h, w, D) normalised patch features of one window (any base method),
+    ``text`` (K, D) normalised, one row per class (merge synonyms before, e.g. the normalised
+    mean of their embeddings: synonyms as separate rows would split the softmax and then look
     ambiguous to each other), ``affinity`` (hw, hw) raw patch affinity, FreeCP's being
     ``dense_forward(..., affinity="mean").affinity[0]``. ``background_text`` (B, D), optional,
-    takes part in the CAM softmax only (FreeCP's background prompts: patches they win are cold
-    for every class) and gets no channel. ``crop_classifier`` (see
-    :func:`make_crop_classifier`) enables ambiguity purification; without it step 5 is skipped.
+    takes part in the softmax and its global min-max only (FreeCP's background prompts) and
+    gets no channel. ``crop_classifier`` (:func:`make_crop_classifier`) enables ambiguity
+    purification; without it that step is skipped.
 
-    Output: dropped classes are ``dropped_value`` (-inf) everywhere, kept classes carry their
-    refined maps in [0, 1]. With ``background`` the last channel (index K) is 1 - max over kept
-    classes of M~ (the paper's step 6), and every class may be dropped. Without it at least the
-    best-scoring class is kept, so an argmax is always a real class.
+    Steps (``freecp_segmentor.py``): CAM (:func:`class_activation`), refined maps inside the
+    CAM's boxes, redundancy purification on the raw softmax P, then, with two or more
+    survivors, ambiguity purification by crop votes (:func:`resolve_ambiguity`).
 
-    Engine use: ``labels = scores.argmax(0)``; label K (the background channel) maps to
-    unlabeled; confidence is the winning score. Bilinear upsampling turns a -inf channel into
-    NaN (0 * -inf), and NaN wins ``argmax``: upsample with ``dropped_value=-1.0`` (below every
-    real score, and softmax(40 * x) makes it ~0), or argmax at patch resolution first.
+    Output: kept classes carry their refined maps in [0, 1] (maximum 1), dropped classes are 0
+    everywhere, as the official; when nothing survives every map is 0. The background score
+    is *not* formed here: FreeCP upsamples and averages the windows first and only then sets
+    background = 1 - max over classes (:func:`background_wins`).
     """
     num = text.shape[0]
     queries = text if background_text is None else torch.cat([text, background_text])
-    cam = class_activation(features, queries)[:num]
+    probabilities = class_probabilities(features, queries)
+    cam = _minmax(probabilities)[:num]
     transition = purification_affinity(affinity, square=False)
     refined = refined_maps(cam, transition, box_threshold, hops=2)
-    scores = redundancy_scores(cam, refined)
-    keep = scores > redundancy_threshold
-    if not background and not keep.any():
-        keep[scores.argmax()] = True
+    keep = redundancy_keep(probabilities[:num], refined, redundancy_threshold)
     if crop_classifier is not None:
         groups = ambiguous_groups(refined, keep, ambiguity_threshold)
         if groups:
-            members = sorted({c for group in groups for c in group})
-            boxes = dict(zip(members, class_boxes(refined[members], box_threshold), strict=True))
-            keep = resolve_ambiguity(groups, boxes, crop_classifier, keep)
-    dropped = ~keep[:, None, None]
-    out = refined.masked_fill(dropped, dropped_value)
-    if not background:
-        return out
-    strongest = refined.masked_fill(dropped, 0.0).amax(dim=0, keepdim=True)
-    return torch.cat([out, 1.0 - strongest])
+            keep = resolve_ambiguity(groups, refined, crop_classifier, keep, box_threshold)
+    return refined * keep[:, None, None]
+
+
+def background_wins(best: torch.Tensor) -> torch.Tensor:
+    """Where FreeCP's background beats the best class score ``best`` (any shape): bool.
+
+    FreeCP's ``postprocess_result``: background = 1 - max over the (window-averaged,
+    upsampled) class scores, placed first in the argmax, so it also wins ties.
+    """
+    return 1.0 - best >= best
