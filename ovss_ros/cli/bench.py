@@ -27,7 +27,7 @@ import torch
 from rclpy.serialization import serialize_message
 from std_msgs.msg import Header
 
-from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
+from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.core import Segmenter, overlay
 from ovss_ros.core.dense_clip import interpolate_pos_embed
 from ovss_ros.image_conversion import image_to_rgb8, mono8_to_image, rgb8_to_image
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--json", help="write the figures to this file")
     add_engine_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_engine_args(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
