@@ -1,6 +1,12 @@
 """ovss-bench: latency per stage and end to end, against the bare open_clip image-encoder forward.
 
     ovss-bench --pretrained none --combos naclip naclip+dslo naclip+freecp+pamr --device cpu
+    ovss-bench --pretrained none --sd-model DIR --combos vanilla+dslo:naclip vanilla+dslo:sd2
+
+A combo is the base method, then refinements joined by '+': ``dslo[-ot|-velocity][:affinity]``
+(affinity naclip, keykey, mean or sd2; default ``--affinity``), ``freecp``, ``pamr``, ``jbu``.
+With ``:sd2`` the Stable Diffusion model (``--sd-model``) is loaded for that combo: its
+attention forward counts in the encoder stage.
 
 One frame goes through: decode (sensor_msgs/Image -> numpy, as the node does), preprocess,
 encoder (dense CLIP forward), head (text logits and refinement), postprocess (upsampling,
@@ -28,7 +34,7 @@ from rclpy.serialization import serialize_message
 from std_msgs.msg import Header
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
-from ovss_ros.core import Segmenter, overlay
+from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, overlay
 from ovss_ros.core.dense_clip import interpolate_pos_embed
 from ovss_ros.image_conversion import image_to_rgb8, mono8_to_image, rgb8_to_image
 
@@ -40,14 +46,21 @@ VOC_SAMPLE = (
 DEFAULT_CLASSES = ["person", "chair", "table", "floor", "wall", "door", "cup", "bottle"]
 
 
-def parse_combo(combo: str) -> dict[str, object]:
-    """``naclip+dslo-ot+pamr+jbu`` -> engine settings (base mode first, then refinements)."""
+def parse_combo(combo: str, affinity: str = EngineConfig.affinity) -> dict[str, object]:
+    """``naclip+dslo-ot:sd2+pamr+jbu`` -> engine settings (base mode first, then refinements).
+
+    ``affinity``: DSLO's affinity where a ``dslo`` part names none.
+    """
     base, *parts = combo.split("+")
     settings: dict[str, object] = {"method": base, "refinement": "none", "pamr": False}
     settings["upsample"] = "bilinear"
+    settings["affinity"] = affinity
     for part in parts:
         if part.startswith("dslo"):
             settings["refinement"] = "dslo"
+            part, _, named = part.partition(":")
+            if named:
+                settings["affinity"] = named
             if "-" in part:
                 settings["dslo_mode"] = part.split("-", 1)[1]
         elif part == "freecp":
@@ -58,7 +71,8 @@ def parse_combo(combo: str) -> dict[str, object]:
             settings["upsample"] = "jbu"
         else:
             raise ValueError(
-                f"unknown part {part!r} in {combo!r}: dslo[-ot|-velocity], freecp, pamr, jbu"
+                f"unknown part {part!r} in {combo!r}: dslo[-ot|-velocity][:affinity], freecp, "
+                "pamr, jbu"
             )
     return settings
 
@@ -170,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     combos = args.combos or [config.method]
     try:
-        settings = [parse_combo(c) for c in combos]
+        settings = [parse_combo(c, config.affinity) for c in combos]
         segmenter = Segmenter(config)
         segmenter.set_classes(args.classes)
         message = test_message(args.image, args.width, args.height)
@@ -180,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     bare = time_bare(segmenter, message, args.iterations, args.warmup)
     results = {}
     for combo, changes in zip(combos, settings, strict=True):
-        segmenter.reconfigure(**changes)
+        try:
+            segmenter.reconfigure(**changes)
+        except (ValueError, ModelLoadError) as error:
+            print(f"ovss-bench: combo {combo}: {error}", file=sys.stderr)
+            return 2
         results[combo] = time_combo(segmenter, message, args.iterations, args.warmup)
     report = {
         "device": str(segmenter.device),
@@ -188,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "input": [args.width, args.height],
         "short_side": config.short_side,
         "crop": config.crop,
+        "sd_model": config.sd_model,  # for the combos with the sd2 affinity
+        "sd_size": config.sd_size,
         "threads": torch.get_num_threads(),
         "bare_forward": bare,
         "combos": results,
