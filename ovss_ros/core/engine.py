@@ -232,9 +232,9 @@ class Segmenter:
         # Nothing below can fail (the SD settings were checked by _sd2_for).
         if sd2 is not None and sd2 is self.sd2:
             sd2.reconfigure(**config.sd2_settings())
-        if self.sd2 is not None and self.sd2 is not sd2:
-            self.sd2.release()  # no longer used, or replaced by another model
-        self.sd2, self._sd2_key = sd2, sd2_key
+        previous, self.sd2, self._sd2_key = self.sd2, sd2, sd2_key
+        if previous is not None and previous is not sd2:
+            previous.release()  # no longer used, or replaced by another model
         self.config = config
         self.text.set_templates(templates)
         if queries is not None:
@@ -248,9 +248,15 @@ class Segmenter:
         Diffusion model that is not loaded yet loads is found out by loading it."""
         config.validate()
         _check_fits_model(config, self.patch)
-        sd2 = getattr(self, "sd2", None)  # None while the constructor runs
-        if config.uses_sd2 and sd2 is not None and _sd2_key(config) == self._sd2_key:
-            sd2.check(**config.sd2_settings())
+        # The SD model in use (None while the constructor runs). The node calls this from
+        # its executor thread while the worker may be replacing the model: a model released
+        # meanwhile is not checked here, the worker's reconfigure checks the settings again.
+        sd2, key = getattr(self, "sd2", None), getattr(self, "_sd2_key", None)
+        if config.uses_sd2 and sd2 is not None and _sd2_key(config) == key:
+            try:
+                sd2.check(**config.sd2_settings())
+            except RuntimeError:  # released by the worker meanwhile
+                pass
 
     def _sd2_for(self, config: EngineConfig) -> tuple[Sd2Attention | None, tuple | None]:
         """The SD model ``config`` needs (None if none) and its key, without changing state.

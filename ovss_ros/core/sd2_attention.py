@@ -220,20 +220,21 @@ class Sd2Attention:
         Returns every setting after the change and the ``attn1`` layers they collect. Raises
         ValueError for a bad value or an unknown name, RuntimeError once released.
         """
-        if self.unet is None:
+        unet, scheduler = self.unet, self.scheduler  # another thread may release meanwhile
+        if unet is None or scheduler is None:
             raise RuntimeError("Sd2Attention was released")
         allowed = {"size", "timestep", "noise", "temperature", "layers", "seed"}
         if set(settings) - allowed:
             raise ValueError(f"unknown Sd2Attention settings {sorted(set(settings) - allowed)}")
         merged = {name: getattr(self, name, None) for name in allowed} | settings
-        steps = int(self.scheduler.config.num_train_timesteps)
+        steps = int(scheduler.config.num_train_timesteps)
         if not 0 <= merged["timestep"] < steps:
             raise ValueError(f"sd_timestep must be in [0, {steps}), got {merged['timestep']}")
         if merged["temperature"] <= 0:
             raise ValueError(f"sd_temperature must be > 0, got {merged['temperature']}")
         if merged["size"] < self.multiple:
             raise ValueError(f"sd_size must be >= {self.multiple} pixels, got {merged['size']}")
-        return merged, _self_attention_layers(self.unet, merged["layers"])
+        return merged, _self_attention_layers(unet, merged["layers"])
 
     def reconfigure(self, **settings: object) -> None:
         """Change ``size``, ``timestep``, ``noise``, ``temperature``, ``layers`` or ``seed``
