@@ -31,8 +31,16 @@ from rclpy.parameter import Parameter
 from rclpy.validate_full_topic_name import validate_full_topic_name
 
 from ovss_ros.core import ClassEntry, EngineConfig, check_query_count, parse_classes
-from ovss_ros.core.config import DSLO_MODES, MAX_LONG_SIDE_LIMIT, REFINEMENTS, UPSAMPLERS
-from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
+from ovss_ros.core.config import (
+    DSLO_AFFINITIES,
+    DSLO_MODES,
+    MAX_LONG_SIDE_LIMIT,
+    REFINEMENTS,
+    SD_SEED_LIMIT,
+    UPSAMPLERS,
+)
+from ovss_ros.core.dense_clip import LAST_BLOCK_MODES, POS_INTERPOLATIONS
+from ovss_ros.core.sd2_attention import LAYER_SETS, SD_PRECISIONS
 from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -193,8 +201,10 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec(
         "affinity",
         _ENGINE_DEFAULTS.affinity,
-        "DSLO: patch affinity the discrepancy is measured along",
-        constraints=" | ".join(AFFINITY_SOURCES),
+        "DSLO: patch affinity the discrepancy is measured along: CLIP's own attention "
+        "(naclip, keykey, mean) or Stable Diffusion 2 self-attention (sd2: a second model, "
+        "sd_model, loaded when this is set, one more model forward per frame)",
+        constraints=" | ".join(DSLO_AFFINITIES),
     ),
     ParameterSpec(
         "dslo_mode",
@@ -231,6 +241,65 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         minimum=0.0,
         maximum=100.0,
         constraints="> 0",
+    ),
+    # DSLO's sd2 affinity (Stable Diffusion 2 self-attention): changeable at runtime; a new
+    # sd_model or sd_precision is loaded by the worker, and refused (old settings kept) if it
+    # cannot be loaded.
+    ParameterSpec(
+        "sd_model",
+        _ENGINE_DEFAULTS.sd_model,
+        "DSLO sd2: the Stable Diffusion model, a Hugging Face hub id (downloaded once, then "
+        "cached; offline it must be cached) or a local directory written by a diffusers "
+        "pipeline's save_pretrained; loaded only while refinement is dslo and affinity sd2",
+        constraints="hub id owner/name | directory with unet, vae, scheduler, text_encoder, "
+        "tokenizer",
+    ),
+    ParameterSpec(
+        "sd_precision",
+        _ENGINE_DEFAULTS.sd_precision,
+        "DSLO sd2: the SD model's precision; auto = fp16 on a GPU, fp32 on the CPU",
+        constraints=" | ".join(SD_PRECISIONS),
+    ),
+    ParameterSpec(
+        "sd_size",
+        _ENGINE_DEFAULTS.sd_size,
+        "DSLO sd2: SD input size in pixels: the frame's aspect ratio at about sd_size^2 pixels",
+        minimum=64,
+        maximum=4096,
+    ),
+    ParameterSpec(
+        "sd_timestep",
+        _ENGINE_DEFAULTS.sd_timestep,
+        "DSLO sd2: UNet timestep of the one denoising step, of the 1000 training steps",
+        minimum=0,
+        maximum=999,
+    ),
+    ParameterSpec(
+        "sd_noise",
+        _ENGINE_DEFAULTS.sd_noise,
+        "DSLO sd2: add the timestep's forward-process noise to the latents (one fixed-seed draw)",
+    ),
+    ParameterSpec(
+        "sd_temperature",
+        _ENGINE_DEFAULTS.sd_temperature,
+        "DSLO sd2: softmax(log A / T) per row before IPF; below 1 sharpens (1 = none)",
+        minimum=0.0,
+        maximum=100.0,
+        constraints="> 0",
+    ),
+    ParameterSpec(
+        "sd_layers",
+        _ENGINE_DEFAULTS.sd_layers,
+        "DSLO sd2: self-attention layers averaged: m2n2 = the first two of the last up block, "
+        "up = every up-block layer",
+        constraints=" | ".join(LAYER_SETS),
+    ),
+    ParameterSpec(
+        "sd_seed",
+        _ENGINE_DEFAULTS.sd_seed,
+        "DSLO sd2: seed of the sd_noise draw",
+        minimum=0,
+        maximum=SD_SEED_LIMIT,
     ),
     ParameterSpec(
         "freecp_redundancy",

@@ -66,10 +66,17 @@ def test_parse_combo():
         "refinement": "none",
         "pamr": False,
         "upsample": "bilinear",
+        "affinity": "naclip",
     }
     settings = parse_combo("clearclip+dslo-velocity+pamr+jbu")
     assert settings["refinement"] == "dslo" and settings["dslo_mode"] == "velocity"
     assert settings["pamr"] and settings["upsample"] == "jbu"
+    assert settings["affinity"] == "naclip"  # the default where a dslo part names none
+    settings = parse_combo("vanilla+dslo-ot:sd2+jbu", "keykey")
+    assert (settings["dslo_mode"], settings["affinity"]) == ("ot", "sd2")
+    assert parse_combo("vanilla+dslo", "keykey")["affinity"] == "keykey"
+    # every combo sets the affinity: one combo's :sd2 does not leak into the next
+    assert parse_combo("vanilla+dslo:sd2+jbu")["affinity"] != parse_combo("vanilla")["affinity"]
     with pytest.raises(ValueError, match="unknown part"):
         parse_combo("naclip+crf")
 

@@ -41,6 +41,7 @@ CLASSES = ["cat", "dog", "person"]
 FLOATS = [spec.name for spec in node_parameters.PARAMETERS if isinstance(spec.default, float)]
 # Integers for every float at start-up: half from a params file, half from -p.
 FROM_FILE = {"sinkhorn_epsilon": 1, "velocity_tau": 1, "freecp_redundancy": 0, "area_threshold": 0}
+FROM_FILE["sd_temperature"] = 2
 FROM_COMMAND_LINE = {
     "freecp_ambiguity": 1,
     "score_threshold": 0,

@@ -108,6 +108,15 @@ def test_engine_config_from_values():
         ({"publish_masks": "yes"}, "publish_masks"),
         ({"max_input_pixels": 0}, "max_input_pixels must be in"),
         ({"max_long_side": 0}, "max_long_side must be in"),
+        ({"affinity": "dino"}, "unknown affinity 'dino'"),
+        ({"sd_model": "  "}, "sd_model must name a Stable Diffusion model"),
+        ({"sd_precision": "fp8"}, "unknown sd_precision 'fp8'"),
+        ({"sd_size": 32}, r"sd_size must be in \[64, 4096\]"),
+        ({"sd_timestep": 1000}, r"sd_timestep must be in \[0, 999\]"),
+        ({"sd_temperature": 0.0}, "sd_temperature must be > 0"),
+        ({"sd_layers": "mid"}, "unknown sd_layers 'mid'"),
+        ({"sd_noise": 1}, "sd_noise must be a boolean"),
+        ({"sd_seed": -1}, "sd_seed must be in"),
     ],
 )
 def test_invalid_updates_are_refused_with_a_reason(changes, reason):
@@ -259,6 +268,7 @@ def test_the_float_parameters_are_found():
         "area_threshold",
         "sinkhorn_epsilon",
         "velocity_tau",
+        "sd_temperature",
         "freecp_redundancy",
         "freecp_ambiguity",
         "score_threshold",

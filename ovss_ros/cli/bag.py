@@ -31,7 +31,7 @@ from ovss_ros.bag_processing import (
     OutputTopics,
     segment_bag,
 )
-from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
+from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.core import ModelLoadError, Segmenter, VocabularyError, parse_classes
 from ovss_ros.stop_signals import StopSignals
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="progress bar of frames done (default: on a terminal only)",
     )
     add_engine_arguments(parser)
-    return parser.parse_args(argv)
+    return parse_engine_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,12 @@
 """ovss-bench: latency per stage and end to end, against the bare open_clip image-encoder forward.
 
     ovss-bench --pretrained none --combos naclip naclip+dslo naclip+freecp+pamr --device cpu
+    ovss-bench --pretrained none --sd-model DIR --combos vanilla+dslo:naclip vanilla+dslo:sd2
+
+A combo is the base method, then refinements joined by '+': ``dslo[-ot|-velocity][:affinity]``
+(affinity naclip, keykey, mean or sd2; default ``--affinity``), ``freecp``, ``pamr``, ``jbu``.
+With ``:sd2`` the Stable Diffusion model (``--sd-model``) is loaded for that combo: its
+attention forward counts in the encoder stage.
 
 One frame goes through: decode (sensor_msgs/Image -> numpy, as the node does), preprocess,
 encoder (dense CLIP forward), head (text logits and refinement), postprocess (upsampling,
@@ -31,8 +37,8 @@ import torch
 from rclpy.serialization import serialize_message
 from std_msgs.msg import Header
 
-from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
-from ovss_ros.core import Segmenter, overlay
+from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
+from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, overlay
 from ovss_ros.core.dense_clip import interpolate_pos_embed
 from ovss_ros.image_conversion import (
     image_file_to_rgb8,
@@ -49,14 +55,21 @@ VOC_SAMPLE = (
 DEFAULT_CLASSES = ["person", "chair", "table", "floor", "wall", "door", "cup", "bottle"]
 
 
-def parse_combo(combo: str) -> dict[str, object]:
-    """``naclip+dslo-ot+pamr+jbu`` -> engine settings (base mode first, then refinements)."""
+def parse_combo(combo: str, affinity: str = EngineConfig.affinity) -> dict[str, object]:
+    """``naclip+dslo-ot:sd2+pamr+jbu`` -> engine settings (base mode first, then refinements).
+
+    ``affinity``: DSLO's affinity where a ``dslo`` part names none.
+    """
     base, *parts = combo.split("+")
     settings: dict[str, object] = {"method": base, "refinement": "none", "pamr": False}
     settings["upsample"] = "bilinear"
+    settings["affinity"] = affinity
     for part in parts:
         if part.startswith("dslo"):
             settings["refinement"] = "dslo"
+            part, _, named = part.partition(":")
+            if named:
+                settings["affinity"] = named
             if "-" in part:
                 settings["dslo_mode"] = part.split("-", 1)[1]
         elif part == "freecp":
@@ -67,7 +80,8 @@ def parse_combo(combo: str) -> dict[str, object]:
             settings["upsample"] = "jbu"
         else:
             raise ValueError(
-                f"unknown part {part!r} in {combo!r}: dslo[-ot|-velocity], freecp, pamr, jbu"
+                f"unknown part {part!r} in {combo!r}: dslo[-ot|-velocity][:affinity], freecp, "
+                "pamr, jbu"
             )
     return settings
 
@@ -193,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--json", help="write the figures to this file")
     add_engine_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_engine_args(parser, argv)
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be at least 1 and --warmup at least 0")
     if args.threads:
@@ -201,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     combos = args.combos or [config.method]
     try:
-        settings = [parse_combo(c) for c in combos]
+        settings = [parse_combo(c, config.affinity) for c in combos]
         segmenter = Segmenter(config)
         segmenter.set_classes(args.classes)
         message = test_message(args.image, args.width, args.height)
@@ -209,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ovss-bench: {error}", file=sys.stderr)
         return 2
     rows = dict(zip(combos, settings, strict=True))
+    for combo, changes in rows.items():  # refuse a combo that cannot run before timing any
+        try:
+            segmenter.reconfigure(**changes)
+        except (ValueError, ModelLoadError) as error:
+            print(f"ovss-bench: combo {combo}: {error}", file=sys.stderr)
+            return 2
     print(
         f"ovss-bench: {args.warmup} warm-up and {args.iterations} timed rounds of "
         f"{len(rows) + 1} rows (bare forward, {', '.join(rows)}), interleaved",
@@ -221,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "input": [args.width, args.height],
         "short_side": config.short_side,
         "crop": config.crop,
+        "sd_model": config.sd_model,  # for the combos with the sd2 affinity
+        "sd_size": config.sd_size,
         "threads": torch.get_num_threads(),
         "bare_forward": bare,
         "combos": results,

@@ -1,11 +1,30 @@
-"""The engine's options as command-line flags, shared by every ovss_ros command-line tool."""
+"""The engine's options as command-line flags, shared by every ovss_ros command-line tool.
+
+``--params-file`` reads the engine settings of a node params file (``config/ovss.yaml``,
+``config/dslo_paper.yaml``) as the flags' defaults; flags given on the command line override
+them (``parse_engine_args``).
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
-from ovss_ros.core.config import DSLO_MODES, REFINEMENTS, UPSAMPLERS, EngineConfig
-from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
+import yaml
+
+from ovss_ros.core.config import DSLO_AFFINITIES, DSLO_MODES, REFINEMENTS, UPSAMPLERS, EngineConfig
+from ovss_ros.core.dense_clip import LAST_BLOCK_MODES, POS_INTERPOLATIONS
+from ovss_ros.core.sd2_attention import LAYER_SETS, SD_PRECISIONS
+
+# EngineConfig fields whose flag has another name (dest); every other field's dest is its name.
+FLAG_DEST = {
+    "short_side": "size",
+    "score_threshold": "threshold",
+    "background_words": "background",
+}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) -> None:
@@ -61,7 +80,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) ->
     group.add_argument("--refinement", default=base.refinement, choices=list(REFINEMENTS))
     group.add_argument("--dslo-mode", default=base.dslo_mode, choices=list(DSLO_MODES))
     group.add_argument(
-        "--affinity", default=base.affinity, choices=list(AFFINITY_SOURCES), help="DSLO affinity"
+        "--affinity",
+        default=base.affinity,
+        choices=list(DSLO_AFFINITIES),
+        help="DSLO affinity: CLIP's attention (naclip, keykey, mean) or Stable Diffusion 2's "
+        "(sd2: a second model, --sd-model, one more model forward per frame)",
     )
     group.add_argument("--upsample", default=base.upsample, choices=list(UPSAMPLERS))
     group.add_argument(
@@ -76,6 +99,129 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) ->
     group.add_argument(
         "--freecp-ambiguity", type=float, default=base.freecp_ambiguity, help="FreeCP T_ap"
     )
+    _add_dslo_arguments(group, base)
+    group.add_argument(
+        "--params-file",
+        type=Path,
+        help="node params file (e.g. config/dslo_paper.yaml) whose engine settings are the "
+        "defaults of these flags; flags given override them",
+    )
+
+
+def _add_dslo_arguments(group: argparse._ArgumentGroup, base: EngineConfig) -> None:
+    """DSLO's numbers and its sd2 affinity's settings (the node's parameters of the same name)."""
+    group.add_argument(
+        "--sinkhorn-iterations", type=int, default=base.sinkhorn_iterations, help="DSLO ot"
+    )
+    group.add_argument(
+        "--sinkhorn-epsilon", type=float, default=base.sinkhorn_epsilon, help="DSLO ot"
+    )
+    group.add_argument("--ipf-rounds", type=int, default=base.ipf_rounds, help="DSLO IPF rounds")
+    group.add_argument(
+        "--velocity-tau",
+        type=float,
+        default=base.velocity_tau,
+        help="DSLO velocity: stop within tau of uniform density",
+    )
+    group.add_argument(
+        "--sd-model",
+        default=base.sd_model,
+        help="affinity sd2: Stable Diffusion model, hub id or save_pretrained directory",
+    )
+    group.add_argument(
+        "--sd-precision",
+        default=base.sd_precision,
+        choices=list(SD_PRECISIONS),
+        help="affinity sd2: auto = fp16 on a GPU, fp32 on the CPU",
+    )
+    group.add_argument(
+        "--sd-size", type=int, default=base.sd_size, help="affinity sd2: SD input ~size^2 px"
+    )
+    group.add_argument(
+        "--sd-timestep", type=int, default=base.sd_timestep, help="affinity sd2: of 1000 steps"
+    )
+    group.add_argument(
+        "--sd-noise",
+        action=argparse.BooleanOptionalAction,
+        default=base.sd_noise,
+        help="affinity sd2: add the timestep's forward noise (fixed seed)",
+    )
+    group.add_argument(
+        "--sd-temperature",
+        type=float,
+        default=base.sd_temperature,
+        help="affinity sd2: softmax(log A / T) before IPF (1 = none)",
+    )
+    group.add_argument(
+        "--sd-layers", default=base.sd_layers, choices=list(LAYER_SETS), help="affinity sd2"
+    )
+    group.add_argument("--sd-seed", type=int, default=base.sd_seed, help="affinity sd2: noise")
+
+
+def params_file_defaults(path: Path) -> dict[str, Any]:
+    """Flag defaults (argparse dests) from the engine settings of a node params file.
+
+    The file is a ROS params file (``/**: ros__parameters: {...}`` or ``<node>:
+    ros__parameters``); its node-only parameters (classes, topics, publishing) are left out.
+    Raises ValueError naming the problem: unreadable file, no ros__parameters, an unknown
+    parameter, a value of the wrong type.
+    """
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"params file {str(path)!r} cannot be read: {error}") from error
+    sections = (
+        [
+            entry["ros__parameters"]
+            for entry in (document or {}).values()
+            if isinstance(entry, dict) and isinstance(entry.get("ros__parameters"), dict)
+        ]
+        if isinstance(document, dict)
+        else []
+    )
+    if len(sections) != 1:
+        raise ValueError(
+            f"params file {str(path)!r} must hold one node's ros__parameters (/**: "
+            "ros__parameters: ...)"
+        )
+    from ovss_ros.node_parameters import SPECS  # the node's names (imports rclpy)
+
+    engine = {field.name: field.default for field in fields(EngineConfig)}
+    defaults = {}
+    for name, value in sections[0].items():
+        if name not in SPECS:
+            raise ValueError(f"params file {str(path)!r}: unknown parameter {name!r}")
+        if name not in engine:
+            continue  # a node-only parameter
+        expected = type(engine[name])
+        if expected is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"params file: {name} must be a list of strings, got {value!r}")
+            value = ";".join(value)
+        elif expected is float and type(value) is int:
+            value = float(value)
+        elif type(value) is not expected:
+            raise ValueError(
+                f"params file: {name} must be {expected.__name__}, got {type(value).__name__} "
+                f"{value!r}"
+            )
+        defaults[FLAG_DEST.get(name, name)] = value
+    return defaults
+
+
+def parse_engine_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with the ``--params-file`` settings as the defaults."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--params-file", type=Path)
+    known, _ = first.parse_known_args(argv)
+    if known.params_file is not None:
+        try:
+            parser.set_defaults(**params_file_defaults(known.params_file))
+        except ValueError as error:
+            parser.error(str(error))
+    return parser.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -103,4 +249,13 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         pamr=args.pamr,
         freecp_redundancy=args.freecp_redundancy,
         freecp_ambiguity=args.freecp_ambiguity,
+        **dslo_from_args(args),
     )
+
+
+def dslo_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """DSLO's numbers and the sd2 settings (EngineConfig fields) from parsed flags."""
+    names = ("sinkhorn_iterations", "sinkhorn_epsilon", "ipf_rounds", "velocity_tau")
+    names += ("sd_model", "sd_precision", "sd_size", "sd_timestep", "sd_noise")
+    names += ("sd_temperature", "sd_layers", "sd_seed")
+    return {name: getattr(args, name) for name in names}

@@ -3,15 +3,19 @@
     ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --limit 100 --output voc21.json
     ovss-eval cityscapes ~/data/cityscapes --method sclip --device cuda
     ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --method naclip --protocol standard
+    ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --protocol dslo --sd-model ~/models/sd2-1-base
 
 The engine settings default to the official protocol of the method (``--method``; naclip,
 sclip and clearclip have their own, the other methods get ``standard``) on the data set:
 weights, short side, sliding window, probability threshold, logit scale, SCLIP's area
 threshold, PAMR, class names and background words (``ovss_ros.evaluation.protocol``).
 ``--protocol`` picks another method's protocol (``freecp``: FreeCP's settings, refinement and
-variant of the base method, e.g. ``--method sclip --protocol freecp``); any engine flag
-overrides single settings (--background replaces the data set's background words). Data
-sets: voc21, context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k.
+variant of the base method, e.g. ``--method sclip --protocol freecp``; ``dslo``: DSLO's published
+configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with ``--sd-model``
+where the hub is not reachable); ``--params-file`` reads engine settings from a node params file
+over the protocol's; any engine flag overrides single settings (--background replaces the data
+set's background words). Data sets: voc21, context60, coco_object, voc20, context59, coco_stuff,
+cityscapes, ade20k.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
+from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, VocabularyError
 from ovss_ros.core.refine.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
 from ovss_ros.core.segmentation import Segmentation
@@ -80,6 +84,7 @@ def build_parser(
             "area_threshold": settings.area_threshold,
             "pamr": settings.pamr,
             "refinement": method.refinement,
+            **method.engine,
         }
         if protocol.name in FREECP_THRESHOLDS:  # FreeCP's released per-data-set settings
             redundancy, ambiguity = FREECP_THRESHOLDS[protocol.name]
@@ -108,7 +113,7 @@ def parse_args(
             method = method_protocol(known.protocol, known.method)
         except ValueError as error:
             build_parser(None).error(str(error))
-    args = build_parser(protocol, method).parse_args(argv)
+    args = parse_engine_args(build_parser(protocol, method), argv)
     if args.limit is not None and args.limit < 1:
         build_parser(protocol, method).error("--limit must be at least 1")
     return args, protocol, method

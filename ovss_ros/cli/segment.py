@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
+from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.core import ModelLoadError, Segmentation, Segmenter, VocabularyError, overlay
 from ovss_ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
@@ -175,7 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_max_input_pixels_argument(parser)
     add_engine_arguments(parser)
-    return parser.parse_args(argv)
+    return parse_engine_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

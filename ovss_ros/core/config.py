@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
+from ovss_ros.core.sd2_attention import DEFAULT_MODEL as SD_DEFAULT_MODEL
+from ovss_ros.core.sd2_attention import SD_PRECISIONS, check_settings
 from ovss_ros.core.text_encoding import template_set
 from ovss_ros.core.vocabulary import check_background_words
 
@@ -13,6 +15,21 @@ LOAD_FIELDS = ("model", "pretrained", "device", "precision")
 REFINEMENTS = ("none", "dslo", "freecp")
 DSLO_MODES = ("ot", "velocity")
 UPSAMPLERS = ("bilinear", "jbu")
+# DSLO's affinity sources: CLIP's own attention (dense_clip) or Stable Diffusion 2's (a second
+# model, loaded while refinement dslo with affinity sd2 is in force).
+DSLO_AFFINITIES = (*AFFINITY_SOURCES, "sd2")
+# The sd2 affinity's settings; the first two choose the SD model (a change loads it anew).
+SD_LOAD_FIELDS = ("sd_model", "sd_precision")
+SD_FIELDS = (
+    *SD_LOAD_FIELDS,
+    "sd_size",
+    "sd_timestep",
+    "sd_noise",
+    "sd_temperature",
+    "sd_layers",
+    "sd_seed",
+)
+SD_SEED_LIMIT = 2**31 - 1  # a ROS integer parameter's range is wider; torch seeds are 64-bit
 # Upper bound of max_long_side: a 4K UHD frame (3840 px) fits unscaled. The whole-image forward
 # attends over all patches at once, so the bound is only affordable with sliding windows.
 MAX_LONG_SIDE_LIMIT = 4096
@@ -65,6 +82,16 @@ class EngineConfig:
     sinkhorn_epsilon: float = 0.1
     ipf_rounds: int = 15
     velocity_tau: float = 0.3
+    # DSLO's sd2 affinity (Stable Diffusion 2 self-attention, ``sd2_attention.Sd2Attention``):
+    # the SD model, a hub id or a local save_pretrained directory, on the CLIP model's device
+    sd_model: str = SD_DEFAULT_MODEL
+    sd_precision: str = "auto"  # auto (fp16 on a GPU, fp32 on the CPU) | fp32 | fp16 | bf16
+    sd_size: int = 512  # SD input: the frame's aspect ratio at about sd_size^2 pixels
+    sd_timestep: int = 100  # UNet timestep, of the scheduler's 1000 training steps (M2N2)
+    sd_noise: bool = False  # add that timestep's forward noise (one fixed-seed draw)
+    sd_temperature: float = 1.0  # softmax(log A / T) per row before IPF (M2N2: 0.65; 1 = none)
+    sd_layers: str = "m2n2"  # m2n2: last up block's first two attn1 | up: every up-block attn1
+    sd_seed: int = 0  # seed of the sd_noise draw
     freecp_redundancy: float = 0.15  # keep a class iff its redundancy score is above (official)
     freecp_ambiguity: float = 0.7  # soft IoU above which surviving classes are resolved by crops
 
@@ -78,7 +105,7 @@ class EngineConfig:
             "pos_interpolation": POS_INTERPOLATIONS,
             "refinement": REFINEMENTS,
             "upsample": UPSAMPLERS,
-            "affinity": AFFINITY_SOURCES,
+            "affinity": DSLO_AFFINITIES,
             "dslo_mode": DSLO_MODES,
         }
         for name, allowed in choices.items():
@@ -121,6 +148,39 @@ class EngineConfig:
             )
         check_background_words(self.background_words)
         template_set(self.templates)
+        self._validate_sd()
+
+    @property
+    def uses_sd2(self) -> bool:
+        """Whether these settings need the Stable Diffusion model (DSLO on the sd2 affinity)."""
+        return self.refinement == "dslo" and self.affinity == "sd2"
+
+    def sd2_settings(self) -> dict[str, object]:
+        """The settings ``Sd2Attention`` takes (constructor, ``check``, ``reconfigure``)."""
+        return {
+            "size": self.sd_size,
+            "timestep": self.sd_timestep,
+            "noise": self.sd_noise,
+            "temperature": self.sd_temperature,
+            "layers": self.sd_layers,
+            "seed": self.sd_seed,
+        }
+
+    def _validate_sd(self) -> None:
+        """The sd_* settings, checked whatever the affinity (so a later switch to sd2 cannot
+        meet a bad value); whether the model loads is the Segmenter's to find out."""
+        if not isinstance(self.sd_model, str) or not self.sd_model.strip():
+            raise ValueError(
+                "sd_model must name a Stable Diffusion model: a Hugging Face hub id "
+                f"(e.g. {SD_DEFAULT_MODEL}) or a local save_pretrained directory"
+            )
+        if self.sd_precision not in SD_PRECISIONS:
+            raise ValueError(
+                f"unknown sd_precision {self.sd_precision!r}: use one of {list(SD_PRECISIONS)}"
+            )
+        check_settings(self.sd_size, self.sd_timestep, self.sd_temperature, self.sd_layers)
+        if not 0 <= self.sd_seed <= SD_SEED_LIMIT:
+            raise ValueError(f"sd_seed must be in [0, {SD_SEED_LIMIT}], got {self.sd_seed}")
 
     def max_windows(self) -> int:
         """Sliding windows of the largest frame the size bounds allow (1 without ``crop``).

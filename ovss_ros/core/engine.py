@@ -15,6 +15,11 @@ with the new vocabulary/settings, and only then swap the state in; on any except
 out of memory, Stopped) everything stays as it was. With a stop event (``Segmenter(config,
 stop)``), text encoding and each inference stage raise Stopped once the event is set.
 
+DSLO on the ``sd2`` affinity needs a second model, Stable Diffusion 2 (``Sd2Attention``): it is
+loaded (on the CLIP model's device) when a config asks for it, at construction or in
+``reconfigure``, and released when a config no longer does; its attention of each frame (of each
+sliding window) replaces CLIP's affinity in DSLO. A failed load changes nothing.
+
 Confidence is always CLIP's probability of the chosen class (softmax over all queries, max over
 the class's synonyms), also when a refinement chose the class, so ``score_threshold`` means the
 same thing for every method.
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.config import LOAD_FIELDS, EngineConfig
+from ovss_ros.core.config import LOAD_FIELDS, SD_LOAD_FIELDS, EngineConfig
 from ovss_ros.core.dense_clip import DenseOutput, dense_forward
 from ovss_ros.core.image_resize import opencv_bilinear_resize
 from ovss_ros.core.model_loading import load_clip
@@ -46,6 +51,7 @@ from ovss_ros.core.refine import (
 )
 from ovss_ros.core.refine.freecp import background_wins
 from ovss_ros.core.refine.pamr import pamr_propagate
+from ovss_ros.core.sd2_attention import Sd2Attention
 from ovss_ros.core.segmentation import Segmentation, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
 from ovss_ros.core.text_encoding import TextEncoder, template_set
@@ -147,7 +153,8 @@ class Segmenter:
     ``stop``: optional event shared with the caller's other threads (e.g. the node's shutdown).
     Once set, text encoding (between prompt batches) and ``segment_many`` (between stages and
     batch groups) raise Stopped; the engine never clears it.
-    Raises ValueError for a bad config, ModelLoadError when the model cannot be loaded.
+    Raises ValueError for a bad config, ModelLoadError when the model (or, for DSLO on the sd2
+    affinity, the Stable Diffusion model) cannot be loaded, Stopped.
     """
 
     def __init__(self, config: EngineConfig, stop: threading.Event | None = None) -> None:
@@ -156,6 +163,9 @@ class Segmenter:
         self.stop = stop
         self.clip = load_clip(config.model, config.pretrained, config.device, config.precision)
         self.check_config(config)
+        self.sd2: Sd2Attention | None = None  # the sd2 affinity's model, while in use
+        self._sd2_key: tuple[str, str] | None = None  # (sd_model, sd_precision) of self.sd2
+        self.sd2, self._sd2_key = self._sd2_for(config)
         self.text = TextEncoder(self.clip.model, self.clip.tokenizer, config.templates, stop)
         self.classes: list[ClassEntry] = []
         self._text_embeddings: torch.Tensor | None = None  # (queries, D)
@@ -204,13 +214,27 @@ class Segmenter:
         config = replace(self.config, **changes)
         self.check_config(config)
         templates = template_set(config.templates)
-        queries = None
-        if self.classes and (templates, config.background_words) != (
+        encode = self.classes and (templates, config.background_words) != (
             self.text.templates,
             self.config.background_words,
-        ):
+        )
+        if encode:
             check_query_count(self.classes, config.background_words)
-            queries = self._attempt(lambda: self._encode_queries(self.classes, config))
+        sd2, sd2_key = self._sd2_for(config)  # loads a new SD model only if needed
+        queries = None
+        try:
+            if encode:
+                queries = self._attempt(lambda: self._encode_queries(self.classes, config))
+        except BaseException:
+            if sd2 is not None and sd2 is not self.sd2:
+                sd2.release()
+            raise
+        # Nothing below can fail (the SD settings were checked by _sd2_for).
+        if sd2 is not None and sd2 is self.sd2:
+            sd2.reconfigure(**config.sd2_settings())
+        previous, self.sd2, self._sd2_key = self.sd2, sd2, sd2_key
+        if previous is not None and previous is not sd2:
+            previous.release()  # no longer used, or replaced by another model
         self.config = config
         self.text.set_templates(templates)
         if queries is not None:
@@ -218,10 +242,47 @@ class Segmenter:
 
     def check_config(self, config: EngineConfig) -> None:
         """Raise ValueError with the reason if ``config`` is bad or does not fit this model
-        (``crop`` not whole patches, ``max_long_side`` below one patch): what ``reconfigure``
-        checks before it changes anything, for callers that validate ahead (the node)."""
+        (``crop`` not whole patches, ``max_long_side`` below one patch; the sd settings against
+        the SD model in use, when ``config`` keeps it): what ``reconfigure`` checks before it
+        changes anything, for callers that validate ahead (the node). Whether a Stable
+        Diffusion model that is not loaded yet loads is found out by loading it."""
         config.validate()
         _check_fits_model(config, self.patch)
+        # The SD model in use (None while the constructor runs). The node calls this from
+        # its executor thread while the worker may be replacing the model: a model released
+        # meanwhile is not checked here, the worker's reconfigure checks the settings again.
+        sd2, key = getattr(self, "sd2", None), getattr(self, "_sd2_key", None)
+        if config.uses_sd2 and sd2 is not None and _sd2_key(config) == key:
+            try:
+                sd2.check(**config.sd2_settings())
+            except RuntimeError:  # released by the worker meanwhile
+                pass
+
+    def _sd2_for(self, config: EngineConfig) -> tuple[Sd2Attention | None, tuple | None]:
+        """The SD model ``config`` needs (None if none) and its key, without changing state.
+
+        The one in use when ``config`` keeps its model and precision (its new settings checked
+        by ``check_config``), else a new one loaded on the CLIP model's device. Raises
+        ModelLoadError (what to set), ValueError (a setting this SD model refuses), Stopped
+        (checked before and after loading; a model loaded meanwhile is released).
+        """
+        if not config.uses_sd2:
+            return None, None
+        key = _sd2_key(config)
+        if self.sd2 is not None and key == self._sd2_key:
+            return self.sd2, key
+        check_stop(self.stop, "loading the Stable Diffusion model")
+        sd2 = Sd2Attention.load(
+            config.sd_model,
+            device=str(self.clip.device),
+            precision=config.sd_precision,
+            **config.sd2_settings(),
+        )
+        if self.stop is not None and self.stop.is_set():
+            sd2.release()
+            check_stop(self.stop, "loading the Stable Diffusion model")
+        logger.info("Stable Diffusion model %s loaded on %s", config.sd_model, sd2.device)
+        return sd2, key
 
     def _attempt(self, encode: Callable[[], TextQueries]) -> TextQueries:
         """Run ``encode``; on failure bound the text cache it may have grown, then re-raise."""
@@ -368,10 +429,22 @@ class Segmenter:
         else:
             boxes, windows = [(0, 0, height, width)], pixels
         affinity = {"dslo": config.affinity, "freecp": "mean"}.get(config.refinement)
+        clip_affinity = None if affinity == "sd2" else affinity
         dense = dense_forward(
-            self.clip.model.visual, windows, config.method, affinity, config.pos_interpolation
+            self.clip.model.visual, windows, config.method, clip_affinity, config.pos_interpolation
         )
+        if affinity == "sd2":
+            check_stop(self.stop, "Stable Diffusion attention")
+            dense = DenseOutput(dense.features, self.sd2_affinity(windows, dense.features))
         return Encoded(windows, boxes, dense, (height, width))
+
+    def sd2_affinity(self, windows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """DSLO's sd2 affinity (n, h*w, h*w) of the windows (n, 3, H, W; normalised network
+        input) on the CLIP patch grid of ``features`` (n, h, w, D): Stable Diffusion 2
+        self-attention of each window's RGB image (``Sd2Attention.affinity``), one SD forward
+        per window."""
+        guide = (windows.float() * self._std + self._mean).clamp(0, 1)
+        return self.sd2.affinity(guide, tuple(features.shape[1:3])).to(features.device)
 
     def head(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Query logits (n, Q, h, w), and per-label refined scores (n, L, h, w) or None."""
@@ -646,6 +719,11 @@ class Segmenter:
         for (top, left, height, width), window in zip(encoded.boxes, encoded.windows, strict=True):
             image[0, :, top : top + height, left : left + width] = window
         return image.float()
+
+
+def _sd2_key(config: EngineConfig) -> tuple[str, ...]:
+    """What chooses the SD model: a change of these loads it anew."""
+    return tuple(getattr(config, name) for name in SD_LOAD_FIELDS)
 
 
 def _per_frame(encoded: Encoded, key: str, compute: Callable[[], object]) -> object:

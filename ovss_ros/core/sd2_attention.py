@@ -215,24 +215,34 @@ class Sd2Attention:
             seed=seed,
         )
 
-    def reconfigure(self, **settings: object) -> None:
-        """Change ``size``, ``timestep``, ``noise``, ``temperature``, ``layers`` or ``seed``
-        without reloading the models. Everything is checked first: on ValueError (a bad value,
-        an unknown name) nothing changes."""
-        if self.unet is None:
+    def check(self, **settings: object) -> tuple[dict[str, object], list[str]]:
+        """Check ``settings`` against this model without changing anything.
+
+        Returns every setting after the change and the ``attn1`` layers they collect. Raises
+        ValueError for a bad value or an unknown name, RuntimeError once released.
+        """
+        unet, scheduler = self.unet, self.scheduler  # another thread may release meanwhile
+        if unet is None or scheduler is None:
             raise RuntimeError("Sd2Attention was released")
         allowed = {"size", "timestep", "noise", "temperature", "layers", "seed"}
         if set(settings) - allowed:
             raise ValueError(f"unknown Sd2Attention settings {sorted(set(settings) - allowed)}")
         merged = {name: getattr(self, name, None) for name in allowed} | settings
-        steps = int(self.scheduler.config.num_train_timesteps)
+        steps = int(scheduler.config.num_train_timesteps)
         if not 0 <= merged["timestep"] < steps:
             raise ValueError(f"sd_timestep must be in [0, {steps}), got {merged['timestep']}")
         if merged["temperature"] <= 0:
             raise ValueError(f"sd_temperature must be > 0, got {merged['temperature']}")
         if merged["size"] < self.multiple:
             raise ValueError(f"sd_size must be >= {self.multiple} pixels, got {merged['size']}")
-        names = _self_attention_layers(self.unet, merged["layers"])
+        return merged, _self_attention_layers(unet, merged["layers"])
+
+    def reconfigure(self, **settings: object) -> None:
+        """Change ``size``, ``timestep``, ``noise``, ``temperature``, ``layers`` or ``seed``
+        without reloading the models. Everything is checked first (``check``): on ValueError (a
+        bad value, an unknown name) nothing changes."""
+        merged, names = self.check(**settings)
+        allowed = set(merged)
         for name in allowed:
             setattr(self, name, merged[name])
         if names != self.layer_names:

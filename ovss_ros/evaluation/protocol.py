@@ -27,6 +27,11 @@ names another; flags override single settings.
   such pixels unlabeled, and ovss-eval scores them as the first class (``empty_as_first``).
 - ``standard``: the data-set settings NACLIP and SCLIP share, without any method's tuning or
   post-processing (NACLIP's table without PAMR); for methods without a protocol of their own.
+- ``dslo``: DSLO's published configuration (``DSLO_PAPER``, the same as the node params file
+  ``config/dslo_paper.yaml``: vanilla CLIP logits, DSLO velocity on the Stable Diffusion 2
+  affinity, JBU) on the ``standard`` data-set settings: DSLO's code and configs are not public,
+  so its resize, windows and thresholds are not known; ``standard`` is what the methods it
+  compares with share.
 
 All three official repositories evaluate OpenAI's ViT-B/16 (QuickGELU), so that is every
 protocol's model. The class-name files in ``ovss_ros/data/class_names`` are the repositories'
@@ -44,10 +49,11 @@ label k + 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 
 from ovss_ros.core.dense_clip import FREECP_VARIANTS
 from ovss_ros.core.vocabulary import ClassEntry
@@ -148,6 +154,8 @@ class MethodProtocol:
     # score unlabeled pixels as the first class on data sets without background: the official
     # argmax where every class score is 0 (FreeCP: no class survived purification)
     empty_as_first: bool = False
+    # engine settings of the method itself (EngineConfig fields), the same on every data set
+    engine: Mapping[str, object] = field(default_factory=dict)
 
     def for_dataset(self, dataset: DatasetProtocol) -> Settings:
         return self.settings[dataset.name]
@@ -163,6 +171,31 @@ _SLIDE = {"crop": 224, "stride": 112}
 _NACLIP = {**_SLIDE, "pamr": True}
 _CLEARCLIP = {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 50.0}
 _FREECP = {"short_side": 448, "crop": 384, "stride": 112, "threshold": 0.0}
+
+# DSLO as published (arXiv 2604.07723, CVPR 2026): what config/dslo_paper.yaml sets (a test
+# keeps the two equal); README "Segmentation methods", DSLO, says what is the paper's and ours.
+DSLO_PAPER: Mapping[str, object] = MappingProxyType(
+    {
+        "model": "ViT-B-16-quickgelu",  # OpenAI CLIP ViT-B/16 (QuickGELU)
+        "pretrained": "openai",
+        "method": "vanilla",  # the paper's base logits: CLIP unchanged
+        "refinement": "dslo",
+        "dslo_mode": "velocity",
+        "affinity": "sd2",
+        "upsample": "jbu",
+        "ipf_rounds": 15,
+        "velocity_tau": 0.3,
+        "sinkhorn_iterations": 50,
+        "sinkhorn_epsilon": 0.1,
+        "sd_model": "stabilityai/stable-diffusion-2-1-base",
+        "sd_precision": "auto",
+        "sd_size": 512,
+        "sd_timestep": 100,
+        "sd_noise": False,
+        "sd_layers": "m2n2",
+        "sd_temperature": 1.0,
+    }
+)
 
 METHOD_PROTOCOLS: dict[str, MethodProtocol] = {
     "naclip": MethodProtocol(
@@ -241,6 +274,15 @@ METHOD_PROTOCOLS: dict[str, MethodProtocol] = {
         ),
     ),
 }
+METHOD_PROTOCOLS["dslo"] = MethodProtocol(
+    "dslo",
+    "DSLO (arXiv 2604.07723): config/dslo_paper.yaml on the standard protocol's data-set "
+    "settings (DSLO's own are not public)",
+    METHOD_PROTOCOLS["standard"].settings,
+    model=str(DSLO_PAPER["model"]),
+    pretrained=str(DSLO_PAPER["pretrained"]),
+    engine={k: v for k, v in DSLO_PAPER.items() if k not in ("model", "pretrained")},
+)
 
 # The protocol of a last-block method's own code; methods without one get the standard one.
 # maskclip_reduced is ClearCLIP's "MaskCLIP" ablation, evaluated with ClearCLIP's code.

@@ -65,7 +65,8 @@ means over 11 planted problems, raw argmax 0.64):
   the one-step affinity-weighted vote. Mean accuracy 0.98.
 
 Tests: test/test_refine_dslo.py (planted problems with synthetic and CLIP-attention
-affinities), test/test_sd2_attention.py (DSLO on the SD2 affinity).
+affinities), test/test_sd2_attention.py (DSLO on the SD2 affinity), test/test_engine_sd2.py
+(every affinity source through the Segmenter on planted problems).
 """
 
 from __future__ import annotations
