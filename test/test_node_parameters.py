@@ -45,6 +45,8 @@ def test_every_engine_field_is_a_parameter():
         "precision",
         "image_transport",
         "cameras",
+        "vlm_model",
+        "vlm_pretrained",
     }
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, VocabularyError
+from ovss_ros.core.config import PIPELINE_METHODS
 from ovss_ros.core.refine.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
 from ovss_ros.evaluation.protocol import (
@@ -112,6 +113,12 @@ def parse_args(
 def engine_config(args: argparse.Namespace, background_words: tuple[str, ...]) -> EngineConfig:
     """Flags -> EngineConfig; the data set's background words unless --background is given."""
     config = config_from_args(args)
+    if config.method in PIPELINE_METHODS:
+        # The dense methods' protocol (windows, PAMR, area filter) does not apply to them, and
+        # pnp_ovss makes its own background (where no class map fires).
+        config = replace(config, crop=0, stride=0, pamr=False, area_threshold=0.0)
+        if config.method == "pnp_ovss":
+            background_words = ()
     if not config.background_words:
         config = replace(config, background_words=background_words)
     if config.crop == 0:

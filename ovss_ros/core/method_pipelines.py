@@ -269,11 +269,17 @@ def build_pipeline(
     templates = text.templates
     try:
         if method == "pnp_ovss":
-            same = previous is not None and previous.vlm is not None and all(
-                getattr(previous.config, n) == getattr(config, n) for n in VLM_LOAD_FIELDS
+            same = (
+                previous is not None
+                and previous.vlm is not None
+                and all(getattr(previous.config, n) == getattr(config, n) for n in VLM_LOAD_FIELDS)
             )
-            vlm = previous.vlm if same else load_vlm(
-                config.vlm_model, config.vlm_pretrained, config.device, config.precision
+            vlm = (
+                previous.vlm
+                if same
+                else load_vlm(
+                    config.vlm_model, config.vlm_pretrained, config.device, config.precision
+                )
             )
             try:
                 core = PnpOvss(clip, vlm, method_settings(config), config.templates, text)
