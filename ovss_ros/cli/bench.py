@@ -9,6 +9,14 @@ rclpy does before sending). Stages are timed with a device synchronisation after
 stalls; the end-to-end figure is timed separately without them. The bare forward is open_clip's
 own ``VisionTransformer.forward`` at the same input size (positional embedding resized): the
 floor that one CLIP forward per frame sets. All figures come from one process and one run.
+
+The methods with their own pipeline fill the same columns with their own steps: pnp_ovss
+(``--vlm-pretrained``): preprocess = both squashed inputs, encoder = CLIP's image-level presence
+forward, head = the GradCAM rounds (one BLIP ITM forward and gradient pass per dropout round),
+postprocess = threshold, blur, CRF/PAMR, argmax; deop and twostream: encoder = CLIP blocks
+1..L-1 and the proposals, head = proposal embeddings and classification (deop: the severed last
+block; twostream: one CLIP forward per proposal crop), postprocess = semantic inference at the
+input size. ``deop+p50`` sets 50 proposals.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from std_msgs.msg import Header
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.core import Segmenter, overlay
+from ovss_ros.core.config import PIPELINE_METHODS
 from ovss_ros.core.dense_clip import interpolate_pos_embed
+from ovss_ros.core.proposal_segmentation import Frames, tokens_before_last_block
 from ovss_ros.image_conversion import image_to_rgb8, mono8_to_image, rgb8_to_image
 
 STAGES = ("decode", "preprocess", "encoder", "head", "postprocess", "publish")
@@ -46,7 +56,9 @@ def parse_combo(combo: str) -> dict[str, object]:
     settings: dict[str, object] = {"method": base, "refinement": "none", "pamr": False}
     settings["upsample"] = "bilinear"
     for part in parts:
-        if part.startswith("dslo"):
+        if base in PIPELINE_METHODS and part[:1] == "p" and part[1:].isdigit():
+            settings["proposals"] = int(part[1:])
+        elif part.startswith("dslo"):
             settings["refinement"] = "dslo"
             if "-" in part:
                 settings["dslo_mode"] = part.split("-", 1)[1]
@@ -58,7 +70,8 @@ def parse_combo(combo: str) -> dict[str, object]:
             settings["upsample"] = "jbu"
         else:
             raise ValueError(
-                f"unknown part {part!r} in {combo!r}: dslo[-ot|-velocity], freecp, pamr, jbu"
+                f"unknown part {part!r} in {combo!r}: dslo[-ot|-velocity], freecp, pamr, jbu "
+                "(deop/twostream: pN, N proposals)"
             )
     return settings
 
@@ -128,6 +141,79 @@ def time_combo(segmenter: Segmenter, message, iterations: int, warmup: int) -> d
     }
 
 
+def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callable], object]:
+    """The steps of a pnp_ovss / deop / twostream frame for the columns preprocess, encoder,
+    head, postprocess: callables each taking the previous one's result."""
+    core = segmenter.pipeline.core
+    if segmenter.pipeline.method == "pnp_ovss":
+        state: dict[str, object] = {}
+
+        def presence(inputs):
+            state["pixels"], clip_pixels = inputs
+            state["present"] = core.present_classes(clip_pixels)
+
+        def saliency(_):
+            return core.saliency(state["pixels"], state["present"])
+
+        def post(maps):
+            return core.postprocess(maps, state["present"], rgb, rgb.shape[:2])
+
+        return [lambda _: core.preprocess(rgb), presence, saliency, post]
+
+    def encoder(pixels):
+        grid = (pixels.shape[-2] // core.patch, pixels.shape[-1] // core.patch)
+        frames = Frames([rgb], pixels, None, grid)
+        if core.needs_tokens():
+            frames.tokens, frames.grid = tokens_before_last_block(core.clip.model.visual, pixels)
+        frames.proposals = core.propose(frames)
+        return frames
+
+    return [
+        lambda _: core.preprocess(rgb),
+        encoder,
+        core.scores,
+        lambda scores: core.postprocess(scores[0], rgb.shape[:2]),
+    ]
+
+
+def time_pipeline(segmenter: Segmenter, message, iterations: int, warmup: int) -> dict:
+    """time_combo for pnp_ovss, deop and twostream (their steps: pipeline_stages)."""
+    sync = synchronizer(segmenter.device)
+    header = message.header
+    stages: dict[str, list[float]] = {name: [] for name in STAGES}
+    end_to_end: list[float] = []
+
+    def publish(rgb, seg) -> None:
+        serialize_message(mono8_to_image(seg.labels, header))
+        serialize_message(rgb8_to_image(overlay(rgb, seg), header))
+
+    for i in range(warmup + iterations):
+        marks = [time.perf_counter()]
+        rgb = image_to_rgb8(message)
+        marks.append(time.perf_counter())
+        value = None
+        with torch.inference_mode(segmenter.pipeline.method != "pnp_ovss"):
+            for step in pipeline_stages(segmenter, rgb):
+                value = step(value)
+                sync()
+                marks.append(time.perf_counter())
+        publish(rgb, value)
+        marks.append(time.perf_counter())
+        if i >= warmup:
+            for name, start, stop in zip(STAGES, marks, marks[1:], strict=False):
+                stages[name].append(stop - start)
+    for i in range(warmup + iterations):
+        start = time.perf_counter()
+        rgb = image_to_rgb8(message)
+        publish(rgb, segmenter.segment(rgb))
+        if i >= warmup:
+            end_to_end.append(time.perf_counter() - start)
+    return {
+        "stages": {name: summary(samples) for name, samples in stages.items()},
+        "end_to_end": summary(end_to_end),
+    }
+
+
 def time_bare(segmenter: Segmenter, message, iterations: int, warmup: int) -> dict[str, float]:
     rgb = image_to_rgb8(message)
     pixels = segmenter.preprocess(rgb)
@@ -180,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     bare = time_bare(segmenter, message, args.iterations, args.warmup)
     results = {}
     for combo, changes in zip(combos, settings, strict=True):
-        segmenter.reconfigure(**changes)
-        results[combo] = time_combo(segmenter, message, args.iterations, args.warmup)
+        try:
+            segmenter.reconfigure(**changes)
+        except (ValueError, RuntimeError) as error:  # ModelLoadError, CheckpointError too
+            print(f"ovss-bench: {combo}: {error}", file=sys.stderr)
+            return 2
+        timer = time_pipeline if segmenter.pipeline is not None else time_combo
+        results[combo] = timer(segmenter, message, args.iterations, args.warmup)
     report = {
         "device": str(segmenter.device),
         "model": config.model,
