@@ -448,8 +448,11 @@ class SegmentationNodeMixin:
     def _log_method(self) -> None:
         """Say which method runs (a DeOP without checkpoint, training-free, as a warning)."""
         notice, warn = self.segmenter.method_notice()
-        log = self.get_logger().warning if warn else self.get_logger().info
-        log(f"method {notice}")
+        # Two call sites: rclpy refuses one call site logging at two severities.
+        if warn:
+            self.get_logger().warning(f"method {notice}")
+        else:
+            self.get_logger().info(f"method {notice}")
 
     def _open(self) -> None:
         """Create the outputs and start the worker: all done before any input is subscribed,
