@@ -106,3 +106,22 @@ def test_ovss_bag_and_ovss_eval_take_the_methods_flags(tmp_path):
         assert (config.method, config.crop, config.pamr) == (method, 0, False)
         assert config.background_words == background
         config.validate()
+
+
+def test_the_params_file_of_ovss_tune_is_accepted_by_the_node():
+    from argparse import Namespace
+
+    from ovss_ros import node_parameters
+    from ovss_ros.cli import tune
+    from ovss_ros.core.pnp_ovss import PnpOvssSettings
+
+    tuned = PnpOvssSettings(layer=5, head=2, threshold=0.3, dropout_rounds=2)
+    models = Namespace(
+        model="ViT-B-16", pretrained="none", templates="single", vlm_model="blip_itm",
+        vlm_pretrained="/models/blip",
+    )  # fmt: skip
+    values = tune.node_parameters(tuned, models)["/**"]["ros__parameters"]
+    engine = node_parameters.validate(node_parameters.defaults() | values).engine
+    assert engine.method == "pnp_ovss" and engine.vlm_pretrained == "/models/blip"
+    assert (engine.pnp_layer, engine.pnp_head, engine.pnp_threshold) == (5, 2, 0.3)
+    assert engine.pnp_dropout_rounds == 2

@@ -151,6 +151,10 @@ class Segmenter:
     Once set, text encoding (between prompt batches) and ``segment_many`` (between stages and
     batch groups) raise Stopped; the engine never clears it.
     Raises ValueError for a bad config, ModelLoadError when the model cannot be loaded.
+
+    ``method`` pnp_ovss, deop or twostream: ``self.pipeline`` (method_pipelines.Pipeline) does
+    the segmenting, built from this CLIP (and the VLM or a DeOP checkpoint it loads); switching
+    to or between them in ``reconfigure`` builds the new pipeline first (transactional too).
     """
 
     def __init__(self, config: EngineConfig, stop: threading.Event | None = None) -> None:
