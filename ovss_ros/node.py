@@ -104,6 +104,8 @@ SINGLE_CAMERA = "image"  # the single camera's name in diagnostics: "ovss: image
 LOG_THROTTLE_S = 5.0
 DIAGNOSTICS_PERIOD_S = 1.0
 # What makes start-up fail with one clear message instead of a traceback.
+# Changes after which the node says which method runs (it may now run without a checkpoint).
+METHOD_CHANGES = {"method", "deop_checkpoint", "proposal_source", "deop_pooling"}
 START_ERRORS = (
     ModelLoadError,
     ValueError,
@@ -500,6 +502,16 @@ class SegmentationNodeMixin:
             f"model {settings.engine.model} on {self.segmenter.device}, "
             f"{len(self.segmenter.classes)} classes{cameras}"
         )
+        self._log_method()
+
+    def _log_method(self) -> None:
+        """Say which method runs (a DeOP without checkpoint, training-free, as a warning)."""
+        notice, warn = self.segmenter.method_notice()
+        # Two call sites: rclpy refuses one call site logging at two severities.
+        if warn:
+            self.get_logger().warning(f"method {notice}")
+        else:
+            self.get_logger().info(f"method {notice}")
 
     def _open(self) -> None:
         """Create the outputs and start the worker: all done before any input is subscribed,
@@ -839,6 +851,8 @@ class SegmentationNodeMixin:
         if failure is not None:
             self._undo(engine_changes)
         self._settle_change(changes, failure)
+        if failure is None and METHOD_CHANGES & set(changes):
+            self._log_method()
         if "classes" in changes and failure is None:
             names = ", ".join(node_parameters.quoted(e.name) for e in self.segmenter.classes)
             self.get_logger().info(f"vocabulary: {names}")

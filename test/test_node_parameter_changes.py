@@ -42,12 +42,18 @@ FLOATS = [spec.name for spec in node_parameters.PARAMETERS if isinstance(spec.de
 # Integers for every float at start-up: half from a params file, half from -p.
 FROM_FILE = {"sinkhorn_epsilon": 1, "velocity_tau": 1, "freecp_redundancy": 0, "area_threshold": 0}
 FROM_FILE["sd_temperature"] = 2
+# pnp_ovss, deop, twostream (issues 9, 10)
+FROM_FILE |= {"pnp_threshold": 0, "pnp_blur": 0, "proposal_logit_scale": 100}
 FROM_COMMAND_LINE = {
     "freecp_ambiguity": 1,
     "score_threshold": 0,
     "logit_scale": 40,
     "overlay_alpha": 1,
     "max_frame_age": 60,
+    # pnp_ovss, deop, twostream (issues 9, 10)
+    "pnp_presence_threshold": 1,
+    "superpixel_compactness": 10,
+    "severance_residual": 0,
 }
 
 pytestmark = pytest.mark.usefixtures("node_survives")

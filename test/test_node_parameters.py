@@ -45,6 +45,8 @@ def test_every_engine_field_is_a_parameter():
         "precision",
         "image_transport",
         "cameras",
+        "vlm_model",
+        "vlm_pretrained",
     }
 
 
@@ -265,6 +267,12 @@ FLOATS = [spec.name for spec in node_parameters.PARAMETERS if isinstance(spec.de
 def test_the_float_parameters_are_found():
     # If this changes, the tests below cover the new ones too (they use FLOATS).
     assert FLOATS == [
+        "pnp_threshold",  # pnp_ovss, deop, twostream (issues 9, 10)
+        "pnp_presence_threshold",
+        "pnp_blur",
+        "proposal_logit_scale",
+        "superpixel_compactness",
+        "severance_residual",
         "area_threshold",
         "sinkhorn_epsilon",
         "velocity_tau",

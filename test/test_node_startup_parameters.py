@@ -51,6 +51,19 @@ CASES = {
         ["cannot start", "publish_masks must be a boolean (true or false), got integer 1"],
         "ovss_ros.node",
     ),
+    # pnp_ovss, deop (issues 9, 10): the second model or the checkpoint, named in the line.
+    "pnp_ovss with a VLM that is not available offline": (
+        TINY_NODE_PARAMETERS | {"method": "pnp_ovss", "vlm_pretrained": "Salesforce/blip-x"},
+        [],
+        ["cannot start", "'Salesforce/blip-x' is not in the local", "set vlm_pretrained"],
+        "ovss_ros.node",
+    ),
+    "deop with a missing checkpoint": (
+        TINY_NODE_PARAMETERS | {"method": "deop", "deop_checkpoint": "/nowhere/deop.pt"},
+        [],
+        ["cannot start", "deop_checkpoint '/nowhere/deop.pt' not found"],
+        LIFECYCLE,
+    ),
     "integer float out of range": (
         TINY_NODE_PARAMETERS | {"overlay_alpha": 2},
         [],

@@ -8,6 +8,14 @@ A combo is the base method, then refinements joined by '+': ``dslo[-ot|-velocity
 With ``:sd2`` the Stable Diffusion model (``--sd-model``) is loaded for that combo: its
 attention forward counts in the encoder stage.
 
+The methods with their own pipeline fill the same columns with their own steps: pnp_ovss
+(``--vlm-pretrained``): preprocess = both squashed inputs, encoder = CLIP's image-level presence
+forward, head = the GradCAM rounds (one BLIP ITM forward and gradient pass per dropout round),
+postprocess = threshold, blur, CRF/PAMR, argmax; deop and twostream: encoder = CLIP blocks
+1..L-1 and the proposals, head = proposal embeddings and classification (deop: the severed last
+block; twostream: one CLIP forward per proposal crop), postprocess = semantic inference at the
+input size. ``deop+p50`` sets 50 proposals.
+
 One frame goes through: decode (sensor_msgs/Image -> numpy, as the node does), preprocess,
 encoder (dense CLIP forward), head (text logits and refinement), postprocess (upsampling,
 softmax, labels back on the host), publish (label and overlay messages built and serialised, as
@@ -38,8 +46,10 @@ from rclpy.serialization import serialize_message
 from std_msgs.msg import Header
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
-from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, overlay
+from ovss_ros.core import EngineConfig, Segmenter, overlay
+from ovss_ros.core.config import PIPELINE_METHODS
 from ovss_ros.core.dense_clip import interpolate_pos_embed
+from ovss_ros.core.proposal_segmentation import Frames, tokens_before_last_block
 from ovss_ros.image_conversion import (
     image_file_to_rgb8,
     image_to_rgb8,
@@ -65,7 +75,9 @@ def parse_combo(combo: str, affinity: str = EngineConfig.affinity) -> dict[str, 
     settings["upsample"] = "bilinear"
     settings["affinity"] = affinity
     for part in parts:
-        if part.startswith("dslo"):
+        if base in PIPELINE_METHODS and part[:1] == "p" and part[1:].isdigit():
+            settings["proposals"] = int(part[1:])
+        elif part.startswith("dslo"):
             settings["refinement"] = "dslo"
             part, _, named = part.partition(":")
             if named:
@@ -81,7 +93,7 @@ def parse_combo(combo: str, affinity: str = EngineConfig.affinity) -> dict[str, 
         else:
             raise ValueError(
                 f"unknown part {part!r} in {combo!r}: dslo[-ot|-velocity][:affinity], freecp, "
-                "pamr, jbu"
+                "pamr, jbu (deop/twostream: pN, N proposals)"
             )
     return settings
 
@@ -137,6 +149,59 @@ def time_frame(segmenter: Segmenter, message) -> list[float]:
     return [stop - start for start, stop in zip(marks, marks[1:], strict=False)]
 
 
+def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callable], object]:
+    """The steps of a pnp_ovss / deop / twostream frame for the columns preprocess, encoder,
+    head, postprocess: callables each taking the previous one's result."""
+    core = segmenter.pipeline.core
+    if segmenter.pipeline.method == "pnp_ovss":
+        state: dict[str, object] = {}
+
+        def presence(inputs):
+            state["pixels"], clip_pixels = inputs
+            state["present"] = core.present_classes(clip_pixels)
+
+        def saliency(_):
+            return core.saliency(state["pixels"], state["present"])
+
+        def post(maps):
+            return core.postprocess(maps, state["present"], rgb, rgb.shape[:2])
+
+        return [lambda _: core.preprocess(rgb), presence, saliency, post]
+
+    def encoder(pixels):
+        grid = (pixels.shape[-2] // core.patch, pixels.shape[-1] // core.patch)
+        frames = Frames([rgb], pixels, None, grid)
+        if core.needs_tokens():
+            frames.tokens, frames.grid = tokens_before_last_block(core.clip.model.visual, pixels)
+        frames.proposals = core.propose(frames)
+        return frames
+
+    return [
+        lambda _: core.preprocess(rgb),
+        encoder,
+        core.scores,
+        lambda scores: core.postprocess(scores[0], rgb.shape[:2]),
+    ]
+
+
+def time_pipeline_frame(segmenter: Segmenter, message) -> list[float]:
+    """time_frame for pnp_ovss, deop and twostream (their steps: pipeline_stages)."""
+    sync = synchronizer(segmenter.device)
+    header = message.header
+    marks = [time.perf_counter()]
+    rgb = image_to_rgb8(message)
+    marks.append(time.perf_counter())
+    value = None
+    for step in pipeline_stages(segmenter, rgb):
+        value = step(value)
+        sync()
+        marks.append(time.perf_counter())
+    serialize_message(mono8_to_image(value.labels, header))
+    serialize_message(rgb8_to_image(overlay(rgb, value), header))
+    marks.append(time.perf_counter())
+    return [stop - start for start, stop in zip(marks, marks[1:], strict=False)]
+
+
 def time_rows(
     segmenter: Segmenter,
     message,
@@ -159,26 +224,30 @@ def time_rows(
     bare: list[float] = []
     stages = {combo: [] for combo in combos}  # combo -> per iteration, seconds per stage
     rounds = warmup + iterations
-    with torch.inference_mode():
-        for round_index in range(rounds):
-            timed = round_index >= warmup
-            started = time.perf_counter()
+    for round_index in range(rounds):
+        timed = round_index >= warmup
+        started = time.perf_counter()
+        with torch.inference_mode():
             visual(pixels)
-            sync()
-            figures = {"bare": time.perf_counter() - started}
-            for combo, changes in combos.items():
-                segmenter.reconfigure(**changes)
-                frame = time_frame(segmenter, message)
-                figures[combo] = sum(frame)
-                if timed:
-                    stages[combo].append(frame)
+        sync()
+        figures = {"bare": time.perf_counter() - started}
+        for combo, changes in combos.items():
+            segmenter.reconfigure(**changes)
+            pipeline = segmenter.pipeline
+            # PnP-OVSS needs gradients (its GradCAM); everything else runs without autograd.
+            with torch.inference_mode(pipeline is None or pipeline.method != "pnp_ovss"):
+                timer = time_frame if pipeline is None else time_pipeline_frame
+                frame = timer(segmenter, message)
+            figures[combo] = sum(frame)
             if timed:
-                bare.append(figures["bare"])
-            if progress:
-                kind = "timed" if timed else "warm-up"
-                rows = ", ".join(f"{row} {1000 * t:.0f} ms" for row, t in figures.items())
-                print(f"round {round_index + 1}/{rounds} ({kind}): {rows}", file=sys.stderr)
-                sys.stderr.flush()
+                stages[combo].append(frame)
+        if timed:
+            bare.append(figures["bare"])
+        if progress:
+            kind = "timed" if timed else "warm-up"
+            rows = ", ".join(f"{row} {1000 * t:.0f} ms" for row, t in figures.items())
+            print(f"round {round_index + 1}/{rounds} ({kind}): {rows}", file=sys.stderr)
+            sys.stderr.flush()
     results = {}
     for combo, frames in stages.items():
         per_stage = np.array(frames).T  # (stages, iterations)
@@ -226,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     for combo, changes in rows.items():  # refuse a combo that cannot run before timing any
         try:
             segmenter.reconfigure(**changes)
-        except (ValueError, ModelLoadError) as error:
+        except (ValueError, RuntimeError) as error:  # ModelLoadError, CheckpointError too
             print(f"ovss-bench: combo {combo}: {error}", file=sys.stderr)
             return 2
     print(

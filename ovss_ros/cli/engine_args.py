@@ -15,9 +15,20 @@ from typing import Any
 
 import yaml
 
-from ovss_ros.core.config import DSLO_AFFINITIES, DSLO_MODES, REFINEMENTS, UPSAMPLERS, EngineConfig
-from ovss_ros.core.dense_clip import LAST_BLOCK_MODES, POS_INTERPOLATIONS
+from ovss_ros.core.config import (
+    DSLO_AFFINITIES,
+    DSLO_MODES,
+    METHODS,
+    REFINEMENTS,
+    UPSAMPLERS,
+    EngineConfig,
+)
+from ovss_ros.core.dense_clip import POS_INTERPOLATIONS
+from ovss_ros.core.deop import POOLINGS
+from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES
+from ovss_ros.core.proposals import PROPOSAL_SOURCES
 from ovss_ros.core.sd2_attention import LAYER_SETS, SD_PRECISIONS
+from ovss_ros.core.vlm_loading import VLM_MODELS
 
 # EngineConfig fields whose flag has another name (dest); every other field's dest is its name.
 FLAG_DEST = {
@@ -25,6 +36,50 @@ FLAG_DEST = {
     "score_threshold": "threshold",
     "background_words": "background",
 }
+# pnp_ovss, deop, twostream: EngineConfig field -> (choices or None, help); flag --field-name.
+PIPELINE_FLAGS: dict[str, tuple[tuple[str, ...] | None, str]] = {
+    "vlm_model": (VLM_MODELS, "pnp_ovss: vision-language model architecture"),
+    "vlm_pretrained": (None, "pnp_ovss: BLIP ITM hub id (cached) or save_pretrained directory"),
+    "pnp_image_size": (None, "pnp_ovss: square BLIP input side in pixels"),
+    "pnp_layer": (None, "pnp_ovss: text-encoder layer read (1-based)"),
+    "pnp_head": (None, "pnp_ovss: attention head (1-based)"),
+    "pnp_threshold": (None, "pnp_ovss: class absent below this normalised map value"),
+    "pnp_dropout_rounds": (None, "pnp_ovss: salience dropout rounds (a gradient pass each)"),
+    "pnp_dropout_patches": (None, "pnp_ovss: patches zeroed after each round"),
+    "pnp_presence": (PRESENCE_MODES, "pnp_ovss: classes in the prompt"),
+    "pnp_presence_threshold": (None, "pnp_ovss: CLIP probability to count as present"),
+    "pnp_blur": (None, "pnp_ovss: blur sigma as a share of the long side (0 = none)"),
+    "pnp_refine": (REFINES, "pnp_ovss: final refinement (auto: crf if available, else pamr)"),
+    "deop_checkpoint": (None, "deop/twostream: ovss-train-deop file ('' = training-free)"),
+    "proposals": (None, "deop/twostream: at most this many mask proposals"),
+    "proposal_source": (("auto", *PROPOSAL_SOURCES), "deop/twostream: mask proposals"),
+    "proposal_logit_scale": (None, "deop/twostream: proposal-text softmax temperature"),
+    "mask_cells": (None, "deop/twostream: proposal mask cells per patch side"),
+    "superpixel_compactness": (None, "deop/twostream: SLIC compactness"),
+    "cluster_iterations": (None, "deop/twostream: k-means iterations (clusters)"),
+    "deop_pooling": (POOLINGS, "deop: proposal embedding (auto: cal with a checkpoint)"),
+    "severance_residual": (None, "deop: residual scale of the severed last block"),
+    "twostream_crop_batch": (None, "twostream: masked crops per CLIP forward"),
+}
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser, base: EngineConfig) -> None:
+    """--vlm-pretrained, --pnp-layer, --deop-checkpoint, ...: one flag per PIPELINE_FLAGS."""
+    group = parser.add_argument_group("pnp_ovss, deop, twostream")
+    types = {f.name: type(getattr(base, f.name)) for f in fields(EngineConfig)}
+    for name, (choices, text) in PIPELINE_FLAGS.items():
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            type=types[name],
+            default=getattr(base, name),
+            choices=list(choices) if choices else None,
+            help=f"{text} (default {getattr(base, name)!r})",
+        )
+
+
+def pipeline_config(args: argparse.Namespace) -> dict[str, object]:
+    """The EngineConfig fields of the PIPELINE_FLAGS, from parsed flags."""
+    return {name: getattr(args, name) for name in PIPELINE_FLAGS}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) -> None:
@@ -39,7 +94,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) ->
     )
     group.add_argument("--device", default=base.device, help="auto, cpu, cuda or cuda:N")
     group.add_argument("--precision", default=base.precision, choices=["fp32", "fp16", "bf16"])
-    group.add_argument("--method", default=base.method, choices=list(LAST_BLOCK_MODES))
+    group.add_argument("--method", default=base.method, choices=list(METHODS))
     group.add_argument(
         "--pos-interpolation",
         default=base.pos_interpolation,
@@ -99,6 +154,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) ->
     group.add_argument(
         "--freecp-ambiguity", type=float, default=base.freecp_ambiguity, help="FreeCP T_ap"
     )
+    add_pipeline_arguments(parser, base)
     _add_dslo_arguments(group, base)
     group.add_argument(
         "--params-file",
@@ -250,6 +306,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         freecp_redundancy=args.freecp_redundancy,
         freecp_ambiguity=args.freecp_ambiguity,
         **dslo_from_args(args),
+        **pipeline_config(args),
     )
 
 

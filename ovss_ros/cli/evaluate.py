@@ -31,6 +31,7 @@ import numpy as np
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, VocabularyError
+from ovss_ros.core.config import PIPELINE_METHODS
 from ovss_ros.core.refine.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
@@ -129,6 +130,12 @@ def engine_config(
     config = config_from_args(args)
     if method is not None and config.method in method.base_variants:
         config = replace(config, method=method.base_variants[config.method])
+    if config.method in PIPELINE_METHODS:
+        # The dense methods' protocol (windows, PAMR, area filter) does not apply to them, and
+        # pnp_ovss makes its own background (where no class map fires).
+        config = replace(config, crop=0, stride=0, pamr=False, area_threshold=0.0)
+        if config.method == "pnp_ovss":
+            background_words = ()
     if not config.background_words:
         config = replace(config, background_words=background_words)
     if config.crop == 0:

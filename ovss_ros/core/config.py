@@ -12,6 +12,12 @@ from ovss_ros.core.vocabulary import check_background_words
 
 # Fields that need a new model when they change; everything else can change between frames.
 LOAD_FIELDS = ("model", "pretrained", "device", "precision")
+# Methods with their own pipeline (ovss_ros.core.method_pipelines): PnP-OVSS (issue 9), DeOP and
+# the two-stream baseline (issue 10). The second model PnP-OVSS needs is named by VLM_LOAD_FIELDS,
+# which, like LOAD_FIELDS, need a new Segmenter when they change.
+PIPELINE_METHODS = ("pnp_ovss", "deop", "twostream")
+METHODS = (*LAST_BLOCK_MODES, *PIPELINE_METHODS)
+VLM_LOAD_FIELDS = ("vlm_model", "vlm_pretrained")
 REFINEMENTS = ("none", "dslo", "freecp")
 DSLO_MODES = ("ot", "velocity")
 UPSAMPLERS = ("bilinear", "jbu")
@@ -61,8 +67,34 @@ class EngineConfig:
     crop: int = 0  # sliding-window size in pixels; 0 = whole image in one forward
     stride: int = 0  # sliding-window stride; 0 = crop / 2
     # last-block attention: naclip | sclip | clearclip | maskclip | maskclip_reduced | vanilla,
-    # or FreeCP's variants sclip_freecp | maskclip_freecp | vanilla_freecp (attention + FFN)
+    # FreeCP's variants sclip_freecp | maskclip_freecp | vanilla_freecp (attention + FFN);
+    # or a method with its own pipeline: pnp_ovss | deop | twostream (fields below)
     method: str = "naclip"
+    # --- pnp_ovss, deop, twostream (ovss_ros.core.method_pipelines; defaults as released) ---
+    vlm_model: str = "blip_itm"  # PnP-OVSS's vision-language model (BLIP image-text matching)
+    vlm_pretrained: str = "Salesforce/blip-itm-large-flickr"  # hub id or save_pretrained dir
+    pnp_image_size: int = 336  # BLIP input side (square), a multiple of its patch
+    pnp_layer: int = 8  # text-encoder layer whose cross-attention is read, 1-based
+    pnp_head: int = 10  # its attention head, 1-based
+    pnp_threshold: float = 0.15  # min-max normalised class map below this: class absent there
+    pnp_dropout_rounds: int = 4  # salience dropout rounds (one gradient pass each)
+    pnp_dropout_patches: int = 10  # most salient patches dropped after each round
+    pnp_presence: str = "clip"  # clip (CLIP image-level scores pick the prompt's classes) | all
+    pnp_presence_threshold: float = 0.1  # CLIP probability for a class to count as present
+    pnp_blur: float = 0.05  # Gaussian sigma as a share of the long image side (0 = none)
+    pnp_refine: str = "auto"  # auto (crf if pydensecrf2 imports, else pamr) | crf | pamr | none
+    deop_checkpoint: str = ""  # ovss-train-deop file; empty: training-free DeOP
+    proposals: int = 100  # deop/twostream: at most this many mask proposals per frame
+    proposal_source: str = "auto"  # auto (learned with a checkpoint head) | superpixels |
+    #                                clusters | learned
+    proposal_logit_scale: float = 100.0  # proposal-text softmax temperature (DeOP: 100)
+    mask_cells: int = 4  # proposal mask cells per patch side
+    superpixel_compactness: float = 10.0  # SLIC compactness of the superpixels source
+    cluster_iterations: int = 10  # k-means iterations of the clusters source
+    deop_pooling: str = "auto"  # auto (cal with a checkpoint, else mean) | cal | mean
+    severance_residual: float = 0.2  # residual scale of DeOP's severed last block
+    twostream_crop_batch: int = 32  # twostream: masked crops per CLIP forward
+    # --- end of pnp_ovss, deop, twostream ---
     # positional grid for other input sizes: official (the method's own code: DINO's "+0.1"
     # rule; exact for maskclip) | exact (bicubic to exactly the patch grid)
     pos_interpolation: str = "official"
@@ -101,7 +133,7 @@ class EngineConfig:
         Model-independent checks only; Segmenter.check_config adds those that need the model.
         """
         choices = {
-            "method": LAST_BLOCK_MODES,
+            "method": METHODS,
             "pos_interpolation": POS_INTERPOLATIONS,
             "refinement": REFINEMENTS,
             "upsample": UPSAMPLERS,
@@ -149,6 +181,10 @@ class EngineConfig:
         check_background_words(self.background_words)
         template_set(self.templates)
         self._validate_sd()
+        # pnp_ovss / deop / twostream settings; imported here: their modules import the engine
+        from ovss_ros.core.method_pipelines import check_pipeline_settings
+
+        check_pipeline_settings(self)
 
     @property
     def uses_sd2(self) -> bool:

@@ -31,15 +31,23 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import TypeVar
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.config import LOAD_FIELDS, SD_LOAD_FIELDS, EngineConfig
+from ovss_ros.core.config import (
+    LOAD_FIELDS,
+    PIPELINE_METHODS,
+    SD_LOAD_FIELDS,
+    VLM_LOAD_FIELDS,
+    EngineConfig,
+)
 from ovss_ros.core.dense_clip import DenseOutput, dense_forward
 from ovss_ros.core.image_resize import opencv_bilinear_resize
+from ovss_ros.core.method_pipelines import Pipeline, build_pipeline, needs_rebuild
 from ovss_ros.core.model_loading import load_clip
 from ovss_ros.core.refine import (
     dslo_scores,
@@ -64,6 +72,7 @@ from ovss_ros.core.vocabulary import (
 
 __all__ = ["EngineConfig", "Segmenter", "Stopped", "resized_size", "window_starts"]
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 Box = tuple[int, int, int, int]  # top, left, height, width in resized-image pixels
 # Float32 elements of one chunk of class maps in postprocess (64 MiB): a frame's peak memory is a
 # few such buffers (or a few input-sized maps, if larger) whatever the number of text queries.
@@ -155,6 +164,10 @@ class Segmenter:
     batch groups) raise Stopped; the engine never clears it.
     Raises ValueError for a bad config, ModelLoadError when the model (or, for DSLO on the sd2
     affinity, the Stable Diffusion model) cannot be loaded, Stopped.
+
+    ``method`` pnp_ovss, deop or twostream: ``self.pipeline`` (method_pipelines.Pipeline) does
+    the segmenting, built from this CLIP (and the VLM or a DeOP checkpoint it loads); switching
+    to or between them in ``reconfigure`` builds the new pipeline first (transactional too).
     """
 
     def __init__(self, config: EngineConfig, stop: threading.Event | None = None) -> None:
@@ -162,6 +175,8 @@ class Segmenter:
         self.config = config
         self.stop = stop
         self.clip = load_clip(config.model, config.pretrained, config.device, config.precision)
+        # pnp_ovss / deop / twostream: their pipeline, which segments instead (method_pipelines)
+        self.pipeline: Pipeline | None = None
         self.check_config(config)
         self.sd2: Sd2Attention | None = None  # the sd2 affinity's model, while in use
         self._sd2_key: tuple[str, str] | None = None  # (sd_model, sd_precision) of self.sd2
@@ -176,6 +191,8 @@ class Segmenter:
         device, dtype = self.clip.device, torch.float32
         self._mean = torch.tensor(self.clip.mean, device=device, dtype=dtype).view(1, 3, 1, 1)
         self._std = torch.tensor(self.clip.std, device=device, dtype=dtype).view(1, 3, 1, 1)
+        if config.method in PIPELINE_METHODS:
+            self.pipeline = build_pipeline(config, self.clip, self.text, [], None, stop)
 
     @property
     def device(self) -> torch.device:
@@ -190,6 +207,10 @@ class Segmenter:
         """
         classes = parse_classes(entries)
         check_query_count(classes, self.config.background_words)
+        if self.pipeline is not None:  # its own text state; the dense one is made on switching
+            self._attempt(lambda: self.pipeline.core.set_classes(classes))
+            self.classes = classes
+            return
         queries = self._attempt(lambda: self._encode_queries(classes, self.config))
         self.classes = classes
         self._swap_in(queries)
@@ -204,7 +225,11 @@ class Segmenter:
         unknown = set(changes) - {f.name for f in fields(EngineConfig)}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
-        reload = [n for n in LOAD_FIELDS if n in changes and changes[n] != getattr(self.config, n)]
+        reload = [
+            n
+            for n in (*LOAD_FIELDS, *VLM_LOAD_FIELDS)
+            if n in changes and changes[n] != getattr(self.config, n)
+        ]
         if reload:
             raise ValueError(f"{reload} need a new Segmenter (they choose the model)")
         if "background_words" in changes:
@@ -213,10 +238,14 @@ class Segmenter:
             changes["background_words"] = tuple(changes["background_words"])
         config = replace(self.config, **changes)
         self.check_config(config)
+        if config.method in PIPELINE_METHODS:
+            self._reconfigure_pipeline(config)
+            return
         templates = template_set(config.templates)
-        encode = self.classes and (templates, config.background_words) != (
-            self.text.templates,
-            self.config.background_words,
+        encode = self.classes and (
+            self.pipeline is not None  # back from a pipeline: the dense text state is stale
+            or (templates, config.background_words)
+            != (self.text.templates, self.config.background_words)
         )
         if encode:
             check_query_count(self.classes, config.background_words)
@@ -239,6 +268,34 @@ class Segmenter:
         self.text.set_templates(templates)
         if queries is not None:
             self._swap_in(queries)
+        self.pipeline = None  # its memory (the VLM) goes with it
+
+    def _reconfigure_pipeline(self, config: EngineConfig) -> None:
+        """Switch to, or change, a pnp_ovss / deop / twostream pipeline: built (the VLM or a
+        checkpoint loaded, the vocabulary encoded) before anything changes; see reconfigure."""
+        pipeline = self.pipeline
+        if needs_rebuild(pipeline, config):
+            pipeline = self._attempt(
+                lambda: build_pipeline(
+                    config, self.clip, self.text, self.classes, self.pipeline, self.stop
+                )
+            )
+        if pipeline is not self.pipeline:
+            logger.info("method %s", pipeline.describe()[0])
+        self.config, self.pipeline = config, pipeline
+        self._text_embeddings = self._query_owner = None  # dense text state: made on switching
+        previous, self.sd2, self._sd2_key = self.sd2, None, None
+        if previous is not None:
+            previous.release()  # DSLO's sd2 affinity is not used by these methods
+        self._class_text = self._descriptions = None
+
+    def method_notice(self) -> tuple[str, bool]:
+        """(the method that runs, in words; whether it deserves a warning), for logs: e.g. DeOP
+        without a checkpoint runs training-free."""
+        if self.pipeline is not None:
+            return self.pipeline.describe()
+        refinement = f" + {self.config.refinement}" if self.config.refinement != "none" else ""
+        return f"{self.config.method}{refinement}", False
 
     def check_config(self, config: EngineConfig) -> None:
         """Raise ValueError with the reason if ``config`` is bad or does not fit this model
@@ -257,6 +314,8 @@ class Segmenter:
                 sd2.check(**config.sd2_settings())
             except RuntimeError:  # released by the worker meanwhile
                 pass
+        if self.pipeline is not None:
+            self.pipeline.check(config)
 
     def _sd2_for(self, config: EngineConfig) -> tuple[Sd2Attention | None, tuple | None]:
         """The SD model ``config`` needs (None if none) and its key, without changing state.
@@ -284,7 +343,7 @@ class Segmenter:
         logger.info("Stable Diffusion model %s loaded on %s", config.sd_model, sd2.device)
         return sd2, key
 
-    def _attempt(self, encode: Callable[[], TextQueries]) -> TextQueries:
+    def _attempt(self, encode: Callable[[], T]) -> T:
         """Run ``encode``; on failure bound the text cache it may have grown, then re-raise."""
         try:
             return encode()
@@ -348,6 +407,8 @@ class Segmenter:
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
         sizes = [_check_rgb(rgb) for rgb in images]
+        if self.pipeline is not None:
+            return self.pipeline.segment_many(images, self.stop, self.config.score_threshold)
         pixels = []
         for rgb in images:
             check_stop(self.stop, "preprocess")
@@ -372,6 +433,8 @@ class Segmenter:
 
     def batch_groups(self, images: Sequence[np.ndarray]) -> list[list[int]]:
         """Indices of the images that share one forward pass: those of equal network size."""
+        if self.pipeline is not None:
+            return self.pipeline.batch_groups(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, rgb in enumerate(images):
             groups.setdefault(self.network_size(rgb.shape[0], rgb.shape[1]), []).append(index)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.refine.pamr import pamr
 from ovss_ros.core.segmentation import Segmentation, label_dtype
+from ovss_ros.core.stopping import check_stop
 from ovss_ros.core.text_encoding import TextEncoder, template_set
 from ovss_ros.core.vlm_loading import LoadedVlm
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
@@ -275,6 +277,7 @@ class PnpOvss:
         self._class_text: torch.Tensor | None = None  # (classes, D) CLIP, mean over synonyms
         self._clip_mean, self._clip_std = _normaliser(clip.mean, clip.std, clip.device)
         self._vlm_mean, self._vlm_std = _normaliser(vlm.mean, vlm.std, vlm.device)
+        self.stop: threading.Event | None = None  # set: saliency raises Stopped between rounds
 
     @property
     def device(self) -> torch.device:
@@ -412,6 +415,7 @@ class PnpOvss:
         dropped = torch.zeros(grid * grid, dtype=torch.bool, device=self.device)
         total = None
         for round_index in range(settings.dropout_rounds):
+            check_stop(self.stop, f"PnP-OVSS dropout round {round_index + 1}")
             image = drop_patches(pixels, dropped.view(grid, grid), patch)
             cams = self.token_gradcam(image, input_ids).masked_fill(dropped, 0.0)  # (T, P)
             total = cams if total is None else total + cams

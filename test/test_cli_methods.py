@@ -1,0 +1,127 @@
+"""The command-line tools accept pnp_ovss, deop and twostream (issues 9 and 10).
+
+ovss-segment runs each end to end on a VOC sample (tiny random CLIP, tiny random BLIP saved with
+save_pretrained) and writes what the engine gives for the same flags; a missing checkpoint or
+VLM ends with status 2 and the reason; ovss-bench times them next to naclip in one run; ovss-bag
+and ovss-eval parse the methods' flags into the engine configuration.
+"""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIT, voc_image_paths
+from tiny_blip import IMAGE_SIZE, save_tiny_blip
+
+from ovss_ros.cli import bag, evaluate
+from ovss_ros.cli.bench import STAGES
+from ovss_ros.cli.bench import main as bench
+from ovss_ros.cli.engine_args import config_from_args
+from ovss_ros.cli.segment import main as segment
+from ovss_ros.cli.segment import parse_args
+from ovss_ros.core import Segmenter
+
+ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--size", "64"]
+ENGINE += ["--templates", "single"]
+PNP = ["--pnp-image-size", str(IMAGE_SIZE), "--pnp-layer", "2", "--pnp-head", "3"]
+
+
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory):
+    return save_tiny_blip(tmp_path_factory.mktemp("blip"))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--method", "pnp_ovss", "--pnp-dropout-rounds", "2", "--pnp-refine", "pamr"],
+        ["--method", "deop", "--proposals", "20", "--proposal-source", "clusters"],
+        ["--method", "twostream", "--proposals", "8", "--twostream-crop-batch", "3"],
+    ],
+    ids=lambda flags: flags[1],
+)
+def test_ovss_segment_runs_each_method(tmp_path, blip, flags):
+    image = voc_image_paths()[0]
+    args = [str(image), "--classes", "person", "dog", "tv", "-o", str(tmp_path / "out")]
+    args += ENGINE + PNP + ["--vlm-pretrained", str(blip)] + flags
+    torch.manual_seed(0)
+    assert segment(args) == 0
+    labels = cv2.imread(str(tmp_path / "out" / f"{image.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
+    config = config_from_args(parse_args(args))
+    assert config.method == flags[1]
+    torch.manual_seed(0)  # the same random CLIP as the command's
+    segmenter = Segmenter(config)
+    segmenter.set_classes(["person", "dog", "tv"])
+    rgb = cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(labels, segmenter.segment(rgb).labels)
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--method", "deop", "--deop-checkpoint", "/nonexistent/deop.pt"], "not found"),
+        (["--method", "pnp_ovss", "--vlm-pretrained", "Salesforce/x"], "HF_HUB_OFFLINE"),
+        (["--method", "pnp_ovss", "--pnp-layer", "7"], "pnp_layer 7 > the VLM's 3"),
+        (["--method", "deop", "--crop", "32"], "crop applies to the dense methods"),
+    ],
+)
+def test_ovss_segment_refuses_with_the_reason(tmp_path, blip, caplog, flags, reason):
+    args = [str(voc_image_paths()[0]), "--classes", "dog", "-o", str(tmp_path)]
+    args += ENGINE + ["--vlm-pretrained", str(blip)] + flags
+    assert segment(args) == 2
+    assert reason in caplog.text
+
+
+def test_ovss_bench_times_the_methods_next_to_naclip(tmp_path, blip, capsys):
+    out = tmp_path / "bench.json"
+    combos = ["naclip", "pnp_ovss", "deop+p10", "twostream+p10"]
+    args = ["--combos", *combos, "--iterations", "1", "--warmup", "0", "--json", str(out)]
+    args += ["--width", "128", "--height", "96", "--vlm-pretrained", str(blip)]
+    assert bench(args + ENGINE + PNP + ["--pnp-dropout-rounds", "2"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["combos"]) == combos
+    for result in report["combos"].values():
+        assert set(result["stages"]) == set(STAGES)
+        assert all(s["median_ms"] > 0 for s in result["stages"].values())
+        assert result["end_to_end"]["median_ms"] > 0
+    assert "pnp_ovss" in capsys.readouterr().out
+
+
+def test_ovss_bag_and_ovss_eval_take_the_methods_flags(tmp_path):
+    args = bag.parse_args(
+        ["in", "out", "--topic", "/image", "--classes", "dog", "--method", "deop"]
+        + ["--proposals", "50", "--deop-pooling", "mean"]
+    )
+    config = config_from_args(args)
+    assert (config.method, config.proposals, config.deop_pooling) == ("deop", 50, "mean")
+    # ovss-eval: the dense protocol's windows, PAMR and background words do not apply to
+    # pnp_ovss (its own background); deop keeps the data set's background words.
+    for method, background in (("pnp_ovss", ()), ("deop", ("sky",))):
+        args, _, _ = evaluate.parse_args(
+            ["voc", str(tmp_path), "--method", method, "--crop", "224", "--pamr"]
+        )
+        config = evaluate.engine_config(args, ("sky",))
+        assert (config.method, config.crop, config.pamr) == (method, 0, False)
+        assert config.background_words == background
+        config.validate()
+
+
+def test_the_params_file_of_ovss_tune_is_accepted_by_the_node():
+    from argparse import Namespace
+
+    from ovss_ros import node_parameters
+    from ovss_ros.cli import tune
+    from ovss_ros.core.pnp_ovss import PnpOvssSettings
+
+    tuned = PnpOvssSettings(layer=5, head=2, threshold=0.3, dropout_rounds=2)
+    models = Namespace(
+        model="ViT-B-16", pretrained="none", templates="single", vlm_model="blip_itm",
+        vlm_pretrained="/models/blip",
+    )  # fmt: skip
+    values = tune.node_parameters(tuned, models)["/**"]["ros__parameters"]
+    engine = node_parameters.validate(node_parameters.defaults() | values).engine
+    assert engine.method == "pnp_ovss" and engine.vlm_pretrained == "/models/blip"
+    assert (engine.pnp_layer, engine.pnp_head, engine.pnp_threshold) == (5, 2, 0.3)
+    assert engine.pnp_dropout_rounds == 2

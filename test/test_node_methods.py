@@ -1,0 +1,193 @@
+"""The node switches to and from pnp_ovss and deop over real DDS (issues 9 and 10).
+
+The node runs in its own process with a tiny CLIP whose random weights are saved to a file here
+(so this test can compute the same outputs) and a tiny random BLIP saved with save_pretrained.
+A switch is applied by the worker (the VLM or checkpoint loads there, the parameter service stays
+free); the outputs after it are the new method's, equal to an engine built here with the same
+parameters. A missing checkpoint is refused up front with the reason; a load that fails in the
+worker (a checkpoint of another CLIP, a layer the VLM lacks) keeps the old method serving and
+puts the parameters back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIT, TINY_VIT_B32
+from rclpy.parameter import Parameter
+from ros_harness import (
+    TINY_NODE_PARAMETERS,
+    call_service,
+    image_array,
+    make_image,
+    next_header,
+    running_node,
+    status_values,
+)
+from tiny_blip import IMAGE_SIZE, save_tiny_blip
+
+from ovss_ros import node_parameters
+from ovss_ros.core import Segmenter
+from ovss_ros.core.deop import DeopSettings
+from ovss_ros.core.deop_checkpoint import save_checkpoint
+from ovss_ros.core.deop_heads import DeopModules
+from ovss_ros.core.model_loading import load_clip
+
+STATUS = "ovss: image"
+CLASSES = ["person", "dog", "tv"]
+
+pytestmark = pytest.mark.usefixtures("node_survives")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("methods")
+    torch.manual_seed(0)
+    clip = load_clip(str(TINY_VIT), "none", "cpu")
+    weights = folder / "tiny-vit.pt"
+    torch.save(clip.model.state_dict(), weights)
+    other = load_clip(str(TINY_VIT_B32), "none", "cpu")
+    modules = DeopModules.create(int(other.model.visual.output_dim), decoder={"heads": 4})
+    mismatched = save_checkpoint(folder / "b32.pt", modules, other, asdict(DeopSettings()))
+    return {"weights": weights, "blip": save_tiny_blip(folder), "mismatched": mismatched}
+
+
+@pytest.fixture(scope="module")
+def parameters(files):
+    return TINY_NODE_PARAMETERS | {
+        "pretrained": str(files["weights"]),
+        "classes": CLASSES,
+        "vlm_pretrained": str(files["blip"]),
+        "pnp_image_size": IMAGE_SIZE,
+        "pnp_layer": 2,
+        "pnp_head": 3,
+        "pnp_dropout_rounds": 2,
+        "pnp_dropout_patches": 2,
+        "proposals": 12,
+    }
+
+
+@pytest.fixture(scope="module")
+def node(parameters):
+    with running_node(parameters) as (client, process):
+        yield client, process
+
+
+@pytest.fixture(scope="module")
+def rgb(voc_rgb) -> np.ndarray:
+    return np.ascontiguousarray(voc_rgb[1][:96, :128])
+
+
+@pytest.fixture(scope="module")
+def expected(parameters, rgb):
+    """What each method gives for ``rgb`` with the node's parameters, computed here."""
+    values = node_parameters.defaults() | parameters | {"device": "cpu"}
+    segmenter = Segmenter(node_parameters.validate(values).engine)
+    segmenter.set_classes(CLASSES)
+    out = {}
+    for method in ("naclip", "pnp_ovss", "deop"):
+        segmenter.reconfigure(method=method)
+        out[method] = segmenter.segment(rgb)
+    return out
+
+
+def segment(client, rgb):
+    message = make_image(rgb, "rgb8", next_header(client.node))
+    out = client.wait_for_output(message, ("labels", "confidence"))
+    return image_array(out["labels"]), image_array(out["confidence"])
+
+
+def assert_serves(client, rgb, segmentation):
+    labels, confidence = segment(client, rgb)
+    assert np.mean(labels == segmentation.labels) > 0.99
+    np.testing.assert_allclose(confidence, segmentation.confidence, atol=1e-3)
+
+
+def set_atomically(client, parameters: list[Parameter]):
+    from rcl_interfaces.srv import SetParametersAtomically
+
+    service = client.node.create_client(SetParametersAtomically, "/ovss/set_parameters_atomically")
+    request = SetParametersAtomically.Request(
+        parameters=[p.to_parameter_msg() for p in parameters]
+    )
+    return call_service(client.node, service, request).result
+
+
+def wait_for_change(client, predicate):
+    return client.wait_for_status(STATUS, lambda values: predicate(values["parameter change"]))
+
+
+def switch(client, method: str) -> None:
+    assert set_atomically(client, [Parameter("method", value=method)]).successful
+    wait_for_change(client, lambda text: text == "applied")
+
+
+def test_the_outputs_tell_the_methods_apart(expected):
+    naclip = expected["naclip"]
+    for method in ("pnp_ovss", "deop"):
+        other = expected[method]
+        assert not np.allclose(other.confidence, naclip.confidence, atol=1e-3), method
+
+
+def test_naclip_to_pnp_ovss_and_back(client, node, rgb, expected):
+    _, process = node
+    assert_serves(client, rgb, expected["naclip"])
+    switch(client, "pnp_ovss")
+    assert client.get_parameter("method") == "pnp_ovss"
+    assert_serves(client, rgb, expected["pnp_ovss"])
+    assert "method pnp_ovss with blip_itm" in process.output()
+    switch(client, "naclip")
+    assert_serves(client, rgb, expected["naclip"])
+
+
+def test_naclip_to_deop_says_it_runs_training_free(client, node, rgb, expected):
+    _, process = node
+    switch(client, "deop")
+    assert_serves(client, rgb, expected["deop"])
+    warnings = [line for line in process.output().splitlines() if "[WARN]" in line]
+    assert any("method deop without a checkpoint: training-free" in line for line in warnings)
+    assert "[ERROR]" not in process.output()
+    switch(client, "naclip")
+    assert_serves(client, rgb, expected["naclip"])
+
+
+def test_a_missing_checkpoint_is_refused_with_the_reason(client, rgb, expected):
+    result = set_atomically(
+        client,
+        [Parameter("method", value="deop"), Parameter("deop_checkpoint", value="/nowhere/d.pt")],
+    )
+    assert not result.successful
+    assert "deop_checkpoint '/nowhere/d.pt' not found" in result.reason
+    assert client.get_parameter("method") == "naclip"
+    assert client.get_parameter("deop_checkpoint") == ""
+    assert_serves(client, rgb, expected["naclip"])
+
+
+@pytest.mark.parametrize(
+    ("change", "failure"),
+    [
+        (
+            {"method": "deop", "deop_checkpoint": "mismatched"},
+            "was trained on CLIP 'tiny-vit-b32'",
+        ),
+        ({"method": "pnp_ovss", "pnp_layer": 9}, "pnp_layer 9 > the VLM's 3 text layers"),
+    ],
+    ids=["mismatched checkpoint", "layer the VLM lacks"],
+)
+def test_a_failed_load_keeps_the_old_method_and_puts_the_parameters_back(
+    client, files, rgb, expected, change, failure
+):
+    change = {k: str(files[v]) if v in files else v for k, v in change.items()}
+    before = {name: client.get_parameter(name) for name in change}
+    # Nothing here can be checked before loading: accepted, then the worker's load fails.
+    assert set_atomically(client, [Parameter(k, value=v) for k, v in change.items()]).successful
+    status = wait_for_change(client, lambda text: failure in text)
+    assert "previous settings in force" in status_values(status)["parameter change"]
+    client.spin_until(
+        lambda: {name: client.get_parameter(name) for name in change} == before,
+        message="parameters put back",
+    )
+    assert_serves(client, rgb, expected["naclip"])
