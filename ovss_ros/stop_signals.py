@@ -53,14 +53,26 @@ class StopSignals:
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
-        """A block a stop signal ends at once; raises KeyboardInterrupt if one came before it."""
+        """A block a stop signal ends at once; raises KeyboardInterrupt if one came before it.
+
+        Also when the block swallowed the handler's KeyboardInterrupt or turned it into another
+        exception (C extensions do: rclpy's ``deserialize_message`` reports it as a TypeError,
+        which a caller may take for a broken message): a signal received during the block
+        always ends it with KeyboardInterrupt, so no result of an interrupted block is used.
+        """
         if self.received is not None:
             raise KeyboardInterrupt
         self._interruptible = True
         try:
             yield
+        except Exception as error:
+            if self.received is not None:
+                raise KeyboardInterrupt from error
+            raise
         finally:
             self._interruptible = False
+        if self.received is not None:
+            raise KeyboardInterrupt
 
     def ignore_further(self) -> None:
         """Ignore the stop signals from now on, also after the block: for a process that was told
