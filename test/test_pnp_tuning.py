@@ -167,3 +167,21 @@ def test_ovss_tune_refuses_bad_input_before_any_work(
     assert tune.main(tune_arguments(checkpoint, output) + change) == 2
     assert not output.exists()
     assert any(re.search(message, record.getMessage()) for record in caplog.records)
+
+
+def test_ovss_tune_reads_images_bounded_before_decoding(checkpoint, tmp_path, caplog):
+    """ovss-tune reads its images as every other tool does: a file over --max-input-pixels is
+    skipped from its header (a 12000x12000 1-bit PNG of a few KB), never decoded."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    bomb = folder / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < 100_000
+    arguments = tune_arguments(checkpoint, tmp_path / "pnp.yaml")
+    arguments[0] = str(folder)  # only the bomb
+    assert tune.main(arguments) == 2
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("bomb.png" in m and "144000000" in m.replace(",", "") for m in messages), messages
+    assert any("no readable images" in m for m in messages), messages

@@ -17,10 +17,10 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import cv2
 import yaml
 from tqdm import tqdm
 
+from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.segment import image_files
 from ovss_ros.core import ModelLoadError, VocabularyError
 from ovss_ros.core.config import EngineConfig
@@ -28,6 +28,7 @@ from ovss_ros.core.model_loading import load_clip
 from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES, PnpOvss, PnpOvssSettings
 from ovss_ros.core.pnp_tuning import SearchSpace, best_of, evaluate_settings, random_search
 from ovss_ros.core.vlm_loading import DEFAULT_VLM, VLM_MODELS, load_vlm
+from ovss_ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
 
 logger = logging.getLogger("ovss-tune")
 THRESHOLDS = "0.05,0.15,0.25,0.35,0.45"  # the release's search grid (np.arange(0.05, 0.5, 0.1))
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=int, default=20, help="number of settings to try")
     parser.add_argument("--seed", type=int, default=0, help="random search seed")
     parser.add_argument("--max-images", type=int, default=0, help="use the first N (0 = all)")
+    add_max_input_pixels_argument(parser)
     space = parser.add_argument_group("search space (1-based layers and heads)")
     space.add_argument("--layers", default="", help="e.g. 6-10 (default: every text layer)")
     space.add_argument("--heads", default="", help="e.g. 1-12 (default: every head)")
@@ -139,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     images = []
-    for path in files:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            logger.warning("skipping %s: not a readable image", path)
-            continue
-        images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    for path in files:  # bounded before decoding, stored pixel grid (EXIF ignored)
+        try:
+            images.append(image_file_to_rgb8(path, max_pixels=args.max_input_pixels))
+        except ImageTooLarge as error:
+            logger.warning("skipping %s: %s", path, error)
+        except (ImageConversionError, OSError) as error:
+            logger.warning("skipping %s: not a readable image (%s)", path, error)
     if not images:
         logger.error("no readable images")
         return 2
