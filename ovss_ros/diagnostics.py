@@ -222,8 +222,9 @@ def silent_input_message(state: InputState) -> str:
     count = "1 publisher" if state.publishers == 1 else f"{state.publishers} publishers"
     return (
         f"no frame on {state.topic} for {state.silent_s:.0f} s although {count} matched: "
-        "frames larger than the DDS shared-memory segment are lost in transport with default "
-        f"Fast DDS settings; set FASTDDS_DEFAULT_PROFILES_FILE to ovss_ros's "
+        "if the camera is sending (e.g. ros2 topic hz on its side), its frames are lost in "
+        "transport (larger than the DDS shared-memory segment, with default Fast DDS "
+        f"settings): set FASTDDS_DEFAULT_PROFILES_FILE to ovss_ros's "
         f"{LARGE_DATA_PROFILE} in the camera driver and this node, or make the input reliable "
         "(README: Large images and DDS)"
     )

@@ -25,6 +25,7 @@ import gc
 import sys
 from typing import Any
 
+from rclpy.exceptions import NameValidationException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from ovss_ros.node import NODE_NAME, START_ERRORS, SegmentationNodeMixin, run, stop_event
@@ -53,7 +54,7 @@ class OvssLifecycleNode(SegmentationNodeMixin, LifecycleNode):
             if interrupted:
                 self.get_logger().info("configure interrupted: shutting down")
                 return TransitionCallbackReturn.FAILURE
-            if not isinstance(error, START_ERRORS):
+            if not isinstance(error, (*START_ERRORS, NameValidationException)):
                 raise
             # rclpy's lifecycle swallows exceptions without a word: say what went wrong here.
             self.get_logger().error(f"cannot configure: {error}")

@@ -39,6 +39,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import (
     InvalidParameterTypeException,
     InvalidParameterValueException,
+    NameValidationException,
     ParameterNotDeclaredException,
 )
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -106,6 +107,7 @@ DIAGNOSTICS_PERIOD_S = 1.0
 # What makes start-up fail with one clear message instead of a traceback.
 # Changes after which the node says which method runs (it may now run without a checkpoint).
 METHOD_CHANGES = {"method", "deop_checkpoint", "proposal_source", "deop_pooling"}
+OUTPUT_TOPICS = ("labels", "label_info", "overlay", "confidence", "camera_info")
 START_ERRORS = (
     ModelLoadError,
     ValueError,
@@ -470,6 +472,7 @@ class SegmentationNodeMixin:
         self.cameras = [Camera(name, colours) for name in self._settings.cameras] or [
             Camera(None, colours)
         ]
+        self._check_node_topics()
         self._check_mask_topics(self._settings.classes)
 
         self.add_pre_set_parameters_callback(node_parameters.coerce)
@@ -687,6 +690,15 @@ class SegmentationNodeMixin:
         Raises ValueError."""
         if self.segmenter is not None:
             self.segmenter.check_config(engine)
+
+    def _check_node_topics(self) -> None:
+        """Every camera's fixed output and input topics, resolved as this node resolves names:
+        a name too long ends start-up with the reason (not a traceback at configure)."""
+        relatives = []
+        for camera in self.cameras:
+            relatives += [camera.output_prefix + name for name in OUTPUT_TOPICS]
+            relatives.append(camera._inputs + "image")
+        node_parameters.check_node_topics(relatives, self.resolve_topic_name)
 
     def _check_mask_topics(self, classes: list[ClassEntry]) -> None:
         """Every camera's mask topic of every class, resolved as this node resolves names."""
@@ -1141,6 +1153,14 @@ def run(
                 node = make_node()
             except START_ERRORS as error:
                 rclpy.logging.get_logger(NODE_NAME).error(f"cannot start: {error}")
+                return 1
+            except NameValidationException as error:  # a topic or service name too long, ...
+                reason = " ".join(str(error).split())
+                rclpy.logging.get_logger(NODE_NAME).error(
+                    f"cannot start: {reason} (every topic and service of this node is "
+                    "<namespace>/<node name>/[<camera>/]<name>: shorten the namespace, the node "
+                    "name or the camera names)"
+                )
                 return 1
             try:
                 # From here a signal asks for an orderly stop; the stop event ends the engine's

@@ -804,7 +804,26 @@ def check_mask_topics(
                 raise ParameterError(f"classes: entry {index} {quoted(entry.name, 60)}: {problem}")
 
 
-def _topic_problem(relative: str, resolve: Callable[[str], str]) -> str | None:
+def check_node_topics(
+    relatives: Sequence[str], resolve: Callable[[str], str], what: str = "cameras"
+) -> None:
+    """Refuse start-up when one of the node's fixed topics (outputs, inputs; ``relatives`` as
+    the node creates them, e.g. ``~/front/label_info``) could not be created once resolved
+    (namespace, node name, camera names, remapping). Raises ParameterError naming the topic."""
+    for relative in relatives:
+        problem = _topic_problem(
+            relative, resolve, "topic", "shorten the namespace, the node name or the camera names"
+        )
+        if problem:
+            raise ParameterError(f"{what}: {problem}")
+
+
+def _topic_problem(
+    relative: str,
+    resolve: Callable[[str], str],
+    kind: str = "mask topic",
+    fix: str = "shorten the class name (its first synonym) or the node's namespace",
+) -> str | None:
     """Why ``relative`` cannot be a topic of this node, or None."""
     try:
         validate_full_topic_name(resolve(relative))
@@ -819,11 +838,10 @@ def _topic_problem(relative: str, resolve: Callable[[str], str]) -> str | None:
         stem = None
     if stem is not None and len(stem) + len(tail) > TOPIC_MAX_LENGTH:
         return (
-            f"its mask topic {stem}{tail[:20]}... would be {len(stem) + len(tail)} characters "
-            f"long, more than the {TOPIC_MAX_LENGTH} that ROS allows: shorten the class name "
-            "(its first synonym) or the node's namespace"
+            f"its {kind} {stem}{tail[:20]}... would be {len(stem) + len(tail)} characters "
+            f"long, more than the {TOPIC_MAX_LENGTH} that ROS allows: {fix}"
         )
-    return f"its mask topic {relative!r} is not a valid ROS topic name ({reason})"
+    return f"its {kind} {relative!r} is not a valid ROS topic name ({reason})"
 
 
 def engine_config(values: Mapping[str, Any]) -> EngineConfig:

@@ -39,6 +39,25 @@ CASES = {
         ["cannot start", "classes: entry 1 'fffff", "248 characters long"],
         "ovss_ros.node",
     ),
+    # Not only mask topics: any output topic or service of the node (a reviewer's cases).
+    "output topic of a camera too long": (
+        TINY_NODE_PARAMETERS | {"classes": ["a"], "cameras": ["c" * 20]},
+        ["-r", "__ns:=/" + "n" * 210],
+        ["cannot start", "label_info", "shorten the namespace"],
+        "ovss_ros.node",
+    ),
+    "managed node, output topic of a camera too long": (
+        TINY_NODE_PARAMETERS | {"classes": ["a"], "cameras": ["c" * 20]},
+        ["-r", "__ns:=/" + "n" * 210],
+        ["cannot", "label_info", "shorten the namespace"],
+        LIFECYCLE,
+    ),
+    "namespace too long for the node's own services": (
+        TINY_NODE_PARAMETERS,
+        ["-r", "__ns:=/" + "n" * 230],
+        ["cannot start", "shorten the namespace"],
+        "ovss_ros.node",
+    ),
     "text for a float": (
         TINY_NODE_PARAMETERS | {"overlay_alpha": "abc"},
         [],
@@ -55,7 +74,7 @@ CASES = {
     "pnp_ovss with a VLM that is not available offline": (
         TINY_NODE_PARAMETERS | {"method": "pnp_ovss", "vlm_pretrained": "Salesforce/blip-x"},
         [],
-        ["cannot start", "'Salesforce/blip-x' is not in the local", "set vlm_pretrained"],
+        ["cannot start", "'Salesforce/blip-x'", "not in the local", "set vlm_pretrained"],
         "ovss_ros.node",
     ),
     "deop with a missing checkpoint": (
