@@ -172,7 +172,7 @@ def overlay(
 
     ``rgb``: HxWx3 uint8; returns a new HxWx3 uint8 array. ``colours``: the assignment to keep
     across frames (the node's); None gives a fresh vocabulary's colours. ``legend``: draw the
-    classes present in the frame with their colours (``draw_legend``).
+    classes present in the frame with their colours and label values (``draw_legend``).
     """
     labels = segmentation.labels
     labelled = labels != segmentation.unlabeled
@@ -182,5 +182,8 @@ def overlay(
     out[labelled] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
     if legend:
         present = np.unique(labels[labelled]).astype(np.intp)
-        draw_legend(out, [segmentation.class_names[i] for i in present], table[present])
+        # Each row starts with the class's label value (its id in label_info and ~/labels):
+        # the font draws ASCII only, so a name in another script needs the id to be told apart.
+        names = [f"{i} {segmentation.class_names[i]}" for i in present]
+        draw_legend(out, names, table[present])
     return out
