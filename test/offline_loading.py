@@ -5,7 +5,8 @@ HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE at import). Run by test_offline_loading.
 
 ``closed``: HF_ENDPOINT is a local port nobody listens on. ``counting``: a local server that
 records requests and drops each one without an answer (a hub behind a broken network), except
-for repository ``ovss-test/answering`` which gets HTTP 404 (a hub that can be reached).
+for repository ``ovss-test/answering`` which gets HTTP 404 (a hub that can be reached) and
+``ovss-test/busy`` which gets HTTP 503 (a proxy or captive portal in the way: not a hub).
 ``offline``: the counting server, with HF_HUB_OFFLINE=1. Prints one JSON object: per scenario
 the error message, the seconds it took and the request lines the server saw.
 """
@@ -44,6 +45,11 @@ class Server(threading.Thread):
                 if b"ovss-test/answering" in request:
                     connection.sendall(
                         b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                elif b"ovss-test/busy" in request:  # a proxy or portal in the way, an outage
+                    connection.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
                     )
 
 
@@ -93,6 +99,8 @@ def main() -> None:
         "vlm": lambda: load_vlm("blip_itm", "ovss-test/no-such-blip", "cpu"),
         "sd2": lambda: Sd2Attention.load("ovss-test/no-such-sd2", device="cpu"),
         "probe_answering": lambda: hub_access.probe("ovss-test/answering", "config.json"),
+        "probe_busy": lambda: hub_access.probe("ovss-test/busy", "config.json"),
+        "vlm_busy": lambda: load_vlm("blip_itm", "ovss-test/busy", "cpu"),
     }
     if mode == "counting":
         planted = planted_tag()

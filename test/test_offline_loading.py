@@ -90,6 +90,18 @@ def test_a_hub_that_answers_counts_as_reachable(counting):
     assert hub_requests(result) == ["HEAD /ovss-test/answering/resolve/main/config.json HTTP/1.1"]
 
 
+def test_a_server_error_counts_as_unreachable(counting):
+    """A proxy or captive portal answering 503 made the download retry for 81 s (a reviewer's
+    case): a 5xx or 429 answer is no hub, so one request and the one clear message."""
+    probe = counting["probe_busy"]
+    assert probe["error"] is None and "HTTP 503" in probe["value"], probe
+    result = counting["vlm_busy"]
+    assert len(hub_requests(result)) == 1, result
+    assert "the hub cannot be reached" in result["error"] and "HTTP 503" in result["error"]
+    assert "set vlm_pretrained to a local directory" in result["error"]
+    assert result["seconds"] < 30.0
+
+
 def test_cached_weights_load_from_the_cache_without_any_request(counting):
     result = counting["clip_tag_cached"]
     assert result["requests"] == []

@@ -37,14 +37,20 @@ def cached_file(repo_id: str, filenames: Iterable[str]) -> str | None:
 
 
 def probe(repo_id: str, filename: str) -> str | None:
-    """None when the hub answers about ``repo_id/filename`` (any HTTP status: it can be reached);
-    otherwise why not (connection refused, name resolution, timeout). One request, no retry,
-    at most ``PROBE_TIMEOUT_S`` seconds."""
+    """None when the hub answers about ``repo_id/filename`` (a client status such as 404 or
+    401: it can be reached, the download reports the rest); otherwise why not (connection
+    refused, name resolution, timeout, or a server status 5xx / 429: a proxy, a captive portal
+    or an outage, which the download would retry for a minute). One request, no retry, at
+    most ``PROBE_TIMEOUT_S`` seconds."""
     try:
         get_hf_file_metadata(
             hf_hub_url(repo_id, filename), timeout=PROBE_TIMEOUT_S, retry_on_errors=False
         )
-    except HfHubHTTPError:  # 404, 401, ...: the hub answered; the download reports the rest
+    except HfHubHTTPError as error:
+        response = getattr(error, "response", None)
+        status = getattr(response, "status_code", None)
+        if status is not None and (status >= 500 or status == 429):
+            return f"HTTP {status} from {constants.ENDPOINT}"
         return None
     except Exception as error:  # httpx transport errors and the like: not reachable
         return f"{type(error).__name__}: {error}"
