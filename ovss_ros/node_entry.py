@@ -206,7 +206,10 @@ def print_help(program: str) -> None:
 
 def _node_main(module: str, program: str) -> int:
     if wants_help(sys.argv[1:]):
-        print_help(program)
+        try:
+            print_help(program)
+        except BrokenPipeError:  # e.g. `ovss_node --help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     signals = ShutdownSignals.install()
     return run_main(lambda **kwargs: importlib.import_module(module).main(**kwargs), signals)

@@ -253,3 +253,21 @@ def test_help_is_only_ours_before_ros_args():
     assert not wants_help([])
     assert not wants_help(["--ros-args", "-p", "a:=1", "--help"])  # ROS's own arguments
     assert not wants_help(["--ros-args", "-p", "classes:=[-h]"])
+
+
+def test_help_into_a_pipe_closed_early_ends_quietly():
+    """`ovss_node --help | head -2`: the reader closes the pipe after two lines; the help used to
+    end with a BrokenPipeError traceback."""
+    module, function = console_script("ovss_node")
+    script = f"import sys; from {module} import {function}; sys.exit({function}())"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "--help"],
+        env=child_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout.readline().startswith(b"usage: ")
+    process.stdout.close()  # as head does, with the parameter list still to come
+    _, errors = process.communicate(timeout=STARTUP_TIMEOUT_S)
+    assert process.returncode == 0, errors.decode()
+    assert b"Traceback" not in errors and b"BrokenPipe" not in errors, errors.decode()
