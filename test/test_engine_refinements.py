@@ -103,7 +103,7 @@ def test_refinement_settings_are_validated(fresh):
         {"refinement": "crf"},
         {"dslo_mode": "fast"},
         {"upsample": "nearest"},
-        {"affinity": "sd2"},
+        {"affinity": "sd3"},
         {"ipf_rounds": 0},
         {"freecp_redundancy": 2.0},
     ]:
