@@ -215,7 +215,7 @@ def test_a_failed_load_keeps_the_old_method(blip, rgb, tmp_path):
 
 
 def test_an_unavailable_vlm_is_one_clear_error(blip, rgb):
-    message = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set .*: set vlm_pretrained"
+    message = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set .*: set vlm_pretr"
     with pytest.raises(ModelLoadError, match=message):
         make(blip, method="pnp_ovss", vlm_pretrained="Salesforce/blip-itm-base-coco")
     with pytest.raises(ModelLoadError, match="not found: set vlm_pretrained"):
