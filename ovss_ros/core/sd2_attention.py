@@ -52,6 +52,9 @@ from ovss_ros.core.model_loading import PRECISIONS, ModelLoadError, resolve_devi
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+SD_MAX_SIZE = 4096  # pixels, the node parameter's maximum
+SD_MAX_TEMPERATURE = 100.0  # the node parameter's maximum
+
 LAYER_SETS = ("m2n2", "up")
 SD_PRECISIONS = ("auto", *PRECISIONS)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -231,8 +234,13 @@ class Sd2Attention:
         steps = int(scheduler.config.num_train_timesteps)
         if not 0 <= merged["timestep"] < steps:
             raise ValueError(f"sd_timestep must be in [0, {steps}), got {merged['timestep']}")
-        if merged["temperature"] <= 0:
-            raise ValueError(f"sd_temperature must be > 0, got {merged['temperature']}")
+        if not 0 < merged["temperature"] <= SD_MAX_TEMPERATURE:  # False for NaN too
+            raise ValueError(
+                f"sd_temperature must be in (0, {SD_MAX_TEMPERATURE:g}], got "
+                f"{merged['temperature']}"
+            )
+        if merged["size"] > SD_MAX_SIZE:
+            raise ValueError(f"sd_size must be at most {SD_MAX_SIZE} pixels, got {merged['size']}")
         if merged["size"] < self.multiple:
             raise ValueError(f"sd_size must be >= {self.multiple} pixels, got {merged['size']}")
         return merged, _self_attention_layers(unet, merged["layers"])
@@ -471,20 +479,26 @@ def _empty_prompt_embedding(
 def check_settings(size: int, timestep: int, temperature: float, layers: str) -> None:
     """ValueError for a setting no SD2 checkpoint accepts (model-independent config checks).
 
-    ``size`` >= 64 pixels, ``timestep`` in [0, 1000) (SD2's training steps), ``temperature``
-    > 0, ``layers`` one of ``LAYER_SETS``. The constructor checks the same against the model.
+    ``size`` in [64, SD_MAX_SIZE] pixels (the node's range: the SD input and its attention
+    grow with its square), ``timestep`` in [0, 1000) (SD2's training steps), ``temperature`` in
+    (0, SD_MAX_TEMPERATURE] (finite), ``layers`` one of ``LAYER_SETS``. The constructor checks
+    the same against the model.
     """
-    if size < 64:
-        raise ValueError(f"sd_size must be >= 64 pixels, got {size}")
+    if not 64 <= size <= SD_MAX_SIZE:
+        raise ValueError(f"sd_size must be in [64, {SD_MAX_SIZE}] pixels, got {size}")
     if not 0 <= timestep < 1000:
         raise ValueError(f"sd_timestep must be in [0, 1000), got {timestep}")
-    if temperature <= 0:
-        raise ValueError(f"sd_temperature must be > 0, got {temperature}")
+    if not 0 < temperature <= SD_MAX_TEMPERATURE:  # False for NaN too
+        raise ValueError(
+            f"sd_temperature must be in (0, {SD_MAX_TEMPERATURE:g}], got {temperature}"
+        )
     if layers not in LAYER_SETS:
         raise ValueError(f"unknown sd_layers {layers!r}: use one of {list(LAYER_SETS)}")
 
 
 __all__ = [
+    "SD_MAX_SIZE",
+    "SD_MAX_TEMPERATURE",
     "DEFAULT_MODEL",
     "LAYER_SETS",
     "LayerAttention",
