@@ -76,7 +76,11 @@ class Node:
     def serve(self, startup_s: float = STARTUP_TIMEOUT_S) -> None:
         """Wait until the node segments (a managed node is configured and activated first)."""
         if self.managed:
-            assert self.lifecycle.state(timeout=startup_s) == "unconfigured"
+            try:
+                state = self.lifecycle.state(timeout=startup_s)
+            except AssertionError as error:  # say what the node printed (a rare slow start)
+                raise AssertionError(f"{error}; its output:\n{self.process.output()}") from error
+            assert state == "unconfigured", self.process.output()
             self.lifecycle.activate()
         self.client.spin_until(
             lambda: self.process.returncode is not None or self.client.ready(),
