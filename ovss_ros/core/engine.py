@@ -60,7 +60,7 @@ from ovss_ros.core.refine import (
 from ovss_ros.core.refine.freecp import background_wins
 from ovss_ros.core.refine.pamr import pamr_propagate
 from ovss_ros.core.sd2_attention import Sd2Attention
-from ovss_ros.core.segmentation import Segmentation, label_dtype
+from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
 from ovss_ros.core.text_encoding import TextEncoder, template_set
 from ovss_ros.core.vocabulary import (
@@ -406,7 +406,7 @@ class Segmenter:
         """
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
-        sizes = [_check_rgb(rgb) for rgb in images]
+        sizes = [check_rgb(rgb) for rgb in images]
         if self.pipeline is not None:
             return self.pipeline.segment_many(images, self.stop, self.config.score_threshold)
         pixels = []
@@ -822,17 +822,3 @@ def _check_fits_model(config: EngineConfig, patch: int) -> None:
         )
     if config.crop % patch:
         raise ValueError(f"crop {config.crop} must be a multiple of the patch {patch}")
-
-
-def _check_rgb(rgb: np.ndarray) -> tuple[int, int]:
-    if (
-        not isinstance(rgb, np.ndarray)
-        or rgb.ndim != 3
-        or rgb.shape[2] != 3
-        or rgb.dtype != np.uint8
-    ):
-        shape = getattr(rgb, "shape", None)
-        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {type(rgb).__name__} {shape}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"empty image {rgb.shape}")
-    return rgb.shape[0], rgb.shape[1]

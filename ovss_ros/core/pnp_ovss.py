@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.refine.pamr import pamr
-from ovss_ros.core.segmentation import Segmentation, label_dtype
+from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import check_stop
 from ovss_ros.core.text_encoding import TextEncoder, template_set
 from ovss_ros.core.vlm_loading import LoadedVlm
@@ -354,7 +354,7 @@ class PnpOvss:
         """
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
-        size = _check_rgb(rgb)
+        size = check_rgb(rgb)
         pixels, clip_pixels = self.preprocess(rgb)
         if present is None:
             present = self.present_classes(clip_pixels)
@@ -369,7 +369,7 @@ class PnpOvss:
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
         for rgb in images:
-            _check_rgb(rgb)
+            check_rgb(rgb)
         return [self.segment(rgb) for rgb in images]
 
     def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -527,18 +527,3 @@ def _square(image: torch.Tensor, size: int) -> torch.Tensor:
         image, size=(size, size), mode="bicubic", align_corners=False, antialias=True
     )
     return squared.clamp_(0.0, 1.0)
-
-
-def _check_rgb(rgb: np.ndarray) -> tuple[int, int]:
-    """(H, W) of an HxWx3 uint8 array; ValueError otherwise."""
-    if (
-        not isinstance(rgb, np.ndarray)
-        or rgb.ndim != 3
-        or rgb.shape[2] != 3
-        or rgb.dtype != np.uint8
-    ):
-        shape = getattr(rgb, "shape", None)
-        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {type(rgb).__name__} {shape}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"empty image {rgb.shape}")
-    return rgb.shape[0], rgb.shape[1]

@@ -38,7 +38,7 @@ from ovss_ros.core.proposals import (
     learned_proposals,
     superpixel_proposals,
 )
-from ovss_ros.core.segmentation import Segmentation, label_dtype
+from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.text_encoding import TextEncoder, template_set
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
@@ -295,7 +295,7 @@ class ProposalSegmenter:
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
         for rgb in images:
-            _check_rgb(rgb)
+            check_rgb(rgb)
         results: list[Segmentation | None] = [None] * len(images)
         for members in self.batch_groups(images):
             frames = self.prepare([images[i] for i in members])
@@ -435,16 +435,3 @@ def semantic_scores(label_probs: torch.Tensor, proposals: Proposals) -> torch.Te
     total = torch.einsum("nkl,nkhw->nlhw", label_probs.float(), masks)
     coverage = masks.sum(dim=1, keepdim=True)
     return total / coverage.clamp(min=1e-6)
-
-
-def _check_rgb(rgb: np.ndarray) -> None:
-    if (
-        not isinstance(rgb, np.ndarray)
-        or rgb.ndim != 3
-        or rgb.shape[2] != 3
-        or rgb.dtype != np.uint8
-    ):
-        shape = getattr(rgb, "shape", None)
-        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {type(rgb).__name__} {shape}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"empty image {rgb.shape}")

@@ -31,3 +31,18 @@ class Segmentation:
     def mask(self, index: int) -> np.ndarray:
         """HxW bool mask of class ``index``."""
         return self.labels == index
+
+
+def check_rgb(rgb: np.ndarray) -> tuple[int, int]:
+    """(H, W) of an HxWx3 uint8 RGB array; ValueError otherwise (also for an empty image)."""
+    if (
+        not isinstance(rgb, np.ndarray)
+        or rgb.ndim != 3
+        or rgb.shape[2] != 3
+        or rgb.dtype != np.uint8
+    ):
+        shape = getattr(rgb, "shape", None)
+        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {type(rgb).__name__} {shape}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"empty image {rgb.shape}")
+    return rgb.shape[0], rgb.shape[1]
