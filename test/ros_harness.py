@@ -53,6 +53,8 @@ VOC_IMAGES = Path(
 STARTUP_TIMEOUT_S = 240.0
 EVENT_TIMEOUT_S = 30.0  # a running node: an output, a service answer, a status, discovery
 STOP_TIMEOUT_S = 60.0  # a node process ending after a signal
+# A service call that got no answer in this time is sent again (``call_service``).
+ATTEMPT_TIMEOUT_S = 5.0
 
 
 def startup_timeout(processes: int = 1) -> float:
@@ -298,14 +300,51 @@ def spin_until(
             rclpy.spin_once(node, timeout_sec=min(0.05, remaining))
 
 
+def first_done(node: Node, futures: Sequence[Any], seconds: float) -> Any:
+    """Spin ``node`` for up to ``seconds`` until one of ``futures`` is done; that one or None."""
+    end = time.monotonic() + max(seconds, 0.0)
+    while True:
+        done = next((future for future in futures if future.done()), None)
+        if done is not None or (remaining := end - time.monotonic()) <= 0:
+            return done
+        rclpy.spin_once(node, timeout_sec=min(0.05, remaining))
+
+
 def call_service(
-    node: Node, client: Client, request: Any, timeout: float = EVENT_TIMEOUT_S
+    node: Node,
+    client: Client,
+    request: Any,
+    timeout: float = EVENT_TIMEOUT_S,
+    attempt_s: float = ATTEMPT_TIMEOUT_S,
 ) -> Any:
-    """Call a service once its server is discovered; return the response."""
+    """Call a service once its server is discovered, sending the request again while no
+    response comes; return the first response (of any attempt).
+
+    A server can drop a response: rmw_fastrtps sends it only once the server has matched the
+    client's response reader, and gives up after a short wait ("failed to send response
+    (timeout): client will not receive response"), which under load happens in the first
+    seconds after discovery. A robust client therefore sends the request again after
+    ``attempt_s`` without an answer. Only for requests whose repetition does no harm (every
+    query, setting the same parameter values); lifecycle transitions: ``Lifecycle.transition``.
+    """
     spin_until(node, client.service_is_ready, timeout, message=f"service {client.srv_name}")
-    future = client.call_async(request)
-    spin_until(node, future.done, timeout, message=f"response from {client.srv_name}")
-    return future.result()
+    deadline = time.monotonic() + timeout
+    futures = []
+    try:
+        while True:
+            futures.append(client.call_async(request))
+            answered = first_done(node, futures, min(attempt_s, deadline - time.monotonic()))
+            if answered is not None:
+                return answered.result()
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"timed out after {timeout} s waiting: response from {client.srv_name} "
+                    f"({len(futures)} attempts)"
+                )
+    finally:
+        for future in futures:
+            if not future.done():
+                client.remove_pending_request(future)
 
 
 def topic_names(node: Node) -> set[str]:
@@ -573,10 +612,46 @@ class Lifecycle:
         return self.change.call_async(request)
 
     def transition(self, transition_id: int, timeout: float = STARTUP_TIMEOUT_S) -> bool:
-        """Make a transition (configure loads a model: a start-up's limit); True on success."""
-        future = self.request(transition_id)
-        spin_until(self.client.node, future.done, timeout, message=f"transition {transition_id}")
-        return future.result().success
+        """Make a transition (configure loads a model: a start-up's limit); True on success.
+
+        A response can be lost (``call_service``), and a transition must not simply be sent
+        twice: when no answer came within ``ATTEMPT_TIMEOUT_S``, the node's state says what
+        happened (``get_state`` is answered once the transition is over: one executor thread):
+        in the transition's goal state, it succeeded; still in the state it started from, the
+        request is sent again; any other state ends the wait with False.
+        """
+        from lifecycle_msgs.msg import Transition
+
+        goals = {
+            Transition.TRANSITION_CONFIGURE: "inactive",
+            Transition.TRANSITION_CLEANUP: "unconfigured",
+            Transition.TRANSITION_ACTIVATE: "active",
+            Transition.TRANSITION_DEACTIVATE: "inactive",
+            Transition.TRANSITION_UNCONFIGURED_SHUTDOWN: "finalized",
+            Transition.TRANSITION_INACTIVE_SHUTDOWN: "finalized",
+            Transition.TRANSITION_ACTIVE_SHUTDOWN: "finalized",
+        }
+        deadline = time.monotonic() + timeout
+        start_state = self.state(timeout)
+        node = self.client.node
+        futures = []
+        try:
+            while True:
+                futures.append(self.request(transition_id))
+                answered = first_done(node, futures, ATTEMPT_TIMEOUT_S)
+                if answered is not None:
+                    return answered.result().success
+                state = self.state(max(EVENT_TIMEOUT_S, deadline - time.monotonic()))
+                if answered := next((f for f in futures if f.done()), None):
+                    return answered.result().success
+                if state == goals.get(transition_id):
+                    return True  # done; its response was lost
+                if state != start_state or time.monotonic() >= deadline:
+                    return False
+        finally:
+            for future in futures:
+                if not future.done():
+                    self.change.remove_pending_request(future)
 
     def activate(self) -> None:
         """Configure, then activate (the caller waits for the inputs to be subscribed)."""
