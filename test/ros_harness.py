@@ -554,6 +554,44 @@ class OvssClient:
             message=lambda: f"status {name!r}; last: {self.statuses(name)[-1:]}",
         )
 
+    def counter(self, name: str, status: str = "ovss: image") -> int:
+        """The newest value of the diagnostics counter ``name`` (``frames rejected``, ...) in the
+        status ``status``, waiting for a status that has it."""
+        self.spin_until(
+            lambda: any(name in status_values(s) for s in self.statuses(status)),
+            message=f"a status {status!r} with {name!r}",
+        )
+        values = [status_values(s) for s in self.statuses(status)]
+        return int([v for v in values if name in v][-1][name])
+
+    def publish_until_counted(
+        self,
+        message: Any,
+        counter: str = "frames rejected",
+        status: str = "ovss: image",
+        publisher: Any = None,
+        timeout: float = EVENT_TIMEOUT_S,
+        resend_every: float = 2.0,
+    ) -> None:
+        """Publish ``message`` (again every ``resend_every`` s) until the node's diagnostics
+        count one more ``counter`` than before: the node has taken it. Pacing on a fixed pause
+        instead fails on a busy machine, where a frame still waiting in the node's newest-frame
+        slot is replaced, unseen, by the next one."""
+        publisher = publisher or (
+            self.compressed_pub if "Compressed" in type(message).__name__ else self.image_pub
+        )
+        before = self.counter(counter, status)
+        deadline = time.monotonic() + timeout
+        while True:
+            publisher.publish(message)
+            resend = time.monotonic() + resend_every
+            while time.monotonic() < resend:
+                if self.counter(counter, status) > before:
+                    return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{counter!r} did not grow within {timeout} s")
+                rclpy.spin_once(self.node, timeout_sec=0.05)
+
     def set_parameters(self, parameters: Sequence[Parameter]) -> list[Any]:
         from rcl_interfaces.srv import SetParameters
 

@@ -1,4 +1,4 @@
-"""A node process that exits leaves the ROS graph at once, so a restarted node is reachable at once.
+"""A node process that exits leaves the ROS graph at once: a restarted node is reachable at once.
 
 A participant that ends without announcing it stays in the other processes' graph until its DDS
 lease runs out (Fast DDS: 20 s). The managed node used to do exactly that: rclpy's
@@ -67,7 +67,9 @@ def traces(client: OvssClient) -> list[str]:
 
 
 def start(executable: str) -> NodeProcess:
-    return NodeProcess(PARAMETERS, extra_ros_args=["-r", "__ns:=/departure"], executable=executable)
+    return NodeProcess(
+        PARAMETERS, extra_ros_args=["-r", "__ns:=/departure"], executable=executable
+    )
 
 
 def exit_and_assert_departed(client: OvssClient, process: NodeProcess) -> None:
