@@ -16,7 +16,10 @@ lint_rc=0
 # No CLIP weights can be downloaded here: make any hub access fail fast instead of hanging.
 export HF_HUB_OFFLINE=1
 rc=0
-"$py" -m pytest -q test "$@" || rc=$?
+start=$SECONDS
+# --durations=20: the 20 slowest tests, at the end of every run (CI prints them too).
+"$py" -m pytest -q --durations=20 test "$@" || rc=$?
+echo "test suite: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 # pytest exits 5 when it collected no test: a suite that ran nothing is a failure.
 if [[ $rc == 5 ]]; then echo "pytest collected no tests" >&2; rc=1; fi
 if [[ $rc == 0 && $lint_rc != 0 ]]; then echo "ruff check failed" >&2; rc=$lint_rc; fi
