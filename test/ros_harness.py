@@ -157,7 +157,7 @@ def child_environment() -> dict[str, str]:
     )
     env["PYTHONUNBUFFERED"] = "1"
     env["RCUTILS_LOGGING_BUFFERED_STREAM"] = "0"
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", "1")  # as the tests: conftest.py
     return env
 
 
