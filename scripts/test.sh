@@ -17,8 +17,10 @@ lint_rc=0
 export HF_HUB_OFFLINE=1
 rc=0
 start=$SECONDS
-# --durations=20: the 20 slowest tests, at the end of every run (CI prints them too).
-"$py" -m pytest -q --durations=20 test "$@" || rc=$?
+# Worker processes, one per core up to 4 (each test file on one worker so that its node processes
+# and models are shared by its tests; each worker has a ROS domain of its own), one torch thread
+# each (test/conftest.py). --durations=20: the 20 slowest tests at the end of every run.
+"$py" -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=20 test "$@" || rc=$?
 echo "test suite: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 # pytest exits 5 when it collected no test: a suite that ran nothing is a failure.
 if [[ $rc == 5 ]]; then echo "pytest collected no tests" >&2; rc=1; fi
