@@ -62,7 +62,7 @@ def crf_labels(rgb: np.ndarray, probs: np.ndarray, max_pixels: int, scaled: bool
     scale = min(1.0, (max_pixels / (height * width)) ** 0.5)
     small_rgb, small = rgb, probs
     if scale < 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
         small_rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
         small = np.stack([cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in probs])
         small /= np.maximum(small.sum(axis=0, keepdims=True), 1e-12)

@@ -43,8 +43,9 @@ def crf_marginals(request: dict, rgb_bytes: bytes, prob_bytes: bytes) -> bytes:
     from pydensecrf.utils import unary_from_softmax
 
     height, width, labels = request["height"], request["width"], request["labels"]
-    rgb = np.frombuffer(rgb_bytes, np.uint8).reshape(height, width, 3)
-    probs = np.frombuffer(prob_bytes, np.float32).reshape(labels, height, width)
+    # Writable copies: pydensecrf's Cython views refuse read-only buffers.
+    rgb = np.frombuffer(rgb_bytes, np.uint8).reshape(height, width, 3).copy()
+    probs = np.frombuffer(prob_bytes, np.float32).reshape(labels, height, width).copy()
     crf = dcrf.DenseCRF2D(width, height, labels)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
     crf.addPairwiseGaussian(**request["gaussian"])

@@ -232,7 +232,7 @@ def dense_crf(
     scale = min(1.0, math.sqrt(max_pixels / (height * width)))
     small_rgb, small_probs = rgb, probs.astype(np.float32, copy=False)
     if scale < 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))  # OpenCV: (w, h)
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))  # OpenCV: (w, h)
         small_rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
         small_probs = np.stack(
             [cv2.resize(channel, size, interpolation=cv2.INTER_AREA) for channel in small_probs]
