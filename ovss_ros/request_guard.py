@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from lifecycle_msgs.srv import ChangeState
 from rcl_interfaces.msg import ParameterType, SetParametersResult
 from rcl_interfaces.srv import SetParameters, SetParametersAtomically
 from rclpy.exceptions import ParameterNotDeclaredException
@@ -98,6 +99,17 @@ class CallbackFaults:
                     "are counted in /diagnostics, 'callback errors', not logged)"
                 )
             except Exception:  # reporting must never be what ends the node
+                pass
+
+    def refused(self, kind: str, text: str) -> None:
+        """A request refused as invalid (no error): logged once per ``kind``, not counted."""
+        with self._lock:
+            first = ("refused", kind) not in self._kinds
+            self._kinds.add(("refused", kind))
+        if first:
+            try:
+                self._log(f"{text} (further such requests are refused without a log line)")
+            except Exception:
                 pass
 
     def recent(self, window_s: float = RECENT_S) -> int:
@@ -169,6 +181,37 @@ class SetParameterServices:
             )
 
 
+class ChangeStateGuard:
+    """``~/change_state`` of a managed node that refuses a transition the state machine does
+    not offer from its current state before rclpy sees it: rclpy logs an ERROR line (and rcl a
+    WARN) for each such request, so a peer could flood the log. Logged once here instead; the
+    answer is the same (``success`` false)."""
+
+    def __init__(self, node: Any, callback: Callable[[Any, Any], Any], faults: CallbackFaults):
+        self._node = node
+        self._callback = callback
+        self._faults = faults
+
+    def __call__(self, request: Any, response: Any) -> Any:
+        transition = request.transition
+        offered = self._node._state_machine.available_transitions  # (id, label, ...) each
+        if transition.label:
+            valid = any(entry[1] == transition.label for entry in offered)
+            asked = f"label {one_line(transition.label, 80)!r}"
+        else:
+            valid = any(entry[0] == transition.id for entry in offered)
+            asked = f"id {transition.id}"
+        if valid:
+            return self._callback(request, response)
+        state = self._node._state_machine.current_state[1]
+        self._faults.refused(
+            "change_state",
+            f"change_state: no transition {asked} from state {state}: refused",
+        )
+        response.success = False
+        return response
+
+
 def refusal(srv_type: Any, request: Any, reason: str) -> Any:
     """A response of ``srv_type`` that refuses ``request`` with ``reason`` where the type has a
     place for one (SetParameters: one unsuccessful result per parameter); empty otherwise."""
@@ -223,6 +266,8 @@ def guard_services(node: Any, faults: CallbackFaults) -> int:
             callback = setters.set_parameters
         elif service.srv_type is SetParametersAtomically:
             callback = setters.set_parameters_atomically
+        elif service.srv_type is ChangeState and hasattr(node, "_state_machine"):
+            callback = ChangeStateGuard(node, callback, faults)
         service.callback = guarded(callback, service.srv_type, service.srv_name, faults)
         count += 1
     return count

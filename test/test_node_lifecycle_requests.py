@@ -106,6 +106,10 @@ def test_lifecycle_and_parameter_services_answer_malformed_requests(node, voc_rg
     assert "value type 99 is not a ROS parameter type" in atomic[0].result.reason
     assert process.returncode is None, process.output()
     assert lifecycle.state() == "unconfigured"
+    # One line for all the refused transitions, not one (ERROR) per request.
+    refused = [line for line in process.output().splitlines() if "change_state" in line]
+    assert len(refused) == 1, refused
+    assert "Unable to start transition" not in process.output()
 
     # And it still does its job.
     lifecycle.activate()
