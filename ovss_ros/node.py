@@ -7,6 +7,10 @@ thread owns the Segmenter (it is not thread-safe): it applies accepted changes, 
 newest frame of every camera that has one, together (``segment_many``: one forward pass for frames
 of one size), and publishes each to its camera's outputs. So the parameter service never waits
 behind inference or text encoding, and a slow model drops frames instead of queueing them.
+rclpy entities are created and destroyed on the executor's thread only (the worker asks it for
+the mask topics of a new vocabulary and waits: ``ExecutorWork``), and nothing a request holds
+ends the node: every service answers, an error in any callback is counted and survived
+(``request_guard``).
 
 Every received frame gets exactly one outcome, counted per camera (``diagnostics``): processed,
 dropped (paused, stale, overwritten), rejected or failed; each frame is converted, checked and
