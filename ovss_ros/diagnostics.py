@@ -283,8 +283,8 @@ def camera_report(
         problems.append(
             (
                 WARN,
-                f"{state.recent_callback_errors} requests or callbacks raised an error "
-                "recently (a malformed request?): answered or skipped, see the log",
+                f"{state.recent_callback_errors} request or callback errors in the last "
+                f"{WINDOW_S:.0f} s (a malformed request?): answered or skipped, see the log",
             )
         )
     messages = [text for _, text in problems]

@@ -41,14 +41,16 @@ from rcl_interfaces.srv import SetParameters, SetParametersAtomically
 from rclpy.exceptions import ParameterNotDeclaredException
 from rclpy.parameter import Parameter
 
+from ovss_ros.diagnostics import WINDOW_S
+
 # ParameterType constants: the only type bytes a ParameterValue may carry.
 PARAMETER_TYPES = {
     value: name.removeprefix("PARAMETER_").lower()
     for name, value in vars(ParameterType).items()
     if name.startswith("PARAMETER_") and isinstance(value, int)
 }
-# /diagnostics: callback errors within this many seconds make the status WARN.
-RECENT_S = 5.0
+# /diagnostics: callback errors within its window make the status WARN.
+RECENT_S = WINDOW_S
 REASON_LIMIT = 400
 
 

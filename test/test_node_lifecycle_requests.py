@@ -117,4 +117,4 @@ def test_lifecycle_and_parameter_services_answer_malformed_requests(node, voc_rg
     frame = make_image(voc_rgb[0][:48, :64].copy(), "rgb8", next_header(client.node))
     client.wait_for_output(frame, ("labels",))
     status = client.wait_for_status("ovss: image", lambda v: int(v["callback errors"]) > 0)
-    assert "raised an error recently" in status.message
+    assert "request or callback errors in the last" in status.message
