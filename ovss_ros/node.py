@@ -477,6 +477,7 @@ class SegmentationNodeMixin:
         self._warned: dict[tuple, float] = {}  # kind of warning -> when last logged (worker)
         # Exceptions in callbacks (a malformed request, ...): counted, each kind logged once.
         self.callback_faults = CallbackFaults(self.get_logger().warning)
+        self._executor_work: ExecutorWork | None = None  # made below, with the other entities
 
         self._overrides_reported: set[str] = set()
         self._duplicates_logged = 0
@@ -585,7 +586,8 @@ class SegmentationNodeMixin:
                 f"worker still {doing} {WORKER_STOP_TIMEOUT_S:.0f} s after the stop request: "
                 "not waiting for it"
             )
-        self._executor_work.cancel()  # mask topics the worker asked for: not needed now
+        if self._executor_work is not None:  # mask topics the worker asked for: not needed now
+            self._executor_work.cancel()
         for camera in self.cameras:
             camera.close_outputs(self)
         self._stopping = threading.Event()  # for the next configure
