@@ -205,15 +205,7 @@ class Segmenter:
         is encoded then), Stopped, or what the text tower raises (e.g. out of memory); on any
         exception the old vocabulary and its embeddings stay in force, unchanged.
         """
-        classes = parse_classes(entries)
-        check_query_count(classes, self.config.background_words)
-        if self.pipeline is not None:  # its own text state; the dense one is made on switching
-            self._attempt(lambda: self.pipeline.core.set_classes(classes))
-            self.classes = classes
-            return
-        queries = self._attempt(lambda: self._encode_queries(classes, self.config))
-        self.classes = classes
-        self._swap_in(queries)
+        self.update(classes=entries)
 
     def reconfigure(self, **changes: object) -> None:
         """Change runtime settings (EngineConfig fields) between frames.
@@ -222,6 +214,35 @@ class Segmenter:
         ValueError (unknown or bad setting, a setting that needs a new model, too many queries),
         Stopped, or what the text tower raises; on any exception nothing changes.
         """
+        self.update(**changes)
+
+    def update(self, classes: Sequence[ClassEntry | str] | None = None, **changes: object) -> None:
+        """Change the vocabulary and the settings together, as one transaction.
+
+        ``classes``: the new vocabulary (parse_classes entries), or None to keep the one in
+        force; ``changes``: EngineConfig fields. Everything is checked and built for the end
+        state only, never for a mix of old and new: 1000 new class names with 1000 new
+        background words are 2000 text queries, whatever was in force; method pnp_ovss with 3
+        classes builds its prompt from those 3, not from the 40 in force. The text is encoded
+        (and a VLM, checkpoint or Stable Diffusion model loaded) before anything changes.
+
+        Raises VocabularyError (bad vocabulary, too many queries, a prompt too long for the
+        VLM), ValueError (unknown or bad setting, a setting that needs a new model),
+        ModelLoadError, Stopped, or what the text tower raises; on any exception nothing
+        changes.
+        """
+        config = self._changed_config(changes)
+        given = classes is not None
+        vocabulary = parse_classes(classes) if given else self.classes
+        check_query_count(vocabulary, config.background_words)
+        if config.method in PIPELINE_METHODS:
+            self._update_pipeline(config, vocabulary, given)
+        else:
+            self._update_dense(config, vocabulary, given)
+
+    def _changed_config(self, changes: dict[str, object]) -> EngineConfig:
+        """The config with ``changes``, checked against this model (``check_config``);
+        ValueError for an unknown field or one that chooses another model."""
         unknown = set(changes) - {f.name for f in fields(EngineConfig)}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
@@ -238,22 +259,23 @@ class Segmenter:
             changes["background_words"] = tuple(changes["background_words"])
         config = replace(self.config, **changes)
         self.check_config(config)
-        if config.method in PIPELINE_METHODS:
-            self._reconfigure_pipeline(config)
-            return
+        return config
+
+    def _update_dense(self, config: EngineConfig, classes: list[ClassEntry], given: bool) -> None:
+        """``update`` to a dense method: text queries for ``classes`` and ``config`` encoded
+        (and an SD model loaded) first, then everything swapped in."""
         templates = template_set(config.templates)
-        encode = self.classes and (
-            self.pipeline is not None  # back from a pipeline: the dense text state is stale
+        encode = bool(classes) and (
+            given
+            or self.pipeline is not None  # back from a pipeline: the dense text state is stale
             or (templates, config.background_words)
             != (self.text.templates, self.config.background_words)
         )
-        if encode:
-            check_query_count(self.classes, config.background_words)
         sd2, sd2_key = self._sd2_for(config)  # loads a new SD model only if needed
         queries = None
         try:
             if encode:
-                queries = self._attempt(lambda: self._encode_queries(self.classes, config))
+                queries = self._attempt(lambda: self._encode_queries(classes, config))
         except BaseException:
             if sd2 is not None and sd2 is not self.sd2:
                 sd2.release()
@@ -264,25 +286,30 @@ class Segmenter:
         previous, self.sd2, self._sd2_key = self.sd2, sd2, sd2_key
         if previous is not None and previous is not sd2:
             previous.release()  # no longer used, or replaced by another model
-        self.config = config
+        self.config, self.classes = config, classes
         self.text.set_templates(templates)
         if queries is not None:
             self._swap_in(queries)
         self.pipeline = None  # its memory (the VLM) goes with it
 
-    def _reconfigure_pipeline(self, config: EngineConfig) -> None:
-        """Switch to, or change, a pnp_ovss / deop / twostream pipeline: built (the VLM or a
-        checkpoint loaded, the vocabulary encoded) before anything changes; see reconfigure."""
+    def _update_pipeline(
+        self, config: EngineConfig, classes: list[ClassEntry], given: bool
+    ) -> None:
+        """``update`` to a pnp_ovss / deop / twostream pipeline: built for ``classes`` (the VLM
+        or a checkpoint loaded, the vocabulary encoded), or given ``classes``, before anything
+        changes."""
         pipeline = self.pipeline
         if needs_rebuild(pipeline, config):
             pipeline = self._attempt(
                 lambda: build_pipeline(
-                    config, self.clip, self.text, self.classes, self.pipeline, self.stop
+                    config, self.clip, self.text, classes, self.pipeline, self.stop
                 )
             )
+        elif given:  # transactional itself: the old vocabulary stays if it raises
+            self._attempt(lambda: pipeline.core.set_classes(classes))
         if pipeline is not self.pipeline:
             logger.info("method %s", pipeline.describe()[0])
-        self.config, self.pipeline = config, pipeline
+        self.config, self.pipeline, self.classes = config, pipeline, classes
         self._text_embeddings = self._query_owner = None  # dense text state: made on switching
         previous, self.sd2, self._sd2_key = self.sd2, None, None
         if previous is not None:
@@ -297,12 +324,18 @@ class Segmenter:
         refinement = f" + {self.config.refinement}" if self.config.refinement != "none" else ""
         return f"{self.config.method}{refinement}", False
 
-    def check_config(self, config: EngineConfig) -> None:
+    def check_config(
+        self, config: EngineConfig, classes: Sequence[ClassEntry] | None = None
+    ) -> None:
         """Raise ValueError with the reason if ``config`` is bad or does not fit this model
         (``crop`` not whole patches, ``max_long_side`` below one patch; the sd settings against
         the SD model in use, when ``config`` keeps it): what ``reconfigure`` checks before it
         changes anything, for callers that validate ahead (the node). Whether a Stable
-        Diffusion model that is not loaded yet loads is found out by loading it."""
+        Diffusion model that is not loaded yet loads is found out by loading it.
+
+        ``classes`` (parsed): also the vocabulary against the method's loaded model where
+        ``config`` keeps it (PnP-OVSS: the prompt with every class within the VLM's text
+        positions); VocabularyError. Which of its texts encode is found out by encoding."""
         config.validate()
         _check_fits_model(config, self.patch)
         # The SD model in use (None while the constructor runs). The node calls this from
@@ -314,8 +347,9 @@ class Segmenter:
                 sd2.check(**config.sd2_settings())
             except RuntimeError:  # released by the worker meanwhile
                 pass
-        if self.pipeline is not None:
-            self.pipeline.check(config)
+        pipeline = self.pipeline  # the worker may replace it meanwhile: one reading
+        if pipeline is not None:
+            pipeline.check(config, classes)
 
     def _sd2_for(self, config: EngineConfig) -> tuple[Sd2Attention | None, tuple | None]:
         """The SD model ``config`` needs (None if none) and its key, without changing state.

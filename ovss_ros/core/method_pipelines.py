@@ -194,9 +194,11 @@ class Pipeline:
         path = core.checkpoint.path
         return f"{self.method} with checkpoint {path}: {source} proposals{pooling}", False
 
-    def check(self, config: EngineConfig) -> None:
+    def check(self, config: EngineConfig, classes: Sequence[ClassEntry] | None = None) -> None:
         """Checks of ``config`` against what this pipeline has loaded (the VLM's layers and
-        heads, the checkpoint's heads), where ``config`` would keep them; ValueError."""
+        heads, the checkpoint's heads), where ``config`` would keep them; ValueError. With
+        ``classes``, PnP-OVSS also checks that the prompt with every class fits the loaded
+        VLM's text positions (VocabularyError)."""
         if config.method != self.method:
             return
         if self.method == "pnp_ovss":
@@ -205,6 +207,8 @@ class Pipeline:
                     self.core.check(method_settings(config))
                 except ValueError as error:
                     raise _renamed(error, PNP_FIELDS) from None
+                if classes is not None:
+                    self.core.check_classes(classes)
             return
         if config.deop_checkpoint == self.config.deop_checkpoint:
             try:

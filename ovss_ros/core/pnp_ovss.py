@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.crf_process import shared_crf_process
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.refine.pamr import pamr
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
@@ -61,6 +63,10 @@ BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
 CRF_ITERATIONS = 10
 CRF_GAUSSIAN = {"sxy": 3, "compat": 7}
 CRF_BILATERAL = {"sxy": 50, "srgb": 5, "compat": 10}
+# Pixels the CRF is solved at, at most (a 640x480 frame is solved as it is): its cost grows with
+# the pixels and a 1920x1080 frame took 23 s (issue 18); bigger frames are solved at this size
+# and the marginals upsampled (``dense_crf``).
+CRF_MAX_PIXELS = 640 * 480
 
 
 def crf_available() -> bool:
@@ -205,21 +211,46 @@ def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
     )
 
 
-def dense_crf(rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
+def dense_crf(
+    rgb: np.ndarray,
+    probs: np.ndarray,
+    max_pixels: int = CRF_MAX_PIXELS,
+    stop: threading.Event | None = None,
+) -> np.ndarray:
     """Fully connected CRF (Kraehenbuehl & Koltun) with the release's parameters.
 
     ``rgb`` HxWx3 uint8, ``probs`` (K, H, W) float probabilities -> (K, H, W) marginals.
-    Needs ``pydensecrf2``.
+    Needs ``pydensecrf2``; runs in a process of its own (``CrfProcess``: pydensecrf holds the
+    GIL throughout, which would freeze the node's other threads). A frame of more than
+    ``max_pixels`` pixels is solved at that many (aspect kept, image and probabilities
+    resized with area averaging, the kernels' pixel widths ``sxy`` scaled alike), and the
+    marginals are upsampled bilinearly: the CRF's cost grows with the pixels, 23 s for a
+    1920x1080 frame. Label agreement with the full-size CRF: benchmarks/crf_bounded_size.py.
+    Raises Stopped (``stop`` set while waiting), CrfError.
     """
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
     labels, height, width = probs.shape
-    crf = dcrf.DenseCRF2D(width, height, labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
-    crf.addPairwiseGaussian(**CRF_GAUSSIAN)
-    crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(rgb), **CRF_BILATERAL)
-    return np.asarray(crf.inference(CRF_ITERATIONS), dtype=np.float32).reshape(probs.shape)
+    scale = min(1.0, math.sqrt(max_pixels / (height * width)))
+    small_rgb, small_probs = rgb, probs.astype(np.float32, copy=False)
+    if scale < 1.0:
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))  # OpenCV: (w, h)
+        small_rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        small_probs = np.stack(
+            [cv2.resize(channel, size, interpolation=cv2.INTER_AREA) for channel in small_probs]
+        )
+        small_probs /= np.maximum(small_probs.sum(axis=0, keepdims=True), 1e-12)
+    gaussian = {**CRF_GAUSSIAN, "sxy": CRF_GAUSSIAN["sxy"] * scale}
+    bilateral = {**CRF_BILATERAL, "sxy": CRF_BILATERAL["sxy"] * scale}
+    marginals = shared_crf_process().marginals(
+        small_rgb, small_probs, CRF_ITERATIONS, gaussian, bilateral, stop
+    )
+    if scale < 1.0:
+        marginals = np.stack(
+            [
+                cv2.resize(channel, (width, height), interpolation=cv2.INTER_LINEAR)
+                for channel in marginals
+            ]
+        )
+    return marginals
 
 
 def prompt_tokens(
@@ -330,14 +361,27 @@ class PnpOvss:
         Refused too when the prompt with every class does not fit the VLM's text length.
         """
         classes = parse_classes(entries)
-        ids, _ = prompt_tokens(self.vlm.tokenizer, [c.name for c in classes])
-        if len(ids) > self.vlm.max_text_tokens:
-            raise VocabularyError(
-                f"the prompt with all {len(classes)} classes has {len(ids)} tokens, more than the "
-                f"VLM's {self.vlm.max_text_tokens}: use fewer or shorter class names"
-            )
+        self.check_classes(classes)
         class_text = self._encode_classes(classes)
         self.classes, self._class_text = classes, class_text
+
+    def check_classes(self, classes: Sequence[ClassEntry]) -> None:
+        """Refuse a vocabulary whose prompt with every class (``prompt_tokens``: [CLS], "a
+        picture of", each name's word pieces, [SEP]) has more tokens than the VLM has text
+        positions (``max_text_tokens``): with presence ``all``, or every class present, it
+        could not be segmented. Raises VocabularyError (a class without tokens, too long)."""
+        limit = self.vlm.max_text_tokens
+        # Every class has at least one token: a vocabulary that cannot fit needs no tokenizer.
+        least = len(prompt_tokens(self.vlm.tokenizer, [])[0]) + len(classes)
+        count = least if least > limit else None
+        if count is None:
+            count = len(prompt_tokens(self.vlm.tokenizer, [c.name for c in classes])[0])
+        if count > limit:
+            exact = "has" if least <= limit else "has at least"
+            raise VocabularyError(
+                f"the prompt with all {len(classes)} classes {exact} {count} tokens, more than "
+                f"the VLM's {limit}: use fewer or shorter class names"
+            )
 
     def _encode_classes(self, classes: list[ClassEntry]) -> torch.Tensor:
         """(classes, D) CLIP text: the normalised mean of each class's synonym embeddings."""
@@ -487,7 +531,7 @@ class PnpOvss:
         probs = torch.softmax(scores, dim=0)
         refinement = settings.refinement()
         if refinement == "crf":
-            probs = torch.from_numpy(dense_crf(rgb, probs.numpy()))
+            probs = torch.from_numpy(dense_crf(rgb, probs.numpy(), stop=self.stop))
         elif refinement == "pamr":
             guide = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
             guide = guide.permute(2, 0, 1)[None].float()
