@@ -62,12 +62,13 @@ from ovss_ros.core.refine.pamr import pamr_propagate
 from ovss_ros.core.sd2_attention import Sd2Attention
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
-from ovss_ros.core.text_encoding import TextEncoder, template_set
+from ovss_ros.core.text_encoding import SENTENCE, TextEncoder, template_set
 from ovss_ros.core.vocabulary import (
     ClassEntry,
     VocabularyError,
     check_query_count,
     parse_classes,
+    quoted,
 )
 
 __all__ = ["EngineConfig", "Segmenter", "Stopped", "resized_size", "window_starts"]
@@ -207,6 +208,7 @@ class Segmenter:
         """
         classes = parse_classes(entries)
         check_query_count(classes, self.config.background_words)
+        self.check_vocabulary(classes)
         if self.pipeline is not None:  # its own text state; the dense one is made on switching
             self._attempt(lambda: self.pipeline.core.set_classes(classes))
             self.classes = classes
@@ -249,6 +251,7 @@ class Segmenter:
         )
         if encode:
             check_query_count(self.classes, config.background_words)
+        self.check_vocabulary(self.classes, config)
         sd2, sd2_key = self._sd2_for(config)  # loads a new SD model only if needed
         queries = None
         try:
@@ -297,14 +300,23 @@ class Segmenter:
         refinement = f" + {self.config.refinement}" if self.config.refinement != "none" else ""
         return f"{self.config.method}{refinement}", False
 
-    def check_config(self, config: EngineConfig) -> None:
+    def check_config(
+        self, config: EngineConfig, classes: Sequence[ClassEntry] | None = None
+    ) -> None:
         """Raise ValueError with the reason if ``config`` is bad or does not fit this model
         (``crop`` not whole patches, ``max_long_side`` below one patch; the sd settings against
         the SD model in use, when ``config`` keeps it): what ``reconfigure`` checks before it
         changes anything, for callers that validate ahead (the node). Whether a Stable
-        Diffusion model that is not loaded yet loads is found out by loading it."""
+        Diffusion model that is not loaded yet loads is found out by loading it.
+
+        The background words' prompts, and those of ``classes`` (parsed: the vocabulary that
+        will be in force with ``config``) when given, are checked against the text model's
+        context (``check_vocabulary``): a VocabularyError names the text and the limit.
+        """
         config.validate()
         _check_fits_model(config, self.patch)
+        if getattr(self, "text", None) is not None:  # None while the constructor runs
+            self.check_vocabulary(classes or [], config)
         # The SD model in use (None while the constructor runs). The node calls this from
         # its executor thread while the worker may be replacing the model: a model released
         # meanwhile is not checked here, the worker's reconfigure checks the settings again.
@@ -316,6 +328,33 @@ class Segmenter:
                 pass
         if self.pipeline is not None:
             self.pipeline.check(config)
+
+    def check_vocabulary(
+        self, classes: Sequence[ClassEntry], config: EngineConfig | None = None
+    ) -> None:
+        """Refuse a vocabulary whose prompts CLIP's text model would cut (PromptTooLong, a
+        VocabularyError naming the class, the prompt, its tokens and the limit, e.g. 77).
+
+        Checked: every synonym of every class with ``config``'s templates (default: the
+        settings in force), each description as written, each background word of ``config``
+        with the templates. Tokenizes only (counts are cached per text): cheap enough for a
+        caller that validates a request before accepting it (the node, with ``check_config``).
+        """
+        config = config or self.config
+        templates = template_set(config.templates)
+        for entry in classes:
+            names = [
+                "class" if text == entry.name else f"class {quoted(entry.name)}: synonym"
+                for text in entry.synonyms
+            ]
+            self.text.check_lengths(entry.synonyms, templates, names)
+            self.text.check_lengths(
+                entry.descriptions,
+                SENTENCE,
+                [f"class {quoted(entry.name)}: description"] * len(entry.descriptions),
+            )
+        words = config.background_words
+        self.text.check_lengths(words, templates, ["background word"] * len(words))
 
     def _sd2_for(self, config: EngineConfig) -> tuple[Sd2Attention | None, tuple | None]:
         """The SD model ``config`` needs (None if none) and its key, without changing state.
