@@ -38,7 +38,7 @@ JUNCTION_SLACK = 4
 
 
 class PromptTooLong(VocabularyError):
-    """A prompt has more tokens than the text model reads; ``str(error)`` names it and the limit."""
+    """A prompt has more tokens than the text model reads; ``str(error)`` says which, the limit."""
 
 
 def context_length(model: torch.nn.Module, tokenizer: Callable) -> int | None:
