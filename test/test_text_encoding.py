@@ -277,9 +277,7 @@ def test_descriptions_and_background_words_are_checked_too(clip):
     with pytest.raises(VocabularyError, match=r"background word .* 77"):
         segmenter.reconfigure(background_words=[CUT])
     assert segmenter.config.background_words == ()
-    config = EngineConfig(
-        model=str(TINY_VIT), pretrained="none", device="cpu", templates="single"
-    )
+    config = EngineConfig(model=str(TINY_VIT), pretrained="none", device="cpu", templates="single")
     classes = parse_classes(["cat", f"kitty; {CUT}"])
     with pytest.raises(VocabularyError, match=r"class 'kitty': synonym .* 77"):
         segmenter.check_config(config, classes)  # the node validates ahead with this
