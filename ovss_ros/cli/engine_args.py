@@ -25,11 +25,14 @@ from ovss_ros.core.config import (
 )
 from ovss_ros.core.dense_clip import POS_INTERPOLATIONS
 from ovss_ros.core.deop import POOLINGS
+from ovss_ros.core.file_checks import read_text
 from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES
 from ovss_ros.core.proposals import PROPOSAL_SOURCES
 from ovss_ros.core.sd2_attention import LAYER_SETS, SD_PRECISIONS
 from ovss_ros.core.vlm_loading import VLM_MODELS
 
+# A node params file is a few kB (config/ovss.yaml: 3 kB); anything far larger is not one.
+MAX_PARAMS_FILE_BYTES = 1 << 20
 # EngineConfig fields whose flag has another name (dest); every other field's dest is its name.
 FLAG_DEST = {
     "short_side": "size",
@@ -219,13 +222,16 @@ def params_file_defaults(path: Path) -> dict[str, Any]:
 
     The file is a ROS params file (``/**: ros__parameters: {...}`` or ``<node>:
     ros__parameters``); its node-only parameters (classes, topics, publishing) are left out.
-    Raises ValueError naming the problem: unreadable file, no ros__parameters, an unknown
-    parameter, a value of the wrong type.
+    Raises ValueError naming the problem: missing, not a regular file, larger than
+    MAX_PARAMS_FILE_BYTES, not YAML, no ros__parameters, an unknown parameter, a value of the
+    wrong type.
     """
     try:
-        document = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"params file {str(path)!r} cannot be read: {error}") from error
+        document = yaml.safe_load(read_text(path, "params file", MAX_PARAMS_FILE_BYTES))
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"params file {str(path)!r} cannot be read: {' '.join(str(error).split())}"
+        ) from None
     sections = (
         [
             entry["ros__parameters"]

@@ -47,6 +47,17 @@ import torch
 import torch.nn.functional as F
 
 from ovss_ros.core import hub_access
+from ovss_ros.core.file_checks import (
+    MAX_MODEL_BYTES,
+    FileCheckError,
+    check_config_numbers,
+    check_declared_model,
+    check_folder_files,
+    folder_weights_bytes,
+    gigabytes,
+    parameter_bytes,
+    read_json,
+)
 from ovss_ros.core.model_loading import PRECISIONS, ModelLoadError, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -288,6 +299,12 @@ class Sd2Attention:
         dtype = _resolve_precision(precision, torch_device)
         directory = _local_directory(model, cache_dir)
         try:
+            check_pipeline_folder(Path(directory))
+        except FileCheckError as error:
+            raise ModelLoadError(
+                f"could not load Stable Diffusion model {model!r}: {error}; {LOAD_HINT}"
+            ) from None
+        try:
             options = {"torch_dtype": dtype, "local_files_only": True}
             if not is_accelerate_available():  # say so, instead of diffusers' warning per model
                 options["low_cpu_mem_usage"] = False
@@ -442,6 +459,44 @@ def _local_directory(model: str, cache_dir: str | None = None) -> str:
         raise ModelLoadError(
             f"could not download Stable Diffusion model {model!r} ({error}): {LOAD_HINT}"
         ) from error
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    """The pipeline parts, checked before diffusers or transformers read them: regular files
+    only, small configs of bounded numbers, and each model's architecture (UNet, VAE, text
+    encoder, built on the meta device) at most MAX_MODEL_BYTES and held by its weight files
+    (safetensors or uncompressed torch archives). Raises FileCheckError."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    what = "Stable Diffusion directory"
+    check_folder_files(folder, what)
+    read_json(folder / "scheduler" / "scheduler_config.json", f"{what} scheduler config", 1 << 20)
+    builders = {
+        "unet": lambda config: UNet2DConditionModel.from_config(config),
+        "vae": lambda config: AutoencoderKL.from_config(config),
+        "text_encoder": lambda config: CLIPTextModel(CLIPTextConfig.from_dict(config)),
+    }
+    for part, build in builders.items():
+        config_path = folder / part / "config.json"
+        config = read_json(config_path, f"{what} {part} config", 1 << 20)
+        if not isinstance(config, dict):
+            raise FileCheckError(f"{what} {part} config {str(config_path)!r} is not an object")
+        check_config_numbers(config, config_path, f"{what} {part} config")
+        try:
+            declared = parameter_bytes(lambda build=build, config=config: build(dict(config)))
+        except Exception as error:  # diffusers/transformers raise many types for a bad config
+            raise FileCheckError(
+                f"{what} {part} config {str(config_path)!r} does not describe the model "
+                f"({type(error).__name__}: {str(error)[:200]})"
+            ) from None
+        if declared > MAX_MODEL_BYTES:
+            raise FileCheckError(
+                f"{what} {part} config {str(config_path)!r} declares {gigabytes(declared)} of "
+                f"parameters, more than the {gigabytes(MAX_MODEL_BYTES)} this loader builds"
+            )
+        held = folder_weights_bytes(folder / part, f"{what} {part} weights")
+        check_declared_model(declared, held, folder / part, f"{what} {part}")
 
 
 def _empty_prompt_embedding(

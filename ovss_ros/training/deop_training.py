@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -337,6 +338,56 @@ def _mean(values: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else float("nan")
 
 
+def resume_state(trainer: DeopTrainer, state: dict, path: Path) -> tuple[int, dict]:
+    """Put a checkpoint's training state into ``trainer`` (optimiser, global RNG): (the step,
+    the history). Checked first, so a damaged state is one CheckpointError, not a failure some
+    steps later: ``step`` an integer >= 0, ``rng`` the CPU generator's byte state, ``history``
+    lists of dicts, the optimiser's groups and per-parameter state of the trainer's shapes."""
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its training state {what}: it cannot be resumed")
+
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise damaged(f"has step {str(step)[:40]!r}, not an integer >= 0")
+    rng, expected = state.get("rng"), torch.get_rng_state()
+    if (
+        not isinstance(rng, torch.Tensor)
+        or rng.dtype != expected.dtype
+        or rng.shape != (expected.shape)
+    ):
+        raise damaged(f"has no CPU random generator state of {expected.numel()} bytes")
+    history = state.get("history", {"train": [], "validation": []})
+    if not isinstance(history, dict) or not all(
+        isinstance(history.get(key), list) and all(isinstance(e, dict) for e in history[key])
+        for key in ("train", "validation")
+    ):
+        raise damaged("has no history of train and validation entries")
+    optimizer = state.get("optimizer")
+    parameters = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    per_parameter = optimizer.get("state") if isinstance(optimizer, dict) else None
+    if not isinstance(per_parameter, dict):
+        raise damaged("has no optimiser state")
+    for index, values in per_parameter.items():
+        if not isinstance(index, int) or not 0 <= index < len(parameters):
+            raise damaged(f"has optimiser state for a parameter {str(index)[:20]!r} it lacks")
+        if not isinstance(values, dict):
+            raise damaged(f"has optimiser state {index} of the wrong kind")
+        for name in ("exp_avg", "exp_avg_sq"):
+            moment = values.get(name)
+            if not isinstance(moment, torch.Tensor) or moment.shape != parameters[index].shape:
+                raise damaged(
+                    f"has optimiser {name} {index} of another shape than its parameter "
+                    f"{tuple(parameters[index].shape)}"
+                )
+    try:
+        trainer.optimizer.load_state_dict(optimizer)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise damaged(f"does not fit the optimiser ({error})") from None
+    torch.set_rng_state(rng)
+    return step, history
+
+
 def train(
     clip: LoadedClip,
     data: TrainingData,
@@ -360,7 +411,7 @@ def train(
     torch.manual_seed(config.seed)
     start, history = 0, {"train": [], "validation": []}
     if resume:
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CheckpointError(f"nothing to resume: {path} does not exist")
         checkpoint = load_checkpoint(path, clip)
         if not checkpoint.training:
@@ -368,9 +419,7 @@ def train(
         modules = checkpoint.modules
         trainer = DeopTrainer(clip, data, config, modules)
         state = checkpoint.training
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["step"]), state.get("history", history)
-        torch.set_rng_state(state["rng"])
+        start, history = resume_state(trainer, state, path)
         if start >= config.steps:
             logger.info("checkpoint is already at step %d of %d", start, config.steps)
     else:
