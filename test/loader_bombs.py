@@ -68,9 +68,16 @@ def write_inflating_archive(path: Path, content: object, tensor: InflatingTensor
     return path
 
 
+# Address space of the measuring process: the imports (torch, transformers, diffusers) take about
+# 4 GB of it; a loader that would allocate far more (code before issue 18 built any architecture
+# a file declared) fails there with an allocation error instead of exhausting the machine.
+ADDRESS_SPACE = 8 << 30
+
+
 def peak_growth(setup: str, call: str, timeout: float = 300.0) -> dict:
-    """Run ``setup`` then ``call`` in a fresh Python (this checkout first on the path); return
-    ``{"error": "<type>: <message>" or None, "growth_mb": peak RSS growth during call}``.
+    """Run ``setup`` then ``call`` in a fresh Python (this checkout first on the path, its
+    address space capped at ADDRESS_SPACE); return ``{"error": "<type>: <message>" or None,
+    "growth_mb": peak RSS growth during call}``.
 
     A call that neither returns nor raises within ``timeout`` (a loader blocked on a FIFO)
     fails the test that asked.
@@ -78,6 +85,7 @@ def peak_growth(setup: str, call: str, timeout: float = 300.0) -> dict:
     script = textwrap.dedent(
         """
         import json, resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
         {setup}
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         error = None
@@ -88,7 +96,7 @@ def peak_growth(setup: str, call: str, timeout: float = 300.0) -> dict:
         growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
         print("RESULT" + json.dumps({{"error": error, "growth_mb": growth}}))
         """
-    ).format(setup=textwrap.dedent(setup).strip().replace("\n", "\n"), call=call)
+    ).format(setup=textwrap.dedent(setup).strip(), call=call, limit=ADDRESS_SPACE)
     environment = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'test'}", HF_HUB_OFFLINE="1")
     done = subprocess.run(
         [sys.executable, "-c", script],
