@@ -188,14 +188,14 @@ def test_deop_checkpoint_of_the_wrong_structure_is_one_clear_reason(
 def test_deop_architecture_that_would_allocate_gigabytes_is_refused_before_building(
     checkpoint, tmp_path
 ):
-    """A 1 MB file whose decoder declares an 800 MB feed-forward layer: refused, not built."""
+    """A small file whose decoder declares a 1 GB feed-forward layer: refused, not built."""
     path = _saved(
         checkpoint,
         tmp_path,
-        lambda c: c["architecture"]["decoder"].update(feedforward=200_000),
+        lambda c: c["architecture"]["decoder"].update(feedforward=4_000_000),
     )
     result = peak_growth(LOAD_TINY_CLIP, f"load_checkpoint({str(path)!r}, clip)")
-    assert "architecture decoder.feedforward is 200000, outside" in result["error"], result
+    assert "architecture decoder.feedforward is 4000000, outside" in result["error"], result
     assert result["growth_mb"] < BOUNDED_MB, result
 
 
