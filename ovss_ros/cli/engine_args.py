@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ovss_ros.cli.tool_parser import ToolParser
 from ovss_ros.core.config import (
     DSLO_AFFINITIES,
     DSLO_MODES,
@@ -275,7 +276,7 @@ def parse_engine_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> argparse.Namespace:
     """``parser.parse_args(argv)``, with the ``--params-file`` settings as the defaults."""
-    first = argparse.ArgumentParser(add_help=False)
+    first = ToolParser(add_help=False, prog=parser.prog)
     first.add_argument("--params-file", type=Path)
     known, _ = first.parse_known_args(argv)
     if known.params_file is not None:

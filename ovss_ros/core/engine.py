@@ -44,8 +44,10 @@ from ovss_ros.core.config import (
     SD_LOAD_FIELDS,
     VLM_LOAD_FIELDS,
     EngineConfig,
+    check_frame_budget,
 )
 from ovss_ros.core.dense_clip import DenseOutput, dense_forward
+from ovss_ros.core.frame_budget import rows_per_chunk
 from ovss_ros.core.image_resize import opencv_bilinear_resize
 from ovss_ros.core.method_pipelines import Pipeline, build_pipeline, needs_rebuild
 from ovss_ros.core.model_loading import load_clip
@@ -62,13 +64,12 @@ from ovss_ros.core.refine.pamr import pamr_propagate
 from ovss_ros.core.sd2_attention import Sd2Attention
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
-from ovss_ros.core.text_encoding import SENTENCE, TextEncoder, template_set
+from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.vocabulary import (
     ClassEntry,
     VocabularyError,
     check_query_count,
     parse_classes,
-    quoted,
 )
 
 __all__ = ["EngineConfig", "Segmenter", "Stopped", "resized_size", "window_starts"]
@@ -342,19 +343,7 @@ class Segmenter:
         """
         config = config or self.config
         templates = template_set(config.templates)
-        for entry in classes:
-            names = [
-                "class" if text == entry.name else f"class {quoted(entry.name)}: synonym"
-                for text in entry.synonyms
-            ]
-            self.text.check_lengths(entry.synonyms, templates, names)
-            self.text.check_lengths(
-                entry.descriptions,
-                SENTENCE,
-                [f"class {quoted(entry.name)}: description"] * len(entry.descriptions),
-            )
-        words = config.background_words
-        self.text.check_lengths(words, templates, ["background word"] * len(words))
+        check_class_prompts(self.text, classes, templates, config.background_words)
 
     def _sd2_for(self, config: EngineConfig) -> tuple[Sd2Attention | None, tuple | None]:
         """The SD model ``config`` needs (None if none) and its key, without changing state.
@@ -532,9 +521,13 @@ class Segmenter:
             boxes, windows = [(0, 0, height, width)], pixels
         affinity = {"dslo": config.affinity, "freecp": "mean"}.get(config.refinement)
         clip_affinity = None if affinity == "sd2" else affinity
-        dense = dense_forward(
-            self.clip.model.visual, windows, config.method, clip_affinity, config.pos_interpolation
-        )
+        visual = self.clip.model.visual
+        step = rows_per_chunk(_window_bytes(visual, windows), len(windows))
+        parts = [
+            dense_forward(visual, part, config.method, clip_affinity, config.pos_interpolation)
+            for part in windows.split(step)
+        ]
+        dense = parts[0] if len(parts) == 1 else _joined(parts)
         if affinity == "sd2":
             check_stop(self.stop, "Stable Diffusion attention")
             dense = DenseOutput(dense.features, self.sd2_affinity(windows, dense.features))
@@ -823,6 +816,26 @@ class Segmenter:
         return image.float()
 
 
+def _window_bytes(visual: torch.nn.Module, windows: torch.Tensor) -> int:
+    """The largest activation of one window in the dense forward: its tokens times the MLP's
+    hidden width (4 x the model width in CLIP), in the model's dtype."""
+    tokens = (windows.shape[-2] // visual.patch_size[0]) * (
+        windows.shape[-1] // visual.patch_size[1]
+    )
+    block = visual.transformer.resblocks[0]
+    fc = getattr(getattr(block, "mlp", None), "c_fc", None)
+    hidden = fc.out_features if isinstance(fc, torch.nn.Linear) else 4 * visual.conv1.out_channels
+    return (tokens + 1) * hidden * windows.element_size()
+
+
+def _joined(parts: Sequence[DenseOutput]) -> DenseOutput:
+    """The dense output of window chunks, in order."""
+    affinity = None
+    if parts[0].affinity is not None:
+        affinity = torch.cat([part.affinity for part in parts])
+    return DenseOutput(torch.cat([part.features for part in parts]), affinity)
+
+
 def _sd2_key(config: EngineConfig) -> tuple[str, ...]:
     """What chooses the SD model: a change of these loads it anew."""
     return tuple(getattr(config, name) for name in SD_LOAD_FIELDS)
@@ -861,3 +874,4 @@ def _check_fits_model(config: EngineConfig, patch: int) -> None:
         )
     if config.crop % patch:
         raise ValueError(f"crop {config.crop} must be a multiple of the patch {patch}")
+    check_frame_budget(config, patch)

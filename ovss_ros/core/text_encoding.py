@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ovss_ros.core.stopping import check_stop
-from ovss_ros.core.vocabulary import VocabularyError, check_text, quoted
+from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, check_text, quoted
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
 SENTENCE = ("{}",)  # class descriptions are encoded as written, without templates
@@ -134,6 +134,26 @@ def _template_problem(template: str) -> str | None:
     if conversion or spec:
         return "it has a conversion or format spec inside {}"
     return None
+
+
+def check_class_prompts(
+    encoder: TextEncoder,
+    classes: Sequence[ClassEntry],
+    templates: tuple[str, ...],
+    background_words: Sequence[str] = (),
+) -> None:
+    """Refuse a vocabulary whose prompts the text model would cut (``check_lengths``), naming
+    the class (and the synonym or description): every synonym with ``templates``, each
+    description as written, each background word with ``templates``. Raises PromptTooLong."""
+    for entry in classes:
+        names = [
+            "class" if text == entry.name else f"class {quoted(entry.name)}: synonym"
+            for text in entry.synonyms
+        ]
+        encoder.check_lengths(entry.synonyms, templates, names)
+        described = f"class {quoted(entry.name)}: description"
+        encoder.check_lengths(entry.descriptions, SENTENCE, [described] * len(entry.descriptions))
+    encoder.check_lengths(background_words, templates, ["background word"] * len(background_words))
 
 
 class TextEncoder:

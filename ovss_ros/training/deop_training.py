@@ -65,6 +65,27 @@ METRICS_NAME = "metrics.json"
 LOSSES = ("deop", "ce")
 
 
+# A training crop's side and a batch's pixels: DeOP trains 16 crops of 640 (6.6 MP a batch); a
+# batch is one forward and backward of every crop at once, so its pixels bound its memory.
+MAX_CROP = 2048
+MAX_BATCH_PIXELS = 64 * 640 * 640
+
+
+def check_batch(batch_size: int, crop: int) -> None:
+    """Refuse a crop above MAX_CROP or a batch of more than MAX_BATCH_PIXELS pixels, naming
+    what the batch would hold (ValueError): ``--batch-size 100000`` or ``--crop 100000`` asked
+    for tens of GB before the first step."""
+    if crop > MAX_CROP:
+        raise ValueError(f"crop must be at most {MAX_CROP} pixels, got {crop}")
+    pixels = batch_size * crop * crop
+    if pixels > MAX_BATCH_PIXELS:
+        raise ValueError(
+            f"batch_size {batch_size} of {crop}x{crop} crops is {pixels / 1e6:.1f} MP a step "
+            f"({pixels * 3 / 1e9:.1f} GB of input alone); at most {MAX_BATCH_PIXELS / 1e6:.1f} "
+            "MP: lower batch_size or crop"
+        )
+
+
 @dataclass
 class TrainingConfig:
     """Everything a run needs besides the data and CLIP (defaults: DeOP's COCO-Stuff run)."""
@@ -112,8 +133,14 @@ class TrainingConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "prompt_lr", "logit_scale", "scale_min", "output_sharpness"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:  # False for NaN too
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        for name in ("weight_decay", "ce_weight", "dice_weight", "scale_max"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
+        if not 0 <= self.decoder_dropout < 1:
+            raise ValueError(f"decoder_dropout must be in [0, 1), got {self.decoder_dropout}")
+        check_batch(self.batch_size, self.crop)
         if self.scale_max < self.scale_min:
             raise ValueError(f"scale_max {self.scale_max} < scale_min {self.scale_min}")
         if self.loss not in LOSSES:
@@ -124,9 +151,14 @@ class TrainingConfig:
             )
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
-        for name in ("checkpoint_every", "validate_every", "val_images", "prompt_length"):
+        counts = ("checkpoint_every", "validate_every", "val_images", "prompt_length", "workers")
+        for name in counts + ("val_short_side",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.val_short_side > MAX_CROP:
+            raise ValueError(
+                f"val_short_side must be at most {MAX_CROP} pixels, got {self.val_short_side}"
+            )
 
     def inference_settings(self) -> DeopSettings:
         """The DeOP settings validation uses, stored in the checkpoint as its defaults."""
