@@ -189,8 +189,8 @@ def _omega_rows(grid: tuple[int, int], rows: slice, device, dtype) -> torch.Tens
     length = grid[0] * grid[1] + 1
     if rows.start == 0 and rows.stop >= length:
         return gaussian_window(grid, device=device).to(dtype)
-    index = torch.arange(length, device=device)
-    coords = torch.stack([index // grid[1], index % grid[1]], dim=1).float()[1:]
+    index = torch.arange(length - 1, device=device)  # patch i is token i + 1
+    coords = torch.stack([index // grid[1], index % grid[1]], dim=1).float()
     first = max(rows.start, 1)
     part = coords[first - 1 : rows.stop - 1]
     omega = torch.exp(-torch.cdist(part, coords).square() / (2 * NACLIP_SIGMA**2))
@@ -243,7 +243,8 @@ def attend(
     mean: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``attention @ v`` (N, heads, L, d) (None without ``v``) and, with ``mean``, the head-mean
-    attention (N, L, L).
+    attention between the patch tokens (N, L - 1, L - 1): the class token's row and column
+    left out, never allocated.
 
     In row chunks of at most ``frame_budget.CHUNK_BYTES`` of attention (scores and weights):
     the (N, heads, L, L) map is never formed whole, so the attention costs no budget however
@@ -252,14 +253,16 @@ def attend(
     batch, heads, length, _ = q.shape
     rows = rows_per_chunk(2 * batch * heads * length * q.element_size(), length)
     out = None if v is None else torch.empty_like(v)
-    average = q.new_empty((batch, length, length)) if mean else None
+    average = q.new_empty((batch, length - 1, length - 1)) if mean else None
     for start in range(0, length, rows):
         part = slice(start, min(length, start + rows))
         weights = attention_rows(q, k, scale, mode, grid, part)
         if out is not None:
             out[:, :, part] = weights @ v
         if average is not None:
-            average[:, part] = weights.mean(dim=1)
+            patch_rows = weights[:, :, 1:] if start == 0 else weights  # class token row: no
+            first = max(start, 1) - 1
+            average[:, first : part.stop - 1] = patch_rows[..., 1:].mean(dim=1)
     return out, average
 
 
@@ -271,7 +274,8 @@ def block_forward(
     mean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A residual block with the attention of ``mode``, and with ``mean`` its head-mean
-    attention (N, L, L) (None otherwise, and for the identity modes).
+    attention between the patches (N, L - 1, L - 1) (None otherwise, and for the identity
+    modes).
 
     REDUCED_MODES return the attention output alone (no residual, no FFN); FREECP_VARIANTS
     return the attention output plus the FFN on it (no residual); the others keep both, as
@@ -344,16 +348,15 @@ def dense_forward(
     patch_affinity = None
     for block in blocks[:-1]:
         if affinity == "mean":
-            x, average = block_forward(block, x, "vanilla", grid, mean=True)
-            layer = average[:, 1:, 1:]
-            patch_affinity = layer if patch_affinity is None else patch_affinity + layer
+            x, layer = block_forward(block, x, "vanilla", grid, mean=True)
+            patch_affinity = layer if patch_affinity is None else patch_affinity.add_(layer)
         else:
             x = residual_block(block, x)
     if affinity == "mean":
-        patch_affinity = patch_affinity / (len(blocks) - 1)
+        patch_affinity = patch_affinity.div_(len(blocks) - 1)
     elif affinity is not None:
         q, k, _, scale = _split_qkv(blocks[-1], x)
-        patch_affinity = attend(q, k, None, scale, affinity, grid, mean=True)[1][:, 1:, 1:]
+        patch_affinity = attend(q, k, None, scale, affinity, grid, mean=True)[1]
     x = last_block(blocks[-1], x, mode, grid)
     x = visual.ln_post(x[:, 1:]) @ visual.proj
     features = F.normalize(x.float(), dim=-1).reshape(x.shape[0], *grid, -1)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.frame_budget import check_vlm_image_size
+from ovss_ros.core.frame_budget import check_vlm_image_size, vlm_max_image_size
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.refine.pamr import pamr
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
@@ -91,7 +91,8 @@ class PnpOvssSettings:
     def validate(self) -> None:
         """Raise ValueError with the reason for the first bad value (model limits: PnpOvss)."""
         ranges = {
-            "image_size": (16, 1 << 20),  # above: the per-frame budget, checked below
+            # above the budget's limit: the cost is the reason (check_vlm_image_size below)
+            "image_size": (16, max(vlm_max_image_size(), _int_or(self.image_size, 0))),
             "layer": (1, 1000),
             "head": (1, 1000),
             "dropout_rounds": (1, 50),
@@ -125,6 +126,10 @@ class PnpOvssSettings:
         if self.refine == "auto":
             return "crf" if crf_available() else "pamr"
         return self.refine
+
+
+def _int_or(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 # ---- the method's tensor steps (each checked against its formula in test_pnp_ovss.py) ----

@@ -250,10 +250,14 @@ class ProposalSegmenter:
     def set_classes(self, entries: Sequence[ClassEntry | str]) -> None:
         """Replace the vocabulary; raises VocabularyError, leaving the old one, when invalid."""
         classes = parse_classes(entries)
-        if self.modules is None or self.modules.prompt is None:  # the templates' prompts
+        prompt = None if self.modules is None else self.modules.prompt
+        if prompt is None:  # the templates' prompts
             check_class_prompts(
                 self.text, classes, self.text.templates, self.settings.background_words
             )
+        else:  # [start] context name . [end] (PromptContext.encode)
+            names = [replace(entry, descriptions=()) for entry in classes]  # not encoded here
+            check_class_prompts(self.text, names, ("{}.",), (), reserve=prompt.length)
         previous = self.classes
         self.classes = classes
         try:

@@ -141,19 +141,22 @@ def check_class_prompts(
     classes: Sequence[ClassEntry],
     templates: tuple[str, ...],
     background_words: Sequence[str] = (),
+    reserve: int = 0,
 ) -> None:
     """Refuse a vocabulary whose prompts the text model would cut (``check_lengths``), naming
     the class (and the synonym or description): every synonym with ``templates``, each
-    description as written, each background word with ``templates``. Raises PromptTooLong."""
+    description as written, each background word with ``templates``; ``reserve`` tokens of
+    the context are taken by something else (a learned prompt context). Raises PromptTooLong."""
     for entry in classes:
         names = [
             "class" if text == entry.name else f"class {quoted(entry.name)}: synonym"
             for text in entry.synonyms
         ]
-        encoder.check_lengths(entry.synonyms, templates, names)
-        described = f"class {quoted(entry.name)}: description"
-        encoder.check_lengths(entry.descriptions, SENTENCE, [described] * len(entry.descriptions))
-    encoder.check_lengths(background_words, templates, ["background word"] * len(background_words))
+        encoder.check_lengths(entry.synonyms, templates, names, reserve)
+        described = [f"class {quoted(entry.name)}: description"] * len(entry.descriptions)
+        encoder.check_lengths(entry.descriptions, SENTENCE, described, reserve)
+    words = ["background word"] * len(background_words)
+    encoder.check_lengths(background_words, templates, words, reserve)
 
 
 class TextEncoder:
@@ -198,19 +201,21 @@ class TextEncoder:
         texts: Sequence[str],
         templates: tuple[str, ...] | None = None,
         names: Sequence[str] | None = None,
+        reserve: int = 0,
     ) -> None:
         """Refuse texts whose prompt with one of ``templates`` (default: the current ones) has
         more tokens, start and end included, than the text model reads (``context_length``).
 
-        ``names``: how the reason names each text (default ``text``), e.g. ``class 'tv'``.
+        ``names``: how the reason names each text (default ``text``), e.g. ``class 'tv'``;
+        ``reserve``: context tokens taken by something else (a learned prompt context).
         Each text and each template's parts are tokenized once (cached); only a prompt whose
         parts come within JUNCTION_SLACK of the limit is tokenized whole. Raises PromptTooLong
         naming the text, the prompt, its token count and the limit.
         """
-        limit = self.context_length
-        templates = self.templates if templates is None else templates
-        if limit is None or self._count is None:
+        if self.context_length is None or self._count is None:
             return
+        limit = self.context_length - reserve
+        templates = self.templates if templates is None else templates
         parts = [
             sum(self.token_count(part) for part in template.split("{}", 1))
             for template in templates
@@ -227,9 +232,11 @@ class TextEncoder:
                 tokens = self.token_count(prompt) + self._ends
                 if tokens > limit:
                     name = names[index] if names is not None else "text"
+                    beside = f" beside {reserve} learned context tokens" if reserve else ""
                     raise PromptTooLong(
                         f"{name} {quoted(text)} is too long for the text model: the prompt "
-                        f"{quoted(prompt)} has {tokens} tokens, more than the {limit} it reads "
+                        f"{quoted(prompt)} has {tokens} tokens, more than the {limit} it reads"
+                        f"{beside} "
                         "(the rest would be cut, so names that differ only after the cut would "
                         "get one embedding): shorten it"
                         + (" or the template" if template != "{}" else "")

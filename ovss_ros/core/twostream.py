@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.frame_budget import check_crop_batch
+from ovss_ros.core.frame_budget import check_crop_batch, max_crop_batch
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.proposal_segmentation import (
     Frames,
@@ -36,7 +36,9 @@ class TwoStreamSettings(ProposalSettings):
 
     def validate(self) -> None:
         super().validate()
-        check_int(self.crop_batch, "crop_batch", 1, 1 << 20)
+        batch = self.crop_batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            check_int(batch, "crop_batch", 1, max_crop_batch())  # raises
         check_crop_batch(self.crop_batch, setting="crop_batch")  # ViT-B/16; _check: the model
 
 
