@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ovss_ros.core.frame_budget import gigabytes
+
 # Text a loader reads whole (model configs, params files, class lists, tokenizer files).
 MAX_TEXT_FILE_BYTES = 64 << 20
 # A safetensors header is JSON describing the tensors; the format's own reader caps it at 100 MB.
@@ -57,15 +59,6 @@ MAX_CONFIG_LAYERS = 1024
 
 class FileCheckError(ValueError):
     """A file was refused before its data was read; ``str(error)`` names it and why."""
-
-
-def gigabytes(count: int) -> str:
-    """``3221225472`` -> ``3.2 GB`` (decimal units, as the issue and ``df -H`` write them)."""
-    if count < 1e6:
-        return f"{count / 1e3:.1f} kB"
-    if count < 1e9:
-        return f"{count / 1e6:.1f} MB"
-    return f"{count / 1e9:.1f} GB"
 
 
 def _stat(path: Path, what: str) -> os.stat_result:

@@ -47,7 +47,10 @@ class FrameBudgetError(ValueError):
 
 
 def gigabytes(count: float) -> str:
-    """``17179869184`` -> ``17.2 GB``, ``1073741824`` -> ``1.07 GB`` (decimal units)."""
+    """A byte count for a message, in decimal units as the issue and ``df -H`` write them:
+    ``17179869184`` -> ``17.2 GB``, ``1073741824`` -> ``1.07 GB``, ``521800`` -> ``521.8 kB``."""
+    if count < 1e6:
+        return f"{count / 1e3:.1f} kB"
     if count < 1e9:
         return f"{count / 1e6:.1f} MB"
     return f"{count / 1e9:.2f} GB" if count < 1e10 else f"{count / 1e9:.1f} GB"
