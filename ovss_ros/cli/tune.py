@@ -102,9 +102,7 @@ def search_space(args: argparse.Namespace, layers: int, heads: int) -> SearchSpa
     for flag, values in (("--thresholds", space.thresholds), ("--rounds", space.dropout_rounds)):
         if not values:
             raise ValueError(f"{flag} is empty: give at least one value")
-    size = (
-        len(space.layers) * len(space.heads) * len(space.thresholds) * len(space.dropout_rounds)
-    )
+    size = len(space.layers) * len(space.heads) * len(space.thresholds) * len(space.dropout_rounds)
     if size > MAX_CANDIDATES:
         raise ValueError(
             f"the search space has {size} candidates (layers x heads x thresholds x rounds); "
