@@ -44,8 +44,10 @@ from ovss_ros.core.config import (
     SD_LOAD_FIELDS,
     VLM_LOAD_FIELDS,
     EngineConfig,
+    check_frame_budget,
 )
 from ovss_ros.core.dense_clip import DenseOutput, dense_forward
+from ovss_ros.core.frame_budget import rows_per_chunk
 from ovss_ros.core.image_resize import opencv_bilinear_resize
 from ovss_ros.core.method_pipelines import Pipeline, build_pipeline, needs_rebuild
 from ovss_ros.core.model_loading import load_clip
@@ -62,7 +64,7 @@ from ovss_ros.core.refine.pamr import pamr_propagate
 from ovss_ros.core.sd2_attention import Sd2Attention
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
-from ovss_ros.core.text_encoding import TextEncoder, template_set
+from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.vocabulary import (
     ClassEntry,
     VocabularyError,
@@ -235,6 +237,7 @@ class Segmenter:
         given = classes is not None
         vocabulary = parse_classes(classes) if given else self.classes
         check_query_count(vocabulary, config.background_words)
+        self.check_vocabulary(vocabulary, config)
         if config.method in PIPELINE_METHODS:
             self._update_pipeline(config, vocabulary, given)
         else:
@@ -335,9 +338,16 @@ class Segmenter:
 
         ``classes`` (parsed): also the vocabulary against the method's loaded model where
         ``config`` keeps it (PnP-OVSS: the prompt with every class within the VLM's text
-        positions); VocabularyError. Which of its texts encode is found out by encoding."""
+        positions); VocabularyError. Which of its texts encode is found out by encoding.
+
+        The background words' prompts, and those of ``classes`` (parsed: the vocabulary that
+        will be in force with ``config``) when given, are checked against the text model's
+        context (``check_vocabulary``): a VocabularyError names the text and the limit.
+        """
         config.validate()
         _check_fits_model(config, self.patch)
+        if getattr(self, "text", None) is not None:  # None while the constructor runs
+            self.check_vocabulary(classes or [], config)
         # The SD model in use (None while the constructor runs). The node calls this from
         # its executor thread while the worker may be replacing the model: a model released
         # meanwhile is not checked here, the worker's reconfigure checks the settings again.
@@ -350,6 +360,21 @@ class Segmenter:
         pipeline = self.pipeline  # the worker may replace it meanwhile: one reading
         if pipeline is not None:
             pipeline.check(config, classes)
+
+    def check_vocabulary(
+        self, classes: Sequence[ClassEntry], config: EngineConfig | None = None
+    ) -> None:
+        """Refuse a vocabulary whose prompts CLIP's text model would cut (PromptTooLong, a
+        VocabularyError naming the class, the prompt, its tokens and the limit, e.g. 77).
+
+        Checked: every synonym of every class with ``config``'s templates (default: the
+        settings in force), each description as written, each background word of ``config``
+        with the templates. Tokenizes only (counts are cached per text): cheap enough for a
+        caller that validates a request before accepting it (the node, with ``check_config``).
+        """
+        config = config or self.config
+        templates = template_set(config.templates)
+        check_class_prompts(self.text, classes, templates, config.background_words)
 
     def _sd2_for(self, config: EngineConfig) -> tuple[Sd2Attention | None, tuple | None]:
         """The SD model ``config`` needs (None if none) and its key, without changing state.
@@ -527,9 +552,13 @@ class Segmenter:
             boxes, windows = [(0, 0, height, width)], pixels
         affinity = {"dslo": config.affinity, "freecp": "mean"}.get(config.refinement)
         clip_affinity = None if affinity == "sd2" else affinity
-        dense = dense_forward(
-            self.clip.model.visual, windows, config.method, clip_affinity, config.pos_interpolation
-        )
+        visual = self.clip.model.visual
+        step = rows_per_chunk(_window_bytes(visual, windows), len(windows))
+        parts = [
+            dense_forward(visual, part, config.method, clip_affinity, config.pos_interpolation)
+            for part in windows.split(step)
+        ]
+        dense = parts[0] if len(parts) == 1 else _joined(parts)
         if affinity == "sd2":
             check_stop(self.stop, "Stable Diffusion attention")
             dense = DenseOutput(dense.features, self.sd2_affinity(windows, dense.features))
@@ -818,6 +847,26 @@ class Segmenter:
         return image.float()
 
 
+def _window_bytes(visual: torch.nn.Module, windows: torch.Tensor) -> int:
+    """The largest activation of one window in the dense forward: its tokens times the MLP's
+    hidden width (4 x the model width in CLIP), in the model's dtype."""
+    tokens = (windows.shape[-2] // visual.patch_size[0]) * (
+        windows.shape[-1] // visual.patch_size[1]
+    )
+    block = visual.transformer.resblocks[0]
+    fc = getattr(getattr(block, "mlp", None), "c_fc", None)
+    hidden = fc.out_features if isinstance(fc, torch.nn.Linear) else 4 * visual.conv1.out_channels
+    return (tokens + 1) * hidden * windows.element_size()
+
+
+def _joined(parts: Sequence[DenseOutput]) -> DenseOutput:
+    """The dense output of window chunks, in order."""
+    affinity = None
+    if parts[0].affinity is not None:
+        affinity = torch.cat([part.affinity for part in parts])
+    return DenseOutput(torch.cat([part.features for part in parts]), affinity)
+
+
 def _sd2_key(config: EngineConfig) -> tuple[str, ...]:
     """What chooses the SD model: a change of these loads it anew."""
     return tuple(getattr(config, name) for name in SD_LOAD_FIELDS)
@@ -856,3 +905,4 @@ def _check_fits_model(config: EngineConfig, patch: int) -> None:
         )
     if config.crop % patch:
         raise ValueError(f"crop {config.crop} must be a multiple of the patch {patch}")
+    check_frame_budget(config, patch)

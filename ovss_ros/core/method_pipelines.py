@@ -20,12 +20,12 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ovss_ros.core.config import PIPELINE_METHODS, VLM_LOAD_FIELDS, EngineConfig
 from ovss_ros.core.dense_clip import LAST_BLOCK_MODES
+from ovss_ros.core.file_checks import FileCheckError, regular_file
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.pnp_ovss import PnpOvss, PnpOvssSettings
 from ovss_ros.core.segmentation import Segmentation, label_dtype
@@ -145,11 +145,14 @@ def check_pipeline_settings(config: EngineConfig) -> None:
             )
         return
     checkpoint = config.deop_checkpoint.strip()
-    if checkpoint and not Path(checkpoint).expanduser().is_file():
-        raise ValueError(
-            f"deop_checkpoint {checkpoint!r} not found: set it to a file made by "
-            "ovss-train-deop, or to '' for training-free DeOP"
-        )
+    if checkpoint:
+        try:
+            regular_file(checkpoint, "deop_checkpoint")
+        except FileCheckError as error:
+            raise ValueError(
+                f"{error}: set it to a file made by ovss-train-deop, or to '' for training-free "
+                "DeOP"
+            ) from None
     if not checkpoint and config.proposal_source == "learned":
         raise ValueError(
             "proposal_source learned needs a deop_checkpoint with a proposal head: set "

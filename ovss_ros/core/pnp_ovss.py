@@ -44,11 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from ovss_ros.core.crf_process import shared_crf_process
+from ovss_ros.core.frame_budget import check_vlm_image_size, vlm_max_image_size
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.refine.pamr import pamr
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import check_stop
-from ovss_ros.core.text_encoding import TextEncoder, template_set
+from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.vlm_loading import LoadedVlm
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
@@ -96,7 +97,8 @@ class PnpOvssSettings:
     def validate(self) -> None:
         """Raise ValueError with the reason for the first bad value (model limits: PnpOvss)."""
         ranges = {
-            "image_size": (16, 4096),
+            # above the budget's limit: the cost is the reason (check_vlm_image_size below)
+            "image_size": (16, max(vlm_max_image_size(), _int_or(self.image_size, 0))),
             "layer": (1, 1000),
             "head": (1, 1000),
             "dropout_rounds": (1, 50),
@@ -114,6 +116,7 @@ class PnpOvssSettings:
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        check_vlm_image_size(self.image_size)  # BLIP ITM large's; check(): the loaded VLM's
         if self.presence not in PRESENCE_MODES:
             raise ValueError(f"unknown presence {self.presence!r}: use one of {PRESENCE_MODES}")
         if self.refine not in REFINES:
@@ -129,6 +132,10 @@ class PnpOvssSettings:
         if self.refine == "auto":
             return "crf" if crf_available() else "pamr"
         return self.refine
+
+
+def _int_or(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 # ---- the method's tensor steps (each checked against its formula in test_pnp_ovss.py) ----
@@ -329,6 +336,8 @@ class PnpOvss:
             raise ValueError(f"layer {settings.layer} > the VLM's {vlm.num_layers} text layers")
         if settings.head > vlm.num_heads:
             raise ValueError(f"head {settings.head} > the VLM's {vlm.num_heads} heads")
+        heads = int(vlm.model.config.vision_config.num_attention_heads)
+        check_vlm_image_size(settings.image_size, vlm.patch_size, heads)
         if settings.image_size % vlm.patch_size:
             raise ValueError(
                 f"image_size {settings.image_size} must be a multiple of the VLM's patch "
@@ -369,7 +378,9 @@ class PnpOvss:
         """Refuse a vocabulary whose prompt with every class (``prompt_tokens``: [CLS], "a
         picture of", each name's word pieces, [SEP]) has more tokens than the VLM has text
         positions (``max_text_tokens``): with presence ``all``, or every class present, it
-        could not be segmented. Raises VocabularyError (a class without tokens, too long)."""
+        could not be segmented; and any CLIP prompt of a class (presence scores) longer than
+        CLIP's text context. Raises VocabularyError (a class without tokens, too long)."""
+        check_class_prompts(self.text, classes, self.text.templates)
         limit = self.vlm.max_text_tokens
         # Every class has at least one token: a vocabulary that cannot fit needs no tokenizer.
         least = len(prompt_tokens(self.vlm.tokenizer, [])[0]) + len(classes)
@@ -471,9 +482,13 @@ class PnpOvss:
     def token_gradcam(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(T, P) GradCAM of every text token at the configured layer and head.
 
-        One ITM forward; loss = the match logit (``itm_score[:, 1]``); its gradient with respect
-        to the cross-attention map, captured by a forward hook that is removed again. The
-        graph is freed before returning; under autocast when the VLM asks for half precision.
+        One ITM forward (``BlipForImageTextRetrieval.forward`` with ``use_itm_head``, written
+        out); loss = the match logit (``itm_score[:, 1]``); its gradient with respect to the
+        cross-attention map, captured by a forward hook that is removed again. The vision tower
+        runs without a graph (the gradient flows from the match logit to the map through the
+        text encoder only): its memory is one layer's attention map (``frame_budget``), not all
+        of them kept for a backward pass. The graph is freed before returning; under autocast
+        when the VLM asks for half precision.
         """
         model, settings = self.vlm.model, self.settings
         attention_module = model.text_encoder.encoder.layer[settings.layer - 1].crossattention
@@ -489,17 +504,25 @@ class PnpOvss:
         try:
             # a caller under inference_mode (as the engine's segment_many) still gets a graph;
             # clones turn inference tensors into ones autograd may save
-            with torch.inference_mode(False), torch.enable_grad(), autocast:
-                image = pixels.clone().requires_grad_(True)  # makes the attention differentiable
-                input_ids = input_ids.clone()
-                output = model(
-                    input_ids=input_ids,
-                    pixel_values=image,
-                    attention_mask=torch.ones_like(input_ids),
-                    interpolate_pos_encoding=True,
-                )
-                match_logit = output.itm_score[:, 1].sum()
-                (gradient,) = torch.autograd.grad(match_logit, captured[0])
+            with torch.inference_mode(False), autocast:
+                with torch.no_grad():
+                    image_embeds = model.vision_model(
+                        pixel_values=pixels.clone(), interpolate_pos_encoding=True
+                    ).last_hidden_state
+                with torch.enable_grad():
+                    # a leaf that requires grad makes the cross-attention differentiable
+                    image_embeds = image_embeds.clone().requires_grad_(True)
+                    input_ids = input_ids.clone()
+                    text = model.text_encoder(
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        encoder_hidden_states=image_embeds,
+                        encoder_attention_mask=torch.ones(
+                            image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+                        ),
+                    ).last_hidden_state
+                    match_logit = model.itm_head(text[:, 0, :])[:, 1].sum()
+                    (gradient,) = torch.autograd.grad(match_logit, captured[0])
         finally:
             handle.remove()
         head = settings.head - 1
