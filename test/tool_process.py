@@ -79,7 +79,9 @@ def run_tool(
             child.kill()
             child.join()
             raise subprocess.TimeoutExpired(
-                [f"ovss-{tool}", *args], timeout, out.read_text(errors="replace"),
+                [f"ovss-{tool}", *args],
+                timeout,
+                out.read_text(errors="replace"),
                 err.read_text(errors="replace"),
             )
         return subprocess.CompletedProcess(
