@@ -1,5 +1,5 @@
-"""Run a tool as its console script does, each run in a process of its own, without paying the
-imports each time.
+"""Run a tool as its console script does, or a piece of code, each run in a process of its own,
+without paying the imports each time.
 
 ``run_tool("segment", *args)`` forks a child from a server process that has already imported the
 tools (multiprocessing's forkserver with preloaded modules: one server per test process, started
@@ -9,6 +9,8 @@ to the working directory and calls the tool's ``main()`` with ``sys.argv`` set, 
 traceback, a hang or an over-allocation shows as it would for the user; what is saved is the
 ~5 s (CPU) of importing torch, open_clip and transformers, once per run. Tests of what happens
 while the imports run (signals, start-up) start the real script with ``subprocess`` instead.
+``run_code(setup, call)`` runs code the same way (test/loader_bombs.py measures a loader's memory
+with it).
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 TOOLS = ("segment", "bag", "evaluate", "bench", "tune", "train_deop")
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload([f"ovss_ros.cli.{tool}" for tool in TOOLS])
+_context.set_forkserver_preload(
+    [f"ovss_ros.cli.{tool}" for tool in TOOLS] + ["transformers", "diffusers", "tool_process"]
+)
 
 
-def _run_main(tool: str, args: Sequence[str], out: str, err: str, cwd: str, cap: int) -> None:
-    """The child: ``sys.exit(main())`` of ``ovss_ros.cli.<tool>`` with the given arguments."""
+def _child(run: Callable[[], object], out: str, err: str, cwd: str, cap: int) -> None:
+    """In the forked child: output to the files, the working directory and the address-space cap
+    set, then ``sys.exit(run())`` as the interpreter would end."""
     for path, fd in ((out, 1), (err, 2)):
         file = os.open(path, os.O_WRONLY)
         os.dup2(file, fd)
@@ -38,12 +44,11 @@ def _run_main(tool: str, args: Sequence[str], out: str, err: str, cwd: str, cap:
     os.chdir(cwd)
     if cap:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    sys.argv = [f"ovss-{tool.replace('_', '-')}", *args]
     try:
-        status = importlib.import_module(f"ovss_ros.cli.{tool}").main()
+        status = run()
         code = 0 if status is None else status
     except SystemExit as stop:
-        code = stop.code
+        code = 0 if stop.code is None else stop.code
     except BaseException:  # as the interpreter reports an uncaught exception
         traceback.print_exc()
         code = 1
@@ -55,23 +60,36 @@ def _run_main(tool: str, args: Sequence[str], out: str, err: str, cwd: str, cap:
     os._exit(code if isinstance(code, int) else 1)
 
 
-def run_tool(
-    tool: str,
-    *args: str,
+def _tool_main(tool: str, args: list[str]) -> object:
+    """``main()`` of ``ovss_ros.cli.<tool>`` with ``sys.argv`` as the console script sets it."""
+    sys.argv = [f"ovss-{tool.replace('_', '-')}", *args]
+    return importlib.import_module(f"ovss_ros.cli.{tool}").main()
+
+
+def _code(setup: str, call: str) -> None:
+    scope: dict[str, object] = {}
+    exec(setup, scope)
+    exec(call, scope)
+
+
+def run_forked(
+    run: Callable[[], object],
+    name: Sequence[str],
     timeout: float = 300,
     cwd: str | Path = ".",
     address_space: int = 0,
 ) -> subprocess.CompletedProcess:
-    """Run ``ovss-<tool> args...`` in a child process; its status and output, as subprocess.run
-    with ``capture_output=True, text=True`` gives them. ``address_space``: RLIMIT_AS in bytes
-    (0: none). Raises subprocess.TimeoutExpired (the child killed) after ``timeout`` seconds."""
-    with tempfile.TemporaryDirectory(prefix="tool_run_") as folder:
+    """``run()`` in a child process (a picklable callable: a module-level function or a
+    functools.partial of one); its status and output as subprocess.run with
+    ``capture_output=True, text=True`` gives them, ``name`` as its args. ``address_space``:
+    RLIMIT_AS in bytes (0: none). Raises subprocess.TimeoutExpired (the child killed) after
+    ``timeout`` seconds."""
+    with tempfile.TemporaryDirectory(prefix="forked_run_") as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")
         out.touch()
         err.touch()
         child = _context.Process(
-            target=_run_main,
-            args=(tool, list(args), str(out), str(err), str(Path(cwd).resolve()), address_space),
+            target=_child, args=(run, str(out), str(err), str(Path(cwd).resolve()), address_space)
         )
         child.start()
         child.join(timeout)
@@ -79,14 +97,36 @@ def run_tool(
             child.kill()
             child.join()
             raise subprocess.TimeoutExpired(
-                [f"ovss-{tool}", *args],
+                list(name),
                 timeout,
                 out.read_text(errors="replace"),
                 err.read_text(errors="replace"),
             )
         return subprocess.CompletedProcess(
-            [f"ovss-{tool}", *args],
+            list(name),
             child.exitcode,
             out.read_text(errors="replace"),
             err.read_text(errors="replace"),
         )
+
+
+def run_code(setup: str, call: str, **options: object) -> subprocess.CompletedProcess:
+    """Execute ``setup`` then ``call`` (Python source) in a child process: see run_forked."""
+    return run_forked(partial(_code, setup, call), ["python", "-c", call], **options)
+
+
+def run_tool(
+    tool: str,
+    *args: str,
+    timeout: float = 300,
+    cwd: str | Path = ".",
+    address_space: int = 0,
+) -> subprocess.CompletedProcess:
+    """Run ``ovss-<tool> args...`` in a child process: see run_forked."""
+    return run_forked(
+        partial(_tool_main, tool, list(args)),
+        [f"ovss-{tool}", *args],
+        timeout=timeout,
+        cwd=cwd,
+        address_space=address_space,
+    )
