@@ -50,7 +50,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from tqdm import tqdm
 
 from ovss_ros.core import ClassEntry, Segmenter, overlay
-from ovss_ros.core.file_checks import read_text
+from ovss_ros.core.file_checks import FileCheckError, check_folder_files, read_text
 from ovss_ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     ImageTooLarge,
@@ -133,7 +133,9 @@ def typestore() -> Typestore:
 def bag_storage(path: Path) -> str:
     """The storage plugin (``sqlite3`` or ``mcap``) named in a bag folder's metadata.yaml.
 
-    A bare ``.mcap`` or ``.db3`` file (which rosbags also reads) is named by its suffix.
+    A bare ``.mcap`` or ``.db3`` file (which rosbags also reads) is named by its suffix. Raises
+    BagError for anything else, a folder without metadata.yaml, or one holding an entry that is
+    not a regular file (a FIFO named like its storage file would block the reader for ever).
     """
     if path.is_file():
         by_suffix = {".mcap": "mcap", ".db3": "sqlite3"}
@@ -146,6 +148,10 @@ def bag_storage(path: Path) -> str:
     if not os.path.lexists(metadata):
         what = "does not exist" if not path.exists() else "has no metadata.yaml"
         raise BagError(f"input bag {str(path)!r} {what}")
+    try:  # a FIFO or device among its files would block or never end the reader
+        check_folder_files(path, "input bag")
+    except FileCheckError as error:
+        raise BagError(str(error)) from None
     try:
         text = read_text(metadata, "bag metadata", 16 << 20)  # a regular file, bounded
         info = YAML(typ="safe").load(text)["rosbag2_bagfile_information"]

@@ -3,7 +3,7 @@
 ``write_inflating_archive`` writes what ``torch.save`` writes (a zip with ``archive/data.pkl``
 and one record per storage), except that the storage record is deflate-compressed: a file of
 about 1/1000 of its tensor's size. ``torch.load`` inflates it in full (the issue's 2.9 MB DeOP
-checkpoint whose one tensor costs 3 GB). ``peak_growth`` runs a loader in a fresh Python and
+checkpoint whose one tensor costs 3 GB). ``peak_growth`` runs a loader in a process of its own and
 reports its error and how much its peak resident memory grew while it ran.
 """
 
@@ -12,15 +12,13 @@ from __future__ import annotations
 import collections
 import io
 import json
-import os
 import pickle
-import subprocess
-import sys
 import textwrap
 import zipfile
 from pathlib import Path
 
 import torch
+from tool_process import run_code
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,8 +73,9 @@ ADDRESS_SPACE = 8 << 30
 
 
 def peak_growth(setup: str, call: str, timeout: float = 300.0) -> dict:
-    """Run ``setup`` then ``call`` in a fresh Python (this checkout first on the path, its
-    address space capped at ADDRESS_SPACE); return ``{"error": "<type>: <message>" or None,
+    """Run ``setup`` then ``call`` in a process of its own (test/tool_process.py: forked from a
+    process that has imported torch, transformers and diffusers; its address space capped at
+    ADDRESS_SPACE); return ``{"error": "<type>: <message>" or None,
     "growth_mb": peak RSS growth during call}``.
 
     A call that neither returns nor raises within ``timeout`` (a loader blocked on a FIFO)
@@ -85,7 +84,6 @@ def peak_growth(setup: str, call: str, timeout: float = 300.0) -> dict:
     script = textwrap.dedent(
         """
         import json, resource, sys
-        resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
         {setup}
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         error = None
@@ -96,16 +94,8 @@ def peak_growth(setup: str, call: str, timeout: float = 300.0) -> dict:
         growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
         print("RESULT" + json.dumps({{"error": error, "growth_mb": growth}}))
         """
-    ).format(setup=textwrap.dedent(setup).strip(), call=call, limit=ADDRESS_SPACE)
-    environment = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'test'}", HF_HUB_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=environment,
-        cwd=ROOT,
-    )
+    ).format(setup=textwrap.dedent(setup).strip(), call=call)
+    done = run_code("", script, timeout=timeout, cwd=ROOT, address_space=ADDRESS_SPACE)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
     assert lines, f"no result (rc {done.returncode}):\n{done.stdout}\n{done.stderr[-3000:]}"
     return json.loads(lines[-1][len("RESULT") :])

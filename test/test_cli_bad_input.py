@@ -1,6 +1,7 @@
 """Every tool refuses bad input with one line on stderr and exit status 2 (issue 18, item 8).
 
-Each tool is run as a user runs it, in its own process (``python -m ovss_ros.cli.<tool>``), with
+Each tool is run as a user runs it, in its own process (its console script's ``main()``, in a
+child forked from a process that has imported the tools: test/tool_process.py), with
 the bad inputs an attacker would try: out-of-range and non-finite numbers, sizes beyond the
 per-frame budget, a FIFO, a directory or /dev/zero where a file belongs, empty, corrupt,
 truncated and decompression-bomb images, an output that is one of its inputs. The run must end
@@ -11,41 +12,36 @@ tiny model prints), and an input must never be overwritten.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import tool_process
 from conftest import TINY_VIT, voc_image_paths
 from PIL import Image
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", str(TINY_VIT), "--pretrained", "none", "--device", "cpu"]
 # What a tiny random model and transformers print on their own: not the tool's words.
 NOISE = ("RANDOM weights", "No pretrained weights loaded", "Loading weights", "Writing model")
+STORE = get_typestore(Stores.LATEST)
 LONG_CLASS = "part " + "7" * 80  # 81 BPE tokens: longer than CLIP's 77 with any template
 
 
-def _capped() -> None:
-    """The tool's address space: 8 GB (the imports take about 4): a tool that would allocate
-    far more (before issue 18: --rounds 0-1000000 took 7.9 GB) fails there, not the machine."""
-    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+# The tool's address space: 8 GB (the imports take about 4): a tool that would allocate far more
+# (before issue 18: --rounds 0-1000000 took 7.9 GB) fails there, not the machine.
+ADDRESS_SPACE = 8 << 30
 
 
 def run_tool(tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    environment = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", f"ovss_ros.cli.{tool}", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=environment,
-        cwd=ROOT,
-        preexec_fn=_capped,
+    """``ovss-<tool> args`` in a process of its own (test/tool_process.py), run in the repo."""
+    return tool_process.run_tool(
+        tool, *args, timeout=timeout, cwd=ROOT, address_space=ADDRESS_SPACE
     )
 
 
@@ -390,5 +386,18 @@ def test_ovss_bag_refuses_an_input_that_is_not_a_bag(files, tmp_path):
     bag.mkdir()
     os.mkfifo(bag / "metadata.yaml")
     assert_refused(run_tool("bag", str(bag), out, *base, timeout=120), "is not a regular file")
+    for storage in (StoragePlugin.SQLITE3, StoragePlugin.MCAP):
+        # A bag whose storage file is a FIFO: the reader blocked on it for ever before (found by
+        # a reviewer of issue 18). The bag is real, its metadata complete.
+        piped = tmp_path / f"piped_{storage.name}"
+        with Writer(piped, version=9, storage_plugin=storage) as writer:
+            note = writer.add_connection("/note", "std_msgs/msg/String", typestore=STORE)
+            text = STORE.types["std_msgs/msg/String"](data="frame")
+            writer.write(note, 1, STORE.serialize_cdr(text, "std_msgs/msg/String"))
+        (storage_file,) = (p for p in piped.iterdir() if p.name != "metadata.yaml")
+        storage_file.unlink()
+        os.mkfifo(storage_file)
+        done = run_tool("bag", str(piped), out, *base, timeout=120)
+        assert_refused(done, f"{storage_file.name}' is not a regular file")
     assert_refused(run_tool("bag", str(files["good"]), out, *base), "is not a rosbag2 folder")
     assert_refused(run_tool("bag", str(tmp_path), out, *base, "--alpha", "5"), "--alpha")
