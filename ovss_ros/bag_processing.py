@@ -21,6 +21,7 @@ output bag is closed normally with the frames finished so far.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from tqdm import tqdm
 
 from ovss_ros.core import ClassEntry, Segmenter, overlay
+from ovss_ros.core.file_checks import FileCheckError, check_folder_files, read_text
 from ovss_ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     ImageTooLarge,
@@ -131,19 +133,28 @@ def typestore() -> Typestore:
 def bag_storage(path: Path) -> str:
     """The storage plugin (``sqlite3`` or ``mcap``) named in a bag folder's metadata.yaml.
 
-    A bare ``.mcap`` or ``.db3`` file (which rosbags also reads) is named by its suffix.
+    A bare ``.mcap`` or ``.db3`` file (which rosbags also reads) is named by its suffix. Raises
+    BagError for anything else, a folder without metadata.yaml, or one holding an entry that is
+    not a regular file (a FIFO named like its storage file would block the reader for ever).
     """
     if path.is_file():
         by_suffix = {".mcap": "mcap", ".db3": "sqlite3"}
         if path.suffix not in by_suffix:
             raise BagError(f"{path} is not a rosbag2 folder, .mcap or .db3 file")
         return by_suffix[path.suffix]
+    if path.exists() and not path.is_dir():
+        raise BagError(f"input bag {str(path)!r} is not a regular file or folder")
     metadata = path / "metadata.yaml"
-    if not metadata.is_file():
+    if not os.path.lexists(metadata):
         what = "does not exist" if not path.exists() else "has no metadata.yaml"
         raise BagError(f"input bag {str(path)!r} {what}")
+    try:  # a FIFO or device among its files would block or never end the reader
+        check_folder_files(path, "input bag")
+    except FileCheckError as error:
+        raise BagError(str(error)) from None
     try:
-        info = YAML(typ="safe").load(metadata.read_text())["rosbag2_bagfile_information"]
+        text = read_text(metadata, "bag metadata", 16 << 20)  # a regular file, bounded
+        info = YAML(typ="safe").load(text)["rosbag2_bagfile_information"]
         storage = info["storage_identifier"]
     except Exception as error:  # unreadable YAML or missing keys: the same answer for the user
         raise BagError(f"cannot read {metadata}: {error}") from error

@@ -203,6 +203,10 @@ class NodeState:
     # Other nodes in the graph with this node's fully qualified name (they share its topics).
     duplicate_nodes: int = 0
     node_name: str = ""  # fully qualified, for the duplicate-name message
+    # Exceptions raised in callbacks (malformed requests, ...) since start-up and recently
+    # (request_guard.CallbackFaults): the node went on after each.
+    callback_errors: int = 0
+    recent_callback_errors: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,8 +243,9 @@ def camera_report(
     rejected or had an unusable stamp, frames arrive but none is segmented (all stale, or the
     model is stuck) while inference is enabled, the last accepted parameter change could not
     be applied (the previous settings stay in force), the input has a matched publisher but no
-    frame arrived for SILENT_INPUT_S (``input_state``; the message names the fix), or another
-    node has this node's name. OK otherwise. While paused, the message starts with why.
+    frame arrived for SILENT_INPUT_S (``input_state``; the message names the fix), another
+    node has this node's name, or a callback raised recently (a malformed request). OK
+    otherwise. While paused, the message starts with why.
     ``input_state`` given: the values also say the input topic, its matched publishers and
     seconds without a frame.
     """
@@ -274,6 +279,14 @@ def camera_report(
         problems.append((WARN, silent_input_message(input_state)))
     if state.duplicate_nodes:
         problems.append((WARN, duplicate_node_message(state.node_name, state.duplicate_nodes)))
+    if state.recent_callback_errors:
+        problems.append(
+            (
+                WARN,
+                f"{state.recent_callback_errors} request or callback errors in the last "
+                f"{WINDOW_S:.0f} s (a malformed request?): answered or skipped, see the log",
+            )
+        )
     messages = [text for _, text in problems]
     if not state.enabled:
         messages.insert(0, state.not_enabled_reason)
@@ -310,6 +323,7 @@ def camera_report(
         ("frames with unusable stamp", str(totals.unusable_stamp)),
         ("vocabulary size", str(state.vocabulary_size)),
         ("parameter change", state.parameter_change),
+        ("callback errors", str(state.callback_errors)),
         ("device", state.device),
         ("GPU memory allocated (MiB)", allocated),
         ("GPU memory reserved (MiB)", reserved),

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import array as pyarray
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -235,17 +237,59 @@ def image_file_to_rgb8(path: Path, *, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS
     grid of the ground-truth masks of segmentation data sets.
 
     Raises:
-        ImageTooLarge: the declared width * height exceeds ``max_pixels``.
-        ImageConversionError: not an image file OpenCV can decode.
+        ImageTooLarge: the declared width * height exceeds ``max_pixels``, or the file is
+            larger than such an image can be (``max_file_bytes``).
+        ImageConversionError: not a regular file (a FIFO or device is never opened), not an
+            image file OpenCV can decode.
         OSError: the file cannot be read.
         ValueError: ``max_pixels`` is not a positive integer.
     """
     _valid_limit(max_pixels)
+    limit = _check_file(path, max_pixels)
     with Path(path).open("rb") as stream:
         header = _read_header(stream, "image", max_pixels)
         stream.seek(0)
-        data = np.frombuffer(stream.read(), dtype=np.uint8)
+        data = np.frombuffer(stream.read(limit + 1), dtype=np.uint8)
     return _decode_encoded(data, header, "image")
+
+
+def image_file_size(path: Path, *, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> tuple[int, int]:
+    """(width, height) an image file declares, from its header alone, checked as
+    ``image_file_to_rgb8`` checks it before decoding (for readers that decode with another
+    library afterwards: the evaluation's OpenCV ``imread``, label PNGs with Pillow).
+
+    Raises ImageTooLarge, ImageConversionError (not a regular file, no image header), OSError.
+    """
+    _valid_limit(max_pixels)
+    _check_file(path, max_pixels)
+    with Path(path).open("rb") as stream:
+        header = _read_header(stream, f"image {path}", max_pixels)
+    return header.width, header.height
+
+
+def _check_file(path: Path, max_pixels: int) -> int:
+    """Refuse what is not a regular file (a FIFO would block, /dev/zero never end) or is larger
+    than an image of ``max_pixels`` can be; return that byte limit."""
+    info = os.stat(path)  # follows links; raises OSError (FileNotFoundError, ...)
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageConversionError(f"{path} is not a regular file (a device, pipe or socket)")
+    limit = max_file_bytes(max_pixels)
+    if info.st_size > limit:
+        raise ImageTooLarge(
+            f"image file of {info.st_size} bytes, more than any image of max_input_pixels = "
+            f"{max_pixels} needs ({limit} bytes)",
+            None,
+            None,
+            max_pixels,
+        )
+    return limit
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file read for a pixel limit: 8 bytes a pixel (16-bit RGBA, stored
+    uncompressed) and 16 MB of headers, metadata and thumbnails. A larger file is refused
+    before it is read, whatever its header declares."""
+    return 8 * max_pixels + (16 << 20)
 
 
 class _Header(NamedTuple):

@@ -105,6 +105,12 @@ class OvssLifecycleNode(SegmentationNodeMixin, LifecycleNode):
             self._stop()
             self._release()
         super().destroy_node()
+        # rclpy's LifecycleNode.destroy_node leaves its state machine alive, and the state
+        # machine holds the rcl node: neither the node nor the process's DDS participant were
+        # ever finalized, so the process exited without announcing its departure and stayed in
+        # the other processes' graph (name, ~/change_state) until its lease ran out (20 s). A
+        # restarted node's configure could reach the departed one and never be answered.
+        self._state_machine.destroy_when_not_in_use()
 
 
 def main(args: list[str] | None = None, signals: ShutdownSignals | None = None) -> int:

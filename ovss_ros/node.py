@@ -7,6 +7,10 @@ thread owns the Segmenter (it is not thread-safe): it applies accepted changes, 
 newest frame of every camera that has one, together (``segment_many``: one forward pass for frames
 of one size), and publishes each to its camera's outputs. So the parameter service never waits
 behind inference or text encoding, and a slow model drops frames instead of queueing them.
+rclpy entities are created and destroyed on the executor's thread only (the worker asks it for
+the mask topics of a new vocabulary and waits: ``ExecutorWork``), and nothing a request holds
+ends the node: every service answers, an error in any callback is counted and survived
+(``request_guard``).
 
 Every received frame gets exactly one outcome, counted per camera (``diagnostics``): processed,
 dropped (paused, stale, overwritten), rejected or failed; each frame is converted, checked and
@@ -27,7 +31,7 @@ import difflib
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +91,7 @@ from ovss_ros.diagnostics import (
     silent_input_message,
     status_message,
 )
+from ovss_ros.executor_work import ExecutorWork
 from ovss_ros.frame_buffer import FrameBuffer, FrameWorker
 from ovss_ros.image_conversion import (
     ImageConversionError,
@@ -99,9 +104,15 @@ from ovss_ros.image_conversion import (
 )
 from ovss_ros.label_info import label_info
 from ovss_ros.node_entry import Interrupted, ShutdownSignals
+from ovss_ros.request_guard import CallbackFaults, describe, guard_services, one_line
 
 NODE_NAME = "ovss"
 SINGLE_CAMERA = "image"  # the single camera's name in diagnostics: "ovss: image"
+# A header stamp later than now by more than this (a camera whose clock runs ahead) gives the
+# frame no age: never stale, no latency sample, counted as an unusable stamp. A stamp ahead by
+# less (clock skew of synchronised machines, a /clock published at a few Hz in simulation)
+# counts as taken now: age 0.
+FUTURE_STAMP_TOLERANCE_S = 0.5
 LOG_THROTTLE_S = 5.0
 DIAGNOSTICS_PERIOD_S = 1.0
 # What makes start-up fail with one clear message instead of a traceback.
@@ -203,8 +214,9 @@ class Camera:
             overlay=publisher(Image, "overlay", output_qos()),
             confidence=publisher(Image, "confidence", output_qos()),
             camera_info=publisher(CameraInfo, "camera_info", output_qos()),
-            # Mask topics come and go with the vocabulary, and are created by the worker thread:
-            # one QoS for all of them (set through ~/labels) declares no parameters on the way.
+            # Mask topics come and go with the vocabulary (made on the executor's thread for the
+            # worker: ExecutorWork): one QoS for all of them (set through ~/labels) declares no
+            # parameters on the way.
             mask_qos=labels_qos,
             masks={},
         )
@@ -222,9 +234,18 @@ class Camera:
             *outputs.masks.values(),
         ):
             node.destroy_publisher(publisher)
+        outputs.masks.clear()
 
     def update_masks(self, node: Node, wanted: Mapping[str, str]) -> None:
         """One ~/masks/<slug> publisher per entry of ``wanted`` (class name -> slug), no other.
+        On the executor's thread only (``mask_steps``)."""
+        for _ in self.mask_steps(node, wanted):
+            pass
+
+    def mask_steps(self, node: Node, wanted: Mapping[str, str]) -> Iterator[None]:
+        """``update_masks`` one publisher at a time: each step destroys or creates one, so the
+        executor can serve other callbacks in between (``ExecutorWork``). Run on the executor's
+        thread: rclpy entities are made and unmade there only.
 
         Each class on its own: a mask topic that cannot be created (validation should have
         refused its name) is logged and skipped, and costs no other class its mask, nor the
@@ -242,15 +263,21 @@ class Camera:
             except Exception as error:
                 self._mask_error(node, name, error)
         for name in list(outputs.masks):
+            if self.outputs is not outputs:  # closed meanwhile (a job that was cancelled)
+                return
             if outputs.masks[name].topic_name != topics.get(name):
                 node.destroy_publisher(outputs.masks.pop(name))
+                yield
         for name, topic in topics.items():
+            if self.outputs is not outputs:
+                return
             if name in outputs.masks:
                 continue
             try:
                 outputs.masks[name] = node.create_publisher(Image, topic, outputs.mask_qos)
             except Exception as error:
                 self._mask_error(node, name, error)
+            yield
 
     def _mask_error(self, node: Node, name: str, error: Exception) -> None:
         node.get_logger().error(
@@ -354,21 +381,7 @@ class Frame:
     message: Image | CompressedImage
     received: Time
     state: str = "waiting"
-
-
-def one_line(text: str, limit: int = 400) -> str:
-    """Text for one log line: whitespace runs (newlines too) as one space, other control and
-    format characters escaped (camera data or user text cannot forge log lines or send
-    terminal escapes), cut to ``limit`` characters."""
-    text = "".join(
-        char if char.isprintable() else f"\\u{ord(char):04x}" for char in " ".join(text.split())
-    )
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def describe(error: BaseException) -> str:
-    """``Type: message`` on one line (``one_line``)."""
-    return one_line(f"{type(error).__name__}: {error}")
+    age_known: bool = True  # False: its stamp gives no age (``_stamp_problem``)
 
 
 QOS_PREFIX = "qos_overrides."
@@ -462,6 +475,9 @@ class SegmentationNodeMixin:
         self._reverts: dict[str, tuple[Any, Any]] = {}  # name -> (refused value, in force)
         self._reverting = False
         self._warned: dict[tuple, float] = {}  # kind of warning -> when last logged (worker)
+        # Exceptions in callbacks (a malformed request, ...): counted, each kind logged once.
+        self.callback_faults = CallbackFaults(self.get_logger().warning)
+        self._executor_work: ExecutorWork | None = None  # made below, with the other entities
 
         self._overrides_reported: set[str] = set()
         self._duplicates_logged = 0
@@ -480,6 +496,8 @@ class SegmentationNodeMixin:
         self.add_post_set_parameters_callback(self._accept_parameters)
         # The worker asks the executor thread to put parameters back (_revert_parameters).
         self._revert_guard = self.create_guard_condition(self._revert_parameters)
+        # The worker asks the executor thread to make and unmake mask topics (ExecutorWork).
+        self._executor_work = ExecutorWork(self, on_error=self._on_executor_work_error)
         self.create_service(SetBool, "~/enable", self._on_enable)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # Steady time: diagnostics go on while a paused bag holds the simulated clock.
@@ -488,6 +506,8 @@ class SegmentationNodeMixin:
             self._publish_diagnostics,
             clock=Clock(clock_type=ClockType.STEADY_TIME),
         )
+        # Every service answers, whatever a request holds (request_guard).
+        guard_services(self, self.callback_faults)
 
     def _load(self) -> None:
         """Load the model and encode the vocabulary (seconds); raises START_ERRORS."""
@@ -566,6 +586,8 @@ class SegmentationNodeMixin:
                 f"worker still {doing} {WORKER_STOP_TIMEOUT_S:.0f} s after the stop request: "
                 "not waiting for it"
             )
+        if self._executor_work is not None:  # mask topics the worker asked for: not needed now
+            self._executor_work.cancel()
         for camera in self.cameras:
             camera.close_outputs(self)
         self._stopping = threading.Event()  # for the next configure
@@ -628,11 +650,16 @@ class SegmentationNodeMixin:
                 if parameter.name in changes and parameter.type_ == Parameter.Type.NOT_SET:
                     raise ValueError(f"{parameter.name} cannot be unset")
             settings = node_parameters.validate_update(self._values, changes)
-            self._check_model_fit(settings.engine)
+            self._check_model_fit(settings.engine, settings.classes)
             if "classes" in changes:
                 self._check_mask_topics(settings.classes)
         except ValueError as error:
             return SetParametersResult(successful=False, reason=str(error))
+        except Exception as error:  # a request nobody foresaw: refused, never accepted
+            self.callback_faults.record("parameter validation", error)
+            return SetParametersResult(
+                successful=False, reason=f"cannot validate the request: {describe(error)}"
+            )
         finally:
             node_parameters.restore_types(self)
         return SetParametersResult(successful=True)
@@ -684,12 +711,15 @@ class SegmentationNodeMixin:
             if p.name in node_parameters.SPECS
         }
 
-    def _check_model_fit(self, engine: EngineConfig) -> None:
+    def _check_model_fit(
+        self, engine: EngineConfig, classes: list[ClassEntry] | None = None
+    ) -> None:
         """What EngineConfig.validate cannot check: settings that depend on the loaded model's
-        patch size (nor can anyone before the model is loaded: then the next configure does).
-        Raises ValueError."""
+        patch size, and a vocabulary against what the loaded method can take (PnP-OVSS: the
+        prompt with every class within the VLM's text positions), nor can anyone before the
+        model is loaded: then the next configure does. Raises ValueError."""
         if self.segmenter is not None:
-            self.segmenter.check_config(engine)
+            self.segmenter.check_config(engine, classes)
 
     def _check_node_topics(self) -> None:
         """Every camera's fixed output and input topics, resolved as this node resolves names:
@@ -757,6 +787,8 @@ class SegmentationNodeMixin:
             parameter_change_failed=change_failed,
             duplicate_nodes=self._check_duplicate_name(),
             node_name=self.get_fully_qualified_name(),
+            callback_errors=self.callback_faults.total,
+            recent_callback_errors=self.callback_faults.recent(),
         )
         array = DiagnosticArray()
         array.header.stamp = self.get_clock().now().to_msg()
@@ -834,11 +866,11 @@ class SegmentationNodeMixin:
         """Apply the accepted changes, all of them or none.
 
         Validation refused everything that can be foreseen, so a failure here is unexpected
-        (e.g. out of memory while encoding text). Then the engine keeps (or gets back) its
-        previous settings and vocabulary (``Segmenter.reconfigure`` and ``set_classes`` change
-        nothing when they raise), the node keeps its previous output settings, label_info keeps
-        telling the vocabulary in force, diagnostics show the failure, and the parameters are
-        put back to the values in force (``_revert_parameters``).
+        (e.g. out of memory while encoding text). Then the engine keeps its previous settings
+        and vocabulary (``Segmenter.update`` changes nothing when it raises), the node keeps
+        its previous output settings, label_info keeps telling the vocabulary in force,
+        diagnostics show the failure, and the parameters are put back to the values in force
+        (``_revert_parameters``).
         """
         with self._lock:
             changes, self._pending = self._pending, {}
@@ -851,46 +883,38 @@ class SegmentationNodeMixin:
         }
         failure = None
         try:
-            if engine_changes:
-                self.segmenter.reconfigure(**engine_changes)
-            if "classes" in changes:
-                self.segmenter.set_classes(parse_classes(changes["classes"]))
+            # One step: validated and built for the end state, never for a mix of old and new
+            # (new classes with new background words, a method with the classes it gets).
+            classes = parse_classes(changes["classes"]) if "classes" in changes else None
+            self.segmenter.update(classes, **engine_changes)
         except Stopped:  # the node is stopping: nothing failed, nothing to put back
             raise
         except Exception as error:
             # Only the text: the traceback holds the tensors of the failed encoding.
             failure = describe(error)
-        if failure is not None:
-            self._undo(engine_changes)
         self._settle_change(changes, failure)
         if failure is None and METHOD_CHANGES & set(changes):
             self._log_method()
         if "classes" in changes and failure is None:
             names = ", ".join(node_parameters.quoted(e.name) for e in self.segmenter.classes)
             self.get_logger().info(f"vocabulary: {names}")
-        wanted = self._wanted_masks()
-        for camera in self.cameras:
-            camera.update_masks(self, wanted)
-        self._publish_label_info()
+        if self._update_masks():
+            self._publish_label_info()
 
-    def _undo(self, engine_changes: Mapping[str, Any]) -> None:
-        """After a failed change: the engine gets back the settings and the vocabulary in force
-        before it, where the part of the change that did succeed altered them (the old
-        vocabulary's texts are cached: restoring it encodes nothing)."""
-        segmenter = self.segmenter
-        previous = {name: self._applied[name] for name in engine_changes}
-        current = {
-            name: node_parameters.in_force(name, getattr(segmenter.config, name))
-            for name in engine_changes
-        }
-        try:
-            if current != previous:
-                segmenter.reconfigure(**previous)
-            vocabulary = parse_classes(self._applied["classes"])
-            if segmenter.classes != vocabulary:
-                segmenter.set_classes(vocabulary)
-        except Exception as error:
-            self.get_logger().error(f"could not restore the previous settings: {describe(error)}")
+    def _update_masks(self) -> bool:
+        """Have the executor's thread make the mask topics match the vocabulary in force, and
+        wait until it has: the next frame is published with them. False if the node stopped
+        first (nothing more is published then)."""
+        wanted = self._wanted_masks()
+
+        def steps() -> Iterator[None]:
+            for camera in self.cameras:
+                yield from camera.mask_steps(self, wanted)
+
+        return self._executor_work.run(steps(), stop_event(self))
+
+    def _on_executor_work_error(self, error: BaseException) -> None:
+        self.get_logger().error(f"mask topics: {describe(error)}")
 
     def _settle_change(self, changes: Mapping[str, Any], failure: str | None) -> None:
         """Record what is in force after applying ``changes`` (failed: ``failure``)."""
@@ -970,7 +994,8 @@ class SegmentationNodeMixin:
             except Exception as error:
                 self._fail(frame, "while publishing", error)
             else:
-                self._settle(frame, "processed", inference_s, self._age(header))
+                age = self._age(header) if frame.age_known else None
+                self._settle(frame, "processed", inference_s, age)
 
     def _fail(self, frame: Frame, stage: str, error: Exception) -> None:
         if self._settle(frame, "failed"):
@@ -984,16 +1009,16 @@ class SegmentationNodeMixin:
     def _convert(self, frame: Frame, settings: node_parameters.Settings) -> np.ndarray | None:
         """The frame as RGB, or None (its outcome given) if it is stale or cannot be read."""
         message, stats = frame.message, frame.camera.stats
-        if not stamp_usable(message.header.stamp):
+        problem = self._stamp_problem(message.header.stamp)
+        if problem is not None:
+            frame.age_known = False
             stats.count("unusable_stamp")
-            stamp = message.header.stamp
             self._warn_once_in_a_while(
                 ("stamp", frame.camera.name),
-                f"frame from {frame.camera.name} has a header stamp that is no time "
-                f"(sec {stamp.sec}, nanosec {stamp.nanosec}): its age is unknown, so it is "
-                "never too old and gives no latency",
+                f"frame from {frame.camera.name} has a header stamp that {problem}: its age is "
+                "unknown, so it is never too old and gives no latency",
             )
-        if settings.max_frame_age > 0.0:
+        if settings.max_frame_age > 0.0 and frame.age_known:
             age = self._age(message.header)
             if age is not None and age > settings.max_frame_age:
                 self._settle(frame, "dropped_stale")
@@ -1072,10 +1097,32 @@ class SegmentationNodeMixin:
                 for index in group:
                     batch[index][0].camera.stats.count("batched")
 
+    def _stamp_problem(self, stamp: Any) -> str | None:
+        """Why a header stamp gives no age, or None when it does (or the frame is unstamped):
+        it is no time (``stamp_usable``), or it is more than FUTURE_STAMP_TOLERANCE_S later
+        than now (the camera's clock runs ahead of this node's)."""
+        if not stamp_usable(stamp):
+            return f"is no time (sec {stamp.sec}, nanosec {stamp.nanosec})"
+        age = self._age_of(stamp)
+        if age is not None and age < -FUTURE_STAMP_TOLERANCE_S:
+            return (
+                f"is {-age:.3f} s later than now (the camera's clock runs ahead of this "
+                f"node's by more than the {FUTURE_STAMP_TOLERANCE_S} s tolerated)"
+            )
+        return None
+
     def _age(self, header: Header) -> float | None:
-        """Seconds from the header stamp to now; None when the age is unknown: an unstamped
-        frame (zero stamp) or a stamp that is no time (``stamp_usable``)."""
-        stamp = header.stamp
+        """Seconds from the header stamp to now, at least 0; None when the age is unknown: an
+        unstamped frame (zero stamp), a stamp that is no time (``stamp_usable``) or one more
+        than FUTURE_STAMP_TOLERANCE_S in the future (a stamp ahead by less counts as now)."""
+        age = self._age_of(header.stamp)
+        if age is None or age < -FUTURE_STAMP_TOLERANCE_S:
+            return None
+        return max(age, 0.0)
+
+    def _age_of(self, stamp: Any) -> float | None:
+        """Seconds from ``stamp`` to now, negative for a stamp in the future; None for an
+        unstamped frame or a stamp that is no time."""
         if (stamp.sec == 0 and stamp.nanosec == 0) or not stamp_usable(stamp):
             return None
         clock = self.get_clock()
@@ -1190,6 +1237,7 @@ WORKER_STOP_TIMEOUT_S = 5.0
 # How soon at most the spin loop notices a signal: Python runs its handlers between bytecodes,
 # not while the executor waits. (Each wake-up costs CPU: 0.1 s cost 0.7 % of a core idle.)
 SPIN_POLL_S = 0.5
+SPIN_ERROR_PAUSE_S = 0.01
 
 
 def stop_event(node: SegmentationNodeMixin) -> threading.Event:
@@ -1206,12 +1254,29 @@ def stop_event(node: SegmentationNodeMixin) -> threading.Event:
 
 
 def spin_until_stopped(node: Node, stop_requested: Callable[[], bool]) -> None:
-    """Spin ``node`` until ``stop_requested()`` or its context is shut down."""
+    """Spin ``node`` until ``stop_requested()`` or its context is shut down.
+
+    An exception out of ``spin_once`` (a callback raised) ends nothing: it is counted in
+    ``node.callback_faults`` (logged once per kind) and spinning goes on.
+    """
     executor = SingleThreadedExecutor(context=node.context)
     executor.add_node(node)
+    faults = getattr(node, "callback_faults", None)
     try:
         while not stop_requested() and node.context.ok():
-            executor.spin_once(timeout_sec=SPIN_POLL_S)
+            try:
+                executor.spin_once(timeout_sec=SPIN_POLL_S)
+            except ExternalShutdownException:
+                raise
+            except Exception as error:
+                # A callback raised (or the executor did): nothing that arrives over DDS may end
+                # the node. Counted and logged once per kind; a short pause bounds the cost of
+                # an error that repeats on every turn.
+                if faults is not None:
+                    faults.record("callback", error)
+                else:
+                    node.get_logger().error(f"callback: {describe(error)}")
+                time.sleep(SPIN_ERROR_PAUSE_S)
     except ExternalShutdownException:
         pass
     finally:

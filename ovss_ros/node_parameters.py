@@ -34,7 +34,9 @@ from ovss_ros.core import ClassEntry, EngineConfig, check_query_count, parse_cla
 from ovss_ros.core.config import (
     DSLO_AFFINITIES,
     DSLO_MODES,
+    MAX_ITERATIONS,
     MAX_LONG_SIDE_LIMIT,
+    POSITIVE_LIMITS,
     REFINEMENTS,
     SD_SEED_LIMIT,
     UPSAMPLERS,
@@ -42,9 +44,16 @@ from ovss_ros.core.config import (
 from ovss_ros.core.config import METHODS as ENGINE_METHODS
 from ovss_ros.core.dense_clip import POS_INTERPOLATIONS
 from ovss_ros.core.deop import POOLINGS
+from ovss_ros.core.frame_budget import (
+    check_crop_batch,
+    check_sd_size,
+    check_vlm_image_size,
+    max_crop_batch,
+    vlm_max_image_size,
+)
 from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES
 from ovss_ros.core.proposals import PROPOSAL_SOURCES
-from ovss_ros.core.sd2_attention import LAYER_SETS, SD_PRECISIONS
+from ovss_ros.core.sd2_attention import LAYER_SETS, SD_MAX_SIZE, SD_PRECISIONS
 from ovss_ros.core.vlm_loading import VLM_MODELS
 from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
@@ -73,6 +82,10 @@ class ParameterSpec:
     minimum: float | None = None
     maximum: float | None = None
     constraints: str = ""
+    # A maximum that the per-frame budget sets (``core.frame_budget``): a larger value is refused
+    # by this check with its cost in the reason. rclpy would refuse it first with its own words
+    # ("out of range") if the descriptor carried the range, so the range is in the constraints.
+    budget: Callable[[Any], None] | None = None
 
     @property
     def type(self) -> Parameter.Type:
@@ -93,7 +106,11 @@ class ParameterSpec:
             # that rclpy overwrites with the requested one back.
             dynamic_typing=True,
         )
-        if self.minimum is not None and isinstance(self.default, int):
+        if self.budget is not None:
+            descriptor.additional_constraints = (
+                f"{self.minimum} to {self.maximum} (the per-frame budget); " + self.constraints
+            ).rstrip("; ")
+        elif self.minimum is not None and isinstance(self.default, int):
             descriptor.integer_range = [
                 IntegerRange(from_value=int(self.minimum), to_value=int(self.maximum), step=0)
             ]
@@ -130,8 +147,10 @@ PIPELINE_PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.pnp_image_size,
         "pnp_ovss: side of the square BLIP input in pixels",
         minimum=16,
-        maximum=4096,
-        constraints="a multiple of the VLM's patch size",
+        maximum=vlm_max_image_size(),
+        constraints="a multiple of the VLM's patch size; the VLM's attention map "
+        "(heads x ((size / patch)^2 + 1)^2 x 4 bytes) within the per-frame budget",
+        budget=lambda size: check_vlm_image_size(size, setting="pnp_image_size"),
     ),
     ParameterSpec(
         "pnp_layer",
@@ -271,7 +290,9 @@ PIPELINE_PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.twostream_crop_batch,
         "twostream: masked proposal crops per CLIP forward",
         minimum=1,
-        maximum=1024,
+        maximum=max_crop_batch(),
+        constraints="the CLIP activation of the batch within the per-frame budget",
+        budget=check_crop_batch,
     ),
 )
 
@@ -394,14 +415,14 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.sinkhorn_iterations,
         "DSLO ot: Sinkhorn iterations",
         minimum=1,
-        maximum=1000,
+        maximum=MAX_ITERATIONS,
     ),
     ParameterSpec(
         "sinkhorn_epsilon",
         _ENGINE_DEFAULTS.sinkhorn_epsilon,
         "DSLO ot: entropic regularisation",
         minimum=0.0,
-        maximum=100.0,
+        maximum=POSITIVE_LIMITS["sinkhorn_epsilon"],
         constraints="> 0",
     ),
     ParameterSpec(
@@ -409,14 +430,14 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.ipf_rounds,
         "DSLO: iterative proportional fitting rounds for the transition matrix",
         minimum=1,
-        maximum=1000,
+        maximum=MAX_ITERATIONS,
     ),
     ParameterSpec(
         "velocity_tau",
         _ENGINE_DEFAULTS.velocity_tau,
         "DSLO velocity: a patch stops when its class density is within tau of uniform",
         minimum=0.0,
-        maximum=100.0,
+        maximum=POSITIVE_LIMITS["velocity_tau"],
         constraints="> 0",
     ),
     # DSLO's sd2 affinity (Stable Diffusion 2 self-attention): changeable at runtime; a new
@@ -442,7 +463,9 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.sd_size,
         "DSLO sd2: SD input size in pixels: the frame's aspect ratio at about sd_size^2 pixels",
         minimum=64,
-        maximum=4096,
+        maximum=SD_MAX_SIZE,
+        constraints="the VAE's activation (sd_size^2 x 128 x 4 bytes) within the per-frame budget",
+        budget=check_sd_size,
     ),
     ParameterSpec(
         "sd_timestep",
@@ -503,7 +526,7 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.short_side,
         "resize the input so its short side has this many pixels before inference (0 = keep)",
         minimum=0,
-        maximum=4096,
+        maximum=MAX_LONG_SIDE_LIMIT,
     ),
     ParameterSpec(
         "max_long_side",
@@ -519,14 +542,14 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.crop,
         "sliding-window size in pixels, a multiple of the patch size (0 = whole image)",
         minimum=0,
-        maximum=4096,
+        maximum=MAX_LONG_SIDE_LIMIT,
     ),
     ParameterSpec(
         "stride",
         _ENGINE_DEFAULTS.stride,
         "sliding-window stride in pixels, at most crop (0 = crop / 2)",
         minimum=0,
-        maximum=4096,
+        maximum=MAX_LONG_SIDE_LIMIT,
     ),
     ParameterSpec(
         "score_threshold",
@@ -540,7 +563,7 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         _ENGINE_DEFAULTS.logit_scale,
         "softmax temperature applied to the patch-text cosine similarities",
         minimum=0.0,
-        maximum=1000.0,
+        maximum=POSITIVE_LIMITS["logit_scale"],
         constraints="> 0",
     ),
     ParameterSpec(
@@ -936,6 +959,11 @@ def check_value(spec: ParameterSpec, value: Any) -> None:
         raise ParameterError(
             f"{spec.name} must be {_EXPECTED[expected]}, got {type_name(value)} {quoted(value)}"
         )
+    if spec.budget is not None and value > spec.maximum:
+        try:
+            spec.budget(value)
+        except ValueError as error:  # FrameBudgetError: the cost of the value and the limit
+            raise ParameterError(str(error)) from None
     if spec.minimum is not None and not spec.minimum <= value <= spec.maximum:
         raise ParameterError(
             f"{spec.name} must be in [{spec.minimum}, {spec.maximum}], got {value}"

@@ -16,7 +16,12 @@ lint_rc=0
 # No CLIP weights can be downloaded here: make any hub access fail fast instead of hanging.
 export HF_HUB_OFFLINE=1
 rc=0
-"$py" -m pytest -q test "$@" || rc=$?
+start=$SECONDS
+# Worker processes, one per core up to 4 (each test file on one worker so that its node processes
+# and models are shared by its tests; each worker has a ROS domain of its own), one torch thread
+# each (test/conftest.py). --durations=20: the 20 slowest tests at the end of every run.
+"$py" -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=20 test "$@" || rc=$?
+echo "test suite: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 # pytest exits 5 when it collected no test: a suite that ran nothing is a failure.
 if [[ $rc == 5 ]]; then echo "pytest collected no tests" >&2; rc=1; fi
 if [[ $rc == 0 && $lint_rc != 0 ]]; then echo "ruff check failed" >&2; rc=$lint_rc; fi

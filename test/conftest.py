@@ -3,6 +3,12 @@
 import os
 from pathlib import Path
 
+# One thread per process in the tests, set before torch is imported: the models are tiny, and on
+# a small machine shared with other work, torch's thread team waiting on its slowest member made
+# a file of engine tests 3.4x slower (test_engine_postprocess.py beside a load of 5: 58 s with 2
+# threads, 17 s with 1). Node processes inherit it (ros_harness.child_environment).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import cv2
 import numpy as np
 import pytest

@@ -53,6 +53,8 @@ VOC_IMAGES = Path(
 STARTUP_TIMEOUT_S = 240.0
 EVENT_TIMEOUT_S = 30.0  # a running node: an output, a service answer, a status, discovery
 STOP_TIMEOUT_S = 60.0  # a node process ending after a signal
+# A service call that got no answer in this time is sent again (``call_service``).
+ATTEMPT_TIMEOUT_S = 5.0
 
 
 def startup_timeout(processes: int = 1) -> float:
@@ -155,7 +157,7 @@ def child_environment() -> dict[str, str]:
     )
     env["PYTHONUNBUFFERED"] = "1"
     env["RCUTILS_LOGGING_BUFFERED_STREAM"] = "0"
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", "1")  # as the tests: conftest.py
     return env
 
 
@@ -298,14 +300,51 @@ def spin_until(
             rclpy.spin_once(node, timeout_sec=min(0.05, remaining))
 
 
+def first_done(node: Node, futures: Sequence[Any], seconds: float) -> Any:
+    """Spin ``node`` for up to ``seconds`` until one of ``futures`` is done; that one or None."""
+    end = time.monotonic() + max(seconds, 0.0)
+    while True:
+        done = next((future for future in futures if future.done()), None)
+        if done is not None or (remaining := end - time.monotonic()) <= 0:
+            return done
+        rclpy.spin_once(node, timeout_sec=min(0.05, remaining))
+
+
 def call_service(
-    node: Node, client: Client, request: Any, timeout: float = EVENT_TIMEOUT_S
+    node: Node,
+    client: Client,
+    request: Any,
+    timeout: float = EVENT_TIMEOUT_S,
+    attempt_s: float = ATTEMPT_TIMEOUT_S,
 ) -> Any:
-    """Call a service once its server is discovered; return the response."""
+    """Call a service once its server is discovered, sending the request again while no
+    response comes; return the first response (of any attempt).
+
+    A server can drop a response: rmw_fastrtps sends it only once the server has matched the
+    client's response reader, and gives up after a short wait ("failed to send response
+    (timeout): client will not receive response"), which under load happens in the first
+    seconds after discovery. A robust client therefore sends the request again after
+    ``attempt_s`` without an answer. Only for requests whose repetition does no harm (every
+    query, setting the same parameter values); lifecycle transitions: ``Lifecycle.transition``.
+    """
     spin_until(node, client.service_is_ready, timeout, message=f"service {client.srv_name}")
-    future = client.call_async(request)
-    spin_until(node, future.done, timeout, message=f"response from {client.srv_name}")
-    return future.result()
+    deadline = time.monotonic() + timeout
+    futures = []
+    try:
+        while True:
+            futures.append(client.call_async(request))
+            answered = first_done(node, futures, min(attempt_s, deadline - time.monotonic()))
+            if answered is not None:
+                return answered.result()
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"timed out after {timeout} s waiting: response from {client.srv_name} "
+                    f"({len(futures)} attempts)"
+                )
+    finally:
+        for future in futures:
+            if not future.done():
+                client.remove_pending_request(future)
 
 
 def topic_names(node: Node) -> set[str]:
@@ -515,6 +554,44 @@ class OvssClient:
             message=lambda: f"status {name!r}; last: {self.statuses(name)[-1:]}",
         )
 
+    def counter(self, name: str, status: str = "ovss: image") -> int:
+        """The newest value of the diagnostics counter ``name`` (``frames rejected``, ...) in the
+        status ``status``, waiting for a status that has it."""
+        self.spin_until(
+            lambda: any(name in status_values(s) for s in self.statuses(status)),
+            message=f"a status {status!r} with {name!r}",
+        )
+        values = [status_values(s) for s in self.statuses(status)]
+        return int([v for v in values if name in v][-1][name])
+
+    def publish_until_counted(
+        self,
+        message: Any,
+        counter: str = "frames rejected",
+        status: str = "ovss: image",
+        publisher: Any = None,
+        timeout: float = EVENT_TIMEOUT_S,
+        resend_every: float = 2.0,
+    ) -> None:
+        """Publish ``message`` (again every ``resend_every`` s) until the node's diagnostics
+        count one more ``counter`` than before: the node has taken it. Pacing on a fixed pause
+        instead fails on a busy machine, where a frame still waiting in the node's newest-frame
+        slot is replaced, unseen, by the next one."""
+        publisher = publisher or (
+            self.compressed_pub if "Compressed" in type(message).__name__ else self.image_pub
+        )
+        before = self.counter(counter, status)
+        deadline = time.monotonic() + timeout
+        while True:
+            publisher.publish(message)
+            resend = time.monotonic() + resend_every
+            while time.monotonic() < resend:
+                if self.counter(counter, status) > before:
+                    return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{counter!r} did not grow within {timeout} s")
+                rclpy.spin_once(self.node, timeout_sec=0.05)
+
     def set_parameters(self, parameters: Sequence[Parameter]) -> list[Any]:
         from rcl_interfaces.srv import SetParameters
 
@@ -573,10 +650,46 @@ class Lifecycle:
         return self.change.call_async(request)
 
     def transition(self, transition_id: int, timeout: float = STARTUP_TIMEOUT_S) -> bool:
-        """Make a transition (configure loads a model: a start-up's limit); True on success."""
-        future = self.request(transition_id)
-        spin_until(self.client.node, future.done, timeout, message=f"transition {transition_id}")
-        return future.result().success
+        """Make a transition (configure loads a model: a start-up's limit); True on success.
+
+        A response can be lost (``call_service``), and a transition must not simply be sent
+        twice: when no answer came within ``ATTEMPT_TIMEOUT_S``, the node's state says what
+        happened (``get_state`` is answered once the transition is over: one executor thread):
+        in the transition's goal state, it succeeded; still in the state it started from, the
+        request is sent again; any other state ends the wait with False.
+        """
+        from lifecycle_msgs.msg import Transition
+
+        goals = {
+            Transition.TRANSITION_CONFIGURE: "inactive",
+            Transition.TRANSITION_CLEANUP: "unconfigured",
+            Transition.TRANSITION_ACTIVATE: "active",
+            Transition.TRANSITION_DEACTIVATE: "inactive",
+            Transition.TRANSITION_UNCONFIGURED_SHUTDOWN: "finalized",
+            Transition.TRANSITION_INACTIVE_SHUTDOWN: "finalized",
+            Transition.TRANSITION_ACTIVE_SHUTDOWN: "finalized",
+        }
+        deadline = time.monotonic() + timeout
+        start_state = self.state(timeout)
+        node = self.client.node
+        futures = []
+        try:
+            while True:
+                futures.append(self.request(transition_id))
+                answered = first_done(node, futures, ATTEMPT_TIMEOUT_S)
+                if answered is not None:
+                    return answered.result().success
+                state = self.state(max(EVENT_TIMEOUT_S, deadline - time.monotonic()))
+                if answered := next((f for f in futures if f.done()), None):
+                    return answered.result().success
+                if state == goals.get(transition_id):
+                    return True  # done; its response was lost
+                if state != start_state or time.monotonic() >= deadline:
+                    return False
+        finally:
+            for future in futures:
+                if not future.done():
+                    self.change.remove_pending_request(future)
 
     def activate(self) -> None:
         """Configure, then activate (the caller waits for the inputs to be subscribed)."""

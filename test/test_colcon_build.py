@@ -157,7 +157,7 @@ def test_installed_ovss_node_starts_and_answers_over_dds(workspace, tmp_path):
     env = workspace.environment()
     env.update(isolate_dds())
     env.update(PYTHONUNBUFFERED="1", RCUTILS_LOGGING_BUFFERED_STREAM="0")
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", "1")  # as the tests: conftest.py
     params_file = workspace.install / "share" / PACKAGE / "config" / "ovss.yaml"
     command = [
         str(workspace.install / "lib" / PACKAGE / "ovss_node"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -40,6 +41,7 @@ KEYS = [
     "frames with unusable stamp",
     "vocabulary size",
     "parameter change",
+    "callback errors",
     "device",
     "GPU memory allocated (MiB)",
     "GPU memory reserved (MiB)",
@@ -257,6 +259,19 @@ def test_paused_node_is_ok_and_says_why(stats, clock):
     assert report.message == (
         "inference paused; 1 frames rejected (encoding, size, data or pixel limit)"
     )
+
+
+def test_callback_errors_are_counted_and_warn_while_recent(stats, clock):
+    """Issue 18: an error inside a callback (a malformed request) is survived; the count shows,
+    and the status warns while one happened within the window."""
+    serve(stats, 2)
+    clock.now += 1.0
+    recent = replace(STATE, callback_errors=3, recent_callback_errors=1)
+    report = camera_report(stats.window(), recent)
+    assert report.level == WARN and report.value("callback errors") == "3"
+    assert "1 request or callback errors in the last 5 s" in report.message
+    report = camera_report(stats.window(), replace(STATE, callback_errors=3))
+    assert report.level == OK and report.value("callback errors") == "3"
 
 
 def test_gpu_memory_is_shown_in_mib():

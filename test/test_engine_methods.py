@@ -170,7 +170,7 @@ def serving(segmenter, rgb, expected, method):
         ({"pnp_presence": "gpt"}, "unknown pnp_presence 'gpt'"),
         ({"deop_pooling": "max"}, "unknown deop_pooling 'max'"),
         ({"proposal_logit_scale": 0.0}, "proposal_logit_scale must be a finite number > 0"),
-        ({"twostream_crop_batch": 0}, "twostream_crop_batch must be an integer in [1, 1024]"),
+        ({"twostream_crop_batch": 0}, "twostream_crop_batch must be an integer in [1, 443]"),
         ({"method": "pnp_ovss", "pamr": True}, "pamr applies to the dense methods"),
         ({"method": "deop", "refinement": "dslo"}, "refinement applies to the dense methods"),
         ({"method": "pnp_ovss", "background_words": ["sky"]}, "set background_words to []"),
@@ -218,7 +218,7 @@ def test_an_unavailable_vlm_is_one_clear_error(blip, rgb):
     message = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set .*: set vlm_pretr"
     with pytest.raises(ModelLoadError, match=message):
         make(blip, method="pnp_ovss", vlm_pretrained="Salesforce/blip-itm-base-coco")
-    with pytest.raises(ModelLoadError, match="not found: set vlm_pretrained"):
+    with pytest.raises(ModelLoadError, match="not found; set vlm_pretrained"):
         make(blip, method="pnp_ovss", vlm_pretrained=str(blip / "missing"))
 
 

@@ -228,8 +228,8 @@ def assert_unchanged(before: dict, segmenter: Segmenter) -> None:
 BAD_SETTINGS = [
     ({"sd_timestep": 1000}, ValueError, "sd_timestep must be in"),
     ({"sd_timestep": -1}, ValueError, "sd_timestep must be in"),
-    ({"sd_size": 32}, ValueError, "sd_size must be in"),
-    ({"sd_size": 100000}, ValueError, "sd_size must be in"),  # 120 GB a frame (a reviewer)
+    ({"sd_size": 32}, ValueError, "sd_size must be at least 64"),
+    ({"sd_size": 100000}, ValueError, "sd_size 100000 needs a 5120.0 GB VAE"),  # 120 GB a frame
     ({"sd_temperature": float("nan")}, ValueError, "sd_temperature must be in"),
     ({"sd_temperature": float("inf")}, ValueError, "sd_temperature must be in"),
     ({"sd_temperature": 0.0}, ValueError, "sd_temperature must be in"),

@@ -99,7 +99,7 @@ def test_cli_end_to_end(voc_root, tmp_path, capsys):
 
 
 def test_cli_reports_bad_data_root(tmp_path, capsys):
-    assert main(["ade20k", str(tmp_path), "--model", str(TINY_VIT), "--pretrained", "none"]) == 1
+    assert main(["ade20k", str(tmp_path), "--model", str(TINY_VIT), "--pretrained", "none"]) == 2
     assert "images/validation" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["kitti", str(tmp_path)])

@@ -115,8 +115,7 @@ def test_undecodable_data_is_skipped_and_the_node_keeps_serving(node, voc_bgr):
     truncated = make_compressed(encode(voc_bgr[0], ".jpg")[:200], next_header(client.node))
     broken = [garbage, empty, truncated]
     for message in broken:  # one at a time: a newer frame would replace it unseen
-        client.compressed_pub.publish(message)
-        client.spin_for(0.2)
+        client.publish_until_counted(message, "frames rejected")
     good = make_compressed(encode(voc_bgr[0], ".jpg"), next_header(client.node))
     client.wait_for_output(good, ("labels",))
     client.spin_until(

@@ -105,7 +105,9 @@ def test_switching_the_affinity_at_runtime_loads_and_releases_the_sd_model(clien
     [
         # integer ranges are enforced by rclpy from the descriptor, with its own words
         (Parameter("sd_timestep", value=1000), "sd_timestep out of range. Min: 0, Max: 999"),
-        (Parameter("sd_size", value=32), "sd_size out of range. Min: 64, Max: 4096"),
+        # sd_size's range is the per-frame budget's: the node refuses it, with the cost
+        (Parameter("sd_size", value=32), "sd_size must be in [64, 1448], got 32"),
+        (Parameter("sd_size", value=2048), "sd_size 2048 needs a 2.15 GB VAE activation"),
         (Parameter("sd_temperature", value=0.0), "sd_temperature must be in"),
         (Parameter("sd_layers", value="middle"), "unknown sd_layers 'middle'"),
         (Parameter("sd_precision", value="fp8"), "unknown sd_precision 'fp8'"),

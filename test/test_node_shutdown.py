@@ -317,7 +317,12 @@ def test_signals_during_imports_end_start_up_without_a_traceback():
                 process.send_signal(sig)
             process.wait(STOP_TIMEOUT_S)
             output = process.output()
-            assert process.returncode == status, (executable, signals, output)
+            # Signals sent 0.1 s apart can both be pending when the interpreter runs handlers
+            # (the main thread inside a long native call of an import, on a busy machine), and
+            # it runs them in signal-number order: then SIGINT ends start-up although SIGTERM
+            # was sent first. Either first signal is right; exactly one ends start-up.
+            allowed = {status} | {128 + int(sig) for sig in signals}
+            assert process.returncode in allowed, (executable, signals, output)
             assert shutdown_problems(output) == [], output
             assert "[INFO]" not in output, "start-up got further than the imports"
         finally:

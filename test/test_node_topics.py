@@ -347,8 +347,7 @@ def test_broken_frames_are_skipped_and_the_node_keeps_serving(node, voc_rgb):
     short_step.step = rgb.shape[1]  # fewer bytes per row than the pixels need
     broken = [unknown, truncated, empty, short_step]
     for message in broken:  # one at a time: a newer frame would replace it unseen
-        client.image_pub.publish(message)
-        client.spin_for(0.2)
+        client.publish_until_counted(message, "frames rejected")
     client.wait_for_output(good, ("labels",))
     client.spin_until(
         lambda: "skipping frame" in process.output() and "yuv_strange" in process.output(),

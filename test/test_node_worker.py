@@ -38,17 +38,14 @@ class FaultySegmenter(Segmenter):
         self.calls: list[str] = []
         super().__init__(config, **kwargs)
 
-    def set_classes(self, entries) -> None:
-        self.calls.append("set_classes")
-        if FaultySegmenter.stopped:
+    def update(self, classes=None, **changes) -> None:
+        """The one call the node makes to change the engine (vocabulary and settings)."""
+        self.calls.append(f"update {classes is not None} {sorted(changes)}")
+        if classes is not None and FaultySegmenter.stopped:
             raise node_module.Stopped("stop requested before encoding")
-        if FaultySegmenter.fail_set_classes:
+        if classes is not None and FaultySegmenter.fail_set_classes:
             raise RuntimeError("out of memory while encoding text")
-        super().set_classes(entries)
-
-    def reconfigure(self, **changes) -> None:
-        self.calls.append(f"reconfigure {sorted(changes)}")
-        super().reconfigure(**changes)
+        super().update(classes, **changes)
 
     def segment_many(self, images: list[np.ndarray]) -> list[Segmentation]:
         self.calls.append(f"segment_many {len(images)}")
@@ -135,13 +132,6 @@ def applied(node: OvssNode, name: str, value) -> bool:
     return getattr(node._applied_settings, name) == value
 
 
-def wait_until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_inference_failure_is_counted_and_the_next_frame_is_served(node):
     FaultySegmenter.fail_segment = True
     node._process([frame(node)])
@@ -163,7 +153,7 @@ def test_bad_frames_are_counted_as_rejected(node):
 
 def test_frames_over_the_pixel_limit_are_rejected_before_conversion(node):
     assert node.set_parameters([Parameter("max_input_pixels", value=95)])[0].successful
-    wait_until(lambda: applied(node, "max_input_pixels", 95))
+    spin_until(node, lambda: applied(node, "max_input_pixels", 95))
     node._process([frame(node, width=12)])  # 8x12 = 96 pixels
     assert totals(node).rejected == 1 and not node.segmenter.forwards()
     node._process([frame(node, width=11)])  # 88
@@ -178,7 +168,7 @@ def test_frames_over_the_pixel_limit_are_rejected_before_conversion(node):
 
 def test_stale_frames_are_dropped_but_unstamped_ones_are_not(node):
     assert node.set_parameters([Parameter("max_frame_age", value=1.0)])[0].successful
-    wait_until(lambda: applied(node, "max_frame_age", 1.0))
+    spin_until(node, lambda: applied(node, "max_frame_age", 1.0))
     node._process([frame(node, age=5.0)])
     assert totals(node).dropped_stale == 1 and totals(node).processed == 0
     node._process([frame(node, age=0.1)])
@@ -193,7 +183,7 @@ def test_stale_frames_are_dropped_but_unstamped_ones_are_not(node):
 def test_a_stamp_that_is_no_time_means_age_unknown(node, stamp):
     """Never stale, no latency sample, segmented and published, counted (issue 7, item 4)."""
     assert node.set_parameters([Parameter("max_frame_age", value=1.0)])[0].successful
-    wait_until(lambda: applied(node, "max_frame_age", 1.0))
+    spin_until(node, lambda: applied(node, "max_frame_age", 1.0))
     node._process([frame(node, stamp=stamp)])
     assert totals(node).processed == 1 and totals(node).dropped_stale == 0
     assert totals(node).unusable_stamp == 1
@@ -285,10 +275,11 @@ def test_accepted_parameters_reach_the_segmenter_in_the_worker(node):
         ]
     )
     assert all(result.successful for result in results)
-    wait_until(lambda: [c.name for c in node.segmenter.classes] == ["tv", "sofa"])
-    wait_until(lambda: node.segmenter.config.method == "sclip")
-    wait_until(lambda: sorted(node.cameras[0].outputs.masks) == ["sofa", "tv"])
-    wait_until(lambda: node._parameter_change == ("applied", False))
+    spin_until(node, lambda: [c.name for c in node.segmenter.classes] == ["tv", "sofa"])
+    spin_until(node, lambda: node.segmenter.config.method == "sclip")
+    # The mask topics are made on the executor's thread (issue 18): spin it.
+    spin_until(node, lambda: sorted(node.cameras[0].outputs.masks) == ["sofa", "tv"])
+    spin_until(node, lambda: node._parameter_change == ("applied", False))
 
 
 def test_refused_parameters_reach_nothing(node):
@@ -321,7 +312,7 @@ def spin_until(node: OvssNode, predicate, timeout: float = 10.0) -> None:
 def test_failed_vocabulary_change_keeps_the_node_serving_and_the_parameters_truthful(node):
     FaultySegmenter.fail_set_classes = True
     assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
-    wait_until(lambda: node._parameter_change[1])
+    spin_until(node, lambda: node._parameter_change[1])
     FaultySegmenter.fail_set_classes = False
     text, failed = node._parameter_change
     assert failed and text.startswith("classes: RuntimeError: out of memory while encoding")
@@ -338,7 +329,7 @@ def test_failed_vocabulary_change_keeps_the_node_serving_and_the_parameters_trut
     assert len(node.segmenter.calls) == calls
     # A later change that works is applied, and clears the failure.
     assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
-    wait_until(lambda: node._parameter_change == ("applied", False))
+    spin_until(node, lambda: node._parameter_change == ("applied", False))
     assert [c.name for c in node.segmenter.classes] == ["bird"]
 
 
@@ -355,7 +346,7 @@ def test_a_change_is_applied_whole_or_not_at_all(node):
         ]
     )
     assert result.successful
-    wait_until(lambda: node._parameter_change[1])
+    spin_until(node, lambda: node._parameter_change[1])
     FaultySegmenter.fail_set_classes = False
     assert node.segmenter.config.templates == "single"
     assert node._applied_settings.overlay_alpha == 0.5
@@ -376,11 +367,16 @@ def test_a_newer_change_is_not_put_back(node):
     """A change that failed is put back only if nobody changed the parameter since."""
     FaultySegmenter.fail_set_classes = True
     assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
-    wait_until(lambda: node._parameter_change[1])
+    # Without spinning: the executor must not put it back yet.
+    deadline = time.monotonic() + 10.0
+    while not node._parameter_change[1]:
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    assert node._reverts
     FaultySegmenter.fail_set_classes = False
     # Before the executor puts it back, the user asks for another vocabulary.
     assert node.set_parameters([Parameter("classes", value=["fish"])])[0].successful
-    wait_until(lambda: [c.name for c in node.segmenter.classes] == ["fish"])
+    spin_until(node, lambda: [c.name for c in node.segmenter.classes] == ["fish"])
     spin_until(node, lambda: not node._reverts)
     assert node.get_parameter("classes").value == ["fish"]
 
@@ -398,7 +394,7 @@ def test_a_mask_topic_that_cannot_be_created_costs_no_other_output(node, monkeyp
     outputs = node.cameras[0].outputs
     monkeypatch.setattr(outputs.label_info, "publish", published.append)
     assert node.set_parameters([Parameter("classes", value=["cow", "bird", "fish"])])[0].successful
-    wait_until(lambda: published)
+    spin_until(node, lambda: published)
     assert [entry.class_name for entry in published[-1].class_map] == ["cow", "bird", "fish"]
     assert sorted(outputs.masks) == ["bird", "fish"]
     node._process([frame(node)])

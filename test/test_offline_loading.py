@@ -4,7 +4,8 @@ weights load without any request.
 
 Each mode runs offline_loading.py in its own process (huggingface_hub reads HF_ENDPOINT,
 HF_HOME and HF_HUB_OFFLINE at import) with an empty HF_HOME. Requests are counted by a local
-server; times are only bounded loosely (the retry loop this replaces took about 55 s).
+server. No time is asserted (a loaded machine makes any bound flaky): that nothing retries is
+shown by the request counts and by the absence of huggingface_hub's retry messages.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def run_mode(mode: str, cache: Path) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def counting(tmp_path_factory) -> dict:
-    return run_mode("counting", tmp_path_factory.mktemp("hf_home"))[0]
+    results, stderr = run_mode("counting", tmp_path_factory.mktemp("hf_home"))
+    return results | {"stderr": stderr}
 
 
 def hub_requests(result: dict) -> list[str]:
@@ -54,11 +56,11 @@ def test_closed_port_fails_at_once_with_one_clear_message(tmp_path):
     assert message.startswith("ModelLoadError: the weights of ViT-B-16 pretrained=")
     assert "not in the local Hugging Face cache and the hub cannot be reached" in message
     assert WEIGHTS_HINT in message and "or set pretrained to a local checkpoint file" in message
-    assert "Retry" not in stderr and "retry" not in stderr.lower(), stderr
-    assert result["seconds"] < 20.0  # loose: the retry loop took about 55 s
+    assert "retry" not in stderr.lower(), stderr  # the retry loop took about 55 s
 
 
 def test_unreachable_hub_gets_one_request_per_model_and_no_retry(counting):
+    assert "retry" not in counting["stderr"].lower(), counting["stderr"]
     for scenario, repo in [
         ("clip_tag", "/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/"),
         ("clip_hf_hub", "/ovss-test/no-such-clip/"),
@@ -69,7 +71,6 @@ def test_unreachable_hub_gets_one_request_per_model_and_no_retry(counting):
         requests = hub_requests(result)
         assert len(requests) == 1 and requests[0].startswith("HEAD " + repo), (scenario, result)
         assert "the hub cannot be reached" in result["error"], scenario
-        assert result["seconds"] < 30.0, scenario
 
 
 @pytest.mark.parametrize(
@@ -99,7 +100,6 @@ def test_a_server_error_counts_as_unreachable(counting):
     assert len(hub_requests(result)) == 1, result
     assert "the hub cannot be reached" in result["error"] and "HTTP 503" in result["error"]
     assert "set vlm_pretrained to a local directory" in result["error"]
-    assert result["seconds"] < 30.0
 
 
 def test_cached_weights_load_from_the_cache_without_any_request(counting):

@@ -330,6 +330,76 @@ def test_dense_crf_snaps_an_uncertain_boundary_to_the_colour_edge():
     assert (labels == edge).mean() > 0.97
 
 
+def edge_and_probs(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image with a colour edge at half the width, scores that put it at 70 %."""
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[:, width // 2 :] = 220
+    first = np.full((height, width), 0.4, np.float32)
+    first[:, : int(width * 0.7)] = 0.6
+    return rgb, np.stack([first, 1 - first])
+
+
+def test_dense_crf_runs_in_a_process_of_its_own(monkeypatch):
+    """pydensecrf holds the GIL throughout (issue 18): it must not run in the caller's
+    process. Here this process's pydensecrf cannot run at all, and the CRF still works."""
+    densecrf = pytest.importorskip("pydensecrf.densecrf")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dense CRF ran in the caller's process")
+
+    monkeypatch.setattr(densecrf, "DenseCRF2D", refuse)
+    rgb, probs = edge_and_probs(40, 60)
+    labels = pnp_ovss.dense_crf(rgb, probs).argmax(axis=0)
+    assert (labels == np.where(np.arange(60) < 30, 0, 1)[None]).mean() > 0.97
+
+
+def test_dense_crf_of_a_large_frame_is_solved_at_the_bounded_size(monkeypatch):
+    pytest.importorskip("pydensecrf.densecrf")
+    from ovss_ros.core.crf_process import CrfProcess
+
+    solved = []
+    marginals = CrfProcess.marginals
+
+    def spy(self, rgb, probs, *args, **kwargs):
+        solved.append((rgb.shape, probs.shape, args))
+        return marginals(self, rgb, probs, *args, **kwargs)
+
+    monkeypatch.setattr(CrfProcess, "marginals", spy)
+    rgb, probs = edge_and_probs(1080, 1920)
+    out = pnp_ovss.dense_crf(rgb, probs)
+    assert out.shape == probs.shape
+    np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-3)
+    ((rgb_shape, probs_shape, (iterations, gaussian, bilateral, _)),) = solved
+    height, width = rgb_shape[:2]
+    assert height * width <= pnp_ovss.CRF_MAX_PIXELS and probs_shape == (2, height, width)
+    assert abs(width / height - 1920 / 1080) < 0.01
+    scale = width / 1920
+    assert gaussian["sxy"] == pytest.approx(3 * scale, rel=0.01)
+    assert bilateral["sxy"] == pytest.approx(50 * scale, rel=0.01)
+
+
+def test_dense_crf_stops_when_asked_and_fails_with_the_reason():
+    pytest.importorskip("pydensecrf.densecrf")
+    import threading
+
+    from ovss_ros.core.crf_process import CrfError, CrfProcess
+    from ovss_ros.core.stopping import Stopped
+
+    crf = CrfProcess()
+    rgb, probs = edge_and_probs(40, 60)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Stopped):
+        crf.marginals(rgb, probs, 10, {"sxy": 3, "compat": 7}, {"sxy": 5}, stop)
+    with pytest.raises(CrfError, match="addPairwiseBilateral"):  # the child's TypeError
+        crf.marginals(rgb, probs, 10, {"sxy": 3, "compat": 7}, {"sxy": 5, "compat": 10})
+    out = crf.marginals(
+        rgb, probs, 10, {"sxy": 3, "compat": 7}, {"sxy": 50, "srgb": 5, "compat": 10}
+    )
+    assert out.shape == probs.shape
+    crf.close()
+
+
 def test_refine_auto_uses_crf_when_it_imports_else_pamr(monkeypatch):
     if pnp_ovss.crf_available():
         assert PnpOvssSettings(refine="auto").refinement() == "crf"

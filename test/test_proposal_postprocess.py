@@ -70,7 +70,8 @@ def test_postprocess_in_chunks_equals_upsampling_all_at_once(
             monkeypatch.setattr(proposal_segmentation, "POSTPROCESS_ELEMENTS", elements)
         got = deop.postprocess(scores, size)
     np.testing.assert_array_equal(got.labels, want_labels)
-    np.testing.assert_array_equal(got.confidence, want_confidence)
+    # Interpolating fewer channels at once may take another vectorised kernel: 1 ulp apart.
+    np.testing.assert_allclose(got.confidence, want_confidence, rtol=1e-6, atol=1e-7)
     assert got.labels.dtype == (np.uint8 if len(classes) < 255 else np.uint16)
     assert len(np.unique(got.labels)) > 1  # not a trivial map
 

@@ -10,7 +10,13 @@ from conftest import TINY_VIT
 from ovss_ros.core import Stopped
 from ovss_ros.core.engine import EngineConfig, Segmenter
 from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.text_encoding import TextEncoder, template_set
+from ovss_ros.core.text_encoding import (
+    JUNCTION_SLACK,
+    PromptTooLong,
+    TextEncoder,
+    template_set,
+)
+from ovss_ros.core.vocabulary import VocabularyError, parse_classes
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +197,104 @@ def test_trim_bounds_the_cache(clip, monkeypatch):
     encoder.embeddings(["d", "e"])
     encoder.trim(["a", "e"], ["a dog."])
     assert sorted(text for _, text in encoder.cache) == ["a", "a dog.", "e"]
+
+
+# ---- prompts longer than the text model's context (issue 18, item 9) ----
+# "part 7777...": every digit is one BPE token, so the length in tokens is easy to set.
+CUT = "part " + "7" * 70
+
+
+def test_two_names_that_differ_after_the_cut_are_refused_not_merged(clip):
+    """Issue 18 item 9: CLIP's tokenizer cuts at 77 tokens, so these two names would get one
+    embedding and the second could never win a pixel. Refused, naming the class and 77."""
+    tokenizer = clip.tokenizer
+    first, second = tokenizer([f"a photo of a {CUT}1.", f"a photo of a {CUT}2."])
+    assert torch.equal(first, second)  # what the text tower would see: the same tokens
+    segmenter = Segmenter(
+        EngineConfig(model=str(TINY_VIT), pretrained="none", device="cpu", templates="single")
+    )
+    segmenter.set_classes(["cat"])
+    with pytest.raises(VocabularyError) as refused:
+        segmenter.set_classes(["cat", f"{CUT}1", f"{CUT}2"])
+    reason = str(refused.value)
+    assert f"class '{CUT}1'" in reason and "more than the 77" in reason
+    assert "has 79 tokens" in reason  # a photo of a | part | 71 digits | . | start, end
+    assert [c.name for c in segmenter.classes] == ["cat"]  # the old vocabulary stays
+
+
+def _digits_name(tokens: int) -> str:
+    """A name of exactly ``tokens`` BPE tokens: 'part' and one token per digit."""
+    return "part " + "7" * (tokens - 1)
+
+
+@pytest.mark.parametrize("templates", ["single", "imagenet", "{}", "a {} in a room|{}"])
+def test_the_longest_prompt_that_fits_is_accepted_one_more_token_is_refused(clip, templates):
+    encoder = TextEncoder(clip.model, clip.tokenizer, templates)
+    overhead = max(len(clip.tokenizer.encode(t.format(""))) for t in encoder.templates) + 2
+    fits = _digits_name(77 - overhead)
+    longest = max(len(clip.tokenizer.encode(t.format(fits))) + 2 for t in encoder.templates)
+    assert longest == 77  # guards the arithmetic: the name's longest prompt is exactly 77
+    encoder.check_lengths([fits])
+    encoder.embeddings([fits])  # encoded, not refused
+    with pytest.raises(PromptTooLong, match="has 78 tokens, more than the 77"):
+        encoder.check_lengths([_digits_name(78 - overhead)])
+    with pytest.raises(PromptTooLong):  # embeddings checks before any text-tower work
+        encoder.embeddings([_digits_name(78 - overhead)])
+    assert encoder.prompts_encoded == len(encoder.templates)
+
+
+def test_junction_slack_covers_the_template_name_junctions():
+    """check_lengths tokenizes a prompt whole only when its parts come within JUNCTION_SLACK of
+    the limit; measured here: a junction moves the count by at most the slack."""
+    import random
+    import string
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    templates = template_set("imagenet") + ("{}s", "a{}b", "{}'s photo", "({})")
+    rng = random.Random(0)
+    words = ["cat", "dog", "tv", "椅子", "кошка", "café", "a-b", "x!", "!", "3d", "plant's"]
+    worst = 0
+    for _ in range(150):
+        name = " ".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+        if rng.random() < 0.4:
+            name = "".join(rng.choice(string.printable[:94]) for _ in range(rng.randint(1, 20)))
+        name = name.strip() or "x"
+        count = len(tokenizer.encode(name))
+        for template in templates:
+            prefix, suffix = template.split("{}")
+            parts = len(tokenizer.encode(prefix)) + count + len(tokenizer.encode(suffix))
+            whole = len(tokenizer.encode(template.format(name)))
+            worst = max(worst, whole - parts)
+    assert worst < JUNCTION_SLACK
+
+
+def test_descriptions_and_background_words_are_checked_too(clip):
+    segmenter = Segmenter(
+        EngineConfig(model=str(TINY_VIT), pretrained="none", device="cpu", templates="single")
+    )
+    with pytest.raises(VocabularyError, match=r"class 'tv': description .* 77"):
+        segmenter.set_classes(["tv | " + " ".join(["screen"] * 80)])
+    with pytest.raises(VocabularyError, match=r"background word .* 77"):
+        segmenter.reconfigure(background_words=[CUT])
+    assert segmenter.config.background_words == ()
+    config = EngineConfig(model=str(TINY_VIT), pretrained="none", device="cpu", templates="single")
+    classes = parse_classes(["cat", f"kitty; {CUT}"])
+    with pytest.raises(VocabularyError, match=r"class 'kitty': synonym .* 77"):
+        segmenter.check_config(config, classes)  # the node validates ahead with this
+    segmenter.check_config(config, parse_classes(["cat", "kitty"]))
+    from dataclasses import replace
+
+    with pytest.raises(VocabularyError, match="background word"):
+        segmenter.check_config(replace(config, background_words=(CUT,)))
+
+
+def test_a_template_that_pushes_a_name_over_is_refused_with_the_template(clip):
+    segmenter = Segmenter(
+        EngineConfig(model=str(TINY_VIT), pretrained="none", device="cpu", templates="single")
+    )
+    name = _digits_name(66)  # fits 'a photo of a {}.' (73 tokens), not a longer template
+    segmenter.set_classes([name])
+    long_template = "a very blurry and badly cropped old photo of the {} on a table."
+    with pytest.raises(VocabularyError, match="or the template"):
+        segmenter.reconfigure(templates=long_template)
+    assert segmenter.config.templates == "single"

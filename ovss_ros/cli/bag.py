@@ -33,6 +33,7 @@ from ovss_ros.bag_processing import (
 )
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
+from ovss_ros.cli.tool_parser import ToolParser
 from ovss_ros.core import ModelLoadError, Segmenter, VocabularyError, parse_classes
 from ovss_ros.stop_signals import StopSignals
 
@@ -40,7 +41,7 @@ logger = logging.getLogger("ovss-bag")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="ovss-bag",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],

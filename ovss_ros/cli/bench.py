@@ -31,7 +31,6 @@ floor that one CLIP forward per frame sets. All figures come from one process an
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -46,11 +45,13 @@ from rclpy.serialization import serialize_message
 from std_msgs.msg import Header
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
+from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
 from ovss_ros.core import EngineConfig, Segmenter, overlay
 from ovss_ros.core.config import PIPELINE_METHODS
 from ovss_ros.core.dense_clip import interpolate_pos_embed
 from ovss_ros.core.proposal_segmentation import Frames, tokens_before_last_block
 from ovss_ros.image_conversion import (
+    DEFAULT_MAX_INPUT_PIXELS,
     image_file_to_rgb8,
     image_to_rgb8,
     mono8_to_image,
@@ -258,6 +259,9 @@ def time_rows(
     return summary(bare), results
 
 
+MAX_FRAME = DEFAULT_MAX_INPUT_PIXELS  # the benchmark frame is bounded like a camera frame
+
+
 def test_message(path: str, width: int, height: int):
     rgb = image_file_to_rgb8(Path(path))
     rgb = cv2.resize(rgb, (width, height))
@@ -265,7 +269,7 @@ def test_message(path: str, width: int, height: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ovss-bench", description=__doc__.split("\n\n")[0])
+    parser = ToolParser(prog="ovss-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default=VOC_SAMPLE, help="test image (resized to the size)")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
@@ -279,6 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_engine_args(parser, argv)
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be at least 1 and --warmup at least 0")
+    if args.threads < 0:
+        parser.error(f"--threads must be at least 0 (0 = torch's default), got {args.threads}")
+    if not (1 <= args.width and 1 <= args.height and args.width * args.height <= MAX_FRAME):
+        parser.error(
+            f"--width and --height must be at least 1 and make at most {MAX_FRAME} pixels "
+            f"(the node's default max_input_pixels), got {args.width}x{args.height}"
+        )
+    if args.json is not None:
+        try:
+            not_an_input(args.json, [args.image, *filter(None, [args.params_file])], "--json")
+        except ValueError as error:
+            parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
@@ -289,14 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         segmenter.set_classes(args.classes)
         message = test_message(args.image, args.width, args.height)
     except (ValueError, OSError, RuntimeError) as error:
-        print(f"ovss-bench: {error}", file=sys.stderr)
+        print(f"ovss-bench: error: {one_line(error)}", file=sys.stderr)
         return 2
     rows = dict(zip(combos, settings, strict=True))
     for combo, changes in rows.items():  # refuse a combo that cannot run before timing any
         try:
             segmenter.reconfigure(**changes)
         except (ValueError, RuntimeError) as error:  # ModelLoadError, CheckpointError too
-            print(f"ovss-bench: combo {combo}: {error}", file=sys.stderr)
+            print(f"ovss-bench: error: combo {combo}: {one_line(error)}", file=sys.stderr)
             return 2
     print(
         f"ovss-bench: {args.warmup} warm-up and {args.iterations} timed rounds of "
@@ -318,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print_report(report)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as file:
             json.dump(report, file, indent=2)
     return 0

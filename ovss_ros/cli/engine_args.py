@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ovss_ros.cli.tool_parser import ToolParser
 from ovss_ros.core.config import (
     DSLO_AFFINITIES,
     DSLO_MODES,
@@ -25,11 +26,14 @@ from ovss_ros.core.config import (
 )
 from ovss_ros.core.dense_clip import POS_INTERPOLATIONS
 from ovss_ros.core.deop import POOLINGS
+from ovss_ros.core.file_checks import read_text
 from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES
 from ovss_ros.core.proposals import PROPOSAL_SOURCES
 from ovss_ros.core.sd2_attention import LAYER_SETS, SD_PRECISIONS
 from ovss_ros.core.vlm_loading import VLM_MODELS
 
+# A node params file is a few kB (config/ovss.yaml: 3 kB); anything far larger is not one.
+MAX_PARAMS_FILE_BYTES = 1 << 20
 # EngineConfig fields whose flag has another name (dest); every other field's dest is its name.
 FLAG_DEST = {
     "short_side": "size",
@@ -219,13 +223,16 @@ def params_file_defaults(path: Path) -> dict[str, Any]:
 
     The file is a ROS params file (``/**: ros__parameters: {...}`` or ``<node>:
     ros__parameters``); its node-only parameters (classes, topics, publishing) are left out.
-    Raises ValueError naming the problem: unreadable file, no ros__parameters, an unknown
-    parameter, a value of the wrong type.
+    Raises ValueError naming the problem: missing, not a regular file, larger than
+    MAX_PARAMS_FILE_BYTES, not YAML, no ros__parameters, an unknown parameter, a value of the
+    wrong type.
     """
     try:
-        document = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"params file {str(path)!r} cannot be read: {error}") from error
+        document = yaml.safe_load(read_text(path, "params file", MAX_PARAMS_FILE_BYTES))
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"params file {str(path)!r} cannot be read: {' '.join(str(error).split())}"
+        ) from None
     sections = (
         [
             entry["ros__parameters"]
@@ -269,7 +276,7 @@ def parse_engine_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> argparse.Namespace:
     """``parser.parse_args(argv)``, with the ``--params-file`` settings as the defaults."""
-    first = argparse.ArgumentParser(add_help=False)
+    first = ToolParser(add_help=False, prog=parser.prog)
     first.add_argument("--params-file", type=Path)
     known, _ = first.parse_known_args(argv)
     if known.params_file is not None:

@@ -15,7 +15,9 @@ configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with 
 where the hub is not reachable); ``--params-file`` reads engine settings from a node params file
 over the protocol's; any engine flag overrides single settings (--background replaces the data
 set's background words). Data sets: voc21, context60, coco_object, voc20, context59, coco_stuff,
-cityscapes, ade20k.
+cityscapes, ade20k. Exit status: 0 scored, 2 bad arguments, data set, files or settings (one
+line on stderr; a damaged image or label stops the run, naming the file: skipping it would change
+the score).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
+from ovss_ros.cli.input_limits import add_max_input_pixels_argument
+from ovss_ros.cli.tool_parser import BAD_INPUT, ToolParser, not_an_input, one_line
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, VocabularyError
 from ovss_ros.core.config import PIPELINE_METHODS
 from ovss_ros.core.refine.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
@@ -51,7 +55,7 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     """Parser whose engine defaults are the method protocol's on the data set (generic ones
     before they are known)."""
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="ovss-eval",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -71,6 +75,7 @@ def build_parser(
         help="replacement class-name file (same lines as the built-in one, ';' synonyms)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_max_input_pixels_argument(parser)
     defaults = {}
     if protocol is not None and method is not None:
         settings = method.for_dataset(protocol)
@@ -102,7 +107,7 @@ def parse_args(
     argv: list[str] | None,
 ) -> tuple[argparse.Namespace, DatasetProtocol, MethodProtocol]:
     """Two passes: the data set and the method (or --protocol) decide the engine defaults."""
-    first = argparse.ArgumentParser(add_help=False)
+    first = ToolParser(add_help=False, prog="ovss-eval")
     first.add_argument("dataset", nargs="?")
     first.add_argument("--method", default=EngineConfig.method)
     first.add_argument("--protocol")
@@ -197,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         builtin = method.for_dataset(protocol).class_file(protocol)
         vocabulary = load_vocabulary(protocol, args.class_names, builtin)
         reader = protocol.read(args.root)
+        if args.output is not None:
+            inputs = [path for pair in reader.pairs for path in pair]
+            not_an_input(args.output, [*inputs, *filter(None, [args.class_names])], "--output")
         config = engine_config(args, vocabulary.background_words, method)
         config.validate()
         segmenter = Segmenter(config)
@@ -208,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             vocabulary.has_background,
             limit=args.limit,
             progress=not args.no_progress,
+            max_pixels=args.max_input_pixels,
         )
     except (OSError, ValueError, ModelLoadError, VocabularyError) as error:
-        print(f"ovss-eval: error: {error}", file=sys.stderr)
-        return 1
+        print(f"ovss-eval: error: {one_line(error)}", file=sys.stderr)
+        return BAD_INPUT
     print(format_report(result, f"{protocol.title}, {method.name} protocol"))
     if args.output:
         report = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
 import unicodedata
 from collections import Counter
@@ -32,6 +33,7 @@ import numpy as np
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
+from ovss_ros.cli.tool_parser import ToolParser
 from ovss_ros.core import ModelLoadError, Segmentation, Segmenter, VocabularyError, overlay
 from ovss_ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
 from ovss_ros.stop_signals import StopSignals
@@ -56,7 +58,8 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
     """Files as given, folders expanded to their images (sorted, not recursive); each file once.
 
     A file reached twice (given twice, through a link, or as itself and through its folder) is
-    kept where it first appears. Raises FileNotFoundError for an input that does not exist.
+    kept where it first appears. Raises FileNotFoundError for an input that does not exist,
+    ValueError for one that is neither a regular file nor a folder (never opened).
     """
     files: list[Path] = []
     seen: dict[tuple[int, int], Path] = {}
@@ -67,6 +70,11 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
             )
         elif item.is_file():
             found = [item]
+        elif os.path.lexists(item):
+            raise ValueError(
+                f"input {str(item)!r} is not a regular file or folder (a device, pipe or socket, "
+                "or a broken link)"
+            )
         else:
             raise FileNotFoundError(f"input {str(item)!r} does not exist")
         for path in found:
@@ -126,7 +134,8 @@ def plan(inputs: Sequence[str], output: Path, with_overlay: bool) -> list[ImageJ
 
     Raises:
         FileNotFoundError: an input does not exist.
-        ValueError: ``output`` is not a folder, or an output file would overwrite an input image.
+        ValueError: ``output`` is not a folder, an input is not a regular file or folder, or an
+            output file (labels, overlay, labels.txt, images.tsv) would overwrite an input.
     """
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {str(output)!r} exists and is not a folder")
@@ -136,13 +145,14 @@ def plan(inputs: Sequence[str], output: Path, with_overlay: bool) -> list[ImageJ
         if job.name != job.path.stem:
             logger.info("%s shares its name with another input: writing %s_*", job.path, job.name)
     inputs_by_id = {_file_id(job.path): job.path for job in jobs}
-    for job in jobs:
-        for path in job.outputs(output, with_overlay):
-            if path.exists() and (clash := inputs_by_id.get(_file_id(path))) is not None:
-                raise ValueError(
-                    f"output {str(path)!r} would overwrite the input image {str(clash)!r}; "
-                    "choose another --output"
-                )
+    outputs = [output / "labels.txt", output / MANIFEST]
+    outputs += [path for job in jobs for path in job.outputs(output, with_overlay)]
+    for path in outputs:
+        if path.exists() and (clash := inputs_by_id.get(_file_id(path))) is not None:
+            raise ValueError(
+                f"output {str(path)!r} would overwrite the input image {str(clash)!r}; "
+                "choose another --output"
+            )
     return jobs
 
 
@@ -159,7 +169,7 @@ class SegmentReport:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="ovss-segment",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
@@ -184,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = Path(args.output)
     try:
+        if not 0.0 <= args.alpha <= 1.0:  # False for NaN too
+            raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
         jobs = plan(args.inputs, output, not args.no_overlay)
         config = config_from_args(args)
         config.validate()
@@ -228,9 +240,7 @@ def _segment_all(
                     continue
                 rgb, segmentation = result
                 paths = job.outputs(output, not args.no_overlay)
-                if _write_outputs(
-                    job, paths, rgb, segmentation, args.alpha, not args.no_legend
-                ):
+                if _write_outputs(job, paths, rgb, segmentation, args.alpha, not args.no_legend):
                     overlay_name = paths[1].name if len(paths) > 1 else ""
                     manifest.writerow([str(job.path), paths[0].name, overlay_name])
                     manifest_file.flush()

@@ -9,7 +9,8 @@ may list its unseen classes in unseen.txt) and validates on all classes: mIoU on
 their harmonic mean. Writes ``<output>/checkpoint.pt`` (the file ``deop_checkpoint`` takes, also
 the resume point) every --checkpoint-every steps and at the end, and ``<output>/metrics.json``.
 --resume continues from ``<output>/checkpoint.pt``. Exit status 0 done, 2 bad arguments, data,
-model or checkpoint.
+model or checkpoint (one line on stderr; every image and label is checked from its header before
+the model loads), 1 the run folder could not be written.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import torch
 
+from ovss_ros.cli.input_limits import add_max_input_pixels_argument
+from ovss_ros.cli.tool_parser import ToolParser
 from ovss_ros.core.deop_checkpoint import CheckpointError
 from ovss_ros.core.model_loading import ModelLoadError, load_clip
 from ovss_ros.core.proposals import PROPOSAL_SOURCES
@@ -32,7 +37,7 @@ logger = logging.getLogger("ovss-train-deop")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     base = TrainingConfig()
-    parser = argparse.ArgumentParser(prog="ovss-train-deop", description=__doc__.split("\n\n")[0])
+    parser = ToolParser(prog="ovss-train-deop", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=DATASETS, help="data set layout")
     parser.add_argument("root", help="data set root folder")
     parser.add_argument("--output", "-o", default="deop_run", help="run folder")
@@ -79,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="validation short side (0: the crop)",
     )
     run.add_argument("--workers", type=int, default=base.workers, help="data loader processes")
+    add_max_input_pixels_argument(parser)
     run.add_argument("--seed", type=int, default=base.seed)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -109,6 +115,15 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     )
 
 
+def reason(error: BaseException) -> str:
+    """An error as one line; an error raised in a data loader worker carries the worker's
+    traceback in its text (PyTorch's ``ExceptionWrapper``): only its last line is the reason."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1]
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
@@ -116,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         config.validate()
+        output = Path(args.output).expanduser()
+        if os.path.lexists(output) and not output.is_dir():
+            raise ValueError(f"--output {str(output)!r} exists and is not a folder")
         data = training_data(args.dataset, args.root)
+        data.check(args.max_input_pixels)
         torch.manual_seed(args.seed)  # the same random CLIP weights for pretrained none
         clip = load_clip(args.model, args.pretrained, args.device, args.precision)
         logger.info(
@@ -128,9 +147,18 @@ def main(argv: list[str] | None = None) -> int:
             len(data.unseen),
         )
         summary = train(clip, data, config, args.output, resume=args.resume)
-    except (FileNotFoundError, ModelLoadError, CheckpointError, ValueError) as error:
-        logger.error("%s", error)
+    except (
+        FileNotFoundError,
+        ModelLoadError,
+        CheckpointError,
+        ValueError,
+        FloatingPointError,
+    ) as error:
+        logger.error("%s", reason(error))
         return 2
+    except OSError as error:  # writing the run folder (disk full, permissions): not the input
+        logger.error("%s", reason(error))
+        return 1
     logger.info("done: %s", json.dumps(summary["validation"]))
     print(json.dumps(summary, allow_nan=True))
     return 0

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.segment import image_files
+from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
 from ovss_ros.core import ModelLoadError, VocabularyError
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.model_loading import load_clip
@@ -51,22 +52,68 @@ def node_parameters(
     return {"/**": {"ros__parameters": parameters}}
 
 
-def int_list(text: str) -> list[int]:
-    """``"1-3,8"`` -> [1, 2, 3, 8]."""
+# Values one search-space flag may list, and candidates the whole space may hold: BLIP large has
+# 12 x 12 layer-head pairs; 5 thresholds x 5 rounds make 3600 candidates, a budget far beyond any
+# run. A range like 0-1000000 is refused instead of listed (it cost 7.9 GB, then MemoryError).
+MAX_VALUES = 1000
+MAX_CANDIDATES = 100_000
+
+
+def int_list(text: str, flag: str = "list") -> list[int]:
+    """``"1-3,8"`` -> [1, 2, 3, 8]; ValueError naming ``flag`` for text that is not such a
+    list or lists more than MAX_VALUES values."""
     values: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         low, _, high = part.partition("-")
-        values += range(int(low), int(high or low) + 1)
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(
+                f"{flag} {text!r}: {part!r} is not an integer or a range like 2-5"
+            ) from None
+        if last < first or len(values) + last - first + 1 > MAX_VALUES:
+            raise ValueError(
+                f"{flag} {text!r}: {part!r} is not a range of at most {MAX_VALUES} values"
+            )
+        values += range(first, last + 1)
     return values
 
 
-def float_list(text: str) -> list[float]:
-    return [float(p) for p in text.split(",") if p.strip()]
+def float_list(text: str, flag: str = "list") -> list[float]:
+    """``"0.1,0.2"`` -> [0.1, 0.2]; ValueError naming ``flag`` for anything else."""
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not a comma-separated list of numbers") from None
+    if len(values) > MAX_VALUES:
+        raise ValueError(f"{flag} lists {len(values)} values; at most {MAX_VALUES}")
+    return values
+
+
+def search_space(args: argparse.Namespace, layers: int, heads: int) -> SearchSpace:
+    """The search space of the flags (empty layers/heads: every one of the VLM's); ValueError
+    for an empty list or a space of more than MAX_CANDIDATES candidates."""
+    space = SearchSpace(
+        layers=int_list(args.layers, "--layers") or list(range(1, layers + 1)),
+        heads=int_list(args.heads, "--heads") or list(range(1, heads + 1)),
+        thresholds=float_list(args.thresholds, "--thresholds"),
+        dropout_rounds=int_list(args.rounds, "--rounds"),
+    )
+    for flag, values in (("--thresholds", space.thresholds), ("--rounds", space.dropout_rounds)):
+        if not values:
+            raise ValueError(f"{flag} is empty: give at least one value")
+    size = len(space.layers) * len(space.heads) * len(space.thresholds) * len(space.dropout_rounds)
+    if size > MAX_CANDIDATES:
+        raise ValueError(
+            f"the search space has {size} candidates (layers x heads x thresholds x rounds); "
+            f"at most {MAX_CANDIDATES}: narrow --layers, --heads, --thresholds or --rounds"
+        )
+    return space
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults, pnp = EngineConfig(), PnpOvssSettings()
-    parser = argparse.ArgumentParser(prog="ovss-tune", description=__doc__.split("\n\n")[0])
+    parser = ToolParser(prog="ovss-tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="unlabeled image files or folders")
     parser.add_argument("--classes", nargs="+", required=True, help="class names ('a; synonym')")
     parser.add_argument("--output", "-o", default="pnp_ovss_tuned.yaml", help="params file")
@@ -121,24 +168,24 @@ def main(argv: list[str] | None = None) -> int:
         refine=args.refine,
     )
     try:
+        if args.budget < 1:
+            raise ValueError(f"--budget must be at least 1 (settings to try), got {args.budget}")
+        if args.max_images < 0:
+            raise ValueError(f"--max-images must be at least 0 (0 = all), got {args.max_images}")
         files = image_files(args.inputs)[: args.max_images or None]
         if not files:
             raise FileNotFoundError("no images found in the inputs")
+        not_an_input(args.output, files, "--output")
         start.validate()
         clip = load_clip(args.model, args.pretrained, args.device, args.precision)
         vlm = load_vlm(args.vlm_model, args.vlm_pretrained, args.device, args.precision)
         pipeline = PnpOvss(clip, vlm, start, templates=args.templates)
         pipeline.set_classes(args.classes)
-        space = SearchSpace(
-            layers=int_list(args.layers) or list(range(1, vlm.num_layers + 1)),
-            heads=int_list(args.heads) or list(range(1, vlm.num_heads + 1)),
-            thresholds=float_list(args.thresholds),
-            dropout_rounds=int_list(args.rounds),
-        )
+        space = search_space(args, vlm.num_layers, vlm.num_heads)
         for candidate in space.candidates():  # refuse a bad space before any work
             pipeline.check(replace(start, **candidate))
-    except (FileNotFoundError, ModelLoadError, VocabularyError, ValueError) as error:
-        logger.error("%s", error)
+    except (OSError, ModelLoadError, VocabularyError, ValueError) as error:
+        logger.error("%s", one_line(error))
         return 2
     images = []
     for path in files:  # bounded before decoding, stored pixel grid (EXIF ignored)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
+from ovss_ros.core.frame_budget import check_affinity
 from ovss_ros.core.sd2_attention import DEFAULT_MODEL as SD_DEFAULT_MODEL
 from ovss_ros.core.sd2_attention import SD_PRECISIONS, check_settings
 from ovss_ros.core.text_encoding import template_set
@@ -36,14 +37,54 @@ SD_FIELDS = (
     "sd_seed",
 )
 SD_SEED_LIMIT = 2**31 - 1  # a ROS integer parameter's range is wider; torch seeds are 64-bit
-# Upper bound of max_long_side: a 4K UHD frame (3840 px) fits unscaled. The whole-image forward
-# attends over all patches at once, so the bound is only affordable with sliding windows.
+# Upper bound of max_long_side (and short_side, crop, stride): a 4K UHD frame (3840 px) fits
+# unscaled. The whole-image forward computes its attention in row chunks (frame_budget), so only
+# the maps that must exist whole (DSLO's and FreeCP's patch affinity) bound the frame further.
 MAX_LONG_SIDE_LIMIT = 4096
 # Sliding windows per frame, counted for a frame at the size bounds: every window is one more
 # image in the forward batch. The official protocols need at most 72 (Cityscapes: 560 x 2048,
 # 224/112); 224/112 windows on a kept-size 2048 x 2048 frame need 324. A stride of a few
 # pixels, or a one-patch crop, would need thousands: refused.
 MAX_WINDOWS = 512
+# Upper bounds of the positive numbers (the node's parameter ranges): finite, so a flag typed as
+# inf or nan is refused as the node refuses it.
+POSITIVE_LIMITS = {"logit_scale": 1000.0, "sinkhorn_epsilon": 100.0, "velocity_tau": 100.0}
+MAX_ITERATIONS = 1000  # sinkhorn_iterations, ipf_rounds: each one pass over the affinity
+
+
+def largest_grid(config: EngineConfig, patch: int) -> tuple[int, int]:
+    """The patch grid of one window of the largest frame ``config`` allows: the crop's, or
+    the whole resized image's (``max_long_side`` by ``short_side``, square at
+    ``max_long_side`` when ``short_side`` is 0)."""
+    long = config.max_long_side
+    short = min(config.short_side or long, long)
+    if config.crop:
+        short, long = min(short, config.crop), min(long, config.crop)
+    return max(1, short // patch), max(1, long // patch)
+
+
+def known_patch(model: str) -> int | None:
+    """The patch size of an open_clip model name from its registered config (no file is read,
+    nothing is loaded); None for a config file, a hub model or an unknown name."""
+    import open_clip
+
+    if model.endswith(".json") or ":" in model:
+        return None
+    try:
+        vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
+    except Exception:  # an unknown name: load_clip says so
+        return None
+    patch = vision.get("patch_size")
+    return int(patch[0] if isinstance(patch, list | tuple) else patch) if patch else None
+
+
+def check_frame_budget(config: EngineConfig, patch: int) -> None:
+    """The per-frame budget of the maps that must exist whole (``frame_budget``): with DSLO or
+    FreeCP, the patch affinity of every window of the largest frame. FrameBudgetError."""
+    if config.refinement not in ("dslo", "freecp") or config.method in PIPELINE_METHODS:
+        return
+    settings = "short_side and max_long_side" + (" with crop and stride" if config.crop else "")
+    check_affinity(config.max_windows(), largest_grid(config, patch), settings)
 
 
 @dataclass
@@ -144,8 +185,11 @@ class EngineConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}: use one of {allowed}")
         for name in ("short_side", "crop", "stride"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) <= MAX_LONG_SIDE_LIMIT:
+                raise ValueError(
+                    f"{name} must be in [0, {MAX_LONG_SIDE_LIMIT}] pixels, got "
+                    f"{getattr(self, name)}"
+                )
         if not 1 <= self.max_long_side <= MAX_LONG_SIDE_LIMIT:
             raise ValueError(
                 f"max_long_side must be in [1, {MAX_LONG_SIDE_LIMIT}] pixels, got "
@@ -167,12 +211,14 @@ class EngineConfig:
         for name in ("score_threshold", "area_threshold", "freecp_redundancy", "freecp_ambiguity"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("logit_scale", "sinkhorn_epsilon", "velocity_tau"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name, most in POSITIVE_LIMITS.items():  # the node's ranges; False for NaN too
+            if not 0 < getattr(self, name) <= most:
+                raise ValueError(f"{name} must be in (0, {most:g}], got {getattr(self, name)}")
         for name in ("sinkhorn_iterations", "ipf_rounds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_ITERATIONS:
+                raise ValueError(
+                    f"{name} must be in [1, {MAX_ITERATIONS}], got {getattr(self, name)}"
+                )
         if self.area_threshold and self.refinement != "none":
             raise ValueError(
                 f"area_threshold applies to the base method's labels, not to refinement "
@@ -180,6 +226,9 @@ class EngineConfig:
             )
         check_background_words(self.background_words)
         template_set(self.templates)
+        patch = known_patch(self.model)
+        if patch is not None:  # else Segmenter.check_config checks it with the loaded model
+            check_frame_budget(self, patch)
         self._validate_sd()
         # pnp_ovss / deop / twostream settings; imported here: their modules import the engine
         from ovss_ros.core.method_pipelines import check_pipeline_settings

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from ovss_ros.core.frame_budget import rows_per_chunk
+
 LAST_BLOCK_MODES = (
     "naclip",
     "sclip",
@@ -182,48 +184,118 @@ def residual_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.ls_2(mlp(block.ln_2(x)))
 
 
+def _omega_rows(grid: tuple[int, int], rows: slice, device, dtype) -> torch.Tensor:
+    """Rows ``rows`` (token indices, class token 0) of NACLIP's Omega (``gaussian_window``)."""
+    length = grid[0] * grid[1] + 1
+    if rows.start == 0 and rows.stop >= length:
+        return gaussian_window(grid, device=device).to(dtype)
+    index = torch.arange(length - 1, device=device)  # patch i is token i + 1
+    coords = torch.stack([index // grid[1], index % grid[1]], dim=1).float()
+    first = max(rows.start, 1)
+    part = coords[first - 1 : rows.stop - 1]
+    omega = torch.exp(-torch.cdist(part, coords).square() / (2 * NACLIP_SIGMA**2))
+    omega = F.pad(omega, (1, 0, 1 if rows.start == 0 else 0, 0))  # class token: zero
+    return omega.to(dtype)
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    mode: str,
+    grid: tuple[int, int],
+    rows: slice,
+) -> torch.Tensor:
+    """Rows ``rows`` of the (N, heads, L, L) attention of a last-block mode: (N, heads, r, L).
+
+    Each row is its own softmax, so any split into rows gives the whole map's rows exactly.
+    """
+    if mode == "naclip":
+        omega = _omega_rows(grid, rows, q.device, q.dtype)
+        return torch.softmax(k[:, :, rows] @ k.transpose(-2, -1) * scale + omega, dim=-1)
+    if mode == "keykey":
+        return torch.softmax(k[:, :, rows] @ k.transpose(-2, -1) * scale, dim=-1)
+    if mode == "sclip":
+        return torch.softmax(q[:, :, rows] @ q.transpose(-2, -1) * scale, dim=-1) + torch.softmax(
+            k[:, :, rows] @ k.transpose(-2, -1) * scale, dim=-1
+        )
+    if mode == "clearclip":
+        return torch.softmax(q[:, :, rows] @ q.transpose(-2, -1) * scale, dim=-1)
+    if mode == "vanilla":
+        return torch.softmax(q[:, :, rows] @ k.transpose(-2, -1) * scale, dim=-1)
+    raise ValueError(f"unknown method {mode!r}: use one of {list(LAST_BLOCK_MODES)}")
+
+
 def attention_weights(
     q: torch.Tensor, k: torch.Tensor, scale: float, mode: str, grid: tuple[int, int]
 ) -> torch.Tensor:
     """The (N, heads, L, L) attention of a last-block mode (the identity modes excepted)."""
-    if mode == "naclip":
-        omega = gaussian_window(grid, device=q.device).to(q.dtype)
-        return torch.softmax(k @ k.transpose(-2, -1) * scale + omega, dim=-1)
-    if mode == "keykey":
-        return torch.softmax(k @ k.transpose(-2, -1) * scale, dim=-1)
-    if mode == "sclip":
-        return torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1) + torch.softmax(
-            k @ k.transpose(-2, -1) * scale, dim=-1
-        )
-    if mode == "clearclip":
-        return torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1)
-    if mode == "vanilla":
-        return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1)
-    raise ValueError(f"unknown method {mode!r}: use one of {list(LAST_BLOCK_MODES)}")
+    return attention_rows(q, k, scale, mode, grid, slice(0, q.shape[2]))
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    scale: float,
+    mode: str,
+    grid: tuple[int, int],
+    mean: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``attention @ v`` (N, heads, L, d) (None without ``v``) and, with ``mean``, the head-mean
+    attention between the patch tokens (N, L - 1, L - 1): the class token's row and column
+    left out, never allocated.
+
+    In row chunks of at most ``frame_budget.CHUNK_BYTES`` of attention (scores and weights):
+    the (N, heads, L, L) map is never formed whole, so the attention costs no budget however
+    many patches a window has (a 4096 x 4096 whole image at patch 16 would need 206 GB).
+    """
+    batch, heads, length, _ = q.shape
+    rows = rows_per_chunk(2 * batch * heads * length * q.element_size(), length)
+    out = None if v is None else torch.empty_like(v)
+    average = q.new_empty((batch, length - 1, length - 1)) if mean else None
+    for start in range(0, length, rows):
+        part = slice(start, min(length, start + rows))
+        weights = attention_rows(q, k, scale, mode, grid, part)
+        if out is not None:
+            out[:, :, part] = weights @ v
+        if average is not None:
+            patch_rows = weights[:, :, 1:] if start == 0 else weights  # class token row: no
+            first = max(start, 1) - 1
+            average[:, first : part.stop - 1] = patch_rows[..., 1:].mean(dim=1)
+    return out, average
 
 
 def block_forward(
-    block: torch.nn.Module, x: torch.Tensor, mode: str, grid: tuple[int, int]
+    block: torch.nn.Module,
+    x: torch.Tensor,
+    mode: str,
+    grid: tuple[int, int],
+    mean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A residual block with the attention of ``mode``, and that attention (N, heads, L, L).
+    """A residual block with the attention of ``mode``, and with ``mean`` its head-mean
+    attention between the patches (N, L - 1, L - 1) (None otherwise, and for the identity
+    modes).
 
     REDUCED_MODES return the attention output alone (no residual, no FFN); FREECP_VARIANTS
     return the attention output plus the FFN on it (no residual); the others keep both, as
     SCLIP and the published MaskCLIP do. ``vanilla`` is the block unchanged; with its weights
-    in hand, FreeCP's layer-mean affinity costs no second attention pass.
+    in hand, FreeCP's layer-mean affinity costs no second attention pass. The attention is
+    computed in row chunks (``attend``).
     """
     attention = FREECP_VARIANTS.get(mode, mode)
     q, k, v, scale = _split_qkv(block, x)
-    identity = attention in IDENTITY_MODES
-    weights = None if identity else attention_weights(q, k, scale, attention, grid)
-    out = v if weights is None else weights @ v
+    if attention in IDENTITY_MODES:
+        out, average = v, None
+    else:
+        out, average = attend(q, k, v, scale, attention, grid, mean)
     out = block.ls_1(block.attn.out_proj(out.transpose(1, 2).reshape(x.shape)))
     if mode in REDUCED_MODES:
-        return out, weights
+        return out, average
     if mode in FREECP_VARIANTS:
-        return out + block.ls_2(block.mlp(block.ln_2(out))), weights
+        return out + block.ls_2(block.mlp(block.ln_2(out))), average
     x = x + out
-    return x + block.ls_2(block.mlp(block.ln_2(x))), weights
+    return x + block.ls_2(block.mlp(block.ln_2(x))), average
 
 
 def last_block(
@@ -276,16 +348,15 @@ def dense_forward(
     patch_affinity = None
     for block in blocks[:-1]:
         if affinity == "mean":
-            x, weights = block_forward(block, x, "vanilla", grid)
-            layer = weights[:, :, 1:, 1:].mean(dim=1)
-            patch_affinity = layer if patch_affinity is None else patch_affinity + layer
+            x, layer = block_forward(block, x, "vanilla", grid, mean=True)
+            patch_affinity = layer if patch_affinity is None else patch_affinity.add_(layer)
         else:
             x = residual_block(block, x)
     if affinity == "mean":
-        patch_affinity = patch_affinity / (len(blocks) - 1)
+        patch_affinity = patch_affinity.div_(len(blocks) - 1)
     elif affinity is not None:
         q, k, _, scale = _split_qkv(blocks[-1], x)
-        patch_affinity = attention_weights(q, k, scale, affinity, grid)[:, :, 1:, 1:].mean(dim=1)
+        patch_affinity = attend(q, k, None, scale, affinity, grid, mean=True)[1]
     x = last_block(blocks[-1], x, mode, grid)
     x = visual.ln_post(x[:, 1:]) @ visual.proj
     features = F.normalize(x.float(), dim=-1).reshape(x.shape[0], *grid, -1)

@@ -44,8 +44,10 @@ from ovss_ros.core.config import (
     SD_LOAD_FIELDS,
     VLM_LOAD_FIELDS,
     EngineConfig,
+    check_frame_budget,
 )
 from ovss_ros.core.dense_clip import DenseOutput, dense_forward
+from ovss_ros.core.frame_budget import rows_per_chunk
 from ovss_ros.core.image_resize import opencv_bilinear_resize
 from ovss_ros.core.method_pipelines import Pipeline, build_pipeline, needs_rebuild
 from ovss_ros.core.model_loading import load_clip
@@ -62,7 +64,7 @@ from ovss_ros.core.refine.pamr import pamr_propagate
 from ovss_ros.core.sd2_attention import Sd2Attention
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
-from ovss_ros.core.text_encoding import TextEncoder, template_set
+from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.vocabulary import (
     ClassEntry,
     VocabularyError,
@@ -205,15 +207,7 @@ class Segmenter:
         is encoded then), Stopped, or what the text tower raises (e.g. out of memory); on any
         exception the old vocabulary and its embeddings stay in force, unchanged.
         """
-        classes = parse_classes(entries)
-        check_query_count(classes, self.config.background_words)
-        if self.pipeline is not None:  # its own text state; the dense one is made on switching
-            self._attempt(lambda: self.pipeline.core.set_classes(classes))
-            self.classes = classes
-            return
-        queries = self._attempt(lambda: self._encode_queries(classes, self.config))
-        self.classes = classes
-        self._swap_in(queries)
+        self.update(classes=entries)
 
     def reconfigure(self, **changes: object) -> None:
         """Change runtime settings (EngineConfig fields) between frames.
@@ -222,6 +216,36 @@ class Segmenter:
         ValueError (unknown or bad setting, a setting that needs a new model, too many queries),
         Stopped, or what the text tower raises; on any exception nothing changes.
         """
+        self.update(**changes)
+
+    def update(self, classes: Sequence[ClassEntry | str] | None = None, **changes: object) -> None:
+        """Change the vocabulary and the settings together, as one transaction.
+
+        ``classes``: the new vocabulary (parse_classes entries), or None to keep the one in
+        force; ``changes``: EngineConfig fields. Everything is checked and built for the end
+        state only, never for a mix of old and new: 1000 new class names with 1000 new
+        background words are 2000 text queries, whatever was in force; method pnp_ovss with 3
+        classes builds its prompt from those 3, not from the 40 in force. The text is encoded
+        (and a VLM, checkpoint or Stable Diffusion model loaded) before anything changes.
+
+        Raises VocabularyError (bad vocabulary, too many queries, a prompt too long for the
+        VLM), ValueError (unknown or bad setting, a setting that needs a new model),
+        ModelLoadError, Stopped, or what the text tower raises; on any exception nothing
+        changes.
+        """
+        config = self._changed_config(changes)
+        given = classes is not None
+        vocabulary = parse_classes(classes) if given else self.classes
+        check_query_count(vocabulary, config.background_words)
+        self.check_vocabulary(vocabulary, config)
+        if config.method in PIPELINE_METHODS:
+            self._update_pipeline(config, vocabulary, given)
+        else:
+            self._update_dense(config, vocabulary, given)
+
+    def _changed_config(self, changes: dict[str, object]) -> EngineConfig:
+        """The config with ``changes``, checked against this model (``check_config``);
+        ValueError for an unknown field or one that chooses another model."""
         unknown = set(changes) - {f.name for f in fields(EngineConfig)}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
@@ -238,22 +262,23 @@ class Segmenter:
             changes["background_words"] = tuple(changes["background_words"])
         config = replace(self.config, **changes)
         self.check_config(config)
-        if config.method in PIPELINE_METHODS:
-            self._reconfigure_pipeline(config)
-            return
+        return config
+
+    def _update_dense(self, config: EngineConfig, classes: list[ClassEntry], given: bool) -> None:
+        """``update`` to a dense method: text queries for ``classes`` and ``config`` encoded
+        (and an SD model loaded) first, then everything swapped in."""
         templates = template_set(config.templates)
-        encode = self.classes and (
-            self.pipeline is not None  # back from a pipeline: the dense text state is stale
+        encode = bool(classes) and (
+            given
+            or self.pipeline is not None  # back from a pipeline: the dense text state is stale
             or (templates, config.background_words)
             != (self.text.templates, self.config.background_words)
         )
-        if encode:
-            check_query_count(self.classes, config.background_words)
         sd2, sd2_key = self._sd2_for(config)  # loads a new SD model only if needed
         queries = None
         try:
             if encode:
-                queries = self._attempt(lambda: self._encode_queries(self.classes, config))
+                queries = self._attempt(lambda: self._encode_queries(classes, config))
         except BaseException:
             if sd2 is not None and sd2 is not self.sd2:
                 sd2.release()
@@ -264,25 +289,30 @@ class Segmenter:
         previous, self.sd2, self._sd2_key = self.sd2, sd2, sd2_key
         if previous is not None and previous is not sd2:
             previous.release()  # no longer used, or replaced by another model
-        self.config = config
+        self.config, self.classes = config, classes
         self.text.set_templates(templates)
         if queries is not None:
             self._swap_in(queries)
         self.pipeline = None  # its memory (the VLM) goes with it
 
-    def _reconfigure_pipeline(self, config: EngineConfig) -> None:
-        """Switch to, or change, a pnp_ovss / deop / twostream pipeline: built (the VLM or a
-        checkpoint loaded, the vocabulary encoded) before anything changes; see reconfigure."""
+    def _update_pipeline(
+        self, config: EngineConfig, classes: list[ClassEntry], given: bool
+    ) -> None:
+        """``update`` to a pnp_ovss / deop / twostream pipeline: built for ``classes`` (the VLM
+        or a checkpoint loaded, the vocabulary encoded), or given ``classes``, before anything
+        changes."""
         pipeline = self.pipeline
         if needs_rebuild(pipeline, config):
             pipeline = self._attempt(
                 lambda: build_pipeline(
-                    config, self.clip, self.text, self.classes, self.pipeline, self.stop
+                    config, self.clip, self.text, classes, self.pipeline, self.stop
                 )
             )
+        elif given:  # transactional itself: the old vocabulary stays if it raises
+            self._attempt(lambda: pipeline.core.set_classes(classes))
         if pipeline is not self.pipeline:
             logger.info("method %s", pipeline.describe()[0])
-        self.config, self.pipeline = config, pipeline
+        self.config, self.pipeline, self.classes = config, pipeline, classes
         self._text_embeddings = self._query_owner = None  # dense text state: made on switching
         previous, self.sd2, self._sd2_key = self.sd2, None, None
         if previous is not None:
@@ -297,14 +327,27 @@ class Segmenter:
         refinement = f" + {self.config.refinement}" if self.config.refinement != "none" else ""
         return f"{self.config.method}{refinement}", False
 
-    def check_config(self, config: EngineConfig) -> None:
+    def check_config(
+        self, config: EngineConfig, classes: Sequence[ClassEntry] | None = None
+    ) -> None:
         """Raise ValueError with the reason if ``config`` is bad or does not fit this model
         (``crop`` not whole patches, ``max_long_side`` below one patch; the sd settings against
         the SD model in use, when ``config`` keeps it): what ``reconfigure`` checks before it
         changes anything, for callers that validate ahead (the node). Whether a Stable
-        Diffusion model that is not loaded yet loads is found out by loading it."""
+        Diffusion model that is not loaded yet loads is found out by loading it.
+
+        ``classes`` (parsed): also the vocabulary against the method's loaded model where
+        ``config`` keeps it (PnP-OVSS: the prompt with every class within the VLM's text
+        positions); VocabularyError. Which of its texts encode is found out by encoding.
+
+        The background words' prompts, and those of ``classes`` (parsed: the vocabulary that
+        will be in force with ``config``) when given, are checked against the text model's
+        context (``check_vocabulary``): a VocabularyError names the text and the limit.
+        """
         config.validate()
         _check_fits_model(config, self.patch)
+        if getattr(self, "text", None) is not None:  # None while the constructor runs
+            self.check_vocabulary(classes or [], config)
         # The SD model in use (None while the constructor runs). The node calls this from
         # its executor thread while the worker may be replacing the model: a model released
         # meanwhile is not checked here, the worker's reconfigure checks the settings again.
@@ -314,8 +357,24 @@ class Segmenter:
                 sd2.check(**config.sd2_settings())
             except RuntimeError:  # released by the worker meanwhile
                 pass
-        if self.pipeline is not None:
-            self.pipeline.check(config)
+        pipeline = self.pipeline  # the worker may replace it meanwhile: one reading
+        if pipeline is not None:
+            pipeline.check(config, classes)
+
+    def check_vocabulary(
+        self, classes: Sequence[ClassEntry], config: EngineConfig | None = None
+    ) -> None:
+        """Refuse a vocabulary whose prompts CLIP's text model would cut (PromptTooLong, a
+        VocabularyError naming the class, the prompt, its tokens and the limit, e.g. 77).
+
+        Checked: every synonym of every class with ``config``'s templates (default: the
+        settings in force), each description as written, each background word of ``config``
+        with the templates. Tokenizes only (counts are cached per text): cheap enough for a
+        caller that validates a request before accepting it (the node, with ``check_config``).
+        """
+        config = config or self.config
+        templates = template_set(config.templates)
+        check_class_prompts(self.text, classes, templates, config.background_words)
 
     def _sd2_for(self, config: EngineConfig) -> tuple[Sd2Attention | None, tuple | None]:
         """The SD model ``config`` needs (None if none) and its key, without changing state.
@@ -493,9 +552,13 @@ class Segmenter:
             boxes, windows = [(0, 0, height, width)], pixels
         affinity = {"dslo": config.affinity, "freecp": "mean"}.get(config.refinement)
         clip_affinity = None if affinity == "sd2" else affinity
-        dense = dense_forward(
-            self.clip.model.visual, windows, config.method, clip_affinity, config.pos_interpolation
-        )
+        visual = self.clip.model.visual
+        step = rows_per_chunk(_window_bytes(visual, windows), len(windows))
+        parts = [
+            dense_forward(visual, part, config.method, clip_affinity, config.pos_interpolation)
+            for part in windows.split(step)
+        ]
+        dense = parts[0] if len(parts) == 1 else _joined(parts)
         if affinity == "sd2":
             check_stop(self.stop, "Stable Diffusion attention")
             dense = DenseOutput(dense.features, self.sd2_affinity(windows, dense.features))
@@ -784,6 +847,26 @@ class Segmenter:
         return image.float()
 
 
+def _window_bytes(visual: torch.nn.Module, windows: torch.Tensor) -> int:
+    """The largest activation of one window in the dense forward: its tokens times the MLP's
+    hidden width (4 x the model width in CLIP), in the model's dtype."""
+    tokens = (windows.shape[-2] // visual.patch_size[0]) * (
+        windows.shape[-1] // visual.patch_size[1]
+    )
+    block = visual.transformer.resblocks[0]
+    fc = getattr(getattr(block, "mlp", None), "c_fc", None)
+    hidden = fc.out_features if isinstance(fc, torch.nn.Linear) else 4 * visual.conv1.out_channels
+    return (tokens + 1) * hidden * windows.element_size()
+
+
+def _joined(parts: Sequence[DenseOutput]) -> DenseOutput:
+    """The dense output of window chunks, in order."""
+    affinity = None
+    if parts[0].affinity is not None:
+        affinity = torch.cat([part.affinity for part in parts])
+    return DenseOutput(torch.cat([part.features for part in parts]), affinity)
+
+
 def _sd2_key(config: EngineConfig) -> tuple[str, ...]:
     """What chooses the SD model: a change of these loads it anew."""
     return tuple(getattr(config, name) for name in SD_LOAD_FIELDS)
@@ -822,3 +905,4 @@ def _check_fits_model(config: EngineConfig, patch: int) -> None:
         )
     if config.crop % patch:
         raise ValueError(f"crop {config.crop} must be a multiple of the patch {patch}")
+    check_frame_budget(config, patch)

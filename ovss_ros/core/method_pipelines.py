@@ -20,12 +20,12 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ovss_ros.core.config import PIPELINE_METHODS, VLM_LOAD_FIELDS, EngineConfig
 from ovss_ros.core.dense_clip import LAST_BLOCK_MODES
+from ovss_ros.core.file_checks import FileCheckError, regular_file
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.pnp_ovss import PnpOvss, PnpOvssSettings
 from ovss_ros.core.segmentation import Segmentation, label_dtype
@@ -145,11 +145,14 @@ def check_pipeline_settings(config: EngineConfig) -> None:
             )
         return
     checkpoint = config.deop_checkpoint.strip()
-    if checkpoint and not Path(checkpoint).expanduser().is_file():
-        raise ValueError(
-            f"deop_checkpoint {checkpoint!r} not found: set it to a file made by "
-            "ovss-train-deop, or to '' for training-free DeOP"
-        )
+    if checkpoint:
+        try:
+            regular_file(checkpoint, "deop_checkpoint")
+        except FileCheckError as error:
+            raise ValueError(
+                f"{error}: set it to a file made by ovss-train-deop, or to '' for training-free "
+                "DeOP"
+            ) from None
     if not checkpoint and config.proposal_source == "learned":
         raise ValueError(
             "proposal_source learned needs a deop_checkpoint with a proposal head: set "
@@ -194,9 +197,11 @@ class Pipeline:
         path = core.checkpoint.path
         return f"{self.method} with checkpoint {path}: {source} proposals{pooling}", False
 
-    def check(self, config: EngineConfig) -> None:
+    def check(self, config: EngineConfig, classes: Sequence[ClassEntry] | None = None) -> None:
         """Checks of ``config`` against what this pipeline has loaded (the VLM's layers and
-        heads, the checkpoint's heads), where ``config`` would keep them; ValueError."""
+        heads, the checkpoint's heads), where ``config`` would keep them; ValueError. With
+        ``classes``, PnP-OVSS also checks that the prompt with every class fits the loaded
+        VLM's text positions (VocabularyError)."""
         if config.method != self.method:
             return
         if self.method == "pnp_ovss":
@@ -205,6 +210,8 @@ class Pipeline:
                     self.core.check(method_settings(config))
                 except ValueError as error:
                     raise _renamed(error, PNP_FIELDS) from None
+                if classes is not None:
+                    self.core.check_classes(classes)
             return
         if config.deop_checkpoint == self.config.deop_checkpoint:
             try:

@@ -31,6 +31,17 @@ from open_clip.transform import merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
 
 from ovss_ros.core import hub_access
+from ovss_ros.core.file_checks import (
+    MAX_MODEL_BYTES,
+    WEIGHTS_SLACK,
+    FileCheckError,
+    check_config_numbers,
+    gigabytes,
+    parameter_bytes,
+    read_json,
+    regular_file,
+    weights_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +94,19 @@ def resolve_device(device: str) -> torch.device:
 def _resolve_model_name(model: str) -> str:
     """A model-config JSON file registers a custom architecture under its file stem."""
     if model.endswith(".json"):
-        path = Path(model).expanduser()
-        if not path.is_file():
+        try:
+            path = regular_file(model, "model config file")
+            config = read_json(path, "model config file", 1 << 20)
+            if not isinstance(config, dict) or not isinstance(config.get("vision_cfg"), dict):
+                raise FileCheckError(
+                    f"model config file {str(path)!r} is not an open_clip model config (no "
+                    "vision_cfg)"
+                )
+            check_config_numbers(config, path, "model config file")
+        except FileCheckError as error:
             raise ModelLoadError(
-                f"model config file {str(path)!r} not found: set model to a file that exists"
-            )
+                f"{error}: set model to an open_clip model-config JSON file"
+            ) from None
         open_clip.add_model_config(path)
         return path.stem
     if model.startswith(("hf-hub:", "local-dir:")):
@@ -112,12 +131,11 @@ def _resolve_pretrained(name: str, pretrained: str) -> str | None:
     looks_like_file = os.sep in pretrained or pretrained.endswith(
         (".pt", ".pth", ".bin", ".safetensors")
     )
-    if looks_like_file or Path(pretrained).expanduser().exists():
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(
-                f"checkpoint file {str(path)!r} not found: set pretrained to an existing file"
-            )
+    if looks_like_file or os.path.lexists(Path(pretrained).expanduser()):
+        try:
+            path = regular_file(pretrained, "checkpoint file")
+        except FileCheckError as error:
+            raise ModelLoadError(f"{error}: set pretrained to an existing file") from None
         return str(path)
     if name.startswith(("hf-hub:", "local-dir:")):
         return None
@@ -189,6 +207,46 @@ def needs_quick_gelu(name: str, weights: str | None) -> bool:
     return bool(tag.get("quick_gelu")) and not model.get("quick_gelu", False)
 
 
+class _NoRandomWeightsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+def _check_sizes(name: str, weights: str | None, quick_gelu: bool) -> None:
+    """Before anything is allocated: the architecture ``name`` declares (built on the meta
+    device) is at most MAX_MODEL_BYTES, and a checkpoint file holds uncompressed tensors
+    (``file_checks.weights_bytes``) of at most WEIGHTS_SLACK times that. ModelLoadError."""
+    quiet = _NoRandomWeightsWarning()
+    logging.getLogger().addFilter(quiet)  # open_clip warns on the root logger
+    try:
+        declared = parameter_bytes(
+            lambda: open_clip.create_model(name, device="meta", force_quick_gelu=quick_gelu)
+        )
+    except Exception as error:  # open_clip raises many types for a bad config
+        raise ModelLoadError(
+            f"could not build {name} from its config ({type(error).__name__}: "
+            f"{str(error)[:200]}): check the model config"
+        ) from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    if declared > MAX_MODEL_BYTES:
+        raise ModelLoadError(
+            f"model {name} declares {gigabytes(declared)} of parameters (float32), more than "
+            f"the {gigabytes(MAX_MODEL_BYTES)} this loader builds: check the model config"
+        )
+    if weights is None or not Path(weights).is_file():
+        return
+    limit = WEIGHTS_SLACK * declared + (16 << 20)
+    try:
+        weights_bytes(weights, "checkpoint file", limit)
+    except FileCheckError as error:
+        raise ModelLoadError(
+            f"could not load {name} with pretrained={weights!r}: {error} (a checkpoint of the "
+            f"{gigabytes(declared)} {name} holds at most {WEIGHTS_SLACK}x that): set pretrained "
+            "to a checkpoint of this model"
+        ) from None
+
+
 def load_clip(
     model: str, pretrained: str, device: str = "auto", precision: str = "fp32"
 ) -> LoadedClip:
@@ -210,6 +268,8 @@ def load_clip(
     name = _resolve_model_name(model)
     weights = _resolve_pretrained(name, pretrained)
     quick_gelu = needs_quick_gelu(name, weights)
+    if model.endswith(".json") or (weights is not None and Path(weights).is_file()):
+        _check_sizes(name, weights, quick_gelu)
     if quick_gelu:
         logger.info(
             "pretrained %r was trained with QuickGELU: building %s with it (as %s-quickgelu)",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -42,11 +43,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.crf_process import shared_crf_process
+from ovss_ros.core.frame_budget import check_vlm_image_size, vlm_max_image_size
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.refine.pamr import pamr
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import check_stop
-from ovss_ros.core.text_encoding import TextEncoder, template_set
+from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.vlm_loading import LoadedVlm
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
@@ -61,6 +64,10 @@ BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
 CRF_ITERATIONS = 10
 CRF_GAUSSIAN = {"sxy": 3, "compat": 7}
 CRF_BILATERAL = {"sxy": 50, "srgb": 5, "compat": 10}
+# Pixels the CRF is solved at, at most (a 640x480 frame is solved as it is): its cost grows with
+# the pixels and a 1920x1080 frame took 23 s (issue 18); bigger frames are solved at this size
+# and the marginals upsampled (``dense_crf``).
+CRF_MAX_PIXELS = 640 * 480
 
 
 def crf_available() -> bool:
@@ -90,7 +97,8 @@ class PnpOvssSettings:
     def validate(self) -> None:
         """Raise ValueError with the reason for the first bad value (model limits: PnpOvss)."""
         ranges = {
-            "image_size": (16, 4096),
+            # above the budget's limit: the cost is the reason (check_vlm_image_size below)
+            "image_size": (16, max(vlm_max_image_size(), _int_or(self.image_size, 0))),
             "layer": (1, 1000),
             "head": (1, 1000),
             "dropout_rounds": (1, 50),
@@ -108,6 +116,7 @@ class PnpOvssSettings:
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        check_vlm_image_size(self.image_size)  # BLIP ITM large's; check(): the loaded VLM's
         if self.presence not in PRESENCE_MODES:
             raise ValueError(f"unknown presence {self.presence!r}: use one of {PRESENCE_MODES}")
         if self.refine not in REFINES:
@@ -123,6 +132,10 @@ class PnpOvssSettings:
         if self.refine == "auto":
             return "crf" if crf_available() else "pamr"
         return self.refine
+
+
+def _int_or(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 # ---- the method's tensor steps (each checked against its formula in test_pnp_ovss.py) ----
@@ -205,21 +218,46 @@ def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
     )
 
 
-def dense_crf(rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
+def dense_crf(
+    rgb: np.ndarray,
+    probs: np.ndarray,
+    max_pixels: int = CRF_MAX_PIXELS,
+    stop: threading.Event | None = None,
+) -> np.ndarray:
     """Fully connected CRF (Kraehenbuehl & Koltun) with the release's parameters.
 
     ``rgb`` HxWx3 uint8, ``probs`` (K, H, W) float probabilities -> (K, H, W) marginals.
-    Needs ``pydensecrf2``.
+    Needs ``pydensecrf2``; runs in a process of its own (``CrfProcess``: pydensecrf holds the
+    GIL throughout, which would freeze the node's other threads). A frame of more than
+    ``max_pixels`` pixels is solved at that many (aspect kept, image and probabilities
+    resized with area averaging, the kernels' pixel widths ``sxy`` scaled alike), and the
+    marginals are upsampled bilinearly: the CRF's cost grows with the pixels, 23 s for a
+    1920x1080 frame. Label agreement with the full-size CRF: benchmarks/crf_bounded_size.py.
+    Raises Stopped (``stop`` set while waiting), CrfError.
     """
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
     labels, height, width = probs.shape
-    crf = dcrf.DenseCRF2D(width, height, labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
-    crf.addPairwiseGaussian(**CRF_GAUSSIAN)
-    crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(rgb), **CRF_BILATERAL)
-    return np.asarray(crf.inference(CRF_ITERATIONS), dtype=np.float32).reshape(probs.shape)
+    scale = min(1.0, math.sqrt(max_pixels / (height * width)))
+    small_rgb, small_probs = rgb, probs.astype(np.float32, copy=False)
+    if scale < 1.0:
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))  # OpenCV: (w, h)
+        small_rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        small_probs = np.stack(
+            [cv2.resize(channel, size, interpolation=cv2.INTER_AREA) for channel in small_probs]
+        )
+        small_probs /= np.maximum(small_probs.sum(axis=0, keepdims=True), 1e-12)
+    gaussian = {**CRF_GAUSSIAN, "sxy": CRF_GAUSSIAN["sxy"] * scale}
+    bilateral = {**CRF_BILATERAL, "sxy": CRF_BILATERAL["sxy"] * scale}
+    marginals = shared_crf_process().marginals(
+        small_rgb, small_probs, CRF_ITERATIONS, gaussian, bilateral, stop
+    )
+    if scale < 1.0:
+        marginals = np.stack(
+            [
+                cv2.resize(channel, (width, height), interpolation=cv2.INTER_LINEAR)
+                for channel in marginals
+            ]
+        )
+    return marginals
 
 
 def prompt_tokens(
@@ -298,6 +336,8 @@ class PnpOvss:
             raise ValueError(f"layer {settings.layer} > the VLM's {vlm.num_layers} text layers")
         if settings.head > vlm.num_heads:
             raise ValueError(f"head {settings.head} > the VLM's {vlm.num_heads} heads")
+        heads = int(vlm.model.config.vision_config.num_attention_heads)
+        check_vlm_image_size(settings.image_size, vlm.patch_size, heads)
         if settings.image_size % vlm.patch_size:
             raise ValueError(
                 f"image_size {settings.image_size} must be a multiple of the VLM's patch "
@@ -330,14 +370,29 @@ class PnpOvss:
         Refused too when the prompt with every class does not fit the VLM's text length.
         """
         classes = parse_classes(entries)
-        ids, _ = prompt_tokens(self.vlm.tokenizer, [c.name for c in classes])
-        if len(ids) > self.vlm.max_text_tokens:
-            raise VocabularyError(
-                f"the prompt with all {len(classes)} classes has {len(ids)} tokens, more than the "
-                f"VLM's {self.vlm.max_text_tokens}: use fewer or shorter class names"
-            )
+        self.check_classes(classes)
         class_text = self._encode_classes(classes)
         self.classes, self._class_text = classes, class_text
+
+    def check_classes(self, classes: Sequence[ClassEntry]) -> None:
+        """Refuse a vocabulary whose prompt with every class (``prompt_tokens``: [CLS], "a
+        picture of", each name's word pieces, [SEP]) has more tokens than the VLM has text
+        positions (``max_text_tokens``): with presence ``all``, or every class present, it
+        could not be segmented; and any CLIP prompt of a class (presence scores) longer than
+        CLIP's text context. Raises VocabularyError (a class without tokens, too long)."""
+        check_class_prompts(self.text, classes, self.text.templates)
+        limit = self.vlm.max_text_tokens
+        # Every class has at least one token: a vocabulary that cannot fit needs no tokenizer.
+        least = len(prompt_tokens(self.vlm.tokenizer, [])[0]) + len(classes)
+        count = least if least > limit else None
+        if count is None:
+            count = len(prompt_tokens(self.vlm.tokenizer, [c.name for c in classes])[0])
+        if count > limit:
+            exact = "has" if least <= limit else "has at least"
+            raise VocabularyError(
+                f"the prompt with all {len(classes)} classes {exact} {count} tokens, more than "
+                f"the VLM's {limit}: use fewer or shorter class names"
+            )
 
     def _encode_classes(self, classes: list[ClassEntry]) -> torch.Tensor:
         """(classes, D) CLIP text: the normalised mean of each class's synonym embeddings."""
@@ -427,9 +482,13 @@ class PnpOvss:
     def token_gradcam(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(T, P) GradCAM of every text token at the configured layer and head.
 
-        One ITM forward; loss = the match logit (``itm_score[:, 1]``); its gradient with respect
-        to the cross-attention map, captured by a forward hook that is removed again. The
-        graph is freed before returning; under autocast when the VLM asks for half precision.
+        One ITM forward (``BlipForImageTextRetrieval.forward`` with ``use_itm_head``, written
+        out); loss = the match logit (``itm_score[:, 1]``); its gradient with respect to the
+        cross-attention map, captured by a forward hook that is removed again. The vision tower
+        runs without a graph (the gradient flows from the match logit to the map through the
+        text encoder only): its memory is one layer's attention map (``frame_budget``), not all
+        of them kept for a backward pass. The graph is freed before returning; under autocast
+        when the VLM asks for half precision.
         """
         model, settings = self.vlm.model, self.settings
         attention_module = model.text_encoder.encoder.layer[settings.layer - 1].crossattention
@@ -445,17 +504,25 @@ class PnpOvss:
         try:
             # a caller under inference_mode (as the engine's segment_many) still gets a graph;
             # clones turn inference tensors into ones autograd may save
-            with torch.inference_mode(False), torch.enable_grad(), autocast:
-                image = pixels.clone().requires_grad_(True)  # makes the attention differentiable
-                input_ids = input_ids.clone()
-                output = model(
-                    input_ids=input_ids,
-                    pixel_values=image,
-                    attention_mask=torch.ones_like(input_ids),
-                    interpolate_pos_encoding=True,
-                )
-                match_logit = output.itm_score[:, 1].sum()
-                (gradient,) = torch.autograd.grad(match_logit, captured[0])
+            with torch.inference_mode(False), autocast:
+                with torch.no_grad():
+                    image_embeds = model.vision_model(
+                        pixel_values=pixels.clone(), interpolate_pos_encoding=True
+                    ).last_hidden_state
+                with torch.enable_grad():
+                    # a leaf that requires grad makes the cross-attention differentiable
+                    image_embeds = image_embeds.clone().requires_grad_(True)
+                    input_ids = input_ids.clone()
+                    text = model.text_encoder(
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        encoder_hidden_states=image_embeds,
+                        encoder_attention_mask=torch.ones(
+                            image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+                        ),
+                    ).last_hidden_state
+                    match_logit = model.itm_head(text[:, 0, :])[:, 1].sum()
+                    (gradient,) = torch.autograd.grad(match_logit, captured[0])
         finally:
             handle.remove()
         head = settings.head - 1
@@ -487,7 +554,7 @@ class PnpOvss:
         probs = torch.softmax(scores, dim=0)
         refinement = settings.refinement()
         if refinement == "crf":
-            probs = torch.from_numpy(dense_crf(rgb, probs.numpy()))
+            probs = torch.from_numpy(dense_crf(rgb, probs.numpy(), stop=self.stop))
         elif refinement == "pamr":
             guide = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
             guide = guide.permute(2, 0, 1)[None].float()

@@ -30,6 +30,7 @@ from ovss_ros.core.dense_clip import interpolate_pos_embed, residual_block
 from ovss_ros.core.deop_checkpoint import Checkpoint, load_checkpoint
 from ovss_ros.core.deop_heads import DeopModules
 from ovss_ros.core.engine import POSTPROCESS_ELEMENTS, resized_size
+from ovss_ros.core.frame_budget import check_proposal_masks
 from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.proposals import (
     PROPOSAL_SOURCES,
@@ -39,7 +40,7 @@ from ovss_ros.core.proposals import (
     superpixel_proposals,
 )
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
-from ovss_ros.core.text_encoding import TextEncoder, template_set
+from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
 logger = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ class ProposalSegmenter:
                 "proposal_source learned needs a DeOP checkpoint trained with a proposal head: "
                 "use superpixels or clusters, or load such a checkpoint"
             )
+        check_proposal_masks(settings.proposals, self.largest_grid(settings), settings.mask_cells)
         head = None if modules is None else modules.proposal_head
         if head is not None and settings.proposal_source in ("auto", "learned"):
             if head.cells != settings.mask_cells:
@@ -206,6 +208,13 @@ class ProposalSegmenter:
                     f"the checkpoint's proposal head predicts {head.cells} mask cells per patch; "
                     f"set mask_cells to {head.cells}"
                 )
+
+    def largest_grid(self, settings: ProposalSettings) -> tuple[int, int]:
+        """The patch grid of the largest frame ``settings`` allow (``max_long_side`` by
+        ``short_side``, or square at ``max_long_side`` when ``short_side`` is 0)."""
+        long = settings.max_long_side
+        short = min(settings.short_side or long, long)
+        return max(1, short // self.patch), max(1, long // self.patch)
 
     def reconfigure(self, **changes: object) -> None:
         """Change settings between frames; raises ValueError and changes nothing if bad."""
@@ -241,6 +250,14 @@ class ProposalSegmenter:
     def set_classes(self, entries: Sequence[ClassEntry | str]) -> None:
         """Replace the vocabulary; raises VocabularyError, leaving the old one, when invalid."""
         classes = parse_classes(entries)
+        prompt = None if self.modules is None else self.modules.prompt
+        if prompt is None:  # the templates' prompts
+            check_class_prompts(
+                self.text, classes, self.text.templates, self.settings.background_words
+            )
+        else:  # [start] context name . [end] (PromptContext.encode)
+            names = [replace(entry, descriptions=()) for entry in classes]  # not encoded here
+            check_class_prompts(self.text, names, ("{}.",), (), reserve=prompt.length)
         previous = self.classes
         self.classes = classes
         try:

@@ -47,12 +47,25 @@ import torch
 import torch.nn.functional as F
 
 from ovss_ros.core import hub_access
+from ovss_ros.core.file_checks import (
+    MAX_MODEL_BYTES,
+    FileCheckError,
+    check_config_numbers,
+    check_declared_model,
+    check_folder_files,
+    folder_weights_bytes,
+    gigabytes,
+    parameter_bytes,
+    read_json,
+)
+from ovss_ros.core.frame_budget import check_sd_size, rows_per_chunk, sd_max_size
 from ovss_ros.core.model_loading import PRECISIONS, ModelLoadError, resolve_device
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-SD_MAX_SIZE = 4096  # pixels, the node parameter's maximum
+# pixels, the node parameter's maximum: SD2's VAE activation at it fits the per-frame budget
+SD_MAX_SIZE = sd_max_size()
 SD_MAX_TEMPERATURE = 100.0  # the node parameter's maximum
 
 LAYER_SETS = ("m2n2", "up")
@@ -151,6 +164,49 @@ def _attention_probabilities(attn: torch.nn.Module, hidden: torch.Tensor) -> tor
     return total / attn.heads
 
 
+def _bins(length: int, out: int) -> list[tuple[int, int]]:
+    """Adaptive average pooling's bins along one axis (PyTorch's: floor(i L / n) to
+    ceil((i + 1) L / n); neighbours may overlap)."""
+    return [(i * length // out, -(-(i + 1) * length // out)) for i in range(out)]
+
+
+def _pooled_probabilities(
+    attn: torch.nn.Module, hidden: torch.Tensor, source: tuple[int, int], grid: tuple[int, int]
+) -> torch.Tensor:
+    """``resample_affinity(_attention_probabilities(attn, hidden), source, grid)`` without the
+    (N, H*W, H*W) map: whole rows of the ``source`` (H, W) token grid at a time (at most
+    CHUNK_BYTES of scores), each chunk's head-mean attention pooled over the keys to ``grid``
+    (h, w) and summed into the query bins it falls in. (N, h*w, h*w) float32, rows sum to 1.
+    """
+    batch, length, _ = hidden.shape
+    (height, width), (h, w) = source, grid
+    query = attn.to_q(hidden).float().view(batch, length, attn.heads, -1).transpose(1, 2)
+    key = attn.to_k(hidden).float().view(batch, length, attn.heads, -1).transpose(1, 2)
+    rows = rows_per_chunk(3 * batch * width * length * 4, height)  # scores, softmax, total
+    row_bins = _bins(height, h)
+    sums = hidden.new_zeros((batch, h, width, h * w), dtype=torch.float32)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        part = slice(top * width, bottom * width)
+        total = hidden.new_zeros((batch, part.stop - part.start, length), dtype=torch.float32)
+        for head in range(attn.heads):
+            scores = query[:, head, part] @ key[:, head].transpose(-2, -1) * attn.scale
+            total += torch.softmax(scores, dim=-1)
+        total /= attn.heads
+        keys = F.adaptive_avg_pool2d(total.reshape(-1, 1, height, width), grid)
+        keys = keys.reshape(batch, bottom - top, width, h * w)
+        for index, (start, stop) in enumerate(row_bins):
+            first, last = max(start, top), min(stop, bottom)
+            if first < last:
+                sums[:, index] += keys[:, first - top : last - top].sum(dim=1)
+    heights = torch.tensor([b - a for a, b in row_bins], dtype=torch.float32)
+    means = sums / heights.to(sums.device).view(1, h, 1, 1)
+    columns = means.permute(0, 1, 3, 2).reshape(-1, 1, width)  # (N*h*hw, 1, W)
+    both = F.adaptive_avg_pool1d(columns, w).reshape(batch, h, h * w, w)
+    both = both.permute(0, 1, 3, 2).reshape(batch, h * w, h * w)
+    return both / both.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
 def _self_attention_layers(unet: torch.nn.Module, layers: str) -> list[str]:
     """Names of the ``attn1`` modules collected for a layer set, in execution order."""
     if layers not in LAYER_SETS:
@@ -206,6 +262,7 @@ class Sd2Attention:
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         self._collected: list[LayerAttention] = []
+        self._pool_to: tuple[int, int] | None = None  # affinity(): pool each layer in chunks
         self._latent_grid = (0, 0)
         self._hooks: list = []
         self.layer_names: list[str] = []
@@ -239,8 +296,7 @@ class Sd2Attention:
                 f"sd_temperature must be in (0, {SD_MAX_TEMPERATURE:g}], got "
                 f"{merged['temperature']}"
             )
-        if merged["size"] > SD_MAX_SIZE:
-            raise ValueError(f"sd_size must be at most {SD_MAX_SIZE} pixels, got {merged['size']}")
+        check_sd_size(merged["size"], self.vae.config.block_out_channels[0], self.dtype.itemsize)
         if merged["size"] < self.multiple:
             raise ValueError(f"sd_size must be >= {self.multiple} pixels, got {merged['size']}")
         return merged, _self_attention_layers(unet, merged["layers"])
@@ -288,6 +344,12 @@ class Sd2Attention:
         dtype = _resolve_precision(precision, torch_device)
         directory = _local_directory(model, cache_dir)
         try:
+            check_pipeline_folder(Path(directory))
+        except FileCheckError as error:
+            raise ModelLoadError(
+                f"could not load Stable Diffusion model {model!r}: {error}; {LOAD_HINT}"
+            ) from None
+        try:
             options = {"torch_dtype": dtype, "local_files_only": True}
             if not is_accelerate_available():  # say so, instead of diffusers' warning per model
                 options["low_cpu_mem_usage"] = False
@@ -308,10 +370,13 @@ class Sd2Attention:
     def _hook(self, name: str):
         def collect(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            attention = _attention_probabilities(module, hidden)
-            self._collected.append(
-                LayerAttention(name, self._token_grid(hidden.shape[1]), attention)
-            )
+            source = self._token_grid(hidden.shape[1])
+            if self._pool_to is None:
+                layer = LayerAttention(name, source, _attention_probabilities(module, hidden))
+            else:  # row chunks straight to the patch grid: no (H*W)^2 map
+                pooled = _pooled_probabilities(module, hidden, source, self._pool_to)
+                layer = LayerAttention(name, self._pool_to, pooled)
+            self._collected.append(layer)
             if name == self.layer_names[-1]:
                 raise _Collected
 
@@ -364,11 +429,21 @@ class Sd2Attention:
         window) the CLIP grid covers. The layers' attention, each resampled to ``grid``
         (``resample_affinity``), averaged with equal weights, then ``sharpen``ed by the
         temperature. Rows are "from", columns "to", as ``dslo_scores`` expects.
+
+        Bounded by the per-frame budget (``frame_budget``): one image at a time (the VAE's
+        full-resolution activation is the largest map, ``check_sd_size``), and each layer's
+        attention pooled to ``grid`` in row chunks of at most CHUNK_BYTES, never formed whole.
         """
         grid = (int(grid[0]), int(grid[1]))
-        layers = self.self_attention(pixels)
-        total = sum(resample_affinity(layer.attention, layer.grid, grid) for layer in layers)
-        return sharpen(total / len(layers), self.temperature)
+        self._pool_to = grid
+        try:
+            per_image = []
+            for image in pixels.split(1):
+                layers = self.self_attention(image)
+                per_image.append(sum(layer.attention for layer in layers) / len(layers))
+        finally:
+            self._pool_to = None
+        return sharpen(torch.cat(per_image), self.temperature)
 
     def release(self) -> None:
         """Remove the hooks and drop the models (GPU memory is returned to the cache)."""
@@ -444,6 +519,44 @@ def _local_directory(model: str, cache_dir: str | None = None) -> str:
         ) from error
 
 
+def check_pipeline_folder(folder: Path) -> None:
+    """The pipeline parts, checked before diffusers or transformers read them: regular files
+    only, small configs of bounded numbers, and each model's architecture (UNet, VAE, text
+    encoder, built on the meta device) at most MAX_MODEL_BYTES and held by its weight files
+    (safetensors or uncompressed torch archives). Raises FileCheckError."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    what = "Stable Diffusion directory"
+    check_folder_files(folder, what)
+    read_json(folder / "scheduler" / "scheduler_config.json", f"{what} scheduler config", 1 << 20)
+    builders = {
+        "unet": lambda config: UNet2DConditionModel.from_config(config),
+        "vae": lambda config: AutoencoderKL.from_config(config),
+        "text_encoder": lambda config: CLIPTextModel(CLIPTextConfig.from_dict(config)),
+    }
+    for part, build in builders.items():
+        config_path = folder / part / "config.json"
+        config = read_json(config_path, f"{what} {part} config", 1 << 20)
+        if not isinstance(config, dict):
+            raise FileCheckError(f"{what} {part} config {str(config_path)!r} is not an object")
+        check_config_numbers(config, config_path, f"{what} {part} config")
+        try:
+            declared = parameter_bytes(lambda build=build, config=config: build(dict(config)))
+        except Exception as error:  # diffusers/transformers raise many types for a bad config
+            raise FileCheckError(
+                f"{what} {part} config {str(config_path)!r} does not describe the model "
+                f"({type(error).__name__}: {str(error)[:200]})"
+            ) from None
+        if declared > MAX_MODEL_BYTES:
+            raise FileCheckError(
+                f"{what} {part} config {str(config_path)!r} declares {gigabytes(declared)} of "
+                f"parameters, more than the {gigabytes(MAX_MODEL_BYTES)} this loader builds"
+            )
+        held = folder_weights_bytes(folder / part, f"{what} {part} weights")
+        check_declared_model(declared, held, folder / part, f"{what} {part}")
+
+
 def _empty_prompt_embedding(
     directory: str, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -479,13 +592,15 @@ def _empty_prompt_embedding(
 def check_settings(size: int, timestep: int, temperature: float, layers: str) -> None:
     """ValueError for a setting no SD2 checkpoint accepts (model-independent config checks).
 
-    ``size`` in [64, SD_MAX_SIZE] pixels (the node's range: the SD input and its attention
-    grow with its square), ``timestep`` in [0, 1000) (SD2's training steps), ``temperature`` in
+    ``size`` at least 64 pixels and within the per-frame budget for SD2's VAE in float32
+    (``frame_budget.check_sd_size``: at most SD_MAX_SIZE, 1448; the refusal gives the cost),
+    ``timestep`` in [0, 1000) (SD2's training steps), ``temperature`` in
     (0, SD_MAX_TEMPERATURE] (finite), ``layers`` one of ``LAYER_SETS``. The constructor checks
-    the same against the model.
+    the same against the model (its VAE's channels and precision).
     """
-    if not 64 <= size <= SD_MAX_SIZE:
-        raise ValueError(f"sd_size must be in [64, {SD_MAX_SIZE}] pixels, got {size}")
+    if size < 64:
+        raise ValueError(f"sd_size must be at least 64 pixels, got {size}")
+    check_sd_size(size)
     if not 0 <= timestep < 1000:
         raise ValueError(f"sd_timestep must be in [0, 1000), got {timestep}")
     if not 0 < temperature <= SD_MAX_TEMPERATURE:  # False for NaN too

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.frame_budget import check_crop_batch, max_crop_batch
+from ovss_ros.core.model_loading import LoadedClip
 from ovss_ros.core.proposal_segmentation import (
     Frames,
     ProposalSegmenter,
@@ -30,11 +32,25 @@ MASK_THRESHOLD = 0.5  # the adapter's mask_thr
 class TwoStreamSettings(ProposalSettings):
     """The two-stream baseline's settings (changeable between frames)."""
 
-    crop_batch: int = 32  # crops per encode_image call, 1..1024
+    crop_batch: int = 32  # crops per encode_image call, within the per-frame budget
 
     def validate(self) -> None:
         super().validate()
-        check_int(self.crop_batch, "crop_batch", 1, 1024)
+        batch = self.crop_batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            check_int(batch, "crop_batch", 1, max_crop_batch())  # raises
+        check_crop_batch(self.crop_batch, setting="crop_batch")  # ViT-B/16; _check: the model
+
+
+def crop_dimensions(clip: LoadedClip) -> tuple[int, int]:
+    """(tokens of one crop at CLIP's input size, the MLP's hidden width) of ``clip``."""
+    visual = clip.model.visual
+    size = visual.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    tokens = (height // clip.patch_size) * (width // clip.patch_size) + 1
+    fc = getattr(getattr(visual.transformer.resblocks[0], "mlp", None), "c_fc", None)
+    hidden = fc.out_features if isinstance(fc, torch.nn.Linear) else 4 * visual.conv1.out_channels
+    return tokens, hidden
 
 
 class TwoStream(ProposalSegmenter):
@@ -53,18 +69,25 @@ class TwoStream(ProposalSegmenter):
         out = proposals.masks.new_zeros(
             (*proposals.valid.shape, int(self.clip.model.visual.output_dim))
         )
+        step = self.settings.crop_batch
         for index, rgb in enumerate(frames.images):
-            crops, slots = self.crops(rgb, proposals.masks[index], proposals.valid[index])
-            if not slots:
-                continue
-            embeddings = torch.cat(
-                [
-                    self.clip.model.encode_image(crops[i : i + self.settings.crop_batch])
-                    for i in range(0, len(crops), self.settings.crop_batch)
-                ]
-            )
-            out[index, slots] = F.normalize(embeddings.float(), dim=-1)
+            masks, valid = proposals.masks[index], proposals.valid[index]
+            for first in range(0, masks.shape[0], step):  # crops made a batch at a time
+                crops, slots = self.crops(
+                    rgb, masks[first : first + step], valid[first : first + step]
+                )
+                if not slots:
+                    continue
+                embeddings = self.clip.model.encode_image(crops)
+                slots = [first + slot for slot in slots]
+                out[index, slots] = F.normalize(embeddings.float(), dim=-1)
         return out
+
+    def _check(self, settings: TwoStreamSettings, modules) -> None:
+        """As ProposalSegmenter's, and the crop batch against this CLIP's per-crop cost."""
+        super()._check(settings, modules)
+        tokens, hidden = crop_dimensions(self.clip)
+        check_crop_batch(settings.crop_batch, tokens, hidden, setting="crop_batch")
 
     def crops(
         self, rgb, masks: torch.Tensor, valid: torch.Tensor

@@ -24,6 +24,18 @@ from pathlib import Path
 import torch
 
 from ovss_ros.core import hub_access
+from ovss_ros.core.file_checks import (
+    MAX_MODEL_BYTES,
+    FileCheckError,
+    check_config_numbers,
+    check_declared_model,
+    check_folder_files,
+    directory,
+    folder_weights_bytes,
+    gigabytes,
+    parameter_bytes,
+    read_json,
+)
 from ovss_ros.core.model_loading import PRECISIONS, ModelLoadError, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -140,12 +152,15 @@ def load_vlm(
             "directory saved with save_pretrained"
         )
     path = Path(pretrained).expanduser()
-    if path.exists() or _looks_like_path(pretrained):
-        if not path.is_dir():
+    if os.path.lexists(path) or _looks_like_path(pretrained):
+        try:
+            check_folder(path)
+        except FileCheckError as error:
             raise ModelLoadError(
-                f"vlm_pretrained directory {str(path)!r} not found: set vlm_pretrained to a "
-                "directory saved with save_pretrained, or to a hub id"
-            )
+                f"could not load BLIP ITM from vlm_pretrained={pretrained!r}: {error}; set "
+                "vlm_pretrained to a directory saved with save_pretrained that holds a BLIP ITM "
+                "model, or to a hub id"
+            ) from None
         loaded = _load(str(path), local_only=True, hint="check that it holds a BLIP ITM model")
     else:
         loaded = _load_hub(pretrained)
@@ -161,6 +176,38 @@ def load_vlm(
         std=tuple(getattr(processor, "image_std", None) or CLIP_STD),
         enc_token_id=enc_token_id(tokenizer, network.config.text_config.vocab_size),
     )
+
+
+def check_folder(path: Path) -> None:
+    """A save_pretrained folder, checked before transformers reads it: a directory of regular
+    files, a small ``config.json`` of bounded numbers, whose BLIP ITM architecture (built on
+    the meta device) is at most MAX_MODEL_BYTES and held by its weight files (safetensors or
+    uncompressed torch archives). Raises FileCheckError naming the file and the sizes."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    what = "vlm_pretrained directory"
+    folder = directory(path, what)
+    check_folder_files(folder, what)
+    config_path = folder / "config.json"
+    config = read_json(config_path, f"{what} config", 1 << 20)
+    if not isinstance(config, dict):
+        raise FileCheckError(f"{what} config {str(config_path)!r} is not a JSON object")
+    check_config_numbers(config, config_path, f"{what} config")
+    try:
+        declared = parameter_bytes(
+            lambda: BlipForImageTextRetrieval(BlipConfig.from_dict(dict(config)))
+        )
+    except Exception as error:  # transformers raises many types for a bad config
+        raise FileCheckError(
+            f"{what} config {str(config_path)!r} does not describe a BLIP ITM model "
+            f"({type(error).__name__}: {str(error)[:200]})"
+        ) from None
+    if declared > MAX_MODEL_BYTES:
+        raise FileCheckError(
+            f"{what} config {str(config_path)!r} declares {gigabytes(declared)} of parameters, "
+            f"more than the {gigabytes(MAX_MODEL_BYTES)} this loader builds"
+        )
+    check_declared_model(declared, folder_weights_bytes(folder, what), folder, what)
 
 
 def _load_hub(hub_id: str) -> tuple[torch.nn.Module, object, object]:

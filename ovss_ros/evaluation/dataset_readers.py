@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ovss_ros.core.file_checks import read_text
+
 IGNORE = 255  # label value that is never scored
 
 
@@ -51,6 +53,14 @@ def coco_object_from_stuff_map() -> np.ndarray:
     return table
 
 
+# Label images are decoded whole: as many pixels as the tools' image limit allows.
+MAX_LABEL_PIXELS = 40_000_000
+
+
+class DataError(ValueError):
+    """A data set file (image, labels, list) cannot be used; ``str(error)`` names it and why."""
+
+
 class DatasetReader:
     """(image path, label path) pairs of one split, and how stored label values become classes."""
 
@@ -63,6 +73,7 @@ class DatasetReader:
         self.name = name
         self.pairs = list(pairs)
         self.label_map = identity_map() if label_map is None else label_map
+        self.max_pixels = MAX_LABEL_PIXELS
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -77,17 +88,27 @@ class DatasetReader:
         return image_path, self.load_labels(label_path)
 
     def load_labels(self, path: Path) -> np.ndarray:
-        """HxW uint8 class indices (255 = ignore) from an index PNG (palette or grey)."""
-        with Image.open(path) as image:
-            stored = np.asarray(image)  # palette PNGs give their indices, not colours
+        """HxW uint8 class indices (255 = ignore) from an index PNG (palette or grey).
+
+        Bounded before decoding (``image_file_size``: a regular file declaring at most
+        ``max_pixels``); raises DataError naming the file when it is unusable or damaged.
+        """
+        from ovss_ros.image_conversion import ImageConversionError, image_file_size
+
+        try:
+            image_file_size(path, max_pixels=self.max_pixels)
+            with Image.open(path) as image:
+                stored = np.asarray(image)  # palette PNGs give their indices, not colours
+        except (ImageConversionError, OSError, ValueError) as error:  # truncated: OSError
+            raise DataError(f"label image {path}: {' '.join(str(error).split())}") from None
         if stored.ndim != 2:
-            raise ValueError(
+            raise DataError(
                 f"{path}: label image has {stored.shape[2]} channels; expected an index PNG "
                 "(palette or grey), not a colour visualisation"
             )
         if stored.dtype != np.uint8:
             if stored.min() < 0 or stored.max() > 255:
-                raise ValueError(f"{path}: label values outside 0..255 ({stored.dtype})")
+                raise DataError(f"{path}: label values outside 0..255 ({stored.dtype})")
             stored = stored.astype(np.uint8)
         return self.label_map[stored]
 
@@ -119,7 +140,9 @@ def pairs_from_split(
     image_dir: Path, label_dir: Path, split_file: Path, image_suffix: str, label_suffix: str
 ) -> list[tuple[Path, Path]]:
     """Pairs for the ids listed in a split file (one image id per line), in the file's order."""
-    ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    ids = [
+        line.strip() for line in read_text(split_file, "split file").splitlines() if line.strip()
+    ]
     pairs = [(image_dir / f"{i}{image_suffix}", label_dir / f"{i}{label_suffix}") for i in ids]
     _check_exist(pairs)
     return pairs

@@ -15,7 +15,12 @@ from tqdm import tqdm
 
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.evaluation.confusion_metrics import ConfusionMatrix
-from ovss_ros.evaluation.dataset_readers import DatasetReader
+from ovss_ros.evaluation.dataset_readers import DataError, DatasetReader
+from ovss_ros.image_conversion import (
+    DEFAULT_MAX_INPUT_PIXELS,
+    ImageConversionError,
+    image_file_size,
+)
 
 
 class ImageSegmenter(Protocol):
@@ -43,12 +48,25 @@ def dataset_labels(
     return labels
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB, decoded with OpenCV as mmsegmentation does (same JPEG decoder)."""
+def read_rgb(path: Path, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> np.ndarray:
+    """HxWx3 uint8 RGB, decoded with OpenCV as mmsegmentation does (same JPEG decoder).
+
+    Bounded first, as every image the tools read (``image_file_size``): a regular file whose
+    header declares at most ``max_pixels`` pixels. Raises DataError naming the file for any
+    unusable image (not a regular file, too large, no image, undecodable).
+    """
+    try:
+        image_file_size(path, max_pixels=max_pixels)
+    except (ImageConversionError, OSError) as error:
+        raise DataError(f"image {path}: {one_line(error)}") from None
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise OSError(f"cannot read image {path}")
+        raise DataError(f"image {path} cannot be decoded (damaged or truncated)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def one_line(error: object) -> str:
+    return " ".join(str(error).split())
 
 
 @dataclass
@@ -104,19 +122,23 @@ def evaluate(
     has_background: bool,
     limit: int | None = None,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
 ) -> EvaluationResult:
     """Segment the first ``limit`` images (all when None) and accumulate one confusion matrix.
 
     The segmenter must already hold the data set's vocabulary (``set_classes``) and settings.
     The next image is decoded in a worker thread while the current one is segmented, so file
-    reading does not idle the GPU.
+    reading does not idle the GPU. Images and labels are bounded by ``max_pixels`` before
+    they are decoded; an unusable one raises DataError naming it (the run stops: a skipped
+    image would change the score).
     """
+    reader.max_pixels = max_pixels
     count = len(reader) if limit is None else max(0, min(limit, len(reader)))
     confusion = ConfusionMatrix(len(label_names))
 
     def load(index: int) -> tuple[Path, np.ndarray, np.ndarray]:
         image_path, truth = reader.sample(index)
-        return image_path, read_rgb(image_path), truth
+        return image_path, read_rgb(image_path, max_pixels), truth
 
     segment_seconds, start = 0.0, time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -125,7 +147,7 @@ def evaluate(
             image_path, rgb, truth = pending.result()
             pending = pool.submit(load, index + 1) if index + 1 < count else None
             if rgb.shape[:2] != truth.shape:
-                raise ValueError(
+                raise DataError(
                     f"{image_path}: image {rgb.shape[:2]} and labels {truth.shape} differ in size"
                 )
             tick = time.perf_counter()

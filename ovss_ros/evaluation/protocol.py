@@ -56,6 +56,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ovss_ros.core.dense_clip import FREECP_VARIANTS
+from ovss_ros.core.file_checks import read_text
 from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import (
     DatasetReader,
@@ -338,7 +339,7 @@ def load_vocabulary(
     """
     lines = class_lines(builtin_class_file(builtin or protocol.class_file))
     if class_file is not None:
-        custom = class_lines(Path(class_file).read_text())
+        custom = class_lines(read_text(class_file, "class names file"))
         if len(custom) != len(lines):
             first = "background words, then " if protocol.has_background else ""
             raise ValueError(

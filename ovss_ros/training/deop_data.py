@@ -19,6 +19,7 @@ Readers and label conventions are ``ovss_ros.evaluation``'s; only the training s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,12 @@ import cv2
 import numpy as np
 import torch
 
+from ovss_ros.core.file_checks import read_text
 from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import (
     IGNORE,
+    MAX_LABEL_PIXELS,
+    DataError,
     DatasetReader,
     find_root,
     pairs_from_scan,
@@ -37,6 +41,7 @@ from ovss_ros.evaluation.dataset_readers import (
 )
 from ovss_ros.evaluation.evaluation_loop import read_rgb
 from ovss_ros.evaluation.protocol import builtin_class_file, class_lines
+from ovss_ros.image_conversion import ImageConversionError, image_file_size
 
 DATASETS = ("coco_stuff", "voc", "folder")
 COCO_STUFF_UNSEEN = (
@@ -64,6 +69,34 @@ class TrainingData:
     @property
     def seen(self) -> list[int]:
         return [i for i in range(len(self.classes)) if i not in set(self.unseen)]
+
+    def check(self, max_pixels: int = MAX_LABEL_PIXELS) -> None:
+        """Everything a run needs, before any model is loaded: classes, seen classes, images in
+        both splits, and every pair's image and labels declaring one size of at most
+        ``max_pixels`` (headers only: a corrupt, empty, oversized or mismatched file is named
+        now, not some steps into the run). Raises ValueError (DataError for a file)."""
+        if not self.classes:
+            raise ValueError(f"{self.name}: the class list is empty: list one class per line")
+        if not self.seen:
+            raise ValueError(
+                f"{self.name}: every class is unseen ({len(self.classes)} classes): nothing to "
+                "train on; list fewer classes in unseen.txt"
+            )
+        for reader in (self.train, self.val):
+            if not len(reader):
+                raise ValueError(f"{self.name}: {reader.name} has no images")
+            for image, labels in reader.pairs:
+                sizes = []
+                for path, what in ((image, "image"), (labels, "label image")):
+                    try:
+                        sizes.append(image_file_size(path, max_pixels=max_pixels))
+                    except (ImageConversionError, OSError) as error:
+                        raise DataError(f"{what} {path}: {' '.join(str(error).split())}") from None
+                if sizes[0] != sizes[1]:
+                    raise DataError(
+                        f"{image}: image {sizes[0][0]}x{sizes[0][1]} and labels {labels} "
+                        f"{sizes[1][0]}x{sizes[1][1]} differ in size"
+                    )
 
     def training_labels(self) -> np.ndarray:
         """Look-up table: data-set label -> index among the seen classes, unseen -> 255."""
@@ -135,9 +168,13 @@ def folder_data(root: Path) -> TrainingData:
     classes_file = root / "classes.txt"
     if not classes_file.is_file():
         raise FileNotFoundError(f"data set layout not found: expected {classes_file}")
-    classes = class_lines(classes_file.read_text())
+    classes = class_lines(read_text(classes_file, "class list"))
     unseen_file = root / "unseen.txt"
-    unseen_names = class_lines(unseen_file.read_text()) if unseen_file.is_file() else []
+    unseen_names = (
+        class_lines(read_text(unseen_file, "unseen class list"))
+        if os.path.lexists(unseen_file)
+        else []
+    )
     readers = {}
     for split in ("train", "val"):
         images, labels = root / split / "images", root / split / "labels"
@@ -207,7 +244,7 @@ class CropDataset(torch.utils.data.Dataset):
         path, labels = self.reader.sample(self.image_index(sample))
         rgb = read_rgb(path)
         if rgb.shape[:2] != labels.shape:
-            raise ValueError(f"{path}: image {rgb.shape[:2]} and labels {labels.shape} differ")
+            raise DataError(f"{path}: image {rgb.shape[:2]} and labels {labels.shape} differ")
         rng = np.random.default_rng([self.seed, sample])
         scale = self.crop * rng.uniform(*self.scale_range) / min(labels.shape)
         size = (max(1, round(labels.shape[1] * scale)), max(1, round(labels.shape[0] * scale)))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,27 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 LOSSES = ("deop", "ce")
+
+
+# A training crop's side and a batch's pixels: DeOP trains 16 crops of 640 (6.6 MP a batch); a
+# batch is one forward and backward of every crop at once, so its pixels bound its memory.
+MAX_CROP = 2048
+MAX_BATCH_PIXELS = 64 * 640 * 640
+
+
+def check_batch(batch_size: int, crop: int) -> None:
+    """Refuse a crop above MAX_CROP or a batch of more than MAX_BATCH_PIXELS pixels, naming
+    what the batch would hold (ValueError): ``--batch-size 100000`` or ``--crop 100000`` asked
+    for tens of GB before the first step."""
+    if crop > MAX_CROP:
+        raise ValueError(f"crop must be at most {MAX_CROP} pixels, got {crop}")
+    pixels = batch_size * crop * crop
+    if pixels > MAX_BATCH_PIXELS:
+        raise ValueError(
+            f"batch_size {batch_size} of {crop}x{crop} crops is {pixels / 1e6:.1f} MP a step "
+            f"({pixels * 3 / 1e9:.1f} GB of input alone); at most {MAX_BATCH_PIXELS / 1e6:.1f} "
+            "MP: lower batch_size or crop"
+        )
 
 
 @dataclass
@@ -111,8 +133,14 @@ class TrainingConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "prompt_lr", "logit_scale", "scale_min", "output_sharpness"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:  # False for NaN too
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        for name in ("weight_decay", "ce_weight", "dice_weight", "scale_max"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
+        if not 0 <= self.decoder_dropout < 1:
+            raise ValueError(f"decoder_dropout must be in [0, 1), got {self.decoder_dropout}")
+        check_batch(self.batch_size, self.crop)
         if self.scale_max < self.scale_min:
             raise ValueError(f"scale_max {self.scale_max} < scale_min {self.scale_min}")
         if self.loss not in LOSSES:
@@ -123,9 +151,14 @@ class TrainingConfig:
             )
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
-        for name in ("checkpoint_every", "validate_every", "val_images", "prompt_length"):
+        counts = ("checkpoint_every", "validate_every", "val_images", "prompt_length", "workers")
+        for name in counts + ("val_short_side",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.val_short_side > MAX_CROP:
+            raise ValueError(
+                f"val_short_side must be at most {MAX_CROP} pixels, got {self.val_short_side}"
+            )
 
     def inference_settings(self) -> DeopSettings:
         """The DeOP settings validation uses, stored in the checkpoint as its defaults."""
@@ -337,6 +370,56 @@ def _mean(values: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else float("nan")
 
 
+def resume_state(trainer: DeopTrainer, state: dict, path: Path) -> tuple[int, dict]:
+    """Put a checkpoint's training state into ``trainer`` (optimiser, global RNG): (the step,
+    the history). Checked first, so a damaged state is one CheckpointError, not a failure some
+    steps later: ``step`` an integer >= 0, ``rng`` the CPU generator's byte state, ``history``
+    lists of dicts, the optimiser's groups and per-parameter state of the trainer's shapes."""
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its training state {what}: it cannot be resumed")
+
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise damaged(f"has step {str(step)[:40]!r}, not an integer >= 0")
+    rng, expected = state.get("rng"), torch.get_rng_state()
+    if (
+        not isinstance(rng, torch.Tensor)
+        or rng.dtype != expected.dtype
+        or rng.shape != (expected.shape)
+    ):
+        raise damaged(f"has no CPU random generator state of {expected.numel()} bytes")
+    history = state.get("history", {"train": [], "validation": []})
+    if not isinstance(history, dict) or not all(
+        isinstance(history.get(key), list) and all(isinstance(e, dict) for e in history[key])
+        for key in ("train", "validation")
+    ):
+        raise damaged("has no history of train and validation entries")
+    optimizer = state.get("optimizer")
+    parameters = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    per_parameter = optimizer.get("state") if isinstance(optimizer, dict) else None
+    if not isinstance(per_parameter, dict):
+        raise damaged("has no optimiser state")
+    for index, values in per_parameter.items():
+        if not isinstance(index, int) or not 0 <= index < len(parameters):
+            raise damaged(f"has optimiser state for a parameter {str(index)[:20]!r} it lacks")
+        if not isinstance(values, dict):
+            raise damaged(f"has optimiser state {index} of the wrong kind")
+        for name in ("exp_avg", "exp_avg_sq"):
+            moment = values.get(name)
+            if not isinstance(moment, torch.Tensor) or moment.shape != parameters[index].shape:
+                raise damaged(
+                    f"has optimiser {name} {index} of another shape than its parameter "
+                    f"{tuple(parameters[index].shape)}"
+                )
+    try:
+        trainer.optimizer.load_state_dict(optimizer)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise damaged(f"does not fit the optimiser ({error})") from None
+    torch.set_rng_state(rng)
+    return step, history
+
+
 def train(
     clip: LoadedClip,
     data: TrainingData,
@@ -360,7 +443,7 @@ def train(
     torch.manual_seed(config.seed)
     start, history = 0, {"train": [], "validation": []}
     if resume:
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CheckpointError(f"nothing to resume: {path} does not exist")
         checkpoint = load_checkpoint(path, clip)
         if not checkpoint.training:
@@ -368,9 +451,7 @@ def train(
         modules = checkpoint.modules
         trainer = DeopTrainer(clip, data, config, modules)
         state = checkpoint.training
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["step"]), state.get("history", history)
-        torch.set_rng_state(state["rng"])
+        start, history = resume_state(trainer, state, path)
         if start >= config.steps:
             logger.info("checkpoint is already at step %d of %d", start, config.steps)
     else:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
 from ovss_ros.core.dense_clip import interpolate_pos_embed, residual_block
+from ovss_ros.core.frame_budget import rows_per_chunk
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in patches, x1/y1 exclusive
 CropClassifier = Callable[[list[Box], list[int]], torch.Tensor]
@@ -296,22 +297,29 @@ def make_crop_classifier(
     descriptions, or the prompt-template embeddings when the vocabulary has none). A box
     (x0, y0, x1, y1) in patches is the pixel crop ``[y0 * patch : y1 * patch, x0 * patch :
     x1 * patch]``, resized bilinearly (corners not aligned) to ``crop_size`` (FreeCP: 112) and
-    embedded with :func:`crop_embeddings`, all boxes in one batch. The callable returns cosine
-    scores (boxes, candidates) in float32.
+    embedded with :func:`crop_embeddings`, in batches of at most ``frame_budget.CHUNK_BYTES``
+    of activations. The callable returns cosine scores (boxes, candidates) in float32.
     """
+
+    tokens = (crop_size // patch) ** 2 + 1
+    per_crop = tokens * 4 * visual.conv1.out_channels * image.element_size()  # the MLP's input
 
     @torch.no_grad()
     def classify(boxes: list[Box], candidates: list[int]) -> torch.Tensor:
-        crops = [
-            F.interpolate(
-                image[..., y0 * patch : y1 * patch, x0 * patch : x1 * patch],
-                size=(crop_size, crop_size),
-                mode="bilinear",
-                align_corners=False,
-            )
-            for x0, y0, x1, y1 in boxes
-        ]
-        embeddings = F.normalize(crop_embeddings(visual, torch.cat(crops)).float(), dim=-1)
+        step = rows_per_chunk(per_crop, len(boxes))  # a map's contours can be hundreds of boxes
+        embeddings = []
+        for first in range(0, len(boxes), step):
+            crops = [
+                F.interpolate(
+                    image[..., y0 * patch : y1 * patch, x0 * patch : x1 * patch],
+                    size=(crop_size, crop_size),
+                    mode="bilinear",
+                    align_corners=False,
+                )
+                for x0, y0, x1, y1 in boxes[first : first + step]
+            ]
+            embeddings.append(crop_embeddings(visual, torch.cat(crops)).float())
+        embeddings = F.normalize(torch.cat(embeddings), dim=-1)
         return embeddings @ description_embeddings[candidates].float().T
 
     return classify

@@ -1,0 +1,69 @@
+"""What every ovss_ros command-line tool shares about bad input: one line on stderr, status 2.
+
+``ToolParser`` is ``argparse.ArgumentParser`` whose ``error`` prints ``prog: error: message``
+alone (argparse's default prints the usage block first: dozens of lines for the tools with
+every engine flag; ``--help`` still shows it). ``bad_input`` is that same line for a refusal
+found after parsing. ``not_an_input`` refuses an output path that is one of the inputs, so no
+tool overwrites what it reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NoReturn
+
+BAD_INPUT = 2  # the exit status of every tool for bad arguments, files or settings
+
+
+class ToolParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``prog: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        bad_input(self.prog, message)
+
+
+def bad_input(prog: str, message: object) -> NoReturn:
+    """Print ``prog: error: message`` (one line: line breaks become spaces) and exit 2."""
+    text = " ".join(str(message).split())
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    sys.exit(BAD_INPUT)
+
+
+def one_line(message: object) -> str:
+    """An error's text on one line (tracebacks never reach the user; line breaks neither)."""
+    return " ".join(str(message).split())
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def not_an_input(output: str | Path, inputs: Iterable[str | Path], flag: str) -> None:
+    """Raise ValueError if the output file ``output`` could not be written where it is asked
+    (a folder, or under a file) or exists and is (a link to) one of ``inputs``: writing it would
+    destroy an input, or fail after all the work."""
+    output = Path(output).expanduser()
+    for parent in output.absolute().parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {str(output)!r}: {str(parent)!r} is not a folder")
+            break
+    target = _identity(output)
+    if target is None:
+        return
+    if output.is_dir():
+        raise ValueError(f"{flag} {str(output)!r} is a folder: give a file name")
+    for path in inputs:
+        if _identity(Path(path)) == target:
+            raise ValueError(
+                f"{flag} {str(output)!r} is the input {str(path)!r}: writing it would overwrite "
+                "the input; choose another file"
+            )
