@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, load_yaml, short_repr
+
 PACKAGE = "ovss_ros"
 EXECUTABLE = "ovss_node"
 # ovss_ros.node.NODE_NAME; not imported, since that would pull rclpy and torch into a launch file.
@@ -206,19 +208,22 @@ def parse_classes(text: str) -> list[str] | None:
         return None
     example = "write a YAML list, e.g. classes:=\"['person', 'cup; mug']\""
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError as error:
-        raise LaunchPlanError(f"classes {text!r} is not valid YAML ({error}): {example}") from None
+        raise LaunchPlanError(
+            f"classes {short_repr(text)} is not valid YAML ({' '.join(str(error).split())}): "
+            f"{example}"
+        ) from None
     if not isinstance(value, list):
-        raise LaunchPlanError(f"classes {text!r} is not a list: {example}")
+        raise LaunchPlanError(f"classes {short_repr(text)} is not a list: {example}")
     if not value:
         raise LaunchPlanError(f"classes {text!r} is empty: give at least one class")
     for index, entry in enumerate(value):
         if not isinstance(entry, str):
             # YAML reads unquoted yes/no/on/off/null and numbers as non-text.
             raise LaunchPlanError(
-                f"classes entry {index} is {entry!r} ({type(entry).__name__}), not text: "
-                "quote it, e.g. \"['on', '1']\""
+                f"classes entry {index} is {short_repr(entry)} ({type(entry).__name__}), not "
+                "text: quote it, e.g. \"['on', '1']\""
             )
     return value
 
@@ -282,8 +287,11 @@ def params_file_matches(path: str | Path, fully_qualified_name: str) -> bool:
     ``**`` for any number of them (``/**`` matches every node).
     """
     try:
-        content = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        path = Path(path)
+        if not path.is_file() or path.stat().st_size > MAX_PARAMS_FILE_BYTES:
+            return False  # not a params file this plan reads: the node says why
+        content = load_yaml(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
         return False
     if not isinstance(content, dict):
         return False

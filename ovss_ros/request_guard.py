@@ -19,7 +19,9 @@ Two layers, so that the node always answers and always goes on:
   describe/get/list services answer for an undeclared name). The two set services are replaced
   (``SetParameterServices``): each parameter is converted inside the boundary, a type byte
   outside 0-9 is refused with its name and the types there are, and the plain set service keeps
-  judging each parameter on its own, as ROS defines it.
+  judging each parameter on its own, as ROS defines it. A request with more than
+  MAX_REQUEST_ENTRIES names, prefixes or parameters is refused before it is handled (a
+  ``describe_parameters`` of a million names held the executor for 19 s).
 - the node's spin loop (``ovss_ros.node.spin_until_stopped``) survives an exception out of
   ``spin_once`` (a subscription or timer callback, the executor itself) and goes on.
 
@@ -52,6 +54,9 @@ PARAMETER_TYPES = {
 # /diagnostics: callback errors within its window make the status WARN.
 RECENT_S = WINDOW_S
 REASON_LIMIT = 400
+# Entries of one request (names, prefixes, parameters): the node has about 100 parameters, so a
+# client never needs more; beyond it a request is refused before it is handled.
+MAX_REQUEST_ENTRIES = 10_000
 
 
 def one_line(text: str, limit: int = REASON_LIMIT) -> str:
@@ -234,12 +239,27 @@ def refusal(srv_type: Any, request: Any, reason: str) -> Any:
     return response
 
 
+def oversized(request: Any) -> str:
+    """Why ``request`` has more entries (names, prefixes, parameters) than one request may
+    (MAX_REQUEST_ENTRIES); empty if it has not."""
+    for field in ("names", "prefixes", "parameters"):
+        entries = getattr(request, field, None)
+        if isinstance(entries, list) and len(entries) > MAX_REQUEST_ENTRIES:
+            return f"{len(entries)} {field} in one request, more than {MAX_REQUEST_ENTRIES}"
+    return ""
+
+
 def guarded(
     callback: Callable[[Any, Any], Any], srv_type: Any, name: str, faults: CallbackFaults
 ) -> Callable[[Any, Any], Any]:
-    """``callback`` that answers instead of raising (``refusal``), and reports what it raised."""
+    """``callback`` that answers instead of raising (``refusal``), and reports what it raised;
+    a request with more than MAX_REQUEST_ENTRIES entries is refused before it is handled."""
 
     def call(request: Any, response: Any) -> Any:
+        too_many = oversized(request)
+        if too_many:
+            faults.refused(f"{name} size", f"{name}: {too_many}: refused")
+            return refusal(srv_type, request, f"{too_many}: refused")
         try:
             answer = callback(request, response)
         except Exception as error:

@@ -54,8 +54,17 @@ def set_atomically(client, parameters: list[Parameter]):
             "whose patch affinity needs a 17.2 GB map per frame",
         ),
         ([("background_words", ["part " + "7" * 80])], "is too long for the text model"),
+        (
+            [
+                ("method", "deop"),
+                ("proposals", 1000),
+                ("short_side", 4096),
+                ("max_long_side", 4096),
+            ],
+            "proposals 1000 with mask_cells 4 on a 256x256 patch grid need 4.19 GB",
+        ),
     ],
-    ids=["sd2048", "sd4096", "pnp1024", "pnp4096", "crops", "dslo4096", "prompt"],
+    ids=["sd2048", "sd4096", "pnp1024", "pnp4096", "crops", "dslo4096", "prompt", "deop"],
 )
 def test_refused_with_its_cost_and_nothing_changes(client, voc_rgb, parameters, reason):
     before = {name: client.get_parameter(name) for name, _ in parameters}
@@ -72,3 +81,25 @@ def test_the_descriptor_states_the_budget_limit(client):
     for name, most in (("sd_size", 1448), ("pnp_image_size", 1008), ("twostream_crop_batch", 443)):
         descriptor = client.describe_parameter(name)
         assert f"to {most} (the per-frame budget)" in descriptor.additional_constraints, name
+
+
+def test_a_switch_of_method_is_checked_against_the_budget_of_the_new_method(client):
+    """Settings of another method are accepted while they cost nothing; switching to that method
+    is then refused up front with the cost (it was accepted and failed in the worker before,
+    found by a reviewer of issue 18), and the method in force keeps serving."""
+    sizes = {name: client.get_parameter(name) for name in ("short_side", "max_long_side")}
+    proposals = client.get_parameter("proposals")
+    try:
+        for name, value in (("proposals", 1000), ("short_side", 4096), ("max_long_side", 4096)):
+            result = client.set_parameters([Parameter(name, value=value)])[0]
+            assert result.successful, (name, result.reason)
+        result = client.set_parameters([Parameter("method", value="deop")])[0]
+        assert not result.successful
+        assert "proposals 1000 with mask_cells 4 on a 256x256 patch grid need 4.19 GB" in (
+            result.reason
+        ), result.reason
+        assert client.get_parameter("method") == "naclip"
+    finally:
+        restore = [Parameter(n, value=v) for n, v in sizes.items()]
+        assert all(r.successful for r in client.set_parameters(restore))
+        assert client.set_parameters([Parameter("proposals", value=proposals)])[0].successful

@@ -39,6 +39,7 @@ from ros_harness import EVENT_TIMEOUT_S, TINY_NODE_PARAMETERS, running_node, sta
 from rosgraph_msgs.msg import Clock
 
 from ovss_ros import node_parameters
+from ovss_ros.request_guard import MAX_REQUEST_ENTRIES
 
 STATUS = "ovss: image"
 CLASSES = ["person", "chair", "dog"]
@@ -202,6 +203,33 @@ def test_describe_get_and_list_answer_any_names(client, services):
         ],
     )
     assert len(listed) == 16
+
+
+def test_requests_with_too_many_entries_are_refused_before_they_are_handled(client, services):
+    """A request of 20,000 names, prefixes or parameters (MAX_REQUEST_ENTRIES is 10,000) is
+    answered at once with a refusal (set services: a reason per parameter) or an empty answer;
+    a million names held the executor for 19 s before (a reviewer of issue 18). Requests at
+    the limit are handled as before."""
+    names = [f"no_such_parameter_{index}" for index in range(MAX_REQUEST_ENTRIES + 1)]
+    (described,) = services.call_all(DescribeParameters, [DescribeParameters.Request(names=names)])
+    (got,) = services.call_all(GetParameters, [GetParameters.Request(names=names)])
+    (types,) = services.call_all(GetParameterTypes, [GetParameterTypes.Request(names=names)])
+    (listed,) = services.call_all(ListParameters, [ListParameters.Request(prefixes=names)])
+    assert not described.descriptors and not got.values and not types.types
+    assert not listed.result.names
+    parameters = [raw_parameter(name, ParameterType.PARAMETER_BOOL) for name in names]
+    (plain,) = services.call_all(SetParameters, [SetParameters.Request(parameters=parameters)])
+    (atomic,) = services.call_all(
+        SetParametersAtomically, [SetParametersAtomically.Request(parameters=parameters)]
+    )
+    reason = f"{len(names)} parameters in one request, more than {MAX_REQUEST_ENTRIES}"
+    assert len(plain.results) == len(names)
+    assert all(not r.successful and reason in r.reason for r in plain.results[:3])
+    assert not atomic.result.successful and reason in atomic.result.reason
+    at_limit = ["classes"] * MAX_REQUEST_ENTRIES
+    (got,) = services.call_all(GetParameters, [GetParameters.Request(names=at_limit)])
+    assert len(got.values) == MAX_REQUEST_ENTRIES
+    assert list(got.values[0].string_array_value) == CLASSES
 
 
 def test_a_clock_message_with_a_negative_time_is_survived(client, node):

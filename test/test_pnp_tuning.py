@@ -113,6 +113,10 @@ def test_random_search_tries_distinct_candidates_starting_from_the_first():
 
 def test_int_list_parses_ranges_and_lists():
     assert tune.int_list("1-3,8") == [1, 2, 3, 8] and tune.int_list("") == []
+    with pytest.raises(ValueError, match=r"'9-3' runs backwards: write the smaller number first"):
+        tune.int_list("9-3", "--layers")  # said "not a range of at most 1000 values" before
+    with pytest.raises(ValueError, match="is not a range of at most"):
+        tune.int_list("1-100000", "--layers")
 
 
 def tune_arguments(checkpoint, output):

@@ -31,9 +31,8 @@ from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES
 from ovss_ros.core.proposals import PROPOSAL_SOURCES
 from ovss_ros.core.sd2_attention import LAYER_SETS, SD_PRECISIONS
 from ovss_ros.core.vlm_loading import VLM_MODELS
+from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, load_yaml, short_repr
 
-# A node params file is a few kB (config/ovss.yaml: 3 kB); anything far larger is not one.
-MAX_PARAMS_FILE_BYTES = 1 << 20
 # EngineConfig fields whose flag has another name (dest); every other field's dest is its name.
 FLAG_DEST = {
     "short_side": "size",
@@ -228,7 +227,7 @@ def params_file_defaults(path: Path) -> dict[str, Any]:
     wrong type.
     """
     try:
-        document = yaml.safe_load(read_text(path, "params file", MAX_PARAMS_FILE_BYTES))
+        document = load_yaml(read_text(path, "params file", MAX_PARAMS_FILE_BYTES))
     except yaml.YAMLError as error:
         raise ValueError(
             f"params file {str(path)!r} cannot be read: {' '.join(str(error).split())}"
@@ -253,20 +252,22 @@ def params_file_defaults(path: Path) -> dict[str, Any]:
     defaults = {}
     for name, value in sections[0].items():
         if name not in SPECS:
-            raise ValueError(f"params file {str(path)!r}: unknown parameter {name!r}")
+            raise ValueError(f"params file {str(path)!r}: unknown parameter {short_repr(name)}")
         if name not in engine:
             continue  # a node-only parameter
         expected = type(engine[name])
         if expected is tuple:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"params file: {name} must be a list of strings, got {value!r}")
+                raise ValueError(
+                    f"params file: {name} must be a list of strings, got {short_repr(value)}"
+                )
             value = ";".join(value)
         elif expected is float and type(value) is int:
             value = float(value)
         elif type(value) is not expected:
             raise ValueError(
                 f"params file: {name} must be {expected.__name__}, got {type(value).__name__} "
-                f"{value!r}"
+                f"{short_repr(value)}"
             )
         defaults[FLAG_DEST.get(name, name)] = value
     return defaults

@@ -71,7 +71,12 @@ def int_list(text: str, flag: str = "list") -> list[int]:
             raise ValueError(
                 f"{flag} {text!r}: {part!r} is not an integer or a range like 2-5"
             ) from None
-        if last < first or len(values) + last - first + 1 > MAX_VALUES:
+        if last < first:
+            raise ValueError(
+                f"{flag} {text!r}: {part!r} runs backwards: write the smaller number first "
+                f"({last}-{first})"
+            )
+        if len(values) + last - first + 1 > MAX_VALUES:
             raise ValueError(
                 f"{flag} {text!r}: {part!r} is not a range of at most {MAX_VALUES} values"
             )

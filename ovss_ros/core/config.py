@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
-from ovss_ros.core.frame_budget import check_affinity
+from ovss_ros.core.frame_budget import check_affinity, check_proposal_masks
 from ovss_ros.core.sd2_attention import DEFAULT_MODEL as SD_DEFAULT_MODEL
 from ovss_ros.core.sd2_attention import SD_PRECISIONS, check_settings
 from ovss_ros.core.text_encoding import template_set
@@ -80,7 +80,14 @@ def known_patch(model: str) -> int | None:
 
 def check_frame_budget(config: EngineConfig, patch: int) -> None:
     """The per-frame budget of the maps that must exist whole (``frame_budget``): with DSLO or
-    FreeCP, the patch affinity of every window of the largest frame. FrameBudgetError."""
+    FreeCP, the patch affinity of every window of the largest frame; with DeOP or two-stream,
+    the proposal masks of the largest frame (whichever method is in force, so that a switch to
+    them is refused up front, not in the worker). FrameBudgetError."""
+    if config.method in ("deop", "twostream"):
+        long = config.max_long_side
+        short = min(config.short_side or long, long)
+        grid = max(1, short // patch), max(1, long // patch)
+        check_proposal_masks(config.proposals, grid, config.mask_cells)
     if config.refinement not in ("dslo", "freecp") or config.method in PIPELINE_METHODS:
         return
     settings = "short_side and max_long_side" + (" with crop and stride" if config.crop else "")

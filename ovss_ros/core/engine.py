@@ -47,7 +47,7 @@ from ovss_ros.core.config import (
     check_frame_budget,
 )
 from ovss_ros.core.dense_clip import DenseOutput, dense_forward
-from ovss_ros.core.frame_budget import rows_per_chunk
+from ovss_ros.core.frame_budget import check_crop_batch, rows_per_chunk
 from ovss_ros.core.image_resize import opencv_bilinear_resize
 from ovss_ros.core.method_pipelines import Pipeline, build_pipeline, needs_rebuild
 from ovss_ros.core.model_loading import load_clip
@@ -360,6 +360,13 @@ class Segmenter:
         pipeline = self.pipeline  # the worker may replace it meanwhile: one reading
         if pipeline is not None:
             pipeline.check(config, classes)
+        if config.method == "twostream" and getattr(self, "clip", None) is not None:
+            # One CLIP forward over the crop batch, with this CLIP's per-crop cost: checked for a
+            # switch to two-stream too (Pipeline.check covers the pipeline in force only).
+            from ovss_ros.core.twostream import crop_dimensions  # twostream imports this module
+
+            tokens, hidden = crop_dimensions(self.clip)
+            check_crop_batch(config.twostream_crop_batch, tokens, hidden, "twostream_crop_batch")
 
     def check_vocabulary(
         self, classes: Sequence[ClassEntry], config: EngineConfig | None = None
