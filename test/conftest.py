@@ -15,6 +15,38 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may try to download
 
+# The files that take longest on a loaded 2-core machine (per-file totals of `--durations=0`, CI
+# machine under a CPU hog, 2026-12-06), slowest first. scripts/test.sh gives each worker a whole
+# file at a time in collection order, so these go first: a long file started last would leave the
+# other workers idle at the end (longest-first scheduling). Only the order changes; a file missing
+# here runs after them in its usual place.
+SLOW_FILES = (
+    "test_node_shutdown.py",
+    "test_node_vocabulary_stress.py",
+    "test_node_startup_parameters.py",
+    "test_node_accounting.py",
+    "test_node_operator_warnings.py",
+    "test_engine_postprocess_wide.py",
+    "test_node_startup.py",
+    "test_cli_bag_accounting.py",
+    "test_node_departure.py",
+    "test_node_dslo_sd2.py",
+    "test_engine_sd2.py",
+    "test_offline_loading.py",
+    "test_soak.py",
+    "test_node_malformed_requests.py",
+    "test_colcon_build.py",
+    "test_node_lifecycle.py",
+    "test_node_lifecycle_requests.py",
+    "test_node_topics.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: index for index, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable
+
+
 DATA = Path(__file__).parent / "data"
 TINY_VIT = DATA / "tiny-vit.json"  # 64 px, patch 16: a 4x4 grid at its native size
 TINY_VIT_B32 = DATA / "tiny-vit-b32.json"  # 224 px, patch 32: a 7x7 grid at its native size
