@@ -38,7 +38,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from ros_harness import EVENT_TIMEOUT_S, TINY_NODE_PARAMETERS, running_node, status_values
 from rosgraph_msgs.msg import Clock
 
-from ovss_ros import node_parameters
+from ovss_ros.ros import parameters as node_parameters
 
 STATUS = "ovss: image"
 CLASSES = ["person", "chair", "dog"]

@@ -14,9 +14,9 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from ros_harness import isolate_dds
 
-from ovss_ros import node_parameters
 from ovss_ros.core import EngineConfig, parse_classes
-from ovss_ros.node_parameters import ParameterError, validate, validate_update
+from ovss_ros.ros import parameters as node_parameters
+from ovss_ros.ros.parameters import ParameterError, validate, validate_update
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "ovss.yaml"
 
@@ -53,7 +53,7 @@ def test_every_engine_field_is_a_parameter():
 def test_the_engine_bounds_are_parameters_with_the_engines_defaults():
     """Issue 7, item 3: max_long_side (the engine's) and max_input_pixels (the conversion's)."""
     from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
-    from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
+    from ovss_ros.ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
     defaults = node_parameters.defaults()
     assert defaults["max_long_side"] == EngineConfig().max_long_side == 2048

@@ -18,11 +18,11 @@ from ros_harness import TINY_NODE_PARAMETERS, isolate_dds, make_image
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool
 
-import ovss_ros.node as node_module
+import ovss_ros.ros.node as node_module
 from ovss_ros.core import EngineConfig, Segmentation, Segmenter
-from ovss_ros.diagnostics import ERROR, OK, OUTCOMES, WARN, NodeState, camera_report
-from ovss_ros.frame_buffer import FrameBuffer
-from ovss_ros.node import OvssNode
+from ovss_ros.ros.diagnostics import ERROR, OK, OUTCOMES, WARN, NodeState, camera_report
+from ovss_ros.ros.node import OvssNode
+from ovss_ros.ros.worker import FrameBuffer
 
 
 class FaultySegmenter(Segmenter):
@@ -470,7 +470,7 @@ def test_each_camera_publishes_under_its_own_namespace(two_cameras):
 
 def test_frames_waiting_when_the_managed_node_deactivates_are_counted(monkeypatch):
     """Deactivating drops the frames waiting in the slots, as pausing does, and counts them."""
-    from ovss_ros.lifecycle_node import OvssLifecycleNode
+    from ovss_ros.ros.lifecycle_node import OvssLifecycleNode
 
     isolate_dds()
     monkeypatch.setattr(node_module, "Segmenter", FaultySegmenter)

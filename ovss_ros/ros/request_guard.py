@@ -20,7 +20,7 @@ Two layers, so that the node always answers and always goes on:
   (``SetParameterServices``): each parameter is converted inside the boundary, a type byte
   outside 0-9 is refused with its name and the types there are, and the plain set service keeps
   judging each parameter on its own, as ROS defines it.
-- the node's spin loop (``ovss_ros.node.spin_until_stopped``) survives an exception out of
+- the node's spin loop (``ovss_ros.ros.node.spin_until_stopped``) survives an exception out of
   ``spin_once`` (a subscription or timer callback, the executor itself) and goes on.
 
 Both report to ``CallbackFaults``: each kind (where, exception type) is logged once, every one
@@ -41,7 +41,7 @@ from rcl_interfaces.srv import SetParameters, SetParametersAtomically
 from rclpy.exceptions import ParameterNotDeclaredException
 from rclpy.parameter import Parameter
 
-from ovss_ros.diagnostics import WINDOW_S
+from ovss_ros.ros.diagnostics import WINDOW_S
 
 # ParameterType constants: the only type bytes a ParameterValue may carry.
 PARAMETER_TYPES = {

@@ -5,7 +5,7 @@ recording: the input topics copied through unchanged, plus ``<ns>/labels``, ``<n
 ``<ns>/masks/<slug>`` and ``<ns>/overlay``, each with the input frame's header and bag timestamp.
 
 Messages go through rclpy: an input frame is deserialized into rclpy's message class and decoded
-by :mod:`ovss_ros.image_conversion`, and the outputs are built by the same converters the node
+by :mod:`ovss_ros.ros.image_conversion`, and the outputs are built by the same converters the node
 publishes with and serialized by ``rclpy.serialization``. So a bag frame is byte-for-byte what the
 node would send, and there is one image converter to maintain, not a second one for rosbags'
 dataclasses. rosbags does the bag files (sqlite3 and MCAP) and, through its typestore, supplies
@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from ovss_ros.core import ClassEntry, Segmenter, overlay
 from ovss_ros.core.file_checks import FileCheckError, check_folder_files, read_text
-from ovss_ros.image_conversion import (
+from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     ImageTooLarge,
     compressed_to_rgb8,
@@ -60,8 +60,8 @@ from ovss_ros.image_conversion import (
     mono16_to_image,
     rgb8_to_image,
 )
-from ovss_ros.label_info import label_info
-from ovss_ros.stop_signals import StopSignals
+from ovss_ros.ros.label_info import label_info
+from ovss_ros.ros.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 

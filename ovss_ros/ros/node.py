@@ -19,8 +19,8 @@ parameter change is validated whole before it is accepted, and applied whole by 
 not at all: if applying fails anyway (out of memory while encoding text), the previous settings
 stay in force and the parameters are put back to them.
 
-The plain node (``OvssNode``) and the managed one (``ovss_ros.lifecycle_node``) share all of this
-through ``SegmentationNodeMixin``, written as the steps of a lifecycle: set up (parameters,
+The plain node (``OvssNode``) and the managed one (``ovss_ros.ros.lifecycle_node``) share all of
+this through ``SegmentationNodeMixin``, written as the steps of a lifecycle: set up (parameters,
 services, diagnostics), load (model and vocabulary), open (outputs and worker), start (inputs),
 and back: stop, close. The plain node runs the first four at construction.
 """
@@ -66,7 +66,6 @@ from std_msgs.msg import Header
 from std_srvs.srv import SetBool
 from vision_msgs.msg import LabelInfo
 
-from ovss_ros import node_parameters
 from ovss_ros.core import (
     ClassColours,
     ClassEntry,
@@ -78,7 +77,8 @@ from ovss_ros.core import (
     overlay,
     parse_classes,
 )
-from ovss_ros.diagnostics import (
+from ovss_ros.ros import parameters as node_parameters
+from ovss_ros.ros.diagnostics import (
     OUTCOMES,
     SILENT_INPUT_S,
     CameraStats,
@@ -91,9 +91,8 @@ from ovss_ros.diagnostics import (
     silent_input_message,
     status_message,
 )
-from ovss_ros.executor_work import ExecutorWork
-from ovss_ros.frame_buffer import FrameBuffer, FrameWorker
-from ovss_ros.image_conversion import (
+from ovss_ros.ros.executor_work import ExecutorWork
+from ovss_ros.ros.image_conversion import (
     ImageConversionError,
     compressed_to_rgb8,
     float32_to_image,
@@ -102,9 +101,10 @@ from ovss_ros.image_conversion import (
     mono16_to_image,
     rgb8_to_image,
 )
-from ovss_ros.label_info import label_info
-from ovss_ros.node_entry import Interrupted, ShutdownSignals
-from ovss_ros.request_guard import CallbackFaults, describe, guard_services, one_line
+from ovss_ros.ros.label_info import label_info
+from ovss_ros.ros.request_guard import CallbackFaults, describe, guard_services, one_line
+from ovss_ros.ros.signals import Interrupted, ShutdownSignals
+from ovss_ros.ros.worker import FrameBuffer, FrameWorker
 
 NODE_NAME = "ovss"
 SINGLE_CAMERA = "image"  # the single camera's name in diagnostics: "ovss: image"
@@ -1286,6 +1286,6 @@ def spin_until_stopped(node: Node, stop_requested: Callable[[], bool]) -> None:
 
 if __name__ == "__main__":
     # The console script (node_entry.ovss_node) installs its handlers before these imports.
-    from ovss_ros.node_entry import run_main
+    from ovss_ros.ros.entry import run_main
 
     sys.exit(run_main(main))

@@ -55,7 +55,7 @@ from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES
 from ovss_ros.core.proposals import PROPOSAL_SOURCES
 from ovss_ros.core.sd2_attention import LAYER_SETS, SD_MAX_SIZE, SD_PRECISIONS
 from ovss_ros.core.vlm_loading import VLM_MODELS
-from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
+from ovss_ros.ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
 METHODS = tuple(ENGINE_METHODS)
