@@ -16,6 +16,7 @@ from ros_harness import isolate_dds
 
 from ovss_ros.core import EngineConfig, parse_classes
 from ovss_ros.ros import parameters as node_parameters
+from ovss_ros.ros import topic_names
 from ovss_ros.ros.parameters import ParameterError, validate, validate_update
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "ovss.yaml"
@@ -529,7 +530,7 @@ def test_a_mask_topic_rcl_cannot_resolve_is_refused_with_rcls_reason(ros_context
     node = Node("ovss", context=ros_context)
     try:
         entry = parse_classes(["cat"])[0]
-        problem = node_parameters._topic_problem("~/masks/bad name", node.resolve_topic_name)
+        problem = topic_names._topic_problem("~/masks/bad name", node.resolve_topic_name)
         assert "'~/masks/bad name' is not a valid ROS topic name" in problem
         assert "alphanumerics" in problem and "/project/src" not in problem
         node_parameters.check_mask_topics([entry], ["~/"], node.resolve_topic_name)

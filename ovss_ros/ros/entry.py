@@ -18,7 +18,7 @@ rclpy's own signal handlers are not installed (``SignalHandlerOptions.NO``): the
 context down from another thread while the worker may still publish.
 
 ``-h`` / ``--help`` before any ``--ros-args`` prints usage (topics, every parameter with its type,
-default, range or values, and description, from ``node_parameters.PARAMETERS``) and exits 0
+default, range or values, and description, from ``parameters.PARAMETERS``) and exits 0
 without initialising ROS.
 """
 
@@ -114,12 +114,12 @@ def parameter_help() -> str:
     """Every declared parameter: name, type, read-only or runtime, default, range, description
     and allowed values, wrapped to 99 columns."""
     # Imports torch and rclpy's Python API: seconds.
-    from ovss_ros.ros import parameters as node_parameters
+    from ovss_ros.ros import parameters
 
     lines = []
-    for spec in node_parameters.PARAMETERS:
-        kind = node_parameters.type_name(spec.default)
-        if spec.name in node_parameters.STRING_ARRAYS:
+    for spec in parameters.PARAMETERS:
+        kind = parameters.type_name(spec.default)
+        if spec.name in parameters.STRING_ARRAYS:
             kind = "list of strings"
         facts = [kind, "read-only" if spec.read_only else "runtime", f"default {spec.default!r}"]
         if spec.minimum is not None:

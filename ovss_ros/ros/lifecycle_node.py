@@ -28,7 +28,8 @@ from typing import Any
 from rclpy.exceptions import NameValidationException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from ovss_ros.ros.node import NODE_NAME, START_ERRORS, SegmentationNodeMixin, run, stop_event
+from ovss_ros.ros.node import SegmentationNodeMixin
+from ovss_ros.ros.running import NODE_NAME, START_ERRORS, run, stop_event
 from ovss_ros.ros.signals import ShutdownSignals
 
 
@@ -118,7 +119,7 @@ def main(args: list[str] | None = None, signals: ShutdownSignals | None = None) 
 
 
 if __name__ == "__main__":
-    # The console script (node_entry.ovss_lifecycle_node) installs its handlers before imports.
+    # The console script (entry.ovss_lifecycle_node) installs its handlers before imports.
     from ovss_ros.ros.entry import run_main
 
     sys.exit(run_main(main))

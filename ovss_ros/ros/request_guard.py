@@ -42,6 +42,7 @@ from rclpy.exceptions import ParameterNotDeclaredException
 from rclpy.parameter import Parameter
 
 from ovss_ros.ros.diagnostics import WINDOW_S
+from ovss_ros.ros.log_text import describe, one_line
 
 # ParameterType constants: the only type bytes a ParameterValue may carry.
 PARAMETER_TYPES = {
@@ -51,21 +52,6 @@ PARAMETER_TYPES = {
 }
 # /diagnostics: callback errors within its window make the status WARN.
 RECENT_S = WINDOW_S
-REASON_LIMIT = 400
-
-
-def one_line(text: str, limit: int = REASON_LIMIT) -> str:
-    """Text for one log line or reason: whitespace runs as one space, non-printable characters
-    escaped (request data cannot forge log lines), cut to ``limit`` characters."""
-    text = "".join(
-        char if char.isprintable() else f"\\u{ord(char):04x}" for char in " ".join(text.split())
-    )
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def describe(error: BaseException) -> str:
-    """``Type: message`` on one line."""
-    return one_line(f"{type(error).__name__}: {error}")
 
 
 class MalformedRequest(ValueError):
