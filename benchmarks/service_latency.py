@@ -88,7 +88,7 @@ def in_process_crf(rgb, probs, max_pixels=None, stop=None):
 def serve_baseline(signals=None) -> int:
     """The node, with the CRF patched back into its process (the launcher mode)."""
     from ovss_ros.core import pnp_ovss
-    from ovss_ros.node import main
+    from ovss_ros.ros.node import main
 
     pnp_ovss.dense_crf = in_process_crf
     return main(signals=signals)
@@ -272,7 +272,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     if os.environ.get(BASELINE_ENV):
-        from ovss_ros.node_entry import run_main
+        from ovss_ros.ros.entry import run_main
 
         sys.exit(run_main(serve_baseline))
     sys.exit(main())

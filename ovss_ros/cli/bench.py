@@ -50,7 +50,7 @@ from ovss_ros.core import EngineConfig, Segmenter, overlay
 from ovss_ros.core.config import PIPELINE_METHODS
 from ovss_ros.core.dense_clip import interpolate_pos_embed
 from ovss_ros.core.proposal_segmentation import Frames, tokens_before_last_block
-from ovss_ros.image_conversion import (
+from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     image_file_to_rgb8,
     image_to_rgb8,

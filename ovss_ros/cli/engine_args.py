@@ -246,7 +246,7 @@ def params_file_defaults(path: Path) -> dict[str, Any]:
             f"params file {str(path)!r} must hold one node's ros__parameters (/**: "
             "ros__parameters: ...)"
         )
-    from ovss_ros.node_parameters import SPECS  # the node's names (imports rclpy)
+    from ovss_ros.ros.parameters import SPECS  # the node's names (imports rclpy)
 
     engine = {field.name: field.default for field in fields(EngineConfig)}
     defaults = {}

@@ -29,7 +29,7 @@ from ovss_ros.core.model_loading import load_clip
 from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES, PnpOvss, PnpOvssSettings
 from ovss_ros.core.pnp_tuning import SearchSpace, best_of, evaluate_settings, random_search
 from ovss_ros.core.vlm_loading import DEFAULT_VLM, VLM_MODELS, load_vlm
-from ovss_ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
+from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
 
 logger = logging.getLogger("ovss-tune")
 THRESHOLDS = "0.05,0.15,0.25,0.35,0.45"  # the release's search grid (np.arange(0.05, 0.5, 0.1))

@@ -28,7 +28,7 @@ from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, load_yaml, short_repr
 
 PACKAGE = "ovss_ros"
 EXECUTABLE = "ovss_node"
-# ovss_ros.node.NODE_NAME; not imported, since that would pull rclpy and torch into a launch file.
+# ovss_ros.ros.node.NODE_NAME; not imported: that would pull rclpy and torch into a launch file.
 NODE_NAME = "ovss"
 # What the node subscribes to, relative so that the namespace and remapping move them.
 INPUT_TOPICS = ("image", "camera_info")
@@ -277,7 +277,7 @@ def default_file(name: str) -> Path:
             return installed
     except (ImportError, LookupError, OSError):  # PackageNotFoundError is a KeyError
         pass
-    return Path(__file__).resolve().parents[1] / "config" / name
+    return Path(__file__).resolve().parents[2] / "config" / name
 
 
 def params_file_matches(path: str | Path, fully_qualified_name: str) -> bool:

@@ -1,6 +1,6 @@
 """The ovss node as a managed (lifecycle) node: the robot decides when the model takes memory.
 
-Same contract, parameters and code as ``ovss_ros.node`` (``SegmentationNodeMixin``); only when
+Same contract, parameters and code as ``ovss_ros.ros.node`` (``SegmentationNodeMixin``); only when
 things happen differs, driven through the standard lifecycle services (``~/change_state``,
 ``~/get_state``), e.g. by nav2's lifecycle manager or ``ros2 lifecycle set /ovss configure``:
 
@@ -28,8 +28,9 @@ from typing import Any
 from rclpy.exceptions import NameValidationException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from ovss_ros.node import NODE_NAME, START_ERRORS, SegmentationNodeMixin, run, stop_event
-from ovss_ros.node_entry import ShutdownSignals
+from ovss_ros.ros.node import SegmentationNodeMixin
+from ovss_ros.ros.running import NODE_NAME, START_ERRORS, run, stop_event
+from ovss_ros.ros.signals import ShutdownSignals
 
 
 class OvssLifecycleNode(SegmentationNodeMixin, LifecycleNode):
@@ -118,7 +119,7 @@ def main(args: list[str] | None = None, signals: ShutdownSignals | None = None) 
 
 
 if __name__ == "__main__":
-    # The console script (node_entry.ovss_lifecycle_node) installs its handlers before imports.
-    from ovss_ros.node_entry import run_main
+    # The console script (entry.ovss_lifecycle_node) installs its handlers before imports.
+    from ovss_ros.ros.entry import run_main
 
     sys.exit(run_main(main))

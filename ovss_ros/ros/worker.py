@@ -23,6 +23,10 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+# Step of a FrameWorker -> what the worker is doing then, for the log.
+WORKER_STEPS = {"between_frames": "applying a change", "handle_frames": "segmenting frames"}
+WORKER_STOP_TIMEOUT_S = 5.0
+
 
 class FrameBuffer(Generic[T]):
     """One newest-item slot per source: ``put`` overwrites a slot, ``take`` empties them all."""
@@ -159,3 +163,14 @@ class FrameWorker(Generic[T]):
                     pass
         finally:
             self.step = None
+
+
+def stop_worker(worker: FrameWorker | None, warn: Callable[[str], None]) -> None:
+    """Stop ``worker`` (its stop event is set already); ``warn`` if it is still busy after
+    WORKER_STOP_TIMEOUT_S, saying with what: it is not waited for any longer."""
+    if worker is not None and not worker.stop(timeout=WORKER_STOP_TIMEOUT_S):
+        doing = WORKER_STEPS.get(worker.step or "", "working")
+        warn(
+            f"worker still {doing} {WORKER_STOP_TIMEOUT_S:.0f} s after the stop request: "
+            "not waiting for it"
+        )

@@ -22,7 +22,7 @@ Two layers, so that the node always answers and always goes on:
   judging each parameter on its own, as ROS defines it. A request with more than
   MAX_REQUEST_ENTRIES names, prefixes or parameters is refused before it is handled (a
   ``describe_parameters`` of a million names held the executor for 19 s).
-- the node's spin loop (``ovss_ros.node.spin_until_stopped``) survives an exception out of
+- the node's spin loop (``ovss_ros.ros.node.spin_until_stopped``) survives an exception out of
   ``spin_once`` (a subscription or timer callback, the executor itself) and goes on.
 
 Both report to ``CallbackFaults``: each kind (where, exception type) is logged once, every one
@@ -43,7 +43,8 @@ from rcl_interfaces.srv import SetParameters, SetParametersAtomically
 from rclpy.exceptions import ParameterNotDeclaredException
 from rclpy.parameter import Parameter
 
-from ovss_ros.diagnostics import WINDOW_S
+from ovss_ros.ros.diagnostics import WINDOW_S
+from ovss_ros.ros.log_text import describe, one_line
 
 # ParameterType constants: the only type bytes a ParameterValue may carry.
 PARAMETER_TYPES = {
@@ -53,24 +54,9 @@ PARAMETER_TYPES = {
 }
 # /diagnostics: callback errors within its window make the status WARN.
 RECENT_S = WINDOW_S
-REASON_LIMIT = 400
 # Entries of one request (names, prefixes, parameters): the node has about 100 parameters, so a
 # client never needs more; beyond it a request is refused before it is handled.
 MAX_REQUEST_ENTRIES = 10_000
-
-
-def one_line(text: str, limit: int = REASON_LIMIT) -> str:
-    """Text for one log line or reason: whitespace runs as one space, non-printable characters
-    escaped (request data cannot forge log lines), cut to ``limit`` characters."""
-    text = "".join(
-        char if char.isprintable() else f"\\u{ord(char):04x}" for char in " ".join(text.split())
-    )
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def describe(error: BaseException) -> str:
-    """``Type: message`` on one line."""
-    return one_line(f"{type(error).__name__}: {error}")
 
 
 class MalformedRequest(ValueError):

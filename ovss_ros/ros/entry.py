@@ -7,7 +7,7 @@ before rclpy, torch and open_clip are imported (seconds on a small CPU). What a 
 - during start-up (imports, model loading, vocabulary encoding, until the node serves): it ends
   start-up at once (``Interrupted``, unwound through the node's own clean-up) and the process
   exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), without a traceback;
-- while the node serves: it asks for an orderly stop (``ovss_ros.node.run``): the engine's stop
+- while the node serves: it asks for an orderly stop (``ovss_ros.ros.node.run``): the engine's stop
   event is set (text encoding and every inference stage end early), the spin loop ends, the node
   stops its worker, then destroys its publishers, then the ROS context is shut down; exit
   status 0;
@@ -18,7 +18,7 @@ rclpy's own signal handlers are not installed (``SignalHandlerOptions.NO``): the
 context down from another thread while the worker may still publish.
 
 ``-h`` / ``--help`` before any ``--ros-args`` prints usage (topics, every parameter with its type,
-default, range or values, and description, from ``node_parameters.PARAMETERS``) and exits 0
+default, range or values, and description, from ``parameters.PARAMETERS``) and exits 0
 without initialising ROS.
 """
 
@@ -27,71 +27,12 @@ from __future__ import annotations
 import gc
 import importlib
 import os
-import signal
 import sys
 import textwrap
 import threading
 from collections.abc import Callable
-from types import FrameType
 
-SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A shutdown signal that arrived during start-up; the process exits with ``exit_status``."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_status(self) -> int:
-        """128 + the signal number, as a shell reports a process a signal ended."""
-        return 128 + self.signum
-
-
-class ShutdownSignals:
-    """SIGINT and SIGTERM handlers for a node process (handlers run in the main thread).
-
-    Starting (from ``install`` until ``serve``): the first signal raises ``Interrupted`` in the
-    main thread. Serving: the first signal calls ``on_request`` (e.g. sets the engine's stop
-    event) and ``requested`` becomes true; the spin loop polls it. Every later signal is ignored.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[int] = []  # signal numbers, in arrival order
-        self._on_request: Callable[[], None] | None = None
-        self._serving = False
-
-    @classmethod
-    def install(cls) -> ShutdownSignals:
-        """Handlers for SIGINT and SIGTERM; call from the main thread, before heavy imports."""
-        signals = cls()
-        for signum in SHUTDOWN_SIGNALS:
-            signal.signal(signum, signals._handle)
-        return signals
-
-    def serve(self, on_request: Callable[[], None] | None = None) -> None:
-        """Start-up is over: from now on a signal asks for an orderly stop."""
-        self._on_request = on_request
-        self._serving = True
-
-    @property
-    def requested(self) -> bool:
-        return bool(self.received)
-
-    def name(self) -> str:
-        """The first signal's name (SIGINT, SIGTERM), or an empty string."""
-        return signal.Signals(self.received[0]).name if self.received else ""
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received.append(signum)
-        if len(self.received) > 1:
-            return  # shutting down already: let it finish
-        if not self._serving:
-            raise Interrupted(signum)
-        if self._on_request is not None:
-            self._on_request()
+from ovss_ros.ros.signals import Interrupted, ShutdownSignals, ignore_shutdown_signals
 
 
 def run_main(main: Callable[..., int], signals: ShutdownSignals | None = None) -> int:
@@ -110,9 +51,9 @@ def run_main(main: Callable[..., int], signals: ShutdownSignals | None = None) -
         try:
             status = main(signals=signals)
         finally:
-            _ignore_shutdown_signals()
+            ignore_shutdown_signals()
     except Interrupted as interrupt:  # before main's own handling, e.g. in an import
-        _ignore_shutdown_signals()
+        ignore_shutdown_signals()
         status, interrupted = interrupt.exit_status, True
     others = [t for t in threading.enumerate() if t is not threading.current_thread()]
     if interrupted or any(thread.is_alive() for thread in others):
@@ -126,11 +67,6 @@ def run_main(main: Callable[..., int], signals: ShutdownSignals | None = None) -
     # (seconds on a busy CPU); ROS is shut down and nothing left needs collecting.
     gc.freeze()
     return status
-
-
-def _ignore_shutdown_signals() -> None:
-    for signum in SHUTDOWN_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
 
 
 HELP_FLAGS = ("-h", "--help")
@@ -177,12 +113,13 @@ def usage_header(program: str) -> str:
 def parameter_help() -> str:
     """Every declared parameter: name, type, read-only or runtime, default, range, description
     and allowed values, wrapped to 99 columns."""
-    from ovss_ros import node_parameters  # imports torch and rclpy's Python API: seconds
+    # Imports torch and rclpy's Python API: seconds.
+    from ovss_ros.ros import parameters
 
     lines = []
-    for spec in node_parameters.PARAMETERS:
-        kind = node_parameters.type_name(spec.default)
-        if spec.name in node_parameters.STRING_ARRAYS:
+    for spec in parameters.PARAMETERS:
+        kind = parameters.type_name(spec.default)
+        if spec.name in parameters.STRING_ARRAYS:
             kind = "list of strings"
         facts = [kind, "read-only" if spec.read_only else "runtime", f"default {spec.default!r}"]
         if spec.minimum is not None:
@@ -216,10 +153,11 @@ def _node_main(module: str, program: str) -> int:
 
 
 def ovss_node() -> int:
-    """Console script ``ovss_node``: the plain node (``ovss_ros.node.OvssNode``)."""
-    return _node_main("ovss_ros.node", "ovss_node")
+    """Console script ``ovss_node``: the plain node (``ovss_ros.ros.node.OvssNode``)."""
+    return _node_main("ovss_ros.ros.node", "ovss_node")
 
 
 def ovss_lifecycle_node() -> int:
-    """Console script ``ovss_lifecycle_node``: the managed node (``ovss_ros.lifecycle_node``)."""
-    return _node_main("ovss_ros.lifecycle_node", "ovss_lifecycle_node")
+    """Console script ``ovss_lifecycle_node``: the managed node
+    (``ovss_ros.ros.lifecycle_node``)."""
+    return _node_main("ovss_ros.ros.lifecycle_node", "ovss_lifecycle_node")
