@@ -41,7 +41,7 @@ def whole_softmax(segmenter, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
         encoded = segmenter.encode(segmenter.preprocess(rgb))
         logits = segmenter.to_image(segmenter.head(encoded)[0], encoded, config.upsample == "jbu")
         if config.pamr:
-            from ovss_ros.core.refine import pamr
+            from ovss_ros.core.methods.dense.pamr import pamr
 
             logits = pamr(segmenter._full_resolution(encoded), logits[None])[0]
         logits = F.interpolate(logits[None].float(), size, mode="bilinear")[0]

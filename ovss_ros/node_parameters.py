@@ -42,8 +42,6 @@ from ovss_ros.core.config import (
     UPSAMPLERS,
 )
 from ovss_ros.core.config import METHODS as ENGINE_METHODS
-from ovss_ros.core.dense_clip import POS_INTERPOLATIONS
-from ovss_ros.core.deop import POOLINGS
 from ovss_ros.core.frame_budget import (
     check_crop_batch,
     check_sd_size,
@@ -51,10 +49,12 @@ from ovss_ros.core.frame_budget import (
     max_crop_batch,
     vlm_max_image_size,
 )
-from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES
-from ovss_ros.core.proposals import PROPOSAL_SOURCES
-from ovss_ros.core.sd2_attention import LAYER_SETS, SD_MAX_SIZE, SD_PRECISIONS
-from ovss_ros.core.vlm_loading import VLM_MODELS
+from ovss_ros.core.methods.dense.forward import POS_INTERPOLATIONS
+from ovss_ros.core.methods.deop.deop import POOLINGS
+from ovss_ros.core.methods.deop.proposals import PROPOSAL_SOURCES
+from ovss_ros.core.methods.dslo.sd2_attention import LAYER_SETS, SD_MAX_SIZE, SD_PRECISIONS
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PRESENCE_MODES, REFINES
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import VLM_MODELS
 from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
 IMAGE_TRANSPORTS = ("raw", "compressed")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.refine.pamr import pamr, pamr_affinity, pamr_propagate
+from ovss_ros.core.methods.dense.pamr import pamr, pamr_affinity, pamr_propagate
 
 
 def shift_kernels(centre: float, others: float, with_centre: bool) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.image_resize import opencv_bilinear_resize
+from ovss_ros.core.clip.image_resize import opencv_bilinear_resize
 
 
 def cv2_linear(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

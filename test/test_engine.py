@@ -7,8 +7,8 @@ import torch
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter, VocabularyError, class_color, overlay
-from ovss_ros.core.dense_clip import patch_features
 from ovss_ros.core.engine import resized_size, window_starts
+from ovss_ros.core.methods.dense.forward import patch_features
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.refine import pamr
+from ovss_ros.core.methods.dense.pamr import pamr
 
 
 @pytest.fixture(scope="module")

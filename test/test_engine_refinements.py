@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.dense_clip import LAST_BLOCK_MODES, dense_forward
-from ovss_ros.core.refine import dslo_scores, pamr
+from ovss_ros.core.methods.dense.forward import LAST_BLOCK_MODES, dense_forward
+from ovss_ros.core.methods.dense.pamr import pamr
+from ovss_ros.core.methods.dslo.dslo import dslo_scores
 
 REFINEMENTS = [
     {"refinement": "dslo", "dslo_mode": "ot"},

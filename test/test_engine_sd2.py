@@ -21,11 +21,11 @@ from tiny_diffusion import save_tiny_pipeline
 
 import ovss_ros.core.engine as engine_module
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, Stopped
-from ovss_ros.core.dense_clip import dense_forward
+from ovss_ros.core.clip.text_encoding import TextEncoder
 from ovss_ros.core.engine import Encoded
-from ovss_ros.core.refine.dslo import dslo_scores
-from ovss_ros.core.sd2_attention import Sd2Attention
-from ovss_ros.core.text_encoding import TextEncoder
+from ovss_ros.core.methods.dense.forward import dense_forward
+from ovss_ros.core.methods.dslo.dslo import dslo_scores
+from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
 
 CLASSES = ["wall", "floor", "chair", "lamp"]  # the fourth is planted absent
 SOURCES = ("naclip", "keykey", "mean", "sd2")

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter, Stopped
-from ovss_ros.core.text_encoding import PROMPT_BATCH, TextEncoder
+from ovss_ros.core.clip.text_encoding import PROMPT_BATCH, TextEncoder
 
 WAIT_S = 120.0  # generous: only reached if the code under test is broken
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 from conftest import TINY_VIT
 
-import ovss_ros.core.text_encoding as text_encoding
+import ovss_ros.core.clip.text_encoding as text_encoding
 from ovss_ros.core import (
     EngineConfig,
     Segmenter,
     Stopped,
     VocabularyError,
 )
-from ovss_ros.core.text_encoding import TextEncoder
+from ovss_ros.core.clip.text_encoding import TextEncoder
 
 CLASSES = ["person", "tv; television; monitor", "dog | a furry pet that barks"]
 

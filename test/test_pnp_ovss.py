@@ -15,8 +15,8 @@ from conftest import TINY_VIT
 from tiny_blip import IMAGE_SIZE, PATCH, save_tiny_blip
 
 from ovss_ros.core import pnp_ovss
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.pnp_ovss import (
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import (
     PnpOvss,
     PnpOvssSettings,
     class_maps,
@@ -26,7 +26,7 @@ from ovss_ros.core.pnp_ovss import (
     threshold_maps,
     with_background,
 )
-from ovss_ros.core.vlm_loading import load_vlm
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 from ovss_ros.core.vocabulary import VocabularyError
 
 GRID = IMAGE_SIZE // PATCH  # 4x4 patches
@@ -355,7 +355,7 @@ def test_dense_crf_runs_in_a_process_of_its_own(monkeypatch):
 
 def test_dense_crf_of_a_large_frame_is_solved_at_the_bounded_size(monkeypatch):
     pytest.importorskip("pydensecrf.densecrf")
-    from ovss_ros.core.crf_process import CrfProcess
+    from ovss_ros.core.methods.pnp_ovss.crf_process import CrfProcess
 
     solved = []
     marginals = CrfProcess.marginals
@@ -382,7 +382,7 @@ def test_dense_crf_stops_when_asked_and_fails_with_the_reason():
     pytest.importorskip("pydensecrf.densecrf")
     import threading
 
-    from ovss_ros.core.crf_process import CrfError, CrfProcess
+    from ovss_ros.core.methods.pnp_ovss.crf_process import CrfError, CrfProcess
     from ovss_ros.core.stopping import Stopped
 
     crf = CrfProcess()

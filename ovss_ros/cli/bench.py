@@ -48,8 +48,8 @@ from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, par
 from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
 from ovss_ros.core import EngineConfig, Segmenter, overlay
 from ovss_ros.core.config import PIPELINE_METHODS
-from ovss_ros.core.dense_clip import interpolate_pos_embed
-from ovss_ros.core.proposal_segmentation import Frames, tokens_before_last_block
+from ovss_ros.core.methods.dense.forward import interpolate_pos_embed
+from ovss_ros.core.methods.deop.proposal_segmentation import Frames, tokens_before_last_block
 from ovss_ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     image_file_to_rgb8,

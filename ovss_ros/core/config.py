@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
+from ovss_ros.core.clip.text_encoding import template_set
 from ovss_ros.core.frame_budget import check_affinity
-from ovss_ros.core.sd2_attention import DEFAULT_MODEL as SD_DEFAULT_MODEL
-from ovss_ros.core.sd2_attention import SD_PRECISIONS, check_settings
-from ovss_ros.core.text_encoding import template_set
+from ovss_ros.core.methods.dense.forward import (
+    AFFINITY_SOURCES,
+    LAST_BLOCK_MODES,
+    POS_INTERPOLATIONS,
+)
+from ovss_ros.core.methods.dslo.sd2_attention import DEFAULT_MODEL as SD_DEFAULT_MODEL
+from ovss_ros.core.methods.dslo.sd2_attention import SD_PRECISIONS, check_settings
 from ovss_ros.core.vocabulary import check_background_words
 
 # Fields that need a new model when they change; everything else can change between frames.

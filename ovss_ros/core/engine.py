@@ -38,6 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.clip.image_resize import opencv_bilinear_resize
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.clip.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.config import (
     LOAD_FIELDS,
     PIPELINE_METHODS,
@@ -46,25 +49,16 @@ from ovss_ros.core.config import (
     EngineConfig,
     check_frame_budget,
 )
-from ovss_ros.core.dense_clip import DenseOutput, dense_forward
 from ovss_ros.core.frame_budget import rows_per_chunk
-from ovss_ros.core.image_resize import opencv_bilinear_resize
 from ovss_ros.core.method_pipelines import Pipeline, build_pipeline, needs_rebuild
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.refine import (
-    dslo_scores,
-    freecp,
-    jbu_weights,
-    joint_bilateral_upsample,
-    make_crop_classifier,
-    pamr_affinity,
-)
-from ovss_ros.core.refine.freecp import background_wins
-from ovss_ros.core.refine.pamr import pamr_propagate
-from ovss_ros.core.sd2_attention import Sd2Attention
+from ovss_ros.core.methods.dense.forward import DenseOutput, dense_forward
+from ovss_ros.core.methods.dense.jbu import jbu_weights, joint_bilateral_upsample
+from ovss_ros.core.methods.dense.pamr import pamr_affinity, pamr_propagate
+from ovss_ros.core.methods.dslo.dslo import dslo_scores
+from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
+from ovss_ros.core.methods.freecp.freecp import background_wins, freecp, make_crop_classifier
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import Stopped, check_stop
-from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.vocabulary import (
     ClassEntry,
     VocabularyError,

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.clip.text_encoding import TextEncoder
 from ovss_ros.core.config import PIPELINE_METHODS, VLM_LOAD_FIELDS, EngineConfig
-from ovss_ros.core.dense_clip import LAST_BLOCK_MODES
 from ovss_ros.core.file_checks import FileCheckError, regular_file
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.pnp_ovss import PnpOvss, PnpOvssSettings
+from ovss_ros.core.methods.dense.forward import LAST_BLOCK_MODES
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import LoadedVlm, load_vlm
 from ovss_ros.core.segmentation import Segmentation, label_dtype
 from ovss_ros.core.stopping import check_stop
-from ovss_ros.core.text_encoding import TextEncoder
-from ovss_ros.core.vlm_loading import LoadedVlm, load_vlm
 from ovss_ros.core.vocabulary import ClassEntry
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ def method_fields(method: str) -> dict[str, str]:
 
 def _proposal_types() -> dict[str, type]:
     # Imported here: proposal_segmentation imports the engine, which imports this module.
-    from ovss_ros.core.deop import Deop, DeopSettings
-    from ovss_ros.core.twostream import TwoStream, TwoStreamSettings
+    from ovss_ros.core.methods.deop.deop import Deop, DeopSettings
+    from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamSettings
 
     return {"deop": (Deop, DeopSettings), "twostream": (TwoStream, TwoStreamSettings)}
 

@@ -12,8 +12,8 @@ passes the frame through CLIP once and classifies every proposal from the dense 
    ``ResidualAttentionBlockVit`` with ``alphaShortcut = 0.2`` for layer 11, in
    ``third_party/CLIP/clip/model.py`` of CongHan0808/DeOP. Then ln_post, projection, L2 norm;
 3. each proposal's embedding: the CAL decoder's heat-map-weighted pool of those dense features
-   (:class:`~ovss_ros.core.deop_heads.AnchorDecoder`, trained), or without a checkpoint the plain
-   mask-weighted mean of them;
+   (:class:`~ovss_ros.core.methods.deop.heads.AnchorDecoder`, trained), or without a checkpoint
+   the plain mask-weighted mean of them;
 4. softmax over the text embeddings (templates, or the learned prompt context) and DeOP's "no
    object", then MaskFormer's semantic inference (``proposal_segmentation``).
 
@@ -34,15 +34,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.deop_heads import DeopModules, mean_pool
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.proposal_segmentation import (
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.methods.deop.heads import DeopModules, mean_pool
+from ovss_ros.core.methods.deop.proposal_segmentation import (
     Frames,
     ProposalSegmenter,
     ProposalSettings,
     tokens_before_last_block,
 )
-from ovss_ros.core.proposals import Proposals
+from ovss_ros.core.methods.deop.proposals import Proposals
 
 logger = logging.getLogger(__name__)
 POOLINGS = ("auto", "cal", "mean")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.frame_budget import check_crop_batch, max_crop_batch
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.proposal_segmentation import (
+from ovss_ros.core.methods.deop.proposal_segmentation import (
     Frames,
     ProposalSegmenter,
     ProposalSettings,

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core import hub_access
+from ovss_ros.core.clip import hub_access
+from ovss_ros.core.clip.model_loading import PRECISIONS, ModelLoadError, resolve_device
 from ovss_ros.core.file_checks import (
     MAX_MODEL_BYTES,
     FileCheckError,
@@ -59,7 +60,6 @@ from ovss_ros.core.file_checks import (
     read_json,
 )
 from ovss_ros.core.frame_budget import check_sd_size, rows_per_chunk, sd_max_size
-from ovss_ros.core.model_loading import PRECISIONS, ModelLoadError, resolve_device
 
 logger = logging.getLogger(__name__)
 

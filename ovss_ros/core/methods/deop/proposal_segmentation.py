@@ -25,14 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.clip.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
-from ovss_ros.core.dense_clip import interpolate_pos_embed, residual_block
-from ovss_ros.core.deop_checkpoint import Checkpoint, load_checkpoint
-from ovss_ros.core.deop_heads import DeopModules
 from ovss_ros.core.engine import POSTPROCESS_ELEMENTS, resized_size
 from ovss_ros.core.frame_budget import check_proposal_masks
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.proposals import (
+from ovss_ros.core.methods.dense.forward import interpolate_pos_embed, residual_block
+from ovss_ros.core.methods.deop.checkpoint import Checkpoint, load_checkpoint
+from ovss_ros.core.methods.deop.heads import DeopModules
+from ovss_ros.core.methods.deop.proposals import (
     PROPOSAL_SOURCES,
     Proposals,
     cluster_proposals,
@@ -40,7 +41,6 @@ from ovss_ros.core.proposals import (
     superpixel_proposals,
 )
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
-from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
 logger = logging.getLogger(__name__)

@@ -43,14 +43,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.crf_process import shared_crf_process
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.clip.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.frame_budget import check_vlm_image_size, vlm_max_image_size
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.refine.pamr import pamr
+from ovss_ros.core.methods.dense.pamr import pamr
+from ovss_ros.core.methods.pnp_ovss.crf_process import shared_crf_process
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import LoadedVlm
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import check_stop
-from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
-from ovss_ros.core.vlm_loading import LoadedVlm
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
 logger = logging.getLogger(__name__)
