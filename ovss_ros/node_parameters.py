@@ -50,10 +50,9 @@ from ovss_ros.core.frame_budget import (
     vlm_max_image_size,
 )
 from ovss_ros.core.methods.dense.forward import POS_INTERPOLATIONS
-from ovss_ros.core.methods.deop.deop import POOLINGS
-from ovss_ros.core.methods.deop.proposals import PROPOSAL_SOURCES
+from ovss_ros.core.methods.deop.settings import POOLINGS, PROPOSAL_SOURCES
 from ovss_ros.core.methods.dslo.sd2_attention import LAYER_SETS, SD_MAX_SIZE, SD_PRECISIONS
-from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PRESENCE_MODES, REFINES
+from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES
 from ovss_ros.core.methods.pnp_ovss.vlm_loading import VLM_MODELS
 from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 

@@ -23,7 +23,7 @@ from tiny_blip import IMAGE_SIZE, TEXT_HEADS, TEXT_LAYERS, save_tiny_blip
 
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, Stopped, VocabularyError
 from ovss_ros.core.clip.model_loading import load_clip
-from ovss_ros.core.method_pipelines import DEOP_FIELDS, PNP_FIELDS, TWOSTREAM_FIELDS
+from ovss_ros.core.config import DEOP_FIELDS, PNP_FIELDS, TWOSTREAM_FIELDS
 from ovss_ros.core.methods.deop.checkpoint import CheckpointError, save_checkpoint
 from ovss_ros.core.methods.deop.deop import Deop, DeopSettings
 from ovss_ros.core.methods.deop.heads import DeopModules

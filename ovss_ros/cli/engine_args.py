@@ -26,10 +26,9 @@ from ovss_ros.core.config import (
 )
 from ovss_ros.core.file_checks import read_text
 from ovss_ros.core.methods.dense.forward import POS_INTERPOLATIONS
-from ovss_ros.core.methods.deop.deop import POOLINGS
-from ovss_ros.core.methods.deop.proposals import PROPOSAL_SOURCES
+from ovss_ros.core.methods.deop.settings import POOLINGS, PROPOSAL_SOURCES
 from ovss_ros.core.methods.dslo.sd2_attention import LAYER_SETS, SD_PRECISIONS
-from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PRESENCE_MODES, REFINES
+from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES
 from ovss_ros.core.methods.pnp_ovss.vlm_loading import VLM_MODELS
 
 # A node params file is a few kB (config/ovss.yaml: 3 kB); anything far larger is not one.

@@ -27,12 +27,8 @@ from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
 from ovss_ros.core import ModelLoadError, VocabularyError
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.config import EngineConfig
-from ovss_ros.core.methods.pnp_ovss.pnp_ovss import (
-    PRESENCE_MODES,
-    REFINES,
-    PnpOvss,
-    PnpOvssSettings,
-)
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
+from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES, PnpOvssSettings
 from ovss_ros.core.methods.pnp_ovss.tuning import (
     SearchSpace,
     best_of,

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.clip.image_resize import opencv_bilinear_resize
+from ovss_ros.core.clip.image_resize import opencv_bilinear_resize, resized_size
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.clip.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.config import (
@@ -49,7 +49,7 @@ from ovss_ros.core.config import (
     EngineConfig,
     check_frame_budget,
 )
-from ovss_ros.core.frame_budget import rows_per_chunk
+from ovss_ros.core.frame_budget import POSTPROCESS_ELEMENTS, rows_per_chunk
 from ovss_ros.core.method_pipelines import Pipeline, build_pipeline, needs_rebuild
 from ovss_ros.core.methods.dense.forward import DenseOutput, dense_forward
 from ovss_ros.core.methods.dense.jbu import jbu_weights, joint_bilateral_upsample
@@ -70,32 +70,6 @@ __all__ = ["EngineConfig", "Segmenter", "Stopped", "resized_size", "window_start
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Box = tuple[int, int, int, int]  # top, left, height, width in resized-image pixels
-# Float32 elements of one chunk of class maps in postprocess (64 MiB): a frame's peak memory is a
-# few such buffers (or a few input-sized maps, if larger) whatever the number of text queries.
-POSTPROCESS_ELEMENTS = 1 << 24
-
-
-def resized_size(
-    height: int, width: int, short_side: int, patch: int, *, max_long_side: int
-) -> tuple[int, int]:
-    """Network input size (H', W') of a ``height`` x ``width`` image.
-
-    mmcv's ``rescale_size`` with ``scale = (max_long_side, short_side)``, as the official NACLIP /
-    SCLIP / ClearCLIP test pipelines (``Resize(scale=(2048, S), keep_ratio=True)``):
-    ``s = min(short_side / short, max_long_side / long)`` (``short_side`` 0: 1 instead of the
-    first term), each side ``int(side * s + 0.5)`` (338x500 at 336 -> 336x497), not rounded to
-    whole patches: windows need no rounding, and a whole-image forward drops the remainder in
-    its patch embedding. Bounds: no side longer than ``max_long_side``, none below one patch (a
-    1x100000 strip at patch 16 becomes 16 x 2048), so the forward stays bounded for any frame.
-    """
-    long, short = max(height, width), min(height, width)
-    scale = short_side / short if short_side else 1.0
-    scale = min(scale, max_long_side / long)
-    cap = max(patch, max_long_side)
-    return (
-        min(cap, max(patch, int(height * scale + 0.5))),
-        min(cap, max(patch, int(width * scale + 0.5))),
-    )
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:

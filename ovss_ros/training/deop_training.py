@@ -45,16 +45,16 @@ from tqdm import tqdm
 from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder
 from ovss_ros.core.methods.deop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ovss_ros.core.methods.deop.deop import Deop, DeopSettings, severed_features
+from ovss_ros.core.methods.deop.deop import Deop, severed_features
 from ovss_ros.core.methods.deop.heads import DeopModules
 from ovss_ros.core.methods.deop.proposal_segmentation import tokens_before_last_block
 from ovss_ros.core.methods.deop.proposals import (
-    PROPOSAL_SOURCES,
     Proposals,
     cluster_proposals,
     proposal_losses,
     superpixel_proposals,
 )
+from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES, DeopSettings
 from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import IGNORE
 from ovss_ros.evaluation.evaluation_loop import evaluate
