@@ -35,7 +35,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core import dense_clip
+from ovss_ros.core.methods.dense import forward as dense_clip
 from ovss_ros.core.methods.dense.forward import (
     dense_forward,
     gaussian_window,

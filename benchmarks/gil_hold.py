@@ -31,7 +31,8 @@ import tiny_diffusion  # noqa: E402
 from service_latency import CLASSES, DENSE, HEIGHT, METHODS, WIDTH, in_process_crf  # noqa: E402
 
 from ovss_ros import node_parameters  # noqa: E402
-from ovss_ros.core import Segmenter, pnp_ovss  # noqa: E402
+from ovss_ros.core import Segmenter  # noqa: E402
+from ovss_ros.core.methods.pnp_ovss import pnp_ovss  # noqa: E402
 
 TICK_S = 0.001
 DENSE_CRF = pnp_ovss.dense_crf

@@ -87,7 +87,7 @@ def in_process_crf(rgb, probs, max_pixels=None, stop=None):
 
 def serve_baseline(signals=None) -> int:
     """The node, with the CRF patched back into its process (the launcher mode)."""
-    from ovss_ros.core import pnp_ovss
+    from ovss_ros.core.methods.pnp_ovss import pnp_ovss
     from ovss_ros.node import main
 
     pnp_ovss.dense_crf = in_process_crf

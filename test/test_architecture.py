@@ -49,6 +49,8 @@ LONG_FILES = {
     "ovss_ros/bag_processing.py": "the bag tool's ROS side, moving with the ROS adapter",
     "ovss_ros/image_conversion.py": "image messages and files in, bounded before decoding; "
     "moving with the ROS adapter",
+    "ovss_ros/core/config.py": "EngineConfig: every family's settings side by side, mapped "
+    "onto the families' settings; replaced by the settings schema in issue 19's next slice",
     "ovss_ros/training/deop_training.py": "DeOP's training loop and its losses, one procedure "
     "(the released recipe) read top to bottom",
     "ovss_ros/core/methods/pnp_ovss/pnp_ovss.py": "PnP-OVSS's one pipeline (prompt, "

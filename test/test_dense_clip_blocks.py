@@ -13,8 +13,8 @@ import torch
 from conftest import TINY_VIT, TINY_VIT_B32
 from open_clip.transformer import VisionTransformer
 
-from ovss_ros.core import dense_clip
 from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.dense import forward as dense_clip
 from ovss_ros.core.methods.dense.forward import (
     LAST_BLOCK_MODES,
     _plain_attention,

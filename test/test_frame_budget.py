@@ -19,7 +19,6 @@ from torch.utils._pytree import tree_leaves
 
 from ovss_ros.core import frame_budget
 from ovss_ros.core.clip.model_loading import load_clip
-from ovss_ros.core.engine import EngineConfig, Segmenter
 from ovss_ros.core.frame_budget import (
     FRAME_BUDGET_BYTES,
     FrameBudgetError,
@@ -34,6 +33,7 @@ from ovss_ros.core.frame_budget import (
     vlm_max_image_size,
 )
 from ovss_ros.core.methods.dense.forward import dense_forward
+from ovss_ros.core.segmenter import EngineConfig, Segmenter
 
 SMALL_CHUNK = 1 << 20  # 1 MiB: every chunked map of these tests spans many chunks
 
@@ -126,20 +126,20 @@ def test_dense_largest_map_is_the_affinity_formula(
     refinement is the affinity, exactly ``affinity_bytes``; the last block's attention (2 heads
     x 1025^2, twice the affinity) is never formed whole."""
     segmenter = tiny_clip_segmenter(short_side=512, refinement=refinement, affinity=affinity)
-    pixels = segmenter.preprocess(np.zeros((512, 512, 3), np.uint8))
+    pixels = segmenter.method.preprocess(np.zeros((512, 512, 3), np.uint8))
     measured = LargestTensor()
     with torch.no_grad(), measured:
-        segmenter.head(segmenter.encode(pixels))
+        segmenter.method.head(segmenter.method.encode(pixels))
     assert measured.largest == affinity_bytes(1, 32 * 32), measured.where
     assert measured.largest < 2 * 1025 * 1025 * 4
 
 
 def test_dense_attention_without_affinity_is_never_whole(tiny_clip_segmenter, small_chunks):
     segmenter = tiny_clip_segmenter(short_side=512)
-    pixels = segmenter.preprocess(np.zeros((512, 512, 3), np.uint8))
+    pixels = segmenter.method.preprocess(np.zeros((512, 512, 3), np.uint8))
     measured = LargestTensor()
     with torch.no_grad(), measured:
-        segmenter.head(segmenter.encode(pixels))
+        segmenter.method.head(segmenter.method.encode(pixels))
     assert measured.largest <= max(SMALL_CHUNK, pixels.numel() * 4), measured.where
 
 

@@ -14,8 +14,8 @@ import torch
 from conftest import TINY_VIT
 from tiny_blip import IMAGE_SIZE, PATCH, save_tiny_blip
 
-from ovss_ros.core import pnp_ovss
 from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.pnp_ovss import pnp_ovss
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import (
     PnpOvss,
     PnpOvssSettings,

@@ -15,7 +15,7 @@ from ovss_ros.core.clip.text_encoding import (
     TextEncoder,
     template_set,
 )
-from ovss_ros.core.engine import EngineConfig, Segmenter
+from ovss_ros.core.segmenter import EngineConfig, Segmenter
 from ovss_ros.core.vocabulary import VocabularyError, parse_classes
 
 

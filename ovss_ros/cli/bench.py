@@ -133,16 +133,16 @@ def time_frame(segmenter: Segmenter, message) -> list[float]:
     marks = [time.perf_counter()]
     rgb = image_to_rgb8(message)
     marks.append(time.perf_counter())
-    pixels = segmenter.preprocess(rgb)
+    pixels = segmenter.method.preprocess(rgb)
     sync()
     marks.append(time.perf_counter())
-    encoded = segmenter.encode(pixels)
+    encoded = segmenter.method.encode(pixels)
     sync()
     marks.append(time.perf_counter())
-    logits, scores = segmenter.head(encoded)
+    logits, scores = segmenter.method.head(encoded)
     sync()
     marks.append(time.perf_counter())
-    seg = segmenter.postprocess(encoded, logits, scores, rgb.shape[:2])
+    seg = segmenter.method.postprocess(encoded, logits, scores, rgb.shape[:2])
     marks.append(time.perf_counter())
     serialize_message(mono8_to_image(seg.labels, header))
     serialize_message(rgb8_to_image(overlay(rgb, seg), header))
@@ -219,7 +219,7 @@ def time_rows(
     line per round on stderr. Returns (bare forward summary, combo -> figures).
     """
     rgb = image_to_rgb8(message)
-    pixels = segmenter.preprocess(rgb)
+    pixels = segmenter.method.preprocess(rgb)
     visual = bare_encoder(segmenter, tuple(pixels.shape[-2:]))
     sync = synchronizer(segmenter.device)
     bare: list[float] = []

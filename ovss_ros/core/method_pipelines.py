@@ -53,8 +53,9 @@ class Pipeline:
 
     method: str
     core: object  # PnpOvss | Deop | TwoStream
-    config: EngineConfig
+    config: EngineConfig  # the settings in force (the Segmenter updates it on each change)
     vlm: LoadedVlm | None = None
+    stop: threading.Event | None = None
 
     def describe(self) -> tuple[str, bool]:
         """(what runs, in words; whether it deserves a warning): for the node's log."""
@@ -108,15 +109,11 @@ class Pipeline:
             return [[index] for index in range(len(images))]
         return self.core.batch_groups(images)
 
-    def segment_many(
-        self,
-        images: Sequence[np.ndarray],
-        stop: threading.Event | None,
-        score_threshold: float,
-    ) -> list[Segmentation]:
+    def segment_many(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
         """Segment ``images``, checking ``stop`` before each batch group (PnP-OVSS also before
-        each dropout round). PnP-OVSS pixels below ``score_threshold`` (its own confidence
-        scale) are unlabeled; DeOP and two-stream apply it themselves."""
+        each dropout round). PnP-OVSS pixels below the config's ``score_threshold`` (its own
+        confidence scale) are unlabeled; DeOP and two-stream apply it themselves."""
+        stop, score_threshold = self.stop, self.config.score_threshold
         results: list[Segmentation | None] = [None] * len(images)
         for members in self.batch_groups(images):
             check_stop(stop, f"{self.method} batch")
@@ -200,7 +197,7 @@ def build_pipeline(
     except BaseException:
         text.set_templates(templates)
         raise
-    return Pipeline(method, core, config, vlm)
+    return Pipeline(method, core, config, vlm, stop)
 
 
 __all__ = ["Pipeline", "build_pipeline", "needs_rebuild"]
