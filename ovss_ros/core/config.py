@@ -36,8 +36,8 @@ VLM_LOAD_FIELDS = ("vlm_model", "vlm_pretrained")
 REFINEMENTS = ("none", "dslo", "freecp")
 DSLO_MODES = ("ot", "velocity")
 UPSAMPLERS = ("bilinear", "jbu")
-# DSLO's affinity sources: CLIP's own attention (dense_clip) or Stable Diffusion 2's (a second
-# model, loaded while refinement dslo with affinity sd2 is in force).
+# DSLO's affinity sources: CLIP's own attention (methods/dense/forward) or Stable Diffusion 2's
+# (a second model, loaded while refinement dslo with affinity sd2 is in force).
 DSLO_AFFINITIES = (*AFFINITY_SOURCES, "sd2")
 # The sd2 affinity's settings; the first two choose the SD model (a change loads it anew).
 SD_LOAD_FIELDS = ("sd_model", "sd_precision")
@@ -278,7 +278,7 @@ class EngineConfig:
         """Sliding windows of the largest frame the size bounds allow (1 without ``crop``).
 
         Its sides: ``max_long_side`` and ``short_side`` (``max_long_side`` when ``short_side`` is
-        0), the largest the engine's resize (``engine.resized_size``) gives unless a side is
+        0), the largest the resize (``image_resize.resized_size``) gives unless a side is
         below one patch (then one window along it).
         """
         if self.crop <= 0:
@@ -286,7 +286,7 @@ class EngineConfig:
         stride = self.stride or max(1, self.crop // 2)
         short = min(self.short_side or self.max_long_side, self.max_long_side)
 
-        def count(length: int) -> int:  # as engine.window_starts
+        def count(length: int) -> int:  # as dense.encoded.window_starts
             return 1 if length <= self.crop else -(-(length - self.crop) // stride) + 1
 
         return count(self.max_long_side) * count(short)

@@ -3,16 +3,43 @@
 The dense family (``methods/dense``: ``DenseMethod``) runs the last-block modes, NACLIP,
 SCLIP, ClearCLIP, MaskCLIP (and its reduced form), vanilla CLIP and FreeCP's variants; PnP-OVSS
 (``methods/pnp_ovss``), DeOP and the two-stream baseline (``methods/deop``) each bring their own
-pipeline (``method_pipelines.Pipeline``). Every family offers the same calls to the Segmenter:
-``segment_many(images)``, ``batch_groups(images)``, ``check(config, classes)``, ``describe()``;
-preparing a change is the family's own (``DenseMethod.prepare`` / ``commit``,
-``build_pipeline``).
+pipeline (``method_pipelines.Pipeline``). Every family offers the Segmenter the same calls
+(:class:`Method`); preparing a change is the family's own (``DenseMethod.prepare`` / ``commit``,
+``build_pipeline``), chosen by :func:`builds_pipeline`.
 """
 
 from __future__ import annotations
 
-from ovss_ros.core.config import PIPELINE_METHODS
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
 from ovss_ros.core.methods.dense.forward import LAST_BLOCK_MODES
+from ovss_ros.core.segmentation import Segmentation
+from ovss_ros.core.vocabulary import ClassEntry
+
+
+class Method(Protocol):
+    """What the Segmenter asks of the method in force (``DenseMethod``, ``Pipeline``)."""
+
+    def segment_many(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
+        """Segment HxWx3 uint8 RGB images (checked by the caller) with the vocabulary set."""
+
+    def batch_groups(self, images: Sequence[np.ndarray]) -> list[list[int]]:
+        """Indices of the images that share one forward pass."""
+
+    def check(self, config: EngineConfig, classes: Sequence[ClassEntry] | None = None) -> None:
+        """Checks of ``config`` (and ``classes``) against what this method has loaded, where
+        ``config`` would keep it; ValueError / VocabularyError."""
+
+    def describe(self) -> tuple[str, bool]:
+        """(what runs, in words; whether it deserves a warning), for logs."""
+
+    def release(self) -> None:
+        """Free what only this method holds (e.g. DSLO's Stable Diffusion model)."""
+
 
 FAMILIES: dict[str, str] = {
     **{name: "dense" for name in LAST_BLOCK_MODES},

@@ -102,6 +102,11 @@ class Pipeline:
             except ValueError as error:
                 raise renamed(error, method_fields(self.method)) from None
 
+    def release(self) -> None:
+        """Nothing to free explicitly: the VLM or the checkpoint's modules may live on in the
+        pipeline built next (``build_pipeline`` reuses them); they go when no pipeline holds
+        them."""
+
     def batch_groups(self, images: Sequence[np.ndarray]) -> list[list[int]]:
         """PnP-OVSS: one image at a time (each its own prompt and gradient); the others: images
         of equal resized size."""

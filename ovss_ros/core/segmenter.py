@@ -38,7 +38,7 @@ from ovss_ros.core.clip.text_encoding import (
     template_set,
 )
 from ovss_ros.core.config import LOAD_FIELDS, VLM_LOAD_FIELDS, EngineConfig
-from ovss_ros.core.method import builds_pipeline
+from ovss_ros.core.method import Method, builds_pipeline
 from ovss_ros.core.method_pipelines import Pipeline, build_pipeline, needs_rebuild
 from ovss_ros.core.methods.dense.encoded import window_starts
 from ovss_ros.core.methods.dense.method import DenseMethod, check_fits_model
@@ -77,7 +77,7 @@ class Segmenter:
         self.config = config
         self.stop = stop
         self.clip = load_clip(config.model, config.pretrained, config.device, config.precision)
-        self.method: DenseMethod | Pipeline | None = None
+        self.method: Method | None = None
         self.check_config(config)
         self.text = TextEncoder(self.clip.model, self.clip.tokenizer, config.templates, stop)
         self.classes: list[ClassEntry] = []
@@ -178,8 +178,8 @@ class Segmenter:
             if method is not previous:
                 logger.info("method %s", method.describe()[0])
         self.config, self.classes, self.method = config, classes, method
-        if previous is not None and previous is not method and isinstance(previous, DenseMethod):
-            previous.release()  # DSLO's sd2 affinity is not used by the pipelines
+        if previous is not None and previous is not method:
+            previous.release()  # e.g. DSLO's sd2 affinity, not used by the pipelines
 
     def _prepared_pipeline(
         self, config: EngineConfig, classes: list[ClassEntry], given: bool
