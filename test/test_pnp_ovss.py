@@ -16,6 +16,7 @@ from tiny_blip import IMAGE_SIZE, PATCH, save_tiny_blip
 
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.methods.pnp_ovss import pnp_ovss
+from ovss_ros.core.methods.pnp_ovss import settings as pnp_settings
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import (
     PnpOvss,
     PnpOvssSettings,
@@ -401,9 +402,9 @@ def test_dense_crf_stops_when_asked_and_fails_with_the_reason():
 
 
 def test_refine_auto_uses_crf_when_it_imports_else_pamr(monkeypatch):
-    if pnp_ovss.crf_available():
+    if pnp_settings.crf_available():
         assert PnpOvssSettings(refine="auto").refinement() == "crf"
-    monkeypatch.setattr(pnp_ovss, "crf_available", lambda: False)
+    monkeypatch.setattr(pnp_settings, "crf_available", lambda: False)
     assert PnpOvssSettings(refine="auto").refinement() == "pamr"
     with pytest.raises(ValueError, match="pydensecrf2"):
         PnpOvssSettings(refine="crf").validate()
