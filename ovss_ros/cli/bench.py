@@ -49,6 +49,7 @@ from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
 from ovss_ros.core import EngineConfig, Segmenter, overlay
 from ovss_ros.core.config import PIPELINE_METHODS
 from ovss_ros.core.methods.dense.forward import interpolate_pos_embed
+from ovss_ros.core.methods.dense.method import DenseMethod
 from ovss_ros.core.methods.deop.proposal_segmentation import Frames, tokens_before_last_block
 from ovss_ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
@@ -219,7 +220,9 @@ def time_rows(
     line per round on stderr. Returns (bare forward summary, combo -> figures).
     """
     rgb = image_to_rgb8(message)
-    pixels = segmenter.method.preprocess(rgb)
+    # the dense preprocessing, whichever method is in force (the bare forward's input)
+    dense = DenseMethod(segmenter.clip, segmenter.text, segmenter.config)
+    pixels = dense.preprocess(rgb)
     visual = bare_encoder(segmenter, tuple(pixels.shape[-2:]))
     sync = synchronizer(segmenter.device)
     bare: list[float] = []
