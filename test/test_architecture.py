@@ -55,8 +55,9 @@ LONG_FILES = {
     "(the released recipe) read top to bottom",
     "ovss_ros/core/methods/pnp_ovss/pnp_ovss.py": "PnP-OVSS's one pipeline (prompt, "
     "cross-attention, gradient, salience dropout, refinement) as in the released Run_seg.sh",
-    "ovss_ros/core/methods/dslo/sd2_attention.py": "Stable Diffusion 2 self-attention: loading "
-    "and checking the SD model, hooking its attention, the M2N2 read-out",
+    "ovss_ros/core/methods/dslo/sd2_attention.py": "Stable Diffusion 2 self-attention as one "
+    "class: settings checked against the model, attn1 hooks, the M2N2 read-out pooled to the "
+    "patch grid (loading is sd2_loading.py)",
     "ovss_ros/core/methods/deop/proposal_segmentation.py": "the proposal methods' shared "
     "pipeline (resize, proposals, scores, post-processing), DeOP and two-stream",
     "ovss_ros/core/methods/deop/proposals.py": "the three proposal sources and the learned "
