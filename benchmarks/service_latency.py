@@ -75,7 +75,7 @@ def in_process_crf(rgb, probs, max_pixels=None, stop=None):
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
 
-    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import CRF_BILATERAL, CRF_GAUSSIAN, CRF_ITERATIONS
+    from ovss_ros.core.methods.pnp_ovss.steps import CRF_BILATERAL, CRF_GAUSSIAN, CRF_ITERATIONS
 
     labels, height, width = probs.shape
     crf = dcrf.DenseCRF2D(width, height, labels)

@@ -53,8 +53,6 @@ LONG_FILES = {
     "onto the families' settings; replaced by the settings schema in issue 19's next slice",
     "ovss_ros/training/deop_training.py": "DeOP's training loop and its losses, one procedure "
     "(the released recipe) read top to bottom",
-    "ovss_ros/core/methods/pnp_ovss/pnp_ovss.py": "PnP-OVSS's one pipeline (prompt, "
-    "cross-attention, gradient, salience dropout, refinement) as in the released Run_seg.sh",
     "ovss_ros/core/methods/dslo/sd2_attention.py": "Stable Diffusion 2 self-attention as one "
     "class: settings checked against the model, attn1 hooks, the M2N2 read-out pooled to the "
     "patch grid (loading is sd2_loading.py)",
@@ -183,8 +181,8 @@ def test_the_rules_see_every_layer():
     assert "ovss_ros.core.config" in names and "ovss_ros.cli.segment" in names
     assert any(is_ros_adapter(name) for name in names)
     assert any(in_layer(name, "ovss_ros.core.methods") for name in names)
-    # a function-level import is seen: model_loading imports nothing lazily, the SD module does
-    sd2 = MODULES["ovss_ros.core.methods.dslo.sd2_attention"]
+    # a function-level import is seen: the SD loader imports diffusers only when it loads
+    sd2 = MODULES["ovss_ros.core.methods.dslo.sd2_loading"]
     assert any(target.startswith("diffusers") for target, _ in imported_names(sd2))
 
 

@@ -15,11 +15,10 @@ from conftest import TINY_VIT
 from tiny_blip import IMAGE_SIZE, PATCH, save_tiny_blip
 
 from ovss_ros.core.clip.model_loading import load_clip
-from ovss_ros.core.methods.pnp_ovss import pnp_ovss
+from ovss_ros.core.methods.pnp_ovss import pnp_ovss, steps
 from ovss_ros.core.methods.pnp_ovss import settings as pnp_settings
-from ovss_ros.core.methods.pnp_ovss.pnp_ovss import (
-    PnpOvss,
-    PnpOvssSettings,
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.steps import (
     class_maps,
     gaussian_blur,
     minmax,
@@ -372,7 +371,7 @@ def test_dense_crf_of_a_large_frame_is_solved_at_the_bounded_size(monkeypatch):
     np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-3)
     ((rgb_shape, probs_shape, (iterations, gaussian, bilateral, _)),) = solved
     height, width = rgb_shape[:2]
-    assert height * width <= pnp_ovss.CRF_MAX_PIXELS and probs_shape == (2, height, width)
+    assert height * width <= steps.CRF_MAX_PIXELS and probs_shape == (2, height, width)
     assert abs(width / height - 1920 / 1080) < 0.01
     scale = width / 1920
     assert gaussian["sxy"] == pytest.approx(3 * scale, rel=0.01)
