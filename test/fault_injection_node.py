@@ -33,7 +33,8 @@ MODULE = "fault_injection_node"
 
 def install_faults(fault_dir: Path) -> None:
     """Wrap the real text encoder and engine of this process."""
-    from ovss_ros.core import engine, text_encoding
+    from ovss_ros.core import segmenter as engine
+    from ovss_ros.core.clip import text_encoding
 
     encode_prompts = text_encoding.TextEncoder.encode_prompts
 

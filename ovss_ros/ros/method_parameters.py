@@ -8,16 +8,15 @@ modules' own (``core.pnp_ovss``, ``core.proposals``, ``core.deop``, ``core.frame
 from __future__ import annotations
 
 from ovss_ros.core import EngineConfig
-from ovss_ros.core.deop import POOLINGS
 from ovss_ros.core.frame_budget import (
     check_crop_batch,
     check_vlm_image_size,
     max_crop_batch,
     vlm_max_image_size,
 )
-from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES
-from ovss_ros.core.proposals import PROPOSAL_SOURCES
-from ovss_ros.core.vlm_loading import VLM_MODELS
+from ovss_ros.core.methods.deop.settings import POOLINGS, PROPOSAL_SOURCES
+from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import VLM_MODELS
 from ovss_ros.ros.parameter_spec import ParameterSpec
 
 _ENGINE_DEFAULTS = EngineConfig()

@@ -26,9 +26,9 @@ from ovss_ros.core.config import (
     UPSAMPLERS,
 )
 from ovss_ros.core.config import METHODS as ENGINE_METHODS
-from ovss_ros.core.dense_clip import POS_INTERPOLATIONS
 from ovss_ros.core.frame_budget import check_sd_size
-from ovss_ros.core.sd2_attention import LAYER_SETS, SD_MAX_SIZE, SD_PRECISIONS
+from ovss_ros.core.methods.dense.forward import POS_INTERPOLATIONS
+from ovss_ros.core.methods.dslo.sd2_attention import LAYER_SETS, SD_MAX_SIZE, SD_PRECISIONS
 from ovss_ros.ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 from ovss_ros.ros.method_parameters import PIPELINE_PARAMETERS
 from ovss_ros.ros.parameter_spec import ParameterSpec

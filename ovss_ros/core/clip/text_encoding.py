@@ -324,3 +324,14 @@ def _can_cut(model: torch.nn.Module) -> bool:
         and getattr(model, "attn_mask", None) is not None
         and isinstance(model.text_projection, torch.Tensor)
     )
+
+
+def query_texts(classes: Sequence[ClassEntry], background_words: Sequence[str]) -> list[str]:
+    """The text queries of a vocabulary: every synonym of every class, then the background
+    words."""
+    return [text for entry in classes for text in entry.synonyms] + list(background_words)
+
+
+def description_texts(classes: Sequence[ClassEntry]) -> list[str]:
+    """Every description sentence of every class, in order."""
+    return [sentence for entry in classes for sentence in entry.descriptions]

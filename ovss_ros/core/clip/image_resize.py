@@ -1,4 +1,6 @@
-"""OpenCV's bilinear resize of uint8 images, bit for bit, in torch (so it runs on the GPU too).
+"""The network input of a frame: its bounded size (``resized_size``, as mmcv's ``rescale_size``)
+and OpenCV's bilinear resize of uint8 images to it, bit for bit, in torch (so it runs on the
+GPU too).
 
 The official NACLIP / SCLIP / ClearCLIP test pipelines resize the uint8 image with mmcv's
 ``imrescale``, i.e. ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)``: no antialiasing, and
@@ -13,6 +15,30 @@ engine calls OpenCV itself (0.7 ms instead of about 120 ms for 640x480 -> 448x59
 from __future__ import annotations
 
 import torch
+
+
+def resized_size(
+    height: int, width: int, short_side: int, patch: int, *, max_long_side: int
+) -> tuple[int, int]:
+    """Network input size (H', W') of a ``height`` x ``width`` image.
+
+    mmcv's ``rescale_size`` with ``scale = (max_long_side, short_side)``, as the official NACLIP /
+    SCLIP / ClearCLIP test pipelines (``Resize(scale=(2048, S), keep_ratio=True)``):
+    ``s = min(short_side / short, max_long_side / long)`` (``short_side`` 0: 1 instead of the
+    first term), each side ``int(side * s + 0.5)`` (338x500 at 336 -> 336x497), not rounded to
+    whole patches: windows need no rounding, and a whole-image forward drops the remainder in
+    its patch embedding. Bounds: no side longer than ``max_long_side``, none below one patch (a
+    1x100000 strip at patch 16 becomes 16 x 2048), so the forward stays bounded for any frame.
+    """
+    long, short = max(height, width), min(height, width)
+    scale = short_side / short if short_side else 1.0
+    scale = min(scale, max_long_side / long)
+    cap = max(patch, max_long_side)
+    return (
+        min(cap, max(patch, int(height * scale + 0.5))),
+        min(cap, max(patch, int(width * scale + 0.5))),
+    )
+
 
 COEF_BITS = 11  # INTER_RESIZE_COEF_BITS: weights are fixed-point numbers scaled by 2048
 COEF_SCALE = 1 << COEF_BITS

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.pnp_ovss import CLIP_LOGIT_SCALE, PnpOvss
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import CLIP_LOGIT_SCALE, PnpOvss
 from ovss_ros.core.segmentation import Segmentation
 
 TUNED = ("layer", "head", "threshold", "dropout_rounds")  # what the search varies

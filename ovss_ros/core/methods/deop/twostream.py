@@ -11,35 +11,18 @@ CLIP image forward per proposal (batched by ``crop_batch``) instead of DeOP's si
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.frame_budget import check_crop_batch, max_crop_batch
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.proposal_segmentation import (
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.frame_budget import check_crop_batch
+from ovss_ros.core.methods.deop.proposal_segmentation import (
     Frames,
     ProposalSegmenter,
-    ProposalSettings,
-    check_int,
 )
+from ovss_ros.core.methods.deop.settings import TwoStreamSettings
 
 MASK_THRESHOLD = 0.5  # the adapter's mask_thr
-
-
-@dataclass
-class TwoStreamSettings(ProposalSettings):
-    """The two-stream baseline's settings (changeable between frames)."""
-
-    crop_batch: int = 32  # crops per encode_image call, within the per-frame budget
-
-    def validate(self) -> None:
-        super().validate()
-        batch = self.crop_batch
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            check_int(batch, "crop_batch", 1, max_crop_batch())  # raises
-        check_crop_batch(self.crop_batch, setting="crop_batch")  # ViT-B/16; _check: the model
 
 
 def crop_dimensions(clip: LoadedClip) -> tuple[int, int]:

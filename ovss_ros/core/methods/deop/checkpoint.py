@@ -6,7 +6,7 @@ Contents (a plain dict, read back with ``torch.load(weights_only=True)``):
 - ``clip``: the CLIP it was trained on: open_clip model name, its model config, widths, patch
   size, and a fixed sample of its weights (so another pretrained tag of the same architecture
   is recognised too);
-- ``architecture`` and ``weights``: :class:`~ovss_ros.core.deop_heads.DeopModules`;
+- ``architecture`` and ``weights``: :class:`~ovss_ros.core.methods.deop.heads.DeopModules`;
 - ``settings``: the DeOP settings the model was validated with (the pipeline's defaults);
 - ``training`` (optional): step, optimiser and RNG state, metrics, for ``--resume``.
 
@@ -32,9 +32,9 @@ from pathlib import Path
 import open_clip
 import torch
 
-from ovss_ros.core.deop_heads import DeopModules
+from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.file_checks import FileCheckError, check_torch_archive, regular_file
-from ovss_ros.core.model_loading import LoadedClip
+from ovss_ros.core.methods.deop.heads import DeopModules
 
 FORMAT = "ovss_ros.deop"
 VERSION = 1

@@ -11,9 +11,9 @@ The paper's (as far as it is known):
    Q_c. The unknown ground truth is replaced by the uniform S = 1/n, and a patch's class is
    decided by each class's discrepancy to S measured along a patch-affinity transition matrix T.
 2. T is made row and column stochastic by iterative proportional fitting (15 rounds). The paper
-   takes T from Stable Diffusion 2 self-attention (``ovss_ros.core.sd2_attention``); ovss_ros
-   can also take it from CLIP's own attention (``dense_clip.AFFINITY_SOURCES``), a substitute
-   with no published number.
+   takes T from Stable Diffusion 2 self-attention (``ovss_ros.core.methods.dslo.sd2_attention``);
+   ovss_ros can also take it from CLIP's own attention (``forward.AFFINITY_SOURCES``), a
+   substitute with no published number.
 3. Two discrepancy measures: entropic optimal transport (Sinkhorn, 50 iterations, epsilon 0.1)
    with a cost "from the affinity", and the "maximum velocity" of the Markov chain
    f_l = f_(l-1) T started at Q_c, velocity = 1 / (first l with |f_l - f_(l-1)| <= tau),

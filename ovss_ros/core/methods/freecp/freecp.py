@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
-from ovss_ros.core.dense_clip import interpolate_pos_embed, residual_block
 from ovss_ros.core.frame_budget import rows_per_chunk
+from ovss_ros.core.methods.dense.forward import interpolate_pos_embed, residual_block
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in patches, x1/y1 exclusive
 CropClassifier = Callable[[list[Box], list[int]], torch.Tensor]

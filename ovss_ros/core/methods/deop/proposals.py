@@ -26,11 +26,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
-from skimage.segmentation import slic
 from torch import nn
 
-PROPOSAL_SOURCES = ("superpixels", "clusters", "learned")
 SLIC_ATTEMPTS, SLIC_ENOUGH = 3, 0.9
 
 
@@ -117,6 +114,8 @@ def superpixel_segments(rgb: np.ndarray, count: int, compactness: float = 10.0) 
         raise ValueError(f"proposal count must be >= 1, got {count}")
     if count == 1:
         return np.zeros(rgb.shape[:2], dtype=np.int64)
+    from skimage.segmentation import slic  # scikit-image: only where superpixels are made
+
     asked = count
     for _ in range(SLIC_ATTEMPTS):
         segments = slic(
@@ -355,6 +354,8 @@ def hungarian_match(
         + MASK_WEIGHT * pairwise_focal_cost(mask_logits.float(), targets.float())
         + DICE_WEIGHT * pairwise_dice_cost(mask_logits.float(), targets.float())
     )
+    from scipy.optimize import linear_sum_assignment  # scipy: only where training matches
+
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
     device = mask_logits.device
     return torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)

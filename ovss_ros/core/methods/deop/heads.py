@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovss_ros.core.prompt_context import PromptContext
-from ovss_ros.core.proposals import ProposalHead, sine_positions
+from ovss_ros.core.methods.deop.prompt_context import PromptContext
+from ovss_ros.core.methods.deop.proposals import ProposalHead, sine_positions
 
 
 class _DecoderLayer(nn.Module):

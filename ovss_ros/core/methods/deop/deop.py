@@ -12,8 +12,8 @@ passes the frame through CLIP once and classifies every proposal from the dense 
    ``ResidualAttentionBlockVit`` with ``alphaShortcut = 0.2`` for layer 11, in
    ``third_party/CLIP/clip/model.py`` of CongHan0808/DeOP. Then ln_post, projection, L2 norm;
 3. each proposal's embedding: the CAL decoder's heat-map-weighted pool of those dense features
-   (:class:`~ovss_ros.core.deop_heads.AnchorDecoder`, trained), or without a checkpoint the plain
-   mask-weighted mean of them;
+   (:class:`~ovss_ros.core.methods.deop.heads.AnchorDecoder`, trained), or without a checkpoint
+   the plain mask-weighted mean of them;
 4. softmax over the text embeddings (templates, or the learned prompt context) and DeOP's "no
    object", then MaskFormer's semantic inference (``proposal_segmentation``).
 
@@ -29,24 +29,21 @@ commented out), the plain one scales it by 0.2, which is the default here
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.deop_heads import DeopModules, mean_pool
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.proposal_segmentation import (
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.methods.deop.heads import DeopModules, mean_pool
+from ovss_ros.core.methods.deop.proposal_segmentation import (
     Frames,
     ProposalSegmenter,
-    ProposalSettings,
     tokens_before_last_block,
 )
-from ovss_ros.core.proposals import Proposals
+from ovss_ros.core.methods.deop.proposals import Proposals
+from ovss_ros.core.methods.deop.settings import SEVERANCE_RESIDUAL, DeopSettings
 
 logger = logging.getLogger(__name__)
-POOLINGS = ("auto", "cal", "mean")
-SEVERANCE_RESIDUAL = 0.2  # alphaShortcut of the released ResidualAttentionBlockVit, layer 11
 
 
 def token_weights(patch_masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -94,23 +91,6 @@ def severed_features(
     x = severed_last_block(visual.transformer.resblocks[-1], tokens, weights, residual)
     x = visual.ln_post(x[:, 1:]) @ visual.proj
     return F.normalize(x.float(), dim=-1).reshape(x.shape[0], *grid, -1)
-
-
-@dataclass
-class DeopSettings(ProposalSettings):
-    """DeOP's settings; every field can change between frames (``Deop.reconfigure``)."""
-
-    pooling: str = "auto"  # auto (cal with a checkpoint, else mean) | cal | mean
-    severance_residual: float = SEVERANCE_RESIDUAL  # residual scale of the severed block, [0, 1]
-
-    def validate(self) -> None:
-        super().validate()
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}: use one of {list(POOLINGS)}")
-        if not 0.0 <= self.severance_residual <= 1.0:
-            raise ValueError(
-                f"severance_residual must be in [0, 1], got {self.severance_residual}"
-            )
 
 
 class Deop(ProposalSegmenter):

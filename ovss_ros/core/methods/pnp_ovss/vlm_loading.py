@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ovss_ros.core import hub_access
+from ovss_ros.core.clip import hub_access
+from ovss_ros.core.clip.model_loading import PRECISIONS, ModelLoadError, resolve_device
 from ovss_ros.core.file_checks import (
     MAX_MODEL_BYTES,
     FileCheckError,
@@ -36,7 +37,6 @@ from ovss_ros.core.file_checks import (
     parameter_bytes,
     read_json,
 )
-from ovss_ros.core.model_loading import PRECISIONS, ModelLoadError, resolve_device
 
 logger = logging.getLogger(__name__)
 

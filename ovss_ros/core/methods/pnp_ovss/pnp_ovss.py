@@ -27,264 +27,48 @@ Deliberate departures from the released code, each for a reason:
 - a class whose map is flat (no gradient reached it) fires nowhere (the release divides 0/0).
 The gradient is taken with ``torch.autograd.grad`` of the match logit with respect to the one
 attention map (the same values as ``loss.backward()`` with a hook, without parameter gradients).
+
+The tensor steps are ``steps.py``'s (each tested against its formula); the settings
+``settings.py``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.crf_process import shared_crf_process
-from ovss_ros.core.frame_budget import check_vlm_image_size, vlm_max_image_size
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.refine.pamr import pamr
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.clip.text_encoding import TextEncoder, check_class_prompts, template_set
+from ovss_ros.core.frame_budget import check_vlm_image_size
+from ovss_ros.core.methods.dense.pamr import pamr
+from ovss_ros.core.methods.pnp_ovss.settings import PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.steps import (
+    class_maps,
+    dense_crf,
+    drop_patches,
+    gaussian_blur,
+    gradcam,
+    minmax,
+    most_salient,
+    prompt_tokens,
+    threshold_maps,
+    with_background,
+)
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import LoadedVlm
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.stopping import check_stop
-from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
-from ovss_ros.core.vlm_loading import LoadedVlm
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
 logger = logging.getLogger(__name__)
 
-PROMPT = "a picture of"  # the released prompt ("A picture of "; BLIP's tokenizer lower-cases)
-PRESENCE_MODES = ("clip", "all")
-REFINES = ("auto", "crf", "pamr", "none")
 CLIP_LOGIT_SCALE = 100.0  # CLIP's trained logit scale, fixed so random weights behave the same
-BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
-# Dense CRF of the release (densecrf() in PnP_OVSS_0514_updated_segmentation.py).
-CRF_ITERATIONS = 10
-CRF_GAUSSIAN = {"sxy": 3, "compat": 7}
-CRF_BILATERAL = {"sxy": 50, "srgb": 5, "compat": 10}
-# Pixels the CRF is solved at, at most (a 640x480 frame is solved as it is): its cost grows with
-# the pixels and a 1920x1080 frame took 23 s (issue 18); bigger frames are solved at this size
-# and the marginals upsampled (``dense_crf``).
-CRF_MAX_PIXELS = 640 * 480
-
-
-def crf_available() -> bool:
-    """Whether ``pydensecrf`` (the ``pydensecrf2`` package) imports here."""
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@dataclass
-class PnpOvssSettings:
-    """Every PnP-OVSS setting; the defaults are the released ones (``Run_seg.sh``)."""
-
-    image_size: int = 336  # BLIP input, square (the release resizes to 336 x 336)
-    layer: int = 8  # text-encoder layer whose cross-attention is read, 1-based
-    head: int = 10  # attention head of that layer, 1-based (the release's 0-based 9)
-    threshold: float = 0.15  # per class min-max normalised map below this: class absent there
-    dropout_rounds: int = 4  # salience dropout rounds; 1 = plain GradCAM
-    dropout_patches: int = 10  # most salient patches dropped after each round
-    presence: str = "clip"  # clip (image-level CLIP scores) | all (every class in the prompt)
-    presence_threshold: float = 0.1  # CLIP probability over the vocabulary to count as present
-    blur: float = 0.05  # Gaussian sigma as a fraction of the long image side; 0 = no blur
-    refine: str = "auto"  # auto (crf if pydensecrf2 works, else pamr) | crf | pamr | none
-
-    def validate(self) -> None:
-        """Raise ValueError with the reason for the first bad value (model limits: PnpOvss)."""
-        ranges = {
-            # above the budget's limit: the cost is the reason (check_vlm_image_size below)
-            "image_size": (16, max(vlm_max_image_size(), _int_or(self.image_size, 0))),
-            "layer": (1, 1000),
-            "head": (1, 1000),
-            "dropout_rounds": (1, 50),
-            "dropout_patches": (1, 100000),
-        }
-        for name, (low, high) in ranges.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-        for name in ("threshold", "presence_threshold", "blur"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        check_vlm_image_size(self.image_size)  # BLIP ITM large's; check(): the loaded VLM's
-        if self.presence not in PRESENCE_MODES:
-            raise ValueError(f"unknown presence {self.presence!r}: use one of {PRESENCE_MODES}")
-        if self.refine not in REFINES:
-            raise ValueError(f"unknown refine {self.refine!r}: use one of {REFINES}")
-        if self.refine == "crf" and not crf_available():
-            raise ValueError(
-                "refine crf needs pydensecrf2 (pip install pydensecrf2==1.1), which does not "
-                "import here: use refine pamr or auto"
-            )
-
-    def refinement(self) -> str:
-        """The refinement that runs: ``auto`` resolved to crf or pamr."""
-        if self.refine == "auto":
-            return "crf" if crf_available() else "pamr"
-        return self.refine
-
-
-def _int_or(value: object, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-# ---- the method's tensor steps (each checked against its formula in test_pnp_ovss.py) ----
-
-
-def gradcam(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    """GradCAM of one cross-attention head: ``attention * relu(gradient)``, image [CLS] dropped.
-
-    ``attention``, ``gradient``: (T, 1 + P) softmax attention of T text tokens over BLIP's image
-    tokens ([CLS] first, then P patches) and d(match logit)/d(attention). Returns (T, P).
-    Source: ``compute_gradcam_ensemble`` in the released ``blip_image_text_matching.py``.
-    """
-    return attention[:, 1:] * gradient[:, 1:].clamp(min=0)
-
-
-def class_maps(cams: torch.Tensor, spans: Sequence[slice]) -> torch.Tensor:
-    """(T, ...) token maps -> (C, ...) class maps: the mean over each class's word pieces."""
-    return torch.stack([cams[span].mean(dim=0) for span in spans])
-
-
-def most_salient(salience: torch.Tensor, dropped: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` highest of ``salience`` (P,) among patches not yet ``dropped``."""
-    available = int((~dropped).sum())
-    ranked = salience.masked_fill(dropped, float("-inf"))
-    return ranked.topk(min(count, available)).indices
-
-
-def drop_patches(pixels: torch.Tensor, dropped: torch.Tensor, patch: int) -> torch.Tensor:
-    """Zero the ``patch`` x ``patch`` pixel block of every dropped patch.
-
-    ``pixels`` (N, 3, H, W) normalised input, ``dropped`` (H/patch, W/patch) bool. Zero is the
-    mean colour after normalisation, as in the release (``imgs_in_for_drop[...] = 0``).
-    """
-    keep = (~dropped).to(pixels.dtype)
-    keep = keep.repeat_interleave(patch, dim=0).repeat_interleave(patch, dim=1)
-    return pixels * keep
-
-
-def minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Per-channel (C, H, W) min-max normalisation to [0, 1]; a flat channel keeps its value."""
-    low = maps.amin(dim=(1, 2), keepdim=True)
-    span = maps.amax(dim=(1, 2), keepdim=True) - low
-    flat = span <= 0
-    return torch.where(flat, maps.clamp(0, 1), (maps - low) / span.masked_fill(flat, 1.0))
-
-
-def threshold_maps(maps: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep each class map (C, h, w) where its min-max normalised value is >= ``threshold``.
-
-    The kept values are the raw map values (release: ``pred_map * (normalised >= threshold)``);
-    a flat map (no gradient reached the class) is kept nowhere.
-    """
-    low = maps.amin(dim=(1, 2), keepdim=True)
-    span = maps.amax(dim=(1, 2), keepdim=True) - low
-    normalised = (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny)
-    return maps * ((normalised >= threshold) & (span > 0))
-
-
-def with_background(maps: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) -> (1 + C, H, W): channel 0 is 1 where no class map is above zero."""
-    background = (maps.amax(dim=0, keepdim=True) <= 0).to(maps.dtype)
-    return torch.cat([background, maps])
-
-
-def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of each (H, W) channel of ``maps`` (C, H, W), float32.
-
-    Equals ``scipy.ndimage.gaussian_filter(map, sigma)`` as the release calls it: kernel radius
-    ``int(4 sigma + 0.5)``, edges mirrored (scipy ``mode='reflect'`` = OpenCV
-    ``BORDER_REFLECT``). The release blurs with sigma = 0.05 x the long image side.
-    """
-    if sigma <= 0:
-        return maps
-    size = 2 * int(BLUR_TRUNCATE * sigma + 0.5) + 1
-    return np.stack(
-        [
-            cv2.GaussianBlur(channel, (size, size), sigma, borderType=cv2.BORDER_REFLECT)
-            for channel in maps.astype(np.float32, copy=False)
-        ]
-    )
-
-
-def dense_crf(
-    rgb: np.ndarray,
-    probs: np.ndarray,
-    max_pixels: int = CRF_MAX_PIXELS,
-    stop: threading.Event | None = None,
-) -> np.ndarray:
-    """Fully connected CRF (Kraehenbuehl & Koltun) with the release's parameters.
-
-    ``rgb`` HxWx3 uint8, ``probs`` (K, H, W) float probabilities -> (K, H, W) marginals.
-    Needs ``pydensecrf2``; runs in a process of its own (``CrfProcess``: pydensecrf holds the
-    GIL throughout, which would freeze the node's other threads). A frame of more than
-    ``max_pixels`` pixels is solved at that many (aspect kept, image and probabilities
-    resized with area averaging, the kernels' pixel widths ``sxy`` scaled alike), and the
-    marginals are upsampled bilinearly: the CRF's cost grows with the pixels, 23 s for a
-    1920x1080 frame. Label agreement with the full-size CRF: benchmarks/crf_bounded_size.py.
-    Raises Stopped (``stop`` set while waiting), CrfError.
-    """
-    labels, height, width = probs.shape
-    scale = min(1.0, math.sqrt(max_pixels / (height * width)))
-    small_rgb, small_probs = rgb, probs.astype(np.float32, copy=False)
-    if scale < 1.0:
-        size = (max(1, int(width * scale)), max(1, int(height * scale)))  # OpenCV: (w, h)
-        small_rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-        small_probs = np.stack(
-            [cv2.resize(channel, size, interpolation=cv2.INTER_AREA) for channel in small_probs]
-        )
-        small_probs /= np.maximum(small_probs.sum(axis=0, keepdims=True), 1e-12)
-    gaussian = {**CRF_GAUSSIAN, "sxy": CRF_GAUSSIAN["sxy"] * scale}
-    bilateral = {**CRF_BILATERAL, "sxy": CRF_BILATERAL["sxy"] * scale}
-    marginals = shared_crf_process().marginals(
-        small_rgb, small_probs, CRF_ITERATIONS, gaussian, bilateral, stop
-    )
-    if scale < 1.0:
-        marginals = np.stack(
-            [
-                cv2.resize(channel, (width, height), interpolation=cv2.INTER_LINEAR)
-                for channel in marginals
-            ]
-        )
-    return marginals
-
-
-def prompt_tokens(
-    tokenizer: object, names: Sequence[str], first_token: int | None = None
-) -> tuple[list[int], list[slice]]:
-    """Token ids of ``"a picture of <name1> <name2> ..."`` and each name's span of word pieces.
-
-    Built piece by piece, which is what the tokenizer gives for the whole sentence (BERT's
-    pre-tokenizer splits at spaces first), so the spans need no decoding. ``first_token``
-    replaces [CLS] (BLIP's [ENC]). Raises VocabularyError for a name without tokens.
-    """
-
-    def pieces(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    ids = [tokenizer.cls_token_id if first_token is None else first_token, *pieces(PROMPT)]
-    spans = []
-    for name in names:
-        word_pieces = pieces(name)
-        if not word_pieces:
-            raise VocabularyError(f"class name {name!r} gives no tokens for the VLM")
-        spans.append(slice(len(ids), len(ids) + len(word_pieces)))
-        ids += word_pieces
-    return [*ids, tokenizer.sep_token_id], spans
-
-
-# ---- the pipeline ----
 
 
 class PnpOvss:

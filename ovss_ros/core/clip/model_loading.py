@@ -30,7 +30,7 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS
 from open_clip.transform import merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
 
-from ovss_ros.core import hub_access
+from ovss_ros.core.clip import hub_access
 from ovss_ros.core.file_checks import (
     MAX_MODEL_BYTES,
     WEIGHTS_SLACK,

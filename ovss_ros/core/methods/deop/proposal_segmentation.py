@@ -25,72 +25,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
-from ovss_ros.core.dense_clip import interpolate_pos_embed, residual_block
-from ovss_ros.core.deop_checkpoint import Checkpoint, load_checkpoint
-from ovss_ros.core.deop_heads import DeopModules
-from ovss_ros.core.engine import POSTPROCESS_ELEMENTS, resized_size
-from ovss_ros.core.frame_budget import check_proposal_masks
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.proposals import (
-    PROPOSAL_SOURCES,
+from ovss_ros.core.clip.image_resize import resized_size
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.clip.text_encoding import TextEncoder, check_class_prompts
+from ovss_ros.core.frame_budget import POSTPROCESS_ELEMENTS, check_proposal_masks
+from ovss_ros.core.methods.dense.forward import interpolate_pos_embed, residual_block
+from ovss_ros.core.methods.deop.checkpoint import Checkpoint, load_checkpoint
+from ovss_ros.core.methods.deop.heads import DeopModules
+from ovss_ros.core.methods.deop.proposals import (
     Proposals,
     cluster_proposals,
     learned_proposals,
     superpixel_proposals,
 )
+from ovss_ros.core.methods.deop.settings import ProposalSettings
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
-from ovss_ros.core.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
 logger = logging.getLogger(__name__)
-MAX_PROPOSALS = 1000
 VOID = -1  # owner of the "no object" query: it belongs to no label
-
-
-@dataclass
-class ProposalSettings:
-    """Settings every proposal-classification method has (all changeable between frames)."""
-
-    proposals: int = 100  # at most this many proposals per frame, 1..1000
-    proposal_source: str = "auto"  # auto (learned if the checkpoint has a head) | superpixels |
-    #                                clusters | learned
-    short_side: int = 448  # resize so the short side is this many pixels (whole patches); 0 keeps
-    max_long_side: int = 2048  # and the long side at most this many (the engine's frame bound)
-    templates: str = "imagenet"  # prompt templates: imagenet | single | custom joined by |
-    background_words: tuple[str, ...] = ()  # texts that mean "none of the classes"
-    score_threshold: float = 0.0  # pixels whose best class probability is below are unlabeled
-    logit_scale: float = 100.0  # proposal-text softmax temperature (DeOP's get_sim_logits: 100)
-    mask_cells: int = 4  # mask grid cells per patch side, 1..16 (DeOP: masks at 1/4 image, 16 px)
-    superpixel_compactness: float = 10.0  # SLIC compactness (> 0): larger = squarer superpixels
-    cluster_iterations: int = 10  # k-means iterations of the ``clusters`` source, 1..100
-
-    def validate(self) -> None:
-        """Raise ValueError with the reason for the first bad value."""
-        if self.proposal_source not in ("auto", *PROPOSAL_SOURCES):
-            raise ValueError(
-                f"unknown proposal_source {self.proposal_source!r}: use one of "
-                f"{['auto', *PROPOSAL_SOURCES]}"
-            )
-        check_int(self.proposals, "proposals", 1, MAX_PROPOSALS)
-        check_int(self.short_side, "short_side", 0, 10_000)
-        check_int(self.max_long_side, "max_long_side", 1, MAX_LONG_SIDE_LIMIT)
-        check_int(self.mask_cells, "mask_cells", 1, 16)
-        check_int(self.cluster_iterations, "cluster_iterations", 1, 100)
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        for name in ("logit_scale", "superpixel_compactness"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0 or not np.isfinite(value):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if any(not isinstance(w, str) or not w.strip() for w in self.background_words):
-            raise ValueError("background_words must be non-empty strings")
-        template_set(self.templates)
-
-
-def check_int(value: object, name: str, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 def tokens_before_last_block(
