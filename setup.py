@@ -28,8 +28,8 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "ovss_node = ovss_ros.node_entry:ovss_node",
-            "ovss_lifecycle_node = ovss_ros.node_entry:ovss_lifecycle_node",
+            "ovss_node = ovss_ros.ros.entry:ovss_node",
+            "ovss_lifecycle_node = ovss_ros.ros.entry:ovss_lifecycle_node",
             "ovss-segment = ovss_ros.cli.segment:main",
             "ovss-eval = ovss_ros.cli.evaluate:main",
             "ovss-bench = ovss_ros.cli.bench:main",

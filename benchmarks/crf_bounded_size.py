@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
 from conftest import VOC_DIR  # noqa: E402
 
-from ovss_ros.core.crf_process import shared_crf_process  # noqa: E402
-from ovss_ros.core.pnp_ovss import (  # noqa: E402
+from ovss_ros.core.methods.pnp_ovss.crf_process import shared_crf_process  # noqa: E402
+from ovss_ros.core.methods.pnp_ovss.steps import (  # noqa: E402
     CRF_BILATERAL,
     CRF_GAUSSIAN,
     CRF_ITERATIONS,

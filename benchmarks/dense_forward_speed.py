@@ -5,9 +5,9 @@ reference forward written here (NACLIP's layout), on the same weights and input,
 
 Four forwards of the same normalised pixels (1, 3, H, W):
 
-* ``dense``: ``ovss_ros.core.dense_clip.dense_forward`` (NACLIP last block; blocks 1..L-1 by
-  ``residual_block``: ``F.scaled_dot_product_attention``, residual adds folded into the output
-  projections).
+* ``dense``: ``ovss_ros.core.methods.dense.forward.dense_forward`` (NACLIP last block; blocks
+  1..L-1 by ``residual_block``: ``F.scaled_dot_product_attention``, residual adds folded into the
+  output projections).
 * ``openclip-blocks``: the same dense forward with open_clip's own blocks for 1..L-1
   (``block(x)``: batch-first ``nn.MultiheadAttention``), i.e. ovss_ros before this change.
 * ``seq-first``: written here from NACLIP's ``clip/model.py`` layout: tokens permuted to (L, N, C),
@@ -35,8 +35,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core import dense_clip
-from ovss_ros.core.dense_clip import (
+from ovss_ros.core.methods.dense import forward as dense_clip
+from ovss_ros.core.methods.dense.forward import (
     dense_forward,
     gaussian_window,
     interpolate_pos_embed,

@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import torch
 
-from ovss_ros.core.deop import Deop, DeopSettings
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.twostream import TwoStream, TwoStreamSettings
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.deop.deop import Deop, DeopSettings
+from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamSettings
 
 VOC_SAMPLE = (
     "/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc/"

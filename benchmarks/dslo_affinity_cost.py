@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.dense_clip import dense_forward
-from ovss_ros.core.engine import resized_size
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.refine import dslo_scores, joint_bilateral_upsample
-from ovss_ros.core.sd2_attention import Sd2Attention
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.dense.forward import dense_forward
+from ovss_ros.core.methods.dense.jbu import joint_bilateral_upsample
+from ovss_ros.core.methods.dslo.dslo import dslo_scores
+from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
+from ovss_ros.core.segmenter import resized_size
 
 # stabilityai/stable-diffusion-2-1-base: unet/config.json and vae/config.json (the parts that
 # decide the cost), scheduler/scheduler_config.json's training schedule.

@@ -39,7 +39,7 @@ from planted_dslo import (  # noqa: E402  (the tests' planted problems)
     planted_truth,
 )
 
-from ovss_ros.core.refine.dslo import (  # noqa: E402
+from ovss_ros.core.methods.dslo.dslo import (  # noqa: E402
     class_distributions,
     doubly_stochastic,
     dslo_scores,

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.engine import resized_size
+from ovss_ros.core.segmenter import resized_size
 
 SHAPES = [(480, 640), (16, 1), (4, 1), (1, 16), (1, 100000), (100000, 1), (1, 1), (1080, 5760)]
 
@@ -56,7 +56,7 @@ def main() -> int:
     baseline = None
     for height, width in SHAPES:
         rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        new = segmenter.network_size(height, width)
+        new = segmenter.method.network_size(height, width)
         old = resized_size(height, width, args.short_side, patch, max_long_side=10**9)
         patches = [(h // patch) * (w // patch) for h, w in (new, old)]
         gigabytes = [n * n * heads * 4 / 1e9 for n in patches]

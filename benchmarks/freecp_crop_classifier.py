@@ -25,8 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.refine.freecp import make_crop_classifier
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.freecp.freecp import make_crop_classifier
 
 PATCH = 16
 BOXES = [(2, 3, 11, 14), (13, 1, 22, 9), (4, 15, 9, 21), (15, 12, 23, 23)]  # patches

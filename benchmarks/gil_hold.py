@@ -30,8 +30,9 @@ import tiny_blip  # noqa: E402
 import tiny_diffusion  # noqa: E402
 from service_latency import CLASSES, DENSE, HEIGHT, METHODS, WIDTH, in_process_crf  # noqa: E402
 
-from ovss_ros import node_parameters  # noqa: E402
-from ovss_ros.core import Segmenter, pnp_ovss  # noqa: E402
+from ovss_ros.core import Segmenter  # noqa: E402
+from ovss_ros.core.methods.pnp_ovss import pnp_ovss  # noqa: E402
+from ovss_ros.ros import parameters as node_parameters  # noqa: E402
 
 TICK_S = 0.001
 DENSE_CRF = pnp_ovss.dense_crf

@@ -30,9 +30,9 @@ import ros_harness  # noqa: E402  (camera_frame: a VOC photo at camera size)
 import tiny_blip  # noqa: E402  (a WordPiece vocabulary file with the class words)
 
 from ovss_ros.core import EngineConfig, Segmenter  # noqa: E402
-from ovss_ros.core.model_loading import resolve_device  # noqa: E402
-from ovss_ros.core.pnp_ovss import PnpOvss, PnpOvssSettings  # noqa: E402
-from ovss_ros.core.vlm_loading import CLIP_MEAN, CLIP_STD, LoadedVlm  # noqa: E402
+from ovss_ros.core.clip.model_loading import resolve_device  # noqa: E402
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings  # noqa: E402
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import CLIP_MEAN, CLIP_STD, LoadedVlm  # noqa: E402
 
 CLASSES = ["person", "chair", "table", "floor", "wall", "door", "dog", "bottle"]
 

@@ -38,16 +38,18 @@ def whole_softmax(segmenter, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
     where a background word beats the best class. JBU / PAMR / windows as configured."""
     config, size = segmenter.config, rgb.shape[:2]
     with torch.inference_mode():
-        encoded = segmenter.encode(segmenter.preprocess(rgb))
-        logits = segmenter.to_image(segmenter.head(encoded)[0], encoded, config.upsample == "jbu")
+        encoded = segmenter.method.encode(segmenter.method.preprocess(rgb))
+        logits = segmenter.method.to_image(
+            segmenter.method.head(encoded)[0], encoded, config.upsample == "jbu"
+        )
         if config.pamr:
-            from ovss_ros.core.refine import pamr
+            from ovss_ros.core.methods.dense.pamr import pamr
 
-            logits = pamr(segmenter._full_resolution(encoded), logits[None])[0]
+            logits = pamr(segmenter.method._full_resolution(encoded), logits[None])[0]
         logits = F.interpolate(logits[None].float(), size, mode="bilinear")[0]
         probs = torch.softmax(config.logit_scale * logits, dim=0)
         del logits
-        owner = segmenter._query_owner.view(-1, 1, 1).expand_as(probs)
+        owner = segmenter.method._query_owner.view(-1, 1, 1).expand_as(probs)
         classes = len(segmenter.classes)
         per_label = probs.new_zeros((classes + 1, *size))
         per_label.scatter_reduce_(0, owner, probs, reduce="amax", include_self=True)

@@ -75,7 +75,7 @@ def in_process_crf(rgb, probs, max_pixels=None, stop=None):
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
 
-    from ovss_ros.core.pnp_ovss import CRF_BILATERAL, CRF_GAUSSIAN, CRF_ITERATIONS
+    from ovss_ros.core.methods.pnp_ovss.steps import CRF_BILATERAL, CRF_GAUSSIAN, CRF_ITERATIONS
 
     labels, height, width = probs.shape
     crf = dcrf.DenseCRF2D(width, height, labels)
@@ -87,8 +87,8 @@ def in_process_crf(rgb, probs, max_pixels=None, stop=None):
 
 def serve_baseline(signals=None) -> int:
     """The node, with the CRF patched back into its process (the launcher mode)."""
-    from ovss_ros.core import pnp_ovss
-    from ovss_ros.node import main
+    from ovss_ros.core.methods.pnp_ovss import pnp_ovss
+    from ovss_ros.ros.node import main
 
     pnp_ovss.dense_crf = in_process_crf
     return main(signals=signals)
@@ -272,7 +272,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     if os.environ.get(BASELINE_ENV):
-        from ovss_ros.node_entry import run_main
+        from ovss_ros.ros.entry import run_main
 
         sys.exit(run_main(serve_baseline))
     sys.exit(main())

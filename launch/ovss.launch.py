@@ -3,7 +3,7 @@
     ros2 launch ovss_ros ovss.launch.py namespace:=front_camera \
         image:=/camera/color/image_raw classes:="['person', 'cup; mug']" use_rviz:=true
 
-Every decision (names, remappings, parameters, what runs) is made by ``ovss_ros.launch_plan``,
+Every decision (names, remappings, parameters, what runs) is made by ``ovss_ros.ros.launch_plan``,
 which the tests exercise without ROS launch; this file only turns its plan into launch actions.
 
 Large images: unless FASTDDS_DEFAULT_PROFILES_FILE is set already, the processes started here get
@@ -19,7 +19,7 @@ from launch.launch_context import LaunchContext
 from launch.launch_description import LaunchDescription
 from launch_ros.actions import Node
 
-from ovss_ros import launch_plan
+from ovss_ros.ros import launch_plan
 
 FASTDDS_PROFILE_VARIABLE = "FASTDDS_DEFAULT_PROFILES_FILE"
 

@@ -127,7 +127,7 @@ def accounting(values: dict[str, str]) -> tuple[int, int]:
     return int(values["frames received"]), outcomes + int(values["frames in progress"])
 
 
-def settled_status(client: Any, name: str, sent: int, timeout: float = 60.0) -> dict[str, str]:
+def settled_status(client: Any, name: str, sent: int, timeout: float = 240.0) -> dict[str, str]:
     """Wait for a status of ``name`` with all ``sent`` frames received and none in progress;
     return its values (the caller checks the sum)."""
     status = client.wait_for_status(

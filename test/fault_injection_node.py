@@ -1,4 +1,5 @@
-"""Test-only launcher: the real ovss node (``ovss_ros.node.main``) with faults on trigger inputs.
+"""Test-only launcher: the real ovss node (``ovss_ros.ros.node.main``) with faults on trigger
+inputs.
 
 What a DDS test cannot provoke from outside, injected into the node's own process at the lowest
 level, so that everything above it (engine, node, worker, diagnostics) runs as shipped:
@@ -32,7 +33,8 @@ MODULE = "fault_injection_node"
 
 def install_faults(fault_dir: Path) -> None:
     """Wrap the real text encoder and engine of this process."""
-    from ovss_ros.core import engine, text_encoding
+    from ovss_ros.core import segmenter as engine
+    from ovss_ros.core.clip import text_encoding
 
     encode_prompts = text_encoding.TextEncoder.encode_prompts
 
@@ -130,7 +132,7 @@ def running_fault_node(
 
 def main() -> int:
     install_faults(Path(os.environ["OVSS_FAULT_DIR"]))
-    from ovss_ros.node import main as node_main
+    from ovss_ros.ros.node import main as node_main
 
     return node_main()
 

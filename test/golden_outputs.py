@@ -76,9 +76,9 @@ def images() -> list[np.ndarray]:
 
 def write_models(folder: Path) -> dict[str, str]:
     """The second models the cases need, written under ``folder`` with fixed seeds."""
-    from ovss_ros.core.deop_checkpoint import save_checkpoint
-    from ovss_ros.core.deop_heads import DeopModules
-    from ovss_ros.core.model_loading import load_clip
+    from ovss_ros.core.clip.model_loading import load_clip
+    from ovss_ros.core.methods.deop.checkpoint import save_checkpoint
+    from ovss_ros.core.methods.deop.heads import DeopModules
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -84,10 +84,10 @@ def main() -> None:
         if mode == "offline":
             os.environ["HF_HUB_OFFLINE"] = "1"
 
-    from ovss_ros.core import hub_access
-    from ovss_ros.core.model_loading import load_clip, tag_files
-    from ovss_ros.core.sd2_attention import Sd2Attention
-    from ovss_ros.core.vlm_loading import load_vlm
+    from ovss_ros.core.clip import hub_access
+    from ovss_ros.core.clip.model_loading import load_clip, tag_files
+    from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
+    from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 
     def planted_tag() -> str:
         repo_id, filenames = tag_files("ViT-B-16", "openai")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ovss_ros.core.dense_clip import attention_weights
+from ovss_ros.core.methods.dense.forward import attention_weights
 
 GRID = 16
 TOKEN_NOISE = 0.5  # per-token noise of the planted queries and keys (unit-variance regions)

@@ -4,9 +4,9 @@
   parallel runs on one machine never share one), discovery kept on localhost, and a Fast DDS
   profile with a 16 MiB shared-memory segment (a 640x480 rgb8 frame is larger than the default
   512 KB one and would be lost under BEST_EFFORT) and UDP pinned to 127.0.0.1.
-- ``NodeProcess``: the node in its own process (``python -m ovss_ros.node --ros-args -p ...``, or a
-  console script of setup.py exactly as ``ros2 run`` starts it), its output in a file, stopped with
-  SIGINT like Ctrl-C.
+- ``NodeProcess``: the node in its own process (``python -m ovss_ros.ros.node --ros-args -p ...``,
+  or a console script of setup.py exactly as ``ros2 run`` starts it), its output in a file,
+  stopped with SIGINT like Ctrl-C.
 - ``spin_until``: spin the test's node until a condition holds. Discovery takes 0.1-2.4 s, so tests
   poll for what they need and never sleep a fixed time.
 
@@ -187,7 +187,7 @@ class NodeProcess:
         self,
         parameters: Mapping[str, Any] | None = None,
         extra_ros_args: Sequence[str] = (),
-        module: str = "ovss_ros.node",
+        module: str = "ovss_ros.ros.node",
         executable: str | None = None,
     ) -> None:
         self.log_path = Path(tempfile.mkstemp(prefix="ovss_node_", suffix=".log")[1])

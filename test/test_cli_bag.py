@@ -26,11 +26,11 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import get_types_from_msg
 from vision_msgs.msg import LabelInfo
 
-from ovss_ros.bag_processing import LABEL_INFO_TYPE, VISION_MSGS_DEFINITIONS, typestore
 from ovss_ros.cli.bag import main, parse_args
 from ovss_ros.cli.engine_args import config_from_args
 from ovss_ros.core import Segmentation, Segmenter, palette
 from ovss_ros.core import overlay as draw_overlay
+from ovss_ros.ros.bag import LABEL_INFO_TYPE, VISION_MSGS_DEFINITIONS, typestore
 
 ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--size", "64"]
 ENGINE += ["--templates", "single"]

@@ -111,9 +111,9 @@ def test_ovss_bag_and_ovss_eval_take_the_methods_flags(tmp_path):
 def test_the_params_file_of_ovss_tune_is_accepted_by_the_node():
     from argparse import Namespace
 
-    from ovss_ros import node_parameters
     from ovss_ros.cli import tune
-    from ovss_ros.core.pnp_ovss import PnpOvssSettings
+    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvssSettings
+    from ovss_ros.ros import parameters as node_parameters
 
     tuned = PnpOvssSettings(layer=5, head=2, threshold=0.3, dropout_rounds=2)
     models = Namespace(

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ovss_ros.stop_signals import StopSignals
+from ovss_ros.ros.signals import StopSignals
 
 
 def wait_until_received(stop: StopSignals, timeout: float = 60.0) -> None:

@@ -140,7 +140,7 @@ def test_the_workspace_environment_imports_the_installed_package(workspace):
     env = workspace.environment()
     assert str(workspace.install) in env["AMENT_PREFIX_PATH"].split(os.pathsep)
     found = subprocess.run(
-        [sys.executable, "-c", "import ovss_ros.node_entry as m; print(m.__file__)"],
+        [sys.executable, "-c", "import ovss_ros.ros.entry as m; print(m.__file__)"],
         cwd=workspace.root,
         env=env,
         capture_output=True,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.refine.pamr import pamr, pamr_affinity, pamr_propagate
+from ovss_ros.core.methods.dense.pamr import pamr, pamr_affinity, pamr_propagate
 
 
 def shift_kernels(centre: float, others: float, with_centre: bool) -> torch.Tensor:
@@ -77,15 +77,15 @@ def naclip_predict(segmenter, rgb):
     the resized size, to the input size, PAMR guided by the input upsampled, then softmax."""
     size = rgb.shape[:2]
     with torch.inference_mode():
-        pixels = segmenter.preprocess(rgb)
-        encoded = segmenter.encode(pixels)
-        logits = segmenter.head(encoded)[0]
+        pixels = segmenter.method.preprocess(rgb)
+        encoded = segmenter.method.encode(pixels)
+        logits = segmenter.method.head(encoded)[0]
         logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear")
         logits = F.interpolate(logits, size=size, mode="bilinear")
         guide = F.interpolate(pixels.float(), size=size, mode="bilinear")
         refined = official_pamr(guide, logits)[0]
         probs = torch.softmax(segmenter.config.logit_scale * refined, dim=0)
-        owner = segmenter._query_owner
+        owner = segmenter.method._query_owner
         per_class = torch.stack([probs[owner == c].amax(0) for c in range(len(segmenter.classes))])
     return per_class.argmax(0).numpy(), refined
 
@@ -108,11 +108,11 @@ def test_engine_runs_pamr_at_the_input_size(voc_rgb):
     assert (got == want).mean() > 0.9999  # float rounding at exact ties only
     # the order matters: PAMR at the resized size, then upsampled, labels another map
     with torch.inference_mode():
-        encoded = segmenter.encode(segmenter.preprocess(rgb))
-        resized = segmenter.to_image(segmenter.head(encoded)[0], encoded, jbu=False)
-        early = pamr(segmenter._full_resolution(encoded), resized[None])[0]
+        encoded = segmenter.method.encode(segmenter.method.preprocess(rgb))
+        resized = segmenter.method.to_image(segmenter.method.head(encoded)[0], encoded, jbu=False)
+        early = pamr(segmenter.method._full_resolution(encoded), resized[None])[0]
         early = F.interpolate(early[None], size=rgb.shape[:2], mode="bilinear")[0]
-        owner = segmenter._query_owner
+        owner = segmenter.method._query_owner
         per_class = torch.stack([early[owner == c].amax(0) for c in range(5)])
     changed = (per_class.argmax(0).numpy() != want).mean()
     assert changed > 0.005, changed

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_VIT, TINY_VIT_B32
 
-from ovss_ros.core.dense_clip import (
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.dense.forward import (
     LAST_BLOCK_MODES,
     dense_forward,
     interpolate_pos_embed,
     official_pos_rule,
     patch_features,
 )
-from ovss_ros.core.model_loading import load_clip
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from conftest import TINY_VIT
 
 from ovss_ros.cli.evaluate import engine_config, parse_args
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.dense_clip import LAST_BLOCK_MODES
+from ovss_ros.core.methods.dense.forward import LAST_BLOCK_MODES
 from ovss_ros.evaluation.protocol import (
     DEFAULT_PROTOCOL,
     METHOD_PROTOCOLS,

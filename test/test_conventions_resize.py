@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.image_resize import opencv_bilinear_resize
+from ovss_ros.core.clip.image_resize import opencv_bilinear_resize
 
 
 def cv2_linear(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -87,7 +87,7 @@ def test_preprocess_is_the_official_pipeline(segmenter, voc_rgb):
         size = int(h * scale + 0.5), int(w * scale + 0.5)
         resized = torch.from_numpy(cv2_linear(rgb, size)).permute(2, 0, 1).float()
         want = (resized - mean) / std
-        got = segmenter.preprocess(rgb)
+        got = segmenter.method.preprocess(rgb)
         assert got.shape == (1, 3, *size)
         torch.testing.assert_close(got[0], want, rtol=0, atol=1e-5)
 
@@ -98,15 +98,15 @@ def test_whole_image_logits_take_two_steps(segmenter, voc_rgb):
     rgb = cv2.resize(voc_rgb[0], (500, 338), interpolation=cv2.INTER_AREA)
     segmenter.set_classes(["person", "dog", "chair"])
     with torch.inference_mode():
-        pixels = segmenter.preprocess(rgb)
+        pixels = segmenter.method.preprocess(rgb)
         assert pixels.shape[-2:] == (336, 497)
-        encoded = segmenter.encode(pixels)
-        logits = segmenter.head(encoded)[0]
+        encoded = segmenter.method.encode(pixels)
+        logits = segmenter.method.head(encoded)[0]
         assert logits.shape[-2:] == (21, 31)
-        resized = segmenter.to_image(logits, encoded, jbu=False)
+        resized = segmenter.method.to_image(logits, encoded, jbu=False)
         want = F.interpolate(logits, size=(336, 497), mode="bilinear", align_corners=False)[0]
         torch.testing.assert_close(resized, want)
-        got = segmenter._to_input(logits, encoded, (338, 500), True, None)
+        got = segmenter.method._to_input(logits, encoded, (338, 500), True, None)
         two_steps = F.interpolate(want[None], size=(338, 500), mode="bilinear")[0]
         torch.testing.assert_close(got, two_steps)
         one_step = F.interpolate(logits, size=(338, 500), mode="bilinear")[0]

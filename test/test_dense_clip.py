@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import TINY_VIT, TINY_VIT_B32
 from open_clip.model import resize_pos_embed
 
-from ovss_ros.core.dense_clip import LAST_BLOCK_MODES, dense_forward, patch_features
-from ovss_ros.core.model_loading import load_clip
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.dense.forward import LAST_BLOCK_MODES, dense_forward, patch_features
 
 
 @pytest.fixture(scope="module", params=[TINY_VIT, TINY_VIT_B32], ids=["p16", "p32"])

@@ -13,15 +13,15 @@ import torch
 from conftest import TINY_VIT, TINY_VIT_B32
 from open_clip.transformer import VisionTransformer
 
-from ovss_ros.core import dense_clip
-from ovss_ros.core.dense_clip import (
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.dense import forward as dense_clip
+from ovss_ros.core.methods.dense.forward import (
     LAST_BLOCK_MODES,
     _plain_attention,
     dense_forward,
     residual_block,
 )
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.proposal_segmentation import tokens_before_last_block
+from ovss_ros.core.methods.deop.proposal_segmentation import tokens_before_last_block
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 

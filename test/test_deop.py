@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from conftest import TINY_VIT, TINY_VIT_B32
 from planted_shapes import single_thread  # noqa: F401
 
-from ovss_ros.core.deop import (
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.deop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ovss_ros.core.methods.deop.deop import (
     Deop,
     DeopSettings,
     severed_last_block,
     token_weights,
     tokens_before_last_block,
 )
-from ovss_ros.core.deop_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ovss_ros.core.deop_heads import AnchorDecoder, DeopModules, mean_pool
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.proposal_segmentation import VOID, semantic_scores
-from ovss_ros.core.proposals import Proposals
-from ovss_ros.core.twostream import TwoStream, TwoStreamSettings
+from ovss_ros.core.methods.deop.heads import AnchorDecoder, DeopModules, mean_pool
+from ovss_ros.core.methods.deop.proposal_segmentation import VOID, semantic_scores
+from ovss_ros.core.methods.deop.proposals import Proposals
+from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamSettings
 from ovss_ros.core.vocabulary import VocabularyError
 
 CLASSES = ["person", "cat; kitty", "sky"]
@@ -166,7 +166,7 @@ def test_label_probabilities_take_synonym_max_and_drop_void(clip):
 
 @pytest.mark.parametrize("source", ["superpixels", "clusters"])
 def test_training_free_deop_segments_real_images(clip, voc_rgb, caplog, source):
-    caplog.set_level(logging.WARNING, logger="ovss_ros.core.deop")
+    caplog.set_level(logging.WARNING, logger="ovss_ros.core.methods.deop.deop")
     deop = Deop(clip, settings(proposal_source=source))
     assert "without a checkpoint" in caplog.text and "mean pooling" in caplog.text
     assert deop.pooling() == "mean"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from planted_shapes import single_thread  # noqa: F401
 
-from ovss_ros.core.proposals import (
+from ovss_ros.core.methods.deop.proposals import (
     ProposalHead,
     cluster_proposals,
     hungarian_match,

@@ -12,9 +12,9 @@ from conftest import TINY_VIT
 from planted_shapes import single_thread, write_planted_set  # noqa: F401
 
 from ovss_ros.cli import train_deop
-from ovss_ros.core.deop import Deop
-from ovss_ros.core.deop_checkpoint import load_checkpoint
-from ovss_ros.core.model_loading import load_clip
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.deop.checkpoint import load_checkpoint
+from ovss_ros.core.methods.deop.deop import Deop
 from ovss_ros.training.deop_data import (
     COCO_STUFF_UNSEEN,
     CropDataset,

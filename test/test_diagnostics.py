@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from ovss_ros.diagnostics import (
+from ovss_ros.ros.diagnostics import (
     ERROR,
     NOT_AVAILABLE,
     OK,

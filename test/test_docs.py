@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from ovss_ros import node_parameters
+from ovss_ros.ros import parameters as node_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT = REPO / "docs" / "ros_interface.md"

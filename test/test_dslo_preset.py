@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from ovss_ros.core.config import EngineConfig
-from ovss_ros.core.sd2_attention import SD_PRECISIONS, check_settings
+from ovss_ros.core.methods.dslo.sd2_attention import SD_PRECISIONS, check_settings
 
 PRESET = Path(__file__).resolve().parents[1] / "config" / "dslo_paper.yaml"
 

@@ -7,8 +7,8 @@ import torch
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter, VocabularyError, class_color, overlay
-from ovss_ros.core.dense_clip import patch_features
-from ovss_ros.core.engine import resized_size, window_starts
+from ovss_ros.core.methods.dense.forward import patch_features
+from ovss_ros.core.segmenter import resized_size, window_starts
 
 
 @pytest.fixture()
@@ -23,15 +23,15 @@ def segmenter():
 
 def plant(segmenter, rgb, patches, owner):
     """Make query q equal to the feature of patch ``patches[q]``: that patch must win it."""
-    features = patch_features(segmenter.clip.model.visual, segmenter.preprocess(rgb))[0]
-    segmenter._text_embeddings = torch.stack([features[r, c] for r, c in patches])
-    segmenter._query_owner = torch.tensor(owner)
-    segmenter._class_queries = sum(label < len(segmenter.classes) for label in owner)
+    features = patch_features(segmenter.clip.model.visual, segmenter.method.preprocess(rgb))[0]
+    segmenter.method._text_embeddings = torch.stack([features[r, c] for r, c in patches])
+    segmenter.method._query_owner = torch.tensor(owner)
+    segmenter.method._class_queries = sum(label < len(segmenter.classes) for label in owner)
 
 
 def patch_centre(rgb, segmenter, row, col):
     """Pixel at the centre of patch (row, col) in input coordinates."""
-    h, w = segmenter.network_size(*rgb.shape[:2])
+    h, w = segmenter.method.network_size(*rgb.shape[:2])
     p = segmenter.clip.patch_size
     return int((row + 0.5) * p * rgb.shape[0] / h), int((col + 0.5) * p * rgb.shape[1] / w)
 
@@ -79,8 +79,8 @@ def test_background_word_unlabels_its_region(segmenter, voc_rgb):
 
 def test_background_words_are_encoded_queries(segmenter, voc_rgb):
     segmenter.reconfigure(background_words=("sky", "wall"))
-    assert segmenter._text_embeddings.shape[0] == 5 + 2
-    assert segmenter._query_owner.tolist() == [0, 1, 1, 1, 2, 3, 3]
+    assert segmenter.method._text_embeddings.shape[0] == 5 + 2
+    assert segmenter.method._query_owner.tolist() == [0, 1, 1, 1, 2, 3, 3]
     assert segmenter.segment(voc_rgb[0]).labels.shape == voc_rgb[0].shape[:2]
 
 
@@ -115,10 +115,10 @@ def test_sliding_window_averages_overlaps(segmenter, voc_rgb):
     """Two 64x64 windows on a 64x96 image: the overlap is the mean of both windows' logits."""
     rgb = cv2.resize(voc_rgb[0], (96, 64))
     segmenter.reconfigure(short_side=0, max_long_side=96, crop=64, stride=32)
-    pixels = segmenter.preprocess(rgb)
-    encoded = segmenter.encode(pixels)
-    logits = segmenter.to_image(segmenter.head(encoded)[0], encoded, jbu=False)
-    visual, text = segmenter.clip.model.visual, segmenter._text_embeddings
+    pixels = segmenter.method.preprocess(rgb)
+    encoded = segmenter.method.encode(pixels)
+    logits = segmenter.method.to_image(segmenter.method.head(encoded)[0], encoded, jbu=False)
+    visual, text = segmenter.clip.model.visual, segmenter.method._text_embeddings
     left = torch.einsum("hwd,qd->qhw", patch_features(visual, pixels[..., :64])[0], text)
     right = torch.einsum("hwd,qd->qhw", patch_features(visual, pixels[..., 32:])[0], text)
     up = lambda x: torch.nn.functional.interpolate(x[None], (64, 64), mode="bilinear")[0]  # noqa: E731

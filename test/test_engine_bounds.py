@@ -17,7 +17,7 @@ from conftest import TINY_VIT
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.core import EngineConfig, Segmenter
 from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT, MAX_WINDOWS
-from ovss_ros.core.engine import resized_size
+from ovss_ros.core.segmenter import resized_size
 
 
 def mmcv_rescale(height: int, width: int, short_side: int, max_long_side: int):
@@ -128,7 +128,7 @@ def strip(voc_rgb, height, width):
 )
 def test_strips_get_bounded_inputs_and_labels_of_their_size(segmenter, voc_rgb, size, network):
     rgb = strip(voc_rgb, *size)
-    assert segmenter.network_size(*size) == network
+    assert segmenter.method.network_size(*size) == network
     (seg,), shapes = network_inputs(segmenter, [rgb])
     assert shapes == [(1, 3, *network)]
     assert seg.labels.shape == size and seg.confidence.shape == size
@@ -230,7 +230,7 @@ def test_window_count_matches_the_engine(segmenter, voc_rgb):
     segmenter.reconfigure(crop=32, stride=16)
     try:
         rgb = strip(voc_rgb, 128, 512)  # network input 64 x 256: at both limits
-        assert segmenter.network_size(128, 512) == (64, 256)
+        assert segmenter.method.network_size(128, 512) == (64, 256)
         (seg,), shapes = network_inputs(segmenter, [rgb])
         assert shapes == [(segmenter.config.max_windows(), 3, 32, 32)] == [(3 * 15, 3, 32, 32)]
         assert seg.labels.shape == (128, 512)

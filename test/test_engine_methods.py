@@ -22,13 +22,13 @@ from conftest import TINY_VIT, TINY_VIT_B32
 from tiny_blip import IMAGE_SIZE, TEXT_HEADS, TEXT_LAYERS, save_tiny_blip
 
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, Stopped, VocabularyError
-from ovss_ros.core.deop import Deop, DeopSettings
-from ovss_ros.core.deop_checkpoint import CheckpointError, save_checkpoint
-from ovss_ros.core.deop_heads import DeopModules
-from ovss_ros.core.method_pipelines import DEOP_FIELDS, PNP_FIELDS, TWOSTREAM_FIELDS
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.pnp_ovss import PnpOvss, PnpOvssSettings
-from ovss_ros.core.twostream import TwoStream, TwoStreamSettings
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.config import DEOP_FIELDS, PNP_FIELDS, TWOSTREAM_FIELDS
+from ovss_ros.core.methods.deop.checkpoint import CheckpointError, save_checkpoint
+from ovss_ros.core.methods.deop.deop import Deop, DeopSettings
+from ovss_ros.core.methods.deop.heads import DeopModules
+from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamSettings
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
 
 CLASSES = ["person", "dog; puppy", "tv"]
 # What the tiny BLIP allows (3 text layers, 4 heads, patch 8 at 32 px).

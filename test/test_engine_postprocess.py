@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.refine import pamr
+from ovss_ros.core.methods.dense.pamr import pamr
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +37,20 @@ def reference(segmenter, rgb, unlabeled=255):
     config, size = segmenter.config, rgb.shape[:2]
     up = lambda x: F.interpolate(x[None].float(), size, mode="bilinear")[0]  # noqa: E731
     with torch.inference_mode():
-        encoded = segmenter.encode(segmenter.preprocess(rgb))
-        logits, scores = segmenter.head(encoded)
+        encoded = segmenter.method.encode(segmenter.method.preprocess(rgb))
+        logits, scores = segmenter.method.head(encoded)
         jbu = config.upsample == "jbu"
-        logits = up(segmenter.to_image(logits, encoded, jbu and scores is None))
+        logits = up(segmenter.method.to_image(logits, encoded, jbu and scores is None))
         if scores is not None:
-            scores = up(segmenter.to_image(scores, encoded, jbu))
+            scores = up(segmenter.method.to_image(scores, encoded, jbu))
         if config.pamr:
-            guide = up(segmenter._full_resolution(encoded)[0])[None]
+            guide = up(segmenter.method._full_resolution(encoded)[0])[None]
             if scores is None:
                 logits = pamr(guide, logits[None])[0]
             else:
                 scores = pamr(guide, scores[None])[0]
         probs = torch.softmax(config.logit_scale * logits, dim=0)
-        owner, classes = segmenter._query_owner, len(segmenter.classes)
+        owner, classes = segmenter.method._query_owner, len(segmenter.classes)
         per_label = torch.zeros((classes + 1, *size))
         for query, label in enumerate(owner.tolist()):
             per_label[label] = torch.maximum(per_label[label], probs[query])
@@ -102,7 +102,7 @@ def test_chunked_postprocess_equals_the_whole_softmax(
     try:
         want_labels, want_confidence = reference(segmenter, rgb)
         if chunk is not None:
-            monkeypatch.setattr(segmenter, "_chunk", lambda encoded, size: chunk)
+            monkeypatch.setattr(segmenter.method, "_chunk", lambda encoded, size: chunk)
         seg = segmenter.segment(rgb)
     finally:
         segmenter.reconfigure(**base)
@@ -113,15 +113,15 @@ def test_chunked_postprocess_equals_the_whole_softmax(
 
 def test_chunk_size_follows_the_largest_buffer(segmenter, voc_rgb):
     rgb = voc_rgb[0]
-    encoded = segmenter.encode(segmenter.preprocess(rgb))
+    encoded = segmenter.method.encode(segmenter.method.preprocess(rgb))
     pixels = rgb.shape[0] * rgb.shape[1]  # the input is the largest map here
-    assert segmenter._chunk(encoded, rgb.shape[:2]) == (1 << 24) // pixels
-    assert segmenter._chunk(encoded, (4096, 8192)) == 1  # never fewer than one map
+    assert segmenter.method._chunk(encoded, rgb.shape[:2]) == (1 << 24) // pixels
+    assert segmenter.method._chunk(encoded, (4096, 8192)) == 1  # never fewer than one map
     segmenter.reconfigure(crop=32, stride=16)
     try:  # windows: each window's maps are upsampled to the window size first
-        encoded = segmenter.encode(segmenter.preprocess(rgb))
+        encoded = segmenter.method.encode(segmenter.method.preprocess(rgb))
         windows = encoded.windows.shape[0] * 32 * 32
         assert windows > 8 * 8  # larger than a tiny input
-        assert segmenter._chunk(encoded, (8, 8)) == (1 << 24) // windows
+        assert segmenter.method._chunk(encoded, (8, 8)) == (1 << 24) // windows
     finally:
         segmenter.reconfigure(crop=0, stride=0)

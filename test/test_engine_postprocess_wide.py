@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_VIT
 from test_engine_postprocess import reference
 
-from ovss_ros.core import EngineConfig, Segmenter, engine
+from ovss_ros.core import EngineConfig, Segmenter
+from ovss_ros.core.methods.dense import postprocess as engine
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,12 @@ def test_wide_vocabulary_in_chunks_equals_the_whole_softmax(wide, voc_rgb, monke
     wide.reconfigure(**settings)
     try:
         with torch.inference_mode():
-            encoded = wide.encode(wide.preprocess(rgb))
-        assert 10 * wide._chunk(encoded, rgb.shape[:2]) <= len(wide._text_embeddings) == 402
+            encoded = wide.method.encode(wide.method.preprocess(rgb))
+        assert (
+            10 * wide.method._chunk(encoded, rgb.shape[:2])
+            <= len(wide.method._text_embeddings)
+            == 402
+        )
         want_labels, want_confidence = reference(wide, rgb, unlabeled=65535)
         seg = wide.segment(rgb)
     finally:

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.dense_clip import LAST_BLOCK_MODES, dense_forward
-from ovss_ros.core.refine import dslo_scores, pamr
+from ovss_ros.core.methods.dense.forward import LAST_BLOCK_MODES, dense_forward
+from ovss_ros.core.methods.dense.pamr import pamr
+from ovss_ros.core.methods.dslo.dslo import dslo_scores
 
 REFINEMENTS = [
     {"refinement": "dslo", "dslo_mode": "ot"},
@@ -68,9 +69,9 @@ def test_dslo_gets_its_affinity_and_decides_the_labels(fresh, voc_rgb, mode, sou
     """Wiring check: the engine's labels are the argmax of DSLO run by hand on the same inputs."""
     fresh.reconfigure(refinement="dslo", dslo_mode=mode, affinity=source, short_side=0)
     rgb = voc_rgb[2][:128, :192].copy()
-    pixels = fresh.preprocess(rgb)
+    pixels = fresh.method.preprocess(rgb)
     dense = dense_forward(fresh.clip.model.visual, pixels, "naclip", affinity=source)
-    logits = torch.einsum("nhwd,qd->nqhw", dense.features, fresh._text_embeddings)
+    logits = torch.einsum("nhwd,qd->nqhw", dense.features, fresh.method._text_embeddings)
     per_class = torch.stack(
         [logits[:, [0]].amax(1), logits[:, 1:4].amax(1), logits[:, 4], logits[:, 5]], dim=1
     )
@@ -82,9 +83,9 @@ def test_dslo_gets_its_affinity_and_decides_the_labels(fresh, voc_rgb, mode, sou
 def test_pamr_refines_the_base_logits(fresh, voc_rgb):
     fresh.reconfigure(pamr=True, short_side=0)
     rgb = voc_rgb[0][:128, :128].copy()
-    pixels = fresh.preprocess(rgb)
-    encoded = fresh.encode(pixels)
-    logits = fresh.head(encoded)[0]
+    pixels = fresh.method.preprocess(rgb)
+    encoded = fresh.method.encode(pixels)
+    logits = fresh.method.head(encoded)[0]
     up = F.interpolate(logits, size=(128, 128), mode="bilinear")
     refined = pamr(pixels, up)[0]
     probs = torch.softmax(40 * refined, 0)
@@ -94,8 +95,8 @@ def test_pamr_refines_the_base_logits(fresh, voc_rgb):
 
 def test_descriptions_feed_the_crop_check(fresh):
     described = fresh.text.sentence_embeddings(["a small furry pet"])[0]
-    torch.testing.assert_close(fresh._descriptions[3], described)
-    torch.testing.assert_close(fresh._descriptions[0], fresh._class_text[0])
+    torch.testing.assert_close(fresh.method._descriptions[3], described)
+    torch.testing.assert_close(fresh.method._descriptions[0], fresh.method._class_text[0])
 
 
 def test_refinement_settings_are_validated(fresh):

@@ -19,13 +19,13 @@ from conftest import TINY_VIT
 from planted_dslo import GRID, accuracy, planted_logits, planted_truth
 from tiny_diffusion import save_tiny_pipeline
 
-import ovss_ros.core.engine as engine_module
+import ovss_ros.core.methods.dense.method as engine_module
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, Stopped
-from ovss_ros.core.dense_clip import dense_forward
-from ovss_ros.core.engine import Encoded
-from ovss_ros.core.refine.dslo import dslo_scores
-from ovss_ros.core.sd2_attention import Sd2Attention
-from ovss_ros.core.text_encoding import TextEncoder
+from ovss_ros.core.clip.text_encoding import TextEncoder
+from ovss_ros.core.methods.dense.encoded import Encoded
+from ovss_ros.core.methods.dense.forward import dense_forward
+from ovss_ros.core.methods.dslo.dslo import dslo_scores
+from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
 
 CLASSES = ["wall", "floor", "chair", "lamp"]  # the fourth is planted absent
 SOURCES = ("naclip", "keykey", "mean", "sd2")
@@ -77,7 +77,7 @@ def planted_image(seed: int = 0) -> np.ndarray:
 def plant_logits(segmenter: Segmenter, encoded: Encoded, logits: torch.Tensor) -> Encoded:
     """``encoded`` with features whose patch-text logits under the engine's text embeddings are
     ``logits`` (N, classes, h, w): F = L (T T^T)^-1 T (one query per class here)."""
-    text = segmenter._text_embeddings.double()  # (classes, D), linearly independent
+    text = segmenter.method._text_embeddings.double()  # (classes, D), linearly independent
     flat = logits.double().permute(0, 2, 3, 1)  # (N, h, w, classes)
     features = flat @ torch.linalg.solve(text @ text.T, text)
     dense = dataclasses.replace(encoded.dense, features=features.float())
@@ -106,8 +106,8 @@ def test_dslo_on_every_affinity_source_through_the_engine(pipeline, source, mode
     assert (segmenter.sd2 is not None) == (source == "sd2")  # SD only for sd2
     rgb = planted_image()
     with torch.inference_mode():
-        pixels = segmenter.preprocess(rgb)
-        encoded = segmenter.encode(pixels)
+        pixels = segmenter.method.preprocess(rgb)
+        encoded = segmenter.method.encode(pixels)
     grid = tuple(encoded.dense.features.shape[1:3])
     assert grid == (GRID, GRID)
     expected = independent_affinity(segmenter, source, pixels, grid)
@@ -118,7 +118,7 @@ def test_dslo_on_every_affinity_source_through_the_engine(pipeline, source, mode
     logits = planted_logits(truth, len(CLASSES), 0.05, generator)
     planted = plant_logits(segmenter, encoded, logits)
     with torch.inference_mode():
-        query_logits, scores = segmenter.head(planted)
+        query_logits, scores = segmenter.method.head(planted)
     torch.testing.assert_close(query_logits, logits, rtol=1e-4, atol=1e-5)
     reference = dslo_scores(logits, expected, mode=mode)
     torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-4)
@@ -128,7 +128,7 @@ def test_dslo_on_every_affinity_source_through_the_engine(pipeline, source, mode
     print(f"{source} {mode}: DSLO {dslo:.2f}, raw argmax {raw:.2f} (random weights)")
 
     with torch.inference_mode():
-        labels = segmenter.postprocess(planted, query_logits, scores, rgb.shape[:2]).labels
+        labels = segmenter.method.postprocess(planted, query_logits, scores, rgb.shape[:2]).labels
     assert labels.shape == rgb.shape[:2] and labels.max() < len(CLASSES)
     result = segmenter.segment(rgb)  # and the whole path from the image
     assert result.labels.shape == rgb.shape[:2]
@@ -137,11 +137,17 @@ def test_dslo_on_every_affinity_source_through_the_engine(pipeline, source, mode
 def test_sd2_affinity_is_the_frames_own_and_differs_from_clips(pipeline):
     segmenter = make_segmenter(pipeline)
     with torch.inference_mode():
-        first = segmenter.encode(segmenter.preprocess(planted_image(0))).dense.affinity
-        again = segmenter.encode(segmenter.preprocess(planted_image(0))).dense.affinity
-        other = segmenter.encode(segmenter.preprocess(planted_image(1)[::-1].copy()))
+        first = segmenter.method.encode(
+            segmenter.method.preprocess(planted_image(0))
+        ).dense.affinity
+        again = segmenter.method.encode(
+            segmenter.method.preprocess(planted_image(0))
+        ).dense.affinity
+        other = segmenter.method.encode(segmenter.method.preprocess(planted_image(1)[::-1].copy()))
         segmenter.reconfigure(affinity="naclip")
-        clip = segmenter.encode(segmenter.preprocess(planted_image(0))).dense.affinity
+        clip = segmenter.method.encode(
+            segmenter.method.preprocess(planted_image(0))
+        ).dense.affinity
     torch.testing.assert_close(first, again)  # the same frame: the same affinity
     assert not torch.allclose(first, other.dense.affinity, atol=1e-4)  # computed per frame
     assert not torch.allclose(first, clip, atol=1e-4)  # not CLIP's
@@ -152,8 +158,8 @@ def test_sliding_windows_get_one_sd_affinity_each(pipeline):
     segmenter = make_segmenter(pipeline, short_side=128, crop=64, stride=32)
     rgb = planted_image()
     with torch.inference_mode():
-        pixels = segmenter.preprocess(rgb)
-        encoded = segmenter.encode(pixels)
+        pixels = segmenter.method.preprocess(rgb)
+        encoded = segmenter.method.encode(pixels)
     assert encoded.dense.affinity.shape == (len(encoded.boxes), 16, 16)
     y, x, h, w = encoded.boxes[1]
     window = pixels[..., y : y + h, x : x + w]
@@ -212,7 +218,7 @@ def snapshot(segmenter: Segmenter) -> dict:
     return {
         "config": dataclasses.replace(segmenter.config),
         "classes": list(segmenter.classes),
-        "embeddings": segmenter._text_embeddings.clone(),
+        "embeddings": segmenter.method._text_embeddings.clone(),
         "sd2": sd2,
         "sd2_settings": None if sd2 is None else (sd2.size, sd2.timestep, sd2.layers),
         "sd2_alive": None if sd2 is None else sd2.unet is not None,

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter, Stopped
-from ovss_ros.core.text_encoding import PROMPT_BATCH, TextEncoder
+from ovss_ros.core.clip.text_encoding import PROMPT_BATCH, TextEncoder
 
 WAIT_S = 120.0  # generous: only reached if the code under test is broken
 
@@ -33,8 +33,8 @@ def state(segmenter):
         list(segmenter.classes),
         segmenter.config,
         segmenter.text.templates,
-        segmenter._text_embeddings.clone(),
-        segmenter._query_owner.clone(),
+        segmenter.method._text_embeddings.clone(),
+        segmenter.method._query_owner.clone(),
     )
 
 
@@ -107,7 +107,7 @@ STAGES = ["preprocess", "encode", "head", "postprocess"]
 def record_stages(monkeypatch, segmenter, stop_after: str | None, calls: list[str]) -> None:
     """Wrap the stage methods on this instance: log each call, set the event after one."""
     for name in STAGES:
-        real = getattr(segmenter, name)
+        real = getattr(segmenter.method, name)
 
         def stage(*args, _name=name, _real=real, **kwargs):
             calls.append(_name)
@@ -116,7 +116,7 @@ def record_stages(monkeypatch, segmenter, stop_after: str | None, calls: list[st
                 segmenter.stop.set()
             return result
 
-        monkeypatch.setattr(segmenter, name, stage)
+        monkeypatch.setattr(segmenter.method, name, stage)
 
 
 @pytest.mark.parametrize(
@@ -154,8 +154,8 @@ def test_without_a_stop_event_every_stage_runs(voc_rgb):
 
 
 def test_postprocess_checks_the_event_between_query_chunks(segmenter, voc_rgb, monkeypatch):
-    monkeypatch.setattr(segmenter, "_chunk", lambda encoded, size: 1)  # one query per chunk
-    real = segmenter._to_input
+    monkeypatch.setattr(segmenter.method, "_chunk", lambda encoded, size: 1)  # one query per chunk
+    real = segmenter.method._to_input
     chunks = []
 
     def to_input(*args, **kwargs):
@@ -163,7 +163,7 @@ def test_postprocess_checks_the_event_between_query_chunks(segmenter, voc_rgb, m
         segmenter.stop.set()  # set during the first chunk
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(segmenter, "_to_input", to_input)
+    monkeypatch.setattr(segmenter.method, "_to_input", to_input)
     with pytest.raises(Stopped, match="postprocess of queries 1"):
         segmenter.segment(voc_rgb[0])
-    assert len(chunks) == 1 < len(segmenter._query_owner)
+    assert len(chunks) == 1 < len(segmenter.method._query_owner)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from conftest import TINY_VIT
 
-import ovss_ros.core.text_encoding as text_encoding
+import ovss_ros.core.clip.text_encoding as text_encoding
 from ovss_ros.core import (
     EngineConfig,
     Segmenter,
     Stopped,
     VocabularyError,
 )
-from ovss_ros.core.text_encoding import TextEncoder
+from ovss_ros.core.clip.text_encoding import TextEncoder
 
 CLASSES = ["person", "tv; television; monitor", "dog | a furry pet that barks"]
 
@@ -49,11 +49,11 @@ def snapshot(segmenter: Segmenter) -> dict:
         "classes": list(segmenter.classes),
         "config": dataclasses.replace(segmenter.config),
         "templates": segmenter.text.templates,
-        "embeddings": segmenter._text_embeddings.clone(),
-        "owner": segmenter._query_owner.clone(),
-        "class_queries": segmenter._class_queries,
-        "class_text": segmenter._class_text.clone(),
-        "descriptions": segmenter._descriptions.clone(),
+        "embeddings": segmenter.method._text_embeddings.clone(),
+        "owner": segmenter.method._query_owner.clone(),
+        "class_queries": segmenter.method._class_queries,
+        "class_text": segmenter.method._class_text.clone(),
+        "descriptions": segmenter.method._descriptions.clone(),
     }
 
 
@@ -177,9 +177,9 @@ def test_after_a_failed_template_change_the_next_vocabulary_uses_the_old_templat
     old = TextEncoder(model, tokenizer, "a {}.|a photo of a {}.").embeddings(["cat", "dog", "sky"])
     new = TextEncoder(model, tokenizer, "a {} in a house.|itap of a {}.").embeddings(["cat"])
     # equal up to float rounding (prompts batched differently), far from the failed templates
-    torch.testing.assert_close(segmenter._text_embeddings, old, atol=1e-5, rtol=0)
-    assert (segmenter._text_embeddings[0] - new[0]).abs().max() > 1e-2
-    assert segmenter._query_owner.tolist() == [0, 1, 2]  # "sky" is background, label 2
+    torch.testing.assert_close(segmenter.method._text_embeddings, old, atol=1e-5, rtol=0)
+    assert (segmenter.method._text_embeddings[0] - new[0]).abs().max() > 1e-2
+    assert segmenter.method._query_owner.tolist() == [0, 1, 2]  # "sky" is background, label 2
 
 
 def test_a_successful_change_equals_a_fresh_engine_with_those_settings(segmenter, voc_rgb):
@@ -189,9 +189,9 @@ def test_a_successful_change_equals_a_fresh_engine_with_those_settings(segmenter
     fresh = Segmenter(dataclasses.replace(segmenter.config))
     fresh.set_classes(["person", "cat; kitten"])
     torch.testing.assert_close(
-        fresh._text_embeddings, segmenter._text_embeddings, atol=1e-5, rtol=0
+        fresh.method._text_embeddings, segmenter.method._text_embeddings, atol=1e-5, rtol=0
     )
-    assert torch.equal(fresh._query_owner, segmenter._query_owner)
+    assert torch.equal(fresh.method._query_owner, segmenter.method._query_owner)
     np.testing.assert_array_equal(
         fresh.segment(voc_rgb[0]).labels, segmenter.segment(voc_rgb[0]).labels
     )

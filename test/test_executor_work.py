@@ -12,7 +12,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from ros_harness import isolate_dds
 
-from ovss_ros.executor_work import ExecutorWork
+from ovss_ros.ros.executor_work import ExecutorWork
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ovss_ros.core import frame_budget
-from ovss_ros.core.dense_clip import dense_forward
-from ovss_ros.core.engine import EngineConfig, Segmenter
+from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.frame_budget import (
     FRAME_BUDGET_BYTES,
     FrameBudgetError,
@@ -33,7 +32,8 @@ from ovss_ros.core.frame_budget import (
     vlm_attention_bytes,
     vlm_max_image_size,
 )
-from ovss_ros.core.model_loading import load_clip
+from ovss_ros.core.methods.dense.forward import dense_forward
+from ovss_ros.core.segmenter import EngineConfig, Segmenter
 
 SMALL_CHUNK = 1 << 20  # 1 MiB: every chunked map of these tests spans many chunks
 
@@ -126,20 +126,20 @@ def test_dense_largest_map_is_the_affinity_formula(
     refinement is the affinity, exactly ``affinity_bytes``; the last block's attention (2 heads
     x 1025^2, twice the affinity) is never formed whole."""
     segmenter = tiny_clip_segmenter(short_side=512, refinement=refinement, affinity=affinity)
-    pixels = segmenter.preprocess(np.zeros((512, 512, 3), np.uint8))
+    pixels = segmenter.method.preprocess(np.zeros((512, 512, 3), np.uint8))
     measured = LargestTensor()
     with torch.no_grad(), measured:
-        segmenter.head(segmenter.encode(pixels))
+        segmenter.method.head(segmenter.method.encode(pixels))
     assert measured.largest == affinity_bytes(1, 32 * 32), measured.where
     assert measured.largest < 2 * 1025 * 1025 * 4
 
 
 def test_dense_attention_without_affinity_is_never_whole(tiny_clip_segmenter, small_chunks):
     segmenter = tiny_clip_segmenter(short_side=512)
-    pixels = segmenter.preprocess(np.zeros((512, 512, 3), np.uint8))
+    pixels = segmenter.method.preprocess(np.zeros((512, 512, 3), np.uint8))
     measured = LargestTensor()
     with torch.no_grad(), measured:
-        segmenter.head(segmenter.encode(pixels))
+        segmenter.method.head(segmenter.method.encode(pixels))
     assert measured.largest <= max(SMALL_CHUNK, pixels.numel() * 4), measured.where
 
 
@@ -180,7 +180,7 @@ def test_sd_largest_map_is_the_vae_activation_formula(sd_pipeline, small_chunks,
     """The SD affinity's largest allocation is the VAE's first activation (``sd_map_bytes``
     with the VAE's channels; its downsampling pads one row and column), not the UNet's
     self-attention map, which the issue measured at 17 GB for sd_size 2048."""
-    from ovss_ros.core.sd2_attention import Sd2Attention
+    from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
 
     sd2 = Sd2Attention.load(str(sd_pipeline), device="cpu", size=size)
     formula = sd_map_bytes(size, sd2.vae.config.block_out_channels[0], 4)
@@ -195,7 +195,7 @@ def test_sd_largest_map_is_the_vae_activation_formula(sd_pipeline, small_chunks,
 def test_sd_affinity_in_row_chunks_equals_the_resampled_whole_maps(
     sd_pipeline, small_chunks, layers
 ):
-    from ovss_ros.core.sd2_attention import Sd2Attention, resample_affinity
+    from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention, resample_affinity
 
     sd2 = Sd2Attention.load(str(sd_pipeline), device="cpu", size=256, layers=layers)
     pixels = torch.rand(2, 3, 96, 160)
@@ -211,8 +211,8 @@ def test_pnp_largest_map_is_the_vision_attention_formula(tmp_path):
     one vision attention map, ``vlm_attention_bytes``; the vision tower keeps no graph."""
     from tiny_blip import PATCH, save_tiny_blip
 
-    from ovss_ros.core.pnp_ovss import PnpOvss, PnpOvssSettings
-    from ovss_ros.core.vlm_loading import load_vlm
+    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
+    from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 
     torch.manual_seed(0)
     clip = load_clip(str(TINY_VIT), "none", "cpu")

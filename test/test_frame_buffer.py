@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ovss_ros.frame_buffer import FrameBuffer, FrameWorker
+from ovss_ros.ros.worker import FrameBuffer, FrameWorker
 
 LIMIT_S = 30.0  # for anything another thread must do: generous, never waited out when passing
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 from freecp_reference import official_boxes, official_labels, official_window
 
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.refine.freecp import (
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.freecp.freecp import (
     box_masks,
     class_activation,
     class_probabilities,

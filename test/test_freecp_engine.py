@@ -50,8 +50,8 @@ def official_assembly(segmenter: Segmenter, rgb: np.ndarray) -> torch.Tensor:
     """FreeCP's ``forward_slide``: each window's scores (0 for dropped classes) upsampled to
     the window (bilinear), summed into the resized image and divided by the window count, then
     bilinear to the input size: (K, H, W)."""
-    encoded = segmenter.encode(segmenter.preprocess(rgb))
-    _, scores = segmenter.head(encoded)
+    encoded = segmenter.method.encode(segmenter.method.preprocess(rgb))
+    _, scores = segmenter.method.head(encoded)
     preds = torch.zeros(scores.shape[1], *encoded.size)
     count = torch.zeros(1, *encoded.size)
     for (top, left, height, width), window in zip(encoded.boxes, scores, strict=True):
@@ -68,9 +68,9 @@ def official_assembly(segmenter: Segmenter, rgb: np.ndarray) -> torch.Tensor:
 def test_background_is_one_minus_the_max_after_the_windows_are_averaged(fresh, voc_rgb, image):
     fresh.reconfigure(background_words=("sky", "wall"))
     rgb = voc_rgb[image]
-    encoded = fresh.encode(fresh.preprocess(rgb))
+    encoded = fresh.method.encode(fresh.method.preprocess(rgb))
     assert len(encoded.boxes) > 1, "the frame must be cut into overlapping windows"
-    _, scores = fresh.head(encoded)
+    _, scores = fresh.method.head(encoded)
     assert scores.shape[1] == len(CLASSES)  # no background channel per window
     dropped = (scores == 0).flatten(2).all(dim=2)
     assert (dropped | (scores.amax(dim=(2, 3)) > 0.99)).all()  # kept maps reach 1 (min-max)

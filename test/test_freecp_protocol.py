@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.cli.evaluate import engine_config, parse_args
-from ovss_ros.core.dense_clip import FREECP_VARIANTS, dense_forward, official_pos_rule
-from ovss_ros.core.model_loading import load_clip
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.dense.forward import FREECP_VARIANTS, dense_forward, official_pos_rule
 from ovss_ros.evaluation.protocol import METHOD_PROTOCOLS, PROTOCOLS, load_vocabulary
 
 # chenqi1126/FreeCP configs/cfg_<set>.py: Resize(scale=(2048, S)), slide_crop (slide_stride

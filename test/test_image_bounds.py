@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import CompressedImage, Image
 
-from ovss_ros.image_conversion import (
+from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     ImageConversionError,
     ImageTooLarge,

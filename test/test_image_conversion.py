@@ -16,8 +16,8 @@ from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-import ovss_ros.image_conversion as ic
-from ovss_ros.image_conversion import (
+import ovss_ros.ros.image_conversion as ic
+from ovss_ros.ros.image_conversion import (
     ImageConversionError,
     compressed_to_rgb8,
     float32_to_image,

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage
 
-from ovss_ros.image_conversion import compressed_to_rgb8, image_file_to_rgb8
+from ovss_ros.ros.image_conversion import compressed_to_rgb8, image_file_to_rgb8
 
 # Pillow format -> save options; lossless ones must decode to the crop exactly.
 FORMATS = {

@@ -34,8 +34,8 @@ from ros_harness import (
 )
 from sensor_msgs.msg import Image
 
-from ovss_ros import launch_plan
-from ovss_ros.launch_plan import LaunchPlanError, ProcessSpec, plan, ros_args
+from ovss_ros.ros import launch_plan
+from ovss_ros.ros.launch_plan import LaunchPlanError, ProcessSpec, plan, ros_args
 
 LAUNCH_FILE = REPO_ROOT / "launch" / "ovss.launch.py"
 RVIZ_FILE = REPO_ROOT / "config" / "ovss.rviz"
@@ -499,9 +499,9 @@ def test_node_started_from_the_plan_serves_its_namespace(tmp_path, voc_rgb):
     command = ros_args(ovss)
     assert command[:2] == ["ovss_node", "--ros-args"]
     isolate_dds()
-    # `ovss_node` is `python -m ovss_ros.node` here: the same main(), no console script needed.
+    # `ovss_node` is `python -m ovss_ros.ros.node` here: the same main(), no console script needed.
     with NodeProcess(extra_ros_args=command[2:]) as process:
-        assert process.args == [sys.executable, "-m", "ovss_ros.node", *command[1:]]
+        assert process.args == [sys.executable, "-m", "ovss_ros.ros.node", *command[1:]]
         rclpy.init()
         client = OvssClient(node_namespace="/front_camera/ovss")
         try:

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_VIT, TINY_VIT_B32
 from open_clip.transformer import QuickGELU
 
-from ovss_ros.core.model_loading import ModelLoadError, load_clip, needs_quick_gelu
+from ovss_ros.core.clip.model_loading import ModelLoadError, load_clip, needs_quick_gelu
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,4 +1,4 @@
-"""The managed node (ovss_ros.lifecycle_node) over real DDS, driven by the lifecycle services.
+"""The managed node (ovss_ros.ros.lifecycle_node) over real DDS, driven by the lifecycle services.
 
 What each state must mean to the rest of the graph: unconfigured, no model and no outputs;
 inactive, outputs but no input subscription; active, frames in and results out; cleanup, back to

@@ -38,8 +38,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from ros_harness import EVENT_TIMEOUT_S, TINY_NODE_PARAMETERS, running_node, status_values
 from rosgraph_msgs.msg import Clock
 
-from ovss_ros import node_parameters
-from ovss_ros.request_guard import MAX_REQUEST_ENTRIES
+from ovss_ros.ros import parameters as node_parameters
+from ovss_ros.ros.request_guard import MAX_REQUEST_ENTRIES
 
 STATUS = "ovss: image"
 CLASSES = ["person", "chair", "dog"]

@@ -29,12 +29,12 @@ from ros_harness import (
 )
 from tiny_blip import IMAGE_SIZE, save_tiny_blip
 
-from ovss_ros import node_parameters
 from ovss_ros.core import Segmenter
-from ovss_ros.core.deop import DeopSettings
-from ovss_ros.core.deop_checkpoint import save_checkpoint
-from ovss_ros.core.deop_heads import DeopModules
-from ovss_ros.core.model_loading import load_clip
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.deop.checkpoint import save_checkpoint
+from ovss_ros.core.methods.deop.deop import DeopSettings
+from ovss_ros.core.methods.deop.heads import DeopModules
+from ovss_ros.ros import parameters as node_parameters
 
 STATUS = "ovss: image"
 CLASSES = ["person", "dog", "tv"]

@@ -32,7 +32,7 @@ from ros_harness import (
     status_values,
 )
 
-from ovss_ros.diagnostics import (
+from ovss_ros.ros.diagnostics import (
     LARGE_DATA_PROFILE,
     NOT_AVAILABLE,
     OK,

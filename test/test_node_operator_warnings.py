@@ -32,9 +32,9 @@ from ros_harness import (
     running_node,
 )
 
-from ovss_ros import node_parameters
-from ovss_ros.node import undeclared_overrides
-from ovss_ros.node_entry import wants_help
+from ovss_ros.ros import parameters as node_parameters
+from ovss_ros.ros.entry import wants_help
+from ovss_ros.ros.undeclared import undeclared_overrides
 
 STATUS = "ovss: image"
 IGNORED = "is not a parameter of this node: "

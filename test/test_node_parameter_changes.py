@@ -28,7 +28,7 @@ from ros_harness import (
     status_values,
 )
 
-from ovss_ros import node_parameters
+from ovss_ros.ros import parameters as node_parameters
 
 # The namespace, deeper: room for a mask slug of exactly ROOM characters (and for the
 # node's own service names: Fast DDS refuses "rq/<service>Request" above 255 characters).

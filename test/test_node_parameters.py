@@ -14,9 +14,10 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from ros_harness import isolate_dds
 
-from ovss_ros import node_parameters
 from ovss_ros.core import EngineConfig, parse_classes
-from ovss_ros.node_parameters import ParameterError, validate, validate_update
+from ovss_ros.ros import parameters as node_parameters
+from ovss_ros.ros import topic_names
+from ovss_ros.ros.parameters import ParameterError, validate, validate_update
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "ovss.yaml"
 
@@ -53,7 +54,7 @@ def test_every_engine_field_is_a_parameter():
 def test_the_engine_bounds_are_parameters_with_the_engines_defaults():
     """Issue 7, item 3: max_long_side (the engine's) and max_input_pixels (the conversion's)."""
     from ovss_ros.core.config import MAX_LONG_SIDE_LIMIT
-    from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
+    from ovss_ros.ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
     defaults = node_parameters.defaults()
     assert defaults["max_long_side"] == EngineConfig().max_long_side == 2048
@@ -529,7 +530,7 @@ def test_a_mask_topic_rcl_cannot_resolve_is_refused_with_rcls_reason(ros_context
     node = Node("ovss", context=ros_context)
     try:
         entry = parse_classes(["cat"])[0]
-        problem = node_parameters._topic_problem("~/masks/bad name", node.resolve_topic_name)
+        problem = topic_names._topic_problem("~/masks/bad name", node.resolve_topic_name)
         assert "'~/masks/bad name' is not a valid ROS topic name" in problem
         assert "alphanumerics" in problem and "/project/src" not in problem
         node_parameters.check_mask_topics([entry], ["~/"], node.resolve_topic_name)

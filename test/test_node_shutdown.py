@@ -42,7 +42,7 @@ from ros_harness import (
     startup_timeout,
 )
 
-from ovss_ros.node_entry import SHUTDOWN_SIGNALS, Interrupted, ShutdownSignals
+from ovss_ros.ros.signals import SHUTDOWN_SIGNALS, Interrupted, ShutdownSignals
 
 PLAIN, MANAGED = "ovss_node", "ovss_lifecycle_node"
 CLASSES = ["cat", "dog", "person"]
@@ -383,7 +383,7 @@ def test_a_thread_still_inside_torch_at_exit_does_not_abort_the_process():
         """
         import sys, threading, time
         import torch
-        from ovss_ros.node_entry import run_main
+        from ovss_ros.ros.entry import run_main
 
         busy = threading.Event()
 
@@ -412,7 +412,7 @@ def test_an_interrupt_that_escapes_main_ends_the_process_with_128_plus_the_signa
     result = run_script(
         """
         import signal, sys
-        from ovss_ros.node_entry import run_main
+        from ovss_ros.ros.entry import run_main
 
         def main(signals):
             signal.raise_signal(signal.SIGINT)  # start-up: raises Interrupted here

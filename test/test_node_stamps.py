@@ -20,7 +20,7 @@ from ros_harness import (
     status_values,
 )
 
-from ovss_ros.node import FUTURE_STAMP_TOLERANCE_S
+from ovss_ros.ros.frames import FUTURE_STAMP_TOLERANCE_S
 
 STATUS = "ovss: image"
 pytestmark = pytest.mark.usefixtures("node_survives")

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from ros_harness import TINY_NODE_PARAMETERS, NodeProcess
 
-LIFECYCLE = "ovss_ros.lifecycle_node"
+LIFECYCLE = "ovss_ros.ros.lifecycle_node"
 # The issue's namespace, deeper: room for a mask slug of ROOM characters (<ns>/ovss/masks/<slug>
 # at most 247), whatever the vocabulary makes of a long name (a 48-character slug at most).
 ROOM = 30
@@ -24,7 +24,7 @@ CASES = {
         TINY_NODE_PARAMETERS | {"classes": ["cat", LONG_CLASS]},
         ["-r", f"__ns:={NAMESPACE}"],
         ["cannot start", "classes: entry 1 'a very long class name", "characters long", "247"],
-        "ovss_ros.node",
+        "ovss_ros.ros.node",
     ),
     "managed node, mask topic too long": (
         TINY_NODE_PARAMETERS | {"classes": ["cat", LONG_CLASS]},
@@ -37,14 +37,14 @@ CASES = {
         TINY_NODE_PARAMETERS | {"classes": ["cat", "f" * (ROOM - 5)], "cameras": ["front"]},
         ["-r", f"__ns:={NAMESPACE}"],
         ["cannot start", "classes: entry 1 'fffff", "248 characters long"],
-        "ovss_ros.node",
+        "ovss_ros.ros.node",
     ),
     # Not only mask topics: any output topic or service of the node (a reviewer's cases).
     "output topic of a camera too long": (
         TINY_NODE_PARAMETERS | {"classes": ["a"], "cameras": ["c" * 20]},
         ["-r", "__ns:=/" + "n" * 210],
         ["cannot start", "label_info", "shorten the namespace"],
-        "ovss_ros.node",
+        "ovss_ros.ros.node",
     ),
     "managed node, output topic of a camera too long": (
         TINY_NODE_PARAMETERS | {"classes": ["a"], "cameras": ["c" * 20]},
@@ -56,26 +56,26 @@ CASES = {
         TINY_NODE_PARAMETERS,
         ["-r", "__ns:=/" + "n" * 230],
         ["cannot start", "shorten the namespace"],
-        "ovss_ros.node",
+        "ovss_ros.ros.node",
     ),
     "text for a float": (
         TINY_NODE_PARAMETERS | {"overlay_alpha": "abc"},
         [],
         ["cannot start", "overlay_alpha must be a floating-point number, got string 'abc'"],
-        "ovss_ros.node",
+        "ovss_ros.ros.node",
     ),
     "integer for a boolean": (
         TINY_NODE_PARAMETERS | {"publish_masks": 1},
         [],
         ["cannot start", "publish_masks must be a boolean (true or false), got integer 1"],
-        "ovss_ros.node",
+        "ovss_ros.ros.node",
     ),
     # pnp_ovss, deop (issues 9, 10): the second model or the checkpoint, named in the line.
     "pnp_ovss with a VLM that is not available offline": (
         TINY_NODE_PARAMETERS | {"method": "pnp_ovss", "vlm_pretrained": "Salesforce/blip-x"},
         [],
         ["cannot start", "'Salesforce/blip-x'", "not in the local", "set vlm_pretrained"],
-        "ovss_ros.node",
+        "ovss_ros.ros.node",
     ),
     "deop with a missing checkpoint": (
         TINY_NODE_PARAMETERS | {"method": "deop", "deop_checkpoint": "/nowhere/deop.pt"},

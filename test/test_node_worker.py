@@ -18,11 +18,13 @@ from ros_harness import TINY_NODE_PARAMETERS, isolate_dds, make_image
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool
 
-import ovss_ros.node as node_module
-from ovss_ros.core import EngineConfig, Segmentation, Segmenter
-from ovss_ros.diagnostics import ERROR, OK, OUTCOMES, WARN, NodeState, camera_report
-from ovss_ros.frame_buffer import FrameBuffer
-from ovss_ros.node import OvssNode
+import ovss_ros.ros.node as node_module
+import ovss_ros.ros.processing as processing
+from ovss_ros.core import EngineConfig, Segmentation, Segmenter, Stopped
+from ovss_ros.ros import log_text
+from ovss_ros.ros.diagnostics import ERROR, OK, OUTCOMES, WARN, NodeState, camera_report
+from ovss_ros.ros.node import OvssNode
+from ovss_ros.ros.worker import FrameBuffer
 
 
 class FaultySegmenter(Segmenter):
@@ -42,7 +44,7 @@ class FaultySegmenter(Segmenter):
         """The one call the node makes to change the engine (vocabulary and settings)."""
         self.calls.append(f"update {classes is not None} {sorted(changes)}")
         if classes is not None and FaultySegmenter.stopped:
-            raise node_module.Stopped("stop requested before encoding")
+            raise Stopped("stop requested before encoding")
         if classes is not None and FaultySegmenter.fail_set_classes:
             raise RuntimeError("out of memory while encoding text")
         super().update(classes, **changes)
@@ -51,7 +53,7 @@ class FaultySegmenter(Segmenter):
         self.calls.append(f"segment_many {len(images)}")
         widths = [rgb.shape[1] for rgb in images]
         if FaultySegmenter.stopped:
-            raise node_module.Stopped("stop requested before encode")
+            raise Stopped("stop requested before encode")
         if FaultySegmenter.fail_segment or FaultySegmenter.fail_width in widths:
             raise RuntimeError("CUDA out of memory")
         return super().segment_many(images)
@@ -110,7 +112,9 @@ def message(
 
 def frame(node: OvssNode, camera: int = 0, **kwargs):
     """A frame received (counted, held) as the image callback receives one, not yet taken."""
-    received, _ = node._admit(node.cameras[camera], message(node, **kwargs))
+    received, _ = node.frames.admit(
+        node.cameras[camera], message(node, **kwargs), node.get_clock().now()
+    )
     return received
 
 
@@ -129,15 +133,15 @@ def accounted(node: OvssNode) -> None:
 
 def applied(node: OvssNode, name: str, value) -> bool:
     """The worker has applied a node setting (it takes effect with the engine's changes)."""
-    return getattr(node._applied_settings, name) == value
+    return getattr(node.transactions.applied_settings, name) == value
 
 
 def test_inference_failure_is_counted_and_the_next_frame_is_served(node):
     FaultySegmenter.fail_segment = True
-    node._process([frame(node)])
+    node.processor.process([frame(node)])
     assert totals(node).failed == 1 and totals(node).processed == 0
     FaultySegmenter.fail_segment = False
-    node._process([frame(node)])
+    node.processor.process([frame(node)])
     assert totals(node).processed == 1
     (sample,) = node.cameras[0].stats.window().samples
     assert sample.inference_s >= 0.0 and sample.latency_s >= 0.0
@@ -145,7 +149,7 @@ def test_inference_failure_is_counted_and_the_next_frame_is_served(node):
 
 
 def test_bad_frames_are_counted_as_rejected(node):
-    node._process([frame(node, encoding="no_such_encoding")])
+    node.processor.process([frame(node, encoding="no_such_encoding")])
     assert totals(node).rejected == 1
     assert not node.segmenter.forwards()
     accounted(node)
@@ -154,14 +158,14 @@ def test_bad_frames_are_counted_as_rejected(node):
 def test_frames_over_the_pixel_limit_are_rejected_before_conversion(node):
     assert node.set_parameters([Parameter("max_input_pixels", value=95)])[0].successful
     spin_until(node, lambda: applied(node, "max_input_pixels", 95))
-    node._process([frame(node, width=12)])  # 8x12 = 96 pixels
+    node.processor.process([frame(node, width=12)])  # 8x12 = 96 pixels
     assert totals(node).rejected == 1 and not node.segmenter.forwards()
-    node._process([frame(node, width=11)])  # 88
+    node.processor.process([frame(node, width=11)])  # 88
     assert totals(node).processed == 1
     # Declared 100000 x 100000, with 12 bytes of data: refused for its size, nothing allocated.
     huge = frame(node, width=2)
     huge.message.width = huge.message.height = 100_000
-    node._process([huge])
+    node.processor.process([huge])
     assert totals(node).rejected == 2
     accounted(node)
 
@@ -169,10 +173,10 @@ def test_frames_over_the_pixel_limit_are_rejected_before_conversion(node):
 def test_stale_frames_are_dropped_but_unstamped_ones_are_not(node):
     assert node.set_parameters([Parameter("max_frame_age", value=1.0)])[0].successful
     spin_until(node, lambda: applied(node, "max_frame_age", 1.0))
-    node._process([frame(node, age=5.0)])
+    node.processor.process([frame(node, age=5.0)])
     assert totals(node).dropped_stale == 1 and totals(node).processed == 0
-    node._process([frame(node, age=0.1)])
-    node._process([frame(node, stamped=False)])
+    node.processor.process([frame(node, age=0.1)])
+    node.processor.process([frame(node, stamped=False)])
     assert totals(node).processed == 2
     accounted(node)
 
@@ -184,7 +188,7 @@ def test_a_stamp_that_is_no_time_means_age_unknown(node, stamp):
     """Never stale, no latency sample, segmented and published, counted (issue 7, item 4)."""
     assert node.set_parameters([Parameter("max_frame_age", value=1.0)])[0].successful
     spin_until(node, lambda: applied(node, "max_frame_age", 1.0))
-    node._process([frame(node, stamp=stamp)])
+    node.processor.process([frame(node, stamp=stamp)])
     assert totals(node).processed == 1 and totals(node).dropped_stale == 0
     assert totals(node).unusable_stamp == 1
     (sample,) = node.cameras[0].stats.window().samples
@@ -194,7 +198,7 @@ def test_a_stamp_that_is_no_time_means_age_unknown(node, stamp):
 
 def test_paused_node_does_not_segment_and_counts_what_it_drops(node):
     node._enabled.clear()
-    node._process([frame(node)])  # taken before the pause, handed over after it
+    node.processor.process([frame(node)])  # taken before the pause, handed over after it
     node._on_image(node.cameras[0], message(node))  # arrives while paused
     assert totals(node).processed == 0 and totals(node).received == 2
     assert totals(node).dropped_paused == 2
@@ -220,11 +224,11 @@ def test_frames_waiting_when_paused_are_dropped_and_counted(node):
 def test_a_frame_being_published_when_paused_is_counted_once(node):
     """Pausing drops waiting frames; one the worker has already claimed is counted as it ends."""
     claimed, waiting = frame(node), frame(node)
-    assert node._claim(claimed)
+    assert node.frames.claim(claimed)
     node._clear_frames()
     assert claimed.state == "publishing" and waiting.state == "dropped_paused"
-    assert not node._claim(waiting)  # the worker skips it
-    assert node._settle(claimed, "processed") and not node._settle(claimed, "failed")
+    assert not node.frames.claim(waiting)  # the worker skips it
+    assert node.frames.settle(claimed, "processed") and not node.frames.settle(claimed, "failed")
     accounted(node)
 
 
@@ -236,22 +240,22 @@ def test_an_error_publishing_one_frame_costs_no_other_frame(two_cameras, monkeyp
         raise RuntimeError("publisher's context is invalid")
 
     monkeypatch.setattr(front, "publish", broken)
-    node._process([frame(node, camera=0), frame(node, camera=1)])
+    node.processor.process([frame(node, camera=0), frame(node, camera=1)])
     assert totals(node, 0).failed == 1 and totals(node, 1).processed == 1
     accounted(node)
 
 
 def test_an_unexpected_error_converting_one_frame_costs_no_other_frame(two_cameras, monkeypatch):
     node = two_cameras
-    convert = node_module.to_rgb8
+    convert = processing.to_rgb8
 
     def faulty(message, max_pixels):
         if message.width == 13:
             raise MemoryError("no memory for the conversion")
         return convert(message, max_pixels)
 
-    monkeypatch.setattr(node_module, "to_rgb8", faulty)
-    node._process([frame(node, camera=0, width=13), frame(node, camera=1)])
+    monkeypatch.setattr(processing, "to_rgb8", faulty)
+    node.processor.process([frame(node, camera=0, width=13), frame(node, camera=1)])
     assert totals(node, 0).failed == 1 and totals(node, 1).processed == 1
     accounted(node)
 
@@ -259,7 +263,7 @@ def test_an_unexpected_error_converting_one_frame_costs_no_other_frame(two_camer
 def test_one_bad_stamp_costs_the_other_camera_nothing(two_cameras):
     """The issue's example: two cameras, one sec = -1 stamp, one batch: both published."""
     node = two_cameras
-    node._process([frame(node, camera=0, stamp=(-1, 0)), frame(node, camera=1)])
+    node.processor.process([frame(node, camera=0, stamp=(-1, 0)), frame(node, camera=1)])
     assert node.segmenter.forwards() == ["segment_many 2"]
     assert [totals(node, c).processed for c in (0, 1)] == [1, 1]
     assert [totals(node, c).batched for c in (0, 1)] == [1, 1]
@@ -279,7 +283,7 @@ def test_accepted_parameters_reach_the_segmenter_in_the_worker(node):
     spin_until(node, lambda: node.segmenter.config.method == "sclip")
     # The mask topics are made on the executor's thread (issue 18): spin it.
     spin_until(node, lambda: sorted(node.cameras[0].outputs.masks) == ["sofa", "tv"])
-    spin_until(node, lambda: node._parameter_change == ("applied", False))
+    spin_until(node, lambda: node.transactions.change == ("applied", False))
 
 
 def test_refused_parameters_reach_nothing(node):
@@ -312,24 +316,24 @@ def spin_until(node: OvssNode, predicate, timeout: float = 10.0) -> None:
 def test_failed_vocabulary_change_keeps_the_node_serving_and_the_parameters_truthful(node):
     FaultySegmenter.fail_set_classes = True
     assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
-    spin_until(node, lambda: node._parameter_change[1])
+    spin_until(node, lambda: node.transactions.change[1])
     FaultySegmenter.fail_set_classes = False
-    text, failed = node._parameter_change
+    text, failed = node.transactions.change
     assert failed and text.startswith("classes: RuntimeError: out of memory while encoding")
     assert [c.name for c in node.segmenter.classes] == ["cat", "dog"]
     assert sorted(node.cameras[0].outputs.masks) == ["cat", "dog"]
-    node._process([frame(node)])
+    node.processor.process([frame(node)])
     assert totals(node).processed == 1
     # `ros2 param get` must not claim a vocabulary that is not in force: put back.
     spin_until(node, lambda: node.get_parameter("classes").value == ["cat", "dog"])
-    assert node._values["classes"] == ["cat", "dog"] and not node._pending
+    assert node.transactions.values["classes"] == ["cat", "dog"] and not node.transactions.pending
     # The put-back is no new change: the worker has nothing to apply (no re-queueing).
     calls = len(node.segmenter.calls)
     node._apply_pending()
     assert len(node.segmenter.calls) == calls
     # A later change that works is applied, and clears the failure.
     assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
-    spin_until(node, lambda: node._parameter_change == ("applied", False))
+    spin_until(node, lambda: node.transactions.change == ("applied", False))
     assert [c.name for c in node.segmenter.classes] == ["bird"]
 
 
@@ -346,10 +350,10 @@ def test_a_change_is_applied_whole_or_not_at_all(node):
         ]
     )
     assert result.successful
-    spin_until(node, lambda: node._parameter_change[1])
+    spin_until(node, lambda: node.transactions.change[1])
     FaultySegmenter.fail_set_classes = False
     assert node.segmenter.config.templates == "single"
-    assert node._applied_settings.overlay_alpha == 0.5
+    assert node.transactions.applied_settings.overlay_alpha == 0.5
     spin_until(
         node,
         lambda: (
@@ -369,15 +373,15 @@ def test_a_newer_change_is_not_put_back(node):
     assert node.set_parameters([Parameter("classes", value=["bird"])])[0].successful
     # Without spinning: the executor must not put it back yet.
     deadline = time.monotonic() + 10.0
-    while not node._parameter_change[1]:
+    while not node.transactions.change[1]:
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
-    assert node._reverts
+    assert node.transactions.reverts
     FaultySegmenter.fail_set_classes = False
     # Before the executor puts it back, the user asks for another vocabulary.
     assert node.set_parameters([Parameter("classes", value=["fish"])])[0].successful
     spin_until(node, lambda: [c.name for c in node.segmenter.classes] == ["fish"])
-    spin_until(node, lambda: not node._reverts)
+    spin_until(node, lambda: not node.transactions.reverts)
     assert node.get_parameter("classes").value == ["fish"]
 
 
@@ -397,7 +401,7 @@ def test_a_mask_topic_that_cannot_be_created_costs_no_other_output(node, monkeyp
     spin_until(node, lambda: published)
     assert [entry.class_name for entry in published[-1].class_map] == ["cow", "bird", "fish"]
     assert sorted(outputs.masks) == ["bird", "fish"]
-    node._process([frame(node)])
+    node.processor.process([frame(node)])
     assert totals(node).processed == 1
 
 
@@ -411,19 +415,19 @@ def test_destroy_node_stops_the_worker(node):
 def test_frames_of_two_cameras_share_one_forward_and_are_counted_as_batched(two_cameras):
     node = two_cameras
     assert [camera.name for camera in node.cameras] == ["front", "rear"]
-    node._process([frame(node, camera=0), frame(node, camera=1)])
+    node.processor.process([frame(node, camera=0), frame(node, camera=1)])
     assert node.segmenter.forwards() == ["segment_many 2"]
     for camera in (0, 1):
         assert totals(node, camera).processed == 1 and totals(node, camera).batched == 1
     # Different sizes after resizing: one call, but two forward passes in the engine.
-    node._process([frame(node, camera=0), frame(node, camera=1, width=300)])
+    node.processor.process([frame(node, camera=0), frame(node, camera=1, width=300)])
     assert totals(node, 0).batched == 1 and totals(node, 1).processed == 2
 
 
 def test_failed_batch_costs_only_the_frames_that_fail_alone(two_cameras):
     node = two_cameras
     FaultySegmenter.fail_width = 13  # the rear camera's frames cannot be segmented
-    node._process([frame(node, camera=0), frame(node, camera=1, width=13)])
+    node.processor.process([frame(node, camera=0), frame(node, camera=1, width=13)])
     assert node.segmenter.forwards() == ["segment_many 2", "segment_many 1", "segment_many 1"]
     assert totals(node, 0).processed == 1 and totals(node, 0).failed == 0
     assert totals(node, 1).processed == 0 and totals(node, 1).failed == 1
@@ -433,10 +437,10 @@ def test_failed_batch_costs_only_the_frames_that_fail_alone(two_cameras):
 def test_batch_that_fails_whole_loses_those_frames_and_the_next_batch_is_served(two_cameras):
     node = two_cameras
     FaultySegmenter.fail_segment = True  # e.g. the GPU is out of memory for a while
-    node._process([frame(node, camera=0), frame(node, camera=1)])
+    node.processor.process([frame(node, camera=0), frame(node, camera=1)])
     assert [totals(node, c).failed for c in (0, 1)] == [1, 1]
     FaultySegmenter.fail_segment = False
-    node._process([frame(node, camera=0), frame(node, camera=1)])
+    node.processor.process([frame(node, camera=0), frame(node, camera=1)])
     assert [totals(node, c).processed for c in (0, 1)] == [1, 1]
     assert [totals(node, c).failed for c in (0, 1)] == [1, 1]
 
@@ -445,12 +449,14 @@ def test_diagnostics_level_follows_the_failures_in_the_window(two_cameras):
     node = two_cameras
     state = NodeState(device="cpu", vocabulary_size=2, enabled=True)
     FaultySegmenter.fail_width = 13
-    node._process([frame(node, camera=0), frame(node, camera=1, width=13)])
+    node.processor.process([frame(node, camera=0), frame(node, camera=1, width=13)])
     front = camera_report(node.cameras[0].stats.window(), state)
     rear = camera_report(node.cameras[1].stats.window(), state)
     assert front.level == OK and rear.level == ERROR
     assert rear.value("frames failed") == "1" and "every frame" in rear.message
-    node._process([frame(node, camera=1)])  # a frame the model takes: only some failed now
+    node.processor.process(
+        [frame(node, camera=1)]
+    )  # a frame the model takes: only some failed now
     rear = camera_report(node.cameras[1].stats.window(), state)
     assert rear.level == WARN and rear.value("frames processed") == "1"
 
@@ -470,7 +476,7 @@ def test_each_camera_publishes_under_its_own_namespace(two_cameras):
 
 def test_frames_waiting_when_the_managed_node_deactivates_are_counted(monkeypatch):
     """Deactivating drops the frames waiting in the slots, as pausing does, and counts them."""
-    from ovss_ros.lifecycle_node import OvssLifecycleNode
+    from ovss_ros.ros.lifecycle_node import OvssLifecycleNode
 
     isolate_dds()
     monkeypatch.setattr(node_module, "Segmenter", FaultySegmenter)
@@ -497,11 +503,11 @@ def test_frames_waiting_when_the_managed_node_deactivates_are_counted(monkeypatc
 
 
 def test_log_text_is_one_line_with_control_characters_escaped():
-    text = node_module.one_line("yuv\n[ERROR] [ovss]: forged\x1b[31m \u202eevil 椅子")
+    text = log_text.one_line("yuv\n[ERROR] [ovss]: forged\x1b[31m \u202eevil 椅子")
     assert "\n" not in text and "\x1b" not in text and "\u202e" not in text
     assert text == "yuv [ERROR] [ovss]: forged\\u001b[31m \\u202eevil 椅子"
-    assert node_module.describe(RuntimeError("out of\nmemory")) == "RuntimeError: out of memory"
-    assert len(node_module.one_line("x" * 1000)) == 400
+    assert log_text.describe(RuntimeError("out of\nmemory")) == "RuntimeError: out of memory"
+    assert len(log_text.one_line("x" * 1000)) == 400
 
 
 def test_a_stop_is_no_failure(two_cameras):
@@ -509,13 +515,13 @@ def test_a_stop_is_no_failure(two_cameras):
     not failed, no change is put back, and Stopped reaches the worker (which ends quietly)."""
     node = two_cameras
     FaultySegmenter.stopped = True
-    with pytest.raises(node_module.Stopped):
-        node._process([frame(node, camera=0), frame(node, camera=1)])
+    with pytest.raises(Stopped):
+        node.processor.process([frame(node, camera=0), frame(node, camera=1)])
     assert [totals(node, c).dropped_paused for c in (0, 1)] == [1, 1]
     assert [totals(node, c).failed for c in (0, 1)] == [0, 0]
     accounted(node)
-    with node._lock:
-        node._pending = {"classes": ["bird"]}
-    with pytest.raises(node_module.Stopped):
+    with node.transactions.lock:
+        node.transactions.pending = {"classes": ["bird"]}
+    with pytest.raises(Stopped):
         node._apply_pending()
-    assert node._parameter_change == ("none", False) and not node._reverts
+    assert node.transactions.change == ("none", False) and not node.transactions.reverts

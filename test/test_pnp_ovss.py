@@ -14,11 +14,11 @@ import torch
 from conftest import TINY_VIT
 from tiny_blip import IMAGE_SIZE, PATCH, save_tiny_blip
 
-from ovss_ros.core import pnp_ovss
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.pnp_ovss import (
-    PnpOvss,
-    PnpOvssSettings,
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.pnp_ovss import pnp_ovss, steps
+from ovss_ros.core.methods.pnp_ovss import settings as pnp_settings
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.steps import (
     class_maps,
     gaussian_blur,
     minmax,
@@ -26,7 +26,7 @@ from ovss_ros.core.pnp_ovss import (
     threshold_maps,
     with_background,
 )
-from ovss_ros.core.vlm_loading import load_vlm
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 from ovss_ros.core.vocabulary import VocabularyError
 
 GRID = IMAGE_SIZE // PATCH  # 4x4 patches
@@ -355,7 +355,7 @@ def test_dense_crf_runs_in_a_process_of_its_own(monkeypatch):
 
 def test_dense_crf_of_a_large_frame_is_solved_at_the_bounded_size(monkeypatch):
     pytest.importorskip("pydensecrf.densecrf")
-    from ovss_ros.core.crf_process import CrfProcess
+    from ovss_ros.core.methods.pnp_ovss.crf_process import CrfProcess
 
     solved = []
     marginals = CrfProcess.marginals
@@ -371,7 +371,7 @@ def test_dense_crf_of_a_large_frame_is_solved_at_the_bounded_size(monkeypatch):
     np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-3)
     ((rgb_shape, probs_shape, (iterations, gaussian, bilateral, _)),) = solved
     height, width = rgb_shape[:2]
-    assert height * width <= pnp_ovss.CRF_MAX_PIXELS and probs_shape == (2, height, width)
+    assert height * width <= steps.CRF_MAX_PIXELS and probs_shape == (2, height, width)
     assert abs(width / height - 1920 / 1080) < 0.01
     scale = width / 1920
     assert gaussian["sxy"] == pytest.approx(3 * scale, rel=0.01)
@@ -382,7 +382,7 @@ def test_dense_crf_stops_when_asked_and_fails_with_the_reason():
     pytest.importorskip("pydensecrf.densecrf")
     import threading
 
-    from ovss_ros.core.crf_process import CrfError, CrfProcess
+    from ovss_ros.core.methods.pnp_ovss.crf_process import CrfError, CrfProcess
     from ovss_ros.core.stopping import Stopped
 
     crf = CrfProcess()
@@ -401,9 +401,9 @@ def test_dense_crf_stops_when_asked_and_fails_with_the_reason():
 
 
 def test_refine_auto_uses_crf_when_it_imports_else_pamr(monkeypatch):
-    if pnp_ovss.crf_available():
+    if pnp_settings.crf_available():
         assert PnpOvssSettings(refine="auto").refinement() == "crf"
-    monkeypatch.setattr(pnp_ovss, "crf_available", lambda: False)
+    monkeypatch.setattr(pnp_settings, "crf_available", lambda: False)
     assert PnpOvssSettings(refine="auto").refinement() == "pamr"
     with pytest.raises(ValueError, match="pydensecrf2"):
         PnpOvssSettings(refine="crf").validate()

@@ -10,9 +10,9 @@ from conftest import TINY_VIT, voc_image_paths
 from tiny_blip import IMAGE_SIZE, save_tiny_blip
 
 from ovss_ros.cli import tune
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.pnp_ovss import PnpOvss, PnpOvssSettings
-from ovss_ros.core.pnp_tuning import (
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.tuning import (
     Reward,
     SearchSpace,
     best_of,
@@ -21,8 +21,8 @@ from ovss_ros.core.pnp_tuning import (
     random_search,
     reward,
 )
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 from ovss_ros.core.segmentation import Segmentation
-from ovss_ros.core.vlm_loading import load_vlm
 
 
 @pytest.fixture(scope="module")

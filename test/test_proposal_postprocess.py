@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_VIT
 
-from ovss_ros.core.deop import Deop, DeopSettings
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.twostream import MASK_THRESHOLD, TwoStream, TwoStreamSettings
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.deop.deop import Deop, DeopSettings
+from ovss_ros.core.methods.deop.twostream import MASK_THRESHOLD, TwoStream, TwoStreamSettings
 
-proposal_segmentation = importlib.import_module("ovss_ros.core.proposal_segmentation")
+proposal_segmentation = importlib.import_module("ovss_ros.core.methods.deop.proposal_segmentation")
 
 
 @pytest.fixture(scope="module")

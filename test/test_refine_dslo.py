@@ -16,7 +16,7 @@ from planted_dslo import (
     planted_truth,
 )
 
-from ovss_ros.core.refine.dslo import (
+from ovss_ros.core.methods.dslo.dslo import (
     ABSENT_SCORE,
     class_distributions,
     doubly_stochastic,

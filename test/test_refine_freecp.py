@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_VIT
 
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.refine.freecp import (
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.freecp.freecp import (
     DATASET_THRESHOLDS,
     ambiguous_groups,
     background_wins,
@@ -258,7 +258,9 @@ def test_ambiguous_groups_in_row_blocks_equal_the_pairwise_formula(monkeypatch, 
     scipy's connected components of the graph IoU >= threshold."""
     from scipy.sparse.csgraph import connected_components
 
-    freecp_module = importlib.import_module("ovss_ros.core.refine.freecp")  # not the function
+    freecp_module = importlib.import_module(
+        "ovss_ros.core.methods.freecp.freecp"
+    )  # not the function
     generator = torch.Generator().manual_seed(7)
     bases = torch.rand(24, 12, 12, generator=generator)
     maps = torch.cat([bases[:8].repeat_interleave(3, dim=0), bases[8:]])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.refine.jbu import jbu_weights, joint_bilateral_upsample
+from ovss_ros.core.methods.dense.jbu import jbu_weights, joint_bilateral_upsample
 
 SIZE, LOW = 64, 8  # 8x8 "patches" of 8x8 pixels
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import voc_image_paths
 
-from ovss_ros.core.refine.pamr import pamr, pamr_affinity, pamr_propagate
+from ovss_ros.core.methods.dense.pamr import pamr, pamr_affinity, pamr_propagate
 
 HEIGHT, WIDTH = 64, 96
 

@@ -11,7 +11,7 @@ import yaml
 from conftest import TINY_VIT, voc_image_paths
 from tool_process import run_tool
 
-from ovss_ros.launch_plan import LaunchPlanError, params_file_matches, parse_classes
+from ovss_ros.ros.launch_plan import LaunchPlanError, params_file_matches, parse_classes
 from ovss_ros.safe_yaml import MAX_YAML_DEPTH, load_yaml, short_repr
 
 

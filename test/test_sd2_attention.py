@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tiny_diffusion import save_tiny_pipeline
 
-from ovss_ros.core.model_loading import ModelLoadError
-from ovss_ros.core.refine.dslo import doubly_stochastic, dslo_scores
-from ovss_ros.core.sd2_attention import (
+from ovss_ros.core.clip.model_loading import ModelLoadError
+from ovss_ros.core.methods.dslo.dslo import doubly_stochastic, dslo_scores
+from ovss_ros.core.methods.dslo.sd2_attention import (
     LAYER_SETS,
     Sd2Attention,
     resample_affinity,

@@ -8,14 +8,14 @@ import torch
 from conftest import TINY_VIT
 
 from ovss_ros.core import Stopped
-from ovss_ros.core.engine import EngineConfig, Segmenter
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.text_encoding import (
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.clip.text_encoding import (
     JUNCTION_SLACK,
     PromptTooLong,
     TextEncoder,
     template_set,
 )
+from ovss_ros.core.segmenter import EngineConfig, Segmenter
 from ovss_ros.core.vocabulary import VocabularyError, parse_classes
 
 
@@ -186,7 +186,7 @@ def test_other_templates_encode_without_switching(clip):
 
 
 def test_trim_bounds_the_cache(clip, monkeypatch):
-    import ovss_ros.core.text_encoding as text_encoding
+    import ovss_ros.core.clip.text_encoding as text_encoding
 
     monkeypatch.setattr(text_encoding, "CACHE_LIMIT", 5)
     encoder = TextEncoder(clip.model, clip.tokenizer, "single")

@@ -7,8 +7,8 @@ import torch
 from tiny_blip import save_tiny_blip, tiny_config, tiny_tokenizer
 from transformers import BertTokenizer, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from ovss_ros.core.model_loading import ModelLoadError
-from ovss_ros.core.vlm_loading import BLIP_ENC_ID, enc_token_id, load_vlm
+from ovss_ros.core.clip.model_loading import ModelLoadError
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import BLIP_ENC_ID, enc_token_id, load_vlm
 
 
 @pytest.fixture(scope="module")

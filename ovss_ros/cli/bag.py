@@ -22,7 +22,11 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ovss_ros.bag_processing import (
+from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
+from ovss_ros.cli.input_limits import add_max_input_pixels_argument
+from ovss_ros.cli.tool_parser import ToolParser
+from ovss_ros.core import ModelLoadError, Segmenter, VocabularyError, parse_classes
+from ovss_ros.ros.bag import (
     COPY_CHOICES,
     STORAGES,
     BagError,
@@ -31,11 +35,7 @@ from ovss_ros.bag_processing import (
     OutputTopics,
     segment_bag,
 )
-from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
-from ovss_ros.cli.input_limits import add_max_input_pixels_argument
-from ovss_ros.cli.tool_parser import ToolParser
-from ovss_ros.core import ModelLoadError, Segmenter, VocabularyError, parse_classes
-from ovss_ros.stop_signals import StopSignals
+from ovss_ros.ros.signals import StopSignals
 
 logger = logging.getLogger("ovss-bag")
 

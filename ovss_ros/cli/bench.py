@@ -48,9 +48,10 @@ from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, par
 from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
 from ovss_ros.core import EngineConfig, Segmenter, overlay
 from ovss_ros.core.config import PIPELINE_METHODS
-from ovss_ros.core.dense_clip import interpolate_pos_embed
-from ovss_ros.core.proposal_segmentation import Frames, tokens_before_last_block
-from ovss_ros.image_conversion import (
+from ovss_ros.core.methods.dense.forward import interpolate_pos_embed
+from ovss_ros.core.methods.dense.method import DenseMethod
+from ovss_ros.core.methods.deop.proposal_segmentation import Frames, tokens_before_last_block
+from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     image_file_to_rgb8,
     image_to_rgb8,
@@ -133,16 +134,16 @@ def time_frame(segmenter: Segmenter, message) -> list[float]:
     marks = [time.perf_counter()]
     rgb = image_to_rgb8(message)
     marks.append(time.perf_counter())
-    pixels = segmenter.preprocess(rgb)
+    pixels = segmenter.method.preprocess(rgb)
     sync()
     marks.append(time.perf_counter())
-    encoded = segmenter.encode(pixels)
+    encoded = segmenter.method.encode(pixels)
     sync()
     marks.append(time.perf_counter())
-    logits, scores = segmenter.head(encoded)
+    logits, scores = segmenter.method.head(encoded)
     sync()
     marks.append(time.perf_counter())
-    seg = segmenter.postprocess(encoded, logits, scores, rgb.shape[:2])
+    seg = segmenter.method.postprocess(encoded, logits, scores, rgb.shape[:2])
     marks.append(time.perf_counter())
     serialize_message(mono8_to_image(seg.labels, header))
     serialize_message(rgb8_to_image(overlay(rgb, seg), header))
@@ -219,7 +220,9 @@ def time_rows(
     line per round on stderr. Returns (bare forward summary, combo -> figures).
     """
     rgb = image_to_rgb8(message)
-    pixels = segmenter.preprocess(rgb)
+    # the dense preprocessing, whichever method is in force (the bare forward's input)
+    dense = DenseMethod(segmenter.clip, segmenter.text, segmenter.config)
+    pixels = dense.preprocess(rgb)
     visual = bare_encoder(segmenter, tuple(pixels.shape[-2:]))
     sync = synchronizer(segmenter.device)
     bare: list[float] = []

@@ -24,13 +24,12 @@ from ovss_ros.core.config import (
     UPSAMPLERS,
     EngineConfig,
 )
-from ovss_ros.core.dense_clip import POS_INTERPOLATIONS
-from ovss_ros.core.deop import POOLINGS
 from ovss_ros.core.file_checks import read_text
-from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES
-from ovss_ros.core.proposals import PROPOSAL_SOURCES
-from ovss_ros.core.sd2_attention import LAYER_SETS, SD_PRECISIONS
-from ovss_ros.core.vlm_loading import VLM_MODELS
+from ovss_ros.core.methods.dense.forward import POS_INTERPOLATIONS
+from ovss_ros.core.methods.deop.settings import POOLINGS, PROPOSAL_SOURCES
+from ovss_ros.core.methods.dslo.sd2_attention import LAYER_SETS, SD_PRECISIONS
+from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import VLM_MODELS
 from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, load_yaml, short_repr
 
 # EngineConfig fields whose flag has another name (dest); every other field's dest is its name.
@@ -246,7 +245,7 @@ def params_file_defaults(path: Path) -> dict[str, Any]:
             f"params file {str(path)!r} must hold one node's ros__parameters (/**: "
             "ros__parameters: ...)"
         )
-    from ovss_ros.node_parameters import SPECS  # the node's names (imports rclpy)
+    from ovss_ros.ros.parameters import SPECS  # the node's names (imports rclpy)
 
     engine = {field.name: field.default for field in fields(EngineConfig)}
     defaults = {}

@@ -36,7 +36,7 @@ from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import BAD_INPUT, ToolParser, not_an_input, one_line
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, VocabularyError
 from ovss_ros.core.config import PIPELINE_METHODS
-from ovss_ros.core.refine.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
+from ovss_ros.core.methods.freecp.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
 from ovss_ros.evaluation.protocol import (

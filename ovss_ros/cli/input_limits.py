@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ovss_ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
+from ovss_ros.ros.image_conversion import DEFAULT_MAX_INPUT_PIXELS
 
 
 def _positive_int(text: str) -> int:

@@ -35,8 +35,8 @@ from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, par
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import ToolParser
 from ovss_ros.core import ModelLoadError, Segmentation, Segmenter, VocabularyError, overlay
-from ovss_ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
-from ovss_ros.stop_signals import StopSignals
+from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
+from ovss_ros.ros.signals import StopSignals
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LABELS_SUFFIX = "_labels.png"

@@ -26,9 +26,9 @@ import torch
 
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import ToolParser
-from ovss_ros.core.deop_checkpoint import CheckpointError
-from ovss_ros.core.model_loading import ModelLoadError, load_clip
-from ovss_ros.core.proposals import PROPOSAL_SOURCES
+from ovss_ros.core.clip.model_loading import ModelLoadError, load_clip
+from ovss_ros.core.methods.deop.checkpoint import CheckpointError
+from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES
 from ovss_ros.training.deop_data import DATASETS, training_data
 from ovss_ros.training.deop_training import LOSSES, TrainingConfig, train
 

@@ -4,9 +4,10 @@
 
 Every trial segments the images with one choice of layer, head, threshold and dropout rounds;
 its reward is how often CLIP recognises a class better with the class's mask region kept than
-removed (ovss_ros/core/pnp_tuning.py). The classes of each image are decided once, by CLIP, with
-the starting settings, which are always the first trial. The best settings are printed and
-written as a ROS 2 params file (``/**: ros__parameters:``) for the node (``--params-file``).
+removed (ovss_ros/core/methods/pnp_ovss/tuning.py). The classes of each image are decided once,
+by CLIP, with the starting settings, which are always the first trial. The best settings are
+printed and written as a ROS 2 params file (``/**: ros__parameters:``) for the node
+(``--params-file``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.segment import image_files
 from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
 from ovss_ros.core import ModelLoadError, VocabularyError
+from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.config import EngineConfig
-from ovss_ros.core.model_loading import load_clip
-from ovss_ros.core.pnp_ovss import PRESENCE_MODES, REFINES, PnpOvss, PnpOvssSettings
-from ovss_ros.core.pnp_tuning import SearchSpace, best_of, evaluate_settings, random_search
-from ovss_ros.core.vlm_loading import DEFAULT_VLM, VLM_MODELS, load_vlm
-from ovss_ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
+from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES, PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.tuning import (
+    SearchSpace,
+    best_of,
+    evaluate_settings,
+    random_search,
+)
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import DEFAULT_VLM, VLM_MODELS, load_vlm
+from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
 
 logger = logging.getLogger("ovss-tune")
 THRESHOLDS = "0.05,0.15,0.25,0.35,0.45"  # the release's search grid (np.arange(0.05, 0.5, 0.1))

@@ -1,14 +1,28 @@
-"""EngineConfig: every setting that decides how a frame is segmented, validated in one place."""
+"""EngineConfig: every setting that decides how a frame is segmented, validated in one place.
+
+The fields of the methods with their own pipeline (pnp_ovss, deop, twostream) map onto their
+family's settings (``methods/pnp_ovss/settings.py``, ``methods/deop/settings.py``: ``PNP_FIELDS``,
+``DEOP_FIELDS``, ``TWOSTREAM_FIELDS``), which check them (``check_pipeline_settings``). This
+module imports the families' constants and settings; no family imports it.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from ovss_ros.core.dense_clip import AFFINITY_SOURCES, LAST_BLOCK_MODES, POS_INTERPOLATIONS
-from ovss_ros.core.frame_budget import check_affinity, check_proposal_masks
-from ovss_ros.core.sd2_attention import DEFAULT_MODEL as SD_DEFAULT_MODEL
-from ovss_ros.core.sd2_attention import SD_PRECISIONS, check_settings
-from ovss_ros.core.text_encoding import template_set
+from ovss_ros.core.clip.text_encoding import template_set
+from ovss_ros.core.file_checks import FileCheckError, regular_file
+from ovss_ros.core.frame_budget import MAX_LONG_SIDE_LIMIT, check_affinity, check_proposal_masks
+from ovss_ros.core.methods.dense.forward import (
+    AFFINITY_SOURCES,
+    LAST_BLOCK_MODES,
+    POS_INTERPOLATIONS,
+)
+from ovss_ros.core.methods.deop.settings import DeopSettings, TwoStreamSettings
+from ovss_ros.core.methods.dslo.sd2_attention import DEFAULT_MODEL as SD_DEFAULT_MODEL
+from ovss_ros.core.methods.dslo.sd2_attention import SD_PRECISIONS, check_settings
+from ovss_ros.core.methods.pnp_ovss.settings import PnpOvssSettings
 from ovss_ros.core.vocabulary import check_background_words
 
 # Fields that need a new model when they change; everything else can change between frames.
@@ -22,8 +36,8 @@ VLM_LOAD_FIELDS = ("vlm_model", "vlm_pretrained")
 REFINEMENTS = ("none", "dslo", "freecp")
 DSLO_MODES = ("ot", "velocity")
 UPSAMPLERS = ("bilinear", "jbu")
-# DSLO's affinity sources: CLIP's own attention (dense_clip) or Stable Diffusion 2's (a second
-# model, loaded while refinement dslo with affinity sd2 is in force).
+# DSLO's affinity sources: CLIP's own attention (methods/dense/forward) or Stable Diffusion 2's
+# (a second model, loaded while refinement dslo with affinity sd2 is in force).
 DSLO_AFFINITIES = (*AFFINITY_SOURCES, "sd2")
 # The sd2 affinity's settings; the first two choose the SD model (a change loads it anew).
 SD_LOAD_FIELDS = ("sd_model", "sd_precision")
@@ -37,10 +51,6 @@ SD_FIELDS = (
     "sd_seed",
 )
 SD_SEED_LIMIT = 2**31 - 1  # a ROS integer parameter's range is wider; torch seeds are 64-bit
-# Upper bound of max_long_side (and short_side, crop, stride): a 4K UHD frame (3840 px) fits
-# unscaled. The whole-image forward computes its attention in row chunks (frame_budget), so only
-# the maps that must exist whole (DSLO's and FreeCP's patch affinity) bound the frame further.
-MAX_LONG_SIDE_LIMIT = 4096
 # Sliding windows per frame, counted for a frame at the size bounds: every window is one more
 # image in the forward batch. The official protocols need at most 72 (Cityscapes: 560 x 2048,
 # 224/112); 224/112 windows on a kept-size 2048 x 2048 frame need 324. A stride of a few
@@ -237,9 +247,6 @@ class EngineConfig:
         if patch is not None:  # else Segmenter.check_config checks it with the loaded model
             check_frame_budget(self, patch)
         self._validate_sd()
-        # pnp_ovss / deop / twostream settings; imported here: their modules import the engine
-        from ovss_ros.core.method_pipelines import check_pipeline_settings
-
         check_pipeline_settings(self)
 
     @property
@@ -278,7 +285,7 @@ class EngineConfig:
         """Sliding windows of the largest frame the size bounds allow (1 without ``crop``).
 
         Its sides: ``max_long_side`` and ``short_side`` (``max_long_side`` when ``short_side`` is
-        0), the largest the engine's resize (``engine.resized_size``) gives unless a side is
+        0), the largest the resize (``image_resize.resized_size``) gives unless a side is
         below one patch (then one window along it).
         """
         if self.crop <= 0:
@@ -286,7 +293,126 @@ class EngineConfig:
         stride = self.stride or max(1, self.crop // 2)
         short = min(self.short_side or self.max_long_side, self.max_long_side)
 
-        def count(length: int) -> int:  # as engine.window_starts
+        def count(length: int) -> int:  # as dense.encoded.window_starts
             return 1 if length <= self.crop else -(-(length - self.crop) // stride) + 1
 
         return count(self.max_long_side) * count(short)
+
+
+# EngineConfig field -> the method's settings field.
+PNP_FIELDS = {
+    "pnp_image_size": "image_size",
+    "pnp_layer": "layer",
+    "pnp_head": "head",
+    "pnp_threshold": "threshold",
+    "pnp_dropout_rounds": "dropout_rounds",
+    "pnp_dropout_patches": "dropout_patches",
+    "pnp_presence": "presence",
+    "pnp_presence_threshold": "presence_threshold",
+    "pnp_blur": "blur",
+    "pnp_refine": "refine",
+}
+PROPOSAL_FIELDS = {
+    "proposals": "proposals",
+    "proposal_source": "proposal_source",
+    "short_side": "short_side",
+    "max_long_side": "max_long_side",
+    "templates": "templates",
+    "background_words": "background_words",
+    "score_threshold": "score_threshold",
+    "proposal_logit_scale": "logit_scale",
+    "mask_cells": "mask_cells",
+    "superpixel_compactness": "superpixel_compactness",
+    "cluster_iterations": "cluster_iterations",
+}
+DEOP_FIELDS = PROPOSAL_FIELDS | {
+    "deop_pooling": "pooling",
+    "severance_residual": "severance_residual",
+}
+TWOSTREAM_FIELDS = PROPOSAL_FIELDS | {"twostream_crop_batch": "crop_batch"}
+# Dense-method settings that would do nothing under these methods: refused unless off.
+DENSE_ONLY = {
+    "refinement": "none",
+    "pamr": False,
+    "upsample": "bilinear",
+    "area_threshold": 0.0,
+    "crop": 0,
+}
+
+
+def method_fields(method: str) -> dict[str, str]:
+    """EngineConfig field -> settings field of ``method`` (one of PIPELINE_METHODS)."""
+    return {"pnp_ovss": PNP_FIELDS, "deop": DEOP_FIELDS, "twostream": TWOSTREAM_FIELDS}[method]
+
+
+def method_settings(config: EngineConfig, method: str | None = None) -> object:
+    """The settings object of ``method`` (default ``config.method``) that ``config`` describes
+    (not validated): PnpOvssSettings, DeopSettings or TwoStreamSettings."""
+    method = method or config.method
+    values = {dst: getattr(config, src) for src, dst in method_fields(method).items()}
+    if method == "pnp_ovss":
+        return PnpOvssSettings(**values)
+    values["background_words"] = tuple(values["background_words"])
+    return {"deop": DeopSettings, "twostream": TwoStreamSettings}[method](**values)
+
+
+def renamed(error: ValueError, names: dict[str, str]) -> ValueError:
+    """The method's message with its settings' names replaced by the EngineConfig names that
+    users set (``layer must be ...`` -> ``pnp_layer must be ...``)."""
+    text = str(error)
+    for engine_name, own in names.items():
+        if engine_name != own:
+            text = re.sub(rf"(?<!\w){own}(?!\w)", engine_name, text)
+    return type(error)(text)
+
+
+def check_pipeline_settings(config: EngineConfig) -> None:
+    """Model-independent checks of the pnp_ovss / deop / twostream fields; ValueError.
+
+    Every method's settings are checked whatever ``method`` is (so a bad value is refused when it
+    is set, not when the method is switched to). With one of these methods selected: the dense
+    methods' refinements must be off, pnp_ovss takes no background words, a ``deop_checkpoint``
+    must be an existing file, and what needs a checkpoint (proposal_source learned, deop_pooling
+    cal) needs one.
+    """
+    for method in PIPELINE_METHODS:
+        names = method_fields(method)
+        try:
+            method_settings(config, method).validate()
+        except ValueError as error:
+            raise renamed(error, names) from None
+    method = config.method
+    if method not in PIPELINE_METHODS:
+        return
+    for name, off in DENSE_ONLY.items():
+        if getattr(config, name) != off:
+            raise ValueError(
+                f"{name} applies to the dense methods ({', '.join(LAST_BLOCK_MODES)}), not to "
+                f"method {method}: set {name} to {off!r}"
+            )
+    if method == "pnp_ovss":
+        if config.background_words:
+            raise ValueError(
+                "method pnp_ovss has no background words (its background is where no class "
+                "map fires): set background_words to []"
+            )
+        return
+    checkpoint = config.deop_checkpoint.strip()
+    if checkpoint:
+        try:
+            regular_file(checkpoint, "deop_checkpoint")
+        except FileCheckError as error:
+            raise ValueError(
+                f"{error}: set it to a file made by ovss-train-deop, or to '' for training-free "
+                "DeOP"
+            ) from None
+    if not checkpoint and config.proposal_source == "learned":
+        raise ValueError(
+            "proposal_source learned needs a deop_checkpoint with a proposal head: set "
+            "deop_checkpoint, or proposal_source to auto, superpixels or clusters"
+        )
+    if not checkpoint and method == "deop" and config.deop_pooling == "cal":
+        raise ValueError(
+            "deop_pooling cal needs a deop_checkpoint with a CAL decoder: set deop_checkpoint, "
+            "or deop_pooling to auto or mean"
+        )

@@ -36,6 +36,14 @@ FRAME_BUDGET_BYTES = 1 << 30  # the largest single map one frame may need whole 
 CHUNK_BYTES = 1 << 27  # a chunk of a map computed in row chunks (128 MiB)
 FLOAT_BYTES = 4  # maps are float32 (attention is computed in float32 even for half models)
 
+# Upper bound of max_long_side (and short_side, crop, stride): a 4K UHD frame (3840 px) fits
+# unscaled. The whole-image forward computes its attention in row chunks (frame_budget), so only
+# the maps that must exist whole (DSLO's and FreeCP's patch affinity) bound the frame further.
+MAX_LONG_SIDE_LIMIT = 4096
+# Float32 elements of one chunk of class maps in postprocess (64 MiB): a frame's peak memory is a
+# few such buffers (or a few input-sized maps, if larger) whatever the number of text queries.
+POSTPROCESS_ELEMENTS = 1 << 24
+
 # Architectures of the default models, for the node's static ranges.
 SD2_VAE_CHANNELS = 128  # AutoencoderKL block_out_channels[0], SD 2.x (and 1.x)
 BLIP_PATCH, BLIP_HEADS = 16, 16  # BLIP ITM large's vision transformer (ViT-L/16)

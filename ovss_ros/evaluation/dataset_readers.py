@@ -93,7 +93,7 @@ class DatasetReader:
         Bounded before decoding (``image_file_size``: a regular file declaring at most
         ``max_pixels``); raises DataError naming the file when it is unusable or damaged.
         """
-        from ovss_ros.image_conversion import ImageConversionError, image_file_size
+        from ovss_ros.ros.image_conversion import ImageConversionError, image_file_size
 
         try:
             image_file_size(path, max_pixels=self.max_pixels)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.evaluation.confusion_metrics import ConfusionMatrix
 from ovss_ros.evaluation.dataset_readers import DataError, DatasetReader
-from ovss_ros.image_conversion import (
+from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     ImageConversionError,
     image_file_size,

@@ -55,8 +55,8 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 
-from ovss_ros.core.dense_clip import FREECP_VARIANTS
 from ovss_ros.core.file_checks import read_text
+from ovss_ros.core.methods.dense.forward import FREECP_VARIANTS
 from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import (
     DatasetReader,

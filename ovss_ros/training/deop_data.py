@@ -41,7 +41,7 @@ from ovss_ros.evaluation.dataset_readers import (
 )
 from ovss_ros.evaluation.evaluation_loop import read_rgb
 from ovss_ros.evaluation.protocol import builtin_class_file, class_lines
-from ovss_ros.image_conversion import ImageConversionError, image_file_size
+from ovss_ros.ros.image_conversion import ImageConversionError, image_file_size
 
 DATASETS = ("coco_stuff", "voc", "folder")
 COCO_STUFF_UNSEEN = (

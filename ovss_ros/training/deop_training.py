@@ -12,7 +12,8 @@ One step (DeOP's ``ZeroShotClipfeatUpsample_addnorm_vit16Query2D_maskvit.forward
    labels at the mask grid where ignored pixels (and unseen classes) are "no object";
    loss ``2.0 * focal BCE (alpha 0.25, gamma 2) + 0.8 * Dice over the classes`` (the released
    ``DECODER_CE_WEIGHT`` / ``DECODER_DICE_WEIGHT``);
-4. with a proposal head: MaskFormer's Hungarian set loss (``ovss_ros.core.proposals``) added.
+4. with a proposal head: MaskFormer's Hungarian set loss (``ovss_ros.core.methods.deop.proposals``)
+   added.
 
 ``loss: ce`` replaces step 3 by the per-pixel cross-entropy of the normalised semantic scores
 ``sum_k p_k m_k / sum_k m_k`` (ignored pixels and unseen classes count as "no object"), weighted
@@ -41,19 +42,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ovss_ros.core.deop import Deop, DeopSettings, severed_features
-from ovss_ros.core.deop_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ovss_ros.core.deop_heads import DeopModules
-from ovss_ros.core.model_loading import LoadedClip
-from ovss_ros.core.proposal_segmentation import tokens_before_last_block
-from ovss_ros.core.proposals import (
-    PROPOSAL_SOURCES,
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.clip.text_encoding import TextEncoder
+from ovss_ros.core.methods.deop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ovss_ros.core.methods.deop.deop import Deop, severed_features
+from ovss_ros.core.methods.deop.heads import DeopModules
+from ovss_ros.core.methods.deop.proposal_segmentation import tokens_before_last_block
+from ovss_ros.core.methods.deop.proposals import (
     Proposals,
     cluster_proposals,
     proposal_losses,
     superpixel_proposals,
 )
-from ovss_ros.core.text_encoding import TextEncoder
+from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES, DeopSettings
 from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import IGNORE
 from ovss_ros.evaluation.evaluation_loop import evaluate

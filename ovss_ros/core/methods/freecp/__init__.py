@@ -1,0 +1,1 @@
+"""FreeCP (ICCV 2025): class purification of the dense maps, with its crop classifier."""

@@ -1,0 +1,225 @@
+"""Parameter changes of the node as transactions: validated whole, applied whole, or put back.
+
+A request (``ros2 param set``, a params file, ``set_parameters_atomically``) is validated on the
+executor thread against the whole would-be configuration (``parameters.validate_update``, plus
+what only the node can check: the loaded model's limits, the mask topics' names) and refused
+with the reason unless all of it is valid: nothing changes then. Accepted changes are queued for
+the worker thread, which owns the Segmenter and applies them before the next frame, all of them
+or none (``Segmenter.update``). Should applying fail anyway (out of memory while encoding text),
+the previous settings and vocabulary stay in force, diagnostics show the failure, and the
+parameters are put back to the values in force on the executor thread (a guard condition), so
+``ros2 param get`` tells the truth.
+
+Three sets of values: ``values`` (accepted: what ``ros2 param get`` shows), ``pending`` (accepted,
+not yet applied by the worker), ``applied`` (in force: the worker's).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+from ovss_ros.core import Segmenter, Stopped, parse_classes
+from ovss_ros.ros import parameters
+from ovss_ros.ros.log_text import describe
+from ovss_ros.ros.request_guard import CallbackFaults
+
+
+class ParameterTransactions:
+    """The node's parameter values and the life of a change: validate, accept, apply, revert.
+
+    ``check(settings, changes)``: the node's own checks of a would-be configuration (raises
+    ValueError). ``wake``: tells the worker that changes are waiting.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        values: dict[str, Any],
+        faults: CallbackFaults,
+        check: Callable[[parameters.Settings, Mapping[str, Any]], None],
+        wake: Callable[[], None],
+    ) -> None:
+        self._node = node
+        self._faults = faults
+        self._check = check
+        self._wake = wake
+        self.lock = threading.Lock()
+        self.values = values
+        self.settings = parameters.validate(values)  # raises ParameterError
+        self.pending: dict[str, Any] = {}
+        # What is in force (the worker's): parameter values, settings, last change's fate.
+        self.applied: dict[str, Any] = {}
+        self.applied_settings: parameters.Settings | None = None
+        self.change = ("none", False)  # (diagnostics text, failed)
+        self.reverts: dict[str, tuple[Any, Any]] = {}  # name -> (refused value, in force)
+        self._reverting = False
+        self._revert_guard: Any = None
+
+    def install(self) -> None:
+        """Register the parameter callbacks, and the guard condition that lets the worker have
+        the executor thread put parameters back (``revert``)."""
+        self._node.add_pre_set_parameters_callback(parameters.coerce)
+        self._node.add_on_set_parameters_callback(self.validate)
+        self._node.add_post_set_parameters_callback(self.accept)
+        self._revert_guard = self._node.create_guard_condition(self.revert)
+
+    def begin_load(self) -> tuple[parameters.Settings, dict[str, Any]]:
+        """The configuration to load the model with; changes accepted so far are in it."""
+        with self.lock:
+            self.pending.clear()
+            return self.settings, dict(self.values)
+
+    def loaded(self, values: dict[str, Any], settings: parameters.Settings) -> None:
+        """The model is loaded with ``values``: they are in force."""
+        self.applied, self.applied_settings = values, settings
+        self.change = ("none", False)
+
+    # Executor thread.
+
+    def validate(self, requested: list[Parameter]) -> SetParametersResult:
+        """Refuse the whole request unless every parameter after it is valid (nothing changes).
+
+        Valid means everything the worker will do with it can be done: the whole configuration
+        passes ``parameters.validate`` (types, ranges, vocabulary, templates, query count),
+        the crop fits the loaded model, and every class gets a mask topic that ROS accepts.
+        """
+        changes = self.own_changes(requested)
+        if not changes:  # rclpy's own (use_sim_time, qos_overrides.*): its business
+            return SetParametersResult(successful=True)
+        try:
+            for parameter in requested:
+                if parameter.name in changes and parameter.type_ == Parameter.Type.NOT_SET:
+                    raise ValueError(f"{parameter.name} cannot be unset")
+            settings = parameters.validate_update(self.values, changes)
+            self._check(settings, changes)
+        except ValueError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        except Exception as error:  # a request nobody foresaw: refused, never accepted
+            self._faults.record("parameter validation", error)
+            return SetParametersResult(
+                successful=False, reason=f"cannot validate the request: {describe(error)}"
+            )
+        finally:
+            parameters.restore_types(self._node)
+        return SetParametersResult(successful=True)
+
+    def accept(self, accepted: list[Parameter]) -> None:
+        """Hand accepted changes to the worker; it applies them before the next frame.
+
+        Not a revert (``revert``): those values are in force already.
+        """
+        changes = self.own_changes(accepted)
+        if not changes:
+            return
+        with self.lock:
+            self.values.update(changes)
+            self.settings = parameters.validate(self.values)
+            if not self._reverting:
+                self.pending.update(changes)
+        if not self._reverting:
+            self._wake()
+
+    def revert(self) -> None:
+        """Put parameters whose change failed in the worker back to the values in force, so that
+        ``ros2 param get`` tells the truth; a name changed again meanwhile is left alone (that
+        newer change is queued). Runs on the executor thread, like every parameter request."""
+        with self.lock:
+            reverts, self.reverts = self.reverts, {}
+            wanted = [
+                Parameter(name, parameters.SPECS[name].type, value)
+                for name, (refused, value) in reverts.items()
+                if name not in self.pending and self.values.get(name) == refused
+            ]
+        if not wanted:
+            return
+        self._reverting = True
+        try:
+            result = self._node.set_parameters_atomically(wanted)
+        finally:
+            self._reverting = False
+        names = ", ".join(parameter.name for parameter in wanted)
+        if result.successful:
+            self._node.get_logger().warning(f"parameters put back to the values in force: {names}")
+        else:
+            self._node.get_logger().error(f"could not put back {names}: {result.reason}")
+
+    @staticmethod
+    def own_changes(requested: list[Parameter]) -> dict[str, Any]:
+        """The node's own parameters among ``requested``, as plain values."""
+        return {
+            p.name: parameters.normalize(p.name, p.value)
+            for p in requested
+            if p.name in parameters.SPECS
+        }
+
+    # Worker thread.
+
+    def apply(self, segmenter: Segmenter | None) -> tuple[dict[str, Any], str | None] | None:
+        """Apply the accepted changes, all of them or none; return them and the failure (None:
+        applied), or None when there was nothing to apply.
+
+        Validation refused everything that can be foreseen, so a failure here is unexpected
+        (e.g. out of memory while encoding text). Then the engine keeps its previous settings
+        and vocabulary (``Segmenter.update`` changes nothing when it raises), the node keeps
+        its previous output settings, diagnostics show the failure, and the parameters are put
+        back to the values in force (``revert``). Raises Stopped when the node is stopping.
+        """
+        with self.lock:
+            changes, self.pending = self.pending, {}
+        if not changes or segmenter is None:
+            return None
+        engine_changes = {
+            name: value
+            for name, value in changes.items()
+            if name in parameters.RUNTIME_ENGINE_FIELDS
+        }
+        failure = None
+        try:
+            # One step: validated and built for the end state, never for a mix of old and new
+            # (new classes with new background words, a method with the classes it gets).
+            classes = parse_classes(changes["classes"]) if "classes" in changes else None
+            segmenter.update(classes, **engine_changes)
+        except Stopped:  # the node is stopping: nothing failed, nothing to put back
+            raise
+        except Exception as error:
+            # Only the text: the traceback holds the tensors of the failed encoding.
+            failure = describe(error)
+        self._settle(changes, failure, segmenter)
+        return changes, failure
+
+    def _settle(
+        self, changes: Mapping[str, Any], failure: str | None, segmenter: Segmenter
+    ) -> None:
+        """Record what is in force after applying ``changes`` (failed: ``failure``)."""
+        if failure is None:
+            self.applied.update(changes)
+        else:
+            # The truth, whatever the engine kept: its settings, and the vocabulary in force.
+            for name in changes:
+                if name in parameters.RUNTIME_ENGINE_FIELDS:
+                    value = getattr(segmenter.config, name)
+                    self.applied[name] = parameters.in_force(name, value)
+        try:
+            self.applied_settings = parameters.validate(self.applied)
+        except ValueError as error:  # only if restoring the engine failed half-way
+            self._node.get_logger().error(f"settings in force do not validate: {error}")
+        if failure is None:
+            self.change = ("applied", False)
+            return
+        names = ", ".join(sorted(changes))
+        self.change = (f"{names}: {failure}; previous settings in force", True)
+        self._node.get_logger().error(
+            f"could not apply the change of {names} ({failure}): the previous settings stay in "
+            "force and the parameters are put back"
+        )
+        with self.lock:
+            for name, value in changes.items():
+                if value != self.applied[name]:
+                    self.reverts[name] = (value, self.applied[name])
+        self._revert_guard.trigger()
