@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -310,6 +311,10 @@ def first_done(node: Node, futures: Sequence[Any], seconds: float) -> Any:
         rclpy.spin_once(node, timeout_sec=min(0.05, remaining))
 
 
+class ServiceRetried(UserWarning):
+    """A service call of the tests needed more than one attempt (``call_service``)."""
+
+
 def call_service(
     node: Node,
     client: Client,
@@ -335,6 +340,12 @@ def call_service(
             futures.append(client.call_async(request))
             answered = first_done(node, futures, min(attempt_s, deadline - time.monotonic()))
             if answered is not None:
+                if len(futures) > 1:  # visible in pytest's warnings summary, never silent
+                    warnings.warn(
+                        f"{client.srv_name} answered after {len(futures)} attempts",
+                        ServiceRetried,
+                        stacklevel=2,
+                    )
                 return answered.result()
             if time.monotonic() >= deadline:
                 raise AssertionError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -46,9 +47,10 @@ def run_tool(tool: str, *args: str, timeout: float = 300) -> subprocess.Complete
 
 
 def assert_refused(done: subprocess.CompletedProcess, reason: str) -> None:
-    """Status 2, no traceback, one line of the tool's own on stderr (its INFO progress lines
-    aside), naming ``reason``."""
+    """Status 2, no traceback, nothing on stdout, one line of the tool's own on stderr (its INFO
+    progress lines aside), naming ``reason``."""
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not done.stdout.strip(), done.stdout[-3000:]
     lines = [
         line
         for line in done.stderr.splitlines()
@@ -59,6 +61,41 @@ def assert_refused(done: subprocess.CompletedProcess, reason: str) -> None:
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     assert len(lines) == 1, done.stderr[-3000:]
     assert reason in lines[0], lines[0]
+
+
+CONSOLE_SCRIPT_CASES = {
+    "segment": ["IMAGE", "--classes", "cat", *TINY, "-o", "OUT", "--alpha", "5"],
+    "bag": ["IMAGE", "OUT", "--topic", "/image", "--classes", "cat", *TINY],
+    "evaluate": ["voc21", "OUT", *TINY],
+    "bench": ["--image", "IMAGE", "--iterations", "-1", *TINY],
+    "tune": ["IMAGE", "--classes", "cat", "--max-images", "-4", *TINY],
+    "train_deop": ["--dataset", "folder", "--root", "OUT", "--batch-size", "0", *TINY],
+}
+
+
+@pytest.mark.parametrize("tool", CONSOLE_SCRIPT_CASES)
+def test_each_tool_refuses_as_its_real_console_script(files, tmp_path, tool):
+    """The other tests fork each run from a process that has imported every tool
+    (test/tool_process.py); here each tool runs once as pip's script runs it, in a fresh
+    interpreter (``sys.exit(main())``), so a module it uses without importing, or anything at
+    the interpreter's exit, would show."""
+    args = [
+        {"IMAGE": str(files["good"]), "OUT": str(tmp_path / "out")}.get(arg, arg)
+        for arg in CONSOLE_SCRIPT_CASES[tool]
+    ]
+    script = f"import sys; from ovss_ros.cli.{tool} import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines and "error" in lines[-1].lower(), done.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

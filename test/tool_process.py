@@ -9,12 +9,18 @@ to the working directory and calls the tool's ``main()`` with ``sys.argv`` set, 
 traceback, a hang or an over-allocation shows as it would for the user; what is saved is the
 ~5 s (CPU) of importing torch, open_clip and transformers, once per run. Tests of what happens
 while the imports run (signals, start-up) start the real script with ``subprocess`` instead.
+
+What the server imported is imported in every child: a tool that uses a module it never imports
+would work here and fail for the user, so each tool also has one run as its real console script
+(test_cli_bad_input.py). The environment is this process's at each call, but modules read at
+import in the server (huggingface_hub's HF_HUB_OFFLINE) keep what they read then.
 ``run_code(setup, call)`` runs code the same way (test/loader_bombs.py measures a loader's memory
 with it).
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import multiprocessing
 import os
@@ -22,6 +28,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -34,9 +41,13 @@ _context.set_forkserver_preload(
 )
 
 
-def _child(run: Callable[[], object], out: str, err: str, cwd: str, cap: int) -> None:
-    """In the forked child: output to the files, the working directory and the address-space cap
-    set, then ``sys.exit(run())`` as the interpreter would end."""
+def _child(
+    run: Callable[[], object], out: str, err: str, cwd: str, cap: int, env: dict[str, str]
+) -> None:
+    """In the forked child: output to the files, the working directory, the environment and the
+    address-space cap set, then ``sys.exit(run())`` as the interpreter would end."""
+    os.environ.clear()
+    os.environ.update(env)
     for path, fd in ((out, 1), (err, 2)):
         file = os.open(path, os.O_WRONLY)
         os.dup2(file, fd)
@@ -55,6 +66,11 @@ def _child(run: Callable[[], object], out: str, err: str, cwd: str, cap: int) ->
     if isinstance(code, str):  # sys.exit("message"): printed, status 1
         print(code, file=sys.stderr)
         code = 1
+    # The interpreter's own exit, which a forked child skips: wait for non-daemon threads (a
+    # thread left running keeps the user's command from ending: here the run times out), then
+    # the exit functions (an exception there is printed with its traceback, as for the user).
+    threading._shutdown()  # noqa: SLF001 (what Py_FinalizeEx calls)
+    atexit._run_exitfuncs()  # noqa: SLF001
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else 1)
@@ -82,14 +98,17 @@ def run_forked(
     """``run()`` in a child process (a picklable callable: a module-level function or a
     functools.partial of one); its status and output as subprocess.run with
     ``capture_output=True, text=True`` gives them, ``name`` as its args. ``address_space``:
-    RLIMIT_AS in bytes (0: none). Raises subprocess.TimeoutExpired (the child killed) after
-    ``timeout`` seconds."""
+    RLIMIT_AS in bytes (0: none). The child gets this process's environment as it is now (what
+    a module read from it at import, in the server, stays as it was then). Raises
+    subprocess.TimeoutExpired (the child killed) after ``timeout`` seconds."""
+    env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="forked_run_") as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")
         out.touch()
         err.touch()
         child = _context.Process(
-            target=_child, args=(run, str(out), str(err), str(Path(cwd).resolve()), address_space)
+            target=_child,
+            args=(run, str(out), str(err), str(Path(cwd).resolve()), address_space, env),
         )
         child.start()
         child.join(timeout)
