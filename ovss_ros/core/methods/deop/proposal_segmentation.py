@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ovss_ros.core.clip.image_resize import resized_size
 from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder, check_class_prompts
-from ovss_ros.core.frame_budget import POSTPROCESS_ELEMENTS, check_proposal_masks
+from ovss_ros.core.frame_budget import POSTPROCESS_ELEMENTS, check_proposal_masks, frame_grid
 from ovss_ros.core.methods.dense.forward import interpolate_pos_embed, residual_block
 from ovss_ros.core.methods.deop.checkpoint import Checkpoint, load_checkpoint
 from ovss_ros.core.methods.deop.heads import DeopModules
@@ -165,9 +165,7 @@ class ProposalSegmenter:
     def largest_grid(self, settings: ProposalSettings) -> tuple[int, int]:
         """The patch grid of the largest frame ``settings`` allow (``max_long_side`` by
         ``short_side``, or square at ``max_long_side`` when ``short_side`` is 0)."""
-        long = settings.max_long_side
-        short = min(settings.short_side or long, long)
-        return max(1, short // self.patch), max(1, long // self.patch)
+        return frame_grid(settings.short_side, settings.max_long_side, self.patch)
 
     def reconfigure(self, **changes: object) -> None:
         """Change settings between frames; raises ValueError and changes nothing if bad."""
