@@ -272,18 +272,22 @@ class ProposalSegmenter:
                 results[index] = self.postprocess(scores[slot], images[index].shape[:2])
         return results
 
+    def network_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size is resized to (``resized_size``), as the dense
+        family's ``network_size``."""
+        return resized_size(
+            height,
+            width,
+            self.settings.short_side,
+            self.patch,
+            max_long_side=self.settings.max_long_side,
+        )
+
     def batch_groups(self, images: Sequence[np.ndarray]) -> list[list[int]]:
         """Indices of the images that share one batch: those of equal resized size."""
         groups: dict[tuple[int, int], list[int]] = {}
         for index, rgb in enumerate(images):
-            size = resized_size(
-                rgb.shape[0],
-                rgb.shape[1],
-                self.settings.short_side,
-                self.patch,
-                max_long_side=self.settings.max_long_side,
-            )
-            groups.setdefault(size, []).append(index)
+            groups.setdefault(self.network_size(*rgb.shape[:2]), []).append(index)
         return list(groups.values())
 
     def prepare(self, images: list[np.ndarray]) -> Frames:
@@ -306,13 +310,7 @@ class ProposalSegmenter:
         """Upload the uint8 image, resize to whole patches and normalise: (1, 3, H', W')."""
         image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
         image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-        size = resized_size(
-            rgb.shape[0],
-            rgb.shape[1],
-            self.settings.short_side,
-            self.patch,
-            max_long_side=self.settings.max_long_side,
-        )
+        size = self.network_size(*rgb.shape[:2])
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(
                 image, size=size, mode="bilinear", align_corners=False, antialias=True
