@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from ovss_ros.core.clip.text_encoding import template_set
 from ovss_ros.core.file_checks import FileCheckError, regular_file
-from ovss_ros.core.frame_budget import MAX_LONG_SIDE_LIMIT, check_affinity, check_proposal_masks
+from ovss_ros.core.frame_budget import (
+    MAX_LONG_SIDE_LIMIT,
+    check_affinity,
+    check_proposal_masks,
+    frame_grid,
+)
 from ovss_ros.core.methods.dense.forward import (
     AFFINITY_SOURCES,
     LAST_BLOCK_MODES,
@@ -66,11 +71,10 @@ def largest_grid(config: EngineConfig, patch: int) -> tuple[int, int]:
     """The patch grid of one window of the largest frame ``config`` allows: the crop's, or
     the whole resized image's (``max_long_side`` by ``short_side``, square at
     ``max_long_side`` when ``short_side`` is 0)."""
-    long = config.max_long_side
-    short = min(config.short_side or long, long)
+    rows, columns = frame_grid(config.short_side, config.max_long_side, patch)
     if config.crop:
-        short, long = min(short, config.crop), min(long, config.crop)
-    return max(1, short // patch), max(1, long // patch)
+        rows, columns = min(rows, config.crop // patch), min(columns, config.crop // patch)
+    return max(1, rows), max(1, columns)
 
 
 def known_patch(model: str) -> int | None:
@@ -94,9 +98,7 @@ def check_frame_budget(config: EngineConfig, patch: int) -> None:
     the proposal masks of the largest frame (whichever method is in force, so that a switch to
     them is refused up front, not in the worker). FrameBudgetError."""
     if config.method in ("deop", "twostream"):
-        long = config.max_long_side
-        short = min(config.short_side or long, long)
-        grid = max(1, short // patch), max(1, long // patch)
+        grid = frame_grid(config.short_side, config.max_long_side, patch)
         check_proposal_masks(config.proposals, grid, config.mask_cells)
     if config.refinement not in ("dslo", "freecp") or config.method in PIPELINE_METHODS:
         return

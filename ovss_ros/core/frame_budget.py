@@ -72,6 +72,13 @@ def refuse(setting: str, value: object, cost: int, what: str, most: object) -> F
     )
 
 
+def frame_grid(short_side: int, max_long_side: int, patch: int) -> tuple[int, int]:
+    """The patch grid of the largest frame the size settings allow: ``max_long_side`` by
+    ``short_side`` (square at ``max_long_side`` when ``short_side`` is 0), in patches."""
+    short = min(short_side or max_long_side, max_long_side)
+    return max(1, short // patch), max(1, max_long_side // patch)
+
+
 def rows_per_chunk(bytes_per_row: int, rows: int) -> int:
     """Rows of a map computed together so that a chunk holds at most CHUNK_BYTES (at least
     one row; all of them when the whole map fits)."""
@@ -192,6 +199,7 @@ def check_crop_batch(
 
 
 __all__ = [
+    "frame_grid",
     "CHUNK_BYTES",
     "FRAME_BUDGET_BYTES",
     "FrameBudgetError",

@@ -33,9 +33,8 @@ from ovss_ros.core.config import (
     method_settings,
     renamed,
 )
-from ovss_ros.core.frame_budget import check_crop_batch
 from ovss_ros.core.methods.deop.deop import Deop
-from ovss_ros.core.methods.deop.twostream import TwoStream, crop_dimensions
+from ovss_ros.core.methods.deop.twostream import TwoStream, check_crop_cost
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
 from ovss_ros.core.methods.pnp_ovss.vlm_loading import LoadedVlm, load_vlm
 from ovss_ros.core.segmentation import Segmentation, label_dtype
@@ -138,8 +137,7 @@ def check_with_clip(config: EngineConfig, clip: LoadedClip) -> None:
     method is in force (so that a switch to it is refused up front): two-stream's crop batch
     against this CLIP's per-crop cost (FrameBudgetError)."""
     if config.method == "twostream":
-        tokens, hidden = crop_dimensions(clip)
-        check_crop_batch(config.twostream_crop_batch, tokens, hidden, "twostream_crop_batch")
+        check_crop_cost(clip, config.twostream_crop_batch, "twostream_crop_batch")
 
 
 def needs_rebuild(pipeline: Pipeline | None, config: EngineConfig) -> bool:

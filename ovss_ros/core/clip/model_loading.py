@@ -91,6 +91,21 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def resolve_device_precision(device: str, precision: str) -> torch.device:
+    """The torch device for ``device`` (``resolve_device``) once ``precision`` is known and fits
+    it (half precision needs a GPU); ModelLoadError saying what to set."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(
+            f"unknown precision {precision!r}: set precision to one of {list(PRECISIONS)}"
+        )
+    torch_device = resolve_device(device)
+    if torch_device.type == "cpu" and precision != "fp32":
+        raise ModelLoadError(
+            f"precision {precision} needs a GPU: set precision to fp32 on the CPU"
+        )
+    return torch_device
+
+
 def _resolve_model_name(model: str) -> str:
     """A model-config JSON file registers a custom architecture under its file stem."""
     if model.endswith(".json"):
@@ -256,15 +271,7 @@ def load_clip(
     file or ``none``. A tag trained with QuickGELU gets QuickGELU (``needs_quick_gelu``).
     Raises ModelLoadError saying what to set.
     """
-    if precision not in PRECISIONS:
-        raise ModelLoadError(
-            f"unknown precision {precision!r}: set precision to one of {list(PRECISIONS)}"
-        )
-    torch_device = resolve_device(device)
-    if torch_device.type == "cpu" and precision != "fp32":
-        raise ModelLoadError(
-            f"precision {precision} needs a GPU: set precision to fp32 on the CPU"
-        )
+    torch_device = resolve_device_precision(device, precision)
     name = _resolve_model_name(model)
     weights = _resolve_pretrained(name, pretrained)
     quick_gelu = needs_quick_gelu(name, weights)

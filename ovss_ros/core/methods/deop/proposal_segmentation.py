@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ovss_ros.core.clip.image_resize import resized_size
 from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder, check_class_prompts
-from ovss_ros.core.frame_budget import POSTPROCESS_ELEMENTS, check_proposal_masks
+from ovss_ros.core.frame_budget import POSTPROCESS_ELEMENTS, check_proposal_masks, frame_grid
 from ovss_ros.core.methods.dense.forward import interpolate_pos_embed, residual_block
 from ovss_ros.core.methods.deop.checkpoint import Checkpoint, load_checkpoint
 from ovss_ros.core.methods.deop.heads import DeopModules
@@ -165,9 +165,7 @@ class ProposalSegmenter:
     def largest_grid(self, settings: ProposalSettings) -> tuple[int, int]:
         """The patch grid of the largest frame ``settings`` allow (``max_long_side`` by
         ``short_side``, or square at ``max_long_side`` when ``short_side`` is 0)."""
-        long = settings.max_long_side
-        short = min(settings.short_side or long, long)
-        return max(1, short // self.patch), max(1, long // self.patch)
+        return frame_grid(settings.short_side, settings.max_long_side, self.patch)
 
     def reconfigure(self, **changes: object) -> None:
         """Change settings between frames; raises ValueError and changes nothing if bad."""
@@ -274,18 +272,22 @@ class ProposalSegmenter:
                 results[index] = self.postprocess(scores[slot], images[index].shape[:2])
         return results
 
+    def network_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size is resized to (``resized_size``), as the dense
+        family's ``network_size``."""
+        return resized_size(
+            height,
+            width,
+            self.settings.short_side,
+            self.patch,
+            max_long_side=self.settings.max_long_side,
+        )
+
     def batch_groups(self, images: Sequence[np.ndarray]) -> list[list[int]]:
         """Indices of the images that share one batch: those of equal resized size."""
         groups: dict[tuple[int, int], list[int]] = {}
         for index, rgb in enumerate(images):
-            size = resized_size(
-                rgb.shape[0],
-                rgb.shape[1],
-                self.settings.short_side,
-                self.patch,
-                max_long_side=self.settings.max_long_side,
-            )
-            groups.setdefault(size, []).append(index)
+            groups.setdefault(self.network_size(*rgb.shape[:2]), []).append(index)
         return list(groups.values())
 
     def prepare(self, images: list[np.ndarray]) -> Frames:
@@ -308,13 +310,7 @@ class ProposalSegmenter:
         """Upload the uint8 image, resize to whole patches and normalise: (1, 3, H', W')."""
         image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
         image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-        size = resized_size(
-            rgb.shape[0],
-            rgb.shape[1],
-            self.settings.short_side,
-            self.patch,
-            max_long_side=self.settings.max_long_side,
-        )
+        size = self.network_size(*rgb.shape[:2])
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(
                 image, size=size, mode="bilinear", align_corners=False, antialias=True

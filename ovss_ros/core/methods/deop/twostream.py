@@ -36,6 +36,13 @@ def crop_dimensions(clip: LoadedClip) -> tuple[int, int]:
     return tokens, hidden
 
 
+def check_crop_cost(clip: LoadedClip, crops: int, setting: str = "crop_batch") -> None:
+    """FrameBudgetError naming ``setting`` when one forward of ``clip`` over ``crops`` crops
+    exceeds the per-frame budget (``frame_budget.check_crop_batch`` with this CLIP's cost)."""
+    tokens, hidden = crop_dimensions(clip)
+    check_crop_batch(crops, tokens, hidden, setting=setting)
+
+
 class TwoStream(ProposalSegmenter):
     """Two-stream proposal classification behind the ``Segmenter`` surface.
 
@@ -69,8 +76,7 @@ class TwoStream(ProposalSegmenter):
     def _check(self, settings: TwoStreamSettings, modules) -> None:
         """As ProposalSegmenter's, and the crop batch against this CLIP's per-crop cost."""
         super()._check(settings, modules)
-        tokens, hidden = crop_dimensions(self.clip)
-        check_crop_batch(settings.crop_batch, tokens, hidden, setting="crop_batch")
+        check_crop_cost(self.clip, settings.crop_batch)
 
     def crops(
         self, rgb, masks: torch.Tensor, valid: torch.Tensor

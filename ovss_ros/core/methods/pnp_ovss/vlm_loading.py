@@ -24,7 +24,11 @@ from pathlib import Path
 import torch
 
 from ovss_ros.core.clip import hub_access
-from ovss_ros.core.clip.model_loading import PRECISIONS, ModelLoadError, resolve_device
+from ovss_ros.core.clip.model_loading import (
+    PRECISIONS,
+    ModelLoadError,
+    resolve_device_precision,
+)
 from ovss_ros.core.file_checks import (
     MAX_MODEL_BYTES,
     FileCheckError,
@@ -136,15 +140,7 @@ def load_vlm(
     """
     if model not in VLM_MODELS:
         raise ModelLoadError(f"unknown vlm_model {model!r}: set vlm_model to one of {VLM_MODELS}")
-    if precision not in PRECISIONS:
-        raise ModelLoadError(
-            f"unknown precision {precision!r}: set precision to one of {list(PRECISIONS)}"
-        )
-    torch_device = resolve_device(device)
-    if torch_device.type == "cpu" and precision != "fp32":
-        raise ModelLoadError(
-            f"precision {precision} needs a GPU: set precision to fp32 on the CPU"
-        )
+    torch_device = resolve_device_precision(device, precision)
     pretrained = pretrained.strip()
     if not pretrained:
         raise ModelLoadError(
