@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from ovss_ros.core.clip.model_loading import load_clip
-from ovss_ros.core.methods.deop.deop import Deop, DeopSettings
-from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamSettings
+from ovss_ros.core.methods.deop.deop import Deop, DeopConfig
+from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamConfig
 
 VOC_SAMPLE = (
     "/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc/"
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if clip.device.type == "cuda" else (lambda: None)
     rgb = frame(*args.size)
     common = {"short_side": args.short_side, "templates": "single"}
-    deop = Deop(clip, DeopSettings(**common))
-    two = TwoStream(clip, TwoStreamSettings(**common))
+    deop = Deop(clip, DeopConfig(**common))
+    two = TwoStream(clip, TwoStreamConfig(**common))
     for method in (deop, two):
         method.set_classes(CLASSES)
     deop.segment(rgb)  # warm-up (allocations, first-call overheads)

@@ -31,7 +31,7 @@ import tiny_blip  # noqa: E402  (a WordPiece vocabulary file with the class word
 
 from ovss_ros.core import EngineConfig, Segmenter  # noqa: E402
 from ovss_ros.core.clip.model_loading import resolve_device  # noqa: E402
-from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings  # noqa: E402
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpSettings  # noqa: E402
 from ovss_ros.core.methods.pnp_ovss.vlm_loading import CLIP_MEAN, CLIP_STD, LoadedVlm  # noqa: E402
 
 CLASSES = ["person", "chair", "table", "floor", "wall", "door", "dog", "bottle"]
@@ -137,12 +137,12 @@ def main() -> int:
         "naclip (ViT-B-16, short side 448): "
         + ", ".join(f"{k} {v:.1f} ms" for k, v in naclip.items())
     )
-    settings = PnpOvssSettings(presence_threshold=0.0)
+    settings = PnpSettings(presence_threshold=0.0)
     for refine in args.refines:
         pipeline = PnpOvss(
             segmenter.clip,
             vlm,
-            PnpOvssSettings(presence_threshold=0.0, refine=refine),
+            PnpSettings(presence_threshold=0.0, refine=refine),
             templates="single",
             text=segmenter.text,
         )

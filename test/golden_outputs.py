@@ -103,14 +103,15 @@ def write_models(folder: Path) -> dict[str, str]:
 def segmenter(case: dict, models: dict[str, str]):
     """The engine of ``case`` (random weights from seed 0) with CLASSES set."""
     from ovss_ros.core import EngineConfig, Segmenter
+    from ovss_ros.core.config import RENAMED
 
     values = BASE | {"vlm_pretrained": models["vlm_pretrained"], "sd_model": models["sd_model"]}
     for name, value in case.items():
         values[name] = models.get(value, value) if isinstance(value, str) else value
-    if "background_words" in values:
-        values["background_words"] = tuple(values["background_words"])
+    # the cases keep the flat names they were stored with (before issue 19's namespaces)
+    values = {RENAMED.get(name, name): value for name, value in values.items()}
     torch.manual_seed(0)
-    engine = Segmenter(EngineConfig(**values))
+    engine = Segmenter(EngineConfig.from_flat(values))
     engine.set_classes(CLASSES)
     return engine
 

@@ -112,10 +112,10 @@ def test_the_params_file_of_ovss_tune_is_accepted_by_the_node():
     from argparse import Namespace
 
     from ovss_ros.cli import tune
-    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvssSettings
+    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpSettings
     from ovss_ros.ros import parameters as node_parameters
 
-    tuned = PnpOvssSettings(layer=5, head=2, threshold=0.3, dropout_rounds=2)
+    tuned = PnpSettings(layer=5, head=2, threshold=0.3, dropout_rounds=2)
     models = Namespace(
         model="ViT-B-16", pretrained="none", templates="single", vlm_model="blip_itm",
         vlm_pretrained="/models/blip",

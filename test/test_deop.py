@@ -15,7 +15,7 @@ from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.methods.deop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ovss_ros.core.methods.deop.deop import (
     Deop,
-    DeopSettings,
+    DeopConfig,
     severed_last_block,
     token_weights,
     tokens_before_last_block,
@@ -23,7 +23,7 @@ from ovss_ros.core.methods.deop.deop import (
 from ovss_ros.core.methods.deop.heads import AnchorDecoder, DeopModules, mean_pool
 from ovss_ros.core.methods.deop.proposal_segmentation import VOID, semantic_scores
 from ovss_ros.core.methods.deop.proposals import Proposals
-from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamSettings
+from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamConfig
 from ovss_ros.core.vocabulary import VocabularyError
 
 CLASSES = ["person", "cat; kitty", "sky"]
@@ -53,8 +53,8 @@ def trained_modules(clip, head: bool = True, prompt: bool = True) -> DeopModules
     ).eval()
 
 
-def settings(**changes) -> DeopSettings:
-    return DeopSettings(**{"short_side": 96, "templates": "single", "proposals": 16, **changes})
+def settings(**changes) -> DeopConfig:
+    return DeopConfig(**{"short_side": 96, "templates": "single", "proposals": 16, **changes})
 
 
 # --- patch severance ---------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_constructor_and_input_refusals(clip, voc_rgb):
 
 
 def test_twostream_classifies_masked_crops(clip, voc_rgb):
-    two = TwoStream(clip, TwoStreamSettings(short_side=96, templates="single", proposals=6))
+    two = TwoStream(clip, TwoStreamConfig(short_side=96, templates="single", proposals=6))
     two.set_classes(CLASSES)
     rgb = voc_rgb[0]
     result = two.segment(rgb)

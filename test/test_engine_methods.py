@@ -25,10 +25,10 @@ from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, Stopped, Voca
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.config import DEOP_FIELDS, PNP_FIELDS, TWOSTREAM_FIELDS
 from ovss_ros.core.methods.deop.checkpoint import CheckpointError, save_checkpoint
-from ovss_ros.core.methods.deop.deop import Deop, DeopSettings
+from ovss_ros.core.methods.deop.deop import Deop, DeopConfig
 from ovss_ros.core.methods.deop.heads import DeopModules
-from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamSettings
-from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
+from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamConfig
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpSettings
 
 CLASSES = ["person", "dog; puppy", "tv"]
 # What the tiny BLIP allows (3 text layers, 4 heads, patch 8 at 32 px).
@@ -75,9 +75,9 @@ def assert_same(a, b):
 def test_config_defaults_are_the_methods_own():
     engine = EngineConfig()
     for fields_map, settings in (
-        (PNP_FIELDS, PnpOvssSettings()),
-        (DEOP_FIELDS, DeopSettings()),
-        (TWOSTREAM_FIELDS, TwoStreamSettings()),
+        (PNP_FIELDS, PnpSettings()),
+        (DEOP_FIELDS, DeopConfig()),
+        (TWOSTREAM_FIELDS, TwoStreamConfig()),
     ):
         own = {f.name for f in fields(settings)}
         assert set(fields_map.values()) == own  # every setting of the method is a field
@@ -92,7 +92,7 @@ def test_pnp_ovss_through_the_dispatch_equals_pnp_ovss(blip, rgb):
     segmenter = make(blip, method="pnp_ovss", pnp_presence="all", pnp_refine="pamr")
     pipeline = segmenter.pipeline
     assert pipeline.method == "pnp_ovss" and pipeline.vlm.num_layers == TEXT_LAYERS
-    settings = PnpOvssSettings(
+    settings = PnpSettings(
         image_size=IMAGE_SIZE, layer=2, head=3, dropout_patches=2, presence="all", refine="pamr"
     )
     direct = PnpOvss(segmenter.clip, pipeline.vlm, settings, templates="single")
@@ -124,8 +124,8 @@ def test_proposal_methods_through_the_dispatch_equal_their_class(blip, rgb, meth
         background_words=("sky",),
     )
     kind, settings_type = {
-        "deop": (Deop, DeopSettings),
-        "twostream": (TwoStream, TwoStreamSettings),
+        "deop": (Deop, DeopConfig),
+        "twostream": (TwoStream, TwoStreamConfig),
     }[method]
     settings = settings_type(
         proposals=12,
@@ -202,7 +202,7 @@ def test_a_failed_load_keeps_the_old_method(blip, rgb, tmp_path):
     # A checkpoint of another CLIP.
     other = load_clip(str(TINY_VIT_B32), "none", "cpu")
     modules = DeopModules.create(int(other.model.visual.output_dim), decoder={"heads": 4})
-    path = save_checkpoint(tmp_path / "b32.pt", modules, other, asdict(DeopSettings()))
+    path = save_checkpoint(tmp_path / "b32.pt", modules, other, asdict(DeopConfig()))
     with pytest.raises(CheckpointError, match="tiny-vit-b32"):
         segmenter.reconfigure(method="deop", deop_checkpoint=str(path))
     serving(segmenter, rgb, before, "naclip")

@@ -211,14 +211,14 @@ def test_pnp_largest_map_is_the_vision_attention_formula(tmp_path):
     one vision attention map, ``vlm_attention_bytes``; the vision tower keeps no graph."""
     from tiny_blip import PATCH, save_tiny_blip
 
-    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
+    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpSettings
     from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 
     torch.manual_seed(0)
     clip = load_clip(str(TINY_VIT), "none", "cpu")
     vlm = load_vlm("blip_itm", str(save_tiny_blip(tmp_path)), "cpu")
     heads = vlm.model.config.vision_config.num_attention_heads
-    settings = PnpOvssSettings(
+    settings = PnpSettings(
         image_size=256, layer=2, head=3, dropout_rounds=1, presence="all", refine="none"
     )
     pipeline = PnpOvss(clip, vlm, settings, templates="single")

@@ -33,7 +33,7 @@ from ovss_ros.core.methods.deop.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from ovss_ros.core.methods.deop.deop import DeopSettings
+from ovss_ros.core.methods.deop.deop import DeopConfig
 from ovss_ros.core.methods.deop.heads import DeopModules
 
 INFLATED = 512 << 20  # bytes a bomb's one tensor inflates to; its file is about 0.5 MB
@@ -56,7 +56,7 @@ def tiny_modules(clip) -> DeopModules:
 @pytest.fixture(scope="module")
 def checkpoint(clip, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("deop")
-    settings = asdict(DeopSettings(templates="single"))
+    settings = asdict(DeopConfig(templates="single"))
     return save_checkpoint(folder / "deop.pt", tiny_modules(clip), clip, settings)
 
 

@@ -32,7 +32,7 @@ from tiny_blip import IMAGE_SIZE, save_tiny_blip
 from ovss_ros.core import Segmenter
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.methods.deop.checkpoint import save_checkpoint
-from ovss_ros.core.methods.deop.deop import DeopSettings
+from ovss_ros.core.methods.deop.deop import DeopConfig
 from ovss_ros.core.methods.deop.heads import DeopModules
 from ovss_ros.ros import parameters as node_parameters
 
@@ -51,7 +51,7 @@ def files(tmp_path_factory):
     torch.save(clip.model.state_dict(), weights)
     other = load_clip(str(TINY_VIT_B32), "none", "cpu")
     modules = DeopModules.create(int(other.model.visual.output_dim), decoder={"heads": 4})
-    mismatched = save_checkpoint(folder / "b32.pt", modules, other, asdict(DeopSettings()))
+    mismatched = save_checkpoint(folder / "b32.pt", modules, other, asdict(DeopConfig()))
     return {"weights": weights, "blip": save_tiny_blip(folder), "mismatched": mismatched}
 
 

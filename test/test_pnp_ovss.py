@@ -17,7 +17,7 @@ from tiny_blip import IMAGE_SIZE, PATCH, save_tiny_blip
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.methods.pnp_ovss import pnp_ovss, steps
 from ovss_ros.core.methods.pnp_ovss import settings as pnp_settings
-from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpSettings
 from ovss_ros.core.methods.pnp_ovss.steps import (
     class_maps,
     gaussian_blur,
@@ -52,7 +52,7 @@ def vlm(checkpoint):
 @pytest.fixture()
 def make(clip, vlm):
     def build(**settings):
-        pipeline = PnpOvss(clip, vlm, PnpOvssSettings(**{**FAST, **settings}), templates="single")
+        pipeline = PnpOvss(clip, vlm, PnpSettings(**{**FAST, **settings}), templates="single")
         pipeline.set_classes(CLASSES)
         return pipeline
 
@@ -402,11 +402,11 @@ def test_dense_crf_stops_when_asked_and_fails_with_the_reason():
 
 def test_refine_auto_uses_crf_when_it_imports_else_pamr(monkeypatch):
     if pnp_settings.crf_available():
-        assert PnpOvssSettings(refine="auto").refinement() == "crf"
+        assert PnpSettings(refine="auto").refinement() == "crf"
     monkeypatch.setattr(pnp_settings, "crf_available", lambda: False)
-    assert PnpOvssSettings(refine="auto").refinement() == "pamr"
+    assert PnpSettings(refine="auto").refinement() == "pamr"
     with pytest.raises(ValueError, match="pydensecrf2"):
-        PnpOvssSettings(refine="crf").validate()
+        PnpSettings(refine="crf").validate()
 
 
 @pytest.mark.parametrize("refine", ["crf", "pamr", "none"])
@@ -460,7 +460,7 @@ def test_present_override_and_bad_indices(make, rgb):
 
 def test_more_than_254_classes_give_16_bit_labels(tmp_path, clip, rgb):
     vlm = load_vlm("blip_itm", str(save_tiny_blip(tmp_path, max_positions=512)), "cpu")
-    pipeline = PnpOvss(clip, vlm, PnpOvssSettings(**FAST, refine="none"), templates="single")
+    pipeline = PnpOvss(clip, vlm, PnpSettings(**FAST, refine="none"), templates="single")
     pipeline.set_classes([f"t{i}" for i in range(255)])  # one word piece each ([UNK])
     result = pipeline.segment(rgb[:30, :40].copy(), present=[0, 254])
     assert result.labels.dtype == np.uint16 and result.unlabeled == 65535
@@ -511,7 +511,7 @@ def test_half_precision_runs_the_gradient_pass_under_autocast(make, vlm, rgb):
 
 
 def test_no_classes_is_a_vocabulary_error(clip, vlm, rgb):
-    pipeline = PnpOvss(clip, vlm, PnpOvssSettings(**FAST), templates="single")
+    pipeline = PnpOvss(clip, vlm, PnpSettings(**FAST), templates="single")
     for call in (lambda: pipeline.segment(rgb), lambda: pipeline.segment_many([rgb])):
         with pytest.raises(VocabularyError, match="no classes"):
             call()
@@ -549,7 +549,7 @@ def test_bad_settings_are_refused_and_change_nothing(make, changes, message):
 
 def test_bad_settings_are_refused_at_construction(clip, vlm):
     with pytest.raises(ValueError, match="head 9 > the VLM's 4 heads"):
-        PnpOvss(clip, vlm, PnpOvssSettings(**{**FAST, "head": 9}), templates="single")
+        PnpOvss(clip, vlm, PnpSettings(**{**FAST, "head": 9}), templates="single")
 
 
 def test_reconfigure_applies_everything_and_templates_re_encode(make):

@@ -11,7 +11,7 @@ from tiny_blip import IMAGE_SIZE, save_tiny_blip
 
 from ovss_ros.cli import tune
 from ovss_ros.core.clip.model_loading import load_clip
-from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpSettings
 from ovss_ros.core.methods.pnp_ovss.tuning import (
     Reward,
     SearchSpace,
@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
 def pipeline(checkpoint):
     clip = load_clip(str(TINY_VIT), "none", "cpu")
     vlm = load_vlm("blip_itm", str(checkpoint), "cpu")
-    settings = PnpOvssSettings(image_size=IMAGE_SIZE, layer=2, head=1, refine="none")
+    settings = PnpSettings(image_size=IMAGE_SIZE, layer=2, head=1, refine="none")
     pipe = PnpOvss(clip, vlm, settings, templates="single")
     pipe.set_classes(["person", "dog", "tv"])
     return pipe
@@ -144,7 +144,7 @@ def test_ovss_tune_end_to_end_on_the_voc_samples(checkpoint, tmp_path, capsys):
     assert parameters["vlm_model"] == "blip_itm"
     assert parameters["vlm_pretrained"] == str(checkpoint)
     assert parameters["model"] == str(TINY_VIT) and parameters["pretrained"] == "none"
-    expected = {f"pnp_{name}" for name in PnpOvssSettings.__dataclass_fields__}
+    expected = {f"pnp_{name}" for name in PnpSettings.__dataclass_fields__}
     assert expected <= set(parameters)
     assert parameters["pnp_layer"] in (1, 2, 3) and parameters["pnp_head"] in (1, 2, 3, 4)
     assert parameters["pnp_dropout_rounds"] in (1, 2, 4)  # searched 1-2, or the start (4)
@@ -152,7 +152,7 @@ def test_ovss_tune_end_to_end_on_the_voc_samples(checkpoint, tmp_path, capsys):
     assert parameters["pnp_dropout_patches"] == 2 and parameters["pnp_refine"] == "none"
     best = {key: parameters[f"pnp_{key}"] for key in ("layer", "head", "threshold")}
     assert all(f"'{key}': {value}" in best_line for key, value in best.items())
-    PnpOvssSettings(**{k[4:]: v for k, v in parameters.items() if k.startswith("pnp_")}).validate()
+    PnpSettings(**{k[4:]: v for k, v in parameters.items() if k.startswith("pnp_")}).validate()
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core.clip.model_loading import load_clip
-from ovss_ros.core.methods.deop.deop import Deop, DeopSettings
-from ovss_ros.core.methods.deop.twostream import MASK_THRESHOLD, TwoStream, TwoStreamSettings
+from ovss_ros.core.methods.deop.deop import Deop, DeopConfig
+from ovss_ros.core.methods.deop.twostream import MASK_THRESHOLD, TwoStream, TwoStreamConfig
 
 proposal_segmentation = importlib.import_module("ovss_ros.core.methods.deop.proposal_segmentation")
 
@@ -50,7 +50,7 @@ def test_postprocess_in_chunks_equals_upsampling_all_at_once(
     classes, background_words, threshold = case
     deop = Deop(
         clip,
-        DeopSettings(
+        DeopConfig(
             short_side=96,
             templates="single",
             proposals=8,
@@ -77,7 +77,7 @@ def test_postprocess_in_chunks_equals_upsampling_all_at_once(
 
 
 def test_twostream_crops_one_mask_at_a_time_equal_all_masks_at_once(clip, voc_rgb):
-    two = TwoStream(clip, TwoStreamSettings(short_side=96, templates="single", proposals=6))
+    two = TwoStream(clip, TwoStreamConfig(short_side=96, templates="single", proposals=6))
     two.set_classes(["person", "cat", "sky"])
     rgb = voc_rgb[0]
     with torch.inference_mode():

@@ -28,7 +28,7 @@ from ovss_ros.core import ModelLoadError, VocabularyError
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
-from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES, PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES, PnpSettings
 from ovss_ros.core.methods.pnp_ovss.tuning import (
     SearchSpace,
     best_of,
@@ -44,7 +44,7 @@ ROUNDS = "1,2,3,4,5"
 
 
 def node_parameters(
-    settings: PnpOvssSettings, args: argparse.Namespace
+    settings: PnpSettings, args: argparse.Namespace
 ) -> dict[str, dict[str, dict[str, object]]]:
     """The params-file content: ``pnp_<setting>`` for every PnP-OVSS setting, and the models."""
     parameters: dict[str, object] = {
@@ -124,7 +124,7 @@ def search_space(args: argparse.Namespace, layers: int, heads: int) -> SearchSpa
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults, pnp = EngineConfig(), PnpOvssSettings()
+    defaults, pnp = EngineConfig(), PnpSettings()
     parser = ToolParser(prog="ovss-tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="unlabeled image files or folders")
     parser.add_argument("--classes", nargs="+", required=True, help="class names ('a; synonym')")
@@ -167,7 +167,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    start = PnpOvssSettings(
+    start = PnpSettings(
         image_size=args.image_size,
         layer=args.layer,
         head=args.head,
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=lambda total: tqdm(total=total, desc="ovss-tune", unit="trial", file=sys.stderr),
     )
     best, best_reward = best_of(results)
-    tuned = PnpOvssSettings(**{**asdict(start), **best})
+    tuned = PnpSettings(**{**asdict(start), **best})
     first_reward = results[0][1]
     print(
         f"start {first}: win rate {first_reward.win_rate:.3f}, margin {first_reward.margin:+.4f}"

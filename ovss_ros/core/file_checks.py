@@ -31,10 +31,12 @@ import struct
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ovss_ros.core.frame_budget import gigabytes
+
+if TYPE_CHECKING:
+    import torch
 
 # Text a loader reads whole (model configs, params files, class lists, tokenizer files).
 MAX_TEXT_FILE_BYTES = 64 << 20
@@ -307,6 +309,8 @@ def check_config_numbers(config: object, path: Path, what: str) -> None:
 def parameter_bytes(build: Callable[[], torch.nn.Module]) -> int:
     """Bytes in float32 of the parameters and buffers of the module ``build()`` returns, built
     on PyTorch's ``meta`` device: the sizes an architecture declares, nothing allocated."""
+    import torch
+
     with torch.device("meta"):
         module = build()
     tensors = list(module.parameters()) + list(module.buffers())

@@ -3,17 +3,17 @@
 ``FRAME_BUDGET_BYTES`` (1 GiB) bounds the largest single map (tensor) that one frame's work
 allocates whole. Every size-like setting is checked against it before it is accepted, with the
 cost computed from the architecture that runs it, and refused with that cost in the reason
-(``sd_size 2048 needs a 2.15 GB VAE activation per frame; at most 1448``). A map that can be
+(``dslo.sd.size 2048 needs a 2.15 GB VAE activation per frame; at most 1448``). A map that can be
 computed in row chunks is computed so, in chunks of at most ``CHUNK_BYTES``, and then bounds
 nothing: the last CLIP block's attention (each row's softmax times the values, never the whole
 map), the mean attention of the earlier blocks (accumulated row by row), Stable Diffusion's
 self-attention (pooled to the CLIP patch grid a chunk of query rows at a time), sliding-window
 batches, FreeCP's crop batches. What has to exist whole, and so is budgeted:
 
-- ``sd_size``: SD2's VAE encoder runs its first blocks at the full SD input resolution with 128
-  channels (``AutoencoderKL.block_out_channels[0]``): ``size^2 x 128 x 4`` bytes in float32 (the
-  SD input keeps about ``size^2`` pixels, ``sd2_attention.sd_input_size``), one window at a time.
-  The UNet's own attention runs in PyTorch's fused kernels (no map), its activations are 25x
+- ``dslo.sd.size``: SD2's VAE encoder runs its first blocks at the full SD input resolution with
+  128 channels (``AutoencoderKL.block_out_channels[0]``): ``size^2 x 128 x 4`` bytes in float32
+  (the SD input keeps about ``size^2`` pixels, ``sd2_attention.sd_input_size``), one window at a
+  time. The UNet's own attention runs in PyTorch's fused kernels (no map), its activations are 25x
   smaller than the VAE's;
 - ``pnp_image_size``: BLIP's vision transformer forms its attention map whole,
   ``heads x L^2 x 4`` bytes with ``L = (size / patch)^2 + 1`` tokens (BLIP ITM large: ViT-L/16,
@@ -95,16 +95,16 @@ def sd_map_bytes(size: int, vae_channels: int = SD2_VAE_CHANNELS, itemsize: int 
 
 
 def sd_max_size(vae_channels: int = SD2_VAE_CHANNELS, itemsize: int = 4) -> int:
-    """The largest ``sd_size`` within the budget (SD2, float32: 1448)."""
+    """The largest ``dslo.sd.size`` within the budget (SD2, float32: 1448)."""
     return math.isqrt(FRAME_BUDGET_BYTES // (vae_channels * itemsize))
 
 
 def check_sd_size(size: int, vae_channels: int = SD2_VAE_CHANNELS, itemsize: int = 4) -> None:
-    """FrameBudgetError when ``sd_size`` needs a VAE activation beyond the budget."""
+    """FrameBudgetError when ``dslo.sd.size`` needs a VAE activation beyond the budget."""
     cost = sd_map_bytes(size, vae_channels, itemsize)
     if cost > FRAME_BUDGET_BYTES:
         most = sd_max_size(vae_channels, itemsize)
-        raise refuse("sd_size", size, cost, "VAE activation", most)
+        raise refuse("dslo.sd.size", size, cost, "VAE activation", most)
 
 
 # --- the VLM of PnP-OVSS -----------------------------------------------------------------------
@@ -124,7 +124,7 @@ def vlm_max_image_size(patch: int = BLIP_PATCH, heads: int = BLIP_HEADS) -> int:
 
 
 def check_vlm_image_size(
-    size: int, patch: int = BLIP_PATCH, heads: int = BLIP_HEADS, setting: str = "image_size"
+    size: int, patch: int = BLIP_PATCH, heads: int = BLIP_HEADS, setting: str = "pnp.image_size"
 ) -> None:
     """FrameBudgetError when the VLM's attention map at ``size`` exceeds the budget."""
     cost = vlm_attention_bytes(size, patch, heads)
@@ -190,7 +190,7 @@ def check_crop_batch(
     crops: int,
     tokens: int = CLIP_B16_TOKENS,
     mlp: int = CLIP_B16_MLP,
-    setting: str = "twostream_crop_batch",
+    setting: str = "twostream.crop_batch",
 ) -> None:
     """FrameBudgetError when one CLIP forward over ``crops`` crops exceeds the budget."""
     cost = crop_batch_bytes(crops, tokens, mlp)

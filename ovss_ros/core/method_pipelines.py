@@ -25,15 +25,9 @@ import numpy as np
 
 from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder
-from ovss_ros.core.config import (
-    PNP_FIELDS,
-    VLM_LOAD_FIELDS,
-    EngineConfig,
-    method_fields,
-    method_settings,
-    renamed,
-)
+from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.methods.deop.deop import Deop
+from ovss_ros.core.methods.deop.run_config import DeopConfig, ProposalConfig, TwoStreamConfig
 from ovss_ros.core.methods.deop.twostream import TwoStream, check_crop_cost
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
 from ovss_ros.core.methods.pnp_ovss.vlm_loading import LoadedVlm, load_vlm
@@ -43,8 +37,31 @@ from ovss_ros.core.vocabulary import ClassEntry
 
 logger = logging.getLogger(__name__)
 
-# What a pipeline is built from, besides its method's fields: a change rebuilds it.
-SHARED_FIELDS = ("templates", "background_words", "deop_checkpoint", *VLM_LOAD_FIELDS)
+# The shared settings a proposal method runs with (``ProposalConfig``'s fields besides deop.*).
+PROPOSAL_SHARED = ("short_side", "max_long_side", "templates", "background_words",
+                   "score_threshold")
+# The settings groups each pipeline is built from: a change in one rebuilds it.
+GROUPS = {"pnp_ovss": ("pnp",), "deop": ("deop",), "twostream": ("deop", "twostream")}
+
+
+def proposal_config(config: EngineConfig, method: str | None = None) -> ProposalConfig:
+    """What DeOP (``DeopConfig``) or two-stream (``TwoStreamConfig``) runs with: its
+    ``deop.*`` (and ``twostream.*``) settings and the shared ones it needs."""
+    method = method or config.method
+    values = {name: getattr(config, name) for name in PROPOSAL_SHARED}
+    values.update(
+        proposals=config.deop.proposals,
+        proposal_source=config.deop.proposal_source,
+        logit_scale=config.deop.logit_scale,
+        mask_cells=config.deop.mask_cells,
+        superpixel_compactness=config.deop.superpixel_compactness,
+        cluster_iterations=config.deop.cluster_iterations,
+    )
+    if method == "twostream":
+        return TwoStreamConfig(**values, crop_batch=config.twostream.crop_batch)
+    return DeopConfig(
+        **values, pooling=config.deop.pooling, severance_residual=config.deop.severance_residual
+    )
 
 
 @dataclass
@@ -63,7 +80,7 @@ class Pipeline:
         if self.method == "pnp_ovss":
             settings = core.settings
             return (
-                f"pnp_ovss with {config.vlm_model} {config.vlm_pretrained}: layer "
+                f"pnp_ovss with {config.pnp.vlm_model} {config.pnp.vlm_pretrained}: layer "
                 f"{settings.layer}, head {settings.head}, {settings.dropout_rounds} dropout "
                 f"rounds (one gradient pass each), refinement {settings.refinement()}",
                 False,
@@ -73,7 +90,7 @@ class Pipeline:
         if core.checkpoint is None:
             return (
                 f"{self.method} without a checkpoint: training-free {source} proposals"
-                f"{pooling} (set deop_checkpoint to a file from ovss-train-deop for the trained "
+                f"{pooling} (set deop.checkpoint to a file from ovss-train-deop for the trained "
                 "method)",
                 True,
             )
@@ -88,19 +105,13 @@ class Pipeline:
         if config.method != self.method:
             return
         if self.method == "pnp_ovss":
-            if all(getattr(config, n) == getattr(self.config, n) for n in VLM_LOAD_FIELDS):
-                try:
-                    self.core.check(method_settings(config))
-                except ValueError as error:
-                    raise renamed(error, PNP_FIELDS) from None
+            if same_vlm(config, self.config):
+                self.core.check(config.pnp)
                 if classes is not None:
                     self.core.check_classes(classes)
             return
-        if config.deop_checkpoint == self.config.deop_checkpoint:
-            try:
-                self.core._check(method_settings(config), self.core.modules)
-            except ValueError as error:
-                raise renamed(error, method_fields(self.method)) from None
+        if config.deop.checkpoint == self.config.deop.checkpoint:
+            self.core._check(proposal_config(config), self.core.modules)
 
     def release(self) -> None:
         """Nothing to free explicitly: the VLM or the checkpoint's modules may live on in the
@@ -137,15 +148,26 @@ def check_with_clip(config: EngineConfig, clip: LoadedClip) -> None:
     method is in force (so that a switch to it is refused up front): two-stream's crop batch
     against this CLIP's per-crop cost (FrameBudgetError)."""
     if config.method == "twostream":
-        check_crop_cost(clip, config.twostream_crop_batch, "twostream_crop_batch")
+        check_crop_cost(clip, config.twostream.crop_batch, "twostream.crop_batch")
 
 
 def needs_rebuild(pipeline: Pipeline | None, config: EngineConfig) -> bool:
     """Whether ``config`` needs another pipeline than ``pipeline`` (score_threshold does not)."""
     if pipeline is None or pipeline.method != config.method:
         return True
-    names = (*method_fields(config.method), *SHARED_FIELDS)
-    return any(getattr(pipeline.config, n) != getattr(config, n) for n in names)
+    old, new = pipeline.config, config
+    groups = GROUPS[config.method]
+    shared = ("templates", "background_words") + (
+        PROPOSAL_SHARED if config.method != "pnp_ovss" else ()
+    )
+    return any(getattr(old, g) != getattr(new, g) for g in groups) or any(
+        getattr(old, n) != getattr(new, n) for n in shared
+    )
+
+
+def same_vlm(a: EngineConfig, b: EngineConfig) -> bool:
+    """Whether ``a`` and ``b`` name the same VLM (a change needs it loaded anew)."""
+    return (a.pnp.vlm_model, a.pnp.vlm_pretrained) == (b.pnp.vlm_model, b.pnp.vlm_pretrained)
 
 
 def build_pipeline(
@@ -171,37 +193,32 @@ def build_pipeline(
             same = (
                 previous is not None
                 and previous.vlm is not None
-                and all(getattr(previous.config, n) == getattr(config, n) for n in VLM_LOAD_FIELDS)
+                and same_vlm(previous.config, config)
             )
             vlm = (
                 previous.vlm
                 if same
                 else load_vlm(
-                    config.vlm_model, config.vlm_pretrained, config.device, config.precision
+                    config.pnp.vlm_model, config.pnp.vlm_pretrained, config.device,
+                    config.precision,
                 )
             )
-            try:
-                core = PnpOvss(clip, vlm, method_settings(config), config.templates, text)
-            except ValueError as error:
-                raise renamed(error, PNP_FIELDS) from None
+            core = PnpOvss(clip, vlm, config.pnp, config.templates, text)
             core.stop = stop
         else:
             kind = {"deop": Deop, "twostream": TwoStream}[method]
-            settings = method_settings(config)
-            checkpoint = config.deop_checkpoint.strip() or None
+            settings = proposal_config(config)
+            checkpoint = config.deop.checkpoint.strip() or None
             keep = (
                 previous is not None
                 and previous.method in ("deop", "twostream")
-                and previous.config.deop_checkpoint == config.deop_checkpoint
+                and previous.config.deop.checkpoint == config.deop.checkpoint
             )
-            try:
-                if keep:
-                    core = kind(clip, settings, modules=previous.core.modules)
-                    core.checkpoint = previous.core.checkpoint
-                else:
-                    core = kind(clip, settings, checkpoint=checkpoint)
-            except ValueError as error:  # CheckpointError too: its text names deop_checkpoint
-                raise renamed(error, method_fields(method)) from None
+            if keep:
+                core = kind(clip, settings, modules=previous.core.modules)
+                core.checkpoint = previous.core.checkpoint
+            else:
+                core = kind(clip, settings, checkpoint=checkpoint)
             core.text = text  # the engine's: its cache and stop event
             text.set_templates(settings.templates)
             vlm = None
@@ -213,4 +230,4 @@ def build_pipeline(
     return Pipeline(method, core, config, vlm, stop)
 
 
-__all__ = ["Pipeline", "build_pipeline", "check_with_clip", "needs_rebuild"]
+__all__ = ["Pipeline", "build_pipeline", "check_with_clip", "needs_rebuild", "proposal_config"]

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -37,7 +36,7 @@ from ovss_ros.core.clip.text_encoding import (
     query_texts,
     template_set,
 )
-from ovss_ros.core.config import LOAD_FIELDS, VLM_LOAD_FIELDS, EngineConfig
+from ovss_ros.core.config import LOAD_FIELDS, EngineConfig
 from ovss_ros.core.method import Method, builds_pipeline
 from ovss_ros.core.method_pipelines import (
     Pipeline,
@@ -115,20 +114,30 @@ class Segmenter:
         """
         self.update(classes=entries)
 
-    def reconfigure(self, **changes: object) -> None:
-        """Change runtime settings (EngineConfig fields) between frames.
+    def reconfigure(
+        self, changes: Mapping[str, object] | None = None, **shared: object
+    ) -> None:
+        """Change runtime settings between frames: ``changes`` by full dotted name
+        (``{"dense.crop": 224}``), ``shared`` top-level settings as keywords
+        (``method="sclip"``).
 
         New templates or background words are encoded before anything changes. Raises
         ValueError (unknown or bad setting, a setting that needs a new model, too many queries),
         Stopped, or what the text tower raises; on any exception nothing changes.
         """
-        self.update(**changes)
+        self.update(None, changes, **shared)
 
-    def update(self, classes: Sequence[ClassEntry | str] | None = None, **changes: object) -> None:
+    def update(
+        self,
+        classes: Sequence[ClassEntry | str] | None = None,
+        changes: Mapping[str, object] | None = None,
+        **shared: object,
+    ) -> None:
         """Change the vocabulary and the settings together, as one transaction.
 
         ``classes``: the new vocabulary (parse_classes entries), or None to keep the one in
-        force; ``changes``: EngineConfig fields. Everything is checked and built for the end
+        force; ``changes``: settings by full dotted name (``pnp.layer``), ``shared``: top-level
+        settings as keywords. Everything is checked and built for the end
         state only, never for a mix of old and new: 1000 new class names with 1000 new
         background words are 2000 text queries, whatever was in force; method pnp_ovss with 3
         classes builds its prompt from those 3, not from the 40 in force. The text is encoded
@@ -139,7 +148,7 @@ class Segmenter:
         ModelLoadError, Stopped, or what the text tower raises; on any exception nothing
         changes.
         """
-        config = self._changed_config(changes)
+        config = self._changed_config({**(changes or {}), **shared})
         given = classes is not None
         vocabulary = parse_classes(classes) if given else self.classes
         check_query_count(vocabulary, config.background_words)
@@ -147,23 +156,14 @@ class Segmenter:
         self._update_method(config, vocabulary, given)
 
     def _changed_config(self, changes: dict[str, object]) -> EngineConfig:
-        """The config with ``changes``, checked against this model (``check_config``);
-        ValueError for an unknown field or one that chooses another model."""
-        unknown = set(changes) - {f.name for f in fields(EngineConfig)}
-        if unknown:
-            raise ValueError(f"unknown settings {sorted(unknown)}")
-        reload = [
-            n
-            for n in (*LOAD_FIELDS, *VLM_LOAD_FIELDS)
-            if n in changes and changes[n] != getattr(self.config, n)
-        ]
+        """The config with ``changes`` (dotted names), checked against this model
+        (``check_config``); ValueError for an unknown setting or one that chooses another
+        model."""
+        config = self.config.replace(changes)  # ValueError: unknown or renamed
+        current, wanted = self.config.flat(), config.flat()
+        reload = [n for n in LOAD_FIELDS if current[n] != wanted[n]]
         if reload:
             raise ValueError(f"{reload} need a new Segmenter (they choose the model)")
-        if "background_words" in changes:
-            if isinstance(changes["background_words"], str | bytes):
-                raise ValueError("background_words must be a list of strings")
-            changes["background_words"] = tuple(changes["background_words"])
-        config = replace(self.config, **changes)
         self.check_config(config)
         return config
 

@@ -54,7 +54,8 @@ from ovss_ros.core.methods.deop.proposals import (
     proposal_losses,
     superpixel_proposals,
 )
-from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES, DeopSettings
+from ovss_ros.core.methods.deop.run_config import DeopConfig
+from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES
 from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import IGNORE
 from ovss_ros.evaluation.evaluation_loop import evaluate
@@ -161,9 +162,9 @@ class TrainingConfig:
                 f"val_short_side must be at most {MAX_CROP} pixels, got {self.val_short_side}"
             )
 
-    def inference_settings(self) -> DeopSettings:
+    def inference_settings(self) -> DeopConfig:
         """The DeOP settings validation uses, stored in the checkpoint as its defaults."""
-        return DeopSettings(
+        return DeopConfig(
             proposals=self.proposals if self.proposal_source != "learned" else self.head_queries,
             proposal_source=self.proposal_source,
             short_side=self.val_short_side or self.crop,

@@ -11,7 +11,6 @@ that differ only after the cut would get one embedding, so the second could neve
 
 from __future__ import annotations
 
-import string
 import threading
 from collections.abc import Callable, Sequence
 
@@ -19,14 +18,17 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from ovss_ros.core.clip.templates import (  # noqa: F401 (re-exported)
+    MAX_TEMPLATE_LENGTH,
+    MAX_TEMPLATES,
+    SINGLE_TEMPLATE,
+    template_set,
+)
 from ovss_ros.core.stopping import check_stop
-from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, check_text, quoted
+from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, quoted
 
-SINGLE_TEMPLATE = ("a photo of a {}.",)
 SENTENCE = ("{}",)  # class descriptions are encoded as written, without templates
 PROMPT_BATCH = 256
-MAX_TEMPLATES = 80  # as many as the OpenAI ImageNet set: prompts = queries x templates
-MAX_TEMPLATE_LENGTH = 200  # characters; CLIP's context is 77 tokens anyway
 # Cached embeddings kept beyond those in use: above this many, TextEncoder.trim forgets the rest
 # (a full vocabulary is at most MAX_QUERIES words and MAX_CLASSES x MAX_DESCRIPTIONS sentences).
 CACHE_LIMIT = 20000
@@ -69,71 +71,6 @@ def _ends(tokenizer: Callable) -> int:
     if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id") or not callable(inner):
         return 2
     return len(inner("")["input_ids"])
-
-
-def template_set(templates: str) -> tuple[str, ...]:
-    """``imagenet`` (the 80 OpenAI templates), ``single``, or custom templates joined by ``|``.
-
-    A custom template must format with exactly one positional field ``{}`` and nothing else: no
-    named or numbered field (``{room}``, ``{0}``), no second ``{}``, no conversion or format spec
-    (``{!r}``, ``{:>9}``), balanced braces (``{{`` and ``}}`` are literal braces); at most
-    MAX_TEMPLATES templates of at most MAX_TEMPLATE_LENGTH characters, without control or
-    format characters. Raises ValueError naming the bad template (the text starts with
-    ``templates``).
-    """
-    if templates == "imagenet":
-        return tuple(fill("{}") for fill in open_clip.OPENAI_IMAGENET_TEMPLATES)
-    if templates == "single":
-        return SINGLE_TEMPLATE
-    if not isinstance(templates, str):
-        raise ValueError(f"templates must be text, got {quoted(templates)}")
-    if len(templates) > MAX_TEMPLATES * (MAX_TEMPLATE_LENGTH + 1):
-        raise ValueError(f"templates is too long ({len(templates)} chars)")
-    for index, piece in enumerate(templates.split("|")):  # as typed, before any stripping
-        check_text(piece, f"templates: template {index}")
-    custom = tuple(t.strip() for t in templates.split("|") if t.strip())
-    if not custom:
-        raise ValueError(
-            f"bad templates {quoted(templates)}: use imagenet, single, or {{}}-templates joined "
-            "by |"
-        )
-    if len(custom) > MAX_TEMPLATES:
-        raise ValueError(f"templates: too many templates: {len(custom)} > {MAX_TEMPLATES}")
-    for index, template in enumerate(custom):
-        if len(template) > MAX_TEMPLATE_LENGTH:
-            raise ValueError(
-                f"templates: template {index} {quoted(template)} is too long "
-                f"({len(template)} > {MAX_TEMPLATE_LENGTH} chars)"
-            )
-        problem = _template_problem(template)
-        if problem:
-            raise ValueError(
-                f"templates: bad template {quoted(template)}: {problem}; a template needs "
-                "exactly one {} where the class name goes (write {{ and }} for literal braces)"
-            )
-    return custom
-
-
-def _template_problem(template: str) -> str | None:
-    """Why ``template.format(name)`` would fail or not show the name once; None if it is fine."""
-    try:
-        fields = [
-            (name, spec, conversion)
-            for _, name, spec, conversion in string.Formatter().parse(template)
-            if name is not None
-        ]
-    except ValueError as error:  # unbalanced braces
-        return str(error)
-    if not fields:
-        return "it has no {} field"
-    if len(fields) > 1:
-        return f"it has {len(fields)} fields"
-    name, spec, conversion = fields[0]
-    if name:
-        return f"it has the field {{{name}}} (only an empty {{}} is filled)"
-    if conversion or spec:
-        return "it has a conversion or format spec inside {}"
-    return None
 
 
 def check_class_prompts(

@@ -16,18 +16,12 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ovss_ros.core.frame_budget import rows_per_chunk
-
-LAST_BLOCK_MODES = (
-    "naclip",
-    "sclip",
-    "clearclip",
-    "maskclip",
-    "maskclip_reduced",
-    "vanilla",
-    "sclip_freecp",
-    "maskclip_freecp",
-    "vanilla_freecp",
+from ovss_ros.core.methods.dense.settings import (  # noqa: F401 (re-exported)
+    AFFINITY_SOURCES,
+    LAST_BLOCK_MODES,
+    POS_INTERPOLATIONS,
 )
+
 # Last block without residual and FFN. ``maskclip`` as published (chongzhou96/MaskCLIP) keeps
 # both around its identity attention; ``maskclip_reduced`` is ClearCLIP's "MaskCLIP" ablation.
 REDUCED_MODES = ("naclip", "clearclip", "maskclip_reduced")
@@ -41,12 +35,6 @@ FREECP_VARIANTS = {
 }
 IDENTITY_MODES = ("maskclip", "maskclip_reduced")  # each token keeps its own value
 NACLIP_SIGMA = 5.0
-# How the trained positional grid is resized to another patch grid (``interpolate_pos_embed``):
-# ``official``: as the method's official code does it, ``exact``: bicubic to exactly the grid.
-POS_INTERPOLATIONS = ("official", "exact")
-# Where a refinement's patch affinity comes from (the DSLO and FreeCP papers): the last block's
-# NACLIP attention, its plain key-key attention, or the mean attention of the earlier layers.
-AFFINITY_SOURCES = ("naclip", "keykey", "mean")
 
 
 def official_pos_rule(mode: str) -> str:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ovss_ros.core.clip.image_resize import opencv_bilinear_resize, resized_size
 from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder, query_texts, template_set
-from ovss_ros.core.config import SD_LOAD_FIELDS, EngineConfig, check_frame_budget
+from ovss_ros.core.config import EngineConfig, check_frame_budget
 from ovss_ros.core.frame_budget import rows_per_chunk
 from ovss_ros.core.methods.dense.encoded import (
     Encoded,
@@ -183,15 +183,15 @@ class DenseMethod(DensePostprocess):
             return self.sd2, key
         check_stop(self.stop, "loading the Stable Diffusion model")
         sd2 = Sd2Attention.load(
-            config.sd_model,
+            config.dslo.sd.model,
             device=str(self.clip.device),
-            precision=config.sd_precision,
+            precision=config.dslo.sd.precision,
             **config.sd2_settings(),
         )
         if self.stop is not None and self.stop.is_set():
             sd2.release()
             check_stop(self.stop, "loading the Stable Diffusion model")
-        logger.info("Stable Diffusion model %s loaded on %s", config.sd_model, sd2.device)
+        logger.info("Stable Diffusion model %s loaded on %s", config.dslo.sd.model, sd2.device)
         return sd2, key
 
     def _encode_queries(self, classes: list[ClassEntry], config: EngineConfig) -> TextQueries:
@@ -294,23 +294,25 @@ class DenseMethod(DensePostprocess):
         """Dense forward of images (N, 3, H', W'), whole or as sliding windows, in one batch."""
         config = self.config
         height, width = pixels.shape[-2:]
-        if config.crop:
-            stride = config.stride or config.crop // 2
+        if config.dense.crop:
+            stride = config.dense.stride or config.dense.crop // 2
             boxes = [
-                (top, left, min(config.crop, height), min(config.crop, width))
-                for top in window_starts(height, config.crop, stride)
-                for left in window_starts(width, config.crop, stride)
+                (top, left, min(config.dense.crop, height), min(config.dense.crop, width))
+                for top in window_starts(height, config.dense.crop, stride)
+                for left in window_starts(width, config.dense.crop, stride)
             ]
             crops = [pixels[..., y : y + h, x : x + w] for y, x, h, w in boxes]
             windows = torch.stack(crops, dim=1).flatten(0, 1)  # image-major
         else:
             boxes, windows = [(0, 0, height, width)], pixels
-        affinity = {"dslo": config.affinity, "freecp": "mean"}.get(config.refinement)
+        affinity = {"dslo": config.dslo.affinity, "freecp": "mean"}.get(config.refinement)
         clip_affinity = None if affinity == "sd2" else affinity
         visual = self.clip.model.visual
         step = rows_per_chunk(window_bytes(visual, windows), len(windows))
         parts = [
-            dense_forward(visual, part, config.method, clip_affinity, config.pos_interpolation)
+            dense_forward(
+                visual, part, config.method, clip_affinity, config.dense.pos_interpolation
+            )
             for part in windows.split(step)
         ]
         dense = parts[0] if len(parts) == 1 else joined(parts)
@@ -336,12 +338,12 @@ class DenseMethod(DensePostprocess):
             scores = dslo_scores(
                 self._label_logits(logits),
                 encoded.dense.affinity,
-                mode=config.dslo_mode,
-                sinkhorn_iters=config.sinkhorn_iterations,
-                epsilon=config.sinkhorn_epsilon,
-                ipf_rounds=config.ipf_rounds,
-                tau=config.velocity_tau,
-                logit_scale=config.logit_scale,
+                mode=config.dslo.mode,
+                sinkhorn_iters=config.dslo.sinkhorn_iterations,
+                epsilon=config.dslo.sinkhorn_epsilon,
+                ipf_rounds=config.dslo.ipf_rounds,
+                tau=config.dslo.velocity_tau,
+                logit_scale=config.dense.logit_scale,
             )
             return logits, scores
         if config.refinement == "freecp":
@@ -373,8 +375,8 @@ class DenseMethod(DensePostprocess):
             features,
             self._class_text,
             encoded.dense.affinity[window],
-            redundancy_threshold=self.config.freecp_redundancy,
-            ambiguity_threshold=self.config.freecp_ambiguity,
+            redundancy_threshold=self.config.freecp.redundancy,
+            ambiguity_threshold=self.config.freecp.ambiguity,
             crop_classifier=classify,
             background_text=background if len(background) else None,
         )
@@ -382,7 +384,7 @@ class DenseMethod(DensePostprocess):
 
 def _sd2_key(config: EngineConfig) -> tuple[str, ...]:
     """What chooses the SD model: a change of these loads it anew."""
-    return tuple(getattr(config, name) for name in SD_LOAD_FIELDS)
+    return (config.dslo.sd.model, config.dslo.sd.precision)
 
 
 def check_fits_model(config: EngineConfig, patch: int) -> None:
@@ -391,6 +393,6 @@ def check_fits_model(config: EngineConfig, patch: int) -> None:
         raise ValueError(
             f"max_long_side {config.max_long_side} is below one patch of the model ({patch} px)"
         )
-    if config.crop % patch:
-        raise ValueError(f"crop {config.crop} must be a multiple of the patch {patch}")
+    if config.dense.crop % patch:
+        raise ValueError(f"dense.crop {config.dense.crop} must be a multiple of the patch {patch}")
     check_frame_budget(config, patch)

@@ -82,12 +82,12 @@ class DensePostprocess:
         """
         num_classes = len(self.classes)
         step = self._chunk(encoded, size)
-        affinity = self._pamr_affinity(encoded, size) if self.config.pamr else None
+        affinity = self._pamr_affinity(encoded, size) if self.config.dense.pamr else None
         labels = best = None
         if scores is not None:
             best, labels = self._best_label(encoded, scores, size, step, affinity)
         reduced = self._reduce(encoded, logits, size, step, affinity, labels)
-        if labels is None and self.config.area_threshold:
+        if labels is None and self.config.dense.area_threshold:
             dropped = self._small_classes(reduced)
             if dropped is not None:
                 reduced = self._reduce(encoded, logits, size, step, affinity, None, dropped)
@@ -140,7 +140,7 @@ class DensePostprocess:
                 check_stop(self.stop, f"postprocess of queries {start}..")
             stop = min(start + step, logits.shape[1])
             maps = self._to_input(logits[:, start:stop], encoded, size, labels is None, affinity)
-            maps = maps * self.config.logit_scale
+            maps = maps * self.config.dense.logit_scale
             new_peak = torch.maximum(peak, maps.amax(dim=0))
             total = total * torch.exp(peak - new_peak) + torch.exp(maps - new_peak).sum(dim=0)
             peak = new_peak
@@ -171,7 +171,7 @@ class DensePostprocess:
         labelled = reduced.background_probability() <= confidence
         labels = self._query_owner[reduced.best_query][labelled]
         counts = torch.bincount(labels, minlength=len(self.classes))
-        dropped = counts <= self.config.area_threshold * counts.sum()
+        dropped = counts <= self.config.dense.area_threshold * counts.sum()
         return dropped if bool((dropped & (counts > 0)).any()) else None
 
     def _chunk(self, encoded: Encoded, size: tuple[int, int]) -> int:
@@ -200,7 +200,7 @@ class DensePostprocess:
         configured, replaces the first step. Both only when ``refine``: they refine whichever
         maps decide the label.
         """
-        jbu = refine and self.config.upsample == "jbu"
+        jbu = refine and self.config.dense.upsample == "jbu"
         maps = _resize(self.to_image(maps, encoded, jbu), size)
         if refine and affinity is not None:
             maps = pamr_propagate(affinity, maps[None].float())[0]

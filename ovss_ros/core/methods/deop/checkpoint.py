@@ -149,7 +149,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
     (``check_structure``).
     """
     hint = (
-        "set deop_checkpoint to a file made by ovss-train-deop, or leave it empty for "
+        "set deop.checkpoint to a file made by ovss-train-deop, or leave it empty for "
         "training-free DeOP"
     )
     try:

@@ -41,7 +41,8 @@ from ovss_ros.core.methods.deop.proposal_segmentation import (
     tokens_before_last_block,
 )
 from ovss_ros.core.methods.deop.proposals import Proposals
-from ovss_ros.core.methods.deop.settings import SEVERANCE_RESIDUAL, DeopSettings
+from ovss_ros.core.methods.deop.run_config import DeopConfig
+from ovss_ros.core.methods.deop.settings import SEVERANCE_RESIDUAL
 
 logger = logging.getLogger(__name__)
 
@@ -99,16 +100,16 @@ class Deop(ProposalSegmenter):
 
     ``Deop(clip, settings=None, checkpoint=None)``: ``checkpoint`` is a file written by
     ``ovss-train-deop`` (CheckpointError when missing, corrupt or made for another CLIP);
-    ``settings`` default to the checkpoint's, else :class:`DeopSettings` defaults.
+    ``settings`` default to the checkpoint's, else :class:`DeopConfig` defaults.
     """
 
-    settings_type = DeopSettings
+    settings_type = DeopConfig
     name = "deop"
 
     def __init__(
         self,
         clip: LoadedClip,
-        settings: DeopSettings | None = None,
+        settings: DeopConfig | None = None,
         checkpoint: str | None = None,
         modules: DeopModules | None = None,
     ) -> None:
@@ -117,7 +118,7 @@ class Deop(ProposalSegmenter):
             logger.warning(
                 "DeOP without a checkpoint: training-free %s proposals and plain mean pooling "
                 "over each proposal's mask (no CAL decoder, no learned prompt). Set "
-                "deop_checkpoint to a file from ovss-train-deop for the trained method.",
+                "deop.checkpoint to a file from ovss-train-deop for the trained method.",
                 self.proposal_source(),
             )
         else:
@@ -129,7 +130,7 @@ class Deop(ProposalSegmenter):
                 self.proposal_source(),
             )
 
-    def pooling(self, settings: DeopSettings | None = None) -> str:
+    def pooling(self, settings: DeopConfig | None = None) -> str:
         """What ``auto`` resolves to: the CAL decoder when one is loaded, else mean pooling."""
         pooling = (settings or self.settings).pooling
         if pooling != "auto":
@@ -137,12 +138,12 @@ class Deop(ProposalSegmenter):
         has_decoder = self.modules is not None and self.modules.decoder is not None
         return "cal" if has_decoder else "mean"
 
-    def _check(self, settings: DeopSettings, modules: DeopModules | None) -> None:
+    def _check(self, settings: DeopConfig, modules: DeopModules | None) -> None:
         super()._check(settings, modules)
         if settings.pooling == "cal" and (modules is None or modules.decoder is None):
             raise ValueError(
-                "pooling cal needs a DeOP checkpoint with a CAL decoder: set deop_checkpoint, "
-                "or use pooling mean"
+                "deop.pooling cal needs a DeOP checkpoint with a CAL decoder: set "
+                "deop.checkpoint, or use deop.pooling mean"
             )
 
     def needs_tokens(self) -> bool:
@@ -169,7 +170,7 @@ class Deop(ProposalSegmenter):
 
 __all__ = [
     "Deop",
-    "DeopSettings",
+    "DeopConfig",
     "severed_features",
     "severed_last_block",
     "token_weights",

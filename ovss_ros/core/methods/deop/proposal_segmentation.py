@@ -38,7 +38,7 @@ from ovss_ros.core.methods.deop.proposals import (
     learned_proposals,
     superpixel_proposals,
 )
-from ovss_ros.core.methods.deop.settings import ProposalSettings
+from ovss_ros.core.methods.deop.run_config import ProposalConfig
 from ovss_ros.core.segmentation import Segmentation, check_rgb, label_dtype
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, parse_classes
 
@@ -83,13 +83,13 @@ class ProposalSegmenter:
     ``reconfigure`` (transactional), the same ``Segmentation`` out. Not thread-safe.
     """
 
-    settings_type: type[ProposalSettings] = ProposalSettings
+    settings_type: type[ProposalConfig] = ProposalConfig
     name = "proposals"
 
     def __init__(
         self,
         clip: LoadedClip,
-        settings: ProposalSettings | None = None,
+        settings: ProposalConfig | None = None,
         checkpoint: str | None = None,
         modules: DeopModules | None = None,
     ) -> None:
@@ -135,7 +135,7 @@ class ProposalSegmenter:
         """Whether the trained "no object" embedding joins the text queries."""
         return self.modules is not None and self.modules.void is not None
 
-    def proposal_source(self, settings: ProposalSettings | None = None) -> str:
+    def proposal_source(self, settings: ProposalConfig | None = None) -> str:
         """The source ``auto`` resolves to: learned when a proposal head is loaded."""
         source = (settings or self.settings).proposal_source
         if source != "auto":
@@ -143,15 +143,15 @@ class ProposalSegmenter:
         has_head = self.modules is not None and self.modules.proposal_head is not None
         return "learned" if has_head else "superpixels"
 
-    def _check(self, settings: ProposalSettings, modules: DeopModules | None) -> None:
+    def _check(self, settings: ProposalConfig, modules: DeopModules | None) -> None:
         """Validate ``settings`` against what is loaded; raise ValueError. Subclasses extend."""
         settings.validate()
         if settings.proposal_source == "learned" and (
             modules is None or modules.proposal_head is None
         ):
             raise ValueError(
-                "proposal_source learned needs a DeOP checkpoint trained with a proposal head: "
-                "use superpixels or clusters, or load such a checkpoint"
+                "deop.proposal_source learned needs a DeOP checkpoint trained with a proposal "
+                "head: use superpixels or clusters, or load such a checkpoint"
             )
         check_proposal_masks(settings.proposals, self.largest_grid(settings), settings.mask_cells)
         head = None if modules is None else modules.proposal_head
@@ -159,10 +159,10 @@ class ProposalSegmenter:
             if head.cells != settings.mask_cells:
                 raise ValueError(
                     f"the checkpoint's proposal head predicts {head.cells} mask cells per patch; "
-                    f"set mask_cells to {head.cells}"
+                    f"set deop.mask_cells to {head.cells}"
                 )
 
-    def largest_grid(self, settings: ProposalSettings) -> tuple[int, int]:
+    def largest_grid(self, settings: ProposalConfig) -> tuple[int, int]:
         """The patch grid of the largest frame ``settings`` allow (``max_long_side`` by
         ``short_side``, or square at ``max_long_side`` when ``short_side`` is 0)."""
         return frame_grid(settings.short_side, settings.max_long_side, self.patch)

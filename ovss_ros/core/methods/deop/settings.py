@@ -1,94 +1,111 @@
-"""The settings of DeOP and the two-stream baseline, checked without a model: what every
-proposal method has (``ProposalSettings``), DeOP's pooling and severance (Han et al., ICCV 2023,
-CongHan0808/DeOP), the two-stream crop batch. Limits that need the loaded CLIP or a checkpoint
-are the methods' ``_check``."""
+"""The settings of DeOP (``deop.*``) and the two-stream baseline (``twostream.*``), checked
+without a model (no torch here). DeOP: Han et al., ICCV 2023, CongHan0808/DeOP: 100 proposals,
+masks at a quarter of the image (4 cells per 16 px patch), softmax of 100 x the cosine
+similarities (``get_sim_logits``); the severed block's residual scale is ovss_ros's (see
+README). Limits that need the loaded CLIP or a checkpoint are the methods' ``_check``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-import numpy as np
-
-from ovss_ros.core.clip.text_encoding import template_set
-from ovss_ros.core.frame_budget import MAX_LONG_SIDE_LIMIT, check_crop_batch, max_crop_batch
+from ovss_ros.core.frame_budget import check_crop_batch, max_crop_batch
+from ovss_ros.core.settings import Settings, setting
 
 PROPOSAL_SOURCES = ("superpixels", "clusters", "learned")
 MAX_PROPOSALS = 1000
 POOLINGS = ("auto", "cal", "mean")
 SEVERANCE_RESIDUAL = 0.2  # alphaShortcut of the released ResidualAttentionBlockVit, layer 11
+DEOP = "DeOP (CongHan0808/DeOP)"
 
 
-@dataclass
-class ProposalSettings:
-    """Settings every proposal-classification method has (all changeable between frames)."""
+@dataclass(frozen=True)
+class DeopSettings(Settings):
+    """DeOP's settings (``method: deop``); two-stream uses its proposal settings too. All can
+    change at runtime (a new checkpoint is loaded in the worker)."""
 
-    proposals: int = 100  # at most this many proposals per frame, 1..1000
-    proposal_source: str = "auto"  # auto (learned if the checkpoint has a head) | superpixels |
-    #                                clusters | learned
-    short_side: int = 448  # resize so the short side is this many pixels (whole patches); 0 keeps
-    max_long_side: int = 2048  # and the long side at most this many (the engine's frame bound)
-    templates: str = "imagenet"  # prompt templates: imagenet | single | custom joined by |
-    background_words: tuple[str, ...] = ()  # texts that mean "none of the classes"
-    score_threshold: float = 0.0  # pixels whose best class probability is below are unlabeled
-    logit_scale: float = 100.0  # proposal-text softmax temperature (DeOP's get_sim_logits: 100)
-    mask_cells: int = 4  # mask grid cells per patch side, 1..16 (DeOP: masks at 1/4 image, 16 px)
-    superpixel_compactness: float = 10.0  # SLIC compactness (> 0): larger = squarer superpixels
-    cluster_iterations: int = 10  # k-means iterations of the ``clusters`` source, 1..100
+    namespace: ClassVar[str] = "deop"
 
-    def validate(self) -> None:
-        """Raise ValueError with the reason for the first bad value."""
-        if self.proposal_source not in ("auto", *PROPOSAL_SOURCES):
-            raise ValueError(
-                f"unknown proposal_source {self.proposal_source!r}: use one of "
-                f"{['auto', *PROPOSAL_SOURCES]}"
-            )
-        check_int(self.proposals, "proposals", 1, MAX_PROPOSALS)
-        check_int(self.short_side, "short_side", 0, 10_000)
-        check_int(self.max_long_side, "max_long_side", 1, MAX_LONG_SIDE_LIMIT)
-        check_int(self.mask_cells, "mask_cells", 1, 16)
-        check_int(self.cluster_iterations, "cluster_iterations", 1, 100)
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        for name in ("logit_scale", "superpixel_compactness"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0 or not np.isfinite(value):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if any(not isinstance(w, str) or not w.strip() for w in self.background_words):
-            raise ValueError("background_words must be non-empty strings")
-        template_set(self.templates)
+    checkpoint: str = setting(
+        "",
+        "checkpoint file from ovss-train-deop (trained on this node's CLIP); empty = "
+        "training-free DeOP (superpixel or cluster proposals, mean pooling)",
+        constraints="an existing file, or empty",
+        source="ovss_ros",
+    )
+    proposals: int = setting(
+        100,
+        "at most this many mask proposals per frame (deop and twostream)",
+        minimum=1,
+        maximum=MAX_PROPOSALS,
+        source=DEOP + " (100 queries)",
+    )
+    proposal_source: str = setting(
+        "auto",
+        "class-agnostic mask proposals: superpixels (SLIC), clusters (k-means of CLIP "
+        "features), learned (the checkpoint's proposal head); auto = learned with such a "
+        "checkpoint, else superpixels",
+        choices=("auto", *PROPOSAL_SOURCES),
+        source="ovss_ros",
+    )
+    logit_scale: float = setting(
+        100.0,
+        "softmax temperature of the proposal-text cosine similarities",
+        minimum=0.0,
+        maximum=1000.0,
+        open_minimum=True,
+        source=DEOP + " get_sim_logits",
+    )
+    mask_cells: int = setting(
+        4,
+        "proposal mask cells per patch side",
+        minimum=1,
+        maximum=16,
+        constraints="the checkpoint's, when its proposal head is used",
+        source=DEOP + " (masks at 1/4 of the image)",
+    )
+    superpixel_compactness: float = setting(
+        10.0,
+        "SLIC compactness of the superpixels source (larger = squarer)",
+        minimum=0.0,
+        maximum=1000.0,
+        open_minimum=True,
+        source="scikit-image slic default",
+    )
+    cluster_iterations: int = setting(
+        10, "k-means iterations of the clusters source", minimum=1, maximum=100,
+        source="ovss_ros",
+    )
+    pooling: str = setting(
+        "auto",
+        "proposal embedding: cal (the checkpoint's anchor decoder) or mean (over the mask); "
+        "auto = cal with a checkpoint, else mean",
+        choices=POOLINGS,
+        source=DEOP + " (CAL)",
+    )
+    severance_residual: float = setting(
+        SEVERANCE_RESIDUAL,
+        "residual scale of the severed last CLIP block",
+        minimum=0.0,
+        maximum=1.0,
+        source="ovss_ros (the released scripts run 1.0, see README)",
+    )
 
 
-def check_int(value: object, name: str, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+@dataclass(frozen=True)
+class TwoStreamSettings(Settings):
+    """The two-stream baseline's own setting (``method: twostream``; its proposals are
+    ``deop.*``)."""
 
+    namespace: ClassVar[str] = "twostream"
 
-@dataclass
-class DeopSettings(ProposalSettings):
-    """DeOP's settings; every field can change between frames (``Deop.reconfigure``)."""
-
-    pooling: str = "auto"  # auto (cal with a checkpoint, else mean) | cal | mean
-    severance_residual: float = SEVERANCE_RESIDUAL  # residual scale of the severed block, [0, 1]
-
-    def validate(self) -> None:
-        super().validate()
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}: use one of {list(POOLINGS)}")
-        if not 0.0 <= self.severance_residual <= 1.0:
-            raise ValueError(
-                f"severance_residual must be in [0, 1], got {self.severance_residual}"
-            )
-
-
-@dataclass
-class TwoStreamSettings(ProposalSettings):
-    """The two-stream baseline's settings (changeable between frames)."""
-
-    crop_batch: int = 32  # crops per encode_image call, within the per-frame budget
-
-    def validate(self) -> None:
-        super().validate()
-        batch = self.crop_batch
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            check_int(batch, "crop_batch", 1, max_crop_batch())  # raises
-        check_crop_batch(self.crop_batch, setting="crop_batch")  # ViT-B/16; _check: the model
+    crop_batch: int = setting(
+        32,
+        "masked proposal crops per CLIP forward",
+        minimum=1,
+        maximum=max_crop_batch(),
+        constraints="the CLIP activation of the batch within the per-frame budget",
+        budget=check_crop_batch,
+        source="ovss_ros",
+    )

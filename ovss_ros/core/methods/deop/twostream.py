@@ -20,7 +20,7 @@ from ovss_ros.core.methods.deop.proposal_segmentation import (
     Frames,
     ProposalSegmenter,
 )
-from ovss_ros.core.methods.deop.settings import TwoStreamSettings
+from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
 
 MASK_THRESHOLD = 0.5  # the adapter's mask_thr
 
@@ -36,7 +36,7 @@ def crop_dimensions(clip: LoadedClip) -> tuple[int, int]:
     return tokens, hidden
 
 
-def check_crop_cost(clip: LoadedClip, crops: int, setting: str = "crop_batch") -> None:
+def check_crop_cost(clip: LoadedClip, crops: int, setting: str = "twostream.crop_batch") -> None:
     """FrameBudgetError naming ``setting`` when one forward of ``clip`` over ``crops`` crops
     exceeds the per-frame budget (``frame_budget.check_crop_batch`` with this CLIP's cost)."""
     tokens, hidden = crop_dimensions(clip)
@@ -51,7 +51,7 @@ class TwoStream(ProposalSegmenter):
     decoder is not: that is DeOP's part).
     """
 
-    settings_type = TwoStreamSettings
+    settings_type = TwoStreamConfig
     name = "twostream"
 
     def embed(self, frames: Frames) -> torch.Tensor:
@@ -73,7 +73,7 @@ class TwoStream(ProposalSegmenter):
                 out[index, slots] = F.normalize(embeddings.float(), dim=-1)
         return out
 
-    def _check(self, settings: TwoStreamSettings, modules) -> None:
+    def _check(self, settings: TwoStreamConfig, modules) -> None:
         """As ProposalSegmenter's, and the crop batch against this CLIP's per-crop cost."""
         super()._check(settings, modules)
         check_crop_cost(self.clip, settings.crop_batch)

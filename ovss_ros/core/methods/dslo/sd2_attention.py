@@ -48,16 +48,22 @@ import torch
 import torch.nn.functional as F
 
 from ovss_ros.core.clip.model_loading import ModelLoadError
-from ovss_ros.core.frame_budget import check_sd_size, rows_per_chunk, sd_max_size
-from ovss_ros.core.methods.dslo.sd2_loading import DEFAULT_MODEL, SD_PRECISIONS, load_parts
+from ovss_ros.core.frame_budget import check_sd_size, rows_per_chunk
+from ovss_ros.core.methods.dslo.sd2_loading import load_parts
+from ovss_ros.core.methods.dslo.settings import (
+    DEFAULT_SD_MODEL as DEFAULT_MODEL,
+)
+from ovss_ros.core.methods.dslo.settings import (
+    LAYER_SETS,
+    SD_MAX_SIZE,
+    SD_MAX_TEMPERATURE,
+    SD_PRECISIONS,
+)
 
 logger = logging.getLogger(__name__)
 
 # pixels, the node parameter's maximum: SD2's VAE activation at it fits the per-frame budget
-SD_MAX_SIZE = sd_max_size()
-SD_MAX_TEMPERATURE = 100.0  # the node parameter's maximum
 
-LAYER_SETS = ("m2n2", "up")
 
 
 def sd_input_size(height: int, width: int, size: int, multiple: int = 64) -> tuple[int, int]:
@@ -179,7 +185,7 @@ def _pooled_probabilities(
 def _self_attention_layers(unet: torch.nn.Module, layers: str) -> list[str]:
     """Names of the ``attn1`` modules collected for a layer set, in execution order."""
     if layers not in LAYER_SETS:
-        raise ValueError(f"unknown sd_layers {layers!r}: use one of {list(LAYER_SETS)}")
+        raise ValueError(f"unknown dslo.sd.layers {layers!r}: use one of {list(LAYER_SETS)}")
     names = [
         name
         for name, _ in unet.named_modules()
@@ -194,8 +200,8 @@ def _self_attention_layers(unet: torch.nn.Module, layers: str) -> list[str]:
         ]
         if len(names) < 2:
             raise ValueError(
-                "sd_layers m2n2 needs two attention layers in the UNet's last up block "
-                "(SD2: up_blocks.3.attentions.0 and 1): set sd_layers to up"
+                "dslo.sd.layers m2n2 needs two attention layers in the UNet's last up block "
+                "(SD2: up_blocks.3.attentions.0 and 1): set dslo.sd.layers to up"
             )
     if not names:
         raise ModelLoadError("the UNet has no self-attention (attn1) layer in its up blocks")
@@ -259,15 +265,17 @@ class Sd2Attention:
         merged = {name: getattr(self, name, None) for name in allowed} | settings
         steps = int(scheduler.config.num_train_timesteps)
         if not 0 <= merged["timestep"] < steps:
-            raise ValueError(f"sd_timestep must be in [0, {steps}), got {merged['timestep']}")
+            raise ValueError(f"dslo.sd.timestep must be in [0, {steps}), got {merged['timestep']}")
         if not 0 < merged["temperature"] <= SD_MAX_TEMPERATURE:  # False for NaN too
             raise ValueError(
-                f"sd_temperature must be in (0, {SD_MAX_TEMPERATURE:g}], got "
+                f"dslo.sd.temperature must be in (0, {SD_MAX_TEMPERATURE:g}], got "
                 f"{merged['temperature']}"
             )
         check_sd_size(merged["size"], self.vae.config.block_out_channels[0], self.dtype.itemsize)
         if merged["size"] < self.multiple:
-            raise ValueError(f"sd_size must be >= {self.multiple} pixels, got {merged['size']}")
+            raise ValueError(
+                f"dslo.sd.size must be >= {self.multiple} pixels, got {merged['size']}"
+            )
         return merged, _self_attention_layers(unet, merged["layers"])
 
     def reconfigure(self, **settings: object) -> None:
@@ -398,28 +406,6 @@ class Sd2Attention:
             torch.cuda.empty_cache()
 
 
-def check_settings(size: int, timestep: int, temperature: float, layers: str) -> None:
-    """ValueError for a setting no SD2 checkpoint accepts (model-independent config checks).
-
-    ``size`` at least 64 pixels and within the per-frame budget for SD2's VAE in float32
-    (``frame_budget.check_sd_size``: at most SD_MAX_SIZE, 1448; the refusal gives the cost),
-    ``timestep`` in [0, 1000) (SD2's training steps), ``temperature`` in
-    (0, SD_MAX_TEMPERATURE] (finite), ``layers`` one of ``LAYER_SETS``. The constructor checks
-    the same against the model (its VAE's channels and precision).
-    """
-    if size < 64:
-        raise ValueError(f"sd_size must be at least 64 pixels, got {size}")
-    check_sd_size(size)
-    if not 0 <= timestep < 1000:
-        raise ValueError(f"sd_timestep must be in [0, 1000), got {timestep}")
-    if not 0 < temperature <= SD_MAX_TEMPERATURE:  # False for NaN too
-        raise ValueError(
-            f"sd_temperature must be in (0, {SD_MAX_TEMPERATURE:g}], got {temperature}"
-        )
-    if layers not in LAYER_SETS:
-        raise ValueError(f"unknown sd_layers {layers!r}: use one of {list(LAYER_SETS)}")
-
-
 __all__ = [
     "SD_MAX_SIZE",
     "SD_MAX_TEMPERATURE",
@@ -428,7 +414,6 @@ __all__ = [
     "SD_PRECISIONS",
     "LayerAttention",
     "Sd2Attention",
-    "check_settings",
     "resample_affinity",
     "sd_input_size",
     "sharpen",

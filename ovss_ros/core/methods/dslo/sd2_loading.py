@@ -27,9 +27,9 @@ from ovss_ros.core.file_checks import (
     parameter_bytes,
     read_json,
 )
+from ovss_ros.core.methods.dslo.settings import DEFAULT_SD_MODEL as DEFAULT_MODEL
+from ovss_ros.core.methods.dslo.settings import SD_PRECISIONS
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-SD_PRECISIONS = ("auto", *PRECISIONS)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # The pipeline parts this module reads, as save_pretrained writes them (safetensors weights).
 SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
@@ -45,7 +45,7 @@ HUB_FILES = (
     "tokenizer/*",
 )
 LOAD_HINT = (
-    "set sd_model to a local directory written by a diffusers pipeline's save_pretrained "
+    "set dslo.sd.model to a local directory written by a diffusers pipeline's save_pretrained "
     f"(subfolders {', '.join(SUBFOLDERS)}; safetensors weights), or, on a machine with "
     f"internet, to a Hugging Face hub id such as {DEFAULT_MODEL} (downloaded once, then cached)"
 )
@@ -90,13 +90,15 @@ def load_parts(
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision not in SD_PRECISIONS:
         raise ModelLoadError(
-            f"unknown sd_precision {precision!r}: set sd_precision to one of {list(SD_PRECISIONS)}"
+            f"unknown dslo.sd.precision {precision!r}: set dslo.sd.precision to one of "
+            f"{list(SD_PRECISIONS)}"
         )
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cpu" and precision != "fp32":
         raise ModelLoadError(
-            f"sd_precision {precision} needs a GPU: set sd_precision to fp32 or auto on the CPU"
+            f"dslo.sd.precision {precision} needs a GPU: set dslo.sd.precision to fp32 or auto "
+            "on the CPU"
         )
     return PRECISIONS[precision]
 
@@ -108,7 +110,7 @@ def local_directory(model: str, cache_dir: str | None = None) -> str:
     offline); nothing is retried, so an offline machine without the files fails at once.
     """
     if not model.strip():
-        raise ModelLoadError(f"sd_model is empty: {LOAD_HINT}")
+        raise ModelLoadError(f"dslo.sd.model is empty: {LOAD_HINT}")
     path = Path(model).expanduser()
     if path.is_dir():
         missing = [name for name in SUBFOLDERS if not (path / name).is_dir()]

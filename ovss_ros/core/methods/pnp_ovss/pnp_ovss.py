@@ -48,7 +48,7 @@ from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder, check_class_prompts, template_set
 from ovss_ros.core.frame_budget import check_vlm_image_size
 from ovss_ros.core.methods.dense.pamr import pamr
-from ovss_ros.core.methods.pnp_ovss.settings import PnpOvssSettings
+from ovss_ros.core.methods.pnp_ovss.settings import PnpSettings
 from ovss_ros.core.methods.pnp_ovss.steps import (
     class_maps,
     dense_crf,
@@ -82,13 +82,13 @@ class PnpOvss:
         self,
         clip: LoadedClip,
         vlm: LoadedVlm,
-        settings: PnpOvssSettings | None = None,
+        settings: PnpSettings | None = None,
         templates: str = "imagenet",
         text: TextEncoder | None = None,
     ) -> None:
         self.clip = clip
         self.vlm = vlm
-        settings = settings or PnpOvssSettings()
+        settings = settings or PnpSettings()
         self.check(settings)
         self.settings = settings
         template_set(templates)
@@ -112,28 +112,30 @@ class PnpOvss:
             raise VocabularyError("no classes set: call set_classes first")
         return self._class_text
 
-    def check(self, settings: PnpOvssSettings) -> None:
+    def check(self, settings: PnpSettings) -> None:
         """Settings ranges, then the loaded model's limits; ValueError with the reason."""
         settings.validate()
         vlm = self.vlm
         if settings.layer > vlm.num_layers:
-            raise ValueError(f"layer {settings.layer} > the VLM's {vlm.num_layers} text layers")
+            raise ValueError(
+                f"pnp.layer {settings.layer} > the VLM's {vlm.num_layers} text layers"
+            )
         if settings.head > vlm.num_heads:
-            raise ValueError(f"head {settings.head} > the VLM's {vlm.num_heads} heads")
+            raise ValueError(f"pnp.head {settings.head} > the VLM's {vlm.num_heads} heads")
         heads = int(vlm.model.config.vision_config.num_attention_heads)
-        check_vlm_image_size(settings.image_size, vlm.patch_size, heads)
+        check_vlm_image_size(settings.image_size, vlm.patch_size, heads, "pnp.image_size")
         if settings.image_size % vlm.patch_size:
             raise ValueError(
-                f"image_size {settings.image_size} must be a multiple of the VLM's patch "
+                f"pnp.image_size {settings.image_size} must be a multiple of the VLM's patch "
                 f"{vlm.patch_size}"
             )
 
     def reconfigure(self, **changes: object) -> None:
-        """Change settings (PnpOvssSettings fields, ``templates``) between frames.
+        """Change settings (PnpSettings fields, ``templates``) between frames.
 
         Validates everything first; raises ValueError and changes nothing when a value is bad.
         """
-        known = {f.name for f in fields(PnpOvssSettings)} | {"templates"}
+        known = {f.name for f in fields(PnpSettings)} | {"templates"}
         unknown = set(changes) - known
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}: use {sorted(known)}")

@@ -1,17 +1,24 @@
-"""PnP-OVSS's settings (``PnpOvssSettings``), checked without the VLM: the defaults are the
-released ones (``Run_seg.sh`` of the official PnP-OVSS code, Luo et al. CVPR 2024); the limits
-that need the loaded VLM are ``PnpOvss.check``'s."""
+"""PnP-OVSS's settings (``pnp.*``), checked without the VLM (no torch here).
+
+The defaults are the released ones (``Run_seg.sh`` of the official PnP-OVSS code, Luo et al.
+CVPR 2024: BLIP ITM large, 336 px, layer 8, head 10 (0-based 9), threshold 0.15, 4 dropout
+rounds of 10 patches, blur 0.05, dense CRF); the limits that need the loaded VLM are
+``PnpOvss.check``'s.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
+from typing import ClassVar
 
 from ovss_ros.core.frame_budget import check_vlm_image_size, vlm_max_image_size
+from ovss_ros.core.settings import Settings, setting
 
 PRESENCE_MODES = ("clip", "all")
 REFINES = ("auto", "crf", "pamr", "none")
+VLM_MODELS = ("blip_itm",)  # architectures PnP-OVSS can run on
+DEFAULT_VLM = "Salesforce/blip-itm-large-flickr"
+RELEASE = "PnP-OVSS Run_seg.sh"
 
 
 def crf_available() -> bool:
@@ -23,52 +30,108 @@ def crf_available() -> bool:
     return True
 
 
-@dataclass
-class PnpOvssSettings:
-    """Every PnP-OVSS setting; the defaults are the released ones (``Run_seg.sh``)."""
+@dataclass(frozen=True)
+class PnpSettings(Settings):
+    """Every PnP-OVSS setting (``method: pnp_ovss``); the VLM is chosen at start-up."""
 
-    image_size: int = 336  # BLIP input, square (the release resizes to 336 x 336)
-    layer: int = 8  # text-encoder layer whose cross-attention is read, 1-based
-    head: int = 10  # attention head of that layer, 1-based (the release's 0-based 9)
-    threshold: float = 0.15  # per class min-max normalised map below this: class absent there
-    dropout_rounds: int = 4  # salience dropout rounds; 1 = plain GradCAM
-    dropout_patches: int = 10  # most salient patches dropped after each round
-    presence: str = "clip"  # clip (image-level CLIP scores) | all (every class in the prompt)
-    presence_threshold: float = 0.1  # CLIP probability over the vocabulary to count as present
-    blur: float = 0.05  # Gaussian sigma as a fraction of the long image side; 0 = no blur
-    refine: str = "auto"  # auto (crf if pydensecrf2 works, else pamr) | crf | pamr | none
+    namespace: ClassVar[str] = "pnp"
 
-    def validate(self) -> None:
-        """Raise ValueError with the reason for the first bad value (model limits: PnpOvss)."""
-        ranges = {
-            # above the budget's limit: the cost is the reason (check_vlm_image_size below)
-            "image_size": (16, max(vlm_max_image_size(), _int_or(self.image_size, 0))),
-            "layer": (1, 1000),
-            "head": (1, 1000),
-            "dropout_rounds": (1, 50),
-            "dropout_patches": (1, 100000),
-        }
-        for name, (low, high) in ranges.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-        for name in ("threshold", "presence_threshold", "blur"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        check_vlm_image_size(self.image_size)  # BLIP ITM large's; check(): the loaded VLM's
-        if self.presence not in PRESENCE_MODES:
-            raise ValueError(f"unknown presence {self.presence!r}: use one of {PRESENCE_MODES}")
-        if self.refine not in REFINES:
-            raise ValueError(f"unknown refine {self.refine!r}: use one of {REFINES}")
+    vlm_model: str = setting(
+        "blip_itm",
+        "architecture of the vision-language model (the second model)",
+        runtime=False,
+        choices=VLM_MODELS,
+        source=RELEASE,
+    )
+    vlm_pretrained: str = setting(
+        DEFAULT_VLM,
+        "BLIP image-text-matching weights, a Hugging Face hub id (from the local cache when "
+        "offline) or a directory written by save_pretrained; loaded when pnp_ovss is selected",
+        runtime=False,
+        source=RELEASE,
+    )
+    image_size: int = setting(
+        336,
+        "side of the square BLIP input in pixels",
+        minimum=16,
+        maximum=vlm_max_image_size(),
+        unit="pixels",
+        constraints="a multiple of the VLM's patch size; the VLM's attention map "
+        "(heads x ((size / patch)^2 + 1)^2 x 4 bytes) within the per-frame budget",
+        budget=check_vlm_image_size,
+        source=RELEASE,
+    )
+    layer: int = setting(
+        8,
+        "BLIP text-encoder layer whose cross-attention is read (1-based)",
+        minimum=1,
+        maximum=1000,
+        constraints="at most the VLM's text layers",
+        source=RELEASE,
+    )
+    head: int = setting(
+        10,
+        "attention head of that layer (1-based; the release's 0-based 9)",
+        minimum=1,
+        maximum=1000,
+        constraints="at most the VLM's attention heads",
+        source=RELEASE,
+    )
+    threshold: float = setting(
+        0.15,
+        "a class is absent where its min-max normalised map is below this",
+        minimum=0.0,
+        maximum=1.0,
+        source=RELEASE,
+    )
+    dropout_rounds: int = setting(
+        4,
+        "salience dropout rounds, one BLIP forward and gradient pass each (1 = plain GradCAM)",
+        minimum=1,
+        maximum=50,
+        source=RELEASE,
+    )
+    dropout_patches: int = setting(
+        10,
+        "most salient patches zeroed after each round",
+        minimum=1,
+        maximum=100000,
+        source=RELEASE,
+    )
+    presence: str = setting(
+        "clip",
+        "classes put in the prompt: clip (CLIP image-level probability at least "
+        "pnp.presence_threshold) or all",
+        choices=PRESENCE_MODES,
+        source="ovss_ros (the release: GPT-4o class lists made offline)",
+    )
+    presence_threshold: float = setting(
+        0.1,
+        "CLIP probability over the vocabulary for a class to count as present",
+        minimum=0.0,
+        maximum=1.0,
+        source="ovss_ros",
+    )
+    blur: float = setting(
+        0.05,
+        "Gaussian blur sigma as a share of the image's long side (0 = none)",
+        minimum=0.0,
+        maximum=1.0,
+        source=RELEASE,
+    )
+    refine: str = setting(
+        "auto",
+        "final refinement: dense CRF (pydensecrf2), PAMR, none; auto = crf where pydensecrf2 "
+        "imports, else pamr",
+        choices=REFINES,
+        source=RELEASE + " (dense CRF)",
+    )
+
+    def check(self) -> None:
         if self.refine == "crf" and not crf_available():
             raise ValueError(
-                "refine crf needs pydensecrf2 (pip install pydensecrf2==1.1), which does not "
-                "import here: use refine pamr or auto"
+                "pnp.refine crf needs pydensecrf2 (pip install pydensecrf2==1.1), which does not "
+                "import here: use pnp.refine pamr or auto"
             )
 
     def refinement(self) -> str:
@@ -76,7 +139,3 @@ class PnpOvssSettings:
         if self.refine == "auto":
             return "crf" if crf_available() else "pamr"
         return self.refine
-
-
-def _int_or(value: object, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default

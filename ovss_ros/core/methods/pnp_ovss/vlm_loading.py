@@ -41,11 +41,10 @@ from ovss_ros.core.file_checks import (
     parameter_bytes,
     read_json,
 )
+from ovss_ros.core.methods.pnp_ovss.settings import DEFAULT_VLM, VLM_MODELS
 
 logger = logging.getLogger(__name__)
 
-VLM_MODELS = ("blip_itm",)  # architectures PnP-OVSS can run on
-DEFAULT_VLM = "Salesforce/blip-itm-large-flickr"  # the released code's BLIP ITM large, Flickr
 # BLIP's tokenizer is bert-base-uncased + [DEC] (30522) + [ENC] (30523); the published hub
 # tokenizers omit [ENC] although the checkpoints keep its embedding row.
 BLIP_ENC_ID = 30523
