@@ -85,7 +85,9 @@ def test_protocol_flag_picks_another_methods_protocol(tmp_path, protocol):
     config = engine_config(args, ())
     assert chosen.name == protocol and config.method == "naclip"
     assert settings_of(config) == OFFICIAL[protocol]["voc21"]
-    args, _, _ = parse_args(["voc21", str(tmp_path), "--protocol", protocol, "--logit-scale", "7"])
+    args, _, _ = parse_args(
+        ["voc21", str(tmp_path), "--protocol", protocol, "--dense-logit-scale", "7"]
+    )
     assert engine_config(args, ()).logit_scale == 7.0  # a flag overrides one setting
 
 

@@ -195,7 +195,8 @@ def test_command_line_flag():
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     assert config_from_args(parser.parse_args([])).max_long_side == 2048
-    config = config_from_args(parser.parse_args(["--max-long-side", "1024", "--size", "336"]))
+    args = parser.parse_args(["--max-long-side", "1024", "--short-side", "336"])
+    config = config_from_args(args)
     assert (config.max_long_side, config.short_side) == (1024, 336)
 
 

@@ -1,7 +1,6 @@
 """FreeCP in the segmenter: the official output assembly over windows, frames where nothing
 survives (the robot's unlabeled pixels and ovss-eval's official scoring), the defaults."""
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +42,9 @@ def segmenter():
 
 @pytest.fixture()
 def fresh(segmenter):
-    base = dataclasses.asdict(segmenter.config)
+    base = segmenter.config.flat()
     yield segmenter
-    segmenter.reconfigure(**base)
+    segmenter.reconfigure(base)
 
 
 def official_assembly(segmenter: Segmenter, rgb: np.ndarray) -> torch.Tensor:

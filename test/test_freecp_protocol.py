@@ -140,7 +140,7 @@ def test_ovss_eval_runs_the_freecp_protocol_end_to_end(tmp_path, capsys):
     argv = [
         "voc20", str(root), "--method", "sclip", "--protocol", "freecp", "--model",
         str(TINY_VIT), "--pretrained", "none", "--device", "cpu", "--short-side", "64",
-        "--crop", "32", "--stride", "16", "--templates", "single", "--no-progress",
+        "--dense-crop", "32", "--dense-stride", "16", "--templates", "single", "--no-progress",
         "--output", str(output),
     ]  # fmt: skip
     assert main(argv) == 0

@@ -125,9 +125,9 @@ def tune_arguments(checkpoint, output):
         str(folder),
         "--classes", "person", "dog", "tv; monitor", "aeroplane",
         "--model", str(TINY_VIT), "--pretrained", "none", "--templates", "single",
-        "--vlm-pretrained", str(checkpoint), "--device", "cpu",
-        "--image-size", str(IMAGE_SIZE), "--layer", "2", "--head", "3",
-        "--dropout-patches", "2", "--refine", "none",
+        "--pnp-vlm-pretrained", str(checkpoint), "--device", "cpu",
+        "--pnp-image-size", str(IMAGE_SIZE), "--pnp-layer", "2", "--pnp-head", "3",
+        "--pnp-dropout-patches", "2", "--pnp-refine", "none",
         "--rounds", "1-2", "--budget", "3", "--seed", "1", "-o", str(output),
     ]  # fmt: skip
 
@@ -141,26 +141,27 @@ def test_ovss_tune_end_to_end_on_the_voc_samples(checkpoint, tmp_path, capsys):
     assert f"{len(voc_image_paths())} images" in best_line and "3 trials" in best_line
     parameters = yaml.safe_load(output.read_text())["/**"]["ros__parameters"]
     assert parameters["method"] == "pnp_ovss"
-    assert parameters["pnp.vlm_model"] == "blip_itm"
-    assert parameters["pnp.vlm_pretrained"] == str(checkpoint)
+    assert parameters["classes"] == ["person", "dog", "tv; monitor", "aeroplane"]
+    pnp = parameters["pnp"]  # nested by namespace: pnp.layer
+    assert pnp["vlm_model"] == "blip_itm"
+    assert pnp["vlm_pretrained"] == str(checkpoint)
     assert parameters["model"] == str(TINY_VIT) and parameters["pretrained"] == "none"
-    expected = {f"pnp_{name}" for name in PnpSettings.__dataclass_fields__}
-    assert expected <= set(parameters)
-    assert parameters["pnp.layer"] in (1, 2, 3) and parameters["pnp.head"] in (1, 2, 3, 4)
-    assert parameters["pnp.dropout_rounds"] in (1, 2, 4)  # searched 1-2, or the start (4)
-    assert parameters["pnp.threshold"] in (0.05, 0.15, 0.25, 0.35, 0.45)
-    assert parameters["pnp.dropout_patches"] == 2 and parameters["pnp.refine"] == "none"
-    best = {key: parameters[f"pnp_{key}"] for key in ("layer", "head", "threshold")}
+    assert set(pnp) == set(vars(PnpSettings()))
+    assert pnp["layer"] in (1, 2, 3) and pnp["head"] in (1, 2, 3, 4)
+    assert pnp["dropout_rounds"] in (1, 2, 4)  # searched 1-2, or the start (4)
+    assert pnp["threshold"] in (0.05, 0.15, 0.25, 0.35, 0.45)
+    assert pnp["dropout_patches"] == 2 and pnp["refine"] == "none"
+    best = {key: pnp[key] for key in ("layer", "head", "threshold")}
     assert all(f"'{key}': {value}" in best_line for key, value in best.items())
-    PnpSettings(**{k[4:]: v for k, v in parameters.items() if k.startswith("pnp_")}).validate()
+    PnpSettings(**pnp).validate()
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         (["--layers", "2-7"], "layer 4 > the VLM's 3 text layers"),
-        (["--threshold", "3"], r"threshold must be in \[0, 1\]"),
-        (["--vlm-pretrained", "/nonexistent/blip"], "pnp.vlm_pretrained directory"),
+        (["--thresholds", "0.1,3"], r"pnp.threshold must be in \[0, 1\]"),  # a searched value
+        (["--pnp-vlm-pretrained", "/nonexistent/blip"], "pnp.vlm_pretrained directory"),
         (["--classes", "dog", "Dog"], "duplicate class"),
     ],
 )
