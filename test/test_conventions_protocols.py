@@ -76,7 +76,7 @@ def test_each_method_defaults_to_its_own_protocol(tmp_path, method, dataset):
     assert protocol.name == method
     assert settings_of(config) == OFFICIAL[method][dataset]
     assert (config.model, config.pretrained) == ("ViT-B-16", "openai")  # OpenAI's ViT-B/16
-    assert config.pos_interpolation == "official" and config.method == method
+    assert config.dense.pos_interpolation == "official" and config.method == method
 
 
 @pytest.mark.parametrize("protocol", ["sclip", "clearclip"])

@@ -120,7 +120,7 @@ def test_nothing_survives_is_unlabeled_for_the_robot_and_first_class_in_the_prot
 def test_defaults_are_the_official_class_defaults():
     """FreeCPSegmentation(rp_thres=0.15, ap_thres=0.7); the node's YAML restates them."""
     config = EngineConfig()
-    assert (config.freecp_redundancy, config.freecp_ambiguity) == (0.15, 0.7)
+    assert (config.freecp.redundancy, config.freecp.ambiguity) == (0.15, 0.7)
     parameters = yaml.safe_load(CONFIG_YAML.read_text())["/**"]["ros__parameters"]
-    assert parameters["freecp.redundancy"] == config.freecp_redundancy
-    assert parameters["freecp.ambiguity"] == config.freecp_ambiguity
+    assert parameters["freecp.redundancy"] == config.freecp.redundancy
+    assert parameters["freecp.ambiguity"] == config.freecp.ambiguity

@@ -48,8 +48,8 @@ def test_freecp_protocol_runs_freecp_after_its_own_base_variant(
         config.short_side,
         config.dense.crop,
         config.dense.stride,
-        config.freecp_redundancy,
-        config.freecp_ambiguity,
+        config.freecp.redundancy,
+        config.freecp.ambiguity,
     )
     assert got == FREECP[dataset] and config.score_threshold == 0.0
     assert (config.model, config.pretrained) == ("ViT-B-16", "openai")
