@@ -182,9 +182,9 @@ def test_device_is_overridden_only_when_given():
 
 def test_extra_parameters_are_applied_last():
     ovss, _ = ovss_and_rviz(
-        {"classes": "['a']", "device": "cpu"}, extra_parameters={"classes": ["b"], "crop": 64}
+        {"classes": "['a']", "device": "cpu"}, extra_parameters={"classes": ["b"], "dense.crop": 64}
     )
-    assert ovss.parameters == {"classes": ["b"], "device": "cpu", "crop": 64}
+    assert ovss.parameters == {"classes": ["b"], "device": "cpu", "dense.crop": 64}
 
 
 def test_overrides_follow_the_params_file_so_that_they_win():

@@ -72,15 +72,15 @@ CASES = {
     ),
     # pnp_ovss, deop (issues 9, 10): the second model or the checkpoint, named in the line.
     "pnp_ovss with a VLM that is not available offline": (
-        TINY_NODE_PARAMETERS | {"method": "pnp_ovss", "vlm_pretrained": "Salesforce/blip-x"},
+        TINY_NODE_PARAMETERS | {"method": "pnp_ovss", "pnp.vlm_pretrained": "Salesforce/blip-x"},
         [],
         ["cannot start", "'Salesforce/blip-x'", "not in the local", "set vlm_pretrained"],
         "ovss_ros.ros.node",
     ),
     "deop with a missing checkpoint": (
-        TINY_NODE_PARAMETERS | {"method": "deop", "deop_checkpoint": "/nowhere/deop.pt"},
+        TINY_NODE_PARAMETERS | {"method": "deop", "deop.checkpoint": "/nowhere/deop.pt"},
         [],
-        ["cannot start", "deop_checkpoint '/nowhere/deop.pt' not found"],
+        ["cannot start", "deop.checkpoint '/nowhere/deop.pt' not found"],
         LIFECYCLE,
     ),
     "integer float out of range": (
