@@ -48,8 +48,10 @@ def test_the_contracts_table_is_the_one_the_settings_make():
     assert documented == parameter_docs.markdown_table()
     rows = parameter_rows()
     assert rows["dense.crop"][:2] == ["`0`", "runtime"]
-    assert rows["dslo.sd.size"][2] == "[64, 1448] (the per-frame budget); the VAE's activation " \
+    assert (
+        rows["dslo.sd.size"][2] == "[64, 1448] (the per-frame budget); the VAE's activation "
         "(size^2 x 128 x 4 bytes) within the per-frame budget"
+    )
     assert rows["pnp.vlm_model"][1] == "start-up"
     assert "### `dslo.sd.*`" in documented and "### `pnp.*`" in documented
 

@@ -43,7 +43,11 @@ def pipeline(tmp_path_factory) -> Path:
 
 
 def overrides(pipeline: Path) -> dict:
-    return TINY_NODE_PARAMETERS | {"classes": CLASSES, "dslo.sd.model": str(pipeline), "dslo.sd.size": 64}
+    return TINY_NODE_PARAMETERS | {
+        "classes": CLASSES,
+        "dslo.sd.model": str(pipeline),
+        "dslo.sd.size": 64,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +108,16 @@ def test_switching_the_affinity_at_runtime_loads_and_releases_the_sd_model(clien
     ("parameter", "reason"),
     [
         # integer ranges are enforced by rclpy from the descriptor, with its own words
-        (Parameter("dslo.sd.timestep", value=1000), "dslo.sd.timestep out of range. Min: 0, Max: 999"),
-        # sd_size's range is the per-frame budget's: the node refuses it, with the cost
+        (
+            Parameter("dslo.sd.timestep", value=1000),
+            "dslo.sd.timestep out of range. Min: 0, Max: 999",
+        ),
+        # dslo.sd.size's range is the per-frame budget's: the node refuses it, with the cost
         (Parameter("dslo.sd.size", value=32), "dslo.sd.size must be in [64, 1448], got 32"),
-        (Parameter("dslo.sd.size", value=2048), "dslo.sd.size 2048 needs a 2.15 GB VAE activation"),
+        (
+            Parameter("dslo.sd.size", value=2048),
+            "dslo.sd.size 2048 needs a 2.15 GB VAE activation",
+        ),
         (Parameter("dslo.sd.temperature", value=0.0), "dslo.sd.temperature must be in"),
         (Parameter("dslo.sd.layers", value="middle"), "unknown dslo.sd.layers 'middle'"),
         (Parameter("dslo.sd.precision", value="fp8"), "unknown dslo.sd.precision 'fp8'"),

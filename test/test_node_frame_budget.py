@@ -78,7 +78,11 @@ def test_refused_with_its_cost_and_nothing_changes(client, voc_rgb, parameters, 
 
 
 def test_the_descriptor_states_the_budget_limit(client):
-    for name, most in (("dslo.sd.size", 1448), ("pnp.image_size", 1008), ("twostream.crop_batch", 443)):
+    for name, most in (
+        ("dslo.sd.size", 1448),
+        ("pnp.image_size", 1008),
+        ("twostream.crop_batch", 443),
+    ):
         descriptor = client.describe_parameter(name)
         assert f"to {most} (the per-frame budget)" in descriptor.additional_constraints, name
 
@@ -90,7 +94,11 @@ def test_a_switch_of_method_is_checked_against_the_budget_of_the_new_method(clie
     sizes = {name: client.get_parameter(name) for name in ("short_side", "max_long_side")}
     proposals = client.get_parameter("deop.proposals")
     try:
-        for name, value in (("deop.proposals", 1000), ("short_side", 4096), ("max_long_side", 4096)):
+        for name, value in (
+            ("deop.proposals", 1000),
+            ("short_side", 4096),
+            ("max_long_side", 4096),
+        ):
             result = client.set_parameters([Parameter(name, value=value)])[0]
             assert result.successful, (name, result.reason)
         result = client.set_parameters([Parameter("method", value="deop")])[0]

@@ -40,7 +40,12 @@ STATUS = "ovss: image"
 CLASSES = ["cat", "dog", "person"]
 FLOATS = [spec.name for spec in node_parameters.PARAMETERS if isinstance(spec.default, float)]
 # Integers for every float at start-up: half from a params file, half from -p.
-FROM_FILE = {"dslo.sinkhorn_epsilon": 1, "dslo.velocity_tau": 1, "freecp.redundancy": 0, "dense.area_threshold": 0}
+FROM_FILE = {
+    "dslo.sinkhorn_epsilon": 1,
+    "dslo.velocity_tau": 1,
+    "freecp.redundancy": 0,
+    "dense.area_threshold": 0,
+}
 FROM_FILE["dslo.sd.temperature"] = 2
 # pnp_ovss, deop, twostream (issues 9, 10)
 FROM_FILE |= {"pnp.threshold": 0, "pnp.blur": 0, "deop.logit_scale": 100}

@@ -16,9 +16,8 @@ from ros_harness import isolate_dds
 
 from ovss_ros.core import EngineConfig, parse_classes
 from ovss_ros.core.config import RENAMED
-from ovss_ros.ros import parameter_docs
+from ovss_ros.ros import parameter_docs, topic_names, undeclared
 from ovss_ros.ros import parameters as node_parameters
-from ovss_ros.ros import topic_names, undeclared
 from ovss_ros.ros.launch_plan import flatten_parameters
 from ovss_ros.ros.parameters import ParameterError, validate, validate_update
 
@@ -71,7 +70,9 @@ def test_the_table_is_the_engines_schema_and_the_node_settings():
 @pytest.mark.parametrize("old", sorted(RENAMED))
 def test_an_old_flat_name_is_refused_with_its_new_name(old):
     with pytest.raises(ParameterError) as refused:
-        validate_update(node_parameters.defaults(), {old: node_parameters.defaults()[RENAMED[old]]})
+        validate_update(
+            node_parameters.defaults(), {old: node_parameters.defaults()[RENAMED[old]]}
+        )
     assert str(refused.value) == f"{old} was renamed {RENAMED[old]}"
 
 
@@ -154,8 +155,14 @@ def test_engine_config_from_values():
         ({"dslo.sd.precision": "fp8"}, "unknown dslo.sd.precision 'fp8'"),
         ({"dslo.sd.size": 32}, r"dslo.sd.size must be in \[64, 1448\]"),
         # issue 18: sizes whose frame needs a map beyond the per-frame budget, with the cost
-        ({"dslo.sd.size": 2048}, "dslo.sd.size 2048 needs a 2.15 GB VAE activation per frame; at most 1448"),
-        ({"dslo.sd.size": 4096}, "dslo.sd.size 4096 needs a 8.59 GB VAE activation per frame; at most 1448"),
+        (
+            {"dslo.sd.size": 2048},
+            "dslo.sd.size 2048 needs a 2.15 GB VAE activation per frame; at most 1448",
+        ),
+        (
+            {"dslo.sd.size": 4096},
+            "dslo.sd.size 4096 needs a 8.59 GB VAE activation per frame; at most 1448",
+        ),
         ({"pnp.image_size": 1024}, "pnp.image_size 1024 needs a 1.07 GB attention map per frame"),
         ({"pnp.image_size": 4096}, "pnp.image_size 4096 needs a 274.9 GB attention map"),
         ({"twostream.crop_batch": 1024}, "twostream.crop_batch 1024 needs a 2.48 GB CLIP"),
@@ -395,7 +402,11 @@ def test_coerce_types_an_empty_list_as_the_string_array_it_means(kind):
             "overlay_alpha must be a floating-point number, got string 'abc'",
         ),
         ("score_threshold", True, "must be a floating-point number, got boolean True"),
-        ("dense.logit_scale", None, "dense.logit_scale must be a floating-point number, got nothing (unset)"),
+        (
+            "dense.logit_scale",
+            None,
+            "dense.logit_scale must be a floating-point number, got nothing (unset)",
+        ),
         (
             "overlay_alpha",
             array.array("d", [0.5]),

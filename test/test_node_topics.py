@@ -277,7 +277,12 @@ def test_invalid_runtime_parameters_are_refused(client, name, value, reason):
 
 def test_runtime_parameters_apply_to_the_next_frame(client, voc_rgb):
     try:
-        set_ok(client, score_threshold=0.9, method="clearclip", **{"dense.crop": 32, "dense.stride": 16})
+        set_ok(
+            client,
+            score_threshold=0.9,
+            method="clearclip",
+            **{"dense.crop": 32, "dense.stride": 16},
+        )
         client.spin_until(
             lambda: (
                 (info := latest_label_info(client)) is not None
@@ -291,7 +296,9 @@ def test_runtime_parameters_apply_to_the_next_frame(client, voc_rgb):
         labels, confidence = image_array(out["labels"]), image_array(out["confidence"])
         np.testing.assert_array_equal(labels == 255, confidence < 0.9)
     finally:
-        set_ok(client, score_threshold=0.0, method="naclip", **{"dense.stride": 0, "dense.crop": 0})
+        set_ok(
+            client, score_threshold=0.0, method="naclip", **{"dense.stride": 0, "dense.crop": 0}
+        )
 
 
 @pytest.mark.parametrize(

@@ -292,7 +292,10 @@ def test_refused_parameters_reach_nothing(node):
     assert not result.successful and "duplicate" in result.reason
     crop = [Parameter("dense.crop", value=24), Parameter("dense.stride", value=24)]  # one request
     result = node.set_parameters_atomically(crop)
-    assert not result.successful and "dense.crop 24 must be a multiple of the patch 16" in result.reason
+    assert (
+        not result.successful
+        and "dense.crop 24 must be a multiple of the patch 16" in result.reason
+    )
     result = node.set_parameters([Parameter("max_long_side", value=8)])[0]
     assert not result.successful and "below one patch of the model (16 px)" in result.reason
     node._apply_pending()
