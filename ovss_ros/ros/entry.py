@@ -137,16 +137,20 @@ def parameter_help() -> str:
         if spec.definition.info.source:
             texts.append(f"default from: {spec.definition.info.source}")
         lines += [
-            textwrap.fill(text, 99, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            textwrap.fill(
+                text, 99, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False
+            )
             for text in texts
         ]
-    renamed = ", ".join(f"{old} -> {new}" for old, new in parameter_table.RENAMED.items())
-    lines.append("")
-    lines.append(
-        textwrap.fill(
-            "Names of earlier releases are refused with their new names: " + renamed, 99
-        )
-    )
+    lines += ["", "Names of earlier releases are refused with their new names:"]
+    line = " "
+    for old, new in parameter_table.RENAMED.items():  # an entry is never split across lines
+        entry = f" {old} -> {new},"
+        if len(line) + len(entry) > 99:
+            lines.append(line)
+            line = " "
+        line += entry
+    lines.append(line.rstrip(","))
     return "\n".join(lines) + "\n"
 
 
