@@ -35,6 +35,7 @@ from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder, query_texts, template_set
 from ovss_ros.core.config import EngineConfig, check_frame_budget
 from ovss_ros.core.frame_budget import rows_per_chunk
+from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.methods.dense.encoded import (
     Encoded,
     TextQueries,
@@ -380,6 +381,18 @@ class DenseMethod(DensePostprocess):
             crop_classifier=classify,
             background_text=background if len(background) else None,
         )
+
+
+def update_dense(
+    current: object, config: EngineConfig, classes: list[ClassEntry], given: bool, loaded: Loaded
+) -> DenseMethod:
+    """The dense family's update (``core.method.FamilyUpdate``): the DenseMethod in force, or a
+    new one on the loaded CLIP, with the change prepared (text encoded, an SD model loaded),
+    then committed. On any exception the method in force is unchanged."""
+    dense = current if isinstance(current, DenseMethod) else None
+    dense = dense or DenseMethod(loaded.clip, loaded.text, config, loaded.stop)
+    dense.commit(dense.prepare(config, classes, given, loaded.attempt))
+    return dense
 
 
 def _sd2_key(config: EngineConfig) -> tuple[str, ...]:
