@@ -81,7 +81,7 @@ CASES = {
     "pnp_ovss with a VLM that is not available offline": (
         TINY_NODE_PARAMETERS | {"method": "pnp_ovss", "pnp.vlm_pretrained": "Salesforce/blip-x"},
         [],
-        ["cannot start", "'Salesforce/blip-x'", "not in the local", "set vlm_pretrained"],
+        ["cannot start", "'Salesforce/blip-x'", "not in the local", "set pnp.vlm_pretrained"],
         "ovss_ros.ros.node",
     ),
     "deop with a missing checkpoint": (
