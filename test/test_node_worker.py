@@ -40,14 +40,15 @@ class FaultySegmenter(Segmenter):
         self.calls: list[str] = []
         super().__init__(config, **kwargs)
 
-    def update(self, classes=None, **changes) -> None:
-        """The one call the node makes to change the engine (vocabulary and settings)."""
-        self.calls.append(f"update {classes is not None} {sorted(changes)}")
+    def update(self, classes=None, changes=None, **shared) -> None:
+        """The one call the node makes to change the engine (vocabulary and settings by dotted
+        name)."""
+        self.calls.append(f"update {classes is not None} {sorted({**(changes or {}), **shared})}")
         if classes is not None and FaultySegmenter.stopped:
             raise Stopped("stop requested before encoding")
         if classes is not None and FaultySegmenter.fail_set_classes:
             raise RuntimeError("out of memory while encoding text")
-        super().update(classes, **changes)
+        super().update(classes, changes, **shared)
 
     def segment_many(self, images: list[np.ndarray]) -> list[Segmentation]:
         self.calls.append(f"segment_many {len(images)}")
