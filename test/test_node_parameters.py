@@ -133,6 +133,8 @@ def test_engine_config_from_values():
         ({"classes": ["x" * 201]}, "too long"),
         ({"classes": ["cat", " ; "]}, "empty"),
         ({"method": "segformer"}, "method"),
+        # choices come from the settings' definitions, the node's own ones too
+        ({"dslo.mode": "fast"}, r"unknown dslo.mode 'fast': use one of \['ot', 'velocity'\]"),
         ({"refinement": "crf"}, "refinement"),
         ({"dense.upsample": "nearest"}, "dense.upsample"),
         ({"dslo.sinkhorn_iterations": 0}, "dslo.sinkhorn_iterations"),
@@ -186,6 +188,20 @@ def test_engine_config_from_values():
 def test_invalid_updates_are_refused_with_a_reason(changes, reason):
     with pytest.raises(ParameterError, match=reason):
         validate_update(node_parameters.defaults(), changes)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("image_transport", "theora", "unknown image_transport 'theora': use one of ['raw', "),
+        ("precision", "fp8", "unknown precision 'fp8': use one of ['fp32', 'fp16', 'bf16']"),
+        ("pnp.vlm_model", "llava", "unknown pnp.vlm_model 'llava': use one of ['blip_itm']"),
+    ],
+)
+def test_a_start_up_choice_is_refused_with_the_choices(name, value, reason):
+    with pytest.raises(ParameterError) as refused:
+        validate(node_parameters.defaults() | {name: value})
+    assert reason in str(refused.value)
 
 
 def test_camera_names_become_settings():
