@@ -36,12 +36,11 @@ from ovss_ros.core.clip.text_encoding import (
     query_texts,
     template_set,
 )
-from ovss_ros.core.config import LOAD_FIELDS, EngineConfig
+from ovss_ros.core.config import LOAD_FIELDS, EngineConfig, check_fits_model
 from ovss_ros.core.method import Method, update_for
 from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.method_pipelines import Pipeline, check_with_clip
 from ovss_ros.core.methods.dense.encoded import window_starts
-from ovss_ros.core.methods.dense.method import check_fits_model
 from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
 from ovss_ros.core.segmentation import Segmentation, check_rgb
 from ovss_ros.core.stopping import Stopped
