@@ -8,6 +8,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from ovss_ros.core.config import RENAMED
+from ovss_ros.ros import parameter_docs
 from ovss_ros.ros import parameters as node_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +22,7 @@ def parameter_rows() -> dict[str, list[str]]:
     section = text.split("\n## Parameters\n", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
-        match = re.match(r"\| `([a-z_]+)` \| (.*) \|$", line)
+        match = re.match(r"\| `([a-z_.]+)` \| (.*) \|$", line)
         if match:
             rows[match[1]] = [cell.strip() for cell in re.split(r"(?<!\\)\|", match[2])]
     return rows
@@ -36,6 +38,30 @@ def test_every_declared_parameter_is_documented_with_its_default():
 
 def test_the_contract_documents_no_parameter_the_node_lacks():
     assert set(parameter_rows()) <= set(node_parameters.SPECS)
+
+
+def test_the_contracts_table_is_the_one_the_settings_make():
+    """Names (grouped by namespace), defaults, ranges, choices, descriptions and the sources of
+    the defaults, as the settings' definitions give them (python -m
+    ovss_ros.ros.parameter_docs --write remakes it)."""
+    documented = parameter_docs.documented_table(CONTRACT.read_text())
+    assert documented == parameter_docs.markdown_table()
+    rows = parameter_rows()
+    assert rows["dense.crop"][:2] == ["`0`", "runtime"]
+    assert (
+        rows["dslo.sd.size"][2] == "[64, 1448] (the per-frame budget); the VAE's activation "
+        "(size^2 x 128 x 4 bytes) within the per-frame budget"
+    )
+    assert rows["pnp.vlm_model"][1] == "start-up"
+    assert "### `dslo.sd.*`" in documented and "### `pnp.*`" in documented
+
+
+def test_the_contract_says_the_old_names_are_refused_with_their_new_ones():
+    documented = parameter_docs.documented_table(CONTRACT.read_text())
+    assert "crop was renamed dense.crop" in documented
+    for old, new in RENAMED.items():
+        assert f"`{old}` -> `{new}`" in documented
+        assert old not in parameter_rows()
 
 
 def test_readme_points_into_the_repository():

@@ -182,9 +182,10 @@ def test_device_is_overridden_only_when_given():
 
 def test_extra_parameters_are_applied_last():
     ovss, _ = ovss_and_rviz(
-        {"classes": "['a']", "device": "cpu"}, extra_parameters={"classes": ["b"], "crop": 64}
+        {"classes": "['a']", "device": "cpu"},
+        extra_parameters={"classes": ["b"], "dense.crop": 64},
     )
-    assert ovss.parameters == {"classes": ["b"], "device": "cpu", "crop": 64}
+    assert ovss.parameters == {"classes": ["b"], "device": "cpu", "dense.crop": 64}
 
 
 def test_overrides_follow_the_params_file_so_that_they_win():
@@ -479,12 +480,57 @@ def test_rviz_config_shows_input_overlay_and_labels():
     assert {panel["Class"] for panel in config["Panels"]} >= {"rviz_common/Displays"}
 
 
+# Parameter names (issue 19): nested in the file, dotted for the node; old flat names refused.
+
+
+def test_the_shipped_params_file_is_read_as_the_nodes_dotted_names():
+    from ovss_ros.ros import parameters as node_parameters
+
+    found = launch_plan.params_file_parameters(REPO_ROOT / "config" / "ovss.yaml", "/ovss")
+    assert found == node_parameters.defaults()
+    assert found["dslo.sd.size"] == 512 and "dslo" not in found
+
+
+def test_flatten_parameters_reads_namespaces_as_rcl_does():
+    nested = {"classes": ["a"], "dslo": {"mode": "ot", "sd": {"size": 256}}, "pnp.layer": 9}
+    assert launch_plan.flatten_parameters(nested) == {
+        "classes": ["a"],
+        "dslo.mode": "ot",
+        "dslo.sd.size": 256,
+        "pnp.layer": 9,
+    }
+
+
+def test_an_old_flat_name_in_the_params_file_is_refused_with_its_new_name(tmp_path):
+    old = write_params_file(tmp_path / "old.yaml", crop=224, sd_size=256)
+    with pytest.raises(LaunchPlanError) as refused:
+        plan({"params_file": str(old)})
+    assert str(refused.value) == (
+        f"params_file {old}: crop was renamed dense.crop; sd_size was renamed dslo.sd.size"
+    )
+    # Under a key for another node only: not this node's parameters, not refused here.
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"/robot/other": {"ros__parameters": {"crop": 224}}}))
+    plan({"params_file": str(other)})
+    nested = write_params_file(tmp_path / "new.yaml", dense={"crop": 224})
+    (ovss, _) = ovss_and_rviz({"params_file": str(nested)})
+    assert ovss.params_files == (str(nested),)
+
+
+def test_an_old_flat_name_among_the_overrides_is_refused_with_its_new_name():
+    with pytest.raises(LaunchPlanError, match="^parameters: pnp_layer was renamed pnp.layer$"):
+        plan({}, extra_parameters={"pnp_layer": 9})
+    ovss, _ = ovss_and_rviz({}, extra_parameters={"pnp.layer": 9})
+    assert ovss.parameters == {"pnp.layer": 9}
+
+
 # The node, started with exactly the plan's command line, over real DDS.
 
 
 def test_node_started_from_the_plan_serves_its_namespace(tmp_path, voc_rgb):
     # overlay_alpha 0.25 (default 0.5) shows that the '/**' file reached the namespaced node.
-    params_file = write_params_file(tmp_path / "ovss.yaml", overlay_alpha=0.25)
+    # pnp: layer: 9 (default 8): a nested value reached the node as pnp.layer.
+    params_file = write_params_file(tmp_path / "ovss.yaml", overlay_alpha=0.25, pnp={"layer": 9})
     ovss, rviz = ovss_and_rviz(
         {
             "namespace": "front_camera",
@@ -543,6 +589,7 @@ def test_node_started_from_the_plan_serves_its_namespace(tmp_path, voc_rgb):
             names = [entry.class_name for entry in out["label_info"].class_map]
             assert names == ["person", "cup", "potted plant"]  # the classes argument won
             assert client.get_parameter("overlay_alpha") == 0.25  # the params file applied
+            assert client.get_parameter("pnp.layer") == 9
             assert client.get_parameter("device") == "auto"
             assert client.get_parameter("model") == TINY_NODE_PARAMETERS["model"]
         finally:

@@ -46,12 +46,12 @@ def node(tmp_path_factory):
     blip = save_tiny_blip(tmp_path_factory.mktemp("atomic"))
     parameters = TINY_NODE_PARAMETERS | {
         "classes": CLASSES,
-        "vlm_pretrained": str(blip),
-        "pnp_image_size": IMAGE_SIZE,
-        "pnp_layer": 2,
-        "pnp_head": 3,
-        "pnp_dropout_rounds": 1,
-        "pnp_refine": "none",
+        "pnp.vlm_pretrained": str(blip),
+        "pnp.image_size": IMAGE_SIZE,
+        "pnp.layer": 2,
+        "pnp.head": 3,
+        "pnp.dropout_rounds": 1,
+        "pnp.refine": "none",
     }
     with running_node(parameters) as (client, process):
         yield client, process

@@ -43,7 +43,11 @@ def pipeline(tmp_path_factory) -> Path:
 
 
 def overrides(pipeline: Path) -> dict:
-    return TINY_NODE_PARAMETERS | {"classes": CLASSES, "sd_model": str(pipeline), "sd_size": 64}
+    return TINY_NODE_PARAMETERS | {
+        "classes": CLASSES,
+        "dslo.sd.model": str(pipeline),
+        "dslo.sd.size": 64,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +77,12 @@ def wait_for_change(client, predicate):
 def test_the_paper_preset_serves_frames_with_the_sd2_affinity(client, rgb, node):
     _, process = node
     values = {name: client.get_parameter(name) for name in ("method", "refinement")}
-    values |= {name: client.get_parameter(name) for name in ("affinity", "upsample")}
+    values |= {name: client.get_parameter(name) for name in ("dslo.affinity", "dense.upsample")}
     assert values == {
         "method": "vanilla",
         "refinement": "dslo",
-        "affinity": "sd2",
-        "upsample": "jbu",
+        "dslo.affinity": "sd2",
+        "dense.upsample": "jbu",
     }
     labels = segment(client, rgb)
     assert labels.shape == rgb.shape[:2] and labels.max() < len(CLASSES)
@@ -89,12 +93,12 @@ def test_switching_the_affinity_at_runtime_loads_and_releases_the_sd_model(clien
     with_sd2 = segment(client, rgb)
     try:
         for source in ("naclip", "keykey", "mean"):
-            assert set_one(client, Parameter("affinity", value=source)).successful
+            assert set_one(client, Parameter("dslo.affinity", value=source)).successful
             wait_for_change(client, lambda text: text == "applied")
-            assert client.get_parameter("affinity") == source
+            assert client.get_parameter("dslo.affinity") == source
             segment(client, rgb)
     finally:
-        assert set_one(client, Parameter("affinity", value="sd2")).successful
+        assert set_one(client, Parameter("dslo.affinity", value="sd2")).successful
     wait_for_change(client, lambda text: text == "applied")  # loaded again by the worker
     # the same model and settings again: the same labels as before the switches
     np.testing.assert_array_equal(segment(client, rgb), with_sd2)
@@ -104,16 +108,22 @@ def test_switching_the_affinity_at_runtime_loads_and_releases_the_sd_model(clien
     ("parameter", "reason"),
     [
         # integer ranges are enforced by rclpy from the descriptor, with its own words
-        (Parameter("sd_timestep", value=1000), "sd_timestep out of range. Min: 0, Max: 999"),
-        # sd_size's range is the per-frame budget's: the node refuses it, with the cost
-        (Parameter("sd_size", value=32), "sd_size must be in [64, 1448], got 32"),
-        (Parameter("sd_size", value=2048), "sd_size 2048 needs a 2.15 GB VAE activation"),
-        (Parameter("sd_temperature", value=0.0), "sd_temperature must be in"),
-        (Parameter("sd_layers", value="middle"), "unknown sd_layers 'middle'"),
-        (Parameter("sd_precision", value="fp8"), "unknown sd_precision 'fp8'"),
-        (Parameter("sd_model", value=""), "sd_model must name a Stable Diffusion model"),
-        (Parameter("sd_noise", value=1), "sd_noise must be a boolean"),
-        (Parameter("affinity", value="dino"), "unknown affinity 'dino'"),
+        (
+            Parameter("dslo.sd.timestep", value=1000),
+            "dslo.sd.timestep out of range. Min: 0, Max: 999",
+        ),
+        # dslo.sd.size's range is the per-frame budget's: the node refuses it, with the cost
+        (Parameter("dslo.sd.size", value=32), "dslo.sd.size must be in [64, 1448], got 32"),
+        (
+            Parameter("dslo.sd.size", value=2048),
+            "dslo.sd.size 2048 needs a 2.15 GB VAE activation",
+        ),
+        (Parameter("dslo.sd.temperature", value=0.0), "dslo.sd.temperature must be in"),
+        (Parameter("dslo.sd.layers", value="middle"), "unknown dslo.sd.layers 'middle'"),
+        (Parameter("dslo.sd.precision", value="fp8"), "unknown dslo.sd.precision 'fp8'"),
+        (Parameter("dslo.sd.model", value=""), "dslo.sd.model must name a Stable Diffusion model"),
+        (Parameter("dslo.sd.noise", value=1), "dslo.sd.noise must be a boolean"),
+        (Parameter("dslo.affinity", value="dino"), "unknown dslo.affinity 'dino'"),
     ],
     ids=lambda value: getattr(value, "name", None),
 )
@@ -127,8 +137,8 @@ def test_a_bad_sd_setting_is_refused_up_front(client, parameter, reason):
 @pytest.mark.parametrize(
     "changes",
     [
-        {"sd_model": MISSING},  # another SD model, while sd2 is in use
-        {"sd_precision": "fp16"},  # a load the CPU refuses
+        {"dslo.sd.model": MISSING},  # another SD model, while sd2 is in use
+        {"dslo.sd.precision": "fp16"},  # a load the CPU refuses
     ],
     ids=["missing model", "fp16 on the CPU"],
 )
@@ -151,14 +161,14 @@ def test_switching_to_sd2_with_a_missing_model_keeps_the_clip_affinity(client, r
     from ros_harness import call_service
 
     try:
-        assert set_one(client, Parameter("affinity", value="keykey")).successful
+        assert set_one(client, Parameter("dslo.affinity", value="keykey")).successful
         wait_for_change(client, lambda text: text == "applied")
-        before = {name: client.get_parameter(name) for name in ("affinity", "sd_model")}
+        before = {name: client.get_parameter(name) for name in ("dslo.affinity", "dslo.sd.model")}
         labels = segment(client, rgb)
         request = SetParametersAtomically.Request(
             parameters=[
-                Parameter("affinity", value="sd2").to_parameter_msg(),
-                Parameter("sd_model", value=MISSING).to_parameter_msg(),
+                Parameter("dslo.affinity", value="sd2").to_parameter_msg(),
+                Parameter("dslo.sd.model", value=MISSING).to_parameter_msg(),
             ]
         )
         atomic = client.node.create_client(
@@ -173,12 +183,12 @@ def test_switching_to_sd2_with_a_missing_model_keeps_the_clip_affinity(client, r
         )
         np.testing.assert_array_equal(segment(client, rgb), labels)
     finally:
-        assert set_one(client, Parameter("affinity", value="sd2")).successful
+        assert set_one(client, Parameter("dslo.affinity", value="sd2")).successful
         wait_for_change(client, lambda text: text == "applied")
 
 
 def test_start_up_without_the_sd_model_offline_fails_with_one_clear_message(pipeline):
-    parameters = overrides(pipeline) | {"sd_model": MISSING}
+    parameters = overrides(pipeline) | {"dslo.sd.model": MISSING}
     with NodeProcess(parameters, ["--params-file", str(PRESET)]) as process:
         try:
             returncode = process.wait(timeout=startup_timeout())
@@ -189,4 +199,4 @@ def test_start_up_without_the_sd_model_offline_fails_with_one_clear_message(pipe
     errors = [line for line in output.splitlines() if "[ERROR]" in line]
     assert len(errors) == 1, output
     assert shutdown_problems(output) == errors, output
-    assert MISSING in errors[0] and "set sd_model to a local directory" in errors[0], output
+    assert MISSING in errors[0] and "set dslo.sd.model to a local directory" in errors[0], output

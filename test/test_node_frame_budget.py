@@ -42,13 +42,13 @@ def set_atomically(client, parameters: list[Parameter]):
     ("parameters", "reason"),
     [
         (
-            [("sd_size", 2048)],
-            "sd_size 2048 needs a 2.15 GB VAE activation per frame; at most 1448",
+            [("dslo.sd.size", 2048)],
+            "dslo.sd.size 2048 needs a 2.15 GB VAE activation per frame; at most 1448",
         ),
-        ([("sd_size", 4096)], "sd_size 4096 needs a 8.59 GB VAE activation per frame"),
-        ([("pnp_image_size", 1024)], "pnp_image_size 1024 needs a 1.07 GB attention map"),
-        ([("pnp_image_size", 4096)], "pnp_image_size 4096 needs a 274.9 GB attention map"),
-        ([("twostream_crop_batch", 1024)], "twostream_crop_batch 1024 needs a 2.48 GB"),
+        ([("dslo.sd.size", 4096)], "dslo.sd.size 4096 needs a 8.59 GB VAE activation per frame"),
+        ([("pnp.image_size", 1024)], "pnp.image_size 1024 needs a 1.07 GB attention map"),
+        ([("pnp.image_size", 4096)], "pnp.image_size 4096 needs a 274.9 GB attention map"),
+        ([("twostream.crop_batch", 1024)], "twostream.crop_batch 1024 needs a 2.48 GB"),
         (
             [("refinement", "dslo"), ("short_side", 4096), ("max_long_side", 4096)],
             "whose patch affinity needs a 17.2 GB map per frame",
@@ -57,7 +57,7 @@ def set_atomically(client, parameters: list[Parameter]):
         (
             [
                 ("method", "deop"),
-                ("proposals", 1000),
+                ("deop.proposals", 1000),
                 ("short_side", 4096),
                 ("max_long_side", 4096),
             ],
@@ -78,7 +78,11 @@ def test_refused_with_its_cost_and_nothing_changes(client, voc_rgb, parameters, 
 
 
 def test_the_descriptor_states_the_budget_limit(client):
-    for name, most in (("sd_size", 1448), ("pnp_image_size", 1008), ("twostream_crop_batch", 443)):
+    for name, most in (
+        ("dslo.sd.size", 1448),
+        ("pnp.image_size", 1008),
+        ("twostream.crop_batch", 443),
+    ):
         descriptor = client.describe_parameter(name)
         assert f"to {most} (the per-frame budget)" in descriptor.additional_constraints, name
 
@@ -88,9 +92,13 @@ def test_a_switch_of_method_is_checked_against_the_budget_of_the_new_method(clie
     is then refused up front with the cost (it was accepted and failed in the worker before,
     found by a reviewer of issue 18), and the method in force keeps serving."""
     sizes = {name: client.get_parameter(name) for name in ("short_side", "max_long_side")}
-    proposals = client.get_parameter("proposals")
+    proposals = client.get_parameter("deop.proposals")
     try:
-        for name, value in (("proposals", 1000), ("short_side", 4096), ("max_long_side", 4096)):
+        for name, value in (
+            ("deop.proposals", 1000),
+            ("short_side", 4096),
+            ("max_long_side", 4096),
+        ):
             result = client.set_parameters([Parameter(name, value=value)])[0]
             assert result.successful, (name, result.reason)
         result = client.set_parameters([Parameter("method", value="deop")])[0]
@@ -102,4 +110,4 @@ def test_a_switch_of_method_is_checked_against_the_budget_of_the_new_method(clie
     finally:
         restore = [Parameter(n, value=v) for n, v in sizes.items()]
         assert all(r.successful for r in client.set_parameters(restore))
-        assert client.set_parameters([Parameter("proposals", value=proposals)])[0].successful
+        assert client.set_parameters([Parameter("deop.proposals", value=proposals)])[0].successful

@@ -60,13 +60,13 @@ def parameters(files):
     return TINY_NODE_PARAMETERS | {
         "pretrained": str(files["weights"]),
         "classes": CLASSES,
-        "vlm_pretrained": str(files["blip"]),
-        "pnp_image_size": IMAGE_SIZE,
-        "pnp_layer": 2,
-        "pnp_head": 3,
-        "pnp_dropout_rounds": 2,
-        "pnp_dropout_patches": 2,
-        "proposals": 12,
+        "pnp.vlm_pretrained": str(files["blip"]),
+        "pnp.image_size": IMAGE_SIZE,
+        "pnp.layer": 2,
+        "pnp.head": 3,
+        "pnp.dropout_rounds": 2,
+        "pnp.dropout_patches": 2,
+        "deop.proposals": 12,
     }
 
 
@@ -157,12 +157,12 @@ def test_naclip_to_deop_says_it_runs_training_free(client, node, rgb, expected):
 def test_a_missing_checkpoint_is_refused_with_the_reason(client, rgb, expected):
     result = set_atomically(
         client,
-        [Parameter("method", value="deop"), Parameter("deop_checkpoint", value="/nowhere/d.pt")],
+        [Parameter("method", value="deop"), Parameter("deop.checkpoint", value="/nowhere/d.pt")],
     )
     assert not result.successful
-    assert "deop_checkpoint '/nowhere/d.pt' not found" in result.reason
+    assert "deop.checkpoint '/nowhere/d.pt' not found" in result.reason
     assert client.get_parameter("method") == "naclip"
-    assert client.get_parameter("deop_checkpoint") == ""
+    assert client.get_parameter("deop.checkpoint") == ""
     assert_serves(client, rgb, expected["naclip"])
 
 
@@ -170,10 +170,10 @@ def test_a_missing_checkpoint_is_refused_with_the_reason(client, rgb, expected):
     ("change", "failure"),
     [
         (
-            {"method": "deop", "deop_checkpoint": "mismatched"},
+            {"method": "deop", "deop.checkpoint": "mismatched"},
             "was trained on CLIP 'tiny-vit-b32'",
         ),
-        ({"method": "pnp_ovss", "pnp_layer": 9}, "pnp_layer 9 > the VLM's 3 text layers"),
+        ({"method": "pnp_ovss", "pnp.layer": 9}, "pnp.layer 9 > the VLM's 3 text layers"),
     ],
     ids=["mismatched checkpoint", "layer the VLM lacks"],
 )

@@ -142,6 +142,35 @@ def test_an_atomic_request_with_one_unknown_name_changes_nothing(node):
     assert client.get_parameter("overlay_alpha") == 0.5
 
 
+def test_an_old_flat_name_at_runtime_is_refused_with_its_new_name(node):
+    """Issue 19: set_parameters and set_parameters_atomically naming a parameter of an earlier
+    release are refused with the new name (over DDS, the node in its own process); nothing
+    changes, the new name works."""
+    from rcl_interfaces.srv import SetParametersAtomically
+    from ros_harness import call_service
+
+    client, _ = node
+    (result,) = client.set_parameters([Parameter("crop", value=32)])
+    assert not result.successful and result.reason == "crop was renamed dense.crop"
+    results = client.set_parameters([Parameter("pnp_layer", value=9)])
+    assert results[0].reason == "pnp_layer was renamed pnp.layer"
+    service = client.node.create_client(SetParametersAtomically, "/ovss/set_parameters_atomically")
+    request = SetParametersAtomically.Request(
+        parameters=[
+            Parameter("overlay_alpha", value=0.9).to_parameter_msg(),
+            Parameter("sd_size", value=256).to_parameter_msg(),
+        ]
+    )
+    result = call_service(client.node, service, request).result
+    assert not result.successful and result.reason == "sd_size was renamed dslo.sd.size"
+    assert client.get_parameter("overlay_alpha") == 0.5
+    assert client.get_parameter("dense.crop") == 0 and client.get_parameter("pnp.layer") == 8
+    (result,) = client.set_parameters([Parameter("pnp.layer", value=9)])
+    assert result.successful, result.reason
+    assert client.get_parameter("pnp.layer") == 9
+    assert client.set_parameters([Parameter("pnp.layer", value=8)])[0].successful
+
+
 def wait_for_message(client: OvssClient, predicate) -> object:
     """The first status received from now on whose message satisfies ``predicate``."""
     seen = len(client.statuses(STATUS))
@@ -239,13 +268,17 @@ def test_help_prints_every_parameter_and_exits_without_starting_ros(script, flag
     for spec in node_parameters.PARAMETERS:
         (index,) = [i for i, line in enumerate(lines) if line.startswith(f"  {spec.name} (")]
         header = lines[index]
-        assert ("read-only" if spec.read_only else "runtime") in header
+        assert ("start-up (read-only)" if spec.read_only else "runtime") in header
         assert f"default {spec.default!r}" in header
+        if spec.minimum is not None:
+            assert f"range {spec.range_text()}" in header
         # The description follows, wrapped: its words in order.
         following = " ".join(line.strip() for line in lines[index + 1 : index + 8])
         assert " ".join(spec.description.split()) in following, spec.name
         if spec.constraints:
             assert " ".join(f"values: {spec.constraints}".split()) in following
+    # The names of earlier releases, with their new ones.
+    assert "crop -> dense.crop" in text and "sd_size -> dslo.sd.size" in " ".join(lines)
 
 
 def test_help_is_only_ours_before_ros_args():

@@ -40,20 +40,25 @@ STATUS = "ovss: image"
 CLASSES = ["cat", "dog", "person"]
 FLOATS = [spec.name for spec in node_parameters.PARAMETERS if isinstance(spec.default, float)]
 # Integers for every float at start-up: half from a params file, half from -p.
-FROM_FILE = {"sinkhorn_epsilon": 1, "velocity_tau": 1, "freecp_redundancy": 0, "area_threshold": 0}
-FROM_FILE["sd_temperature"] = 2
+FROM_FILE = {
+    "dslo.sinkhorn_epsilon": 1,
+    "dslo.velocity_tau": 1,
+    "freecp.redundancy": 0,
+    "dense.area_threshold": 0,
+}
+FROM_FILE["dslo.sd.temperature"] = 2
 # pnp_ovss, deop, twostream (issues 9, 10)
-FROM_FILE |= {"pnp_threshold": 0, "pnp_blur": 0, "proposal_logit_scale": 100}
+FROM_FILE |= {"pnp.threshold": 0, "pnp.blur": 0, "deop.logit_scale": 100}
 FROM_COMMAND_LINE = {
-    "freecp_ambiguity": 1,
+    "freecp.ambiguity": 1,
     "score_threshold": 0,
-    "logit_scale": 40,
+    "dense.logit_scale": 40,
     "overlay_alpha": 1,
     "max_frame_age": 60,
     # pnp_ovss, deop, twostream (issues 9, 10)
-    "pnp_presence_threshold": 1,
-    "superpixel_compactness": 10,
-    "severance_residual": 0,
+    "pnp.presence_threshold": 1,
+    "deop.superpixel_compactness": 10,
+    "deop.severance_residual": 0,
 }
 
 pytestmark = pytest.mark.usefixtures("node_survives")

@@ -15,8 +15,10 @@ from rclpy.parameter import Parameter
 from ros_harness import isolate_dds
 
 from ovss_ros.core import EngineConfig, parse_classes
+from ovss_ros.core.config import RENAMED
+from ovss_ros.ros import parameter_docs, topic_names, undeclared
 from ovss_ros.ros import parameters as node_parameters
-from ovss_ros.ros import topic_names
+from ovss_ros.ros.launch_plan import flatten_parameters
 from ovss_ros.ros.parameters import ParameterError, validate, validate_update
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "ovss.yaml"
@@ -32,9 +34,46 @@ def test_defaults_are_valid_and_map_onto_engine_defaults():
 
 
 def test_config_file_holds_every_default():
-    # "/**": the file applies to the node whatever its name or namespace.
+    # "/**": the file applies to the node whatever its name or namespace; a method's
+    # parameters nested by namespace (dslo: sd: size), as rcl reads dslo.sd.size.
     config = yaml.safe_load(CONFIG.read_text())["/**"]["ros__parameters"]
-    assert config == node_parameters.defaults()
+    assert flatten_parameters(config) == node_parameters.defaults()
+    assert config["dslo"]["sd"]["size"] == 512 and config["pnp"]["layer"] == 8
+    assert not set(config) & set(RENAMED)
+
+
+def test_config_file_is_the_one_the_settings_make():
+    """config/ovss.yaml, comments included, is made from the settings' definitions (python -m
+    ovss_ros.ros.parameter_docs --write remakes it after a setting changes)."""
+    assert CONFIG.read_text() == parameter_docs.params_yaml()
+
+
+def test_the_table_is_the_engines_schema_and_the_node_settings():
+    """One definition: every engine setting (core.config.SCHEMA) and every node setting is a
+    parameter with the definition's default, description, range and runtime flag."""
+    from ovss_ros.core.config import SCHEMA
+    from ovss_ros.ros.node_settings import NODE_SCHEMA
+
+    definitions = {d.name: d for d in (*SCHEMA, *NODE_SCHEMA)}
+    assert set(definitions) == set(node_parameters.SPECS)
+    for name, spec in node_parameters.SPECS.items():
+        definition = definitions[name]
+        default = definition.default
+        assert spec.default == (list(default) if isinstance(default, tuple) else default)
+        assert spec.description == definition.info.description
+        assert spec.read_only == (not definition.info.runtime)
+        assert (spec.minimum, spec.maximum) == (definition.info.minimum, definition.info.maximum)
+        for choice in definition.info.choices:
+            assert choice in spec.constraints, name
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_an_old_flat_name_is_refused_with_its_new_name(old):
+    with pytest.raises(ParameterError) as refused:
+        validate_update(
+            node_parameters.defaults(), {old: node_parameters.defaults()[RENAMED[old]]}
+        )
+    assert str(refused.value) == f"{old} was renamed {RENAMED[old]}"
 
 
 def test_every_engine_field_is_a_parameter():
@@ -46,8 +85,8 @@ def test_every_engine_field_is_a_parameter():
         "precision",
         "image_transport",
         "cameras",
-        "vlm_model",
-        "vlm_pretrained",
+        "pnp.vlm_model",
+        "pnp.vlm_pretrained",
     }
 
 
@@ -71,14 +110,14 @@ def test_engine_config_from_values():
         "model": "/models/tiny.json",
         "method": "sclip",
         "background_words": ["sky", "wall"],
-        "crop": 224,
-        "stride": 112,
+        "dense.crop": 224,
+        "dense.stride": 112,
     }
     config = validate(values).engine
     assert config.model == "/models/tiny.json"
     assert config.method == "sclip"
     assert config.background_words == ("sky", "wall")
-    assert (config.crop, config.stride) == (224, 112)
+    assert (config.dense.crop, config.dense.stride) == (224, 112)
 
 
 @pytest.mark.parametrize(
@@ -94,16 +133,18 @@ def test_engine_config_from_values():
         ({"classes": ["x" * 201]}, "too long"),
         ({"classes": ["cat", " ; "]}, "empty"),
         ({"method": "segformer"}, "method"),
+        # choices come from the settings' definitions, the node's own ones too
+        ({"dslo.mode": "fast"}, r"unknown dslo.mode 'fast': use one of \['ot', 'velocity'\]"),
         ({"refinement": "crf"}, "refinement"),
-        ({"upsample": "nearest"}, "upsample"),
-        ({"sinkhorn_iterations": 0}, "sinkhorn_iterations"),
-        ({"velocity_tau": 0.0}, "velocity_tau"),
-        ({"freecp_ambiguity": 1.5}, "freecp_ambiguity"),
+        ({"dense.upsample": "nearest"}, "dense.upsample"),
+        ({"dslo.sinkhorn_iterations": 0}, "dslo.sinkhorn_iterations"),
+        ({"dslo.velocity_tau": 0.0}, "dslo.velocity_tau"),
+        ({"freecp.ambiguity": 1.5}, "freecp.ambiguity"),
         ({"templates": "a photo"}, "templates"),
-        ({"crop": 224, "stride": 300}, "stride"),
-        ({"stride": 112}, "crop"),
+        ({"dense.crop": 224, "dense.stride": 300}, "dense.stride"),
+        ({"dense.stride": 112}, "dense.crop"),
         ({"score_threshold": 1.5}, "score_threshold"),
-        ({"logit_scale": 0.0}, "logit_scale"),
+        ({"dense.logit_scale": 0.0}, "dense.logit_scale"),
         ({"short_side": -1}, "short_side"),
         ({"overlay_alpha": 2.0}, "overlay_alpha"),
         ({"max_frame_age": -1.0}, "max_frame_age"),
@@ -111,16 +152,22 @@ def test_engine_config_from_values():
         ({"publish_masks": "yes"}, "publish_masks"),
         ({"max_input_pixels": 0}, "max_input_pixels must be in"),
         ({"max_long_side": 0}, "max_long_side must be in"),
-        ({"affinity": "dino"}, "unknown affinity 'dino'"),
-        ({"sd_model": "  "}, "sd_model must name a Stable Diffusion model"),
-        ({"sd_precision": "fp8"}, "unknown sd_precision 'fp8'"),
-        ({"sd_size": 32}, r"sd_size must be in \[64, 1448\]"),
+        ({"dslo.affinity": "dino"}, "unknown dslo.affinity 'dino'"),
+        ({"dslo.sd.model": "  "}, "dslo.sd.model must name a Stable Diffusion model"),
+        ({"dslo.sd.precision": "fp8"}, "unknown dslo.sd.precision 'fp8'"),
+        ({"dslo.sd.size": 32}, r"dslo.sd.size must be in \[64, 1448\]"),
         # issue 18: sizes whose frame needs a map beyond the per-frame budget, with the cost
-        ({"sd_size": 2048}, "sd_size 2048 needs a 2.15 GB VAE activation per frame; at most 1448"),
-        ({"sd_size": 4096}, "sd_size 4096 needs a 8.59 GB VAE activation per frame; at most 1448"),
-        ({"pnp_image_size": 1024}, "pnp_image_size 1024 needs a 1.07 GB attention map per frame"),
-        ({"pnp_image_size": 4096}, "pnp_image_size 4096 needs a 274.9 GB attention map"),
-        ({"twostream_crop_batch": 1024}, "twostream_crop_batch 1024 needs a 2.48 GB CLIP"),
+        (
+            {"dslo.sd.size": 2048},
+            "dslo.sd.size 2048 needs a 2.15 GB VAE activation per frame; at most 1448",
+        ),
+        (
+            {"dslo.sd.size": 4096},
+            "dslo.sd.size 4096 needs a 8.59 GB VAE activation per frame; at most 1448",
+        ),
+        ({"pnp.image_size": 1024}, "pnp.image_size 1024 needs a 1.07 GB attention map per frame"),
+        ({"pnp.image_size": 4096}, "pnp.image_size 4096 needs a 274.9 GB attention map"),
+        ({"twostream.crop_batch": 1024}, "twostream.crop_batch 1024 needs a 2.48 GB CLIP"),
         (
             {"refinement": "dslo", "short_side": 4096, "max_long_side": 4096},
             "256x256 patches, whose patch affinity needs a 17.2 GB map per frame",
@@ -129,18 +176,32 @@ def test_engine_config_from_values():
             {"refinement": "freecp", "short_side": 0, "max_long_side": 4096},
             "whose patch affinity needs a 17.2 GB map",
         ),
-        ({"logit_scale": float("inf")}, r"logit_scale must be in"),
-        ({"crop": 5000}, r"crop must be in \[0, 4096\]"),
-        ({"sd_timestep": 1000}, r"sd_timestep must be in \[0, 999\]"),
-        ({"sd_temperature": 0.0}, "sd_temperature must be in"),
-        ({"sd_layers": "mid"}, "unknown sd_layers 'mid'"),
-        ({"sd_noise": 1}, "sd_noise must be a boolean"),
-        ({"sd_seed": -1}, "sd_seed must be in"),
+        ({"dense.logit_scale": float("inf")}, r"dense.logit_scale must be in"),
+        ({"dense.crop": 5000}, r"dense.crop must be in \[0, 4096\]"),
+        ({"dslo.sd.timestep": 1000}, r"dslo.sd.timestep must be in \[0, 999\]"),
+        ({"dslo.sd.temperature": 0.0}, "dslo.sd.temperature must be in"),
+        ({"dslo.sd.layers": "mid"}, "unknown dslo.sd.layers 'mid'"),
+        ({"dslo.sd.noise": 1}, "dslo.sd.noise must be a boolean"),
+        ({"dslo.sd.seed": -1}, "dslo.sd.seed must be in"),
     ],
 )
 def test_invalid_updates_are_refused_with_a_reason(changes, reason):
     with pytest.raises(ParameterError, match=reason):
         validate_update(node_parameters.defaults(), changes)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("image_transport", "theora", "unknown image_transport 'theora': use one of ['raw', "),
+        ("precision", "fp8", "unknown precision 'fp8': use one of ['fp32', 'fp16', 'bf16']"),
+        ("pnp.vlm_model", "llava", "unknown pnp.vlm_model 'llava': use one of ['blip_itm']"),
+    ],
+)
+def test_a_start_up_choice_is_refused_with_the_choices(name, value, reason):
+    with pytest.raises(ParameterError) as refused:
+        validate(node_parameters.defaults() | {name: value})
+    assert reason in str(refused.value)
 
 
 def test_camera_names_become_settings():
@@ -284,22 +345,22 @@ FLOATS = [spec.name for spec in node_parameters.PARAMETERS if isinstance(spec.de
 def test_the_float_parameters_are_found():
     # If this changes, the tests below cover the new ones too (they use FLOATS).
     assert FLOATS == [
-        "pnp_threshold",  # pnp_ovss, deop, twostream (issues 9, 10)
-        "pnp_presence_threshold",
-        "pnp_blur",
-        "proposal_logit_scale",
-        "superpixel_compactness",
-        "severance_residual",
-        "area_threshold",
-        "sinkhorn_epsilon",
-        "velocity_tau",
-        "sd_temperature",
-        "freecp_redundancy",
-        "freecp_ambiguity",
         "score_threshold",
-        "logit_scale",
         "overlay_alpha",
         "max_frame_age",
+        "dense.logit_scale",
+        "dense.area_threshold",
+        "dslo.sinkhorn_epsilon",
+        "dslo.velocity_tau",
+        "dslo.sd.temperature",
+        "freecp.redundancy",
+        "freecp.ambiguity",
+        "pnp.threshold",  # pnp_ovss, deop, twostream (issues 9, 10)
+        "pnp.presence_threshold",
+        "pnp.blur",
+        "deop.logit_scale",
+        "deop.superpixel_compactness",
+        "deop.severance_residual",
     ]
 
 
@@ -308,7 +369,7 @@ def test_an_integer_is_accepted_for_every_float_and_means_that_float(name):
     settings = validate_update(node_parameters.defaults(), {name: 1})
     value = getattr(settings, name, None)
     if value is None:
-        value = getattr(settings.engine, name)
+        value = settings.engine.flat()[name]
     assert value == 1.0 and type(value) is float
 
 
@@ -357,17 +418,21 @@ def test_coerce_types_an_empty_list_as_the_string_array_it_means(kind):
             "overlay_alpha must be a floating-point number, got string 'abc'",
         ),
         ("score_threshold", True, "must be a floating-point number, got boolean True"),
-        ("logit_scale", None, "logit_scale must be a floating-point number, got nothing (unset)"),
+        (
+            "dense.logit_scale",
+            None,
+            "dense.logit_scale must be a floating-point number, got nothing (unset)",
+        ),
         (
             "overlay_alpha",
             array.array("d", [0.5]),
             "must be a floating-point number, got list of floating-point numbers [0.5]",
         ),
         ("short_side", 2.5, "short_side must be an integer, got floating-point number 2.5"),
-        ("crop", False, "crop must be an integer, got boolean False"),
-        ("sinkhorn_iterations", "50", "must be an integer, got string '50'"),
+        ("dense.crop", False, "dense.crop must be an integer, got boolean False"),
+        ("dslo.sinkhorn_iterations", "50", "must be an integer, got string '50'"),
         ("publish_masks", 1, "publish_masks must be a boolean (true or false), got integer 1"),
-        ("pamr", "yes", "pamr must be a boolean (true or false), got string 'yes'"),
+        ("dense.pamr", "yes", "dense.pamr must be a boolean (true or false), got string 'yes'"),
         ("method", 3, "method must be a string, got integer 3"),
         ("templates", ["a {}"], "templates must be a string, got list of strings ['a {}']"),
         ("classes", "cat", "classes must be a list of strings (e.g. ['cat', 'dog']), got string"),
@@ -554,6 +619,47 @@ def test_an_empty_list_at_start_up_is_an_empty_list_of_strings(tmp_path, path):
             assert values[name] == []
             parameter = node.get_parameter(name)
             assert parameter.type_ == Parameter.Type.STRING_ARRAY and parameter.value == [], name
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def test_a_nested_params_file_arrives_as_the_dotted_names(tmp_path):
+    """A method's parameters nested by namespace in YAML (dslo: sd: size) are the dotted
+    parameters rcl reads (dslo.sd.size), next to -p with the dotted name."""
+    params = tmp_path / "ovss.yaml"
+    nested = {"dense": {"crop": 224, "stride": 112}, "dslo": {"sd": {"size": 256}}}
+    params.write_text(yaml.safe_dump({"/**": {"ros__parameters": nested}}))
+    context, node = node_from_arguments(["--params-file", str(params), "-p", "pnp.layer:=9"])
+    try:
+        undeclared.refuse_renamed_overrides(node)  # nothing renamed: no refusal
+        values = node_parameters.declare_parameters(node)
+        assert (values["dense.crop"], values["dense.stride"]) == (224, 112)
+        assert values["dslo.sd.size"] == 256 and values["pnp.layer"] == 9
+        engine = validate(values).engine
+        assert (engine.dense.crop, engine.dslo.sd.size, engine.pnp.layer) == (224, 256, 9)
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+@pytest.mark.parametrize("path", ["-p", "--params-file"])
+def test_old_flat_names_at_start_up_are_refused_with_their_new_names(tmp_path, path):
+    if path == "-p":
+        arguments = ["-p", "crop:=224", "-p", "sd_size:=256"]
+    else:
+        params = tmp_path / "ovss.yaml"
+        params.write_text(
+            yaml.safe_dump({"/**": {"ros__parameters": {"crop": 224, "sd_size": 256}}})
+        )
+        arguments = ["--params-file", str(params)]
+    context, node = node_from_arguments(arguments)
+    try:
+        with pytest.raises(ParameterError) as refused:
+            undeclared.refuse_renamed_overrides(node)
+        assert str(refused.value) == (
+            "crop was renamed dense.crop; sd_size was renamed dslo.sd.size"
+        )
     finally:
         node.destroy_node()
         rclpy.shutdown(context=context)

@@ -50,7 +50,12 @@ CLASSES = ["cat", "dog", "person"]
 LONG_VOCABULARY = [f"object number {index}" for index in range(1000)]
 # A frame takes 1-2 s with these (266 windows of 64 px on a VOC photo; the engine allows 512),
 # so a signal finds the worker busy.
-SLOW = TINY_NODE_PARAMETERS | {"classes": CLASSES, "short_side": 896, "crop": 64, "stride": 64}
+SLOW = TINY_NODE_PARAMETERS | {
+    "classes": CLASSES,
+    "short_side": 896,
+    "dense.crop": 64,
+    "dense.stride": 64,
+}
 FAST = TINY_NODE_PARAMETERS | {"classes": CLASSES}
 CAMERA_PERIOD_S = 1 / 30
 SIGINT, SIGTERM = signal.SIGINT, signal.SIGTERM

@@ -7,6 +7,8 @@ The processes start together (each pays the torch import) and are checked one by
 from __future__ import annotations
 
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from ros_harness import TINY_NODE_PARAMETERS, NodeProcess
@@ -18,6 +20,11 @@ ROOM = 30
 NAMESPACE = "/warehouse_robot_07/perception/front_left_camera/segmentation/"
 NAMESPACE += "n" * (247 - len("/ovss/masks/") - ROOM - len(NAMESPACE))
 LONG_CLASS = "a very long class name " * 8 + "x" * 9  # 193 characters: the issue's example
+# A params file in the names of the releases before namespaced parameters (issue 19).
+OLD_PARAMS_FILE = Path(tempfile.gettempdir()) / "ovss_test_old_names.yaml"
+OLD_PARAMS_FILE.write_text(
+    "/**:\n  ros__parameters:\n    pnp_layer: 9\n    dense:\n      crop: 224\n"
+)
 # name: (parameters, extra ROS arguments, texts the one error line must hold, module)
 CASES = {
     "mask topic too long": (
@@ -72,21 +79,34 @@ CASES = {
     ),
     # pnp_ovss, deop (issues 9, 10): the second model or the checkpoint, named in the line.
     "pnp_ovss with a VLM that is not available offline": (
-        TINY_NODE_PARAMETERS | {"method": "pnp_ovss", "vlm_pretrained": "Salesforce/blip-x"},
+        TINY_NODE_PARAMETERS | {"method": "pnp_ovss", "pnp.vlm_pretrained": "Salesforce/blip-x"},
         [],
-        ["cannot start", "'Salesforce/blip-x'", "not in the local", "set vlm_pretrained"],
+        ["cannot start", "'Salesforce/blip-x'", "not in the local", "set pnp.vlm_pretrained"],
         "ovss_ros.ros.node",
     ),
     "deop with a missing checkpoint": (
-        TINY_NODE_PARAMETERS | {"method": "deop", "deop_checkpoint": "/nowhere/deop.pt"},
+        TINY_NODE_PARAMETERS | {"method": "deop", "deop.checkpoint": "/nowhere/deop.pt"},
         [],
-        ["cannot start", "deop_checkpoint '/nowhere/deop.pt' not found"],
+        ["cannot start", "deop.checkpoint '/nowhere/deop.pt' not found"],
         LIFECYCLE,
     ),
     "integer float out of range": (
         TINY_NODE_PARAMETERS | {"overlay_alpha": 2},
         [],
         ["cannot start", "overlay_alpha must be in [0.0, 1.0], got 2"],
+        LIFECYCLE,
+    ),
+    # Issue 19: a flat name of an earlier release is refused with its new name, not ignored.
+    "old flat name on the command line": (
+        TINY_NODE_PARAMETERS | {"crop": 224},
+        [],
+        ["cannot start", "crop was renamed dense.crop"],
+        "ovss_ros.ros.node",
+    ),
+    "managed node, old flat name in a params file": (
+        TINY_NODE_PARAMETERS,
+        ["--params-file", str(OLD_PARAMS_FILE)],
+        ["cannot start", "pnp_layer was renamed pnp.layer"],
         LIFECYCLE,
     ),
 }

@@ -259,8 +259,8 @@ def test_invalid_vocabulary_is_refused_and_changes_nothing(client, voc_rgb, valu
         ("image_transport", "compressed", "read-only"),
         ("method", "segformer", "method"),
         ("templates", "no placeholder", "templates"),
-        ("crop", 100, "patch"),
-        ("stride", 32, "crop"),
+        ("dense.crop", 100, "patch"),
+        ("dense.stride", 32, "dense.crop"),
         ("score_threshold", 2.0, "range"),
         ("background_words", ["sky", ""], "background_words"),
         ("background_words", [1.5], "list of strings"),
@@ -277,7 +277,12 @@ def test_invalid_runtime_parameters_are_refused(client, name, value, reason):
 
 def test_runtime_parameters_apply_to_the_next_frame(client, voc_rgb):
     try:
-        set_ok(client, score_threshold=0.9, method="clearclip", crop=32, stride=16)
+        set_ok(
+            client,
+            score_threshold=0.9,
+            method="clearclip",
+            **{"dense.crop": 32, "dense.stride": 16},
+        )
         client.spin_until(
             lambda: (
                 (info := latest_label_info(client)) is not None
@@ -291,16 +296,18 @@ def test_runtime_parameters_apply_to_the_next_frame(client, voc_rgb):
         labels, confidence = image_array(out["labels"]), image_array(out["confidence"])
         np.testing.assert_array_equal(labels == 255, confidence < 0.9)
     finally:
-        set_ok(client, score_threshold=0.0, method="naclip", stride=0, crop=0)
+        set_ok(
+            client, score_threshold=0.0, method="naclip", **{"dense.stride": 0, "dense.crop": 0}
+        )
 
 
 @pytest.mark.parametrize(
     "changes",
     [
-        {"refinement": "dslo", "dslo_mode": "velocity"},
-        {"refinement": "dslo", "dslo_mode": "ot", "affinity": "keykey"},
+        {"refinement": "dslo", "dslo.mode": "velocity"},
+        {"refinement": "dslo", "dslo.mode": "ot", "dslo.affinity": "keykey"},
         {"refinement": "freecp"},
-        {"pamr": True, "upsample": "jbu"},
+        {"dense.pamr": True, "dense.upsample": "jbu"},
     ],
     ids=["dslo-velocity", "dslo-ot", "freecp", "pamr-jbu"],
 )

@@ -40,14 +40,15 @@ class FaultySegmenter(Segmenter):
         self.calls: list[str] = []
         super().__init__(config, **kwargs)
 
-    def update(self, classes=None, **changes) -> None:
-        """The one call the node makes to change the engine (vocabulary and settings)."""
-        self.calls.append(f"update {classes is not None} {sorted(changes)}")
+    def update(self, classes=None, changes=None, **shared) -> None:
+        """The one call the node makes to change the engine (vocabulary and settings by dotted
+        name)."""
+        self.calls.append(f"update {classes is not None} {sorted({**(changes or {}), **shared})}")
         if classes is not None and FaultySegmenter.stopped:
             raise Stopped("stop requested before encoding")
         if classes is not None and FaultySegmenter.fail_set_classes:
             raise RuntimeError("out of memory while encoding text")
-        super().update(classes, **changes)
+        super().update(classes, changes, **shared)
 
     def segment_many(self, images: list[np.ndarray]) -> list[Segmentation]:
         self.calls.append(f"segment_many {len(images)}")
@@ -290,9 +291,12 @@ def test_refused_parameters_reach_nothing(node):
     calls = len(node.segmenter.calls)
     result = node.set_parameters([Parameter("classes", value=["cat", "cat"])])[0]
     assert not result.successful and "duplicate" in result.reason
-    crop = [Parameter("crop", value=24), Parameter("stride", value=24)]  # one request
+    crop = [Parameter("dense.crop", value=24), Parameter("dense.stride", value=24)]  # one request
     result = node.set_parameters_atomically(crop)
-    assert not result.successful and "crop 24 must be a multiple of the patch 16" in result.reason
+    assert (
+        not result.successful
+        and "dense.crop 24 must be a multiple of the patch 16" in result.reason
+    )
     result = node.set_parameters([Parameter("max_long_side", value=8)])[0]
     assert not result.successful and "below one patch of the model (16 px)" in result.reason
     node._apply_pending()

@@ -18,7 +18,7 @@ rclpy's own signal handlers are not installed (``SignalHandlerOptions.NO``): the
 context down from another thread while the worker may still publish.
 
 ``-h`` / ``--help`` before any ``--ros-args`` prints usage (topics, every parameter with its type,
-default, range or values, and description, from ``parameters.PARAMETERS``) and exits 0
+default, range or values, and description, from ``parameter_table.PARAMETERS``) and exits 0
 without initialising ROS.
 """
 
@@ -111,25 +111,46 @@ def usage_header(program: str) -> str:
 
 
 def parameter_help() -> str:
-    """Every declared parameter: name, type, read-only or runtime, default, range, description
-    and allowed values, wrapped to 99 columns."""
+    """Every declared parameter, from the settings' definitions (``parameter_table``): name,
+    type, runtime or start-up, default, range, description, allowed values and where the default
+    comes from, wrapped to 99 columns; the parameters of earlier releases with their new names."""
     # Imports torch and rclpy's Python API: seconds.
-    from ovss_ros.ros import parameters
+    from ovss_ros.ros import parameter_table
+    from ovss_ros.ros.parameter_spec import type_name
 
     lines = []
-    for spec in parameters.PARAMETERS:
-        kind = parameters.type_name(spec.default)
-        if spec.name in parameters.STRING_ARRAYS:
+    for spec in parameter_table.PARAMETERS:
+        kind = type_name(spec.default)
+        if spec.name in parameter_table.STRING_ARRAYS:
             kind = "list of strings"
-        facts = [kind, "read-only" if spec.read_only else "runtime", f"default {spec.default!r}"]
+        facts = [
+            kind,
+            "start-up (read-only)" if spec.read_only else "runtime",
+            f"default {spec.default!r}",
+        ]
         if spec.minimum is not None:
-            facts.append(f"range {spec.minimum:g} .. {spec.maximum:g}")
+            facts.append(f"range {spec.range_text()}")
         lines.append(f"  {spec.name} ({', '.join(facts)})")
-        texts = [spec.description] + ([f"values: {spec.constraints}"] if spec.constraints else [])
+        texts = [spec.description]
+        if spec.constraints:
+            texts.append(f"values: {spec.constraints}")
+        if spec.definition.info.source:
+            texts.append(f"default from: {spec.definition.info.source}")
         lines += [
-            textwrap.fill(text, 99, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            textwrap.fill(
+                text, 99, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False
+            )
             for text in texts
         ]
+    lines += ["", "Names of earlier releases are refused with their new names:"]
+    line = " "
+    for old, new in parameter_table.RENAMED.items():  # an entry is never split across lines
+        entry = f" {old} -> {new},"
+        if len(line) + len(entry) > 99:
+            lines.append(line)
+            line = " "
+        line += entry
+    lines.append(line.rstrip(","))
     return "\n".join(lines) + "\n"
 
 

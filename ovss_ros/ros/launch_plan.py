@@ -11,6 +11,11 @@ A note on parameter files: a node pushed into a namespace is ``/<ns>/ovss``, and
 keyed ``ovss:`` only matches ``/ovss``, so rclpy silently ignores it there. Files used with a
 namespace need the key ``/**:`` (any node) or ``/<ns>/ovss:``; ``plan()`` warns when the file
 given has no key that matches the node it configures.
+
+Parameter names: a method's parameters are namespaced (``dense.crop``), nested in a params file
+(``dense: {crop: 224}``), which rcl reads as the dotted name (``flatten_parameters``). A flat
+name of an earlier release (``crop``) in the params file or the overrides is refused here, at
+launch, with its new name (``crop was renamed dense.crop``), as the node would refuse it.
 """
 
 from __future__ import annotations
@@ -131,6 +136,8 @@ def plan(
     if not Path(params_file).is_file():
         raise LaunchPlanError(f"params_file {params_file} does not exist")
     ovss_fqn = f"{namespace}/{NODE_NAME}"
+    refuse_renamed(params_file_parameters(params_file, ovss_fqn), f"params_file {params_file}")
+    refuse_renamed(overrides, "parameters")
     warnings = ()
     if not params_file_matches(params_file, ovss_fqn):
         warnings = (
@@ -173,6 +180,45 @@ def plan(
         enabled=use_rviz,
     )
     return [ovss, rviz]
+
+
+def flatten_parameters(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A params file's ``ros__parameters`` as rcl reads them: nested mappings are namespaces,
+    ``{"dense": {"crop": 224}}`` -> ``{"dense.crop": 224}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_parameters(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def params_file_parameters(path: str | Path, fully_qualified_name: str) -> dict[str, Any]:
+    """The parameters (dotted names) a params file gives the node of that name: the
+    ``ros__parameters`` of every key that matches it, flattened, later keys winning as in rcl.
+    Empty for a file that cannot be read as a params file (the node says why)."""
+    content = _params_document(path)
+    found: dict[str, Any] = {}
+    for key, entry in content.items():
+        if not node_key_matches(str(key), fully_qualified_name) or not isinstance(entry, dict):
+            continue
+        parameters = entry.get("ros__parameters")
+        if isinstance(parameters, Mapping):
+            found.update(flatten_parameters(parameters))
+    return found
+
+
+def refuse_renamed(parameters: Mapping[str, Any], where: str) -> None:
+    """Raise LaunchPlanError if ``parameters`` names a parameter of an earlier release, with the
+    new name (``crop was renamed dense.crop``): the node would refuse to start with it."""
+    # The one table of the renamed parameters (core.config.RENAMED); imported only here.
+    from ovss_ros.core.config import RENAMED, unknown_setting
+
+    reasons = [unknown_setting(str(name)) for name in parameters if name in RENAMED]
+    if reasons:
+        raise LaunchPlanError(f"{where}: {'; '.join(reasons)}")
 
 
 def ros_args(spec: ProcessSpec) -> list[str]:
@@ -286,16 +332,20 @@ def params_file_matches(path: str | Path, fully_qualified_name: str) -> bool:
     rcl's rules: a key without a leading '/' gets one, ``*`` stands for one name token and
     ``**`` for any number of them (``/**`` matches every node).
     """
+    content = _params_document(path)
+    return any(node_key_matches(str(key), fully_qualified_name) for key in content)
+
+
+def _params_document(path: str | Path) -> dict:
+    """A params file's top-level mapping; empty when it is no such file."""
     try:
         path = Path(path)
         if not path.is_file() or path.stat().st_size > MAX_PARAMS_FILE_BYTES:
-            return False  # not a params file this plan reads: the node says why
+            return {}  # not a params file this plan reads: the node says why
         content = load_yaml(path.read_text())
     except (OSError, ValueError, yaml.YAMLError):
-        return False
-    if not isinstance(content, dict):
-        return False
-    return any(node_key_matches(str(key), fully_qualified_name) for key in content)
+        return {}
+    return content if isinstance(content, dict) else {}
 
 
 def node_key_matches(key: str, fully_qualified_name: str) -> bool:

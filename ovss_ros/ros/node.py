@@ -58,13 +58,17 @@ from ovss_ros.ros.request_guard import CallbackFaults, guard_services
 from ovss_ros.ros.running import NODE_NAME, START_ERRORS, run, stop_event
 from ovss_ros.ros.signals import ShutdownSignals
 from ovss_ros.ros.transactions import ParameterTransactions
-from ovss_ros.ros.undeclared import refuse_undeclared, report_undeclared_overrides
+from ovss_ros.ros.undeclared import (
+    refuse_renamed_overrides,
+    refuse_undeclared,
+    report_undeclared_overrides,
+)
 from ovss_ros.ros.worker import FrameBuffer, FrameWorker, stop_worker
 
 __all__ = ["NODE_NAME", "START_ERRORS", "OvssNode", "SegmentationNodeMixin", "main", "run"]
 
 # Changes after which the node says which method runs (it may now run without a checkpoint).
-METHOD_CHANGES = {"method", "deop_checkpoint", "proposal_source", "deop_pooling"}
+METHOD_CHANGES = {"method", "deop.checkpoint", "deop.proposal_source", "deop.pooling"}
 
 
 class SegmentationNodeMixin:
@@ -111,6 +115,7 @@ class SegmentationNodeMixin:
         self._executor_work: ExecutorWork | None = None  # made below, with the other entities
 
         self._overrides_reported: set[str] = set()
+        refuse_renamed_overrides(self)
         values = parameters.declare_parameters(self)
         report_undeclared_overrides(self, self._overrides_reported, qos=False)
         self.transactions = ParameterTransactions(

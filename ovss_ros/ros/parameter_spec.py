@@ -4,13 +4,15 @@ Types are checked here, not by rclpy, for every parameter (all are declared with
 and their descriptor's type is put back after each request): rclpy's own refusal ("expected '3'
 got '2'", or a start-up failure "expecting type 'DOUBLE'") names neither the parameter nor what it
 wanted. ``check_value`` names the parameter, the type given (as ROS users see types: ``ros2 param
-describe``) and the type or range expected; a maximum set by the per-frame budget
-(``core.frame_budget``) is refused with its cost.
+describe``) and the type, choices or range expected; a maximum set by the per-frame budget
+(``core.frame_budget``) is refused with its cost. A spec is made from the setting's one
+definition (``core.settings.ParameterDef``: ``setting()`` in the family's or the node's settings).
 """
 
 from __future__ import annotations
 
 import array
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,36 +20,84 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.parameter import Parameter
 
+from ovss_ros.core.settings import ParameterDef
 from ovss_ros.ros.log_text import quoted
-
-STRING_ARRAYS = ("cameras", "classes", "background_words")
 
 
 class ParameterError(ValueError):
     """A parameter value was refused; ``str(error)`` is the reason given to the caller."""
 
 
+# Python type of a setting -> its ROS parameter type (a tuple of strings: a string array).
+_ROS_TYPES = {
+    bool: Parameter.Type.BOOL,
+    int: Parameter.Type.INTEGER,
+    float: Parameter.Type.DOUBLE,
+    str: Parameter.Type.STRING,
+    tuple: Parameter.Type.STRING_ARRAY,
+}
+
+
 @dataclass(frozen=True)
 class ParameterSpec:
-    """One node parameter: what it is, its default, and what values it may take."""
+    """One node parameter, made from a setting's definition (``core.settings.ParameterDef``):
+    its name, ROS type, default, description, range, choices and whether it is read-only."""
 
-    name: str
-    default: Any
-    description: str
-    read_only: bool = False
-    minimum: float | None = None
-    maximum: float | None = None
-    constraints: str = ""
-    # A maximum that the per-frame budget sets (``core.frame_budget``): a larger value is refused
-    # by this check with its cost in the reason. rclpy would refuse it first with its own words
-    # ("out of range") if the descriptor carried the range, so the range is in the constraints.
-    budget: Callable[[Any], None] | None = None
+    definition: ParameterDef
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def default(self) -> Any:
+        """The default as a ROS value: a tuple of strings as a list."""
+        default = self.definition.default
+        return list(default) if isinstance(default, tuple) else default
+
+    @property
+    def description(self) -> str:
+        return self.definition.info.description
+
+    @property
+    def read_only(self) -> bool:
+        return not self.definition.info.runtime
+
+    @property
+    def minimum(self) -> int | float | None:
+        return self.definition.info.minimum
+
+    @property
+    def maximum(self) -> int | float | None:
+        return self.definition.info.maximum
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.definition.info.choices
+
+    @property
+    def constraints(self) -> str:
+        """The values in words: the choices (``a | b``), then the setting's constraints."""
+        info = self.definition.info
+        parts = [" | ".join(info.choices)] if info.choices else []
+        return "; ".join(parts + ([info.constraints] if info.constraints else []))
+
+    @property
+    def budget(self) -> Callable[[Any], None] | None:
+        """The check of a value above ``maximum`` against the per-frame budget (it raises a
+        FrameBudgetError with the cost), for a maximum the budget sets; else None."""
+        return self.definition.info.budget
 
     @property
     def type(self) -> Parameter.Type:
-        if self.name in STRING_ARRAYS:
-            return Parameter.Type.STRING_ARRAY
-        return Parameter.Type.from_parameter_value(self.default)
+        return _ROS_TYPES[self.definition.type]
+
+    def range_text(self) -> str:
+        """``[0.0, 1.0]``, ``(0.0, 1000.0]`` (above the minimum); empty without a range."""
+        if self.minimum is None:
+            return ""
+        low = "(" if self.definition.info.open_minimum else "["
+        return f"{low}{self.minimum}, {self.maximum}]"
 
     def descriptor(self) -> ParameterDescriptor:
         """The descriptor rclpy enforces (type, read-only, range) and tools display."""
@@ -63,17 +113,27 @@ class ParameterSpec:
             dynamic_typing=True,
         )
         if self.budget is not None:
+            # A maximum that the per-frame budget sets: a larger value is refused by
+            # check_value with its cost in the reason. rclpy would refuse it first with its own
+            # words ("out of range") if the descriptor carried the range, so the range is in
+            # the constraints.
             descriptor.additional_constraints = (
                 f"{self.minimum} to {self.maximum} (the per-frame budget); " + self.constraints
             ).rstrip("; ")
-        elif self.minimum is not None and isinstance(self.default, int):
+        elif self.minimum is not None and self.type == Parameter.Type.INTEGER:
             descriptor.integer_range = [
                 IntegerRange(from_value=int(self.minimum), to_value=int(self.maximum), step=0)
             ]
         elif self.minimum is not None:
             descriptor.floating_point_range = [
-                FloatingPointRange(from_value=self.minimum, to_value=self.maximum, step=0.0)
+                FloatingPointRange(
+                    from_value=float(self.minimum), to_value=float(self.maximum), step=0.0
+                )
             ]
+            if self.definition.info.open_minimum:
+                descriptor.additional_constraints = (
+                    f"> {self.minimum:g}; " + self.constraints
+                ).rstrip("; ")
         return descriptor
 
 
@@ -149,12 +209,17 @@ def check_value(spec: ParameterSpec, value: Any) -> None:
         raise ParameterError(
             f"{spec.name} must be {_EXPECTED[expected]}, got {type_name(value)} {quoted(value)}"
         )
+    if spec.choices and value not in spec.choices:
+        raise ParameterError(f"unknown {spec.name} {value!r}: use one of {list(spec.choices)}")
+    if python_type is float and not math.isfinite(value):
+        raise ParameterError(f"{spec.name} must be in {spec.range_text()}, got {value}")
     if spec.budget is not None and value > spec.maximum:
         try:
             spec.budget(value)
         except ValueError as error:  # FrameBudgetError: the cost of the value and the limit
             raise ParameterError(str(error)) from None
-    if spec.minimum is not None and not spec.minimum <= value <= spec.maximum:
-        raise ParameterError(
-            f"{spec.name} must be in [{spec.minimum}, {spec.maximum}], got {value}"
-        )
+    if spec.minimum is None:
+        return
+    above = value > spec.minimum if spec.definition.info.open_minimum else value >= spec.minimum
+    if not (above and value <= spec.maximum):
+        raise ParameterError(f"{spec.name} must be in {spec.range_text()}, got {value}")

@@ -30,7 +30,6 @@ from rclpy.parameter import Parameter
 from ovss_ros.core import ClassEntry, EngineConfig, check_query_count, parse_classes
 from ovss_ros.ros.log_text import quoted
 from ovss_ros.ros.parameter_spec import (
-    STRING_ARRAYS,
     ParameterError,
     ParameterSpec,
     check_value,
@@ -46,6 +45,8 @@ from ovss_ros.ros.parameter_table import (
     READ_ONLY,
     RUNTIME_ENGINE_FIELDS,
     SPECS,
+    STRING_ARRAYS,
+    renamed_reason,
 )
 from ovss_ros.ros.topic_names import (
     CAMERA_NAME,
@@ -85,6 +86,7 @@ __all__ = [
     "parse_cameras",
     "parse_classes",
     "quoted",
+    "renamed_reason",
     "restore_types",
     "type_name",
     "validate",
@@ -213,15 +215,6 @@ def validate(values: Mapping[str, Any]) -> Settings:
         raise ParameterError(f"missing parameters {missing}")
     for spec in PARAMETERS:
         check_value(spec, values[spec.name])
-    if values["precision"] not in PRECISIONS:
-        raise ParameterError(
-            f"unknown precision {values['precision']!r}: use one of {list(PRECISIONS)}"
-        )
-    if values["image_transport"] not in IMAGE_TRANSPORTS:
-        raise ParameterError(
-            f"unknown image_transport {values['image_transport']!r}: "
-            f"use one of {list(IMAGE_TRANSPORTS)}"
-        )
     try:
         classes = parse_classes(values["classes"])
     except ValueError as error:  # VocabularyError: its text already names the problem
@@ -249,10 +242,11 @@ def validate(values: Mapping[str, Any]) -> Settings:
 
 
 def validate_update(current: Mapping[str, Any], changes: Mapping[str, Any]) -> Settings:
-    """Validate ``current`` with ``changes`` applied, refusing read-only and unknown names."""
+    """Validate ``current`` with ``changes`` applied, refusing read-only and unknown names (an
+    old name with its new one: ``crop was renamed dense.crop``)."""
     for name in changes:
         if name not in SPECS:
-            raise ParameterError(f"unknown parameter {name!r}")
+            raise ParameterError(renamed_reason(name) or f"unknown parameter {name!r}")
         if SPECS[name].read_only and changes[name] != current.get(name):
             raise ParameterError(f"{name} is read-only: restart the node to change it")
     merged = dict(current)
@@ -261,7 +255,8 @@ def validate_update(current: Mapping[str, Any], changes: Mapping[str, Any]) -> S
 
 
 def engine_config(values: Mapping[str, Any]) -> EngineConfig:
-    """The engine configuration that the parameter values describe (not yet validated)."""
+    """The engine configuration that the parameter values describe (dotted names; not yet
+    validated): ``EngineConfig.from_flat`` of the engine's settings among ``values``."""
     config = {name: values[name] for name in ENGINE_FIELDS if name in values}
     for name, value in config.items():  # an integer given for a float: the float it means
         if SPECS[name].type == Parameter.Type.DOUBLE and type(value) is int:
@@ -270,4 +265,4 @@ def engine_config(values: Mapping[str, Any]) -> EngineConfig:
         config["background_words"] = tuple(
             normalize("background_words", config["background_words"])
         )
-    return EngineConfig(**config)
+    return EngineConfig.from_flat(config)

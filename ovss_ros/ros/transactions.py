@@ -184,7 +184,7 @@ class ParameterTransactions:
             # One step: validated and built for the end state, never for a mix of old and new
             # (new classes with new background words, a method with the classes it gets).
             classes = parse_classes(changes["classes"]) if "classes" in changes else None
-            segmenter.update(classes, **engine_changes)
+            segmenter.update(classes, engine_changes)
         except Stopped:  # the node is stopping: nothing failed, nothing to put back
             raise
         except Exception as error:
@@ -201,10 +201,10 @@ class ParameterTransactions:
             self.applied.update(changes)
         else:
             # The truth, whatever the engine kept: its settings, and the vocabulary in force.
+            in_force = segmenter.config.flat()
             for name in changes:
                 if name in parameters.RUNTIME_ENGINE_FIELDS:
-                    value = getattr(segmenter.config, name)
-                    self.applied[name] = parameters.in_force(name, value)
+                    self.applied[name] = parameters.in_force(name, in_force[name])
         try:
             self.applied_settings = parameters.validate(self.applied)
         except ValueError as error:  # only if restoring the engine failed half-way

@@ -4,6 +4,9 @@ rclpy ignores a start-up value (``-p``, ``--params-file``) for a parameter the n
 declare without a word, and refuses a runtime request naming one with "Invalid access to
 undeclared parameter(s): []" (its list comes out empty). The node names each such parameter and
 the closest declared one instead (``difflib.get_close_matches``: a typo gets its fix).
+
+A name of an earlier release (``crop``, now ``dense.crop``: ``core.config.RENAMED``) is refused
+with its new name, at start-up too: the node does not start with a value it would ignore.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from ovss_ros.ros.log_text import one_line
+from ovss_ros.ros.parameter_spec import ParameterError
+from ovss_ros.ros.parameter_table import renamed_reason
 
 QOS_PREFIX = "qos_overrides."
 
@@ -31,6 +36,11 @@ def undeclared_overrides(given: list[str], declared: list[str]) -> list[tuple[st
 
 
 def undeclared_message(name: str, closest: str | None) -> str:
+    """Why ``name`` is no parameter: renamed (``crop was renamed dense.crop``), or unknown with
+    the closest declared name."""
+    renamed = renamed_reason(name)
+    if renamed is not None:
+        return renamed
     hint = f"did you mean {closest}?" if closest else "no parameter of that name exists"
     return f"{one_line(name, 120)} is not a parameter of this node: {hint}"
 
@@ -43,6 +53,16 @@ class UndeclaredParameters(ParameterNotDeclaredException):
     def __init__(self, found: list[tuple[str, str | None]]) -> None:
         super().__init__([name for name, _ in found])
         self.args = ("; ".join(undeclared_message(name, closest) for name, closest in found),)
+
+
+def refuse_renamed_overrides(node: Node) -> None:
+    """Raise ParameterError if a start-up value (-p, --params-file) names a parameter of an
+    earlier release (``crop was renamed dense.crop``; every such name, in one reason)."""
+    # rclpy keeps the start-up values here and offers no public accessor.
+    given = list(getattr(node, "_parameter_overrides", {}))
+    reasons = [reason for reason in map(renamed_reason, given) if reason is not None]
+    if reasons:
+        raise ParameterError("; ".join(reasons))
 
 
 def report_undeclared_overrides(node: Node, reported: set[str], qos: bool) -> None:
