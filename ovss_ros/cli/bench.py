@@ -10,9 +10,9 @@ combo: its
 attention forward counts in the encoder stage.
 
 The methods with their own pipeline fill the same columns with their own steps: pnp_ovss
-(``--pnp-vlm-pretrained``): preprocess = both squashed inputs, encoder = CLIP's image-level presence
-forward, head = the GradCAM rounds (one BLIP ITM forward and gradient pass per dropout round),
-postprocess = threshold, blur, CRF/PAMR, argmax; deop and twostream: encoder = CLIP blocks
+(``--pnp-vlm-pretrained``): preprocess = both squashed inputs, encoder = CLIP's image-level
+presence forward, head = the GradCAM rounds (one BLIP ITM forward and gradient pass per dropout
+round), postprocess = threshold, blur, CRF/PAMR, argmax; deop and twostream: encoder = CLIP blocks
 1..L-1 and the proposals, head = proposal embeddings and classification (deop: the severed last
 block; twostream: one CLIP forward per proposal crop), postprocess = semantic inference at the
 input size. ``deop+p50`` sets 50 proposals.

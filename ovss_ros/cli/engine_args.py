@@ -93,7 +93,9 @@ def value_parser(definition: ParameterDef):
                 value = kind(text)
             except ValueError:
                 wanted = "an integer" if kind is int else "a number"
-                raise argparse.ArgumentTypeError(f"{name} must be {wanted}, got {text!r}") from None
+                raise argparse.ArgumentTypeError(
+                    f"{name} must be {wanted}, got {text!r}"
+                ) from None
         try:
             check(name, kind, definition.info, value)
         except ValueError as error:  # FrameBudgetError too: the cost, in the reason

@@ -1,12 +1,12 @@
 """What every ovss_ros command-line tool shares about bad input: one line on stderr, status 2.
 
-``ToolParser`` is ``argparse.ArgumentParser`` whose ``error`` prints ``prog: error: message``
-alone (argparse's default prints the usage block first: dozens of lines for the tools with
-every engine flag; ``--help`` still shows it), that refuses a flag of an earlier release with the
-flag that replaced it (``renamed_flags``: ``--crop was renamed --dense-crop``) and takes no
-abbreviated flags (``--background`` must not silently mean ``--background-words``). ``bad_input`` is that same line for a refusal
-found after parsing. ``not_an_input`` refuses an output path that is one of the inputs, so no
-tool overwrites what it reads.
+``ToolParser`` is ``argparse.ArgumentParser`` whose ``error`` prints ``prog: error: message`` alone
+(argparse's default prints the usage block first: dozens of lines for the tools with every engine
+flag; ``--help`` still shows it), that refuses a flag of an earlier release with the flag that
+replaced it (``renamed_flags``: ``--crop was renamed --dense-crop``) and takes no abbreviated flags
+(``--background`` must not silently mean ``--background-words``). ``bad_input`` is that same line
+for a refusal found after parsing. ``not_an_input`` refuses an output path that is one of the
+inputs, so no tool overwrites what it reads.
 """
 
 from __future__ import annotations
