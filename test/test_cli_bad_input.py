@@ -145,7 +145,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
         (["--background", "sky"], "--background was renamed --background-words"),
         (["--no-pamr"], "--no-pamr was renamed --no-dense-pamr"),
         (["--sd-size=256"], "--sd-size was renamed --dslo-sd-size"),
-        (["--proposal-logit-scale", "50"], "--proposal-logit-scale was renamed --deop-logit-scale"),
+        (
+            ["--proposal-logit-scale", "50"],
+            "--proposal-logit-scale was renamed --deop-logit-scale",
+        ),
         (["--vlm-pretrained", "x"], "--vlm-pretrained was renamed --pnp-vlm-pretrained"),
         (["--dense-cro", "224"], "unrecognized arguments: --dense-cro"),  # no abbreviations
         (["--params-file", "OLD_PARAMS"], "crop was renamed dense.crop"),

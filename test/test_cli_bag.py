@@ -262,7 +262,16 @@ def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch, ca
 def test_storage_conversion_and_copy_choice(tmp_path, raw_sqlite3_bag, voc_rgb):
     out = tmp_path / "out"
     args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--storage", "mcap"]
-    args += ["--copy", "none", "--no-masks", "--score-threshold", "1.0", "--classes", "person", "dog"]
+    args += [
+        "--copy",
+        "none",
+        "--no-masks",
+        "--score-threshold",
+        "1.0",
+        "--classes",
+        "person",
+        "dog",
+    ]
     torch.manual_seed(0)  # the random tiny model's weights, again for the reference below
     assert main(args + ENGINE) == 0
     assert storage_of(out) == "mcap"
