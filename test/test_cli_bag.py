@@ -306,7 +306,7 @@ def test_more_than_254_classes_give_mono16_labels(tmp_path, voc_rgb):
     assert values.size == voc_rgb[0].shape[0] * voc_rgb[0].shape[1] and values.max() < 255
 
 
-def test_error_exits(tmp_path, raw_sqlite3_bag, caplog):
+def test_error_exits(tmp_path, raw_sqlite3_bag, caplog, capsys):
     def run(*args: str) -> str:
         caplog.clear()
         base = ["--classes", "person"] + ENGINE
@@ -326,9 +326,10 @@ def test_error_exits(tmp_path, raw_sqlite3_bag, caplog):
     )
     # no crop
     assert "dense.stride" in run(bag, out, "--topic", "/camera/image_raw", "--dense-stride", "8")
-    assert "--sd-size was renamed --dslo-sd-size" in run(
-        bag, out, "--topic", "/camera/image_raw", "--sd-size", "256"
-    )
+    with pytest.raises(SystemExit) as exit_info:  # a parse error: one line on stderr, 2
+        main([bag, out, "--classes", "person", "--topic", "/camera/image_raw", "--sd-size", "9"])
+    assert exit_info.value.code == 2
+    assert "--sd-size was renamed --dslo-sd-size" in capsys.readouterr().err
     missing = str(tmp_path / "missing.pt")
     assert "missing.pt" in run(bag, out, "--topic", "/camera/image_raw", "--pretrained", missing)
     assert not (tmp_path / "out").exists()  # nothing written on a refused run
