@@ -1,5 +1,5 @@
 """Write the README's overlay picture: a PASCAL VOC sample photo with its ground-truth labels
-drawn by ovss_ros.core.overlay (the colours and legend of the node, ovss-segment and ovss-bag).
+drawn by ovss_ros.core.drawing (the colours and legend of the node, ovss-segment and ovss-bag).
 
 Ground truth, not a model's output: no CLIP weights are needed, and the picture shows the
 drawing (palette, legend) on real regions. The samples come with Debian's labelme-examples.

@@ -43,8 +43,6 @@ NOT_ROS = ("ovss_ros.core", "ovss_ros.cli", "ovss_ros.evaluation", "ovss_ros.tra
 # limit fails the test until it is split or listed here with its reason.
 MAX_LINES = 400
 LONG_FILES = {
-    "ovss_ros/core/config.py": "EngineConfig: every family's settings side by side, mapped "
-    "onto the families' settings; replaced by the settings schema in issue 19's next slice",
     "ovss_ros/training/deop_training.py": "DeOP's training loop and its losses, one procedure "
     "(the released recipe) read top to bottom",
     "ovss_ros/core/methods/dslo/sd2_attention.py": "Stable Diffusion 2 self-attention as one "
@@ -251,3 +249,41 @@ def test_flat_modules_are_shared_leaves():
         for target, line in imported_names(MODULES[name]):
             top = target.split(".")[0]
             assert top not in ("ovss_ros", "torch", *ROS_LIBRARIES), f"{name}:{line} {target}"
+
+
+# Model libraries: settings are checked without them (issue 19: a bad parameter or flag is
+# refused before any of them loads).
+MODEL_LIBRARIES = ("torch", "open_clip", "transformers", "diffusers", "scipy", "skimage", "cv2")
+SETTINGS_CHECK = """
+import sys
+from ovss_ros.core.config import SCHEMA, EngineConfig
+from ovss_ros.core.settings import cli_flag
+for changes in ({}, {"refinement": "dslo", "dense.crop": 224}, {"method": "deop"},
+                {"method": "pnp_ovss", "pnp.layer": 3}, {"dslo.sd.size": 768}):
+    EngineConfig.from_flat(changes).validate()
+for bad in ({"dslo.sd.size": 4096}, {"pnp.layer": 0}, {"templates": "{} {}"}):
+    try:
+        EngineConfig.from_flat(bad).validate()
+    except ValueError:
+        pass
+    else:
+        raise SystemExit(f"accepted {bad}")
+[cli_flag(p.name) for p in SCHEMA]
+print(" ".join(sorted(name for name in %r if name in sys.modules)))
+"""
+
+
+def test_settings_are_checked_without_any_model_library():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", SETTINGS_CHECK % (MODEL_LIBRARIES,)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"imported: {result.stdout.strip()}"

@@ -84,7 +84,7 @@ def naclip_predict(segmenter, rgb):
         logits = F.interpolate(logits, size=size, mode="bilinear")
         guide = F.interpolate(pixels.float(), size=size, mode="bilinear")
         refined = official_pamr(guide, logits)[0]
-        probs = torch.softmax(segmenter.config.logit_scale * refined, dim=0)
+        probs = torch.softmax(segmenter.config.dense.logit_scale * refined, dim=0)
         owner = segmenter.method._query_owner
         per_class = torch.stack([probs[owner == c].amax(0) for c in range(len(segmenter.classes))])
     return per_class.argmax(0).numpy(), refined
@@ -92,13 +92,15 @@ def naclip_predict(segmenter, rgb):
 
 def test_engine_runs_pamr_at_the_input_size(voc_rgb):
     torch.manual_seed(0)
-    config = EngineConfig(
-        model=str(TINY_VIT),
-        pretrained="none",
-        device="cpu",
-        short_side=64,
-        templates="single",
-        pamr=True,
+    config = EngineConfig.from_flat(
+        {
+            "model": str(TINY_VIT),
+            "pretrained": "none",
+            "device": "cpu",
+            "short_side": 64,
+            "templates": "single",
+            "dense.pamr": True,
+        }
     )
     segmenter = Segmenter(config)
     segmenter.set_classes(["person", "tv; monitor", "dog", "cat", "chair"])

@@ -58,12 +58,12 @@ OFFICIAL = {"naclip": NACLIP, "sclip": SCLIP, "clearclip": CLEARCLIP}
 def settings_of(config: EngineConfig) -> tuple:
     return (
         config.short_side,
-        config.crop,
-        config.stride,
+        config.dense.crop,
+        config.dense.stride,
         config.score_threshold,
-        config.logit_scale,
-        config.area_threshold,
-        config.pamr,
+        config.dense.logit_scale,
+        config.dense.area_threshold,
+        config.dense.pamr,
     )
 
 
@@ -140,11 +140,11 @@ def test_area_threshold_moves_small_classes_to_the_next_best(segmenter, voc_rgb)
     threshold = 0.1
     small = {c for c, s in share.items() if s <= threshold}
     assert small and len(small) < len(share)  # the image has both kinds
-    segmenter.reconfigure(area_threshold=threshold)
+    segmenter.reconfigure({"dense.area_threshold": threshold})
     try:
         after = segmenter.segment(rgb).labels
     finally:
-        segmenter.reconfigure(area_threshold=0.0)
+        segmenter.reconfigure({"dense.area_threshold": 0.0})
     assert not small & set(np.unique(after).tolist())
     large = ~np.isin(before, list(small))
     np.testing.assert_array_equal(after[large], before[large])
@@ -153,10 +153,10 @@ def test_area_threshold_moves_small_classes_to_the_next_best(segmenter, voc_rgb)
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"area_threshold": 1.5}, "area_threshold must be in"),
-        ({"area_threshold": -0.1}, "area_threshold must be in"),
-        ({"area_threshold": 0.1, "refinement": "dslo"}, "area_threshold applies"),
-        ({"pos_interpolation": "nearest"}, "unknown pos_interpolation"),
+        ({"dense.area_threshold": 1.5}, "dense.area_threshold must be in"),
+        ({"dense.area_threshold": -0.1}, "dense.area_threshold must be in"),
+        ({"dense.area_threshold": 0.1, "refinement": "dslo"}, "dense.area_threshold applies"),
+        ({"dense.pos_interpolation": "nearest"}, "unknown dense.pos_interpolation"),
         ({"method": "maskclip_full"}, "unknown method"),
     ],
 )

@@ -51,7 +51,7 @@ def test_real_image_outputs(segmenter, voc_rgb):
 def test_planted_queries_win_their_patches(segmenter, voc_rgb):
     rgb = voc_rgb[0]
     patches = [(0, 0), (2, 3), (3, 1)]
-    segmenter.reconfigure(logit_scale=100.0)  # before planting: reconfigure re-encodes
+    segmenter.reconfigure({"dense.logit_scale": 100.0})  # before planting: reconfigure re-encodes
     plant(segmenter, rgb, patches, [0, 1, 2])
     seg = segmenter.segment(rgb)
     for label, (row, col) in enumerate(patches):
@@ -61,7 +61,7 @@ def test_planted_queries_win_their_patches(segmenter, voc_rgb):
 def test_class_probability_is_max_over_synonyms(segmenter, voc_rgb):
     rgb = voc_rgb[0]
     # class 1 owns queries 1 and 2; its second synonym is planted at patch (3, 3)
-    segmenter.reconfigure(logit_scale=100.0)  # before planting: reconfigure re-encodes
+    segmenter.reconfigure({"dense.logit_scale": 100.0})  # before planting: reconfigure re-encodes
     plant(segmenter, rgb, [(0, 0), (1, 1), (3, 3), (3, 0)], [0, 1, 1, 2])
     seg = segmenter.segment(rgb)
     assert seg.labels[patch_centre(rgb, segmenter, 3, 3)] == 1
@@ -70,7 +70,7 @@ def test_class_probability_is_max_over_synonyms(segmenter, voc_rgb):
 
 def test_background_word_unlabels_its_region(segmenter, voc_rgb):
     rgb = voc_rgb[0]
-    segmenter.reconfigure(logit_scale=100.0)  # before planting: reconfigure re-encodes
+    segmenter.reconfigure({"dense.logit_scale": 100.0})  # before planting: reconfigure re-encodes
     plant(segmenter, rgb, [(0, 0), (1, 1), (2, 2), (3, 3)], [0, 1, 2, 3])  # owner 3: background
     seg = segmenter.segment(rgb)
     assert seg.labels[patch_centre(rgb, segmenter, 3, 3)] == 255
@@ -105,7 +105,7 @@ def test_sliding_window_covering_whole_image_equals_whole_image(segmenter, voc_r
     rgb = cv2.resize(voc_rgb[2], (96, 64))
     segmenter.reconfigure(short_side=0, max_long_side=96)  # keep the size
     whole = segmenter.segment(rgb)
-    segmenter.reconfigure(crop=96, stride=48)
+    segmenter.reconfigure({"dense.crop": 96, "dense.stride": 48})
     slid = segmenter.segment(rgb)
     np.testing.assert_array_equal(whole.labels, slid.labels)
     np.testing.assert_allclose(whole.confidence, slid.confidence, atol=1e-5)
@@ -114,7 +114,7 @@ def test_sliding_window_covering_whole_image_equals_whole_image(segmenter, voc_r
 def test_sliding_window_averages_overlaps(segmenter, voc_rgb):
     """Two 64x64 windows on a 64x96 image: the overlap is the mean of both windows' logits."""
     rgb = cv2.resize(voc_rgb[0], (96, 64))
-    segmenter.reconfigure(short_side=0, max_long_side=96, crop=64, stride=32)
+    segmenter.reconfigure({"dense.crop": 64, "dense.stride": 32}, short_side=0, max_long_side=96)
     pixels = segmenter.method.preprocess(rgb)
     encoded = segmenter.method.encode(pixels)
     logits = segmenter.method.to_image(segmenter.method.head(encoded)[0], encoded, jbu=False)
@@ -154,21 +154,22 @@ def test_resized_size_is_mmcv_rescale():
     [
         ({"method": "magic"}, "unknown method"),
         ({"short_side": -1}, r"short_side must be in \[0, 4096\]"),
-        ({"crop": 224, "stride": 300}, "stride 300 larger than crop"),
-        ({"crop": 40}, "crop 40 must be a multiple of the patch 16"),
-        ({"crop": 448, "stride": 1}, "1601 sliding windows"),
+        ({"dense.crop": 224, "dense.stride": 300}, "dense.stride 300 larger than dense.crop"),
+        ({"dense.crop": 40}, "crop 40 must be a multiple of the patch 16"),
+        ({"dense.crop": 448, "dense.stride": 1}, "1601 sliding windows"),
         ({"max_long_side": 8}, "below one patch"),
         ({"max_long_side": 0}, "max_long_side must be in"),
         ({"templates": "a {} of {}"}, "templates"),
         ({"background_words": "sky"}, "list of strings"),
         ({"background_words": ("sky\n",)}, "U\\+000A"),
-        ({"stride": 8}, "stride needs crop"),
+        ({"dense.stride": 8}, "dense.stride needs dense.crop"),
         ({"score_threshold": 1.5}, "score_threshold"),
-        ({"logit_scale": 0.0}, "logit_scale"),
+        ({"dense.logit_scale": 0.0}, "logit_scale"),
         ({"templates": "nothing"}, "templates"),
         ({"background_words": ("",)}, "background_words"),
         ({"model": "ViT-L-14"}, "need a new Segmenter"),
-        ({"colour": "red"}, "unknown settings"),
+        ({"colour": "red"}, "unknown setting 'colour'"),
+        ({"crop": 224}, "crop was renamed dense.crop"),
     ],
 )
 def test_reconfigure_rejects_and_changes_nothing(segmenter, changes, message):
@@ -227,9 +228,9 @@ def test_class_colours_are_stable_and_distinct():
     "changes",
     [
         {},
-        {"crop": 32, "stride": 16},
+        {"dense.crop": 32, "dense.stride": 16},
         {"refinement": "dslo"},
-        {"refinement": "freecp", "pamr": True},
+        {"refinement": "freecp", "dense.pamr": True},
     ],
     ids=["whole", "windows", "dslo", "freecp+pamr"],
 )

@@ -138,11 +138,15 @@ def test_strips_get_bounded_inputs_and_labels_of_their_size(segmenter, voc_rgb, 
 
 @pytest.mark.parametrize(
     "changes",
-    [{"crop": 32, "stride": 16}, {"refinement": "dslo"}, {"pamr": True, "upsample": "jbu"}],
+    [
+        {"dense.crop": 32, "dense.stride": 16},
+        {"refinement": "dslo"},
+        {"dense.pamr": True, "dense.upsample": "jbu"},
+    ],
     ids=["windows", "dslo", "pamr+jbu"],
 )
 def test_strips_through_windows_and_refinements(segmenter, voc_rgb, changes):
-    base = {name: getattr(segmenter.config, name) for name in changes}
+    base = {name: segmenter.config.flat()[name] for name in changes}
     segmenter.reconfigure(**changes)
     try:
         for size in [(1, 5000), (5000, 1), (1, 1)]:
@@ -198,16 +202,22 @@ def test_command_line_flag():
 @pytest.mark.parametrize(
     ("settings", "windows"),
     [
-        ({"short_side": 336, "crop": 224, "stride": 112}, 2 * 18),  # the standard protocol
-        ({"short_side": 560, "crop": 224, "stride": 112}, 4 * 18),  # Cityscapes
-        ({"short_side": 448, "crop": 448, "stride": 224}, 1 * 9),  # ClearCLIP
-        ({"short_side": 0, "crop": 224, "stride": 112}, 18 * 18),  # kept size, up to 2048
-        ({"short_side": 448, "crop": 224}, 3 * 18),  # stride 0 = crop / 2
+        (
+            {"short_side": 336, "dense.crop": 224, "dense.stride": 112},
+            2 * 18,
+        ),  # the standard protocol
+        ({"short_side": 560, "dense.crop": 224, "dense.stride": 112}, 4 * 18),  # Cityscapes
+        ({"short_side": 448, "dense.crop": 448, "dense.stride": 224}, 1 * 9),  # ClearCLIP
+        (
+            {"short_side": 0, "dense.crop": 224, "dense.stride": 112},
+            18 * 18,
+        ),  # kept size, up to 2048
+        ({"short_side": 448, "dense.crop": 224}, 3 * 18),  # stride 0 = crop / 2
         ({"short_side": 448}, 1),  # whole image
     ],
 )
 def test_window_counts_within_the_limit(settings, windows):
-    config = EngineConfig(**settings)
+    config = EngineConfig.from_flat(settings)
     config.validate()
     assert config.max_windows() == windows <= MAX_WINDOWS
 
@@ -215,19 +225,22 @@ def test_window_counts_within_the_limit(settings, windows):
 @pytest.mark.parametrize(
     ("settings", "windows"),
     [
-        ({"crop": 448, "stride": 1}, 1601),  # a one-pixel stride: 1601 forwards of 784 patches
-        ({"crop": 16, "stride": 8}, 255 * 55),  # a one-patch crop
-        ({"short_side": 0, "crop": 64, "stride": 32}, 63 * 63),
+        (
+            {"dense.crop": 448, "dense.stride": 1},
+            1601,
+        ),  # a one-pixel stride: 1601 forwards of 784 patches
+        ({"dense.crop": 16, "dense.stride": 8}, 255 * 55),  # a one-patch crop
+        ({"short_side": 0, "dense.crop": 64, "dense.stride": 32}, 63 * 63),
     ],
 )
 def test_too_many_windows_are_refused(settings, windows):
     with pytest.raises(ValueError, match=f"needs up to {windows} sliding windows"):
-        EngineConfig(**settings).validate()
+        EngineConfig.from_flat(settings).validate()
 
 
 def test_window_count_matches_the_engine(segmenter, voc_rgb):
     """The bound counts what the engine builds: a frame at the size limits, tiny model."""
-    segmenter.reconfigure(crop=32, stride=16)
+    segmenter.reconfigure({"dense.crop": 32, "dense.stride": 16})
     try:
         rgb = strip(voc_rgb, 128, 512)  # network input 64 x 256: at both limits
         assert segmenter.method.network_size(128, 512) == (64, 256)
@@ -235,4 +248,4 @@ def test_window_count_matches_the_engine(segmenter, voc_rgb):
         assert shapes == [(segmenter.config.max_windows(), 3, 32, 32)] == [(3 * 15, 3, 32, 32)]
         assert seg.labels.shape == (128, 512)
     finally:
-        segmenter.reconfigure(crop=0, stride=0)
+        segmenter.reconfigure({"dense.crop": 0, "dense.stride": 0})

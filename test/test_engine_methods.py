@@ -23,7 +23,7 @@ from tiny_blip import IMAGE_SIZE, TEXT_HEADS, TEXT_LAYERS, save_tiny_blip
 
 from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, Stopped, VocabularyError
 from ovss_ros.core.clip.model_loading import load_clip
-from ovss_ros.core.config import DEOP_FIELDS, PNP_FIELDS, TWOSTREAM_FIELDS
+from ovss_ros.core.method_pipelines import proposal_config
 from ovss_ros.core.methods.deop.checkpoint import CheckpointError, save_checkpoint
 from ovss_ros.core.methods.deop.deop import Deop, DeopConfig
 from ovss_ros.core.methods.deop.heads import DeopModules
@@ -32,7 +32,7 @@ from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpSettings
 
 CLASSES = ["person", "dog; puppy", "tv"]
 # What the tiny BLIP allows (3 text layers, 4 heads, patch 8 at 32 px).
-PNP = {"pnp_image_size": IMAGE_SIZE, "pnp_layer": 2, "pnp_head": 3, "pnp_dropout_patches": 2}
+PNP = {"pnp.image_size": IMAGE_SIZE, "pnp.layer": 2, "pnp.head": 3, "pnp.dropout_patches": 2}
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,11 @@ def config(blip, **changes) -> EngineConfig:
         "device": "cpu",
         "short_side": 64,
         "templates": "single",
-        "vlm_pretrained": str(blip),
-        "proposals": 12,
+        "pnp.vlm_pretrained": str(blip),
+        "deop.proposals": 12,
         **PNP,
     }
-    return EngineConfig(**(base | changes))
+    return EngineConfig.from_flat(base | changes)
 
 
 def make(blip, stop=None, **changes) -> Segmenter:
@@ -74,22 +74,41 @@ def assert_same(a, b):
 
 def test_config_defaults_are_the_methods_own():
     engine = EngineConfig()
-    for fields_map, settings in (
-        (PNP_FIELDS, PnpSettings()),
-        (DEOP_FIELDS, DeopConfig()),
-        (TWOSTREAM_FIELDS, TwoStreamConfig()),
-    ):
-        own = {f.name for f in fields(settings)}
-        assert set(fields_map.values()) == own  # every setting of the method is a field
-        shared = {"short_side", "max_long_side", "templates", "background_words"}
-        shared |= {"score_threshold"}
-        for name, setting in fields_map.items():
-            if name not in shared:  # the engine's own defaults for those
-                assert getattr(engine, name) == getattr(settings, setting), name
+    assert engine.pnp == PnpSettings()
+    # what DeOP and two-stream run with by default is what they default to themselves
+    assert proposal_config(engine, "deop") == DeopConfig()
+    assert proposal_config(engine, "twostream") == TwoStreamConfig()
+    # and every field of theirs comes from the engine's settings (none is left at its own)
+    changed = EngineConfig.from_flat(
+        {
+            "deop.proposals": 7,
+            "deop.logit_scale": 3.0,
+            "deop.mask_cells": 2,
+            "short_side": 96,
+            "deop.superpixel_compactness": 2.0,
+            "deop.cluster_iterations": 3,
+            "deop.proposal_source": "clusters",
+            "deop.pooling": "mean",
+            "deop.severance_residual": 0.5,
+            "twostream.crop_batch": 5,
+            "max_long_side": 512,
+            "templates": "single",
+            "background_words": ("sky",),
+            "score_threshold": 0.5,
+        }
+    )
+    for method, kind in (("deop", DeopConfig), ("twostream", TwoStreamConfig)):
+        run = proposal_config(changed, method)
+        for field in fields(kind):
+            assert getattr(run, field.name) != getattr(kind(), field.name), (method, field.name)
 
 
 def test_pnp_ovss_through_the_dispatch_equals_pnp_ovss(blip, rgb):
-    segmenter = make(blip, method="pnp_ovss", pnp_presence="all", pnp_refine="pamr")
+    segmenter = make(
+        blip,
+        method="pnp_ovss",
+        **{"pnp.presence": "all", "pnp.refine": "pamr"},
+    )
     pipeline = segmenter.pipeline
     assert pipeline.method == "pnp_ovss" and pipeline.vlm.num_layers == TEXT_LAYERS
     settings = PnpSettings(
@@ -117,9 +136,7 @@ def test_proposal_methods_through_the_dispatch_equal_their_class(blip, rgb, meth
     segmenter = make(
         blip,
         method=method,
-        proposal_source="clusters",
-        mask_cells=2,
-        proposal_logit_scale=50.0,
+        **{"deop.proposal_source": "clusters", "deop.mask_cells": 2, "deop.logit_scale": 50.0},
         score_threshold=0.2,
         background_words=("sky",),
     )
@@ -130,12 +147,12 @@ def test_proposal_methods_through_the_dispatch_equal_their_class(blip, rgb, meth
     settings = settings_type(
         proposals=12,
         proposal_source="clusters",
+        logit_scale=50.0,
+        mask_cells=2,
         short_side=64,
         templates="single",
         background_words=("sky",),
         score_threshold=0.2,
-        logit_scale=50.0,
-        mask_cells=2,
     )
     direct = kind(segmenter.clip, settings)
     direct.set_classes(CLASSES)
@@ -166,18 +183,21 @@ def serving(segmenter, rgb, expected, method):
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"pnp_layer": 0}, "pnp_layer must be in [1, 1000], got 0"),
-        ({"pnp_presence": "gpt"}, "unknown pnp_presence 'gpt'"),
-        ({"deop_pooling": "max"}, "unknown deop_pooling 'max'"),
-        ({"proposal_logit_scale": 0.0}, "proposal_logit_scale must be a finite number > 0"),
-        ({"twostream_crop_batch": 0}, "twostream_crop_batch must be an integer in [1, 443]"),
-        ({"method": "pnp_ovss", "pamr": True}, "pamr applies to the dense methods"),
+        ({"pnp.layer": 0}, "pnp.layer must be in [1, 1000], got 0"),
+        ({"pnp.presence": "gpt"}, "unknown pnp.presence 'gpt'"),
+        ({"deop.pooling": "max"}, "unknown deop.pooling 'max'"),
+        ({"deop.logit_scale": 0.0}, "deop.logit_scale must be in (0, 1000], got 0.0"),
+        ({"twostream.crop_batch": 0}, "twostream.crop_batch must be in [1, 443], got 0"),
+        ({"method": "pnp_ovss", "dense.pamr": True}, "pamr applies to the dense methods"),
         ({"method": "deop", "refinement": "dslo"}, "refinement applies to the dense methods"),
         ({"method": "pnp_ovss", "background_words": ["sky"]}, "set background_words to []"),
-        ({"method": "deop", "deop_pooling": "cal"}, "deop_pooling cal needs a deop_checkpoint"),
-        ({"method": "deop", "proposal_source": "learned"}, "proposal_source learned needs"),
-        ({"method": "deop", "deop_checkpoint": "/nonexistent/deop.pt"}, "not found"),
-        ({"vlm_pretrained": "other"}, "need a new Segmenter"),
+        ({"method": "deop", "deop.pooling": "cal"}, "deop.pooling cal needs a deop.checkpoint"),
+        (
+            {"method": "deop", "deop.proposal_source": "learned"},
+            "deop.proposal_source learned needs",
+        ),
+        ({"method": "deop", "deop.checkpoint": "/nonexistent/deop.pt"}, "not found"),
+        ({"pnp.vlm_pretrained": "other"}, "need a new Segmenter"),
     ],
     ids=lambda value: str(value)[:40],
 )
@@ -196,42 +216,44 @@ def test_a_failed_load_keeps_the_old_method(blip, rgb, tmp_path):
     segmenter = make(blip)
     before = segmenter.segment(rgb)
     # The loaded VLM has 3 text layers: found out only once it is loaded.
-    with pytest.raises(ValueError, match=r"pnp_layer 9 > the VLM's 3 text layers"):
-        segmenter.reconfigure(method="pnp_ovss", pnp_layer=9)
+    with pytest.raises(ValueError, match=r"pnp.layer 9 > the VLM's 3 text layers"):
+        segmenter.reconfigure({"pnp.layer": 9}, method="pnp_ovss")
     serving(segmenter, rgb, before, "naclip")
     # A checkpoint of another CLIP.
     other = load_clip(str(TINY_VIT_B32), "none", "cpu")
     modules = DeopModules.create(int(other.model.visual.output_dim), decoder={"heads": 4})
     path = save_checkpoint(tmp_path / "b32.pt", modules, other, asdict(DeopConfig()))
     with pytest.raises(CheckpointError, match="tiny-vit-b32"):
-        segmenter.reconfigure(method="deop", deop_checkpoint=str(path))
+        segmenter.reconfigure({"deop.checkpoint": str(path)}, method="deop")
     serving(segmenter, rgb, before, "naclip")
     # A corrupt one.
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint" * 10)
     with pytest.raises(CheckpointError, match="unreadable or corrupt"):
-        segmenter.reconfigure(method="twostream", deop_checkpoint=str(corrupt))
+        segmenter.reconfigure({"deop.checkpoint": str(corrupt)}, method="twostream")
     serving(segmenter, rgb, before, "naclip")
 
 
 def test_an_unavailable_vlm_is_one_clear_error(blip, rgb):
-    message = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set .*: set vlm_pretr"
+    message = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set .*: set pnp.vlm_pretr"
     with pytest.raises(ModelLoadError, match=message):
-        make(blip, method="pnp_ovss", vlm_pretrained="Salesforce/blip-itm-base-coco")
-    with pytest.raises(ModelLoadError, match="not found; set vlm_pretrained"):
-        make(blip, method="pnp_ovss", vlm_pretrained=str(blip / "missing"))
+        make(blip, method="pnp_ovss", **{"pnp.vlm_pretrained": "Salesforce/blip-itm-base-coco"})
+    with pytest.raises(ModelLoadError, match="not found; set pnp.vlm_pretrained"):
+        make(blip, method="pnp_ovss", **{"pnp.vlm_pretrained": str(blip / "missing")})
 
 
 def test_refusals_while_on_a_pipeline_keep_it(blip, rgb, tmp_path):
     segmenter = make(blip, method="pnp_ovss")
     pipeline, before = segmenter.pipeline, segmenter.segment(rgb)
-    with pytest.raises(ValueError, match=f"pnp_head 9 > the VLM's {TEXT_HEADS} heads"):
-        segmenter.check_config(config(blip, method="pnp_ovss", pnp_head=9))  # the node's check
-    with pytest.raises(ValueError, match="pnp_head 9"):
-        segmenter.reconfigure(pnp_head=9)
+    with pytest.raises(ValueError, match=f"pnp.head 9 > the VLM's {TEXT_HEADS} heads"):
+        segmenter.check_config(
+            config(blip, method="pnp_ovss", **{"pnp.head": 9})
+        )  # the node's check
+    with pytest.raises(ValueError, match="pnp.head 9"):
+        segmenter.reconfigure({"pnp.head": 9})
     with pytest.raises(VocabularyError, match="tokens, more than the VLM's 64"):
         segmenter.set_classes([f"dog{i}" for i in range(70)])
-    assert segmenter.pipeline is pipeline and segmenter.config.pnp_head == 3
+    assert segmenter.pipeline is pipeline and segmenter.config.pnp.head == 3
     serving(segmenter, rgb, before, "pnp_ovss")
     # DeOP: a checkpoint with a proposal head of another mask grid.
     segmenter = make(blip, method="deop")
@@ -243,10 +265,10 @@ def test_refusals_while_on_a_pipeline_keep_it(blip, rgb, tmp_path):
         proposal_head={"width": 64, "queries": 12, "dim": 16, "heads": 4, "cells": 2},
     )
     path = save_checkpoint(tmp_path / "deop.pt", modules, segmenter.clip, {})
-    with pytest.raises(ValueError, match="set mask_cells to 2"):
-        segmenter.reconfigure(deop_checkpoint=str(path))
+    with pytest.raises(ValueError, match="set deop.mask_cells to 2"):
+        segmenter.reconfigure({"deop.checkpoint": str(path)})
     serving(segmenter, rgb, before, "deop")
-    segmenter.reconfigure(deop_checkpoint=str(path), mask_cells=2)
+    segmenter.reconfigure({"deop.checkpoint": str(path), "deop.mask_cells": 2})
     notice, warn = segmenter.method_notice()
     assert not warn and "deop with checkpoint" in notice and "learned proposals" in notice
 

@@ -39,17 +39,17 @@ def reference(segmenter, rgb, unlabeled=255):
     with torch.inference_mode():
         encoded = segmenter.method.encode(segmenter.method.preprocess(rgb))
         logits, scores = segmenter.method.head(encoded)
-        jbu = config.upsample == "jbu"
+        jbu = config.dense.upsample == "jbu"
         logits = up(segmenter.method.to_image(logits, encoded, jbu and scores is None))
         if scores is not None:
             scores = up(segmenter.method.to_image(scores, encoded, jbu))
-        if config.pamr:
+        if config.dense.pamr:
             guide = up(segmenter.method._full_resolution(encoded)[0])[None]
             if scores is None:
                 logits = pamr(guide, logits[None])[0]
             else:
                 scores = pamr(guide, scores[None])[0]
-        probs = torch.softmax(config.logit_scale * logits, dim=0)
+        probs = torch.softmax(config.dense.logit_scale * logits, dim=0)
         owner, classes = segmenter.method._query_owner, len(segmenter.classes)
         per_label = torch.zeros((classes + 1, *size))
         for query, label in enumerate(owner.tolist()):
@@ -57,9 +57,9 @@ def reference(segmenter, rgb, unlabeled=255):
         if scores is None:
             confidence, labels = per_label[:classes].max(dim=0)
             background = per_label[classes] > confidence
-            if config.area_threshold:  # SCLIP's postprocess_result, background first
+            if config.dense.area_threshold:  # SCLIP's postprocess_result, background first
                 area = torch.bincount(labels[~background], minlength=classes)
-                keep = (area > config.area_threshold * area.sum()).float()
+                keep = (area > config.dense.area_threshold * area.sum()).float()
                 per_label[:classes] *= keep.view(-1, 1, 1)
                 confidence, labels = per_label[:classes].max(dim=0)
                 background = per_label[classes] > confidence
@@ -80,14 +80,19 @@ SETTINGS = {
     "whole": {},
     "background": {"background_words": ("sky", "wall", "floor")},
     "threshold": {"score_threshold": 0.3, "background_words": ("sky",)},
-    "windows": {"crop": 32, "stride": 16, "background_words": ("sky",)},
-    "jbu": {"upsample": "jbu", "background_words": ("sky",)},
-    "pamr": {"pamr": True, "crop": 32, "stride": 16},
+    "windows": {"dense.crop": 32, "dense.stride": 16, "background_words": ("sky",)},
+    "jbu": {"dense.upsample": "jbu", "background_words": ("sky",)},
+    "dense.pamr": {"dense.pamr": True, "dense.crop": 32, "dense.stride": 16},
     "dslo": {"refinement": "dslo", "background_words": ("sky", "wall")},
-    "dslo+jbu+pamr": {"refinement": "dslo", "upsample": "jbu", "pamr": True},
+    "dslo+jbu+pamr": {"refinement": "dslo", "dense.upsample": "jbu", "dense.pamr": True},
     "freecp": {"refinement": "freecp", "background_words": ("sky",)},
-    "area": {"area_threshold": 0.1, "background_words": ("sky",), "crop": 32, "stride": 16},
-    "area+pamr": {"area_threshold": 0.2, "pamr": True},
+    "area": {
+        "dense.area_threshold": 0.1,
+        "background_words": ("sky",),
+        "dense.crop": 32,
+        "dense.stride": 16,
+    },
+    "area+pamr": {"dense.area_threshold": 0.2, "dense.pamr": True},
 }
 
 
@@ -97,7 +102,7 @@ def test_chunked_postprocess_equals_the_whole_softmax(
     segmenter, voc_rgb, monkeypatch, settings, chunk
 ):
     rgb = voc_rgb[2]  # varied labels even from the tiny random model
-    base = {name: getattr(segmenter.config, name) for name in settings}
+    base = {name: segmenter.config.flat()[name] for name in settings}
     segmenter.reconfigure(**settings)
     try:
         want_labels, want_confidence = reference(segmenter, rgb)
@@ -117,11 +122,11 @@ def test_chunk_size_follows_the_largest_buffer(segmenter, voc_rgb):
     pixels = rgb.shape[0] * rgb.shape[1]  # the input is the largest map here
     assert segmenter.method._chunk(encoded, rgb.shape[:2]) == (1 << 24) // pixels
     assert segmenter.method._chunk(encoded, (4096, 8192)) == 1  # never fewer than one map
-    segmenter.reconfigure(crop=32, stride=16)
+    segmenter.reconfigure({"dense.crop": 32, "dense.stride": 16})
     try:  # windows: each window's maps are upsampled to the window size first
         encoded = segmenter.method.encode(segmenter.method.preprocess(rgb))
         windows = encoded.windows.shape[0] * 32 * 32
         assert windows > 8 * 8  # larger than a tiny input
         assert segmenter.method._chunk(encoded, (8, 8)) == (1 << 24) // windows
     finally:
-        segmenter.reconfigure(crop=0, stride=0)
+        segmenter.reconfigure({"dense.crop": 0, "dense.stride": 0})

@@ -35,10 +35,10 @@ def wide():
 
 SETTINGS = {
     "whole": {},
-    "windows": {"crop": 32, "stride": 16},
-    "jbu+pamr": {"upsample": "jbu", "pamr": True},
+    "windows": {"dense.crop": 32, "dense.stride": 16},
+    "jbu+pamr": {"dense.upsample": "jbu", "dense.pamr": True},
     "dslo": {"refinement": "dslo"},
-    "freecp": {"refinement": "freecp", "freecp_redundancy": 0.0},  # P is spread over 402
+    "freecp": {"refinement": "freecp", "freecp.redundancy": 0.0},  # P is spread over 402
 }
 
 
@@ -47,7 +47,7 @@ def test_wide_vocabulary_in_chunks_equals_the_whole_softmax(wide, voc_rgb, monke
     rgb = voc_rgb[1]
     # at most 40 maps per chunk: at least ten chunks over the 402 queries
     monkeypatch.setattr(engine, "POSTPROCESS_ELEMENTS", 40 * rgb.shape[0] * rgb.shape[1])
-    base = {name: getattr(wide.config, name) for name in settings}
+    base = {name: wide.config.flat()[name] for name in settings}
     wide.reconfigure(**settings)
     try:
         with torch.inference_mode():
@@ -83,10 +83,10 @@ def test_guide_weights_are_computed_once_per_frame(wide, voc_rgb, monkeypatch):
         monkeypatch.setattr(engine, name, counting(name, getattr(engine, name)))
     first, second = voc_rgb[1], voc_rgb[1][:, ::-1].copy()  # two frames of one size: one batch
     monkeypatch.setattr(engine, "POSTPROCESS_ELEMENTS", 40 * first.shape[0] * first.shape[1])
-    wide.reconfigure(upsample="jbu", pamr=True)
+    wide.reconfigure({"dense.upsample": "jbu", "dense.pamr": True})
     try:
         results = wide.segment_many([first, second])
     finally:
-        wide.reconfigure(upsample="bilinear", pamr=False)
+        wide.reconfigure({"dense.upsample": "bilinear", "dense.pamr": False})
     assert calls == {"jbu_weights": 2, "pamr_affinity": 2}
     assert not np.array_equal(results[0].labels, results[1].labels)

@@ -1,7 +1,5 @@
 """DSLO, FreeCP, PAMR and JBU wired into the segmenter, after every last-block mode."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -14,12 +12,12 @@ from ovss_ros.core.methods.dense.pamr import pamr
 from ovss_ros.core.methods.dslo.dslo import dslo_scores
 
 REFINEMENTS = [
-    {"refinement": "dslo", "dslo_mode": "ot"},
-    {"refinement": "dslo", "dslo_mode": "velocity", "affinity": "mean"},
+    {"refinement": "dslo", "dslo.mode": "ot"},
+    {"refinement": "dslo", "dslo.mode": "velocity", "dslo.affinity": "mean"},
     {"refinement": "freecp"},
-    {"pamr": True},
-    {"upsample": "jbu"},
-    {"refinement": "dslo", "upsample": "jbu", "pamr": True},
+    {"dense.pamr": True},
+    {"dense.upsample": "jbu"},
+    {"refinement": "dslo", "dense.upsample": "jbu", "dense.pamr": True},
 ]
 
 
@@ -36,9 +34,9 @@ def segmenter():
 
 @pytest.fixture()
 def fresh(segmenter):
-    base = dataclasses.asdict(segmenter.config)
+    base = segmenter.config.flat()
     yield segmenter
-    segmenter.reconfigure(**base)
+    segmenter.reconfigure(base)
 
 
 @pytest.mark.parametrize("method", LAST_BLOCK_MODES)
@@ -55,7 +53,9 @@ def test_every_refinement_after_every_mode(fresh, voc_rgb, method, changes):
 
 @pytest.mark.parametrize("changes", REFINEMENTS[:3], ids=["ot", "velocity", "freecp"])
 def test_refinements_with_background_words_and_windows(fresh, voc_rgb, changes):
-    fresh.reconfigure(background_words=("sky", "wall"), crop=32, stride=16, **changes)
+    fresh.reconfigure(
+        background_words=("sky", "wall"), **{"dense.crop": 32, "dense.stride": 16}, **changes
+    )
     seg = fresh.segment(voc_rgb[1])
     assert seg.labels.shape == voc_rgb[1].shape[:2]
     assert set(np.unique(seg.labels)) <= {0, 1, 2, 3, 255}
@@ -67,7 +67,9 @@ def test_refinements_with_background_words_and_windows(fresh, voc_rgb, changes):
 @pytest.mark.parametrize("source", ["naclip", "keykey", "mean"])
 def test_dslo_gets_its_affinity_and_decides_the_labels(fresh, voc_rgb, mode, source):
     """Wiring check: the engine's labels are the argmax of DSLO run by hand on the same inputs."""
-    fresh.reconfigure(refinement="dslo", dslo_mode=mode, affinity=source, short_side=0)
+    fresh.reconfigure(
+        {"dslo.mode": mode, "dslo.affinity": source}, refinement="dslo", short_side=0
+    )
     rgb = voc_rgb[2][:128, :192].copy()
     pixels = fresh.method.preprocess(rgb)
     dense = dense_forward(fresh.clip.model.visual, pixels, "naclip", affinity=source)
@@ -81,7 +83,7 @@ def test_dslo_gets_its_affinity_and_decides_the_labels(fresh, voc_rgb, mode, sou
 
 
 def test_pamr_refines_the_base_logits(fresh, voc_rgb):
-    fresh.reconfigure(pamr=True, short_side=0)
+    fresh.reconfigure({"dense.pamr": True}, short_side=0)
     rgb = voc_rgb[0][:128, :128].copy()
     pixels = fresh.method.preprocess(rgb)
     encoded = fresh.method.encode(pixels)
@@ -102,11 +104,11 @@ def test_descriptions_feed_the_crop_check(fresh):
 def test_refinement_settings_are_validated(fresh):
     for bad in [
         {"refinement": "crf"},
-        {"dslo_mode": "fast"},
-        {"upsample": "nearest"},
-        {"affinity": "sd3"},
-        {"ipf_rounds": 0},
-        {"freecp_redundancy": 2.0},
+        {"dslo.mode": "fast"},
+        {"dense.upsample": "nearest"},
+        {"dslo.affinity": "sd3"},
+        {"dslo.ipf_rounds": 0},
+        {"freecp.redundancy": 2.0},
     ]:
         with pytest.raises(ValueError):
             fresh.reconfigure(**bad)

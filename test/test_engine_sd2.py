@@ -43,19 +43,19 @@ def other_pipeline(tmp_path_factory):
 
 
 def config(pipeline, **changes) -> EngineConfig:
-    settings = dict(
-        model=str(TINY_VIT),
-        pretrained="none",
-        device="cpu",
-        short_side=16 * GRID,  # the planted 16x16 patch grid
-        templates="single",
-        method="vanilla",
-        refinement="dslo",
-        affinity="sd2",
-        sd_model=str(pipeline),
-        sd_size=SD_SIZE,
-    )
-    return EngineConfig(**{**settings, **changes})
+    settings = {
+        "model": str(TINY_VIT),
+        "pretrained": "none",
+        "device": "cpu",
+        "short_side": 16 * GRID,  # the planted 16x16 patch grid
+        "templates": "single",
+        "method": "vanilla",
+        "refinement": "dslo",
+        "dslo.affinity": "sd2",
+        "dslo.sd.model": str(pipeline),
+        "dslo.sd.size": SD_SIZE,
+    }
+    return EngineConfig.from_flat({**settings, **changes})
 
 
 def make_segmenter(pipeline, stop=None, **changes) -> Segmenter:
@@ -90,7 +90,7 @@ def independent_affinity(segmenter: Segmenter, source: str, pixels, grid) -> tor
         visual = segmenter.clip.model.visual
         return dense_forward(visual, pixels, "vanilla", source).affinity
     cfg = segmenter.config
-    sd2 = Sd2Attention.load(cfg.sd_model, device="cpu", **cfg.sd2_settings())
+    sd2 = Sd2Attention.load(cfg.dslo.sd.model, device="cpu", **cfg.sd2_settings())
     mean = torch.tensor(segmenter.clip.mean).view(1, 3, 1, 1)
     std = torch.tensor(segmenter.clip.std).view(1, 3, 1, 1)
     return sd2.affinity((pixels.float() * std + mean).clamp(0, 1), grid)
@@ -102,7 +102,10 @@ def independent_affinity(segmenter: Segmenter, source: str, pixels, grid) -> tor
 @pytest.mark.parametrize("mode", ["velocity", "ot"])
 @pytest.mark.parametrize("source", SOURCES)
 def test_dslo_on_every_affinity_source_through_the_engine(pipeline, source, mode):
-    segmenter = make_segmenter(pipeline, affinity=source, dslo_mode=mode)
+    segmenter = make_segmenter(
+        pipeline,
+        **{"dslo.affinity": source, "dslo.mode": mode},
+    )
     assert (segmenter.sd2 is not None) == (source == "sd2")  # SD only for sd2
     rgb = planted_image()
     with torch.inference_mode():
@@ -144,7 +147,7 @@ def test_sd2_affinity_is_the_frames_own_and_differs_from_clips(pipeline):
             segmenter.method.preprocess(planted_image(0))
         ).dense.affinity
         other = segmenter.method.encode(segmenter.method.preprocess(planted_image(1)[::-1].copy()))
-        segmenter.reconfigure(affinity="naclip")
+        segmenter.reconfigure({"dslo.affinity": "naclip"})
         clip = segmenter.method.encode(
             segmenter.method.preprocess(planted_image(0))
         ).dense.affinity
@@ -155,7 +158,11 @@ def test_sd2_affinity_is_the_frames_own_and_differs_from_clips(pipeline):
 
 
 def test_sliding_windows_get_one_sd_affinity_each(pipeline):
-    segmenter = make_segmenter(pipeline, short_side=128, crop=64, stride=32)
+    segmenter = make_segmenter(
+        pipeline,
+        short_side=128,
+        **{"dense.crop": 64, "dense.stride": 32},
+    )
     rgb = planted_image()
     with torch.inference_mode():
         pixels = segmenter.method.preprocess(rgb)
@@ -172,27 +179,37 @@ def test_sliding_windows_get_one_sd_affinity_each(pipeline):
 
 
 def test_sd_model_is_loaded_only_while_dslo_uses_sd2(pipeline):
-    segmenter = make_segmenter(pipeline, affinity="naclip")
+    segmenter = make_segmenter(pipeline, **{"dslo.affinity": "naclip"})
     assert segmenter.sd2 is None
-    segmenter.reconfigure(affinity="sd2")
+    segmenter.reconfigure({"dslo.affinity": "sd2"})
     loaded = segmenter.sd2
     assert loaded is not None and loaded.unet is not None
     segmenter.reconfigure(refinement="none")  # sd2 still named, but DSLO is off
     assert segmenter.sd2 is None and loaded.unet is None  # released
     segmenter.reconfigure(refinement="dslo")
     assert segmenter.sd2 is not None and segmenter.sd2 is not loaded
-    segmenter.reconfigure(affinity="keykey")
+    segmenter.reconfigure({"dslo.affinity": "keykey"})
     assert segmenter.sd2 is None
 
 
 def test_sd_settings_change_without_reloading(pipeline, voc_rgb):
     segmenter = make_segmenter(pipeline)
     loaded = segmenter.sd2
-    segmenter.reconfigure(sd_timestep=400, sd_noise=True, sd_seed=3, sd_layers="up")
+    segmenter.reconfigure(
+        {"dslo.sd.timestep": 400, "dslo.sd.noise": True, "dslo.sd.seed": 3, "dslo.sd.layers": "up"}
+    )
     assert segmenter.sd2 is loaded
     settings = (loaded.timestep, loaded.noise, loaded.seed, loaded.layers)
     assert settings == (400, True, 3, "up")
-    fresh = make_segmenter(pipeline, sd_timestep=400, sd_noise=True, sd_seed=3, sd_layers="up")
+    fresh = make_segmenter(
+        pipeline,
+        **{
+            "dslo.sd.timestep": 400,
+            "dslo.sd.noise": True,
+            "dslo.sd.seed": 3,
+            "dslo.sd.layers": "up",
+        },
+    )
     rgb = voc_rgb[0]
     np.testing.assert_array_equal(segmenter.segment(rgb).labels, fresh.segment(rgb).labels)
 
@@ -200,9 +217,9 @@ def test_sd_settings_change_without_reloading(pipeline, voc_rgb):
 def test_a_new_sd_model_replaces_and_releases_the_old(pipeline, other_pipeline):
     segmenter = make_segmenter(pipeline)
     old = segmenter.sd2
-    segmenter.reconfigure(sd_model=str(other_pipeline))
+    segmenter.reconfigure({"dslo.sd.model": str(other_pipeline)})
     assert segmenter.sd2 is not old and old.unet is None
-    assert segmenter.config.sd_model == str(other_pipeline)
+    assert segmenter.config.dslo.sd.model == str(other_pipeline)
     fresh = Sd2Attention.load(str(other_pipeline), device="cpu", size=SD_SIZE)
     pixels = torch.rand(1, 3, 64, 64)
     torch.testing.assert_close(
@@ -232,35 +249,39 @@ def assert_unchanged(before: dict, segmenter: Segmenter) -> None:
 
 
 BAD_SETTINGS = [
-    ({"sd_timestep": 1000}, ValueError, "sd_timestep must be in"),
-    ({"sd_timestep": -1}, ValueError, "sd_timestep must be in"),
-    ({"sd_size": 32}, ValueError, "sd_size must be at least 64"),
-    ({"sd_size": 100000}, ValueError, "sd_size 100000 needs a 5120.0 GB VAE"),  # 120 GB a frame
-    ({"sd_temperature": float("nan")}, ValueError, "sd_temperature must be in"),
-    ({"sd_temperature": float("inf")}, ValueError, "sd_temperature must be in"),
-    ({"sd_temperature": 0.0}, ValueError, "sd_temperature must be in"),
-    ({"sd_layers": "middle"}, ValueError, "unknown sd_layers"),
-    ({"sd_precision": "fp8"}, ValueError, "unknown sd_precision"),
-    ({"sd_model": " "}, ValueError, "sd_model must name"),
-    ({"sd_seed": -1}, ValueError, "sd_seed must be in"),
-    ({"affinity": "dino"}, ValueError, "unknown affinity"),
+    ({"dslo.sd.timestep": 1000}, ValueError, "dslo.sd.timestep must be in"),
+    ({"dslo.sd.timestep": -1}, ValueError, "dslo.sd.timestep must be in"),
+    ({"dslo.sd.size": 32}, ValueError, r"dslo.sd.size must be in \[64, 1448\] pixels, got 32"),
+    (
+        {"dslo.sd.size": 100000},
+        ValueError,
+        "dslo.sd.size 100000 needs a 5120.0 GB VAE",
+    ),  # 120 GB a frame
+    ({"dslo.sd.temperature": float("nan")}, ValueError, "dslo.sd.temperature must be in"),
+    ({"dslo.sd.temperature": float("inf")}, ValueError, "dslo.sd.temperature must be in"),
+    ({"dslo.sd.temperature": 0.0}, ValueError, "dslo.sd.temperature must be in"),
+    ({"dslo.sd.layers": "middle"}, ValueError, "unknown dslo.sd.layers"),
+    ({"dslo.sd.precision": "fp8"}, ValueError, "unknown dslo.sd.precision"),
+    ({"dslo.sd.model": " "}, ValueError, "dslo.sd.model must name"),
+    ({"dslo.sd.seed": -1}, ValueError, "dslo.sd.seed must be in"),
+    ({"dslo.affinity": "dino"}, ValueError, "unknown dslo.affinity"),
     # the model cannot be loaded: refused by loading, within seconds
-    ({"sd_model": "ovss-test/not-cached-sd2"}, ModelLoadError, "HF_HUB_OFFLINE"),
-    ({"sd_model": "/no/such/sd2"}, ModelLoadError, "neither a directory nor a hub id"),
-    ({"sd_precision": "fp16"}, ModelLoadError, "needs a GPU"),
+    ({"dslo.sd.model": "ovss-test/not-cached-sd2"}, ModelLoadError, "HF_HUB_OFFLINE"),
+    ({"dslo.sd.model": "/no/such/sd2"}, ModelLoadError, "neither a directory nor a hub id"),
+    ({"dslo.sd.precision": "fp16"}, ModelLoadError, "needs a GPU"),
 ]
 
 
 @pytest.mark.parametrize("start", ["sd2", "naclip"])
 @pytest.mark.parametrize("change, error, reason", BAD_SETTINGS)
 def test_refused_change_keeps_the_old_state(pipeline, voc_rgb, start, change, error, reason):
-    segmenter = make_segmenter(pipeline, affinity=start)
+    segmenter = make_segmenter(pipeline, **{"dslo.affinity": start})
     rgb = voc_rgb[1]
     labels = segmenter.segment(rgb).labels
     before = snapshot(segmenter)
     began = time.monotonic()
     with pytest.raises(error, match=reason):
-        segmenter.reconfigure(**{"affinity": "sd2", **change})
+        segmenter.reconfigure(**{"dslo.affinity": "sd2", **change})
     assert time.monotonic() - began < 60  # a liveness bound: no download, no retry loop
     assert_unchanged(before, segmenter)
     np.testing.assert_array_equal(segmenter.segment(rgb).labels, labels)
@@ -268,13 +289,13 @@ def test_refused_change_keeps_the_old_state(pipeline, voc_rgb, start, change, er
 
 def test_model_missing_offline_refuses_the_segmenter_at_once(pipeline):
     began = time.monotonic()
-    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*set sd_model to a local"):
-        Segmenter(config(pipeline, sd_model="ovss-test/not-cached-sd2"))
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*set dslo.sd.model to a local"):
+        Segmenter(config(pipeline, **{"dslo.sd.model": "ovss-test/not-cached-sd2"}))
     assert time.monotonic() - began < 60
 
 
 def test_failed_text_encoding_releases_the_newly_loaded_sd_model(pipeline, voc_rgb, monkeypatch):
-    segmenter = make_segmenter(pipeline, affinity="naclip")
+    segmenter = make_segmenter(pipeline, **{"dslo.affinity": "naclip"})
     before = snapshot(segmenter)
     loaded = []
     real_load = Sd2Attention.load.__func__
@@ -289,7 +310,7 @@ def test_failed_text_encoding_releases_the_newly_loaded_sd_model(pipeline, voc_r
 
     monkeypatch.setattr(TextEncoder, "encode_prompts", out_of_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
-        segmenter.reconfigure(affinity="sd2", templates="a picture of a {}.")
+        segmenter.reconfigure({"dslo.affinity": "sd2"}, templates="a picture of a {}.")
     assert len(loaded) == 1 and loaded[0].unet is None  # loaded, then released
     assert_unchanged(before, segmenter)
 
@@ -303,19 +324,19 @@ def test_failed_text_encoding_keeps_the_sd_settings_in_use(pipeline, monkeypatch
 
     monkeypatch.setattr(TextEncoder, "encode_prompts", out_of_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
-        segmenter.reconfigure(sd_timestep=300, templates="a picture of a {}.")
+        segmenter.reconfigure({"dslo.sd.timestep": 300}, templates="a picture of a {}.")
     assert_unchanged(before, segmenter)
 
 
 def test_stop_event_ends_the_load_and_loads_nothing(pipeline, monkeypatch):
     stop = threading.Event()
-    segmenter = make_segmenter(pipeline, stop=stop, affinity="naclip")
+    segmenter = make_segmenter(pipeline, stop=stop, **{"dslo.affinity": "naclip"})
     before = snapshot(segmenter)
     loads = []
     monkeypatch.setattr(Sd2Attention, "load", lambda *a, **k: loads.append(1))
     stop.set()
     with pytest.raises(Stopped):
-        segmenter.reconfigure(affinity="sd2")
+        segmenter.reconfigure({"dslo.affinity": "sd2"})
     assert loads == [] and segmenter.sd2 is None
     assert_unchanged(before, segmenter)
     with pytest.raises(Stopped):
@@ -324,7 +345,7 @@ def test_stop_event_ends_the_load_and_loads_nothing(pipeline, monkeypatch):
 
 def test_stop_set_during_the_load_releases_what_was_loaded(pipeline, monkeypatch):
     stop = threading.Event()
-    segmenter = make_segmenter(pipeline, stop=stop, affinity="naclip")
+    segmenter = make_segmenter(pipeline, stop=stop, **{"dslo.affinity": "naclip"})
     loaded = []
     real_load = Sd2Attention.load.__func__
 
@@ -335,9 +356,9 @@ def test_stop_set_during_the_load_releases_what_was_loaded(pipeline, monkeypatch
 
     monkeypatch.setattr(Sd2Attention, "load", classmethod(load_then_stop))
     with pytest.raises(Stopped):
-        segmenter.reconfigure(affinity="sd2")
+        segmenter.reconfigure({"dslo.affinity": "sd2"})
     assert loaded[0].unet is None and segmenter.sd2 is None
-    assert segmenter.config.affinity == "naclip"
+    assert segmenter.config.dslo.affinity == "naclip"
 
 
 def test_stop_event_ends_a_frame_before_the_sd_forward(pipeline, monkeypatch):

@@ -131,7 +131,7 @@ def test_failure_inside_the_text_tower_changes_nothing(
             lambda s: s.reconfigure(background_words=tuple(f"w{i}" for i in range(1001))),
             ValueError,
         ),
-        (lambda s: s.reconfigure(crop=40, templates="the {}."), ValueError),
+        (lambda s: s.reconfigure({"dense.crop": 40}, templates="the {}."), ValueError),
         (lambda s: s.reconfigure(max_long_side=8, background_words=()), ValueError),
     ],
     ids=[

@@ -68,32 +68,34 @@ def test_the_static_limits_are_the_largest_values_within_the_budget():
     assert sd_max_size() == 1448
     check_sd_size(1448)
     assert sd_map_bytes(1448) <= FRAME_BUDGET_BYTES < sd_map_bytes(1449)
-    with pytest.raises(FrameBudgetError, match="sd_size 1449 needs a 1.07 GB VAE activation"):
+    with pytest.raises(FrameBudgetError, match="dslo.sd.size 1449 needs a 1.07 GB VAE activation"):
         check_sd_size(1449)
     check_sd_size(2048, itemsize=2)  # fp16 halves it
     assert vlm_max_image_size() == 1008  # BLIP ITM large: ViT-L/16, 16 heads
     check_vlm_image_size(1008)
-    with pytest.raises(FrameBudgetError, match="image_size 1024 needs a 1.07 GB attention map"):
+    with pytest.raises(
+        FrameBudgetError, match="pnp.image_size 1024 needs a 1.07 GB attention map"
+    ):
         check_vlm_image_size(1024)
     assert vlm_attention_bytes(1008) <= FRAME_BUDGET_BYTES < vlm_attention_bytes(1024)
     assert max_crop_batch() == 443  # ViT-B/16 at 224 px: 197 tokens x 3072
     check_crop_batch(443)
-    with pytest.raises(FrameBudgetError, match="twostream_crop_batch 444"):
+    with pytest.raises(FrameBudgetError, match="twostream.crop_batch 444"):
         check_crop_batch(444)
 
 
 def test_the_issues_sizes_are_refused_with_their_cost():
-    """Issue 18: sd_size 2048 and 4096, pnp_image_size 1024 and 4096 were accepted."""
+    """Issue 18: dslo.sd.size 2048 and 4096, pnp.image_size 1024 and 4096 were accepted."""
     for size, cost in ((2048, "2.15 GB"), (4096, "8.59 GB")):
         with pytest.raises(
-            FrameBudgetError, match=f"sd_size {size} needs a {cost} .* at most 1448"
+            FrameBudgetError, match=f"dslo.sd.size {size} needs a {cost} .* at most 1448"
         ):
-            EngineConfig(sd_size=size).validate()
+            EngineConfig.from_flat({"dslo.sd.size": size}).validate()
     for size, cost in ((1024, "1.07 GB"), (4096, "274.9 GB")):
-        with pytest.raises(ValueError, match=f"pnp_image_size {size} needs a {cost} attention"):
-            EngineConfig(pnp_image_size=size).validate()
-    with pytest.raises(ValueError, match="twostream_crop_batch 1024 needs a 2.48 GB"):
-        EngineConfig(twostream_crop_batch=1024).validate()
+        with pytest.raises(ValueError, match=f"pnp.image_size {size} needs a {cost} attention"):
+            EngineConfig.from_flat({"pnp.image_size": size}).validate()
+    with pytest.raises(ValueError, match="twostream.crop_batch 1024 needs a 2.48 GB"):
+        EngineConfig.from_flat({"twostream.crop_batch": 1024}).validate()
     with pytest.raises(FrameBudgetError, match="patch affinity needs a 17.2 GB map"):
         EngineConfig(refinement="dslo", short_side=4096, max_long_side=4096).validate()
     EngineConfig(refinement="dslo", short_side=2048, max_long_side=2048).validate()  # 1.07 GB
@@ -106,9 +108,13 @@ def test_the_issues_sizes_are_refused_with_their_cost():
 def tiny_clip_segmenter():
     def build(**settings) -> Segmenter:
         torch.manual_seed(0)
-        config = EngineConfig(
-            model=str(TINY_VIT), pretrained="none", device="cpu", templates="single", **settings
-        )
+        base = {
+            "model": str(TINY_VIT),
+            "pretrained": "none",
+            "device": "cpu",
+            "templates": "single",
+        }
+        config = EngineConfig.from_flat(base | settings)
         segmenter = Segmenter(config)
         segmenter.set_classes(["cat", "dog"])
         return segmenter
@@ -125,7 +131,9 @@ def test_dense_largest_map_is_the_affinity_formula(
     """A 512 x 512 whole image (32 x 32 patches): the largest allocation of the forward and the
     refinement is the affinity, exactly ``affinity_bytes``; the last block's attention (2 heads
     x 1025^2, twice the affinity) is never formed whole."""
-    segmenter = tiny_clip_segmenter(short_side=512, refinement=refinement, affinity=affinity)
+    segmenter = tiny_clip_segmenter(
+        short_side=512, refinement=refinement, **{"dslo.affinity": affinity}
+    )
     pixels = segmenter.method.preprocess(np.zeros((512, 512, 3), np.uint8))
     measured = LargestTensor()
     with torch.no_grad(), measured:
@@ -159,7 +167,9 @@ def test_chunked_attention_equals_the_whole_map(monkeypatch, mode, affinity):
 
 
 def test_windows_are_encoded_in_chunks_with_the_same_result(tiny_clip_segmenter, monkeypatch):
-    segmenter = tiny_clip_segmenter(short_side=256, crop=64, stride=32, refinement="dslo")
+    segmenter = tiny_clip_segmenter(
+        short_side=256, refinement="dslo", **{"dense.crop": 64, "dense.stride": 32}
+    )
     rgb = (np.random.default_rng(0).random((256, 320, 3)) * 255).astype(np.uint8)
     whole = segmenter.segment(rgb)
     monkeypatch.setattr(frame_budget, "CHUNK_BYTES", 17 * 1024 * 4 * 3)  # 3 windows a chunk
@@ -179,7 +189,7 @@ def sd_pipeline(tmp_path_factory) -> Path:
 def test_sd_largest_map_is_the_vae_activation_formula(sd_pipeline, small_chunks, size):
     """The SD affinity's largest allocation is the VAE's first activation (``sd_map_bytes``
     with the VAE's channels; its downsampling pads one row and column), not the UNet's
-    self-attention map, which the issue measured at 17 GB for sd_size 2048."""
+    self-attention map, which the issue measured at 17 GB for dslo.sd.size 2048."""
     from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
 
     sd2 = Sd2Attention.load(str(sd_pipeline), device="cpu", size=size)

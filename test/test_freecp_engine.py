@@ -23,16 +23,18 @@ CLASSES = ["person", "tv; television; monitor", "dog", "cat | a small furry pet"
 @pytest.fixture(scope="module")
 def segmenter():
     torch.manual_seed(0)
-    config = EngineConfig(
-        model=str(TINY_VIT),
-        pretrained="none",
-        device="cpu",
-        short_side=64,
-        templates="single",
-        refinement="freecp",
-        crop=48,
-        stride=16,
-        freecp_redundancy=0.1,
+    config = EngineConfig.from_flat(
+        {
+            "model": str(TINY_VIT),
+            "pretrained": "none",
+            "device": "cpu",
+            "short_side": 64,
+            "templates": "single",
+            "refinement": "freecp",
+            "dense.crop": 48,
+            "dense.stride": 16,
+            "freecp.redundancy": 0.1,
+        }
     )
     segmenter = Segmenter(config)
     segmenter.set_classes(CLASSES)
@@ -98,7 +100,7 @@ def test_nothing_survives_is_unlabeled_for_the_robot_and_first_class_in_the_prot
     every window. The official code then labels every pixel with its first class (argmax of
     zeros); the robot gets an honest all-unlabeled frame; ovss-eval's FreeCP protocol scores
     it as the official does on data sets without background, and leaves it alone otherwise."""
-    fresh.reconfigure(freecp_redundancy=0.5)
+    fresh.reconfigure({"freecp.redundancy": 0.5})
     rgb = voc_rgb[1]
     assert (official_assembly(fresh, rgb) == 0).all()
     segmentation = fresh.segment(rgb)
@@ -121,5 +123,5 @@ def test_defaults_are_the_official_class_defaults():
     config = EngineConfig()
     assert (config.freecp_redundancy, config.freecp_ambiguity) == (0.15, 0.7)
     parameters = yaml.safe_load(CONFIG_YAML.read_text())["/**"]["ros__parameters"]
-    assert parameters["freecp_redundancy"] == config.freecp_redundancy
-    assert parameters["freecp_ambiguity"] == config.freecp_ambiguity
+    assert parameters["freecp.redundancy"] == config.freecp_redundancy
+    assert parameters["freecp.ambiguity"] == config.freecp_ambiguity

@@ -46,8 +46,8 @@ def test_freecp_protocol_runs_freecp_after_its_own_base_variant(
     assert config.method == variant  # naclip has no FreeCP variant: it stays itself
     got = (
         config.short_side,
-        config.crop,
-        config.stride,
+        config.dense.crop,
+        config.dense.stride,
         config.freecp_redundancy,
         config.freecp_ambiguity,
     )
@@ -149,4 +149,4 @@ def test_ovss_eval_runs_the_freecp_protocol_end_to_end(tmp_path, capsys):
     engine = report["engine"]
     assert report["protocol"] == "freecp" and report["images"] == 3
     assert (engine["method"], engine["refinement"]) == ("sclip_freecp", "freecp")
-    assert (engine["freecp_redundancy"], engine["freecp_ambiguity"]) == (0.15, 0.7)
+    assert (engine["freecp.redundancy"], engine["freecp.ambiguity"]) == (0.15, 0.7)

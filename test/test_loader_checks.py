@@ -153,7 +153,7 @@ def test_inflating_deop_checkpoint_is_refused_with_bounded_memory(deop_bomb):
 
 def test_deop_checkpoint_that_is_not_a_regular_file(clip, tmp_path):
     for path in not_a_regular_file(tmp_path):
-        reason = r"is not a regular file \(it is .*\): set deop_checkpoint"
+        reason = r"is not a regular file \(it is .*\): set deop.checkpoint"
         with pytest.raises(CheckpointError, match=reason):
             load_checkpoint(path, clip)
 

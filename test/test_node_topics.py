@@ -29,7 +29,7 @@ from sensor_msgs.msg import CameraInfo
 
 from ovss_ros.core import Segmentation, overlay, palette
 
-overlay_module = importlib.import_module("ovss_ros.core.overlay")
+overlay_module = importlib.import_module("ovss_ros.core.drawing")
 
 CLASSES = ["cat", "dog", "person"]
 ALL_OUTPUTS = ("labels", "label_info", "overlay", "confidence")

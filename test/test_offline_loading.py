@@ -77,8 +77,8 @@ def test_unreachable_hub_gets_one_request_per_model_and_no_retry(counting):
     ("scenario", "what_to_set"),
     [
         ("clip_tag", "set pretrained to a local checkpoint file"),
-        ("vlm", "set vlm_pretrained to a local directory saved with save_pretrained"),
-        ("sd2", "set sd_model to a local directory"),
+        ("vlm", "set pnp.vlm_pretrained to a local directory saved with save_pretrained"),
+        ("sd2", "set dslo.sd.model to a local directory"),
     ],
 )
 def test_each_loader_says_what_to_set(counting, scenario, what_to_set):
@@ -99,7 +99,7 @@ def test_a_server_error_counts_as_unreachable(counting):
     result = counting["vlm_busy"]
     assert len(hub_requests(result)) == 1, result
     assert "the hub cannot be reached" in result["error"] and "HTTP 503" in result["error"]
-    assert "set vlm_pretrained to a local directory" in result["error"]
+    assert "set pnp.vlm_pretrained to a local directory" in result["error"]
 
 
 def test_cached_weights_load_from_the_cache_without_any_request(counting):

@@ -18,7 +18,7 @@ from skimage.color import rgb2lab
 
 from ovss_ros.core import ClassColours, Segmentation, class_color, overlay, palette
 
-overlay_module = importlib.import_module("ovss_ros.core.overlay")
+overlay_module = importlib.import_module("ovss_ros.core.drawing")
 PALETTE = overlay_module.PALETTE
 VOC_NAMES = [line.strip() for line in (VOC_DIR / "class_names.txt").read_text().splitlines()]
 

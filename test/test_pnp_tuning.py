@@ -141,15 +141,15 @@ def test_ovss_tune_end_to_end_on_the_voc_samples(checkpoint, tmp_path, capsys):
     assert f"{len(voc_image_paths())} images" in best_line and "3 trials" in best_line
     parameters = yaml.safe_load(output.read_text())["/**"]["ros__parameters"]
     assert parameters["method"] == "pnp_ovss"
-    assert parameters["vlm_model"] == "blip_itm"
-    assert parameters["vlm_pretrained"] == str(checkpoint)
+    assert parameters["pnp.vlm_model"] == "blip_itm"
+    assert parameters["pnp.vlm_pretrained"] == str(checkpoint)
     assert parameters["model"] == str(TINY_VIT) and parameters["pretrained"] == "none"
     expected = {f"pnp_{name}" for name in PnpSettings.__dataclass_fields__}
     assert expected <= set(parameters)
-    assert parameters["pnp_layer"] in (1, 2, 3) and parameters["pnp_head"] in (1, 2, 3, 4)
-    assert parameters["pnp_dropout_rounds"] in (1, 2, 4)  # searched 1-2, or the start (4)
-    assert parameters["pnp_threshold"] in (0.05, 0.15, 0.25, 0.35, 0.45)
-    assert parameters["pnp_dropout_patches"] == 2 and parameters["pnp_refine"] == "none"
+    assert parameters["pnp.layer"] in (1, 2, 3) and parameters["pnp.head"] in (1, 2, 3, 4)
+    assert parameters["pnp.dropout_rounds"] in (1, 2, 4)  # searched 1-2, or the start (4)
+    assert parameters["pnp.threshold"] in (0.05, 0.15, 0.25, 0.35, 0.45)
+    assert parameters["pnp.dropout_patches"] == 2 and parameters["pnp.refine"] == "none"
     best = {key: parameters[f"pnp_{key}"] for key in ("layer", "head", "threshold")}
     assert all(f"'{key}': {value}" in best_line for key, value in best.items())
     PnpSettings(**{k[4:]: v for k, v in parameters.items() if k.startswith("pnp_")}).validate()
@@ -160,7 +160,7 @@ def test_ovss_tune_end_to_end_on_the_voc_samples(checkpoint, tmp_path, capsys):
     [
         (["--layers", "2-7"], "layer 4 > the VLM's 3 text layers"),
         (["--threshold", "3"], r"threshold must be in \[0, 1\]"),
-        (["--vlm-pretrained", "/nonexistent/blip"], "vlm_pretrained directory"),
+        (["--vlm-pretrained", "/nonexistent/blip"], "pnp.vlm_pretrained directory"),
         (["--classes", "dog", "Dog"], "duplicate class"),
     ],
 )

@@ -207,10 +207,10 @@ def test_reconfigure_changes_settings_without_reloading(pipeline, pixels):
 @pytest.mark.parametrize(
     "settings, reason",
     [
-        ({"timestep": 5000, "layers": "up"}, "sd_timestep"),
-        ({"size": 8, "noise": True}, "sd_size"),
-        ({"temperature": -1.0}, "sd_temperature"),
-        ({"layers": "mid"}, "sd_layers"),
+        ({"timestep": 5000, "layers": "up"}, "dslo.sd.timestep"),
+        ({"size": 8, "noise": True}, "dslo.sd.size"),
+        ({"temperature": -1.0}, "dslo.sd.temperature"),
+        ({"layers": "mid"}, "dslo.sd.layers"),
         ({"steps": 3}, "unknown"),
     ],
 )
@@ -307,7 +307,7 @@ def test_loads_a_hub_id_from_the_cache(pipeline, pixels, tmp_path):
 
 def test_offline_without_weights_fails_at_once_with_what_to_set(tmp_path):
     start = time.monotonic()
-    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*set sd_model to a local directory"):
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*set dslo.sd.model to a local"):
         Sd2Attention.load("stabilityai/stable-diffusion-2-1-base", cache_dir=str(tmp_path))
     assert time.monotonic() - start < 60  # a liveness bound: no download, no retry loop
 
@@ -336,12 +336,12 @@ def test_broken_weights_are_refused(pipeline, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(pipeline, copy)
     (copy / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelLoadError, match="could not load Stable Diffusion model.*sd_model"):
+    with pytest.raises(ModelLoadError, match="could not load Stable Diffusion.*dslo.sd.model"):
         Sd2Attention.load(str(copy), device="cpu")
 
 
 @pytest.mark.parametrize(
-    "precision, reason", [("fp16", "needs a GPU"), ("fp8", "unknown sd_precision")]
+    "precision, reason", [("fp16", "needs a GPU"), ("fp8", "unknown dslo.sd.precision")]
 )
 def test_bad_precision_is_refused(pipeline, precision, reason):
     with pytest.raises(ModelLoadError, match=reason):
@@ -351,11 +351,11 @@ def test_bad_precision_is_refused(pipeline, precision, reason):
 @pytest.mark.parametrize(
     "settings, reason",
     [
-        ({"timestep": 1000}, "sd_timestep"),
-        ({"timestep": -1}, "sd_timestep"),
-        ({"temperature": 0.0}, "sd_temperature"),
-        ({"size": 16}, "sd_size"),
-        ({"layers": "down"}, "sd_layers"),
+        ({"timestep": 1000}, "dslo.sd.timestep"),
+        ({"timestep": -1}, "dslo.sd.timestep"),
+        ({"temperature": 0.0}, "dslo.sd.temperature"),
+        ({"size": 16}, "dslo.sd.size"),
+        ({"layers": "down"}, "dslo.sd.layers"),
     ],
 )
 def test_bad_settings_are_refused(pipeline, settings, reason):

@@ -67,13 +67,13 @@ def test_a_blip_without_itm_head_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"model": "llava"}, "unknown vlm_model 'llava': set vlm_model to one of"),
+        ({"model": "llava"}, "unknown pnp.vlm_model 'llava': set pnp.vlm_model to one of"),
         ({"precision": "fp16"}, "precision fp16 needs a GPU: set precision to fp32"),
         ({"precision": "int4"}, "unknown precision 'int4'"),
         ({"device": "tpu:3"}, "unknown device 'tpu:3'"),
-        ({"pretrained": "  "}, "vlm_pretrained is empty: set it to a hub id"),
-        ({"pretrained": "/nonexistent/blip"}, "vlm_pretrained directory .* not found"),
-        ({"pretrained": "./models/no/blip"}, "vlm_pretrained directory .* not found"),
+        ({"pretrained": "  "}, "pnp.vlm_pretrained is empty: set it to a hub id"),
+        ({"pretrained": "/nonexistent/blip"}, "pnp.vlm_pretrained directory .* not found"),
+        ({"pretrained": "./models/no/blip"}, "pnp.vlm_pretrained directory .* not found"),
     ],
 )
 def test_load_errors_say_what_to_set(checkpoint, kwargs, message):
@@ -96,4 +96,4 @@ def test_offline_hub_id_not_in_cache_fails_at_once_saying_what_to_set():
     assert time.monotonic() - start < 15.0
     message = str(error.value)
     assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in message
-    assert "set vlm_pretrained to a local directory saved with save_pretrained" in message
+    assert "set pnp.vlm_pretrained to a local directory saved with save_pretrained" in message

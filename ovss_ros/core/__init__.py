@@ -1,41 +1,47 @@
-"""The ROS-free segmentation core: CLIP loading, dense forward, text cache, inference."""
+"""The ROS-free segmentation core: CLIP loading, the method families, the text cache, inference.
 
-from ovss_ros.core.clip.model_loading import ModelLoadError, load_clip
-from ovss_ros.core.config import EngineConfig
-from ovss_ros.core.overlay import ClassColours, class_color, overlay, palette
-from ovss_ros.core.segmentation import Segmentation
-from ovss_ros.core.segmenter import Segmenter
-from ovss_ros.core.stopping import Stopped
-from ovss_ros.core.vocabulary import (
-    MAX_QUERIES,
-    ClassEntry,
-    VocabularyError,
-    check_query_count,
-    check_text,
-    name_key,
-    parse_classes,
-    quoted,
-    slugify,
-)
+Names are imported on first use (PEP 562), so that ``ovss_ros.core.config`` and the families'
+``settings`` modules, which import no torch, can check settings before any model library loads.
+"""
 
-__all__ = [
-    "MAX_QUERIES",
-    "ClassColours",
-    "ClassEntry",
-    "EngineConfig",
-    "ModelLoadError",
-    "Segmentation",
-    "Segmenter",
-    "Stopped",
-    "VocabularyError",
-    "check_query_count",
-    "check_text",
-    "class_color",
-    "load_clip",
-    "name_key",
-    "overlay",
-    "palette",
-    "parse_classes",
-    "quoted",
-    "slugify",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ModelLoadError": "ovss_ros.core.clip.model_loading",
+    "load_clip": "ovss_ros.core.clip.model_loading",
+    "EngineConfig": "ovss_ros.core.config",
+    "ClassColours": "ovss_ros.core.drawing",
+    "class_color": "ovss_ros.core.drawing",
+    "overlay": "ovss_ros.core.drawing",
+    "palette": "ovss_ros.core.drawing",
+    "Segmentation": "ovss_ros.core.segmentation",
+    "Segmenter": "ovss_ros.core.segmenter",
+    "Stopped": "ovss_ros.core.stopping",
+    **{
+        name: "ovss_ros.core.vocabulary"
+        for name in (
+            "MAX_QUERIES",
+            "ClassEntry",
+            "VocabularyError",
+            "check_query_count",
+            "check_text",
+            "name_key",
+            "parse_classes",
+            "quoted",
+            "slugify",
+        )
+    },
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value

@@ -10,8 +10,11 @@ flat names of earlier releases. No torch here: settings are checked before a mod
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ovss_ros.core.clip.templates import check_templates
@@ -206,6 +209,10 @@ class EngineConfig(Settings):
         del values["model"], values["precision"]
         return values
 
+    def sd2_key(self) -> tuple[str, str]:
+        """What chooses the SD model (``dslo.sd.model``, ``.precision``): a change loads it."""
+        return (self.dslo.sd.model, self.dslo.sd.precision)
+
     def max_windows(self) -> int:
         """Sliding windows of the largest frame the size bounds allow (1 without ``dense.crop``).
 
@@ -284,18 +291,23 @@ def largest_grid(config: EngineConfig, patch: int) -> tuple[int, int]:
 
 
 def known_patch(model: str) -> int | None:
-    """The patch size of an open_clip model name from its registered config (no file is read,
-    nothing is loaded); None for a config file, a hub model or an unknown name."""
-    import open_clip
-
-    if model.endswith(".json") or ":" in model:
+    """The patch size of an open_clip model name from the model config open_clip ships for it
+    (``open_clip/model_configs/<name>.json``, read without importing open_clip or torch);
+    None for a config file, a hub model or an unknown name."""
+    if model.endswith(".json") or ":" in model or "/" in model or not model:
         return None
+    spec = importlib.util.find_spec("open_clip")  # finds the package, runs nothing of it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0], "model_configs", f"{model}.json")
     try:
-        vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
-    except Exception:  # an unknown name: load_clip says so
+        vision = json.loads(path.read_text(encoding="utf-8")).get("vision_cfg", {})
+    except (OSError, ValueError, AttributeError):  # an unknown name: load_clip says so
         return None
-    patch = vision.get("patch_size")
-    return int(patch[0] if isinstance(patch, list | tuple) else patch) if patch else None
+    patch = vision.get("patch_size") if isinstance(vision, dict) else None
+    if isinstance(patch, list | tuple):
+        patch = patch[0] if patch else None
+    return int(patch) if isinstance(patch, int) and patch > 0 else None
 
 
 def check_frame_budget(config: EngineConfig, patch: int) -> None:
@@ -358,3 +370,15 @@ def check_pipeline(config: EngineConfig) -> None:
             "deop.pooling cal needs a deop.checkpoint with a CAL decoder: set deop.checkpoint, "
             "or deop.pooling to auto or mean"
         )
+
+
+def check_fits_model(config: EngineConfig, patch: int) -> None:
+    """The settings that depend on the model's patch size (``patch`` pixels): the long side
+    at least one patch, whole-patch windows, the per-frame budget; ValueError."""
+    if config.max_long_side < patch:
+        raise ValueError(
+            f"max_long_side {config.max_long_side} is below one patch of the model ({patch} px)"
+        )
+    if config.dense.crop % patch:
+        raise ValueError(f"dense.crop {config.dense.crop} must be a multiple of the patch {patch}")
+    check_frame_budget(config, patch)

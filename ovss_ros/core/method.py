@@ -1,22 +1,26 @@
-"""The method registry: which family each ``method`` name belongs to.
+"""The Method interface and the registry: which family runs each ``method`` name.
 
 The dense family (``methods/dense``: ``DenseMethod``) runs the last-block modes, NACLIP,
 SCLIP, ClearCLIP, MaskCLIP (and its reduced form), vanilla CLIP and FreeCP's variants; PnP-OVSS
 (``methods/pnp_ovss``), DeOP and the two-stream baseline (``methods/deop``) each bring their own
 pipeline (``method_pipelines.Pipeline``). Every family offers the Segmenter the same calls
-(:class:`Method`); preparing a change is the family's own (``DenseMethod.prepare`` / ``commit``,
-``build_pipeline``), chosen by :func:`builds_pipeline`.
+(:class:`Method`) and one ``update`` function (``FamilyUpdate``) that turns the method in force
+into the one a change asks for, all or nothing; the Segmenter looks it up here by name and
+never branches on the method itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
-from ovss_ros.core.methods.dense.forward import LAST_BLOCK_MODES
+from ovss_ros.core.method_context import Loaded
+from ovss_ros.core.method_pipelines import update_pipeline
+from ovss_ros.core.methods.dense.method import update_dense
+from ovss_ros.core.methods.dense.settings import LAST_BLOCK_MODES
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import ClassEntry
 
@@ -41,9 +45,19 @@ class Method(Protocol):
         """Free what only this method holds (e.g. DSLO's Stable Diffusion model)."""
 
 
+# A family's update: (the method in force or None, the new config, the vocabulary, whether the
+# vocabulary is new, what is loaded) -> the method for them, ready. Transactional: on any
+# exception the method in force is unchanged (what was loaded for the change is released).
+FamilyUpdate = Callable[[Any, EngineConfig, list[ClassEntry], bool, Loaded], Method]
+
 FAMILIES: dict[str, str] = {
     **{name: "dense" for name in LAST_BLOCK_MODES},
     **{name: name if name != "twostream" else "deop" for name in PIPELINE_METHODS},
+}
+UPDATES: dict[str, FamilyUpdate] = {
+    "dense": update_dense,
+    "pnp_ovss": update_pipeline,
+    "deop": update_pipeline,
 }
 
 
@@ -52,7 +66,6 @@ def family(method: str) -> str:
     return FAMILIES[method]
 
 
-def builds_pipeline(method: str) -> bool:
-    """Whether ``method`` runs as a ``Pipeline`` (pnp_ovss, deop, twostream), not the dense
-    family's ``DenseMethod``."""
-    return family(method) != "dense"
+def update_for(method: str) -> FamilyUpdate:
+    """The update function of the family that runs ``method``."""
+    return UPDATES[family(method)]

@@ -26,6 +26,7 @@ import numpy as np
 from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder
 from ovss_ros.core.config import EngineConfig
+from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.methods.deop.deop import Deop
 from ovss_ros.core.methods.deop.run_config import DeopConfig, ProposalConfig, TwoStreamConfig
 from ovss_ros.core.methods.deop.twostream import TwoStream, check_crop_cost
@@ -38,8 +39,13 @@ from ovss_ros.core.vocabulary import ClassEntry
 logger = logging.getLogger(__name__)
 
 # The shared settings a proposal method runs with (``ProposalConfig``'s fields besides deop.*).
-PROPOSAL_SHARED = ("short_side", "max_long_side", "templates", "background_words",
-                   "score_threshold")
+PROPOSAL_SHARED = (
+    "short_side",
+    "max_long_side",
+    "templates",
+    "background_words",
+    "score_threshold",
+)
 # The settings groups each pipeline is built from: a change in one rebuilds it.
 GROUPS = {"pnp_ovss": ("pnp",), "deop": ("deop",), "twostream": ("deop", "twostream")}
 
@@ -170,6 +176,30 @@ def same_vlm(a: EngineConfig, b: EngineConfig) -> bool:
     return (a.pnp.vlm_model, a.pnp.vlm_pretrained) == (b.pnp.vlm_model, b.pnp.vlm_pretrained)
 
 
+def update_pipeline(
+    current: object, config: EngineConfig, classes: list[ClassEntry], given: bool, loaded: Loaded
+) -> Pipeline:
+    """The pipelines' update (``core.method.FamilyUpdate``): the pipeline in force if
+    ``config`` keeps it (a new vocabulary set on it, transactional itself), else one built
+    (``build_pipeline``: the VLM or a checkpoint loaded, the vocabulary encoded); on any
+    exception the method in force is unchanged."""
+    pipeline = current if isinstance(current, Pipeline) else None
+    if needs_rebuild(pipeline, config):
+        built = loaded.attempt(
+            lambda: build_pipeline(
+                config, loaded.clip, loaded.text, classes, pipeline, loaded.stop
+            )
+        )
+    else:
+        built = pipeline
+        if given:
+            loaded.attempt(lambda: pipeline.core.set_classes(classes))
+    built.config = config  # score_threshold and the shared settings in force
+    if built is not current:
+        logger.info("method %s", built.describe()[0])
+    return built
+
+
 def build_pipeline(
     config: EngineConfig,
     clip: LoadedClip,
@@ -199,7 +229,9 @@ def build_pipeline(
                 previous.vlm
                 if same
                 else load_vlm(
-                    config.pnp.vlm_model, config.pnp.vlm_pretrained, config.device,
+                    config.pnp.vlm_model,
+                    config.pnp.vlm_pretrained,
+                    config.device,
                     config.precision,
                 )
             )
@@ -230,4 +262,11 @@ def build_pipeline(
     return Pipeline(method, core, config, vlm, stop)
 
 
-__all__ = ["Pipeline", "build_pipeline", "check_with_clip", "needs_rebuild", "proposal_config"]
+__all__ = [
+    "Pipeline",
+    "build_pipeline",
+    "check_with_clip",
+    "needs_rebuild",
+    "proposal_config",
+    "update_pipeline",
+]

@@ -36,16 +36,11 @@ from ovss_ros.core.clip.text_encoding import (
     query_texts,
     template_set,
 )
-from ovss_ros.core.config import LOAD_FIELDS, EngineConfig
-from ovss_ros.core.method import Method, builds_pipeline
-from ovss_ros.core.method_pipelines import (
-    Pipeline,
-    build_pipeline,
-    check_with_clip,
-    needs_rebuild,
-)
+from ovss_ros.core.config import LOAD_FIELDS, EngineConfig, check_fits_model
+from ovss_ros.core.method import Method, update_for
+from ovss_ros.core.method_context import Loaded
+from ovss_ros.core.method_pipelines import Pipeline, check_with_clip
 from ovss_ros.core.methods.dense.encoded import window_starts
-from ovss_ros.core.methods.dense.method import DenseMethod, check_fits_model
 from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
 from ovss_ros.core.segmentation import Segmentation, check_rgb
 from ovss_ros.core.stopping import Stopped
@@ -114,9 +109,7 @@ class Segmenter:
         """
         self.update(classes=entries)
 
-    def reconfigure(
-        self, changes: Mapping[str, object] | None = None, **shared: object
-    ) -> None:
+    def reconfigure(self, changes: Mapping[str, object] | None = None, **shared: object) -> None:
         """Change runtime settings between frames: ``changes`` by full dotted name
         (``{"dense.crop": 224}``), ``shared`` top-level settings as keywords
         (``method="sclip"``).
@@ -168,38 +161,16 @@ class Segmenter:
         return config
 
     def _update_method(self, config: EngineConfig, classes: list[ClassEntry], given: bool) -> None:
-        """Prepare the method ``config`` names for ``classes`` (the text encoded, a model or a
-        checkpoint loaded), then swap it in; the previous method is released if replaced."""
+        """The family of ``config.method`` updates the method in force to ``config`` and
+        ``classes`` (the text encoded, a model or a checkpoint loaded; a new method when the
+        family changes), all or nothing; then it is swapped in and the previous one released
+        if replaced."""
         previous = self.method
-        if builds_pipeline(config.method):
-            method = self._prepared_pipeline(config, classes, given)
-        else:
-            dense = previous if isinstance(previous, DenseMethod) else None
-            dense = dense or DenseMethod(self.clip, self.text, self.config, self.stop)
-            dense.commit(dense.prepare(config, classes, given, self._attempt))
-            method = dense
-        if isinstance(method, Pipeline):
-            method.config = config  # score_threshold and the shared settings in force
-            if method is not previous:
-                logger.info("method %s", method.describe()[0])
+        loaded = Loaded(self.clip, self.text, self.stop, self._attempt)
+        method = update_for(config.method)(previous, config, classes, given, loaded)
         self.config, self.classes, self.method = config, classes, method
         if previous is not None and previous is not method:
             previous.release()  # e.g. DSLO's sd2 affinity, not used by the pipelines
-
-    def _prepared_pipeline(
-        self, config: EngineConfig, classes: list[ClassEntry], given: bool
-    ) -> Pipeline:
-        """A pnp_ovss / deop / twostream pipeline for ``config`` and ``classes``: the one in
-        force if ``config`` keeps it (given ``classes`` set on it, transactional itself), else
-        one built (the VLM or a checkpoint loaded, the vocabulary encoded)."""
-        pipeline = self.pipeline
-        if needs_rebuild(pipeline, config):
-            return self._attempt(
-                lambda: build_pipeline(config, self.clip, self.text, classes, pipeline, self.stop)
-            )
-        if given:  # transactional itself: the old vocabulary stays if it raises
-            self._attempt(lambda: pipeline.core.set_classes(classes))
-        return pipeline
 
     def method_notice(self) -> tuple[str, bool]:
         """(the method that runs, in words; whether it deserves a warning), for logs: e.g. DeOP

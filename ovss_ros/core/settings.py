@@ -173,11 +173,11 @@ def check(name: str, kind: type, info: SettingInfo, value: Any) -> None:
     accepted = numbers.Integral if kind is int else numbers.Real
     if isinstance(value, bool) or not isinstance(value, accepted):
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
-    if kind is float and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if info.budget is not None and info.maximum is not None and value > info.maximum:
         info.budget(value)  # FrameBudgetError with the cost, if over the budget
     if info.minimum is None:
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
         return
     low_ok = value > info.minimum if info.open_minimum else value >= info.minimum
     if not (low_ok and value <= info.maximum):

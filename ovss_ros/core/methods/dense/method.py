@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from ovss_ros.core.clip.image_resize import opencv_bilinear_resize, resized_size
 from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder, query_texts, template_set
-from ovss_ros.core.config import EngineConfig, check_frame_budget
+from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.frame_budget import rows_per_chunk
+from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.methods.dense.encoded import (
     Encoded,
     TextQueries,
@@ -162,7 +163,7 @@ class DenseMethod(DensePostprocess):
         replacing the model: a model released meanwhile is not checked here, the worker's
         change checks the settings again."""
         sd2, key = self.sd2, self._sd2_key
-        if config.uses_sd2 and sd2 is not None and _sd2_key(config) == key:
+        if config.uses_sd2 and sd2 is not None and config.sd2_key() == key:
             try:
                 sd2.check(**config.sd2_settings())
             except RuntimeError:  # released by the worker meanwhile
@@ -178,7 +179,7 @@ class DenseMethod(DensePostprocess):
         """
         if not config.uses_sd2:
             return None, None
-        key = _sd2_key(config)
+        key = config.sd2_key()
         if self.sd2 is not None and key == self._sd2_key:
             return self.sd2, key
         check_stop(self.stop, "loading the Stable Diffusion model")
@@ -382,17 +383,13 @@ class DenseMethod(DensePostprocess):
         )
 
 
-def _sd2_key(config: EngineConfig) -> tuple[str, ...]:
-    """What chooses the SD model: a change of these loads it anew."""
-    return (config.dslo.sd.model, config.dslo.sd.precision)
-
-
-def check_fits_model(config: EngineConfig, patch: int) -> None:
-    """Settings that depend on the model's patch size; raises ValueError."""
-    if config.max_long_side < patch:
-        raise ValueError(
-            f"max_long_side {config.max_long_side} is below one patch of the model ({patch} px)"
-        )
-    if config.dense.crop % patch:
-        raise ValueError(f"dense.crop {config.dense.crop} must be a multiple of the patch {patch}")
-    check_frame_budget(config, patch)
+def update_dense(
+    current: object, config: EngineConfig, classes: list[ClassEntry], given: bool, loaded: Loaded
+) -> DenseMethod:
+    """The dense family's update (``core.method.FamilyUpdate``): the DenseMethod in force, or a
+    new one on the loaded CLIP, with the change prepared (text encoded, an SD model loaded),
+    then committed. On any exception the method in force is unchanged."""
+    dense = current if isinstance(current, DenseMethod) else None
+    dense = dense or DenseMethod(loaded.clip, loaded.text, config, loaded.stop)
+    dense.commit(dense.prepare(config, classes, given, loaded.attempt))
+    return dense

@@ -138,12 +138,14 @@ def load_vlm(
     message says what to set.
     """
     if model not in VLM_MODELS:
-        raise ModelLoadError(f"unknown vlm_model {model!r}: set vlm_model to one of {VLM_MODELS}")
+        raise ModelLoadError(
+            f"unknown pnp.vlm_model {model!r}: set pnp.vlm_model to one of {VLM_MODELS}"
+        )
     torch_device = resolve_device_precision(device, precision)
     pretrained = pretrained.strip()
     if not pretrained:
         raise ModelLoadError(
-            f"vlm_pretrained is empty: set it to a hub id such as {DEFAULT_VLM} or a local "
+            f"pnp.vlm_pretrained is empty: set it to a hub id such as {DEFAULT_VLM} or a local "
             "directory saved with save_pretrained"
         )
     path = Path(pretrained).expanduser()
@@ -152,9 +154,9 @@ def load_vlm(
             check_folder(path)
         except FileCheckError as error:
             raise ModelLoadError(
-                f"could not load BLIP ITM from vlm_pretrained={pretrained!r}: {error}; set "
-                "vlm_pretrained to a directory saved with save_pretrained that holds a BLIP ITM "
-                "model, or to a hub id"
+                f"could not load BLIP ITM from pnp.vlm_pretrained={pretrained!r}: {error}; set "
+                "pnp.vlm_pretrained to a directory saved with save_pretrained that holds a BLIP "
+                "ITM model, or to a hub id"
             ) from None
         loaded = _load(str(path), local_only=True, hint="check that it holds a BLIP ITM model")
     else:
@@ -180,7 +182,7 @@ def check_folder(path: Path) -> None:
     uncompressed torch archives). Raises FileCheckError naming the file and the sizes."""
     from transformers import BlipConfig, BlipForImageTextRetrieval
 
-    what = "vlm_pretrained directory"
+    what = "pnp.vlm_pretrained directory"
     folder = directory(path, what)
     check_folder_files(folder, what)
     config_path = folder / "config.json"
@@ -215,7 +217,7 @@ def _load_hub(hub_id: str) -> tuple[torch.nn.Module, object, object]:
         f"BLIP model {hub_id!r} ({cache_error.__class__.__name__})",
         hub_id,
         "config.json",
-        "set vlm_pretrained to a local directory saved with save_pretrained, or pre-fetch the "
+        "set pnp.vlm_pretrained to a local directory saved with save_pretrained, or pre-fetch the "
         "model on a machine with internet and copy its Hugging Face cache to this one",
     )
     if problem is not None:
@@ -223,7 +225,7 @@ def _load_hub(hub_id: str) -> tuple[torch.nn.Module, object, object]:
     return _load(
         hub_id,
         local_only=False,
-        hint="no internet? set vlm_pretrained to a local directory saved with save_pretrained",
+        hint="no internet? set pnp.vlm_pretrained to a local directory saved with save_pretrained",
     )
 
 
@@ -232,5 +234,5 @@ def _load(source: str, local_only: bool, hint: str) -> tuple[torch.nn.Module, ob
         return _from_pretrained(source, local_only)
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, ...
         raise ModelLoadError(
-            f"could not load BLIP ITM from vlm_pretrained={source!r}: {error}; {hint}"
+            f"could not load BLIP ITM from pnp.vlm_pretrained={source!r}: {error}; {hint}"
         ) from error
