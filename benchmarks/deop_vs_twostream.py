@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("proposals | deop ms | twostream ms | twostream/deop | proposals ms | crops")
     for count in args.counts:
-        deop.reconfigure(proposals=count)
+        deop.reconfigure(proposals=count)  # DeopConfig's own field (methods/deop/run_config.py)
         two.reconfigure(proposals=count)
         with torch.inference_mode():
             frames = deop.prepare([rgb])

@@ -93,14 +93,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--frames", type=int, default=3)
-    parser.add_argument("--sd-layers", default="m2n2", choices=("m2n2", "up"))
+    parser.add_argument("--dslo-sd-layers", default="m2n2", choices=("m2n2", "up"))
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     started = time.perf_counter()
     clip = load_clip("ViT-B-16", "none", str(device))
-    sd2 = random_sd2(device, dtype, args.sd_layers)
+    sd2 = random_sd2(device, dtype, args.dslo_sd_layers)
     built = time.perf_counter() - started
     print(f"built CLIP ViT-B/16 and SD2-base UNet/VAE (random weights) in {built:.0f} s")
     text = F.normalize(torch.randn(21, clip.model.visual.output_dim, device=device), dim=-1)
@@ -123,7 +123,7 @@ def main() -> None:
     print(
         f"DSLO velocity + JBU, 640x480 -> 448x592 (28x37 patches), 21 classes, {device}, "
         f"{threads} threads, median of {args.frames} frames; SD2 input 448x576, layers "
-        f"{args.sd_layers}"
+        f"{args.dslo_sd_layers}"
     )
     print(f"{'affinity':<10}{'s/frame':>10}{'x naclip':>10}")
     for source, value in seconds.items():

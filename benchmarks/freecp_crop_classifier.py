@@ -57,8 +57,8 @@ def main() -> None:
     classify = make_crop_classifier(model.visual, descriptions, window, PATCH)
     rows = {"before (1 union crop, 224 px)": before}
     for k in (1, 2, 4):
-        rows[f"after ({k} contour crop{'s' if k > 1 else ''}, 112 px)"] = (
-            lambda k=k: classify(BOXES[:k], [0, 1])
+        rows[f"after ({k} contour crop{'s' if k > 1 else ''}, 112 px)"] = lambda k=k: classify(
+            BOXES[:k], [0, 1]
         )
 
     def sync() -> None:

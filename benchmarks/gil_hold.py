@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
@@ -31,6 +30,7 @@ import tiny_diffusion  # noqa: E402
 from service_latency import CLASSES, DENSE, HEIGHT, METHODS, WIDTH, in_process_crf  # noqa: E402
 
 from ovss_ros.core import Segmenter  # noqa: E402
+from ovss_ros.core.config import LOAD_FIELDS  # noqa: E402
 from ovss_ros.core.methods.pnp_ovss import pnp_ovss  # noqa: E402
 from ovss_ros.ros import parameters as node_parameters  # noqa: E402
 
@@ -68,11 +68,11 @@ def main() -> int:
     values |= {
         "short_side": 448,
         "classes": CLASSES,
-        "vlm_pretrained": str(tiny_blip.save_tiny_blip(folder / "blip")),
-        "pnp_layer": 2,
-        "pnp_head": 3,
-        "sd_model": str(tiny_diffusion.save_tiny_pipeline(folder / "sd")),
-        "sd_size": 256,
+        "pnp.vlm_pretrained": str(tiny_blip.save_tiny_blip(folder / "blip")),
+        "pnp.layer": 2,
+        "pnp.head": 3,
+        "dslo.sd.model": str(tiny_diffusion.save_tiny_pipeline(folder / "sd")),
+        "dslo.sd.size": 256,
         "device": "cpu",
     }
     settings = node_parameters.validate(values)
@@ -88,7 +88,7 @@ def main() -> int:
         pnp_ovss.dense_crf = in_process_crf if baseline else DENSE_CRF
         changes = DENSE | METHODS[name]
         engine = node_parameters.validate(values | changes).engine
-        segmenter.update(**{field.name: getattr(engine, field.name) for field in fields(engine)})
+        segmenter.reconfigure({n: v for n, v in engine.flat().items() if n not in LOAD_FIELDS})
         segmenter.segment(rgb)  # warm-up: loads, caches
         watchdog = Watchdog()
         watchdog.start()

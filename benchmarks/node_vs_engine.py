@@ -67,7 +67,7 @@ def main() -> int:
     from ovss_ros.core import EngineConfig, Segmenter
 
     settings = {name: value for name, value in parameters.items() if name != "classes"}
-    segmenter = Segmenter(EngineConfig(**settings))
+    segmenter = Segmenter(EngineConfig.from_flat(settings))
     segmenter.set_classes(CLASSES)
     engine_wall, engine_cpu = [], []
     for index in range(args.frames + 1):

@@ -2,7 +2,7 @@
 postprocess against the whole-softmax formula (what the engine did before), in one run.
 
     .venv/bin/python benchmarks/query_memory.py      # 10/100/1000 classes, 640x480 and 4000x3000
-    .venv/bin/python benchmarks/query_memory.py --set upsample=jbu --set pamr=true
+    .venv/bin/python benchmarks/query_memory.py --set dense.upsample=jbu --set dense.pamr=true
 
 Every class needs a logit map at the input size before the softmax; the old formula holds them
 all at once (the upsampled logits, the scaled logits, the probabilities and the per-label
@@ -40,14 +40,14 @@ def whole_softmax(segmenter, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
     with torch.inference_mode():
         encoded = segmenter.method.encode(segmenter.method.preprocess(rgb))
         logits = segmenter.method.to_image(
-            segmenter.method.head(encoded)[0], encoded, config.upsample == "jbu"
+            segmenter.method.head(encoded)[0], encoded, config.dense.upsample == "jbu"
         )
-        if config.pamr:
+        if config.dense.pamr:
             from ovss_ros.core.methods.dense.pamr import pamr
 
             logits = pamr(segmenter.method._full_resolution(encoded), logits[None])[0]
         logits = F.interpolate(logits[None].float(), size, mode="bilinear")[0]
-        probs = torch.softmax(config.logit_scale * logits, dim=0)
+        probs = torch.softmax(config.dense.logit_scale * logits, dim=0)
         del logits
         owner = segmenter.method._query_owner.view(-1, 1, 1).expand_as(probs)
         classes = len(segmenter.classes)
@@ -68,9 +68,8 @@ def measure(classes: int, mode: str, height: int, width: int, settings: dict) ->
     from ovss_ros.core import EngineConfig, Segmenter
 
     torch.set_num_threads(2)
-    config = EngineConfig(
-        model=str(TINY), pretrained="none", device="cpu", templates="single", **settings
-    )
+    base = {"model": str(TINY), "pretrained": "none", "device": "cpu", "templates": "single"}
+    config = EngineConfig.from_flat(base | settings)
     segmenter = Segmenter(config)
     segmenter.set_classes([f"thing {i}" for i in range(classes)])
     rgb = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -85,7 +84,8 @@ def measure(classes: int, mode: str, height: int, width: int, settings: dict) ->
 
 
 def parse_settings(pairs: list[str]) -> dict:
-    """``key=value`` pairs -> EngineConfig keyword arguments (ints, floats, booleans, text)."""
+    """``key=value`` pairs -> settings by full dotted name (``dense.pamr=true``; ints, floats,
+    booleans, text), as ``EngineConfig.from_flat`` takes them."""
     settings = {}
     for pair in pairs:
         key, _, text = pair.partition("=")

@@ -1,7 +1,7 @@
 """Write a Stable Diffusion 2 base pipeline with random weights, for timing the sd2 affinity.
 
     .venv/bin/python benchmarks/random_sd2_pipeline.py /tmp/sd2-random
-    ovss-bench --pretrained none --sd-model /tmp/sd2-random \\
+    ovss-bench --pretrained none --dslo-sd-model /tmp/sd2-random \\
         --combos vanilla+dslo:naclip+jbu vanilla+dslo:keykey+jbu vanilla+dslo:mean+jbu \\
                  vanilla+dslo:sd2+jbu
 

@@ -39,8 +39,8 @@ BASELINE_ENV = "OVSS_BENCH_IN_PROCESS_CRF"
 WIDTH, HEIGHT = 1920, 1080
 RATE_HZ = 10.0
 CLASSES = ["person", "dog", "chair", "table", "tv"]
-DENSE = {"refinement": "none", "pamr": False, "upsample": "bilinear", "affinity": "naclip"}
-DENSE |= {"method": "naclip", "pnp_presence": "clip"}
+DENSE = {"refinement": "none", "dense.pamr": False, "dense.upsample": "bilinear"}
+DENSE |= {"dslo.affinity": "naclip", "method": "naclip", "pnp.presence": "clip"}
 METHODS: dict[str, dict] = {
     name: {"method": name}
     for name in (
@@ -56,14 +56,14 @@ METHODS: dict[str, dict] = {
     )
 }
 METHODS |= {
-    "naclip_pamr": {"pamr": True},
-    "naclip_jbu": {"upsample": "jbu"},
+    "naclip_pamr": {"dense.pamr": True},
+    "naclip_jbu": {"dense.upsample": "jbu"},
     "naclip_dslo": {"refinement": "dslo"},
-    "naclip_dslo_sd2": {"refinement": "dslo", "affinity": "sd2"},
+    "naclip_dslo_sd2": {"refinement": "dslo", "dslo.affinity": "sd2"},
     "naclip_freecp": {"refinement": "freecp"},
     # Every class in the prompt (presence all): 6 CRF labels whatever the random CLIP says.
-    "pnp_ovss_crf": {"method": "pnp_ovss", "pnp_refine": "crf", "pnp_presence": "all"},
-    "pnp_ovss_pamr": {"method": "pnp_ovss", "pnp_refine": "pamr", "pnp_presence": "all"},
+    "pnp_ovss_crf": {"method": "pnp_ovss", "pnp.refine": "crf", "pnp.presence": "all"},
+    "pnp_ovss_pamr": {"method": "pnp_ovss", "pnp.refine": "pamr", "pnp.presence": "all"},
     "deop": {"method": "deop"},
     "twostream": {"method": "twostream"},
 }
@@ -199,11 +199,11 @@ def run(methods: dict[str, dict], seconds: float, baseline: bool, folder: Path) 
     parameters = ros_harness.TINY_NODE_PARAMETERS | {
         "short_side": 448,
         "classes": CLASSES,
-        "vlm_pretrained": str(tiny_blip.save_tiny_blip(folder / "blip")),
-        "pnp_layer": 2,
-        "pnp_head": 3,
-        "sd_model": str(tiny_diffusion.save_tiny_pipeline(folder / "sd")),
-        "sd_size": 256,
+        "pnp.vlm_pretrained": str(tiny_blip.save_tiny_blip(folder / "blip")),
+        "pnp.layer": 2,
+        "pnp.head": 3,
+        "dslo.sd.model": str(tiny_diffusion.save_tiny_pipeline(folder / "sd")),
+        "dslo.sd.size": 256,
         "max_frame_age": 0.0,
     }
     rgb = ros_harness.camera_frame(WIDTH, HEIGHT)

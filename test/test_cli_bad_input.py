@@ -124,18 +124,34 @@ def files(tmp_path_factory) -> dict[str, Path]:
     ("flags", "reason"),
     [
         (["--classes", "cat", LONG_CLASS], "is too long for the text model"),
-        (["--size", "-5"], "short_side must be in [0, 4096]"),
-        (["--crop", "100000"], "crop must be in [0, 4096]"),
+        (["--short-side", "-5"], "argument --short-side: short_side must be in [0, 4096]"),
+        (["--dense-crop", "100000"], "argument --dense-crop: dense.crop must be in [0, 4096]"),
+        (["--dense-crop", "x"], "argument --dense-crop: dense.crop must be an integer, got 'x'"),
         (["--max-long-side", "0"], "max_long_side must be in [1, 4096]"),
-        (["--logit-scale", "inf"], "logit_scale must be in (0, 1000]"),
-        (["--sinkhorn-epsilon", "nan"], "sinkhorn_epsilon must be in (0, 100]"),
-        (["--sd-size", "2048"], "sd_size 2048 needs a 2.15 GB VAE activation per frame"),
-        (["--pnp-image-size", "1024"], "pnp_image_size 1024 needs a 1.07 GB attention map"),
-        (["--twostream-crop-batch", "1024"], "twostream_crop_batch 1024 needs a 2.48 GB"),
+        (["--dense-logit-scale", "inf"], "dense.logit_scale must be in (0, 1000], got inf"),
+        (["--dslo-sinkhorn-epsilon", "nan"], "dslo.sinkhorn_epsilon must be in (0, 100], got nan"),
+        (["--dslo-sd-size", "2048"], "dslo.sd.size 2048 needs a 2.15 GB VAE activation per frame"),
+        (["--pnp-image-size", "1024"], "pnp.image_size 1024 needs a 1.07 GB attention map"),
+        (["--twostream-crop-batch", "1024"], "twostream.crop_batch 1024 needs a 2.48 GB"),
+        (["--dslo-mode", "x"], "argument --dslo-mode: unknown dslo.mode 'x'"),
         (
-            ["--refinement", "dslo", "--size", "4096", "--max-long-side", "4096"],
+            ["--refinement", "dslo", "--short-side", "4096", "--max-long-side", "4096"],
             "patch affinity needs a 17.2 GB map per frame",
         ),
+        # the flags of earlier releases, refused with the flag that replaced them
+        (["--crop", "224"], "--crop was renamed --dense-crop"),
+        (["--size", "64"], "--size was renamed --short-side"),
+        (["--threshold", "0.1"], "--threshold was renamed --score-threshold"),
+        (["--background", "sky"], "--background was renamed --background-words"),
+        (["--no-pamr"], "--no-pamr was renamed --no-dense-pamr"),
+        (["--sd-size=256"], "--sd-size was renamed --dslo-sd-size"),
+        (
+            ["--proposal-logit-scale", "50"],
+            "--proposal-logit-scale was renamed --deop-logit-scale",
+        ),
+        (["--vlm-pretrained", "x"], "--vlm-pretrained was renamed --pnp-vlm-pretrained"),
+        (["--dense-cro", "224"], "unrecognized arguments: --dense-cro"),  # no abbreviations
+        (["--params-file", "OLD_PARAMS"], "crop was renamed dense.crop"),
         (["--alpha", "5"], "--alpha must be between 0 and 1"),
         (["--params-file", "/dev/zero"], "is not a regular file"),
         (["--pretrained", "/dev/zero"], "is not a regular file"),
@@ -144,6 +160,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     ],
 )
 def test_ovss_segment_refuses_bad_flags(files, tmp_path, flags, reason):
+    old_params = tmp_path / "old.yaml"
+    old_params.write_text("/**:\n  ros__parameters:\n    crop: 224\n")
+    flags = [str(old_params) if flag == "OLD_PARAMS" else flag for flag in flags]
     classes = [] if "--classes" in flags else ["--classes", "cat"]
     done = run_tool(
         "segment", str(files["good"]), *classes, *TINY, "-o", str(tmp_path / "out"), *flags
@@ -205,8 +224,10 @@ def _voc_files(root: Path) -> tuple[Path, Path]:
     [
         (["--limit", "0"], "--limit must be at least 1"),
         (["--class-names", "/dev/zero"], "is not a regular file"),
-        (["--size", "-3"], "short_side must be in [0, 4096]"),
+        (["--short-side", "-3"], "short_side must be in [0, 4096]"),
         (["--max-input-pixels", "-1"], "expected a positive integer"),
+        (["--size", "64"], "--size was renamed --short-side"),
+        (["--sd-model", "x"], "--sd-model was renamed --dslo-sd-model"),
     ],
 )
 def test_ovss_eval_refuses_bad_flags(voc_root, flags, reason):
@@ -255,6 +276,9 @@ def test_ovss_eval_names_a_damaged_file_of_the_data_set(voc_root, files, tmp_pat
         (["--iterations", "0"], "--iterations must be at least 1"),
         (["--image", "/dev/zero"], "is not a regular file"),
         (["--image", "BOMB"], "declares more than"),
+        (["--affinity", "sd2"], "--affinity was renamed --dslo-affinity"),
+        (["--dslo-affinity", "sd3"], "argument --dslo-affinity: unknown dslo.affinity 'sd3'"),
+        (["--combos", "naclip+dslo:sd3"], "unknown dslo.affinity 'sd3'"),
     ],
 )
 def test_ovss_bench_refuses_bad_flags(files, flags, reason):
@@ -284,8 +308,9 @@ def blip(tmp_path_factory) -> Path:
 def tune_args(folder: Path, blip: Path, output: Path) -> list[str]:
     return [
         str(folder), "--classes", "cat", "dog", *TINY, "--templates", "single",
-        "--vlm-pretrained", str(blip), "--image-size", "32", "--layer", "2", "--head", "3",
-        "--dropout-patches", "2", "--refine", "none", "--rounds", "1", "--budget", "2",
+        "--pnp-vlm-pretrained", str(blip), "--pnp-image-size", "32", "--pnp-layer", "2",
+        "--pnp-head", "3", "--pnp-dropout-patches", "2", "--pnp-refine", "none", "--rounds", "1",
+        "--budget", "2",
         "-o", str(output),
     ]  # fmt: skip
 
@@ -301,7 +326,12 @@ def tune_args(folder: Path, blip: Path, output: Path) -> list[str]:
         (["--layers", "x-y"], "'x-y' is not an integer or a range"),
         (["--heads", "1-1000", "--layers", "1-3", "--rounds", "1-50"], "candidates"),
         (["--max-images", "-1"], "--max-images must be at least 0"),
-        (["--image-size", "1024"], "image_size 1024 needs a 1.07 GB attention map"),
+        (["--pnp-image-size", "1024"], "pnp.image_size 1024 needs a 1.07 GB attention map"),
+        (["--pnp-layer", "0"], "argument --pnp-layer: pnp.layer must be in [1, 1000], got 0"),
+        (["--pnp-layer", "9"], "pnp.layer 9 > the VLM's"),
+        (["--layer", "2"], "--layer was renamed --pnp-layer"),
+        (["--threshold", "0.2"], "--threshold was renamed --pnp-threshold"),
+        (["--vlm-model", "blip_itm"], "--vlm-model was renamed --pnp-vlm-model"),
         (["--classes", LONG_CLASS], "is too long for the text model"),
     ],
 )

@@ -32,7 +32,7 @@ from ovss_ros.core import Segmentation, Segmenter, palette
 from ovss_ros.core import overlay as draw_overlay
 from ovss_ros.ros.bag import LABEL_INFO_TYPE, VISION_MSGS_DEFINITIONS, typestore
 
-ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--size", "64"]
+ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--short-side", "64"]
 ENGINE += ["--templates", "single"]
 CLASSES = ["person", "cup; mug", "tv; monitor"]
 SLUGS = ["person", "cup", "tv"]
@@ -262,7 +262,16 @@ def test_ctrl_c_keeps_the_frames_done(tmp_path, raw_sqlite3_bag, monkeypatch, ca
 def test_storage_conversion_and_copy_choice(tmp_path, raw_sqlite3_bag, voc_rgb):
     out = tmp_path / "out"
     args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--storage", "mcap"]
-    args += ["--copy", "none", "--no-masks", "--threshold", "1.0", "--classes", "person", "dog"]
+    args += [
+        "--copy",
+        "none",
+        "--no-masks",
+        "--score-threshold",
+        "1.0",
+        "--classes",
+        "person",
+        "dog",
+    ]
     torch.manual_seed(0)  # the random tiny model's weights, again for the reference below
     assert main(args + ENGINE) == 0
     assert storage_of(out) == "mcap"
@@ -297,7 +306,7 @@ def test_more_than_254_classes_give_mono16_labels(tmp_path, voc_rgb):
     assert values.size == voc_rgb[0].shape[0] * voc_rgb[0].shape[1] and values.max() < 255
 
 
-def test_error_exits(tmp_path, raw_sqlite3_bag, caplog):
+def test_error_exits(tmp_path, raw_sqlite3_bag, caplog, capsys):
     def run(*args: str) -> str:
         caplog.clear()
         base = ["--classes", "person"] + ENGINE
@@ -315,7 +324,12 @@ def test_error_exits(tmp_path, raw_sqlite3_bag, caplog):
     assert "not a valid ROS name" in run(
         bag, out, "--topic", "/camera/image_raw", "--namespace", "1x"
     )
-    assert "stride" in run(bag, out, "--topic", "/camera/image_raw", "--stride", "8")  # no crop
+    # no crop
+    assert "dense.stride" in run(bag, out, "--topic", "/camera/image_raw", "--dense-stride", "8")
+    with pytest.raises(SystemExit) as exit_info:  # a parse error: one line on stderr, 2
+        main([bag, out, "--classes", "person", "--topic", "/camera/image_raw", "--sd-size", "9"])
+    assert exit_info.value.code == 2
+    assert "--sd-size was renamed --dslo-sd-size" in capsys.readouterr().err
     missing = str(tmp_path / "missing.pt")
     assert "missing.pt" in run(bag, out, "--topic", "/camera/image_raw", "--pretrained", missing)
     assert not (tmp_path / "out").exists()  # nothing written on a refused run

@@ -7,6 +7,7 @@ from conftest import TINY_VIT
 
 from ovss_ros.cli import bench
 from ovss_ros.cli.bench import STAGES, main, parse_combo
+from ovss_ros.core import EngineConfig
 
 ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--templates", "single"]
 
@@ -14,7 +15,7 @@ ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--templates", "sing
 def test_report_has_every_stage_and_the_bare_forward(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["--combos", "naclip", "sclip+dslo-ot+jbu", "--iterations", "3", "--warmup", "1"]
-    args += ["--size", "64", "--json", str(out)]
+    args += ["--short-side", "64", "--json", str(out)]
     assert main(args + ENGINE) == 0
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["input"] == [640, 480]
@@ -50,13 +51,13 @@ def test_rows_are_interleaved_round_by_round(monkeypatch):
     order = []
     original = bench.Segmenter.reconfigure
 
-    def recording(self, **changes):
+    def recording(self, changes=None, **shared):
         order.append(changes["method"])
-        return original(self, **changes)
+        return original(self, changes, **shared)
 
     monkeypatch.setattr(bench.Segmenter, "reconfigure", recording)
     args = ["--combos", "naclip", "sclip", "clearclip", "--iterations", "2", "--warmup", "1"]
-    assert main(args + ["--size", "64", "--width", "64", "--height", "48"] + ENGINE) == 0
+    assert main(args + ["--short-side", "64", "--width", "64", "--height", "48"] + ENGINE) == 0
     # Once each up front (a combo that cannot run is refused before any timing), then the
     # warm-up round and the two timed rounds, each combo in turn.
     assert order == ["naclip", "sclip", "clearclip"] * 4
@@ -66,19 +67,23 @@ def test_parse_combo():
     assert parse_combo("naclip") == {
         "method": "naclip",
         "refinement": "none",
-        "pamr": False,
-        "upsample": "bilinear",
-        "affinity": "naclip",
+        "dense.pamr": False,
+        "dense.upsample": "bilinear",
+        "dslo.affinity": "naclip",
     }
     settings = parse_combo("clearclip+dslo-velocity+pamr+jbu")
-    assert settings["refinement"] == "dslo" and settings["dslo_mode"] == "velocity"
-    assert settings["pamr"] and settings["upsample"] == "jbu"
-    assert settings["affinity"] == "naclip"  # the default where a dslo part names none
+    assert settings["refinement"] == "dslo" and settings["dslo.mode"] == "velocity"
+    assert settings["dense.pamr"] and settings["dense.upsample"] == "jbu"
+    assert settings["dslo.affinity"] == "naclip"  # the default where a dslo part names none
     settings = parse_combo("vanilla+dslo-ot:sd2+jbu", "keykey")
-    assert (settings["dslo_mode"], settings["affinity"]) == ("ot", "sd2")
-    assert parse_combo("vanilla+dslo", "keykey")["affinity"] == "keykey"
+    assert (settings["dslo.mode"], settings["dslo.affinity"]) == ("ot", "sd2")
+    assert parse_combo("vanilla+dslo", "keykey")["dslo.affinity"] == "keykey"
+    assert parse_combo("deop+p50")["deop.proposals"] == 50
     # every combo sets the affinity: one combo's :sd2 does not leak into the next
-    assert parse_combo("vanilla+dslo:sd2+jbu")["affinity"] != parse_combo("vanilla")["affinity"]
+    sd2, plain = parse_combo("vanilla+dslo:sd2+jbu"), parse_combo("vanilla")
+    assert sd2["dslo.affinity"] != plain["dslo.affinity"]
+    for combo in ("clearclip+dslo-velocity+pamr+jbu", "vanilla+dslo-ot:sd2+jbu", "deop+p50"):
+        EngineConfig.from_flat(parse_combo(combo))  # every name is a setting's
     with pytest.raises(ValueError, match="unknown part"):
         parse_combo("naclip+crf")
 

@@ -9,7 +9,6 @@ classes, the SD pipeline written with ``save_pretrained``).
 
 import json
 import time
-from dataclasses import asdict
 
 import cv2
 import numpy as np
@@ -22,12 +21,17 @@ from test_node_dslo_sd2 import PRESET
 from tiny_diffusion import save_tiny_pipeline
 
 from ovss_ros.cli import bag, bench, evaluate, segment
-from ovss_ros.cli.engine_args import config_from_args, params_file_defaults
+from ovss_ros.cli.engine_args import config_from_args, params_file_defaults, params_file_values
 from ovss_ros.core import EngineConfig, Segmenter
 from ovss_ros.evaluation.protocol import DSLO_PAPER
 
 MISSING = "ovss-test/not-cached-sd2"
-PAPER = {"method": "vanilla", "refinement": "dslo", "affinity": "sd2", "upsample": "jbu"}
+PAPER = {
+    "method": "vanilla",
+    "refinement": "dslo",
+    "dslo.affinity": "sd2",
+    "dense.upsample": "jbu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +42,16 @@ def pipeline(tmp_path_factory):
 def tiny(pipeline) -> list[str]:
     """Overrides of the preset for what is not reachable here: weights of both models."""
     return ["--model", str(TINY_VIT), "--pretrained", "none", "--templates", "single"] + [
-        "--sd-model",
+        "--dslo-sd-model",
         str(pipeline),
-        "--sd-size",
+        "--dslo-sd-size",
         "64",
     ]
 
 
 def engine_settings(config: EngineConfig) -> dict:
-    return {name: getattr(config, name) for name in PAPER}
+    values = config.flat()
+    return {name: values[name] for name in PAPER}
 
 
 def test_params_file_gives_the_flag_defaults_and_flags_override(pipeline):
@@ -54,23 +59,37 @@ def test_params_file_gives_the_flag_defaults_and_flags_override(pipeline):
     config = config_from_args(args)
     assert engine_settings(config) == PAPER
     assert (config.model, config.pretrained) == ("ViT-B-16-quickgelu", "openai")
-    assert config.sd_model == DSLO_PAPER["sd_model"]
+    assert config.dslo.sd.model == DSLO_PAPER["dslo.sd.model"]
     args = segment.parse_args(
-        ["x.jpg", "--classes", "cat", "--params-file", str(PRESET), "--affinity", "keykey"]
-        + ["--sd-timestep", "250", "--no-sd-noise", "--velocity-tau", "0.5"]
+        ["x.jpg", "--classes", "cat", "--params-file", str(PRESET), "--dslo-affinity", "keykey"]
+        + ["--dslo-sd-timestep", "250", "--no-dslo-sd-noise", "--dslo-velocity-tau", "0.5"]
     )
     config = config_from_args(args)
-    assert (config.affinity, config.sd_timestep, config.velocity_tau) == ("keykey", 250, 0.5)
+    got = (config.dslo.affinity, config.dslo.sd.timestep, config.dslo.velocity_tau)
+    assert got == ("keykey", 250, 0.5)
     assert config.method == "vanilla"  # still the file's
 
 
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        ("/**:\n  ros__parameters:\n    sd_modle: x\n", "unknown parameter 'sd_modle'"),
-        ("/**:\n  ros__parameters:\n    sd_timestep: high\n", "sd_timestep must be int"),
-        ("/**:\n  ros__parameters:\n    sd_noise: 1\n", "sd_noise must be bool"),
-        ("sd_model: x\n", "must hold one node's ros__parameters"),
+        (
+            "/**:\n  ros__parameters:\n    dslo:\n      sd: {modle: x}\n",
+            "unknown parameter 'dslo.sd.modle'",
+        ),
+        ("dslo: {sd: {timestep: high}}\n", "dslo.sd.timestep must be an integer, got 'high'"),
+        (
+            "/**:\n  ros__parameters:\n    dslo.sd.noise: 1\n",
+            "dslo.sd.noise must be true or false",
+        ),
+        ("dslo: {sd: {size: 2048}}\n", "dslo.sd.size 2048 needs a 2.15 GB VAE activation"),
+        ("dense: {crop: -1}\n", "dense.crop must be in [0, 4096]"),
+        ("method: nacl\n", "unknown method 'nacl'"),
+        ("sd_model: x\n", "sd_model was renamed dslo.sd.model"),
+        ("/**:\n  ros__parameters:\n    crop: 224\n", "crop was renamed dense.crop"),
+        ("ovss:\n  ros__parameters:\n    pnp_layer: 3\n", "pnp_layer was renamed pnp.layer"),
+        ("a: {ros__parameters: {}}\nb: {ros__parameters: {}}\n", "must hold one node's"),
+        ("- 1\n", "must be a mapping"),
         ("/**: [\n", "cannot be read"),
     ],
 )
@@ -89,18 +108,43 @@ def test_a_params_file_ignores_node_only_parameters(tmp_path):
     assert params_file_defaults(path) == {}
 
 
-def test_the_code_preset_is_the_params_file():
-    import yaml
+NESTED = {"dslo.sd.size": 256, "dense.crop": 224}
 
-    values = yaml.safe_load(PRESET.read_text())["/**"]["ros__parameters"]
-    assert values == dict(DSLO_PAPER)
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            "/**:\n  ros__parameters:\n    dslo:\n      sd:\n        size: 256\n"
+            "    dense: {crop: 224}\n",
+            NESTED,
+        ),
+        ("ovss:\n  ros__parameters:\n    dslo.sd.size: 256\n    dense.crop: 224\n", NESTED),
+        (
+            "dslo: {sd: {size: 256}}\ndense:\n  crop: 224\nscore_threshold: 1\n",
+            NESTED | {"score_threshold": 1.0},  # an integer for a float: the float it means
+        ),
+    ],
+    ids=["node-nested", "node-dotted", "settings-nested"],
+)
+def test_a_params_file_nests_settings_by_namespace(tmp_path, content, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(content)
+    assert params_file_values(path) == expected
+    args = segment.parse_args(["x.jpg", "--classes", "cat", "--params-file", str(path)])
+    config = config_from_args(args)
+    assert (config.dslo.sd.size, config.dense.crop) == (256, 224)
+
+
+def test_the_code_preset_is_the_params_file():
+    assert params_file_values(PRESET) == dict(DSLO_PAPER)
 
 
 def test_ovss_segment_runs_the_paper_preset(tmp_path, pipeline):
     image = voc_image_paths()[0]
     out = tmp_path / "out"
     args = [str(image), "--classes", "person", "tv; monitor", "dog", "-o", str(out)]
-    args += ["--params-file", str(PRESET), "--size", "64", *tiny(pipeline)]
+    args += ["--params-file", str(PRESET), "--short-side", "64", *tiny(pipeline)]
     torch.manual_seed(0)  # the tiny CLIP's random weights
     assert segment.main(args) == 0
     labels = cv2.imread(str(out / f"{image.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
@@ -117,11 +161,11 @@ def test_ovss_segment_runs_the_paper_preset(tmp_path, pipeline):
 def test_ovss_segment_without_the_sd_model_offline_exits_2_at_once(tmp_path, pipeline, caplog):
     image = voc_image_paths()[0]
     args = [str(image), "--classes", "cat", "-o", str(tmp_path / "out")]
-    args += ["--params-file", str(PRESET), *tiny(pipeline), "--sd-model", MISSING]
+    args += ["--params-file", str(PRESET), *tiny(pipeline), "--dslo-sd-model", MISSING]
     began = time.monotonic()
     assert segment.main(args) == 2
     assert time.monotonic() - began < 60
-    assert "HF_HUB_OFFLINE" in caplog.text and "set sd_model" in caplog.text
+    assert "HF_HUB_OFFLINE" in caplog.text and "set dslo.sd.model" in caplog.text
     assert not (tmp_path / "out").exists()
 
 
@@ -141,10 +185,11 @@ def test_ovss_eval_protocol_dslo_end_to_end(voc_root, tmp_path, pipeline, capsys
     engine = report["engine"]
     assert {name: engine[name] for name in PAPER} == PAPER
     expected = {k: v for k, v in DSLO_PAPER.items() if k not in ("model", "pretrained")}
-    expected |= {"sd_model": str(pipeline), "sd_size": 64}  # the flags given
+    expected |= {"dslo.sd.model": str(pipeline), "dslo.sd.size": 64}  # the flags given
     assert {name: engine[name] for name in expected} == expected
     # the data-set settings of the standard protocol (DSLO's own are not public)
-    assert (engine["crop"], engine["score_threshold"], engine["pamr"]) == (0, 0.1, False)
+    got = (engine["dense.crop"], engine["score_threshold"], engine["dense.pamr"])
+    assert got == (0, 0.1, False)
     assert engine["background_words"][:2] == ["sky", "wall"]
 
 
@@ -153,11 +198,11 @@ def test_ovss_eval_protocol_dslo_defaults_to_the_papers_model():
     config = evaluate.engine_config(args, ())
     assert method.name == "dslo" and engine_settings(config) == PAPER
     assert (config.model, config.pretrained) == ("ViT-B-16-quickgelu", "openai")
-    assert asdict(config)["sd_model"] == "stabilityai/stable-diffusion-2-1-base"
+    assert config.dslo.sd.model == "stabilityai/stable-diffusion-2-1-base"
 
 
 def test_ovss_eval_without_the_sd_model_offline_fails_at_once(voc_root, capsys):
-    args = ["voc21", str(voc_root), "--protocol", "dslo", "--sd-model", MISSING]
+    args = ["voc21", str(voc_root), "--protocol", "dslo", "--dslo-sd-model", MISSING]
     args += ["--model", str(TINY_VIT), "--pretrained", "none", "--no-progress"]
     began = time.monotonic()
     assert evaluate.main(args) == 2  # a model that cannot be loaded: bad input, as every tool
@@ -168,7 +213,7 @@ def test_ovss_eval_without_the_sd_model_offline_fails_at_once(voc_root, capsys):
 def test_ovss_bag_runs_the_paper_preset(tmp_path, raw_sqlite3_bag, pipeline):  # noqa: F811
     out = tmp_path / "out"
     args = [str(raw_sqlite3_bag), str(out), "--topic", "/camera/image_raw", "--classes", "cat"]
-    args += ["dog", "--params-file", str(PRESET), "--size", "64", *tiny(pipeline)]
+    args += ["dog", "--params-file", str(PRESET), "--short-side", "64", *tiny(pipeline)]
     assert engine_settings(config_from_args(bag.parse_args(args))) == PAPER
     assert bag.main(args) == 0
     assert len(read_bag(out)["/ovss/labels"]) == 3
@@ -177,11 +222,11 @@ def test_ovss_bag_runs_the_paper_preset(tmp_path, raw_sqlite3_bag, pipeline):  #
 def test_ovss_bench_rows_for_dslo_on_every_affinity_source(tmp_path, pipeline, capsys):
     out = tmp_path / "bench.json"
     combos = [f"vanilla+dslo:{source}+jbu" for source in ("naclip", "keykey", "mean", "sd2")]
-    args = ["--combos", *combos, "--iterations", "1", "--warmup", "1", "--size", "64"]
+    args = ["--combos", *combos, "--iterations", "1", "--warmup", "1", "--short-side", "64"]
     args += ["--json", str(out), *tiny(pipeline)]
     assert bench.main(args) == 0
     report = json.loads(out.read_text())
-    assert report["input"] == [640, 480] and report["sd_model"] == str(pipeline)
+    assert report["input"] == [640, 480] and report["dslo.sd.model"] == str(pipeline)
     assert list(report["combos"]) == combos
     for result in report["combos"].values():
         assert result["end_to_end"]["median_ms"] > 0
@@ -191,6 +236,6 @@ def test_ovss_bench_rows_for_dslo_on_every_affinity_source(tmp_path, pipeline, c
 
 def test_ovss_bench_refuses_a_combo_whose_sd_model_cannot_load(pipeline, capsys):
     args = ["--combos", "vanilla", "vanilla+dslo:sd2", "--iterations", "1", "--warmup", "0"]
-    args += ["--size", "64", *tiny(pipeline), "--sd-model", MISSING]
+    args += ["--short-side", "64", *tiny(pipeline), "--dslo-sd-model", MISSING]
     assert bench.main(args) == 2
     assert "combo vanilla+dslo:sd2" in capsys.readouterr().err

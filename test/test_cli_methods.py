@@ -23,7 +23,7 @@ from ovss_ros.cli.segment import main as segment
 from ovss_ros.cli.segment import parse_args
 from ovss_ros.core import Segmenter
 
-ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--size", "64"]
+ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--short-side", "64"]
 ENGINE += ["--templates", "single"]
 PNP = ["--pnp-image-size", str(IMAGE_SIZE), "--pnp-layer", "2", "--pnp-head", "3"]
 
@@ -37,15 +37,15 @@ def blip(tmp_path_factory):
     "flags",
     [
         ["--method", "pnp_ovss", "--pnp-dropout-rounds", "2", "--pnp-refine", "pamr"],
-        ["--method", "deop", "--proposals", "20", "--proposal-source", "clusters"],
-        ["--method", "twostream", "--proposals", "8", "--twostream-crop-batch", "3"],
+        ["--method", "deop", "--deop-proposals", "20", "--deop-proposal-source", "clusters"],
+        ["--method", "twostream", "--deop-proposals", "8", "--twostream-crop-batch", "3"],
     ],
     ids=lambda flags: flags[1],
 )
 def test_ovss_segment_runs_each_method(tmp_path, blip, flags):
     image = voc_image_paths()[0]
     args = [str(image), "--classes", "person", "dog", "tv", "-o", str(tmp_path / "out")]
-    args += ENGINE + PNP + ["--vlm-pretrained", str(blip)] + flags
+    args += ENGINE + PNP + ["--pnp-vlm-pretrained", str(blip)] + flags
     torch.manual_seed(0)
     assert segment(args) == 0
     labels = cv2.imread(str(tmp_path / "out" / f"{image.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
@@ -62,14 +62,14 @@ def test_ovss_segment_runs_each_method(tmp_path, blip, flags):
     ("flags", "reason"),
     [
         (["--method", "deop", "--deop-checkpoint", "/nonexistent/deop.pt"], "not found"),
-        (["--method", "pnp_ovss", "--vlm-pretrained", "Salesforce/x"], "HF_HUB_OFFLINE"),
-        (["--method", "pnp_ovss", "--pnp-layer", "7"], "pnp_layer 7 > the VLM's 3"),
-        (["--method", "deop", "--crop", "32"], "crop applies to the dense methods"),
+        (["--method", "pnp_ovss", "--pnp-vlm-pretrained", "Salesforce/x"], "HF_HUB_OFFLINE"),
+        (["--method", "pnp_ovss", "--pnp-layer", "7"], "pnp.layer 7 > the VLM's 3"),
+        (["--method", "deop", "--dense-crop", "32"], "dense.crop applies to the dense methods"),
     ],
 )
 def test_ovss_segment_refuses_with_the_reason(tmp_path, blip, caplog, flags, reason):
     args = [str(voc_image_paths()[0]), "--classes", "dog", "-o", str(tmp_path)]
-    args += ENGINE + ["--vlm-pretrained", str(blip)] + flags
+    args += ENGINE + ["--pnp-vlm-pretrained", str(blip)] + flags
     assert segment(args) == 2
     assert reason in caplog.text
 
@@ -78,7 +78,7 @@ def test_ovss_bench_times_the_methods_next_to_naclip(tmp_path, blip, capsys):
     out = tmp_path / "bench.json"
     combos = ["naclip", "pnp_ovss", "deop+p10", "twostream+p10"]
     args = ["--combos", *combos, "--iterations", "1", "--warmup", "0", "--json", str(out)]
-    args += ["--width", "128", "--height", "96", "--vlm-pretrained", str(blip)]
+    args += ["--width", "128", "--height", "96", "--pnp-vlm-pretrained", str(blip)]
     assert bench(args + ENGINE + PNP + ["--pnp-dropout-rounds", "2"]) == 0
     report = json.loads(out.read_text())
     assert list(report["combos"]) == combos
@@ -92,36 +92,60 @@ def test_ovss_bench_times_the_methods_next_to_naclip(tmp_path, blip, capsys):
 def test_ovss_bag_and_ovss_eval_take_the_methods_flags(tmp_path):
     args = bag.parse_args(
         ["in", "out", "--topic", "/image", "--classes", "dog", "--method", "deop"]
-        + ["--proposals", "50", "--deop-pooling", "mean"]
+        + ["--deop-proposals", "50", "--deop-pooling", "mean"]
     )
     config = config_from_args(args)
-    assert (config.method, config.proposals, config.deop_pooling) == ("deop", 50, "mean")
+    assert (config.method, config.deop.proposals, config.deop.pooling) == ("deop", 50, "mean")
     # ovss-eval: the dense protocol's windows, PAMR and background words do not apply to
     # pnp_ovss (its own background); deop keeps the data set's background words.
     for method, background in (("pnp_ovss", ()), ("deop", ("sky",))):
         args, _, _ = evaluate.parse_args(
-            ["voc", str(tmp_path), "--method", method, "--crop", "224", "--pamr"]
+            ["voc", str(tmp_path), "--method", method, "--dense-crop", "224", "--dense-pamr"]
         )
         config = evaluate.engine_config(args, ("sky",))
-        assert (config.method, config.crop, config.pamr) == (method, 0, False)
+        assert (config.method, config.dense.crop, config.dense.pamr) == (method, 0, False)
         assert config.background_words == background
         config.validate()
 
 
-def test_the_params_file_of_ovss_tune_is_accepted_by_the_node():
-    from argparse import Namespace
+def tuned_params_file(folder) -> tuple:
+    """A params file as ovss-tune writes it (``node_parameters``) and the config it holds."""
+    import yaml
 
     from ovss_ros.cli import tune
-    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpSettings
+    from ovss_ros.core import EngineConfig
+
+    tuned = EngineConfig.from_flat(
+        {"pretrained": "none", "templates": "single", "pnp.vlm_pretrained": "/models/blip"}
+        | {"pnp.layer": 5, "pnp.head": 2, "pnp.threshold": 0.3, "pnp.dropout_rounds": 2}
+    )
+    content = tune.node_parameters(tuned, ["cat", "tv; monitor"])
+    path = folder / "tuned.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path, content, tuned
+
+
+def test_the_params_file_of_ovss_tune_is_nested_and_accepted_by_the_node(tmp_path):
     from ovss_ros.ros import parameters as node_parameters
 
-    tuned = PnpSettings(layer=5, head=2, threshold=0.3, dropout_rounds=2)
-    models = Namespace(
-        model="ViT-B-16", pretrained="none", templates="single", vlm_model="blip_itm",
-        vlm_pretrained="/models/blip",
-    )  # fmt: skip
-    values = tune.node_parameters(tuned, models)["/**"]["ros__parameters"]
-    engine = node_parameters.validate(node_parameters.defaults() | values).engine
-    assert engine.method == "pnp_ovss" and engine.vlm_pretrained == "/models/blip"
-    assert (engine.pnp_layer, engine.pnp_head, engine.pnp_threshold) == (5, 2, 0.3)
-    assert engine.pnp_dropout_rounds == 2
+    _, content, tuned = tuned_params_file(tmp_path)
+    values = content["/**"]["ros__parameters"]
+    # nested by namespace, as ROS 2 nests pnp.layer; the classes tuned on
+    assert values["pnp"]["layer"] == 5 and values["pnp"]["vlm_pretrained"] == "/models/blip"
+    assert values["classes"] == ["cat", "tv; monitor"]
+    flat = {k: v for k, v in values.items() if k != "pnp"}
+    flat |= {f"pnp.{name}": value for name, value in values["pnp"].items()}
+    engine = node_parameters.validate(node_parameters.defaults() | flat).engine
+    assert engine.method == "pnp_ovss" and engine.pnp == tuned.pnp
+    assert engine.pnp.vlm_pretrained == "/models/blip"
+    assert (engine.pnp.layer, engine.pnp.head, engine.pnp.threshold) == (5, 2, 0.3)
+    assert engine.pnp.dropout_rounds == 2
+
+
+def test_the_params_file_of_ovss_tune_is_read_by_the_tools(tmp_path):
+    path, _, tuned = tuned_params_file(tmp_path)
+    config = config_from_args(
+        parse_args(["x.jpg", "--classes", "cat", "--params-file", str(path)])
+    )
+    assert config.method == "pnp_ovss" and config.pnp == tuned.pnp
+    assert (config.pretrained, config.templates) == ("none", "single")

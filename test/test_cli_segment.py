@@ -20,7 +20,7 @@ ENGINE = [
     str(TINY_VIT),
     "--pretrained",
     "none",
-    "--size",
+    "--short-side",
     "64",
     "--templates",
     "single",
@@ -64,10 +64,10 @@ def test_sliding_window_method_and_no_overlay(tmp_path):
         "--no-overlay",
         "-o",
         str(tmp_path),
-        "--crop",
+        "--dense-crop",
         "32",
     ]
-    args += ["--method", "sclip", "--threshold", "1.0"] + ENGINE
+    args += ["--method", "sclip", "--score-threshold", "1.0"] + ENGINE
     torch.manual_seed(0)  # the random tiny model's weights, again for the reference below
     assert main(args) == 0
     labels = cv2.imread(str(tmp_path / f"{image.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
@@ -76,7 +76,7 @@ def test_sliding_window_method_and_no_overlay(tmp_path):
     # threshold 1.0 (only a probability that rounds to exactly 1.0 keeps its label).
     torch.manual_seed(0)
     reference = Segmenter(config_from_args(parse_args(args)))
-    assert (reference.config.crop, reference.config.method) == (32, "sclip")
+    assert (reference.config.dense.crop, reference.config.method) == (32, "sclip")
     reference.set_classes(["cat", "dog"])
     expected = reference.segment(cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB))
     np.testing.assert_array_equal(labels, expected.labels)
@@ -90,7 +90,10 @@ def test_sliding_window_method_and_no_overlay(tmp_path):
         (["/no/such/image.jpg", "--classes", "cat"], "does not exist"),
         (["IMAGE", "--classes", "cat", "cat"], "duplicate class"),
         (["IMAGE", "--classes", "cat", "--model", "ViT-Q-1"], "unknown model"),
-        (["IMAGE", "--classes", "cat", "--crop", "32", "--stride", "64"], "larger than crop"),
+        (
+            ["IMAGE", "--classes", "cat", "--dense-crop", "32", "--dense-stride", "64"],
+            "dense.stride 64 larger than dense.crop 32",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_reason(args, message, caplog):
@@ -114,8 +117,9 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path, caplog):
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--refinement", "dslo", "--dslo-mode", "ot", "--affinity", "mean", "--upsample", "jbu"],
-        ["--refinement", "freecp", "--pamr", "--freecp-redundancy", "0.05"],
+        ["--refinement", "dslo", "--dslo-mode", "ot", "--dslo-affinity", "mean"]
+        + ["--dense-upsample", "jbu"],
+        ["--refinement", "freecp", "--dense-pamr", "--freecp-redundancy", "0.05"],
     ],
     ids=["dslo", "freecp"],
 )

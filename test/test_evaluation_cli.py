@@ -88,13 +88,14 @@ def test_cli_end_to_end(voc_root, tmp_path, capsys):
     assert 0.0 <= report["mIoU"] <= 100.0 and 0.0 <= report["aAcc"] <= 100.0
     assert [row["name"] for row in report["per_class"]][:2] == ["background", "aeroplane"]
     engine = report["engine"]  # NACLIP's protocol, except what the flags changed
-    assert engine["short_side"] == 64 and engine["crop"] == 0 and engine["score_threshold"] == 0.1
-    assert engine["pamr"] is True and report["protocol"] == "naclip"
+    assert engine["short_side"] == 64 and engine["dense.crop"] == 0
+    assert engine["score_threshold"] == 0.1
+    assert engine["dense.pamr"] is True and report["protocol"] == "naclip"
     assert engine["background_words"][:2] == ["sky", "wall"]
 
-    assert main([*common, "--limit", "1", "--output", str(output), "--crop", "32"]) == 0
+    assert main([*common, "--limit", "1", "--output", str(output), "--dense-crop", "32"]) == 0
     report = json.loads(output.read_text())
-    assert report["images"] == 1 and report["engine"]["crop"] == 32
+    assert report["images"] == 1 and report["engine"]["dense.crop"] == 32
     assert "1 images" in capsys.readouterr().out
 
 
@@ -113,6 +114,6 @@ def test_freecp_thresholds_default_per_data_set(tmp_path, dataset, redundancy, a
 
     args, _, _ = parse_args([dataset, str(tmp_path), "--refinement", "freecp"])
     config = engine_config(args, ())
-    assert (config.freecp_redundancy, config.freecp_ambiguity) == (redundancy, ambiguity)
+    assert (config.freecp.redundancy, config.freecp.ambiguity) == (redundancy, ambiguity)
     args, _, _ = parse_args([dataset, str(tmp_path), "--freecp-redundancy", "0.3"])
-    assert engine_config(args, ()).freecp_redundancy == 0.3
+    assert engine_config(args, ()).freecp.redundancy == 0.3

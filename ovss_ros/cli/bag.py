@@ -40,7 +40,8 @@ from ovss_ros.ros.signals import StopSignals
 logger = logging.getLogger("ovss-bag")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> ToolParser:
+    """ovss-bag's flags: its own, then every engine setting's (``engine_args``)."""
     parser = ToolParser(
         prog="ovss-bag",
         description=__doc__.split("\n\n")[0],
@@ -74,7 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="progress bar of frames done (default: on a terminal only)",
     )
     add_engine_arguments(parser)
-    return parse_engine_args(parser, argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parse_engine_args(build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,17 +1,18 @@
 """ovss-bench: latency per stage and end to end, against the bare open_clip image-encoder forward.
 
     ovss-bench --pretrained none --combos naclip naclip+dslo naclip+freecp+pamr --device cpu
-    ovss-bench --pretrained none --sd-model DIR --combos vanilla+dslo:naclip vanilla+dslo:sd2
+    ovss-bench --pretrained none --dslo-sd-model DIR --combos vanilla+dslo:naclip vanilla+dslo:sd2
 
 A combo is the base method, then refinements joined by '+': ``dslo[-ot|-velocity][:affinity]``
-(affinity naclip, keykey, mean or sd2; default ``--affinity``), ``freecp``, ``pamr``, ``jbu``.
-With ``:sd2`` the Stable Diffusion model (``--sd-model``) is loaded for that combo: its
+(affinity naclip, keykey, mean or sd2; default ``--dslo-affinity``), ``freecp``, ``pamr``,
+``jbu``. With ``:sd2`` the Stable Diffusion model (``--dslo-sd-model``) is loaded for that
+combo: its
 attention forward counts in the encoder stage.
 
 The methods with their own pipeline fill the same columns with their own steps: pnp_ovss
-(``--vlm-pretrained``): preprocess = both squashed inputs, encoder = CLIP's image-level presence
-forward, head = the GradCAM rounds (one BLIP ITM forward and gradient pass per dropout round),
-postprocess = threshold, blur, CRF/PAMR, argmax; deop and twostream: encoder = CLIP blocks
+(``--pnp-vlm-pretrained``): preprocess = both squashed inputs, encoder = CLIP's image-level
+presence forward, head = the GradCAM rounds (one BLIP ITM forward and gradient pass per dropout
+round), postprocess = threshold, blur, CRF/PAMR, argmax; deop and twostream: encoder = CLIP blocks
 1..L-1 and the proposals, head = proposal embeddings and classification (deop: the severed last
 block; twostream: one CLIP forward per proposal crop), postprocess = semantic inference at the
 input size. ``deop+p50`` sets 50 proposals.
@@ -67,31 +68,32 @@ VOC_SAMPLE = (
 DEFAULT_CLASSES = ["person", "chair", "table", "floor", "wall", "door", "cup", "bottle"]
 
 
-def parse_combo(combo: str, affinity: str = EngineConfig.affinity) -> dict[str, object]:
-    """``naclip+dslo-ot:sd2+pamr+jbu`` -> engine settings (base mode first, then refinements).
+def parse_combo(combo: str, affinity: str = EngineConfig().dslo.affinity) -> dict[str, object]:
+    """``naclip+dslo-ot:sd2+pamr+jbu`` -> engine settings by full dotted name (base mode first,
+    then refinements), as ``Segmenter.reconfigure`` takes them.
 
     ``affinity``: DSLO's affinity where a ``dslo`` part names none.
     """
     base, *parts = combo.split("+")
-    settings: dict[str, object] = {"method": base, "refinement": "none", "pamr": False}
-    settings["upsample"] = "bilinear"
-    settings["affinity"] = affinity
+    settings: dict[str, object] = {"method": base, "refinement": "none", "dense.pamr": False}
+    settings["dense.upsample"] = "bilinear"
+    settings["dslo.affinity"] = affinity
     for part in parts:
         if base in PIPELINE_METHODS and part[:1] == "p" and part[1:].isdigit():
-            settings["proposals"] = int(part[1:])
+            settings["deop.proposals"] = int(part[1:])
         elif part.startswith("dslo"):
             settings["refinement"] = "dslo"
             part, _, named = part.partition(":")
             if named:
-                settings["affinity"] = named
+                settings["dslo.affinity"] = named
             if "-" in part:
-                settings["dslo_mode"] = part.split("-", 1)[1]
+                settings["dslo.mode"] = part.split("-", 1)[1]
         elif part == "freecp":
             settings["refinement"] = "freecp"
         elif part == "pamr":
-            settings["pamr"] = True
+            settings["dense.pamr"] = True
         elif part == "jbu":
-            settings["upsample"] = "jbu"
+            settings["dense.upsample"] = "jbu"
         else:
             raise ValueError(
                 f"unknown part {part!r} in {combo!r}: dslo[-ot|-velocity][:affinity], freecp, "
@@ -236,7 +238,7 @@ def time_rows(
         sync()
         figures = {"bare": time.perf_counter() - started}
         for combo, changes in combos.items():
-            segmenter.reconfigure(**changes)
+            segmenter.reconfigure(changes)
             pipeline = segmenter.pipeline
             # PnP-OVSS needs gradients (its GradCAM); everything else runs without autograd.
             with torch.inference_mode(pipeline is None or pipeline.method != "pnp_ovss"):
@@ -271,7 +273,8 @@ def test_message(path: str, width: int, height: int):
     return rgb8_to_image(np.ascontiguousarray(rgb), Header(frame_id="camera"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ToolParser:
+    """ovss-bench's flags: its own, then every engine setting's (``engine_args``)."""
     parser = ToolParser(prog="ovss-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default=VOC_SAMPLE, help="test image (resized to the size)")
     parser.add_argument("--width", type=int, default=640)
@@ -283,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--json", help="write the figures to this file")
     add_engine_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parse_engine_args(parser, argv)
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be at least 1 and --warmup at least 0")
@@ -303,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     combos = args.combos or [config.method]
     try:
-        settings = [parse_combo(c, config.affinity) for c in combos]
+        settings = [parse_combo(c, config.dslo.affinity) for c in combos]
         segmenter = Segmenter(config)
         segmenter.set_classes(args.classes)
         message = test_message(args.image, args.width, args.height)
@@ -313,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = dict(zip(combos, settings, strict=True))
     for combo, changes in rows.items():  # refuse a combo that cannot run before timing any
         try:
-            segmenter.reconfigure(**changes)
+            segmenter.reconfigure(changes)
         except (ValueError, RuntimeError) as error:  # ModelLoadError, CheckpointError too
             print(f"ovss-bench: error: combo {combo}: {one_line(error)}", file=sys.stderr)
             return 2
@@ -328,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": config.model,
         "input": [args.width, args.height],
         "short_side": config.short_side,
-        "crop": config.crop,
-        "sd_model": config.sd_model,  # for the combos with the sd2 affinity
-        "sd_size": config.sd_size,
+        "dense.crop": config.dense.crop,
+        "dslo.sd.model": config.dslo.sd.model,  # for the combos with the sd2 affinity
+        "dslo.sd.size": config.dslo.sd.size,
         "threads": torch.get_num_threads(),
         "bare_forward": bare,
         "combos": results,
@@ -349,7 +357,7 @@ def print_report(report: dict) -> None:
     print(
         f"{report['model']} on {report['device']} ({report['threads']} threads), "
         f"{report['input'][0]}x{report['input'][1]} input, short side {report['short_side']}, "
-        f"crop {report['crop'] or 'whole image'}; rows interleaved, medians in ms"
+        f"crop {report['dense.crop'] or 'whole image'}; rows interleaved, medians in ms"
     )
     spread = _spread(report["bare_forward"])
     print(

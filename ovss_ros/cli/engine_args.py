@@ -1,229 +1,203 @@
-"""The engine's options as command-line flags, shared by every ovss_ros command-line tool.
+"""The engine's settings as command-line flags, made from the settings schema for every tool.
 
-``--params-file`` reads the engine settings of a node params file (``config/ovss.yaml``,
-``config/dslo_paper.yaml``) as the flags' defaults; flags given on the command line override
-them (``parse_engine_args``).
+Each setting of ``core.config.SCHEMA`` a tool takes becomes one flag, named by
+``core.settings.cli_flag`` (``dense.crop`` -> ``--dense-crop``, ``dslo.sd.size`` ->
+``--dslo-sd-size``, ``short_side`` -> ``--short-side``), with the setting's type, default,
+choices and description (its range and whether the node can change it at runtime in
+``--help``); a value is checked by the schema's own check (``core.settings.check``) as it is
+parsed, so a bad one ends the tool with one line naming the flag and status 2. A flag of an
+earlier release is refused with its new name (``--crop was renamed --dense-crop``).
+
+``--params-file`` reads engine settings from a YAML file, as the flags' defaults (flags given on
+the command line override them): the node's params file (``/**: ros__parameters: {...}``,
+``config/ovss.yaml``, ``config/dslo_paper.yaml``) or the parameters alone, nested by
+namespace (``dslo: {sd: {size: 512}}`` is ``dslo.sd.size``). Its node-only parameters
+(classes, topics, publishing) are left out; an old flat name is refused with the new one.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ovss_ros.cli.tool_parser import ToolParser
-from ovss_ros.core.config import (
-    DSLO_AFFINITIES,
-    DSLO_MODES,
-    METHODS,
-    REFINEMENTS,
-    UPSAMPLERS,
-    EngineConfig,
-)
+from ovss_ros.core.config import NAMES, RENAMED, SCHEMA, EngineConfig, unknown_setting
 from ovss_ros.core.file_checks import read_text
-from ovss_ros.core.methods.dense.forward import POS_INTERPOLATIONS
-from ovss_ros.core.methods.deop.settings import POOLINGS, PROPOSAL_SOURCES
-from ovss_ros.core.methods.dslo.sd2_attention import LAYER_SETS, SD_PRECISIONS
-from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES
-from ovss_ros.core.methods.pnp_ovss.vlm_loading import VLM_MODELS
+from ovss_ros.core.settings import ParameterDef, check, cli_flag
 from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, load_yaml, short_repr
 
-# EngineConfig fields whose flag has another name (dest); every other field's dest is its name.
-FLAG_DEST = {
-    "short_side": "size",
-    "score_threshold": "threshold",
-    "background_words": "background",
+# Flags of earlier releases -> the flag that replaced them (argparse would only say
+# "unrecognized arguments"): every renamed setting's, and the three whose flag was not the
+# setting's name.
+RENAMED_FLAGS: dict[str, str] = {
+    cli_flag(old): cli_flag(new) for old, new in RENAMED.items() if cli_flag(old) != cli_flag(new)
 }
-# pnp_ovss, deop, twostream: EngineConfig field -> (choices or None, help); flag --field-name.
-PIPELINE_FLAGS: dict[str, tuple[tuple[str, ...] | None, str]] = {
-    "vlm_model": (VLM_MODELS, "pnp_ovss: vision-language model architecture"),
-    "vlm_pretrained": (None, "pnp_ovss: BLIP ITM hub id (cached) or save_pretrained directory"),
-    "pnp_image_size": (None, "pnp_ovss: square BLIP input side in pixels"),
-    "pnp_layer": (None, "pnp_ovss: text-encoder layer read (1-based)"),
-    "pnp_head": (None, "pnp_ovss: attention head (1-based)"),
-    "pnp_threshold": (None, "pnp_ovss: class absent below this normalised map value"),
-    "pnp_dropout_rounds": (None, "pnp_ovss: salience dropout rounds (a gradient pass each)"),
-    "pnp_dropout_patches": (None, "pnp_ovss: patches zeroed after each round"),
-    "pnp_presence": (PRESENCE_MODES, "pnp_ovss: classes in the prompt"),
-    "pnp_presence_threshold": (None, "pnp_ovss: CLIP probability to count as present"),
-    "pnp_blur": (None, "pnp_ovss: blur sigma as a share of the long side (0 = none)"),
-    "pnp_refine": (REFINES, "pnp_ovss: final refinement (auto: crf if available, else pamr)"),
-    "deop_checkpoint": (None, "deop/twostream: ovss-train-deop file ('' = training-free)"),
-    "proposals": (None, "deop/twostream: at most this many mask proposals"),
-    "proposal_source": (("auto", *PROPOSAL_SOURCES), "deop/twostream: mask proposals"),
-    "proposal_logit_scale": (None, "deop/twostream: proposal-text softmax temperature"),
-    "mask_cells": (None, "deop/twostream: proposal mask cells per patch side"),
-    "superpixel_compactness": (None, "deop/twostream: SLIC compactness"),
-    "cluster_iterations": (None, "deop/twostream: k-means iterations (clusters)"),
-    "deop_pooling": (POOLINGS, "deop: proposal embedding (auto: cal with a checkpoint)"),
-    "severance_residual": (None, "deop: residual scale of the severed last block"),
-    "twostream_crop_batch": (None, "twostream: masked crops per CLIP forward"),
+RENAMED_FLAGS |= {
+    "--size": cli_flag("short_side"),
+    "--threshold": cli_flag("score_threshold"),
+    "--background": cli_flag("background_words"),
 }
+RENAMED_FLAGS |= {  # the negative form of the on/off flags
+    "--no-" + old[2:]: "--no-" + new[2:]
+    for old, new in list(RENAMED_FLAGS.items())
+    if next(p for p in SCHEMA if cli_flag(p.name) == new).type is bool
+}
+LIST_SEPARATOR = ";"  # a list setting's flag: its strings joined by ';' ("sky;wall")
 
 
-def add_pipeline_arguments(parser: argparse.ArgumentParser, base: EngineConfig) -> None:
-    """--vlm-pretrained, --pnp-layer, --deop-checkpoint, ...: one flag per PIPELINE_FLAGS."""
-    group = parser.add_argument_group("pnp_ovss, deop, twostream")
-    types = {f.name: type(getattr(base, f.name)) for f in fields(EngineConfig)}
-    for name, (choices, text) in PIPELINE_FLAGS.items():
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            type=types[name],
-            default=getattr(base, name),
-            choices=list(choices) if choices else None,
-            help=f"{text} (default {getattr(base, name)!r})",
+def engine_parameters(names: Iterable[str] | None = None) -> list[ParameterDef]:
+    """The schema's settings called ``names`` (all of them for None), in schema order;
+    KeyError for a name that is no setting."""
+    if names is None:
+        return list(SCHEMA)
+    wanted = set(names)
+    unknown = wanted - NAMES
+    if unknown:
+        raise KeyError(f"no such settings: {sorted(unknown)}")
+    return [p for p in SCHEMA if p.name in wanted]
+
+
+def flag_help(definition: ParameterDef) -> str:
+    """``--help`` of a setting's flag: its description, range, constraints, whether the node
+    can change it at runtime, and the default in force (argparse's ``%(default)r``)."""
+    info = definition.info
+    parts = [info.description]
+    if info.range_text():
+        parts.append(f"range {info.range_text()}" + (f" {info.unit}" if info.unit else ""))
+    if info.constraints:
+        parts.append(info.constraints)
+    if definition.type is tuple:
+        parts.append(f"strings separated by {LIST_SEPARATOR!r}")
+    if not info.runtime:
+        parts.append("start-up only")
+    text = "; ".join(parts).replace("%", "%%")
+    return f"{text} (default: %(default)r)"
+
+
+def value_parser(definition: ParameterDef):
+    """argparse ``type`` of a setting's flag: the text as the setting's type, checked by the
+    schema (``core.settings.check``); ArgumentTypeError naming the setting."""
+    kind, name = definition.type, definition.name
+
+    def parse(text: str) -> Any:
+        if kind is tuple:
+            value: Any = tuple(w.strip() for w in text.split(LIST_SEPARATOR) if w.strip())
+        elif kind is str:
+            value = text
+        else:
+            try:
+                value = kind(text)
+            except ValueError:
+                wanted = "an integer" if kind is int else "a number"
+                raise argparse.ArgumentTypeError(
+                    f"{name} must be {wanted}, got {text!r}"
+                ) from None
+        try:
+            check(name, kind, definition.info, value)
+        except ValueError as error:  # FrameBudgetError too: the cost, in the reason
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def add_engine_arguments(
+    parser: argparse.ArgumentParser,
+    names: Iterable[str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    params_file: bool = True,
+) -> None:
+    """Add a flag for each engine setting ``names`` lists (every one for None), grouped by
+    namespace, with the schema's defaults unless ``defaults`` (full dotted names) gives
+    others; the flag's dest is the setting's full name (``args.__dict__["dense.crop"]``,
+    ``config_from_args``). With ``params_file``, ``--params-file`` too (``parse_engine_args``
+    reads it). A ToolParser learns the old flags to refuse with their new names."""
+    defaults = dict(defaults or {})
+    unknown = set(defaults) - NAMES
+    if unknown:
+        raise KeyError(f"defaults for no such settings: {sorted(unknown)}")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for definition in engine_parameters(names):
+        namespace = definition.owner.namespace
+        if namespace not in groups:
+            title = f"{namespace}.* settings" if namespace else "engine settings"
+            groups[namespace] = parser.add_argument_group(title)
+        options: dict[str, Any] = {
+            "dest": definition.name,
+            "default": defaults.get(definition.name, definition.default),
+            "help": flag_help(definition),
+        }
+        if definition.type is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = value_parser(definition)
+            options["metavar"] = definition.name.rsplit(".", 1)[-1].upper()
+        if definition.info.choices:
+            options["choices"] = list(definition.info.choices)
+            options.pop("metavar")
+        groups[namespace].add_argument(cli_flag(definition.name), **options)
+    if params_file:
+        parser.add_argument(
+            "--params-file",
+            type=Path,
+            help="YAML file of engine settings (a node params file such as "
+            "config/dslo_paper.yaml, or the settings nested by namespace): the defaults of "
+            "these flags; flags given override them",
         )
+    if isinstance(parser, ToolParser):
+        parser.renamed_flags |= RENAMED_FLAGS
 
 
-def pipeline_config(args: argparse.Namespace) -> dict[str, object]:
-    """The EngineConfig fields of the PIPELINE_FLAGS, from parsed flags."""
-    return {name: getattr(args, name) for name in PIPELINE_FLAGS}
+def engine_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Setting name -> the parser's action for it (what ``add_engine_arguments`` added)."""
+    return {action.dest: action for action in parser._actions if action.dest in NAMES}
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, **defaults: object) -> None:
-    """Add --model, --pretrained, ... with EngineConfig's defaults unless ``defaults`` override."""
-    base = EngineConfig(**defaults)
-    group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=base.model, help="open_clip model name or config JSON")
-    group.add_argument(
-        "--pretrained",
-        default=base.pretrained,
-        help="open_clip pretrained tag, local checkpoint file, or 'none' (random weights)",
-    )
-    group.add_argument("--device", default=base.device, help="auto, cpu, cuda or cuda:N")
-    group.add_argument("--precision", default=base.precision, choices=["fp32", "fp16", "bf16"])
-    group.add_argument("--method", default=base.method, choices=list(METHODS))
-    group.add_argument(
-        "--pos-interpolation",
-        default=base.pos_interpolation,
-        choices=list(POS_INTERPOLATIONS),
-        help="positional grid for other sizes: official (the method's own code) or exact",
-    )
-    group.add_argument(
-        "--size", type=int, default=base.short_side, help="short side in pixels (0 = keep)"
-    )
-    group.add_argument(
-        "--max-long-side",
-        type=int,
-        default=base.max_long_side,
-        help="never feed the network a side longer than this (pixels; scales the image down)",
-    )
-    group.add_argument("--crop", type=int, default=base.crop, help="sliding window (0 = whole)")
-    group.add_argument("--stride", type=int, default=base.stride, help="window stride")
-    group.add_argument(
-        "--templates", default=base.templates, help="imagenet, single, or templates joined by |"
-    )
-    group.add_argument(
-        "--background",
-        default=";".join(base.background_words),
-        help="background words separated by ';'",
-    )
-    group.add_argument(
-        "--threshold", type=float, default=base.score_threshold, help="min class probability"
-    )
-    group.add_argument(
-        "--logit-scale", type=float, default=base.logit_scale, help="softmax temperature"
-    )
-    group.add_argument(
-        "--area-threshold",
-        type=float,
-        default=base.area_threshold,
-        help="drop classes labelling at most this share of the labelled pixels (SCLIP; 0 = off)",
-    )
-    group.add_argument("--refinement", default=base.refinement, choices=list(REFINEMENTS))
-    group.add_argument("--dslo-mode", default=base.dslo_mode, choices=list(DSLO_MODES))
-    group.add_argument(
-        "--affinity",
-        default=base.affinity,
-        choices=list(DSLO_AFFINITIES),
-        help="DSLO affinity: CLIP's attention (naclip, keykey, mean) or Stable Diffusion 2's "
-        "(sd2: a second model, --sd-model, one more model forward per frame)",
-    )
-    group.add_argument("--upsample", default=base.upsample, choices=list(UPSAMPLERS))
-    group.add_argument(
-        "--pamr",
-        action=argparse.BooleanOptionalAction,
-        default=base.pamr,
-        help="PAMR refinement at the input size",
-    )
-    group.add_argument(
-        "--freecp-redundancy", type=float, default=base.freecp_redundancy, help="FreeCP T_rp"
-    )
-    group.add_argument(
-        "--freecp-ambiguity", type=float, default=base.freecp_ambiguity, help="FreeCP T_ap"
-    )
-    add_pipeline_arguments(parser, base)
-    _add_dslo_arguments(group, base)
-    group.add_argument(
-        "--params-file",
-        type=Path,
-        help="node params file (e.g. config/dslo_paper.yaml) whose engine settings are the "
-        "defaults of these flags; flags given override them",
-    )
+def _parameters_section(document: object, path: Path) -> dict[str, Any]:
+    """The parameters of a params file: one node's ``ros__parameters``, or the document."""
+    if not isinstance(document, dict):
+        raise ValueError(
+            f"params file {str(path)!r} must be a mapping: one node's ros__parameters (/**: "
+            "ros__parameters: ...) or the settings nested by namespace"
+        )
+    sections = [
+        entry["ros__parameters"]
+        for entry in document.values()
+        if isinstance(entry, dict) and "ros__parameters" in entry
+    ]
+    if not sections:
+        return document
+    if len(sections) != 1 or not isinstance(sections[0], dict):
+        raise ValueError(
+            f"params file {str(path)!r} must hold one node's ros__parameters (/**: "
+            "ros__parameters: ...)"
+        )
+    return sections[0]
 
 
-def _add_dslo_arguments(group: argparse._ArgumentGroup, base: EngineConfig) -> None:
-    """DSLO's numbers and its sd2 affinity's settings (the node's parameters of the same name)."""
-    group.add_argument(
-        "--sinkhorn-iterations", type=int, default=base.sinkhorn_iterations, help="DSLO ot"
-    )
-    group.add_argument(
-        "--sinkhorn-epsilon", type=float, default=base.sinkhorn_epsilon, help="DSLO ot"
-    )
-    group.add_argument("--ipf-rounds", type=int, default=base.ipf_rounds, help="DSLO IPF rounds")
-    group.add_argument(
-        "--velocity-tau",
-        type=float,
-        default=base.velocity_tau,
-        help="DSLO velocity: stop within tau of uniform density",
-    )
-    group.add_argument(
-        "--sd-model",
-        default=base.sd_model,
-        help="affinity sd2: Stable Diffusion model, hub id or save_pretrained directory",
-    )
-    group.add_argument(
-        "--sd-precision",
-        default=base.sd_precision,
-        choices=list(SD_PRECISIONS),
-        help="affinity sd2: auto = fp16 on a GPU, fp32 on the CPU",
-    )
-    group.add_argument(
-        "--sd-size", type=int, default=base.sd_size, help="affinity sd2: SD input ~size^2 px"
-    )
-    group.add_argument(
-        "--sd-timestep", type=int, default=base.sd_timestep, help="affinity sd2: of 1000 steps"
-    )
-    group.add_argument(
-        "--sd-noise",
-        action=argparse.BooleanOptionalAction,
-        default=base.sd_noise,
-        help="affinity sd2: add the timestep's forward noise (fixed seed)",
-    )
-    group.add_argument(
-        "--sd-temperature",
-        type=float,
-        default=base.sd_temperature,
-        help="affinity sd2: softmax(log A / T) before IPF (1 = none)",
-    )
-    group.add_argument(
-        "--sd-layers", default=base.sd_layers, choices=list(LAYER_SETS), help="affinity sd2"
-    )
-    group.add_argument("--sd-seed", type=int, default=base.sd_seed, help="affinity sd2: noise")
+def _flattened(values: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"dslo": {"sd": {"size": 512}}}`` -> ``{"dslo.sd.size": 512}`` (ROS 2's nesting)."""
+    found: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found |= _flattened(value, name + ".")
+        else:
+            found[name] = value
+    return found
 
 
-def params_file_defaults(path: Path) -> dict[str, Any]:
-    """Flag defaults (argparse dests) from the engine settings of a node params file.
+def params_file_values(path: Path) -> dict[str, Any]:
+    """The engine settings of a params file by full dotted name, each checked by the schema.
 
-    The file is a ROS params file (``/**: ros__parameters: {...}`` or ``<node>:
-    ros__parameters``); its node-only parameters (classes, topics, publishing) are left out.
     Raises ValueError naming the problem: missing, not a regular file, larger than
-    MAX_PARAMS_FILE_BYTES, not YAML, no ros__parameters, an unknown parameter, a value of the
-    wrong type.
+    MAX_PARAMS_FILE_BYTES, not YAML, not one node's parameters, an old flat name (``crop was
+    renamed dense.crop``), an unknown parameter, a bad value (type, range, choices).
     """
     try:
         document = load_yaml(read_text(path, "params file", MAX_PARAMS_FILE_BYTES))
@@ -231,95 +205,55 @@ def params_file_defaults(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"params file {str(path)!r} cannot be read: {' '.join(str(error).split())}"
         ) from None
-    sections = (
-        [
-            entry["ros__parameters"]
-            for entry in (document or {}).values()
-            if isinstance(entry, dict) and isinstance(entry.get("ros__parameters"), dict)
-        ]
-        if isinstance(document, dict)
-        else []
-    )
-    if len(sections) != 1:
-        raise ValueError(
-            f"params file {str(path)!r} must hold one node's ros__parameters (/**: "
-            "ros__parameters: ...)"
-        )
     from ovss_ros.ros.parameters import SPECS  # the node's names (imports rclpy)
 
-    engine = {field.name: field.default for field in fields(EngineConfig)}
-    defaults = {}
-    for name, value in sections[0].items():
-        if name not in SPECS:
-            raise ValueError(f"params file {str(path)!r}: unknown parameter {short_repr(name)}")
-        if name not in engine:
-            continue  # a node-only parameter
-        expected = type(engine[name])
-        if expected is tuple:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(
-                    f"params file: {name} must be a list of strings, got {short_repr(value)}"
-                )
-            value = ";".join(value)
-        elif expected is float and type(value) is int:
-            value = float(value)
-        elif type(value) is not expected:
-            raise ValueError(
-                f"params file: {name} must be {expected.__name__}, got {type(value).__name__} "
-                f"{short_repr(value)}"
-            )
-        defaults[FLAG_DEST.get(name, name)] = value
-    return defaults
+    definitions = {p.name: p for p in SCHEMA}
+    values: dict[str, Any] = {}
+    for name, value in _flattened(_parameters_section(document, path)).items():
+        where = f"params file {str(path)!r}"
+        if name in RENAMED:
+            raise ValueError(f"{where}: {unknown_setting(name)}")
+        if name not in definitions:
+            if name in SPECS:
+                continue  # a node-only parameter
+            raise ValueError(f"{where}: unknown parameter {short_repr(name)}")
+        definition = definitions[name]
+        if definition.type is float and type(value) is int:
+            value = float(value)  # as the node takes 1 for 1.0
+        try:
+            check(name, definition.type, definition.info, value)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        values[name] = tuple(value) if definition.type is tuple else value
+    return values
+
+
+def params_file_defaults(path: Path) -> dict[str, Any]:
+    """Flag defaults (argparse dests: the full setting names) from a params file
+    (``params_file_values``); ValueError as it."""
+    return params_file_values(path)
 
 
 def parse_engine_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, with the ``--params-file`` settings as the defaults."""
+    """``parser.parse_args(argv)``, with the ``--params-file`` settings as the defaults (only
+    the settings the parser has flags for)."""
     first = ToolParser(add_help=False, prog=parser.prog)
     first.add_argument("--params-file", type=Path)
     known, _ = first.parse_known_args(argv)
     if known.params_file is not None:
         try:
-            parser.set_defaults(**params_file_defaults(known.params_file))
+            values = params_file_defaults(known.params_file)
         except ValueError as error:
             parser.error(str(error))
+        flags = engine_flags(parser)
+        parser.set_defaults(**{name: v for name, v in values.items() if name in flags})
     return parser.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """EngineConfig from parsed flags; EngineConfig.validate reports bad combinations."""
-    return EngineConfig(
-        model=args.model,
-        pretrained=args.pretrained,
-        device=args.device,
-        precision=args.precision,
-        short_side=args.size,
-        max_long_side=args.max_long_side,
-        crop=args.crop,
-        stride=args.stride,
-        method=args.method,
-        pos_interpolation=args.pos_interpolation,
-        templates=args.templates,
-        background_words=tuple(w.strip() for w in args.background.split(";") if w.strip()),
-        score_threshold=args.threshold,
-        logit_scale=args.logit_scale,
-        area_threshold=args.area_threshold,
-        refinement=args.refinement,
-        dslo_mode=args.dslo_mode,
-        affinity=args.affinity,
-        upsample=args.upsample,
-        pamr=args.pamr,
-        freecp_redundancy=args.freecp_redundancy,
-        freecp_ambiguity=args.freecp_ambiguity,
-        **dslo_from_args(args),
-        **pipeline_config(args),
-    )
-
-
-def dslo_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """DSLO's numbers and the sd2 settings (EngineConfig fields) from parsed flags."""
-    names = ("sinkhorn_iterations", "sinkhorn_epsilon", "ipf_rounds", "velocity_tau")
-    names += ("sd_model", "sd_precision", "sd_size", "sd_timestep", "sd_noise")
-    names += ("sd_temperature", "sd_layers", "sd_seed")
-    return {name: getattr(args, name) for name in names}
+    """EngineConfig from parsed flags (the settings without a flag keep their defaults); not
+    validated: EngineConfig.validate reports bad combinations."""
+    given = vars(args)
+    return EngineConfig.from_flat({name: given[name] for name in NAMES if name in given})

@@ -3,7 +3,7 @@
     ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --limit 100 --output voc21.json
     ovss-eval cityscapes ~/data/cityscapes --method sclip --device cuda
     ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --method naclip --protocol standard
-    ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --protocol dslo --sd-model ~/models/sd2-1-base
+    ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --protocol dslo --dslo-sd-model ~/models/sd2-base
 
 The engine settings default to the official protocol of the method (``--method``; naclip,
 sclip and clearclip have their own, the other methods get ``standard``) on the data set:
@@ -11,13 +11,13 @@ weights, short side, sliding window, probability threshold, logit scale, SCLIP's
 threshold, PAMR, class names and background words (``ovss_ros.evaluation.protocol``).
 ``--protocol`` picks another method's protocol (``freecp``: FreeCP's settings, refinement and
 variant of the base method, e.g. ``--method sclip --protocol freecp``; ``dslo``: DSLO's published
-configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with ``--sd-model``
-where the hub is not reachable); ``--params-file`` reads engine settings from a node params file
-over the protocol's; any engine flag overrides single settings (--background replaces the data
-set's background words). Data sets: voc21, context60, coco_object, voc20, context59, coco_stuff,
-cityscapes, ade20k. Exit status: 0 scored, 2 bad arguments, data set, files or settings (one
-line on stderr; a damaged image or label stops the run, naming the file: skipping it would change
-the score).
+configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with
+``--dslo-sd-model`` where the hub is not reachable); ``--params-file`` reads engine settings
+from a params file over the protocol's; any engine flag overrides single settings
+(``--background-words`` replaces the data set's background words). Data sets: voc21,
+context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k. Exit status: 0 scored,
+2 bad arguments, data set, files or settings (one line on stderr; a damaged image or label stops
+the run, naming the file: skipping it would change the score).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,24 +82,14 @@ def build_parser(
         defaults = {
             "model": method.model,
             "pretrained": method.pretrained,
-            "short_side": settings.short_side,
-            "crop": settings.crop,
-            "stride": settings.stride,
-            "score_threshold": settings.threshold,
-            "logit_scale": settings.logit_scale,
-            "area_threshold": settings.area_threshold,
-            "pamr": settings.pamr,
+            **settings.engine(),
             "refinement": method.refinement,
             **method.engine,
         }
         if protocol.name in FREECP_THRESHOLDS:  # FreeCP's released per-data-set settings
             redundancy, ambiguity = FREECP_THRESHOLDS[protocol.name]
-            defaults.update(freecp_redundancy=redundancy, freecp_ambiguity=ambiguity)
-    add_engine_arguments(parser, **defaults)
-    # The papers say "short side"; accept it next to the shared --size.
-    parser.add_argument(
-        "--short-side", dest="size", type=int, default=argparse.SUPPRESS, help="same as --size"
-    )
+            defaults |= {"freecp.redundancy": redundancy, "freecp.ambiguity": ambiguity}
+    add_engine_arguments(parser, defaults=defaults)
     return parser
 
 
@@ -130,21 +120,23 @@ def engine_config(
     background_words: tuple[str, ...],
     method: MethodProtocol | None = None,
 ) -> EngineConfig:
-    """Flags -> EngineConfig; the data set's background words unless --background is given;
-    the protocol's own variant of the --method (``method.base_variants``, e.g. FreeCP's)."""
+    """Flags -> EngineConfig; the data set's background words unless --background-words is
+    given; the protocol's own variant of the --method (``method.base_variants``, e.g. FreeCP's)."""
     config = config_from_args(args)
     if method is not None and config.method in method.base_variants:
         config = replace(config, method=method.base_variants[config.method])
     if config.method in PIPELINE_METHODS:
         # The dense methods' protocol (windows, PAMR, area filter) does not apply to them, and
         # pnp_ovss makes its own background (where no class map fires).
-        config = replace(config, crop=0, stride=0, pamr=False, area_threshold=0.0)
+        config = config.replace(
+            {"dense.crop": 0, "dense.stride": 0, "dense.pamr": False, "dense.area_threshold": 0.0}
+        )
         if config.method == "pnp_ovss":
             background_words = ()
     if not config.background_words:
         config = replace(config, background_words=background_words)
-    if config.crop == 0:
-        config = replace(config, stride=0)  # whole-image inference has no stride
+    if config.dense.crop == 0:
+        config = config.replace({"dense.stride": 0})  # whole-image inference has no stride
     return config
 
 
@@ -228,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "data_root": str(args.root),
             "protocol": method.name,
             "protocol_source": method.source,
-            "engine": asdict(config),
+            "engine": config.flat(),
         }
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2) + "\n")

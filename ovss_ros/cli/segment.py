@@ -168,7 +168,8 @@ class SegmentReport:
         self.skipped[cause] = self.skipped.get(cause, 0) + 1
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> ToolParser:
+    """ovss-segment's flags: its own, then every engine setting's (``engine_args``)."""
     parser = ToolParser(
         prog="ovss-segment",
         description=__doc__.split("\n\n")[0],
@@ -185,7 +186,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_max_input_pixels_argument(parser)
     add_engine_arguments(parser)
-    return parse_engine_args(parser, argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parse_engine_args(build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

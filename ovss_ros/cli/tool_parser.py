@@ -1,10 +1,12 @@
 """What every ovss_ros command-line tool shares about bad input: one line on stderr, status 2.
 
-``ToolParser`` is ``argparse.ArgumentParser`` whose ``error`` prints ``prog: error: message``
-alone (argparse's default prints the usage block first: dozens of lines for the tools with
-every engine flag; ``--help`` still shows it). ``bad_input`` is that same line for a refusal
-found after parsing. ``not_an_input`` refuses an output path that is one of the inputs, so no
-tool overwrites what it reads.
+``ToolParser`` is ``argparse.ArgumentParser`` whose ``error`` prints ``prog: error: message`` alone
+(argparse's default prints the usage block first: dozens of lines for the tools with every engine
+flag; ``--help`` still shows it), that refuses a flag of an earlier release with the flag that
+replaced it (``renamed_flags``: ``--crop was renamed --dense-crop``) and takes no abbreviated flags
+(``--background`` must not silently mean ``--background-words``). ``bad_input`` is that same line
+for a refusal found after parsing. ``not_an_input`` refuses an output path that is one of the
+inputs, so no tool overwrites what it reads.
 """
 
 from __future__ import annotations
@@ -14,13 +16,28 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 BAD_INPUT = 2  # the exit status of every tool for bad arguments, files or settings
 
 
 class ToolParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (``prog: error: ...``) and exit status 2."""
+    """An ArgumentParser whose errors are one line (``prog: error: ...``) and exit status 2,
+    without abbreviated flags, that names the new flag of a renamed one (``renamed_flags``:
+    old flag -> new flag, filled by ``engine_args.add_engine_arguments``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.renamed_flags: dict[str, str] = {}
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's)
+        namespace, extras = super().parse_known_args(args, namespace)
+        for extra in extras:
+            flag = extra.split("=", 1)[0]
+            if flag in self.renamed_flags and flag not in self._option_string_actions:
+                self.error(f"{flag} was renamed {self.renamed_flags[flag]}")
+        return namespace, extras
 
     def error(self, message: str) -> NoReturn:
         bad_input(self.prog, message)

@@ -6,7 +6,7 @@
 
 Trains on the seen classes of the zero-shot split (COCO-Stuff 156/15, VOC 15/5; a folder set
 may list its unseen classes in unseen.txt) and validates on all classes: mIoU on seen, unseen and
-their harmonic mean. Writes ``<output>/checkpoint.pt`` (the file ``deop_checkpoint`` takes, also
+their harmonic mean. Writes ``<output>/checkpoint.pt`` (the file ``deop.checkpoint`` takes, also
 the resume point) every --checkpoint-every steps and at the end, and ``<output>/metrics.json``.
 --resume continues from ``<output>/checkpoint.pt``. Exit status 0 done, 2 bad arguments, data,
 model or checkpoint (one line on stderr; every image and label is checked from its header before
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ovss_ros.cli.engine_args import add_engine_arguments
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import ToolParser
 from ovss_ros.core.clip.model_loading import ModelLoadError, load_clip
@@ -35,20 +36,21 @@ from ovss_ros.training.deop_training import LOSSES, TrainingConfig, train
 logger = logging.getLogger("ovss-train-deop")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+# The engine settings ovss-train-deop takes (flags from the schema): the frozen CLIP's, and the
+# templates of the text side without a learned prompt (TrainingConfig.templates).
+ENGINE_SETTINGS = ("model", "pretrained", "device", "precision", "templates")
+
+
+def build_parser() -> ToolParser:
+    """ovss-train-deop's flags: its own, the training run's (``TrainingConfig``), and the
+    engine settings it takes (``ENGINE_SETTINGS``, from the schema)."""
     base = TrainingConfig()
     parser = ToolParser(prog="ovss-train-deop", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=DATASETS, help="data set layout")
     parser.add_argument("root", help="data set root folder")
     parser.add_argument("--output", "-o", default="deop_run", help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder")
-    clip = parser.add_argument_group("CLIP (frozen)")
-    clip.add_argument("--model", default="ViT-B-16", help="open_clip model name or config JSON")
-    clip.add_argument(
-        "--pretrained", default="laion2b_s34b_b88k", help="open_clip tag, file, or none"
-    )
-    clip.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    clip.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    add_engine_arguments(parser, ENGINE_SETTINGS, params_file=False)  # CLIP, frozen
     run = parser.add_argument_group("training")
     run.add_argument("--steps", type=int, default=base.steps)
     run.add_argument("--batch-size", type=int, default=base.batch_size)
@@ -72,7 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=base.prompt_length,
         help="learned prompt context tokens (0: the templates)",
     )
-    run.add_argument("--templates", default=base.templates, help="imagenet, single or custom")
     run.add_argument("--loss", default=base.loss, choices=LOSSES)
     run.add_argument("--checkpoint-every", type=int, default=base.checkpoint_every)
     run.add_argument("--validate-every", type=int, default=base.validate_every)
@@ -87,7 +88,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_max_input_pixels_argument(parser)
     run.add_argument("--seed", type=int, default=base.seed)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:

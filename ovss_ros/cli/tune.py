@@ -6,8 +6,9 @@ Every trial segments the images with one choice of layer, head, threshold and dr
 its reward is how often CLIP recognises a class better with the class's mask region kept than
 removed (ovss_ros/core/methods/pnp_ovss/tuning.py). The classes of each image are decided once,
 by CLIP, with the starting settings, which are always the first trial. The best settings are
-printed and written as a ROS 2 params file (``/**: ros__parameters:``) for the node
-(``--params-file``).
+printed and written as a ROS 2 params file (``/**: ros__parameters:``, the PnP-OVSS settings
+nested under ``pnp:``) for the node (``--params-file``) and the other tools (``--params-file``),
+with the classes tuned on.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
+from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.segment import image_files
 from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
@@ -28,34 +31,44 @@ from ovss_ros.core import ModelLoadError, VocabularyError
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
-from ovss_ros.core.methods.pnp_ovss.settings import PRESENCE_MODES, REFINES, PnpSettings
+from ovss_ros.core.methods.pnp_ovss.settings import PnpSettings
 from ovss_ros.core.methods.pnp_ovss.tuning import (
     SearchSpace,
     best_of,
     evaluate_settings,
     random_search,
 )
-from ovss_ros.core.methods.pnp_ovss.vlm_loading import DEFAULT_VLM, VLM_MODELS, load_vlm
+from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
 
 logger = logging.getLogger("ovss-tune")
 THRESHOLDS = "0.05,0.15,0.25,0.35,0.45"  # the release's search grid (np.arange(0.05, 0.5, 0.1))
 ROUNDS = "1,2,3,4,5"
+# The engine settings ovss-tune takes (flags from the schema): CLIP's, and every PnP-OVSS one.
+SHARED = ("model", "pretrained", "device", "precision", "templates")
+ENGINE_SETTINGS = SHARED + tuple(f"pnp.{name}" for name in asdict(PnpSettings()))
+# Its flags before the settings were namespaced (ovss-tune --layer 8): refused with the new one.
+OLD_FLAGS = {
+    f"--{name.replace('_', '-')}": f"--pnp-{name.replace('_', '-')}"
+    for name in asdict(PnpSettings())
+    if not name.startswith("vlm")
+}
 
 
 def node_parameters(
-    settings: PnpSettings, args: argparse.Namespace
+    config: EngineConfig, classes: Sequence[str] = ()
 ) -> dict[str, dict[str, dict[str, object]]]:
-    """The params-file content: ``pnp_<setting>`` for every PnP-OVSS setting, and the models."""
+    """The params-file content: method pnp_ovss, CLIP's model, every PnP-OVSS setting of
+    ``config`` (nested under ``pnp``, as ROS 2 nests ``pnp.layer``), and ``classes`` if any."""
     parameters: dict[str, object] = {
         "method": "pnp_ovss",
-        "model": args.model,
-        "pretrained": args.pretrained,
-        "templates": args.templates,
-        "vlm_model": args.vlm_model,
-        "vlm_pretrained": args.vlm_pretrained,
+        "model": config.model,
+        "pretrained": config.pretrained,
+        "templates": config.templates,
     }
-    parameters |= {f"pnp_{name}": value for name, value in asdict(settings).items()}
+    if classes:
+        parameters["classes"] = list(classes)
+    parameters["pnp"] = asdict(config.pnp)
     return {"/**": {"ros__parameters": parameters}}
 
 
@@ -123,8 +136,9 @@ def search_space(args: argparse.Namespace, layers: int, heads: int) -> SearchSpa
     return space
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults, pnp = EngineConfig(), PnpSettings()
+def build_parser() -> ToolParser:
+    """ovss-tune's flags: its own, the search space, then its engine settings' (the schema's
+    CLIP and PnP-OVSS settings; the ``pnp`` ones are the first trial, fixed unless searched)."""
     parser = ToolParser(prog="ovss-tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="unlabeled image files or folders")
     parser.add_argument("--classes", nargs="+", required=True, help="class names ('a; synonym')")
@@ -138,47 +152,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     space.add_argument("--heads", default="", help="e.g. 1-12 (default: every head)")
     space.add_argument("--thresholds", default=THRESHOLDS, help="comma-separated")
     space.add_argument("--rounds", default=ROUNDS, help="dropout rounds, e.g. 1-5")
-    fixed = parser.add_argument_group("PnP-OVSS settings (the first trial; fixed unless searched)")
-    fixed.add_argument("--layer", type=int, default=pnp.layer)
-    fixed.add_argument("--head", type=int, default=pnp.head)
-    fixed.add_argument("--threshold", type=float, default=pnp.threshold)
-    fixed.add_argument("--dropout-rounds", type=int, default=pnp.dropout_rounds)
-    fixed.add_argument("--dropout-patches", type=int, default=pnp.dropout_patches)
-    fixed.add_argument("--image-size", type=int, default=pnp.image_size)
-    fixed.add_argument("--presence", default=pnp.presence, choices=PRESENCE_MODES)
-    fixed.add_argument("--presence-threshold", type=float, default=pnp.presence_threshold)
-    fixed.add_argument("--blur", type=float, default=pnp.blur)
-    fixed.add_argument("--refine", default=pnp.refine, choices=REFINES)
-    models = parser.add_argument_group("models")
-    models.add_argument(
-        "--model", default=defaults.model, help="open_clip model (presence, reward)"
-    )
-    models.add_argument("--pretrained", default=defaults.pretrained, help="open_clip weights")
-    models.add_argument("--templates", default=defaults.templates, help="CLIP prompt templates")
-    models.add_argument("--vlm-model", default="blip_itm", choices=VLM_MODELS)
-    models.add_argument("--vlm-pretrained", default=DEFAULT_VLM, help="hub id or local directory")
-    models.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    models.add_argument(
-        "--precision", default=defaults.precision, choices=["fp32", "fp16", "bf16"]
-    )
-    return parser.parse_args(argv)
+    add_engine_arguments(parser, ENGINE_SETTINGS, params_file=False)
+    parser.renamed_flags |= OLD_FLAGS
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    start = PnpSettings(
-        image_size=args.image_size,
-        layer=args.layer,
-        head=args.head,
-        threshold=args.threshold,
-        dropout_rounds=args.dropout_rounds,
-        dropout_patches=args.dropout_patches,
-        presence=args.presence,
-        presence_threshold=args.presence_threshold,
-        blur=args.blur,
-        refine=args.refine,
-    )
+    config = config_from_args(args)
+    start = config.pnp
     try:
         if args.budget < 1:
             raise ValueError(f"--budget must be at least 1 (settings to try), got {args.budget}")
@@ -189,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError("no images found in the inputs")
         not_an_input(args.output, files, "--output")
         start.validate()
-        clip = load_clip(args.model, args.pretrained, args.device, args.precision)
-        vlm = load_vlm(args.vlm_model, args.vlm_pretrained, args.device, args.precision)
-        pipeline = PnpOvss(clip, vlm, start, templates=args.templates)
+        clip = load_clip(config.model, config.pretrained, config.device, config.precision)
+        vlm = load_vlm(start.vlm_model, start.vlm_pretrained, config.device, config.precision)
+        pipeline = PnpOvss(clip, vlm, start, templates=config.templates)
         pipeline.set_classes(args.classes)
         space = search_space(args, vlm.num_layers, vlm.num_heads)
         for candidate in space.candidates():  # refuse a bad space before any work
@@ -223,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=lambda total: tqdm(total=total, desc="ovss-tune", unit="trial", file=sys.stderr),
     )
     best, best_reward = best_of(results)
-    tuned = PnpSettings(**{**asdict(start), **best})
+    tuned = replace(config, pnp=replace(start, **best))
     first_reward = results[0][1]
     print(
         f"start {first}: win rate {first_reward.win_rate:.3f}, margin {first_reward.margin:+.4f}"
@@ -238,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "# PnP-OVSS settings chosen by ovss-tune (CLIP reward, no labels): "
         f"win rate {best_reward.win_rate:.3f} on {len(images)} images\n"
     )
-    output.write_text(header + yaml.safe_dump(node_parameters(tuned, args), sort_keys=False))
+    content = yaml.safe_dump(node_parameters(tuned, args.classes), sort_keys=False)
+    output.write_text(header + content)
     print(f"wrote {output}")
     return 0
 

@@ -49,7 +49,12 @@ class SettingInfo:
         if self.minimum is None:
             return ""
         low = "(" if self.open_minimum else "["
-        return f"{low}{self.minimum:g}, {self.maximum:g}]"
+        return f"{low}{_number(self.minimum)}, {_number(self.maximum)}]"
+
+
+def _number(value: int | float | None) -> str:
+    """An integer as written (2147483647, not 2.14748e+09), a float in its short form."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def setting(default: Any, description: str, **info: Any) -> Any:

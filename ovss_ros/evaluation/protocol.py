@@ -139,6 +139,18 @@ class Settings:
     def class_file(self, dataset: DatasetProtocol) -> str:
         return f"{self.class_prefix}{dataset.class_file}"
 
+    def engine(self) -> dict[str, object]:
+        """These settings by the engine's full setting names (``EngineConfig.from_flat``)."""
+        return {
+            "short_side": self.short_side,
+            "dense.crop": self.crop,
+            "dense.stride": self.stride,
+            "score_threshold": self.threshold,
+            "dense.logit_scale": self.logit_scale,
+            "dense.area_threshold": self.area_threshold,
+            "dense.pamr": self.pamr,
+        }
+
 
 @dataclass(frozen=True)
 class MethodProtocol:
@@ -155,7 +167,7 @@ class MethodProtocol:
     # score unlabeled pixels as the first class on data sets without background: the official
     # argmax where every class score is 0 (FreeCP: no class survived purification)
     empty_as_first: bool = False
-    # engine settings of the method itself (EngineConfig fields), the same on every data set
+    # engine settings of the method itself (full setting names), the same on every data set
     engine: Mapping[str, object] = field(default_factory=dict)
 
     def for_dataset(self, dataset: DatasetProtocol) -> Settings:
@@ -181,20 +193,20 @@ DSLO_PAPER: Mapping[str, object] = MappingProxyType(
         "pretrained": "openai",
         "method": "vanilla",  # the paper's base logits: CLIP unchanged
         "refinement": "dslo",
-        "dslo_mode": "velocity",
-        "affinity": "sd2",
-        "upsample": "jbu",
-        "ipf_rounds": 15,
-        "velocity_tau": 0.3,
-        "sinkhorn_iterations": 50,
-        "sinkhorn_epsilon": 0.1,
-        "sd_model": "stabilityai/stable-diffusion-2-1-base",
-        "sd_precision": "auto",
-        "sd_size": 512,
-        "sd_timestep": 100,
-        "sd_noise": False,
-        "sd_layers": "m2n2",
-        "sd_temperature": 1.0,
+        "dslo.mode": "velocity",
+        "dslo.affinity": "sd2",
+        "dense.upsample": "jbu",
+        "dslo.ipf_rounds": 15,
+        "dslo.velocity_tau": 0.3,
+        "dslo.sinkhorn_iterations": 50,
+        "dslo.sinkhorn_epsilon": 0.1,
+        "dslo.sd.model": "stabilityai/stable-diffusion-2-1-base",
+        "dslo.sd.precision": "auto",
+        "dslo.sd.size": 512,
+        "dslo.sd.timestep": 100,
+        "dslo.sd.noise": False,
+        "dslo.sd.layers": "m2n2",
+        "dslo.sd.temperature": 1.0,
     }
 )
 
