@@ -122,5 +122,5 @@ def test_defaults_are_the_official_class_defaults():
     config = EngineConfig()
     assert (config.freecp.redundancy, config.freecp.ambiguity) == (0.15, 0.7)
     parameters = yaml.safe_load(CONFIG_YAML.read_text())["/**"]["ros__parameters"]
-    assert parameters["freecp.redundancy"] == config.freecp.redundancy
-    assert parameters["freecp.ambiguity"] == config.freecp.ambiguity
+    assert parameters["freecp"]["redundancy"] == config.freecp.redundancy
+    assert parameters["freecp"]["ambiguity"] == config.freecp.ambiguity

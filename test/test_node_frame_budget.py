@@ -61,7 +61,7 @@ def set_atomically(client, parameters: list[Parameter]):
                 ("short_side", 4096),
                 ("max_long_side", 4096),
             ],
-            "proposals 1000 with mask_cells 4 on a 256x256 patch grid need 4.19 GB",
+            "deop.proposals 1000 with deop.mask_cells 4 on a 256x256 patch grid need 4.19 GB",
         ),
     ],
     ids=["sd2048", "sd4096", "pnp1024", "pnp4096", "crops", "dslo4096", "prompt", "deop"],
@@ -103,9 +103,8 @@ def test_a_switch_of_method_is_checked_against_the_budget_of_the_new_method(clie
             assert result.successful, (name, result.reason)
         result = client.set_parameters([Parameter("method", value="deop")])[0]
         assert not result.successful
-        assert "proposals 1000 with mask_cells 4 on a 256x256 patch grid need 4.19 GB" in (
-            result.reason
-        ), result.reason
+        cost = "deop.proposals 1000 with deop.mask_cells 4 on a 256x256 patch grid need 4.19 GB"
+        assert cost in result.reason, result.reason
         assert client.get_parameter("method") == "naclip"
     finally:
         restore = [Parameter(n, value=v) for n, v in sizes.items()]

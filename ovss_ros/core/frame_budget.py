@@ -169,10 +169,10 @@ def check_proposal_masks(proposals: int, grid: tuple[int, int], cells: int) -> N
     if cost > FRAME_BUDGET_BYTES:
         most = FRAME_BUDGET_BYTES // proposal_mask_bytes(1, grid, cells)
         raise FrameBudgetError(
-            f"proposals {proposals} with mask_cells {cells} on a {grid[0]}x{grid[1]} patch grid "
-            f"need {gigabytes(cost)} of proposal masks per frame; at most {most} proposals "
-            f"(the per-frame budget is {gigabytes(FRAME_BUDGET_BYTES)} for the largest map): "
-            "lower proposals, mask_cells, short_side or max_long_side"
+            f"deop.proposals {proposals} with deop.mask_cells {cells} on a {grid[0]}x{grid[1]} "
+            f"patch grid need {gigabytes(cost)} of proposal masks per frame; at most {most} "
+            f"proposals (the per-frame budget is {gigabytes(FRAME_BUDGET_BYTES)} for the largest "
+            "map): lower deop.proposals, deop.mask_cells, short_side or max_long_side"
         )
 
 
