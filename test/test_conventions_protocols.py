@@ -88,7 +88,7 @@ def test_protocol_flag_picks_another_methods_protocol(tmp_path, protocol):
     args, _, _ = parse_args(
         ["voc21", str(tmp_path), "--protocol", protocol, "--dense-logit-scale", "7"]
     )
-    assert engine_config(args, ()).logit_scale == 7.0  # a flag overrides one setting
+    assert engine_config(args, ()).dense.logit_scale == 7.0  # a flag overrides one setting
 
 
 def test_methods_without_a_protocol_get_the_standard_one(tmp_path):
