@@ -7,11 +7,12 @@ The processes start together (each pays the torch import) and are checked one by
 from __future__ import annotations
 
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from ros_harness import TINY_NODE_PARAMETERS, NodeProcess
+from ros_harness import TINY_NODE_PARAMETERS, NodeProcess, child_environment
 
 LIFECYCLE = "ovss_ros.ros.lifecycle_node"
 # The issue's namespace, deeper: room for a mask slug of ROOM characters (<ns>/ovss/masks/<slug>
@@ -138,3 +139,38 @@ def test_start_up_with_a_bad_parameter_ends_with_one_clear_line(failed_starts, c
     assert len(errors) == 1, output
     for text in CASES[case][2]:
         assert text in errors[0], output
+
+
+MODEL_LIBRARIES = ("torch", "open_clip", "transformers", "diffusers", "scipy", "skimage")
+
+
+@pytest.mark.parametrize("module", ["ovss_ros.ros.node", LIFECYCLE])
+@pytest.mark.parametrize(
+    ("parameter", "reason"),
+    [
+        ("short_side:=-1", "short_side"),
+        ("crop:=224", "crop was renamed dense.crop"),
+        ("dslo.sd.size:=4096", "dslo.sd.size 4096 needs"),
+        ("method:=nope", "unknown method 'nope'"),
+    ],
+)
+def test_a_bad_parameter_is_refused_before_any_model_library_loads(module, parameter, reason):
+    """Issue 19: parameters are checked from the settings' definitions, without torch, so a
+    node with a bad one ends in well under a second instead of after the model imports (the
+    interpreter's own import log, ``-X importtime``, shows every module it imported)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", module, "--ros-args", "-p", parameter],
+        cwd=Path(__file__).resolve().parents[1],
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    log = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip() for line in log}
+    assert "rclpy" in imported  # the log is read
+    assert not imported & set(MODEL_LIBRARIES), sorted(imported & set(MODEL_LIBRARIES))
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and reason in errors[0], errors

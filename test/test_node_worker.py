@@ -18,7 +18,7 @@ from ros_harness import TINY_NODE_PARAMETERS, isolate_dds, make_image
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool
 
-import ovss_ros.ros.node as node_module
+import ovss_ros.core.segmenter as segmenter_module
 import ovss_ros.ros.processing as processing
 from ovss_ros.core import EngineConfig, Segmentation, Segmenter, Stopped
 from ovss_ros.ros import log_text
@@ -65,7 +65,7 @@ class FaultySegmenter(Segmenter):
 
 def make_node(monkeypatch, *overrides: Parameter):
     isolate_dds()
-    monkeypatch.setattr(node_module, "Segmenter", FaultySegmenter)
+    monkeypatch.setattr(segmenter_module, "Segmenter", FaultySegmenter)
     FaultySegmenter.fail_segment = FaultySegmenter.fail_set_classes = False
     FaultySegmenter.stopped = False
     FaultySegmenter.fail_width = None
@@ -483,7 +483,7 @@ def test_frames_waiting_when_the_managed_node_deactivates_are_counted(monkeypatc
     from ovss_ros.ros.lifecycle_node import OvssLifecycleNode
 
     isolate_dds()
-    monkeypatch.setattr(node_module, "Segmenter", FaultySegmenter)
+    monkeypatch.setattr(segmenter_module, "Segmenter", FaultySegmenter)
     context = rclpy.Context()
     rclpy.init(context=context)
     node = OvssLifecycleNode(

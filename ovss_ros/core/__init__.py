@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "ModelLoadError": "ovss_ros.core.clip.model_loading",
+    "ModelLoadError": "ovss_ros.core.clip.errors",
     "load_clip": "ovss_ros.core.clip.model_loading",
     "EngineConfig": "ovss_ros.core.config",
     "ClassColours": "ovss_ros.core.drawing",

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from rclpy.serialization import deserialize_message, serialize_message
@@ -34,7 +34,7 @@ from rosbags.rosbag2 import Reader, Writer
 from sensor_msgs.msg import CompressedImage, Image
 from tqdm import tqdm
 
-from ovss_ros.core import ClassEntry, Segmenter, overlay
+from ovss_ros.core import ClassEntry, overlay
 from ovss_ros.ros.bag_files import (
     COMPRESSED_TYPE,
     COPY_CHOICES,
@@ -63,6 +63,9 @@ from ovss_ros.ros.image_conversion import (
 )
 from ovss_ros.ros.label_info import label_info
 from ovss_ros.ros.signals import StopSignals
+
+if TYPE_CHECKING:
+    from ovss_ros.core.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 

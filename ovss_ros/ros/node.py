@@ -37,7 +37,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import Clock
@@ -46,7 +46,7 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool
 
-from ovss_ros.core import ClassEntry, EngineConfig, Segmenter
+from ovss_ros.core import ClassEntry, EngineConfig
 from ovss_ros.ros import parameters
 from ovss_ros.ros.cameras import Camera, CameraSet
 from ovss_ros.ros.executor_work import ExecutorWork
@@ -64,6 +64,9 @@ from ovss_ros.ros.undeclared import (
     report_undeclared_overrides,
 )
 from ovss_ros.ros.worker import FrameBuffer, FrameWorker, stop_worker
+
+if TYPE_CHECKING:
+    from ovss_ros.core.segmenter import Segmenter
 
 __all__ = ["NODE_NAME", "START_ERRORS", "OvssNode", "SegmentationNodeMixin", "main", "run"]
 
@@ -142,6 +145,8 @@ class SegmentationNodeMixin:
     def _load(self) -> None:
         """Load the model and encode the vocabulary (seconds); raises START_ERRORS."""
         settings, values = self.transactions.begin_load()
+        from ovss_ros.core.segmenter import Segmenter  # torch: only once the settings are good
+
         self.segmenter = Segmenter(settings.engine, stop=stop_event(self))
         self._device = str(self.segmenter.device)
         self._check_model_fit(settings.engine)

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rclpy.clock import Clock
 from sensor_msgs.msg import CompressedImage, Image
 
-from ovss_ros.core import Segmentation, Segmenter, Stopped
+from ovss_ros.core import Segmentation, Stopped
 from ovss_ros.ros.frames import Frame, FrameLedger, frame_age, stamp_problem
 from ovss_ros.ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from ovss_ros.ros.log_text import describe, one_line
 from ovss_ros.ros.parameters import Settings
+
+if TYPE_CHECKING:
+    from ovss_ros.core.segmenter import Segmenter
 
 LOG_THROTTLE_S = 5.0
 

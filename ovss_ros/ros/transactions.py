@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from ovss_ros.core import Segmenter, Stopped, parse_classes
+from ovss_ros.core import Stopped, parse_classes
 from ovss_ros.ros import parameters
 from ovss_ros.ros.log_text import describe
 from ovss_ros.ros.request_guard import CallbackFaults
+
+if TYPE_CHECKING:
+    from ovss_ros.core.segmenter import Segmenter
 
 
 class ParameterTransactions:

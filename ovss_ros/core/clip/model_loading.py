@@ -31,6 +31,7 @@ from open_clip.transform import merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
 
 from ovss_ros.core.clip import hub_access
+from ovss_ros.core.clip.errors import ModelLoadError  # noqa: F401 (re-exported)
 from ovss_ros.core.file_checks import (
     MAX_MODEL_BYTES,
     WEIGHTS_SLACK,
@@ -47,10 +48,6 @@ logger = logging.getLogger(__name__)
 
 NO_WEIGHTS = ("", "none", "random")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; ``str(error)`` says what to set."""
 
 
 @dataclass
