@@ -5,9 +5,9 @@ import json
 import pytest
 from conftest import TINY_VIT
 
-from ovss_ros.cli import bench
 from ovss_ros.cli.bench import STAGES, main, parse_combo
 from ovss_ros.core import EngineConfig
+from ovss_ros.core.segmenter import Segmenter
 
 ENGINE = ["--model", str(TINY_VIT), "--pretrained", "none", "--templates", "single"]
 
@@ -49,13 +49,13 @@ def test_report_has_every_stage_and_the_bare_forward(tmp_path, capsys):
 def test_rows_are_interleaved_round_by_round(monkeypatch):
     """The engine sees the combos in turn within each round, not one combo's frames in a row."""
     order = []
-    original = bench.Segmenter.reconfigure
+    original = Segmenter.reconfigure
 
     def recording(self, changes=None, **shared):
         order.append(changes["method"])
         return original(self, changes, **shared)
 
-    monkeypatch.setattr(bench.Segmenter, "reconfigure", recording)
+    monkeypatch.setattr(Segmenter, "reconfigure", recording)
     args = ["--combos", "naclip", "sclip", "clearclip", "--iterations", "2", "--warmup", "1"]
     assert main(args + ["--short-side", "64", "--width", "64", "--height", "48"] + ENGINE) == 0
     # Once each up front (a combo that cannot run is refused before any timing), then the

@@ -117,3 +117,16 @@ def test_freecp_thresholds_default_per_data_set(tmp_path, dataset, redundancy, a
     assert (config.freecp.redundancy, config.freecp.ambiguity) == (redundancy, ambiguity)
     args, _, _ = parse_args([dataset, str(tmp_path), "--freecp-redundancy", "0.3"])
     assert engine_config(args, ()).freecp.redundancy == 0.3
+
+
+def test_the_protocol_knows_freecps_variants_as_the_dense_forward_runs_them():
+    """ovss-eval reads FreeCP's base variants from the torch-free settings (the dense modes
+    named ``<mode>_freecp``), so it checks its arguments without torch: they must be the ones
+    the dense forward runs (variant -> the mode whose attention it takes)."""
+    from ovss_ros.core.methods.dense.forward import FREECP_VARIANTS as RUN
+    from ovss_ros.evaluation.protocol import FREECP_VARIANTS, METHOD_PROTOCOLS, method_protocol
+
+    assert FREECP_VARIANTS == RUN and len(RUN) == 3
+    assert METHOD_PROTOCOLS["freecp"].base_variants == {base: v for v, base in RUN.items()}
+    for variant in RUN:
+        assert method_protocol(None, variant).name == "freecp"

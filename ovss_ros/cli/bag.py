@@ -25,7 +25,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import ToolParser
-from ovss_ros.core import ModelLoadError, Segmenter, VocabularyError, parse_classes
+from ovss_ros.core.clip.errors import ModelLoadError
+from ovss_ros.core.vocabulary import VocabularyError, parse_classes
 from ovss_ros.ros.bag import (
     COPY_CHOICES,
     STORAGES,
@@ -97,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         job = BagJob.plan(
             args.input_bag, args.output_bag, args.topic, outputs, args.storage, args.copy
         )
-        segmenter = Segmenter(config_from_args(args))
+        config = config_from_args(args)
+        config.validate()
+        from ovss_ros.core.segmenter import Segmenter  # the model libraries: arguments checked
+
+        segmenter = Segmenter(config)
         segmenter.set_classes(classes)
     except (BagError, ModelLoadError, VocabularyError, ValueError) as error:
         logger.error("%s", error)

@@ -38,20 +38,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
-from rclpy.serialization import serialize_message
-from std_msgs.msg import Header
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
-from ovss_ros.core import EngineConfig, Segmenter, overlay
-from ovss_ros.core.config import PIPELINE_METHODS
-from ovss_ros.core.methods.dense.forward import interpolate_pos_embed
-from ovss_ros.core.methods.dense.method import DenseMethod
-from ovss_ros.core.methods.deop.proposal_segmentation import Frames, tokens_before_last_block
+from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
+from ovss_ros.core.drawing import overlay
 from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     image_file_to_rgb8,
@@ -59,6 +54,11 @@ from ovss_ros.ros.image_conversion import (
     mono8_to_image,
     rgb8_to_image,
 )
+
+if TYPE_CHECKING:  # the model libraries are imported once the arguments are checked
+    import torch
+
+    from ovss_ros.core.segmenter import Segmenter
 
 STAGES = ("decode", "preprocess", "encoder", "head", "postprocess", "publish")
 VOC_SAMPLE = (
@@ -103,6 +103,8 @@ def parse_combo(combo: str, affinity: str = EngineConfig().dslo.affinity) -> dic
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
+    import torch
+
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
@@ -121,6 +123,10 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 def bare_encoder(segmenter: Segmenter, size: tuple[int, int]) -> torch.nn.Module:
     """open_clip's image tower with its positional embedding resized to ``size``."""
+    import torch
+
+    from ovss_ros.core.methods.dense.forward import interpolate_pos_embed
+
     visual = copy.deepcopy(segmenter.clip.model.visual)
     patch = segmenter.clip.patch_size
     grid = (size[0] // patch, size[1] // patch)
@@ -131,6 +137,8 @@ def bare_encoder(segmenter: Segmenter, size: tuple[int, int]) -> torch.nn.Module
 
 def time_frame(segmenter: Segmenter, message) -> list[float]:
     """Seconds of each stage (STAGES order) of one frame, each ended by a device sync."""
+    from rclpy.serialization import serialize_message
+
     sync = synchronizer(segmenter.device)
     header = message.header
     marks = [time.perf_counter()]
@@ -156,6 +164,8 @@ def time_frame(segmenter: Segmenter, message) -> list[float]:
 def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callable], object]:
     """The steps of a pnp_ovss / deop / twostream frame for the columns preprocess, encoder,
     head, postprocess: callables each taking the previous one's result."""
+    from ovss_ros.core.methods.deop.proposal_segmentation import Frames, tokens_before_last_block
+
     core = segmenter.pipeline.core
     if segmenter.pipeline.method == "pnp_ovss":
         state: dict[str, object] = {}
@@ -190,6 +200,8 @@ def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callabl
 
 def time_pipeline_frame(segmenter: Segmenter, message) -> list[float]:
     """time_frame for pnp_ovss, deop and twostream (their steps: pipeline_stages)."""
+    from rclpy.serialization import serialize_message
+
     sync = synchronizer(segmenter.device)
     header = message.header
     marks = [time.perf_counter()]
@@ -221,6 +233,10 @@ def time_rows(
     figures (median, p95, quartiles) is at least that of any of its stages. ``progress``: one
     line per round on stderr. Returns (bare forward summary, combo -> figures).
     """
+    import torch
+
+    from ovss_ros.core.methods.dense.method import DenseMethod
+
     rgb = image_to_rgb8(message)
     # the dense preprocessing, whichever method is in force (the bare forward's input)
     dense = DenseMethod(segmenter.clip, segmenter.text, segmenter.config)
@@ -268,6 +284,9 @@ MAX_FRAME = DEFAULT_MAX_INPUT_PIXELS  # the benchmark frame is bounded like a ca
 
 
 def test_message(path: str, width: int, height: int):
+    """The benchmark frame: the image file resized to width x height, as a sensor_msgs/Image."""
+    from std_msgs.msg import Header
+
     rgb = image_file_to_rgb8(Path(path))
     rgb = cv2.resize(rgb, (width, height))
     return rgb8_to_image(np.ascontiguousarray(rgb), Header(frame_id="camera"))
@@ -306,15 +325,20 @@ def main(argv: list[str] | None = None) -> int:
             not_an_input(args.json, [args.image, *filter(None, [args.params_file])], "--json")
         except ValueError as error:
             parser.error(str(error))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = config_from_args(args)
     combos = args.combos or [config.method]
-    try:
+    try:  # everything checkable without the model first: a typo should not cost its import
         settings = [parse_combo(c, config.dslo.affinity) for c in combos]
+        config.validate()
+        message = test_message(args.image, args.width, args.height)
+        import torch
+
+        from ovss_ros.core.segmenter import Segmenter
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
         segmenter = Segmenter(config)
         segmenter.set_classes(args.classes)
-        message = test_message(args.image, args.width, args.height)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"ovss-bench: error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -28,16 +28,17 @@ import logging
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import BAD_INPUT, ToolParser, not_an_input, one_line
-from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, VocabularyError
-from ovss_ros.core.config import PIPELINE_METHODS
-from ovss_ros.core.methods.freecp.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
+from ovss_ros.core.clip.errors import ModelLoadError
+from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
 from ovss_ros.core.segmentation import Segmentation
+from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
 from ovss_ros.evaluation.protocol import (
     METHOD_PROTOCOLS,
@@ -46,6 +47,9 @@ from ovss_ros.evaluation.protocol import (
     load_vocabulary,
     method_protocol,
 )
+
+if TYPE_CHECKING:  # the model libraries are imported once the arguments are checked
+    from ovss_ros.core.segmenter import Segmenter
 
 logger = logging.getLogger("ovss-eval")
 
@@ -86,7 +90,10 @@ def build_parser(
             "refinement": method.refinement,
             **method.engine,
         }
-        if protocol.name in FREECP_THRESHOLDS:  # FreeCP's released per-data-set settings
+        # FreeCP's released per-data-set settings (in the FreeCP module, which imports torch)
+        from ovss_ros.core.methods.freecp.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
+
+        if protocol.name in FREECP_THRESHOLDS:
             redundancy, ambiguity = FREECP_THRESHOLDS[protocol.name]
             defaults |= {"freecp.redundancy": redundancy, "freecp.ambiguity": ambiguity}
     add_engine_arguments(parser, defaults=defaults)
@@ -199,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             not_an_input(args.output, [*inputs, *filter(None, [args.class_names])], "--output")
         config = engine_config(args, vocabulary.background_words, method)
         config.validate()
+        from ovss_ros.core.segmenter import Segmenter  # the model libraries: arguments checked
+
         segmenter = Segmenter(config)
         segmenter.set_classes(vocabulary.classes)
         result = evaluate(

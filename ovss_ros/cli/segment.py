@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -34,9 +35,15 @@ import numpy as np
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import ToolParser
-from ovss_ros.core import ModelLoadError, Segmentation, Segmenter, VocabularyError, overlay
+from ovss_ros.core.clip.errors import ModelLoadError
+from ovss_ros.core.drawing import overlay
+from ovss_ros.core.segmentation import Segmentation
+from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
 from ovss_ros.ros.signals import StopSignals
+
+if TYPE_CHECKING:
+    from ovss_ros.core.segmenter import Segmenter
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LABELS_SUFFIX = "_labels.png"
@@ -204,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = plan(args.inputs, output, not args.no_overlay)
         config = config_from_args(args)
         config.validate()
+        from ovss_ros.core.segmenter import Segmenter  # the model libraries: arguments checked
+
         segmenter = Segmenter(config)
         segmenter.set_classes(args.classes)
     except (FileNotFoundError, ModelLoadError, VocabularyError, ValueError) as error:

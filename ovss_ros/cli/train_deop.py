@@ -22,16 +22,13 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from ovss_ros.cli.engine_args import add_engine_arguments
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import ToolParser
-from ovss_ros.core.clip.model_loading import ModelLoadError, load_clip
-from ovss_ros.core.methods.deop.checkpoint import CheckpointError
+from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES
 from ovss_ros.training.deop_data import DATASETS, training_data
-from ovss_ros.training.deop_training import LOSSES, TrainingConfig, train
+from ovss_ros.training.training_config import LOSSES, TrainingConfig
 
 logger = logging.getLogger("ovss-train-deop")
 
@@ -141,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--output {str(output)!r} exists and is not a folder")
         data = training_data(args.dataset, args.root)
         data.check(args.max_input_pixels)
+        import torch  # arguments and data checked: the model libraries
+
+        from ovss_ros.core.clip.model_loading import load_clip
+        from ovss_ros.training.deop_training import train
+
         torch.manual_seed(args.seed)  # the same random CLIP weights for pretrained none
         clip = load_clip(args.model, args.pretrained, args.device, args.precision)
         logger.info(
@@ -152,13 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             len(data.unseen),
         )
         summary = train(clip, data, config, args.output, resume=args.resume)
-    except (
-        FileNotFoundError,
-        ModelLoadError,
-        CheckpointError,
-        ValueError,
-        FloatingPointError,
-    ) as error:
+    except (FileNotFoundError, ModelLoadError, ValueError, FloatingPointError) as error:
+        # ValueError: CheckpointError (a bad --resume checkpoint) too
         logger.error("%s", reason(error))
         return 2
     except OSError as error:  # writing the run folder (disk full, permissions): not the input

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from tqdm import tqdm
@@ -27,19 +28,14 @@ from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.segment import image_files
 from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
-from ovss_ros.core import ModelLoadError, VocabularyError
-from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.config import EngineConfig
-from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
 from ovss_ros.core.methods.pnp_ovss.settings import PnpSettings
-from ovss_ros.core.methods.pnp_ovss.tuning import (
-    SearchSpace,
-    best_of,
-    evaluate_settings,
-    random_search,
-)
-from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
+from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
+
+if TYPE_CHECKING:  # the model libraries are imported once the arguments are checked
+    from ovss_ros.core.methods.pnp_ovss.tuning import SearchSpace
 
 logger = logging.getLogger("ovss-tune")
 THRESHOLDS = "0.05,0.15,0.25,0.35,0.45"  # the release's search grid (np.arange(0.05, 0.5, 0.1))
@@ -115,18 +111,33 @@ def float_list(text: str, flag: str = "list") -> list[float]:
     return values
 
 
+def space_values(args: argparse.Namespace) -> dict[str, list]:
+    """The values the search-space flags list (layers and heads empty: every one of the VLM's),
+    read before any model loads; ValueError naming the flag for a bad or empty list."""
+    values = {
+        "layers": int_list(args.layers, "--layers"),
+        "heads": int_list(args.heads, "--heads"),
+        "thresholds": float_list(args.thresholds, "--thresholds"),
+        "dropout_rounds": int_list(args.rounds, "--rounds"),
+    }
+    for flag, name in (("--thresholds", "thresholds"), ("--rounds", "dropout_rounds")):
+        if not values[name]:
+            raise ValueError(f"{flag} is empty: give at least one value")
+    return values
+
+
 def search_space(args: argparse.Namespace, layers: int, heads: int) -> SearchSpace:
     """The search space of the flags (empty layers/heads: every one of the VLM's); ValueError
     for an empty list or a space of more than MAX_CANDIDATES candidates."""
+    from ovss_ros.core.methods.pnp_ovss.tuning import SearchSpace
+
+    values = space_values(args)
     space = SearchSpace(
-        layers=int_list(args.layers, "--layers") or list(range(1, layers + 1)),
-        heads=int_list(args.heads, "--heads") or list(range(1, heads + 1)),
-        thresholds=float_list(args.thresholds, "--thresholds"),
-        dropout_rounds=int_list(args.rounds, "--rounds"),
+        layers=values["layers"] or list(range(1, layers + 1)),
+        heads=values["heads"] or list(range(1, heads + 1)),
+        thresholds=values["thresholds"],
+        dropout_rounds=values["dropout_rounds"],
     )
-    for flag, values in (("--thresholds", space.thresholds), ("--rounds", space.dropout_rounds)):
-        if not values:
-            raise ValueError(f"{flag} is empty: give at least one value")
     size = len(space.layers) * len(space.heads) * len(space.thresholds) * len(space.dropout_rounds)
     if size > MAX_CANDIDATES:
         raise ValueError(
@@ -175,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         if not files:
             raise FileNotFoundError("no images found in the inputs")
         not_an_input(args.output, files, "--output")
+        space_values(args)  # the search space's flags, before the models load
         start.validate()
+        from ovss_ros.core.clip.model_loading import load_clip  # arguments checked: the models
+        from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
+        from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
+
         clip = load_clip(config.model, config.pretrained, config.device, config.precision)
         vlm = load_vlm(start.vlm_model, start.vlm_pretrained, config.device, config.precision)
         pipeline = PnpOvss(clip, vlm, start, templates=config.templates)
@@ -201,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     first = {
         name: getattr(start, name) for name in ("layer", "head", "threshold", "dropout_rounds")
     }
+    from ovss_ros.core.methods.pnp_ovss.tuning import best_of, evaluate_settings, random_search
+
     results = random_search(
         lambda candidate: evaluate_settings(pipeline, images, present, candidate),
         space,

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from ovss_ros.core.file_checks import read_text
 from ovss_ros.core.vocabulary import ClassEntry
@@ -42,6 +42,9 @@ from ovss_ros.evaluation.dataset_readers import (
 from ovss_ros.evaluation.evaluation_loop import read_rgb
 from ovss_ros.evaluation.protocol import builtin_class_file, class_lines
 from ovss_ros.ros.image_conversion import ImageConversionError, image_file_size
+
+if TYPE_CHECKING:  # torch is imported when a run starts: the tool checks its data without it
+    import torch
 
 DATASETS = ("coco_stuff", "voc", "folder")
 COCO_STUFF_UNSEEN = (
@@ -203,8 +206,9 @@ def training_data(name: str, root: str | Path) -> TrainingData:
     return builders[name](Path(root))
 
 
-class CropDataset(torch.utils.data.Dataset):
-    """Sample ``s`` of the training stream: a random-scale, random-crop, random-flip crop.
+class CropDataset:
+    """Sample ``s`` of the training stream: a random-scale, random-crop, random-flip crop (a
+    map-style data set of torch's ``DataLoader``: ``len`` and indexing).
 
     Deterministic in (seed, s): the image is ``permutation(epoch)[s % n]`` (one permutation per
     epoch from the seed), the augmentation draws from a generator seeded with (seed, s). So a
@@ -236,6 +240,8 @@ class CropDataset(torch.utils.data.Dataset):
         n = len(self.reader)
         epoch = sample // n
         if epoch not in self._permutations:
+            import torch
+
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._permutations = {epoch: torch.randperm(n, generator=generator)}
         return int(self._permutations[epoch][sample % n])
