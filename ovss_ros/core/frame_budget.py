@@ -15,7 +15,7 @@ batches, FreeCP's crop batches. What has to exist whole, and so is budgeted:
   (the SD input keeps about ``size^2`` pixels, ``sd2_attention.sd_input_size``), one window at a
   time. The UNet's own attention runs in PyTorch's fused kernels (no map), its activations are 25x
   smaller than the VAE's;
-- ``pnp_image_size``: BLIP's vision transformer forms its attention map whole,
+- ``pnp.image_size``: BLIP's vision transformer forms its attention map whole,
   ``heads x L^2 x 4`` bytes with ``L = (size / patch)^2 + 1`` tokens (BLIP ITM large: ViT-L/16,
   16 heads), one layer at a time (no gradient flows through the vision tower);
 - a patch affinity (DSLO's transition matrix, FreeCP's propagation): ``windows x (h w)^2 x 4``

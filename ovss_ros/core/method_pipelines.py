@@ -212,7 +212,7 @@ def build_pipeline(
 
     Reuses ``previous``'s VLM (pnp_ovss) or loaded checkpoint (deop, twostream) when ``config``
     names the same one; otherwise loads it: ``load_vlm`` with the engine's device and precision,
-    or the ``deop_checkpoint`` file. Raises ModelLoadError (VLM), CheckpointError (missing,
+    or the ``deop.checkpoint`` file. Raises ModelLoadError (VLM), CheckpointError (missing,
     corrupt, trained on another CLIP), ValueError (settings the loaded model refuses),
     VocabularyError, Stopped; ``previous`` and ``text`` are then unchanged.
     """

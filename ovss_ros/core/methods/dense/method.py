@@ -85,7 +85,7 @@ class DenseMethod(DensePostprocess):
         self.clip, self.text, self.config, self.stop = clip, text, config, stop
         self.classes: list[ClassEntry] = []
         self.sd2: Sd2Attention | None = None  # the sd2 affinity's model, while in use
-        self._sd2_key: tuple | None = None  # (sd_model, sd_precision) of self.sd2
+        self._sd2_key: tuple | None = None  # (dslo.sd.model, .precision) of self.sd2
         self._text_embeddings: torch.Tensor | None = None  # (queries, D)
         self._query_owner: torch.Tensor | None = None  # query -> label; len(classes) = background
         self._class_queries = 0  # queries [0, this) are class synonyms, the rest background words
