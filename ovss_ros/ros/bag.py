@@ -34,7 +34,7 @@ from rosbags.rosbag2 import Reader, Writer
 from sensor_msgs.msg import CompressedImage, Image
 from tqdm import tqdm
 
-from ovss_ros.core import ClassEntry, overlay
+from ovss_ros.core import ClassEntry
 from ovss_ros.ros.bag_files import (
     COMPRESSED_TYPE,
     COPY_CHOICES,
@@ -363,6 +363,8 @@ def _frame_outputs(
                 mask = segmentation.mask(index).astype(np.uint8) * np.uint8(255)
                 outputs.append((job.outputs.masks[name], mono8_to_image(mask, header)))
         if job.outputs.overlay is not None:
+            from ovss_ros.core.drawing import overlay  # its palette costs 0.25 s: not at start-up
+
             alpha, legend = drawing
             blended = overlay(rgb, segmentation, alpha, legend=legend)
             outputs.append((job.outputs.overlay, rgb8_to_image(blended, header)))
