@@ -46,7 +46,6 @@ import numpy as np
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
-from ovss_ros.core.drawing import overlay
 from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
     image_file_to_rgb8,
@@ -139,6 +138,8 @@ def time_frame(segmenter: Segmenter, message) -> list[float]:
     """Seconds of each stage (STAGES order) of one frame, each ended by a device sync."""
     from rclpy.serialization import serialize_message
 
+    from ovss_ros.core.drawing import overlay
+
     sync = synchronizer(segmenter.device)
     header = message.header
     marks = [time.perf_counter()]
@@ -201,6 +202,8 @@ def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callabl
 def time_pipeline_frame(segmenter: Segmenter, message) -> list[float]:
     """time_frame for pnp_ovss, deop and twostream (their steps: pipeline_stages)."""
     from rclpy.serialization import serialize_message
+
+    from ovss_ros.core.drawing import overlay
 
     sync = synchronizer(segmenter.device)
     header = message.header

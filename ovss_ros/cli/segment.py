@@ -36,7 +36,6 @@ from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, par
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import ToolParser
 from ovss_ros.core.clip.errors import ModelLoadError
-from ovss_ros.core.drawing import overlay
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
@@ -296,6 +295,8 @@ def _write_outputs(
     legend: bool,
 ) -> bool:
     """Write the label PNG (and overlay); all or none: a partial set is removed."""
+    from ovss_ros.core.drawing import overlay  # its palette costs 0.25 s: not at start-up
+
     images = [segmentation.labels]
     if len(paths) > 1:
         images.append(overlay(rgb, segmentation, alpha, legend=legend)[:, :, ::-1])
