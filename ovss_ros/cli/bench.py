@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from ovss_ros.cli.bench_report import STAGES, print_report, summary
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
@@ -59,7 +60,6 @@ if TYPE_CHECKING:  # the model libraries are imported once the arguments are che
 
     from ovss_ros.core.segmenter import Segmenter
 
-STAGES = ("decode", "preprocess", "encoder", "head", "postprocess", "publish")
 VOC_SAMPLE = (
     "/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc/"
     "JPEGImages/2011_000003.jpg"
@@ -107,19 +107,6 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def summary(samples: list[float]) -> dict[str, float]:
-    """Median, 95th percentile and spread (quartiles, minimum) in milliseconds."""
-    ms = np.array(samples, dtype=np.float64) * 1000.0
-    p25, median, p75, p95 = np.percentile(ms, [25, 50, 75, 95])
-    return {
-        "median_ms": float(median),
-        "p95_ms": float(p95),
-        "p25_ms": float(p25),
-        "p75_ms": float(p75),
-        "min_ms": float(ms.min()),
-    }
-
-
 def bare_encoder(segmenter: Segmenter, size: tuple[int, int]) -> torch.nn.Module:
     """open_clip's image tower with its positional embedding resized to ``size``."""
     import torch
@@ -134,12 +121,18 @@ def bare_encoder(segmenter: Segmenter, size: tuple[int, int]) -> torch.nn.Module
     return visual
 
 
-def time_frame(segmenter: Segmenter, message) -> list[float]:
-    """Seconds of each stage (STAGES order) of one frame, each ended by a device sync."""
+def publish(rgb: np.ndarray, segmentation, header) -> None:
+    """The publish stage: label and overlay messages built and serialised, as rclpy sends."""
     from rclpy.serialization import serialize_message
 
     from ovss_ros.core.drawing import overlay
 
+    serialize_message(mono8_to_image(segmentation.labels, header))
+    serialize_message(rgb8_to_image(overlay(rgb, segmentation), header))
+
+
+def time_frame(segmenter: Segmenter, message) -> list[float]:
+    """Seconds of each stage (STAGES order) of one frame, each ended by a device sync."""
     sync = synchronizer(segmenter.device)
     header = message.header
     marks = [time.perf_counter()]
@@ -156,8 +149,7 @@ def time_frame(segmenter: Segmenter, message) -> list[float]:
     marks.append(time.perf_counter())
     seg = segmenter.method.postprocess(encoded, logits, scores, rgb.shape[:2])
     marks.append(time.perf_counter())
-    serialize_message(mono8_to_image(seg.labels, header))
-    serialize_message(rgb8_to_image(overlay(rgb, seg), header))
+    publish(rgb, seg, header)
     marks.append(time.perf_counter())
     return [stop - start for start, stop in zip(marks, marks[1:], strict=False)]
 
@@ -201,10 +193,6 @@ def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callabl
 
 def time_pipeline_frame(segmenter: Segmenter, message) -> list[float]:
     """time_frame for pnp_ovss, deop and twostream (their steps: pipeline_stages)."""
-    from rclpy.serialization import serialize_message
-
-    from ovss_ros.core.drawing import overlay
-
     sync = synchronizer(segmenter.device)
     header = message.header
     marks = [time.perf_counter()]
@@ -215,8 +203,7 @@ def time_pipeline_frame(segmenter: Segmenter, message) -> list[float]:
         value = step(value)
         sync()
         marks.append(time.perf_counter())
-    serialize_message(mono8_to_image(value.labels, header))
-    serialize_message(rgb8_to_image(overlay(rgb, value), header))
+    publish(rgb, value, header)
     marks.append(time.perf_counter())
     return [stop - start for start, stop in zip(marks, marks[1:], strict=False)]
 
@@ -376,39 +363,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as file:
             json.dump(report, file, indent=2)
     return 0
-
-
-def print_report(report: dict) -> None:
-    bare = report["bare_forward"]["median_ms"]
-    first = next(iter(report["combos"].values()))["end_to_end"]["median_ms"]
-    print(
-        f"{report['model']} on {report['device']} ({report['threads']} threads), "
-        f"{report['input'][0]}x{report['input'][1]} input, short side {report['short_side']}, "
-        f"crop {report['dense.crop'] or 'whole image'}; rows interleaved, medians in ms"
-    )
-    spread = _spread(report["bare_forward"])
-    print(
-        f"bare open_clip forward: median {bare:.1f} ms, p95 "
-        f"{report['bare_forward']['p95_ms']:.1f}, spread {spread}"
-    )
-    header = "combo".ljust(28) + "".join(s[:8].rjust(9) for s in STAGES)
-    print(header + "   e2e med   e2e p95  /bare  /first  spread (IQR)")
-    for combo, result in report["combos"].items():
-        stages = "".join(f"{result['stages'][s]['median_ms']:9.1f}" for s in STAGES)
-        e2e = result["end_to_end"]
-        print(
-            f"{combo[:28]:<28}{stages}{e2e['median_ms']:10.1f}{e2e['p95_ms']:10.1f}"
-            f"{e2e['median_ms'] / bare:7.2f}{e2e['median_ms'] / first:8.2f}  {_spread(e2e)}"
-        )
-    print(
-        "e2e = the sum of the stages in the same iteration (each stage ends with a device sync); "
-        "spread = interquartile range: rows whose ratios differ by less are within noise"
-    )
-
-
-def _spread(figures: dict[str, float]) -> str:
-    iqr = figures["p75_ms"] - figures["p25_ms"]
-    return f"{iqr:.1f} ms ({100 * iqr / figures['median_ms']:.0f}%)"
 
 
 if __name__ == "__main__":
