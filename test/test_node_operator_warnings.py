@@ -281,6 +281,24 @@ def test_help_prints_every_parameter_and_exits_without_starting_ros(script, flag
     assert "crop -> dense.crop" in text and "sd_size -> dslo.sd.size" in " ".join(lines)
 
 
+@pytest.mark.parametrize(
+    ("module", "program"),
+    [("ovss_ros.ros.node", "ovss_node"), ("ovss_ros.ros.lifecycle_node", "ovss_lifecycle_node")],
+)
+def test_help_of_the_module_run_with_python_m_is_the_scripts(module, program):
+    """``python -m ovss_ros.ros.node --help`` printed nothing and started the node."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help", "--ros-args", "-p", "pretrained:=/no/such.bin"],
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"usage: {program} ") and "dense.crop (" in result.stdout
+    assert "cannot start" not in result.stdout + result.stderr
+
+
 def test_help_is_only_ours_before_ros_args():
     assert wants_help(["--help"]) and wants_help(["-h", "--ros-args", "-p", "a:=1"])
     assert not wants_help([])

@@ -91,3 +91,20 @@ def test_tools_refuse_them_with_one_line_and_status_2(tmp_path, kind):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert "cannot be read" in done.stderr and str(path) in done.stderr, done.stderr[-2000:]
+
+
+def test_a_key_given_twice_is_merged_as_rcl_reads_it_or_refused():
+    """Two ``dense:`` blocks are one namespace (rcl merges them, so must the tools); one value
+    twice is that value; two different values are refused, naming the key and the line."""
+    from ovss_ros.safe_yaml import flatten_parameters
+
+    text = "/**:\n  ros__parameters:\n    dense:\n      crop: 32\n    dense:\n      stride: 16\n"
+    parameters = load_yaml(text)["/**"]["ros__parameters"]
+    assert flatten_parameters(parameters) == {"dense.crop": 32, "dense.stride": 16}
+    assert load_yaml("a: 1\na: 1\n") == {"a": 1}
+    for text in ("a: 1\na: 2\n", "d:\n  x: 1\nd:\n  x: 2\n", "a: 1\na: 1.0\n"):
+        with pytest.raises(yaml.YAMLError, match="given twice with different values"):
+            load_yaml(text)
+    with pytest.raises(ValueError, match=r"dense.crop is given twice .*\(64 and 32\)"):
+        flatten_parameters({"dense.crop": 64, "dense": {"crop": 32}})
+    assert flatten_parameters({"dense.crop": 32, "dense": {"crop": 32}}) == {"dense.crop": 32}

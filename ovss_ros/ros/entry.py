@@ -162,12 +162,20 @@ def print_help(program: str) -> None:
     sys.stdout.flush()
 
 
+def answered_help(program: str) -> bool:
+    """Print the usage and return True if ``-h``/``--help`` was asked for (before
+    ``--ros-args``); the console scripts and ``python -m ovss_ros.ros.node`` alike."""
+    if not wants_help(sys.argv[1:]):
+        return False
+    try:
+        print_help(program)
+    except BrokenPipeError:  # e.g. `ovss_node --help | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return True
+
+
 def _node_main(module: str, program: str) -> int:
-    if wants_help(sys.argv[1:]):
-        try:
-            print_help(program)
-        except BrokenPipeError:  # e.g. `ovss_node --help | head`: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if answered_help(program):
         return 0
     signals = ShutdownSignals.install()
     return run_main(lambda **kwargs: importlib.import_module(module).main(**kwargs), signals)

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, load_yaml, short_repr
+from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, flatten_parameters, load_yaml, short_repr
 
 PACKAGE = "ovss_ros"
 EXECUTABLE = "ovss_node"
@@ -182,19 +182,6 @@ def plan(
     return [ovss, rviz]
 
 
-def flatten_parameters(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A params file's ``ros__parameters`` as rcl reads them: nested mappings are namespaces,
-    ``{"dense": {"crop": 224}}`` -> ``{"dense.crop": 224}``."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_parameters(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def params_file_parameters(path: str | Path, fully_qualified_name: str) -> dict[str, Any]:
     """The parameters (dotted names) a params file gives the node of that name: the
     ``ros__parameters`` of every key that matches it, flattened, later keys winning as in rcl.
@@ -206,7 +193,10 @@ def params_file_parameters(path: str | Path, fully_qualified_name: str) -> dict[
             continue
         parameters = entry.get("ros__parameters")
         if isinstance(parameters, Mapping):
-            found.update(flatten_parameters(parameters))
+            try:
+                found.update(flatten_parameters(parameters))
+            except ValueError:  # a name given twice with two values: not read here
+                return {}
     return found
 
 

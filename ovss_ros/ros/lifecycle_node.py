@@ -120,6 +120,6 @@ def main(args: list[str] | None = None, signals: ShutdownSignals | None = None) 
 
 if __name__ == "__main__":
     # The console script (entry.ovss_lifecycle_node) installs its handlers before imports.
-    from ovss_ros.ros.entry import run_main
+    from ovss_ros.ros.entry import answered_help, run_main
 
-    sys.exit(run_main(main))
+    sys.exit(0 if answered_help("ovss_lifecycle_node") else run_main(main))

@@ -124,7 +124,7 @@ class PnpSettings(Settings):
         "final refinement: dense CRF (pydensecrf2), PAMR, none; auto = crf where pydensecrf2 "
         "imports, else pamr",
         choices=REFINES,
-        source=RELEASE + " (dense CRF)",
+        source=RELEASE + " (dense CRF); the PAMR fallback is ovss_ros's",
     )
 
     def check(self) -> None:
