@@ -156,26 +156,6 @@ CASES = {
 }
 
 
-# ovss-eval's engine defaults on a named data set include FreeCP's per-data-set thresholds, which
-# live in core/methods/freecp/freecp.py (it imports torch): those runs import torch while the
-# arguments are parsed until the table moves to the torch-free freecp/settings.py. Strict: the
-# day it moves, these pass and the mark must go.
-THRESHOLDS_IMPORT_TORCH = pytest.mark.xfail(
-    strict=True, reason="FreeCP's DATASET_THRESHOLDS live in a module that imports torch"
-)
-NEEDS_THRESHOLDS = {
-    ("evaluate", name)
-    for name in (
-        "help of a data set",
-        "old flag",
-        "bad value",
-        "freecp data set, bad value",
-        "missing input",
-        "old name in params file",
-    )
-}
-
-
 def run_tool(tool: str, argv: list[str], folder: Path) -> subprocess.CompletedProcess:
     code = f"import sys; from ovss_ros.cli.{tool} import main; sys.exit(main())"
     env = dict(os.environ)
@@ -194,14 +174,7 @@ def run_tool(tool: str, argv: list[str], folder: Path) -> subprocess.CompletedPr
 @pytest.mark.parametrize(
     ("tool", "argv", "status", "text"),
     [
-        pytest.param(
-            tool,
-            argv,
-            status,
-            text,
-            id=f"{tool}: {name}",
-            marks=[THRESHOLDS_IMPORT_TORCH] if (tool, name) in NEEDS_THRESHOLDS else [],
-        )
+        pytest.param(tool, argv, status, text, id=f"{tool}: {name}")
         for tool, cases in CASES.items()
         for name, argv, status, text in cases
     ],

@@ -37,6 +37,7 @@ from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import BAD_INPUT, ToolParser, not_an_input, one_line
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
+from ovss_ros.core.methods.freecp.settings import DATASET_THRESHOLDS as FREECP_THRESHOLDS
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
@@ -90,10 +91,7 @@ def build_parser(
             "refinement": method.refinement,
             **method.engine,
         }
-        # FreeCP's released per-data-set settings (in the FreeCP module, which imports torch)
-        from ovss_ros.core.methods.freecp.freecp import DATASET_THRESHOLDS as FREECP_THRESHOLDS
-
-        if protocol.name in FREECP_THRESHOLDS:
+        if protocol.name in FREECP_THRESHOLDS:  # FreeCP's released per-data-set settings
             redundancy, ambiguity = FREECP_THRESHOLDS[protocol.name]
             defaults |= {"freecp.redundancy": redundancy, "freecp.ambiguity": ambiguity}
     add_engine_arguments(parser, defaults=defaults)

@@ -56,7 +56,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ovss_ros.core.file_checks import read_text
-from ovss_ros.core.methods.dense.settings import LAST_BLOCK_MODES
+from ovss_ros.core.methods.dense.settings import FREECP_VARIANTS
 from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import (
     DatasetReader,
@@ -71,13 +71,6 @@ from ovss_ros.evaluation.dataset_readers import (
 )
 
 BACKGROUND_NAME = "background"
-# FreeCP's ``forward_all`` variants of the dense modes, variant -> the mode whose attention it
-# runs (``sclip_freecp`` -> ``sclip``): the dense modes named ``<mode>_freecp``, as
-# ``core.methods.dense.forward.FREECP_VARIANTS`` maps them (that module imports torch; this one is
-# read while a tool checks its arguments). test_evaluation_cli holds the two equal.
-FREECP_VARIANTS = {
-    mode: mode.removesuffix("_freecp") for mode in LAST_BLOCK_MODES if mode.endswith("_freecp")
-}
 
 
 @dataclass(frozen=True)

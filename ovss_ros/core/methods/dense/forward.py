@@ -18,6 +18,7 @@ from torch import nn
 from ovss_ros.core.frame_budget import rows_per_chunk
 from ovss_ros.core.methods.dense.settings import (  # noqa: F401 (re-exported)
     AFFINITY_SOURCES,
+    FREECP_VARIANTS,
     LAST_BLOCK_MODES,
     POS_INTERPOLATIONS,
 )
@@ -25,14 +26,6 @@ from ovss_ros.core.methods.dense.settings import (  # noqa: F401 (re-exported)
 # Last block without residual and FFN. ``maskclip`` as published (chongzhou96/MaskCLIP) keeps
 # both around its identity attention; ``maskclip_reduced`` is ClearCLIP's "MaskCLIP" ablation.
 REDUCED_MODES = ("naclip", "clearclip", "maskclip_reduced")
-# FreeCP's ``forward_all`` (chenqi1126/FreeCP, open_clip/transformer.py) runs its SCLIP, MaskCLIP
-# and vanilla bases as the attention output plus the FFN on it, without the residual stream;
-# its published "SCLIP + FreeCP" numbers use that variant. Each maps to its attention.
-FREECP_VARIANTS = {
-    "sclip_freecp": "sclip",
-    "maskclip_freecp": "maskclip",
-    "vanilla_freecp": "vanilla",
-}
 IDENTITY_MODES = ("maskclip", "maskclip_reduced")  # each token keeps its own value
 NACLIP_SIGMA = 5.0
 

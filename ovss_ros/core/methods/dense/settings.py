@@ -26,6 +26,14 @@ LAST_BLOCK_MODES = (
     "maskclip_freecp",
     "vanilla_freecp",
 )
+# FreeCP's ``forward_all`` (chenqi1126/FreeCP, open_clip/transformer.py) runs its SCLIP, MaskCLIP
+# and vanilla bases as the attention output plus the FFN on it, without the residual stream;
+# its published "SCLIP + FreeCP" numbers use that variant. Each maps to its attention.
+FREECP_VARIANTS = {
+    "sclip_freecp": "sclip",
+    "maskclip_freecp": "maskclip",
+    "vanilla_freecp": "vanilla",
+}
 # How the trained positional grid is resized to another patch grid (``interpolate_pos_embed``):
 # ``official``: as the method's official code does it, ``exact``: bicubic to exactly the grid.
 POS_INTERPOLATIONS = ("official", "exact")

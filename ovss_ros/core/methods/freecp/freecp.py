@@ -24,23 +24,11 @@ from open_clip.transformer import VisionTransformer
 
 from ovss_ros.core.frame_budget import rows_per_chunk
 from ovss_ros.core.methods.dense.forward import interpolate_pos_embed, residual_block
+from ovss_ros.core.methods.freecp.settings import DATASET_THRESHOLDS  # noqa: F401 (re-exported)
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in patches, x1/y1 exclusive
 CropClassifier = Callable[[list[Box], list[int]], torch.Tensor]
 
-# (redundancy threshold T_rp, ambiguity threshold T_ap) per benchmark, read from FreeCP's
-# released configs/cfg_*.py (commit 0ed5b4a). To be checked against the paper before they are
-# quoted; a robot's vocabulary is closest to the object sets (VOC / COCO-Object).
-DATASET_THRESHOLDS: dict[str, tuple[float, float]] = {
-    "voc21": (0.15, 0.8),
-    "voc20": (0.15, 0.7),
-    "context60": (0.10, 0.7),
-    "context59": (0.10, 0.7),
-    "coco_object": (0.15, 0.8),
-    "coco_stuff": (0.05, 0.7),
-    "cityscapes": (0.10, 0.8),
-    "ade20k": (0.05, 0.7),
-}
 REDUNDANCY_THRESHOLD = 0.15  # the official class default (rp_thres)
 AMBIGUITY_THRESHOLD = 0.7
 BOX_THRESHOLD = 0.4
