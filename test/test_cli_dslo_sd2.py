@@ -88,7 +88,15 @@ def test_params_file_gives_the_flag_defaults_and_flags_override(pipeline):
         ("sd_model: x\n", "sd_model was renamed dslo.sd.model"),
         ("/**:\n  ros__parameters:\n    crop: 224\n", "crop was renamed dense.crop"),
         ("ovss:\n  ros__parameters:\n    pnp_layer: 3\n", "pnp_layer was renamed pnp.layer"),
-        ("a: {ros__parameters: {}}\nb: {ros__parameters: {}}\n", "must hold one node's"),
+        (
+            "a: {ros__parameters: {}}\nb: {ros__parameters: {}}\n",
+            "has ros__parameters only for other nodes (['a', 'b']): none for the ovss node",
+        ),
+        (
+            "/**:\n  ros__parameters:\n    dense.crop: 64\n    dense: {crop: 32}\n",
+            "dense.crop is given twice with different values (64 and 32)",
+        ),
+        ("dense: {crop: 32}\ndense: {crop: 64}\n", "given twice with different values"),
         ("- 1\n", "must be a mapping"),
         ("/**: [\n", "cannot be read"),
     ],
@@ -124,8 +132,21 @@ NESTED = {"dslo.sd.size": 256, "dense.crop": 224}
             "dslo: {sd: {size: 256}}\ndense:\n  crop: 224\nscore_threshold: 1\n",
             NESTED | {"score_threshold": 1.0},  # an integer for a float: the float it means
         ),
+        # two dense: blocks are one namespace, as rcl reads them (the node does the same)
+        (
+            "/**:\n  ros__parameters:\n    dslo.sd.size: 256\n    dense: {crop: 224}\n"
+            "    dense: {stride: 0}\n",
+            NESTED | {"dense.stride": 0},
+        ),
+        # another node's section is ignored, as the node ignores it; later sections win
+        (
+            "camera:\n  ros__parameters:\n    dense: {crop: 64}\n/**:\n  ros__parameters:\n"
+            "    dense: {crop: 32}\n    dslo.sd.size: 256\novss:\n  ros__parameters:\n"
+            "    dense.crop: 224\n",
+            NESTED,
+        ),
     ],
-    ids=["node-nested", "node-dotted", "settings-nested"],
+    ids=["node-nested", "node-dotted", "settings-nested", "twice-merged", "other-node"],
 )
 def test_a_params_file_nests_settings_by_namespace(tmp_path, content, expected):
     path = tmp_path / "params.yaml"

@@ -28,7 +28,8 @@ from ovss_ros.cli.tool_parser import ToolParser
 from ovss_ros.core.config import NAMES, RENAMED, SCHEMA, EngineConfig, unknown_setting
 from ovss_ros.core.file_checks import read_text
 from ovss_ros.core.settings import ParameterDef, check, cli_flag
-from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, load_yaml, short_repr
+from ovss_ros.ros.launch_plan import NODE_NAME, node_key_matches
+from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, flatten_parameters, load_yaml, short_repr
 
 # Flags of earlier releases -> the flag that replaced them (argparse would only say
 # "unrecognized arguments"): every renamed setting's, and the three whose flag was not the
@@ -159,37 +160,42 @@ def engine_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _parameters_section(document: object, path: Path) -> dict[str, Any]:
-    """The parameters of a params file: one node's ``ros__parameters``, or the document."""
+    """The parameters a params file gives the ovss node (dotted names): the ``ros__parameters``
+    of every node key that matches ``/ovss`` as rcl matches them (``/**``, ``ovss``, ``/*``...),
+    later ones winning as in rcl; or, without any ``ros__parameters``, the document itself.
+    ValueError: not a mapping, sections for other nodes only, a name given twice."""
+    where = f"params file {str(path)!r}"
     if not isinstance(document, dict):
         raise ValueError(
-            f"params file {str(path)!r} must be a mapping: one node's ros__parameters (/**: "
-            "ros__parameters: ...) or the settings nested by namespace"
+            f"{where} must be a mapping: one node's ros__parameters (/**: ros__parameters: "
+            "...) or the settings nested by namespace"
         )
-    sections = [
-        entry["ros__parameters"]
-        for entry in document.values()
+    sections = {
+        str(key): entry["ros__parameters"]
+        for key, entry in document.items()
         if isinstance(entry, dict) and "ros__parameters" in entry
-    ]
+    }
     if not sections:
-        return document
-    if len(sections) != 1 or not isinstance(sections[0], dict):
+        return _flat(document, where)
+    ours = [key for key in sections if node_key_matches(key, f"/{NODE_NAME}")]
+    if not ours:
         raise ValueError(
-            f"params file {str(path)!r} must hold one node's ros__parameters (/**: "
-            "ros__parameters: ...)"
+            f"{where} has ros__parameters only for other nodes ({short_repr(list(sections))}): "
+            f"none for the {NODE_NAME} node (/** or {NODE_NAME})"
         )
-    return sections[0]
-
-
-def _flattened(values: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"dslo": {"sd": {"size": 512}}}`` -> ``{"dslo.sd.size": 512}`` (ROS 2's nesting)."""
     found: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            found |= _flattened(value, name + ".")
-        else:
-            found[name] = value
+    for key in ours:  # other nodes' sections are ignored, as the node ignores them
+        if not isinstance(sections[key], dict):
+            raise ValueError(f"{where}: {key}: ros__parameters must be a mapping")
+        found |= _flat(sections[key], where)
     return found
+
+
+def _flat(values: dict[Any, Any], where: str) -> dict[str, Any]:
+    try:
+        return flatten_parameters(values)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def params_file_values(path: Path) -> dict[str, Any]:
@@ -209,7 +215,7 @@ def params_file_values(path: Path) -> dict[str, Any]:
 
     definitions = {p.name: p for p in SCHEMA}
     values: dict[str, Any] = {}
-    for name, value in _flattened(_parameters_section(document, path)).items():
+    for name, value in _parameters_section(document, path).items():
         where = f"params file {str(path)!r}"
         if name in RENAMED:
             raise ValueError(f"{where}: {unknown_setting(name)}")
