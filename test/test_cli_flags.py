@@ -76,7 +76,7 @@ def test_each_tools_engine_flags_are_the_schemas(tool):
     assert config.flat() == EngineConfig().flat()
 
 
-def test_help_shows_description_range_default_and_start_up_only(capsys):
+def test_help_shows_description_range_and_default(capsys):
     with pytest.raises(SystemExit):
         segment.build_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -86,7 +86,8 @@ def test_help_shows_description_range_default_and_start_up_only(capsys):
     assert "range [0, 2147483647]" in text  # dslo.sd.seed: an integer bound as written
     assert "(default: 'ViT-B-16')" in text and "(default: 512)" in text
     model = " ".join(DEFINITIONS["model"].info.description.split())
-    assert f"{model}; start-up only (default: 'ViT-B-16')" in text
+    assert f"{model} (default: 'ViT-B-16')" in text and "start-up only" not in text
+    assert "strings separated by ';' (default: none)" in text  # background_words
 
 
 def test_evaluate_defaults_are_the_protocols_in_the_flags():
@@ -105,6 +106,17 @@ def test_every_renamed_setting_has_its_old_flag_refused():
     assert not set(RENAMED_FLAGS.values()) - {
         flag for name in NAMES for flag in option_strings(name)
     }  # every new flag exists
+
+
+@pytest.mark.parametrize("tool", ["segment", "bag"])
+def test_an_old_flag_is_named_before_missing_arguments(tool, capsys):
+    """``ovss-bag in out --crop 224`` said only which arguments are required."""
+    parse = {"segment": segment.parse_args, "bag": bag.parse_args}[tool]
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["in", "--crop", "224"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--crop was renamed --dense-crop" in lines[0], lines
 
 
 @pytest.mark.parametrize("tool", ["segment", "bag", "bench", "evaluate"])

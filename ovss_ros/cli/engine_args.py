@@ -63,8 +63,8 @@ def engine_parameters(names: Iterable[str] | None = None) -> list[ParameterDef]:
 
 
 def flag_help(definition: ParameterDef) -> str:
-    """``--help`` of a setting's flag: its description, range, constraints, whether the node
-    can change it at runtime, and the default in force (argparse's ``%(default)r``)."""
+    """``--help`` of a setting's flag: its description, range, constraints and the default in
+    force (argparse's ``%(default)r``; a list of strings as the flag takes it)."""
     info = definition.info
     parts = [info.description]
     if info.range_text():
@@ -73,9 +73,10 @@ def flag_help(definition: ParameterDef) -> str:
         parts.append(info.constraints)
     if definition.type is tuple:
         parts.append(f"strings separated by {LIST_SEPARATOR!r}")
-    if not info.runtime:
-        parts.append("start-up only")
     text = "; ".join(parts).replace("%", "%%")
+    if definition.type is tuple:
+        shown = LIST_SEPARATOR.join(definition.default) if definition.default else "none"
+        return f"{text} (default: {shown})".replace("%(", "%%(")
     return f"{text} (default: %(default)r)"
 
 

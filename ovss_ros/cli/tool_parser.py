@@ -32,12 +32,15 @@ class ToolParser(argparse.ArgumentParser):
         self.renamed_flags: dict[str, str] = {}
 
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's)
-        namespace, extras = super().parse_known_args(args, namespace)
-        for extra in extras:
-            flag = extra.split("=", 1)[0]
+        # Before argparse's own checks, so that an old flag is named even when a required
+        # argument is missing too (argparse would only say what is missing).
+        for token in sys.argv[1:] if args is None else args:
+            if token == "--":
+                break
+            flag = str(token).split("=", 1)[0]
             if flag in self.renamed_flags and flag not in self._option_string_actions:
                 self.error(f"{flag} was renamed {self.renamed_flags[flag]}")
-        return namespace, extras
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         bad_input(self.prog, message)
