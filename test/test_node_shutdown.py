@@ -189,7 +189,9 @@ def signal_while_streaming(node: Node, rgb, signals: Sequence[int], gap_s: float
     """With the camera streaming: wait for a labels frame, stream on, send ``signals`` ``gap_s``
     apart, and keep streaming until the process ends."""
     labels = node.client.topic("labels")
-    stream(node, rgb, lambda: node.client.messages[labels], EVENT_TIMEOUT_S, "a labels frame")
+    # The first output of a node that just began serving: discovery and the first forward share
+    # the CPU with the next node's start-up (serving_nodes), so the start-up bound applies.
+    stream(node, rgb, lambda: node.client.messages[labels], STARTUP_TIMEOUT_S, "a labels frame")
     stream_for(node, rgb, 0.5)
     for index, sig in enumerate(signals):
         if index:
