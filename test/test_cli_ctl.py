@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import rclpy
+from rcl_interfaces.msg import ParameterType
 from ros_harness import (
     EVENT_TIMEOUT_S,
     TINY_NODE_PARAMETERS,
@@ -29,6 +30,7 @@ from ros_harness import (
 )
 
 from ovss_ros.cli.ctl import main
+from ovss_ros.cli.ctl_values import typed_value
 
 CLASSES = ["cat", "dog", "person"]
 WAIT = str(EVENT_TIMEOUT_S)  # --timeout for a node that runs
@@ -242,3 +244,40 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv, text):
     status, out, err = ctl(capsys, *argv)
     assert status == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("ovss-ctl") and text in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "parameter_type", "value"),
+    [
+        ("224", ParameterType.PARAMETER_INTEGER, 224),
+        ("1", ParameterType.PARAMETER_DOUBLE, 1.0),
+        ("0.25", ParameterType.PARAMETER_DOUBLE, 0.25),
+        ("1", ParameterType.PARAMETER_STRING, "1"),  # a string parameter takes the text as is
+        ("true", ParameterType.PARAMETER_STRING, "true"),
+        ("false", ParameterType.PARAMETER_BOOL, False),
+        ("[1, 2]", ParameterType.PARAMETER_DOUBLE_ARRAY, [1.0, 2.0]),
+        ("['a', 'b; c']", ParameterType.PARAMETER_STRING_ARRAY, ["a", "b; c"]),
+        ("224", ParameterType.PARAMETER_NOT_SET, 224),  # undeclared: as YAML reads it
+    ],
+)
+def test_a_value_is_typed_by_the_parameters_descriptor(text, parameter_type, value):
+    typed = typed_value(text, parameter_type)
+    assert typed == value and type(typed) is type(value)
+    if isinstance(value, list):
+        assert [type(item) for item in typed] == [type(item) for item in value]
+
+
+@pytest.mark.parametrize(
+    ("text", "parameter_type"),
+    [
+        ("1.5", ParameterType.PARAMETER_INTEGER),
+        ("true", ParameterType.PARAMETER_INTEGER),
+        ("nan", ParameterType.PARAMETER_DOUBLE),
+        ("1", ParameterType.PARAMETER_BOOL),
+        ("cup", ParameterType.PARAMETER_STRING_ARRAY),
+        ("[1, 'a']", ParameterType.PARAMETER_INTEGER_ARRAY),
+    ],
+)
+def test_a_value_of_another_type_is_refused_naming_the_type(text, parameter_type):
+    with pytest.raises(ValueError, match="takes "):
+        typed_value(text, parameter_type)
