@@ -8,6 +8,7 @@ process with the same ROS domain.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -165,21 +166,7 @@ def test_disable_pauses_and_enable_resumes(client, capsys, voc_rgb):
 def test_save_frame_writes_the_next_overlay_and_labels(client, tmp_path, voc_rgb):
     rgb = voc_rgb[0]
     out_dir = tmp_path / "frames"
-    tool = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from ovss_ros.cli.ctl import main; sys.exit(main())",
-            "save-frame",
-            str(out_dir),
-            "--timeout",
-            WAIT,
-        ],
-        env=child_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    tool = tool_process("save-frame", str(out_dir), "--timeout", WAIT)
     deadline = time.monotonic() + EVENT_TIMEOUT_S * 2
     while tool.poll() is None and time.monotonic() < deadline:
         client.image_pub.publish(make_image(rgb, "rgb8", next_header(client.node)))
@@ -281,3 +268,40 @@ def test_a_value_is_typed_by_the_parameters_descriptor(text, parameter_type, val
 def test_a_value_of_another_type_is_refused_naming_the_type(text, parameter_type):
     with pytest.raises(ValueError, match="takes "):
         typed_value(text, parameter_type)
+
+
+def tool_process(*argv: str) -> subprocess.Popen:
+    """ovss-ctl as its console script runs it, in a child process in the test's ROS domain."""
+    script = "import sys; from ovss_ros.cli.ctl import main; sys.exit(main())"
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *argv],
+        env=child_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_diagnostics_prints_until_ctrl_c(client):
+    tool = tool_process("diagnostics", "--timeout", WAIT)
+    lines: list[str] = []
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    while sum(line.startswith("ovss: image: ") for line in lines) < 2:
+        assert time.monotonic() < deadline and tool.poll() is None, lines
+        lines.append(tool.stdout.readline())
+    tool.send_signal(signal.SIGINT)
+    _, err = tool.communicate(timeout=EVENT_TIMEOUT_S)
+    assert tool.returncode == 0 and err == "", err
+    assert "  vocabulary size: 3\n" in lines
+
+
+def test_the_tool_loads_no_model_library():
+    code = (
+        "import sys; from ovss_ros.cli.ctl import main; "
+        "status = main(['get', '--all', '--node', '/nobody', '--timeout', '1']); "
+        "print(status, sorted({'torch', 'open_clip', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=child_environment(), capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "1 []", done.stdout + done.stderr
