@@ -181,6 +181,14 @@ def test_save_frame_writes_the_next_overlay_and_labels(client, tmp_path, voc_rgb
     assert set(np.unique(labels)) <= {0, 1, 2, 255}
 
 
+def test_lifecycle_of_the_plain_node_says_it_has_no_such_service(client, capsys):
+    status, _, err = ctl(capsys, "lifecycle", "get", "--timeout", "3")
+    assert status == 1, err
+    assert err.strip() == (
+        "ovss-ctl: /ovss has no service /ovss/get_state (only ovss_lifecycle_node has it)"
+    )
+
+
 def test_lifecycle_transitions_of_the_managed_node(node, capsys):
     managed = node[2]
     target = ("--node", "/ovss_managed", "--timeout", str(startup_timeout(2)))

@@ -74,8 +74,17 @@ class Session:
         raises NoAnswer when it does not show within the timeout."""
         client = self.node.create_client(service_type, f"{self.target}/{relative}")
         if not self.spin_until(client.service_is_ready, self.timeout):
+            if self.node_exists():
+                hint = " (only ovss_lifecycle_node has it)" if "state" in relative else ""
+                raise NoAnswer(f"{self.target} has no service {client.srv_name}{hint}")
             raise self.not_running()
         return client
+
+    def node_exists(self) -> bool:
+        """The target is in this process's view of the ROS graph."""
+        names = self.node.get_node_names_and_namespaces()
+        full = {f"{namespace.rstrip('/')}/{name}" for name, namespace in names}
+        return self.target in full
 
     def call(self, service_type: type, relative: str, request: Any, repeat: bool = True) -> Any:
         """The response to ``request`` on the target's service ``relative``; a repeatable request
