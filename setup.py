@@ -36,6 +36,7 @@ setup(
             "ovss-bag = ovss_ros.cli.bag:main",
             "ovss-train-deop = ovss_ros.cli.train_deop:main",
             "ovss-tune = ovss_ros.cli.tune:main",
+            "ovss-demo = ovss_ros.cli.demo:main",
         ],
     },
 )
