@@ -80,13 +80,40 @@ def read_bag(path: Path, topic: str | None, limit: int | None) -> list[tuple[str
 def annotated(overlay: np.ndarray, lines: list[str], warn: bool) -> np.ndarray:
     """The overlay (HxWx3 RGB) with a strip below it holding ``lines`` (and, when ``warn``, the
     RANDOM WEIGHTS warning in red), as BGR for cv2.imwrite."""
-    texts = list(lines) + ([RANDOM_WARNING] if warn else [])
     width = overlay.shape[1]
     scale = max(0.3, min(0.6, width / 1100))
+    texts = [part for line in lines for part in _wrapped(line, width - 8, scale)]
+    texts += _wrapped(RANDOM_WARNING, width - 8, scale) if warn else []
     line_height = int(26 * scale / 0.6) + 4
     strip = np.full((line_height * len(texts) + 6, width, 3), 255, np.uint8)
     for row, text in enumerate(texts):
-        colour = (0, 0, 200) if warn and row == len(texts) - 1 else (0, 0, 0)
+        colour = (0, 0, 200) if warn and text in RANDOM_WARNING else (0, 0, 0)
         position = (4, line_height * (row + 1))
         cv2.putText(strip, text, position, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
     return np.vstack([cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR), strip])
+
+
+def _wrapped(text: str, width: int, scale: float) -> list[str]:
+    """``text`` in lines that fit ``width`` pixels, broken at ' | ', then at spaces."""
+
+    def fits(candidate: str) -> bool:
+        size = cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+        return size <= width
+
+    lines: list[str] = []
+    for separator in (" | ", " "):
+        if separator not in text:
+            continue
+        current = ""
+        for part in text.split(separator):
+            candidate = f"{current}{separator}{part}" if current else part
+            if current and not fits(candidate):
+                lines.append(current)
+                current = part
+            else:
+                current = candidate
+        lines.append(current)
+        if all(fits(line) for line in lines) or separator == " ":
+            return lines
+        lines = []
+    return [text]

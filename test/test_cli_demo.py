@@ -1,0 +1,247 @@
+"""ovss-demo (issue 20): end to end on a CPU without weights, its refusals, a node that cannot
+start, Ctrl-C.
+
+The demo runs as its console script does, in its own process, on this test run's ROS domain
+(``ros_harness.isolate_dds``, passed as ``--domain-id``) with HF_HUB_OFFLINE=1: the default
+weights are not cached on the test machine, so it must say so and run its shipped random model.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import voc_image_paths
+from ros_harness import STARTUP_TIMEOUT_S, STOP_TIMEOUT_S, child_environment, isolate_dds
+
+MODEL_LIBRARIES = {"torch", "open_clip", "transformers", "diffusers", "scipy", "skimage"}
+RUN_TIMEOUT_S = 3 * STARTUP_TIMEOUT_S  # the whole run: start-up, frames, shutdown
+FRAME = re.compile(
+    r"^frame (\d+)/(\d+) (\S+) \| vocabulary: (.*?) \| present: (.*?) \| latency (\d+) ms"
+    r" \| RANDOM WEIGHTS$"
+)
+
+
+def demo_command(*argv: str, importtime: bool = False) -> list[str]:
+    code = "import sys; from ovss_ros.cli.demo import main; sys.exit(main())"
+    return [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", code, *argv]
+
+
+def domain() -> str:
+    return isolate_dds()["ROS_DOMAIN_ID"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for path in voc_image_paths()[:3]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(images, tmp_path_factory):
+    """One short run: 3 photos at 2 Hz, the vocabulary changed after frame 2."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    argv = ["--images", str(images), "--rate", "2", "--change-after", "2", "--output", str(out)]
+    argv += ["--classes", "cat", "dog", "--then-classes", "car", "person; human"]
+    result = subprocess.run(
+        demo_command(*argv, "--domain-id", domain()),
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+    return result, out
+
+
+def frame_lines(text: str) -> list[re.Match]:
+    return [m for line in text.splitlines() if (m := FRAME.match(line))]
+
+
+def test_a_run_without_weights_says_so_and_uses_the_random_model(run):
+    result, out = run
+    shown = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, shown
+    notes = [line for line in result.stdout.splitlines() if "not in the local cache" in line]
+    assert len(notes) == 1 and "RANDOM model" in notes[0], shown
+    assert "RANDOM WEIGHTS: the labels are meaningless" in (out / "summary.txt").read_text()
+    assert "exit status 0" in result.stdout, shown  # the node shut down cleanly
+
+
+def test_every_frame_is_in_the_summary_with_the_vocabulary_in_force(run):
+    result, out = run
+    summary = (out / "summary.txt").read_text()
+    frames = frame_lines(summary)
+    assert [int(m[1]) for m in frames] == [1, 2, 3], summary
+    assert {int(m[2]) for m in frames} == {3}
+    assert [m[3] for m in frames] == ["cat, dog", "cat, dog", "car, person"], summary
+    assert [m[3] for m in frame_lines(result.stdout)] == [m[3] for m in frames]
+    for match in frames:
+        known = {"cat", "dog"} if int(match[1]) <= 2 else {"car", "person"}
+        shares = {
+            name: float(share)
+            for name, share in re.findall(r"([\w ]+?) (\d+\.\d)%", match[5])
+        }
+        assert shares and set(shares) <= known | {"unlabeled"}, match[0]
+        assert sum(shares.values()) == pytest.approx(100.0, abs=0.1 * len(shares)), match[0]
+
+
+def test_the_overlays_are_written_with_their_summary_line(run, images):
+    _, out = run
+    sources = sorted(images.iterdir())
+    for index, source in enumerate(sources, start=1):
+        overlay = cv2.imread(str(out / f"overlay_{index:04d}.png"))
+        photo = cv2.imread(str(source))
+        assert overlay is not None, f"overlay {index} missing"
+        height, width = photo.shape[:2]
+        assert overlay.shape[1] == width and overlay.shape[0] > height  # + the summary strip
+        blended = overlay[:height].astype(int) - photo.astype(int)
+        assert np.abs(blended).mean() > 5, "the overlay shows no class colours"
+        strip = overlay[height:]
+        red = (strip[..., 2] > 150) & (strip[..., 0] < 80) & (strip[..., 1] < 80)
+        assert red.sum() > 50, "no RANDOM WEIGHTS warning on the overlay"
+
+
+def test_pixel_shares_read_mono16_labels_with_a_padded_step():
+    from sensor_msgs.msg import Image
+
+    from ovss_ros.cli.demo_session import label_array, pixel_shares
+
+    labels = np.array([[0, 0, 1, 65535]] * 2, np.uint16)
+    padded = np.zeros((2, 6), np.uint16)
+    padded[:, :4] = labels
+    message = Image(
+        height=2, width=4, encoding="mono16", is_bigendian=0, step=12, data=padded.tobytes()
+    )
+    assert np.array_equal(label_array(message), labels)
+    assert pixel_shares(labels, {0: "cup", 1: "door"}) == [
+        ("cup", 0.5),
+        ("door", 0.25),
+        ("unlabeled", 0.25),
+    ]
+
+
+MISSING = "no_such_folder_7b1e"
+
+
+def _not_an_image(folder: Path) -> list[str]:
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    return ["--images", str(folder)]
+
+
+def _empty(folder: Path) -> list[str]:
+    (folder / "empty").mkdir()
+    return ["--images", str(folder / "empty")]
+
+
+def _output_is_a_file(folder: Path) -> list[str]:
+    (folder / "file").write_text("x")
+    return ["--output", str(folder / "file")]
+
+
+BAD = [
+    ("rate 0", lambda d: ["--rate", "0"], "--rate"),
+    ("rate nan", lambda d: ["--rate", "nan"], "--rate"),
+    ("frames 0", lambda d: ["--frames", "0"], "--frames"),
+    ("change-after 0", lambda d: ["--change-after", "0"], "--change-after"),
+    ("empty class", lambda d: ["--classes", "cup", ""], "--classes"),
+    ("duplicate class", lambda d: ["--then-classes", "cup", "Cup"], "--then-classes"),
+    ("domain", lambda d: ["--domain-id", "999"], "--domain-id"),
+    ("device", lambda d: ["--device", "gpu"], "--device"),
+    ("unknown flag", lambda d: ["--bogus"], "--bogus"),
+    ("topic without bag", lambda d: ["--topic", "/image"], "--topic"),
+    ("missing images folder", lambda d: ["--images", MISSING], MISSING),
+    ("empty images folder", _empty, "no images"),
+    ("undecodable image", _not_an_image, "broken.jpg"),
+    ("missing bag", lambda d: ["--bag", MISSING], MISSING),
+    ("not a bag", lambda d: ["--bag", str(d)], "metadata.yaml"),
+    ("output is a file", _output_is_a_file, "not a folder"),
+    ("images and bag", lambda d: ["--images", str(d), "--bag", str(d)], "not allowed"),
+]
+
+
+@pytest.mark.parametrize(("argv", "text"), [pytest.param(a, t, id=n) for n, a, t in BAD])
+def test_bad_input_is_one_line_and_status_2_before_torch(tmp_path, argv, text):
+    result = subprocess.run(
+        demo_command(*argv(tmp_path), importtime=True),
+        cwd=tmp_path,
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = result.stderr.splitlines()
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in lines if ln.startswith("import time:")}
+    own = [line for line in lines if not line.startswith("import time:")]
+    shown = f"status {result.returncode}\nstdout: {result.stdout}\nstderr: {own}"
+    assert result.returncode == 2, shown
+    assert len(own) == 1 and own[0].startswith("ovss-demo: error: ") and text in own[0], shown
+    assert "ovss_ros.cli.demo" in imported, shown  # the import log is read
+    assert not {name.split(".")[0] for name in imported} & MODEL_LIBRARIES, shown
+
+
+def test_a_node_that_cannot_start_gives_its_error_line_and_status_1(tmp_path, images):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (the node must fail on device cuda)")
+    result = subprocess.run(
+        demo_command(
+            "--images", str(images), "--device", "cuda", "--output", str(tmp_path / "out"),
+            "--domain-id", domain(),
+        ),
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr
+    assert len(errors) == 1 and "CUDA is not available" in errors[0], result.stderr
+    assert not frame_lines(result.stdout)
+
+
+def test_ctrl_c_stops_the_node_cleanly(tmp_path, images):
+    out = tmp_path / "out"
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as stdout:
+        process = subprocess.Popen(
+            demo_command(
+                "--images", str(images), "--rate", "0.05", "--output", str(out),
+                "--domain-id", domain(),
+            ),
+            env=child_environment(),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        try:
+            while not frame_lines(log.read_text()):  # the first frame is in: mid-run
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=3 * STOP_TIMEOUT_S)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    text = log.read_text()
+    assert process.returncode == 130, (text, stderr)
+    assert "stopped (Ctrl-C)" in stderr and "Traceback" not in stderr, stderr
+    assert "node stopped (exit status 0)" in text, text
+    node_log = (out / "node.log").read_text()
+    assert "SIGINT: shutting down" in node_log, node_log
+    assert len(frame_lines(text)) == 1, text  # stopped before the next frame (20 s apart)
