@@ -84,14 +84,12 @@ def test_every_frame_is_in_the_summary_with_the_vocabulary_in_force(run):
     frames = frame_lines(summary)
     assert [int(m[1]) for m in frames] == [1, 2, 3], summary
     assert {int(m[2]) for m in frames} == {3}
-    assert [m[3] for m in frames] == ["cat, dog", "cat, dog", "car, person"], summary
-    assert [m[3] for m in frame_lines(result.stdout)] == [m[3] for m in frames]
+    assert [m[4] for m in frames] == ["cat, dog", "cat, dog", "car, person"], summary
+    assert [m[0] for m in frame_lines(result.stdout)] == [m[0] for m in frames]
     for match in frames:
         known = {"cat", "dog"} if int(match[1]) <= 2 else {"car", "person"}
-        shares = {
-            name: float(share)
-            for name, share in re.findall(r"([\w ]+?) (\d+\.\d)%", match[5])
-        }
+        pairs = [entry.rsplit(" ", 1) for entry in match[5].split(", ")]
+        shares = {name: float(share.rstrip("%")) for name, share in pairs}
         assert shares and set(shares) <= known | {"unlabeled"}, match[0]
         assert sum(shares.values()) == pytest.approx(100.0, abs=0.1 * len(shares)), match[0]
 
