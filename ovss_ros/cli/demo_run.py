@@ -13,15 +13,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import cv2
 
 from ovss_ros.cli.demo_media import RANDOM_WARNING, annotated
+from ovss_ros.cli.demo_options import RANDOM_MODEL, DemoArgs
 from ovss_ros.cli.demo_session import FrameResult, Session, StartupError
-
-if TYPE_CHECKING:
-    from ovss_ros.cli.demo import DemoArgs
 
 STOP_TIMEOUT_S = 60.0  # the node ending after each of SIGINT, SIGTERM
 # A 16 MiB shared-memory segment: a 640x480 rgb8 frame is larger than Fast DDS's default 512 KB
@@ -68,7 +66,6 @@ class Weights:
 def choose_weights(download: bool) -> Weights:
     """The node's default weights when cached (or downloadable with ``download``), else the
     shipped random model. Never downloads anything itself (``hub_access``: cache, one probe)."""
-    from ovss_ros.cli.demo import RANDOM_MODEL
     from ovss_ros.core.clip import hub_access
     from ovss_ros.core.clip.model_loading import tag_files
     from ovss_ros.core.config import EngineConfig
