@@ -243,3 +243,26 @@ def test_ctrl_c_stops_the_node_cleanly(tmp_path, images):
     node_log = (out / "node.log").read_text()
     assert "SIGINT: shutting down" in node_log, node_log
     assert len(frame_lines(text)) == 1, text  # stopped before the next frame (20 s apart)
+
+
+def test_without_the_voc_samples_the_shipped_scenes_are_played(monkeypatch):
+    """A machine without labelme-examples plays the synthetic scenes in the package (and they
+    are installed: setup.py's package_data names them)."""
+    from pathlib import PurePosixPath
+
+    from ovss_ros.cli import demo
+    from ovss_ros.cli.demo_media import read_images
+    from ovss_ros.cli.demo_options import DATA, RANDOM_MODEL
+
+    monkeypatch.setattr(demo, "VOC_IMAGES", Path(MISSING))
+    folder = demo.default_images()
+    assert folder == demo.SHIPPED_IMAGES
+    frames = read_images(demo._image_files(folder), None)
+    assert len(frames) >= 2 and all(rgb.ndim == 3 and rgb.dtype == np.uint8 for _, rgb in frames)
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    globs = re.search(r'"ovss_ros": \[([^\]]*)\]', setup)[1]
+    patterns = re.findall(r'"([^"]+)"', globs)
+    shipped = [path.relative_to(DATA.parent).as_posix() for path in folder.iterdir()]
+    shipped.append(RANDOM_MODEL.relative_to(DATA.parent).as_posix())
+    for name in shipped:  # setuptools' globs: '*' stays within one folder
+        assert any(PurePosixPath(name).match(p) for p in patterns), (name, patterns)
