@@ -266,3 +266,67 @@ def test_without_the_voc_samples_the_shipped_scenes_are_played(monkeypatch):
     shipped.append(RANDOM_MODEL.relative_to(DATA.parent).as_posix())
     for name in shipped:  # setuptools' globs: '*' stays within one folder
         assert any(PurePosixPath(name).match(p) for p in patterns), (name, patterns)
+
+
+def _compressed_bag(path: Path, photos: list[Path]) -> None:
+    """An MCAP bag: JPEG frames of ``photos`` on /cam/image/compressed, one undecodable frame
+    second, and a std_msgs/String topic beside them."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    from ovss_ros.ros.bag_files import typestore
+
+    store = typestore()
+    types = store.types
+    kind = "sensor_msgs/msg/CompressedImage"
+    payloads = [np.fromfile(photos[0], np.uint8), np.frombuffer(b"not a jpeg", np.uint8)]
+    payloads += [np.fromfile(photo, np.uint8) for photo in photos[1:]]
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        images = writer.add_connection("/cam/image/compressed", kind, typestore=store)
+        note = writer.add_connection("/note", "std_msgs/msg/String", typestore=store)
+        for index, data in enumerate(payloads):
+            stamp = 1_700_000_000_000_000_000 + index * 100_000_000
+            time_msg = types["builtin_interfaces/msg/Time"](sec=stamp // 10**9, nanosec=0)
+            header = types["std_msgs/msg/Header"](stamp=time_msg, frame_id="cam")
+            message = types[kind](header=header, format="jpeg", data=data)
+            writer.write(images, stamp, store.serialize_cdr(message, kind))
+            text = types["std_msgs/msg/String"](data=f"frame {index}")
+            writer.write(note, stamp + 1, store.serialize_cdr(text, "std_msgs/msg/String"))
+
+
+def test_a_bag_is_played_as_the_camera(tmp_path, images):
+    bag = tmp_path / "bag"
+    _compressed_bag(bag, sorted(images.iterdir())[:2])
+    out = tmp_path / "out"
+    argv = ["--bag", str(bag), "--rate", "5", "--output", str(out), "--domain-id", domain()]
+    argv += ["--classes", "cat", "--then-classes", "dog", "car"]
+    result = subprocess.run(
+        demo_command(*argv),
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    frames = frame_lines((out / "summary.txt").read_text())
+    # the undecodable frame (index 1) is skipped before playing
+    names = [m[3] for m in frames]
+    assert names == ["/cam/image/compressed@0", "/cam/image/compressed@2"], names
+    assert [m[4] for m in frames] == ["cat", "dog, car"]
+    assert (out / "overlay_0002.png").is_file()
+
+
+def test_a_bag_topic_that_is_not_an_image_topic_is_refused(tmp_path, images):
+    bag = tmp_path / "bag"
+    _compressed_bag(bag, sorted(images.iterdir())[:1])
+    result = subprocess.run(
+        demo_command("--bag", str(bag), "--topic", "/note"),
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, lines
+    assert "/cam/image/compressed" in lines[0], lines

@@ -214,9 +214,13 @@ def check_arguments(argv: list[str] | None) -> DemoArgs:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ovss-demo``; the exit status (module docstring)."""
     args = check_arguments(argv)
-    from ovss_ros.cli.demo_run import run_demo  # torch/rclpy only after the checks
+    try:
+        from ovss_ros.cli.demo_run import run_demo  # torch/rclpy only after the checks
 
-    return run_demo(args)
+        return run_demo(args)
+    except KeyboardInterrupt:  # Ctrl-C before the node started (run_demo handles it after)
+        print("ovss-demo: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
