@@ -330,3 +330,31 @@ def test_a_bag_topic_that_is_not_an_image_topic_is_refused(tmp_path, images):
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and len(lines) == 1, lines
     assert "/cam/image/compressed" in lines[0], lines
+
+
+def test_the_weights_are_the_defaults_when_cached_and_random_otherwise(monkeypatch):
+    """The choice the demo makes, with the cache look-up answered both ways (the test machine
+    has no weights; HF_HUB_OFFLINE=1 forbids a download)."""
+    from ovss_ros.cli import demo_run
+    from ovss_ros.core.clip import hub_access
+    from ovss_ros.core.config import EngineConfig
+
+    defaults = EngineConfig()
+    random_weights = demo_run.choose_weights(download=False)
+    assert random_weights.random and random_weights.pretrained == "none"
+    assert "--download" in random_weights.note and "RANDOM" in random_weights.note
+    offline = demo_run.choose_weights(download=True)
+    assert offline.random and "HF_HUB_OFFLINE" in offline.note, offline.note
+    asked: list[tuple[str, tuple[str, ...]]] = []
+
+    def cached(repo_id: str, filenames: list[str]) -> str:
+        asked.append((repo_id, tuple(filenames)))
+        return "/cache/open_clip_model.safetensors"
+
+    monkeypatch.setattr(hub_access, "cached_file", cached)
+    found = demo_run.choose_weights(download=False)
+    assert not found.random and (found.model, found.pretrained) == (
+        defaults.model,
+        defaults.pretrained,
+    )
+    assert asked and "laion" in asked[0][0].lower(), asked

@@ -191,6 +191,10 @@ def check_arguments(argv: list[str] | None) -> DemoArgs:
         else:
             frames = read_images(images, args.frames)
             source = str(images[0].parent)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--output {args.output!r} cannot be created: {error}") from None
     except ValueError as error:
         bad_input(prog, error)
     domain_chosen = args.domain_id is not None

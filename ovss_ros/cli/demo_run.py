@@ -190,6 +190,8 @@ class Summary:
 
 def frame_line(result: FrameResult, total: int, random_weights: bool) -> str:
     head = f"frame {result.index}/{total} {result.name}"
+    if result.vocabulary is None and result.latency_s:
+        return f"{head} | INCOMPLETE: labels without overlay or label_info in the frame timeout"
     if result.vocabulary is None:
         return f"{head} | NO OUTPUT within the frame timeout"
     present = ", ".join(f"{name} {share:.1%}" for name, share in result.shares) or "nothing"
@@ -204,7 +206,6 @@ def run_demo(args: DemoArgs) -> int:
     """The whole demo; its exit status."""
     weights = choose_weights(args.download)
     device = args.device or default_device()
-    args.output.mkdir(parents=True, exist_ok=True)
     print(f"ovss-demo: {weights.note}", flush=True)
     how = "given" if args.domain_chosen else "random; --domain-id chooses it"
     print(
@@ -216,9 +217,9 @@ def run_demo(args: DemoArgs) -> int:
     env = node_environment(args, weights, profile)
     os.environ.update(env)  # this process's participant joins the same graph
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    node = NodeProcess(node_parameters(args, weights, device), env, args.output / "node.log")
     summary = Summary(args.output / "summary.txt")
     sessions: list[Session] = []
+    node = NodeProcess(node_parameters(args, weights, device), env, args.output / "node.log")
     try:
         return _play(args, weights, node, summary, sessions)
     except StartupError as error:
