@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -273,6 +274,34 @@ def time_rows(
 MAX_FRAME = DEFAULT_MAX_INPUT_PIXELS  # the benchmark frame is bounded like a camera frame
 
 
+class OncePerRun(logging.Filter):
+    """Lets each distinct log message (logger, level, text) through once: the rounds rebuild a
+    combo's method every time (e.g. DeOP's no-checkpoint warning), its notice needs saying once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+def log_once_to_stderr() -> logging.Handler:
+    """A stderr handler on the root logger (warnings and up, ``LEVEL name: message``) that
+    prints each distinct message once per run; the caller removes it when done."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(OncePerRun())
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
 def test_message(path: str, width: int, height: int):
     """The benchmark frame: the image file resized to width x height, as a sensor_msgs/Image."""
     from std_msgs.msg import Header
@@ -315,7 +344,16 @@ def main(argv: list[str] | None = None) -> int:
             not_an_input(args.json, [args.image, *filter(None, [args.params_file])], "--json")
         except ValueError as error:
             parser.error(str(error))
-    config = config_from_args(args)
+    handler = log_once_to_stderr()
+    try:
+        return run(args, config_from_args(args))
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def run(args, config: EngineConfig) -> int:
+    """The benchmark for checked arguments: 0, or 2 with one line on stderr for what cannot
+    run (a combo, the image, the model)."""
     combos = args.combos or [config.method]
     try:  # everything checkable without the model first: a typo should not cost its import
         settings = [parse_combo(c, config.dslo.affinity) for c in combos]

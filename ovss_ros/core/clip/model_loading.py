@@ -291,6 +291,8 @@ def load_clip(
         cached = _local_weights(name, weights)
         if cached is not None:  # load the file: open_clip would still ask the hub about it
             tag_cfg, source = open_clip.get_pretrained_cfg(name, weights) or {}, cached
+    quiet = _NoRandomWeightsWarning()  # ours, above, says it (once, with what to set)
+    logging.getLogger().addFilter(quiet)  # open_clip warns on the root logger
     try:
         clip = open_clip.create_model(
             name,
@@ -309,6 +311,8 @@ def load_clip(
         raise ModelLoadError(
             f"could not load {name} with pretrained={pretrained!r}{cached}: {error}; {hint}"
         ) from error
+    finally:
+        logging.getLogger().removeFilter(quiet)
     visual = clip.visual
     if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
         raise ModelLoadError(
