@@ -17,9 +17,9 @@ from ovss_ros.ros.diagnostics import (
     FrameCounters,
     NodeState,
     camera_report,
-    gpu_memory_mib,
     status_message,
 )
+from ovss_ros.ros.node_diagnostics import gpu_memory_mib
 
 STATE = NodeState(device="cpu", vocabulary_size=3, enabled=True)
 KEYS = [

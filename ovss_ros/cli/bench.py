@@ -46,7 +46,7 @@ import numpy as np
 
 from ovss_ros.cli.bench_report import STAGES, print_report, summary
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
-from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
+from ovss_ros.cli.tool_parser import ToolParser, log_once_to_stderr, not_an_input, one_line
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
 from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
@@ -272,34 +272,6 @@ def time_rows(
 
 
 MAX_FRAME = DEFAULT_MAX_INPUT_PIXELS  # the benchmark frame is bounded like a camera frame
-
-
-class OncePerRun(logging.Filter):
-    """Lets each distinct log message (logger, level, text) through once: the rounds rebuild a
-    combo's method every time (e.g. DeOP's no-checkpoint warning), its notice needs saying once.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: set[tuple[str, int, str]] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, record.getMessage())
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        return True
-
-
-def log_once_to_stderr() -> logging.Handler:
-    """A stderr handler on the root logger (warnings and up, ``LEVEL name: message``) that
-    prints each distinct message once per run; the caller removes it when done."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(OncePerRun())
-    logging.getLogger().addHandler(handler)
-    return handler
 
 
 def test_message(path: str, width: int, height: int):

@@ -85,6 +85,9 @@ def build_parser() -> ToolParser:
     add_max_input_pixels_argument(parser)
     run.add_argument("--seed", type=int, default=base.seed)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for action in run._group_actions:  # every training flag shows its default (TrainingConfig)
+        if action.default not in (None, False) and "%(default)" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
     return parser
 
 

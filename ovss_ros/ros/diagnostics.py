@@ -163,9 +163,7 @@ class CameraStats:
                 counts=self._totals.minus(at_start),
                 totals=self._totals,
                 samples=tuple(self._samples),
-                segmenting_s=(
-                    None if self._segmenting_since is None else now - self._segmenting_since
-                ),
+                segmenting_s=_since(self._segmenting_since, now),
             )
 
 
@@ -255,15 +253,12 @@ def camera_report(
 ) -> Report:
     """Level and message from what happened within the window; counters are cumulative.
 
-    ERROR: inference failed for every frame it was tried on. WARN: some failed, some frames
-    were rejected or had an unusable stamp, frames arrive but none is segmented (all stale, or
-    the model is stuck: no frame is being segmented) while inference is enabled, the last
-    accepted parameter change could not be applied (the previous settings stay in force), the
-    input has a matched publisher but no frame arrived for SILENT_INPUT_S (``input_state``; the
-    message names the fix), another node has this node's name, or a callback raised recently (a
-    malformed request). OK otherwise; a model slower than the window, segmenting a frame while
-    none finished in it, is OK with "segmenting a frame (N s so far)". While paused, the
-    message starts with why.
+    ERROR: inference failed for every frame it was tried on. WARN: some failed or were
+    rejected or had an unusable stamp, frames arrive but none is segmented and none is in
+    progress (all stale, or a stuck model), the last accepted parameter change failed, a matched
+    input publisher sent nothing for SILENT_INPUT_S (the message names the fix), another node
+    has this node's name, or a callback raised recently. OK otherwise; a model slower than the
+    window says "segmenting a frame (N s so far)". While paused, the message starts with why.
     ``input_state`` given: the values also say the input topic, its matched publishers and
     seconds without a frame.
     """
@@ -336,10 +331,7 @@ def camera_report(
         ("inference median (ms)", _median(inference)),
         ("inference max (ms)", _max(inference)),
         ("window (s)", f"{window.duration_s:.1f}"),
-        (
-            "segmenting for (s)",
-            NOT_AVAILABLE if window.segmenting_s is None else f"{window.segmenting_s:.1f}",
-        ),
+        ("segmenting for (s)", _seconds(window.segmenting_s)),
         ("frames received", str(totals.received)),
         ("frames processed", str(totals.processed)),
         ("frames dropped (paused)", str(totals.dropped_paused)),
@@ -387,21 +379,17 @@ def status_message(name: str, hardware_id: str, report: Report) -> DiagnosticSta
     )
 
 
-def gpu_memory_mib(device: object) -> tuple[float, float] | None:
-    """(allocated, reserved) MiB on a CUDA device as torch's allocator sees it, else None."""
-    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
-        return None
-    import torch  # only reached on CUDA, where the engine has imported it already
-
-    return (
-        torch.cuda.memory_allocated(device) / 2**20,
-        torch.cuda.memory_reserved(device) / 2**20,
-    )
-
-
 def _median(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.1f}" if values else NOT_AVAILABLE
 
 
 def _max(values: Sequence[float]) -> str:
     return f"{max(values):.1f}" if values else NOT_AVAILABLE
+
+
+def _since(start: float | None, now: float) -> float | None:
+    return None if start is None else now - start
+
+
+def _seconds(value: float | None) -> str:
+    return NOT_AVAILABLE if value is None else f"{value:.1f}"

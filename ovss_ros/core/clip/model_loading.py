@@ -133,13 +133,7 @@ def _resolve_model_name(model: str) -> str:
 
 def _resolve_pretrained(name: str, pretrained: str) -> str | None:
     if pretrained.strip().lower() in NO_WEIGHTS:
-        logger.warning(
-            "pretrained is %r: %s runs with RANDOM weights; its segmentation is meaningless. "
-            "Set pretrained to an open_clip tag or a checkpoint file for real results.",
-            pretrained,
-            name,
-        )
-        return None
+        return None  # said once the model is made (load_clip)
     looks_like_file = os.sep in pretrained or pretrained.endswith(
         (".pt", ".pth", ".bin", ".safetensors")
     )
@@ -313,6 +307,13 @@ def load_clip(
         ) from error
     finally:
         logging.getLogger().removeFilter(quiet)
+    if weights is None:  # after the model is made: the text encoding comes next
+        logger.warning(
+            "pretrained is %r: %s runs with RANDOM weights; its segmentation is meaningless. "
+            "Set pretrained to an open_clip tag or a checkpoint file for real results.",
+            pretrained,
+            name,
+        )
     visual = clip.visual
     if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
         raise ModelLoadError(

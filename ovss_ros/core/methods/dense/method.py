@@ -153,23 +153,12 @@ class DenseMethod(DensePostprocess):
             previous.release()
 
     def describe(self) -> tuple[str, bool]:
-        """(the method that runs, in words; whether it deserves a warning), for logs: the base
-        method and the refinement with what sets it apart, e.g. ``naclip + dslo (velocity,
-        naclip affinity)``, ``naclip + dslo (ot, sd2 affinity)``, ``sclip + freecp (redundancy
-        0.15, ambiguity 0.7)``."""
+        """(the method that runs, in words; whether it deserves a warning), for logs: e.g.
+        ``naclip + dslo (velocity, naclip affinity)``, ``sclip + freecp (redundancy 0.15,
+        ambiguity 0.7)``."""
         config = self.config
-        if config.refinement == "dslo":
-            refinement = f" + dslo ({config.dslo.mode}, {config.dslo.affinity} affinity)"
-        elif config.refinement == "freecp":
-            refinement = (
-                f" + freecp (redundancy {config.freecp.redundancy:g}, "
-                f"ambiguity {config.freecp.ambiguity:g})"
-            )
-        elif config.refinement != "none":
-            refinement = f" + {config.refinement}"
-        else:
-            refinement = ""
-        return f"{config.method}{refinement}", False
+        refinement = {"dslo": config.dslo, "freecp": config.freecp}.get(config.refinement)
+        return f"{config.method}{f' + {refinement.summary()}' if refinement else ''}", False
 
     def check(self, config: EngineConfig, classes: Sequence[ClassEntry] | None = None) -> None:
         """The sd settings of ``config`` against the SD model in use, when ``config`` keeps it;
