@@ -10,7 +10,9 @@ setup(
     name=package_name,
     version="0.1.0",
     packages=find_packages(exclude=["test", "test.*"]),
-    package_data={"ovss_ros": ["data/*", "data/class_names/*.txt"]},
+    package_data={
+        "ovss_ros": ["data/*", "data/class_names/*.txt", "data/demo_images/*.jpg"]
+    },
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
@@ -36,6 +38,8 @@ setup(
             "ovss-bag = ovss_ros.cli.bag:main",
             "ovss-train-deop = ovss_ros.cli.train_deop:main",
             "ovss-tune = ovss_ros.cli.tune:main",
+            "ovss-ctl = ovss_ros.cli.ctl:main",
+            "ovss-demo = ovss_ros.cli.demo:main",
         ],
     },
 )

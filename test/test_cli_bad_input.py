@@ -248,6 +248,39 @@ def test_ovss_eval_never_overwrites_an_input(voc_root):
     assert labels.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("missing labels", "1 files missing"),
+        ("labels a folder", "1 files missing"),
+        ("split list a folder", "is not a regular file (it is a directory)"),
+        ("split list not UTF-8", "is not UTF-8 text"),
+        ("images a file", "files missing"),
+    ],
+)
+def test_ovss_eval_refuses_a_bad_layout_with_status_2(voc_root, tmp_path, fault, reason):
+    """Issue 20 (ovss-eval exited 1 where the other tools exit 2): the layout's faults."""
+    root = tmp_path / "voc"
+    shutil.copytree(voc_root, root)
+    image, labels = _voc_files(root)
+    split = labels.parent.parent / "ImageSets" / "Segmentation" / "val.txt"
+    if fault == "missing labels":
+        labels.unlink()
+    elif fault == "labels a folder":
+        labels.unlink()
+        labels.mkdir()
+    elif fault == "split list a folder":
+        split.unlink()
+        split.mkdir()
+    elif fault == "split list not UTF-8":
+        split.write_bytes(b"\xff\xfe bad\n")
+    else:
+        shutil.rmtree(image.parent)
+        image.parent.write_text("not a folder")
+    done = run_tool("evaluate", "voc21", str(root), *TINY, "--no-progress")
+    assert_refused(done, reason)
+
+
 @pytest.mark.parametrize("damage", ["empty image", "truncated labels", "bomb image"])
 def test_ovss_eval_names_a_damaged_file_of_the_data_set(voc_root, files, tmp_path, damage):
     """A damaged file stops the run (skipping it would change the score) with its name."""
@@ -440,6 +473,19 @@ def test_ovss_train_deop_refuses_an_output_that_is_a_file(planted, tmp_path):
     done = run_tool("train_deop", "folder", str(planted), *TRAIN, "--output", str(output))
     assert_refused(done, "exists and is not a folder")
     assert output.read_text() == "keep"
+
+
+def test_ovss_train_deop_refuses_an_output_below_a_file_before_the_model_loads(
+    planted, tmp_path
+):
+    """Issue 20: status 1 (after loading the model) where ovss-eval says 2 for the same path."""
+    blocking = tmp_path / "a_file"
+    blocking.write_text("keep")
+    output = blocking / "run"
+    done = run_tool("train_deop", "folder", str(planted), *TRAIN, "--output", str(output))
+    assert_refused(done, f"{str(blocking)!r} is not a folder")
+    assert "RANDOM weights" not in done.stderr  # refused before the model loads
+    assert blocking.read_text() == "keep"
 
 
 # --- ovss-bag ------------------------------------------------------------------------------------

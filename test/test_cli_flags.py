@@ -150,3 +150,22 @@ def test_each_tool_refuses_old_flags_and_bad_values_naming_the_flag(tool, flags,
 def test_a_list_setting_is_given_separated_by_semicolons():
     args = segment.parse_args(["x.jpg", "--classes", "c", "--background-words", "sky; wall;"])
     assert config_from_args(args).background_words == ("sky", "wall")
+
+
+def test_train_deop_help_shows_every_training_default(capsys):
+    """Issue 20: ``ovss-train-deop --help`` showed no defaults for its training flags."""
+    from ovss_ros.cli import train_deop
+    from ovss_ros.training.training_config import TrainingConfig
+
+    with pytest.raises(SystemExit):
+        train_deop.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    base = TrainingConfig()
+    for flag, value in (
+        ("--steps", base.steps),
+        ("--lr", base.lr),
+        ("--crop", base.crop),
+        ("--batch-size", base.batch_size),
+        ("--loss", base.loss),
+    ):
+        assert f"{flag} " in text and f"(default: {value})" in text, flag

@@ -17,9 +17,9 @@ from ovss_ros.ros.diagnostics import (
     FrameCounters,
     NodeState,
     camera_report,
-    gpu_memory_mib,
     status_message,
 )
+from ovss_ros.ros.node_diagnostics import gpu_memory_mib
 
 STATE = NodeState(device="cpu", vocabulary_size=3, enabled=True)
 KEYS = [
@@ -29,6 +29,7 @@ KEYS = [
     "inference median (ms)",
     "inference max (ms)",
     "window (s)",
+    "segmenting for (s)",
     "frames received",
     "frames processed",
     "frames dropped (paused)",
@@ -242,6 +243,39 @@ def test_frames_arriving_but_none_segmented_warn(stats, clock):
     report = camera_report(stats.window(), STATE)
     assert report.level == WARN
     assert report.message == "frames arrive but none was segmented, 4 too old"
+
+
+def test_model_slower_than_the_window_is_ok_and_says_it_is_segmenting(stats, clock):
+    """Issue 20: pnp_ovss / twostream / sd2 on a CPU take longer than the window per frame; while
+    the worker segments a frame, arriving frames are overwritten and none finishes in the
+    window: that is working, not stuck."""
+    stats.receive()  # the frame being segmented
+    stats.start_segmenting()
+    for _ in range(6):
+        clock.now += 1.0
+        frames(stats, "dropped_overwritten")
+        report = camera_report(stats.window(), STATE)
+    clock.now += 3.0
+    report = camera_report(stats.window(), STATE)
+    assert report.level == OK
+    assert report.message == "segmenting a frame (9 s so far)"
+    assert report.value("segmenting for (s)") == "9.0"
+    stats.settle("processed", 9.0, 9.0)
+    stats.stop_segmenting()
+    report = camera_report(stats.window(), STATE)
+    assert report.level == OK and report.message.startswith("segmenting at")
+    assert report.value("segmenting for (s)") == "n/a"
+
+
+def test_frames_arriving_and_nothing_segmenting_stays_a_warn(stats, clock):
+    """A real stall: frames arrive and are overwritten, no frame is being segmented."""
+    stats.start_segmenting()
+    stats.stop_segmenting()
+    frames(stats, "dropped_overwritten", 5)
+    clock.now += 6.0
+    report = camera_report(stats.window(), STATE)
+    assert report.level == WARN
+    assert report.message == "frames arrive but none was segmented"
 
 
 def test_paused_node_is_ok_and_says_why(stats, clock):

@@ -257,8 +257,9 @@ def test_signal_during_configure_of_a_managed_node(ros):
     with one_node(MANAGED, parameters, "configure") as node:
         assert node.lifecycle.state(timeout=STARTUP_TIMEOUT_S) == "unconfigured"
         configure = node.lifecycle.request(Transition.TRANSITION_CONFIGURE)
-        # The model is created (open_clip says so), then the vocabulary is encoded.
-        node.process.wait_for_output("No pretrained weights loaded")
+        # The model is created (the random-weights warning follows it), then the vocabulary is
+        # encoded.
+        node.process.wait_for_output("runs with RANDOM weights")
         node.client.spin_for(1.0)
         node.process.send_signal(SIGTERM)
         node.client.spin_until(configure.done, STOP_TIMEOUT_S, message="configure's answer")
@@ -283,7 +284,7 @@ def test_signal_while_the_plain_node_encodes_its_vocabulary_at_start_up(ros):
     """Start-up (model loaded, 1000 x 80 prompts being encoded) ends at once: status 130."""
     parameters = FAST | {"templates": "imagenet", "classes": LONG_VOCABULARY}
     with one_node(PLAIN, parameters, "start_up") as node:
-        node.process.wait_for_output("No pretrained weights loaded")
+        node.process.wait_for_output("runs with RANDOM weights")  # the model is made
         time.sleep(1.0)  # into the encoding, which takes a minute and more
         node.process.send_signal(SIGINT)
         time.sleep(0.2)

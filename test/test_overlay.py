@@ -160,7 +160,60 @@ def test_legend_rows_that_do_not_fit_are_summarised():
     assert height <= 120
     box = with_legend[:height, :width].reshape(-1, 3)
     shown = [i for i, c in enumerate(palette(names)) if (box == c).all(axis=1).sum() >= 25]
-    assert 2 <= len(shown) < 10 and shown == list(range(len(shown)))  # first ones, then "+N"
+    assert 1 <= len(shown) < 10 and shown == list(range(len(shown)))  # first ones, then "+N"
+    assert height * width <= 120 * 200 / 8 + 20 * 200  # the area cap, one row at least
+
+
+def relative_luminance(colours: np.ndarray) -> np.ndarray:
+    """WCAG 2 relative luminance of sRGB colours (N, 3) uint8."""
+    linear = np.asarray(colours, np.float64) / 255.0
+    linear = np.where(linear <= 0.04045, linear / 12.92, ((linear + 0.055) / 1.055) ** 2.4)
+    return linear @ np.array([0.2126, 0.7152, 0.0722])
+
+
+def test_class_colours_are_visible_on_a_dark_scene():
+    """Issue 20: class 0 was pure blue (2.4:1 against black); WCAG asks 3:1 for graphics."""
+    contrast = (relative_luminance(PALETTE) + 0.05) / 0.05  # against black
+    assert contrast[0] >= 3.0
+    assert contrast.min() >= 3.0
+    # On a dark scene the half-blended overlay of class 0 stands out from the scene more than
+    # the old blue did (1.36:1).
+    dark = np.full((60, 80, 3), 15, np.uint8)
+    labels = np.zeros((60, 80), np.uint8)
+    segmentation = Segmentation(labels, np.ones(labels.shape, np.float32), ["thing"])
+    blended = overlay(dark, segmentation, 0.5, legend=False)
+    assert (relative_luminance(blended.reshape(-1, 3)) + 0.05).min() / (
+        relative_luminance(dark[:1, 0]) + 0.05
+    )[0] >= 1.5
+
+
+def striped_voc(index: int) -> tuple[np.ndarray, Segmentation]:
+    """A 500x375 VOC sample photo labelled with all 21 VOC classes in vertical stripes."""
+    stem = sorted(p.stem for p in (VOC_DIR / "JPEGImages").glob("*.jpg"))[index]
+    rgb = np.asarray(Image.open(VOC_DIR / "JPEGImages" / f"{stem}.jpg").convert("RGB"))
+    assert rgb.shape == (375, 500, 3)
+    labels = (np.arange(500)[None].repeat(375, axis=0) * 21 // 500).astype(np.uint8)
+    return rgb, Segmentation(labels, np.ones(labels.shape, np.float32), VOC_NAMES)
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_legend_of_21_classes_covers_at_most_an_eighth_of_a_500x375_image(index):
+    """Issue 20: the one-column legend covered a fifth of the image (369x109 pixels)."""
+    rgb, segmentation = striped_voc(index)
+    with_legend = overlay(rgb, segmentation, 0.5)
+    without = overlay(rgb, segmentation, 0.5, legend=False)
+    height, width = legend_box(with_legend, without)
+    assert height * width <= 500 * 375 / 8
+    box = with_legend[:height, :width]
+    colours = palette(segmentation.class_names)
+    shown, columns = [], set()
+    for label, colour in enumerate(colours):
+        hits = np.argwhere((box == colour).all(axis=-1))
+        if len(hits) >= 25:
+            shown.append(label)
+            columns.add(int(hits[:, 1].min()) // 10)
+    assert len(shown) >= 10 and shown == list(range(len(shown)))  # the first ones, in order
+    assert len(columns) >= 2  # several columns, not one long one
 
 
 @pytest.mark.parametrize("shape", [(20, 20), (30, 200), (200, 40)])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ import numpy as np
 
 from ovss_ros.cli.bench_report import STAGES, print_report, summary
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
-from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
+from ovss_ros.cli.tool_parser import ToolParser, log_once_to_stderr, not_an_input, one_line
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
 from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
@@ -315,7 +316,16 @@ def main(argv: list[str] | None = None) -> int:
             not_an_input(args.json, [args.image, *filter(None, [args.params_file])], "--json")
         except ValueError as error:
             parser.error(str(error))
-    config = config_from_args(args)
+    handler = log_once_to_stderr()
+    try:
+        return run(args, config_from_args(args))
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def run(args, config: EngineConfig) -> int:
+    """The benchmark for checked arguments: 0, or 2 with one line on stderr for what cannot
+    run (a combo, the image, the model)."""
     combos = args.combos or [config.method]
     try:  # everything checkable without the model first: a typo should not cost its import
         settings = [parse_combo(c, config.dslo.affinity) for c in combos]

@@ -12,6 +12,7 @@ inputs, so no tool overwrites what it reads.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Iterable
@@ -87,3 +88,31 @@ def not_an_input(output: str | Path, inputs: Iterable[str | Path], flag: str) ->
                 f"{flag} {str(output)!r} is the input {str(path)!r}: writing it would overwrite "
                 "the input; choose another file"
             )
+
+
+class OncePerRun(logging.Filter):
+    """Lets each distinct log message (logger, level, text) through once: the rounds rebuild a
+    combo's method every time (e.g. DeOP's no-checkpoint warning), its notice needs saying once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+def log_once_to_stderr() -> logging.Handler:
+    """A stderr handler on the root logger (warnings and up, ``LEVEL name: message``) that
+    prints each distinct message once per run; the caller removes it when done."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(OncePerRun())
+    logging.getLogger().addHandler(handler)
+    return handler

@@ -85,6 +85,9 @@ def build_parser() -> ToolParser:
     add_max_input_pixels_argument(parser)
     run.add_argument("--seed", type=int, default=base.seed)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for action in run._group_actions:  # every training flag shows its default (TrainingConfig)
+        if action.default not in (None, False) and "%(default)" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
     return parser
 
 
@@ -126,6 +129,22 @@ def reason(error: BaseException) -> str:
     return " ".join(lines)
 
 
+def make_output_folder(output: Path) -> None:
+    """Create the run folder ``output`` (and its parents) before the model loads: ValueError
+    naming the path when it cannot be one (a file on its path, a read-only or missing place):
+    bad input like any other, not a failure half-way through training."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+        why = (
+            f"{str(blocking)!r} is not a folder"
+            if blocking is not None
+            else (error.strerror or str(error))
+        )
+        raise ValueError(f"--output {str(output)!r} cannot be made a folder: {why}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--output {str(output)!r} exists and is not a folder")
         data = training_data(args.dataset, args.root)
         data.check(args.max_input_pixels)
+        make_output_folder(output)
         import torch  # arguments and data checked: the model libraries
 
         from ovss_ros.core.clip.model_loading import load_clip

@@ -11,8 +11,9 @@ of N classes therefore gets the first N palette colours, in vocabulary order, in
 
 The legend (``draw_legend``) lists the classes that label at least one pixel of the frame, in
 vocabulary order, each as a colour swatch and its name (OpenCV Hershey font, so names are shown
-in ASCII: accents dropped, other characters as ``?``), top-left on a dark box; classes that do
-not fit the image height are summarised as ``+N more``.
+in ASCII: accents dropped, other characters as ``?``), top-left on a dark box, in as many columns
+as keep it small; it covers at most ``LEGEND_AREA_FRACTION`` of the image (rows scale with the
+image), and the classes beyond that are summarised as ``+N more``.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from ovss_ros.core.segmentation import Segmentation
 
 PALETTE_SIZE = 256
 _GRID_LEVELS = 18  # RGB candidates per channel for the palette search
-_MIN_LIGHTNESS, _MAX_LIGHTNESS = 30.0, 92.0  # CIELAB L*: no near-black, no near-white colours
+# CIELAB L*: no near-white colours, and none dark: L* 45 and up keeps every colour at 3.9:1
+# contrast or more against black (WCAG's 3:1 for graphics), visible on a dark scene.
+_MIN_LIGHTNESS, _MAX_LIGHTNESS = 45.0, 92.0
 
 LEGEND_BOX = (0, 0, 0)  # legend background (RGB), blended with LEGEND_BOX_ALPHA
 LEGEND_BOX_ALPHA = 0.65
 LEGEND_TEXT = (255, 255, 255)
+LEGEND_AREA_FRACTION = 1 / 8  # the most of the image the legend box covers (one row at least)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -118,47 +122,111 @@ def _fit(text: str, scale: float, thickness: int, width: int) -> str:
 def draw_legend(image: np.ndarray, names: Sequence[str], colours: np.ndarray) -> np.ndarray:
     """Draw a legend of ``names`` with ``colours`` ((N, 3) uint8 RGB) in place, top left.
 
-    Rows are about 1/20 of the image's short side high (16 to 48 pixels); rows that do not fit
-    the height become ``+N more``. An image under two rows high or 4 rows wide gets no legend.
-    Returns ``image`` (HxWx3 uint8 RGB).
+    Rows are about 1/24 of the image's short side high (16 to 48 pixels), names at most a
+    quarter of the image wide. The entries fill as many columns (column by column) as keep the
+    box smallest, within LEGEND_AREA_FRACTION of the image area; entries beyond that become
+    ``+N more`` (at least one row is always shown). An image under two rows high or 4 rows wide
+    gets no legend. Returns ``image`` (HxWx3 uint8 RGB).
     """
     height, width = image.shape[:2]
-    row = int(np.clip(round(min(height, width) / 20), 16, 48))
+    row = int(np.clip(round(min(height, width) / 24), 16, 48))
     margin = max(2, row // 4)
     if not names or height < 2 * row or width < 4 * row:
         return image
     thickness = 1 if row < 28 else 2
     scale = cv2.getFontScaleFromHeight(_FONT, int(row * 0.55), thickness)
     swatch = row - 2 * margin
-    text_x = 2 * margin + swatch + margin
-    max_text = width - text_x - 2 * margin
-    fits = (height - 2 * margin) // row
+    text_x = margin + swatch + margin  # from a column's left edge
+    max_text = max(row, min(width // 4, width - text_x - 3 * margin))
+    budget = LEGEND_AREA_FRACTION * height * width
+    # No more entries than could fit the budget at the narrowest: text widths for those only.
+    most = int(min(len(names), max(1, budget // (row * (text_x + margin)))))
     entries = [
-        (ascii_label(name), tuple(int(c) for c in colour))
-        for name, colour in zip(names, colours, strict=True)
+        (_fit(ascii_label(name), scale, thickness, max_text), tuple(int(c) for c in colour))
+        for name, colour in zip(names[:most], colours[:most], strict=True)
     ]
-    if len(entries) > fits:
-        entries = entries[: fits - 1] + [(f"+{len(entries) - fits + 1} more", None)]
-    entries = [(_fit(text, scale, thickness, max_text), colour) for text, colour in entries]
-    text_width = max(cv2.getTextSize(text, _FONT, scale, thickness)[0][0] for text, _ in entries)
-    box_w = min(width, text_x + text_width + 2 * margin)
-    box_h = min(height, len(entries) * row + 2 * margin)
+    widths = [cv2.getTextSize(text, _FONT, scale, thickness)[0][0] for text, _ in entries]
+    layout = _legend_layout(len(names), widths, row, margin, text_x, (height, width), budget)
+    shown, columns, rows = layout
+    cells = entries[:shown]
+    if shown < len(names):
+        more = f"+{len(names) - shown} more"
+        cells.append((more, None))
+        widths = widths[:shown] + [cv2.getTextSize(more, _FONT, scale, thickness)[0][0]]
+    column_x, box_w = _column_offsets(widths[: len(cells)], rows, margin, text_x)
+    box_w, box_h = min(width, box_w), min(height, rows * row + 2 * margin)
     region = image[:box_h, :box_w]
     region[:] = np.rint(
         (1 - LEGEND_BOX_ALPHA) * region + LEGEND_BOX_ALPHA * np.array(LEGEND_BOX)
     ).astype(np.uint8)
     baseline = (row + cv2.getTextSize("Ag", _FONT, scale, thickness)[0][1]) // 2
-    for i, (text, colour) in enumerate(entries):
-        top = margin + i * row
+    for i, (text, colour) in enumerate(cells):
+        left, top = column_x[i // rows], margin + (i % rows) * row
         if colour is not None:
-            corner = (2 * margin, top + margin)
-            far = (2 * margin + swatch, top + margin + swatch)
+            corner = (left + margin, top + margin)
+            far = (left + margin + swatch, top + margin + swatch)
             cv2.rectangle(image, corner, far, colour, cv2.FILLED)
         cv2.putText(
-            image, text, (text_x, top + baseline), _FONT, scale, LEGEND_TEXT, thickness,
+            image, text, (left + text_x, top + baseline), _FONT, scale, LEGEND_TEXT, thickness,
             cv2.LINE_AA,
         )
     return image
+
+
+def _column_offsets(
+    widths: Sequence[int], rows: int, margin: int, text_x: int
+) -> tuple[list[int], int]:
+    """Left edge of each column of ``rows`` cells (texts ``widths`` pixels wide) and the box
+    width."""
+    offsets, x = [], margin
+    for start in range(0, len(widths), rows):
+        offsets.append(x)
+        x += text_x + max(widths[start : start + rows]) + margin
+    return offsets, x + margin
+
+
+def _legend_layout(
+    total: int,
+    widths: Sequence[int],
+    row: int,
+    margin: int,
+    text_x: int,
+    shape: tuple[int, int],
+    budget: float,
+) -> tuple[int, int, int]:
+    """(entries shown, columns, rows per column): the most entries of ``total`` (text widths
+    ``widths`` of the first ones) whose smallest box fits the image and ``budget`` pixels, a
+    ``+N more`` cell added when some are left out; one entry at least. Binary search over the
+    count: one more entry never makes the smallest box smaller."""
+    height, width = shape
+    more_width = widths[0]  # "+N more" is about one short name wide
+
+    def smallest(shown: int) -> tuple[int, int] | None:
+        """(columns, rows) of the smallest box of the first ``shown`` entries, None if none
+        fits."""
+        cells = list(widths[:shown]) + ([more_width] if shown < total else [])
+        fitting = []
+        for rows in range(1, min(len(cells), (height - 2 * margin) // row) + 1):
+            box_h = rows * row + 2 * margin
+            box_w = _column_offsets(cells, rows, margin, text_x)[1]
+            if box_w <= width and box_w * box_h <= budget:
+                fitting.append((box_w * box_h, rows))
+        if not fitting:
+            return None
+        rows = min(fitting)[1]
+        return -(-len(cells) // rows), rows
+
+    low, high, found = 1, len(widths), None
+    while low <= high:
+        middle = (low + high) // 2
+        layout = smallest(middle)
+        if layout is None:
+            high = middle - 1
+        else:
+            low, found = middle + 1, (middle, *layout)
+    if found is None:  # not even one entry within the budget: one anyway
+        return 1, 1, 2 if total > 1 else 1
+    return found
 
 
 def overlay(

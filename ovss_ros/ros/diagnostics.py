@@ -75,6 +75,8 @@ class Window:
     counts: FrameCounters
     totals: FrameCounters
     samples: tuple[FrameSample, ...]
+    # Seconds the worker has been segmenting a frame of this camera; None: not segmenting.
+    segmenting_s: float | None = None
 
 
 # A frame's outcome: exactly one per received frame.
@@ -101,6 +103,17 @@ class CameraStats:
         self._samples: deque[FrameSample] = deque()
         # (time, totals) at the start of the window and at every report since.
         self._history: deque[tuple[float, FrameCounters]] = deque([(clock(), self._totals)])
+        self._segmenting_since: float | None = None  # clock time the current forward began
+
+    def start_segmenting(self) -> None:
+        """The worker began segmenting a frame of this camera (the batch's forward pass)."""
+        with self._lock:
+            self._segmenting_since = self._clock()
+
+    def stop_segmenting(self) -> None:
+        """The worker's segmentation of this camera's frame ended (with a result or not)."""
+        with self._lock:
+            self._segmenting_since = None
 
     def receive(self, outcome: str | None = None) -> None:
         """Count a received frame: in progress, or settled at once with ``outcome``."""
@@ -150,6 +163,7 @@ class CameraStats:
                 counts=self._totals.minus(at_start),
                 totals=self._totals,
                 samples=tuple(self._samples),
+                segmenting_s=_since(self._segmenting_since, now),
             )
 
 
@@ -239,13 +253,12 @@ def camera_report(
 ) -> Report:
     """Level and message from what happened within the window; counters are cumulative.
 
-    ERROR: inference failed for every frame it was tried on. WARN: some failed, some frames were
-    rejected or had an unusable stamp, frames arrive but none is segmented (all stale, or the
-    model is stuck) while inference is enabled, the last accepted parameter change could not
-    be applied (the previous settings stay in force), the input has a matched publisher but no
-    frame arrived for SILENT_INPUT_S (``input_state``; the message names the fix), another
-    node has this node's name, or a callback raised recently (a malformed request). OK
-    otherwise. While paused, the message starts with why.
+    ERROR: inference failed for every frame it was tried on. WARN: some failed or were
+    rejected or had an unusable stamp, frames arrive but none is segmented and none is in
+    progress (all stale, or a stuck model), the last accepted parameter change failed, a matched
+    input publisher sent nothing for SILENT_INPUT_S (the message names the fix), another node
+    has this node's name, or a callback raised recently. OK otherwise; a model slower than the
+    window says "segmenting a frame (N s so far)". While paused, the message starts with why.
     ``input_state`` given: the values also say the input topic, its matched publishers and
     seconds without a frame.
     """
@@ -266,9 +279,14 @@ def camera_report(
             (WARN, f"{counts.unusable_stamp} frames with an unusable header stamp (age unknown)")
         )
     unused = not (counts.processed or counts.failed or counts.rejected)
+    busy = None
     if state.enabled and counts.received > counts.dropped_paused and unused:
-        stale = f", {counts.dropped_stale} too old" if counts.dropped_stale else ""
-        problems.append((WARN, f"frames arrive but none was segmented{stale}"))
+        if window.segmenting_s is not None:
+            # A model slower than the window: working, not stuck.
+            busy = f"segmenting a frame ({window.segmenting_s:.0f} s so far)"
+        else:
+            stale = f", {counts.dropped_stale} too old" if counts.dropped_stale else ""
+            problems.append((WARN, f"frames arrive but none was segmented{stale}"))
     if state.parameter_change_failed:
         problems.append((WARN, f"parameter change failed: {state.parameter_change}"))
     if (
@@ -290,6 +308,8 @@ def camera_report(
     messages = [text for _, text in problems]
     if not state.enabled:
         messages.insert(0, state.not_enabled_reason)
+    elif busy is not None:
+        messages.insert(0, busy)
     elif not messages:
         arrived = counts.received - counts.dropped_paused  # while segmenting
         messages.append(f"segmenting at {rate:.1f} frames/s" if arrived else "no frames")
@@ -311,6 +331,7 @@ def camera_report(
         ("inference median (ms)", _median(inference)),
         ("inference max (ms)", _max(inference)),
         ("window (s)", f"{window.duration_s:.1f}"),
+        ("segmenting for (s)", _seconds(window.segmenting_s)),
         ("frames received", str(totals.received)),
         ("frames processed", str(totals.processed)),
         ("frames dropped (paused)", str(totals.dropped_paused)),
@@ -358,21 +379,17 @@ def status_message(name: str, hardware_id: str, report: Report) -> DiagnosticSta
     )
 
 
-def gpu_memory_mib(device: object) -> tuple[float, float] | None:
-    """(allocated, reserved) MiB on a CUDA device as torch's allocator sees it, else None."""
-    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
-        return None
-    import torch  # only reached on CUDA, where the engine has imported it already
-
-    return (
-        torch.cuda.memory_allocated(device) / 2**20,
-        torch.cuda.memory_reserved(device) / 2**20,
-    )
-
-
 def _median(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.1f}" if values else NOT_AVAILABLE
 
 
 def _max(values: Sequence[float]) -> str:
     return f"{max(values):.1f}" if values else NOT_AVAILABLE
+
+
+def _since(start: float | None, now: float) -> float | None:
+    return None if start is None else now - start
+
+
+def _seconds(value: float | None) -> str:
+    return NOT_AVAILABLE if value is None else f"{value:.1f}"

@@ -11,21 +11,41 @@ from __future__ import annotations
 import array
 from typing import Any
 
-REASON_LIMIT = 400
+REASON_LIMIT = 400  # text from requests (names, values) in a reason
+# A failure's reason (an exception's text): whole, however long it is in practice (a model that
+# cannot be loaded names what to set, ~500 characters); the bound only guards the log.
+ERROR_LIMIT = 2000
 
 
 def one_line(text: str, limit: int = REASON_LIMIT) -> str:
     """Text for one log line or reason: whitespace runs as one space, non-printable characters
-    escaped (request data cannot forge log lines), cut to ``limit`` characters."""
+    escaped (request data cannot forge log lines), at most ``limit`` characters: a longer text
+    is cut at a word boundary and says how much was left off (``cut``)."""
     text = "".join(
         char if char.isprintable() else f"\\u{ord(char):04x}" for char in " ".join(text.split())
     )
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return cut(text, limit)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` if it has at most ``limit`` characters, else its start, ended at a word boundary
+    (a space in the last fifth; mid-word only without one), then " ... (N more characters)":
+    at most ``limit`` characters in all."""
+    if len(text) <= limit:
+        return text
+    left_off = len(text)
+    for _ in range(3):  # the count's digits change the room left: settles within two rounds
+        suffix = f" ... ({left_off} more characters)"
+        keep = max(limit - len(suffix), 0)
+        space = text.rfind(" ", keep - keep // 5, keep + 1)
+        end = space if space > 0 else keep
+        left_off = len(text) - end
+    return text[:end].rstrip() + f" ... ({len(text) - end} more characters)"
 
 
 def describe(error: BaseException) -> str:
-    """``Type: message`` on one line."""
-    return one_line(f"{type(error).__name__}: {error}")
+    """``Type: message`` on one line, whole up to ERROR_LIMIT characters (a failure's reason)."""
+    return one_line(f"{type(error).__name__}: {error}", ERROR_LIMIT)
 
 
 def quoted(value: Any, limit: int = 80) -> str:

@@ -24,7 +24,6 @@ from ovss_ros.ros.diagnostics import (
     NodeState,
     camera_report,
     duplicate_node_message,
-    gpu_memory_mib,
     silent_input_message,
     status_message,
 )
@@ -117,3 +116,15 @@ class NodeDiagnostics:
             self._node.get_logger().warning(duplicate_node_message(own, others))
         self._duplicates_logged = max(others, 0)
         return self._duplicates_logged
+
+
+def gpu_memory_mib(device: object) -> tuple[float, float] | None:
+    """(allocated, reserved) MiB on a CUDA device as torch's allocator sees it, else None."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return None
+    import torch  # only reached on CUDA, where the engine has imported it already
+
+    return (
+        torch.cuda.memory_allocated(device) / 2**20,
+        torch.cuda.memory_reserved(device) / 2**20,
+    )

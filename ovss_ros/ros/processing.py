@@ -102,7 +102,15 @@ class FrameProcessor:
                 continue
             if rgb is not None:
                 batch.append((frame, rgb))
-        for frame, rgb, segmentation, inference_s in self._segment(batch):
+        cameras = {id(frame.camera): frame.camera for frame, _ in batch}.values()
+        for camera in cameras:  # diagnostics: a slow model is busy, not stuck
+            camera.stats.start_segmenting()
+        try:
+            results = self._segment(batch)
+        finally:
+            for camera in cameras:
+                camera.stats.stop_segmenting()
+        for frame, rgb, segmentation, inference_s in results:
             if not self._running() or not self._ledger.claim(frame):
                 self._ledger.settle(frame, "dropped_paused")  # paused or deactivated meanwhile
                 continue

@@ -133,13 +133,7 @@ def _resolve_model_name(model: str) -> str:
 
 def _resolve_pretrained(name: str, pretrained: str) -> str | None:
     if pretrained.strip().lower() in NO_WEIGHTS:
-        logger.warning(
-            "pretrained is %r: %s runs with RANDOM weights; its segmentation is meaningless. "
-            "Set pretrained to an open_clip tag or a checkpoint file for real results.",
-            pretrained,
-            name,
-        )
-        return None
+        return None  # said once the model is made (load_clip)
     looks_like_file = os.sep in pretrained or pretrained.endswith(
         (".pt", ".pth", ".bin", ".safetensors")
     )
@@ -291,6 +285,8 @@ def load_clip(
         cached = _local_weights(name, weights)
         if cached is not None:  # load the file: open_clip would still ask the hub about it
             tag_cfg, source = open_clip.get_pretrained_cfg(name, weights) or {}, cached
+    quiet = _NoRandomWeightsWarning()  # ours, above, says it (once, with what to set)
+    logging.getLogger().addFilter(quiet)  # open_clip warns on the root logger
     try:
         clip = open_clip.create_model(
             name,
@@ -309,6 +305,15 @@ def load_clip(
         raise ModelLoadError(
             f"could not load {name} with pretrained={pretrained!r}{cached}: {error}; {hint}"
         ) from error
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    if weights is None:  # after the model is made: the text encoding comes next
+        logger.warning(
+            "pretrained is %r: %s runs with RANDOM weights; its segmentation is meaningless. "
+            "Set pretrained to an open_clip tag or a checkpoint file for real results.",
+            pretrained,
+            name,
+        )
     visual = clip.visual
     if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
         raise ModelLoadError(

@@ -153,9 +153,12 @@ class DenseMethod(DensePostprocess):
             previous.release()
 
     def describe(self) -> tuple[str, bool]:
-        """(the method that runs, in words; whether it deserves a warning), for logs."""
-        refinement = f" + {self.config.refinement}" if self.config.refinement != "none" else ""
-        return f"{self.config.method}{refinement}", False
+        """(the method that runs, in words; whether it deserves a warning), for logs: e.g.
+        ``naclip + dslo (velocity, naclip affinity)``, ``sclip + freecp (redundancy 0.15,
+        ambiguity 0.7)``."""
+        config = self.config
+        refinement = {"dslo": config.dslo, "freecp": config.freecp}.get(config.refinement)
+        return f"{config.method}{f' + {refinement.summary()}' if refinement else ''}", False
 
     def check(self, config: EngineConfig, classes: Sequence[ClassEntry] | None = None) -> None:
         """The sd settings of ``config`` against the SD model in use, when ``config`` keeps it;

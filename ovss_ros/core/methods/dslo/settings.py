@@ -137,3 +137,7 @@ class DsloSettings(Settings):
         source="DSLO paper (tau 0.3, reused for ovss_ros's stopping rule)",
     )
     sd: Sd2Settings = group(Sd2Settings)
+
+    def summary(self) -> str:
+        """What sets this DSLO apart, for logs: ``dslo (velocity, naclip affinity)``."""
+        return f"dslo ({self.mode}, {self.affinity} affinity)"

@@ -47,3 +47,7 @@ class FreecpSettings(Settings):
         maximum=1.0,
         source="FreeCP configs (VOC20, Context, ADE: 0.7)",
     )
+
+    def summary(self) -> str:
+        """For logs: ``freecp (redundancy 0.15, ambiguity 0.7)``."""
+        return f"freecp (redundancy {self.redundancy:g}, ambiguity {self.ambiguity:g})"

@@ -1,0 +1,277 @@
+"""ovss-demo's run (after its arguments are checked): choose the weights, start the node in its
+own process on the demo's ROS domain, play the frames, change the vocabulary, write what comes
+back (``demo.py`` says what the demo does and its exit statuses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+
+from ovss_ros.cli.demo_media import RANDOM_WARNING, annotated
+from ovss_ros.cli.demo_options import RANDOM_MODEL, DemoArgs
+from ovss_ros.cli.demo_session import FrameResult, Session, StartupError
+
+STOP_TIMEOUT_S = 60.0  # the node ending after each of SIGINT, SIGTERM
+# A 16 MiB shared-memory segment: a 640x480 rgb8 frame is larger than Fast DDS's default 512 KB
+# one and would be lost under BEST_EFFORT; UDP kept on the loopback interface.
+FASTDDS_PROFILE = """<?xml version="1.0" encoding="UTF-8"?>
+<dds xmlns="http://www.eprosima.com">
+  <profiles>
+    <transport_descriptors>
+      <transport_descriptor>
+        <transport_id>shm_16mib</transport_id>
+        <type>SHM</type>
+        <segment_size>16777216</segment_size>
+      </transport_descriptor>
+      <transport_descriptor>
+        <transport_id>udp_localhost</transport_id>
+        <type>UDPv4</type>
+        <interfaces><allowlist><interface name="127.0.0.1"/></allowlist></interfaces>
+      </transport_descriptor>
+    </transport_descriptors>
+    <participant profile_name="ovss_demo_participant" is_default_profile="true">
+      <rtps>
+        <useBuiltinTransports>false</useBuiltinTransports>
+        <userTransports>
+          <transport_id>shm_16mib</transport_id>
+          <transport_id>udp_localhost</transport_id>
+        </userTransports>
+      </rtps>
+    </participant>
+  </profiles>
+</dds>
+"""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What the node loads: open_clip ``model`` and ``pretrained``, and whether it is random."""
+
+    model: str
+    pretrained: str
+    random: bool
+    note: str  # one line for the user
+
+
+def choose_weights(download: bool) -> Weights:
+    """The node's default weights when cached (or downloadable with ``download``), else the
+    shipped random model. Never downloads anything itself (``hub_access``: cache, one probe)."""
+    from ovss_ros.core.clip import hub_access
+    from ovss_ros.core.clip.model_loading import tag_files
+    from ovss_ros.core.config import EngineConfig
+
+    defaults = EngineConfig()
+    model, tag = defaults.model, defaults.pretrained
+    files = tag_files(model, tag)
+    what = f"the default weights ({model} {tag})"
+    if files is not None and hub_access.cached_file(files[0], files[1]):
+        return Weights(model, tag, False, f"{what} are in the local cache: using them")
+    if files is not None and download:
+        problem = hub_access.unavailable(what, files[0], files[-1][-1], "no download possible")
+        if problem is None:
+            return Weights(model, tag, False, f"{what}: downloading them (about 600 MB)")
+        reason = problem
+    elif download:
+        reason = f"{what} are not on the Hugging Face hub"
+    else:
+        reason = f"{what} are not in the local cache (pass --download to fetch them)"
+    return Weights(
+        str(RANDOM_MODEL), "none", True, f"{reason}; running a small RANDOM model instead"
+    )
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def node_parameters(args: DemoArgs, weights: Weights, device: str) -> dict[str, Any]:
+    parameters: dict[str, Any] = {
+        "model": weights.model,
+        "pretrained": weights.pretrained,
+        "device": device,
+        "classes": args.classes,
+    }
+    if weights.random:  # the tiny model's own input size: quick on any CPU
+        parameters.update({"short_side": 64, "templates": "single"})
+    return parameters
+
+
+def node_environment(args: DemoArgs, weights: Weights, profile: Path) -> dict[str, str]:
+    """The demo's own graph: its domain, discovery on this host, large frames over SHM."""
+    env = {
+        "ROS_DOMAIN_ID": str(args.domain_id),
+        "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+        "PYTHONUNBUFFERED": "1",
+        "RCUTILS_LOGGING_BUFFERED_STREAM": "0",
+    }
+    if not os.environ.get("RMW_IMPLEMENTATION"):
+        env["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"
+    if not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):
+        profile.write_text(FASTDDS_PROFILE)
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+    if weights.random or not args.download:
+        env["HF_HUB_OFFLINE"] = "1"  # nothing to fetch: the node never touches the network
+    return env
+
+
+class NodeProcess:
+    """``python -m ovss_ros.ros.node`` in its own session (Ctrl-C reaches only the demo, which
+    stops the node with SIGINT), its output in ``log``."""
+
+    def __init__(self, parameters: dict[str, Any], env: dict[str, str], log: Path) -> None:
+        command = [sys.executable, "-m", "ovss_ros.ros.node", "--ros-args"]
+        for name, value in parameters.items():
+            command += ["-p", f"{name}:={json.dumps(value)}"]
+        self.log = log
+        self._file = open(log, "wb")  # closed in stop()
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def error_line(self) -> str:
+        """The node's last error line (or its last line): why it failed."""
+        lines = [ln.strip() for ln in self.log.read_text(errors="replace").splitlines()]
+        lines = [ln for ln in lines if ln]
+        errors = [ln for ln in lines if "[ERROR]" in ln or "[FATAL]" in ln or "Error" in ln]
+        return (errors or lines or ["(no output)"])[-1]
+
+    def stop(self) -> int:
+        """SIGINT (Ctrl-C), then SIGTERM, then SIGKILL, each given STOP_TIMEOUT_S."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            if self.process.poll() is not None:
+                break
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                continue
+        self._file.close()
+        return self.process.wait()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+class Summary:
+    """Lines to stdout and DIR/summary.txt at once."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: TextIO = open(path, "w", encoding="utf-8")
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+        self._file.write(text + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def frame_line(result: FrameResult, total: int, random_weights: bool) -> str:
+    head = f"frame {result.index}/{total} {result.name}"
+    if result.vocabulary is None and result.latency_s:
+        return f"{head} | INCOMPLETE: labels without overlay or label_info in the frame timeout"
+    if result.vocabulary is None:
+        return f"{head} | NO OUTPUT within the frame timeout"
+    present = ", ".join(f"{name} {share:.1%}" for name, share in result.shares) or "nothing"
+    text = (
+        f"{head} | vocabulary: {', '.join(result.vocabulary)} | present: {present} "
+        f"| latency {result.latency_s * 1000:.0f} ms"
+    )
+    return text + (" | RANDOM WEIGHTS" if random_weights else "")
+
+
+def run_demo(args: DemoArgs) -> int:
+    """The whole demo; its exit status."""
+    weights = choose_weights(args.download)
+    device = args.device or default_device()
+    print(f"ovss-demo: {weights.note}", flush=True)
+    how = "given" if args.domain_chosen else "random; --domain-id chooses it"
+    print(
+        f"ovss-demo: node on ROS_DOMAIN_ID={args.domain_id} ({how}), discovery on this host "
+        f"only; device {device}; its log: {args.output / 'node.log'}",
+        flush=True,
+    )
+    profile = Path(tempfile.mkstemp(prefix="ovss_demo_fastdds_", suffix=".xml")[1])
+    env = node_environment(args, weights, profile)
+    os.environ.update(env)  # this process's participant joins the same graph
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    summary = Summary(args.output / "summary.txt")
+    sessions: list[Session] = []
+    node = NodeProcess(node_parameters(args, weights, device), env, args.output / "node.log")
+    try:
+        return _play(args, weights, node, summary, sessions)
+    except StartupError as error:
+        print(f"ovss-demo: the node failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ovss-demo: stopped (Ctrl-C); stopping the node", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        for session in sessions:
+            session.close()
+        status = node.stop()
+        summary.close()
+        profile.unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, previous)
+        print(f"ovss-demo: node stopped (exit status {status})", flush=True)
+
+
+def _play(
+    args: DemoArgs, weights: Weights, node: NodeProcess, summary: Summary, sessions: list[Session]
+) -> int:
+    total = len(args.frames)
+    change_after = args.change_after or max(1, total // 2)
+    summary.line(
+        f"# ovss-demo: {total} frames from {args.source} at {args.rate:g} Hz; model "
+        f"{Path(weights.model).name} pretrained {weights.pretrained}; vocabulary change "
+        f"after frame {change_after}"
+    )
+    if weights.random:
+        summary.line(f"# {RANDOM_WARNING}")
+    session = Session(args.startup_timeout, node.returncode, node.error_line)
+    sessions.append(session)
+    session.wait_ready()
+    period = 1.0 / args.rate
+    segmented = 0
+    for index, (name, rgb) in enumerate(args.frames, start=1):
+        started = time.monotonic()
+        result = session.play(index, name, rgb, args.frame_timeout)
+        summary.line(frame_line(result, total, weights.random))
+        if result.overlay is not None:
+            segmented += 1
+            picture = annotated(result.overlay, [frame_line(result, total, False)], weights.random)
+            cv2.imwrite(str(args.output / f"overlay_{index:04d}.png"), picture)
+        if node.returncode() is not None:
+            summary.line(f"# the node ended ({node.returncode()}): {node.error_line()}")
+            return 1
+        if index == change_after and index < total:
+            reason = session.set_classes(args.then_classes)
+            if reason is not None:
+                summary.line(f"# the node refused --then-classes: {reason}")
+                return 1
+            summary.line(f"# vocabulary set to: {', '.join(args.then_classes)}")
+        session.wait(started + period)
+    summary.line(f"# {segmented} of {total} frames segmented; overlays in {args.output}")
+    return 0 if segmented == total else 1
