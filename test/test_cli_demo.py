@@ -8,12 +8,14 @@ weights are not cached on the test machine, so it must say so and run its shippe
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -211,7 +213,10 @@ def test_a_node_that_cannot_start_gives_its_error_line_and_status_1(tmp_path, im
     assert not frame_lines(result.stdout)
 
 
-def test_ctrl_c_stops_the_node_cleanly(tmp_path, images):
+@contextlib.contextmanager
+def slow_demo(tmp_path: Path, images: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """The demo mid-run: its first frame is in and the next is 100 s away. Killed on the way out
+    if still running."""
     out = tmp_path / "out"
     log = tmp_path / "stdout.txt"
     with open(log, "w") as stdout:
@@ -225,24 +230,65 @@ def test_ctrl_c_stops_the_node_cleanly(tmp_path, images):
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + RUN_TIMEOUT_S
         try:
-            while not frame_lines(log.read_text()):  # the first frame is in: mid-run
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while not frame_lines(log.read_text()):
                 assert process.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=3 * STOP_TIMEOUT_S)
+            yield process, out
         finally:
             if process.poll() is None:
                 process.kill()
-    text = log.read_text()
+                process.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_ctrl_c_stops_the_node_cleanly(tmp_path, images):
+    with slow_demo(tmp_path, images) as (process, out):
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=3 * STOP_TIMEOUT_S)
+    text = (tmp_path / "stdout.txt").read_text()
     assert process.returncode == 130, (text, stderr)
     assert "stopped (Ctrl-C)" in stderr and "Traceback" not in stderr, stderr
     assert "node stopped (exit status 0)" in text, text
     node_log = (out / "node.log").read_text()
     assert "SIGINT: shutting down" in node_log, node_log
     assert len(frame_lines(text)) == 1, text  # stopped before the next frame (100 s apart)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_demo_leaves_no_node_behind(tmp_path, images):
+    """SIGKILL gives the demo no chance to stop its node: the node ends on its own (SIGTERM from
+    the kernel), instead of serving on the demo's domain for ever."""
+    with slow_demo(tmp_path, images) as (process, out):
+        (node,) = children(process.pid)
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 3 * STOP_TIMEOUT_S
+    while Path(f"/proc/{node}").exists() and "Z" not in _state(node):
+        assert time.monotonic() < deadline, (out / "node.log").read_text()
+        time.sleep(0.1)
+    assert "SIGTERM: shutting down" in (out / "node.log").read_text()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def test_without_the_voc_samples_the_shipped_scenes_are_played(monkeypatch):

@@ -4,6 +4,8 @@ back (``demo.py`` says what the demo does and its exit statuses)."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import signal
@@ -22,6 +24,7 @@ from ovss_ros.cli.demo_options import RANDOM_MODEL, DemoArgs
 from ovss_ros.cli.demo_session import FrameResult, Session, StartupError
 
 STOP_TIMEOUT_S = 60.0  # the node ending after each of SIGINT, SIGTERM
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # A 16 MiB shared-memory segment: a 640x480 rgb8 frame is larger than Fast DDS's default 512 KB
 # one and would be lost under BEST_EFFORT; UDP kept on the loopback interface.
 FASTDDS_PROFILE = """<?xml version="1.0" encoding="UTF-8"?>
@@ -126,9 +129,21 @@ def node_environment(args: DemoArgs, weights: Weights, profile: Path) -> dict[st
     return env
 
 
+def _stop_with_parent(parent: int) -> None:
+    """In the node's process before it runs (Linux): SIGTERM when the demo ends in any way, even
+    killed (prctl PR_SET_PDEATHSIG), so no node is left serving on the demo's domain."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the demo ended before the line above
+        os._exit(1)
+
+
 class NodeProcess:
     """``python -m ovss_ros.ros.node`` in its own session (Ctrl-C reaches only the demo, which
-    stops the node with SIGINT), its output in ``log``."""
+    stops the node with SIGINT; the node gets SIGTERM if the demo dies without that), its output
+    in ``log``."""
 
     def __init__(self, parameters: dict[str, Any], env: dict[str, str], log: Path) -> None:
         command = [sys.executable, "-m", "ovss_ros.ros.node", "--ros-args"]
@@ -143,6 +158,7 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
         )
 
     def returncode(self) -> int | None:
