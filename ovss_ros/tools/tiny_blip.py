@@ -1,6 +1,7 @@
-"""Tiny random BLIP image-text-matching checkpoints for tests: real transformers classes.
+"""Tiny random BLIP image-text-matching checkpoints (tests, trying PnP-OVSS without weights):
+real transformers classes.
 
-``save_tiny_blip(folder)`` writes what ``BlipForImageTextRetrieval.save_pretrained`` and
+``save_blip(directory)`` writes what ``BlipForImageTextRetrieval.save_pretrained`` and
 ``BlipProcessor.save_pretrained`` write for a published checkpoint (config, safetensors weights,
 tokenizer, image-processor config), so tests load it through the same code path as
 ``Salesforce/blip-itm-large-flickr``. The tokenizer is a ``BertTokenizer`` read from a small
@@ -9,6 +10,7 @@ WordPiece vocabulary file written here; like BLIP's it knows ``[DEC]`` and ``[EN
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ def write_vocabulary(folder: Path) -> Path:
 
 
 def tiny_tokenizer(folder: Path) -> BertTokenizer:
+    """A ``BertTokenizer`` of ``WORDS`` (its vocabulary file written to ``folder``)."""
     write_vocabulary(folder)
     return BertTokenizer.from_pretrained(str(folder))
 
@@ -83,10 +86,19 @@ def tiny_blip(
     return model, tokenizer
 
 
+def save_blip(directory: Path, seed: int = 0, max_positions: int = 64) -> Path:
+    """Write a loadable checkpoint directory (model + processor, what ``pnp.vlm_pretrained``
+    takes) at ``directory`` and return it. The vocabulary is written to a temporary folder first
+    (``BertTokenizer`` reads a file); OSError when ``directory`` cannot be written."""
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as build:
+        model, tokenizer = tiny_blip(Path(build), seed, max_positions)
+        model.save_pretrained(directory)
+        processor = BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=tokenizer)
+        processor.save_pretrained(directory)
+    return directory
+
+
 def save_tiny_blip(folder: Path, seed: int = 0, max_positions: int = 64) -> Path:
-    """Write a loadable checkpoint directory (model + processor) and return it."""
-    model, tokenizer = tiny_blip(folder / "build", seed, max_positions)
-    out = folder / "tiny-blip-itm"
-    model.save_pretrained(out)
-    BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=tokenizer).save_pretrained(out)
-    return out
+    """``save_blip`` into ``folder/tiny-blip-itm`` (the tests' layout); returns that folder."""
+    return save_blip(Path(folder) / "tiny-blip-itm", seed, max_positions)

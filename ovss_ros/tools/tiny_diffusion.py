@@ -5,12 +5,14 @@ Real diffusers / transformers classes with small configs: the UNet keeps SD2's b
 attention resolutions in the up blocks) at a few channels, inputs in multiples of 32 pixels; the
 VAE keeps SD's 8x downsampling; the text encoder and tokenizer are real CLIP ones with a handful
 of tokens. ``save_tiny_pipeline(directory)`` writes unet/, vae/, scheduler/, text_encoder/ and
-tokenizer/ with ``save_pretrained``, as ``Sd2Attention.load`` reads them.
+tokenizer/ with ``save_pretrained``, as ``Sd2Attention.load`` reads them (what ``dslo.sd.model``
+takes); the tokenizer's sources go to a temporary folder.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -106,5 +108,6 @@ def save_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
     tiny_vae(seed).save_pretrained(directory / "vae")
     tiny_scheduler().save_pretrained(directory / "scheduler")
     tiny_text_encoder(seed).save_pretrained(directory / "text_encoder")
-    tiny_tokenizer(directory / "tokenizer_sources").save_pretrained(directory / "tokenizer")
+    with tempfile.TemporaryDirectory() as sources:
+        tiny_tokenizer(Path(sources)).save_pretrained(directory / "tokenizer")
     return directory
