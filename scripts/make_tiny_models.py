@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's ovss_ros
@@ -49,20 +50,27 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201 (argparse.Namespace)
     return parser.parse_args(argv)
 
 
-def check_folder(folder: Path, force: bool) -> None:
-    """Refuse (status 2, one line) a DIR that cannot be written or would be overwritten."""
+def prepare_folder(folder: Path, force: bool) -> None:
+    """Make ``folder`` and check that a file can be written in it, before any model library
+    loads; refuse (status 2, one line) one that is a file, is not empty without ``force``, or
+    cannot be made or written."""
     if os.path.lexists(folder):
         if not folder.is_dir():
             bad_input(PROG, f"{str(folder)!r} exists and is not a folder")
         if any(folder.iterdir()) and not force:
-            bad_input(PROG, f"{str(folder)!r} is not empty: give an empty or new folder, or --force")
-        place = folder
+            bad_input(
+                PROG, f"{str(folder)!r} is not empty: give an empty or new folder, or --force"
+            )
     else:
         place = next(p for p in folder.absolute().parents if os.path.lexists(p))
         if not place.is_dir():
             bad_input(PROG, f"{str(folder)!r} cannot be made: {str(place)!r} is not a folder")
-    if not os.access(place, os.W_OK | os.X_OK):
-        bad_input(PROG, f"{str(folder)!r} cannot be written: {str(place)!r} is not writable")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        bad_input(PROG, f"{str(folder)!r} cannot be written: {error.strerror or error}")
 
 
 def check_image(image: str | None) -> None:
@@ -117,7 +125,9 @@ def commands(folder: Path, image: str) -> list[tuple[str, str]]:
     train = ["ovss-train-deop", "folder", path(tm.SHAPES), "--output", run]
     train += ["--model", clip["model"], "--pretrained", clip["pretrained"], "--device", "cpu"]
     out.append(("train DeOP on the tiny CLIP (a few steps)", shlex.join(train + TRAINING)))
-    out.append(("deop with that checkpoint, one image", segment_command(image, path("out/deop"), deop)))
+    out.append(
+        ("deop with that checkpoint, one image", segment_command(image, path("out/deop"), deop))
+    )
     out.append(("deop with that checkpoint, the node", node_command(deop)))
     return out
 
@@ -125,15 +135,20 @@ def commands(folder: Path, image: str) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     folder = Path(args.folder).expanduser()
-    check_folder(folder, args.force)
     check_image(args.image)
-    from ovss_ros.tools.tiny_models import EXAMPLE, write_all  # arguments checked: torch now
+    prepare_folder(folder, args.force)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no bars per saved part
+    from transformers.utils import logging as transformers_logging  # arguments checked: torch
 
+    from ovss_ros.tools.tiny_models import EXAMPLE, write_all
+
+    transformers_logging.disable_progress_bar()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         write_all(folder, args.seed)
     except OSError as error:
-        print(f"{PROG}: error: could not write {str(folder)!r}: {one_line(error)}", file=sys.stderr)
+        print(
+            f"{PROG}: error: could not write {str(folder)!r}: {one_line(error)}", file=sys.stderr
+        )
         return 1
     image = shown(Path(args.image).expanduser()) if args.image else shown(folder / EXAMPLE)
     print(

@@ -18,6 +18,7 @@ All weights are random (seeded): outputs are meaningless; they are for trying th
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -49,11 +50,17 @@ def save_clip(config: Path, weights: Path, seed: int = 0) -> None:
     shutil.copyfile(CLIP_CONFIG, config)
     open_clip.add_model_config(config)
     torch.manual_seed(seed)
-    model = open_clip.create_model(config.stem, pretrained=None, device="cpu")
+    logging.disable(logging.WARNING)  # open_clip's "initialized randomly": that is the point
+    try:
+        model = open_clip.create_model(config.stem, pretrained=None, device="cpu")
+    finally:
+        logging.disable(logging.NOTSET)
     torch.save(model.state_dict(), weights)
 
 
-def shape_sample(rng: np.random.Generator, size: int = SHAPES_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def shape_sample(
+    rng: np.random.Generator, size: int = SHAPES_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """One (size x size x 3 uint8 RGB, size x size uint8 labels) pair: a grey textured floor
     (label 0) with a red disc (1) and/or a blue square (2) of random place and size."""
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
@@ -98,9 +105,7 @@ def write_all(folder: Path, seed: int = 0) -> dict[str, Path]:
     from ovss_ros.tools.tiny_blip import save_blip
     from ovss_ros.tools.tiny_diffusion import save_tiny_pipeline
 
-    paths = {
-        name: folder / name for name in (BLIP, SD2, CLIP_JSON, CLIP_WEIGHTS, SHAPES, EXAMPLE)
-    }
+    paths = {name: folder / name for name in (BLIP, SD2, CLIP_JSON, CLIP_WEIGHTS, SHAPES, EXAMPLE)}
     save_blip(paths[BLIP], seed)
     save_tiny_pipeline(paths[SD2], seed)
     save_clip(paths[CLIP_JSON], paths[CLIP_WEIGHTS], seed)
