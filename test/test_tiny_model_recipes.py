@@ -174,13 +174,23 @@ def test_deop_trains_on_the_tiny_clip_and_its_checkpoint_runs_in_the_tool_and_th
     words = commands["deop with that checkpoint, one image"]
     assert shown_path(words, "--deop-checkpoint", root) == checkpoint.resolve()
     check_segmented(run_tool(words, root), words, root, image)
-    # the node, as printed, with the same checkpoint: one labels frame of the VOC image
-    node = commands["deop with that checkpoint, the node"]
+    # the node, as printed, with the same checkpoint
+    check_node_segments(commands["deop with that checkpoint, the node"], root, image)
+
+
+def check_node_segments(words: list[str], cwd: Path, image: Path) -> None:
+    """The node command, run as printed in ``cwd``, serves one labels frame of ``image``."""
     rgb = cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB)
-    with node_from(node, root) as client:
+    with node_from(words, cwd) as client:
         message = make_image(rgb, "rgb8", next_header(client.node))
         labels = image_array(client.wait_for_output(message, ("labels",))["labels"])
     assert labels.shape == rgb.shape[:2] and set(np.unique(labels)) <= {0, 1, 2, 255}
+
+
+@pytest.mark.parametrize("method", METHODS[:2])
+def test_each_printed_node_command_serves_a_frame(made, method):
+    root, image, commands = made
+    check_node_segments(commands[f"{method}, the node"], root, image)
 
 
 def shown_path(words: list[str], flag: str, root: Path) -> Path:
