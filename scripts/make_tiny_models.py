@@ -79,8 +79,9 @@ def check_image(image: str | None) -> None:
 
 
 def shown(path: Path) -> str:
-    """A path as the commands give it: relative ones start with ./ (``pnp.vlm_pretrained`` and
-    ``dslo.sd.model`` read ``a/b`` as a Hugging Face hub id)."""
+    """A path as the commands give it: relative ones start with ./ so that ``pnp.vlm_pretrained``
+    and ``dslo.sd.model`` read them as folders, never as Hugging Face hub ids (``a/b``), even
+    run from another folder (then: not found)."""
     text = str(path)
     return text if path.is_absolute() or text.startswith(".") else f".{os.sep}{text}"
 
