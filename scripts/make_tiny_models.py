@@ -15,6 +15,7 @@ could not be written.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -36,7 +37,9 @@ TRAINING += ["--checkpoint-every", "0", "--validate-every", "0", "--no-progress"
 
 
 def parse_args(argv: list[str] | None):  # noqa: ANN201 (argparse.Namespace)
-    parser = ToolParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = ToolParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("folder", metavar="DIR", help="folder to write (made if missing)")
     parser.add_argument(
         "--force", action="store_true", help="write into DIR even if it is not empty"

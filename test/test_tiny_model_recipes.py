@@ -72,13 +72,19 @@ def printed_commands(stdout: str) -> dict[str, list[str]]:
     return found
 
 
-def run_tool(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """A printed tool command, run as its console script runs it (setup.py's entry function)."""
+def entry_argv(words: list[str]) -> list[str]:
+    """A printed command as its console script runs it (setup.py's entry function), without
+    needing the package installed."""
     module, function = console_script(words[0])
     script = f"import sys; from {module} import {function}; sys.exit({function}())"
-    env = child_environment()  # this checkout importable, offline, one thread
+    return [sys.executable, "-c", script, *words[1:]]
+
+
+def run_tool(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A printed tool command run in ``cwd`` (this checkout importable, offline, one thread)."""
+    env = child_environment()
     return subprocess.run(
-        [sys.executable, "-c", script, *words[1:]],
+        entry_argv(words),
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -130,12 +136,10 @@ def test_each_printed_segment_command_runs_on_a_voc_image(made, method):
 def node_from(words: list[str], cwd: Path):
     """The printed node command running in ``cwd`` (its console script's entry function) and a
     client, once the node subscribes and its label_info is in; Ctrl-C must end it with 0."""
-    module, function = console_script(words[0])
-    script = f"import sys; from {module} import {function}; sys.exit({function}())"
     log_path = cwd / "node.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-c", script, *words[1:]],
+            entry_argv(words),
             cwd=cwd,
             env=child_environment(),
             stdout=log,
