@@ -22,6 +22,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may try to download
 # here runs after them in its usual place.
 SLOW_FILES = (
     "test_node_shutdown.py",
+    "test_cli_demo.py",
+    "test_tiny_model_recipes.py",
     "test_node_vocabulary_stress.py",
     "test_node_startup_parameters.py",
     "test_node_accounting.py",

@@ -201,6 +201,20 @@ def test_ros_adapter_imports_neither_tools_nor_training():
     assert not found, "the ROS adapter must not import the tools or training:\n" + "\n".join(found)
 
 
+def test_tiny_models_use_no_layer_above_the_core():
+    """``ovss_ros.tools`` (tiny random models for scripts/ and tests) is below the tools."""
+    layers = ("ovss_ros.cli", "ovss_ros.training", "ovss_ros.ros", "ovss_ros.evaluation")
+
+    def forbidden(target: str) -> bool:
+        return target.split(".")[0] in ROS_LIBRARIES or any(
+            in_layer(target, layer) for layer in layers
+        )
+
+    found = violations(lambda name: in_layer(name, "ovss_ros.tools"), forbidden)
+    assert any(in_layer(name, "ovss_ros.tools") for name in MODULES)
+    assert not found, "ovss_ros.tools imports a layer above the core:\n" + "\n".join(found)
+
+
 def test_no_import_circle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
