@@ -8,15 +8,18 @@ process with the same ROS domain.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import rclpy
+from conftest import VOC_DIR, voc_image_paths
 from rcl_interfaces.msg import ParameterType
 from ros_harness import (
     EVENT_TIMEOUT_S,
@@ -34,6 +37,7 @@ from ovss_ros.cli.ctl import main
 from ovss_ros.cli.ctl_values import typed_value
 
 CLASSES = ["cat", "dog", "person"]
+DATA_VOC = VOC_DIR / "JPEGImages"
 WAIT = str(EVENT_TIMEOUT_S)  # --timeout for a node that runs
 
 
@@ -181,6 +185,60 @@ def test_save_frame_writes_the_next_overlay_and_labels(client, tmp_path, voc_rgb
     assert set(np.unique(labels)) <= {0, 1, 2, 255}
 
 
+@pytest.fixture()
+def photos(tmp_path):
+    """A folder with two VOC photos."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in voc_image_paths()[:2]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_play_once_publishes_each_image_at_the_rate(client, capsys, photos):
+    names = sorted(path.name for path in photos.iterdir())
+    status, out, err = ctl(capsys, "play", str(photos), "--rate", "20", "--timeout", WAIT)
+    assert (status, err) == (0, ""), err
+    assert out.splitlines() == [
+        f"1: {names[0]} -> /image",
+        f"2: {names[1]} -> /image",
+        "published 2 frames",
+    ]
+
+
+def test_play_loops_frames_the_node_segments_until_ctrl_c(client, photos):
+    labels = client.topic("labels")
+    tool = tool_process("play", str(photos), "--loop", "--rate", "5", "--frame-id", "played")
+    client.spin_until(
+        lambda: (
+            tool.poll() is not None
+            or any(m.header.frame_id == "played" for m in client.messages[labels])
+        ),
+        EVENT_TIMEOUT_S,
+        message="a labels frame of a played image",
+    )
+    assert tool.poll() is None, tool.communicate()
+    tool.send_signal(signal.SIGINT)
+    out, err = tool.communicate(timeout=EVENT_TIMEOUT_S)
+    assert tool.returncode == 0 and "Traceback" not in err, err
+    played = [m for m in client.messages[labels] if m.header.frame_id == "played"]
+    sizes = {cv2.imread(str(path)).shape[:2] for path in photos.iterdir()}
+    assert {(m.height, m.width) for m in played} <= sizes  # as the files are (under 1280 px)
+    assert out.startswith("1: ")
+
+
+def test_play_without_a_subscriber_says_so(capsys, photos):
+    isolate_dds()
+    status, out, err = ctl(
+        capsys, "play", str(photos), "--topic", "/nobody_listens", "--timeout", "2"
+    )
+    assert status == 1 and out == ""
+    assert err.strip() == (
+        "ovss-ctl: nothing subscribed to /nobody_listens within 2 s: is the node running, in "
+        "this ROS_DOMAIN_ID, with its input on that topic?"
+    )
+
+
 def test_lifecycle_of_the_plain_node_says_it_has_no_such_service(client, capsys):
     status, _, err = ctl(capsys, "lifecycle", "get", "--timeout", "3")
     assert status == 1, err
@@ -233,6 +291,14 @@ def test_a_node_that_does_not_exist_ends_the_wait_with_its_reason(capsys):
         (["save-frame", "out", "--camera", "9front"], "not a camera name"),
         (["save-frame", "/dev/null/out"], "is not a folder"),
         (["diagnostics", "--onc"], "unrecognized arguments"),
+        (["play"], "required"),
+        (["play", "/no/such/photo.jpg"], "'/no/such/photo.jpg' does not exist"),
+        (["play", "/dev/null"], "not a regular file or folder"),
+        (["play", str(Path(__file__).parent), "--rate", "2"], "no images in"),
+        (["play", __file__], "is not an image OpenCV can read"),
+        (["play", str(DATA_VOC), "--rate", "0"], "positive number of frames/s"),
+        (["play", str(DATA_VOC), "--rate", "inf"], "positive number of frames/s"),
+        (["play", str(DATA_VOC), "--topic", "bad topic"], "not a valid topic name"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, text):

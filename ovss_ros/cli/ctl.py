@@ -7,6 +7,7 @@
     ovss-ctl method sclip                   ovss-ctl enable | disable
     ovss-ctl lifecycle configure|activate|deactivate|cleanup|shutdown|get
     ovss-ctl diagnostics [--once]           ovss-ctl save-frame OUT_DIR [--camera NAME]
+    ovss-ctl play IMAGE_OR_FOLDER... [--rate 2] [--topic /image] [--loop]   (a camera from files)
 
 Every subcommand takes ``--node`` (default ``/ovss``) and ``--timeout`` (seconds). Values are read
 as YAML, as ``ros2 param set`` reads them, then typed by the node's own descriptor of the
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +32,29 @@ REFUSED = 1  # the node refused, or did not answer in time
 LIFECYCLE = ("configure", "activate", "deactivate", "cleanup", "shutdown", "get")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
-    return value
+def _positive(unit: str) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 of ``unit``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number of {unit}: {text!r}")
+        return value
+
+    return parse
+
+
+_seconds = _positive("seconds")
 
 
 def build_parser() -> ToolParser:
     parser = ToolParser(
         prog=PROG,
         description="Control a running ovss node (parameters, classes, method, enable, "
-        "lifecycle, diagnostics, frames) over ROS 2.",
+        "lifecycle, diagnostics, frames) over ROS 2, and play image files to it as a camera.",
         epilog="Exit status: 0 done, 1 the node refused or did not answer, 2 bad arguments.",
     )
     common = ToolParser(add_help=False)
@@ -87,6 +96,20 @@ def build_parser() -> ToolParser:
     save = command("save-frame", "write the next overlay and labels frame as PNG files")
     save.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for the PNG files")
     save.add_argument("--camera", default="", help="a camera of the node's cameras parameter")
+    play = command("play", "publish image files as a camera on the node's input topic")
+    play.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders of them")
+    play.add_argument(
+        "--rate", type=_positive("frames/s"), default=2.0, help="frames/s (default: %(default)s)"
+    )
+    play.add_argument(
+        "--topic",
+        default="/image",
+        help="where to publish (default: %(default)s, the input of a node started without remaps)",
+    )
+    play.add_argument(
+        "--frame-id", default="camera", help="header.frame_id (default: %(default)s)"
+    )
+    play.add_argument("--loop", action="store_true", help="round again until Ctrl-C")
     return parser
 
 
@@ -103,6 +126,19 @@ def check_arguments(parser: ToolParser, args: argparse.Namespace) -> None:
         parser.error("get: give parameter names or --all (not both)")
     if args.command == "set" and len(args.pairs) % 2:
         parser.error(f"set: a value for every name (got {len(args.pairs)} words: NAME VALUE ...)")
+    if args.command == "play":
+        from rclpy.validate_topic_name import validate_topic_name
+
+        from ovss_ros.cli.ctl_play import read_frames
+
+        try:
+            validate_topic_name(args.topic)
+        except Exception as error:
+            parser.error(f"--topic {args.topic!r} is not a valid topic name ({one_line(error)})")
+        try:
+            args.frames = read_frames(args.inputs)
+        except ValueError as error:
+            parser.error(one_line(error))
     if args.command == "save-frame":
         from ovss_ros.ros.topic_names import CAMERA_NAME
 
@@ -207,6 +243,11 @@ def run(args: argparse.Namespace, session: Any) -> int:
         from ovss_ros.cli.ctl_topics import watch_diagnostics
 
         watch_diagnostics(session, args.once)
+    elif args.command == "play":
+        from ovss_ros.cli.ctl_play import play
+
+        sent = play(session, args.frames, args.topic, args.rate, args.loop, args.frame_id)
+        print(f"published {sent} frames")
     elif args.command == "save-frame":
         from ovss_ros.cli.ctl_topics import save_frame
 
