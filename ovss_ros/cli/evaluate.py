@@ -63,7 +63,6 @@ def build_parser(
     parser = ToolParser(
         prog="ovss-eval",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("dataset", help=f"one of {', '.join(PROTOCOLS)}")
     parser.add_argument("root", type=Path, help="data set folder (e.g. VOCdevkit/VOC2012)")
