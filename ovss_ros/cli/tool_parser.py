@@ -133,6 +133,18 @@ def not_an_input(output: str | Path, inputs: Iterable[str | Path], flag: str) ->
             )
 
 
+def writable_folder(folder: str | Path, flag: str) -> None:
+    """Raise ValueError unless files can be made in ``folder``: its nearest existing ancestor
+    (itself when it exists) is a folder this user may write in. Checked before the work, so a
+    tool does not fail on its last step."""
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise ValueError(f"{flag}: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write in {str(existing)!r} (permission denied)")
+
+
 class OncePerRun(logging.Filter):
     """Lets each distinct log message (logger, level, text) through once: the rounds rebuild a
     combo's method every time (e.g. DeOP's no-checkpoint warning), its notice needs saying once.
