@@ -15,6 +15,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tool_process
@@ -170,3 +174,27 @@ def test_a_params_file_that_cannot_be_written_is_refused_before_the_work(blip, t
         locked.chmod(0o700)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "cannot write in" in done.stderr and "RANDOM weights" not in done.stderr
+
+
+def test_ctrl_c_ends_ovss_tune_with_130_and_no_params_file(blip, tmp_path):
+    """Interrupted during the search (many trials of several dropout rounds each): status 130,
+    one line, no traceback, no params file."""
+    output = tmp_path / "tuned.yaml"
+    args = arguments(blip, output, "--budget", "60", "--rounds", "3-5")
+    script = "import sys; from ovss_ros.cli.tune import main; sys.exit(main())"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+    )  # fmt: skip
+    seen = b""
+    while b"trial" not in seen:  # the progress bar: the search has started
+        chunk = process.stderr.read1(4096)
+        assert chunk, seen.decode(errors="replace")[-2000:]
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    err = (seen + err).decode(errors="replace")
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "ovss-tune: interrupted; no params file written" in err
+    assert not output.exists() and b"wrote" not in out
