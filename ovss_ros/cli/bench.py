@@ -369,9 +369,13 @@ def run(args, config: EngineConfig) -> int:
     }
     print_report(report)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=2)
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "w") as file:
+                json.dump(report, file, indent=2)
+        except OSError as error:  # the figures are printed above: a failure while running
+            print(f"ovss-bench: error: --json not written: {one_line(error)}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -15,9 +15,12 @@ configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with
 ``--dslo-sd-model`` where the hub is not reachable); ``--params-file`` reads engine settings
 from a params file over the protocol's; any engine flag overrides single settings
 (``--background-words`` replaces the data set's background words). Data sets: voc21,
-context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k. Exit status: 0 scored,
-2 bad arguments, data set, files or settings (one line on stderr; a damaged image or label stops
-the run, naming the file: skipping it would change the score).
+context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k, each read from the
+folder layout listed below (``ovss_ros.evaluation.dataset_readers.LAYOUTS``, docs/tools.md).
+
+Exit status: 0 scored, 1 the report could not be written (the scores are printed first), 2 bad
+arguments, data set, files or settings (one line on stderr; a damaged image or label stops the
+run, naming the file: skipping it would change the score), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,13 +38,22 @@ import numpy as np
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
-from ovss_ros.cli.tool_parser import BAD_INPUT, ToolParser, not_an_input, one_line
+from ovss_ros.cli.tool_parser import (
+    BAD_INPUT,
+    FAILED,
+    INTERRUPTED,
+    ToolParser,
+    not_an_input,
+    one_line,
+    writable_folder,
+)
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
 from ovss_ros.core.methods.freecp.settings import DATASET_THRESHOLDS as FREECP_THRESHOLDS
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
+from ovss_ros.evaluation.dataset_readers import layout_text
 from ovss_ros.evaluation.protocol import (
     METHOD_PROTOCOLS,
     DatasetProtocol,
@@ -53,6 +66,14 @@ if TYPE_CHECKING:  # the model libraries are imported once the arguments are che
     from ovss_ros.core.segmenter import Segmenter
 
 logger = logging.getLogger("ovss-eval")
+EXIT_STATUS = textwrap.fill(" ".join(__doc__.rsplit("\n\n", 1)[1].split()), 79)
+LAYOUT_HELP = textwrap.fill(
+    "Data-set layouts: the data set's folder (the one named here, or a folder above it that "
+    "holds it under that name; VOC: VOCdevkit/VOC2012 or VOC2012) holds these files "
+    "(<id>, <city>, <name>: any part of a file name; an image without its labels is refused "
+    "before any work):",
+    79,
+) + "\n" + layout_text()
 
 
 def build_parser(
@@ -63,10 +84,12 @@ def build_parser(
     parser = ToolParser(
         prog="ovss-eval",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"{EXIT_STATUS}\n\n{LAYOUT_HELP}",
     )
     parser.add_argument("dataset", help=f"one of {', '.join(PROTOCOLS)}")
-    parser.add_argument("root", type=Path, help="data set folder (e.g. VOCdevkit/VOC2012)")
+    parser.add_argument(
+        "root", type=Path, help="data set folder (e.g. VOCdevkit/VOC2012; layouts below)"
+    )
     parser.add_argument(
         "--protocol",
         choices=list(METHOD_PROTOCOLS),
@@ -196,12 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args, protocol, method = parse_args(argv)
     try:
+        return score(args, protocol, method)
+    except KeyboardInterrupt:  # Ctrl-C: no report (a partial score would mislead)
+        print("ovss-eval: interrupted; nothing scored", file=sys.stderr)
+        return INTERRUPTED
+
+
+def score(args: argparse.Namespace, protocol: DatasetProtocol, method: MethodProtocol) -> int:
+    """Check, load, score, report: 0 scored, 1 the report not written, 2 bad input."""
+    try:
         builtin = method.for_dataset(protocol).class_file(protocol)
         vocabulary = load_vocabulary(protocol, args.class_names, builtin)
         reader = protocol.read(args.root)
         if args.output is not None:
             inputs = [path for pair in reader.pairs for path in pair]
             not_an_input(args.output, [*inputs, *filter(None, [args.class_names])], "--output")
+            writable_folder(args.output.expanduser().absolute().parent, "--output")
         config = engine_config(args, vocabulary.background_words, method)
         config.validate()
         from ovss_ros.core.segmenter import Segmenter  # the model libraries: arguments checked
@@ -229,9 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             "protocol_source": method.source,
             "engine": config.flat(),
         }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.output}")
+        output = args.output.expanduser()
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as error:  # checked writable before the work: a full disk, a lost mount
+            print(f"ovss-eval: error: {one_line(error)}", file=sys.stderr)
+            return FAILED
+        print(f"results written to {output}")
     return 0
 
 

@@ -180,7 +180,6 @@ def build_parser() -> ToolParser:
         prog="ovss-segment",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--classes", nargs="+", required=True, help="class names ('a; synonym')")

@@ -6,12 +6,18 @@ flag; ``--help`` still shows it), that refuses a flag of an earlier release with
 replaced it (``renamed_flags``: ``--crop was renamed --dense-crop``) and takes no abbreviated flags
 (``--background`` must not silently mean ``--background-words``). ``bad_input`` is that same line
 for a refusal found after parsing. ``not_an_input`` refuses an output path that is one of the
-inputs, so no tool overwrites what it reads.
+inputs, so no tool overwrites what it reads. ``--help`` (``ToolHelpFormatter``) shows the default
+of every option that has one, and keeps the description and epilog as written.
+
+Exit status of every tool (docs/tools.md): 0 done, 1 a failure while running (some inputs
+skipped, a write failed, the node refused), 2 bad input (``BAD_INPUT``), 130 Ctrl-C
+(``INTERRUPTED``), 143 SIGTERM where a tool handles it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -20,6 +26,42 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 BAD_INPUT = 2  # the exit status of every tool for bad arguments, files or settings
+FAILED = 1  # a failure while running: inputs skipped, an output not written, the node refused
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
+
+
+class ToolHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each option's default (``(default: X)``, argparse's
+    ``ArgumentDefaultsHelpFormatter`` rule) unless its help already says it (``(default``,
+    ``%(default)``); none for options without a default (None) and for on/off switches
+    (``store_true``: off unless given). Description and epilog keep their line breaks (the
+    data-set layouts of ovss-eval, the exit statuses)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text.lower() or "%(default)" in text:
+            return text
+        return f"{text} {self._default_text(action)}".strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._default_text(action):  # argparse shows no help line
+            action = copy.copy(action)
+            action.help = self._default_text(action)
+        return super()._format_action(action)
+
+    @staticmethod
+    def _default_text(action: argparse.Action) -> str:
+        """``(default: X)`` for an option with a default to show, else ''."""
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return ""
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if switch or not (action.option_strings or action.nargs in ("?", "*")):
+            return ""
+        if isinstance(action.default, (list, tuple)):
+            shown = " ".join(str(v) for v in action.default).replace("%", "%%") or "none"
+        else:
+            shown = "%(default)r" if isinstance(action.default, str) else "%(default)s"
+        return f"(default: {shown})"
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -29,6 +71,7 @@ class ToolParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", ToolHelpFormatter)
         super().__init__(*args, **kwargs)
         self.renamed_flags: dict[str, str] = {}
 
@@ -88,6 +131,18 @@ def not_an_input(output: str | Path, inputs: Iterable[str | Path], flag: str) ->
                 f"{flag} {str(output)!r} is the input {str(path)!r}: writing it would overwrite "
                 "the input; choose another file"
             )
+
+
+def writable_folder(folder: str | Path, flag: str) -> None:
+    """Raise ValueError unless files can be made in ``folder``: its nearest existing ancestor
+    (itself when it exists) is a folder this user may write in. Checked before the work, so a
+    tool does not fail on its last step."""
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise ValueError(f"{flag}: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write in {str(existing)!r} (permission denied)")
 
 
 class OncePerRun(logging.Filter):

@@ -5,10 +5,12 @@
 Every trial segments the images with one choice of layer, head, threshold and dropout rounds;
 its reward is how often CLIP recognises a class better with the class's mask region kept than
 removed (ovss_ros/core/methods/pnp_ovss/tuning.py). The classes of each image are decided once,
-by CLIP, with the starting settings, which are always the first trial. The best settings are
-printed and written as a ROS 2 params file (``/**: ros__parameters:``, the PnP-OVSS settings
-nested under ``pnp:``) for the node (``--params-file``) and the other tools (``--params-file``),
-with the classes tuned on.
+by CLIP, with the starting settings, which are always the first trial and always inside the
+search space (``tune_space``). The best settings are printed and written as a ROS 2 params file
+(``/**: ros__parameters:``, the PnP-OVSS settings nested under ``pnp:``) for the node
+(``--params-file``) and the other tools (``--params-file``), with the classes tuned on and every
+setting the node needs to run as the tuned run did (``node_parameters``). Exit status: 0 written,
+1 the params file could not be written, 2 bad input (one line on stderr), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,7 +29,25 @@ from tqdm import tqdm
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.segment import image_files
-from ovss_ros.cli.tool_parser import ToolParser, not_an_input, one_line
+from ovss_ros.cli.tool_parser import (
+    BAD_INPUT,
+    FAILED,
+    INTERRUPTED,
+    ToolParser,
+    not_an_input,
+    one_line,
+    writable_folder,
+)
+from ovss_ros.cli.tune_space import (
+    SEARCHED,
+    flag_texts,
+    given_flags,
+    int_list,
+    refuse_start_outside,
+    search_space,
+    space_values,
+    start_inside,
+)
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.methods.pnp_ovss.settings import PnpSettings
@@ -35,7 +55,10 @@ from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
 
 if TYPE_CHECKING:  # the model libraries are imported once the arguments are checked
+    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
     from ovss_ros.core.methods.pnp_ovss.tuning import SearchSpace
+
+__all__ = ["build_parser", "int_list", "main", "node_parameters"]
 
 logger = logging.getLogger("ovss-tune")
 THRESHOLDS = "0.05,0.15,0.25,0.35,0.45"  # the release's search grid (np.arange(0.05, 0.5, 0.1))
@@ -51,16 +74,26 @@ OLD_FLAGS = {
 }
 
 
+# What a node needs besides CLIP's and PnP-OVSS's settings to run as the tuned run did: the
+# scores were measured without a probability threshold and without background words (pnp_ovss
+# makes its own background), whatever another params file loaded before this one sets.
+RUN_AS_TUNED = {"score_threshold": 0.0, "background_words": []}
+
+
 def node_parameters(
     config: EngineConfig, classes: Sequence[str] = ()
 ) -> dict[str, dict[str, dict[str, object]]]:
-    """The params-file content: method pnp_ovss, CLIP's model, every PnP-OVSS setting of
-    ``config`` (nested under ``pnp``, as ROS 2 nests ``pnp.layer``), and ``classes`` if any."""
+    """The params-file content that makes the node run the tuned settings as ovss-tune ran them:
+    method pnp_ovss, CLIP's model, weights, precision and templates, ``RUN_AS_TUNED``, the
+    ``classes`` tuned on (if any) and every PnP-OVSS setting of ``config`` (nested under ``pnp``,
+    as ROS 2 nests ``pnp.layer``). The device is left to the node (``device: auto``)."""
     parameters: dict[str, object] = {
         "method": "pnp_ovss",
         "model": config.model,
         "pretrained": config.pretrained,
+        "precision": config.precision,
         "templates": config.templates,
+        **RUN_AS_TUNED,
     }
     if classes:
         parameters["classes"] = list(classes)
@@ -68,83 +101,16 @@ def node_parameters(
     return {"/**": {"ros__parameters": parameters}}
 
 
-# Values one search-space flag may list, and candidates the whole space may hold: BLIP large has
-# 12 x 12 layer-head pairs; 5 thresholds x 5 rounds make 3600 candidates, a budget far beyond any
-# run. A range like 0-1000000 is refused instead of listed (it cost 7.9 GB, then MemoryError).
-MAX_VALUES = 1000
-MAX_CANDIDATES = 100_000
-
-
-def int_list(text: str, flag: str = "list") -> list[int]:
-    """``"1-3,8"`` -> [1, 2, 3, 8]; ValueError naming ``flag`` for text that is not such a
-    list or lists more than MAX_VALUES values."""
-    values: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        low, _, high = part.partition("-")
-        try:
-            first, last = int(low), int(high or low)
-        except ValueError:
-            raise ValueError(
-                f"{flag} {text!r}: {part!r} is not an integer or a range like 2-5"
-            ) from None
-        if last < first:
-            raise ValueError(
-                f"{flag} {text!r}: {part!r} runs backwards: write the smaller number first "
-                f"({last}-{first})"
-            )
-        if len(values) + last - first + 1 > MAX_VALUES:
-            raise ValueError(
-                f"{flag} {text!r}: {part!r} is not a range of at most {MAX_VALUES} values"
-            )
-        values += range(first, last + 1)
-    return values
-
-
-def float_list(text: str, flag: str = "list") -> list[float]:
-    """``"0.1,0.2"`` -> [0.1, 0.2]; ValueError naming ``flag`` for anything else."""
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r} is not a comma-separated list of numbers") from None
-    if len(values) > MAX_VALUES:
-        raise ValueError(f"{flag} lists {len(values)} values; at most {MAX_VALUES}")
-    return values
-
-
-def space_values(args: argparse.Namespace) -> dict[str, list]:
-    """The values the search-space flags list (layers and heads empty: every one of the VLM's),
-    read before any model loads; ValueError naming the flag for a bad or empty list."""
-    values = {
-        "layers": int_list(args.layers, "--layers"),
-        "heads": int_list(args.heads, "--heads"),
-        "thresholds": float_list(args.thresholds, "--thresholds"),
-        "dropout_rounds": int_list(args.rounds, "--rounds"),
-    }
-    for flag, name in (("--thresholds", "thresholds"), ("--rounds", "dropout_rounds")):
-        if not values[name]:
-            raise ValueError(f"{flag} is empty: give at least one value")
-    return values
-
-
-def search_space(args: argparse.Namespace, layers: int, heads: int) -> SearchSpace:
-    """The search space of the flags (empty layers/heads: every one of the VLM's); ValueError
-    for an empty list or a space of more than MAX_CANDIDATES candidates."""
-    from ovss_ros.core.methods.pnp_ovss.tuning import SearchSpace
-
-    values = space_values(args)
-    space = SearchSpace(
-        layers=values["layers"] or list(range(1, layers + 1)),
-        heads=values["heads"] or list(range(1, heads + 1)),
-        thresholds=values["thresholds"],
-        dropout_rounds=values["dropout_rounds"],
-    )
-    size = len(space.layers) * len(space.heads) * len(space.thresholds) * len(space.dropout_rounds)
-    if size > MAX_CANDIDATES:
-        raise ValueError(
-            f"the search space has {size} candidates (layers x heads x thresholds x rounds); "
-            f"at most {MAX_CANDIDATES}: narrow --layers, --heads, --thresholds or --rounds"
-        )
-    return space
+def local_paths_absolute(config: EngineConfig) -> EngineConfig:
+    """``config`` with each of its model, weights and VLM that names an existing local file or
+    folder as an absolute path: the node is started from another folder than the tool."""
+    changes = {}
+    for name in ("model", "pretrained", "pnp.vlm_pretrained"):
+        value = str(config.flat()[name])
+        path = Path(value).expanduser()
+        if value not in ("", "none") and path.exists():
+            changes[name] = str(path.absolute())
+    return config.replace(changes) if changes else config
 
 
 def build_parser() -> ToolParser:
@@ -158,7 +124,12 @@ def build_parser() -> ToolParser:
     parser.add_argument("--seed", type=int, default=0, help="random search seed")
     parser.add_argument("--max-images", type=int, default=0, help="use the first N (0 = all)")
     add_max_input_pixels_argument(parser)
-    space = parser.add_argument_group("search space (1-based layers and heads)")
+    space = parser.add_argument_group(
+        "search space (1-based layers and heads)",
+        "The first trial is --pnp-layer, --pnp-head, --pnp-threshold, --pnp-dropout-rounds: one "
+        "given outside the space is refused; a default outside it becomes the searched value "
+        "nearest to it.",
+    )
     space.add_argument("--layers", default="", help="e.g. 6-10 (default: every text layer)")
     space.add_argument("--heads", default="", help="e.g. 1-12 (default: every head)")
     space.add_argument("--thresholds", default=THRESHOLDS, help="comma-separated")
@@ -174,34 +145,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    try:
+        return tune(args, given_flags(argv))
+    except KeyboardInterrupt:  # Ctrl-C: nothing written (the params file is the last step)
+        print("ovss-tune: interrupted; no params file written", file=sys.stderr)
+        return INTERRUPTED
+
+
+def prepare(args: argparse.Namespace, given: set[str]) -> tuple[list[Path], PnpOvss, SearchSpace]:
+    """Check the arguments, then load the models: the images to read, the pipeline with the
+    first trial's settings (inside the search space) and its vocabulary, the search space.
+    Raises what main reports as bad input (OSError, ModelLoadError, VocabularyError,
+    ValueError)."""
     config = config_from_args(args)
     start = config.pnp
-    try:
-        if args.budget < 1:
-            raise ValueError(f"--budget must be at least 1 (settings to try), got {args.budget}")
-        if args.max_images < 0:
-            raise ValueError(f"--max-images must be at least 0 (0 = all), got {args.max_images}")
-        files = image_files(args.inputs)[: args.max_images or None]
-        if not files:
-            raise FileNotFoundError("no images found in the inputs")
-        not_an_input(args.output, files, "--output")
-        space_values(args)  # the search space's flags, before the models load
-        start.validate()
-        from ovss_ros.core.clip.model_loading import load_clip  # arguments checked: the models
-        from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
-        from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
+    if args.budget < 1:
+        raise ValueError(f"--budget must be at least 1 (settings to try), got {args.budget}")
+    if args.max_images < 0:
+        raise ValueError(f"--max-images must be at least 0 (0 = all), got {args.max_images}")
+    files = image_files(args.inputs)[: args.max_images or None]
+    if not files:
+        raise FileNotFoundError("no images found in the inputs")
+    not_an_input(args.output, files, "--output")
+    writable_folder(Path(args.output).expanduser().absolute().parent, "--output")
+    # the search space's flags and the first trial in it, before the models load
+    refuse_start_outside(start, space_values(args), given, flag_texts(args))
+    start.validate()
+    from ovss_ros.core.clip.model_loading import load_clip  # arguments checked: the models
+    from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
+    from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 
-        clip = load_clip(config.model, config.pretrained, config.device, config.precision)
-        vlm = load_vlm(start.vlm_model, start.vlm_pretrained, config.device, config.precision)
-        pipeline = PnpOvss(clip, vlm, start, templates=config.templates)
-        pipeline.set_classes(args.classes)
-        space = search_space(args, vlm.num_layers, vlm.num_heads)
-        for candidate in space.candidates():  # refuse a bad space before any work
-            pipeline.check(replace(start, **candidate))
+    clip = load_clip(config.model, config.pretrained, config.device, config.precision)
+    vlm = load_vlm(start.vlm_model, start.vlm_pretrained, config.device, config.precision)
+    space = search_space(args, vlm.num_layers, vlm.num_heads)
+    start = start_inside(start, space, given)
+    pipeline = PnpOvss(clip, vlm, start, templates=config.templates)
+    pipeline.set_classes(args.classes)
+    for candidate in space.candidates():  # refuse a bad space before any work
+        pipeline.check(replace(start, **candidate))
+    return files, pipeline, space
+
+
+def tune(args: argparse.Namespace, given: set[str]) -> int:
+    """The run after parsing: 0 written, 1 the params file could not be written, 2 bad input."""
+    try:
+        files, pipeline, space = prepare(args, given)
     except (OSError, ModelLoadError, VocabularyError, ValueError) as error:
         logger.error("%s", one_line(error))
-        return 2
+        return BAD_INPUT
     images = []
     for path in files:  # bounded before decoding, stored pixel grid (EXIF ignored)
         try:
@@ -212,11 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("skipping %s: not a readable image (%s)", path, error)
     if not images:
         logger.error("no readable images")
-        return 2
+        return BAD_INPUT
+    start = pipeline.settings
     present = [pipeline.present_classes(pipeline.preprocess(rgb)[1]) for rgb in images]
-    first = {
-        name: getattr(start, name) for name in ("layer", "head", "threshold", "dropout_rounds")
-    }
+    first = {name: getattr(start, name) for name in SEARCHED}
     from ovss_ros.core.methods.pnp_ovss.tuning import best_of, evaluate_settings, random_search
 
     results = random_search(
@@ -228,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=lambda total: tqdm(total=total, desc="ovss-tune", unit="trial", file=sys.stderr),
     )
     best, best_reward = best_of(results)
-    tuned = replace(config, pnp=replace(start, **best))
+    tuned = local_paths_absolute(replace(config_from_args(args), pnp=replace(start, **best)))
     first_reward = results[0][1]
     print(
         f"start {first}: win rate {first_reward.win_rate:.3f}, margin {first_reward.margin:+.4f}"
@@ -237,14 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         f"best  {best}: win rate {best_reward.win_rate:.3f}, margin {best_reward.margin:+.4f} "
         f"({best_reward.pairs} image-class pairs, {len(results)} trials, {len(images)} images)"
     )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     header = (
         "# PnP-OVSS settings chosen by ovss-tune (CLIP reward, no labels): "
-        f"win rate {best_reward.win_rate:.3f} on {len(images)} images\n"
+        f"win rate {best_reward.win_rate:.3f} on {len(images)} images, tuned on device "
+        f"{args.device}\n# ovss_node --ros-args --params-file {Path(args.output).name}\n"
     )
     content = yaml.safe_dump(node_parameters(tuned, args.classes), sort_keys=False)
-    output.write_text(header + content)
+    output = Path(args.output).expanduser()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(header + content)
+    except OSError as error:  # checked writable before the work: a full disk, a lost mount
+        logger.error("%s", one_line(f"--output {str(output)!r} not written: {error}"))
+        return FAILED
     print(f"wrote {output}")
     return 0
 

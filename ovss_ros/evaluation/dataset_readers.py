@@ -299,3 +299,83 @@ def read_ade20k(root: Path) -> DatasetReader:
         ),
         reduce_zero_label_map(),
     )
+
+
+# The folder layout each reader above reads (``ovss-eval --help``, docs/tools.md): the folder
+# given to ovss-eval (or a folder above it that holds it under the same name), its files relative
+# to it, and what a label value means. ``<id>``, ``<city>``, ``<name>``: any file name part.
+_VOC = (
+    "VOCdevkit/VOC2012",
+    (
+        ("JPEGImages/<id>.jpg", "the images"),
+        ("SegmentationClass/<id>.png", "labels, an index PNG (palette or grey)"),
+        ("ImageSets/Segmentation/val.txt", "the <id>s scored, one a line"),
+    ),
+)
+_CONTEXT = (
+    "VOCdevkit/VOC2010",
+    (
+        ("JPEGImages/<id>.jpg", "the images"),
+        ("SegmentationClassContext/<id>.png", "labels, a grey PNG (mmsegmentation's converter)"),
+        ("ImageSets/SegmentationContext/val.txt", "the <id>s scored, one a line"),
+    ),
+)
+_COCO = (
+    "coco_stuff164k",
+    (
+        ("images/val2017/<id>.jpg", "the images, every one below the folder scored"),
+        ("annotations/val2017/<id>_labelTrainIds.png", "labels, a grey PNG"),
+    ),
+)
+_COCO_OBJECT = (
+    _COCO[0],
+    (
+        _COCO[1][0],
+        (
+            "annotations/val2017/<id>_instanceTrainIds.png",
+            "labels, a grey PNG from cvt_coco_object.py; without these files, COCO-Stuff's "
+            "<id>_labelTrainIds.png, converted the same way",
+        ),
+    ),
+)
+_CITYSCAPES = (
+    "cityscapes",
+    (
+        ("leftImg8bit/val/<city>/<name>_leftImg8bit.png", "the images, every one scored"),
+        (
+            "gtFine/val/<city>/<name>_gtFine_labelTrainIds.png",
+            "labels, a grey PNG of train ids (cityscapesscripts' createTrainIdLabelImgs)",
+        ),
+    ),
+)
+_ADE = (
+    "ADEChallengeData2016",
+    (
+        ("images/validation/<id>.jpg", "the images, every one scored"),
+        ("annotations/validation/<id>.png", "labels, a grey PNG"),
+    ),
+)
+# data set -> (folder, files, what a stored label value means)
+LAYOUTS: dict[str, tuple[str, tuple[tuple[str, str], ...], str]] = {
+    "voc21": (*_VOC, "0 background, k class k (1..20), 255 not scored (object edges)"),
+    "context60": (*_CONTEXT, "0 background, k class k (1..59), 255 not scored"),
+    "coco_object": (*_COCO_OBJECT, "0 background, k thing k (1..80)"),
+    "voc20": (*_VOC, "k class k - 1 (1..20); 0 background and 255 not scored"),
+    "context59": (*_CONTEXT, "k class k - 1 (1..59); 0 and 255 not scored"),
+    "coco_stuff": (*_COCO, "k class k (0..170), 255 not scored"),
+    "cityscapes": (*_CITYSCAPES, "k class k (0..18), 255 not scored"),
+    "ade20k": (*_ADE, "k class k - 1 (1..150); 0 (other) and 255 not scored"),
+}
+
+
+def layout_text(indent: str = "  ") -> str:
+    """Every data set's layout as plain text (``ovss-eval --help``): one block per data set,
+    ``name: FOLDER/`` then each file below it (``path: what it holds``), then the label
+    values."""
+    blocks = []
+    for name, (folder, files, values) in LAYOUTS.items():
+        lines = [f"{name}: {folder}/"]
+        lines += [f"{indent}{path}: {what}" for path, what in files]
+        lines.append(f"{indent}label values: {values}")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
