@@ -46,7 +46,13 @@ import numpy as np
 
 from ovss_ros.cli.bench_report import STAGES, print_report, summary
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
-from ovss_ros.cli.tool_parser import ToolParser, log_once_to_stderr, not_an_input, one_line
+from ovss_ros.cli.tool_parser import (
+    INTERRUPTED,
+    ToolParser,
+    log_once_to_stderr,
+    not_an_input,
+    one_line,
+)
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
 from ovss_ros.ros.image_conversion import (
     DEFAULT_MAX_INPUT_PIXELS,
@@ -319,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = log_once_to_stderr()
     try:
         return run(args, config_from_args(args))
+    except KeyboardInterrupt:  # Ctrl-C: figures of a part of the rounds would mislead
+        print("ovss-bench: interrupted; nothing reported", file=sys.stderr)
+        return INTERRUPTED
     finally:
         logging.getLogger().removeHandler(handler)
 

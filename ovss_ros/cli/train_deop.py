@@ -24,11 +24,11 @@ from pathlib import Path
 
 from ovss_ros.cli.engine_args import add_engine_arguments
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
-from ovss_ros.cli.tool_parser import ToolParser
+from ovss_ros.cli.tool_parser import INTERRUPTED, ToolParser
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES
 from ovss_ros.training.deop_data import DATASETS, training_data
-from ovss_ros.training.training_config import LOSSES, TrainingConfig
+from ovss_ros.training.training_config import CHECKPOINT_NAME, LOSSES, TrainingConfig
 
 logger = logging.getLogger("ovss-train-deop")
 
@@ -181,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # writing the run folder (disk full, permissions): not the input
         logger.error("%s", reason(error))
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole (renamed into place)
+        saved = Path(args.output).expanduser() / CHECKPOINT_NAME
+        kept = (
+            f"the last checkpoint is {saved} (continue with --resume)"
+            if saved.is_file()
+            else "no checkpoint was written"
+        )
+        print(f"ovss-train-deop: interrupted; {kept}", file=sys.stderr)
+        return INTERRUPTED
     logger.info("done: %s", json.dumps(summary["validation"]))
     print(json.dumps(summary, allow_nan=True))
     return 0

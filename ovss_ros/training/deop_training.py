@@ -58,11 +58,9 @@ from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import IGNORE
 from ovss_ros.evaluation.evaluation_loop import evaluate
 from ovss_ros.training.deop_data import CropDataset, TrainingData, collate
-from ovss_ros.training.training_config import TrainingConfig
+from ovss_ros.training.training_config import CHECKPOINT_NAME, METRICS_NAME, TrainingConfig
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.json"
 
 
 def create_modules(clip: LoadedClip, config: TrainingConfig) -> DeopModules:

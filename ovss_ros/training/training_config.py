@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from ovss_ros.core.methods.deop.run_config import DeopConfig
 from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES
 
+CHECKPOINT_NAME = "checkpoint.pt"  # in the --output folder: what the node's deop.checkpoint takes
+METRICS_NAME = "metrics.json"
+
 LOSSES = ("deop", "ce")
 
 
