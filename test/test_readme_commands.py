@@ -85,6 +85,23 @@ def commands_in(text: str, document: str) -> list[Command]:
     return found
 
 
+INLINE = re.compile(r"`((?:\.venv/bin/)?(?:ovss[-_][\w-]+|ros2 (?:param|run|launch)) [^`]+)`")
+
+
+def inline_commands_in(text: str, document: str) -> list[Command]:
+    """Commands written inline in the prose (`` `ovss-demo --download` ``): a code span that
+    starts with one of our tools or ``ros2 param|run|launch`` and has arguments."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for span in INLINE.findall(line):
+            try:
+                words = tuple(shlex.split(span))
+            except ValueError:
+                continue  # a span cut by the line's end is read in the block check's way only
+            found.append(Command(document, number, span, words))
+    return found
+
+
 def console_scripts() -> dict[str, str]:
     """setup.py's console scripts: name -> 'module:function'."""
     setup = (REPO / "setup.py").read_text()
@@ -173,7 +190,8 @@ def flag_problems(tool: Tool, helper: Callable[[tuple[str, ...]], str]) -> list[
     for word in args:
         if word.startswith("--") and len(word) > 2:
             flag = word.split("=", 1)[0]
-            if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helper(tool.key)):
+            text = helper(tool.key)  # --help itself: that it ran (exit 0) is the check
+            if flag != "--help" and not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text):
                 problems.append(f"{flag} is not a flag of {' '.join(tool.key[1:])}")
     for flag, value in zip(ros_args, ros_args[1:], strict=False):
         if flag == "-p":
@@ -239,6 +257,7 @@ def document_commands() -> list[Command]:
         path = REPO / name
         if path.exists():
             commands += commands_in(path.read_text(), name)
+            commands += inline_commands_in(path.read_text(), name)
     return commands
 
 
@@ -337,6 +356,15 @@ def test_the_checker_runs_the_real_help_and_finds_a_made_up_flag():
     (command,) = commands_in(text, "README.md")
     (problem,) = command_problems(command)
     assert problem.endswith("--no-such-flag is not a flag of ovss-bench")
+
+
+def test_commands_in_the_prose_are_checked_too():
+    text = "Real labels: `ovss-demo --download` once, then `ovss-demo --dowload`.\n"
+    commands = inline_commands_in(text, "README.md")
+    assert [c.words for c in commands] == [("ovss-demo", "--download"), ("ovss-demo", "--dowload")]
+    help_of = {("script", "ovss-demo"): "usage: ovss-demo [--download] [--images DIR]"}
+    problems = [p for c in commands for p in command_problems(c, help_of.__getitem__)]
+    assert len(problems) == 1 and problems[0].startswith("README.md:1: ovss-demo --dowload")
 
 
 def test_a_command_that_is_not_valid_shell_is_named_with_its_line():
