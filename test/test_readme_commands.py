@@ -3,8 +3,9 @@ lists, each ``-p name:=value`` and ``ros2 param set /ovss NAME`` names a paramet
 declares, each ``ros2 launch`` argument is one the launch file declares, and each relative link
 points to a file in the repository.
 
-Commands are read from the fenced shell blocks of README.md and docs/methods.md (continuation
-lines joined, comments dropped, ``&&`` / ``;`` / ``|`` split). Our tools are the console scripts
+Commands are read from the fenced shell blocks of README.md and the docs it hands detail to
+(``DOCUMENTS``; continuation lines joined, comments dropped, ``&&`` / ``;`` / ``|`` split) and
+from code spans in their prose that start with one of our tools. Our tools are the console scripts
 of setup.py (``ovss-*``, ``ovss_node``, ``ovss_lifecycle_node``, also as ``.venv/bin/...`` and
 ``ros2 run ovss_ros ...``), ``python -m ovss_ros...`` and ``python scripts/*.py``; each one's
 ``--help`` runs once, in a subprocess of this interpreter with this checkout first on the path.
@@ -29,7 +30,7 @@ from ovss_ros.ros import launch_plan
 from ovss_ros.ros import parameters as node_parameters
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "docs/methods.md")
+DOCUMENTS = ("README.md", "docs/methods.md", "docs/tools.md", "docs/development.md")
 SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\s*$")
 SEPARATORS = {"&&", "||", ";", "|"}
 HELP_TIMEOUT_S = 120.0  # a tool's --help imports no model library, but the machine may be loaded
