@@ -231,22 +231,35 @@ def command_problems(
     return [f"{command.where()}\n    {problem}" for problem in problems]
 
 
-def relative_links(text: str) -> list[tuple[int, str]]:
-    """(line, target) of every markdown link or image whose target is a path, not a URL."""
+def relative_links(text: str) -> list[tuple[int, str, str]]:
+    """(line, path, anchor) of every markdown link or image whose target is a path, not a URL."""
     links = []
     for number, line in enumerate(text.splitlines(), 1):
         for target in re.findall(r"\]\(([^)\s]+)\)", line):
             if not re.match(r"^[a-z]+:", target) and not target.startswith("#"):
-                links.append((number, target.split("#", 1)[0]))
+                path, _, anchor = target.partition("#")
+                links.append((number, path, anchor))
     return links
 
 
+def anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a document's headings: lower case, punctuation dropped, spaces as -."""
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE):
+        found.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return found
+
+
 def link_problems(text: str, document: Path) -> list[str]:
-    return [
-        f"{document.name}:{number}: link to {target}: no such file"
-        for number, target in relative_links(text)
-        if not (document.parent / target).exists()
-    ]
+    """A link to a file that does not exist, or to a heading its (markdown) file lacks."""
+    problems = []
+    for number, path, anchor in relative_links(text):
+        target = document.parent / path
+        if not target.exists():
+            problems.append(f"{document.name}:{number}: link to {path}: no such file")
+        elif anchor and target.suffix == ".md" and anchor not in anchors(target.read_text()):
+            problems.append(f"{document.name}:{number}: link to {path}#{anchor}: no such heading")
+    return problems
 
 
 # The documents themselves.
@@ -375,7 +388,13 @@ def test_a_command_that_is_not_valid_shell_is_named_with_its_line():
 
 def test_the_link_check_finds_a_missing_file(tmp_path):
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "here.md").write_text("x")
+    (tmp_path / "docs" / "here.md").write_text("# Here\n\n## A part: `x` (y)\n")
     document = tmp_path / "README.md"
-    text = "[a](docs/here.md#part) [b](docs/gone.md) [c](https://example.org/x) [d](#top)\n"
-    assert link_problems(text, document) == ["README.md:1: link to docs/gone.md: no such file"]
+    text = (
+        "[a](docs/here.md#a-part-x-y) [b](docs/gone.md) [c](https://example.org/x) [d](#top)\n"
+        "[e](docs/here.md#no-part)\n"
+    )
+    assert link_problems(text, document) == [
+        "README.md:1: link to docs/gone.md: no such file",
+        "README.md:2: link to docs/here.md#no-part: no such heading",
+    ]
