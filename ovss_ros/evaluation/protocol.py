@@ -5,7 +5,7 @@ background. A method protocol (``MethodProtocol``) holds, per data set, the engi
 method's released test configs: resize short side, sliding window, probability threshold,
 softmax temperature, SCLIP's area threshold, PAMR, and the class-name file. Published numbers
 can only be reproduced with these and the official conventions the engine defaults to
-(README, conventions). ``ovss-eval`` picks the method's own protocol unless ``--protocol``
+(docs/methods.md, official conventions). ``ovss-eval`` picks the method's own protocol unless ``--protocol``
 names another; flags override single settings.
 
 - ``naclip``: github.com/sinahmr/NACLIP (v2) ``configs/cfg_<set>.py``, defaults of
@@ -186,7 +186,7 @@ _CLEARCLIP = {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 50.0
 _FREECP = {"short_side": 448, "crop": 384, "stride": 112, "threshold": 0.0}
 
 # DSLO as published (arXiv 2604.07723, CVPR 2026): what config/dslo_paper.yaml sets (a test
-# keeps the two equal); README "Segmentation methods", DSLO, says what is the paper's and ours.
+# keeps the two equal); docs/methods.md, DSLO, says what is the paper's and ours.
 DSLO_PAPER: Mapping[str, object] = MappingProxyType(
     {
         "model": "ViT-B-16-quickgelu",  # OpenAI CLIP ViT-B/16 (QuickGELU)

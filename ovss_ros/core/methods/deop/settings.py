@@ -2,7 +2,7 @@
 without a model (no torch here). DeOP: Han et al., ICCV 2023, CongHan0808/DeOP: 100 proposals,
 masks at a quarter of the image (4 cells per 16 px patch), softmax of 100 x the cosine
 similarities (``get_sim_logits``); the severed block's residual scale is ovss_ros's (see
-README). Limits that need the loaded CLIP or a checkpoint are the methods' ``_check``.
+docs/methods.md). Limits that need the loaded CLIP or a checkpoint are the methods' ``_check``.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class DeopSettings(Settings):
         "residual scale of the severed last CLIP block",
         minimum=0.0,
         maximum=1.0,
-        source="ovss_ros (the released scripts run 1.0, see README)",
+        source="ovss_ros (the released scripts run 1.0, see docs/methods.md)",
     )
 
 
