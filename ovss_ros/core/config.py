@@ -59,7 +59,7 @@ class EngineConfig(Settings):
     family's (node parameters and tool flags are made from these fields).
 
     The defaults follow the official NACLIP / SCLIP / ClearCLIP code wherever ovss_ros could
-    differ from it (docs/methods.md, official conventions): mmcv's resize size and OpenCV's bilinear resize of
+    differ from it (docs/methods.md): mmcv's resize size and OpenCV's bilinear resize of
     the uint8 image, the method's own positional-grid rule, logits upsampled to the resized
     image and then to the input, PAMR at the input size.
     """

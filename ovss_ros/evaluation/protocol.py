@@ -5,7 +5,7 @@ background. A method protocol (``MethodProtocol``) holds, per data set, the engi
 method's released test configs: resize short side, sliding window, probability threshold,
 softmax temperature, SCLIP's area threshold, PAMR, and the class-name file. Published numbers
 can only be reproduced with these and the official conventions the engine defaults to
-(docs/methods.md, official conventions). ``ovss-eval`` picks the method's own protocol unless ``--protocol``
+(docs/methods.md). ``ovss-eval`` picks the method's own protocol unless ``--protocol``
 names another; flags override single settings.
 
 - ``naclip``: github.com/sinahmr/NACLIP (v2) ``configs/cfg_<set>.py``, defaults of

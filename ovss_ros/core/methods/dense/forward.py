@@ -1,7 +1,7 @@
 """Dense CLIP: one forward of the image tower that keeps a text-aligned feature per patch.
 
 Blocks 1..L-1 of the open_clip ViT run unchanged; the last block's attention is replaced by the
-method's own (docs/methods.md, official conventions). Written as plain tensor code in the spirit of NACLIP's
+method's own (docs/methods.md). Written as plain tensor code in the spirit of NACLIP's
 ``custom_attn`` so each mode reads like its equation.
 """
 

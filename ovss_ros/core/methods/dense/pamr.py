@@ -9,7 +9,7 @@ Class scores are repeatedly replaced by an average of their 3x3 neighbours at a 
 weighted by how similar the neighbours' colours are. Colour edges thereby become walls the scores
 do not cross, so a class boundary that CLIP's 16-pixel patches put a few pixels off snaps to the
 image edge. It needs no parameters and no extra model, and adds about 3 mIoU to NACLIP
-(docs/methods.md, official conventions).
+(docs/methods.md).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class DensePostprocess:
         ``logits``: (n, Q, h, w) query logits of the image's n windows; ``scores``: (n, L, h, w)
         refined label scores or None; ``size``: the input (H, W). Pixel p gets the class whose
         best synonym has the largest ``softmax(logit_scale * logits)`` over all Q queries
-        (docs/methods.md, official conventions), unlabeled where a background word wins or the probability is
+        (docs/methods.md), unlabeled where a background word wins or the probability is
         below ``score_threshold``. With ``area_threshold`` (SCLIP's ``area_thd``), classes that
         label at most that share of the class-labelled pixels are dropped and their pixels go
         to the best remaining class (or background), as SCLIP's ``postprocess_result``.
