@@ -35,26 +35,16 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent / "test"))
+
+from ovss_ros.core.methods.dense.settings import LAST_BLOCK_MODES  # noqa: E402
+
 BASELINE_ENV = "OVSS_BENCH_IN_PROCESS_CRF"
 WIDTH, HEIGHT = 1920, 1080
 RATE_HZ = 10.0
 CLASSES = ["person", "dog", "chair", "table", "tv"]
 DENSE = {"refinement": "none", "dense.pamr": False, "dense.upsample": "bilinear"}
 DENSE |= {"dslo.affinity": "naclip", "method": "naclip", "pnp.presence": "clip"}
-METHODS: dict[str, dict] = {
-    name: {"method": name}
-    for name in (
-        "naclip",
-        "sclip",
-        "clearclip",
-        "maskclip",
-        "maskclip_reduced",
-        "vanilla",
-        "sclip_freecp",
-        "maskclip_freecp",
-        "vanilla_freecp",
-    )
-}
+METHODS: dict[str, dict] = {name: {"method": name} for name in LAST_BLOCK_MODES}
 METHODS |= {
     "naclip_pamr": {"dense.pamr": True},
     "naclip_jbu": {"dense.upsample": "jbu"},

@@ -29,6 +29,7 @@ from ovss_ros.core.config import NAMES, RENAMED, SCHEMA, EngineConfig, unknown_s
 from ovss_ros.core.file_checks import read_text
 from ovss_ros.core.settings import ParameterDef, check, cli_flag
 from ovss_ros.ros.launch_plan import NODE_NAME, node_key_matches
+from ovss_ros.ros.node_settings import NODE_SCHEMA
 from ovss_ros.safe_yaml import MAX_PARAMS_FILE_BYTES, flatten_parameters, load_yaml, short_repr
 
 # Flags of earlier releases -> the flag that replaced them (argparse would only say
@@ -212,8 +213,7 @@ def params_file_values(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"params file {str(path)!r} cannot be read: {' '.join(str(error).split())}"
         ) from None
-    from ovss_ros.ros.parameters import SPECS  # the node's names (imports rclpy)
-
+    node_only = {definition.name for definition in NODE_SCHEMA}  # the node's own settings
     definitions = {p.name: p for p in SCHEMA}
     values: dict[str, Any] = {}
     for name, value in _parameters_section(document, path).items():
@@ -221,7 +221,7 @@ def params_file_values(path: Path) -> dict[str, Any]:
         if name in RENAMED:
             raise ValueError(f"{where}: {unknown_setting(name)}")
         if name not in definitions:
-            if name in SPECS:
+            if name in node_only:
                 continue  # a node-only parameter
             raise ValueError(f"{where}: unknown parameter {short_repr(name)}")
         definition = definitions[name]

@@ -237,7 +237,6 @@ NAMES = frozenset(p.name for p in SCHEMA)
 # Settings that choose a model: fixed at start-up (read-only node parameters); a change needs a
 # new Segmenter.
 LOAD_FIELDS = tuple(p.name for p in SCHEMA if not p.info.runtime)
-SD_LOAD_FIELDS = ("dslo.sd.model", "dslo.sd.precision")  # a change loads the SD model anew
 
 # The flat names of the releases before namespaced parameters: each is refused with its new name.
 RENAMED: dict[str, str] = {
