@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -54,20 +54,17 @@ def proposal_config(config: EngineConfig, method: str | None = None) -> Proposal
     """What DeOP (``DeopConfig``) or two-stream (``TwoStreamConfig``) runs with: its
     ``deop.*`` (and ``twostream.*``) settings and the shared ones it needs."""
     method = method or config.method
+    kind, groups = (
+        (TwoStreamConfig, (config.deop, config.twostream))
+        if method == "twostream"
+        else (DeopConfig, (config.deop,))
+    )
     values = {name: getattr(config, name) for name in PROPOSAL_SHARED}
-    values.update(
-        proposals=config.deop.proposals,
-        proposal_source=config.deop.proposal_source,
-        logit_scale=config.deop.logit_scale,
-        mask_cells=config.deop.mask_cells,
-        superpixel_compactness=config.deop.superpixel_compactness,
-        cluster_iterations=config.deop.cluster_iterations,
-    )
-    if method == "twostream":
-        return TwoStreamConfig(**values, crop_batch=config.twostream.crop_batch)
-    return DeopConfig(
-        **values, pooling=config.deop.pooling, severance_residual=config.deop.severance_residual
-    )
+    for field in fields(kind):  # the run config's fields, by name from the settings groups
+        for group in groups:
+            if hasattr(group, field.name):
+                values[field.name] = getattr(group, field.name)
+    return kind(**values)
 
 
 @dataclass
