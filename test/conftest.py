@@ -9,6 +9,17 @@ from pathlib import Path
 # threads, 17 s with 1). Node processes inherit it (ros_harness.child_environment).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import signal  # noqa: E402
+
+# Ctrl-C as at a terminal for every process the tests start. A shell starts a background job
+# (`bash scripts/test.sh &`, a CI runner's step) with SIGINT ignored; an ignored signal stays
+# ignored across exec, and Python then installs no KeyboardInterrupt handler: a tool child that
+# relies on Python's (ovss-eval, ovss-tune, ovss-bench, ovss-train-deop) would never see the
+# tests' Ctrl-C. A handled signal is reset to its default on exec, so the children start as
+# from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import cv2
 import numpy as np
 import pytest

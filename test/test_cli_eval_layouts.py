@@ -133,3 +133,22 @@ def test_ctrl_c_ends_ovss_eval_with_130_and_no_report(tmp_path):
         "ovss-eval: interrupted; nothing scored"
     )
     assert not report.exists() and not out.strip()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--device", "cpu", "--method", "sclip", "voc21", "ROOT"],
+        ["--model", "ViT-B-16", "voc21", "--device", "cpu", "ROOT", "--method", "sclip"],
+        ["voc21", "ROOT", "--device", "cpu", "--method", "sclip"],
+        ["--dense-crop", "224", "--device=cpu", "--method=sclip", "voc21", "ROOT"],
+    ],
+)
+def test_flags_with_values_may_come_before_the_data_set(argv, tmp_path):
+    """``ovss-eval --device cpu voc21 ROOT`` took 'cpu' for the data set (the first pass knew
+    only --method and --protocol)."""
+    argv = [str(tmp_path) if word == "ROOT" else word for word in argv]
+    args, protocol, method = evaluate.parse_args(argv)
+    assert (args.dataset, args.root, args.device) == ("voc21", tmp_path, "cpu")
+    assert protocol.name == "voc21" and method.name == "sclip"
+    assert args.method == "sclip"

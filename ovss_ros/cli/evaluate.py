@@ -67,28 +67,39 @@ if TYPE_CHECKING:  # the model libraries are imported once the arguments are che
 
 logger = logging.getLogger("ovss-eval")
 EXIT_STATUS = textwrap.fill(" ".join(__doc__.rsplit("\n\n", 1)[1].split()), 79)
-LAYOUT_HELP = textwrap.fill(
-    "Data-set layouts: the data set's folder (the one named here, or a folder above it that "
-    "holds it under that name; VOC: VOCdevkit/VOC2012 or VOC2012) holds these files "
-    "(<id>, <city>, <name>: any part of a file name; an image without its labels is refused "
-    "before any work):",
-    79,
-) + "\n" + layout_text()
+LAYOUT_HELP = (
+    textwrap.fill(
+        "Data-set layouts: the data set's folder (the one named here, or a folder above it that "
+        "holds it under that name; VOC: VOCdevkit/VOC2012 or VOC2012) holds these files "
+        "(<id>, <city>, <name>: any part of a file name; an image without its labels is refused "
+        "before any work):",
+        79,
+    )
+    + "\n"
+    + layout_text()
+)
 
 
 def build_parser(
-    protocol: DatasetProtocol | None, method: MethodProtocol | None = None
+    protocol: DatasetProtocol | None, method: MethodProtocol | None = None, first: bool = False
 ) -> argparse.ArgumentParser:
     """Parser whose engine defaults are the method protocol's on the data set (generic ones
-    before they are known)."""
+    before they are known). ``first``: the pass that finds the data set and the method, with
+    every flag (so that a flag's value is never taken for the data set) but no --help and no
+    positional required."""
     parser = ToolParser(
         prog="ovss-eval",
         description=__doc__.split("\n\n")[0],
         epilog=f"{EXIT_STATUS}\n\n{LAYOUT_HELP}",
+        add_help=not first,
     )
-    parser.add_argument("dataset", help=f"one of {', '.join(PROTOCOLS)}")
+    optional = {"nargs": "?"} if first else {}
+    parser.add_argument("dataset", help=f"one of {', '.join(PROTOCOLS)}", **optional)
     parser.add_argument(
-        "root", type=Path, help="data set folder (e.g. VOCdevkit/VOC2012; layouts below)"
+        "root",
+        type=Path,
+        help="data set folder (e.g. VOCdevkit/VOC2012; layouts below)",
+        **optional,
     )
     parser.add_argument(
         "--protocol",
@@ -125,11 +136,7 @@ def parse_args(
     argv: list[str] | None,
 ) -> tuple[argparse.Namespace, DatasetProtocol, MethodProtocol]:
     """Two passes: the data set and the method (or --protocol) decide the engine defaults."""
-    first = ToolParser(add_help=False, prog="ovss-eval")
-    first.add_argument("dataset", nargs="?")
-    first.add_argument("--method", default=EngineConfig.method)
-    first.add_argument("--protocol")
-    known, _ = first.parse_known_args(argv)
+    known, _ = build_parser(None, first=True).parse_known_args(argv)
     protocol = method = None
     if known.dataset is not None:
         try:
