@@ -120,6 +120,11 @@ def test_an_old_name_is_refused_with_its_new_name(client, capsys):
     assert status == 1 and "crop was renamed dense.crop" in err, err
     status, _, err = ctl(capsys, "get", "clases")
     assert status == 1 and "no parameter 'clases'" in err and "classes" in err, err
+    status, _, err = ctl(capsys, "get", "crop")
+    assert (status, err) == (
+        1,
+        "ovss-ctl: /ovss has no parameter 'crop' (crop was renamed dense.crop)\n",
+    )
 
 
 def test_a_value_of_the_wrong_type_is_bad_input(client, capsys):
@@ -220,11 +225,36 @@ def test_play_loops_frames_the_node_segments_until_ctrl_c(client, photos):
     assert tool.poll() is None, tool.communicate()
     tool.send_signal(signal.SIGINT)
     out, err = tool.communicate(timeout=EVENT_TIMEOUT_S)
-    assert tool.returncode == 0 and "Traceback" not in err, err
+    assert tool.returncode == 0 and "Traceback" not in err, err  # Ctrl-C ends --loop
+    assert out.splitlines()[-1] == f"published {len(out.splitlines()) - 1} frames", out
     played = [m for m in client.messages[labels] if m.header.frame_id == "played"]
     sizes = {cv2.imread(str(path)).shape[:2] for path in photos.iterdir()}
     assert {(m.height, m.width) for m in played} <= sizes  # as the files are (under 1280 px)
     assert out.startswith("1: ")
+
+
+def test_ctrl_c_while_waiting_for_a_frame_is_130(client):
+    overlay = client.topic("overlay")
+    tool = tool_process("save-frame", "never_written", "--timeout", "300")
+    client.spin_until(  # its subscription is up: it waits for a frame
+        lambda: tool.poll() is not None or client.node.count_subscribers(overlay) > 1,
+        EVENT_TIMEOUT_S,
+        message="ovss-ctl's subscription",
+    )
+    tool.send_signal(signal.SIGINT)
+    out, err = tool.communicate(timeout=EVENT_TIMEOUT_S)
+    assert (tool.returncode, out, err) == (130, "", "ovss-ctl: interrupted\n")
+
+
+def test_save_frame_of_a_camera_the_node_does_not_have_says_so(client, capsys, tmp_path):
+    status, _, err = ctl(
+        capsys, "save-frame", str(tmp_path), "--camera", "front", "--timeout", "3"
+    )
+    assert (status, err) == (
+        1,
+        "ovss-ctl: /ovss publishes no /ovss/front/overlay, /ovss/front/labels: is the camera "
+        "name one of its cameras parameter?\n",
+    )
 
 
 def test_play_without_a_subscriber_says_so(capsys, photos):
@@ -240,7 +270,10 @@ def test_play_without_a_subscriber_says_so(capsys, photos):
 
 
 def test_lifecycle_of_the_plain_node_says_it_has_no_such_service(client, capsys):
-    status, _, err = ctl(capsys, "lifecycle", "get", "--timeout", "3")
+    """At once, once the node's other services are seen (it waited out its 120 s timeout)."""
+    start = time.monotonic()
+    status, _, err = ctl(capsys, "lifecycle", "get", "--timeout", "120")
+    assert time.monotonic() - start < 60
     assert status == 1, err
     assert err.strip() == (
         "ovss-ctl: /ovss has no service /ovss/get_state (only ovss_lifecycle_node has it)"
@@ -291,6 +324,7 @@ def test_a_node_that_does_not_exist_ends_the_wait_with_its_reason(capsys):
         (["save-frame", "out", "--camera", "9front"], "not a camera name"),
         (["save-frame", "/dev/null/out"], "is not a folder"),
         (["diagnostics", "--onc"], "unrecognized arguments"),
+        (["set", "dense.crop", "224", "dense.crop", "300"], "dense.crop given twice"),
         (["play"], "required"),
         (["play", "/no/such/photo.jpg"], "'/no/such/photo.jpg' does not exist"),
         (["play", "/dev/null"], "not a regular file or folder"),
@@ -319,6 +353,12 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv, text):
         ("[1, 2]", ParameterType.PARAMETER_DOUBLE_ARRAY, [1.0, 2.0]),
         ("['a', 'b; c']", ParameterType.PARAMETER_STRING_ARRAY, ["a", "b; c"]),
         ("224", ParameterType.PARAMETER_NOT_SET, 224),  # undeclared: as YAML reads it
+        # YAML 1.1 reads these as strings; a params file's YAML 1.2, and float(), as numbers
+        ("1e-1", ParameterType.PARAMETER_DOUBLE, 0.1),
+        ("1e3", ParameterType.PARAMETER_DOUBLE, 1000.0),
+        ("[1e-1, 2]", ParameterType.PARAMETER_DOUBLE_ARRAY, [0.1, 2.0]),
+        ("9223372036854775807", ParameterType.PARAMETER_INTEGER, 2**63 - 1),
+        ("-9223372036854775808", ParameterType.PARAMETER_INTEGER, -(2**63)),
     ],
 )
 def test_a_value_is_typed_by_the_parameters_descriptor(text, parameter_type, value):
@@ -337,6 +377,13 @@ def test_a_value_is_typed_by_the_parameters_descriptor(text, parameter_type, val
         ("1", ParameterType.PARAMETER_BOOL),
         ("cup", ParameterType.PARAMETER_STRING_ARRAY),
         ("[1, 'a']", ParameterType.PARAMETER_INTEGER_ARRAY),
+        # beyond ROS's 64-bit integers (rclpy raised OverflowError, then SystemError)
+        ("9223372036854775808", ParameterType.PARAMETER_INTEGER),
+        ("99999999999999999999", ParameterType.PARAMETER_INTEGER),
+        ("[1, 99999999999999999999]", ParameterType.PARAMETER_INTEGER_ARRAY),
+        ("1e309", ParameterType.PARAMETER_DOUBLE),
+        ("inf", ParameterType.PARAMETER_DOUBLE),
+        ("1e", ParameterType.PARAMETER_DOUBLE),
     ],
 )
 def test_a_value_of_another_type_is_refused_naming_the_type(text, parameter_type):

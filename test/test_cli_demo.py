@@ -24,6 +24,8 @@ import pytest
 from conftest import voc_image_paths
 from ros_harness import STARTUP_TIMEOUT_S, STOP_TIMEOUT_S, child_environment, isolate_dds
 
+from ovss_ros.cli import demo
+
 MODEL_LIBRARIES = {"torch", "open_clip", "transformers", "diffusers", "scipy", "skimage"}
 RUN_TIMEOUT_S = 3 * STARTUP_TIMEOUT_S  # the whole run: start-up, frames, shutdown
 FRAME = re.compile(
@@ -149,7 +151,22 @@ def _output_is_a_file(folder: Path) -> list[str]:
     return ["--output", str(folder / "file")]
 
 
+def _summary_is_a_folder(folder: Path) -> list[str]:
+    (folder / "out" / "summary.txt").mkdir(parents=True)
+    return ["--output", str(folder / "out")]
+
+
+def _overlay_is_a_folder(folder: Path) -> list[str]:
+    (folder / "out" / "overlay_0002.png").mkdir(parents=True)
+    return ["--output", str(folder / "out"), "--frames", "2", "--change-after", "1"]
+
+
 BAD = [
+    ("change-after the last frame", lambda d: ["--frames", "2", "--change-after", "2"],
+     "the vocabulary would never change"),
+    ("empty output", lambda d: ["--output", " "], "--output is empty"),
+    ("summary.txt a folder", _summary_is_a_folder, "summary.txt there is not a file"),
+    ("an overlay a folder", _overlay_is_a_folder, "overlay_0002.png there is not a file"),
     ("rate 0", lambda d: ["--rate", "0"], "--rate"),
     ("rate nan", lambda d: ["--rate", "nan"], "--rate"),
     ("frames 0", lambda d: ["--frames", "0"], "--frames"),
@@ -428,3 +445,38 @@ def test_help_shows_every_flag_with_its_default_without_torch(tmp_path):
         assert flag in text, flag
     for default in ("(default: 1.0)", "(default: ovss_demo_output)", "101..199"):
         assert default in text, default
+
+
+def test_a_domain_that_has_an_ovss_node_is_refused(tmp_path, images):
+    """The demo would send its frames and vocabulary change to that node too (it did)."""
+    from ros_harness import TINY_NODE_PARAMETERS, running_node
+
+    domain_id = domain()
+    with running_node(TINY_NODE_PARAMETERS | {"classes": ["sofa"]}) as (_, other):
+        result = subprocess.run(
+            demo_command("--images", str(images), "--output", str(tmp_path / "out"),
+                         "--domain-id", domain_id),
+            env=child_environment(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+            check=False,
+        )  # fmt: skip
+        assert other.returncode is None, other.output()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        f"ovss-demo: ROS_DOMAIN_ID={domain_id} already has a node /ovss (another ovss node or "
+        "ovss-demo): the demo would drive it too; choose another --domain-id"
+    )
+    assert not frame_lines(result.stdout)
+
+
+def test_a_random_domain_that_has_an_ovss_node_is_drawn_again(monkeypatch):
+    from dataclasses import replace
+
+    from ovss_ros.cli import demo_run
+
+    taken = {150}
+    monkeypatch.setattr(demo_run, "ovss_on_domain", lambda domain_id: domain_id in taken)
+    args = demo.check_arguments(["--frames", "2"])
+    drawn = demo_run.free_domain(replace(args, domain_id=150, domain_chosen=False))
+    assert drawn.domain_id != 150 and drawn.domain_id in demo_run.DOMAIN_IDS
+    with pytest.raises(demo_run.DomainTaken, match="ROS_DOMAIN_ID=150 already has"):
+        demo_run.free_domain(replace(args, domain_id=150, domain_chosen=True))

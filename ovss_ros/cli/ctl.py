@@ -12,7 +12,8 @@
 Every subcommand takes ``--node`` (default ``/ovss``) and ``--timeout`` (seconds). Values are read
 as YAML, as ``ros2 param set`` reads them, then typed by the node's own descriptor of the
 parameter (``set score_threshold 1`` sends the double 1.0). Exit status: 0 done, 1 the node
-refused (its reason on stderr) or did not answer in time, 2 bad arguments (one line on stderr).
+refused (its reason on stderr) or did not answer in time, 2 bad arguments (one line on stderr),
+130 Ctrl-C (``diagnostics`` and ``play --loop`` end with Ctrl-C: 0).
 The services and topics are the node's: docs/ros_interface.md; this tool: docs/ovss_ctl.md.
 """
 
@@ -25,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ovss_ros.cli.tool_parser import ToolParser, bad_input, one_line
+from ovss_ros.cli.tool_parser import INTERRUPTED, ToolParser, bad_input, one_line
 
 PROG = "ovss-ctl"
 REFUSED = 1  # the node refused, or did not answer in time
@@ -55,7 +56,8 @@ def build_parser() -> ToolParser:
         prog=PROG,
         description="Control a running ovss node (parameters, classes, method, enable, "
         "lifecycle, diagnostics, frames) over ROS 2, and play image files to it as a camera.",
-        epilog="Exit status: 0 done, 1 the node refused or did not answer, 2 bad arguments.",
+        epilog="Exit status: 0 done, 1 the node refused or did not answer, 2 bad arguments, 130 "
+        "Ctrl-C (diagnostics and play --loop: 0).",
     )
     common = ToolParser(add_help=False)
     common.add_argument(
@@ -126,6 +128,11 @@ def check_arguments(parser: ToolParser, args: argparse.Namespace) -> None:
         parser.error("get: give parameter names or --all (not both)")
     if args.command == "set" and len(args.pairs) % 2:
         parser.error(f"set: a value for every name (got {len(args.pairs)} words: NAME VALUE ...)")
+    if args.command == "set":
+        names = args.pairs[::2]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            parser.error(f"set: {twice[0]} given twice (one value per parameter)")
     if args.command == "play":
         from rclpy.validate_topic_name import validate_topic_name
 
@@ -155,6 +162,10 @@ class Refused(Exception):
     """The node refused: the message is its reason."""
 
 
+class NotFound(Refused):
+    """The node has no such parameter: the message says so (with the closest name)."""
+
+
 def get_values(session: Any, names: Sequence[str]) -> dict[str, Any]:
     """name -> value of the target's parameters; Refused for a name it does not have."""
     from rcl_interfaces.srv import GetParameters, ListParameters
@@ -168,9 +179,14 @@ def get_values(session: Any, names: Sequence[str]) -> dict[str, Any]:
     if missing:
         import difflib
 
+        from ovss_ros.core.config import RENAMED
+
         close = difflib.get_close_matches(missing[0], sorted(known), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise Refused(f"{session.target} has no parameter {missing[0]!r}{hint}")
+        if missing[0] in RENAMED:
+            hint = f" ({missing[0]} was renamed {RENAMED[missing[0]]})"
+        else:
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        raise NotFound(f"{session.target} has no parameter {missing[0]!r}{hint}")
     response = session.call(GetParameters, "get_parameters", GetParameters.Request(names=names))
     if len(response.values) != len(names):
         raise Refused(f"{session.target} answered no values for {names}")
@@ -285,6 +301,14 @@ def lifecycle(session: Any, transition: str, seconds: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # diagnostics and play --loop end here normally (status 0)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
@@ -295,14 +319,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args, session)
     except ValueError as error:
         bad_input(PROG, error)
+    except NotFound as error:
+        print(f"{PROG}: {one_line(error)}", file=sys.stderr)
+        return REFUSED
     except Refused as error:
         print(f"{PROG}: {args.node} refused: {one_line(error)}", file=sys.stderr)
         return REFUSED
     except (NoAnswer, OSError) as error:
         print(f"{PROG}: {one_line(error)}", file=sys.stderr)
         return REFUSED
-    except KeyboardInterrupt:
-        return 0
 
 
 if __name__ == "__main__":

@@ -61,14 +61,19 @@ def play(
     topic = publisher.topic_name
     sent = 0
     due = time.monotonic()
-    while True:
-        for name, rgb in frames:
-            stamp: Any = session.node.get_clock().now().to_msg()
-            publisher.publish(rgb8_to_image(rgb, Header(stamp=stamp, frame_id=frame_id)))
-            sent += 1
-            print(f"{sent}: {name} -> {topic}", file=out, flush=True)
-            due += 1.0 / rate
-            while (left := due - time.monotonic()) > 0:
-                session.executor.spin_once(timeout_sec=min(left, 0.1))
-        if not loop:
-            return sent
+    try:
+        while True:
+            for name, rgb in frames:
+                stamp: Any = session.node.get_clock().now().to_msg()
+                publisher.publish(rgb8_to_image(rgb, Header(stamp=stamp, frame_id=frame_id)))
+                sent += 1
+                print(f"{sent}: {name} -> {topic}", file=out, flush=True)
+                due += 1.0 / rate
+                while (left := due - time.monotonic()) > 0:
+                    session.executor.spin_once(timeout_sec=min(left, 0.1))
+            if not loop:
+                return sent
+    except KeyboardInterrupt:
+        if not loop:  # stopped before the end: the caller says so (status 130)
+            raise
+        return sent  # --loop: Ctrl-C is its end

@@ -21,6 +21,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
 ATTEMPT_S = 3.0  # a request without an answer after this long is sent again (repeatable ones)
+GRACE_S = 2.0  # the target's other services seen this long without the one asked for: it has none
 
 
 class NoAnswer(Exception):
@@ -73,12 +74,34 @@ class Session:
         """A client of the target's service ``relative`` (``get_parameters``), once discovered;
         raises NoAnswer when it does not show within the timeout."""
         client = self.node.create_client(service_type, f"{self.target}/{relative}")
-        if not self.spin_until(client.service_is_ready, self.timeout):
+        lacking_since: list[float] = []
+
+        def ready_or_lacking() -> bool:
+            """Ready, or the target's services are in the graph without this one for
+            GRACE_S (a node announces its services together): no wait for the timeout."""
+            if client.service_is_ready():
+                return True
+            if self._services() and client.srv_name not in self._services():
+                lacking_since.append(time.monotonic())
+                return lacking_since[-1] - lacking_since[0] >= GRACE_S
+            lacking_since.clear()
+            return False
+
+        if not self.spin_until(ready_or_lacking, self.timeout) or not client.service_is_ready():
             if self.node_exists():
                 hint = " (only ovss_lifecycle_node has it)" if "state" in relative else ""
                 raise NoAnswer(f"{self.target} has no service {client.srv_name}{hint}")
             raise self.not_running()
         return client
+
+    def _services(self) -> set[str]:
+        """The services the target offers, as this process's graph shows them."""
+        namespace, _, name = self.target.rpartition("/")
+        try:
+            found = self.node.get_service_names_and_types_by_node(name, namespace or "/")
+        except Exception:  # rclpy raises NodeNameNonExistentError while it is not discovered
+            return set()
+        return {service for service, _types in found}
 
     def node_exists(self) -> bool:
         """The target is in this process's view of the ROS graph."""
@@ -156,6 +179,11 @@ class Session:
         silent = [topic for topic, messages in received.items() if not messages]
         published = [topic for topic in silent if self.node.count_publishers(topic) > 0]
         if silent and not published:
+            if self.node_exists():
+                raise NoAnswer(
+                    f"{self.target} publishes no {', '.join(silent)}: is the camera name one of "
+                    "its cameras parameter?"
+                )
             raise self.not_running()
         raise NoAnswer(
             f"no message on {', '.join(silent) or 'the topics together'} within "

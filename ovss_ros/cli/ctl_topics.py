@@ -47,8 +47,11 @@ def watch_diagnostics(session: Session, once: bool, out: TextIO = sys.stdout) ->
     session.node.create_subscription(DiagnosticArray, "/diagnostics", on_message, 10)
     if not session.spin_until(lambda: found, session.timeout):
         raise session.not_running()
-    while not once:  # until Ctrl-C (the caller catches KeyboardInterrupt)
-        session.executor.spin_once(timeout_sec=1.0)
+    try:
+        while not once:  # until Ctrl-C: this command's normal end
+            session.executor.spin_once(timeout_sec=1.0)
+    except KeyboardInterrupt:
+        return
 
 
 def image_array(message: Any) -> Any:

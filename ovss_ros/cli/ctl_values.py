@@ -20,12 +20,12 @@ from ovss_ros.safe_yaml import load_yaml
 
 TYPE_NAMES = {
     ParameterType.PARAMETER_BOOL: "a boolean (true or false)",
-    ParameterType.PARAMETER_INTEGER: "an integer",
+    ParameterType.PARAMETER_INTEGER: "an integer (64-bit)",
     ParameterType.PARAMETER_DOUBLE: "a number",
     ParameterType.PARAMETER_STRING: "a string",
     ParameterType.PARAMETER_BYTE_ARRAY: "a list of bytes",
     ParameterType.PARAMETER_BOOL_ARRAY: "a list of booleans",
-    ParameterType.PARAMETER_INTEGER_ARRAY: "a list of integers",
+    ParameterType.PARAMETER_INTEGER_ARRAY: "a list of integers (64-bit)",
     ParameterType.PARAMETER_DOUBLE_ARRAY: "a list of numbers",
     ParameterType.PARAMETER_STRING_ARRAY: "a list of strings, e.g. \"['a', 'b']\"",
 }
@@ -39,12 +39,34 @@ def yaml_value(text: str) -> Any:
         return text
 
 
+INT64 = range(-(2**63), 2**63)  # a ROS integer parameter
+
+
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value in INT64
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float: a YAML number, or a text YAML 1.1 leaves a string that is
+    one (``1e-1``, ``1e3``: ``float`` reads them as a ROS params file's YAML 1.2 does)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(float(value))
+    return _number(value) is not None
 
 
 def typed_value(text: str, parameter_type: int) -> Any:
@@ -68,14 +90,14 @@ def typed_value(text: str, parameter_type: int) -> Any:
         ParameterType.PARAMETER_STRING_ARRAY: lambda v: isinstance(v, str),
     }
     if parameter_type in ok and ok[parameter_type](value):
-        return float(value) if parameter_type == ParameterType.PARAMETER_DOUBLE else value
+        return _number(value) if parameter_type == ParameterType.PARAMETER_DOUBLE else value
     if (
         parameter_type in items
         and isinstance(value, list)
         and all(map(items[parameter_type], value))
     ):
         if parameter_type == ParameterType.PARAMETER_DOUBLE_ARRAY:
-            return [float(item) for item in value]
+            return [_number(item) for item in value]
         if parameter_type == ParameterType.PARAMETER_BYTE_ARRAY:
             return [bytes([item]) for item in value]
         return value

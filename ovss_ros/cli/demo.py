@@ -23,6 +23,7 @@ torch or rclpy is imported.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -175,6 +176,8 @@ def check_arguments(argv: list[str] | None) -> DemoArgs:
             raise ValueError(f"--domain-id must be in [0, 232], got {args.domain_id}")
         if args.device is not None and not DEVICE_PATTERN.match(args.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+        if not args.output.strip():
+            raise ValueError("--output is empty: name a folder")
         output = Path(args.output).expanduser()
         if output.exists() and not output.is_dir():
             raise ValueError(f"--output {args.output!r} exists and is not a folder")
@@ -191,6 +194,16 @@ def check_arguments(argv: list[str] | None) -> DemoArgs:
         else:
             frames = read_images(images, args.frames)
             source = str(images[0].parent)
+        if args.change_after is not None and args.change_after >= len(frames):
+            raise ValueError(
+                f"--change-after {args.change_after}: the vocabulary would never change (it "
+                f"changes after that frame; {len(frames)} frames play)"
+            )
+        written = ["summary.txt", "node.log"]
+        written += [f"overlay_{index:04d}.png" for index in range(1, len(frames) + 1)]
+        for name in written:  # what the demo writes there: no folder or device in the way
+            if os.path.lexists(output / name) and not (output / name).is_file():
+                raise ValueError(f"--output {args.output!r}: {name} there is not a file")
         try:
             output.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -222,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         from ovss_ros.cli.demo_run import run_demo  # torch/rclpy only after the checks
 
         return run_demo(args)
-    except KeyboardInterrupt:  # Ctrl-C before the node started (run_demo handles it after)
-        print("ovss-demo: stopped (Ctrl-C)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # before the node started (run_demo handles it after)
+        from ovss_ros.cli.demo_run import stopped
+
+        return stopped(stop)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ back (``demo.py`` says what the demo does and its exit statuses)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from typing import Any, TextIO
 import cv2
 
 from ovss_ros.cli.demo_media import RANDOM_WARNING, annotated
-from ovss_ros.cli.demo_options import RANDOM_MODEL, DemoArgs
+from ovss_ros.cli.demo_options import DOMAIN_IDS, RANDOM_MODEL, DemoArgs
 from ovss_ros.cli.demo_session import FrameResult, Session, StartupError
 
 STOP_TIMEOUT_S = 60.0  # the node ending after each of SIGINT, SIGTERM
@@ -185,8 +187,28 @@ class NodeProcess:
         return self.process.wait()
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def stopped(stop: KeyboardInterrupt, what: str = "") -> int:
+    """Say that a signal stopped the demo (and ``what`` follows); 130 for Ctrl-C, 143 SIGTERM."""
+    name, status = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+    print(f"ovss-demo: stopped ({name}){what}", file=sys.stderr, flush=True)
+    return status
+
+
+def say(text: str) -> None:
+    """A line on stdout; once the reader is gone (``ovss-demo | head``), stdout is dropped and
+    the demo goes on writing its files."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class Summary:
@@ -196,7 +218,7 @@ class Summary:
         self._file: TextIO = open(path, "w", encoding="utf-8")
 
     def line(self, text: str) -> None:
-        print(text, flush=True)
+        say(text)
         self._file.write(text + "\n")
         self._file.flush()
 
@@ -210,7 +232,11 @@ def frame_line(result: FrameResult, total: int, random_weights: bool) -> str:
         return f"{head} | INCOMPLETE: labels without overlay or label_info in the frame timeout"
     if result.vocabulary is None:
         return f"{head} | NO OUTPUT within the frame timeout"
-    present = ", ".join(f"{name} {share:.1%}" for name, share in result.shares) or "nothing"
+    present = ", ".join(
+        f"{name} {share:.1%}" if share >= 0.0005 else f"{name} <0.1%"
+        for name, share in result.shares
+    )
+    present = present or "nothing"
     text = (
         f"{head} | vocabulary: {', '.join(result.vocabulary)} | present: {present} "
         f"| latency {result.latency_s * 1000:.0f} ms"
@@ -218,21 +244,76 @@ def frame_line(result: FrameResult, total: int, random_weights: bool) -> str:
     return text + (" | RANDOM WEIGHTS" if random_weights else "")
 
 
+DISCOVERY_S = 2.0  # how long the demo looks for an ovss node already on its domain
+
+
+def ovss_on_domain(domain_id: int, seconds: float = DISCOVERY_S) -> bool:
+    """Whether a node /ovss is on ROS domain ``domain_id`` (on this host), looked for during
+    up to ``seconds``: the demo would drive that node too (frames, the vocabulary change)."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    try:
+        node = Node("ovss_demo_probe", context=context, start_parameter_services=False)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(node)
+        deadline = time.monotonic() + seconds
+        found = False
+        while not found and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.1)
+            found = ("ovss", "/") in node.get_node_names_and_namespaces()
+        executor.shutdown()
+        node.destroy_node()
+        return found
+    finally:
+        context.try_shutdown()
+
+
+def free_domain(args: DemoArgs) -> DemoArgs:
+    """``args`` with a domain that has no /ovss yet: a random one is drawn again (5 tries), a
+    given one is refused. Raises DomainTaken."""
+    domain_id = args.domain_id
+    for _ in range(5):
+        if not ovss_on_domain(domain_id):
+            return dataclasses.replace(args, domain_id=domain_id)
+        if args.domain_chosen:
+            break
+        domain_id = random.choice([d for d in DOMAIN_IDS if d != domain_id])
+    raise DomainTaken(
+        f"ROS_DOMAIN_ID={domain_id} already has a node /ovss (another ovss node or ovss-demo): "
+        "the demo would drive it too; choose another --domain-id"
+    )
+
+
+class DomainTaken(Exception):
+    """The demo's domain already has an ovss node."""
+
+
 def run_demo(args: DemoArgs) -> int:
     """The whole demo; its exit status."""
     weights = choose_weights(args.download)
     device = args.device or default_device()
-    print(f"ovss-demo: {weights.note}", flush=True)
-    how = "given" if args.domain_chosen else "random; --domain-id chooses it"
-    print(
-        f"ovss-demo: node on ROS_DOMAIN_ID={args.domain_id} ({how}), discovery on this host "
-        f"only; device {device}; its log: {args.output / 'node.log'}",
-        flush=True,
-    )
     profile = Path(tempfile.mkstemp(prefix="ovss_demo_fastdds_", suffix=".xml")[1])
     env = node_environment(args, weights, profile)
-    os.environ.update(env)  # this process's participant joins the same graph
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    os.environ.update(env)  # this process's participants join the same graph (before the first)
+    try:
+        args = free_domain(args)
+    except DomainTaken as error:
+        profile.unlink(missing_ok=True)
+        print(f"ovss-demo: {error}", file=sys.stderr)
+        return 1
+    env["ROS_DOMAIN_ID"] = os.environ["ROS_DOMAIN_ID"] = str(args.domain_id)
+    say(f"ovss-demo: {weights.note}")
+    how = "given" if args.domain_chosen else "random; --domain-id chooses it"
+    say(
+        f"ovss-demo: node on ROS_DOMAIN_ID={args.domain_id} ({how}), discovery on this host "
+        f"only; device {device}; its log: {args.output / 'node.log'}"
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     summary = Summary(args.output / "summary.txt")
     sessions: list[Session] = []
     node = NodeProcess(node_parameters(args, weights, device), env, args.output / "node.log")
@@ -241,9 +322,8 @@ def run_demo(args: DemoArgs) -> int:
     except StartupError as error:
         print(f"ovss-demo: the node failed: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("ovss-demo: stopped (Ctrl-C); stopping the node", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as stop:
+        return stopped(stop, "; stopping the node")
     finally:
         for session in sessions:
             session.close()
@@ -251,7 +331,7 @@ def run_demo(args: DemoArgs) -> int:
         summary.close()
         profile.unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, previous)
-        print(f"ovss-demo: node stopped (exit status {status})", flush=True)
+        say(f"ovss-demo: node stopped (exit status {status})")
 
 
 def _play(
@@ -278,7 +358,10 @@ def _play(
         if result.overlay is not None:
             segmented += 1
             picture = annotated(result.overlay, [frame_line(result, total, False)], weights.random)
-            cv2.imwrite(str(args.output / f"overlay_{index:04d}.png"), picture)
+            path = args.output / f"overlay_{index:04d}.png"
+            if not cv2.imwrite(str(path), picture):
+                summary.line(f"# {path} could not be written")
+                segmented -= 1
         if node.returncode() is not None:
             summary.line(f"# the node ended ({node.returncode()}): {node.error_line()}")
             return 1
