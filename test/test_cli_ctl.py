@@ -391,16 +391,32 @@ def test_a_value_of_another_type_is_refused_naming_the_type(text, parameter_type
         typed_value(text, parameter_type)
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_tool_left_running():
+    """A test that fails mid-way leaves no ovss-ctl child running."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def tool_process(*argv: str) -> subprocess.Popen:
     """ovss-ctl as its console script runs it, in a child process in the test's ROS domain."""
     script = "import sys; from ovss_ros.cli.ctl import main; sys.exit(main())"
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-c", script, *argv],
         env=child_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    STARTED.append(process)
+    return process
 
 
 def test_diagnostics_prints_until_ctrl_c(client):

@@ -121,12 +121,17 @@ def test_ctrl_c_ends_ovss_eval_with_130_and_no_report(tmp_path):
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )  # fmt: skip
     lines = []
-    for line in process.stderr:  # the model is made: scoring has started
-        lines.append(line)
-        if "RANDOM weights" in line:
-            break
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    try:
+        for line in process.stderr:  # the model is made: scoring has started
+            lines.append(line)
+            if "RANDOM weights" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # never left running (it would load the machine)
+            process.kill()
+            process.wait()
     err = "".join(lines) + err
     assert process.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (

@@ -188,12 +188,17 @@ def test_ctrl_c_ends_ovss_tune_with_130_and_no_params_file(blip, tmp_path):
         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
     )  # fmt: skip
     seen = b""
-    while b"trial" not in seen:  # the progress bar: the search has started
-        chunk = process.stderr.read1(4096)
-        assert chunk, seen.decode(errors="replace")[-2000:]
-        seen += chunk
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    try:
+        while b"trial" not in seen:  # the progress bar: the search has started
+            chunk = process.stderr.read1(4096)
+            assert chunk, seen.decode(errors="replace")[-2000:]
+            seen += chunk
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # never left running (it would load the machine)
+            process.kill()
+            process.wait()
     err = (seen + err).decode(errors="replace")
     assert process.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "ovss-tune: interrupted; no params file written" in err
