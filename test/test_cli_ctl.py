@@ -323,6 +323,8 @@ def test_a_node_that_does_not_exist_ends_the_wait_with_its_reason(capsys):
         (["lifecycle", "explode"], "invalid choice"),
         (["save-frame", "out", "--camera", "9front"], "not a camera name"),
         (["save-frame", "/dev/null/out"], "is not a folder"),
+        (["save-frame", "/proc/no_such_dir"], "cannot write in '/proc'"),
+        (["save-frame", ""], "OUT_DIR is empty"),
         (["diagnostics", "--onc"], "unrecognized arguments"),
         (["set", "dense.crop", "224", "dense.crop", "300"], "dense.crop given twice"),
         (["play"], "required"),

@@ -96,7 +96,7 @@ def build_parser() -> ToolParser:
     diagnostics = command("diagnostics", "print the node's /diagnostics statuses until Ctrl-C")
     diagnostics.add_argument("--once", action="store_true", help="print one message and exit")
     save = command("save-frame", "write the next overlay and labels frame as PNG files")
-    save.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for the PNG files")
+    save.add_argument("out_dir", metavar="OUT_DIR", help="folder for the PNG files")
     save.add_argument("--camera", default="", help="a camera of the node's cameras parameter")
     play = command("play", "publish image files as a camera on the node's input topic")
     play.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders of them")
@@ -151,11 +151,15 @@ def check_arguments(parser: ToolParser, args: argparse.Namespace) -> None:
 
         if args.camera and (not CAMERA_NAME.fullmatch(args.camera) or "__" in args.camera):
             parser.error(f"--camera {args.camera!r} is not a camera name (a ROS name token)")
-        for folder in (args.out_dir, *args.out_dir.parents):
-            if folder.exists():
-                if not folder.is_dir():
-                    parser.error(f"OUT_DIR {str(args.out_dir)!r}: {str(folder)!r} is not a folder")
-                break
+        if not args.out_dir.strip():
+            parser.error("OUT_DIR is empty: name a folder")
+        args.out_dir = Path(args.out_dir)
+        from ovss_ros.cli.tool_parser import writable_folder
+
+        try:
+            writable_folder(args.out_dir, f"OUT_DIR {str(args.out_dir)!r}")
+        except ValueError as error:
+            parser.error(str(error))
 
 
 class Refused(Exception):

@@ -21,6 +21,7 @@ import copy
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -141,8 +142,12 @@ def writable_folder(folder: str | Path, flag: str) -> None:
     existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
     if not existing.is_dir():
         raise ValueError(f"{flag}: {str(existing)!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag}: cannot write in {str(existing)!r} (permission denied)")
+    try:  # a real file, not os.access: root passes that check where nobody may write (/proc)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"{flag}: cannot write in {str(existing)!r} ({reason})") from None
 
 
 class OncePerRun(logging.Filter):
