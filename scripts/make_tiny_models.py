@@ -36,13 +36,18 @@ TRAINING = ["--steps", "4", "--batch-size", "2", "--crop", "64", "--proposals", 
 TRAINING += ["--checkpoint-every", "0", "--validate-every", "0", "--no-progress"]
 
 
+MARKER = ".ovss_tiny_models"  # in DIR: what --force may write into again
+
+
 def parse_args(argv: list[str] | None):  # noqa: ANN201 (argparse.Namespace)
     parser = ToolParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("folder", metavar="DIR", help="folder to write (made if missing)")
     parser.add_argument(
-        "--force", action="store_true", help="write into DIR even if it is not empty"
+        "--force",
+        action="store_true",
+        help=f"write again into a DIR an earlier run wrote (it holds {MARKER})",
     )
     parser.add_argument(
         "--image",
@@ -63,6 +68,12 @@ def prepare_folder(folder: Path, force: bool) -> None:
         if any(folder.iterdir()) and not force:
             bad_input(
                 PROG, f"{str(folder)!r} is not empty: give an empty or new folder, or --force"
+            )
+        if any(folder.iterdir()) and not (folder / MARKER).is_file():
+            bad_input(
+                PROG,
+                f"{str(folder)!r} is not empty and no earlier run of this script wrote it (no "
+                f"{MARKER}): --force only writes again into such a folder",
             )
     else:
         place = next(p for p in folder.absolute().parents if os.path.lexists(p))
@@ -148,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers_logging.disable_progress_bar()
     try:
+        (folder / MARKER).write_text("written by scripts/make_tiny_models.py\n")
         write_all(folder, args.seed)
     except OSError as error:
         print(

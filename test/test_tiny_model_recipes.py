@@ -95,10 +95,12 @@ def run_tool(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> tuple[Path, Path, dict[str, list[str]]]:
-    """(where it ran, the image, comment -> command): the script writes ``tiny`` (which holds a
-    file already: --force) relative to a folder outside the repository."""
+    """(where it ran, the image, comment -> command): the script writes ``tiny`` (written by an
+    earlier run, as its marker says, with a note added since: --force) relative to a folder
+    outside the repository."""
     root = tmp_path_factory.mktemp("recipes")
     (root / "tiny").mkdir()
+    (root / "tiny" / ".ovss_tiny_models").write_text("written by scripts/make_tiny_models.py\n")
     (root / "tiny" / "notes.txt").write_text("mine\n")
     image = voc_image_paths()[0]
     result = run_script(["tiny", "--force", "--image", str(image)], root)
@@ -273,13 +275,26 @@ def _not_empty(root: Path) -> str:
     [
         (lambda root: [_file(root)], "'a_file' exists and is not a folder"),
         (lambda root: [_not_empty(root)], "'full' is not empty: give an empty or new folder"),
+        (
+            lambda root: [_not_empty(root), "--force"],
+            "'full' is not empty and no earlier run of this script wrote it",
+        ),
         (lambda root: [f"{_file(root)}/sub"], "'a_file/sub' cannot be made: "),
         (lambda root: ["/proc/ovss_tiny_models"], "'/proc/ovss_tiny_models' cannot be written"),
         (lambda root: ["new", "--image", "missing.jpg"], "--image 'missing.jpg' is not a file"),
         (lambda root: [], "the following arguments are required: DIR"),
         (lambda root: ["new", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
     ],
-    ids=["file", "not empty", "under a file", "not writable", "no image", "no DIR", "bad seed"],
+    ids=[
+        "file",
+        "not empty",
+        "force on another folder",
+        "under a file",
+        "not writable",
+        "no image",
+        "no DIR",
+        "bad seed",
+    ],
 )
 def test_bad_input_is_refused_in_one_line_before_torch(tmp_path, make_args, reason):
     args = make_args(tmp_path)
