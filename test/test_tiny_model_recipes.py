@@ -10,6 +10,7 @@ commands set. Bad input: one line on stderr, status 2, before torch is imported.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -170,6 +171,10 @@ def node_from(words: list[str], cwd: Path):
     assert returncode == 0, log_path.read_text()
 
 
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON")
+
+
 def test_deop_trains_on_the_tiny_clip_and_its_checkpoint_runs_in_the_tool_and_the_node(made):
     root, image, commands = made
     train = commands[TRAIN]
@@ -177,6 +182,10 @@ def test_deop_trains_on_the_tiny_clip_and_its_checkpoint_runs_in_the_tool_and_th
     assert result.returncode == 0, result.stderr
     checkpoint = root / train[train.index("--output") + 1] / "checkpoint.pt"
     assert checkpoint.is_file()
+    # strict JSON on stdout and in metrics.json (a class without pixels has a NaN IoU: null)
+    summary = json.loads(result.stdout.strip().splitlines()[-1], parse_constant=_no_constant)
+    assert summary["step"] > 0
+    json.loads((checkpoint.parent / "metrics.json").read_text(), parse_constant=_no_constant)
     words = commands["deop with that checkpoint, one image"]
     assert shown_path(words, "--deop-checkpoint", root) == checkpoint.resolve()
     check_segmented(run_tool(words, root), words, root, image)

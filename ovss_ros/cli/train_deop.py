@@ -28,7 +28,12 @@ from ovss_ros.cli.tool_parser import INTERRUPTED, ToolParser
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES
 from ovss_ros.training.deop_data import DATASETS, training_data
-from ovss_ros.training.training_config import CHECKPOINT_NAME, LOSSES, TrainingConfig
+from ovss_ros.training.training_config import (
+    CHECKPOINT_NAME,
+    LOSSES,
+    TrainingConfig,
+    json_safe,
+)
 
 logger = logging.getLogger("ovss-train-deop")
 
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ovss-train-deop: interrupted; {kept}", file=sys.stderr)
         return INTERRUPTED
     logger.info("done: %s", json.dumps(summary["validation"]))
-    print(json.dumps(summary, allow_nan=True))
+    print(json.dumps(json_safe(summary), allow_nan=False))
     return 0
 
 

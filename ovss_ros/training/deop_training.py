@@ -58,7 +58,12 @@ from ovss_ros.core.vocabulary import ClassEntry
 from ovss_ros.evaluation.dataset_readers import IGNORE
 from ovss_ros.evaluation.evaluation_loop import evaluate
 from ovss_ros.training.deop_data import CropDataset, TrainingData, collate
-from ovss_ros.training.training_config import CHECKPOINT_NAME, METRICS_NAME, TrainingConfig
+from ovss_ros.training.training_config import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    TrainingConfig,
+    json_safe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +379,9 @@ def train(
             "history": history,
         }
         save_checkpoint(path, trainer.modules, clip, asdict(config.inference_settings()), training)
-        (output / METRICS_NAME).write_text(json.dumps(history, indent=1, allow_nan=True))
+        (output / METRICS_NAME).write_text(
+            json.dumps(json_safe(history), indent=1, allow_nan=False)
+        )
 
     last: dict[str, float] = {}
     window: list[dict[str, float]] = []

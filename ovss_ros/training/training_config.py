@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from ovss_ros.core.methods.deop.run_config import DeopConfig
 from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES
@@ -125,3 +126,15 @@ class TrainingConfig:
             severance_residual=self.severance_residual,
             pooling="cal",
         )
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (a NaN IoU of a class without pixels) as None, so
+    that ``json.dumps`` writes valid JSON (``null``, not ``NaN``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
