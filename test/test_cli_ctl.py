@@ -334,6 +334,7 @@ def test_a_node_that_does_not_exist_ends_the_wait_with_its_reason(capsys):
         (["play", __file__], "is not an image OpenCV can read"),
         (["play", str(DATA_VOC), "--rate", "0"], "positive number of frames/s"),
         (["play", str(DATA_VOC), "--rate", "inf"], "positive number of frames/s"),
+        (["play", str(DATA_VOC), "--rate", "1e9"], "--rate must be at most 100 frames/s"),
         (["play", str(DATA_VOC), "--topic", "bad topic"], "not a valid topic name"),
     ],
 )

@@ -30,6 +30,7 @@ from ovss_ros.cli.tool_parser import INTERRUPTED, ToolParser, bad_input, one_lin
 
 PROG = "ovss-ctl"
 REFUSED = 1  # the node refused, or did not answer in time
+MAX_RATE = 100.0  # frames/s of play: a camera's rate, not a flood
 LIFECYCLE = ("configure", "activate", "deactivate", "cleanup", "shutdown", "get")
 
 
@@ -133,6 +134,10 @@ def check_arguments(parser: ToolParser, args: argparse.Namespace) -> None:
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             parser.error(f"set: {twice[0]} given twice (one value per parameter)")
+    if args.command == "play" and args.rate > MAX_RATE:
+        parser.error(
+            f"--rate must be at most {MAX_RATE:g} frames/s (as ovss-demo's), got {args.rate:g}"
+        )
     if args.command == "play":
         from rclpy.validate_topic_name import validate_topic_name
 
