@@ -115,8 +115,8 @@ def soak(args: argparse.Namespace) -> SoakReport:
         # frame sent must show up in the node's counters.
         parameters["qos_overrides./image.subscription.reliability"] = "reliable"
         # A reader history of one sample would let DDS replace a frame the node's executor has
-        # not taken yet (a busy machine): uncounted, as lost in transport. Deep enough for 1 s.
-        parameters["qos_overrides./image.subscription.depth"] = 30
+        # not taken yet (a busy machine): uncounted, as lost in transport. Deep enough for 3 s.
+        parameters["qos_overrides./image.subscription.depth"] = 100
         # and a labels history deep enough (3 s at 30 Hz) that a briefly busy client still
         # acknowledges every frame before the node's writer overwrites it.
         parameters["qos_overrides./ovss/labels.publisher.depth"] = 100

@@ -408,9 +408,11 @@ class OvssClient:
         self.messages: dict[str, list[Any]] = {}
         self._subscriptions: dict[str, Any] = {}
         inputs = input_namespace.rstrip("/")
-        # A camera driver's usual QoS; a RELIABLE one also serves RELIABLE subscriptions.
+        # A camera driver's usual QoS; a RELIABLE one also serves RELIABLE subscriptions. Its
+        # writer history is deep: with depth 1 a frame the node's reader had not acknowledged
+        # was replaced by the next (10 of 450 frames lost at 30 Hz under a load average of 4).
         input_qos = (
-            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+            QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
             if reliable_input
             else qos_profile_sensor_data
         )
