@@ -55,7 +55,10 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201 (argparse.Namespace)
         "photo the package ships, copied there)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random weights' seed (default: 0)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.seed < 2**32:  # numpy's and torch's seeds
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
+    return args
 
 
 def prepare_folder(folder: Path, force: bool) -> None:

@@ -161,7 +161,16 @@ def _overlay_is_a_folder(folder: Path) -> list[str]:
     return ["--output", str(folder / "out"), "--frames", "2", "--change-after", "1"]
 
 
+def _log_is_a_link(folder: Path) -> list[str]:
+    (folder / "elsewhere.txt").write_text("not the demo's\n")
+    (folder / "out").mkdir()
+    (folder / "out" / "node.log").symlink_to(folder / "elsewhere.txt")
+    return ["--output", str(folder / "out")]
+
+
 BAD = [
+    ("node.log a link", _log_is_a_link, "node.log there is a link"),
+    ("output not writable", lambda d: ["--output", "/proc/self/demo"], "cannot write in"),
     ("change-after the last frame", lambda d: ["--frames", "2", "--change-after", "2"],
      "the vocabulary would never change"),
     ("empty output", lambda d: ["--output", " "], "--output is empty"),

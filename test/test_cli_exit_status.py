@@ -10,10 +10,22 @@ from conftest import TINY_VIT
 TINY = ["--model", str(TINY_VIT), "--pretrained", "none", "--device", "cpu"]
 
 
-def test_ovss_bench_says_in_one_line_that_its_json_was_not_written():
+def test_ovss_bench_refuses_a_json_path_it_cannot_write_before_the_work():
     done = tool_process.run_tool(
         "bench", *TINY, "--iterations", "1", "--warmup", "0", "--combos", "naclip",
         "--json", "/proc/no_such_dir/figures.json", timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ovss-bench: error: --json: cannot write in '/proc' ("), done.stderr
+    assert not done.stdout.strip()  # nothing timed
+
+
+def test_ovss_bench_says_in_one_line_that_its_json_was_not_written():
+    """A write that fails after the work (a full disk: /dev/full) is one line and status 1."""
+    done = tool_process.run_tool(
+        "bench", *TINY, "--iterations", "1", "--warmup", "0", "--combos", "naclip",
+        "--json", "/dev/full", timeout=300,
     )  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]

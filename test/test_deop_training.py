@@ -181,6 +181,10 @@ def test_command_end_to_end(tmp_path):
     deop.set_classes(["red circle", "stripes"])
     assert deop.segment(np.zeros((40, 50, 3), np.uint8)).labels.shape == (40, 50)
     assert train_deop.main([*common, "--steps", "0"]) == 2
+    # a new run into the folder of an earlier one would silently replace its checkpoint
+    before = (output / CHECKPOINT_NAME).read_bytes()
+    assert train_deop.main([*common, "--steps", "3"]) == 2
+    assert (output / CHECKPOINT_NAME).read_bytes() == before
     assert train_deop.main(["folder", str(tmp_path / "missing"), "--no-progress"]) == 2
     fresh = [*common[:3], str(tmp_path / "fresh"), *common[4:]]
     assert train_deop.main([*fresh, "--resume"]) == 2  # nothing to resume

@@ -52,6 +52,7 @@ from ovss_ros.cli.tool_parser import (
     log_once_to_stderr,
     not_an_input,
     one_line,
+    writable_folder,
 )
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
 from ovss_ros.ros.image_conversion import (
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         try:
             not_an_input(args.json, [args.image, *filter(None, [args.params_file])], "--json")
+            writable_folder(Path(args.json).expanduser().absolute().parent, "--json")
         except ValueError as error:
             parser.error(str(error))
     handler = log_once_to_stderr()

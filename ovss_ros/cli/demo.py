@@ -38,7 +38,7 @@ from ovss_ros.cli.demo_options import (
     VOC_IMAGES,
     DemoArgs,
 )
-from ovss_ros.cli.tool_parser import ToolParser, bad_input
+from ovss_ros.cli.tool_parser import ToolParser, bad_input, writable_folder
 
 
 def build_parser() -> ToolParser:
@@ -201,9 +201,12 @@ def check_arguments(argv: list[str] | None) -> DemoArgs:
             )
         written = ["summary.txt", "node.log"]
         written += [f"overlay_{index:04d}.png" for index in range(1, len(frames) + 1)]
-        for name in written:  # what the demo writes there: no folder or device in the way
+        for name in written:  # what the demo writes there: no folder, device or link in it
+            if (output / name).is_symlink():
+                raise ValueError(f"--output {args.output!r}: {name} there is a link")
             if os.path.lexists(output / name) and not (output / name).is_file():
                 raise ValueError(f"--output {args.output!r}: {name} there is not a file")
+        writable_folder(output, f"--output {args.output!r}")
         try:
             output.mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -298,22 +298,32 @@ def run_demo(args: DemoArgs) -> int:
     weights = choose_weights(args.download)
     device = args.device or default_device()
     profile = Path(tempfile.mkstemp(prefix="ovss_demo_fastdds_", suffix=".xml")[1])
-    env = node_environment(args, weights, profile)
-    os.environ.update(env)  # this process's participants join the same graph (before the first)
     try:
-        args = free_domain(args)
-    except DomainTaken as error:
+        env = node_environment(args, weights, profile)
+        os.environ.update(env)  # this process's participants join the graph (before the first)
+        try:
+            args = free_domain(args)
+        except DomainTaken as error:
+            print(f"ovss-demo: {error}", file=sys.stderr)
+            return 1
+        env["ROS_DOMAIN_ID"] = os.environ["ROS_DOMAIN_ID"] = str(args.domain_id)
+        say(f"ovss-demo: {weights.note}")
+        how = "given" if args.domain_chosen else "random; --domain-id chooses it"
+        say(
+            f"ovss-demo: node on ROS_DOMAIN_ID={args.domain_id} ({how}), discovery on this "
+            f"host only; device {device}; its log: {args.output / 'node.log'}"
+        )
+        return _run_node(args, weights, device, env)
+    finally:
         profile.unlink(missing_ok=True)
-        print(f"ovss-demo: {error}", file=sys.stderr)
-        return 1
-    env["ROS_DOMAIN_ID"] = os.environ["ROS_DOMAIN_ID"] = str(args.domain_id)
-    say(f"ovss-demo: {weights.note}")
-    how = "given" if args.domain_chosen else "random; --domain-id chooses it"
-    say(
-        f"ovss-demo: node on ROS_DOMAIN_ID={args.domain_id} ({how}), discovery on this host "
-        f"only; device {device}; its log: {args.output / 'node.log'}"
-    )
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _run_node(args: DemoArgs, weights: Weights, device: str, env: dict[str, str]) -> int:
+    """Start the node, play, stop the node (whatever happens; further signals wait for it)."""
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+        signal.SIGINT: signal.getsignal(signal.SIGINT),
+    }
     summary = Summary(args.output / "summary.txt")
     sessions: list[Session] = []
     node = NodeProcess(node_parameters(args, weights, device), env, args.output / "node.log")
@@ -325,12 +335,14 @@ def run_demo(args: DemoArgs) -> int:
     except KeyboardInterrupt as stop:
         return stopped(stop, "; stopping the node")
     finally:
+        for number in previous:  # stopping: a second Ctrl-C must not cut the node's shutdown
+            signal.signal(number, signal.SIG_IGN)
         for session in sessions:
             session.close()
         status = node.stop()
         summary.close()
-        profile.unlink(missing_ok=True)
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         say(f"ovss-demo: node stopped (exit status {status})")
 
 

@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output).expanduser()
         if os.path.lexists(output) and not output.is_dir():
             raise ValueError(f"--output {str(output)!r} exists and is not a folder")
+        if (output / CHECKPOINT_NAME).exists() and not args.resume:
+            raise ValueError(
+                f"--output {str(output)!r} holds an earlier run's {CHECKPOINT_NAME}: --resume "
+                "continues it; a new run needs another folder"
+            )
         data = training_data(args.dataset, args.root)
         data.check(args.max_input_pixels)
         make_output_folder(output)
