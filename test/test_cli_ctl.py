@@ -298,6 +298,20 @@ def test_lifecycle_transitions_of_the_managed_node(node, capsys):
         assert (status, out) == (0, f"{state}\n"), err + managed.output()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--node", "/elsewhere", "get", "--all", "--timeout", "1"],
+        ["get", "--all", "--node", "/elsewhere", "--timeout", "1"],
+        ["--node", "/ovss", "get", "--all", "--node", "/elsewhere", "--timeout", "1"],
+    ],
+)
+def test_node_may_come_before_or_after_the_command(capsys, argv):
+    isolate_dds()
+    status, _, err = ctl(capsys, *argv)
+    assert status == 1 and err.startswith("ovss-ctl: no node /elsewhere answered"), err
+
+
 def test_a_node_that_does_not_exist_ends_the_wait_with_its_reason(capsys):
     isolate_dds()
     start = time.monotonic()

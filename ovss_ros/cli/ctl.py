@@ -60,10 +60,11 @@ def build_parser() -> ToolParser:
         epilog="Exit status: 0 done, 1 the node refused or did not answer, 2 bad arguments, 130 "
         "Ctrl-C (diagnostics and play --loop: 0).",
     )
+    # --node before or after the command: the command's own (given) wins.
+    node_help = "the ovss node's full name (default: /ovss)"
+    parser.add_argument("--node", default="/ovss", help=node_help)
     common = ToolParser(add_help=False)
-    common.add_argument(
-        "--node", default="/ovss", help="the ovss node's full name (default: %(default)s)"
-    )
+    common.add_argument("--node", default=argparse.SUPPRESS, help=node_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, timeout: float = 10.0) -> ToolParser:
