@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"ovss-train-deop: interrupted; {kept}", file=sys.stderr)
         return INTERRUPTED
-    logger.info("done: %s", json.dumps(summary["validation"]))
+    logger.info("done: %s", json.dumps(json_safe(summary["validation"]), allow_nan=False))
     print(json.dumps(json_safe(summary), allow_nan=False))
     return 0
 
