@@ -489,3 +489,37 @@ def test_a_random_domain_that_has_an_ovss_node_is_drawn_again(monkeypatch):
     assert drawn.domain_id != 150 and drawn.domain_id in demo_run.DOMAIN_IDS
     with pytest.raises(demo_run.DomainTaken, match="ROS_DOMAIN_ID=150 already has"):
         demo_run.free_domain(replace(args, domain_id=150, domain_chosen=True))
+
+
+def _catches_sigterm(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.MULTILINE)[1], 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_before_the_node_starts_is_said_and_143(tmp_path, images):
+    """The handler is there from the demo's first line (a SIGTERM while torch was imported
+    ended it silently)."""
+    process = subprocess.Popen(
+        demo_command("--images", str(images), "--output", str(tmp_path / "out"),
+                     "--domain-id", domain()),
+        env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _catches_sigterm(process.pid):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=STOP_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("ovss-demo: stopped (SIGTERM)"), err
+    assert "Traceback" not in err

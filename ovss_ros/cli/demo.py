@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from ovss_ros.cli.demo_options import (
     SHIPPED_IMAGES,
     VOC_IMAGES,
     DemoArgs,
+    raise_terminated,
 )
 from ovss_ros.cli.tool_parser import ToolParser, bad_input, writable_folder
 
@@ -233,8 +235,9 @@ def check_arguments(argv: list[str] | None) -> DemoArgs:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ovss-demo``; the exit status (module docstring)."""
-    args = check_arguments(argv)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)  # from the start: 143, said
     try:
+        args = check_arguments(argv)
         from ovss_ros.cli.demo_run import run_demo  # torch/rclpy only after the checks
 
         return run_demo(args)
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         from ovss_ros.cli.demo_run import stopped
 
         return stopped(stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,12 @@ class DemoArgs:
     download: bool
     frame_timeout: float
     startup_timeout: float
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be (the demo ends with 143 and says so)."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: raise Terminated in the main thread."""
+    raise Terminated

@@ -22,7 +22,13 @@ from typing import Any, TextIO
 import cv2
 
 from ovss_ros.cli.demo_media import RANDOM_WARNING, annotated
-from ovss_ros.cli.demo_options import DOMAIN_IDS, RANDOM_MODEL, DemoArgs
+from ovss_ros.cli.demo_options import (
+    DOMAIN_IDS,
+    RANDOM_MODEL,
+    DemoArgs,
+    Terminated,
+    raise_terminated,
+)
 from ovss_ros.cli.demo_session import FrameResult, Session, StartupError
 
 STOP_TIMEOUT_S = 60.0  # the node ending after each of SIGINT, SIGTERM
@@ -187,14 +193,6 @@ class NodeProcess:
         return self.process.wait()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C would be."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 def stopped(stop: KeyboardInterrupt, what: str = "") -> int:
     """Say that a signal stopped the demo (and ``what`` follows); 130 for Ctrl-C, 143 SIGTERM."""
     name, status = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
@@ -321,7 +319,7 @@ def run_demo(args: DemoArgs) -> int:
 def _run_node(args: DemoArgs, weights: Weights, device: str, env: dict[str, str]) -> int:
     """Start the node, play, stop the node (whatever happens; further signals wait for it)."""
     previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated),
         signal.SIGINT: signal.getsignal(signal.SIGINT),
     }
     summary = Summary(args.output / "summary.txt")
