@@ -42,6 +42,8 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from ovss_ros.ros.local_dds_profile import LOCAL_LARGE_FRAMES_PROFILE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_MODEL = DATA_DIR / "tiny-vit.json"
@@ -72,37 +74,6 @@ TINY_NODE_PARAMETERS = {
     "templates": "single",
 }
 
-FASTDDS_PROFILE = """<?xml version="1.0" encoding="UTF-8"?>
-<dds xmlns="http://www.eprosima.com">
-  <profiles>
-    <transport_descriptors>
-      <transport_descriptor>
-        <transport_id>shm_16mib</transport_id>
-        <type>SHM</type>
-        <segment_size>16777216</segment_size>
-      </transport_descriptor>
-      <transport_descriptor>
-        <transport_id>udp_localhost</transport_id>
-        <type>UDPv4</type>
-        <interfaces>
-          <allowlist>
-            <interface name="127.0.0.1"/>
-          </allowlist>
-        </interfaces>
-      </transport_descriptor>
-    </transport_descriptors>
-    <participant profile_name="ovss_test_participant" is_default_profile="true">
-      <rtps>
-        <useBuiltinTransports>false</useBuiltinTransports>
-        <userTransports>
-          <transport_id>shm_16mib</transport_id>
-          <transport_id>udp_localhost</transport_id>
-        </userTransports>
-      </rtps>
-    </participant>
-  </profiles>
-</dds>
-"""
 
 # Domain IDs 1..100 keep Fast DDS's port numbers within range; 0 is what everyone else uses.
 _DOMAIN_IDS = range(1, 101)
@@ -135,7 +106,7 @@ def isolate_dds() -> dict[str, str]:
     """
     if "env" not in _claimed:
         profile = Path(tempfile.gettempdir()) / f"ovss_ros_fastdds_{os.getpid()}.xml"
-        profile.write_text(FASTDDS_PROFILE)
+        profile.write_text(LOCAL_LARGE_FRAMES_PROFILE)
         atexit.register(profile.unlink, missing_ok=True)
         env = {
             "ROS_DOMAIN_ID": str(_claim_domain_id()),

@@ -30,38 +30,10 @@ from ovss_ros.cli.demo_options import (
     raise_terminated,
 )
 from ovss_ros.cli.demo_session import FrameResult, Session, StartupError
+from ovss_ros.ros.local_dds_profile import LOCAL_LARGE_FRAMES_PROFILE
 
 STOP_TIMEOUT_S = 60.0  # the node ending after each of SIGINT, SIGTERM
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# A 16 MiB shared-memory segment: a 640x480 rgb8 frame is larger than Fast DDS's default 512 KB
-# one and would be lost under BEST_EFFORT; UDP kept on the loopback interface.
-FASTDDS_PROFILE = """<?xml version="1.0" encoding="UTF-8"?>
-<dds xmlns="http://www.eprosima.com">
-  <profiles>
-    <transport_descriptors>
-      <transport_descriptor>
-        <transport_id>shm_16mib</transport_id>
-        <type>SHM</type>
-        <segment_size>16777216</segment_size>
-      </transport_descriptor>
-      <transport_descriptor>
-        <transport_id>udp_localhost</transport_id>
-        <type>UDPv4</type>
-        <interfaces><allowlist><interface name="127.0.0.1"/></allowlist></interfaces>
-      </transport_descriptor>
-    </transport_descriptors>
-    <participant profile_name="ovss_demo_participant" is_default_profile="true">
-      <rtps>
-        <useBuiltinTransports>false</useBuiltinTransports>
-        <userTransports>
-          <transport_id>shm_16mib</transport_id>
-          <transport_id>udp_localhost</transport_id>
-        </userTransports>
-      </rtps>
-    </participant>
-  </profiles>
-</dds>
-"""
 
 
 @dataclass(frozen=True)
@@ -130,7 +102,7 @@ def node_environment(args: DemoArgs, weights: Weights, profile: Path) -> dict[st
     if not os.environ.get("RMW_IMPLEMENTATION"):
         env["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"
     if not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):
-        profile.write_text(FASTDDS_PROFILE)
+        profile.write_text(LOCAL_LARGE_FRAMES_PROFILE)
         env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
     if weights.random or not args.download:
         env["HF_HUB_OFFLINE"] = "1"  # nothing to fetch: the node never touches the network
