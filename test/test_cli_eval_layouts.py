@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import TINY_VIT, voc_image_paths
 from PIL import Image
+from tool_process import interrupted
 
 from ovss_ros.cli import evaluate
 from ovss_ros.evaluation.protocol import PROTOCOLS
@@ -114,26 +114,10 @@ def test_ctrl_c_ends_ovss_eval_with_130_and_no_report(tmp_path):
     ids = "".join(f"{p.stem}\n" for p in voc_image_paths()) * 300
     (base / "ImageSets/Segmentation/val.txt").write_text(ids)
     report = tmp_path / "report.json"
-    process = subprocess.Popen(
-        [*tool_script("evaluate"), "voc21", str(tmp_path), *TINY, "--no-progress", "-o",
-         str(report)],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )  # fmt: skip
-    lines = []
-    try:
-        for line in process.stderr:  # the model is made: scoring has started
-            lines.append(line)
-            if "RANDOM weights" in line:
-                break
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:  # never left running (it would load the machine)
-            process.kill()
-            process.wait()
-    err = "".join(lines) + err
-    assert process.returncode == 130, err[-3000:]
+    args = ["voc21", str(tmp_path), *TINY, "--no-progress", "-o", str(report)]
+    # the model is made (its random-weights warning): scoring has started
+    status, out, err = interrupted("evaluate", args, b"RANDOM weights", REPO)
+    assert status == 130, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
         "ovss-eval: interrupted; nothing scored"
     )

@@ -4,13 +4,10 @@ one line that says what was kept, never a traceback (docs/tools.md, exit statuse
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from conftest import TINY_VIT
+from tool_process import interrupted
 
 from ovss_ros.tools.tiny_models import save_shapes
 
@@ -18,34 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", str(TINY_VIT), "--pretrained", "none", "--device", "cpu"]
 
 
-def interrupted(tool: str, args: list[str], started: bytes, cwd: Path) -> tuple[int, str]:
-    """Run ``tool``'s main in a child, Ctrl-C it once ``started`` is on its stderr; its status
-    and whole stderr."""
-    script = f"import sys; from ovss_ros.cli.{tool} import main; sys.exit(main())"
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )  # fmt: skip
-    seen = b""
-    try:
-        while started not in seen:
-            chunk = process.stderr.read1(4096)
-            assert chunk, seen.decode(errors="replace")[-3000:]
-            seen += chunk
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return process.returncode, (seen + err).decode(errors="replace")
-
-
 def test_ctrl_c_ends_ovss_bench_with_130_and_nothing_reported(tmp_path):
     json_path = tmp_path / "figures.json"
     args = [*TINY, "--iterations", "100000", "--warmup", "0", "--json", str(json_path)]
-    status, err = interrupted("bench", args, b"timed rounds", tmp_path)
+    status, _, err = interrupted("bench", args, b"timed rounds", tmp_path)
     assert status == 130, err[-3000:]
     assert "Traceback" not in err and err.rstrip().endswith(
         "ovss-bench: interrupted; nothing reported"
@@ -58,7 +31,7 @@ def test_ctrl_c_ends_ovss_train_deop_with_130_naming_the_checkpoint_kept(tmp_pat
     output = tmp_path / "run"
     args = ["folder", str(data), "--output", str(output), *TINY, "--steps", "100000"]
     args += ["--batch-size", "1", "--crop", "64", "--proposals", "4", "--checkpoint-every", "1"]
-    status, err = interrupted("train_deop", args, b"training images", tmp_path)
+    status, _, err = interrupted("train_deop", args, b"training images", tmp_path)
     assert status == 130, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     last = err.rstrip().splitlines()[-1]

@@ -15,10 +15,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import tool_process
@@ -157,8 +153,13 @@ def test_the_params_file_makes_the_node_run_as_tuned(blip, tmp_path, capsys, mon
     assert engine.model == str(models / "tiny-vit.json") and engine.pretrained == "none"
     assert engine.pnp.vlm_pretrained == str(blip)
     tuned = PnpSettings(
-        vlm_pretrained=str(blip), image_size=IMAGE_SIZE, layer=2, head=3, dropout_rounds=1,
-        dropout_patches=2, refine="none",
+        vlm_pretrained=str(blip),
+        image_size=IMAGE_SIZE,
+        layer=2,
+        head=3,
+        dropout_rounds=1,
+        dropout_patches=2,
+        refine="none",
     )
     assert engine.pnp == tuned
 
@@ -181,25 +182,9 @@ def test_ctrl_c_ends_ovss_tune_with_130_and_no_params_file(blip, tmp_path):
     one line, no traceback, no params file."""
     output = tmp_path / "tuned.yaml"
     args = arguments(blip, output, "--budget", "60", "--rounds", "3-5")
-    script = "import sys; from ovss_ros.cli.tune import main; sys.exit(main())"
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
-    )  # fmt: skip
-    seen = b""
-    try:
-        while b"trial" not in seen:  # the progress bar: the search has started
-            chunk = process.stderr.read1(4096)
-            assert chunk, seen.decode(errors="replace")[-2000:]
-            seen += chunk
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:  # never left running (it would load the machine)
-            process.kill()
-            process.wait()
-    err = (seen + err).decode(errors="replace")
-    assert process.returncode == 130, err[-3000:]
+    status, out, err = tool_process.interrupted(
+        "tune", args, b"trial", tmp_path
+    )  # the search began
+    assert status == 130, err[-3000:]
     assert "Traceback" not in err and "ovss-tune: interrupted; no params file written" in err
-    assert not output.exists() and b"wrote" not in out
+    assert not output.exists() and "wrote" not in out

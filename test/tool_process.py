@@ -25,6 +25,7 @@ import importlib
 import multiprocessing
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -149,3 +150,29 @@ def run_tool(
         cwd=cwd,
         address_space=address_space,
     )
+
+
+def interrupted(tool: str, args: Sequence[str], started: bytes, cwd: Path) -> tuple[int, str, str]:
+    """Run ``ovss-<tool>`` as its console script in a child (the real one: Ctrl-C handling is
+    what is tested), Ctrl-C it once ``started`` is on its stderr; (status, stdout, stderr). A
+    child still running when this ends (a failed wait) is killed: never left loading the
+    machine."""
+    script = f"import sys; from ovss_ros.cli.{tool} import main; sys.exit(main())"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+    )  # fmt: skip
+    seen = b""
+    try:
+        while started not in seen:
+            chunk = process.stderr.read1(4096)
+            assert chunk, seen.decode(errors="replace")[-3000:]
+            seen += chunk
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, out.decode(errors="replace"), (seen + err).decode(errors="replace")
