@@ -24,14 +24,15 @@ def read_frames(inputs: Sequence[str]) -> list[tuple[str, np.ndarray]]:
     Raises ValueError for an input that does not exist, a folder without images, or a file
     OpenCV cannot decode (all checked before anything is published)."""
     from ovss_ros.cli.demo_media import read_images
-    from ovss_ros.cli.segment import IMAGE_SUFFIXES, image_files
+    from ovss_ros.cli.segment import image_files
+    from ovss_ros.cli.tool_parser import IMAGE_SUFFIXES
 
     try:
         paths = image_files(inputs)
     except FileNotFoundError as error:
         raise ValueError(str(error)) from None
     if not paths:
-        raise ValueError(f"no images in {', '.join(inputs)} ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(f"no images in {', '.join(inputs)} ({', '.join(IMAGE_SUFFIXES)})")
     return read_images(paths, None)
 
 

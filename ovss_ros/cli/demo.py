@@ -34,13 +34,12 @@ from ovss_ros.cli.demo_options import (
     DEFAULT_THEN_CLASSES,
     DEVICE_PATTERN,
     DOMAIN_IDS,
-    IMAGE_SUFFIXES,
     SHIPPED_IMAGES,
     VOC_IMAGES,
     DemoArgs,
     raise_terminated,
 )
-from ovss_ros.cli.tool_parser import ToolParser, bad_input, writable_folder
+from ovss_ros.cli.tool_parser import IMAGE_SUFFIXES, ToolParser, bad_input, writable_folder
 
 
 def build_parser() -> ToolParser:

@@ -14,7 +14,6 @@ RANDOM_MODEL = DATA / "demo-tiny-vit.json"
 VOC_IMAGES = Path(
     "/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc/JPEGImages"
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_CLASSES = ("person", "cat", "dog", "chair", "table", "floor", "wall")
 DEFAULT_THEN_CLASSES = ("person", "sofa", "bottle", "door", "window")
 DOMAIN_IDS = range(101, 200)  # away from 0 (everyone's) and the tests' 1..100

@@ -34,7 +34,7 @@ import numpy as np
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, parse_engine_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
-from ovss_ros.cli.tool_parser import ToolParser
+from ovss_ros.cli.tool_parser import IMAGE_SUFFIXES, ToolParser
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
@@ -44,7 +44,6 @@ from ovss_ros.ros.signals import StopSignals
 if TYPE_CHECKING:
     from ovss_ros.core.segmenter import Segmenter
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LABELS_SUFFIX = "_labels.png"
 OVERLAY_SUFFIX = "_overlay.jpg"
 MANIFEST = "images.tsv"

@@ -28,6 +28,8 @@ from typing import Any, NoReturn
 
 BAD_INPUT = 2  # the exit status of every tool for bad arguments, files or settings
 FAILED = 1  # a failure while running: inputs skipped, an output not written, the node refused
+# The files the tools take as images (a folder given is expanded to these).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 
