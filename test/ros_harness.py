@@ -505,7 +505,9 @@ class OvssClient:
                 return found
             if now >= deadline:
                 missing = [topic for topic, output in found.items() if output is None]
-                raise AssertionError(f"no output on {missing} within {timeout} s")
+                raise AssertionError(
+                    f"no output on {missing} within {timeout} s; the client:\n{self.describe()}"
+                )
             rclpy.spin_once(self.node, timeout_sec=0.02)
 
     def statuses(self, name: str) -> list[Any]:
@@ -602,6 +604,23 @@ class OvssClient:
         from std_srvs.srv import SetBool
 
         return call_service(self.node, self.enable_client, SetBool.Request(data=enabled))
+
+    def describe(self) -> str:
+        """What this client sees, for a failure message: who is matched on each of its topics,
+        how many messages each brought, and the last diagnostics report received."""
+        lines = [
+            f"{pub.topic_name}: {pub.get_subscription_count()} subscription(s)"
+            for pub in self.image_pubs.values()
+        ]
+        for topic, messages in self.messages.items():
+            if topic != "/diagnostics":
+                publishers = self.node.count_publishers(topic)
+                lines.append(f"{topic}: {publishers} publisher(s), {len(messages)} received")
+        for array in self.messages.get("/diagnostics", [])[-1:]:
+            for status in array.status:
+                values = ", ".join(f"{k.key}={k.value}" for k in status.values)
+                lines.append(f"last diagnostics {status.name!r}: {status.message} [{values}]")
+        return "\n".join(lines)
 
     def destroy(self) -> None:
         self.node.destroy_node()

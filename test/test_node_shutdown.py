@@ -171,7 +171,10 @@ def stream(node: Node, rgb, until: Callable[[], object], timeout: float, what: s
     while not (value := until()):
         now = time.monotonic()
         if now > deadline:
-            raise AssertionError(f"timed out after {timeout} s: {what}\n{node.process.output()}")
+            raise AssertionError(
+                f"timed out after {timeout} s: {what}\n{node.process.output()}\n"
+                f"the test's client:\n{client.describe()}"
+            )
         if now >= next_frame:
             client.image_pub.publish(make_image(rgb, "rgb8", next_header(client.node)))
             next_frame = now + CAMERA_PERIOD_S
