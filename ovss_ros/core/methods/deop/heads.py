@@ -11,10 +11,11 @@
    dense CLIP features with it (each head pools its own channel slice; no output projection),
    so the proposal embedding stays in CLIP's joint space; it is L2-normalised.
 
-Departure: DeOP's 100 queries are slots tied to its MaskFormer's 100 queries (a learned
-``query_embed`` per slot, zero content). Proposals here have no slot identity (superpixels,
-clusters), so each query is computed from its proposal: linear maps of the proposal's mean CLIP
-feature give the query content and the query position.
+Queries: released DeOP's 100 queries are slots tied to its MaskFormer's 100 queries: zero
+content and a learned position per slot (``query_embedding = nn.Embedding(100, 512)``), built
+with ``slots=100``. Proposals without slot identity (superpixels, clusters, the small proposal
+head of ``ovss-train-deop``) use ``slots=0``: linear maps of the proposal's mean CLIP feature
+give the query content and the query position (a departure from the release).
 
 :class:`DeopModules` holds everything a checkpoint trains: the decoder, the "no object"
 embedding that DeOP appends to the text embeddings (``non_object_embedding``), the optional
@@ -72,6 +73,7 @@ class AnchorDecoder(nn.Module):
     ``forward(features, masks, valid)``: dense CLIP features (N, h, w, D) (normalised, in text
     space), proposal shares of each patch (N, K, h, w) in [0, 1], validity (N, K) bool ->
     proposal embeddings (N, K, D), L2-normalised. ``D`` must divide by ``heads`` and be even.
+    With ``slots`` > 0, K must equal ``slots`` (proposal k is query slot k).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class AnchorDecoder(nn.Module):
         layers: int = 1,
         feedforward: int = 1024,
         dropout: float = 0.1,
+        slots: int = 0,
     ) -> None:
         super().__init__()
         if dim % heads or dim % 2:
@@ -91,10 +94,14 @@ class AnchorDecoder(nn.Module):
             "layers": layers,
             "feedforward": feedforward,
             "dropout": dropout,
-        }
+        } | ({"slots": slots} if slots else {})
         self.heads = heads
-        self.query = nn.Linear(dim, dim)
-        self.query_pos = nn.Linear(dim, dim)
+        self.slots = slots
+        if slots:  # DeOP's query_embedding: a position per slot, zero content
+            self.query_embedding = nn.Embedding(slots, dim)
+        else:
+            self.query = nn.Linear(dim, dim)
+            self.query_pos = nn.Linear(dim, dim)
         self.layers = nn.ModuleList(
             _DecoderLayer(dim, heads, feedforward, dropout) for _ in range(layers)
         )
@@ -113,7 +120,7 @@ class AnchorDecoder(nn.Module):
         pos = sine_positions((h, w), dim, memory.device)
         flat = masks.reshape(n, masks.shape[1], h * w).float()
         pooled = F.normalize(torch.einsum("nkp,npd->nkd", flat, memory), dim=-1)
-        tgt, query_pos = self.query(pooled), self.query_pos(pooled)
+        tgt, query_pos = self.queries(pooled)
         padding = ~valid
         for layer in self.layers:
             tgt = layer(tgt, query_pos, memory, pos, padding)
@@ -127,6 +134,15 @@ class AnchorDecoder(nn.Module):
         logits = torch.einsum("nkhc,nphc->nkhp", q, k) * head_dim**-0.5
         heat = self.dropout(logits.softmax(dim=-1)) * flat[:, :, None, :]
         return heat
+
+    def queries(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query content and position (N, K, D) from the proposals' pooled features."""
+        if not self.slots:
+            return self.query(pooled), self.query_pos(pooled)
+        if pooled.shape[1] != self.slots:
+            raise ValueError(f"{pooled.shape[1]} proposals for a decoder of {self.slots} slots")
+        query_pos = self.query_embedding.weight[None].expand(pooled.shape[0], -1, -1)
+        return torch.zeros_like(query_pos), query_pos
 
     def forward(
         self, features: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor

@@ -1,0 +1,230 @@
+"""DeOP's dense CLIP pass and decoder as released (ovss_ros.core.methods.deop.released), against
+the official code's formulas written out here: ``VisionTransformerLearnPosition.forward``,
+``ResidualAttentionBlockVitPosition.forward`` and ``multi_head_attention_forward_vit_softmax_
+noattn`` (``third_party/CLIP/clip/model.py``), and ``TransformerDecoderLinear`` with its output
+layer ``TransformerDecoderOutLayerLinear`` / ``MultiHeadAttentionMy`` (``mask_former/modeling/
+transformer/transformer.py``) of CongHan0808/DeOP, on random weights and 100 overlapping soft
+proposals (severance weights far from 1), on a 7-block open_clip ViT (learned positions before
+blocks 1-5, as released) in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+from ovss_ros.core.methods.deop.heads import AnchorDecoder
+from ovss_ros.core.methods.deop.released import (
+    LearnedPositions,
+    decoder_masks,
+    released_decoder_state,
+    released_dense_features,
+    severance_weights,
+)
+
+QUERIES, HEADS = 100, 8
+
+
+@pytest.fixture(scope="module")
+def visual():
+    torch.manual_seed(0)
+    config = CLIPVisionCfg(image_size=64, layers=7, width=64, patch_size=16, head_width=32)
+    return _build_vision_tower(32, config, quick_gelu=True).double().eval()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 3, 96, 80, generator=gen, dtype=torch.float64)  # a 6 x 5 grid
+    mask_logits = 3 * torch.randn(2, QUERIES, 24, 20, generator=gen, dtype=torch.float64)
+    return pixels, mask_logits
+
+
+def official_resize(table, gh, gw):
+    """``learned_position`` / ``positional_embedding`` resized as model.py resizes them."""
+    side = int((table.shape[0] - 1) ** 0.5)
+    grid = (
+        F.interpolate(
+            table[1:, :].permute(1, 0).view(1, -1, side, side), size=(gh, gw), mode="bicubic"
+        )
+        .reshape(-1, gh * gw)
+        .permute(1, 0)
+    )
+    return torch.cat([table[0:1, :], grid])
+
+
+def official_gps_attention(block, x_lnd, mask_feature):
+    """multi_head_attention_forward_vit_softmax_noattn on ln_1(x) (L, N, E), then out_proj."""
+    attn = block.attn
+    tgt_len, bsz, embed_dim = x_lnd.shape
+    num_heads = attn.num_heads
+    head_dim = embed_dim // num_heads
+    _, _, v = F.linear(x_lnd, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    v = v.contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+    _, _, mh, mw = mask_feature.shape
+    mask = F.interpolate(mask_feature, size=(mh // 4, mw // 4), mode="bilinear")
+    flat = mask.reshape(bsz, -1, (mh // 4) * (mw // 4)).repeat(num_heads, 1, 1)
+    mask = torch.stack([flat[i::bsz, :, :] for i in range(bsz)]).view(bsz * num_heads, 100, -1)
+    mask = torch.cat((torch.ones(bsz * num_heads, 100, 1).to(mask), mask.sigmoid()), dim=2)
+    out = torch.einsum("qnl, qlc->qnlc", mask, v).sum(dim=1)
+    out = out.transpose(0, 1).contiguous().view(tgt_len, bsz, embed_dim)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
+def official_dense(visual, pixels, mask_logits, positions):
+    x = visual.conv1(pixels)
+    gh, gw = x.shape[-2:]
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
+    x = torch.cat([cls, x], dim=1)
+    pos = official_resize(visual.positional_embedding, gh, gw)
+    x = x + pos + official_resize(positions.input, gh, gw)
+    x = visual.ln_pre(x).permute(1, 0, 2)  # LND
+    blocks = visual.transformer.resblocks
+    for index, block in enumerate(blocks):
+        if index in positions.layers:
+            learned = official_resize(positions.blocks[positions.layers.index(index)], gh, gw)
+            x = (x.permute(1, 0, 2) + learned).permute(1, 0, 2)
+        if index == len(blocks) - 1:  # LAYERMASKVIT [11]: the last block, residual 1.0
+            x = x + official_gps_attention(block, block.ln_1(x), mask_logits)
+            x = x + block.mlp(block.ln_2(x))
+        else:
+            x = block(x.permute(1, 0, 2)).permute(1, 0, 2)  # open_clip blocks are batch-first
+    x = visual.ln_post(x.permute(1, 0, 2)[:, 1:, :]) @ visual.proj
+    return F.normalize(x.reshape(x.shape[0], gh, gw, -1), dim=-1)
+
+
+def test_dense_features_with_learned_positions_and_soft_proposals_match_the_release(
+    visual, inputs
+):
+    pixels, mask_logits = inputs
+    torch.manual_seed(2)
+    positions = LearnedPositions(64).double()
+    assert positions.layers == (1, 2, 3, 4, 5) and positions.input.shape == (577, 64)
+    with torch.no_grad():
+        ours = released_dense_features(visual, pixels, mask_logits, positions)
+        theirs = official_dense(visual, pixels, mask_logits, positions)
+        without = released_dense_features(visual, pixels, mask_logits, LearnedPositions(64, ()))
+    assert ours.shape == (2, 6, 5, 32)
+    assert torch.allclose(ours, theirs.float(), atol=1e-6)
+    assert not torch.allclose(ours, without, atol=1e-2)  # the positions matter
+
+
+def test_severance_weights_are_overlapping_soft_sums_not_ones(inputs):
+    _, mask_logits = inputs
+    weights = severance_weights(mask_logits, (6, 5))
+    assert weights.shape == (2, 31)
+    assert torch.all(weights[:, 0] == QUERIES)
+    expected = F.interpolate(mask_logits, size=(6, 5), mode="bilinear").sigmoid().sum(1)
+    assert torch.allclose(weights[:, 1:], expected.flatten(1).float(), atol=1e-5)
+    assert weights[:, 1:].min() > 5 and weights[:, 1:].std() > 0.5  # 100 overlapping masks
+
+
+def official_decoder(state, memory, pos, proposal, heads=HEADS):
+    """TransformerDecoderLinear (1 layer) + its output layer: normalised (B, Q, D)."""
+
+    def mha(name, q, k, v):
+        return F.multi_head_attention_forward(
+            q, k, v, q.shape[-1], heads,
+            state[f"{name}.in_proj_weight"], state[f"{name}.in_proj_bias"], None, None, False,
+            0.0, state[f"{name}.out_proj.weight"], state[f"{name}.out_proj.bias"],
+            training=False, need_weights=False,
+        )[0]  # fmt: skip
+
+    def norm(name, x):
+        return F.layer_norm(x, (x.shape[-1],), state[f"{name}.weight"], state[f"{name}.bias"])
+
+    bsz = memory.shape[1]
+    query_pos = state["query_embedding.weight"].unsqueeze(1).repeat(1, bsz, 1)
+    tgt = torch.zeros_like(query_pos)
+    layer = "decoder.layers.0"
+    q = tgt + query_pos
+    tgt = norm(f"{layer}.norm1", tgt + mha(f"{layer}.self_attn", q, q, tgt))
+    cross = mha(f"{layer}.multihead_attn_my", tgt + query_pos, memory + pos, memory)
+    tgt = norm(f"{layer}.norm2", tgt + cross)
+    hidden = F.relu(
+        F.linear(tgt, state[f"{layer}.linear1.weight"], state[f"{layer}.linear1.bias"])
+    )
+    tgt = norm(f"{layer}.norm3", tgt + F.linear(hidden, state[f"{layer}.linear2.weight"],
+                                                 state[f"{layer}.linear2.bias"]))  # fmt: skip
+    out = "decoder.outlayer"
+    q = tgt + query_pos
+    tgt = norm(f"{out}.norm1", tgt + mha(f"{out}.self_attn", q, q, tgt))
+    weight, bias = (
+        state[f"{out}.multihead_attn_my.in_proj_weight"],
+        state[f"{out}.multihead_attn_my.in_proj_bias"],
+    )
+    dim = tgt.shape[-1]
+    head_dim = dim // heads
+    q = F.linear(tgt + query_pos, weight[:dim], bias[:dim]) * head_dim**-0.5
+    k = F.linear(memory + pos, weight[dim : 2 * dim], bias[dim : 2 * dim])
+    v = memory  # not projected
+    q = q.contiguous().view(QUERIES, bsz * heads, head_dim).transpose(0, 1)
+    k = k.contiguous().view(-1, bsz * heads, head_dim).transpose(0, 1)
+    v = v.contiguous().view(-1, bsz * heads, head_dim).transpose(0, 1)
+    attention = F.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+    mask = proposal.flatten(2).repeat_interleave(heads, dim=0)  # row b*heads + h: batch b
+    pooled = torch.bmm(attention * mask, v).transpose(0, 1).contiguous().view(QUERIES, bsz, dim)
+    return F.normalize(pooled, dim=-1).transpose(0, 1)
+
+
+def sine(h, w, features):
+    """PositionEmbeddingSine(features, normalize=True): (h*w, 2*features)."""
+    ones = torch.ones(1, h, w, dtype=torch.float64)
+    y = ones.cumsum(1) / (h + 1e-6) * 2 * math.pi
+    x = ones.cumsum(2) / (w + 1e-6) * 2 * math.pi
+    dim_t = 10000 ** (2 * (torch.arange(features, dtype=torch.float64) // 2) / features)
+    px, py = x[..., None] / dim_t, y[..., None] / dim_t
+    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=4).flatten(3)
+    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((py, px), dim=3).reshape(h * w, 2 * features)
+
+
+def test_the_slot_query_decoder_loads_the_release_names_and_matches_it(inputs):
+    _, mask_logits = inputs
+    dim, feedforward = 32, 64
+    gen = torch.Generator().manual_seed(4)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.3
+
+    state = {"query_embedding.weight": rand(QUERIES, dim)}
+    attentions = ("layers.0.self_attn", "layers.0.multihead_attn_my", "outlayer.self_attn")
+    for name in (f"decoder.{attention}" for attention in attentions):
+        state[f"{name}.in_proj_weight"] = rand(3 * dim, dim)
+        state[f"{name}.in_proj_bias"] = rand(3 * dim)
+        state[f"{name}.out_proj.weight"] = rand(dim, dim)
+        state[f"{name}.out_proj.bias"] = rand(dim)
+    state |= {
+        "decoder.outlayer.multihead_attn_my.in_proj_weight": rand(3 * dim, dim),
+        "decoder.outlayer.multihead_attn_my.in_proj_bias": rand(3 * dim),
+        "decoder.layers.0.linear1.weight": rand(feedforward, dim),
+        "decoder.layers.0.linear1.bias": rand(feedforward),
+        "decoder.layers.0.linear2.weight": rand(dim, feedforward),
+        "decoder.layers.0.linear2.bias": rand(dim),
+        "decoder.norm.weight": 1 + rand(dim),
+        "decoder.norm.bias": rand(dim),
+    }
+    for norm in ("layers.0.norm1", "layers.0.norm2", "layers.0.norm3", "outlayer.norm1"):
+        state |= {f"decoder.{norm}.weight": 1 + rand(dim), f"decoder.{norm}.bias": rand(dim)}
+    # AnchorDecoder computes in float32 (as the node runs it); the official formula in float64.
+    decoder = AnchorDecoder(dim, heads=HEADS, feedforward=feedforward, slots=QUERIES)
+    released = {k: v.float() for k, v in released_decoder_state(state).items()}
+    decoder.load_state_dict(released, strict=True)
+    decoder.eval()
+    features = F.normalize(rand(2, 6, 5, dim), dim=-1)
+    proposal = decoder_masks(mask_logits, (6, 5)).double()
+    valid = torch.ones(2, QUERIES, dtype=torch.bool)
+    with torch.no_grad():
+        ours = decoder(features.float(), proposal.float(), valid)
+    memory = features.reshape(2, 30, dim).transpose(0, 1)
+    pos = sine(6, 5, dim // 2)[:, None, :].expand(-1, 2, -1)
+    theirs = official_decoder(state, memory, pos, proposal)
+    assert ours.shape == (2, QUERIES, dim)
+    assert torch.allclose(ours.double(), theirs, atol=2e-6)
+    with pytest.raises(ValueError, match="99 proposals for a decoder of 100 slots"):
+        decoder(features.float(), proposal[:, :99].float(), valid[:, :99])
