@@ -28,6 +28,7 @@ from ovss_ros.core.methods.deop.maskformer import (
     MaskFormerArchitecture,
     ProposalNetwork,
     class_logits,
+    clip_ensemble,
     prepare_images,
     semantic_inference,
 )
@@ -471,3 +472,34 @@ def test_classification_and_semantic_inference_follow_the_official_formulas():
 def test_impossible_architectures_are_refused(values, message):
     with pytest.raises(ValueError, match=message):
         MaskFormerArchitecture(**values).check()
+
+
+def official_ensemble(mask_cls, clip_cls, valid_flag, trainable_flag, weight):
+    """ZeroShotMaskFormer.semantic_inference's ensemble, as the release writes it."""
+    clip_cls = F.softmax(clip_cls[:, :-1], dim=-1)
+    map_back_clip_cls = mask_cls.new_ones(mask_cls.shape)
+    map_back_clip_cls[valid_flag] = clip_cls
+    if trainable_flag is not None:
+        trained_mask = torch.Tensor(trainable_flag).to(mask_cls.device)[None, :]
+    else:
+        trained_mask = mask_cls.new_zeros(mask_cls.shape)
+    return trained_mask * torch.pow(mask_cls, weight) * torch.pow(
+        map_back_clip_cls, 1 - weight
+    ) + (1 - trained_mask) * torch.pow(mask_cls, 1 - weight) * torch.pow(map_back_clip_cls, weight)
+
+
+@pytest.mark.parametrize("seen", [None, [1, 0, 1, 1, 0]])
+def test_the_two_stream_ensemble_follows_the_release(seen):
+    gen = torch.Generator().manual_seed(7)
+    mask_cls = F.softmax(torch.randn(9, 6, generator=gen), dim=-1)[..., :-1]
+    valid = torch.tensor([True, False, True, True, False, True, True, True, False])
+    clip_logits = 10 * torch.randn(int(valid.sum()), 6, generator=gen)
+    flags = None if seen is None else torch.tensor(seen, dtype=torch.bool)
+    ours = clip_ensemble(mask_cls, clip_logits, valid, flags)
+    theirs = official_ensemble(mask_cls, clip_logits, valid, seen, 0.8)
+    assert torch.allclose(ours, theirs, atol=1e-7)
+    # a proposal without a crop (CLIP's factor 1): the network's scores to the class's power
+    power = torch.full((5,), 0.2) if seen is None else torch.tensor([0.8, 0.2, 0.8, 0.8, 0.2])
+    assert torch.allclose(ours[1], mask_cls[1].pow(power), atol=1e-7)
+    with pytest.raises(ValueError, match="ensemble weight"):
+        clip_ensemble(mask_cls, clip_logits, valid, flags, weight=0.0)

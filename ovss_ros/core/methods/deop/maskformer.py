@@ -247,3 +247,39 @@ def semantic_inference(logits: torch.Tensor, mask_logits: torch.Tensor) -> torch
     """
     scores = logits.softmax(dim=-1)[..., :-1]
     return torch.einsum("nqc,nqhw->nchw", scores, mask_logits.sigmoid())
+
+
+CLIP_ENSEMBLE_WEIGHT = 0.8  # CLIP_ADAPTER.CLIP_ENSEMBLE_WEIGHT of the proposal model's configs
+
+
+def clip_ensemble(
+    mask_cls: torch.Tensor,
+    clip_logits: torch.Tensor,
+    valid: torch.Tensor,
+    seen: torch.Tensor | None = None,
+    weight: float = CLIP_ENSEMBLE_WEIGHT,
+) -> torch.Tensor:
+    """The two-stream baseline's class probabilities (Q, K): the proposal network's and CLIP's
+    crop classification combined geometrically, per class by whether it was seen in training.
+
+    ``mask_cls`` (Q, K): ``softmax(logits)[..., :-1]`` of :func:`class_logits`; ``clip_logits``
+    (V, K + 1): CLIP's logits of the V valid proposals' crops (the "no object" column last);
+    ``valid`` (Q,) bool; ``seen`` (K,) bool or None (no class seen: the release's rule for a
+    data set without ``trainable_flag``, which is every vocabulary a robot is given).
+    With ``p`` = CLIP's softmax over the K classes (1 for proposals without a crop):
+    seen classes ``mask_cls**w * p**(1-w)``, unseen ``mask_cls**(1-w) * p**w``.
+    Source: ``ZeroShotMaskFormer.semantic_inference`` (``zero_shot_mask_former_model.py``).
+    Raises ValueError for ``weight`` outside (0, 1].
+    """
+    if not 0.0 < weight <= 1.0:
+        raise ValueError(f"ensemble weight must be in (0, 1], got {weight}")
+    clip_cls = mask_cls.new_ones(mask_cls.shape)
+    clip_cls[valid] = clip_logits[:, :-1].softmax(dim=-1).to(mask_cls.dtype)
+    trained = (
+        mask_cls.new_zeros((1, mask_cls.shape[-1]))
+        if seen is None
+        else seen.to(mask_cls.dtype)[None]
+    )
+    return trained * mask_cls.pow(weight) * clip_cls.pow(1 - weight) + (
+        1 - trained
+    ) * mask_cls.pow(1 - weight) * clip_cls.pow(weight)
