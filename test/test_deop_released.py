@@ -228,3 +228,135 @@ def test_the_slot_query_decoder_loads_the_release_names_and_matches_it(inputs):
     assert torch.allclose(ours.double(), theirs, atol=2e-6)
     with pytest.raises(ValueError, match="99 proposals for a decoder of 100 slots"):
         decoder(features.float(), proposal[:, :99].float(), valid[:, :99])
+
+
+# --- the release's model file ----------------------------------------------------------------
+
+
+def released_file(path, clip_model, seed=5):
+    """A DeOP release file as ``deop_verifycoco.sh`` loads it: the proposal network (R50, named
+    as detectron2 names it), CLIP (open_clip = OpenAI names) with learned positions, the
+    decoder, the slot positions, the void embedding, the prompt context, the criterion."""
+    from test_deop_maskformer import official_state_dict
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v for k, v in official_state_dict(50, deeplab=False, seed=seed).items()
+             if k.startswith(("backbone.", "sem_seg_head."))}  # fmt: skip
+    width = clip_model.visual.conv1.out_channels
+    dim = clip_model.visual.output_dim
+    for key, value in clip_model.state_dict().items():
+        state[f"clip_adapter.clip_model.{key}"] = value.clone()
+    state["clip_adapter.clip_model.visual.learned_position"] = torch.randn(
+        577, width, generator=gen
+    )
+    state["clip_adapter.clip_model.visual.transformer.resblocks.1.learned_position"] = torch.randn(
+        577, width, generator=gen
+    )
+    for name in ("layers.0.self_attn", "layers.0.multihead_attn_my", "outlayer.self_attn"):
+        state[f"decoder.{name}.in_proj_weight"] = torch.randn(3 * dim, dim, generator=gen)
+        state[f"decoder.{name}.in_proj_bias"] = torch.randn(3 * dim, generator=gen)
+        state[f"decoder.{name}.out_proj.weight"] = torch.randn(dim, dim, generator=gen)
+        state[f"decoder.{name}.out_proj.bias"] = torch.randn(dim, generator=gen)
+    state["decoder.outlayer.multihead_attn_my.in_proj_weight"] = torch.randn(3 * dim, dim)
+    state["decoder.outlayer.multihead_attn_my.in_proj_bias"] = torch.randn(3 * dim)
+    state["decoder.layers.0.linear1.weight"] = torch.randn(2 * dim, dim, generator=gen)
+    state["decoder.layers.0.linear1.bias"] = torch.randn(2 * dim, generator=gen)
+    state["decoder.layers.0.linear2.weight"] = torch.randn(dim, 2 * dim, generator=gen)
+    state["decoder.layers.0.linear2.bias"] = torch.randn(dim, generator=gen)
+    for norm in ("layers.0.norm1", "layers.0.norm2", "layers.0.norm3", "outlayer.norm1", "norm"):
+        state[f"decoder.{norm}.weight"] = torch.randn(dim, generator=gen)
+        state[f"decoder.{norm}.bias"] = torch.randn(dim, generator=gen)
+    state["query_embedding.weight"] = torch.randn(QUERIES, dim, generator=gen)
+    state["clip_adapter.non_object_embedding"] = torch.randn(1, dim, generator=gen)
+    state["clip_adapter.prompt_learner.prefix_prompt"] = torch.randn(16, dim, generator=gen)
+    for signal in ("start", "dot", "end", "pad"):
+        state[f"clip_adapter.prompt_learner.{signal}_signal"] = torch.randn(1, dim, generator=gen)
+    state["criterion.empty_weight"] = torch.ones(157)
+    torch.save({"model": state, "iteration": 59999}, path)
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from conftest import TINY_VIT
+
+    from ovss_ros.core.clip.model_loading import load_clip
+
+    return load_clip(str(TINY_VIT), "none", "cpu", "fp32")
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory, tiny_clip):
+    path = tmp_path_factory.mktemp("deop_release") / "model_final.pth"
+    return path, released_file(path, tiny_clip.model)
+
+
+def test_every_part_of_the_release_file_is_loaded(release, tiny_clip):
+    from ovss_ros.core.methods.deop.released_checkpoint import (
+        check_clip_weights,
+        load_released_deop,
+    )
+
+    path, state = release
+    released = load_released_deop(path)
+    assert released.proposals.arch.depth == 50
+    assert released.positions.layers == (1,)
+    assert torch.equal(released.positions.input, state["clip_adapter.clip_model.visual."
+                                                        "learned_position"])  # fmt: skip
+    assert torch.equal(
+        released.positions.blocks[0],
+        state["clip_adapter.clip_model.visual.transformer.resblocks.1.learned_position"],
+    )
+    assert released.decoder.slots == QUERIES
+    assert torch.equal(released.decoder.query_embedding.weight, state["query_embedding.weight"])
+    assert torch.equal(
+        released.decoder.anchor_k.weight,
+        state["decoder.outlayer.multihead_attn_my.in_proj_weight"][32:64],
+    )
+    assert torch.equal(released.void, state["clip_adapter.non_object_embedding"])
+    assert torch.equal(released.prompt.context, state["clip_adapter.prompt_learner.prefix_prompt"])
+    assert not any("learned_position" in key for key in released.clip_state)
+    check_clip_weights(released, tiny_clip.model)  # the file's CLIP is this one
+
+
+def test_a_clip_other_than_the_files_is_refused(release, tiny_clip):
+    from conftest import TINY_VIT, TINY_VIT_B32
+
+    from ovss_ros.core.clip.model_loading import load_clip
+    from ovss_ros.core.methods.deop.maskformer_weights import ProposalWeightsError
+    from ovss_ros.core.methods.deop.released_checkpoint import (
+        check_clip_weights,
+        load_released_deop,
+    )
+
+    released = load_released_deop(release[0])
+    other = load_clip(str(TINY_VIT_B32), "none", "cpu", "fp32")
+    with pytest.raises(ProposalWeightsError, match="does not fit the loaded CLIP.*ViT-B-16"):
+        check_clip_weights(released, other.model)
+    changed = {k: v.clone() for k, v in tiny_clip.model.state_dict().items()}
+    changed["visual.proj"] += 0.1
+    model = load_clip(str(TINY_VIT), "none", "cpu", "fp32").model
+    model.load_state_dict(changed)
+    with pytest.raises(ProposalWeightsError, match="'visual.proj' differs from the file's"):
+        check_clip_weights(released, model)
+
+
+@pytest.mark.parametrize(
+    ("drop", "message"),
+    [
+        ("query_embedding.weight", "has no 'query_embedding.weight'"),
+        ("clip_adapter.clip_model.visual.learned_position", "visual.learned_position"),
+        ("clip_adapter.non_object_embedding", "has no 'clip_adapter.non_object_embedding'"),
+        ("decoder.outlayer.multihead_attn_my.in_proj_bias", "in_proj_bias"),
+        ("decoder.layers.0.norm2.weight", "decoder: .*norms.1.weight"),
+    ],
+)
+def test_a_release_file_missing_a_part_is_refused_naming_it(tmp_path, release, drop, message):
+    from ovss_ros.core.methods.deop.maskformer_weights import ProposalWeightsError
+    from ovss_ros.core.methods.deop.released_checkpoint import load_released_deop
+
+    state = {k: v for k, v in release[1].items() if k != drop}
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ProposalWeightsError, match=message):
+        load_released_deop(path)

@@ -23,6 +23,7 @@ bilinear resize (the two uses resize in opposite orders in the release; both are
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -116,18 +117,16 @@ def released_dense_features(
     return F.normalize(x.float(), dim=-1).reshape(x.shape[0], *grid, -1)
 
 
-# DeOP's decoder (``TransformerDecoderLinear``: layer 0 and the output layer) -> AnchorDecoder.
-_DECODER_NAMES = {
-    "layers.0.self_attn.": "layers.0.self_attn.",
-    "layers.0.multihead_attn_my.": "layers.0.cross_attn.",
-    "layers.0.linear1.": "layers.0.ffn.0.",
-    "layers.0.linear2.": "layers.0.ffn.3.",
-    "layers.0.norm1.": "layers.0.norms.0.",
-    "layers.0.norm2.": "layers.0.norms.1.",
-    "layers.0.norm3.": "layers.0.norms.2.",
-    "outlayer.self_attn.": "out_attn.",
-    "outlayer.norm1.": "out_norm.",
-}
+# DeOP's decoder (``TransformerDecoderLinear``: its layers and the output layer) -> AnchorDecoder.
+_DECODER_NAMES = [
+    (r"layers\.(\d+)\.self_attn\.", r"layers.\1.self_attn."),
+    (r"layers\.(\d+)\.multihead_attn_my\.", r"layers.\1.cross_attn."),
+    (r"layers\.(\d+)\.linear1\.", r"layers.\1.ffn.0."),
+    (r"layers\.(\d+)\.linear2\.", r"layers.\1.ffn.3."),
+    (r"layers\.(\d+)\.norm([123])\.", lambda m: f"layers.{m[1]}.norms.{int(m[2]) - 1}."),
+    (r"outlayer\.self_attn\.", "out_attn."),
+    (r"outlayer\.norm1\.", "out_norm."),
+]
 
 
 def released_decoder_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,9 +138,16 @@ def released_decoder_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     naming an official key that is missing; ``load_state_dict(strict=True)`` names the rest.
     """
     state = {}
-    for official, ours in _DECODER_NAMES.items():
-        for key in [k for k in tensors if k.startswith("decoder." + official)]:
-            state[ours + key[len("decoder." + official) :]] = tensors[key]
+    for key, value in tensors.items():
+        if not key.startswith("decoder."):
+            continue
+        name = key[len("decoder.") :]
+        for pattern, target in _DECODER_NAMES:
+            match = re.match(pattern, name)
+            if match:
+                prefix = target(match) if callable(target) else match.expand(target)
+                state[prefix + name[match.end() :]] = value
+                break
     for name in ("weight", "bias"):
         packed = tensors[f"decoder.outlayer.multihead_attn_my.in_proj_{name}"]
         query, key, _ = packed.chunk(3)

@@ -1,0 +1,170 @@
+"""The DeOP release's model file: every trained part of published DeOP from one detectron2 file.
+
+The release (CongHan0808/DeOP, README "Evaluation"; ``scripts/deop_verifycoco.sh`` loads it as
+``MODEL.WEIGHTS model_final.pth``) holds the whole meta-architecture's state dict:
+
+- ``backbone.*``, ``sem_seg_head.*``: the frozen proposal network
+  (:mod:`~ovss_ros.core.methods.deop.maskformer_weights`);
+- ``clip_adapter.clip_model.*``: OpenAI CLIP ViT-B/16 (open_clip uses the same names), with
+  ``visual.learned_position`` and ``visual.transformer.resblocks.{1..5}.learned_position``;
+- ``decoder.*`` and ``query_embedding.weight``: the CAL decoder with its 100 slot positions;
+- ``clip_adapter.non_object_embedding`` (1, 512): the "no object" text embedding;
+- ``clip_adapter.prompt_learner.prefix_prompt`` (16, 512): the learned prompt context;
+- ``criterion.*`` and the prompt learner's token buffers: not needed at inference.
+
+CLIP itself is not trained by DeOP: :func:`check_clip_weights` only checks that the node's CLIP
+is the one in the file (shapes, and every tensor equal within fp16 rounding).
+Every refusal is a :class:`~ovss_ros.core.methods.deop.maskformer_weights.ProposalWeightsError`
+naming the file and the first key that does not fit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ovss_ros.core.methods.deop.heads import AnchorDecoder
+from ovss_ros.core.methods.deop.maskformer import ProposalNetwork
+from ovss_ros.core.methods.deop.maskformer_weights import (
+    ProposalWeightsError,
+    architecture_of,
+    read_released,
+    released_state_dict,
+)
+from ovss_ros.core.methods.deop.prompt_context import PromptContext
+from ovss_ros.core.methods.deop.released import LearnedPositions, released_decoder_state
+
+CLIP_PREFIX = "clip_adapter.clip_model."
+VOID_KEY = "clip_adapter.non_object_embedding"
+PROMPT_KEY = "clip_adapter.prompt_learner.prefix_prompt"
+DECODER_HEADS = 8  # DeOP's decoder: nhead 8 (zero_shot_clipfeat_upsample_..._maskvit.py)
+_BLOCK_POSITION = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.learned_position")
+
+
+@dataclass
+class ReleasedDeop:
+    """The trained parts of a released DeOP file, in eval mode with gradients off.
+
+    ``clip_state``: the file's CLIP tensors (open_clip names), for :func:`check_clip_weights`.
+    """
+
+    source: str
+    proposals: ProposalNetwork
+    positions: LearnedPositions
+    decoder: AnchorDecoder
+    void: torch.Tensor
+    prompt: PromptContext | None
+    clip_state: dict[str, torch.Tensor]
+
+    def modules(self) -> list[nn.Module]:
+        parts = (self.proposals, self.positions, self.decoder, self.prompt)
+        return [module for module in parts if module is not None]
+
+    def to(self, device: str | torch.device) -> ReleasedDeop:
+        for module in self.modules():
+            module.to(device)
+        self.void = self.void.to(device)
+        return self
+
+
+def load_released_deop(path: str | Path) -> ReleasedDeop:
+    """Read a released DeOP file (see the module docstring). Raises ProposalWeightsError: the
+    file checks of ``read_released``, a missing part, or a part whose keys or shapes do not
+    fit."""
+    path, tensors = read_released(path)
+    arch = architecture_of(tensors, path)
+    proposals = ProposalNetwork(arch)
+    proposals.load_state_dict(released_state_dict(tensors, arch, path), strict=False)
+    clip_state = {
+        k[len(CLIP_PREFIX) :]: v for k, v in tensors.items() if k.startswith(CLIP_PREFIX)
+    }
+    positions = _positions(clip_state, path)
+    decoder = _decoder(tensors, path)
+    void = _tensor(tensors, VOID_KEY, path)
+    prompt = None
+    if PROMPT_KEY in tensors:
+        context = tensors[PROMPT_KEY]
+        prompt = PromptContext(width=context.shape[1], length=context.shape[0])
+        prompt.load_state_dict({"context": context})
+    released = ReleasedDeop(
+        f"{path} (DeOP release)", proposals, positions, decoder, void.float(), prompt, clip_state
+    )
+    for module in released.modules():
+        module.eval().requires_grad_(False)
+    return released
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise ProposalWeightsError(
+            f"{str(path)!r} has no {key!r}: not a DeOP model file (the release's "
+            "model_final.pth holds the proposal network, CLIP, the decoder and its embeddings)"
+        )
+    return tensors[key]
+
+
+def _positions(clip_state: dict[str, torch.Tensor], path: Path) -> LearnedPositions:
+    """LearnedPositions from the file's ``learned_position`` tensors (popped from the state)."""
+    table = _tensor(clip_state, "visual.learned_position", path).float()
+    layers = sorted(
+        int(match[1]) for key in clip_state if (match := _BLOCK_POSITION.fullmatch(key))
+    )
+    side = round((table.shape[0] - 1) ** 0.5)
+    if table.ndim != 2 or side * side + 1 != table.shape[0]:
+        raise ProposalWeightsError(
+            f"{str(path)!r}: visual.learned_position has shape {tuple(table.shape)}; a "
+            "(1 + n*n, width) table is needed"
+        )
+    positions = LearnedPositions(table.shape[1], layers, side)
+    state = {"input": table}
+    for index, layer in enumerate(layers):
+        key = f"visual.transformer.resblocks.{layer}.learned_position"
+        state[f"blocks.{index}"] = clip_state.pop(key).float()
+    clip_state.pop("visual.learned_position")
+    try:
+        positions.load_state_dict(state)
+    except RuntimeError as error:
+        raise ProposalWeightsError(f"{str(path)!r}: learned positions: {error}") from None
+    return positions
+
+
+def _decoder(tensors: dict[str, torch.Tensor], path: Path) -> AnchorDecoder:
+    slots, dim = _tensor(tensors, "query_embedding.weight", path).shape
+    layers = {key.split(".")[2] for key in tensors if key.startswith("decoder.layers.")}
+    feedforward = _tensor(tensors, "decoder.layers.0.linear1.weight", path).shape[0]
+    try:
+        decoder = AnchorDecoder(
+            dim, DECODER_HEADS, layers=len(layers), feedforward=feedforward, slots=slots
+        )
+        state = {k: v.float() for k, v in released_decoder_state(tensors).items()}
+        decoder.load_state_dict(state, strict=True)
+    except KeyError as error:
+        raise ProposalWeightsError(f"{str(path)!r} has no {error.args[0]!r}") from None
+    except (RuntimeError, ValueError) as error:
+        reason = " ".join(str(error).split())[:400]
+        raise ProposalWeightsError(f"{str(path)!r}: decoder: {reason}") from None
+    return decoder
+
+
+def check_clip_weights(released: ReleasedDeop, model: nn.Module) -> None:
+    """Raise ProposalWeightsError unless ``model`` (an open_clip CLIP) is the file's CLIP:
+    the same tensor names and shapes, and every value equal within fp16 rounding."""
+    ours = model.state_dict()
+    for key, value in released.clip_state.items():  # every shape first: the architecture
+        if key not in ours or tuple(ours[key].shape) != tuple(value.shape):
+            shape = tuple(ours[key].shape) if key in ours else "no such tensor"
+            raise ProposalWeightsError(
+                f"{released.source}: its CLIP's {key!r} {tuple(value.shape)} does not fit the "
+                f"loaded CLIP ({shape}): DeOP was trained on OpenAI CLIP ViT-B/16; set model "
+                "ViT-B-16 and pretrained openai"
+            )
+    for key, value in released.clip_state.items():
+        if not torch.allclose(ours[key].float().cpu(), value.float(), rtol=1e-3, atol=1e-3):
+            raise ProposalWeightsError(
+                f"{released.source}: the loaded CLIP's {key!r} differs from the file's: DeOP "
+                "runs on the CLIP it was trained on; set model ViT-B-16 and pretrained openai"
+            )
