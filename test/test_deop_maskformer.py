@@ -224,7 +224,7 @@ def reference_predictor(res5, state):
     """TransformerPredictor + ZeroShotTransformerPredictor heads: last layer's queries."""
     p = "sem_seg_head.predictor"
     n, _, h, w = res5.shape
-    pos = sine_positions(n, h, w).flatten(2).permute(2, 0, 1)  # (hw, N, 256)
+    pos = sine_positions(n, h, w, dtype=res5.dtype).flatten(2).permute(2, 0, 1)  # (hw, N, 256)
     src = F.conv2d(res5, state[f"{p}.input_proj.weight"], state[f"{p}.input_proj.bias"])
     memory = src.flatten(2).permute(2, 0, 1)
     query_pos = state[f"{p}.query_embed.weight"][:, None].repeat(1, n, 1)

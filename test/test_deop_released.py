@@ -360,3 +360,45 @@ def test_a_release_file_missing_a_part_is_refused_naming_it(tmp_path, release, d
     torch.save({"model": state}, path)
     with pytest.raises(ProposalWeightsError, match=message):
         load_released_deop(path)
+
+
+def test_published_deop_end_to_end_follows_the_release(release, tiny_clip):
+    """released_scores against the official forward composed from this file's references:
+    proposals (test_deop_maskformer's reference), dense pass, decoder, then the release's
+    inference (masks upsampled to the padded size, cropped, softmax without void x sigmoid)."""
+    from test_deop_maskformer import reference_forward
+
+    from ovss_ros.core.methods.deop.maskformer import prepare_images
+    from ovss_ros.core.methods.deop.released import released_scores
+    from ovss_ros.core.methods.deop.released_checkpoint import load_released_deop
+
+    path, state = release
+    released = load_released_deop(path)
+    visual = tiny_clip.model.visual
+    gen = torch.Generator().manual_seed(8)
+    rgb = torch.rand(1, 3, 70, 90, generator=gen) * 255
+    text = torch.randn(5, 32, generator=gen)
+    with torch.no_grad():
+        ours = released_scores(
+            released.proposals, visual, released.positions, released.decoder, text,
+            released.void, rgb,
+        )  # fmt: skip
+        images, _ = prepare_images(rgb)
+        mask_logits, _ = reference_forward(images, state, depth=50, deeplab=False)
+        dense = official_dense(visual, images, mask_logits, released.positions)
+        grid = dense.shape[1:3]
+        proposal = F.interpolate(mask_logits.sigmoid(), size=grid, mode="bilinear")
+        memory = dense.reshape(1, -1, 32).transpose(0, 1)
+        pos = sine(*grid, 16)[:, None, :].to(memory.dtype)
+        hs = official_decoder(state, memory, pos, proposal)  # (1, Q, D), unit norm
+        void = F.normalize(state["clip_adapter.non_object_embedding"], dim=-1)
+        rows = torch.cat([F.normalize(text, dim=-1), void])
+        logits = 100 * hs @ rows.T
+        masks = F.interpolate(mask_logits, size=images.shape[-2:], mode="bilinear")[..., :70, :90]
+        theirs = torch.einsum("qc,qhw->chw", logits[0].softmax(-1)[..., :-1], masks[0].sigmoid())
+    assert ours.shape == (1, 5, 70, 90)
+    # float32 throughout (each part is checked in float64 above): rounding in the R50 (about
+    # 5e-4 of the mask logits) moves a few pixels of steep sigmoids; a wiring error moves many.
+    difference = (ours[0] - theirs).abs()
+    scale = float(theirs.abs().max())
+    assert float(difference.mean()) < 1e-4 * scale and float(difference.max()) < 1e-2 * scale

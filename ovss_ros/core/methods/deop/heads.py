@@ -116,9 +116,10 @@ class AnchorDecoder(nn.Module):
     ) -> torch.Tensor:
         """Per head and proposal, the masked attention over patches: (N, K, heads, h*w)."""
         n, h, w, dim = features.shape
-        memory = features.reshape(n, h * w, dim).float()
-        pos = sine_positions((h, w), dim, memory.device)
-        flat = masks.reshape(n, masks.shape[1], h * w).float()
+        dtype = self.out_norm.weight.dtype  # the decoder's (float32 unless made otherwise)
+        memory = features.reshape(n, h * w, dim).to(dtype)
+        pos = sine_positions((h, w), dim, memory.device).to(dtype)
+        flat = masks.reshape(n, masks.shape[1], h * w).to(dtype)
         pooled = F.normalize(torch.einsum("nkp,npd->nkd", flat, memory), dim=-1)
         tgt, query_pos = self.queries(pooled)
         padding = ~valid
@@ -149,7 +150,7 @@ class AnchorDecoder(nn.Module):
     ) -> torch.Tensor:
         n, h, w, dim = features.shape
         heat = self.heat_maps(features, masks, valid)
-        memory = features.reshape(n, h * w, self.heads, dim // self.heads).float()
+        memory = features.reshape(n, h * w, self.heads, dim // self.heads).to(heat.dtype)
         pooled = torch.einsum("nkhp,nphc->nkhc", heat, memory).reshape(n, -1, dim)
         return F.normalize(pooled, dim=-1)
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ovss_ros.core.methods.dense.forward import interpolate_pos_embed, residual_block
 from ovss_ros.core.methods.deop.deop import severed_last_block
+from ovss_ros.core.methods.deop.maskformer import class_logits, prepare_images, semantic_inference
 
 POSITION_LAYERS = (1, 2, 3, 4, 5)  # CLIP_ADAPTER.POSITION_LAYERS of the scripts
 POSITION_GRID = 24  # INPUT.LEARNPOSITIONRES 384 / patch 16
@@ -154,3 +155,36 @@ def released_decoder_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
         state[f"anchor_q.{name}"], state[f"anchor_k.{name}"] = query, key
     state["query_embedding.weight"] = tensors["query_embedding.weight"]
     return state
+
+
+def released_scores(
+    proposals: nn.Module,
+    visual: nn.Module,
+    positions: LearnedPositions,
+    decoder: nn.Module,
+    text: torch.Tensor,
+    void: torch.Tensor,
+    rgb: torch.Tensor,
+) -> torch.Tensor:
+    """Published DeOP's per-class scores (N, K, H, W) of 0-255 RGB frames (N, 3, H, W) (already
+    resized: short side 512 in the release) for class text embeddings (K, D).
+
+    Source: ``ZeroShotClipfeatUpsample_addnorm_vit16Query2D_maskvit.forward`` and
+    ``semantic_inference``: the proposal network on the ImageNet-normalised frame padded to /32;
+    the same tensor through CLIP (:func:`released_dense_features`); the CAL decoder on
+    :func:`decoder_masks`; ``100 * cos`` against the texts and the "no object" row; the mask
+    logits upsampled bilinearly to the padded size and cropped; ``softmax[..., :-1]`` x
+    ``sigmoid(masks)`` summed over the proposals. ``proposals``: a ProposalNetwork; ``decoder``:
+    an AnchorDecoder with one slot per proposal.
+    """
+    images, (height, width) = prepare_images(rgb)
+    mask_logits = proposals(images).mask_logits
+    features = released_dense_features(visual, images, mask_logits, positions)
+    masks = decoder_masks(mask_logits, tuple(features.shape[1:3]))
+    valid = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
+    embeddings = decoder(features, masks, valid)
+    logits = class_logits(embeddings, text.float(), void.float())
+    full = F.interpolate(
+        mask_logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False
+    )
+    return semantic_inference(logits, full[..., :height, :width])
