@@ -82,7 +82,8 @@ def test_parse_combo():
     # every combo sets the affinity: one combo's :sd2 does not leak into the next
     sd2, plain = parse_combo("vanilla+dslo:sd2+jbu"), parse_combo("vanilla")
     assert sd2["dslo.affinity"] != plain["dslo.affinity"]
-    for combo in ("clearclip+dslo-velocity+pamr+jbu", "vanilla+dslo-ot:sd2+jbu", "superpixel_clip+p50"):
+    combos = ("clearclip+dslo-velocity+pamr+jbu", "vanilla+dslo-ot:sd2+jbu", "superpixel_clip+p50")
+    for combo in combos:
         EngineConfig.from_flat(parse_combo(combo))  # every name is a setting's
     with pytest.raises(ValueError, match="unknown part"):
         parse_combo("naclip+crf")

@@ -326,7 +326,9 @@ def test_deop_without_a_checkpoint_is_refused_and_superpixel_clip_says_what_it_i
     core = segmenter.pipeline.core
     assert isinstance(core, SuperpixelClip) and core.modules is None and core.checkpoint is None
     assert core.settings.severance_residual == 0.2
-    segmenter.reconfigure({"superpixel_clip.severance_residual": 1.0, "deop.severance_residual": 0.3})
+    segmenter.reconfigure(
+        {"superpixel_clip.severance_residual": 1.0, "deop.severance_residual": 0.3}
+    )
     assert segmenter.pipeline.core.settings.severance_residual == 1.0
     assert make(blip).method_notice() == ("naclip", False)
 

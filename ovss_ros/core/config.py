@@ -2,8 +2,9 @@
 
 The top level holds the shared settings (model, method, templates, frame size...); each method
 family's settings are a nested group named after it (``dense``, ``dslo`` with ``dslo.sd``,
-``freecp``, ``pnp``, ``deop``, ``twostream``, ``superpixel_clip``), defined in the family's ``settings.py``. The tree
-is the parameter tree: ``EngineConfig().dslo.sd.size`` is the parameter ``dslo.sd.size``.
+``freecp``, ``pnp``, ``deop``, ``twostream``, ``superpixel_clip``), defined in the family's
+``settings.py``. The tree is the parameter tree: ``EngineConfig().dslo.sd.size`` is the
+parameter ``dslo.sd.size``.
 ``SCHEMA`` lists them all (``settings.parameters``); ``RENAMED`` is the one place that knows the
 flat names of earlier releases. No torch here: settings are checked before a model loads.
 """

@@ -222,10 +222,10 @@ def build_pipeline(
     """A ready pipeline for ``config.method``, with ``classes`` set (when any).
 
     Reuses ``previous``'s VLM (pnp_ovss) or loaded checkpoint (deop, twostream) when ``config``
-    names the same one (superpixel_clip reads none); otherwise loads it: ``load_vlm`` with the engine's device and precision,
-    or the ``deop.checkpoint`` file. Raises ModelLoadError (VLM), CheckpointError (missing,
-    corrupt, trained on another CLIP), ValueError (settings the loaded model refuses),
-    VocabularyError, Stopped; ``previous`` and ``text`` are then unchanged.
+    names the same one (superpixel_clip reads none); otherwise loads it: ``load_vlm`` with the
+    engine's device and precision, or the ``deop.checkpoint`` file. Raises ModelLoadError (VLM),
+    CheckpointError (missing, corrupt, trained on another CLIP), ValueError (settings the loaded
+    model refuses), VocabularyError, Stopped; ``previous`` and ``text`` are then unchanged.
     """
     method = config.method
     templates = text.templates
