@@ -26,7 +26,7 @@ from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, Stopped, Voca
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.method_pipelines import proposal_config
 from ovss_ros.core.methods.deop.checkpoint import CheckpointError, save_checkpoint
-from ovss_ros.core.methods.deop.deop import Deop, DeopConfig, SuperpixelClip
+from ovss_ros.core.methods.deop.deop import Deop, DeopConfig, SuperpixelClip, SuperpixelClipConfig
 from ovss_ros.core.methods.deop.heads import DeopModules
 from ovss_ros.core.methods.deop.settings import SUPERPIXEL_CLIP_RESIDUAL
 from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamConfig
@@ -80,9 +80,8 @@ def test_config_defaults_are_the_methods_own():
     # what DeOP and two-stream run with by default is what they default to themselves
     assert proposal_config(engine, "deop") == DeopConfig()
     assert proposal_config(engine, "twostream") == TwoStreamConfig()
-    assert proposal_config(engine, "superpixel_clip") == DeopConfig(
-        severance_residual=SUPERPIXEL_CLIP_RESIDUAL
-    )
+    assert proposal_config(engine, "superpixel_clip") == SuperpixelClipConfig()
+    assert SuperpixelClipConfig().severance_residual == SUPERPIXEL_CLIP_RESIDUAL == 0.2
     # and every field of theirs comes from the engine's settings (none is left at its own)
     changed = EngineConfig.from_flat(
         {
@@ -106,7 +105,7 @@ def test_config_defaults_are_the_methods_own():
     for method, kind in (
         ("deop", DeopConfig),
         ("twostream", TwoStreamConfig),
-        ("superpixel_clip", DeopConfig),
+        ("superpixel_clip", SuperpixelClipConfig),
     ):
         run = proposal_config(changed, method)
         for field in fields(kind):
@@ -161,13 +160,12 @@ def test_proposal_methods_through_the_dispatch_equal_their_class(blip, rgb, meth
         score_threshold=0.2,
         background_words=("sky",),
     )
-    kind, settings_type, own = {
-        "superpixel_clip": (SuperpixelClip, DeopConfig, {"severance_residual": 0.2}),
-        "twostream": (TwoStream, TwoStreamConfig, {}),
-        "deop": (Deop, DeopConfig, {}),
+    kind, settings_type = {
+        "superpixel_clip": (SuperpixelClip, SuperpixelClipConfig),
+        "twostream": (TwoStream, TwoStreamConfig),
+        "deop": (Deop, DeopConfig),
     }[method]
     settings = settings_type(
-        **own,
         proposals=12,
         proposal_source="clusters",
         logit_scale=50.0,

@@ -30,7 +30,12 @@ from ovss_ros.core.clip.text_encoding import TextEncoder
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.methods.deop.deop import Deop, SuperpixelClip
-from ovss_ros.core.methods.deop.run_config import DeopConfig, ProposalConfig, TwoStreamConfig
+from ovss_ros.core.methods.deop.run_config import (
+    DeopConfig,
+    ProposalConfig,
+    SuperpixelClipConfig,
+    TwoStreamConfig,
+)
 from ovss_ros.core.methods.deop.twostream import TwoStream, check_crop_cost
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
 from ovss_ros.core.methods.pnp_ovss.vlm_loading import LoadedVlm, load_vlm
@@ -58,11 +63,13 @@ GROUPS = {
 
 
 def proposal_config(config: EngineConfig, method: str | None = None) -> ProposalConfig:
-    """What DeOP or superpixel_clip (``DeopConfig``) or two-stream (``TwoStreamConfig``) runs
-    with: its ``deop.*`` settings, overridden by its own group's (``twostream.*``,
-    ``superpixel_clip.*``), and the shared ones it needs."""
+    """What DeOP (``DeopConfig``), superpixel_clip (``SuperpixelClipConfig``) or two-stream
+    (``TwoStreamConfig``) runs with: its ``deop.*`` settings, overridden by its own group's
+    (``twostream.*``, ``superpixel_clip.*``), and the shared ones it needs."""
     method = method or config.method
-    kind = TwoStreamConfig if method == "twostream" else DeopConfig
+    kind = {"twostream": TwoStreamConfig, "superpixel_clip": SuperpixelClipConfig}.get(
+        method, DeopConfig
+    )
     groups = [getattr(config, group) for group in GROUPS[method]]
     values = {name: getattr(config, name) for name in PROPOSAL_SHARED}
     for field in fields(kind):  # the run config's fields, by name from the settings groups

@@ -44,8 +44,8 @@ from ovss_ros.core.methods.deop.proposal_segmentation import (
     tokens_before_last_block,
 )
 from ovss_ros.core.methods.deop.proposals import Proposals
-from ovss_ros.core.methods.deop.run_config import DeopConfig
-from ovss_ros.core.methods.deop.settings import SEVERANCE_RESIDUAL, SUPERPIXEL_CLIP_RESIDUAL
+from ovss_ros.core.methods.deop.run_config import DeopConfig, SuperpixelClipConfig
+from ovss_ros.core.methods.deop.settings import SEVERANCE_RESIDUAL
 
 logger = logging.getLogger(__name__)
 
@@ -184,15 +184,14 @@ class SuperpixelClip(Deop):
     default), each proposal's mask-weighted mean of those features, softmax over the text
     embeddings, MaskFormer's semantic inference. Not DeOP: no proposal network, no CAL decoder.
 
-    ``SuperpixelClip(clip, settings=None)``; ValueError for settings that need a checkpoint
-    (``proposal_source`` learned, ``pooling`` cal).
+    ``SuperpixelClip(clip, settings=None)`` (default :class:`SuperpixelClipConfig`); ValueError
+    for settings that need a checkpoint (``proposal_source`` learned, ``pooling`` cal).
     """
 
+    settings_type = SuperpixelClipConfig
     name = "superpixel_clip"
 
     def __init__(self, clip: LoadedClip, settings: DeopConfig | None = None) -> None:
-        if settings is None:
-            settings = DeopConfig(severance_residual=SUPERPIXEL_CLIP_RESIDUAL)
         super().__init__(clip, settings)
 
     def _announce(self) -> None:
@@ -207,6 +206,7 @@ class SuperpixelClip(Deop):
 __all__ = [
     "Deop",
     "SuperpixelClip",
+    "SuperpixelClipConfig",
     "DeopConfig",
     "severed_features",
     "severed_last_block",
