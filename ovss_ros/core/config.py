@@ -30,6 +30,7 @@ from ovss_ros.core.methods.deop.settings import (
     DeopSettings,
     SuperpixelClipSettings,
     TwoStreamSettings,
+    check_proposal_method,
 )
 from ovss_ros.core.methods.dslo.settings import DsloSettings
 from ovss_ros.core.methods.freecp.settings import FreecpSettings
@@ -338,10 +339,8 @@ def check_frame_budget(config: EngineConfig, patch: int) -> None:
 
 def check_pipeline(config: EngineConfig) -> None:
     """What the pipeline methods refuse, with one of them selected: the dense methods'
-    refinements must be off, pnp_ovss takes no background words, deop needs a
-    ``deop.checkpoint`` (its proposal network), which must be an existing file (twostream's
-    too, when set), and what needs a checkpoint (proposal_source learned, pooling cal) needs
-    one; superpixel_clip reads no checkpoint. ValueError."""
+    refinements must be off, pnp_ovss takes no background words, and the proposal methods'
+    own rules (``deop.settings.check_proposal_method``: deop needs a checkpoint). ValueError."""
     method = config.method
     if method not in PIPELINE_METHODS:
         return
@@ -359,47 +358,7 @@ def check_pipeline(config: EngineConfig) -> None:
                 "map fires): set background_words to []"
             )
         return
-    from ovss_ros.core.file_checks import FileCheckError, regular_file
-
-    deop = config.deop
-    checkpoint = deop.checkpoint.strip() if method != "superpixel_clip" else ""
-    if method == "deop" and not checkpoint:
-        raise ValueError(DEOP_NEEDS_CHECKPOINT)
-    if checkpoint:
-        try:
-            regular_file(checkpoint, "deop.checkpoint")
-        except FileCheckError as error:
-            raise ValueError(
-                f"{error}: set it to a file made by ovss-train-deop"
-                + (", or to '' for the training-free twostream" if method == "twostream" else "")
-            ) from None
-    if method == "superpixel_clip":
-        if deop.proposal_source == "learned":
-            raise ValueError(
-                "deop.proposal_source learned needs a trained proposal head, and method "
-                "superpixel_clip is training-free: set deop.proposal_source to auto, superpixels "
-                "or clusters, or use method deop with a deop.checkpoint"
-            )
-        if deop.pooling == "cal":
-            raise ValueError(
-                "deop.pooling cal needs a trained CAL decoder, and method superpixel_clip is "
-                "training-free: set deop.pooling to auto or mean, or use method deop with a "
-                "deop.checkpoint"
-            )
-        return
-    if not checkpoint and deop.proposal_source == "learned":
-        raise ValueError(
-            "deop.proposal_source learned needs a deop.checkpoint with a proposal head: set "
-            "deop.checkpoint, or deop.proposal_source to auto, superpixels or clusters"
-        )
-
-
-DEOP_NEEDS_CHECKPOINT = (
-    "method deop needs its proposal network and deop.checkpoint is empty: DeOP classifies the "
-    "masks of a trained proposal network (without one the severed block's weights are all 1 on "
-    "superpixels, so it is not DeOP): set deop.checkpoint to a file from ovss-train-deop, or use "
-    "method superpixel_clip for the training-free mode"
-)
+    check_proposal_method(method, config.deop)
 
 
 def check_fits_model(config: EngineConfig, patch: int) -> None:

@@ -138,3 +138,50 @@ class SuperpixelClipSettings(Settings):
         source="ovss_ros (the scale the training-free mode ran with; DeOP's plain block's "
         "0.2, its released scripts run 1.0)",
     )
+
+
+DEOP_NEEDS_CHECKPOINT = (
+    "method deop needs its proposal network and deop.checkpoint is empty: DeOP classifies the "
+    "masks of a trained proposal network (without one the severed block's weights are all 1 on "
+    "superpixels, so it is not DeOP): set deop.checkpoint to a file from ovss-train-deop, or use "
+    "method superpixel_clip for the training-free mode"
+)
+
+
+def check_proposal_method(method: str, deop: DeopSettings) -> None:
+    """What deop, twostream and superpixel_clip refuse of the ``deop.*`` settings, with
+    ``method`` selected: deop needs a ``deop.checkpoint`` (its proposal network), which must be
+    an existing file (twostream's too, when set); what needs a checkpoint (proposal_source
+    learned, pooling cal) needs one; superpixel_clip reads no checkpoint. ValueError."""
+    from ovss_ros.core.file_checks import FileCheckError, regular_file
+
+    checkpoint = deop.checkpoint.strip() if method != "superpixel_clip" else ""
+    if method == "deop" and not checkpoint:
+        raise ValueError(DEOP_NEEDS_CHECKPOINT)
+    if checkpoint:
+        try:
+            regular_file(checkpoint, "deop.checkpoint")
+        except FileCheckError as error:
+            raise ValueError(
+                f"{error}: set it to a file made by ovss-train-deop"
+                + (", or to '' for the training-free twostream" if method == "twostream" else "")
+            ) from None
+    if method == "superpixel_clip":
+        if deop.proposal_source == "learned":
+            raise ValueError(
+                "deop.proposal_source learned needs a trained proposal head, and method "
+                "superpixel_clip is training-free: set deop.proposal_source to auto, superpixels "
+                "or clusters, or use method deop with a deop.checkpoint"
+            )
+        if deop.pooling == "cal":
+            raise ValueError(
+                "deop.pooling cal needs a trained CAL decoder, and method superpixel_clip is "
+                "training-free: set deop.pooling to auto or mean, or use method deop with a "
+                "deop.checkpoint"
+            )
+        return
+    if not checkpoint and deop.proposal_source == "learned":
+        raise ValueError(
+            "deop.proposal_source learned needs a deop.checkpoint with a proposal head: set "
+            "deop.checkpoint, or deop.proposal_source to auto, superpixels or clusters"
+        )
