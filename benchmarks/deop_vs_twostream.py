@@ -1,5 +1,7 @@
-"""DeOP (one CLIP pass, proposals classified from the severed dense features) against the
-two-stream baseline (one CLIP pass per masked proposal crop), in one run, same proposals.
+"""DeOP's one-pass classification (one CLIP pass, proposals classified from the severed dense
+features) against the two-stream baseline (one CLIP pass per masked proposal crop), in one run,
+same proposals. Without a checkpoint the one-pass side is ``SuperpixelClip`` (DeOP's pipeline,
+training-free: ``method: superpixel_clip``), the rows' "deop"; the trained heads add little.
 
     python benchmarks/deop_vs_twostream.py --device cpu --counts 25 50 100
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from ovss_ros.core.clip.model_loading import load_clip
-from ovss_ros.core.methods.deop.deop import Deop, DeopConfig
+from ovss_ros.core.methods.deop.deop import DeopConfig, SuperpixelClip
 from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamConfig
 
 VOC_SAMPLE = (
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if clip.device.type == "cuda" else (lambda: None)
     rgb = frame(*args.size)
     common = {"short_side": args.short_side, "templates": "single"}
-    deop = Deop(clip, DeopConfig(**common))
+    deop = SuperpixelClip(clip, DeopConfig(**common))
     two = TwoStream(clip, TwoStreamConfig(**common))
     for method in (deop, two):
         method.set_classes(CLASSES)

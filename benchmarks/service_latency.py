@@ -54,7 +54,7 @@ METHODS |= {
     # Every class in the prompt (presence all): 6 CRF labels whatever the random CLIP says.
     "pnp_ovss_crf": {"method": "pnp_ovss", "pnp.refine": "crf", "pnp.presence": "all"},
     "pnp_ovss_pamr": {"method": "pnp_ovss", "pnp.refine": "pamr", "pnp.presence": "all"},
-    "deop": {"method": "deop"},
+    "superpixel_clip": {"method": "superpixel_clip"},  # deop needs a checkpoint (issue 21)
     "twostream": {"method": "twostream"},
 }
 

@@ -62,8 +62,13 @@ CASES: dict[str, dict] = {
     "pnp_ovss_crf": {"method": "pnp_ovss", "pnp_refine": "crf", **PNP},
     "pnp_ovss_pamr": {"method": "pnp_ovss", "pnp_refine": "pamr", **PNP},
     "pnp_ovss_all": {"method": "pnp_ovss", "pnp_presence": "all", "pnp_refine": "none", **PNP},
-    "deop_superpixels": {"method": "deop", **PROPOSALS},
-    "deop_clusters": {"method": "deop", "proposal_source": "clusters", **PROPOSALS},
+    # issue 21: the training-free mode (stored as method deop without a checkpoint) is
+    # superpixel_clip, with the same outputs (its residual 0.2 is the one they were stored with)
+    "superpixel_clip_superpixels": {"method": "superpixel_clip", **PROPOSALS},
+    "superpixel_clip_clusters": {
+        "method": "superpixel_clip", "proposal_source": "clusters", **PROPOSALS,
+    },  # fmt: skip
+    # deop's severed-block residual default became the released 1.0 (issue 21): rewritten then
     "deop_checkpoint": {"method": "deop", "deop_checkpoint": "<deop>", "proposals": 12},
     "twostream": {"method": "twostream", "proposal_source": "clusters", **PROPOSALS},
 }

@@ -272,10 +272,10 @@ SETTINGS_CHECK = """
 import sys
 from ovss_ros.core.config import SCHEMA, EngineConfig
 from ovss_ros.core.settings import cli_flag
-for changes in ({}, {"refinement": "dslo", "dense.crop": 224}, {"method": "deop"},
+for changes in ({}, {"refinement": "dslo", "dense.crop": 224}, {"method": "superpixel_clip"},
                 {"method": "pnp_ovss", "pnp.layer": 3}, {"dslo.sd.size": 768}):
     EngineConfig.from_flat(changes).validate()
-for bad in ({"dslo.sd.size": 4096}, {"pnp.layer": 0}, {"templates": "{} {}"}):
+for bad in ({"dslo.sd.size": 4096}, {"pnp.layer": 0}, {"templates": "{} {}"}, {"method": "deop"}):
     try:
         EngineConfig.from_flat(bad).validate()
     except ValueError:

@@ -32,6 +32,8 @@ TINY = ["--model", str(TINY_VIT), "--pretrained", "none", "--device", "cpu"]
 NOISE = ("RANDOM weights", "No pretrained weights loaded", "Loading weights", "Writing model")
 STORE = get_typestore(Stores.LATEST)
 LONG_CLASS = "part " + "7" * 80  # 81 BPE tokens: longer than CLIP's 77 with any template
+# Issue 21: deop without its proposal network is not DeOP.
+DEOP_WITHOUT_CHECKPOINT = "method deop needs its proposal network and deop.checkpoint is empty"
 
 
 # The tool's address space: 8 GB (the imports take about 4): a tool that would allocate far more
@@ -157,6 +159,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         (["--pretrained", "/dev/zero"], "is not a regular file"),
         (["--max-input-pixels", "0"], "expected a positive integer"),
         (["--method", "deop", "--deop-checkpoint", "/dev/zero"], "is not a regular file"),
+        (["--method", "deop"], DEOP_WITHOUT_CHECKPOINT),
     ],
 )
 def test_ovss_segment_refuses_bad_flags(files, tmp_path, flags, reason):
@@ -228,6 +231,7 @@ def _voc_files(root: Path) -> tuple[Path, Path]:
         (["--max-input-pixels", "-1"], "expected a positive integer"),
         (["--size", "64"], "--size was renamed --short-side"),
         (["--sd-model", "x"], "--sd-model was renamed --dslo-sd-model"),
+        (["--method", "deop"], DEOP_WITHOUT_CHECKPOINT),
     ],
 )
 def test_ovss_eval_refuses_bad_flags(voc_root, flags, reason):
@@ -312,6 +316,7 @@ def test_ovss_eval_names_a_damaged_file_of_the_data_set(voc_root, files, tmp_pat
         (["--affinity", "sd2"], "--affinity was renamed --dslo-affinity"),
         (["--dslo-affinity", "sd3"], "argument --dslo-affinity: unknown dslo.affinity 'sd3'"),
         (["--combos", "naclip+dslo:sd3"], "unknown dslo.affinity 'sd3'"),
+        (["--combos", "naclip", "deop+p10"], DEOP_WITHOUT_CHECKPOINT),
     ],
 )
 def test_ovss_bench_refuses_bad_flags(files, flags, reason):

@@ -78,11 +78,12 @@ def test_parse_combo():
     settings = parse_combo("vanilla+dslo-ot:sd2+jbu", "keykey")
     assert (settings["dslo.mode"], settings["dslo.affinity"]) == ("ot", "sd2")
     assert parse_combo("vanilla+dslo", "keykey")["dslo.affinity"] == "keykey"
-    assert parse_combo("deop+p50")["deop.proposals"] == 50
+    assert parse_combo("superpixel_clip+p50")["deop.proposals"] == 50
     # every combo sets the affinity: one combo's :sd2 does not leak into the next
     sd2, plain = parse_combo("vanilla+dslo:sd2+jbu"), parse_combo("vanilla")
     assert sd2["dslo.affinity"] != plain["dslo.affinity"]
-    for combo in ("clearclip+dslo-velocity+pamr+jbu", "vanilla+dslo-ot:sd2+jbu", "deop+p50"):
+    combos = ("clearclip+dslo-velocity+pamr+jbu", "vanilla+dslo-ot:sd2+jbu", "superpixel_clip+p50")
+    for combo in combos:
         EngineConfig.from_flat(parse_combo(combo))  # every name is a setting's
     with pytest.raises(ValueError, match="unknown part"):
         parse_combo("naclip+crf")

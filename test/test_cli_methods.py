@@ -1,4 +1,4 @@
-"""The command-line tools accept pnp_ovss, deop and twostream (issues 9 and 10).
+"""The command-line tools accept pnp_ovss, superpixel_clip and twostream (issues 9, 10, 21).
 
 ovss-segment runs each end to end on a VOC sample (tiny random CLIP, tiny random BLIP saved with
 save_pretrained) and writes what the engine gives for the same flags; a missing checkpoint or
@@ -37,7 +37,8 @@ def blip(tmp_path_factory):
     "flags",
     [
         ["--method", "pnp_ovss", "--pnp-dropout-rounds", "2", "--pnp-refine", "pamr"],
-        ["--method", "deop", "--deop-proposals", "20", "--deop-proposal-source", "clusters"],
+        ["--method", "superpixel_clip", "--deop-proposals", "20", "--deop-proposal-source"]
+        + ["clusters", "--superpixel-clip-severance-residual", "0.5"],
         ["--method", "twostream", "--deop-proposals", "8", "--twostream-crop-batch", "3"],
     ],
     ids=lambda flags: flags[1],
@@ -64,7 +65,8 @@ def test_ovss_segment_runs_each_method(tmp_path, blip, flags):
         (["--method", "deop", "--deop-checkpoint", "/nonexistent/deop.pt"], "not found"),
         (["--method", "pnp_ovss", "--pnp-vlm-pretrained", "Salesforce/x"], "HF_HUB_OFFLINE"),
         (["--method", "pnp_ovss", "--pnp-layer", "7"], "pnp.layer 7 > the VLM's 3"),
-        (["--method", "deop", "--dense-crop", "32"], "dense.crop applies to the dense methods"),
+        (["--method", "superpixel_clip", "--dense-crop", "32"], "dense.crop applies to the dense"),
+        (["--method", "deop"], "method deop needs its proposal network"),
     ],
 )
 def test_ovss_segment_refuses_with_the_reason(tmp_path, blip, caplog, flags, reason):
@@ -76,7 +78,7 @@ def test_ovss_segment_refuses_with_the_reason(tmp_path, blip, caplog, flags, rea
 
 def test_ovss_bench_times_the_methods_next_to_naclip(tmp_path, blip, capsys):
     out = tmp_path / "bench.json"
-    combos = ["naclip", "pnp_ovss", "deop+p10", "twostream+p10"]
+    combos = ["naclip", "pnp_ovss", "superpixel_clip+p10", "twostream+p10"]
     args = ["--combos", *combos, "--iterations", "1", "--warmup", "0", "--json", str(out)]
     args += ["--width", "128", "--height", "96", "--pnp-vlm-pretrained", str(blip)]
     assert bench(args + ENGINE + PNP + ["--pnp-dropout-rounds", "2"]) == 0
@@ -91,14 +93,20 @@ def test_ovss_bench_times_the_methods_next_to_naclip(tmp_path, blip, capsys):
 
 def test_ovss_bag_and_ovss_eval_take_the_methods_flags(tmp_path):
     args = bag.parse_args(
-        ["in", "out", "--topic", "/image", "--classes", "dog", "--method", "deop"]
+        ["in", "out", "--topic", "/image", "--classes", "dog", "--method", "superpixel_clip"]
         + ["--deop-proposals", "50", "--deop-pooling", "mean"]
+        + ["--superpixel-clip-severance-residual", "0.3"]
     )
     config = config_from_args(args)
-    assert (config.method, config.deop.proposals, config.deop.pooling) == ("deop", 50, "mean")
+    assert (config.method, config.deop.proposals, config.deop.pooling) == (
+        "superpixel_clip",
+        50,
+        "mean",
+    )
+    assert config.superpixel_clip.severance_residual == 0.3
     # ovss-eval: the dense protocol's windows, PAMR and background words do not apply to
-    # pnp_ovss (its own background); deop keeps the data set's background words.
-    for method, background in (("pnp_ovss", ()), ("deop", ("sky",))):
+    # pnp_ovss (its own background); superpixel_clip keeps the data set's background words.
+    for method, background in (("pnp_ovss", ()), ("superpixel_clip", ("sky",))):
         args, _, _ = evaluate.parse_args(
             ["voc", str(tmp_path), "--method", method, "--dense-crop", "224", "--dense-pamr"]
         )

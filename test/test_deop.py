@@ -1,5 +1,6 @@
-"""DeOP inference: patch severance, the CAL decoder, semantic inference, the pipeline's surface
-and its refusals, the two-stream baseline, and the checkpoint file with each of its errors."""
+"""DeOP inference: patch severance (and its residual defaults), the CAL decoder, semantic
+inference, the pipeline's surface and its refusals (training-free: SuperpixelClip), the
+two-stream baseline, and the checkpoint file with each of its errors."""
 
 import logging
 from dataclasses import asdict
@@ -16,6 +17,7 @@ from ovss_ros.core.methods.deop.checkpoint import CheckpointError, load_checkpoi
 from ovss_ros.core.methods.deop.deop import (
     Deop,
     DeopConfig,
+    SuperpixelClip,
     severed_last_block,
     token_weights,
     tokens_before_last_block,
@@ -61,7 +63,7 @@ def settings(**changes) -> DeopConfig:
 
 
 def test_severance_leaves_tokens_unmixed(clip, voc_rgb):
-    deop = Deop(clip, settings())
+    deop = SuperpixelClip(clip, settings())
     pixels = deop.preprocess(voc_rgb[0])
     tokens, grid = tokens_before_last_block(clip.model.visual, pixels)
     block = clip.model.visual.transformer.resblocks[-1]
@@ -95,6 +97,25 @@ def test_severance_matches_identity_attention_reference(clip):
     expected = expected + block.mlp(block.ln_2(expected))
     got = severed_last_block(block, x, weights, residual=0.2)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_severed_block_residual_defaults(clip):
+    """DeOP's default is the released configuration (the learned-position block the scripts run
+    keeps the residual at 1.0); superpixel_clip, ovss_ros's training-free method, keeps 0.2."""
+    from ovss_ros.core.config import EngineConfig
+    from ovss_ros.training.training_config import TrainingConfig
+
+    assert DeopConfig().severance_residual == 1.0
+    assert EngineConfig().deop.severance_residual == 1.0
+    assert TrainingConfig().severance_residual == 1.0
+    assert EngineConfig().superpixel_clip.severance_residual == 0.2
+    assert SuperpixelClip(clip).settings.severance_residual == 0.2
+    torch.manual_seed(2)
+    block = clip.model.visual.transformer.resblocks[-1]
+    x, weights = torch.randn(1, 5, 64), torch.rand(1, 5)
+    released = severed_last_block(block, x, weights, residual=1.0)
+    assert torch.equal(severed_last_block(block, x, weights), released)
+    assert not torch.allclose(severed_last_block(block, x, weights, residual=0.2), released)
 
 
 def test_token_weights_sum_proposal_shares():
@@ -165,10 +186,11 @@ def test_label_probabilities_take_synonym_max_and_drop_void(clip):
 
 
 @pytest.mark.parametrize("source", ["superpixels", "clusters"])
-def test_training_free_deop_segments_real_images(clip, voc_rgb, caplog, source):
-    caplog.set_level(logging.WARNING, logger="ovss_ros.core.methods.deop.deop")
-    deop = Deop(clip, settings(proposal_source=source))
-    assert "without a checkpoint" in caplog.text and "mean pooling" in caplog.text
+def test_superpixel_clip_segments_real_images(clip, voc_rgb, caplog, source):
+    caplog.set_level(logging.INFO, logger="ovss_ros.core.methods.deop.deop")
+    deop = SuperpixelClip(clip, settings(proposal_source=source))
+    assert f"superpixel_clip (training-free): {source} proposals" in caplog.text
+    assert "mean pooling" in caplog.text and "WARNING" not in caplog.text
     assert deop.pooling() == "mean"
     deop.set_classes(CLASSES)
     results = deop.segment_many(voc_rgb)
@@ -183,17 +205,17 @@ def test_training_free_deop_segments_real_images(clip, voc_rgb, caplog, source):
 
 
 def test_threshold_background_words_and_wide_vocabulary(clip, voc_rgb):
-    deop = Deop(clip, settings(score_threshold=1.0))
+    deop = SuperpixelClip(clip, settings(score_threshold=1.0))
     deop.set_classes(CLASSES)
     assert np.all(deop.segment(voc_rgb[0]).labels == 255)  # nothing is certain
     deop.reconfigure(score_threshold=0.0, background_words=["person"])
     deop.set_classes(["cat", "sky"])
     labels = deop.segment(voc_rgb[0]).labels
-    plain = Deop(clip, settings())
+    plain = SuperpixelClip(clip, settings())
     plain.set_classes(["person", "cat", "sky"])
     person = plain.segment(voc_rgb[0]).labels == 0
     assert np.all(labels[person] == 255)  # where "person" wins, the pixel is unlabeled now
-    wide = Deop(clip, settings(proposals=4))
+    wide = SuperpixelClip(clip, settings(proposals=4))
     wide.set_classes([f"thing {i}" for i in range(300)])
     result = wide.segment(voc_rgb[0][:64, :64])
     assert result.labels.dtype == np.uint16 and result.labels.max() < 300
@@ -242,7 +264,7 @@ BAD_SETTINGS = [
 
 @pytest.mark.parametrize(("change", "reason"), BAD_SETTINGS)
 def test_reconfigure_refuses_bad_settings_and_changes_nothing(clip, voc_rgb, change, reason):
-    deop = Deop(clip, settings())
+    deop = SuperpixelClip(clip, settings())
     deop.set_classes(CLASSES)
     before = asdict(deop.settings)
     queries = deop._queries.clone()
@@ -254,10 +276,10 @@ def test_reconfigure_refuses_bad_settings_and_changes_nothing(clip, voc_rgb, cha
 
 def test_constructor_and_input_refusals(clip, voc_rgb):
     with pytest.raises(ValueError, match="CAL decoder"):
-        Deop(clip, settings(pooling="cal"))
+        SuperpixelClip(clip, settings(pooling="cal"))
     with pytest.raises(ValueError, match="mask_cells"):
         Deop(clip, settings(mask_cells=2), modules=trained_modules(clip))  # head predicts 4
-    deop = Deop(clip, settings())
+    deop = SuperpixelClip(clip, settings())
     with pytest.raises(VocabularyError):
         deop.segment(voc_rgb[0])
     deop.set_classes(CLASSES)

@@ -1,4 +1,5 @@
-"""pnp_ovss, deop and twostream through the engine's one entry point (issues 9 and 10).
+"""pnp_ovss, deop, twostream and superpixel_clip through the engine's one entry point (issues 9,
+10 and 21).
 
 ``Segmenter(EngineConfig(method=...))`` and ``reconfigure(method=...)`` build the method's
 pipeline (ovss_ros.core.method_pipelines) from the engine's CLIP: real open_clip tiny random
@@ -25,8 +26,9 @@ from ovss_ros.core import EngineConfig, ModelLoadError, Segmenter, Stopped, Voca
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.method_pipelines import proposal_config
 from ovss_ros.core.methods.deop.checkpoint import CheckpointError, save_checkpoint
-from ovss_ros.core.methods.deop.deop import Deop, DeopConfig
+from ovss_ros.core.methods.deop.deop import Deop, DeopConfig, SuperpixelClip, SuperpixelClipConfig
 from ovss_ros.core.methods.deop.heads import DeopModules
+from ovss_ros.core.methods.deop.settings import SUPERPIXEL_CLIP_RESIDUAL
 from ovss_ros.core.methods.deop.twostream import TwoStream, TwoStreamConfig
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpSettings
 
@@ -78,6 +80,8 @@ def test_config_defaults_are_the_methods_own():
     # what DeOP and two-stream run with by default is what they default to themselves
     assert proposal_config(engine, "deop") == DeopConfig()
     assert proposal_config(engine, "twostream") == TwoStreamConfig()
+    assert proposal_config(engine, "superpixel_clip") == SuperpixelClipConfig()
+    assert SuperpixelClipConfig().severance_residual == SUPERPIXEL_CLIP_RESIDUAL == 0.2
     # and every field of theirs comes from the engine's settings (none is left at its own)
     changed = EngineConfig.from_flat(
         {
@@ -90,6 +94,7 @@ def test_config_defaults_are_the_methods_own():
             "deop.proposal_source": "clusters",
             "deop.pooling": "mean",
             "deop.severance_residual": 0.5,
+            "superpixel_clip.severance_residual": 0.7,
             "twostream.crop_batch": 5,
             "max_long_side": 512,
             "templates": "single",
@@ -97,10 +102,17 @@ def test_config_defaults_are_the_methods_own():
             "score_threshold": 0.5,
         }
     )
-    for method, kind in (("deop", DeopConfig), ("twostream", TwoStreamConfig)):
+    for method, kind in (
+        ("deop", DeopConfig),
+        ("twostream", TwoStreamConfig),
+        ("superpixel_clip", SuperpixelClipConfig),
+    ):
         run = proposal_config(changed, method)
         for field in fields(kind):
             assert getattr(run, field.name) != getattr(kind(), field.name), (method, field.name)
+    # each runs its own severance residual
+    assert proposal_config(changed, "deop").severance_residual == 0.5
+    assert proposal_config(changed, "superpixel_clip").severance_residual == 0.7
 
 
 def test_pnp_ovss_through_the_dispatch_equals_pnp_ovss(blip, rgb):
@@ -131,18 +143,27 @@ def test_pnp_ovss_through_the_dispatch_equals_pnp_ovss(blip, rgb):
     np.testing.assert_array_equal(thresholded.labels[~low], expected.labels[~low])
 
 
-@pytest.mark.parametrize("method", ["deop", "twostream"])
-def test_proposal_methods_through_the_dispatch_equal_their_class(blip, rgb, method):
+@pytest.mark.parametrize("method", ["superpixel_clip", "twostream", "deop"])
+def test_proposal_methods_through_the_dispatch_equal_their_class(blip, rgb, method, tmp_path):
+    checkpoint = {}
+    if method == "deop":  # DeOP needs its trained modules: a checkpoint of this tiny CLIP
+        torch.manual_seed(0)  # the CLIP ``make`` loads
+        clip = load_clip(str(TINY_VIT), "none", "cpu")
+        modules = DeopModules.create(int(clip.model.visual.output_dim), decoder={"heads": 4})
+        path = save_checkpoint(tmp_path / "deop.pt", modules, clip, {})
+        checkpoint = {"deop.checkpoint": str(path)}
     segmenter = make(
         blip,
         method=method,
+        **checkpoint,
         **{"deop.proposal_source": "clusters", "deop.mask_cells": 2, "deop.logit_scale": 50.0},
         score_threshold=0.2,
         background_words=("sky",),
     )
     kind, settings_type = {
-        "deop": (Deop, DeopConfig),
+        "superpixel_clip": (SuperpixelClip, SuperpixelClipConfig),
         "twostream": (TwoStream, TwoStreamConfig),
+        "deop": (Deop, DeopConfig),
     }[method]
     settings = settings_type(
         proposals=12,
@@ -154,7 +175,11 @@ def test_proposal_methods_through_the_dispatch_equal_their_class(blip, rgb, meth
         background_words=("sky",),
         score_threshold=0.2,
     )
-    direct = kind(segmenter.clip, settings)
+    if checkpoint:
+        direct = kind(segmenter.clip, settings, checkpoint=checkpoint["deop.checkpoint"])
+        assert direct.pooling() == "cal" and direct.settings.severance_residual == 1.0
+    else:
+        direct = kind(segmenter.clip, settings)
     direct.set_classes(CLASSES)
     assert_same(segmenter.segment(rgb), direct.segment(rgb))
     assert segmenter.batch_groups([rgb, rgb, rgb[:50]]) == [[0, 1], [2]]
@@ -163,7 +188,7 @@ def test_proposal_methods_through_the_dispatch_equal_their_class(blip, rgb, meth
 def test_switching_to_each_method_and_back_gives_naclips_output_again(blip, rgb):
     segmenter = make(blip)
     naclip = segmenter.segment(rgb)
-    for method in ("pnp_ovss", "deop", "twostream"):
+    for method in ("pnp_ovss", "superpixel_clip", "twostream"):
         segmenter.reconfigure(method=method)
         assert segmenter.pipeline.method == method
         assert segmenter.segment(rgb).class_names == [c.split(";")[0] for c in CLASSES]
@@ -191,10 +216,19 @@ def serving(segmenter, rgb, expected, method):
         ({"method": "pnp_ovss", "dense.pamr": True}, "pamr applies to the dense methods"),
         ({"method": "deop", "refinement": "dslo"}, "refinement applies to the dense methods"),
         ({"method": "pnp_ovss", "background_words": ["sky"]}, "set background_words to []"),
-        ({"method": "deop", "deop.pooling": "cal"}, "deop.pooling cal needs a deop.checkpoint"),
+        ({"method": "deop"}, "method deop needs its proposal network and deop.checkpoint is "),
+        ({"method": "deop", "deop.checkpoint": " "}, "or use method superpixel_clip for the "),
         (
-            {"method": "deop", "deop.proposal_source": "learned"},
-            "deop.proposal_source learned needs",
+            {"method": "superpixel_clip", "deop.pooling": "cal"},
+            "deop.pooling cal needs a trained CAL decoder, and method superpixel_clip is",
+        ),
+        (
+            {"method": "superpixel_clip", "deop.proposal_source": "learned"},
+            "deop.proposal_source learned needs a trained proposal head, and method superpixel",
+        ),
+        (
+            {"method": "twostream", "deop.proposal_source": "learned"},
+            "deop.proposal_source learned needs a deop.checkpoint",
         ),
         ({"method": "deop", "deop.checkpoint": "/nonexistent/deop.pt"}, "not found"),
         ({"pnp.vlm_pretrained": "other"}, "need a new Segmenter"),
@@ -256,7 +290,7 @@ def test_refusals_while_on_a_pipeline_keep_it(blip, rgb, tmp_path):
     assert segmenter.pipeline is pipeline and segmenter.config.pnp.head == 3
     serving(segmenter, rgb, before, "pnp_ovss")
     # DeOP: a checkpoint with a proposal head of another mask grid.
-    segmenter = make(blip, method="deop")
+    segmenter = make(blip, method="superpixel_clip")
     before = segmenter.segment(rgb)
     visual = segmenter.clip.model.visual
     modules = DeopModules.create(
@@ -266,23 +300,38 @@ def test_refusals_while_on_a_pipeline_keep_it(blip, rgb, tmp_path):
     )
     path = save_checkpoint(tmp_path / "deop.pt", modules, segmenter.clip, {})
     with pytest.raises(ValueError, match="set deop.mask_cells to 2"):
-        segmenter.reconfigure({"deop.checkpoint": str(path)})
-    serving(segmenter, rgb, before, "deop")
-    segmenter.reconfigure({"deop.checkpoint": str(path), "deop.mask_cells": 2})
+        segmenter.reconfigure({"deop.checkpoint": str(path)}, method="deop")
+    serving(segmenter, rgb, before, "superpixel_clip")
+    segmenter.reconfigure({"deop.checkpoint": str(path), "deop.mask_cells": 2}, method="deop")
     notice, warn = segmenter.method_notice()
     assert not warn and "deop with checkpoint" in notice and "learned proposals" in notice
 
 
-def test_deop_without_a_checkpoint_says_so(blip, caplog):
-    with caplog.at_level(logging.WARNING):
-        segmenter = make(blip, method="deop")
-    assert "DeOP without a checkpoint" in caplog.text
+def test_deop_without_a_checkpoint_is_refused_and_superpixel_clip_says_what_it_is(blip, caplog):
+    with pytest.raises(ValueError, match="method deop needs its proposal network") as error:
+        make(blip, method="deop")
+    assert "use method superpixel_clip for the training-free mode" in str(error.value)
+    with caplog.at_level(logging.INFO):
+        segmenter = make(blip, method="superpixel_clip")
+    assert "DeOP without a checkpoint" not in caplog.text  # no longer DeOP's warning
     notice, warn = segmenter.method_notice()
-    assert warn and "deop without a checkpoint: training-free superpixels proposals" in notice
+    assert not warn
+    assert notice == (
+        "superpixel_clip (training-free): superpixels proposals, severed last block "
+        "(residual 0.2), mean pooling"
+    )
+    # what it runs is DeOP's class without a checkpoint, at its own residual
+    core = segmenter.pipeline.core
+    assert isinstance(core, SuperpixelClip) and core.modules is None and core.checkpoint is None
+    assert core.settings.severance_residual == 0.2
+    segmenter.reconfigure(
+        {"superpixel_clip.severance_residual": 1.0, "deop.severance_residual": 0.3}
+    )
+    assert segmenter.pipeline.core.settings.severance_residual == 1.0
     assert make(blip).method_notice() == ("naclip", False)
 
 
-@pytest.mark.parametrize("method", ["pnp_ovss", "deop"])
+@pytest.mark.parametrize("method", ["pnp_ovss", "superpixel_clip"])
 def test_the_stop_event_ends_segmenting_and_switching(blip, rgb, method):
     stop = threading.Event()
     segmenter = make(blip, stop, method=method)

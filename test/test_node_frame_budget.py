@@ -56,7 +56,7 @@ def set_atomically(client, parameters: list[Parameter]):
         ([("background_words", ["part " + "7" * 80])], "is too long for the text model"),
         (
             [
-                ("method", "deop"),
+                ("method", "superpixel_clip"),
                 ("deop.proposals", 1000),
                 ("short_side", 4096),
                 ("max_long_side", 4096),
@@ -64,7 +64,7 @@ def set_atomically(client, parameters: list[Parameter]):
             "deop.proposals 1000 with deop.mask_cells 4 on a 256x256 patch grid need 4.19 GB",
         ),
     ],
-    ids=["sd2048", "sd4096", "pnp1024", "pnp4096", "crops", "dslo4096", "prompt", "deop"],
+    ids=["sd2048", "sd4096", "pnp1024", "pnp4096", "crops", "dslo4096", "prompt", "proposals"],
 )
 def test_refused_with_its_cost_and_nothing_changes(client, voc_rgb, parameters, reason):
     before = {name: client.get_parameter(name) for name, _ in parameters}
@@ -101,7 +101,7 @@ def test_a_switch_of_method_is_checked_against_the_budget_of_the_new_method(clie
         ):
             result = client.set_parameters([Parameter(name, value=value)])[0]
             assert result.successful, (name, result.reason)
-        result = client.set_parameters([Parameter("method", value="deop")])[0]
+        result = client.set_parameters([Parameter("method", value="superpixel_clip")])[0]
         assert not result.successful
         cost = "deop.proposals 1000 with deop.mask_cells 4 on a 256x256 patch grid need 4.19 GB"
         assert cost in result.reason, result.reason

@@ -1,10 +1,12 @@
-"""The node switches to and from pnp_ovss and deop over real DDS (issues 9 and 10).
+"""The node switches to and from pnp_ovss, superpixel_clip and deop over real DDS (issues 9, 10
+and 21).
 
 The node runs in its own process with a tiny CLIP whose random weights are saved to a file here
 (so this test can compute the same outputs) and a tiny random BLIP saved with save_pretrained.
 A switch is applied by the worker (the VLM or checkpoint loads there, the parameter service stays
 free); the outputs after it are the new method's, equal to an engine built here with the same
-parameters. A missing checkpoint is refused up front with the reason; a load that fails in the
+parameters. A missing checkpoint, or deop without one, is refused up front with the reason (the
+node keeps serving, the parameters stay as they were); a load that fails in the
 worker (a checkpoint of another CLIP, a layer the VLM lacks) keeps the old method serving and
 puts the parameters back.
 """
@@ -52,7 +54,14 @@ def files(tmp_path_factory):
     other = load_clip(str(TINY_VIT_B32), "none", "cpu")
     modules = DeopModules.create(int(other.model.visual.output_dim), decoder={"heads": 4})
     mismatched = save_checkpoint(folder / "b32.pt", modules, other, asdict(DeopConfig()))
-    return {"weights": weights, "blip": save_tiny_blip(folder), "mismatched": mismatched}
+    modules = DeopModules.create(int(clip.model.visual.output_dim), decoder={"heads": 4})
+    deop = save_checkpoint(folder / "deop.pt", modules, clip, {})  # on the node's CLIP
+    return {
+        "weights": weights,
+        "blip": save_tiny_blip(folder),
+        "mismatched": mismatched,
+        "trained": deop,  # not a method's name: the change table maps names to files
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +91,16 @@ def rgb(voc_rgb) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def expected(parameters, rgb):
-    """What each method gives for ``rgb`` with the node's parameters, computed here."""
+def expected(parameters, files, rgb):
+    """What each method gives for ``rgb`` with the node's parameters, computed here (deop with
+    the checkpoint ``files["trained"]``)."""
     values = node_parameters.defaults() | parameters | {"device": "cpu"}
     segmenter = Segmenter(node_parameters.validate(values).engine)
     segmenter.set_classes(CLASSES)
     out = {}
-    for method in ("naclip", "pnp_ovss", "deop"):
-        segmenter.reconfigure(method=method)
+    for method in ("naclip", "pnp_ovss", "superpixel_clip", "deop"):
+        changes = {"deop.checkpoint": str(files["trained"])} if method == "deop" else {}
+        segmenter.reconfigure(changes, method=method)
         out[method] = segmenter.segment(rgb)
     return out
 
@@ -127,7 +138,7 @@ def switch(client, method: str) -> None:
 
 def test_the_outputs_tell_the_methods_apart(expected):
     naclip = expected["naclip"]
-    for method in ("pnp_ovss", "deop"):
+    for method in ("pnp_ovss", "superpixel_clip", "deop"):
         other = expected[method]
         assert not np.allclose(other.confidence, naclip.confidence, atol=1e-3), method
 
@@ -143,14 +154,52 @@ def test_naclip_to_pnp_ovss_and_back(client, node, rgb, expected):
     assert_serves(client, rgb, expected["naclip"])
 
 
-def test_naclip_to_deop_says_it_runs_training_free(client, node, rgb, expected):
+def test_naclip_to_superpixel_clip_says_it_runs_training_free(client, node, rgb, expected):
     _, process = node
-    switch(client, "deop")
-    assert_serves(client, rgb, expected["deop"])
-    warnings = [line for line in process.output().splitlines() if "[WARN]" in line]
-    assert any("method deop without a checkpoint: training-free" in line for line in warnings)
+    switch(client, "superpixel_clip")
+    assert client.get_parameter("method") == "superpixel_clip"
+    assert_serves(client, rgb, expected["superpixel_clip"])
+    assert "method superpixel_clip (training-free): superpixels proposals" in process.output()
+    assert "without a checkpoint" not in process.output()  # not DeOP's warning any more
     assert "[ERROR]" not in process.output()
     switch(client, "naclip")
+    assert_serves(client, rgb, expected["naclip"])
+
+
+def deop_refused(result) -> None:
+    assert not result.successful
+    assert "method deop needs its proposal network and deop.checkpoint is empty" in result.reason
+    assert "use method superpixel_clip for the training-free mode" in result.reason
+
+
+def test_deop_without_a_checkpoint_is_refused_and_the_node_keeps_serving(
+    client, files, rgb, expected
+):
+    # From naclip, through both parameter services.
+    deop_refused(set_atomically(client, [Parameter("method", value="deop")]))
+    deop_refused(client.set_parameters([Parameter("method", value="deop")])[0])
+    assert client.get_parameter("method") == "naclip"
+    assert_serves(client, rgb, expected["naclip"])
+    # From deop with a checkpoint: emptying deop.checkpoint is refused; deop keeps serving.
+    checkpoint = str(files["trained"])
+    assert set_atomically(
+        client, [Parameter("method", value="deop"), Parameter("deop.checkpoint", value=checkpoint)]
+    ).successful
+    wait_for_change(client, lambda text: text == "applied")
+    assert_serves(client, rgb, expected["deop"])
+    deop_refused(set_atomically(client, [Parameter("deop.checkpoint", value="")]))
+    assert (client.get_parameter("method"), client.get_parameter("deop.checkpoint")) == (
+        "deop",
+        checkpoint,
+    )
+    assert_serves(client, rgb, expected["deop"])
+    # The fix the reason names: superpixel_clip (the checkpoint may stay: it reads none).
+    switch(client, "superpixel_clip")
+    assert_serves(client, rgb, expected["superpixel_clip"])
+    assert set_atomically(
+        client, [Parameter("method", value="naclip"), Parameter("deop.checkpoint", value="")]
+    ).successful
+    wait_for_change(client, lambda text: text == "applied")
     assert_serves(client, rgb, expected["naclip"])
 
 

@@ -59,6 +59,7 @@ FROM_COMMAND_LINE = {
     "pnp.presence_threshold": 1,
     "deop.superpixel_compactness": 10,
     "deop.severance_residual": 0,
+    "superpixel_clip.severance_residual": 1,  # issue 21
 }
 
 pytestmark = pytest.mark.usefixtures("node_survives")

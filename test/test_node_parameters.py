@@ -361,6 +361,7 @@ def test_the_float_parameters_are_found():
         "deop.logit_scale",
         "deop.superpixel_compactness",
         "deop.severance_residual",
+        "superpixel_clip.severance_residual",  # issue 21
     ]
 
 

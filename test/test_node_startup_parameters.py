@@ -91,6 +91,17 @@ CASES = {
         ["cannot start", "deop.checkpoint '/nowhere/deop.pt' not found"],
         LIFECYCLE,
     ),
+    # Issue 21: deop without its proposal network is not DeOP (superpixel_clip is that mode).
+    "deop without a checkpoint": (
+        TINY_NODE_PARAMETERS | {"method": "deop"},
+        [],
+        [
+            "cannot start",
+            "method deop needs its proposal network and deop.checkpoint is empty",
+            "use method superpixel_clip for the training-free mode",
+        ],
+        "ovss_ros.ros.node",
+    ),
     "integer float out of range": (
         TINY_NODE_PARAMETERS | {"overlay_alpha": 2},
         [],

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core.clip.model_loading import load_clip
-from ovss_ros.core.methods.deop.deop import Deop, DeopConfig
+from ovss_ros.core.methods.deop.deop import SuperpixelClip, SuperpixelClipConfig
 from ovss_ros.core.methods.deop.twostream import MASK_THRESHOLD, TwoStream, TwoStreamConfig
 
 proposal_segmentation = importlib.import_module("ovss_ros.core.methods.deop.proposal_segmentation")
@@ -48,9 +48,9 @@ def test_postprocess_in_chunks_equals_upsampling_all_at_once(
     clip, voc_rgb, monkeypatch, case, labels_per_chunk
 ):
     classes, background_words, threshold = case
-    deop = Deop(
+    deop = SuperpixelClip(
         clip,
-        DeopConfig(
+        SuperpixelClipConfig(
             short_side=96,
             templates="single",
             proposals=8,

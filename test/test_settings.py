@@ -45,7 +45,9 @@ def test_names_are_namespaced_by_family_and_flat_gives_them_all():
         "max_long_side",
     }
     spaces = {name.rsplit(".", 1)[0] for name in values if "." in name}
-    assert spaces == {"dense", "dslo", "dslo.sd", "freecp", "pnp", "deop", "twostream"}
+    assert spaces == {
+        "dense", "dslo", "dslo.sd", "freecp", "pnp", "deop", "twostream", "superpixel_clip"
+    }
 
 
 def test_from_flat_and_replace_round_trip():

@@ -14,6 +14,7 @@ import sys
 
 from conftest import TINY_VIT
 
+from ovss_ros.cli.tool_parser import log_once_to_stderr
 from ovss_ros.core.clip.model_loading import load_clip
 
 TOOL_TIMEOUT_S = 600
@@ -28,9 +29,24 @@ def test_random_weights_are_announced_once_in_our_words(caplog):
     assert not [text for text in messages if "No pretrained weights loaded" in text]
 
 
+def test_a_tool_prints_a_repeated_warning_once(capsys):
+    """What ovss-bench's rounds did (DeOP's no-checkpoint warning at every rebuild, before issue
+    21 named that mode superpixel_clip): the same warning logged again is not printed again."""
+    handler = log_once_to_stderr()
+    try:
+        for _ in range(3):
+            logging.getLogger("ovss_ros.test").warning("the same notice")
+        logging.getLogger("ovss_ros.test").warning("another notice")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    assert err.count("WARNING ovss_ros.test: the same notice") == 1, err
+    assert err.count("another notice") == 1, err
+
+
 def test_bench_prints_each_warning_once_per_run():
     """The tool as a user runs it (its own process: Python's logging as a command has it)."""
-    args = ["--combos", "deop", "naclip", "--iterations", "2", "--warmup", "1"]
+    args = ["--combos", "superpixel_clip", "naclip", "--iterations", "2", "--warmup", "1"]
     args += ["--short-side", "64", "--width", "64", "--height", "48"]
     done = subprocess.run(
         [sys.executable, "-m", "ovss_ros.cli.bench", *args, *ENGINE],
@@ -42,7 +58,8 @@ def test_bench_prints_each_warning_once_per_run():
     assert done.returncode == 0, done.stderr
     err = done.stderr
     rounds = [line for line in err.splitlines() if line.startswith("round ")]
-    assert len(rounds) == 3  # three rebuilds of DeOP at least, besides the check up front
-    assert err.count("DeOP without a checkpoint") == 1, err
+    assert len(rounds) == 3  # three rebuilds of superpixel_clip at least
+    warnings = [line for line in err.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, err  # superpixel_clip's notice is information, not a warning
     assert err.count("RANDOM weights") == 1, err
     assert "No pretrained weights loaded" not in err

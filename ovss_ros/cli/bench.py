@@ -12,10 +12,11 @@ attention forward counts in the encoder stage.
 The methods with their own pipeline fill the same columns with their own steps: pnp_ovss
 (``--pnp-vlm-pretrained``): preprocess = both squashed inputs, encoder = CLIP's image-level
 presence forward, head = the GradCAM rounds (one BLIP ITM forward and gradient pass per dropout
-round), postprocess = threshold, blur, CRF/PAMR, argmax; deop and twostream: encoder = CLIP blocks
-1..L-1 and the proposals, head = proposal embeddings and classification (deop: the severed last
-block; twostream: one CLIP forward per proposal crop), postprocess = semantic inference at the
-input size. ``deop+p50`` sets 50 proposals.
+round), postprocess = threshold, blur, CRF/PAMR, argmax; deop, twostream and superpixel_clip:
+encoder = CLIP blocks 1..L-1 and the proposals, head = proposal embeddings and classification
+(deop and superpixel_clip: the severed last block; twostream: one CLIP forward per proposal
+crop), postprocess = semantic inference at the input size. ``superpixel_clip+p50`` sets 50
+proposals (deop needs ``--deop-checkpoint``).
 
 One frame goes through: decode (sensor_msgs/Image -> numpy, as the node does), preprocess,
 encoder (dense CLIP forward), head (text logits and refinement), postprocess (upsampling,
@@ -104,7 +105,7 @@ def parse_combo(combo: str, affinity: str = EngineConfig().dslo.affinity) -> dic
         else:
             raise ValueError(
                 f"unknown part {part!r} in {combo!r}: dslo[-ot|-velocity][:affinity], freecp, "
-                "pamr, jbu (deop/twostream: pN, N proposals)"
+                "pamr, jbu (deop/twostream/superpixel_clip: pN, N proposals)"
             )
     return settings
 
@@ -163,8 +164,8 @@ def time_frame(segmenter: Segmenter, message) -> list[float]:
 
 
 def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callable], object]:
-    """The steps of a pnp_ovss / deop / twostream frame for the columns preprocess, encoder,
-    head, postprocess: callables each taking the previous one's result."""
+    """The steps of a pnp_ovss / deop / twostream / superpixel_clip frame for the columns
+    preprocess, encoder, head, postprocess: callables each taking the previous one's result."""
     from ovss_ros.core.methods.deop.proposal_segmentation import Frames, tokens_before_last_block
 
     core = segmenter.pipeline.core
@@ -200,7 +201,7 @@ def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callabl
 
 
 def time_pipeline_frame(segmenter: Segmenter, message) -> list[float]:
-    """time_frame for pnp_ovss, deop and twostream (their steps: pipeline_stages)."""
+    """time_frame for the pipeline methods (their steps: pipeline_stages)."""
     sync = synchronizer(segmenter.device)
     header = message.header
     marks = [time.perf_counter()]

@@ -154,7 +154,7 @@ def writable_folder(folder: str | Path, flag: str) -> None:
 
 class OncePerRun(logging.Filter):
     """Lets each distinct log message (logger, level, text) through once: the rounds rebuild a
-    combo's method every time (e.g. DeOP's no-checkpoint warning), its notice needs saying once.
+    combo's method every time (and with it any warning its build logs), said once is enough.
     """
 
     def __init__(self) -> None:

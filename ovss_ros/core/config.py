@@ -2,8 +2,9 @@
 
 The top level holds the shared settings (model, method, templates, frame size...); each method
 family's settings are a nested group named after it (``dense``, ``dslo`` with ``dslo.sd``,
-``freecp``, ``pnp``, ``deop``, ``twostream``), defined in the family's ``settings.py``. The tree
-is the parameter tree: ``EngineConfig().dslo.sd.size`` is the parameter ``dslo.sd.size``.
+``freecp``, ``pnp``, ``deop``, ``twostream``, ``superpixel_clip``), defined in the family's
+``settings.py``. The tree is the parameter tree: ``EngineConfig().dslo.sd.size`` is the
+parameter ``dslo.sd.size``.
 ``SCHEMA`` lists them all (``settings.parameters``); ``RENAMED`` is the one place that knows the
 flat names of earlier releases. No torch here: settings are checked before a model loads.
 """
@@ -25,16 +26,24 @@ from ovss_ros.core.frame_budget import (
     frame_grid,
 )
 from ovss_ros.core.methods.dense.settings import LAST_BLOCK_MODES, DenseSettings
-from ovss_ros.core.methods.deop.settings import DeopSettings, TwoStreamSettings
+from ovss_ros.core.methods.deop.settings import (
+    DeopSettings,
+    SuperpixelClipSettings,
+    TwoStreamSettings,
+    check_proposal_method,
+)
 from ovss_ros.core.methods.dslo.settings import DsloSettings
 from ovss_ros.core.methods.freecp.settings import FreecpSettings
 from ovss_ros.core.methods.pnp_ovss.settings import PnpSettings
 from ovss_ros.core.settings import Settings, flat, group, parameters, replaced, setting
 from ovss_ros.core.vocabulary import check_background_words
 
-# Methods with their own pipeline (ovss_ros.core.method_pipelines): PnP-OVSS, DeOP and the
-# two-stream baseline; the rest are the dense family's last-block modes.
-PIPELINE_METHODS = ("pnp_ovss", "deop", "twostream")
+# Methods with their own pipeline (ovss_ros.core.method_pipelines): PnP-OVSS, DeOP, the
+# two-stream baseline and superpixel_clip (DeOP's severed block on superpixels, training-free);
+# the rest are the dense family's last-block modes.
+PIPELINE_METHODS = ("pnp_ovss", "deop", "twostream", "superpixel_clip")
+# The methods that classify mask proposals (deop.* settings): the deop family.
+PROPOSAL_METHODS = ("deop", "twostream", "superpixel_clip")
 METHODS = (*LAST_BLOCK_MODES, *PIPELINE_METHODS)
 REFINEMENTS = ("none", "dslo", "freecp")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -96,9 +105,11 @@ class EngineConfig(Settings):
         "naclip",
         "dense CLIP last-block attention (naclip ... vanilla, FreeCP's *_freecp variants), or a "
         "method with its own pipeline: pnp_ovss (BLIP cross-attention GradCAM; a gradient pass "
-        "per dropout round, not camera rate), deop (proposals classified from one CLIP pass), "
-        "twostream (one CLIP pass per proposal crop); switching to pnp_ovss loads the VLM, to "
-        "deop/twostream the deop.checkpoint, in the worker: a failed load keeps the old method",
+        "per dropout round, not camera rate), deop (a trained proposal network's masks "
+        "classified from one CLIP pass; needs deop.checkpoint), twostream (one CLIP pass per "
+        "proposal crop), superpixel_clip (training-free: superpixels, DeOP's severed last "
+        "block, mean pooling); switching to pnp_ovss loads the VLM, to deop/twostream the "
+        "deop.checkpoint, in the worker: a failed load keeps the old method",
         choices=METHODS,
         source="ovss_ros (NACLIP: the best training-free dense method)",
     )
@@ -150,6 +161,7 @@ class EngineConfig(Settings):
     pnp: PnpSettings = group(PnpSettings)
     deop: DeopSettings = group(DeopSettings)
     twostream: TwoStreamSettings = group(TwoStreamSettings)
+    superpixel_clip: SuperpixelClipSettings = group(SuperpixelClipSettings)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> EngineConfig:
@@ -314,7 +326,7 @@ def check_frame_budget(config: EngineConfig, patch: int) -> None:
     FreeCP, the patch affinity of every window of the largest frame; with DeOP or two-stream,
     the proposal masks of the largest frame (whichever method is in force, so that a switch to
     them is refused up front, not in the worker). FrameBudgetError."""
-    if config.method in ("deop", "twostream"):
+    if config.method in PROPOSAL_METHODS:
         grid = frame_grid(config.short_side, config.max_long_side, patch)
         check_proposal_masks(config.deop.proposals, grid, config.deop.mask_cells)
     if config.refinement not in ("dslo", "freecp") or config.method in PIPELINE_METHODS:
@@ -326,10 +338,9 @@ def check_frame_budget(config: EngineConfig, patch: int) -> None:
 
 
 def check_pipeline(config: EngineConfig) -> None:
-    """What pnp_ovss / deop / twostream refuse, with one of them selected: the dense methods'
-    refinements must be off, pnp_ovss takes no background words, ``deop.checkpoint`` must be
-    an existing file, and what needs a checkpoint (proposal_source learned, pooling cal) needs
-    one. ValueError."""
+    """What the pipeline methods refuse, with one of them selected: the dense methods'
+    refinements must be off, pnp_ovss takes no background words, and the proposal methods'
+    own rules (``deop.settings.check_proposal_method``: deop needs a checkpoint). ValueError."""
     method = config.method
     if method not in PIPELINE_METHODS:
         return
@@ -347,28 +358,7 @@ def check_pipeline(config: EngineConfig) -> None:
                 "map fires): set background_words to []"
             )
         return
-    from ovss_ros.core.file_checks import FileCheckError, regular_file
-
-    deop = config.deop
-    checkpoint = deop.checkpoint.strip()
-    if checkpoint:
-        try:
-            regular_file(checkpoint, "deop.checkpoint")
-        except FileCheckError as error:
-            raise ValueError(
-                f"{error}: set it to a file made by ovss-train-deop, or to '' for training-free "
-                "DeOP"
-            ) from None
-    if not checkpoint and deop.proposal_source == "learned":
-        raise ValueError(
-            "deop.proposal_source learned needs a deop.checkpoint with a proposal head: set "
-            "deop.checkpoint, or deop.proposal_source to auto, superpixels or clusters"
-        )
-    if not checkpoint and method == "deop" and deop.pooling == "cal":
-        raise ValueError(
-            "deop.pooling cal needs a deop.checkpoint with a CAL decoder: set deop.checkpoint, "
-            "or deop.pooling to auto or mean"
-        )
+    check_proposal_method(method, config.deop)
 
 
 def check_fits_model(config: EngineConfig, patch: int) -> None:

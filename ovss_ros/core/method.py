@@ -2,11 +2,11 @@
 
 The dense family (``methods/dense``: ``DenseMethod``) runs the last-block modes, NACLIP,
 SCLIP, ClearCLIP, MaskCLIP (and its reduced form), vanilla CLIP and FreeCP's variants; PnP-OVSS
-(``methods/pnp_ovss``), DeOP and the two-stream baseline (``methods/deop``) each bring their own
-pipeline (``method_pipelines.Pipeline``). Every family offers the Segmenter the same calls
-(:class:`Method`) and one ``update`` function (``FamilyUpdate``) that turns the method in force
-into the one a change asks for, all or nothing; the Segmenter looks it up here by name and
-never branches on the method itself.
+(``methods/pnp_ovss``), DeOP, the two-stream baseline and superpixel_clip (``methods/deop``) each
+bring their own pipeline (``method_pipelines.Pipeline``). Every family offers the Segmenter the
+same calls (:class:`Method`) and one ``update`` function (``FamilyUpdate``) that turns the method
+in force into the one a change asks for, all or nothing; the Segmenter looks it up here by name
+and never branches on the method itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
+from ovss_ros.core.config import PIPELINE_METHODS, PROPOSAL_METHODS, EngineConfig
 from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.method_pipelines import update_pipeline
 from ovss_ros.core.methods.dense.method import update_dense
@@ -52,7 +52,7 @@ FamilyUpdate = Callable[[Any, EngineConfig, list[ClassEntry], bool, Loaded], Met
 
 FAMILIES: dict[str, str] = {
     **{name: "dense" for name in LAST_BLOCK_MODES},
-    **{name: name if name != "twostream" else "deop" for name in PIPELINE_METHODS},
+    **{name: "deop" if name in PROPOSAL_METHODS else name for name in PIPELINE_METHODS},
 }
 UPDATES: dict[str, FamilyUpdate] = {
     "dense": update_dense,

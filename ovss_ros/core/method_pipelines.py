@@ -1,8 +1,10 @@
-"""The methods with their own pipeline, behind the Segmenter: PnP-OVSS, DeOP, two-stream.
+"""The methods with their own pipeline, behind the Segmenter: PnP-OVSS, DeOP, two-stream,
+superpixel_clip.
 
-The dense methods (naclip, sclip, ...) are the engine's own forward. These three bring their own
+The dense methods (naclip, sclip, ...) are the engine's own forward. These bring their own
 pipeline: ``PnpOvss`` (issue 9, Luo et al. CVPR 2024), which needs a second model, the VLM;
-``Deop`` and ``TwoStream`` (issue 10, Han et al. ICCV 2023), which may read a DeOP checkpoint.
+``Deop`` and ``TwoStream`` (issue 10, Han et al. ICCV 2023), which read a DeOP checkpoint (deop
+must, twostream may); ``SuperpixelClip``, DeOP's pipeline without one (training-free).
 ``config`` maps ``EngineConfig`` fields onto their settings (``PNP_FIELDS``, ``DEOP_FIELDS``,
 ``TWOSTREAM_FIELDS``) and checks them (``check_pipeline_settings``, part of
 ``EngineConfig.validate``); this module builds a :class:`Pipeline` from the engine's loaded CLIP
@@ -27,8 +29,13 @@ from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.clip.text_encoding import TextEncoder
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.method_context import Loaded
-from ovss_ros.core.methods.deop.deop import Deop
-from ovss_ros.core.methods.deop.run_config import DeopConfig, ProposalConfig, TwoStreamConfig
+from ovss_ros.core.methods.deop.deop import Deop, SuperpixelClip
+from ovss_ros.core.methods.deop.run_config import (
+    DeopConfig,
+    ProposalConfig,
+    SuperpixelClipConfig,
+    TwoStreamConfig,
+)
 from ovss_ros.core.methods.deop.twostream import TwoStream, check_crop_cost
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
 from ovss_ros.core.methods.pnp_ovss.vlm_loading import LoadedVlm, load_vlm
@@ -47,18 +54,23 @@ PROPOSAL_SHARED = (
     "score_threshold",
 )
 # The settings groups each pipeline is built from: a change in one rebuilds it.
-GROUPS = {"pnp_ovss": ("pnp",), "deop": ("deop",), "twostream": ("deop", "twostream")}
+GROUPS = {
+    "pnp_ovss": ("pnp",),
+    "deop": ("deop",),
+    "twostream": ("deop", "twostream"),
+    "superpixel_clip": ("deop", "superpixel_clip"),
+}
 
 
 def proposal_config(config: EngineConfig, method: str | None = None) -> ProposalConfig:
-    """What DeOP (``DeopConfig``) or two-stream (``TwoStreamConfig``) runs with: its
-    ``deop.*`` (and ``twostream.*``) settings and the shared ones it needs."""
+    """What DeOP (``DeopConfig``), superpixel_clip (``SuperpixelClipConfig``) or two-stream
+    (``TwoStreamConfig``) runs with: its ``deop.*`` settings, overridden by its own group's
+    (``twostream.*``, ``superpixel_clip.*``), and the shared ones it needs."""
     method = method or config.method
-    kind, groups = (
-        (TwoStreamConfig, (config.deop, config.twostream))
-        if method == "twostream"
-        else (DeopConfig, (config.deop,))
+    kind = {"twostream": TwoStreamConfig, "superpixel_clip": SuperpixelClipConfig}.get(
+        method, DeopConfig
     )
+    groups = [getattr(config, group) for group in GROUPS[method]]
     values = {name: getattr(config, name) for name in PROPOSAL_SHARED}
     for field in fields(kind):  # the run config's fields, by name from the settings groups
         for group in groups:
@@ -90,6 +102,12 @@ class Pipeline:
             )
         source = core.proposal_source()
         pooling = f", {core.pooling()} pooling" if self.method == "deop" else ""
+        if self.method == "superpixel_clip":
+            return (
+                f"superpixel_clip (training-free): {source} proposals, severed last block "
+                f"(residual {core.settings.severance_residual:g}), mean pooling",
+                False,
+            )
         if core.checkpoint is None:
             return (
                 f"{self.method} without a checkpoint: training-free {source} proposals"
@@ -113,7 +131,10 @@ class Pipeline:
                 if classes is not None:
                     self.core.check_classes(classes)
             return
-        if config.deop.checkpoint == self.config.deop.checkpoint:
+        if (
+            self.method == "superpixel_clip"
+            or config.deop.checkpoint == self.config.deop.checkpoint
+        ):
             self.core._check(proposal_config(config), self.core.modules)
 
     def release(self) -> None:
@@ -208,10 +229,10 @@ def build_pipeline(
     """A ready pipeline for ``config.method``, with ``classes`` set (when any).
 
     Reuses ``previous``'s VLM (pnp_ovss) or loaded checkpoint (deop, twostream) when ``config``
-    names the same one; otherwise loads it: ``load_vlm`` with the engine's device and precision,
-    or the ``deop.checkpoint`` file. Raises ModelLoadError (VLM), CheckpointError (missing,
-    corrupt, trained on another CLIP), ValueError (settings the loaded model refuses),
-    VocabularyError, Stopped; ``previous`` and ``text`` are then unchanged.
+    names the same one (superpixel_clip reads none); otherwise loads it: ``load_vlm`` with the
+    engine's device and precision, or the ``deop.checkpoint`` file. Raises ModelLoadError (VLM),
+    CheckpointError (missing, corrupt, trained on another CLIP), ValueError (settings the loaded
+    model refuses), VocabularyError, Stopped; ``previous`` and ``text`` are then unchanged.
     """
     method = config.method
     templates = text.templates
@@ -235,7 +256,6 @@ def build_pipeline(
             core = PnpOvss(clip, vlm, config.pnp, config.templates, text)
             core.stop = stop
         else:
-            kind = {"deop": Deop, "twostream": TwoStream}[method]
             settings = proposal_config(config)
             checkpoint = config.deop.checkpoint.strip() or None
             keep = (
@@ -243,11 +263,14 @@ def build_pipeline(
                 and previous.method in ("deop", "twostream")
                 and previous.config.deop.checkpoint == config.deop.checkpoint
             )
-            if keep:
-                core = kind(clip, settings, modules=previous.core.modules)
+            kind = {"deop": Deop, "twostream": TwoStream}
+            if method == "superpixel_clip":  # training-free: reads no checkpoint
+                core = SuperpixelClip(clip, settings)
+            elif keep:
+                core = kind[method](clip, settings, modules=previous.core.modules)
                 core.checkpoint = previous.core.checkpoint
             else:
-                core = kind(clip, settings, checkpoint=checkpoint)
+                core = kind[method](clip, settings, checkpoint=checkpoint)
             core.text = text  # the engine's: its cache and stop event
             text.set_templates(settings.templates)
             vlm = None

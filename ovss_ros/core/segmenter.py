@@ -3,7 +3,7 @@
 A small facade over the method families (``core/methods/``): it loads CLIP, holds the text
 encoder (its cache is shared by every family), the vocabulary in force, the stop event and the
 current method (``method``: the dense family's ``DenseMethod``, or the ``Pipeline`` of pnp_ovss /
-deop / twostream), and delegates segmenting to it.
+deop / twostream / superpixel_clip), and delegates segmenting to it.
 
 Every frame is bounded before anything is allocated: the network input keeps the aspect ratio
 with its short side at ``short_side`` unless that would make the long side longer than
@@ -66,9 +66,9 @@ class Segmenter:
     affinity, the Stable Diffusion model) cannot be loaded, Stopped.
 
     ``method``: the method in force. The dense family (``DenseMethod``) for the last-block modes;
-    for pnp_ovss, deop or twostream a ``Pipeline`` (method_pipelines) built from this CLIP (and
-    the VLM or a DeOP checkpoint it loads); switching to or between them in ``update`` builds
-    the new one first (transactional too).
+    for pnp_ovss, deop, twostream or superpixel_clip a ``Pipeline`` (method_pipelines) built
+    from this CLIP (and the VLM or a DeOP checkpoint it loads); switching to or between them in
+    ``update`` builds the new one first (transactional too).
     """
 
     def __init__(self, config: EngineConfig, stop: threading.Event | None = None) -> None:
@@ -92,7 +92,8 @@ class Segmenter:
 
     @property
     def pipeline(self) -> Pipeline | None:
-        """The pnp_ovss / deop / twostream pipeline in force, or None (a dense method)."""
+        """The pipeline method's pipeline in force (pnp_ovss, deop, ...), or None (a dense
+        method)."""
         return self.method if isinstance(self.method, Pipeline) else None
 
     @property

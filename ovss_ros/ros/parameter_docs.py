@@ -33,8 +33,11 @@ GROUP_TITLES = {
     "dslo.sd": "`dslo.sd.*`: DSLO's Stable Diffusion 2 affinity (dslo.affinity sd2)",
     "freecp": "`freecp.*`: FreeCP (refinement freecp)",
     "pnp": "`pnp.*`: PnP-OVSS (method pnp_ovss)",
-    "deop": "`deop.*`: DeOP and the two-stream baseline's proposals (method deop, twostream)",
+    "deop": "`deop.*`: DeOP, and the proposals of the two-stream baseline and superpixel_clip "
+    "(method deop, twostream, superpixel_clip)",
     "twostream": "`twostream.*`: the two-stream baseline (method twostream)",
+    "superpixel_clip": "`superpixel_clip.*`: the training-free superpixel_clip (method "
+    "superpixel_clip)",
 }
 
 HEADER = """\

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ovss_ros.core.methods.deop.run_config import DeopConfig
-from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES
+from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES, SEVERANCE_RESIDUAL
 
 CHECKPOINT_NAME = "checkpoint.pt"  # in the --output folder: what the node's deop.checkpoint takes
 METRICS_NAME = "metrics.json"
@@ -55,7 +55,7 @@ class TrainingConfig:
     proposal_source: str = "superpixels"  # superpixels | clusters | learned
     proposals: int = 100
     mask_cells: int = 4
-    severance_residual: float = 0.2
+    severance_residual: float = SEVERANCE_RESIDUAL  # DeOP as released: 1.0
     templates: str = "imagenet"  # the text side without a learned prompt
     prompt_length: int = 16  # learned context tokens (DeOP: 16); 0: the prompt templates
     decoder_layers: int = 1

@@ -149,8 +149,8 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
     (``check_structure``).
     """
     hint = (
-        "set deop.checkpoint to a file made by ovss-train-deop, or leave it empty for "
-        "training-free DeOP"
+        "set deop.checkpoint to a file made by ovss-train-deop, or use method superpixel_clip "
+        "for the training-free mode"
     )
     try:
         path = regular_file(path, "DeOP checkpoint")

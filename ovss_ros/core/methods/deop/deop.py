@@ -6,24 +6,27 @@ passes the frame through CLIP once and classifies every proposal from the dense 
 1. CLIP blocks 1..L-1 run unchanged (:func:`tokens_before_last_block`);
 2. *patch severance* in the last block (:func:`severed_last_block`): the tokens do not mix (the
    attention is the identity), each token's value is weighted by the proposal masks covering it
-   (the sum over proposals of their share of that patch), and the residual is scaled by 0.2;
-   the FFN is kept. As released: ``multi_head_attention_forward_vit_softmax_noattn`` (the
-   sigmoid masks, summed over proposals, times each token's value) inside
-   ``ResidualAttentionBlockVit`` with ``alphaShortcut = 0.2`` for layer 11, in
-   ``third_party/CLIP/clip/model.py`` of CongHan0808/DeOP. Then ln_post, projection, L2 norm;
+   (the sum over proposals of their share of that patch), and the residual is kept at 1.0 by
+   default (``deop.severance_residual``); the FFN is kept. As released:
+   ``multi_head_attention_forward_vit_softmax_noattn`` (the sigmoid masks, summed over
+   proposals, times each token's value) inside ``ResidualAttentionBlockVitPosition``, the
+   learned-position block the released scripts run, whose residual scaling is commented out
+   (``third_party/CLIP/clip/model.py`` of CongHan0808/DeOP; the plain
+   ``ResidualAttentionBlockVit`` scales layer 11's residual by 0.2). Then ln_post, projection,
+   L2 norm;
 3. each proposal's embedding: the CAL decoder's heat-map-weighted pool of those dense features
    (:class:`~ovss_ros.core.methods.deop.heads.AnchorDecoder`, trained), or without a checkpoint
    the plain mask-weighted mean of them;
 4. softmax over the text embeddings (templates, or the learned prompt context) and DeOP's "no
    object", then MaskFormer's semantic inference (``proposal_segmentation``).
 
-Without a checkpoint this runs training-free (superpixel or cluster proposals, mean pooling)
-and says so in the log. Deliberate departures from the release, also in the module docs they
-concern: CLIP stays frozen (the release also learns positional embeddings for blocks 1-5 when
-training DeOP); the decoder's queries come from the proposals (no MaskFormer slots); the
-released learned-position variant of the block leaves the residual at 1.0 (its scaling is
-commented out), the plain one scales it by 0.2, which is the default here
-(``severance_residual``).
+``method: deop`` needs a checkpoint (``EngineConfig`` refuses it without one). The same
+pipeline without one, superpixel or cluster proposals and mean pooling, is ovss_ros's own
+training-free method ``superpixel_clip`` (:class:`SuperpixelClip`; residual 0.2 by default): on
+SLIC superpixels, a partition, every patch's weight is 1, so its severed features do not depend
+on the proposals. Deliberate departures from the release, also in the module docs they concern:
+CLIP stays frozen (the release also learns positional embeddings for blocks 1-5 when training
+DeOP); the decoder's queries come from the proposals (no MaskFormer slots).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from ovss_ros.core.methods.deop.proposal_segmentation import (
     tokens_before_last_block,
 )
 from ovss_ros.core.methods.deop.proposals import Proposals
-from ovss_ros.core.methods.deop.run_config import DeopConfig
+from ovss_ros.core.methods.deop.run_config import DeopConfig, SuperpixelClipConfig
 from ovss_ros.core.methods.deop.settings import SEVERANCE_RESIDUAL
 
 logger = logging.getLogger(__name__)
@@ -100,7 +103,8 @@ class Deop(ProposalSegmenter):
 
     ``Deop(clip, settings=None, checkpoint=None)``: ``checkpoint`` is a file written by
     ``ovss-train-deop`` (CheckpointError when missing, corrupt or made for another CLIP);
-    ``settings`` default to the checkpoint's, else :class:`DeopConfig` defaults.
+    ``settings`` default to the checkpoint's, else :class:`DeopConfig` defaults. Without a
+    checkpoint or ``modules`` it runs training-free (what :class:`SuperpixelClip` is) and warns.
     """
 
     settings_type = DeopConfig
@@ -114,11 +118,16 @@ class Deop(ProposalSegmenter):
         modules: DeopModules | None = None,
     ) -> None:
         super().__init__(clip, settings, checkpoint, modules)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Log what runs: the trained method, or a warning without trained modules."""
         if self.modules is None:
             logger.warning(
                 "DeOP without a checkpoint: training-free %s proposals and plain mean pooling "
-                "over each proposal's mask (no CAL decoder, no learned prompt). Set "
-                "deop.checkpoint to a file from ovss-train-deop for the trained method.",
+                "over each proposal's mask (no CAL decoder, no learned prompt), which is "
+                "method superpixel_clip, not DeOP. Set deop.checkpoint to a file from "
+                "ovss-train-deop for the trained method.",
                 self.proposal_source(),
             )
         else:
@@ -168,8 +177,36 @@ class Deop(ProposalSegmenter):
         return mean_pool(features, patch_masks)
 
 
+class SuperpixelClip(Deop):
+    """``method: superpixel_clip``, ovss_ros's training-free method: DeOP's pipeline without a
+    checkpoint. Superpixel (SLIC) or cluster (k-means) proposals, the value-only severed last
+    block (:func:`severed_features`, residual ``superpixel_clip.severance_residual``, 0.2 by
+    default), each proposal's mask-weighted mean of those features, softmax over the text
+    embeddings, MaskFormer's semantic inference. Not DeOP: no proposal network, no CAL decoder.
+
+    ``SuperpixelClip(clip, settings=None)`` (default :class:`SuperpixelClipConfig`); ValueError
+    for settings that need a checkpoint (``proposal_source`` learned, ``pooling`` cal).
+    """
+
+    settings_type = SuperpixelClipConfig
+    name = "superpixel_clip"
+
+    def __init__(self, clip: LoadedClip, settings: DeopConfig | None = None) -> None:
+        super().__init__(clip, settings)
+
+    def _announce(self) -> None:
+        logger.info(
+            "superpixel_clip (training-free): %s proposals, severed last block (residual %g), "
+            "mean pooling",
+            self.proposal_source(),
+            self.settings.severance_residual,
+        )
+
+
 __all__ = [
     "Deop",
+    "SuperpixelClip",
+    "SuperpixelClipConfig",
     "DeopConfig",
     "severed_features",
     "severed_last_block",

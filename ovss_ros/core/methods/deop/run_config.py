@@ -1,7 +1,7 @@
-"""The settings of DeOP and the two-stream baseline, checked without a model: what every
-proposal method has (``ProposalConfig``), DeOP's pooling and severance (Han et al., ICCV 2023,
-CongHan0808/DeOP), the two-stream crop batch. Limits that need the loaded CLIP or a checkpoint
-are the methods' ``_check``."""
+"""The settings of DeOP, superpixel_clip and the two-stream baseline, checked without a model:
+what every proposal method has (``ProposalConfig``), DeOP's pooling and severance (Han et al.,
+ICCV 2023, CongHan0808/DeOP), superpixel_clip's residual, the two-stream crop batch. Limits that
+need the loaded CLIP or a checkpoint are the methods' ``_check``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ovss_ros.core.methods.deop.settings import (
     POOLINGS,
     PROPOSAL_SOURCES,
     SEVERANCE_RESIDUAL,
+    SUPERPIXEL_CLIP_RESIDUAL,
 )
 
 
@@ -79,6 +80,14 @@ class DeopConfig(ProposalConfig):
             raise ValueError(
                 f"severance_residual must be in [0, 1], got {self.severance_residual}"
             )
+
+
+@dataclass
+class SuperpixelClipConfig(DeopConfig):
+    """superpixel_clip's settings: DeOP's, with its own severed-block residual default (0.2,
+    ``superpixel_clip.severance_residual``)."""
+
+    severance_residual: float = SUPERPIXEL_CLIP_RESIDUAL
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""The settings of DeOP (``deop.*``) and the two-stream baseline (``twostream.*``), checked
-without a model (no torch here). DeOP: Han et al., ICCV 2023, CongHan0808/DeOP: 100 proposals,
-masks at a quarter of the image (4 cells per 16 px patch), softmax of 100 x the cosine
-similarities (``get_sim_logits``); the severed block's residual scale is ovss_ros's (see
-docs/methods.md). Limits that need the loaded CLIP or a checkpoint are the methods' ``_check``.
+"""The settings of DeOP (``deop.*``), the two-stream baseline (``twostream.*``) and the
+training-free superpixel_clip (``superpixel_clip.*``), checked without a model (no torch here).
+DeOP: Han et al., ICCV 2023, CongHan0808/DeOP: 100 proposals, masks at a quarter of the image
+(4 cells per 16 px patch), softmax of 100 x the cosine similarities (``get_sim_logits``), the
+severed block's residual 1.0 as the released scripts run it (see ``SEVERANCE_RESIDUAL``).
+twostream and superpixel_clip take their proposals from ``deop.*`` and own only what differs.
+Limits that need the loaded CLIP or a checkpoint are the methods' ``_check``.
 """
 
 from __future__ import annotations
@@ -16,27 +18,35 @@ from ovss_ros.core.settings import Settings, setting
 PROPOSAL_SOURCES = ("superpixels", "clusters", "learned")
 MAX_PROPOSALS = 1000
 POOLINGS = ("auto", "cal", "mean")
-SEVERANCE_RESIDUAL = 0.2  # alphaShortcut of the released ResidualAttentionBlockVit, layer 11
+# The severed block's residual scale as released: the scripts run the learned-position block
+# (ResidualAttentionBlockVitPosition in third_party/CLIP/clip/model.py of CongHan0808/DeOP), whose
+# scaling is commented out, so 1.0; only the plain ResidualAttentionBlockVit scales layer 11's
+# residual by 0.2 (``alphaShortcut``).
+SEVERANCE_RESIDUAL = 1.0
+# superpixel_clip's (ovss_ros's training-free method): 0.2, the plain block's scale, which the
+# training-free mode ran with before it had its own name; it keeps the severed features closer to
+# the value path (ClearCLIP: the residual hurts dense CLIP features).
+SUPERPIXEL_CLIP_RESIDUAL = 0.2
 DEOP = "DeOP (CongHan0808/DeOP)"
 
 
 @dataclass(frozen=True)
 class DeopSettings(Settings):
-    """DeOP's settings (``method: deop``); two-stream uses its proposal settings too. All can
-    change at runtime (a new checkpoint is loaded in the worker)."""
+    """DeOP's settings (``method: deop``); two-stream and superpixel_clip use its proposal
+    settings too. All can change at runtime (a new checkpoint is loaded in the worker)."""
 
     namespace: ClassVar[str] = "deop"
 
     checkpoint: str = setting(
         "",
-        "checkpoint file from ovss-train-deop (trained on this node's CLIP); empty = "
-        "training-free DeOP (superpixel or cluster proposals, mean pooling)",
-        constraints="an existing file, or empty",
+        "checkpoint file from ovss-train-deop (trained on this node's CLIP): method deop needs "
+        "one (its proposal network); optional for twostream; superpixel_clip reads none",
+        constraints="an existing file; may be empty unless method is deop",
         source="ovss_ros",
     )
     proposals: int = setting(
         100,
-        "at most this many mask proposals per frame (deop and twostream)",
+        "at most this many mask proposals per frame (deop, twostream, superpixel_clip)",
         minimum=1,
         maximum=MAX_PROPOSALS,
         source=DEOP + " (100 queries)",
@@ -86,10 +96,11 @@ class DeopSettings(Settings):
     )
     severance_residual: float = setting(
         SEVERANCE_RESIDUAL,
-        "residual scale of the severed last CLIP block",
+        "residual scale of DeOP's severed last CLIP block (method deop; superpixel_clip has "
+        "its own)",
         minimum=0.0,
         maximum=1.0,
-        source="ovss_ros (the released scripts run 1.0, see docs/methods.md)",
+        source=DEOP + " (the released learned-position block: 1.0)",
     )
 
 
@@ -109,3 +120,68 @@ class TwoStreamSettings(Settings):
         budget=check_crop_batch,
         source="ovss_ros",
     )
+
+
+@dataclass(frozen=True)
+class SuperpixelClipSettings(Settings):
+    """superpixel_clip's own setting (``method: superpixel_clip``, ovss_ros's training-free
+    method: superpixel or cluster proposals, DeOP's value-only severed last block, mean pooling;
+    its proposals are ``deop.*``)."""
+
+    namespace: ClassVar[str] = "superpixel_clip"
+
+    severance_residual: float = setting(
+        SUPERPIXEL_CLIP_RESIDUAL,
+        "residual scale of the severed last CLIP block (deop.severance_residual is DeOP's)",
+        minimum=0.0,
+        maximum=1.0,
+        source="ovss_ros (the scale the training-free mode ran with; DeOP's plain block's "
+        "0.2, its released scripts run 1.0)",
+    )
+
+
+DEOP_NEEDS_CHECKPOINT = (
+    "method deop needs its proposal network and deop.checkpoint is empty: DeOP classifies the "
+    "masks of a trained proposal network (without one the severed block's weights are all 1 on "
+    "superpixels, so it is not DeOP): set deop.checkpoint to a file from ovss-train-deop, or use "
+    "method superpixel_clip for the training-free mode"
+)
+
+
+def check_proposal_method(method: str, deop: DeopSettings) -> None:
+    """What deop, twostream and superpixel_clip refuse of the ``deop.*`` settings, with
+    ``method`` selected: deop needs a ``deop.checkpoint`` (its proposal network), which must be
+    an existing file (twostream's too, when set); what needs a checkpoint (proposal_source
+    learned, pooling cal) needs one; superpixel_clip reads no checkpoint. ValueError."""
+    from ovss_ros.core.file_checks import FileCheckError, regular_file
+
+    checkpoint = deop.checkpoint.strip() if method != "superpixel_clip" else ""
+    if method == "deop" and not checkpoint:
+        raise ValueError(DEOP_NEEDS_CHECKPOINT)
+    if checkpoint:
+        try:
+            regular_file(checkpoint, "deop.checkpoint")
+        except FileCheckError as error:
+            raise ValueError(
+                f"{error}: set it to a file made by ovss-train-deop"
+                + (", or to '' for the training-free twostream" if method == "twostream" else "")
+            ) from None
+    if method == "superpixel_clip":
+        if deop.proposal_source == "learned":
+            raise ValueError(
+                "deop.proposal_source learned needs a trained proposal head, and method "
+                "superpixel_clip is training-free: set deop.proposal_source to auto, superpixels "
+                "or clusters, or use method deop with a deop.checkpoint"
+            )
+        if deop.pooling == "cal":
+            raise ValueError(
+                "deop.pooling cal needs a trained CAL decoder, and method superpixel_clip is "
+                "training-free: set deop.pooling to auto or mean, or use method deop with a "
+                "deop.checkpoint"
+            )
+        return
+    if not checkpoint and deop.proposal_source == "learned":
+        raise ValueError(
+            "deop.proposal_source learned needs a deop.checkpoint with a proposal head: set "
+            "deop.checkpoint, or deop.proposal_source to auto, superpixels or clusters"
+        )
