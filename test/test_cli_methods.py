@@ -7,6 +7,7 @@ and ovss-eval parse the methods' flags into the engine configuration.
 """
 
 import json
+import logging
 
 import cv2
 import numpy as np
@@ -157,3 +158,42 @@ def test_the_params_file_of_ovss_tune_is_read_by_the_tools(tmp_path):
     )
     assert config.method == "pnp_ovss" and config.pnp == tuned.pnp
     assert (config.pretrained, config.templates) == ("none", "single")
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """The DeOP release's layout (test_deop_released.released_file) on the tiny CLIP that
+    ``--pretrained none`` builds after ``torch.manual_seed(0)``."""
+    from test_deop_released import released_file
+
+    from ovss_ros.core.clip.model_loading import load_clip
+
+    torch.manual_seed(0)
+    clip = load_clip(str(TINY_VIT), "none", "cpu", "fp32")
+    path = tmp_path_factory.mktemp("release") / "model_final.pth"
+    released_file(path, clip.model)
+    return path
+
+
+def test_ovss_segment_runs_published_deop_on_the_release_file(tmp_path, release, caplog):
+    caplog.set_level(logging.INFO, logger="ovss_ros")
+    image = voc_image_paths()[0]
+    args = [str(image), "--classes", "person", "dog", "tv", "-o", str(tmp_path / "out")]
+    args += ENGINE + ["--method", "deop", "--deop-checkpoint", str(release)]
+    torch.manual_seed(0)
+    assert segment(args) == 0
+    assert "DeOP as released from" in caplog.text
+    labels = cv2.imread(str(tmp_path / "out" / f"{image.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
+    torch.manual_seed(0)
+    segmenter = Segmenter(config_from_args(parse_args(args)))
+    segmenter.set_classes(["person", "dog", "tv"])
+    rgb = cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(labels, segmenter.segment(rgb).labels)
+
+
+def test_ovss_segment_refuses_the_release_on_another_clip(tmp_path, release, caplog):
+    args = [str(voc_image_paths()[0]), "--classes", "dog", "-o", str(tmp_path)]
+    args += ENGINE + ["--method", "deop", "--deop-checkpoint", str(release)]
+    torch.manual_seed(1)  # another random CLIP than the file's
+    assert segment(args) == 2
+    assert "differs from the file's" in caplog.text and "ViT-B-16" in caplog.text

@@ -268,9 +268,10 @@ def released_file(path, clip_model, seed=5):
         state[f"decoder.{norm}.bias"] = torch.randn(dim, generator=gen)
     state["query_embedding.weight"] = torch.randn(QUERIES, dim, generator=gen)
     state["clip_adapter.non_object_embedding"] = torch.randn(1, dim, generator=gen)
-    state["clip_adapter.prompt_learner.prefix_prompt"] = torch.randn(16, dim, generator=gen)
+    text_width = clip_model.token_embedding.weight.shape[1]  # the prompt's width (512 in B/16)
+    state["clip_adapter.prompt_learner.prefix_prompt"] = torch.randn(16, text_width, generator=gen)
     for signal in ("start", "dot", "end", "pad"):
-        state[f"clip_adapter.prompt_learner.{signal}_signal"] = torch.randn(1, dim, generator=gen)
+        state[f"clip_adapter.prompt_learner.{signal}_signal"] = torch.randn(1, text_width)
     state["criterion.empty_weight"] = torch.ones(157)
     torch.save({"model": state, "iteration": 59999}, path)
     return state
@@ -307,14 +308,17 @@ def test_every_part_of_the_release_file_is_loaded(release, tiny_clip):
         released.positions.blocks[0],
         state["clip_adapter.clip_model.visual.transformer.resblocks.1.learned_position"],
     )
-    assert released.decoder.slots == QUERIES
-    assert torch.equal(released.decoder.query_embedding.weight, state["query_embedding.weight"])
+    decoder = released.modules.decoder
+    assert decoder.slots == QUERIES
+    assert torch.equal(decoder.query_embedding.weight, state["query_embedding.weight"])
     assert torch.equal(
-        released.decoder.anchor_k.weight,
+        decoder.anchor_k.weight,
         state["decoder.outlayer.multihead_attn_my.in_proj_weight"][32:64],
     )
-    assert torch.equal(released.void, state["clip_adapter.non_object_embedding"])
-    assert torch.equal(released.prompt.context, state["clip_adapter.prompt_learner.prefix_prompt"])
+    assert torch.equal(released.modules.void, state["clip_adapter.non_object_embedding"])
+    assert torch.equal(
+        released.modules.prompt.context, state["clip_adapter.prompt_learner.prefix_prompt"]
+    )
     assert not any("learned_position" in key for key in released.clip_state)
     check_clip_weights(released, tiny_clip.model)  # the file's CLIP is this one
 
@@ -331,8 +335,14 @@ def test_a_clip_other_than_the_files_is_refused(release, tiny_clip):
 
     released = load_released_deop(release[0])
     other = load_clip(str(TINY_VIT_B32), "none", "cpu", "fp32")
-    with pytest.raises(ProposalWeightsError, match="does not fit the loaded CLIP.*ViT-B-16"):
+    with pytest.raises(
+        ProposalWeightsError, match="decoder is 32 wide, the loaded CLIP's needs 48"
+    ):
         check_clip_weights(released, other.model)
+    released.clip_state["visual.transformer.resblocks.7.ln_1.weight"] = torch.ones(64)
+    with pytest.raises(ProposalWeightsError, match="resblocks.7.ln_1.weight' .* does not fit"):
+        check_clip_weights(released, tiny_clip.model)
+    del released.clip_state["visual.transformer.resblocks.7.ln_1.weight"]
     changed = {k: v.clone() for k, v in tiny_clip.model.state_dict().items()}
     changed["visual.proj"] += 0.1
     model = load_clip(str(TINY_VIT), "none", "cpu", "fp32").model
@@ -380,8 +390,8 @@ def test_published_deop_end_to_end_follows_the_release(release, tiny_clip):
     text = torch.randn(5, 32, generator=gen)
     with torch.no_grad():
         ours = released_scores(
-            released.proposals, visual, released.positions, released.decoder, text,
-            released.void, rgb,
+            released.proposals, visual, released.positions, released.modules.decoder, text,
+            released.modules.void, rgb,
         )  # fmt: skip
         images, _ = prepare_images(rgb)
         mask_logits, _ = reference_forward(images, state, depth=50, deeplab=False)

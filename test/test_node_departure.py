@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import rclpy
 from lifecycle_msgs.msg import Transition
@@ -30,6 +31,8 @@ from ros_harness import (
     NodeProcess,
     OvssClient,
     isolate_dds,
+    make_image,
+    next_header,
     published_topics,
     spin_until,
 )
@@ -101,6 +104,11 @@ def test_the_plain_node_leaves_the_graph_when_it_exits(observer):
             STARTUP_TIMEOUT_S,
             message=lambda: f"node start-up; its output:\n{process.output()}",
         )
+        # Serving is spinning: the node is in the graph (and has published its label_info)
+        # a moment before it spins, and a Ctrl-C in that moment ends start-up (status 130).
+        # A segmented frame is proof of the spin.
+        frame = np.zeros((32, 48, 3), dtype=np.uint8)
+        observer.wait_for_output(make_image(frame, "rgb8", next_header(observer.node)))
         exit_and_assert_departed(observer, process)
     finally:
         process.stop()

@@ -29,6 +29,7 @@ from ros_harness import (
     running_node,
     status_values,
 )
+from test_deop_released import released_file
 from tiny_blip import IMAGE_SIZE, save_tiny_blip
 
 from ovss_ros.core import Segmenter
@@ -40,6 +41,7 @@ from ovss_ros.ros import parameters as node_parameters
 
 STATUS = "ovss: image"
 CLASSES = ["person", "dog", "tv"]
+RELEASE = {"deop.proposals": 100}  # the release's decoder has a slot per MaskFormer query
 
 pytestmark = pytest.mark.usefixtures("node_survives")
 
@@ -56,11 +58,15 @@ def files(tmp_path_factory):
     mismatched = save_checkpoint(folder / "b32.pt", modules, other, asdict(DeopConfig()))
     modules = DeopModules.create(int(clip.model.visual.output_dim), decoder={"heads": 4})
     deop = save_checkpoint(folder / "deop.pt", modules, clip, {})  # on the node's CLIP
+    released_file(folder / "release.pth", clip.model)  # the DeOP release's layout
+    released_file(folder / "release_b32.pth", other.model)
     return {
         "weights": weights,
         "blip": save_tiny_blip(folder),
         "mismatched": mismatched,
         "trained": deop,  # not a method's name: the change table maps names to files
+        "release": folder / "release.pth",
+        "release_b32": folder / "release_b32.pth",
     }
 
 
@@ -102,6 +108,8 @@ def expected(parameters, files, rgb):
         changes = {"deop.checkpoint": str(files["trained"])} if method == "deop" else {}
         segmenter.reconfigure(changes, method=method)
         out[method] = segmenter.segment(rgb)
+    segmenter.reconfigure(RELEASE | {"deop.checkpoint": str(files["release"])}, method="deop")
+    out["release"] = segmenter.segment(rgb)
     return out
 
 
@@ -138,7 +146,7 @@ def switch(client, method: str) -> None:
 
 def test_the_outputs_tell_the_methods_apart(expected):
     naclip = expected["naclip"]
-    for method in ("pnp_ovss", "superpixel_clip", "deop"):
+    for method in ("pnp_ovss", "superpixel_clip", "deop", "release"):
         other = expected[method]
         assert not np.allclose(other.confidence, naclip.confidence, atol=1e-3), method
 
@@ -215,6 +223,28 @@ def test_a_missing_checkpoint_is_refused_with_the_reason(client, rgb, expected):
     assert_serves(client, rgb, expected["naclip"])
 
 
+def test_deop_on_the_release_file_serves_the_published_system(client, node, files, rgb, expected):
+    _, process = node
+    release = str(files["release"])
+    change = {"method": "deop", "deop.checkpoint": release} | RELEASE
+    assert set_atomically(client, [Parameter(k, value=v) for k, v in change.items()]).successful
+    wait_for_change(client, lambda text: text == "applied")
+    assert_serves(client, rgb, expected["release"])
+    assert f"DeOP as released from {release} (DeOP release): MaskFormer proposals" in (
+        process.output()
+    )
+    assert "input short side 512 (the release's, not short_side" in process.output()
+    # The release fixes its proposal count: 12 is refused up front, the release keeps serving.
+    result = set_atomically(client, [Parameter("deop.proposals", value=12)])
+    assert not result.successful
+    assert "deop.proposals must be 100 with the DeOP release" in result.reason
+    assert_serves(client, rgb, expected["release"])
+    back = {"method": "naclip", "deop.checkpoint": "", "deop.proposals": 12}
+    assert set_atomically(client, [Parameter(k, value=v) for k, v in back.items()]).successful
+    wait_for_change(client, lambda text: text == "applied")
+    assert_serves(client, rgb, expected["naclip"])
+
+
 @pytest.mark.parametrize(
     ("change", "failure"),
     [
@@ -222,9 +252,13 @@ def test_a_missing_checkpoint_is_refused_with_the_reason(client, rgb, expected):
             {"method": "deop", "deop.checkpoint": "mismatched"},
             "was trained on CLIP 'tiny-vit-b32'",
         ),
+        (
+            {"method": "deop", "deop.checkpoint": "release_b32"} | {"deop.proposals": 100},
+            "the decoder is 48 wide, the loaded CLIP's needs 32",
+        ),
         ({"method": "pnp_ovss", "pnp.layer": 9}, "pnp.layer 9 > the VLM's 3 text layers"),
     ],
-    ids=["mismatched checkpoint", "layer the VLM lacks"],
+    ids=["mismatched checkpoint", "release of another CLIP", "layer the VLM lacks"],
 )
 def test_a_failed_load_keeps_the_old_method_and_puts_the_parameters_back(
     client, files, rgb, expected, change, failure

@@ -272,8 +272,14 @@ def test_help_prints_every_parameter_and_exits_without_starting_ros(script, flag
         assert f"default {spec.default!r}" in header
         if spec.minimum is not None:
             assert f"range {spec.range_text()}" in header
-        # The description follows, wrapped: its words in order.
-        following = " ".join(line.strip() for line in lines[index + 1 : index + 8])
+        # The description follows, wrapped (indented deeper, up to the next parameter): its
+        # words in order.
+        body = []
+        for line in lines[index + 1 :]:
+            if not line.startswith("    "):
+                break
+            body.append(line.strip())
+        following = " ".join(body)
         assert " ".join(spec.description.split()) in following, spec.name
         if spec.constraints:
             assert " ".join(f"values: {spec.constraints}".split()) in following

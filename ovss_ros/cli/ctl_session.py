@@ -103,6 +103,15 @@ class Session:
             return set()
         return {service for service, _types in found}
 
+    def _published(self) -> set[str]:
+        """The topics the target publishes, as this process's graph shows them."""
+        namespace, _, name = self.target.rpartition("/")
+        try:
+            found = self.node.get_publisher_names_and_types_by_node(name, namespace or "/")
+        except Exception:  # rclpy raises NodeNameNonExistentError while it is not discovered
+            return set()
+        return {topic for topic, _types in found}
+
     def node_exists(self) -> bool:
         """The target is in this process's view of the ROS graph."""
         names = self.node.get_node_names_and_namespaces()
@@ -174,7 +183,22 @@ class Session:
         received: dict[str, list[Any]] = {topic: [] for topic in subscriptions}
         for topic, (message_type, qos) in subscriptions.items():
             self.node.create_subscription(message_type, topic, received[topic].append, qos)
-        if self.spin_until(lambda: done(received), self.timeout):
+        lacking_since: list[float] = []
+
+        def done_or_lacking() -> bool:
+            """Done, or the target publishes (other topics) without any of these for GRACE_S:
+            a camera it does not have, said without waiting for the timeout."""
+            if done(received):
+                return True
+            if self._published() and not any(
+                self.node.count_publishers(topic) for topic in subscriptions
+            ):
+                lacking_since.append(time.monotonic())
+                return lacking_since[-1] - lacking_since[0] >= GRACE_S
+            lacking_since.clear()
+            return False
+
+        if self.spin_until(done_or_lacking, self.timeout) and done(received):
             return received
         silent = [topic for topic, messages in received.items() if not messages]
         published = [topic for topic in silent if self.node.count_publishers(topic) > 0]

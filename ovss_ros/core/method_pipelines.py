@@ -30,6 +30,8 @@ from ovss_ros.core.clip.text_encoding import TextEncoder
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.methods.deop.deop import Deop, SuperpixelClip
+from ovss_ros.core.methods.deop.published import PublishedDeop
+from ovss_ros.core.methods.deop.released_checkpoint import is_released_file
 from ovss_ros.core.methods.deop.run_config import (
     DeopConfig,
     ProposalConfig,
@@ -100,6 +102,8 @@ class Pipeline:
                 f"rounds (one gradient pass each), refinement {settings.refinement()}",
                 False,
             )
+        if isinstance(core, PublishedDeop):
+            return core.describe(), False
         source = core.proposal_source()
         pooling = f", {core.pooling()} pooling" if self.method == "deop" else ""
         if self.method == "superpixel_clip":
@@ -266,7 +270,11 @@ def build_pipeline(
             kind = {"deop": Deop, "twostream": TwoStream}
             if method == "superpixel_clip":  # training-free: reads no checkpoint
                 core = SuperpixelClip(clip, settings)
-            elif keep:
+            elif method == "deop" and keep and isinstance(previous.core, PublishedDeop):
+                core = PublishedDeop(clip, settings, released=previous.core.released)
+            elif method == "deop" and not keep and checkpoint and is_released_file(checkpoint):
+                core = PublishedDeop(clip, settings, checkpoint=checkpoint)
+            elif keep and not isinstance(previous.core, PublishedDeop):
                 core = kind[method](clip, settings, modules=previous.core.modules)
                 core.checkpoint = previous.core.checkpoint
             else:

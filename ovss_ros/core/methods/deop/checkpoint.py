@@ -149,8 +149,8 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
     (``check_structure``).
     """
     hint = (
-        "set deop.checkpoint to a file made by ovss-train-deop, or use method superpixel_clip "
-        "for the training-free mode"
+        "set deop.checkpoint to the DeOP release's model_final.pth or a file made by "
+        "ovss-train-deop, or use method superpixel_clip for the training-free mode"
     )
     try:
         path = regular_file(path, "DeOP checkpoint")
@@ -167,7 +167,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an ovss_ros DeOP checkpoint (no format {FORMAT!r}): "
-            "give a file written by ovss-train-deop"
+            "give the DeOP release's model_final.pth or a file written by ovss-train-deop"
         )
     if content.get("version") != VERSION:
         raise CheckpointError(

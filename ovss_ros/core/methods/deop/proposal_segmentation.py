@@ -74,6 +74,7 @@ class Frames:
     tokens: torch.Tensor | None  # (N, 1 + h*w, C) before the last block, when computed
     grid: tuple[int, int]  # patch grid (h, w)
     proposals: Proposals | None = None
+    mask_logits: torch.Tensor | None = None  # (N, Q, H'/4, W'/4): a proposal network's
 
 
 class ProposalSegmenter:
@@ -356,8 +357,14 @@ class ProposalSegmenter:
         out = probs.new_zeros((*probs.shape[:2], labels))
         return out.scatter_reduce_(2, owner, probs[..., keep], reduce="amax", include_self=True)
 
-    def postprocess(self, scores: torch.Tensor, size: tuple[int, int]) -> Segmentation:
+    def postprocess(
+        self, scores: torch.Tensor, size: tuple[int, int], coverage: torch.Tensor | None = None
+    ) -> Segmentation:
         """Scores (labels, Hm, Wm) -> input size, labels (255/65535 unlabeled), confidence.
+
+        ``coverage`` (Hm, Wm): scores not yet normalised per pixel (MaskFormer's plain sum):
+        the labels are their argmax, the confidence (and ``score_threshold``) the best score
+        over the coverage upsampled alike.
 
         Bilinear upsampling to ``size`` and the argmax over classes are taken a chunk of labels
         at a time (about POSTPROCESS_ELEMENTS per chunk; the first maximum wins, as ``max``),
@@ -375,6 +382,8 @@ class ProposalSegmenter:
             confidence = torch.where(better, value, confidence)
             labels = torch.where(better, index + start, labels)
         background = _upsample(scores[num_classes:], size)[0] > confidence
+        if coverage is not None:
+            confidence = confidence / _upsample(coverage[None], size)[0].clamp(min=1e-6)
         rejected = background | (confidence < self.settings.score_threshold)
         dtype = label_dtype(num_classes)
         labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ovss_ros.core.methods.deop.heads import AnchorDecoder
+from ovss_ros.core.methods.deop.heads import AnchorDecoder, DeopModules
 from ovss_ros.core.methods.deop.maskformer import ProposalNetwork
 from ovss_ros.core.methods.deop.maskformer_weights import (
     ProposalWeightsError,
@@ -35,7 +35,6 @@ from ovss_ros.core.methods.deop.maskformer_weights import (
     read_released,
     released_state_dict,
 )
-from ovss_ros.core.methods.deop.prompt_context import PromptContext
 from ovss_ros.core.methods.deop.released import LearnedPositions, released_decoder_state
 
 CLIP_PREFIX = "clip_adapter.clip_model."
@@ -49,26 +48,32 @@ _BLOCK_POSITION = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.learned_po
 class ReleasedDeop:
     """The trained parts of a released DeOP file, in eval mode with gradients off.
 
-    ``clip_state``: the file's CLIP tensors (open_clip names), for :func:`check_clip_weights`.
+    ``modules``: the CAL decoder (slot queries), the "no object" embedding and the prompt
+    context, as :class:`~ovss_ros.core.methods.deop.heads.DeopModules`; ``clip_state``: the
+    file's CLIP tensors (open_clip names), for :func:`check_clip_weights`.
     """
 
     source: str
     proposals: ProposalNetwork
     positions: LearnedPositions
-    decoder: AnchorDecoder
-    void: torch.Tensor
-    prompt: PromptContext | None
+    modules: DeopModules
     clip_state: dict[str, torch.Tensor]
 
-    def modules(self) -> list[nn.Module]:
-        parts = (self.proposals, self.positions, self.decoder, self.prompt)
-        return [module for module in parts if module is not None]
-
     def to(self, device: str | torch.device) -> ReleasedDeop:
-        for module in self.modules():
+        for module in (self.proposals, self.positions, self.modules):
             module.to(device)
-        self.void = self.void.to(device)
         return self
+
+
+def is_released_file(path: str | Path) -> bool:
+    """Whether ``path`` looks like a detectron2 DeOP file rather than an ovss_ros checkpoint: a
+    ``torch.save`` dict without ovss_ros's ``format`` whose state dict has ``backbone.`` keys.
+    False for anything unreadable (the ovss_ros loader then says what is wrong)."""
+    try:
+        _, tensors = read_released(path)
+    except ProposalWeightsError:
+        return False
+    return any(key.startswith("backbone.") for key in tensors)
 
 
 def load_released_deop(path: str | Path) -> ReleasedDeop:
@@ -84,16 +89,27 @@ def load_released_deop(path: str | Path) -> ReleasedDeop:
     }
     positions = _positions(clip_state, path)
     decoder = _decoder(tensors, path)
-    void = _tensor(tensors, VOID_KEY, path)
-    prompt = None
-    if PROMPT_KEY in tensors:
-        context = tensors[PROMPT_KEY]
-        prompt = PromptContext(width=context.shape[1], length=context.shape[0])
-        prompt.load_state_dict({"context": context})
-    released = ReleasedDeop(
-        f"{path} (DeOP release)", proposals, positions, decoder, void.float(), prompt, clip_state
+    void = _tensor(tensors, VOID_KEY, path).float()
+    context = tensors.get(PROMPT_KEY)
+    modules = DeopModules.create(
+        decoder.config["dim"],
+        decoder={k: v for k, v in decoder.config.items() if k != "dim"},
+        void=True,
+        prompt=None
+        if context is None
+        else {"width": context.shape[1], "length": context.shape[0]},
     )
-    for module in released.modules():
+    modules.decoder = decoder
+    if tuple(void.shape) != tuple(modules.void.shape):
+        raise ProposalWeightsError(
+            f"{str(path)!r}: {VOID_KEY!r} has shape {tuple(void.shape)}, the decoder needs "
+            f"{tuple(modules.void.shape)}"
+        )
+    modules.void.data = void
+    if context is not None:
+        modules.prompt.context.data = context.float()
+    released = ReleasedDeop(f"{path} (DeOP release)", proposals, positions, modules, clip_state)
+    for module in (proposals, positions, modules):
         module.eval().requires_grad_(False)
     return released
 
@@ -154,6 +170,19 @@ def check_clip_weights(released: ReleasedDeop, model: nn.Module) -> None:
     """Raise ProposalWeightsError unless ``model`` (an open_clip CLIP) is the file's CLIP:
     the same tensor names and shapes, and every value equal within fp16 rounding."""
     ours = model.state_dict()
+    widths = {
+        "the decoder": (released.modules.decoder.config["dim"], model.visual.output_dim),
+        "the prompt context": (
+            None if released.modules.prompt is None else released.modules.prompt.context.shape[1],
+            model.token_embedding.weight.shape[1],
+        ),
+    }
+    for part, (width, expected) in widths.items():
+        if width is not None and width != expected:
+            raise ProposalWeightsError(
+                f"{released.source}: {part} is {width} wide, the loaded CLIP's needs {expected}:"
+                " set model ViT-B-16 and pretrained openai"
+            )
     for key, value in released.clip_state.items():  # every shape first: the architecture
         if key not in ours or tuple(ours[key].shape) != tuple(value.shape):
             shape = tuple(ours[key].shape) if key in ours else "no such tensor"

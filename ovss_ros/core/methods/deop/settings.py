@@ -39,8 +39,9 @@ class DeopSettings(Settings):
 
     checkpoint: str = setting(
         "",
-        "checkpoint file from ovss-train-deop (trained on this node's CLIP): method deop needs "
-        "one (its proposal network); optional for twostream; superpixel_clip reads none",
+        "the DeOP release's model file (model_final.pth: published DeOP, on CLIP ViT-B-16 "
+        "openai) or a file from ovss-train-deop (trained on this node's CLIP): method deop "
+        "needs one (its proposal network); optional for twostream; superpixel_clip reads none",
         constraints="an existing file; may be empty unless method is deop",
         source="ovss_ros",
     )

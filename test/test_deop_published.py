@@ -1,0 +1,105 @@
+"""``method: deop`` on the DeOP release's model file (ovss_ros.core.methods.deop.published).
+
+The release file is the one test_deop_released.py writes (R50 proposals named as detectron2
+names them, the tiny random CLIP with learned positions, the decoder, the embeddings). The
+pipeline must give the labels of the release's inference (released_scores, itself checked
+against the official formulas there), resized as detectron2 resizes, on the real VOC photos,
+through the engine as the node and the tools run it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_VIT
+from test_deop_released import released_file
+
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.deop.maskformer_weights import ProposalWeightsError
+from ovss_ros.core.methods.deop.published import PublishedDeop, release_size
+from ovss_ros.core.methods.deop.released import released_scores
+from ovss_ros.core.methods.deop.released_checkpoint import is_released_file
+from ovss_ros.core.methods.deop.run_config import DeopConfig
+
+CLASSES = ["cat", "dog", "person", "sky"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip(str(TINY_VIT), "none", "cpu", "fp32")
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory, clip):
+    path = tmp_path_factory.mktemp("published") / "model_final.pth"
+    released_file(path, clip.model)
+    return path
+
+
+@pytest.fixture(scope="module")
+def deop(clip, release):
+    deop = PublishedDeop(clip, checkpoint=str(release))
+    deop.set_classes(CLASSES)
+    return deop
+
+
+def test_the_release_input_size_is_detectron2s_resize_shortest_edge():
+    assert release_size(375, 500, 2048) == (512, 683)  # 500 * 512 / 375 = 682.67 -> 683
+    assert release_size(500, 375, 2048) == (683, 512)
+    assert release_size(100, 3000, 2048) == (68, 2048)  # the long side bound wins
+    assert release_size(100, 6000, 10_000) == (43, 2560)  # MAX_SIZE_TEST 2560
+
+
+def test_labels_are_the_releases_argmax_on_real_photos(deop, clip, voc_rgb):
+    rgb = voc_rgb[0]
+    result = deop.segment(rgb)
+    assert result.labels.shape == rgb.shape[:2] and result.class_names == CLASSES
+    with torch.no_grad():
+        pixels = deop.preprocess(rgb)
+        assert tuple(pixels.shape[-2:]) == release_size(*rgb.shape[:2], 2048)
+        text = deop.class_embeddings(CLASSES)  # the learned prompt context
+        scores = released_scores(
+            deop.released.proposals, clip.model.visual, deop.released.positions,
+            deop.modules.decoder, text, deop.modules.void, pixels,
+        )  # fmt: skip
+        resized = F.interpolate(scores, size=rgb.shape[:2], mode="bilinear", align_corners=False)
+    expected = resized[0].argmax(dim=0).numpy()
+    assert np.mean(result.labels == expected) >= 0.9999
+    assert len(np.unique(result.labels)) > 1  # not a constant map
+    assert np.all((result.confidence >= 0) & (result.confidence <= 1 + 1e-5))
+
+
+def test_a_batch_gives_what_single_frames_give(deop, voc_rgb):
+    frames = voc_rgb[:3]
+    batch = deop.segment_many(frames)
+    for rgb, result in zip(frames, batch, strict=True):
+        alone = deop.segment(rgb)
+        assert np.mean(alone.labels == result.labels) >= 0.9999
+
+
+def test_settings_the_release_fixes_are_refused_with_a_reason(clip, release, deop):
+    cases = [
+        ({"proposal_source": "superpixels"}, "proposal_source must be auto"),
+        ({"pooling": "mean"}, "pooling must be auto or cal"),
+        ({"proposals": 50}, "proposals must be 100"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            PublishedDeop(clip, DeopConfig(**changes), released=deop.released)
+        with pytest.raises(ValueError, match=message):
+            deop.reconfigure(**changes)
+    assert deop.settings.proposals == 100  # nothing applied
+
+
+def test_a_file_that_is_not_a_release_or_another_clip_is_refused(tmp_path, release):
+    from conftest import TINY_VIT_B32
+
+    other = load_clip(str(TINY_VIT_B32), "none", "cpu", "fp32")
+    with pytest.raises(ProposalWeightsError, match="decoder is 32 wide.*needs 48.*ViT-B-16"):
+        PublishedDeop(other, checkpoint=str(release))
+    assert is_released_file(release)
+    text = tmp_path / "x.pth"
+    text.write_text("no")
+    assert not is_released_file(text) and not is_released_file(tmp_path / "absent.pth")
