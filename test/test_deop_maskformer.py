@@ -53,7 +53,10 @@ OTHER = {  # tensors of a released DeOP file outside the proposal network
 # --- a detectron2 state dict, named after the official modules ----------------------------------
 
 
-def official_state_dict(depth: int, deeplab: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+def official_state_dict(
+    depth: int, deeplab: bool, seed: int = 0, embedding_dim: int = 512
+) -> dict[str, torch.Tensor]:
+    """``embedding_dim``: the text width class_embed maps into (512: CLIP ViT-B/16's)."""
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
 
@@ -119,7 +122,7 @@ def official_state_dict(depth: int, deeplab: bool, seed: int = 0) -> dict[str, t
     state[f"{predictor}.transformer.decoder.norm.weight"] = 1 + randn(256, std=0.1)
     state[f"{predictor}.transformer.decoder.norm.bias"] = randn(256, std=0.1)
     linear(f"{predictor}.class_embed.layers.0", 1024, 256)
-    linear(f"{predictor}.class_embed.layers.1", 512, 1024)
+    linear(f"{predictor}.class_embed.layers.1", embedding_dim, 1024)
     for index in range(3):
         linear(f"{predictor}.mask_embed.layers.{index}", 256, 256)
     for name, shape in OTHER.items():

@@ -65,10 +65,13 @@ def test_labels_are_the_releases_argmax_on_real_photos(deop, clip, voc_rgb):
             deop.modules.decoder, text, deop.modules.void, pixels,
         )  # fmt: skip
         resized = F.interpolate(scores, size=rgb.shape[:2], mode="bilinear", align_corners=False)
-    expected = resized[0].argmax(dim=0).numpy()
-    assert np.mean(result.labels == expected) >= 0.9999
-    assert len(np.unique(result.labels)) > 1  # not a constant map
-    assert np.all((result.confidence >= 0) & (result.confidence <= 1 + 1e-5))
+        coverage = deop.prepare([rgb]).proposals.masks.sum(dim=1, keepdim=True)
+        coverage = F.interpolate(coverage, size=rgb.shape[:2], mode="bilinear")[0, 0]
+    best, expected = resized[0].max(dim=0)
+    assert np.mean(result.labels == expected.numpy()) >= 0.9999
+    # The confidence: the best score over the masks' sum, a probability that varies per pixel.
+    np.testing.assert_allclose(result.confidence, (best / coverage).numpy(), atol=1e-5)
+    assert result.confidence.std() > 2e-4 and result.confidence.max() <= 1 + 1e-5
 
 
 def test_a_batch_gives_what_single_frames_give(deop, voc_rgb):
@@ -103,3 +106,39 @@ def test_a_file_that_is_not_a_release_or_another_clip_is_refused(tmp_path, relea
     text = tmp_path / "x.pth"
     text.write_text("no")
     assert not is_released_file(text) and not is_released_file(tmp_path / "absent.pth")
+
+
+def test_two_stream_as_released_on_the_same_proposals(deop, clip, voc_rgb):
+    """method twostream on the release file: the proposal network's class probabilities and
+    CLIP's crop probabilities in the release's ensemble (every class unseen), then the release's
+    semantic inference; computed here from the official ensemble formula."""
+    from test_deop_maskformer import official_ensemble
+
+    from ovss_ros.core.methods.deop.published_twostream import PublishedTwoStream
+    from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
+
+    two = PublishedTwoStream(clip, TwoStreamConfig(crop_batch=16), released=deop.released)
+    two.set_classes(CLASSES)
+    rgb = voc_rgb[1]
+    result = two.segment(rgb)
+    with torch.no_grad():
+        frames = two.prepare([rgb])
+        rows = torch.cat([two.class_embeddings(CLASSES), F.normalize(two.modules.void, dim=-1)])
+        unit = F.normalize(frames.query_embeddings[0], dim=-1)
+        mask_cls = torch.softmax(100 * unit @ rows.T, dim=-1)[..., :-1]
+        image = frames.resized[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        masks = frames.proposals.masks[0]
+        crops, slots = two.crops(image, masks, torch.ones(len(masks), dtype=torch.bool))
+        clip_logits = 100 * F.normalize(clip.model.encode_image(crops), dim=-1) @ rows.T
+        valid = torch.zeros(len(masks), dtype=torch.bool)
+        valid[slots] = True
+        probs = official_ensemble(mask_cls, clip_logits, valid, None, 0.8)
+        scores = torch.einsum("qc,qhw->chw", probs, masks)
+        resized = F.interpolate(scores[None], size=rgb.shape[:2], mode="bilinear")[0]
+        coverage = F.interpolate(masks.sum(0)[None, None], size=rgb.shape[:2], mode="bilinear")
+    best, expected = resized.max(dim=0)
+    assert 0 < len(slots) <= 100
+    assert np.mean(result.labels == expected.numpy()) >= 0.9999
+    np.testing.assert_allclose(result.confidence, (best / coverage[0, 0]).numpy(), atol=1e-5)
+    deop_confidence = deop.segment(rgb).confidence
+    assert not np.allclose(result.confidence, deop_confidence, atol=1e-3)  # another method

@@ -240,8 +240,9 @@ def released_file(path, clip_model, seed=5):
     from test_deop_maskformer import official_state_dict
 
     gen = torch.Generator().manual_seed(seed)
-    state = {k: v for k, v in official_state_dict(50, deeplab=False, seed=seed).items()
-             if k.startswith(("backbone.", "sem_seg_head."))}  # fmt: skip
+    dim = clip_model.visual.output_dim
+    proposal = official_state_dict(50, deeplab=False, seed=seed, embedding_dim=dim)
+    state = {k: v for k, v in proposal.items() if k.startswith(("backbone.", "sem_seg_head."))}
     width = clip_model.visual.conv1.out_channels
     dim = clip_model.visual.output_dim
     for key, value in clip_model.state_dict().items():

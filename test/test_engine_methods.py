@@ -364,3 +364,38 @@ def test_pnp_ovss_stops_between_dropout_rounds(blip, rgb):
     with pytest.raises(Stopped, match="dropout round 2"):
         segmenter.segment(rgb)
     assert len(rounds) == 1
+
+
+@pytest.mark.parametrize("method", ["deop", "twostream"])
+def test_the_release_file_runs_the_published_methods_through_the_dispatch(
+    blip, rgb, method, tmp_path
+):
+    """deop.checkpoint = the DeOP release's file: deop is PublishedDeop, twostream
+    PublishedTwoStream (on the same proposals), with background words and a threshold; a switch
+    between them reuses the loaded release."""
+    from test_deop_released import released_file
+
+    from ovss_ros.core.methods.deop.published import PublishedDeop
+    from ovss_ros.core.methods.deop.published_twostream import PublishedTwoStream
+
+    torch.manual_seed(0)  # the CLIP ``make`` loads
+    clip = load_clip(str(TINY_VIT), "none", "cpu")
+    path = tmp_path / "model_final.pth"
+    released_file(path, clip.model)
+    common = {"background_words": ("sky",), "score_threshold": 0.2}
+    segmenter = make(
+        blip, method=method, **{"deop.checkpoint": str(path), "deop.proposals": 100}, **common
+    )
+    kind, settings_type = {
+        "deop": (PublishedDeop, DeopConfig),
+        "twostream": (PublishedTwoStream, TwoStreamConfig),
+    }[method]
+    core = segmenter.pipeline.core
+    assert isinstance(core, kind)
+    settings = settings_type(short_side=64, templates="single", **common)
+    direct = kind(segmenter.clip, settings, checkpoint=str(path))
+    direct.set_classes(CLASSES)
+    assert_same(segmenter.segment(rgb), direct.segment(rgb))
+    other = "twostream" if method == "deop" else "deop"
+    segmenter.reconfigure({}, method=other)
+    assert segmenter.pipeline.core.released is core.released  # not loaded again

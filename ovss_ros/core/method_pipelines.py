@@ -31,6 +31,7 @@ from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.methods.deop.deop import Deop, SuperpixelClip
 from ovss_ros.core.methods.deop.published import PublishedDeop
+from ovss_ros.core.methods.deop.published_twostream import PublishedTwoStream
 from ovss_ros.core.methods.deop.released_checkpoint import is_released_file
 from ovss_ros.core.methods.deop.run_config import (
     DeopConfig,
@@ -102,7 +103,7 @@ class Pipeline:
                 f"rounds (one gradient pass each), refinement {settings.refinement()}",
                 False,
             )
-        if isinstance(core, PublishedDeop):
+        if isinstance(core, PublishedDeop | PublishedTwoStream):
             return core.describe(), False
         source = core.proposal_source()
         pooling = f", {core.pooling()} pooling" if self.method == "deop" else ""
@@ -268,13 +269,15 @@ def build_pipeline(
                 and previous.config.deop.checkpoint == config.deop.checkpoint
             )
             kind = {"deop": Deop, "twostream": TwoStream}
+            released = {"deop": PublishedDeop, "twostream": PublishedTwoStream}
+            previous_release = getattr(previous.core, "released", None) if keep else None
             if method == "superpixel_clip":  # training-free: reads no checkpoint
                 core = SuperpixelClip(clip, settings)
-            elif method == "deop" and keep and isinstance(previous.core, PublishedDeop):
-                core = PublishedDeop(clip, settings, released=previous.core.released)
-            elif method == "deop" and not keep and checkpoint and is_released_file(checkpoint):
-                core = PublishedDeop(clip, settings, checkpoint=checkpoint)
-            elif keep and not isinstance(previous.core, PublishedDeop):
+            elif previous_release is not None:  # the release's file, loaded already
+                core = released[method](clip, settings, released=previous_release)
+            elif not keep and checkpoint and is_released_file(checkpoint):
+                core = released[method](clip, settings, checkpoint=checkpoint)
+            elif keep:
                 core = kind[method](clip, settings, modules=previous.core.modules)
                 core.checkpoint = previous.core.checkpoint
             else:

@@ -74,7 +74,11 @@ class Frames:
     tokens: torch.Tensor | None  # (N, 1 + h*w, C) before the last block, when computed
     grid: tuple[int, int]  # patch grid (h, w)
     proposals: Proposals | None = None
-    mask_logits: torch.Tensor | None = None  # (N, Q, H'/4, W'/4): a proposal network's
+    # The DeOP release's proposal network (published.py): mask logits (N, Q, H'/4, W'/4), query
+    # embeddings (N, Q, E), and the resized frames before normalisation (N, 3, H', W'), 0-255.
+    mask_logits: torch.Tensor | None = None
+    query_embeddings: torch.Tensor | None = None
+    resized: torch.Tensor | None = None
 
 
 class ProposalSegmenter:

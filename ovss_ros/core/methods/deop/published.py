@@ -60,7 +60,92 @@ def release_size(height: int, width: int, max_long_side: int) -> tuple[int, int]
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
-class PublishedDeop(Deop):
+def load_release(path: str | None, clip: LoadedClip) -> ReleasedDeop:
+    """The release's file, checked against ``clip`` and moved to its device (ValueError)."""
+    if not path:
+        raise ValueError("the DeOP release's model file is needed (deop.checkpoint)")
+    released = load_released_deop(path)
+    check_clip_weights(released, clip.model)
+    return released.to(clip.device)
+
+
+class ReleaseFrames:
+    """The frame flow the release's proposal network fixes, for a ProposalSegmenter subclass
+    with a ``released`` attribute: detectron2's test resize, ImageNet normalisation, /32 padding,
+    the network's masks at the input size, and labels as the argmax of the unnormalised sum."""
+
+    released: ReleasedDeop
+
+    def check_release(self, settings) -> None:
+        """Refuse the settings the release fixes (ValueError)."""
+        queries = self.released.proposals.arch.queries
+        if settings.proposal_source != "auto":
+            raise ValueError(
+                "deop.proposal_source must be auto with the DeOP release: its proposals come "
+                "from its MaskFormer"
+            )
+        if settings.proposals != queries:
+            raise ValueError(
+                f"deop.proposals must be {queries} with the DeOP release: its decoder has one "
+                f"slot per MaskFormer query (got {settings.proposals})"
+            )
+
+    def network_size(self, height: int, width: int) -> tuple[int, int]:
+        return release_size(height, width, self.settings.max_long_side)
+
+    def needs_tokens(self) -> bool:
+        return False  # CLIP runs in the method's own steps
+
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        """Upload the uint8 frame and resize it: 0-255 RGB (1, 3, H', W') float32."""
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
+        image = image.permute(2, 0, 1).unsqueeze(0).float()
+        size = self.network_size(*rgb.shape[:2])
+        if size != tuple(image.shape[-2:]):
+            image = F.interpolate(
+                image, size=size, mode="bilinear", align_corners=False, antialias=True
+            )
+        return image
+
+    def prepare(self, images: list[np.ndarray]) -> Frames:
+        """Resize, normalise and pad; the proposal network's mask logits, query embeddings and,
+        at the input size, its soft masks (N, Q, H', W') (the frames keep the resized RGB)."""
+        rgb = torch.cat([self.preprocess(image) for image in images])
+        pixels, (height, width) = prepare_images(rgb)
+        output = self.released.proposals(pixels)
+        grid = (pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch)
+        full = F.interpolate(
+            output.mask_logits.float(),
+            size=pixels.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
+        masks = full[..., :height, :width].sigmoid()
+        valid = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
+        return Frames(
+            list(images),
+            pixels,
+            None,
+            grid,
+            Proposals(masks, valid),
+            mask_logits=output.mask_logits,
+            query_embeddings=output.class_embeddings,
+            resized=rgb,
+        )
+
+    def semantic(self, probs: torch.Tensor, frames: Frames) -> torch.Tensor:
+        """Query probabilities (N, Q, texts + void) -> the release's semantic inference at the
+        input size (N, labels + 1, H', W'): per label ``sum_q p_q(label) mask_q``, and last the
+        masks' sum (for the confidence)."""
+        masks = frames.proposals.masks.float()
+        total = torch.einsum("nkl,nkhw->nlhw", self.label_probabilities(probs).float(), masks)
+        return torch.cat([total, masks.sum(dim=1, keepdim=True)], dim=1)
+
+    def postprocess(self, scores: torch.Tensor, size: tuple[int, int]) -> Segmentation:
+        return super().postprocess(scores[:-1], size, coverage=scores[-1])
+
+
+class PublishedDeop(ReleaseFrames, Deop):
     """Published DeOP from the release's model file (``deop.checkpoint``).
 
     ``PublishedDeop(clip, settings=None, checkpoint=path)`` or ``released=`` an already loaded
@@ -75,14 +160,8 @@ class PublishedDeop(Deop):
         checkpoint: str | None = None,
         released: ReleasedDeop | None = None,
     ) -> None:
-        if released is None:
-            if not checkpoint:
-                raise ValueError("published DeOP needs the release's model file")
-            released = load_released_deop(checkpoint)
-            check_clip_weights(released, clip.model)
-            released.to(clip.device)
-        self.released = released
-        super().__init__(clip, settings, modules=released.modules)
+        self.released = released or load_release(checkpoint, clip)
+        super().__init__(clip, settings, modules=self.released.modules)
 
     def describe(self) -> str:
         """What runs, in words (the start-up log and the node's method line)."""
@@ -101,57 +180,16 @@ class PublishedDeop(Deop):
 
     def _check(self, settings: DeopConfig, modules: DeopModules | None) -> None:
         super()._check(settings, modules)
-        queries = self.released.proposals.arch.queries
-        blocks = len(self.clip.model.visual.transformer.resblocks)
-        if settings.proposal_source != "auto":
-            raise ValueError(
-                "deop.proposal_source must be auto with the DeOP release: its proposals come "
-                "from its MaskFormer"
-            )
+        self.check_release(settings)
         if settings.pooling == "mean":
             raise ValueError("deop.pooling must be auto or cal with the DeOP release (its CAL)")
-        if settings.proposals != queries:
-            raise ValueError(
-                f"deop.proposals must be {queries} with the DeOP release: its decoder has one "
-                f"slot per MaskFormer query (got {settings.proposals})"
-            )
+        blocks = len(self.clip.model.visual.transformer.resblocks)
         deepest = max(self.released.positions.layers, default=0)
         if deepest >= blocks - 1:
             raise ValueError(
                 f"the release's learned positions reach block {deepest} but this CLIP has "
                 f"{blocks} blocks"
             )
-
-    def network_size(self, height: int, width: int) -> tuple[int, int]:
-        return release_size(height, width, self.settings.max_long_side)
-
-    def needs_tokens(self) -> bool:
-        return False  # the whole CLIP pass runs in encode (learned positions from the start)
-
-    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """Upload the uint8 frame and resize it: 0-255 RGB (1, 3, H', W') float32."""
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
-        image = image.permute(2, 0, 1).unsqueeze(0).float()
-        size = self.network_size(*rgb.shape[:2])
-        if size != tuple(image.shape[-2:]):
-            image = F.interpolate(
-                image, size=size, mode="bilinear", align_corners=False, antialias=True
-            )
-        return image
-
-    def prepare(self, images: list[np.ndarray]) -> Frames:
-        """Resize, normalise and pad; the proposal network's mask logits and, at the input
-        size, its soft masks (N, Q, H', W') for the semantic inference."""
-        rgb = torch.cat([self.preprocess(image) for image in images])
-        pixels, (height, width) = prepare_images(rgb)
-        mask_logits = self.released.proposals(pixels).mask_logits
-        grid = (pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch)
-        full = F.interpolate(
-            mask_logits.float(), size=pixels.shape[-2:], mode="bilinear", align_corners=False
-        )
-        masks = full[..., :height, :width].sigmoid()
-        valid = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
-        return Frames(list(images), pixels, None, grid, Proposals(masks, valid), mask_logits)
 
     def encode(self, frames: Frames) -> torch.Tensor:
         return released_dense_features(
@@ -169,13 +207,6 @@ class PublishedDeop(Deop):
         return self.modules.decoder(features, masks, valid)
 
     def scores(self, frames: Frames) -> torch.Tensor:
-        """The release's semantic inference at the input size (N, labels + 1, H', W'): per label
-        ``sum_q p_q(label) sigmoid(mask_q)``, and last the masks' sum (for the confidence)."""
         embeddings = self.embed(frames)
         probs = torch.softmax(self.settings.logit_scale * embeddings @ self._queries.T, dim=-1)
-        masks = frames.proposals.masks.float()
-        total = torch.einsum("nkl,nkhw->nlhw", self.label_probabilities(probs).float(), masks)
-        return torch.cat([total, masks.sum(dim=1, keepdim=True)], dim=1)
-
-    def postprocess(self, scores: torch.Tensor, size: tuple[int, int]) -> Segmentation:
-        return super().postprocess(scores[:-1], size, coverage=scores[-1])
+        return self.semantic(probs, frames)

@@ -1,0 +1,101 @@
+"""``method: twostream`` on the DeOP release's model file: the two-stream baseline as released,
+on the release's MaskFormer proposals.
+
+``ZeroShotMaskFormer`` with ``CLIP_ENSEMBLE: True`` (``mask_former/zero_shot_mask_former_model.py``
+``semantic_inference``; ``clip_adapter/adapter.py`` ``MaskFormerClipAdapter``, ``utils.py``):
+
+1. the proposal network's 100 masks (sigmoid at the input size) and its class probabilities:
+   ``softmax(100 * cos(class_embed(query), texts + "no object"))`` without the void column;
+2. each mask > 0.5 gives a box crop of the resized frame, the rest filled with CLIP's mean
+   colour, resized to CLIP's input (bicubic), through CLIP: ``100 * cos`` with the same texts,
+   softmax over the classes (void dropped before it); proposals with an empty mask keep 1;
+3. the geometric ensemble (:func:`~ovss_ros.core.methods.deop.maskformer.clip_ensemble`,
+   weight 0.8) with every class unseen (a robot's vocabulary has no training split: the
+   release's rule for a data set without ``trainable_flag``);
+4. the release's semantic inference (:class:`~.published.ReleaseFrames`).
+
+Departure: the release classifies with the *proposal model's* learned prompt and "no object"
+embedding; its DeOP file holds DeOP's, which both streams use here (the proposal model's file is
+not released).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ovss_ros.core.clip.model_loading import LoadedClip
+from ovss_ros.core.methods.deop.heads import DeopModules
+from ovss_ros.core.methods.deop.maskformer import CLIP_ENSEMBLE_WEIGHT, clip_ensemble
+from ovss_ros.core.methods.deop.proposal_segmentation import VOID, Frames
+from ovss_ros.core.methods.deop.published import MIN_SIZE_TEST, ReleaseFrames, load_release
+from ovss_ros.core.methods.deop.released_checkpoint import ReleasedDeop
+from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
+from ovss_ros.core.methods.deop.twostream import TwoStream
+
+
+class PublishedTwoStream(ReleaseFrames, TwoStream):
+    """The two-stream baseline on the release's proposal network (``deop.checkpoint``).
+
+    ``PublishedTwoStream(clip, settings=None, checkpoint=path)`` or ``released=``; the errors of
+    :class:`~ovss_ros.core.methods.deop.published.PublishedDeop`.
+    """
+
+    def __init__(
+        self,
+        clip: LoadedClip,
+        settings: TwoStreamConfig | None = None,
+        checkpoint: str | None = None,
+        released: ReleasedDeop | None = None,
+    ) -> None:
+        self.released = released or load_release(checkpoint, clip)
+        super().__init__(clip, settings, modules=self.released.modules)
+
+    def describe(self) -> str:
+        arch = self.released.proposals.arch
+        return (
+            f"two-stream as released on {self.released.source}: MaskFormer proposals (ResNet-"
+            f"{arch.depth}, {arch.queries} queries), one CLIP forward per mask crop, geometric "
+            f"ensemble with the proposals' classes (weight {CLIP_ENSEMBLE_WEIGHT}); input short "
+            f"side {MIN_SIZE_TEST} (the release's)"
+        )
+
+    def _check(self, settings: TwoStreamConfig, modules: DeopModules | None) -> None:
+        super()._check(settings, modules)
+        self.check_release(settings)
+        width, text = self.released.proposals.arch.embedding_dim, self.clip.model.visual.output_dim
+        if width != text:
+            raise ValueError(
+                f"the release's proposal classifier is {width} wide, this CLIP's text space "
+                f"{text}: set model ViT-B-16 and pretrained openai"
+            )
+
+    def scores(self, frames: Frames) -> torch.Tensor:
+        keep = self._owner != VOID
+        texts, void = self._queries[keep], self._queries[~keep]
+        rows = torch.cat([texts, void])
+        unit = F.normalize(frames.query_embeddings.float(), dim=-1)
+        mask_cls = torch.softmax(self.settings.logit_scale * unit @ rows.T, dim=-1)[..., :-1]
+        probs = torch.zeros((*mask_cls.shape[:2], len(self._owner)), device=mask_cls.device)
+        step = self.settings.crop_batch
+        for index, resized in enumerate(frames.resized):
+            rgb = resized.round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+            masks = frames.proposals.masks[index]
+            embeddings, valid = [], torch.zeros(masks.shape[0], dtype=torch.bool)
+            for first in range(0, masks.shape[0], step):  # a batch of crops at a time
+                every = torch.ones(min(step, masks.shape[0] - first), dtype=torch.bool)
+                crops, slots = self.crops(
+                    np.ascontiguousarray(rgb), masks[first : first + step], every
+                )
+                if slots:
+                    embeddings.append(self.clip.model.encode_image(crops).float())
+                    valid[[first + slot for slot in slots]] = True
+            clip_logits = (
+                self.settings.logit_scale * F.normalize(torch.cat(embeddings), dim=-1) @ rows.T
+                if embeddings
+                else rows.new_zeros((0, rows.shape[0]))
+            )
+            ensemble = clip_ensemble(mask_cls[index], clip_logits, valid.to(mask_cls.device))
+            probs[index][:, keep] = ensemble
+        return self.semantic(probs, frames)
