@@ -43,8 +43,6 @@ NOT_ROS = ("ovss_ros.core", "ovss_ros.cli", "ovss_ros.evaluation", "ovss_ros.tra
 # limit fails the test until it is split or listed here with its reason.
 MAX_LINES = 400
 LONG_FILES = {
-    "ovss_ros/training/deop_training.py": "DeOP's training loop and its losses, one procedure "
-    "(the released recipe) read top to bottom",
     "ovss_ros/core/methods/dslo/sd2_attention.py": "Stable Diffusion 2 self-attention as one "
     "class: settings checked against the model, attn1 hooks, the M2N2 read-out pooled to the "
     "patch grid (loading is sd2_loading.py)",

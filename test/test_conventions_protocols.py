@@ -98,7 +98,8 @@ def test_methods_without_a_protocol_get_the_standard_one(tmp_path):
     assert protocol.name == "clearclip"  # ClearCLIP's ablation is evaluated by its code
     args, _, _ = parse_args(["context60", str(tmp_path), "--method", "maskclip"])
     assert settings_of(engine_config(args, ())) == (336, 224, 112, 0.1, 40, 0, False)
-    assert set(DEFAULT_PROTOCOL) == set(LAST_BLOCK_MODES)  # every method has a default
+    # every last-block method has a default, and DeOP its own (test_evaluation_splits.py)
+    assert set(DEFAULT_PROTOCOL) == {*LAST_BLOCK_MODES, "deop"}
 
 
 def test_unknown_protocol_is_refused(tmp_path, capsys):

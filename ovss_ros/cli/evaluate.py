@@ -4,15 +4,19 @@
     ovss-eval cityscapes ~/data/cityscapes --method sclip --device cuda
     ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --method naclip --protocol standard
     ovss-eval voc21 ~/data/VOCdevkit/VOC2012 --protocol dslo --dslo-sd-model ~/models/sd2-base
+    ovss-eval coco_stuff ~/data/coco_stuff164k --method deop --deop-checkpoint model_final.pth
 
 The engine settings default to the official protocol of the method (``--method``; naclip,
-sclip and clearclip have their own, the other methods get ``standard``) on the data set:
+sclip, clearclip and deop have their own, the other methods get ``standard``) on the data set:
 weights, short side, sliding window, probability threshold, logit scale, SCLIP's area
 threshold, PAMR, class names and background words (``ovss_ros.evaluation.protocol``).
 ``--protocol`` picks another method's protocol (``freecp``: FreeCP's settings, refinement and
 variant of the base method, e.g. ``--method sclip --protocol freecp``; ``dslo``: DSLO's published
 configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with
-``--dslo-sd-model`` where the hub is not reachable); ``--params-file`` reads engine settings
+``--dslo-sd-model`` where the hub is not reachable; ``deop``, the default of ``--method deop``:
+DeOP's released evaluation, COCO-Stuff's 171 classes at short side 512, with the mIoU of its
+156 seen and 15 unseen classes and their harmonic mean, hIoU; ``--seen-unseen`` adds those to
+any protocol on coco_stuff); ``--params-file`` reads engine settings
 from a params file over the protocol's; any engine flag overrides single settings
 (``--background-words`` replaces the data set's background words). Data sets: voc21,
 context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k, each read from the
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import textwrap
 from dataclasses import dataclass, replace
@@ -53,6 +58,7 @@ from ovss_ros.core.methods.freecp.settings import DATASET_THRESHOLDS as FREECP_T
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
+from ovss_ros.evaluation.class_splits import SPLITS, ClassSplit
 from ovss_ros.evaluation.dataset_readers import layout_text
 from ovss_ros.evaluation.protocol import (
     METHOD_PROTOCOLS,
@@ -113,6 +119,13 @@ def build_parser(
         type=Path,
         help="replacement class-name file (same lines as the built-in one, ';' synonyms)",
     )
+    parser.add_argument(
+        "--seen-unseen",
+        action=argparse.BooleanOptionalAction,
+        help="also report mIoU of the seen and the unseen classes and their harmonic mean "
+        "(hIoU) on a data set with a zero-shot split (coco_stuff: DeOP's 156/15); default: on "
+        "with the deop protocol, off with the others",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_max_input_pixels_argument(parser)
     defaults = {}
@@ -147,7 +160,21 @@ def parse_args(
     args = parse_engine_args(build_parser(protocol, method), argv)
     if args.limit is not None and args.limit < 1:
         build_parser(protocol, method).error("--limit must be at least 1")
+    if args.seen_unseen and protocol.name not in SPLITS:
+        build_parser(protocol, method).error(
+            f"--seen-unseen: {protocol.name} has no seen/unseen class split (only "
+            f"{', '.join(SPLITS)}: {', '.join(s.name for s in SPLITS.values())})"
+        )
     return args, protocol, method
+
+
+def class_split(
+    args: argparse.Namespace, protocol: DatasetProtocol, method: MethodProtocol
+) -> ClassSplit | None:
+    """The data set's seen/unseen split when --seen-unseen (default: the protocol's
+    ``class_splits``) asks for it and the data set has one."""
+    wanted = method.class_splits if args.seen_unseen is None else args.seen_unseen
+    return SPLITS.get(protocol.name) if wanted else None
 
 
 def engine_config(
@@ -206,8 +233,9 @@ def protocol_segmenter(
     return segmenter
 
 
-def format_report(result: EvaluationResult, title: str) -> str:
-    """Per-class IoU / Acc table followed by the summary line, as a plain-text block."""
+def format_report(result: EvaluationResult, title: str, split: ClassSplit | None = None) -> str:
+    """Per-class IoU / Acc table followed by the summary line (and with a ``split``, the line
+    of its seen / unseen mIoU and hIoU), as a plain-text block."""
     width = max(len(name) for name in result.label_names)
     lines = [f"{title}: {result.images} images", f"{'class':<{width}}     IoU     Acc"]
     for row in result.per_class():
@@ -219,7 +247,29 @@ def format_report(result: EvaluationResult, title: str) -> str:
         f"mIoU {summary['mIoU']:.2f}  mAcc {summary['mAcc']:.2f}  aAcc {summary['aAcc']:.2f}  "
         f"({result.images / max(result.segment_seconds, 1e-9):.2f} images/s in the engine)"
     )
+    if split is not None:
+        scores = result.confusion.split_summary(split.unseen)
+        seen = len(split.seen(len(result.label_names)))
+        lines.append(
+            f"mIoU seen ({seen}) {scores['mIoU_seen']:.2f}  unseen ({len(split.unseen)}) "
+            f"{scores['mIoU_unseen']:.2f}  hIoU {scores['hIoU']:.2f}  ({split.name} split)"
+        )
     return "\n".join(lines)
+
+
+def split_report(result: EvaluationResult, split: ClassSplit | None) -> dict[str, object]:
+    """The JSON report's split entries: the seen / unseen mIoU and hIoU (None where NaN) and the
+    split itself; nothing without a split."""
+    if split is None:
+        return {}
+    scores = result.confusion.split_summary(split.unseen)
+    return {
+        **{
+            key: None if math.isnan(scores[key]) else scores[key]
+            for key in ("mIoU_seen", "mIoU_unseen", "hIoU")
+        },
+        "class_split": split.to_dict(len(result.label_names)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,10 +310,12 @@ def score(args: argparse.Namespace, protocol: DatasetProtocol, method: MethodPro
     except (OSError, ValueError, ModelLoadError, VocabularyError) as error:
         print(f"ovss-eval: error: {one_line(error)}", file=sys.stderr)
         return BAD_INPUT
-    print(format_report(result, f"{protocol.title}, {method.name} protocol"))
+    split = class_split(args, protocol, method)
+    print(format_report(result, f"{protocol.title}, {method.name} protocol", split))
     if args.output:
         report = {
             **result.to_dict(),
+            **split_report(result, split),
             "data_root": str(args.root),
             "protocol": method.name,
             "protocol_source": method.source,

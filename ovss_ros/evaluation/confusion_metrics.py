@@ -5,12 +5,18 @@ summed over the whole data set before dividing (not averaged per image), and a c
 undefined (never in the ground truth and never predicted) is left out of the mean. A class that is
 predicted but never present scores IoU 0 and does count.
 
+``split_summary`` adds the zero-shot scores (mIoU of the seen and of the unseen classes, hIoU)
+as DeOP's evaluator computes them (``ovss_ros.evaluation.class_splits``).
+
 One extra column, "no prediction", holds scored pixels the engine left unlabeled on a data set
 without a background class (possible only with a threshold or background words there): they are
 misses for their true class but false positives for none.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Collection
 
 import numpy as np
 
@@ -86,6 +92,40 @@ class ConfusionMatrix:
             "mAcc": 100 * _nanmean(self.class_accuracy()),
             "aAcc": 100 * self.pixel_accuracy(),
         }
+
+    def split_summary(self, unseen: Collection[int]) -> dict[str, float]:
+        """mIoU over all classes, the seen ones (all but ``unseen``) and the ``unseen`` label
+        values, and hIoU, the harmonic mean of the seen and unseen mIoU, in percent.
+
+        As DeOP's ``GeneralizedSemSegEvaluator.evaluate`` computes "mIoU", "mIoU-base",
+        "mIoU-unbase" and "hIoU-base" (github.com/CongHan0808/DeOP,
+        ``mask_former/evaluation/generalized_sem_seg_evaluation.py``): each mean is over the
+        classes of its set that are true or predicted somewhere (a class predicted but never
+        true scores 0 and counts, one neither true nor predicted is left out), a set without such
+        a class has mean NaN, and hIoU = 2 / (1/seen + 1/unseen): 0 when either is 0, NaN when
+        either is NaN. Raises ValueError for a label value outside 0..num_classes-1.
+        """
+        bad = sorted(label for label in unseen if not 0 <= label < self.num_classes)
+        if bad:
+            raise ValueError(f"unseen labels {bad} outside 0..{self.num_classes - 1}")
+        iou = self.iou()
+        is_unseen = np.zeros(self.num_classes, dtype=bool)
+        is_unseen[list(unseen)] = True
+        seen, unseen_mean = _nanmean(iou[~is_unseen]), _nanmean(iou[is_unseen])
+        return {
+            "mIoU": 100 * _nanmean(iou),
+            "mIoU_seen": 100 * seen,
+            "mIoU_unseen": 100 * unseen_mean,
+            "hIoU": 100 * harmonic_mean(seen, unseen_mean),
+        }
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2 / (1/a + 1/b) as DeOP's evaluator computes it in numpy: 0 when either is 0 (1/0 is
+    inf), NaN when either is NaN (``statistics.harmonic_mean`` gives 0 for NaN and 0)."""
+    if math.isnan(a) or math.isnan(b):
+        return float("nan")
+    return 0.0 if a == 0 or b == 0 else 2 * a * b / (a + b)
 
 
 def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -32,6 +32,14 @@ names another; flags override single settings.
   affinity, JBU) on the ``standard`` data-set settings: DSLO's code and configs are not public,
   so its resize, windows and thresholds are not known; ``standard`` is what the methods it
   compares with share.
+- ``deop``: DeOP as released (github.com/CongHan0808/DeOP, ``scripts/deop_verifycoco.sh``, its
+  only evaluation, on ``configs/coco-stuff-164k-156/..._featupsample_img512.yaml``): COCO-Stuff
+  164k val2017, all 171 classes by the names of ``register_coco_stuff.py`` (``stuff_classes``,
+  stripped, no background word), argmax over the classes (threshold 0), ignore label 255, the
+  whole image at short side 512 (``INPUT.MIN_SIZE_TEST 512``; the published model applies it
+  itself); the 156/15 seen/unseen split reported (``class_splits``). DeOP's code evaluates no
+  other data set (its cross-data-set yamls configure SimBaseline's model), so there the
+  protocol is ``standard``'s thresholds and class names at short side 512, whole image.
 
 All three official repositories evaluate OpenAI's ViT-B/16 (QuickGELU), so that is every
 protocol's model. The class-name files in ``ovss_ros/data/class_names`` are the repositories'
@@ -50,7 +58,7 @@ label k + 1.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -169,6 +177,8 @@ class MethodProtocol:
     empty_as_first: bool = False
     # engine settings of the method itself (full setting names), the same on every data set
     engine: Mapping[str, object] = field(default_factory=dict)
+    # report mIoU seen / unseen / hIoU on data sets with a split (class_splits.SPLITS)
+    class_splits: bool = False
 
     def for_dataset(self, dataset: DatasetProtocol) -> Settings:
         return self.settings[dataset.name]
@@ -296,8 +306,23 @@ METHOD_PROTOCOLS["dslo"] = MethodProtocol(
     pretrained=str(DSLO_PAPER["pretrained"]),
     engine={k: v for k, v in DSLO_PAPER.items() if k not in ("model", "pretrained")},
 )
+METHOD_PROTOCOLS["deop"] = MethodProtocol(
+    "deop",
+    "github.com/CongHan0808/DeOP: scripts/deop_verifycoco.sh, configs/coco-stuff-164k-156/"
+    "zero_shot_maskformer_R101c_bs32_60k_proposalmask_featupsample_img512.yaml, "
+    "mask_former/data/datasets/register_coco_stuff.py, "
+    "mask_former/evaluation/generalized_sem_seg_evaluation.py (COCO-Stuff; the other data sets: "
+    "the standard protocol's thresholds and class names at short side 512, DeOP's code has no "
+    "evaluation of them)",
+    {
+        name: replace(standard, short_side=512, crop=0, stride=0)
+        for name, standard in METHOD_PROTOCOLS["standard"].settings.items()
+    }
+    | {"coco_stuff": Settings(512, 0, 0, 0.0, class_prefix="deop_")},
+    class_splits=True,
+)
 
-# The protocol of a last-block method's own code; methods without one get the standard one.
+# The protocol of a method's own code; methods without one get the standard one.
 # maskclip_reduced is ClearCLIP's "MaskCLIP" ablation, evaluated with ClearCLIP's code.
 DEFAULT_PROTOCOL = {
     "naclip": "naclip",
@@ -307,6 +332,7 @@ DEFAULT_PROTOCOL = {
     "maskclip": "standard",
     "vanilla": "standard",
     **dict.fromkeys(FREECP_VARIANTS, "freecp"),
+    "deop": "deop",
 }
 
 

@@ -5,9 +5,8 @@ classes only and scores all classes: pixels of unseen classes are ignored in tra
 ``*_base`` label folders have them at 255) and the validation vocabulary holds every class, so
 mIoU is reported on the seen and the unseen classes and their harmonic mean.
 
-- COCO-Stuff 164k, 171 classes, 15 unseen (ZegFormer's split, DeOP's
-  ``datasets/prepare_coco_stuff_164k_sem_seg.py`` ``novel_clsID``: COCO ids 21, 25, 33, 34, 41,
-  57, 87, 100, 106, 124, 145, 148, 149, 169, 172): :data:`COCO_STUFF_UNSEEN`.
+- COCO-Stuff 164k, 171 classes, 15 unseen (ZegFormer's split, DeOP's; written down once, in
+  ``ovss_ros.evaluation.class_splits.COCO_STUFF_156_15``): :data:`COCO_STUFF_UNSEEN`.
 - PASCAL VOC 2012, 20 classes without background (background not scored), 5 unseen: the last
   five, potted plant, sheep, sofa, train, tv monitor (``register_voc_seg.py``).
 - A folder: ``classes.txt`` (one class per line, synonyms after ';'), optional ``unseen.txt``
@@ -29,6 +28,7 @@ import numpy as np
 
 from ovss_ros.core.file_checks import read_text
 from ovss_ros.core.vocabulary import ClassEntry
+from ovss_ros.evaluation.class_splits import COCO_STUFF_156_15
 from ovss_ros.evaluation.dataset_readers import (
     IGNORE,
     MAX_LABEL_PIXELS,
@@ -47,10 +47,7 @@ if TYPE_CHECKING:  # torch is imported when a run starts: the tool checks its da
     import torch
 
 DATASETS = ("coco_stuff", "voc", "folder")
-COCO_STUFF_UNSEEN = (
-    "cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard",
-    "clouds", "grass", "playingfield", "river", "road", "tree", "wall-concrete",
-)  # fmt: skip
+COCO_STUFF_UNSEEN = tuple(COCO_STUFF_156_15.unseen.values())
 VOC_UNSEEN = ("pottedplant", "sheep", "sofa", "train", "television monitor")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -231,7 +231,8 @@ class DeopTrainer:
 
     def validate(self, progress: bool = False) -> dict[str, float]:
         """mIoU (percent) on all, seen and unseen classes and their harmonic mean, computed by
-        the evaluator's confusion matrix, with the DeOP pipeline as it would run deployed."""
+        the evaluator's confusion matrix as DeOP's evaluator does
+        (``ConfusionMatrix.split_summary``), with the DeOP pipeline as it would run deployed."""
         self.modules.eval()
         settings = self.config.inference_settings()
         with torch.no_grad():
@@ -242,26 +243,7 @@ class DeopTrainer:
                 deop, self.data.val, self.data.names, False, limit=limit, progress=progress
             )
         self.modules.train()
-        iou = result.confusion.iou()
-        seen = _mean(iou[self.data.seen])
-        unseen = _mean(iou[self.data.unseen]) if self.data.unseen else float("nan")
-        harmonic = (
-            2 * seen * unseen / (seen + unseen)
-            if seen + unseen > 0 and not math.isnan(unseen)
-            else float("nan")
-        )
-        return {
-            "mIoU": 100 * _mean(iou),
-            "mIoU_seen": 100 * seen,
-            "mIoU_unseen": 100 * unseen,
-            "hIoU": 100 * harmonic,
-            "images": result.images,
-        }
-
-
-def _mean(values: np.ndarray) -> float:
-    defined = values[~np.isnan(values)]
-    return float(defined.mean()) if defined.size else float("nan")
+        return {**result.confusion.split_summary(self.data.unseen), "images": result.images}
 
 
 def resume_state(trainer: DeopTrainer, state: dict, path: Path) -> tuple[int, dict]:
