@@ -382,3 +382,19 @@ def test_failed_checkpoint_switch_changes_nothing(clip, voc_rgb, tmp_path):
     deop.reconfigure(proposal_source="superpixels", pooling="auto")
     deop.load_checkpoint(None)
     assert deop.modules is None and deop.pooling() == "mean"
+
+
+def test_a_checkpoint_trained_at_another_residual_is_named_at_load(clip, tmp_path, caplog):
+    """Checkpoints made while 0.2 was the default were trained at 0.2; the default is now the
+    released 1.0: loading one says so and names the setting (once it matches, nothing)."""
+    trained = asdict(settings(severance_residual=0.2))
+    path = save_checkpoint(tmp_path / "old.pt", trained_modules(clip), clip, trained)
+    with caplog.at_level(logging.WARNING):
+        Deop(clip, settings(), checkpoint=str(path))
+    assert "was trained with severance_residual 0.2 but deop.severance_residual is 1" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Deop(clip, settings(severance_residual=0.2), checkpoint=str(path))
+    assert "severance_residual" not in caplog.text

@@ -138,6 +138,20 @@ class Deop(ProposalSegmenter):
                 self.pooling(),
                 self.proposal_source(),
             )
+            saved = self.checkpoint.settings if self.checkpoint else {}
+            trained = saved.get("severance_residual")
+            current = self.settings.severance_residual
+            if isinstance(trained, int | float) and trained != current:
+                # Checkpoints made before 1.0 became the default were trained at 0.2.
+                logger.warning(
+                    "DeOP checkpoint %s was trained with severance_residual %g but "
+                    "deop.severance_residual is %g: set it to %g for the features its heads "
+                    "were trained on",
+                    source,
+                    trained,
+                    current,
+                    trained,
+                )
 
     def pooling(self, settings: DeopConfig | None = None) -> str:
         """What ``auto`` resolves to: the CAL decoder when one is loaded, else mean pooling."""
