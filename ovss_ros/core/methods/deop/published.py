@@ -112,6 +112,11 @@ class ReleaseFrames:
         """Resize, normalise and pad; the proposal network's mask logits, query embeddings and,
         at the input size, its soft masks (N, Q, H', W') (the frames keep the resized RGB)."""
         rgb = torch.cat([self.preprocess(image) for image in images])
+        return self.prepare_resized(rgb, images)
+
+    def prepare_resized(self, rgb: torch.Tensor, images: list[np.ndarray]) -> Frames:
+        """:meth:`prepare` after the resize: ``rgb`` (N, 3, H', W') 0-255 float from
+        :meth:`preprocess` of ``images`` (ovss-bench times the two steps apart)."""
         pixels, (height, width) = prepare_images(rgb)
         output = self.released.proposals(pixels)
         grid = (pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch)
