@@ -536,3 +536,25 @@ def test_published_deop_end_to_end_follows_the_release(release, tiny_clip):
     difference = (ours[0] - theirs).abs()
     scale = float(theirs.abs().max())
     assert float(difference.mean()) < 1e-4 * scale and float(difference.max()) < 1e-2 * scale
+
+
+def test_a_truncated_release_file_is_refused_as_unreadable_naming_both_formats(
+    tmp_path, release, tiny_clip
+):
+    """A cut download is no zip archive: not recognised as the release, it reaches the
+    ovss-train-deop loader, whose reason said "train a new one" (no use for the release)."""
+    from ovss_ros.core.methods.deop.checkpoint import CheckpointError, load_checkpoint
+    from ovss_ros.core.methods.deop.released_checkpoint import is_released_file
+
+    cut = tmp_path / "model_final.pth"
+    cut.write_bytes(release[0].read_bytes()[: 1 << 20])
+    assert not is_released_file(cut)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(cut, tiny_clip)
+    message = str(error.value)
+    assert "unreadable or corrupt" in message and "not a torch.save archive" in message
+    assert (
+        "copy it again (the DeOP release's model_final.pth, or a file from ovss-train-deop)"
+        in message
+    )
+    assert "train a new one" not in message
