@@ -226,7 +226,8 @@ def check_structure(content: dict, path: Path) -> None:
 
     ``clip``: name (str), config (dict or None), embed_dim, width, patch_size (int), weights
     (float tensor of WEIGHT_SAMPLES); ``architecture`` (dict; see ``check_architecture``);
-    ``weights`` (str -> tensor); ``settings`` (dict, optional); ``training`` (dict, optional).
+    ``weights`` (str -> tensor, floating ones finite); ``settings`` (dict, optional);
+    ``training`` (dict, optional).
     Raises CheckpointError naming the key.
     """
     saved = _field(content, "clip", dict, path)
@@ -247,6 +248,11 @@ def check_structure(content: dict, path: Path) -> None:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise CheckpointError(
                 f"DeOP checkpoint {path}: weights entry {_shown(name)} is not a named tensor"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"DeOP checkpoint {path}: weights {name!r} holds NaN or infinite values: the "
+                "file is damaged or its training diverged (resume from an earlier checkpoint)"
             )
     for key in ("settings", "training"):
         if key in content and content[key] is not None:
