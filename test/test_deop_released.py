@@ -409,7 +409,7 @@ MALFORMED = {
     ),
     "integer decoder weights": (
         lambda s: {"decoder.layers.0.linear1.bias": torch.zeros(64, dtype=torch.int64)},
-        "'decoder.layers.0.linear1.bias' is int64; trained weights are floating point",
+        "'decoder.layers.0.linear1.bias' is int64; weights are floating point",
     ),
     "0-d learned position": (
         lambda s: {POSITION: torch.tensor(1.0)},

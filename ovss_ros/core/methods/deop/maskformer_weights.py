@@ -194,19 +194,15 @@ def read_released(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def check_values(state: dict[str, torch.Tensor], where: str) -> None:
-    """Raise ProposalWeightsError naming the first tensor of ``state`` that is not floating
-    point or holds NaN or infinity (``where``: the file and part, for the message); a network
-    with such weights gives NaN scores, so it is refused at load rather than run."""
+    """Raise ProposalWeightsError naming the first tensor of ``state`` (``where``: the file,
+    for the message) that is not floating point or not finite: it would give NaN scores."""
     for name, tensor in state.items():
         if not tensor.is_floating_point():
-            raise ProposalWeightsError(
-                f"{where}: {name!r} is {str(tensor.dtype).removeprefix('torch.')}; trained "
-                "weights are floating point"
-            )
+            kind = str(tensor.dtype).removeprefix("torch.")
+            raise ProposalWeightsError(f"{where}: {name!r} is {kind}; weights are floating point")
         if not bool(torch.isfinite(tensor).all()):
             raise ProposalWeightsError(
-                f"{where}: {name!r} holds NaN or infinite values: the file is damaged (or from a "
-                "diverged training run)"
+                f"{where}: {name!r} holds NaN or infinite values: the file is damaged"
             )
 
 
@@ -243,7 +239,7 @@ def architecture_of(tensors: dict[str, torch.Tensor], path: Path) -> MaskFormerA
     }
     queries, hidden = shape(predictor + "query_embed.weight")
     embed_layers = len({k for k in tensors if k.startswith(predictor + "class_embed.layers.")})
-    last_embed = max(embed_layers // 2 - 1, 0)  # a missing head: named as layers.0
+    last_embed = max(embed_layers // 2 - 1, 0)  # no head at all: layers.0 is named missing
     base = R101C if deeplab else R50
     arch = replace(
         base,
