@@ -191,6 +191,36 @@ def test_ovss_segment_runs_published_deop_on_the_release_file(tmp_path, release,
     np.testing.assert_array_equal(labels, segmenter.segment(rgb).labels)
 
 
+def test_ovss_segment_says_what_runs_on_the_release_file(tmp_path, release, caplog):
+    """The node logs the method at start-up; the tools did not, so a user was not told that the
+    release's input size (short side 512) replaces --short-side."""
+    args = [str(voc_image_paths()[0]), "--classes", "dog", "-o", str(tmp_path)]
+    args += ENGINE + ["--method", "deop", "--deop-checkpoint", str(release)]
+    torch.manual_seed(0)
+    assert segment(args) == 0
+    told = [r.getMessage() for r in caplog.records if r.name == "ovss-segment"]
+    assert any(
+        line.startswith("method DeOP as released from") and "input short side 512" in line
+        for line in told
+    ), told
+
+
+def test_ovss_bench_times_deop_and_twostream_on_the_release_file(tmp_path, release, capsys):
+    """Before: the deop row ended in a traceback (the bench built the frame without the
+    release's proposal network: AttributeError on mask_logits None)."""
+    out = tmp_path / "bench.json"
+    combos = ["deop", "twostream"]
+    args = ["--combos", *combos, "--iterations", "1", "--warmup", "0", "--json", str(out)]
+    args += ["--width", "96", "--height", "64", "--deop-checkpoint", str(release)]
+    torch.manual_seed(0)  # the file's CLIP
+    assert bench(args + ENGINE) == 0
+    report = json.loads(out.read_text())
+    assert list(report["combos"]) == combos
+    for result in report["combos"].values():
+        assert set(result["stages"]) == set(STAGES)
+        assert result["end_to_end"]["median_ms"] > 0
+
+
 def test_ovss_segment_refuses_the_release_on_another_clip(tmp_path, release, caplog):
     args = [str(voc_image_paths()[0]), "--classes", "dog", "-o", str(tmp_path)]
     args += ENGINE + ["--method", "deop", "--deop-checkpoint", str(release)]

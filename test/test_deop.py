@@ -360,6 +360,13 @@ def test_checkpoint_errors(clip, tmp_path):
     torch.save(content, tmp_path / "newer.pt")
     with pytest.raises(CheckpointError, match="version 99"):
         load_checkpoint(tmp_path / "newer.pt", clip)
+    for bad in (float("nan"), float("inf")):  # a diverged run: refused, not run to NaN scores
+        content = torch.load(path, weights_only=True)
+        name = next(k for k, v in content["weights"].items() if v.is_floating_point())
+        content["weights"][name] = content["weights"][name].clone().fill_(bad)
+        torch.save(content, tmp_path / "diverged.pt")
+        with pytest.raises(CheckpointError, match=f"weights '{name}' holds NaN or infinite"):
+            load_checkpoint(tmp_path / "diverged.pt", clip)
     with pytest.raises(CheckpointError, match="tiny-vit-b32"):
         load_checkpoint(path, tiny_clip(config=TINY_VIT_B32))
     with pytest.raises(CheckpointError, match="other weights"):

@@ -373,6 +373,129 @@ def test_a_release_file_missing_a_part_is_refused_naming_it(tmp_path, release, d
         load_released_deop(path)
 
 
+CLIP_KEY = "clip_adapter.clip_model."
+POSITION = CLIP_KEY + "visual.learned_position"
+BLOCK_POSITION = CLIP_KEY + "visual.transformer.resblocks.1.learned_position"
+PROMPT = "clip_adapter.prompt_learner.prefix_prompt"
+
+
+def _nan(value):
+    value = value.clone()
+    value.view(-1)[0] = float("nan")
+    return value
+
+
+# Each a malformed release file (the good one with some tensors replaced) and the reason its
+# refusal gives; before the fix these crashed (IndexError, or a RuntimeError on the first frame),
+# ran to NaN scores, or were refused with an unrelated reason.
+MALFORMED = {
+    "NaN in the backbone": (
+        lambda s: {"backbone.stem.conv1.weight": _nan(s["backbone.stem.conv1.weight"])},
+        "'backbone.stem.conv1.weight' holds NaN or infinite values",
+    ),
+    "inf in the decoder": (
+        lambda s: {"decoder.layers.0.linear1.weight": s["decoder.layers.0.linear1.weight"] / 0},
+        "'decoder.layers.0.linear1.weight' holds NaN or infinite values",
+    ),
+    "NaN void": (
+        lambda s: {"clip_adapter.non_object_embedding": torch.full((1, 32), float("nan"))},
+        "'clip_adapter.non_object_embedding' holds NaN",
+    ),
+    "NaN prompt": (lambda s: {PROMPT: _nan(s[PROMPT])}, f"'{PROMPT}' holds NaN"),
+    "NaN learned position": (lambda s: {POSITION: _nan(s[POSITION])}, "learned_position' holds"),
+    "NaN slot queries": (
+        lambda s: {"query_embedding.weight": _nan(s["query_embedding.weight"])},
+        "'query_embedding.weight' holds NaN",
+    ),
+    "integer decoder weights": (
+        lambda s: {"decoder.layers.0.linear1.bias": torch.zeros(64, dtype=torch.int64)},
+        "'decoder.layers.0.linear1.bias' is int64; weights are floating point",
+    ),
+    "0-d learned position": (
+        lambda s: {POSITION: torch.tensor(1.0)},
+        "has shape \\(\\); a \\(1 \\+ n\\*n",
+    ),
+    "1-row learned position": (
+        lambda s: {POSITION: torch.randn(1, 64), BLOCK_POSITION: torch.randn(1, 64)},
+        "learned_position has shape \\(1, 64\\); a \\(1 \\+ n\\*n, width\\) table",
+    ),
+    "learned positions narrower than CLIP": (
+        lambda s: {POSITION: torch.randn(577, 63), BLOCK_POSITION: torch.randn(577, 63)},
+        "the learned positions is 63 wide, the loaded CLIP's needs 64",
+    ),
+    "prompt longer than the text window": (
+        lambda s: {PROMPT: torch.randn(100, 64)},
+        "prompt context has 100 tokens; the loaded CLIP reads 77 text tokens, so at most 73",
+    ),
+    "prompt leaving no room for a name": (
+        lambda s: {PROMPT: torch.randn(74, 64)},
+        "has 74 tokens; .* at most 73",
+    ),
+    "1-D prompt": (
+        lambda s: {PROMPT: torch.randn(64)},
+        f"'{PROMPT}' has shape \\(64,\\); a non-empty 2-D",
+    ),
+    "1-D slot queries": (
+        lambda s: {"query_embedding.weight": torch.randn(100)},
+        "'query_embedding.weight' has shape \\(100,\\); a non-empty 2-D tensor",
+    ),
+    "0 slot queries": (
+        lambda s: {"query_embedding.weight": torch.randn(0, 32)},
+        "'query_embedding.weight' has shape \\(0, 32\\); a non-empty 2-D tensor",
+    ),
+    "fewer slots than proposal queries": (
+        lambda s: {"query_embedding.weight": torch.randn(50, 32)},
+        "the decoder has 50 slot queries .* but the proposal network 100 queries",
+    ),
+    "0-d mask_features": (
+        lambda s: {"sem_seg_head.pixel_decoder.mask_features.weight": torch.tensor(1.0)},
+        "'sem_seg_head.pixel_decoder.mask_features.weight' has shape \\(\\); .* 4-D",
+    ),
+    "1-D MaskFormer queries": (
+        lambda s: {"sem_seg_head.predictor.query_embed.weight": torch.randn(256)},
+        "'sem_seg_head.predictor.query_embed.weight' has shape \\(256,\\); .* 2-D",
+    ),
+    "no class head": (
+        lambda s: {k: None for k in s if k.startswith("sem_seg_head.predictor.class_embed.")},
+        "has no 'sem_seg_head.predictor.class_embed.layers.0.weight'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_release_file_is_refused_at_load_with_its_reason(
+    tmp_path, release, tiny_clip, case
+):
+    """Refused by load_release (what PublishedDeop, the node and every tool call) as a
+    ProposalWeightsError (a ValueError: the node refuses the change, a tool exits 2)."""
+    from ovss_ros.core.methods.deop.maskformer_weights import ProposalWeightsError
+    from ovss_ros.core.methods.deop.published import load_release
+
+    change, message = MALFORMED[case]
+    state = dict(release[1])
+    for key, value in change(state).items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ProposalWeightsError, match=message):
+        load_release(str(path), tiny_clip)
+
+
+@pytest.mark.parametrize(
+    ("size", "max_long_side", "expected"),
+    [((1, 10000), 2048, (1, 2048)), ((10000, 1), 4096, (2560, 1)), ((1, 1), 2048, (512, 512))],
+)
+def test_the_release_resize_keeps_every_side_at_least_one_pixel(size, max_long_side, expected):
+    """detectron2's rule rounds a 1 x 10000 frame's short side to 0 (512 * 2048 / 5.12e6 =
+    0.2): the frame then crashed the resize; here it is kept at 1 pixel."""
+    from ovss_ros.core.methods.deop.published import release_size
+
+    assert release_size(*size, max_long_side) == expected
+
+
 def test_published_deop_end_to_end_follows_the_release(release, tiny_clip):
     """released_scores against the official forward composed from this file's references:
     proposals (test_deop_maskformer's reference), dense pass, decoder, then the release's
@@ -413,3 +536,25 @@ def test_published_deop_end_to_end_follows_the_release(release, tiny_clip):
     difference = (ours[0] - theirs).abs()
     scale = float(theirs.abs().max())
     assert float(difference.mean()) < 1e-4 * scale and float(difference.max()) < 1e-2 * scale
+
+
+def test_a_truncated_release_file_is_refused_as_unreadable_naming_both_formats(
+    tmp_path, release, tiny_clip
+):
+    """A cut download is no zip archive: not recognised as the release, it reaches the
+    ovss-train-deop loader, whose reason said "train a new one" (no use for the release)."""
+    from ovss_ros.core.methods.deop.checkpoint import CheckpointError, load_checkpoint
+    from ovss_ros.core.methods.deop.released_checkpoint import is_released_file
+
+    cut = tmp_path / "model_final.pth"
+    cut.write_bytes(release[0].read_bytes()[: 1 << 20])
+    assert not is_released_file(cut)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(cut, tiny_clip)
+    message = str(error.value)
+    assert "unreadable or corrupt" in message and "not a torch.save archive" in message
+    assert (
+        "copy it again (the DeOP release's model_final.pth, or a file from ovss-train-deop)"
+        in message
+    )
+    assert "train a new one" not in message

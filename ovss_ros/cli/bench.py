@@ -167,6 +167,7 @@ def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callabl
     """The steps of a pnp_ovss / deop / twostream / superpixel_clip frame for the columns
     preprocess, encoder, head, postprocess: callables each taking the previous one's result."""
     from ovss_ros.core.methods.deop.proposal_segmentation import Frames, tokens_before_last_block
+    from ovss_ros.core.methods.deop.published import ReleaseFrames
 
     core = segmenter.pipeline.core
     if segmenter.pipeline.method == "pnp_ovss":
@@ -185,6 +186,8 @@ def pipeline_stages(segmenter: Segmenter, rgb: np.ndarray) -> tuple[list[Callabl
         return [lambda _: core.preprocess(rgb), presence, saliency, post]
 
     def encoder(pixels):
+        if isinstance(core, ReleaseFrames):  # the release's MaskFormer gives the proposals
+            return core.prepare_resized(pixels, [rgb])
         grid = (pixels.shape[-2] // core.patch, pixels.shape[-1] // core.patch)
         frames = Frames([rgb], pixels, None, grid)
         if core.needs_tokens():

@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
         segmenter = Segmenter(config)
         segmenter.set_classes(args.classes)
+        notice, warn = segmenter.method_notice()  # e.g. the DeOP release's own input size
+        if notice != config.method:
+            (logger.warning if warn else logger.info)("method %s", notice)
     except (FileNotFoundError, ModelLoadError, VocabularyError, ValueError) as error:
         logger.error("%s", error)
         return 2

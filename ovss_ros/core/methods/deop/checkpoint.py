@@ -160,9 +160,12 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
         check_torch_archive(path, "DeOP checkpoint", MAX_CHECKPOINT_BYTES)
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # the unpickler and zip reader raise many types
+        reason = f"{type(error).__name__}: {str(error)[:300]}"
+        if isinstance(error, FileCheckError):  # it names the file and says what is wrong
+            reason = str(error)
         raise CheckpointError(
-            f"DeOP checkpoint {path} is unreadable or corrupt ({type(error).__name__}: "
-            f"{str(error)[:300]}): copy it again or train a new one"
+            f"DeOP checkpoint {path} is unreadable or corrupt ({reason}): copy it again (the "
+            "DeOP release's model_final.pth, or a file from ovss-train-deop)"
         ) from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(
@@ -223,7 +226,8 @@ def check_structure(content: dict, path: Path) -> None:
 
     ``clip``: name (str), config (dict or None), embed_dim, width, patch_size (int), weights
     (float tensor of WEIGHT_SAMPLES); ``architecture`` (dict; see ``check_architecture``);
-    ``weights`` (str -> tensor); ``settings`` (dict, optional); ``training`` (dict, optional).
+    ``weights`` (str -> tensor, floating ones finite); ``settings`` (dict, optional);
+    ``training`` (dict, optional).
     Raises CheckpointError naming the key.
     """
     saved = _field(content, "clip", dict, path)
@@ -244,6 +248,11 @@ def check_structure(content: dict, path: Path) -> None:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise CheckpointError(
                 f"DeOP checkpoint {path}: weights entry {_shown(name)} is not a named tensor"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"DeOP checkpoint {path}: weights {name!r} holds NaN or infinite values: the "
+                "file is damaged or its training diverged (resume from an earlier checkpoint)"
             )
     for key in ("settings", "training"):
         if key in content and content[key] is not None:

@@ -193,19 +193,38 @@ def read_released(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, tensors
 
 
+def check_values(state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ProposalWeightsError naming the first tensor of ``state`` (``where``: the file,
+    for the message) that is not floating point or not finite: it would give NaN scores."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            kind = str(tensor.dtype).removeprefix("torch.")
+            raise ProposalWeightsError(f"{where}: {name!r} is {kind}; weights are floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ProposalWeightsError(
+                f"{where}: {name!r} holds NaN or infinite values: the file is damaged"
+            )
+
+
 def architecture_of(tensors: dict[str, torch.Tensor], path: Path) -> MaskFormerArchitecture:
     """The architecture a detectron2 state dict's shapes declare (see the module docstring)."""
 
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, ndim: int = 2) -> tuple[int, ...]:
         if key not in tensors:
             raise ProposalWeightsError(
                 f"{str(path)!r} has no {key!r}: not a MaskFormer proposal network checkpoint "
                 "(the DeOP release's model_final.pth holds one)"
             )
-        return tuple(tensors[key].shape)
+        found = tuple(tensors[key].shape)
+        if len(found) != ndim:
+            raise ProposalWeightsError(
+                f"{str(path)!r}: {key!r} has shape {found}; the proposal network needs a "
+                f"{ndim}-D tensor there"
+            )
+        return found
 
     deeplab = "backbone.stem.conv3.weight" in tensors
-    shape("backbone.stem.conv1.weight")
+    shape("backbone.stem.conv1.weight", ndim=4)
     res4 = {key.split(".")[2] for key in tensors if key.startswith("backbone.res4.")}
     depth = {6: 50, 23: 101}.get(len(res4))
     if depth is None:
@@ -220,18 +239,19 @@ def architecture_of(tensors: dict[str, torch.Tensor], path: Path) -> MaskFormerA
     }
     queries, hidden = shape(predictor + "query_embed.weight")
     embed_layers = len({k for k in tensors if k.startswith(predictor + "class_embed.layers.")})
+    last_embed = max(embed_layers // 2 - 1, 0)  # no head at all: layers.0 is named missing
     base = R101C if deeplab else R50
     arch = replace(
         base,
         depth=depth,
         stem="deeplab" if deeplab else "basic",
-        conv_dim=shape("sem_seg_head.pixel_decoder.layer_4.weight")[0],
-        mask_dim=shape("sem_seg_head.pixel_decoder.mask_features.weight")[0],
+        conv_dim=shape("sem_seg_head.pixel_decoder.layer_4.weight", ndim=4)[0],
+        mask_dim=shape("sem_seg_head.pixel_decoder.mask_features.weight", ndim=4)[0],
         hidden_dim=hidden,
         queries=queries,
         feedforward=shape(predictor + "transformer.decoder.layers.0.linear1.weight")[0],
         decoder_layers=len(layers),
-        embedding_dim=shape(predictor + f"class_embed.layers.{embed_layers // 2 - 1}.weight")[0],
+        embedding_dim=shape(predictor + f"class_embed.layers.{last_embed}.weight")[0],
         embed_hidden_dim=shape(predictor + "class_embed.layers.0.weight")[0],
         embed_layers=embed_layers // 2,
     )
@@ -271,6 +291,7 @@ def released_state_dict(
             )
         ours[name] = value
         used.add(key)
+    check_values({key: tensors[key] for key in sorted(used)}, repr(str(path)))
     unmatched = sorted(
         key for key in tensors if key.startswith(PROPOSAL_PREFIXES) and key not in used
     )

@@ -50,14 +50,15 @@ MAX_SIZE_TEST = 2560  # INPUT.MAX_SIZE_TEST
 
 def release_size(height: int, width: int, max_long_side: int) -> tuple[int, int]:
     """(height, width) of detectron2's ``ResizeShortestEdge(512, 2560)`` for a frame, with the
-    long side also at most ``max_long_side`` (``get_output_shape``: scale, then round)."""
+    long side also at most ``max_long_side`` (``get_output_shape``: scale, then round), each at
+    least 1 (detectron2 would round a very thin frame's short side to 0)."""
     scale = MIN_SIZE_TEST / min(height, width)
     new_h, new_w = height * scale, width * scale
     longest = min(MAX_SIZE_TEST, max_long_side)
     if max(new_h, new_w) > longest:
         shrink = longest / max(new_h, new_w)
         new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
+    return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)  # a 1 x 10000 frame: 1 x 2048
 
 
 def load_release(path: str | None, clip: LoadedClip) -> ReleasedDeop:
@@ -111,6 +112,11 @@ class ReleaseFrames:
         """Resize, normalise and pad; the proposal network's mask logits, query embeddings and,
         at the input size, its soft masks (N, Q, H', W') (the frames keep the resized RGB)."""
         rgb = torch.cat([self.preprocess(image) for image in images])
+        return self.prepare_resized(rgb, images)
+
+    def prepare_resized(self, rgb: torch.Tensor, images: list[np.ndarray]) -> Frames:
+        """:meth:`prepare` after the resize: ``rgb`` (N, 3, H', W') 0-255 float from
+        :meth:`preprocess` of ``images`` (ovss-bench times the two steps apart)."""
         pixels, (height, width) = prepare_images(rgb)
         output = self.released.proposals(pixels)
         grid = (pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch)

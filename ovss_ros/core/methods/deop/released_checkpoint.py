@@ -32,6 +32,7 @@ from ovss_ros.core.methods.deop.maskformer import ProposalNetwork
 from ovss_ros.core.methods.deop.maskformer_weights import (
     ProposalWeightsError,
     architecture_of,
+    check_values,
     read_released,
     released_state_dict,
 )
@@ -40,7 +41,11 @@ from ovss_ros.core.methods.deop.released import LearnedPositions, released_decod
 CLIP_PREFIX = "clip_adapter.clip_model."
 VOID_KEY = "clip_adapter.non_object_embedding"
 PROMPT_KEY = "clip_adapter.prompt_learner.prefix_prompt"
+MIN_PROMPT_TOKENS = 4  # start, one word, "." (the class template "{}."), end
 DECODER_HEADS = 8  # DeOP's decoder: nhead 8 (zero_shot_clipfeat_upsample_..._maskvit.py)
+# DeOP's trained tensors besides the proposal network's (checked by released_state_dict)
+DEOP_PARTS = ("decoder.", "query_embedding.")
+DEOP_KEYS = (VOID_KEY, PROMPT_KEY)
 _BLOCK_POSITION = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.learned_position")
 
 
@@ -81,6 +86,12 @@ def load_released_deop(path: str | Path) -> ReleasedDeop:
     file checks of ``read_released``, a missing part, or a part whose keys or shapes do not
     fit."""
     path, tensors = read_released(path)
+    trained = {
+        key: value
+        for key, value in tensors.items()
+        if key.startswith(DEOP_PARTS) or key in DEOP_KEYS or key.endswith(".learned_position")
+    }
+    check_values(trained, repr(str(path)))  # CLIP's own: compared with the loaded CLIP
     arch = architecture_of(tensors, path)
     proposals = ProposalNetwork(arch)
     proposals.load_state_dict(released_state_dict(tensors, arch, path), strict=False)
@@ -89,8 +100,14 @@ def load_released_deop(path: str | Path) -> ReleasedDeop:
     }
     positions = _positions(clip_state, path)
     decoder = _decoder(tensors, path)
+    if decoder.slots != arch.queries:
+        raise ProposalWeightsError(
+            f"{str(path)!r}: the decoder has {decoder.slots} slot queries "
+            f"('query_embedding.weight') but the proposal network {arch.queries} queries; "
+            "DeOP ties slot i to MaskFormer query i, so the two must be equal"
+        )
     void = _tensor(tensors, VOID_KEY, path).float()
-    context = tensors.get(PROMPT_KEY)
+    context = None if PROMPT_KEY not in tensors else _tensor(tensors, PROMPT_KEY, path, ndim=2)
     modules = DeopModules.create(
         decoder.config["dim"],
         decoder={k: v for k, v in decoder.config.items() if k != "dim"},
@@ -114,13 +131,23 @@ def load_released_deop(path: str | Path) -> ReleasedDeop:
     return released
 
 
-def _tensor(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+def _tensor(
+    tensors: dict[str, torch.Tensor], key: str, path: Path, ndim: int | None = None
+) -> torch.Tensor:
+    """``tensors[key]``; ProposalWeightsError if it is missing or not ``ndim``-D and
+    non-empty."""
     if key not in tensors:
         raise ProposalWeightsError(
             f"{str(path)!r} has no {key!r}: not a DeOP model file (the release's "
             "model_final.pth holds the proposal network, CLIP, the decoder and its embeddings)"
         )
-    return tensors[key]
+    tensor = tensors[key]
+    if ndim is not None and (tensor.ndim != ndim or tensor.numel() == 0):
+        raise ProposalWeightsError(
+            f"{str(path)!r}: {key!r} has shape {tuple(tensor.shape)}; a non-empty {ndim}-D "
+            "tensor is needed"
+        )
+    return tensor
 
 
 def _positions(clip_state: dict[str, torch.Tensor], path: Path) -> LearnedPositions:
@@ -129,8 +156,8 @@ def _positions(clip_state: dict[str, torch.Tensor], path: Path) -> LearnedPositi
     layers = sorted(
         int(match[1]) for key in clip_state if (match := _BLOCK_POSITION.fullmatch(key))
     )
-    side = round((table.shape[0] - 1) ** 0.5)
-    if table.ndim != 2 or side * side + 1 != table.shape[0]:
+    side = round(max(table.shape[0] - 1, 0) ** 0.5) if table.ndim == 2 else 0
+    if side < 1 or side * side + 1 != table.shape[0]:
         raise ProposalWeightsError(
             f"{str(path)!r}: visual.learned_position has shape {tuple(table.shape)}; a "
             "(1 + n*n, width) table is needed"
@@ -149,9 +176,9 @@ def _positions(clip_state: dict[str, torch.Tensor], path: Path) -> LearnedPositi
 
 
 def _decoder(tensors: dict[str, torch.Tensor], path: Path) -> AnchorDecoder:
-    slots, dim = _tensor(tensors, "query_embedding.weight", path).shape
+    slots, dim = _tensor(tensors, "query_embedding.weight", path, ndim=2).shape
     layers = {key.split(".")[2] for key in tensors if key.startswith("decoder.layers.")}
-    feedforward = _tensor(tensors, "decoder.layers.0.linear1.weight", path).shape[0]
+    feedforward = _tensor(tensors, "decoder.layers.0.linear1.weight", path, ndim=2).shape[0]
     try:
         decoder = AnchorDecoder(
             dim, DECODER_HEADS, layers=len(layers), feedforward=feedforward, slots=slots
@@ -176,6 +203,10 @@ def check_clip_weights(released: ReleasedDeop, model: nn.Module) -> None:
             None if released.modules.prompt is None else released.modules.prompt.context.shape[1],
             model.token_embedding.weight.shape[1],
         ),
+        "the learned positions": (
+            released.positions.input.shape[1],
+            model.visual.class_embedding.shape[-1],
+        ),
     }
     for part, (width, expected) in widths.items():
         if width is not None and width != expected:
@@ -183,6 +214,14 @@ def check_clip_weights(released: ReleasedDeop, model: nn.Module) -> None:
                 f"{released.source}: {part} is {width} wide, the loaded CLIP's needs {expected}:"
                 " set model ViT-B-16 and pretrained openai"
             )
+    prompt, window = released.modules.prompt, getattr(model, "context_length", None)
+    length = 0 if prompt is None else prompt.context.shape[0]
+    if window is not None and length > window - MIN_PROMPT_TOKENS:
+        raise ProposalWeightsError(
+            f"{released.source}: its learned prompt context has {length} tokens; the loaded "
+            f"CLIP reads {window} text tokens, so at most {window - MIN_PROMPT_TOKENS} leave room "
+            f"for a class name ({MIN_PROMPT_TOKENS} tokens: start, a word, '.', end)"
+        )
     for key, value in released.clip_state.items():  # every shape first: the architecture
         if key not in ours or tuple(ours[key].shape) != tuple(value.shape):
             shape = tuple(ours[key].shape) if key in ours else "no such tensor"

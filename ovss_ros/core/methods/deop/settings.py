@@ -144,8 +144,9 @@ class SuperpixelClipSettings(Settings):
 DEOP_NEEDS_CHECKPOINT = (
     "method deop needs its proposal network and deop.checkpoint is empty: DeOP classifies the "
     "masks of a trained proposal network (without one the severed block's weights are all 1 on "
-    "superpixels, so it is not DeOP): set deop.checkpoint to a file from ovss-train-deop, or use "
-    "method superpixel_clip for the training-free mode"
+    "superpixels, so it is not DeOP): set deop.checkpoint to the DeOP release's model_final.pth "
+    "(published DeOP) or a file from ovss-train-deop, or use method superpixel_clip for the "
+    "training-free mode"
 )
 
 
@@ -164,7 +165,8 @@ def check_proposal_method(method: str, deop: DeopSettings) -> None:
             regular_file(checkpoint, "deop.checkpoint")
         except FileCheckError as error:
             raise ValueError(
-                f"{error}: set it to a file made by ovss-train-deop"
+                f"{error}: set it to the DeOP release's model_final.pth or a file made by "
+                "ovss-train-deop"
                 + (", or to '' for the training-free twostream" if method == "twostream" else "")
             ) from None
     if method == "superpixel_clip":
