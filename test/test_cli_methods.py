@@ -219,6 +219,13 @@ def test_ovss_bench_times_deop_and_twostream_on_the_release_file(tmp_path, relea
     for result in report["combos"].values():
         assert set(result["stages"]) == set(STAGES)
         assert result["end_to_end"]["median_ms"] > 0
+    # The header's short side is the engine's; the release rows say they run at their own.
+    assert report["release_rows"] == combos and report["short_side"] == 64
+    printed = capsys.readouterr().out
+    assert (
+        "deop, twostream: on the DeOP release's file, at its own input size (short side 512"
+        in (printed)
+    )
 
 
 def test_ovss_segment_refuses_the_release_on_another_clip(tmp_path, release, caplog):

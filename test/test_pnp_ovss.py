@@ -339,6 +339,22 @@ def edge_and_probs(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return rgb, np.stack([first, 1 - first])
 
 
+def test_dense_crf_takes_read_only_arrays():
+    """Issue 22, item 8: the release's ``dense_crf`` raised "buffer source array is read-only"
+    for a read-only image (``np.asarray`` of a PIL image); a node's frames can be read-only
+    too. Both inputs read-only, the image also a view of a PIL image."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from PIL import Image
+
+    rgb, probs = edge_and_probs(40, 60)
+    expected = pnp_ovss.dense_crf(rgb, probs)
+    frozen = np.asarray(Image.fromarray(rgb))
+    probs = probs.copy()
+    probs.setflags(write=False)
+    assert not frozen.flags.writeable and not probs.flags.writeable
+    np.testing.assert_allclose(pnp_ovss.dense_crf(frozen, probs), expected, atol=1e-6)
+
+
 def test_dense_crf_runs_in_a_process_of_its_own(monkeypatch):
     """pydensecrf holds the GIL throughout (issue 18): it must not run in the caller's
     process. Here this process's pydensecrf cannot run at all, and the CRF still works."""

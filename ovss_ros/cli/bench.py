@@ -358,12 +358,15 @@ def run(args, config: EngineConfig) -> int:
         print(f"ovss-bench: error: {one_line(error)}", file=sys.stderr)
         return 2
     rows = dict(zip(combos, settings, strict=True))
+    release_rows = []  # run on the DeOP release's file: its own input size
     for combo, changes in rows.items():  # refuse a combo that cannot run before timing any
         try:
             segmenter.reconfigure(changes)
         except (ValueError, RuntimeError) as error:  # ModelLoadError, CheckpointError too
             print(f"ovss-bench: error: combo {combo}: {one_line(error)}", file=sys.stderr)
             return 2
+        if getattr(getattr(segmenter.pipeline, "core", None), "released", None) is not None:
+            release_rows.append(combo)
     print(
         f"ovss-bench: {args.warmup} warm-up and {args.iterations} timed rounds of "
         f"{len(rows) + 1} rows (bare forward, {', '.join(rows)}), interleaved",
@@ -379,6 +382,7 @@ def run(args, config: EngineConfig) -> int:
         "dslo.sd.model": config.dslo.sd.model,  # for the combos with the sd2 affinity
         "dslo.sd.size": config.dslo.sd.size,
         "threads": torch.get_num_threads(),
+        "release_rows": release_rows,
         "bare_forward": bare,
         "combos": results,
     }

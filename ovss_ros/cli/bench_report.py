@@ -32,6 +32,11 @@ def print_report(report: dict) -> None:
         f"{report['input'][0]}x{report['input'][1]} input, short side {report['short_side']}, "
         f"crop {report['dense.crop'] or 'whole image'}; rows interleaved, medians in ms"
     )
+    if report.get("release_rows"):
+        print(
+            f"{', '.join(report['release_rows'])}: on the DeOP release's file, at its own input "
+            "size (short side 512, long side at most 2560), not the short side above"
+        )
     spread = _spread(report["bare_forward"])
     print(
         f"bare open_clip forward: median {bare:.1f} ms, p95 "
