@@ -477,35 +477,6 @@ def test_a_domain_that_has_an_ovss_node_is_refused(tmp_path, images):
     assert not frame_lines(result.stdout)
 
 
-def test_an_ovss_node_the_start_up_probe_missed_is_found_once_the_demo_node_serves(
-    tmp_path, images
-):
-    """On a loaded host discovery took longer than the probe's 2 s (CI): the demo then drove the
-    other node too. Once its own node serves it looks again; here the probe sees nothing at all,
-    as when it is too slow."""
-    from ros_harness import TINY_NODE_PARAMETERS, running_node
-
-    domain_id = domain()
-    code = (
-        "import sys; from ovss_ros.cli import demo_run; "
-        "demo_run.ovss_on_domain = lambda domain_id, seconds=0: False; "
-        "from ovss_ros.cli.demo import main; sys.exit(main())"
-    )
-    argv = ["--images", str(images), "--output", str(tmp_path / "out"), "--domain-id", domain_id]
-    with running_node(TINY_NODE_PARAMETERS | {"classes": ["sofa"]}) as (_, other):
-        result = subprocess.run(
-            [sys.executable, "-c", code, *argv], env=child_environment(), capture_output=True,
-            text=True, timeout=RUN_TIMEOUT_S, check=False,
-        )  # fmt: skip
-        assert other.returncode is None, other.output()
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stderr.strip() == (
-        f"ovss-demo: ROS_DOMAIN_ID={domain_id} already has a node /ovss (another ovss node or "
-        "ovss-demo): the demo would drive it too; choose another --domain-id"
-    )
-    assert not frame_lines(result.stdout)
-
-
 def test_a_random_domain_that_has_an_ovss_node_is_drawn_again(monkeypatch):
     from dataclasses import replace
 

@@ -215,7 +215,6 @@ def frame_line(result: FrameResult, total: int, random_weights: bool) -> str:
 
 
 DISCOVERY_S = 2.0  # how long the demo looks for an ovss node already on its domain
-SETTLE_S = 1.0  # and once its own node serves, how long it looks again for a second /ovss
 
 
 def ovss_on_domain(domain_id: int, seconds: float = DISCOVERY_S) -> bool:
@@ -254,11 +253,7 @@ def free_domain(args: DemoArgs) -> DemoArgs:
         if args.domain_chosen:
             break
         domain_id = random.choice([d for d in DOMAIN_IDS if d != domain_id])
-    raise DomainTaken(domain_taken(domain_id))
-
-
-def domain_taken(domain_id: int) -> str:
-    return (
+    raise DomainTaken(
         f"ROS_DOMAIN_ID={domain_id} already has a node /ovss (another ovss node or ovss-demo): "
         "the demo would drive it too; choose another --domain-id"
     )
@@ -336,9 +331,6 @@ def _play(
     session = Session(args.startup_timeout, node.returncode, node.error_line)
     sessions.append(session)
     session.wait_ready()
-    if session.other_ovss(SETTLE_S):  # one the probe missed (discovery slower than DISCOVERY_S)
-        print(f"ovss-demo: {domain_taken(args.domain_id)}", file=sys.stderr)
-        return 1
     period = 1.0 / args.rate
     segmented = 0
     for index, (name, rgb) in enumerate(args.frames, start=1):

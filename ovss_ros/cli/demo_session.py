@@ -129,18 +129,6 @@ class Session:
             rclpy.spin_once(self.node, timeout_sec=min(0.05, remaining))
         return value
 
-    def other_ovss(self, seconds: float) -> bool:
-        """Whether, within ``seconds``, this session's graph shows a second node /ovss beside
-        the demo's (one the start-up probe missed: discovery on a loaded host is slow)."""
-        deadline = time.monotonic() + seconds
-        while True:
-            if self.node.get_node_names_and_namespaces().count(("ovss", "/")) > 1:
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            rclpy.spin_once(self.node, timeout_sec=min(0.05, remaining))
-
     def wait_ready(self) -> None:
         """Until the node subscribes to the input and its latched label_info is in."""
 
