@@ -483,12 +483,21 @@ def test_a_random_domain_that_has_an_ovss_node_is_drawn_again(monkeypatch):
     from ovss_ros.cli import demo_run
 
     taken = {150}
-    monkeypatch.setattr(demo_run, "ovss_on_domain", lambda domain_id: domain_id in taken)
+    looked = []  # seconds each look lasted: a drawn domain is looked at for DISCOVERY_S
+
+    def ovss_on_domain(domain_id, seconds):
+        looked.append(seconds)
+        return domain_id in taken
+
+    monkeypatch.setattr(demo_run, "ovss_on_domain", ovss_on_domain)
     args = demo.check_arguments(["--frames", "2"])
     drawn = demo_run.free_domain(replace(args, domain_id=150, domain_chosen=False))
     assert drawn.domain_id != 150 and drawn.domain_id in demo_run.DOMAIN_IDS
+    assert looked == [demo_run.DISCOVERY_S] * 2
+    looked.clear()
     with pytest.raises(demo_run.DomainTaken, match="ROS_DOMAIN_ID=150 already has"):
         demo_run.free_domain(replace(args, domain_id=150, domain_chosen=True))
+    assert looked == [demo_run.GIVEN_DOMAIN_DISCOVERY_S]  # a given domain: looked at longer
 
 
 def _catches_sigterm(pid: int) -> bool:

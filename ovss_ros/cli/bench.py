@@ -365,8 +365,7 @@ def run(args, config: EngineConfig) -> int:
         except (ValueError, RuntimeError) as error:  # ModelLoadError, CheckpointError too
             print(f"ovss-bench: error: combo {combo}: {one_line(error)}", file=sys.stderr)
             return 2
-        if getattr(getattr(segmenter.pipeline, "core", None), "released", None) is not None:
-            release_rows.append(combo)
+        release_rows += [combo] * hasattr(getattr(segmenter.pipeline, "core", 0), "released")
     print(
         f"ovss-bench: {args.warmup} warm-up and {args.iterations} timed rounds of "
         f"{len(rows) + 1} rows (bare forward, {', '.join(rows)}), interleaved",
@@ -381,8 +380,7 @@ def run(args, config: EngineConfig) -> int:
         "dense.crop": config.dense.crop,
         "dslo.sd.model": config.dslo.sd.model,  # for the combos with the sd2 affinity
         "dslo.sd.size": config.dslo.sd.size,
-        "threads": torch.get_num_threads(),
-        "release_rows": release_rows,
+        "threads": torch.get_num_threads(), "release_rows": release_rows,
         "bare_forward": bare,
         "combos": results,
     }

@@ -214,7 +214,11 @@ def frame_line(result: FrameResult, total: int, random_weights: bool) -> str:
     return text + (" | RANDOM WEIGHTS" if random_weights else "")
 
 
-DISCOVERY_S = 2.0  # how long the demo looks for an ovss node already on its domain
+# How long the demo looks for an ovss node already on its domain: a drawn domain (101-199) is
+# rarely taken; on a given one (--domain-id, often a robot's) it looks longer, since discovery
+# on a loaded host took over 2 s (the demo then drove the other node too).
+DISCOVERY_S = 2.0
+GIVEN_DOMAIN_DISCOVERY_S = 6.0
 
 
 def ovss_on_domain(domain_id: int, seconds: float = DISCOVERY_S) -> bool:
@@ -247,8 +251,9 @@ def free_domain(args: DemoArgs) -> DemoArgs:
     """``args`` with a domain that has no /ovss yet: a random one is drawn again (5 tries), a
     given one is refused. Raises DomainTaken."""
     domain_id = args.domain_id
+    seconds = GIVEN_DOMAIN_DISCOVERY_S if args.domain_chosen else DISCOVERY_S
     for _ in range(5):
-        if not ovss_on_domain(domain_id):
+        if not ovss_on_domain(domain_id, seconds):
             return dataclasses.replace(args, domain_id=domain_id)
         if args.domain_chosen:
             break
