@@ -96,21 +96,19 @@ class Session:
 
     def _services(self) -> set[str]:
         """The services the target offers, as this process's graph shows them."""
-        namespace, _, name = self.target.rpartition("/")
-        try:
-            found = self.node.get_service_names_and_types_by_node(name, namespace or "/")
-        except Exception:  # rclpy raises NodeNameNonExistentError while it is not discovered
-            return set()
-        return {service for service, _types in found}
+        return self._by_target(self.node.get_service_names_and_types_by_node)
 
     def _published(self) -> set[str]:
         """The topics the target publishes, as this process's graph shows them."""
+        return self._by_target(self.node.get_publisher_names_and_types_by_node)
+
+    def _by_target(self, lookup: Callable[[str, str], list]) -> set[str]:
         namespace, _, name = self.target.rpartition("/")
         try:
-            found = self.node.get_publisher_names_and_types_by_node(name, namespace or "/")
+            found = lookup(name, namespace or "/")
         except Exception:  # rclpy raises NodeNameNonExistentError while it is not discovered
             return set()
-        return {topic for topic, _types in found}
+        return {entity for entity, _types in found}
 
     def node_exists(self) -> bool:
         """The target is in this process's view of the ROS graph."""

@@ -77,6 +77,18 @@ class ReleaseFrames:
 
     released: ReleasedDeop
 
+    def __init__(
+        self,
+        clip: LoadedClip,
+        settings=None,
+        checkpoint: str | None = None,
+        released: ReleasedDeop | None = None,
+    ) -> None:
+        """``checkpoint``: the release's file, or ``released``: one loaded already (its modules
+        serve the method: decoder, void, prompt)."""
+        self.released = released or load_release(checkpoint, clip)
+        super().__init__(clip, settings, modules=self.released.modules)
+
     def check_release(self, settings) -> None:
         """Refuse the settings the release fixes (ValueError)."""
         queries = self.released.proposals.arch.queries
@@ -158,16 +170,6 @@ class PublishedDeop(ReleaseFrames, Deop):
     :class:`ReleasedDeop`. Raises ProposalWeightsError (a ValueError) for a file that is not a
     DeOP release or a CLIP other than the file's, ValueError for settings the release fixes.
     """
-
-    def __init__(
-        self,
-        clip: LoadedClip,
-        settings: DeopConfig | None = None,
-        checkpoint: str | None = None,
-        released: ReleasedDeop | None = None,
-    ) -> None:
-        self.released = released or load_release(checkpoint, clip)
-        super().__init__(clip, settings, modules=self.released.modules)
 
     def describe(self) -> str:
         """What runs, in words (the start-up log and the node's method line)."""

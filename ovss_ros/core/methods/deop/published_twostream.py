@@ -25,12 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.methods.deop.heads import DeopModules
 from ovss_ros.core.methods.deop.maskformer import CLIP_ENSEMBLE_WEIGHT, clip_ensemble
 from ovss_ros.core.methods.deop.proposal_segmentation import VOID, Frames
-from ovss_ros.core.methods.deop.published import MIN_SIZE_TEST, ReleaseFrames, load_release
-from ovss_ros.core.methods.deop.released_checkpoint import ReleasedDeop
+from ovss_ros.core.methods.deop.published import MIN_SIZE_TEST, ReleaseFrames
 from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
 from ovss_ros.core.methods.deop.twostream import TwoStream
 
@@ -41,16 +39,6 @@ class PublishedTwoStream(ReleaseFrames, TwoStream):
     ``PublishedTwoStream(clip, settings=None, checkpoint=path)`` or ``released=``; the errors of
     :class:`~ovss_ros.core.methods.deop.published.PublishedDeop`.
     """
-
-    def __init__(
-        self,
-        clip: LoadedClip,
-        settings: TwoStreamConfig | None = None,
-        checkpoint: str | None = None,
-        released: ReleasedDeop | None = None,
-    ) -> None:
-        self.released = released or load_release(checkpoint, clip)
-        super().__init__(clip, settings, modules=self.released.modules)
 
     def describe(self) -> str:
         arch = self.released.proposals.arch
