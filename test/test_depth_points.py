@@ -320,6 +320,17 @@ def test_each_connected_region_of_a_class_gets_a_sphere_and_a_name():
     assert spheres[0].color == spheres[1].color
 
 
+def test_a_region_centre_ignores_the_background_depth_its_edge_takes_in():
+    """The per-axis median: a mask that spills over an object's edge onto a far wall for a
+    quarter of its pixels keeps its centre on the object (the mean would move 1.25 m back)."""
+    labels = np.full((H, W), 255, np.uint8)
+    labels[10:30, 10:30] = 0
+    depth = np.full((H, W), PLANE_Z, np.float32)
+    depth[10:15, 10:30] = 7.0  # the top quarter of the mask sees the wall behind
+    (region,) = class_regions(labels, depth_to_metres(depth, "32FC1"), K, min_pixels=1)
+    assert region.centre[2] == pytest.approx(PLANE_Z)
+
+
 def test_region_bounds_ids_and_missing_depth():
     labels = np.full((H, W), 255, np.uint8)
     for index in range(5):  # five 4x4 squares of class 1, sizes equal: first met ranks first

@@ -67,3 +67,17 @@ def test_queues_keep_only_the_newest_items():
 def test_bad_settings_are_refused(slop, size):
     with pytest.raises(ValueError, match="slop|queue_size"):
         StampPairer(slop=slop, queue_size=size)
+
+
+def test_the_oldest_stamp_leaves_a_full_queue_whatever_the_arrival_order():
+    pairer = StampPairer(slop=0.0, queue_size=2)
+    for stamp in (3, 1, 2):  # out of order: 1 is the oldest, not 3 (the first to arrive)
+        pairer.add_first(stamp * MS, f"c{stamp}")
+    assert pairer.add_second(3 * MS, "d3") == ("c3", "d3")
+    assert pairer.add_second(1 * MS, "d1") is None
+    # a depth frame older than a full depth queue's items is not kept, even with a partner
+    single = StampPairer(slop=0.0, queue_size=1)
+    single.add_first(1 * MS, "c1")
+    single.add_second(5 * MS, "d5")
+    assert single.add_second(1 * MS, "d1") is None
+    assert single.pending() == (1, 1)
