@@ -17,29 +17,7 @@ if [[ "${FORCE:-0}" != 1 ]] && "$py" -c "from vision_msgs.msg import LabelInfo" 
   exit 0
 fi
 
-# Build-only wheels (rosidl generators, ament_cmake); a no-op when already installed.
-# grep drops pip's per-package warnings about this machine's file:// indexes (see setup.sh).
-"$py" -m pip install -q --progress-bar off -r "$repo/requirements-build.txt" 2>&1 \
-  | { grep -v "^WARNING: Location 'file:" || true; }
-
-build="$(mktemp -d)"
-trap 'rm -rf "$build"' EXIT
-
-# The ament/rosidl CMake code finds packages via the ament index and CMake prefix of the venv
-# and runs its generators with the venv's python (first on PATH).
-export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
-export AMENT_PREFIX_PATH="$venv" CMAKE_PREFIX_PATH="$venv"
-gen=()
-command -v ninja >/dev/null && gen=(-G Ninja)
-
-echo "building vision_msgs (LabelInfo, VisionClass) into $venv ..."
-cmake -S "$repo/vision_msgs_lite" -B "$build" "${gen[@]}" \
-  -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX="$venv" \
-  -DPython3_EXECUTABLE="$py" -DBUILD_TESTING=OFF >"$build/configure.log" \
-  || { cat "$build/configure.log"; exit 1; }
-cmake --build "$build" -j "$(nproc)" >"$build/build.log" || { tail -50 "$build/build.log"; exit 1; }
-cmake --install "$build" >/dev/null
-
+bash "$repo/scripts/build_msg_package.sh" "$repo/vision_msgs_lite" "$venv"
 "$py" -c "from vision_msgs.msg import LabelInfo, VisionClass" \
   || { echo "vision_msgs installed into $venv but cannot be imported" >&2; exit 1; }
 echo "vision_msgs installed into $venv"

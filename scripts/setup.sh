@@ -39,8 +39,10 @@ pip_install() {
 }
 pip_install -r requirements.txt
 
-# 3. vision_msgs (LabelInfo, VisionClass): no wheel exists, build it unless importable.
+# 3. vision_msgs (LabelInfo, VisionClass): no wheel exists, build it unless importable; then
+#    this repository's services (ovss_interfaces/), rebuilt only when their sources changed.
 bash scripts/build_vision_msgs.sh "$venv"
+bash scripts/build_ovss_interfaces.sh "$venv"
 
 # 4. ovss_ros itself, editable. pip puts the console scripts in $venv/bin (the
 #    setup.cfg script_dir/install_scripts settings are for colcon and do not apply here).

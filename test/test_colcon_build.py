@@ -1,6 +1,8 @@
 """The package builds the way robots build it (issue 11, item 7): ``colcon build`` in a temporary
 workspace, plain and ``--symlink-install``, installs what ``ros2 run`` and ``ros2 launch`` use,
-and the installed ``ovss_node`` starts and answers over DDS.
+and the installed ``ovss_node`` starts and answers over DDS. The same build makes the interface
+package ovss_interfaces/ (its services), named with ``--base-paths`` because colcon never looks
+for a package inside another package's folder.
 
 colcon comes from PyPI (``colcon-common-extensions``, pinned in requirements.txt, installed into
 the venv by scripts/setup.sh). Without it the module is skipped, saying how to install it.
@@ -32,6 +34,7 @@ from ros_harness import (
 )
 
 PACKAGE = "ovss_ros"
+INTERFACES = "ovss_interfaces"
 BUILD_TIMEOUT_S = 600.0
 # Not part of the package: what a build or a test run leaves in the source tree.
 NOT_SOURCE = (
@@ -62,6 +65,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def underlay_environment() -> dict[str, str]:
+    """What ``source /opt/ros/<distro>/setup.bash`` gives a robot's build, where the venv is the
+    ROS installation (the PyPI wheels, vision_msgs built by scripts/setup.sh): its prefix for
+    CMake and the ament index (rosidl's generators are found there), its python first on PATH."""
+    prefix = sys.prefix
+    paths = {}
+    for name in ("AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH"):
+        parts = [p for p in os.environ.get(name, "").split(os.pathsep) if p]
+        if (Path(prefix) / "share" / "ament_index").is_dir() and prefix not in parts:
+            parts.append(prefix)  # after a sourced ROS: the venv is only the fallback
+        paths[name] = os.pathsep.join(parts)
+    paths["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return paths
+
+
 class Workspace:
     """A colcon workspace with a copy of this repository as src/ovss_ros, built once."""
 
@@ -70,11 +88,13 @@ class Workspace:
         self.symlink = symlink
         self.source = root / "src" / PACKAGE
         shutil.copytree(REPO_ROOT, self.source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
-        command = [COLCON, "build", "--base-paths", "src"]
+        # As docs/ovss_interfaces.md says: the workspace's packages and the nested interfaces.
+        command = [COLCON, "build", "--base-paths", "src", f"src/{PACKAGE}/{INTERFACES}"]
         if symlink:
             command.append("--symlink-install")
         env = dict(os.environ, COLCON_HOME=str(root / ".colcon"))
         env.pop("PYTHONPATH", None)
+        env.update(underlay_environment())
         self.build = subprocess.run(
             command,
             cwd=root,
@@ -109,6 +129,7 @@ def workspace(request, tmp_path_factory) -> Workspace:
     workspace = Workspace(tmp_path_factory.mktemp(f"colcon_{request.param}"), symlink)
     assert workspace.build.returncode == 0, workspace.build.stdout + workspace.build.stderr
     assert f"Finished <<< {PACKAGE}" in workspace.build.stdout
+    assert f"Finished <<< {INTERFACES}" in workspace.build.stdout
     return workspace
 
 
@@ -204,3 +225,45 @@ def test_installed_ovss_node_starts_and_answers_over_dds(workspace, tmp_path):
     output = log_path.read_text()
     assert status == 0, output
     assert "2 classes" in output, output  # its start-up line: the tiny model and the vocabulary
+
+
+INTERFACES_CHECK = """
+import sys
+from rclpy.serialization import deserialize_message, serialize_message
+from ovss_interfaces.srv import Segment, SetVocabulary
+from sensor_msgs.msg import Image
+
+request = Segment.Request(image=Image(height=1, width=2, encoding="mono8", step=2,
+                                      data=bytes([3, 4])), words=["cup; mug"])
+assert deserialize_message(serialize_message(request), Segment.Request) == request
+vocabulary = SetVocabulary.Request(classes=["tv | a screen"], set_background_words=True)
+assert deserialize_message(serialize_message(vocabulary), SetVocabulary.Request) == vocabulary
+print(sys.modules["ovss_interfaces"].__file__)
+"""
+
+
+def test_the_workspace_builds_and_imports_the_interface_package(workspace):
+    """ovss_interfaces is built in the workspace, found through the workspace's environment
+    (never the venv's copy that scripts/setup.sh installs), and its types serialize."""
+    install = workspace.root / "install" / INTERFACES
+    share = install / "share" / INTERFACES
+    index = install / "share" / "ament_index" / "resource_index" / "packages" / INTERFACES
+    assert index.is_file(), "ament index entry"
+    for name in ("Segment", "SetVocabulary"):
+        installed = share / "srv" / f"{name}.srv"
+        assert installed.is_file(), installed
+        source = REPO_ROOT / INTERFACES / "srv" / f"{name}.srv"
+        assert installed.read_text() == source.read_text()
+    env = workspace.environment()
+    assert str(install) in env["AMENT_PREFIX_PATH"].split(os.pathsep)
+    found = subprocess.run(
+        [sys.executable, "-c", INTERFACES_CHECK],
+        cwd=workspace.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert found.returncode == 0, found.stdout + found.stderr
+    module = Path(found.stdout.strip())
+    assert module.resolve().is_relative_to(workspace.root.resolve()), module
