@@ -189,9 +189,10 @@ class PnpOvss:
     def segment(self, rgb: np.ndarray, present: Sequence[int] | None = None) -> Segmentation:
         """Segment one HxWx3 uint8 RGB image.
 
-        ``present``: vocabulary indices to put in the prompt, overriding ``settings.presence``
-        (the tuner fixes them per image). Raises VocabularyError without classes, ValueError
-        for a bad image.
+        ``present``: vocabulary indices to put in the prompt, in the prompt's order (each once),
+        overriding ``settings.presence`` (the tuner fixes them per image, a class-list file per
+        image as the release reads them: ``presence_lists``). Raises VocabularyError without
+        classes, ValueError for a bad image.
         """
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
@@ -199,7 +200,7 @@ class PnpOvss:
         pixels, clip_pixels = self.preprocess(rgb)
         if present is None:
             present = self.present_classes(clip_pixels)
-        present = sorted(set(int(i) for i in present))
+        present = list(dict.fromkeys(int(i) for i in present))
         if not present or not all(0 <= i < len(self.classes) for i in present):
             raise ValueError(f"present must be indices into the {len(self.classes)} classes")
         maps = self.saliency(pixels, present)
