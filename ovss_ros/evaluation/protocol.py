@@ -179,6 +179,8 @@ class MethodProtocol:
     engine: Mapping[str, object] = field(default_factory=dict)
     # report mIoU seen / unseen / hIoU on data sets with a split (class_splits.SPLITS)
     class_splits: bool = False
+    # engine settings of the method that differ per data set: data set -> {setting: value}
+    dataset_engine: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     def for_dataset(self, dataset: DatasetProtocol) -> Settings:
         return self.settings[dataset.name]

@@ -15,6 +15,9 @@ from ovss_ros.core.frame_budget import check_vlm_image_size, vlm_max_image_size
 from ovss_ros.core.settings import Settings, setting
 
 PRESENCE_MODES = ("clip", "all")
+ROUND0_MODES = ("once", "release")
+BACKGROUND_RULES = ("always", "fewer_than_3")
+RESIZES = ("antialiased", "pil")
 REFINES = ("auto", "crf", "pamr", "none")
 VLM_MODELS = ("blip_itm",)  # architectures PnP-OVSS can run on
 DEFAULT_VLM = "Salesforce/blip-itm-large-flickr"
@@ -111,6 +114,29 @@ class PnpSettings(Settings):
         minimum=0.0,
         maximum=1.0,
         source="ovss_ros",
+    )
+    round0: str = setting(
+        "once",
+        "how often the first (undropped) round's map counts in the sum over dropout rounds: "
+        "once, or release (twice, as the released code sums it)",
+        choices=ROUND0_MODES,
+        source=RELEASE + " (release); once is ovss_ros's",
+    )
+    background: str = setting(
+        "always",
+        "background channel (where no class map fires): always, or fewer_than_3 (only when "
+        "fewer than 3 classes are in the prompt, else argmax over the classes alone: the "
+        "release's rule on PASCAL Context, ADE20K and COCO-Stuff)",
+        choices=BACKGROUND_RULES,
+        source=RELEASE,
+    )
+    resize: str = setting(
+        "antialiased",
+        "how the frame is squashed to the BLIP input: antialiased (torch bicubic with "
+        "antialiasing, on the device) or pil (PIL bicubic on the host, the release's "
+        "torchvision Resize on a PIL image)",
+        choices=RESIZES,
+        source=RELEASE + " (pil); antialiased is ovss_ros's",
     )
     blur: float = setting(
         0.05,
