@@ -226,7 +226,8 @@ class PnpOvss:
         antialiasing, or for BLIP with ``resize: pil`` PIL's bicubic (what the release's
         torchvision ``Resize((S, S), BICUBIC)`` does to a PIL image).
         """
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
+        rgb = np.require(rgb, requirements=["C", "W"])  # a read-only frame is copied
+        image = torch.from_numpy(rgb).to(self.device, non_blocking=True)
         image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         size = self.settings.image_size
         if self.settings.resize == "pil":
