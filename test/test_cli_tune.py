@@ -44,7 +44,8 @@ def arguments(blip, output, *extra: str) -> list[str]:
         "--model", str(TINY_VIT), "--pretrained", "none", "--device", "cpu",
         "--templates", "single", "--pnp-vlm-pretrained", str(blip),
         "--pnp-image-size", str(IMAGE_SIZE), "--pnp-dropout-patches", "2",
-        "--pnp-refine", "none", "--budget", "1", "-o", str(output), *extra,
+        "--pnp-refine", "none", "--budget", "1", "-o", str(output),
+        "--procedure", "kept_removed", *extra,
     ]  # fmt: skip
 
 

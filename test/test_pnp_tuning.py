@@ -129,6 +129,7 @@ def tune_arguments(checkpoint, output):
         "--pnp-image-size", str(IMAGE_SIZE), "--pnp-layer", "2", "--pnp-head", "3",
         "--pnp-dropout-patches", "2", "--pnp-refine", "none",
         "--rounds", "1-2", "--budget", "3", "--seed", "1", "-o", str(output),
+        "--procedure", "kept_removed",
     ]  # fmt: skip
 
 

@@ -1,12 +1,20 @@
-"""ovss-tune: choose PnP-OVSS settings without labels (CLIP reward, random search).
+"""ovss-tune: choose PnP-OVSS settings without segmentation labels, as the paper does.
 
-    ovss-tune photos/ --classes person dog "tv; monitor" --budget 30 -o pnp_tuned.yaml
+    ovss-tune photos/ --classes person dog "tv; monitor" --image-labels labels.json -o tuned.yaml
 
-Every trial segments the images with one choice of layer, head, threshold and dropout rounds;
-its reward is how often CLIP recognises a class better with the class's mask region kept than
-removed (ovss_ros/core/methods/pnp_ovss/tuning.py). The classes of each image are decided once,
-by CLIP, with the starting settings, which are always the first trial and always inside the
-search space (``tune_space``). The best settings are printed and written as a ROS 2 params file
+``--procedure release`` (default), the paper's and its release's procedure
+(ovss_ros/core/methods/pnp_ovss/release_tuning.py): each trial is a layer, head and attention
+threshold (min_att); each image is prompted with its classes (``--image-labels``, image-level
+labels; else ``--presence-lists``, class lists in the release's JSON layout; else CLIP presence
+with the starting settings, ovss_ros's substitute), one GradCAM round; each class's mask is
+judged by a second CLIP (``--reward-model``, ViT-L-14-336 ``openai`` by default, from the local
+cache when offline: refused before any work if missing): the reward is the number of classes
+CLIP finds more probable in the image masked by the class's mask than in a black image. Random
+annealing over layers x heads x ``--thresholds`` (0.05..0.45), 34 trials (``--budget``).
+``--procedure kept_removed``: ovss_ros's earlier reward (the class's region kept versus removed,
+win rate over image-class pairs, a random search that also varies the dropout rounds).
+The starting settings are always the first trial and always inside the search space
+(``tune_space``). The best settings are printed and written as a ROS 2 params file
 (``/**: ros__parameters:``, the PnP-OVSS settings nested under ``pnp:``) for the node
 (``--params-file``) and the other tools (``--params-file``), with the classes tuned on and every
 setting the node needs to run as the tuned run did (``node_parameters``). Exit status: 0 written,
@@ -38,6 +46,7 @@ from ovss_ros.cli.tool_parser import (
     one_line,
     writable_folder,
 )
+from ovss_ros.cli.tune_release import PROCEDURES, label_source, search_release
 from ovss_ros.cli.tune_space import (
     SEARCHED,
     flag_texts,
@@ -50,7 +59,7 @@ from ovss_ros.cli.tune_space import (
 )
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.config import EngineConfig
-from ovss_ros.core.methods.pnp_ovss.settings import PnpSettings
+from ovss_ros.core.methods.pnp_ovss.settings import TUNING_CLIP, TUNING_TRIALS, PnpSettings
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
 
@@ -120,7 +129,32 @@ def build_parser() -> ToolParser:
     parser.add_argument("inputs", nargs="+", help="unlabeled image files or folders")
     parser.add_argument("--classes", nargs="+", required=True, help="class names ('a; synonym')")
     parser.add_argument("--output", "-o", default="pnp_ovss_tuned.yaml", help="params file")
-    parser.add_argument("--budget", type=int, default=20, help="number of settings to try")
+    parser.add_argument(
+        "--procedure",
+        choices=PROCEDURES,
+        default="release",
+        help="release: the paper's reward and search (default); kept_removed: ovss_ros's earlier",
+    )
+    parser.add_argument(
+        "--budget", type=int, help="number of settings to try (default: release 34, else 20)"
+    )
+    parser.add_argument(
+        "--image-labels",
+        type=Path,
+        help="JSON: image file stem -> its classes (names of --classes or 1-based positions)",
+    )
+    parser.add_argument(
+        "--presence-lists",
+        type=Path,
+        help="per-image class lists in the PnP-OVSS release's JSON layout (without "
+        "--image-labels); default: CLIP presence",
+    )
+    parser.add_argument(
+        "--reward-model", default=TUNING_CLIP[0], help="release: the CLIP that judges the masks"
+    )
+    parser.add_argument(
+        "--reward-pretrained", default=TUNING_CLIP[1], help="release: its weights (tag or file)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random search seed")
     parser.add_argument("--max-images", type=int, default=0, help="use the first N (0 = all)")
     add_max_input_pixels_argument(parser)
@@ -161,6 +195,8 @@ def prepare(args: argparse.Namespace, given: set[str]) -> tuple[list[Path], PnpO
     ValueError)."""
     config = config_from_args(args)
     start = config.pnp
+    if args.budget is None:
+        args.budget = TUNING_TRIALS if args.procedure == "release" else 20
     if args.budget < 1:
         raise ValueError(f"--budget must be at least 1 (settings to try), got {args.budget}")
     if args.max_images < 0:
@@ -173,10 +209,16 @@ def prepare(args: argparse.Namespace, given: set[str]) -> tuple[list[Path], PnpO
     # the search space's flags and the first trial in it, before the models load
     refuse_start_outside(start, space_values(args), given, flag_texts(args))
     start.validate()
+    args.labels = label_source(args, files)
     from ovss_ros.core.clip.model_loading import load_clip  # arguments checked: the models
     from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
     from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 
+    if args.procedure == "release":  # first: a missing judge is refused before any other work
+        from ovss_ros.core.methods.pnp_ovss.release_tuning import RewardClip
+
+        judge = load_clip(args.reward_model, args.reward_pretrained, config.device)
+        args.judge = RewardClip.of(judge)
     clip = load_clip(config.model, config.pretrained, config.device, config.precision)
     vlm = load_vlm(start.vlm_model, start.vlm_pretrained, config.device, config.precision)
     space = search_space(args, vlm.num_layers, vlm.num_heads)
@@ -198,7 +240,7 @@ def tune(args: argparse.Namespace, given: set[str]) -> int:
     images = []
     for path in files:  # bounded before decoding, stored pixel grid (EXIF ignored)
         try:
-            images.append(image_file_to_rgb8(path, max_pixels=args.max_input_pixels))
+            images.append((path, image_file_to_rgb8(path, max_pixels=args.max_input_pixels)))
         except ImageTooLarge as error:
             logger.warning("skipping %s: %s", path, error)
         except (ImageConversionError, OSError) as error:
@@ -207,7 +249,12 @@ def tune(args: argparse.Namespace, given: set[str]) -> int:
         logger.error("no readable images")
         return BAD_INPUT
     start = pipeline.settings
-    present = [pipeline.present_classes(pipeline.preprocess(rgb)[1]) for rgb in images]
+    present = [args.labels(pipeline, path, rgb) for path, rgb in images]
+    images = [rgb for _, rgb in images]
+    if args.procedure == "release":
+        best, summary = search_release(args, pipeline, space, images, present)
+        tuned = local_paths_absolute(replace(config_from_args(args), pnp=replace(start, **best)))
+        return write_params(args, tuned, summary)
     first = {name: getattr(start, name) for name in SEARCHED}
     from ovss_ros.core.methods.pnp_ovss.tuning import best_of, evaluate_settings, random_search
 
@@ -229,10 +276,17 @@ def tune(args: argparse.Namespace, given: set[str]) -> int:
         f"best  {best}: win rate {best_reward.win_rate:.3f}, margin {best_reward.margin:+.4f} "
         f"({best_reward.pairs} image-class pairs, {len(results)} trials, {len(images)} images)"
     )
+    return write_params(
+        args, tuned, f"win rate {best_reward.win_rate:.3f} on {len(images)} images"
+    )
+
+
+def write_params(args: argparse.Namespace, tuned: EngineConfig, result: str) -> int:
+    """Write the params file: 0, or 1 when it cannot be written (one line on stderr)."""
     header = (
-        "# PnP-OVSS settings chosen by ovss-tune (CLIP reward, no labels): "
-        f"win rate {best_reward.win_rate:.3f} on {len(images)} images, tuned on device "
-        f"{args.device}\n# ovss_node --ros-args --params-file {Path(args.output).name}\n"
+        f"# PnP-OVSS settings chosen by ovss-tune ({args.procedure} procedure, no segmentation "
+        f"labels): {result}, tuned on device {args.device}\n"
+        f"# ovss_node --ros-args --params-file {Path(args.output).name}\n"
     )
     content = yaml.safe_dump(node_parameters(tuned, args.classes), sort_keys=False)
     output = Path(args.output).expanduser()

@@ -218,3 +218,38 @@ def load_for_method(
             "not use it (use --method pnp_ovss)"
         )
     return PresenceLists.load(path, release_set)
+
+
+def read_image_labels(path: str | Path, class_names: Sequence[str]) -> dict[str, list[int]]:
+    """Image-level labels for tuning: a JSON object, image id (the file's stem) -> the classes
+    in it, each a name of ``class_names`` or a 1-based position; vocabulary indices, in order.
+    PresenceListError naming the file and entry for anything else (an empty list is allowed:
+    the release skips an image without classes)."""
+    path = Path(path).expanduser()
+    try:
+        data = read_json(path, "image-labels file")
+    except FileCheckError as error:
+        raise PresenceListError(str(error)) from None
+    if not isinstance(data, dict):
+        raise PresenceListError(
+            f"image-labels file {str(path)!r} is not a JSON object (image id -> class list)"
+        )
+    position = {name: i for i, name in enumerate(class_names)}
+    labels = {}
+    for image, classes in data.items():
+        where = f"image-labels file {str(path)!r}, image {image!r}"
+        if not isinstance(classes, list):
+            raise PresenceListError(f"{where}: not a list of classes")
+        indices = []
+        for item in classes:
+            if isinstance(item, str) and item in position:
+                indices.append(position[item])
+            elif type(item) is int and 1 <= item <= len(class_names):
+                indices.append(item - 1)
+            else:
+                raise PresenceListError(
+                    f"{where}: {item!r} is neither one of the classes {list(class_names)} nor "
+                    f"a position 1..{len(class_names)}"
+                )
+        labels[image] = list(dict.fromkeys(indices))
+    return labels

@@ -22,6 +22,10 @@ REFINES = ("auto", "crf", "pamr", "none")
 VLM_MODELS = ("blip_itm",)  # architectures PnP-OVSS can run on
 DEFAULT_VLM = "Salesforce/blip-itm-large-flickr"
 RELEASE = "PnP-OVSS Run_seg.sh"
+# The release's label-free tuning (``Search``): its judge CLIP, trials and min_att grid.
+TUNING_CLIP = ("ViT-L-14-336", "openai")
+TUNING_TRIALS = 34
+TUNING_MIN_ATT = (0.05, 0.15, 0.25, 0.35, 0.45)  # np.arange(0.05, 0.5, 0.1)
 
 
 def crf_available() -> bool:
