@@ -214,11 +214,6 @@ def prepare(args: argparse.Namespace, given: set[str]) -> tuple[list[Path], PnpO
     from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
     from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
 
-    if args.procedure == "release":  # first: a missing judge is refused before any other work
-        from ovss_ros.core.methods.pnp_ovss.release_tuning import RewardClip
-
-        judge = load_clip(args.reward_model, args.reward_pretrained, config.device)
-        args.judge = RewardClip.of(judge)
     clip = load_clip(config.model, config.pretrained, config.device, config.precision)
     vlm = load_vlm(start.vlm_model, start.vlm_pretrained, config.device, config.precision)
     space = search_space(args, vlm.num_layers, vlm.num_heads)
@@ -227,6 +222,11 @@ def prepare(args: argparse.Namespace, given: set[str]) -> tuple[list[Path], PnpO
     pipeline.set_classes(args.classes)
     for candidate in space.candidates():  # refuse a bad space before any work
         pipeline.check(replace(start, **candidate))
+    if args.procedure == "release":  # a judge missing offline is refused before any work too
+        from ovss_ros.core.methods.pnp_ovss.release_tuning import RewardClip
+
+        judge = load_clip(args.reward_model, args.reward_pretrained, config.device)
+        args.judge = RewardClip.of(judge)
     return files, pipeline, space
 
 
