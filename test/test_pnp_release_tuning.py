@@ -164,7 +164,7 @@ def test_ovss_tune_release_procedure_end_to_end(blip, tmp_path, capsys, monkeypa
 
 def test_the_default_search_is_the_releases(blip):
     args = tune.parse_args(arguments(blip, "x.yaml"))
-    assert args.procedure == "release" and args.budget is None  # 34 once prepared
+    assert args.budget == 34 and args.seed == 0
     args = tune.parse_args(arguments(blip, "x.yaml")[:-6] + ["-o", "x.yaml"])
     assert (args.reward_model, args.reward_pretrained) == ("ViT-L-14-336", "openai")
     assert [float(v) for v in args.thresholds.split(",")] == list(TUNING_MIN_ATT)

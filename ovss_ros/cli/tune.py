@@ -2,18 +2,16 @@
 
     ovss-tune photos/ --classes person dog "tv; monitor" --image-labels labels.json -o tuned.yaml
 
-``--procedure release`` (default), the paper's and its release's procedure
-(ovss_ros/core/methods/pnp_ovss/release_tuning.py): each trial is a layer, head and attention
-threshold (min_att); each image is prompted with its classes (``--image-labels``, image-level
-labels; else ``--presence-lists``, class lists in the release's JSON layout; else CLIP presence
-with the starting settings, ovss_ros's substitute), one GradCAM round; each class's mask is
-judged by a second CLIP (``--reward-model``, ViT-L-14-336 ``openai`` by default, from the local
-cache when offline: refused before any work if missing): the reward is the number of classes
-CLIP finds more probable in the image masked by the class's mask than in a black image. Random
-annealing over layers x heads x ``--thresholds`` (0.05..0.45), 34 trials (``--budget``).
-``--procedure kept_removed``: ovss_ros's earlier reward (the class's region kept versus removed,
-win rate over image-class pairs, a random search that also varies the dropout rounds).
-The starting settings are always the first trial and always inside the search space
+The paper's and its release's procedure (ovss_ros/core/methods/pnp_ovss/release_tuning.py):
+each trial is a layer, head and attention threshold (min_att); each image is prompted with its
+classes (``--image-labels``, image-level labels; else ``--presence-lists``, class lists in the
+release's JSON layout; else CLIP presence with the starting settings, ovss_ros's substitute),
+one GradCAM round; each class's mask is judged by a second CLIP (``--reward-model``,
+ViT-L-14-336 ``openai`` by default, from the local cache when offline: refused before any work
+if missing): the reward is the number of classes CLIP finds more probable in the image masked
+by the class's mask than in a black image. Random annealing over layers x heads x
+``--thresholds`` (0.05..0.45), 34 trials (``--budget``). The starting settings are always the
+first trial and always inside the search space
 (``tune_space``). The best settings are printed and written as a ROS 2 params file
 (``/**: ros__parameters:``, the PnP-OVSS settings nested under ``pnp:``) for the node
 (``--params-file``) and the other tools (``--params-file``), with the classes tuned on and every
@@ -32,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from tqdm import tqdm
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
@@ -46,9 +43,8 @@ from ovss_ros.cli.tool_parser import (
     one_line,
     writable_folder,
 )
-from ovss_ros.cli.tune_release import PROCEDURES, label_source, search_release
+from ovss_ros.cli.tune_release import label_source, search_release
 from ovss_ros.cli.tune_space import (
-    SEARCHED,
     flag_texts,
     given_flags,
     int_list,
@@ -71,7 +67,6 @@ __all__ = ["build_parser", "int_list", "main", "node_parameters"]
 
 logger = logging.getLogger("ovss-tune")
 THRESHOLDS = "0.05,0.15,0.25,0.35,0.45"  # the release's search grid (np.arange(0.05, 0.5, 0.1))
-ROUNDS = "1,2,3,4,5"
 # The engine settings ovss-tune takes (flags from the schema): CLIP's, and every PnP-OVSS one.
 SHARED = ("model", "pretrained", "device", "precision", "templates")
 ENGINE_SETTINGS = SHARED + tuple(f"pnp.{name}" for name in asdict(PnpSettings()))
@@ -130,13 +125,7 @@ def build_parser() -> ToolParser:
     parser.add_argument("--classes", nargs="+", required=True, help="class names ('a; synonym')")
     parser.add_argument("--output", "-o", default="pnp_ovss_tuned.yaml", help="params file")
     parser.add_argument(
-        "--procedure",
-        choices=PROCEDURES,
-        default="release",
-        help="release: the paper's reward and search (default); kept_removed: ovss_ros's earlier",
-    )
-    parser.add_argument(
-        "--budget", type=int, help="number of settings to try (default: release 34, else 20)"
+        "--budget", type=int, default=TUNING_TRIALS, help="number of settings to try"
     )
     parser.add_argument(
         "--image-labels",
@@ -150,24 +139,23 @@ def build_parser() -> ToolParser:
         "--image-labels); default: CLIP presence",
     )
     parser.add_argument(
-        "--reward-model", default=TUNING_CLIP[0], help="release: the CLIP that judges the masks"
+        "--reward-model", default=TUNING_CLIP[0], help="the CLIP that judges the masks"
     )
     parser.add_argument(
-        "--reward-pretrained", default=TUNING_CLIP[1], help="release: its weights (tag or file)"
+        "--reward-pretrained", default=TUNING_CLIP[1], help="its weights (tag or file)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random search seed")
+    parser.add_argument("--seed", type=int, default=0, help="random annealing seed")
     parser.add_argument("--max-images", type=int, default=0, help="use the first N (0 = all)")
     add_max_input_pixels_argument(parser)
     space = parser.add_argument_group(
         "search space (1-based layers and heads)",
-        "The first trial is --pnp-layer, --pnp-head, --pnp-threshold, --pnp-dropout-rounds: one "
+        "The first trial is --pnp-layer, --pnp-head, --pnp-threshold: one "
         "given outside the space is refused; a default outside it becomes the searched value "
         "nearest to it.",
     )
     space.add_argument("--layers", default="", help="e.g. 6-10 (default: every text layer)")
     space.add_argument("--heads", default="", help="e.g. 1-12 (default: every head)")
     space.add_argument("--thresholds", default=THRESHOLDS, help="comma-separated")
-    space.add_argument("--rounds", default=ROUNDS, help="dropout rounds, e.g. 1-5")
     add_engine_arguments(parser, ENGINE_SETTINGS, params_file=False)
     parser.renamed_flags |= OLD_FLAGS
     return parser
@@ -195,8 +183,6 @@ def prepare(args: argparse.Namespace, given: set[str]) -> tuple[list[Path], PnpO
     ValueError)."""
     config = config_from_args(args)
     start = config.pnp
-    if args.budget is None:
-        args.budget = TUNING_TRIALS if args.procedure == "release" else 20
     if args.budget < 1:
         raise ValueError(f"--budget must be at least 1 (settings to try), got {args.budget}")
     if args.max_images < 0:
@@ -222,11 +208,10 @@ def prepare(args: argparse.Namespace, given: set[str]) -> tuple[list[Path], PnpO
     pipeline.set_classes(args.classes)
     for candidate in space.candidates():  # refuse a bad space before any work
         pipeline.check(replace(start, **candidate))
-    if args.procedure == "release":  # a judge missing offline is refused before any work too
-        from ovss_ros.core.methods.pnp_ovss.release_tuning import RewardClip
+    from ovss_ros.core.methods.pnp_ovss.release_tuning import RewardClip
 
-        judge = load_clip(args.reward_model, args.reward_pretrained, config.device)
-        args.judge = RewardClip.of(judge)
+    # the judge: a CLIP missing offline is refused before any work, as the other models
+    args.judge = RewardClip.of(load_clip(args.reward_model, args.reward_pretrained, config.device))
     return files, pipeline, space
 
 
@@ -251,40 +236,15 @@ def tune(args: argparse.Namespace, given: set[str]) -> int:
     start = pipeline.settings
     present = [args.labels(pipeline, path, rgb) for path, rgb in images]
     images = [rgb for _, rgb in images]
-    if args.procedure == "release":
-        best, summary = search_release(args, pipeline, space, images, present)
-        tuned = local_paths_absolute(replace(config_from_args(args), pnp=replace(start, **best)))
-        return write_params(args, tuned, summary)
-    first = {name: getattr(start, name) for name in SEARCHED}
-    from ovss_ros.core.methods.pnp_ovss.tuning import best_of, evaluate_settings, random_search
-
-    results = random_search(
-        lambda candidate: evaluate_settings(pipeline, images, present, candidate),
-        space,
-        args.budget,
-        args.seed,
-        first=first,
-        progress=lambda total: tqdm(total=total, desc="ovss-tune", unit="trial", file=sys.stderr),
-    )
-    best, best_reward = best_of(results)
+    best, summary = search_release(args, pipeline, space, images, present)
     tuned = local_paths_absolute(replace(config_from_args(args), pnp=replace(start, **best)))
-    first_reward = results[0][1]
-    print(
-        f"start {first}: win rate {first_reward.win_rate:.3f}, margin {first_reward.margin:+.4f}"
-    )
-    print(
-        f"best  {best}: win rate {best_reward.win_rate:.3f}, margin {best_reward.margin:+.4f} "
-        f"({best_reward.pairs} image-class pairs, {len(results)} trials, {len(images)} images)"
-    )
-    return write_params(
-        args, tuned, f"win rate {best_reward.win_rate:.3f} on {len(images)} images"
-    )
+    return write_params(args, tuned, summary)
 
 
 def write_params(args: argparse.Namespace, tuned: EngineConfig, result: str) -> int:
     """Write the params file: 0, or 1 when it cannot be written (one line on stderr)."""
     header = (
-        f"# PnP-OVSS settings chosen by ovss-tune ({args.procedure} procedure, no segmentation "
+        f"# PnP-OVSS settings chosen by ovss-tune (the paper's CLIP reward, no segmentation "
         f"labels): {result}, tuned on device {args.device}\n"
         f"# ovss_node --ros-args --params-file {Path(args.output).name}\n"
     )

@@ -1,4 +1,4 @@
-"""ovss-tune's ``--procedure release``: the label source and the search as the release runs it.
+"""ovss-tune's procedure: the label source and the search as the PnP-OVSS release runs them.
 
 The label source of each image (its prompt): ``--image-labels`` (image-level labels, as the
 release tunes with), else ``--presence-lists`` (class lists in the release's JSON layout), else
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
     from ovss_ros.core.methods.pnp_ovss.tuning import SearchSpace
 
-PROCEDURES = ("release", "kept_removed")
 LabelSource = Callable[["PnpOvss", Path, np.ndarray], list[int]]
 
 
@@ -69,7 +68,7 @@ def search_release(
 
     start = pipeline.settings
     pairs = sum(len(set(classes)) for classes in labels)
-    grid = {"layer": space.layers, "head": space.heads, "threshold": space.thresholds}
+    grid = space.grid()
     first = {name: getattr(start, name) for name in grid}
     steps = tqdm(total=args.budget, desc="ovss-tune", unit="trial", file=sys.stderr)
 
