@@ -225,6 +225,7 @@ def test_the_releases_class_names():
     assert names("voc21") == ["background", *RELEASE_VOC]
     ade = names("ade20k")
     assert len(ade) == 150 and ade[44] == "chestofdrawers" and ade[56] == "billiardtable"
+    assert (ade[58], ade[130]) == ("screendoor", "screen")  # the release: "screen" twice
     stuff = names("coco_stuff")
     assert len(stuff) == 171 and stuff[9] == "trafficlight" and stuff[84] == "buildingother"
     assert names("coco_object")[1:] == stuff[:80]
@@ -348,3 +349,73 @@ def test_ovss_eval_refuses_bad_lists_before_loading(voc, tmp_path, capsys, lists
     assert evaluate.main(argv) == 2  # no BLIP there: the lists are refused before loading
     err = capsys.readouterr().err
     assert reason in err and len(err.strip().splitlines()) == 1
+
+
+def test_ovss_eval_presence_lists_with_another_protocol(voc, checkpoint, tmp_path, capsys,
+                                                         monkeypatch):  # fmt: skip
+    """--method pnp_ovss on the standard protocol: the listed classes, the standard scoring
+    only; another method is refused."""
+    path = tmp_path / "lists.json"
+    path.write_text(json.dumps(LISTS))
+    seen = []
+    segment = PnpOvss.segment
+    monkeypatch.setattr(
+        PnpOvss, "segment", lambda self, rgb, present=None: seen.append(present) or
+        segment(self, rgb, present)
+    )  # fmt: skip
+    argv = arguments(voc, checkpoint, "--presence-lists", str(path))
+    argv[argv.index("pnp_ovss")] = "standard"  # --protocol standard
+    argv += ["--method", "pnp_ovss"]
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    assert seen == [[14, 4], [4, 0, 8], [5]]
+    assert "release scoring" not in capsys.readouterr().out
+    argv[-1] = "naclip"
+    assert evaluate.main(argv) == 2
+    assert "--method naclip does not use it" in capsys.readouterr().err
+
+
+def test_ovss_eval_pnp_protocol_on_ade20k(tmp_path, capsys, monkeypatch):
+    """ADE20K: no background channel with 3 or more classes listed (every pixel labelled), one
+    with fewer; ADE's 0 ("other") scored as background, classes shifted by one, as released.
+    (A BLIP with 256 text positions: the prompt with all 150 names must fit, as in BLIP's 512.)"""
+    from test_evaluation_readers import write_image, write_labels
+
+    checkpoint = save_tiny_blip(tmp_path / "blip", max_positions=256)
+
+    base = tmp_path / "ADEChallengeData2016"
+    stems = ("ADE_val_00000001", "ADE_val_00000002")
+    for stem, values in zip(stems, ([0, 1, 3, 5, 150], [2, 0, 4]), strict=True):
+        write_image(base / "images" / "validation" / f"{stem}.jpg")
+        write_labels(base / "annotations" / "validation" / f"{stem}.png", values)
+    lists = tmp_path / "ade20k_classification_noboundary.json"
+    answers = {stems[0]: "[3: sky, 1: wall, 5: tree], [90, 90, 80]", stems[1]: "[2: b], [99]"}
+    lists.write_text(json.dumps(answers))
+    seen = []
+    segment = PnpOvss.segment
+
+    def spy(self, rgb, present=None):
+        result = segment(self, rgb, present)
+        seen.append((list(present), result.labels.copy()))
+        return result
+
+    monkeypatch.setattr(PnpOvss, "segment", spy)
+    argv = arguments(tmp_path, checkpoint, "--presence-lists", str(tmp_path), "-o",
+                     str(tmp_path / "r.json"))  # fmt: skip
+    argv[0] = "ade20k"
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    assert [p for p, _ in seen] == [[2, 0, 4], [1]]
+    assert (seen[0][1] != 255).all()  # 3 classes: argmax over the classes alone
+    truths, predictions = [], []
+    reader = get_protocol("ade20k").read(tmp_path)
+    for (present, labels), (_, truth_path) in zip(seen, reader.pairs, strict=True):
+        background = len(present) < 3
+        channels = np.zeros(labels.shape, dtype=np.int64)
+        for k, index in enumerate(present):
+            channels[labels == index] = k + (1 if background else 0)
+        predictions.append(release_loop(channels, [i + 1 for i in present], background))
+        truths.append(np.asarray(Image.open(truth_path)).astype(np.int64))  # 0 kept
+    miou, accuracy = release_scores(truths, predictions, 151)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["release_scoring"]["mIoU"] == pytest.approx(miou)
+    assert report["release_scoring"]["aAcc"] == pytest.approx(accuracy)
+    assert report["engine"]["pnp.background"] == "fewer_than_3"

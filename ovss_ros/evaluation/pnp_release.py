@@ -7,7 +7,8 @@ PASCAL Context and ADE20K, ``PnP_OVSS_0514_updated_segmentation_coco.py`` for CO
 - class names: the release's lists (``pnp_ovss_<set>.txt``): VOC's ``aeroplane ... table ...
   pottedplant ... tvmonitor`` (``load_voc``), PASCAL Context's 59 (``load_psc``), ADE20K's and
   COCO's with spaces (and COCO's hyphens) removed (``load_ade20k``; the COCO script's
-  ``nms[i] = "".join(...)``);
+  ``nms[i] = "".join(...)``); ADE20K's classes 59 and 131 are both ``screen`` there, and a
+  vocabulary needs distinct names: 59 is ``screendoor`` here (ADE's "screen door");
 - classes in the prompt: the per-image class lists (``--presence-lists``, ``presence_lists``),
   or without them CLIP presence, ovss_ros's substitute;
 - background channel (``pnp.background``): always on VOC and COCO-Object; on PASCAL Context,
