@@ -16,7 +16,9 @@ configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with
 ``--dslo-sd-model`` where the hub is not reachable; ``deop``, the default of ``--method deop``:
 DeOP's released evaluation, COCO-Stuff's 171 classes at short side 512, with the mIoU of its
 156 seen and 15 unseen classes and their harmonic mean, hIoU; ``--seen-unseen`` adds those to
-any protocol on coco_stuff); ``--params-file`` reads engine settings
+any protocol on coco_stuff; ``pnp_ovss``: PnP-OVSS as its release evaluates it, with
+``--presence-lists`` its per-image class lists, and the release's scoring printed beside the
+standard one, ``ovss_ros.evaluation.pnp_release``); ``--params-file`` reads engine settings
 from a params file over the protocol's; any engine flag overrides single settings
 (``--background-words`` replaces the data set's background words). Data sets: voc21,
 context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k, each read from the

@@ -110,7 +110,8 @@ class PnpSettings(Settings):
         "classes put in the prompt: clip (CLIP image-level probability at least "
         "pnp.presence_threshold) or all",
         choices=PRESENCE_MODES,
-        source="ovss_ros (the release: GPT-4o class lists made offline)",
+        source="ovss_ros (the release: GPT-4o class lists made offline, which ovss-segment, "
+        "ovss-eval and ovss-tune read with --presence-lists)",
     )
     presence_threshold: float = setting(
         0.1,
