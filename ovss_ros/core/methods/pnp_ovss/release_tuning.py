@@ -1,8 +1,8 @@
 """PnP-OVSS's label-free tuning as released: CLIP on masked versus black images, random annealing.
 
 The release (github.com/letitiabanana/PnP-OVSS) tunes layer, head and attention threshold with
-``Search`` (``PnP_OVSS_0514_updated_segmentation.py`` ~1229-1311, search space ~1400-1420) and
-``Wsupervised_pn_mask_for_allimgs`` (``Dataset.py`` ~212-340):
+``Search`` (``PnP_OVSS_0514_updated_segmentation.py`` ~1229-1311, search space and optimiser
+~1381-1403) and ``Wsupervised_pn_mask_for_allimgs`` (``Dataset.py`` ~212-340):
 
 - per image, its classes (image-level labels) are the prompt; one dropout round (``drop_iter
   1``): the class maps of the plain GradCAM at the trial's layer and head;
