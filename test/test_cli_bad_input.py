@@ -37,7 +37,7 @@ DEOP_WITHOUT_CHECKPOINT = "method deop needs its proposal network and deop.check
 
 
 # The tool's address space: 8 GB (the imports take about 4): a tool that would allocate far more
-# (before issue 18: --rounds 0-1000000 took 7.9 GB) fails there, not the machine.
+# (before issue 18: a range 0-1000000 took 7.9 GB) fails there, not the machine.
 ADDRESS_SPACE = 8 << 30
 
 
@@ -347,7 +347,7 @@ def tune_args(folder: Path, blip: Path, output: Path) -> list[str]:
     return [
         str(folder), "--classes", "cat", "dog", *TINY, "--templates", "single",
         "--pnp-vlm-pretrained", str(blip), "--pnp-image-size", "32", "--pnp-layer", "2",
-        "--pnp-head", "3", "--pnp-dropout-patches", "2", "--pnp-refine", "none", "--rounds", "1",
+        "--pnp-head", "3", "--pnp-dropout-patches", "2", "--pnp-refine", "none",
         "--budget", "2",
         "-o", str(output),
     ]  # fmt: skip
@@ -360,9 +360,9 @@ def tune_args(folder: Path, blip: Path, output: Path) -> list[str]:
         (["--budget", "-1"], "--budget must be at least 1"),
         (["--thresholds", ""], "--thresholds is empty"),
         (["--thresholds", "a,b"], "is not a comma-separated list of numbers"),
-        (["--rounds", "0-1000000"], "is not a range of at most 1000 values"),
+        (["--heads", "0-1000000"], "is not a range of at most 1000 values"),
         (["--layers", "x-y"], "'x-y' is not an integer or a range"),
-        (["--heads", "1-1000", "--layers", "1-3", "--rounds", "1-50"], "candidates"),
+        (["--heads", "1-1000", "--layers", "1-1000"], "candidates"),
         (["--max-images", "-1"], "--max-images must be at least 0"),
         (["--pnp-image-size", "1024"], "pnp.image_size 1024 needs a 1.07 GB attention map"),
         (["--pnp-layer", "0"], "argument --pnp-layer: pnp.layer must be in [1, 1000], got 0"),

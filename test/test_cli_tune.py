@@ -44,7 +44,8 @@ def arguments(blip, output, *extra: str) -> list[str]:
         "--model", str(TINY_VIT), "--pretrained", "none", "--device", "cpu",
         "--templates", "single", "--pnp-vlm-pretrained", str(blip),
         "--pnp-image-size", str(IMAGE_SIZE), "--pnp-dropout-patches", "2",
-        "--pnp-refine", "none", "--budget", "1", "-o", str(output), *extra,
+        "--pnp-refine", "none", "--budget", "1", "-o", str(output),
+        "--reward-model", str(TINY_VIT), "--reward-pretrained", "none", *extra,
     ]  # fmt: skip
 
 
@@ -60,10 +61,10 @@ def first_trial(printed: str) -> dict[str, float]:
         (["--layers", "1-3", "--heads", "1-4"], {"layer": 3, "head": 4}),
         # no --layers / --heads: every one of the 3-layer, 4-head VLM's
         ([], {"layer": TEXT_LAYERS, "head": TEXT_HEADS}),
-        # every searched setting: the defaults 0.15 and 4 rounds are outside too
+        # every searched setting: the default threshold 0.15 is outside too
         (
-            ["--layers", "1-2", "--heads", "2,3", "--thresholds", "0.3,0.4", "--rounds", "1-2"],
-            {"layer": 2, "head": 3, "threshold": 0.3, "dropout_rounds": 2},
+            ["--layers", "1-2", "--heads", "2,3", "--thresholds", "0.3,0.4"],
+            {"layer": 2, "head": 3, "threshold": 0.3},
         ),
     ],
 )
@@ -72,10 +73,11 @@ def test_the_first_trial_is_inside_the_search_space(blip, tmp_path, capsys, spac
     output = tmp_path / "tuned.yaml"
     assert tune.main(arguments(blip, output, *space)) == 0, capsys.readouterr().err[-2000:]
     start = first_trial(capsys.readouterr().out)
-    defaults = {"threshold": 0.15, "dropout_rounds": 4}
+    defaults = {"threshold": 0.15}
     assert start == defaults | expected
     pnp = params_file_parameters(output, "/ovss")
     assert {name: pnp[f"pnp.{name}"] for name in SEARCHED} == defaults | expected
+    assert pnp["pnp.dropout_rounds"] == 4  # not searched: the start's
 
 
 @pytest.mark.parametrize(
@@ -87,7 +89,6 @@ def test_the_first_trial_is_inside_the_search_space(blip, tmp_path, capsys, spac
             ["--thresholds", "0.3", "--pnp-threshold=0.15"],
             "--pnp-threshold 0.15 is outside the search space (--thresholds 0.3)",
         ),
-        (["--rounds", "1-2", "--pnp-dropout-rounds", "4"], "add 4 to --rounds"),
         # every layer of the VLM: its own limit, named as PnpOvss names it
         (["--pnp-layer", "8"], "pnp.layer 8 > the VLM's 3 text layers"),
     ],
@@ -106,11 +107,11 @@ def test_a_first_trial_given_outside_the_space_is_refused(blip, tmp_path, flags,
 
 
 def test_a_default_outside_the_space_becomes_the_nearest_searched_value():
-    space = SearchSpace(layers=[1, 2, 3], heads=[9, 11], thresholds=[0.1, 0.2], dropout_rounds=[6])
+    space = SearchSpace(layers=[1, 2, 3], heads=[9, 11], thresholds=[0.1, 0.2])
     start = start_inside(PnpSettings(), space, given=set())
-    # layer 8 -> 3; head 10 is as near to 9 as to 11 -> the smaller; 0.15 -> 0.1; 4 -> 6
-    assert (start.layer, start.head, start.threshold, start.dropout_rounds) == (3, 9, 0.1, 6)
-    inside = SearchSpace(layers=[8], heads=[10], thresholds=[0.15], dropout_rounds=[4])
+    # layer 8 -> 3; head 10 is as near to 9 as to 11 -> the smaller; 0.15 -> 0.1
+    assert (start.layer, start.head, start.threshold) == (3, 9, 0.1)
+    inside = SearchSpace(layers=[8], heads=[10], thresholds=[0.15])
     assert start_inside(PnpSettings(), inside, given=set()) == PnpSettings()
     given = start_inside(PnpSettings(layer=2), space, given={"--pnp-head"})
     assert (given.layer, given.head) == (2, 10)  # a given setting is never moved
@@ -134,7 +135,7 @@ def test_the_params_file_makes_the_node_run_as_tuned(blip, tmp_path, capsys, mon
     shutil.copy(TINY_VIT, models / "tiny-vit.json")
     monkeypatch.chdir(tmp_path)  # the tool is given relative paths
     output = tmp_path / "tuned.yaml"
-    args = arguments(blip, output, "--layers", "2", "--heads", "3", "--rounds", "1")
+    args = arguments(blip, output, "--layers", "2", "--heads", "3")
     args[args.index(str(TINY_VIT))] = "models/tiny-vit.json"
     assert tune.main(args) == 0, capsys.readouterr().err[-2000:]
     robot = tmp_path / "robot.yaml"
@@ -157,7 +158,6 @@ def test_the_params_file_makes_the_node_run_as_tuned(blip, tmp_path, capsys, mon
         image_size=IMAGE_SIZE,
         layer=2,
         head=3,
-        dropout_rounds=1,
         dropout_patches=2,
         refine="none",
     )
@@ -178,10 +178,10 @@ def test_a_params_file_that_cannot_be_written_is_refused_before_the_work(blip, t
 
 
 def test_ctrl_c_ends_ovss_tune_with_130_and_no_params_file(blip, tmp_path):
-    """Interrupted during the search (many trials of several dropout rounds each): status 130,
-    one line, no traceback, no params file."""
+    """Interrupted during the search (many trials on larger inputs): status 130, one line, no
+    traceback, no params file."""
     output = tmp_path / "tuned.yaml"
-    args = arguments(blip, output, "--budget", "60", "--rounds", "3-5")
+    args = arguments(blip, output, "--budget", "60", "--pnp-image-size", "256")
     status, out, err = tool_process.interrupted(
         "tune", args, b"trial", tmp_path
     )  # the search began

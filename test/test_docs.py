@@ -22,7 +22,7 @@ def parameter_rows() -> dict[str, list[str]]:
     section = text.split("\n## Parameters\n", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
-        match = re.match(r"\| `([a-z_.]+)` \| (.*) \|$", line)
+        match = re.match(r"\| `([a-z0-9_.]+)` \| (.*) \|$", line)
         if match:
             rows[match[1]] = [cell.strip() for cell in re.split(r"(?<!\\)\|", match[2])]
     return rows

@@ -16,7 +16,9 @@ configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with
 ``--dslo-sd-model`` where the hub is not reachable; ``deop``, the default of ``--method deop``:
 DeOP's released evaluation, COCO-Stuff's 171 classes at short side 512, with the mIoU of its
 156 seen and 15 unseen classes and their harmonic mean, hIoU; ``--seen-unseen`` adds those to
-any protocol on coco_stuff); ``--params-file`` reads engine settings
+any protocol on coco_stuff; ``pnp_ovss``: PnP-OVSS as its release evaluates it, with
+``--presence-lists`` its per-image class lists, and the release's scoring printed beside the
+standard one, ``ovss_ros.evaluation.pnp_release``); ``--params-file`` reads engine settings
 from a params file over the protocol's; any engine flag overrides single settings
 (``--background-words`` replaces the data set's background words). Data sets: voc21,
 context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k, each read from the
@@ -60,6 +62,14 @@ from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
 from ovss_ros.evaluation.class_splits import SPLITS, ClassSplit
 from ovss_ros.evaluation.dataset_readers import layout_text
+from ovss_ros.evaluation.pnp_release import (
+    CATEGORY_IDS,
+    ListedRun,
+    ReleaseRun,
+    check_release_set,
+    checked_lists,
+    release_report,
+)
 from ovss_ros.evaluation.protocol import (
     METHOD_PROTOCOLS,
     DatasetProtocol,
@@ -126,6 +136,12 @@ def build_parser(
         "(hIoU) on a data set with a zero-shot split (coco_stuff: DeOP's 156/15); default: on "
         "with the deop protocol, off with the others",
     )
+    parser.add_argument(
+        "--presence-lists",
+        type=Path,
+        help="method pnp_ovss: per-image class lists in the PnP-OVSS release's JSON layout (a "
+        "file, or the release's GPT4o_classification folder) instead of CLIP presence",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_max_input_pixels_argument(parser)
     defaults = {}
@@ -137,6 +153,7 @@ def build_parser(
             **settings.engine(),
             "refinement": method.refinement,
             **method.engine,
+            **method.dataset_engine.get(protocol.name, {}),
         }
         if protocol.name in FREECP_THRESHOLDS:  # FreeCP's released per-data-set settings
             redundancy, ambiguity = FREECP_THRESHOLDS[protocol.name]
@@ -160,6 +177,15 @@ def parse_args(
     args = parse_engine_args(build_parser(protocol, method), argv)
     if args.limit is not None and args.limit < 1:
         build_parser(protocol, method).error("--limit must be at least 1")
+    if method.name == "pnp_ovss":
+        try:
+            check_release_set(protocol.name)
+            if args.method != "pnp_ovss":
+                raise ValueError(
+                    f"the pnp_ovss protocol runs --method pnp_ovss, not {args.method}"
+                )
+        except ValueError as error:
+            build_parser(protocol, method).error(str(error))
     if args.seen_unseen and protocol.name not in SPLITS:
         build_parser(protocol, method).error(
             f"--seen-unseen: {protocol.name} has no seen/unseen class split (only "
@@ -294,12 +320,18 @@ def score(args: argparse.Namespace, protocol: DatasetProtocol, method: MethodPro
             writable_folder(args.output.expanduser().absolute().parent, "--output")
         config = engine_config(args, vocabulary.background_words, method)
         config.validate()
+        lists = checked_lists(args, config.method, protocol, reader, len(vocabulary.classes))
         from ovss_ros.core.segmenter import Segmenter  # the model libraries: arguments checked
 
         segmenter = Segmenter(config)
         segmenter.set_classes(vocabulary.classes)
+        run = protocol_segmenter(segmenter, method, vocabulary.has_background)
+        if method.name == "pnp_ovss":
+            run = ReleaseRun(segmenter, protocol.name, vocabulary.has_background, lists)
+        elif lists is not None:
+            run = ListedRun(segmenter, lists, CATEGORY_IDS.get(protocol.name))
         result = evaluate(
-            protocol_segmenter(segmenter, method, vocabulary.has_background),
+            run,
             reader,
             vocabulary.label_names,
             vocabulary.has_background,
@@ -312,10 +344,14 @@ def score(args: argparse.Namespace, protocol: DatasetProtocol, method: MethodPro
         return BAD_INPUT
     split = class_split(args, protocol, method)
     print(format_report(result, f"{protocol.title}, {method.name} protocol", split))
+    release = release_report(run, args.presence_lists)
+    if release:
+        print(release["line"])
     if args.output:
         report = {
             **result.to_dict(),
             **split_report(result, split),
+            **{k: v for k, v in release.items() if k != "line"},
             "data_root": str(args.root),
             "protocol": method.name,
             "protocol_source": method.source,

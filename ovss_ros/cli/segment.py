@@ -11,6 +11,9 @@ does), every image of the clash is named longer: ``<stem>_<ext>``, then ``<folde
 then ``<stem>_<ext>_<n>`` (n = its position among the inputs). A file given more than once
 (twice, or as itself and through its folder) is segmented once. Outputs are in the file's stored
 pixel grid (EXIF orientation is not applied), like the ground-truth masks of data sets.
+``--presence-lists`` (method pnp_ovss): the classes of each image from a class-list file in the
+PnP-OVSS release's JSON layout (key: the file's stem; class ids: 1-based positions in
+--classes; probability above 70 kept, the first class when none is), instead of CLIP presence.
 Exit status: 0 every image written, 1 some skipped (unreadable, over --max-input-pixels, failed),
 2 bad arguments or inputs, 130 Ctrl-C and 143 SIGTERM (the images written so far are complete).
 """
@@ -24,7 +27,7 @@ import os
 import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +39,7 @@ from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, par
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import IMAGE_SUFFIXES, ToolParser
 from ovss_ros.core.clip.errors import ModelLoadError
+from ovss_ros.core.methods.pnp_ovss.presence_lists import PresenceLists, load_for_method
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
@@ -188,6 +192,12 @@ def build_parser() -> ToolParser:
     parser.add_argument(
         "--no-legend", action="store_true", help="no legend (classes and colours) on the overlay"
     )
+    parser.add_argument(
+        "--presence-lists",
+        type=Path,
+        help="pnp_ovss: per-image class lists in the PnP-OVSS release's JSON layout (a file, or "
+        "a folder whose .json files are merged) instead of CLIP presence",
+    )
     add_max_input_pixels_argument(parser)
     add_engine_arguments(parser)
     return parser
@@ -208,10 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         jobs = plan(args.inputs, output, not args.no_overlay)
         config = config_from_args(args)
         config.validate()
+        lists = load_for_method(args.presence_lists, config.method)
+        if lists is not None:
+            lists.check_ids(len(args.classes))
+            lists.check_images([job.path.stem for job in jobs])
         from ovss_ros.core.segmenter import Segmenter  # the model libraries: arguments checked
 
         segmenter = Segmenter(config)
         segmenter.set_classes(args.classes)
+        args.segment = _segment_function(segmenter, lists)
         notice, warn = segmenter.method_notice()  # e.g. the DeOP release's own input size
         if notice != config.method:
             (logger.warning if warn else logger.info)("method %s", notice)
@@ -280,11 +295,21 @@ def _segment_one(
         logger.warning("skipping %s: not a readable image (%s)", job.path, error)
         return UNREADABLE
     try:
-        return rgb, segmenter.segment(rgb)
+        return rgb, args.segment(rgb, job.path)
     except Exception as error:  # e.g. out of memory: this image fails, the next may not
         reason = f"{type(error).__name__}: {error}"
         logger.warning("skipping %s: segmentation failed: %s", job.path, reason)
         return FAILED
+
+
+def _segment_function(
+    segmenter: Segmenter, lists: PresenceLists | None
+) -> Callable[[np.ndarray, Path], Segmentation]:
+    """segment(rgb, path): the engine's, or PnP-OVSS prompted with the image's listed classes."""
+    if lists is None:
+        return lambda rgb, _path: segmenter.segment(rgb)
+    core, count = segmenter.pipeline.core, len(segmenter.classes)
+    return lambda rgb, path: core.segment(rgb, lists.vocabulary_indices(path.stem, count))
 
 
 def _write_outputs(

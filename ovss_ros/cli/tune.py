@@ -1,12 +1,18 @@
-"""ovss-tune: choose PnP-OVSS settings without labels (CLIP reward, random search).
+"""ovss-tune: choose PnP-OVSS settings without segmentation labels, as the paper does.
 
-    ovss-tune photos/ --classes person dog "tv; monitor" --budget 30 -o pnp_tuned.yaml
+    ovss-tune photos/ --classes person dog "tv; monitor" --image-labels labels.json -o tuned.yaml
 
-Every trial segments the images with one choice of layer, head, threshold and dropout rounds;
-its reward is how often CLIP recognises a class better with the class's mask region kept than
-removed (ovss_ros/core/methods/pnp_ovss/tuning.py). The classes of each image are decided once,
-by CLIP, with the starting settings, which are always the first trial and always inside the
-search space (``tune_space``). The best settings are printed and written as a ROS 2 params file
+The paper's and its release's procedure (ovss_ros/core/methods/pnp_ovss/release_tuning.py):
+each trial is a layer, head and attention threshold (min_att); each image is prompted with its
+classes (``--image-labels``, image-level labels; else ``--presence-lists``, class lists in the
+release's JSON layout; else CLIP presence with the starting settings, ovss_ros's substitute),
+one GradCAM round; each class's mask is judged by a second CLIP (``--reward-model``,
+ViT-L-14-336 ``openai`` by default, from the local cache when offline: refused before any work
+if missing): the reward is the number of classes CLIP finds more probable in the image masked
+by the class's mask than in a black image. Random annealing over layers x heads x
+``--thresholds`` (0.05..0.45), 34 trials (``--budget``). The starting settings are always the
+first trial and always inside the search space
+(``tune_space``). The best settings are printed and written as a ROS 2 params file
 (``/**: ros__parameters:``, the PnP-OVSS settings nested under ``pnp:``) for the node
 (``--params-file``) and the other tools (``--params-file``), with the classes tuned on and every
 setting the node needs to run as the tuned run did (``node_parameters``). Exit status: 0 written,
@@ -24,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from tqdm import tqdm
 
 from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
@@ -38,8 +43,8 @@ from ovss_ros.cli.tool_parser import (
     one_line,
     writable_folder,
 )
+from ovss_ros.cli.tune_release import label_source, search_release
 from ovss_ros.cli.tune_space import (
-    SEARCHED,
     flag_texts,
     given_flags,
     int_list,
@@ -50,7 +55,7 @@ from ovss_ros.cli.tune_space import (
 )
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.config import EngineConfig
-from ovss_ros.core.methods.pnp_ovss.settings import PnpSettings
+from ovss_ros.core.methods.pnp_ovss.settings import TUNING_CLIP, TUNING_TRIALS, PnpSettings
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
 
@@ -62,7 +67,6 @@ __all__ = ["build_parser", "int_list", "main", "node_parameters"]
 
 logger = logging.getLogger("ovss-tune")
 THRESHOLDS = "0.05,0.15,0.25,0.35,0.45"  # the release's search grid (np.arange(0.05, 0.5, 0.1))
-ROUNDS = "1,2,3,4,5"
 # The engine settings ovss-tune takes (flags from the schema): CLIP's, and every PnP-OVSS one.
 SHARED = ("model", "pretrained", "device", "precision", "templates")
 ENGINE_SETTINGS = SHARED + tuple(f"pnp.{name}" for name in asdict(PnpSettings()))
@@ -120,20 +124,38 @@ def build_parser() -> ToolParser:
     parser.add_argument("inputs", nargs="+", help="unlabeled image files or folders")
     parser.add_argument("--classes", nargs="+", required=True, help="class names ('a; synonym')")
     parser.add_argument("--output", "-o", default="pnp_ovss_tuned.yaml", help="params file")
-    parser.add_argument("--budget", type=int, default=20, help="number of settings to try")
-    parser.add_argument("--seed", type=int, default=0, help="random search seed")
+    parser.add_argument(
+        "--budget", type=int, default=TUNING_TRIALS, help="number of settings to try"
+    )
+    parser.add_argument(
+        "--image-labels",
+        type=Path,
+        help="JSON: image file stem -> its classes (names of --classes or 1-based positions)",
+    )
+    parser.add_argument(
+        "--presence-lists",
+        type=Path,
+        help="per-image class lists in the PnP-OVSS release's JSON layout (without "
+        "--image-labels); default: CLIP presence",
+    )
+    parser.add_argument(
+        "--reward-model", default=TUNING_CLIP[0], help="the CLIP that judges the masks"
+    )
+    parser.add_argument(
+        "--reward-pretrained", default=TUNING_CLIP[1], help="its weights (tag or file)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random annealing seed")
     parser.add_argument("--max-images", type=int, default=0, help="use the first N (0 = all)")
     add_max_input_pixels_argument(parser)
     space = parser.add_argument_group(
         "search space (1-based layers and heads)",
-        "The first trial is --pnp-layer, --pnp-head, --pnp-threshold, --pnp-dropout-rounds: one "
+        "The first trial is --pnp-layer, --pnp-head, --pnp-threshold: one "
         "given outside the space is refused; a default outside it becomes the searched value "
         "nearest to it.",
     )
     space.add_argument("--layers", default="", help="e.g. 6-10 (default: every text layer)")
     space.add_argument("--heads", default="", help="e.g. 1-12 (default: every head)")
     space.add_argument("--thresholds", default=THRESHOLDS, help="comma-separated")
-    space.add_argument("--rounds", default=ROUNDS, help="dropout rounds, e.g. 1-5")
     add_engine_arguments(parser, ENGINE_SETTINGS, params_file=False)
     parser.renamed_flags |= OLD_FLAGS
     return parser
@@ -173,6 +195,7 @@ def prepare(args: argparse.Namespace, given: set[str]) -> tuple[list[Path], PnpO
     # the search space's flags and the first trial in it, before the models load
     refuse_start_outside(start, space_values(args), given, flag_texts(args))
     start.validate()
+    args.labels = label_source(args, files)
     from ovss_ros.core.clip.model_loading import load_clip  # arguments checked: the models
     from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss
     from ovss_ros.core.methods.pnp_ovss.vlm_loading import load_vlm
@@ -185,6 +208,10 @@ def prepare(args: argparse.Namespace, given: set[str]) -> tuple[list[Path], PnpO
     pipeline.set_classes(args.classes)
     for candidate in space.candidates():  # refuse a bad space before any work
         pipeline.check(replace(start, **candidate))
+    from ovss_ros.core.methods.pnp_ovss.release_tuning import RewardClip
+
+    # the judge: a CLIP missing offline is refused before any work, as the other models
+    args.judge = RewardClip.of(load_clip(args.reward_model, args.reward_pretrained, config.device))
     return files, pipeline, space
 
 
@@ -198,7 +225,7 @@ def tune(args: argparse.Namespace, given: set[str]) -> int:
     images = []
     for path in files:  # bounded before decoding, stored pixel grid (EXIF ignored)
         try:
-            images.append(image_file_to_rgb8(path, max_pixels=args.max_input_pixels))
+            images.append((path, image_file_to_rgb8(path, max_pixels=args.max_input_pixels)))
         except ImageTooLarge as error:
             logger.warning("skipping %s: %s", path, error)
         except (ImageConversionError, OSError) as error:
@@ -207,32 +234,19 @@ def tune(args: argparse.Namespace, given: set[str]) -> int:
         logger.error("no readable images")
         return BAD_INPUT
     start = pipeline.settings
-    present = [pipeline.present_classes(pipeline.preprocess(rgb)[1]) for rgb in images]
-    first = {name: getattr(start, name) for name in SEARCHED}
-    from ovss_ros.core.methods.pnp_ovss.tuning import best_of, evaluate_settings, random_search
-
-    results = random_search(
-        lambda candidate: evaluate_settings(pipeline, images, present, candidate),
-        space,
-        args.budget,
-        args.seed,
-        first=first,
-        progress=lambda total: tqdm(total=total, desc="ovss-tune", unit="trial", file=sys.stderr),
-    )
-    best, best_reward = best_of(results)
+    present = [args.labels(pipeline, path, rgb) for path, rgb in images]
+    images = [rgb for _, rgb in images]
+    best, summary = search_release(args, pipeline, space, images, present)
     tuned = local_paths_absolute(replace(config_from_args(args), pnp=replace(start, **best)))
-    first_reward = results[0][1]
-    print(
-        f"start {first}: win rate {first_reward.win_rate:.3f}, margin {first_reward.margin:+.4f}"
-    )
-    print(
-        f"best  {best}: win rate {best_reward.win_rate:.3f}, margin {best_reward.margin:+.4f} "
-        f"({best_reward.pairs} image-class pairs, {len(results)} trials, {len(images)} images)"
-    )
+    return write_params(args, tuned, summary)
+
+
+def write_params(args: argparse.Namespace, tuned: EngineConfig, result: str) -> int:
+    """Write the params file: 0, or 1 when it cannot be written (one line on stderr)."""
     header = (
-        "# PnP-OVSS settings chosen by ovss-tune (CLIP reward, no labels): "
-        f"win rate {best_reward.win_rate:.3f} on {len(images)} images, tuned on device "
-        f"{args.device}\n# ovss_node --ros-args --params-file {Path(args.output).name}\n"
+        f"# PnP-OVSS settings chosen by ovss-tune (the paper's CLIP reward, no segmentation "
+        f"labels): {result}, tuned on device {args.device}\n"
+        f"# ovss_node --ros-args --params-file {Path(args.output).name}\n"
     )
     content = yaml.safe_dump(node_parameters(tuned, args.classes), sort_keys=False)
     output = Path(args.output).expanduser()

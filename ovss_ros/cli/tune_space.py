@@ -1,9 +1,9 @@
 """ovss-tune's search space: the flags that list it, and the first trial inside it.
 
-The search space is ``--layers x --heads x --thresholds x --rounds`` (empty ``--layers`` /
-``--heads``: every one of the VLM's). The first trial, which also decides each image's classes
-(by CLIP), is the ``--pnp-layer``, ``--pnp-head``, ``--pnp-threshold`` and
-``--pnp-dropout-rounds`` settings: inside the space always. A setting given on the command line
+The search space is ``--layers x --heads x --thresholds`` (empty ``--layers`` / ``--heads``:
+every one of the VLM's). The first trial, which also decides each image's classes when CLIP
+decides them, is the ``--pnp-layer``, ``--pnp-head`` and ``--pnp-threshold`` settings: inside
+the space always. A setting given on the command line
 that the space leaves out is refused (bad input); a default that the space leaves out (layer 8
 of BLIP large with ``--layers 1-3``, or on a 3-layer VLM) is replaced by the searched value
 nearest to it (the smaller of two as near).
@@ -22,8 +22,8 @@ if TYPE_CHECKING:  # the model libraries are imported once the arguments are che
     from ovss_ros.core.methods.pnp_ovss.tuning import SearchSpace
 
 # Values one search-space flag may list, and candidates the whole space may hold: BLIP large has
-# 12 x 12 layer-head pairs; 5 thresholds x 5 rounds make 3600 candidates, a budget far beyond any
-# run. A range like 0-1000000 is refused instead of listed (it cost 7.9 GB, then MemoryError).
+# 12 x 12 layer-head pairs; 5 thresholds make 720 candidates, a budget far beyond any run. A
+# range like 0-1000000 is refused instead of listed (it cost 7.9 GB, then MemoryError).
 MAX_VALUES = 1000
 MAX_CANDIDATES = 100_000
 
@@ -71,11 +71,9 @@ def space_values(args: argparse.Namespace) -> dict[str, list]:
         "layers": int_list(args.layers, "--layers"),
         "heads": int_list(args.heads, "--heads"),
         "thresholds": float_list(args.thresholds, "--thresholds"),
-        "dropout_rounds": int_list(args.rounds, "--rounds"),
     }
-    for flag, name in (("--thresholds", "thresholds"), ("--rounds", "dropout_rounds")):
-        if not values[name]:
-            raise ValueError(f"{flag} is empty: give at least one value")
+    if not values["thresholds"]:
+        raise ValueError("--thresholds is empty: give at least one value")
     return values
 
 
@@ -89,13 +87,12 @@ def search_space(args: argparse.Namespace, layers: int, heads: int) -> SearchSpa
         layers=values["layers"] or list(range(1, layers + 1)),
         heads=values["heads"] or list(range(1, heads + 1)),
         thresholds=values["thresholds"],
-        dropout_rounds=values["dropout_rounds"],
     )
-    size = len(space.layers) * len(space.heads) * len(space.thresholds) * len(space.dropout_rounds)
+    size = len(space.layers) * len(space.heads) * len(space.thresholds)
     if size > MAX_CANDIDATES:
         raise ValueError(
-            f"the search space has {size} candidates (layers x heads x thresholds x rounds); "
-            f"at most {MAX_CANDIDATES}: narrow --layers, --heads, --thresholds or --rounds"
+            f"the search space has {size} candidates (layers x heads x thresholds); at most "
+            f"{MAX_CANDIDATES}: narrow --layers, --heads or --thresholds"
         )
     return space
 
@@ -106,7 +103,6 @@ SEARCHED = {
     "layer": ("--layers", "--pnp-layer", "layers"),
     "head": ("--heads", "--pnp-head", "heads"),
     "threshold": ("--thresholds", "--pnp-threshold", "thresholds"),
-    "dropout_rounds": ("--rounds", "--pnp-dropout-rounds", "dropout_rounds"),
 }
 
 
@@ -156,5 +152,4 @@ def flag_texts(args: argparse.Namespace) -> dict[str, str]:
         "layers": args.layers,
         "heads": args.heads,
         "thresholds": args.thresholds,
-        "dropout_rounds": args.rounds,
     }

@@ -6,6 +6,7 @@ ROS-free like ``ovss_ros.core``; the ``ovss-eval`` command (``ovss_ros.cli.evalu
 from ovss_ros.evaluation.confusion_metrics import ConfusionMatrix
 from ovss_ros.evaluation.dataset_readers import IGNORE, DatasetReader
 from ovss_ros.evaluation.evaluation_loop import EvaluationResult, dataset_labels, evaluate
+from ovss_ros.evaluation.pnp_release import PNP_PROTOCOL  # registers --protocol pnp_ovss
 from ovss_ros.evaluation.protocol import (
     PROTOCOLS,
     DatasetProtocol,
@@ -16,6 +17,7 @@ from ovss_ros.evaluation.protocol import (
 
 __all__ = [
     "IGNORE",
+    "PNP_PROTOCOL",
     "PROTOCOLS",
     "ConfusionMatrix",
     "DatasetProtocol",

@@ -24,7 +24,12 @@ from ovss_ros.ros.image_conversion import (
 
 
 class ImageSegmenter(Protocol):
-    """What the loop needs from the engine (``Segmenter`` has it; tests pass fakes)."""
+    """What the loop needs from the engine (``Segmenter`` has it; tests pass fakes).
+
+    A segmenter may also have ``segment_file(rgb, image_path)`` (used instead of ``segment``:
+    e.g. PnP-OVSS prompted with the image's listed classes) and ``observe(truth)`` (called after
+    each image is scored: a second scoring, e.g. the PnP-OVSS release's).
+    """
 
     def segment(self, rgb: np.ndarray) -> Segmentation: ...
 
@@ -151,9 +156,13 @@ def evaluate(
                     f"{image_path}: image {rgb.shape[:2]} and labels {truth.shape} differ in size"
                 )
             tick = time.perf_counter()
-            segmentation = segmenter.segment(rgb)
+            by_file = getattr(segmenter, "segment_file", None)  # e.g. per-image class lists
+            segmentation = segmenter.segment(rgb) if by_file is None else by_file(rgb, image_path)
             segment_seconds += time.perf_counter() - tick
             confusion.update(truth, dataset_labels(segmentation, has_background, len(label_names)))
+            observe = getattr(segmenter, "observe", None)  # a second scoring of the same image
+            if observe is not None:
+                observe(truth)
     return EvaluationResult(
         dataset=reader.name,
         label_names=list(label_names),

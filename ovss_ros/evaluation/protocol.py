@@ -41,6 +41,9 @@ names another; flags override single settings.
   other data set (its cross-data-set yamls configure SimBaseline's model), so there the
   protocol is ``standard``'s thresholds and class names at short side 512, whole image.
 
+- ``pnp_ovss``: PnP-OVSS as released (its class names, background rule, round-0 sum, resize,
+  relabelling and scoring), defined and registered in ``pnp_release``.
+
 All three official repositories evaluate OpenAI's ViT-B/16 (QuickGELU), so that is every
 protocol's model. The class-name files in ``ovss_ros/data/class_names`` are the repositories'
 (NACLIP's and SCLIP's are identical), with synonyms separated by ';' as everywhere in ovss_ros.
@@ -179,6 +182,8 @@ class MethodProtocol:
     engine: Mapping[str, object] = field(default_factory=dict)
     # report mIoU seen / unseen / hIoU on data sets with a split (class_splits.SPLITS)
     class_splits: bool = False
+    # engine settings of the method that differ per data set: data set -> {setting: value}
+    dataset_engine: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     def for_dataset(self, dataset: DatasetProtocol) -> Settings:
         return self.settings[dataset.name]

@@ -17,13 +17,16 @@ blip_image_text_matching.py``). Training-free, with BLIP image-text matching (IT
    blur; dense CRF (or PAMR), argmax.
 
 Deliberate departures from the released code, each for a reason:
-- classes present come from CLIP here (the release reads GPT-4o answers from files);
+- classes present come from CLIP here (the release reads GPT-4o answers from files; the tools
+  read such files with ``--presence-lists``, ``presence_lists.py``);
 - a class's text is its first name (``ClassEntry.name``); all word pieces of all its words are
   averaged (the release joins multi-word names, e.g. ``pottedplant``, and averages pieces);
-- the maps of the rounds are summed once each (the release starts its sum with round 0 and then
-  adds every round, so round 0 counts twice);
-- background is always a channel (the release drops it for context data sets with three or
-  more classes present);
+- the maps of the rounds are summed once each by default (the release starts its sum with
+  round 0 and then adds every round, so round 0 counts twice: ``round0: release``);
+- background is always a channel by default (the release drops it for context data sets with
+  three or more classes present: ``background: fewer_than_3``);
+- the BLIP input is squashed with torch's antialiased bicubic on the device by default (the
+  release: PIL's bicubic, ``resize: pil``);
 - a class whose map is flat (no gradient reached it) fires nowhere (the release divides 0/0).
 The gradient is taken with ``torch.autograd.grad`` of the match logit with respect to the one
 attention map (the same values as ``loss.backward()`` with a hook, without parameter gradients).
@@ -58,6 +61,8 @@ from ovss_ros.core.methods.pnp_ovss.steps import (
     minmax,
     most_salient,
     prompt_tokens,
+    square,
+    square_pil,
     threshold_maps,
     with_background,
 )
@@ -189,9 +194,10 @@ class PnpOvss:
     def segment(self, rgb: np.ndarray, present: Sequence[int] | None = None) -> Segmentation:
         """Segment one HxWx3 uint8 RGB image.
 
-        ``present``: vocabulary indices to put in the prompt, overriding ``settings.presence``
-        (the tuner fixes them per image). Raises VocabularyError without classes, ValueError
-        for a bad image.
+        ``present``: vocabulary indices to put in the prompt, in the prompt's order (each once),
+        overriding ``settings.presence`` (the tuner fixes them per image, a class-list file per
+        image as the release reads them: ``presence_lists``). Raises VocabularyError without
+        classes, ValueError for a bad image.
         """
         if not self.classes:
             raise VocabularyError("no classes set: call set_classes first")
@@ -199,7 +205,7 @@ class PnpOvss:
         pixels, clip_pixels = self.preprocess(rgb)
         if present is None:
             present = self.present_classes(clip_pixels)
-        present = sorted(set(int(i) for i in present))
+        present = list(dict.fromkeys(int(i) for i in present))
         if not present or not all(0 <= i < len(self.classes) for i in present):
             raise ValueError(f"present must be indices into the {len(self.classes)} classes")
         maps = self.saliency(pixels, present)
@@ -216,13 +222,19 @@ class PnpOvss:
     def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Upload once; (1, 3, S, S) BLIP input and (1, 3, s, s) CLIP input, normalised.
 
-        Both squash the whole frame to a square, as the release does (bicubic, antialiased).
+        Both squash the whole frame to a square, as the release does: torch bicubic with
+        antialiasing, or for BLIP with ``resize: pil`` PIL's bicubic (what the release's
+        torchvision ``Resize((S, S), BICUBIC)`` does to a PIL image).
         """
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
+        rgb = np.require(rgb, requirements=["C", "W"])  # a read-only frame is copied
+        image = torch.from_numpy(rgb).to(self.device, non_blocking=True)
         image = image.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         size = self.settings.image_size
-        pixels = _square(image, size)
-        clip_image = _square(image.to(self.clip.device), _clip_size(self.clip))
+        if self.settings.resize == "pil":
+            pixels = square_pil(rgb, size).to(self.device)
+        else:
+            pixels = square(image, size)
+        clip_image = square(image.to(self.clip.device), _clip_size(self.clip))
         clip_pixels = ((clip_image - self._clip_mean) / self._clip_std).to(self.clip.dtype)
         return (pixels - self._vlm_mean) / self._vlm_std, clip_pixels
 
@@ -245,7 +257,8 @@ class PnpOvss:
         return torch.softmax(CLIP_LOGIT_SCALE * features[0] @ self.class_text.T, dim=-1)
 
     def saliency(self, pixels: torch.Tensor, present: Sequence[int]) -> torch.Tensor:
-        """(C, g, g) class maps of the present classes: GradCAM summed over dropout rounds."""
+        """(C, g, g) class maps of the present classes: GradCAM summed over dropout rounds
+        (round 0 twice with ``round0: release``, as the released code sums them)."""
         settings, patch = self.settings, self.vlm.patch_size
         ids, spans = prompt_tokens(
             self.vlm.tokenizer, [self.classes[i].name for i in present], self.vlm.enc_token_id
@@ -259,7 +272,10 @@ class PnpOvss:
             check_stop(self.stop, f"PnP-OVSS dropout round {round_index + 1}")
             image = drop_patches(pixels, dropped.view(grid, grid), patch)
             cams = self.token_gradcam(image, input_ids).masked_fill(dropped, 0.0)  # (T, P)
-            total = cams if total is None else total + cams
+            if total is None:  # the release starts its sum with round 0 and adds every round
+                total = 2 * cams if settings.round0 == "release" else cams
+            else:
+                total = total + cams
             if round_index + 1 < settings.dropout_rounds:
                 salience = cams[class_rows].sum(dim=0)
                 dropped[most_salient(salience, dropped, settings.dropout_patches)] = True
@@ -324,6 +340,10 @@ class PnpOvss:
     ) -> Segmentation:
         """Threshold, background, blur, CRF/PAMR and argmax at the input size.
 
+        Background channel: always, or with ``background: fewer_than_3`` only when fewer than 3
+        classes are present (otherwise every pixel gets its best class, as the release does on
+        context data sets).
+
         The maps are upsampled on the model's device; blur (OpenCV) and CRF (pydensecrf) run
         on the host, PAMR on the device.
 
@@ -331,9 +351,10 @@ class PnpOvss:
         over background and class maps after blur, refined by PAMR): PnP-OVSS's own scale.
         """
         settings = self.settings
+        background = settings.background == "always" or len(present) < 3
         maps = threshold_maps(maps.float(), settings.threshold)
         maps = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=True)[0]
-        scores = with_background(maps).cpu()
+        scores = (with_background(maps) if background else maps).cpu()
         if settings.blur > 0:
             blurred = gaussian_blur(scores.numpy(), settings.blur * max(size))
             scores = minmax(torch.from_numpy(blurred))
@@ -345,12 +366,14 @@ class PnpOvss:
             guide = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
             guide = guide.permute(2, 0, 1)[None].float()
             probs = pamr(guide, probs[None].to(self.device))[0].cpu()
-        confidence, best = probs[1:].max(dim=0)
-        background = probs[0] > confidence
         dtype = label_dtype(len(self.classes))
-        labels = torch.tensor(list(present))[best].masked_fill(
-            background, int(np.iinfo(dtype).max)
-        )
+        if background:
+            confidence, best = probs[1:].max(dim=0)
+            unlabeled = probs[0] > confidence
+        else:  # the release's argmax over the classes alone: every pixel gets one
+            confidence, best = probs.max(dim=0)
+            unlabeled = torch.zeros_like(best, dtype=torch.bool)
+        labels = torch.tensor(list(present))[best].masked_fill(unlabeled, int(np.iinfo(dtype).max))
         return Segmentation(
             labels=labels.numpy().astype(dtype),
             confidence=confidence.float().numpy(),
@@ -370,13 +393,3 @@ def _normaliser(
 def _clip_size(clip: LoadedClip) -> int:
     size = clip.model.visual.image_size
     return int(size[0] if isinstance(size, tuple | list) else size)
-
-
-def _square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(1, 3, H, W) in [0, 1] -> (1, 3, size, size), bicubic with antialiasing."""
-    if tuple(image.shape[-2:]) == (size, size):
-        return image
-    squared = F.interpolate(
-        image, size=(size, size), mode="bicubic", align_corners=False, antialias=True
-    )
-    return squared.clamp_(0.0, 1.0)

@@ -15,10 +15,17 @@ from ovss_ros.core.frame_budget import check_vlm_image_size, vlm_max_image_size
 from ovss_ros.core.settings import Settings, setting
 
 PRESENCE_MODES = ("clip", "all")
+ROUND0_MODES = ("once", "release")
+BACKGROUND_RULES = ("always", "fewer_than_3")
+RESIZES = ("antialiased", "pil")
 REFINES = ("auto", "crf", "pamr", "none")
 VLM_MODELS = ("blip_itm",)  # architectures PnP-OVSS can run on
 DEFAULT_VLM = "Salesforce/blip-itm-large-flickr"
 RELEASE = "PnP-OVSS Run_seg.sh"
+# The release's label-free tuning (``Search``): its judge CLIP, trials and min_att grid.
+TUNING_CLIP = ("ViT-L-14-336", "openai")
+TUNING_TRIALS = 34
+TUNING_MIN_ATT = (0.05, 0.15, 0.25, 0.35, 0.45)  # np.arange(0.05, 0.5, 0.1)
 
 
 def crf_available() -> bool:
@@ -103,7 +110,8 @@ class PnpSettings(Settings):
         "classes put in the prompt: clip (CLIP image-level probability at least "
         "pnp.presence_threshold) or all",
         choices=PRESENCE_MODES,
-        source="ovss_ros (the release: GPT-4o class lists made offline)",
+        source="ovss_ros (the release: GPT-4o class lists made offline, which ovss-segment, "
+        "ovss-eval and ovss-tune read with --presence-lists)",
     )
     presence_threshold: float = setting(
         0.1,
@@ -111,6 +119,29 @@ class PnpSettings(Settings):
         minimum=0.0,
         maximum=1.0,
         source="ovss_ros",
+    )
+    round0: str = setting(
+        "once",
+        "how often the first (undropped) round's map counts in the sum over dropout rounds: "
+        "once, or release (twice, as the released code sums it)",
+        choices=ROUND0_MODES,
+        source=RELEASE + " (release); once is ovss_ros's",
+    )
+    background: str = setting(
+        "always",
+        "background channel (where no class map fires): always, or fewer_than_3 (only when "
+        "fewer than 3 classes are in the prompt, else argmax over the classes alone: the "
+        "release's rule on PASCAL Context, ADE20K and COCO-Stuff)",
+        choices=BACKGROUND_RULES,
+        source=RELEASE,
+    )
+    resize: str = setting(
+        "antialiased",
+        "how the frame is squashed to the BLIP input: antialiased (torch bicubic with "
+        "antialiasing, on the device) or pil (PIL bicubic on the host, the release's "
+        "torchvision Resize on a PIL image)",
+        choices=RESIZES,
+        source=RELEASE + " (pil); antialiased is ovss_ros's",
     )
     blur: float = setting(
         0.05,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ovss_ros.core.methods.pnp_ovss.crf_process import shared_crf_process
 from ovss_ros.core.vocabulary import VocabularyError
@@ -172,3 +173,23 @@ def prompt_tokens(
         spans.append(slice(len(ids), len(ids) + len(word_pieces)))
         ids += word_pieces
     return [*ids, tokenizer.sep_token_id], spans
+
+
+def square_pil(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """HxWx3 uint8 -> (1, 3, size, size) in [0, 1] by PIL's bicubic resize: what torchvision's
+    ``Resize((size, size), InterpolationMode.BICUBIC)`` then ``ToTensor`` does to a PIL image
+    (the release's BLIP input, ``Dataset.py``)."""
+    from PIL import Image
+
+    squared = Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(squared).copy()).permute(2, 0, 1)[None].float() / 255.0
+
+
+def square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1] -> (1, 3, size, size), bicubic with antialiasing."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    squared = F.interpolate(
+        image, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+    )
+    return squared.clamp_(0.0, 1.0)
