@@ -1,0 +1,334 @@
+"""The released stages of ovss-train-deop (proposals, prompt, deop) on a planted data set with a
+tiny random CLIP and a tiny proposal network: MaskFormer's set criterion, each stage lowering its
+loss, the trained system beating the untrained one, the release-layout files the stages write
+(read back by the proposal loader and by ``method: deop``), resume, and the command's refusals."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_VIT
+from planted_shapes import single_thread, write_planted_set  # noqa: F401
+
+from ovss_ros.cli import train_deop
+from ovss_ros.core.clip.model_loading import load_clip
+from ovss_ros.core.methods.deop.maskformer import MaskFormerArchitecture, ProposalNetwork
+from ovss_ros.core.methods.deop.maskformer_weights import load_proposal_network
+from ovss_ros.core.methods.deop.released_checkpoint import load_released_deop
+from ovss_ros.training.deop_data import training_data
+from ovss_ros.training.prompt_training import PromptStage
+from ovss_ros.training.proposal_training import ProposalStage, read_prompt
+from ovss_ros.training.released_training import DeopStage
+from ovss_ros.training.set_criterion import hungarian_match, layer_losses, semantic_targets
+from ovss_ros.training.stage_loop import StageConfig, released_defaults, run_stage
+
+TINY_ARCH = MaskFormerArchitecture(
+    depth=50, stem="basic", res5_multi_grid=(1, 1, 1), conv_dim=32, mask_dim=32,
+    hidden_dim=32, queries=8, heads=8, feedforward=64, decoder_layers=2, embedding_dim=32,
+    embed_hidden_dim=64,
+)  # fmt: skip
+
+
+def tiny_clip():
+    torch.manual_seed(0)  # the same random weights as the command's --seed 0
+    return load_clip(str(TINY_VIT), "none", "cpu")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("planted")
+    return write_planted_set(root, train=24, val=8, size=64, unseen=("green diamond",))
+
+
+def config(stage: str, **changes) -> StageConfig:
+    small = {
+        "batch_size": 4, "crop": 80, "pad": 64, "short_sides": (64, 72, 80), "val_size": 64,
+        "checkpoint_every": 0, "validate_every": 0, "log_every": 5, "progress": False,
+        "templates": "single", "prompt_length": 4,
+    }  # fmt: skip
+    if stage == "prompt":
+        small |= {"crop": 0, "pad": 0, "short_sides": (), "per_class": 8, "batch_size": 8}
+    return StageConfig(**(released_defaults(stage) | small | changes))
+
+
+def losses(run: Path) -> list[float]:
+    return [entry["loss"] for entry in json.loads((run / "metrics.json").read_text())["train"]]
+
+
+# --- MaskFormer's set criterion -----------------------------------------------------------------
+
+
+def test_the_matcher_finds_the_cheapest_assignment():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 5, 4, generator=gen)
+    masks = torch.randn(1, 5, 8, 8, generator=gen)
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :4] = 2
+    labels[0, 6:, :3] = 255
+    targets = semantic_targets(labels)
+    assert targets[0][0].tolist() == [0, 2]
+    rows, cols = hungarian_match(logits, masks, targets)[0]
+    # the official cost, written out: -p(class) + 20 focal + 1 dice, each pair on its own
+    classes, target_masks = targets[0]
+
+    def cost(q: int, t: int) -> float:
+        pred, want = masks[0, q].flatten(), target_masks[t].flatten()
+        prob = pred.sigmoid()
+        focal = torch.where(
+            want > 0,
+            0.25 * (1 - prob) ** 2 * -F.logsigmoid(pred),
+            0.75 * prob**2 * -F.logsigmoid(-pred),
+        )
+        dice = 1 - (2 * (prob * want).sum() + 1) / (prob.sum() + want.sum() + 1)
+        return float(-logits[0, q].softmax(-1)[classes[t]] + 20 * focal.mean() + dice)  # fmt: skip
+
+    pairs = itertools.permutations(range(5), 2)
+    best = min(pairs, key=lambda qs: sum(cost(q, t) for t, q in enumerate(qs)))
+    chosen = dict(zip(cols.tolist(), rows.tolist(), strict=True))
+    assert [chosen[0], chosen[1]] == list(best)
+
+
+def test_unmatched_queries_learn_no_object_at_a_tenth_of_the_weight():
+    logits = torch.zeros(1, 3, 3, requires_grad=True)
+    masks = torch.full((1, 3, 4, 4), 10.0)  # every mask all on
+    labels = torch.ones(1, 4, 4, dtype=torch.long)  # one target: class 1 everywhere
+    result = layer_losses(logits, masks, semantic_targets(labels))
+    # one query matched to class 1 (weight 1), two to "no object" (weight 0.1): uniform logits
+    expected = np.log(3)  # weighted mean of equal per-query cross-entropies
+    assert result["ce"].item() == pytest.approx(expected, rel=1e-5)
+    assert result["mask"].item() < 1e-6 and result["dice"].item() < 1e-3
+    result["ce"].backward()
+    grads = logits.grad[0]
+    matched = int(grads[:, 1].argmin())
+    others = [q for q in range(3) if q != matched]
+    unmatched = float(grads[others, 2].abs().sum())
+    assert unmatched * 10 == pytest.approx(2 * float(grads[matched, 1].abs()), rel=1e-4)
+
+
+# --- the stages ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def proposal_run(planted, tmp_path_factory):
+    clip = tiny_clip()
+    data = training_data("folder", planted)
+    run = tmp_path_factory.mktemp("proposals")
+    torch.manual_seed(1)
+    stage = ProposalStage(clip, data, config("proposals", steps=40, lr=1e-3), TINY_ARCH)
+    summary = run_stage(stage, stage.config, run)
+    return run, stage, summary
+
+
+def test_the_proposal_stage_lowers_its_loss_and_writes_the_release_layout(proposal_run):
+    run, stage, summary = proposal_run
+    history = losses(run)
+    assert history[-1] < 0.5 * history[0], history
+    assert {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(summary["validation"])
+    loaded = load_proposal_network(run / "proposal_model.pth")
+    assert loaded.network.arch == TINY_ARCH
+    ours = stage.parts.network.state_dict()
+    for name, value in loaded.network.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(value, ours[name]), name
+    assert torch.equal(loaded.other["clip_adapter.non_object_embedding"], stage.parts.void)
+
+
+def test_deep_supervision_covers_every_decoder_layer(proposal_run, planted):
+    _, stage, _ = proposal_run
+    rgb, labels = stage.collate([stage.dataset(8)[i] for i in range(2)])
+    result = stage.losses((rgb, labels))
+    assert set(result) == {"ce", "mask", "dice", "aux_ce", "aux_mask", "aux_dice"}
+    assert all(torch.isfinite(v) and v > 0 for v in result.values())
+
+
+def test_the_prompt_stage_lowers_its_loss_and_writes_the_release_prompt(planted, tmp_path):
+    clip = tiny_clip()
+    data = training_data("folder", planted)
+    torch.manual_seed(2)
+    cfg = config("prompt", steps=40, lr=0.5, warmup_steps=0, clip_norm=0.0, log_every=10)
+    stage = PromptStage(clip, data, cfg)
+    summary = run_stage(stage, cfg, tmp_path)
+    history = losses(tmp_path)
+    assert history[-1] < 0.7 * history[0], history
+    assert {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(summary["validation"])
+    context = read_prompt(tmp_path / "prompt.pth", 64)
+    assert torch.equal(context, stage.prompt.context.detach())
+
+
+def deop_stage(clip, data, proposals, **changes) -> DeopStage:
+    cfg = config("deop", **({"steps": 80, "lr": 1e-3} | changes))
+    return DeopStage(clip, data, cfg, proposals, feedforward=64)
+
+
+def test_the_deop_stage_beats_the_untrained_system_and_method_deop_loads_it(
+    planted, proposal_run, tmp_path
+):
+    from ovss_ros.core.methods.deop.published import PublishedDeop
+    from ovss_ros.core.methods.deop.run_config import DeopConfig
+
+    run, _, _ = proposal_run
+    clip = tiny_clip()
+    data = training_data("folder", planted)
+    proposals = load_proposal_network(run / "proposal_model.pth").network
+    torch.manual_seed(4)
+    stage = deop_stage(clip, data, proposals)
+    untrained = stage.validate(False)
+    summary = run_stage(stage, stage.config, tmp_path)
+    history = losses(tmp_path)
+    assert history[-1] < 0.6 * history[0], history
+    trained = summary["validation"]
+    assert trained["mIoU"] > untrained["mIoU"] + 8, (untrained, trained)
+    released = load_released_deop(tmp_path / "model_final.pth")
+    assert torch.equal(released.positions.input, stage.parts.positions.input.detach())
+    assert torch.equal(released.modules.void, stage.parts.void.detach())
+    deop = PublishedDeop(
+        clip, DeopConfig(proposals=TINY_ARCH.queries), checkpoint=str(tmp_path / "model_final.pth")
+    )
+    classes = [line.split(";")[0] for line in data.classes]
+    deop.set_classes(classes)
+    path, _ = data.val.sample(0)
+    from ovss_ros.evaluation.evaluation_loop import read_rgb
+
+    rgb = read_rgb(path)
+    segmentation = deop.segment(rgb)
+    assert segmentation.labels.shape == rgb.shape[:2]
+
+
+def test_the_deop_stage_resumes_exactly(planted, tmp_path):
+    clip = tiny_clip()
+    data = training_data("folder", planted)
+    torch.manual_seed(3)
+    proposals = ProposalNetwork(TINY_ARCH).eval()
+
+    def stage(seed: int) -> DeopStage:
+        torch.manual_seed(seed)
+        return deop_stage(clip, data, proposals, steps=6, checkpoint_every=3, val_images=1)
+
+    straight = stage(5)
+    run_stage(straight, straight.config, tmp_path / "straight")
+    first = stage(5)
+    run_stage(first, first.config, tmp_path / "resumed", stop_at=4)
+    resumed = stage(6)  # other initial weights: the state file must replace them
+    summary = run_stage(resumed, resumed.config, tmp_path / "resumed", resume=True)
+    assert summary["step"] == 6
+    for (name, a), b in zip(
+        straight.parts.state_dict().items(), resumed.parts.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def command(root: Path, output: Path, stage: str, *extra: str) -> list[str]:
+    return [
+        "folder", str(root), "--stage", stage, "--output", str(output), "--model", str(TINY_VIT),
+        "--pretrained", "none", "--device", "cpu", "--templates", "single", "--no-progress",
+        "--val-images", "2", *extra,
+    ]  # fmt: skip
+
+
+def test_the_command_runs_the_three_stages_in_the_release_order(planted, tmp_path):
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(TINY_ARCH.to_dict()))
+    small = ["--steps", "2", "--batch-size", "2", "--prompt-length", "4"]
+    geometry = ["--crop", "64", "--pad", "64", "--short-sides", "64", "--val-size", "64"]
+    prompt = tmp_path / "prompt"
+    assert train_deop.main(command(planted, prompt, "prompt", *small, "--per-class", "2")) == 0
+    proposals = tmp_path / "proposals"
+    flags = [
+        *small,
+        *geometry,
+        "--architecture",
+        str(arch),
+        "--prompt",
+        str(prompt / "prompt.pth"),
+    ]
+    assert train_deop.main(command(planted, proposals, "proposals", *flags)) == 0
+    deop = tmp_path / "deop"
+    network = str(proposals / "proposal_model.pth")
+    flags = [
+        *small,
+        *geometry,
+        "--proposal-network",
+        network,
+        "--prompt",
+        str(prompt / "prompt.pth"),
+    ]
+    assert train_deop.main(command(planted, deop, "deop", *flags)) == 0
+    released = load_released_deop(deop / "model_final.pth")
+    assert released.proposals.arch == TINY_ARCH
+    context = read_prompt(prompt / "prompt.pth", 64)
+    assert released.modules.prompt.context.shape == context.shape
+    final = json.loads((deop / "metrics.json").read_text())["validation"][-1]
+    assert final["step"] == 2 and {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(final)
+    # resume continues the same run; a new run into it is refused
+    assert (
+        train_deop.main(command(planted, deop, "deop", *flags[:1], "4", *flags[2:], "--resume"))
+        == 0
+    )
+    state = torch.load(deop / "training_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["stage"] == "deop"
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra", "message"),
+    [
+        ("deop", [], "give --proposal-network"),
+        ("deop", ["--proposal-network", "missing.pth"], "does not exist"),
+        ("proposals", ["--prompt", "missing.pth"], "does not exist"),
+        ("prompt", ["--proposal-network", "x.pth"], "is for stage deop"),
+        ("prompt", ["--prompt", "x.pth"], "gives stages proposals and deop"),
+        (
+            "deop",
+            ["--architecture", "r50", "--proposal-network", "x.pth"],
+            "is for stage proposals",
+        ),
+        ("proposals", ["--architecture", "r18"], "--architecture"),
+        ("proposals", ["--proposal-source", "clusters"], "does not apply to --stage proposals"),
+        ("head", ["--pad", "64"], "does not apply to --stage head"),
+        ("prompt", ["--steps", "0"], "steps must be >= 1"),
+        ("deop", ["--pad", "8", "--proposal-network", "x"], "pad must be in 32..2048"),
+        ("proposals", ["--short-sides", "10"], "short sides must be in"),
+        ("proposals", ["--lr", "nan"], "lr must be > 0"),
+        ("prompt", ["--resume"], "nothing to resume"),
+    ],
+)
+def test_every_refusal_is_one_line_and_status_2(planted, tmp_path, stage, extra, message):
+    from test_cli_bad_input import assert_refused, run_tool
+
+    (tmp_path / "x.pth").write_bytes(b"")
+    extra = [str(tmp_path / "x.pth") if flag == "x.pth" else flag for flag in extra]
+    args = command(planted, tmp_path / "run", stage, *extra)
+    assert_refused(run_tool("train_deop", *args, timeout=600), message)
+    assert not (tmp_path / "run" / "training_state.pt").exists()
+
+
+def test_a_damaged_or_foreign_state_is_refused(planted, tmp_path):
+    from test_cli_bad_input import assert_refused, run_tool
+
+    run = tmp_path / "run"
+    small = ["--steps", "1", "--batch-size", "2", "--prompt-length", "2", "--per-class", "2"]
+    assert train_deop.main(command(planted, run, "prompt", *small)) == 0
+    before = (run / "training_state.pt").read_bytes()
+    done = run_tool("train_deop", *command(planted, run, "prompt", *small))  # a new run into it
+    assert_refused(done, "holds an earlier run")
+    assert (run / "training_state.pt").read_bytes() == before
+    network = tmp_path / "net.pth"
+    torch.save({"model": {"backbone.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}}, network)
+    flags = ["--proposal-network", str(network), "--resume", "--steps", "1"]
+    assert_refused(run_tool("train_deop", *command(planted, run, "deop", *flags)), "res4 has 0")
+    # the prompt run's state resumed as stage deop: another stage's
+    torch.manual_seed(0)
+    torch.save({"model": {}}, network)
+    state = torch.load(run / "training_state.pt", weights_only=True)
+    state["trainable"] = {"context": torch.zeros(3, 3)}
+    torch.save(state, run / "training_state.pt")
+    done = run_tool("train_deop", *command(planted, run, "prompt", *small, "--resume"))
+    assert_refused(done, "does not fit this run")
