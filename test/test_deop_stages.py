@@ -128,6 +128,7 @@ def proposal_run(planted, tmp_path_factory):
 def test_the_proposal_stage_lowers_its_loss_and_writes_the_release_layout(proposal_run):
     run, stage, summary = proposal_run
     history = losses(run)
+    print(f"proposals: loss {history[0]:.2f} -> {history[-1]:.2f}, {summary['validation']}")
     assert history[-1] < 0.5 * history[0], history
     assert {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(summary["validation"])
     loaded = load_proposal_network(run / "proposal_model.pth")
@@ -155,6 +156,7 @@ def test_the_prompt_stage_lowers_its_loss_and_writes_the_release_prompt(planted,
     stage = PromptStage(clip, data, cfg)
     summary = run_stage(stage, cfg, tmp_path)
     history = losses(tmp_path)
+    print(f"prompt: loss {history[0]:.2f} -> {history[-1]:.2f}, {summary['validation']}")
     assert history[-1] < 0.7 * history[0], history
     assert {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(summary["validation"])
     context = read_prompt(tmp_path / "prompt.pth", 64)
@@ -183,6 +185,7 @@ def test_the_deop_stage_beats_the_untrained_system_and_method_deop_loads_it(
     history = losses(tmp_path)
     assert history[-1] < 0.6 * history[0], history
     trained = summary["validation"]
+    print(f"deop: loss {history[0]:.2f} -> {history[-1]:.2f}, {untrained} -> {trained}")
     assert trained["mIoU"] > untrained["mIoU"] + 8, (untrained, trained)
     released = load_released_deop(tmp_path / "model_final.pth")
     assert torch.equal(released.positions.input, stage.parts.positions.input.detach())
