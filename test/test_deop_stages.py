@@ -224,6 +224,19 @@ def test_the_deop_stage_resumes_exactly(planted, tmp_path):
         straight.parts.state_dict().items(), resumed.parts.state_dict().values(), strict=True
     ):
         assert torch.allclose(a, b, atol=1e-6), name
+    # the release layout it wrote holds exactly the trained tensors, under the release's names
+    released = load_released_deop(tmp_path / "resumed" / "model_final.pth")
+    decoder = resumed.parts.decoder.state_dict()
+    for name, value in released.modules.decoder.state_dict().items():
+        assert torch.equal(value, decoder[name]), name
+    positions = resumed.parts.positions.state_dict()
+    for name, value in released.positions.state_dict().items():
+        assert torch.equal(value, positions[name]), name
+    assert released.positions.layers == (1,)  # the tiny CLIP: 3 blocks, the last severed
+    assert torch.equal(released.modules.prompt.context, resumed.parts.prompt.context.detach())
+    for name, value in released.proposals.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(value, proposals.state_dict()[name]), name
 
 
 # --- the command --------------------------------------------------------------------------------

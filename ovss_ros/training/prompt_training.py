@@ -88,7 +88,8 @@ class PromptStage:
 
     def dataset(self, length: int) -> MaskCrops:
         if self.pairs is None:  # reads every training label image once
-            self.pairs = class_pairs(self.data, self.config.per_class, self.config.seed)
+            c = self.config
+            self.pairs = class_pairs(self.data, c.per_class, c.seed, c.progress)
         return MaskCrops(self.data, self.pairs, self.size, self.config.seed, length)
 
     def collate(self, batch: list) -> tuple:

@@ -158,13 +158,19 @@ def random_resized_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def class_pairs(data: TrainingData, per_class: int, seed: int) -> list[tuple[int, int]]:
+def class_pairs(
+    data: TrainingData, per_class: int, seed: int, progress: bool = False
+) -> list[tuple[int, int]]:
     """(image index, seen-class index) pairs: every class present in a training image, at most
     ``per_class`` pairs per class drawn (with replacement, as the release's
-    ``rng.choice``) by a generator seeded with ``seed``. Reads every training label image."""
+    ``rng.choice``) by a generator seeded with ``seed``. Reads every training label image
+    (``progress``: with a progress bar)."""
+    from tqdm import tqdm
+
     table = data.training_labels()
     groups: dict[int, list[int]] = {}
-    for index in range(len(data.train)):
+    scan = tqdm(range(len(data.train)), desc="classes per image", disable=not progress)
+    for index in scan:
         _, labels = data.train.sample(index)
         for cls in np.unique(table[labels]):
             if cls != IGNORE:
