@@ -36,7 +36,7 @@ from ovss_ros.cli.tool_parser import INTERRUPTED, ToolParser
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.methods.deop.settings import PROPOSAL_SOURCES
 from ovss_ros.training.deop_data import DATASETS, training_data
-from ovss_ros.training.stage_loop import STAGES
+from ovss_ros.training.stage_config import STAGES
 from ovss_ros.training.training_config import (
     CHECKPOINT_NAME,
     LOSSES,
@@ -116,7 +116,7 @@ def stage_defaults(dest: str) -> str:
     """``head X; proposals Y; ...`` for a training flag's destination ('' for none)."""
     from dataclasses import fields
 
-    from ovss_ros.training.stage_loop import StageConfig, released_defaults
+    from ovss_ros.training.stage_config import StageConfig, released_defaults
 
     head = {f.name: f.default for f in fields(TrainingConfig)}
     head["val_size"], head["scale"] = (

@@ -31,8 +31,6 @@ from ovss_ros.evaluation.dataset_readers import IGNORE
 from ovss_ros.evaluation.evaluation_loop import read_rgb
 from ovss_ros.training.deop_data import TrainingData
 
-DEOP_SHORT_SIDES = (256, 307, 358, 409, 460, 512, 563, 614, 665, 716, 768)  # img512 yaml
-PROPOSAL_SHORT_SIDES = tuple(range(320, 961, 64))  # Base-COCOStuff164K-171.yaml
 MAX_LONG_SIDE = 2560
 PAD_VALUE = 128
 

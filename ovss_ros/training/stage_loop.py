@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
@@ -30,94 +30,16 @@ from tqdm import tqdm
 from ovss_ros.evaluation.confusion_metrics import ConfusionMatrix
 from ovss_ros.evaluation.evaluation_loop import read_rgb
 from ovss_ros.training.deop_data import TrainingData
-from ovss_ros.training.training_config import METRICS_NAME, check_batch, json_safe
+from ovss_ros.training.stage_config import STAGES, StageConfig, released_defaults  # noqa: F401
+from ovss_ros.training.training_config import METRICS_NAME, json_safe
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "training_state.pt"
-STAGES = ("proposals", "prompt", "deop")
 
 
 class StageStateError(ValueError):
     """A training state that cannot be resumed (the file and the reason)."""
-
-
-@dataclass
-class StageConfig:
-    """One released stage's run; :func:`released_defaults` gives each stage's values."""
-
-    stage: str
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    crop: int  # proposals/deop: random crop side; prompt: crop side (0: the CLIP's input)
-    pad: int  # proposals/deop: the padded (or cut) training input side
-    short_sides: tuple[int, ...] = ()
-    val_size: int = 512  # validation short side (proposals, deop)
-    clip_norm: float = 0.01  # SOLVER.CLIP_GRADIENTS full_model CLIP_VALUE (0: off)
-    warmup_steps: int = 100  # prompt: SOLVER.WARMUP_ITERS (constant factor 0.005)
-    color_aug: bool = True
-    per_class: int = 32  # prompt: DATASETS.SAMPLE_PER_CLASS
-    prompt_length: int = 16  # PROMPT_SHAPE (16, 0)
-    templates: str = "imagenet"  # the class texts without a learned prompt
-    checkpoint_every: int = 1000
-    validate_every: int = 5000
-    log_every: int = 20
-    val_images: int = 0  # 0: all
-    workers: int = 0
-    seed: int = 0
-    progress: bool = True
-
-    def validate(self) -> StageConfig:
-        """Return self or raise ValueError naming the first bad value."""
-        if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}: use one of {STAGES}")
-        for name in ("steps", "batch_size", "log_every", "per_class", "prompt_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        counts = ("checkpoint_every", "validate_every", "val_images", "workers", "crop")
-        for name in counts + ("warmup_steps",):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
-        for name in ("weight_decay", "clip_norm"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
-        if self.stage != "prompt":
-            for name in ("crop", "pad", "val_size"):
-                if not 32 <= getattr(self, name) <= 2048:
-                    raise ValueError(f"{name} must be in 32..2048, got {getattr(self, name)}")
-            if not self.short_sides or not all(32 <= s <= 2048 for s in self.short_sides):
-                raise ValueError(f"short sides must be in 32..2048, got {self.short_sides}")
-            check_batch(self.batch_size, self.pad)
-        else:
-            check_batch(self.batch_size, self.crop or 224)
-        return self
-
-
-def released_defaults(stage: str) -> dict:
-    """The released configuration of ``stage`` (CongHan0808/DeOP ``scripts/`` and configs)."""
-    from ovss_ros.training.released_data import DEOP_SHORT_SIDES, PROPOSAL_SHORT_SIDES
-
-    common = {"stage": stage, "weight_decay": 1e-4}
-    if stage == "proposals":  # train_learned_prompts_maskformer.sh, R101c yaml
-        return common | {
-            "steps": 60_000, "batch_size": 32, "lr": 1e-4, "crop": 640, "pad": 640,
-            "short_sides": PROPOSAL_SHORT_SIDES, "val_size": 640,
-        }  # fmt: skip
-    if stage == "prompt":  # train_learn_prompts.sh, learn_prompt_bs32_10k yaml
-        return common | {
-            "steps": 16_000, "batch_size": 32, "lr": 0.02, "weight_decay": 5e-4, "crop": 0,
-            "pad": 0, "validate_every": 3000,
-        }  # fmt: skip
-    if stage == "deop":  # deop_train.sh, img512 yaml
-        return common | {
-            "steps": 60_000, "batch_size": 16, "lr": 2e-4, "crop": 640, "pad": 512,
-            "short_sides": DEOP_SHORT_SIDES, "val_size": 512,
-        }  # fmt: skip
-    raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
 
 
 def poly_factor(step: int, steps: int) -> float:

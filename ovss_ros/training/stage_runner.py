@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ovss_ros.core.clip.model_loading import LoadedClip
 from ovss_ros.core.file_checks import FileCheckError, read_json
-from ovss_ros.core.methods.deop.maskformer import R50, R101C, MaskFormerArchitecture
-from ovss_ros.training.deop_data import TrainingData
-from ovss_ros.training.stage_loop import STATE_NAME, StageConfig, released_defaults, run_stage
+from ovss_ros.training.stage_config import StageConfig, released_defaults
 
-ARCHITECTURES = {"r101c": R101C, "r50": R50}
+if TYPE_CHECKING:  # torch and the model libraries load after the flags are checked
+    from ovss_ros.core.clip.model_loading import LoadedClip
+    from ovss_ros.core.methods.deop.maskformer import MaskFormerArchitecture
+    from ovss_ros.training.deop_data import TrainingData
+
+ARCHITECTURES = ("r101c", "r50")
 
 
 def stage_config(stage: str, overrides: dict) -> StageConfig:
@@ -32,11 +35,13 @@ def stage_config(stage: str, overrides: dict) -> StageConfig:
 def architecture(spec: str, text_width: int | None = None) -> MaskFormerArchitecture:
     """``r101c`` (the release's), ``r50``, or a JSON file of MaskFormerArchitecture fields;
     ``embedding_dim`` set to CLIP's ``text_width`` for the named ones. ValueError otherwise."""
-    if spec.lower() in ARCHITECTURES:
-        arch = ARCHITECTURES[spec.lower()]
-        if text_width is not None:
-            from dataclasses import replace
+    from dataclasses import replace
 
+    from ovss_ros.core.methods.deop.maskformer import R50, R101C, MaskFormerArchitecture
+
+    if spec.lower() in ARCHITECTURES:
+        arch = {"r101c": R101C, "r50": R50}[spec.lower()]
+        if text_width is not None:
             arch = replace(arch, embedding_dim=text_width)
         return arch.check()
     try:
@@ -78,15 +83,18 @@ def check_stage_inputs(
         raise ValueError("--prompt gives stages proposals and deop the stage-prompt result")
     if stage != "proposals" and arch:
         raise ValueError(f"--architecture is for stage proposals, not {stage}")
-    for flag, path in (("--proposal-network", proposal_network), ("--prompt", prompt)):
+    named = arch and arch.lower() in ARCHITECTURES
+    files = (("--proposal-network", proposal_network), ("--prompt", prompt))
+    for flag, path in (*files, ("--architecture", None if named else arch)):
         if path and not os.path.exists(Path(path).expanduser()):
-            raise FileNotFoundError(f"{flag} {path!r} does not exist")
-    if stage == "proposals":
-        architecture(arch or "r101c")
-    if (output / STATE_NAME).exists() and not resume:
+            raise FileNotFoundError(
+                f"{flag} {path!r} does not exist"
+                + (f" (or name one of {list(ARCHITECTURES)})" if flag == "--architecture" else "")
+            )
+    if (output / "training_state.pt").exists() and not resume:
         raise ValueError(
-            f"--output {str(output)!r} holds an earlier run's {STATE_NAME}: --resume continues "
-            "it; a new run needs another folder"
+            f"--output {str(output)!r} holds an earlier run's training_state.pt: --resume "
+            "continues it; a new run needs another folder"
         )
 
 
@@ -122,4 +130,6 @@ def run_released(
 
         network = load_proposal_network(proposal_network, clip.device).network
         stage = DeopStage(clip, data, config, network, context)
+    from ovss_ros.training.stage_loop import run_stage
+
     return run_stage(stage, config, output, resume=resume)
