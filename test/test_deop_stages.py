@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from ovss_ros.cli import train_deop
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.methods.deop.maskformer import MaskFormerArchitecture, ProposalNetwork
 from ovss_ros.core.methods.deop.maskformer_weights import load_proposal_network
+from ovss_ros.core.methods.deop.release_writer import proposal_tensors, write_detectron2
 from ovss_ros.core.methods.deop.released_checkpoint import load_released_deop
 from ovss_ros.training.deop_data import training_data
 from ovss_ros.training.prompt_training import PromptStage
@@ -348,3 +350,14 @@ def test_a_damaged_or_foreign_state_is_refused(planted, tmp_path):
     torch.save(state, run / "training_state.pt")
     done = run_tool("train_deop", *command(planted, run, "prompt", *small, "--resume"))
     assert_refused(done, "does not fit this run")
+    # a prompt file for another text width; a proposal network for another CLIP
+    prompt = tmp_path / "prompt.pth"
+    torch.save({"model": {"clip_adapter.prompt_learner.prefix_prompt": torch.zeros(4, 7)}}, prompt)
+    flags = ["--prompt", str(prompt), "--steps", "1"]
+    done = run_tool("train_deop", *command(planted, tmp_path / "p", "proposals", *flags))
+    assert_refused(done, "(length, 64) prompt context")
+    other = ProposalNetwork(replace(TINY_ARCH, embedding_dim=16))
+    write_detectron2(network, proposal_tensors(other), 0)
+    flags = ["--proposal-network", str(network), "--steps", "1"]
+    done = run_tool("train_deop", *command(planted, tmp_path / "d", "deop", *flags))
+    assert_refused(done, "train it on this CLIP")
