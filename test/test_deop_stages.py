@@ -361,3 +361,29 @@ def test_a_damaged_or_foreign_state_is_refused(planted, tmp_path):
     flags = ["--proposal-network", str(network), "--steps", "1"]
     done = run_tool("train_deop", *command(planted, tmp_path / "d", "deop", *flags))
     assert_refused(done, "train it on this CLIP")
+
+
+# --- the released stages' inputs -----------------------------------------------------------------
+
+
+def test_the_semantic_crops_pad_with_128_and_ignore_and_cut_larger_crops(planted):
+    from ovss_ros.training.released_data import MaskCrops, SemanticCrops, class_pairs
+
+    data = training_data("folder", planted)  # 64 px images, labels in the seen-class space
+    padded = SemanticCrops(data, (48,), crop=640, pad=80, seed=1, color=False)
+    rgb, labels = padded[0]
+    assert rgb.shape == (80, 80, 3) and labels.shape == (80, 80)
+    assert (rgb[48:] == 128).all() and (labels[48:] == 255).all()  # below the 48 px image
+    assert set(np.unique(labels[:48, :48])) <= {0, 1, 2, 3, 255}  # seen classes; unseen 255
+    cut = SemanticCrops(data, (96,), crop=80, pad=64, seed=1)  # the release's 640 -> 512
+    rgb, labels = cut[3]
+    assert rgb.shape == (64, 64, 3) and labels.shape == (64, 64)
+    again = SemanticCrops(data, (96,), crop=80, pad=64, seed=1)[3]
+    assert np.array_equal(rgb, again[0]) and np.array_equal(labels, again[1])
+    pairs = class_pairs(data, per_class=3, seed=0)
+    assert sorted({cls for _, cls in pairs}) == [0, 1, 2, 3]
+    assert all(sum(1 for _, c in pairs if c == cls) <= 3 for cls in range(4))
+    crop, mask, cls = MaskCrops(data, pairs, size=32, seed=0)[5]
+    assert crop.shape == (32, 32, 3) and mask.shape == (32, 32) and mask.any()
+    _, labels = data.train.sample(pairs[0][0])
+    assert pairs[0][1] in data.training_labels()[labels]

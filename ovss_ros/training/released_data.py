@@ -38,31 +38,31 @@ PAD_VALUE = 128
 def color_aug_ssd(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """detectron2's ``ColorAugSSDTransform`` (point_rend): brightness (+-32), contrast
     (x 0.5-1.5), saturation (x 0.5-1.5, HSV), hue (+-18 of OpenCV's 180), each with
-    probability 1/2, contrast first or last with probability 1/2; uint8 in and out."""
-    image = rgb.astype(np.float32)
+    probability 1/2, contrast first or last with probability 1/2; every step clipped to
+    0..255 and truncated to uint8, as there."""
+
+    def convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
     def brightness(img):
-        if rng.random() < 0.5:
-            img = np.clip(img + rng.uniform(-32, 32), 0, 255)
-        return img
+        return convert(img, beta=rng.uniform(-32, 32)) if rng.random() < 0.5 else img
 
     def contrast(img):
-        if rng.random() < 0.5:
-            img = np.clip(img * rng.uniform(0.5, 1.5), 0, 255)
-        return img
+        return convert(img, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else img
 
     def saturation(img):
         if rng.random() < 0.5:
-            hsv = cv2.cvtColor(img.astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.float32)
-            hsv[:, :, 1] = np.clip(hsv[:, :, 1] * rng.uniform(0.5, 1.5), 0, 255)
-            img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=rng.uniform(0.5, 1.5))
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         return img
 
     def hue(img):
         if rng.random() < 0.5:
-            hsv = cv2.cvtColor(img.astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.int32)
-            hsv[:, :, 0] = (hsv[:, :, 0] + int(rng.integers(-18, 19))) % 180
-            img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            shift = int(rng.integers(-18, 19))
+            hsv[:, :, 0] = ((hsv[:, :, 0].astype(np.int32) + shift) % 180).astype(np.uint8)
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         return img
 
     order = (
@@ -70,9 +70,10 @@ def color_aug_ssd(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if rng.random() < 0.5
         else (brightness, saturation, hue, contrast)
     )
+    image = np.ascontiguousarray(rgb, dtype=np.uint8)
     for step in order:
         image = step(image)
-    return image.astype(np.uint8)
+    return image
 
 
 def _epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
