@@ -387,3 +387,28 @@ def test_the_semantic_crops_pad_with_128_and_ignore_and_cut_larger_crops(planted
     assert crop.shape == (32, 32, 3) and mask.shape == (32, 32) and mask.any()
     _, labels = data.train.sample(pairs[0][0])
     assert pairs[0][1] in data.training_labels()[labels]
+
+
+def test_ctrl_c_keeps_the_last_state_and_names_it(planted, tmp_path, monkeypatch, capsys):
+    calls = []
+    losses_of = PromptStage.losses
+
+    def interrupted_on_the_third_step(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return losses_of(self, batch)
+
+    monkeypatch.setattr(PromptStage, "losses", interrupted_on_the_third_step)
+    run = tmp_path / "run"
+    small = ["--steps", "100", "--batch-size", "2", "--prompt-length", "2", "--per-class", "2"]
+    assert (
+        train_deop.main(command(planted, run, "prompt", *small, "--checkpoint-every", "1")) == 130
+    )
+    state = run / "training_state.pt"
+    assert torch.load(state, weights_only=True)["step"] == 2  # written whole after step 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last
+        == f"ovss-train-deop: interrupted; the last checkpoint is {state} (continue with --resume)"
+    )
