@@ -412,3 +412,42 @@ def test_ctrl_c_keeps_the_last_state_and_names_it(planted, tmp_path, monkeypatch
         last
         == f"ovss-train-deop: interrupted; the last checkpoint is {state} (continue with --resume)"
     )
+
+
+def test_the_released_r101c_round_trips_and_trains_a_step(planted, tmp_path):
+    """The released sizes (ResNet-101c DeepLab stem, 100 queries, 6 decoder layers): the
+    detectron2 layout written is read back tensor for tensor, and a step's losses cover the 6
+    layers and reach every trained tensor."""
+    from ovss_ros.core.methods.deop.maskformer import R101C
+
+    clip = tiny_clip()
+    data = training_data("folder", planted)
+    arch = replace(R101C, embedding_dim=32)
+    torch.manual_seed(0)
+    stage = ProposalStage(clip, data, config("proposals", steps=1, batch_size=1), arch)
+    stage.write_output(tmp_path, 0)
+    loaded = load_proposal_network(tmp_path / "proposal_model.pth")
+    assert loaded.network.arch == arch
+    ours = stage.parts.network.state_dict()
+    for name, value in loaded.network.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(value, ours[name]), name
+    rgb, labels = stage.collate([stage.dataset(1)[0]])
+    stage.trainable().train()
+    result = stage.losses((rgb, labels))
+    sum(result.values()).backward()
+    layers = len(stage.parts.network.predictor.decoder.layers)
+    assert layers == 6 and set(result) == {"ce", "mask", "dice", "aux_ce", "aux_mask", "aux_dice"}
+    missing = [n for n, p in stage.parts.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+    # stage deop on it at the released decoder sizes: 100 slots, feed-forward 1024
+    stage.parts.zero_grad(set_to_none=True)
+    deop = DeopStage(clip, data, config("deop", steps=1, batch_size=1), stage.parts.network)
+    deop_result = deop.losses((rgb, labels))
+    sum(deop_result.values()).backward()
+    assert deop.parts.positions.input.grad is not None and deop.parts.void.grad is not None
+    assert all(p.grad is None for p in deop.proposals.parameters())  # frozen
+    deop.write_output(tmp_path, 1)
+    released = load_released_deop(tmp_path / "model_final.pth")
+    assert released.modules.decoder.slots == 100
+    assert released.modules.decoder.config["feedforward"] == 1024
