@@ -140,7 +140,7 @@ def commands(folder: Path, image: str) -> list[tuple[str, str]]:
         slug = settings["method"] if name == "pnp_ovss" else "dslo_sd2"
         out.append((f"{name}, one image", segment_command(image, path(f"out/{slug}"), settings)))
         out.append((f"{name}, the node", node_command(settings)))
-    train = ["ovss-train-deop", "folder", path(tm.SHAPES), "--output", run]
+    train = ["ovss-train-deop", "folder", path(tm.SHAPES), "--stage", "head", "--output", run]
     train += ["--model", clip["model"], "--pretrained", clip["pretrained"], "--device", "cpu"]
     out.append(("train DeOP on the tiny CLIP (a few steps)", shlex.join(train + TRAINING)))
     out.append(

@@ -401,8 +401,8 @@ def planted(tmp_path_factory) -> Path:
 
 
 TRAIN = [
-    *TINY, "--templates", "single", "--no-progress", "--steps", "2", "--batch-size", "2",
-    "--crop", "64", "--proposals", "8", "--prompt-length", "0",
+    "--stage", "head", *TINY, "--templates", "single", "--no-progress", "--steps", "2",
+    "--batch-size", "2", "--crop", "64", "--proposals", "8", "--prompt-length", "0",
 ]  # fmt: skip
 
 

@@ -39,7 +39,7 @@ REQUIRED = {  # each tool's required arguments
     "bag": ["in", "out", "--topic", "/i", "--classes", "c"],
     "evaluate": ["voc21", "root"],
     "tune": ["x.jpg", "--classes", "c"],
-    "train_deop": ["folder", "root"],
+    "train_deop": ["folder", "root", "--stage", "deop"],
 }
 
 
@@ -155,6 +155,7 @@ def test_a_list_setting_is_given_separated_by_semicolons():
 def test_train_deop_help_shows_every_training_default(capsys):
     """Issue 20: ``ovss-train-deop --help`` showed no defaults for its training flags."""
     from ovss_ros.cli import train_deop
+    from ovss_ros.training.stage_loop import released_defaults
     from ovss_ros.training.training_config import TrainingConfig
 
     with pytest.raises(SystemExit):
@@ -168,4 +169,7 @@ def test_train_deop_help_shows_every_training_default(capsys):
         ("--batch-size", base.batch_size),
         ("--loss", base.loss),
     ):
-        assert f"{flag} " in text and f"(default: {value})" in text, flag
+        assert f"{flag} " in text and f"(default: head {value}" in text, flag
+    released = released_defaults("deop")
+    for flag, value in (("--steps", 60000), ("--lr", released["lr"]), ("--batch-size", 16)):
+        assert f"{flag} " in text and f"deop {value})" in text, flag

@@ -29,7 +29,8 @@ def test_ctrl_c_ends_ovss_bench_with_130_and_nothing_reported(tmp_path):
 def test_ctrl_c_ends_ovss_train_deop_with_130_naming_the_checkpoint_kept(tmp_path):
     data = save_shapes(tmp_path / "shapes")
     output = tmp_path / "run"
-    args = ["folder", str(data), "--output", str(output), *TINY, "--steps", "100000"]
+    args = ["folder", str(data), "--stage", "head", "--output", str(output), *TINY]
+    args += ["--steps", "100000"]
     args += ["--batch-size", "1", "--crop", "64", "--proposals", "4", "--checkpoint-every", "1"]
     status, _, err = interrupted("train_deop", args, b"training images", tmp_path)
     assert status == 130, err[-3000:]

@@ -34,6 +34,8 @@ NOT_YAML = "dense: {crop: [\n"
 
 # tool module -> [(case id, argv builder (temporary folder -> argv), expected status, text)]
 # ``text``: what the one line must say (None for --help).
+DEOP_RUN = ["voc", "root", "--stage", "deop"]  # ovss-train-deop needs a stage
+
 CASES = {
     "segment": [
         ("help", lambda d: ["--help"], 0, None),
@@ -148,10 +150,11 @@ CASES = {
     ],
     "train_deop": [
         ("help", lambda d: ["--help"], 0, None),
-        ("unknown flag", lambda d: ["voc", "root", "--dense-crop", "224"], 2, "--dense-crop"),
-        ("bad value", lambda d: ["voc", "root", "--precision", "fp7"], 2, "fp7"),
-        ("bad training value", lambda d: ["voc", "root", "--steps", "0"], 2, "steps"),
-        ("missing input", lambda d: ["folder", MISSING], 2, MISSING),
+        ("unknown flag", lambda d: [*DEOP_RUN, "--dense-crop", "224"], 2, "--dense-crop"),
+        ("bad value", lambda d: [*DEOP_RUN, "--precision", "fp7"], 2, "fp7"),
+        ("bad training value", lambda d: [*DEOP_RUN, "--steps", "0"], 2, "steps"),
+        ("stage order", lambda d: DEOP_RUN, 2, "--proposal-network"),
+        ("missing input", lambda d: ["folder", MISSING, "--stage", "prompt"], 2, MISSING),
     ],
 }
 

@@ -165,7 +165,7 @@ def test_command_end_to_end(tmp_path):
     root = write_planted_set(tmp_path / "set", train=8, val=4, size=64, unseen=("green diamond",))
     output = tmp_path / "run"
     common = [
-        "folder", str(root), "--output", str(output), "--model", str(TINY_VIT),
+        "folder", str(root), "--stage", "head", "--output", str(output), "--model", str(TINY_VIT),
         "--pretrained", "none", "--device", "cpu", "--batch-size", "2", "--crop", "64",
         "--proposals", "8", "--templates", "single", "--no-progress",
     ]  # fmt: skip
@@ -185,6 +185,7 @@ def test_command_end_to_end(tmp_path):
     before = (output / CHECKPOINT_NAME).read_bytes()
     assert train_deop.main([*common, "--steps", "3"]) == 2
     assert (output / CHECKPOINT_NAME).read_bytes() == before
-    assert train_deop.main(["folder", str(tmp_path / "missing"), "--no-progress"]) == 2
-    fresh = [*common[:3], str(tmp_path / "fresh"), *common[4:]]
+    missing = ["folder", str(tmp_path / "missing"), "--stage", "head", "--no-progress"]
+    assert train_deop.main(missing) == 2
+    fresh = [*common[:5], str(tmp_path / "fresh"), *common[6:]]
     assert train_deop.main([*fresh, "--resume"]) == 2  # nothing to resume
