@@ -23,10 +23,12 @@ from ovss_ros.cli.engine_args import config_from_args
 from ovss_ros.cli.segment import main as segment
 from ovss_ros.cli.segment import parse_args
 from ovss_ros.core import Segmenter
+from ovss_ros.core.file_checks import FileCheckError, read_json
 from ovss_ros.core.methods.pnp_ovss.presence_lists import (
     PresenceListError,
     PresenceLists,
     parse_answer,
+    read_image_labels,
 )
 
 
@@ -151,6 +153,84 @@ def test_malformed_files_are_refused(tmp_path, content, reason):
     path.write_bytes(content.encode("latin-1") if content == "\xff" else content.encode())
     with pytest.raises(PresenceListError, match=reason):
         PresenceLists.load(path)
+
+
+DEEP = 100_000  # nesting levels: far over Python's recursion limit, 0.2 MB of text
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("[" * DEEP + "]" * DEEP, "nested too deeply"),
+        ('{"a":' * DEEP + "1" + "}" * DEEP, "nested too deeply"),
+        ('{"img": ' + "[" * DEEP + "]" * DEEP + "}", "nested too deeply"),
+        ('{"img": "[1: x], [90]", "img": "[2: y], [90]"}', "image 'img' is in it twice"),
+        ('{"a": {"b": 1, "b": 2}}', "image 'b' is in it twice"),
+        ('{"img": NaN}', "the answer is a float"),
+        ('{"img": "[1: x], [nan%]"}', "probability 'nan%' is not an integer"),
+        ('{"img": "[1: x], [inf%]"}', "probability 'inf%' is not an integer"),
+        ("\ufeff{}", "is not valid JSON"),
+    ],
+)
+def test_nested_duplicate_and_non_number_content_is_refused(tmp_path, content, reason):
+    path = tmp_path / "lists.json"
+    path.write_text(content)
+    for read in (PresenceLists.load, lambda p: read_image_labels(p, ["x", "y"])):
+        with pytest.raises(PresenceListError) as refused:
+            read(path)
+        message = str(refused.value)
+        if "answer" not in reason and "probability" not in reason:  # the shared reading
+            assert reason in message
+        assert "\n" not in message and len(message) < 400
+
+
+def test_long_items_are_cut_in_the_message(tmp_path):
+    path = tmp_path / "lists.json"
+    digits = "9" * 5000  # over Python's int() digit limit: not an integer
+    path.write_text(json.dumps({"i" * 3000: f"[1: x], [{digits}%]"}))
+    with pytest.raises(PresenceListError, match="probability '9{60}[.][.][.] [(]5001") as error:
+        PresenceLists.load(path)
+    assert len(str(error.value)) < 400
+    path.write_text(json.dumps({"img": f"[{'9' * 4000}: x], [90]"}))
+    lists = PresenceLists.load(path)  # a huge id: read, then refused as no class
+    with pytest.raises(PresenceListError, match="class id 9{60}[.][.][.]") as error:
+        lists.check_ids(20)
+    assert len(str(error.value)) < 400
+    path.write_text(json.dumps({"img": ["z" * 5000]}))
+    with pytest.raises(PresenceListError, match="is neither") as error:
+        read_image_labels(path, ["x"] * 500)
+    assert len(str(error.value)) < 600
+
+
+def test_negative_and_huge_probabilities_are_read_as_released(tmp_path):
+    path = tmp_path / "lists.json"
+    huge = "9" * 100
+    answers = {"a": f"[2: x, 3: y], [-90%, {huge}%]", "b": "[2: x], [-1]"}
+    path.write_text(json.dumps(answers))
+    lists = PresenceLists.load(path)  # int() of each, > 70 kept, as the release does
+    assert lists.vocabulary_indices("a", 20) == [2]
+    assert lists.vocabulary_indices("b", 20) == [0]  # none kept: the first class
+
+
+def test_read_json_refuses_deep_nesting_for_every_reader(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[" * DEEP + "]" * DEEP)
+    with pytest.raises(FileCheckError, match="nested too deeply"):
+        read_json(path, "model config")
+
+
+def test_symlink_loops_are_refused_in_one_line(tmp_path):
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    (folder / "self").symlink_to(".")
+    (folder / "loop.json").symlink_to("loop.json")
+    with pytest.raises(PresenceListError, match="loop.json.*cannot be read"):
+        PresenceLists.load(folder)
+    with pytest.raises(PresenceListError, match="cannot be read"):
+        PresenceLists.load(folder / "loop.json")
+    (folder / "loop.json").unlink()
+    (folder / "a.json").write_text(json.dumps({"img": "[1: x], [90]"}))
+    assert PresenceLists.load(folder).vocabulary_indices("img", 20) == [0]
 
 
 def test_missing_files_ids_out_of_range_and_missing_images_are_refused(tmp_path):
