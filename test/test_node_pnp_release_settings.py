@@ -96,6 +96,9 @@ def labels_of(client, rgb) -> np.ndarray:
         ("pnp.resize", "", "['antialiased', 'pil']"),
         ("pnp.background", 3, "pnp.background"),
         ("pnp.round0", ["release"], "pnp.round0"),
+        ("pnp.threshold", float("nan"), "pnp.threshold"),
+        ("pnp.dropout_patches", 0, "pnp.dropout_patches"),
+        ("pnp.layer", 9, "pnp.layer 9 > the VLM's 3 text layers"),
     ],
 )
 def test_a_bad_release_setting_is_refused_and_the_node_keeps_serving(
