@@ -212,6 +212,19 @@ def test_negative_and_huge_probabilities_are_read_as_released(tmp_path):
     assert lists.vocabulary_indices("b", 20) == [0]  # none kept: the first class
 
 
+def test_a_folder_too_large_together_is_refused_before_reading(tmp_path):
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    for name in ("a.json", "b.json"):  # sparse: 40 MiB each on no disk, not JSON
+        with (folder / name).open("wb") as stream:
+            stream.truncate(40 << 20)
+    with pytest.raises(PresenceListError, match="hold more than 67.1 MB together"):
+        PresenceLists.load(folder)
+    (folder / "b.json").unlink()
+    with pytest.raises(PresenceListError, match="a.json' is not valid JSON"):
+        PresenceLists.load(folder)  # one 40 MiB file is within the limit: read, refused
+
+
 def test_read_json_refuses_deep_nesting_for_every_reader(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("[" * DEEP + "]" * DEEP)

@@ -37,7 +37,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ovss_ros.core.file_checks import FileCheckError, read_text
+from ovss_ros.core.file_checks import (
+    MAX_TEXT_FILE_BYTES,
+    FileCheckError,
+    read_text,
+    regular_file,
+)
+from ovss_ros.core.frame_budget import gigabytes
 
 RELEASE_THRESHOLD = 70  # percent; a class is kept when its probability is above it
 WITHOUT_PROBABILITY = 100  # the COCO script's probability for an answer without one
@@ -164,6 +170,7 @@ class PresenceLists:
         files = sorted(path.glob("*.json"))
         if not files:
             raise PresenceListError(f"class-list folder {str(path)!r} holds no .json file")
+        _check_folder_size(path, files)
         merged: dict[str, Answer] = {}
         for file in files:
             answers = _read_answers(file)
@@ -220,6 +227,24 @@ class PresenceLists:
             position = {c: k for k, c in enumerate(category_ids)}
             indices = [position[i] for i in kept if i in position]
         return list(dict.fromkeys(indices)) or [0]
+
+
+def _check_folder_size(folder: Path, files: Sequence[Path]) -> None:
+    """Refuse (PresenceListError) a folder whose .json files hold more than
+    MAX_TEXT_FILE_BYTES together, from their sizes alone (nothing is read); the release's five
+    files hold 1.8 MB."""
+    total = 0
+    for file in files:
+        try:
+            total += regular_file(file, "class-list file").stat().st_size
+        except (FileCheckError, OSError) as error:
+            raise PresenceListError(str(error)) from None
+        if total > MAX_TEXT_FILE_BYTES:
+            raise PresenceListError(
+                f"class-list folder {str(folder)!r}: its .json files hold more than "
+                f"{gigabytes(MAX_TEXT_FILE_BYTES)} together (the release's five hold 1.8 MB): "
+                "name the file to read"
+            )
 
 
 def _read_answers(path: Path) -> dict[str, Answer]:
