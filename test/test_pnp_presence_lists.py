@@ -11,6 +11,8 @@ line and exit status 2.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -223,6 +225,20 @@ def test_a_folder_too_large_together_is_refused_before_reading(tmp_path):
     (folder / "b.json").unlink()
     with pytest.raises(PresenceListError, match="a.json' is not valid JSON"):
         PresenceLists.load(folder)  # one 40 MiB file is within the limit: read, refused
+
+
+def test_long_whitespace_between_groups_is_read_in_linear_time():
+    """``]`` then a million spaces and no ``[``: the group split took quadratic time (about 30
+    minutes for one such answer of a 64 MiB file); now well under a second. Run in a child
+    process with a generous limit so that a regression fails instead of hanging."""
+    code = (
+        "from ovss_ros.core.methods.pnp_ovss.presence_lists import parse_answer\n"
+        "print(parse_answer('[1: a]' + ' ' * 1_000_000 + 'b, 2: c], [90, 80]'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "ids=(1, 2), probabilities=(90, 80)" in done.stdout
 
 
 def test_read_json_refuses_deep_nesting_for_every_reader(tmp_path):
