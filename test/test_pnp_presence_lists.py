@@ -339,3 +339,28 @@ def test_ovss_segment_refuses_bad_lists_in_one_line(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and reason in errors[0] and "\n" not in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tool", ["ovss-segment", "ovss-eval", "ovss-tune"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_presence_lists_path_is_refused_not_read_as_the_current_folder(
+    tmp_path, monkeypatch, capsys, tool, value
+):
+    from ovss_ros.cli import evaluate, tune
+
+    monkeypatch.chdir(tmp_path)  # a folder with a class-list file: "" used to read it
+    image = voc_image_paths()[0]
+    (tmp_path / "lists.json").write_text(json.dumps({image.stem: "[1: person], [90]"}))
+    main, args = {
+        "ovss-segment": (segment, [str(image), "--classes", *CLASSES, "--method", "pnp_ovss"]),
+        "ovss-eval": (evaluate.main, ["voc21", str(tmp_path), "--protocol", "pnp_ovss"]),
+        "ovss-tune": (tune.main, [str(image), "--classes", *CLASSES]),
+    }[tool]
+    with pytest.raises(SystemExit) as ended:
+        main([*args, "--presence-lists", value])
+    assert ended.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("argument --presence-lists: is empty: name a class-list file or "
+                        "folder (the current folder is '.')")  # fmt: skip
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+

@@ -265,6 +265,19 @@ def _read_answers(path: Path) -> dict[str, Answer]:
     return answers
 
 
+def lists_argument(text: str) -> Path:
+    """argparse type of ``--presence-lists``: the path; an empty one is refused
+    (argparse.ArgumentTypeError) instead of becoming ``.``, whose .json files would be read
+    (an unset shell variable in ``--presence-lists "$LISTS"``)."""
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "is empty: name a class-list file or folder (the current folder is '.')"
+        )
+    return Path(text)
+
+
 def load_for_method(
     path: str | Path | None, method: str, release_set: str | None = None
 ) -> PresenceLists | None:
