@@ -11,6 +11,8 @@ line and exit status 2.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -23,10 +25,12 @@ from ovss_ros.cli.engine_args import config_from_args
 from ovss_ros.cli.segment import main as segment
 from ovss_ros.cli.segment import parse_args
 from ovss_ros.core import Segmenter
+from ovss_ros.core.file_checks import FileCheckError, read_json
 from ovss_ros.core.methods.pnp_ovss.presence_lists import (
     PresenceListError,
     PresenceLists,
     parse_answer,
+    read_image_labels,
 )
 
 
@@ -153,6 +157,111 @@ def test_malformed_files_are_refused(tmp_path, content, reason):
         PresenceLists.load(path)
 
 
+DEEP = 100_000  # nesting levels: far over Python's recursion limit, 0.2 MB of text
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("[" * DEEP + "]" * DEEP, "nested too deeply"),
+        ('{"a":' * DEEP + "1" + "}" * DEEP, "nested too deeply"),
+        ('{"img": ' + "[" * DEEP + "]" * DEEP + "}", "nested too deeply"),
+        ('{"img": "[1: x], [90]", "img": "[2: y], [90]"}', "image 'img' is in it twice"),
+        ('{"a": {"b": 1, "b": 2}}', "image 'b' is in it twice"),
+        ('{"img": NaN}', "the answer is a float"),
+        ('{"img": "[1: x], [nan%]"}', "probability 'nan%' is not an integer"),
+        ('{"img": "[1: x], [inf%]"}', "probability 'inf%' is not an integer"),
+        ("\ufeff{}", "is not valid JSON"),
+    ],
+)
+def test_nested_duplicate_and_non_number_content_is_refused(tmp_path, content, reason):
+    path = tmp_path / "lists.json"
+    path.write_text(content)
+    for read in (PresenceLists.load, lambda p: read_image_labels(p, ["x", "y"])):
+        with pytest.raises(PresenceListError) as refused:
+            read(path)
+        message = str(refused.value)
+        if "answer" not in reason and "probability" not in reason:  # the shared reading
+            assert reason in message
+        assert "\n" not in message and len(message) < 400
+
+
+def test_long_items_are_cut_in_the_message(tmp_path):
+    path = tmp_path / "lists.json"
+    digits = "9" * 5000  # over Python's int() digit limit: not an integer
+    path.write_text(json.dumps({"i" * 3000: f"[1: x], [{digits}%]"}))
+    with pytest.raises(PresenceListError, match="probability '9{60}[.][.][.] [(]5001") as error:
+        PresenceLists.load(path)
+    assert len(str(error.value)) < 400
+    path.write_text(json.dumps({"img": f"[{'9' * 4000}: x], [90]"}))
+    lists = PresenceLists.load(path)  # a huge id: read, then refused as no class
+    with pytest.raises(PresenceListError, match="class id 9{60}[.][.][.]") as error:
+        lists.check_ids(20)
+    assert len(str(error.value)) < 400
+    path.write_text(json.dumps({"img": ["z" * 5000]}))
+    with pytest.raises(PresenceListError, match="is neither") as error:
+        read_image_labels(path, ["x"] * 500)
+    assert len(str(error.value)) < 600
+
+
+def test_negative_and_huge_probabilities_are_read_as_released(tmp_path):
+    path = tmp_path / "lists.json"
+    huge = "9" * 100
+    answers = {"a": f"[2: x, 3: y], [-90%, {huge}%]", "b": "[2: x], [-1]"}
+    path.write_text(json.dumps(answers))
+    lists = PresenceLists.load(path)  # int() of each, > 70 kept, as the release does
+    assert lists.vocabulary_indices("a", 20) == [2]
+    assert lists.vocabulary_indices("b", 20) == [0]  # none kept: the first class
+
+
+def test_a_folder_too_large_together_is_refused_before_reading(tmp_path):
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    for name in ("a.json", "b.json"):  # sparse: 40 MiB each on no disk, not JSON
+        with (folder / name).open("wb") as stream:
+            stream.truncate(40 << 20)
+    with pytest.raises(PresenceListError, match="hold more than 67.1 MB together"):
+        PresenceLists.load(folder)
+    (folder / "b.json").unlink()
+    with pytest.raises(PresenceListError, match="a.json' is not valid JSON"):
+        PresenceLists.load(folder)  # one 40 MiB file is within the limit: read, refused
+
+
+def test_long_whitespace_between_groups_is_read_in_linear_time():
+    """``]`` then a million spaces and no ``[``: the group split took quadratic time (about 30
+    minutes for one such answer of a 64 MiB file); now well under a second. Run in a child
+    process with a generous limit so that a regression fails instead of hanging."""
+    code = (
+        "from ovss_ros.core.methods.pnp_ovss.presence_lists import parse_answer\n"
+        "print(parse_answer('[1: a]' + ' ' * 1_000_000 + 'b, 2: c], [90, 80]'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "ids=(1, 2), probabilities=(90, 80)" in done.stdout
+
+
+def test_read_json_refuses_deep_nesting_for_every_reader(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[" * DEEP + "]" * DEEP)
+    with pytest.raises(FileCheckError, match="nested too deeply"):
+        read_json(path, "model config")
+
+
+def test_symlink_loops_are_refused_in_one_line(tmp_path):
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    (folder / "self").symlink_to(".")
+    (folder / "loop.json").symlink_to("loop.json")
+    with pytest.raises(PresenceListError, match="loop.json.*cannot be read"):
+        PresenceLists.load(folder)
+    with pytest.raises(PresenceListError, match="cannot be read"):
+        PresenceLists.load(folder / "loop.json")
+    (folder / "loop.json").unlink()
+    (folder / "a.json").write_text(json.dumps({"img": "[1: x], [90]"}))
+    assert PresenceLists.load(folder).vocabulary_indices("img", 20) == [0]
+
+
 def test_missing_files_ids_out_of_range_and_missing_images_are_refused(tmp_path):
     with pytest.raises(PresenceListError, match="does not exist|not found|no such"):
         PresenceLists.load(tmp_path / "absent.json")
@@ -230,3 +339,28 @@ def test_ovss_segment_refuses_bad_lists_in_one_line(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and reason in errors[0] and "\n" not in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tool", ["ovss-segment", "ovss-eval", "ovss-tune"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_presence_lists_path_is_refused_not_read_as_the_current_folder(
+    tmp_path, monkeypatch, capsys, tool, value
+):
+    from ovss_ros.cli import evaluate, tune
+
+    monkeypatch.chdir(tmp_path)  # a folder with a class-list file: "" used to read it
+    image = voc_image_paths()[0]
+    (tmp_path / "lists.json").write_text(json.dumps({image.stem: "[1: person], [90]"}))
+    main, args = {
+        "ovss-segment": (segment, [str(image), "--classes", *CLASSES, "--method", "pnp_ovss"]),
+        "ovss-eval": (evaluate.main, ["voc21", str(tmp_path), "--protocol", "pnp_ovss"]),
+        "ovss-tune": (tune.main, [str(image), "--classes", *CLASSES]),
+    }[tool]
+    with pytest.raises(SystemExit) as ended:
+        main([*args, "--presence-lists", value])
+    assert ended.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("argument --presence-lists: is empty: name a class-list file or "
+                        "folder (the current folder is '.')")  # fmt: skip
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+

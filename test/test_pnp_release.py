@@ -374,6 +374,32 @@ def test_ovss_eval_presence_lists_with_another_protocol(voc, checkpoint, tmp_pat
     assert "--method naclip does not use it" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("dataset", "release_file"), [("voc20", "voc"), ("voc21", "voc")])
+def test_ovss_eval_reads_the_data_sets_file_of_the_release_folder(
+    voc, checkpoint, tmp_path, capsys, monkeypatch, dataset, release_file
+):
+    """The release's GPT4o_classification folder (VOC's and PASCAL Context's files share image
+    ids): on voc20 too ovss-eval reads VOC's file, whose ids are voc20's classes."""
+    folder = tmp_path / "GPT4o_classification"
+    folder.mkdir()
+    (folder / f"{release_file}_classification_noboundary.json").write_text(json.dumps(LISTS))
+    other = {stem: "[59: wood], [90]" for stem in LISTS}  # the same images in PASCAL Context
+    (folder / "psc_classification_noboundary.json").write_text(json.dumps(other))
+    seen = []
+    segment = PnpOvss.segment
+    monkeypatch.setattr(
+        PnpOvss, "segment", lambda self, rgb, present=None: seen.append(present) or
+        segment(self, rgb, present)
+    )  # fmt: skip
+    argv = arguments(voc, checkpoint, "--presence-lists", str(folder))
+    argv[0] = dataset
+    if dataset == "voc20":
+        argv[argv.index("pnp_ovss")] = "standard"
+        argv += ["--method", "pnp_ovss"]
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    assert seen == [[14, 4], [4, 0, 8], [5]]
+
+
 def test_ovss_eval_pnp_protocol_on_ade20k(tmp_path, capsys, monkeypatch):
     """ADE20K: no background channel with 3 or more classes listed (every pixel labelled), one
     with fewer; ADE's 0 ("other") scored as background, classes shifted by one, as released.

@@ -179,18 +179,25 @@ def test_the_default_search_is_the_releases(blip):
         ("ALL:5", [], "5 is neither one of the classes"),
         ({"x": "person"}, [], "not a list of classes"),
         (None, ["--reward-model", "ViT-L-14-336", "--reward-pretrained", "openai"], "offline"),
+        ("ALL:", [], "gives none of the 3 images a class"),
+        ("DEEP", [], "nested too deeply"),
+        ({"x": ["person"], "y": []}, ["--presence-lists", "lists.json"], "give one"),
     ],
 )
 def test_release_procedure_refusals(blip, tmp_path, caplog, monkeypatch, labels, extra, reason):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = arguments(blip, tmp_path / "t.yaml") + extra
     if labels is not None:
-        if isinstance(labels, str):
+        path = tmp_path / "labels.json"
+        if labels == "DEEP":
+            text = '{"a": ' * 100_000 + "1" + "}" * 100_000
+        elif isinstance(labels, str):
             value = labels.split(":")[1]
             item = int(value) if value.isdigit() else value
-            labels = {p.stem: [item] for p in voc_image_paths()}
-        path = tmp_path / "labels.json"
-        path.write_text(json.dumps(labels))
+            text = json.dumps({p.stem: [item] if value else [] for p in voc_image_paths()})
+        else:
+            text = json.dumps(labels)
+        path.write_text(text)
         args += ["--image-labels", str(path)]
     assert tune.main(args) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]

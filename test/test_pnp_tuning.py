@@ -69,7 +69,7 @@ def test_ovss_tune_end_to_end_on_the_voc_samples(checkpoint, tmp_path, capsys):
     ("change", "message"),
     [
         (["--layers", "2-7"], "layer 4 > the VLM's 3 text layers"),
-        (["--thresholds", "0.1,3"], r"pnp.threshold must be in \[0, 1\]"),  # a searched value
+        (["--thresholds", "0.1,3"], r"--thresholds '0.1,3': 3.0 is not in \[0, 1\]"),
         (["--pnp-vlm-pretrained", "/nonexistent/blip"], "pnp.vlm_pretrained directory"),
         (["--classes", "dog", "Dog"], "duplicate class"),
     ],
@@ -81,6 +81,31 @@ def test_ovss_tune_refuses_bad_input_before_any_work(
     assert tune.main(tune_arguments(checkpoint, output) + change) == 2
     assert not output.exists()
     assert any(re.search(message, record.getMessage()) for record in caplog.records)
+
+
+@pytest.mark.parametrize("thresholds", ["0.1,3", "nan", "inf", "0.2,-0.5", "1.5"])
+def test_thresholds_outside_0_1_are_refused_before_the_models_load(
+    checkpoint, tmp_path, caplog, monkeypatch, thresholds
+):
+    from ovss_ros.core.clip import model_loading
+
+    def loaded(*_args, **_kwargs):
+        raise AssertionError("a model loaded before the arguments were checked")
+
+    monkeypatch.setattr(model_loading, "load_clip", loaded)
+    output = tmp_path / "pnp.yaml"
+    assert tune.main(tune_arguments(checkpoint, output) + [f"--thresholds={thresholds}"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "is not in [0, 1]" in errors[0], errors
+    assert errors[0].startswith(f"--thresholds {thresholds!r}") and not output.exists()
+
+
+def test_values_listed_twice_are_searched_once():
+    args = tune.parse_args(["x", "--classes", "a", "--layers", "1-2,2,1", "--heads", "3,3",
+                            "--thresholds", "0.15,0.05,0.15"])  # fmt: skip
+    assert tune.space_values(args) == {
+        "layers": [1, 2], "heads": [3], "thresholds": [0.15, 0.05]
+    }  # fmt: skip
 
 
 def test_ovss_tune_reads_images_bounded_before_decoding(checkpoint, tmp_path, caplog):

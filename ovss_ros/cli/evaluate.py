@@ -57,6 +57,7 @@ from ovss_ros.cli.tool_parser import (
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.config import PIPELINE_METHODS, EngineConfig
 from ovss_ros.core.methods.freecp.settings import DATASET_THRESHOLDS as FREECP_THRESHOLDS
+from ovss_ros.core.methods.pnp_ovss.presence_lists import lists_argument
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
@@ -138,7 +139,7 @@ def build_parser(
     )
     parser.add_argument(
         "--presence-lists",
-        type=Path,
+        type=lists_argument,
         help="method pnp_ovss: per-image class lists in the PnP-OVSS release's JSON layout (a "
         "file, or the release's GPT4o_classification folder) instead of CLIP presence",
     )

@@ -39,7 +39,11 @@ from ovss_ros.cli.engine_args import add_engine_arguments, config_from_args, par
 from ovss_ros.cli.input_limits import add_max_input_pixels_argument
 from ovss_ros.cli.tool_parser import IMAGE_SUFFIXES, ToolParser
 from ovss_ros.core.clip.errors import ModelLoadError
-from ovss_ros.core.methods.pnp_ovss.presence_lists import PresenceLists, load_for_method
+from ovss_ros.core.methods.pnp_ovss.presence_lists import (
+    PresenceLists,
+    lists_argument,
+    load_for_method,
+)
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
@@ -194,7 +198,7 @@ def build_parser() -> ToolParser:
     )
     parser.add_argument(
         "--presence-lists",
-        type=Path,
+        type=lists_argument,
         help="pnp_ovss: per-image class lists in the PnP-OVSS release's JSON layout (a file, or "
         "a folder whose .json files are merged) instead of CLIP presence",
     )

@@ -55,6 +55,7 @@ from ovss_ros.cli.tune_space import (
 )
 from ovss_ros.core.clip.errors import ModelLoadError
 from ovss_ros.core.config import EngineConfig
+from ovss_ros.core.methods.pnp_ovss.presence_lists import lists_argument
 from ovss_ros.core.methods.pnp_ovss.settings import TUNING_CLIP, TUNING_TRIALS, PnpSettings
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.ros.image_conversion import ImageConversionError, ImageTooLarge, image_file_to_rgb8
@@ -134,7 +135,7 @@ def build_parser() -> ToolParser:
     )
     parser.add_argument(
         "--presence-lists",
-        type=Path,
+        type=lists_argument,
         help="per-image class lists in the PnP-OVSS release's JSON layout (without "
         "--image-labels); default: CLIP presence",
     )

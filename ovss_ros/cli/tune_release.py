@@ -32,6 +32,10 @@ def label_source(args: argparse.Namespace, files: Sequence[Path]) -> LabelSource
     a ValueError, naming the file and entry): every image needs an entry."""
     names = [ClassEntry.parse(c).name for c in args.classes]
     stems = [path.stem for path in files]
+    if args.image_labels is not None and args.presence_lists is not None:
+        raise ValueError(
+            "--image-labels and --presence-lists both give the classes of each image: give one"
+        )
     if args.image_labels is not None:
         labels = read_image_labels(args.image_labels, names)
         missing = [s for s in stems if s not in labels]
@@ -39,6 +43,12 @@ def label_source(args: argparse.Namespace, files: Sequence[Path]) -> LabelSource
             raise ValueError(
                 f"image-labels file {str(args.image_labels)!r} has no entry for {len(missing)} "
                 f"of the {len(stems)} images (first: {missing[0]!r})"
+            )
+        if not any(labels[s] for s in stems):
+            raise ValueError(
+                f"image-labels file {str(args.image_labels)!r} gives none of the {len(stems)} "
+                "images a class: every trial would score 0 (an image with an empty list is "
+                "skipped)"
             )
         return lambda _pipeline, path, _rgb: labels[path.stem]
     if args.presence_lists is not None:

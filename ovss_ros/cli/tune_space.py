@@ -74,7 +74,14 @@ def space_values(args: argparse.Namespace) -> dict[str, list]:
     }
     if not values["thresholds"]:
         raise ValueError("--thresholds is empty: give at least one value")
-    return values
+    outside = [t for t in values["thresholds"] if not 0.0 <= t <= 1.0]  # NaN too
+    if outside:
+        raise ValueError(
+            f"--thresholds {args.thresholds!r}: {outside[0]} is not in [0, 1] (the threshold is "
+            "on each class map min-max normalised to 0..1)"
+        )
+    # a value listed twice would be a second, identical candidate: each once, in order
+    return {name: list(dict.fromkeys(listed)) for name, listed in values.items()}
 
 
 def search_space(args: argparse.Namespace, layers: int, heads: int) -> SearchSpace:

@@ -28,6 +28,7 @@ import math
 import os
 import stat
 import struct
+import sys
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -121,6 +122,11 @@ def read_json(path: str | Path, what: str, limit: int = MAX_TEXT_FILE_BYTES) -> 
         return json.loads(text)
     except ValueError as error:
         raise FileCheckError(f"{what} {str(path)!r} is not valid JSON ({error})") from None
+    except RecursionError:  # json's C decoder recurses per nesting level
+        raise FileCheckError(
+            f"{what} {str(path)!r} is nested too deeply (over Python's recursion limit, "
+            f"{sys.getrecursionlimit()} levels): not a file of this kind"
+        ) from None
 
 
 def _limit(total: int, max_bytes: int | None, path: Path, what: str) -> None:

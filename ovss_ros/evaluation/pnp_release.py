@@ -65,6 +65,9 @@ RELEASE_SETS = {
     "coco_object": "coco_object",
     "coco_stuff": "coco_stuff",
 }
+# The release's class-list file of each data set whose class ids are the release's (VOC20 and
+# PASCAL Context 59: VOC's and PASCAL Context's classes without background, ids alike).
+LIST_FILE_SETS = RELEASE_SETS | {"voc20": "voc", "context59": "psc"}
 BACKGROUND_RULE = {
     "voc21": "always",
     "coco_object": "always",
@@ -261,7 +264,7 @@ def checked_lists(
 ) -> PresenceLists | None:
     """--presence-lists read and checked before any model loads: an entry for every image to
     score, class ids within the data set's (PresenceListError, a ValueError, otherwise)."""
-    lists = load_for_method(args.presence_lists, method, RELEASE_SETS.get(protocol.name))
+    lists = load_for_method(args.presence_lists, method, LIST_FILE_SETS.get(protocol.name))
     if lists is not None:
         count = len(reader.pairs) if args.limit is None else min(args.limit, len(reader.pairs))
         lists.check_images([image.stem for image, _ in reader.pairs[:count]])

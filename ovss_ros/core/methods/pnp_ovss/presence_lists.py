@@ -31,12 +31,19 @@ without its extension (the release's keys: ``2007_000033``, ``ADE_val_00000001``
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ovss_ros.core.file_checks import FileCheckError, read_json
+from ovss_ros.core.file_checks import (
+    MAX_TEXT_FILE_BYTES,
+    FileCheckError,
+    read_text,
+    regular_file,
+)
+from ovss_ros.core.frame_budget import gigabytes
 
 RELEASE_THRESHOLD = 70  # percent; a class is kept when its probability is above it
 WITHOUT_PROBABILITY = 100  # the COCO script's probability for an answer without one
@@ -48,7 +55,7 @@ RELEASE_FILES = {
     "coco_object": "coco_object_classification_noboundary.json",
     "coco_stuff": "coco_stuff_classification_noboundary.json",
 }
-_GROUP_BREAK = re.compile(r"\]\s*,?\s*\[")
+_GROUP_BREAK = re.compile(r"\]\s*(?:,\s*)?\[")  # one \s* before the comma: linear time
 
 
 class PresenceListError(ValueError):
@@ -93,7 +100,48 @@ def _integer(text: str, what: str, item: str) -> int:
     try:
         return int(text.strip())
     except ValueError:
-        raise PresenceListError(f"{what} {item.strip()!r} is not an integer") from None
+        raise PresenceListError(f"{what} {_short(item.strip())!r} is not an integer") from None
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters for a one-line message."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json's object hook: a key given twice is refused (json keeps the last silently)."""
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _DuplicateKey(twice)
+    return data
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with a key twice (raised through json.loads by ``_unique_keys``)."""
+
+
+def _read_object(path: Path, what: str, layout: str) -> dict[str, object]:
+    """A JSON object of at most MAX_TEXT_FILE_BYTES with each key once; PresenceListError
+    naming the file otherwise (not UTF-8, not JSON, nested too deeply, a key twice, not an
+    object)."""
+    try:
+        data = json.loads(read_text(path, what), object_pairs_hook=_unique_keys)
+    except FileCheckError as error:
+        raise PresenceListError(str(error)) from None
+    except _DuplicateKey as key:
+        raise PresenceListError(
+            f"{what} {str(path)!r}: image {_short(str(key))!r} is in it twice (JSON keeps only "
+            "the last: give each image once)"
+        ) from None
+    except ValueError as error:
+        raise PresenceListError(f"{what} {str(path)!r} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise PresenceListError(f"{what} {str(path)!r} is nested too deeply: {layout}") from None
+    if not isinstance(data, dict):
+        raise PresenceListError(f"{what} {str(path)!r} is not a JSON object ({layout})")
+    return data
 
 
 class PresenceLists:
@@ -122,6 +170,7 @@ class PresenceLists:
         files = sorted(path.glob("*.json"))
         if not files:
             raise PresenceListError(f"class-list folder {str(path)!r} holds no .json file")
+        _check_folder_size(path, files)
         merged: dict[str, Answer] = {}
         for file in files:
             answers = _read_answers(file)
@@ -153,7 +202,8 @@ class PresenceLists:
             bad = [i for i in answer.ids if not 1 <= i <= num_classes]
             if bad:
                 raise PresenceListError(
-                    f"class lists {self.source!r}, image {image!r}: class id {bad[0]} is not "
+                    f"class lists {self.source!r}, image {_short(image)!r}: class id "
+                    f"{_short(str(bad[0]))} is not "
                     f"one of the {num_classes} classes (1..{num_classes})"
                 )
 
@@ -179,29 +229,53 @@ class PresenceLists:
         return list(dict.fromkeys(indices)) or [0]
 
 
+def _check_folder_size(folder: Path, files: Sequence[Path]) -> None:
+    """Refuse (PresenceListError) a folder whose .json files hold more than
+    MAX_TEXT_FILE_BYTES together, from their sizes alone (nothing is read); the release's five
+    files hold 1.8 MB."""
+    total = 0
+    for file in files:
+        try:
+            total += regular_file(file, "class-list file").stat().st_size
+        except (FileCheckError, OSError) as error:
+            raise PresenceListError(str(error)) from None
+        if total > MAX_TEXT_FILE_BYTES:
+            raise PresenceListError(
+                f"class-list folder {str(folder)!r}: its .json files hold more than "
+                f"{gigabytes(MAX_TEXT_FILE_BYTES)} together (the release's five hold 1.8 MB): "
+                "name the file to read"
+            )
+
+
 def _read_answers(path: Path) -> dict[str, Answer]:
-    try:
-        data = read_json(path, "class-list file")
-    except FileCheckError as error:
-        raise PresenceListError(str(error)) from None
-    if not isinstance(data, dict):
-        raise PresenceListError(
-            f"class-list file {str(path)!r} is not a JSON object (image id -> answer)"
-        )
+    data = _read_object(path, "class-list file", "image id -> answer")
     answers = {}
     for image, text in data.items():
         if not isinstance(text, str):
             raise PresenceListError(
-                f"class-list file {str(path)!r}, image {image!r}: the answer is a "
+                f"class-list file {str(path)!r}, image {_short(image)!r}: the answer is a "
                 f"{type(text).__name__}, not a string like \"[2: 'bicycle'], [90%]\""
             )
         try:
             answers[image] = parse_answer(text)
         except PresenceListError as error:
             raise PresenceListError(
-                f"class-list file {str(path)!r}, image {image!r}: {error}"
+                f"class-list file {str(path)!r}, image {_short(image)!r}: {error}"
             ) from None
     return answers
+
+
+def lists_argument(text: str) -> Path:
+    """argparse type of ``--presence-lists``: the path; an empty one is refused
+    (argparse.ArgumentTypeError) instead of becoming ``.``, whose .json files would be read
+    (an unset shell variable in ``--presence-lists "$LISTS"``)."""
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "is empty: name a class-list file or folder (the current folder is '.')"
+        )
+    return Path(text)
 
 
 def load_for_method(
@@ -226,18 +300,11 @@ def read_image_labels(path: str | Path, class_names: Sequence[str]) -> dict[str,
     PresenceListError naming the file and entry for anything else (an empty list is allowed:
     the release skips an image without classes)."""
     path = Path(path).expanduser()
-    try:
-        data = read_json(path, "image-labels file")
-    except FileCheckError as error:
-        raise PresenceListError(str(error)) from None
-    if not isinstance(data, dict):
-        raise PresenceListError(
-            f"image-labels file {str(path)!r} is not a JSON object (image id -> class list)"
-        )
+    data = _read_object(path, "image-labels file", "image id -> class list")
     position = {name: i for i, name in enumerate(class_names)}
     labels = {}
     for image, classes in data.items():
-        where = f"image-labels file {str(path)!r}, image {image!r}"
+        where = f"image-labels file {str(path)!r}, image {_short(image)!r}"
         if not isinstance(classes, list):
             raise PresenceListError(f"{where}: not a list of classes")
         indices = []
@@ -248,7 +315,8 @@ def read_image_labels(path: str | Path, class_names: Sequence[str]) -> dict[str,
                 indices.append(item - 1)
             else:
                 raise PresenceListError(
-                    f"{where}: {item!r} is neither one of the classes {list(class_names)} nor "
+                    f"{where}: {_short(repr(item))} is neither one of the classes "
+                    f"{_short(str(list(class_names)), 200)} nor "
                     f"a position 1..{len(class_names)}"
                 )
         labels[image] = list(dict.fromkeys(indices))
