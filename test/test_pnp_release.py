@@ -261,6 +261,10 @@ def test_protocol_settings_per_data_set(dataset, background):
         (["voc20", "/x", "--protocol", "pnp_ovss"], "evaluates voc21, context60"),
         (["cityscapes", "/x", "--protocol", "pnp_ovss"], "not cityscapes"),
         (["voc21", "/x", "--protocol", "pnp_ovss", "--method", "naclip"], "not naclip"),
+        (
+            ["voc21", "/x", "--protocol", "pnp_ovss", "--score-threshold", "0.3"],
+            "--score-threshold 0.3: the pnp_ovss protocol scores as the release",
+        ),
     ],
 )
 def test_protocol_refusals(capsys, argv, reason):

@@ -185,6 +185,12 @@ def parse_args(
                 raise ValueError(
                     f"the pnp_ovss protocol runs --method pnp_ovss, not {args.method}"
                 )
+            if args.score_threshold:
+                raise ValueError(
+                    f"--score-threshold {args.score_threshold}: the pnp_ovss protocol scores as "
+                    "the release, which has no score threshold (its pixels would be scored as a "
+                    "class): leave it at 0"
+                )
         except ValueError as error:
             build_parser(protocol, method).error(str(error))
     if args.seen_unseen and protocol.name not in SPLITS:
