@@ -49,6 +49,7 @@ from std_srvs.srv import SetBool
 from ovss_ros.core import ClassEntry, EngineConfig
 from ovss_ros.ros import parameters
 from ovss_ros.ros.cameras import Camera, CameraSet
+from ovss_ros.ros.change_encoder import ENCODER_STOP_TIMEOUT_S, ChangeEncoder
 from ovss_ros.ros.executor_work import ExecutorWork
 from ovss_ros.ros.frames import Frame, FrameLedger
 from ovss_ros.ros.log_text import describe
@@ -102,6 +103,7 @@ class SegmentationNodeMixin:
         self._inactive_reason = inactive_reason
         self._buffer: FrameBuffer[Frame] = FrameBuffer()
         self._worker: FrameWorker[Frame] | None = None
+        self._changes: ChangeEncoder | None = None  # prepares changes beside the worker
         self.cameras = CameraSet(self, ())
         self.frames = FrameLedger()
         self.processor = FrameProcessor(
@@ -126,7 +128,7 @@ class SegmentationNodeMixin:
             values,
             self.callback_faults,
             check=self._check_change,
-            wake=lambda: self._buffer.wake(),
+            wake=self._wake_change_encoder,
         )
         self.cameras = CameraSet(self, self.transactions.settings.cameras)
         self.cameras.check_topics()
@@ -174,15 +176,27 @@ class SegmentationNodeMixin:
         self.cameras.open_outputs(self._wanted_masks())
         self._publish_label_info()
         self._buffer = FrameBuffer()
-        # The engine's stop event (stop_event) is the worker's too: set, it ends both.
+        # The engine's stop event (stop_event) is the worker's and the change encoder's too:
+        # set, it ends all three.
         self._worker = FrameWorker(
             self._buffer,
             self.processor.process,
             self._apply_pending,
             self._on_worker_error,
             stop=stop_event(self),
+            start=self.segmenter.side.frame_thread if self.segmenter is not None else None,
+        )
+        self._changes = ChangeEncoder(
+            self.transactions,
+            lambda: self.segmenter,
+            hand_over=self._buffer.wake,
+            stop=stop_event(self),
+            on_error=self._on_worker_error,
         )
         self._worker.start()
+        self._changes.start()
+        if self.transactions.pending:  # accepted between loading and now
+            self._changes.wake()
 
     def _start(self) -> None:
         self._active.set()
@@ -207,7 +221,13 @@ class SegmentationNodeMixin:
         """
         stop_event(self).set()
         worker, self._worker = self._worker, None
+        changes, self._changes = self._changes, None
         stop_worker(worker, self.get_logger().warning)
+        if changes is not None and not changes.stop():
+            self.get_logger().warning(
+                f"change encoder still busy {ENCODER_STOP_TIMEOUT_S:.0f} s after the stop "
+                "request (loading a model): not waiting for it"
+            )
         if self._executor_work is not None:  # mask topics the worker asked for: not needed now
             self._executor_work.cancel()
         self.cameras.close_outputs()
@@ -293,17 +313,28 @@ class SegmentationNodeMixin:
 
     # Worker thread: owns the Segmenter.
 
+    def _wake_change_encoder(self) -> None:
+        """Accepted changes wait (executor thread): the change encoder prepares them."""
+        if self._changes is not None:
+            self._changes.wake()
+
     def _apply_pending(self) -> None:
-        """Apply the accepted changes, all of them or none (``ParameterTransactions.apply``),
-        then say what changed and bring the mask topics and label_info in line: label_info
-        keeps telling the vocabulary in force, also after a failed change."""
-        applied = self.transactions.apply(self.segmenter)
-        if applied is None:
+        """Between two frames: put the change the change encoder prepared in force, or settle
+        its failure (``ParameterTransactions.commit``), then say what changed and bring the mask
+        topics and label_info in line: label_info keeps telling the vocabulary in force, also
+        after a failed change. Frames before this used the previous vocabulary, frames after it
+        the new one."""
+        changes = self._changes
+        handover = changes.take() if changes is not None else None
+        if handover is None:
             return
-        changes, failure = applied
-        if failure is None and METHOD_CHANGES & set(changes):
+        try:
+            failure = self.transactions.commit(self.segmenter, handover)
+        finally:
+            changes.done()
+        if failure is None and METHOD_CHANGES & set(handover.changes):
             self._log_method()
-        if "classes" in changes and failure is None:
+        if "classes" in handover.changes and failure is None:
             names = ", ".join(parameters.quoted(e.name) for e in self.segmenter.classes)
             self.get_logger().info(f"vocabulary: {names}")
         if self._update_masks():

@@ -1,0 +1,124 @@
+"""The thread that prepares accepted parameter changes beside the frame worker.
+
+Text encoding (20 classes with the 80 ImageNet templates: half a minute on a CPU) and any model a
+change needs (a VLM, a Stable Diffusion model, a DeOP checkpoint) are prepared here, never in
+front of a frame: the frame worker keeps segmenting and publishing with the vocabulary in force
+meanwhile. A prepared change is handed over (``Handover``) and the worker commits it between two
+frames (``ParameterTransactions.commit``), so the swap is atomic; this thread waits for that
+before it prepares the next change, so a change is always prepared against the state in force.
+
+A change accepted while another is being prepared supersedes it: the encoding in progress stops
+(its ``cancel`` event; the texts it finished stay cached), and the two are prepared again as one,
+the newer values winning. The node's stop event ends this thread at once too (text encoding
+checks it between prompt batches). The thread's CPU and GPU share: ``core/side_encoding``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ovss_ros.core import Stopped
+from ovss_ros.ros.transactions import SUPERSEDED, Handover, ParameterTransactions
+
+if TYPE_CHECKING:
+    from ovss_ros.core.segmenter import Segmenter
+
+ENCODER_STOP_TIMEOUT_S = 5.0
+
+
+class ChangeEncoder:
+    """Prepares the transactions' pending changes on its own thread and hands each to the frame
+    worker (``hand_over``: wakes the worker, whose ``take`` then gets it).
+
+    ``stop``: the node's stop event (the Segmenter's): set, the thread ends, an encoding in
+    progress with it. ``on_error``: an error nobody expected (the thread goes on).
+    """
+
+    def __init__(
+        self,
+        transactions: ParameterTransactions,
+        segmenter: Callable[[], Segmenter | None],
+        hand_over: Callable[[], None],
+        stop: threading.Event,
+        on_error: Callable[[BaseException], None],
+        name: str = "ovss_change_encoder",
+    ) -> None:
+        self._transactions = transactions
+        self._segmenter = segmenter
+        self._hand_over = hand_over
+        self._stop = stop
+        self._on_error = on_error
+        self._condition = threading.Condition()
+        self._wanted = False  # changes may be pending
+        self._ready: Handover | None = None  # prepared, waiting for the worker
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Changes are pending (executor thread, after accepting them)."""
+        with self._condition:
+            self._wanted = True
+            self._condition.notify_all()
+
+    def stop(self, timeout: float = ENCODER_STOP_TIMEOUT_S) -> bool:
+        """Set the stop event and wait for the thread; False if it is still busy after
+        ``timeout`` seconds (e.g. loading a model, which cannot stop half-way)."""
+        self._stop.set()
+        with self._condition:
+            self._condition.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def take(self) -> Handover | None:
+        """The prepared change waiting for the worker, or None (worker thread). The worker
+        must call ``done`` once it has committed or settled it."""
+        with self._condition:
+            return self._ready
+
+    def done(self) -> None:
+        """The worker has put the handed-over change in force (or settled its failure)."""
+        with self._condition:
+            self._ready = None
+            self._condition.notify_all()
+
+    def _run(self) -> None:
+        segmenter = self._segmenter()
+        if segmenter is not None:
+            segmenter.side.encoding_thread()
+        while not self._stop.is_set():
+            with self._condition:
+                self._condition.wait_for(lambda: self._wanted or self._stop.is_set())
+                self._wanted = False
+            if self._stop.is_set():
+                return
+            try:
+                self._prepare_all()
+            except Stopped:
+                return
+            except Exception as error:  # the thread must survive any change
+                if not self._stop.is_set():
+                    self._on_error(error)
+
+    def _prepare_all(self) -> None:
+        """Prepare and hand over what is pending until nothing is (a superseded change comes
+        back merged with the newer one)."""
+        while not self._stop.is_set():
+            handover = self._transactions.prepare(self._segmenter(), self._stop)
+            if handover is SUPERSEDED:
+                continue  # prepare the merged change
+            if handover is None:
+                return
+            with self._condition:
+                self._ready = handover
+            self._hand_over()
+            with self._condition:
+                self._condition.wait_for(lambda: self._ready is None or self._stop.is_set())
