@@ -225,8 +225,8 @@ class Segmenter:
         config = self.config.replace(dict(changes or {}))
         vocabulary = parse_classes(classes) if classes is not None else self.classes
         templates = template_set(config.templates)
-        if (classes is None and templates == self.text.templates
-                and config.background_words == self.config.background_words):
+        same_words = config.background_words == self.config.background_words
+        if classes is None and templates == self.text.templates and same_words:
             return 0
         cache = self.text.cache
         texts = query_texts(vocabulary, config.background_words)

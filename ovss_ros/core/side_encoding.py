@@ -48,6 +48,9 @@ class SideEncoding:
         self.frame_stream: torch.cuda.Stream | None = None
         self.encode_stream: torch.cuda.Stream | None = None
         if device.type == "cuda" and torch.cuda.is_available():
+            # What was loaded on the default stream (the weights) is complete before another
+            # stream reads it: torch's streams do not wait for the default one.
+            torch.cuda.synchronize(device)
             self.frame_stream = torch.cuda.Stream(device, priority=FRAME_PRIORITY)
             self.encode_stream = torch.cuda.Stream(device, priority=ENCODER_PRIORITY)
         self.frame_threads = torch.get_num_threads()  # the process's count, at load

@@ -53,6 +53,7 @@ class ChangeEncoder:
         self._condition = threading.Condition()
         self._wanted = False  # changes may be pending
         self._ready: Handover | None = None  # prepared, waiting for the worker
+        self._in_hand = False  # the worker took a change and is putting it in force
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -79,15 +80,17 @@ class ChangeEncoder:
         return self._thread.is_alive()
 
     def take(self) -> Handover | None:
-        """The prepared change waiting for the worker, or None (worker thread). The worker
-        must call ``done`` once it has committed or settled it."""
+        """The prepared change waiting for the worker, or None (worker thread); it is the
+        worker's then, which must call ``done`` once it has committed or settled it."""
         with self._condition:
-            return self._ready
+            handover, self._ready = self._ready, None
+            self._in_hand = self._in_hand or handover is not None
+            return handover
 
     def done(self) -> None:
         """The worker has put the handed-over change in force (or settled its failure)."""
         with self._condition:
-            self._ready = None
+            self._in_hand = False
             self._condition.notify_all()
 
     def _run(self) -> None:
@@ -121,4 +124,20 @@ class ChangeEncoder:
                 self._ready = handover
             self._hand_over()
             with self._condition:
-                self._condition.wait_for(lambda: self._ready is None or self._stop.is_set())
+                self._condition.wait_for(
+                    lambda: (self._ready is None and not self._in_hand) or self._stop.is_set()
+                )
+                left, self._ready = self._ready, None  # not taken: stopping
+            segmenter = self._segmenter()
+            if left is not None and left.prepared is not None and segmenter is not None:
+                segmenter.discard(left.prepared)  # stopping: never put in force
+
+
+def stop_change_encoder(encoder: ChangeEncoder | None, warn: Callable[[str], None]) -> None:
+    """Stop ``encoder``; ``warn`` if it is still busy after ENCODER_STOP_TIMEOUT_S (loading a
+    model cannot stop half-way): it is not waited for any longer (a daemon thread)."""
+    if encoder is not None and not encoder.stop():
+        warn(
+            f"change encoder still busy {ENCODER_STOP_TIMEOUT_S:.0f} s after the stop request "
+            "(loading a model): not waiting for it"
+        )
