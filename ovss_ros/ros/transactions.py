@@ -150,7 +150,7 @@ class ParameterTransactions:
             self._wake()
 
     def revert(self) -> None:
-        """Put parameters whose change failed in the worker back to the values in force, so that
+        """Put parameters whose change failed back to the values in force, so that
         ``ros2 param get`` tells the truth; a name changed again meanwhile is left alone (that
         newer change is queued). Runs on the executor thread, like every parameter request."""
         with self.lock:
