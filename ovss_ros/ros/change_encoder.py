@@ -7,7 +7,10 @@ meanwhile. A prepared change is handed over (``Handover``) and the worker commit
 frames (``ParameterTransactions.commit``), so the swap is atomic; this thread waits for that
 before it prepares the next change, so a change is always prepared against the state in force.
 
-A change accepted while another is being prepared supersedes it: the encoding in progress stops
+A change that needs neither text encoding nor a model load (a threshold, an output setting) is
+prepared in milliseconds, and the worker waits for it (``wait_quick``): it is in force for the
+next frame, as the parameter was answered. A change accepted while another is being prepared
+supersedes it: the encoding in progress stops
 (its ``cancel`` event; the texts it finished stay cached), and the two are prepared again as one,
 the newer values winning. The node's stop event ends this thread at once too (text encoding
 checks it between prompt batches). The thread's CPU and GPU share: ``core/side_encoding``.
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from ovss_ros.core.segmenter import Segmenter
 
 ENCODER_STOP_TIMEOUT_S = 5.0
+QUICK_WAIT_S = 10.0  # the most a frame waits for a quick change (normally milliseconds)
 
 
 class ChangeEncoder:
@@ -54,6 +58,7 @@ class ChangeEncoder:
         self._wanted = False  # changes may be pending
         self._ready: Handover | None = None  # prepared, waiting for the worker
         self._in_hand = False  # the worker took a change and is putting it in force
+        self._phase = "idle"  # idle | classifying | quick | slow: the change being prepared
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -79,9 +84,28 @@ class ChangeEncoder:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def wait_quick(self, timeout: float = QUICK_WAIT_S) -> None:
+        """Worker thread, before a frame: wait (at most ``timeout`` s) while an accepted change
+        that needs neither text encoding nor a model load is being prepared, so that it is in
+        force for the next frame (milliseconds); a slow change is not waited for."""
+        with self._condition:
+            self._condition.wait_for(
+                lambda: (
+                    self._stop.is_set()
+                    or self._ready is not None
+                    or not (
+                        self._phase in ("classifying", "quick")
+                        or (self._phase == "idle" and self._wanted)
+                    )
+                ),
+                timeout,
+            )
+
     def take(self) -> Handover | None:
-        """The prepared change waiting for the worker, or None (worker thread); it is the
-        worker's then, which must call ``done`` once it has committed or settled it."""
+        """The prepared change waiting for the worker, or None (worker thread), after
+        ``wait_quick``; it is the worker's then, which must call ``done`` once it has committed
+        or settled it."""
+        self.wait_quick()
         with self._condition:
             handover, self._ready = self._ready, None
             self._in_hand = self._in_hand or handover is not None
@@ -101,6 +125,7 @@ class ChangeEncoder:
             with self._condition:
                 self._condition.wait_for(lambda: self._wanted or self._stop.is_set())
                 self._wanted = False
+                self._phase = "classifying"
             if self._stop.is_set():
                 return
             try:
@@ -110,12 +135,19 @@ class ChangeEncoder:
             except Exception as error:  # the thread must survive any change
                 if not self._stop.is_set():
                     self._on_error(error)
+            finally:
+                self._set_phase("idle")
 
     def _prepare_all(self) -> None:
         """Prepare and hand over what is pending until nothing is (a superseded change comes
         back merged with the newer one)."""
         while not self._stop.is_set():
-            handover = self._transactions.prepare(self._segmenter(), self._stop)
+            self._set_phase("classifying")
+            handover = self._transactions.prepare(
+                self._segmenter(),
+                self._stop,
+                lambda slow: self._set_phase("slow" if slow else "quick"),
+            )
             if handover is SUPERSEDED:
                 continue  # prepare the merged change
             if handover is None:
@@ -131,6 +163,11 @@ class ChangeEncoder:
             segmenter = self._segmenter()
             if left is not None and left.prepared is not None and segmenter is not None:
                 segmenter.discard(left.prepared)  # stopping: never put in force
+
+    def _set_phase(self, phase: str) -> None:
+        with self._condition:
+            self._phase = phase
+            self._condition.notify_all()
 
 
 def stop_change_encoder(encoder: ChangeEncoder | None, warn: Callable[[str], None]) -> None:

@@ -38,6 +38,20 @@ if TYPE_CHECKING:
     from ovss_ros.core.segmenter import PreparedUpdate, Segmenter
 
 SUPERSEDED: Final = "superseded"  # ``prepare``: a newer change stopped it; prepare again
+# Settings whose change may load a model (a VLM, a DeOP checkpoint, a Stable Diffusion model):
+# frames do not wait for such a change (nor for one that encodes texts); they wait for the rest.
+LOADING = frozenset(
+    {
+        "method",
+        "refinement",
+        "deop.checkpoint",
+        "dslo.affinity",
+        "dslo.sd.model",
+        "dslo.sd.precision",
+        "pnp.vlm_model",
+        "pnp.vlm_pretrained",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,8 @@ class ParameterTransactions:
             self.settings = parameters.validate(self.values)
             if not self._reverting:
                 self.pending.update(changes)
+                # Before the answer goes out: no later status says a previous change's fate.
+                self.change = ("preparing", False)
                 if self._cancel is not None:
                     self._cancel.set()
         if not self._reverting:
@@ -185,16 +201,22 @@ class ParameterTransactions:
     # Change encoder's thread.
 
     def prepare(
-        self, segmenter: Segmenter | None, stop: threading.Event
+        self,
+        segmenter: Segmenter | None,
+        stop: threading.Event,
+        slow: Callable[[bool], None] = lambda _: None,
     ) -> Handover | str | None:
         """Take the accepted changes and prepare them, all of them or none, changing nothing
         in force: a Handover (prepared, or its failure), SUPERSEDED when a newer change stopped
         the encoding (its changes are pending again, under the newer ones), or None when there
-        was nothing to prepare. Raises Stopped when ``stop`` (the node's) is set.
+        was nothing to prepare. Raises Stopped when ``stop`` (the node's) is set. ``slow`` is
+        told, before the work starts, whether the change encodes texts or may load a model
+        (``LOADING``): the frames wait only for a change that does neither.
 
         Validation refused everything that can be foreseen, so a failure here is unexpected
         (e.g. out of memory while encoding text): the worker settles it (``commit``).
-        Diagnostics say ``encoding N texts`` meanwhile when the change has texts to encode.
+        Diagnostics say ``preparing`` from the acceptance on (``accept``), ``encoding N texts``
+        when the change has texts to encode, until the worker put it in force (``applied``).
         """
         with self.lock:
             changes, self.pending = self.pending, {}
@@ -207,12 +229,13 @@ class ParameterTransactions:
             for name, value in changes.items()
             if name in parameters.RUNTIME_ENGINE_FIELDS
         }
-        before = self.change
+        before = self.change  # restored if the node stops meanwhile
         try:
             # One step: validated and built for the end state, never for a mix of old and new
             # (new classes with new background words, a method with the classes it gets).
             classes = parse_classes(changes["classes"]) if "classes" in changes else None
-            self._announce(segmenter, classes, engine_changes)
+            count = self._announce(segmenter, classes, engine_changes)
+            slow(bool(count) or bool(LOADING & set(engine_changes)))
             prepared = segmenter.prepare_update(classes, engine_changes, cancel=cancel)
         except Stopped:
             if stop.is_set() or not cancel.is_set():
@@ -234,14 +257,16 @@ class ParameterTransactions:
         segmenter: Segmenter,
         classes: list | None,
         engine_changes: Mapping[str, Any],
-    ) -> None:
-        """Diagnostics: ``encoding N texts`` while a change with texts to encode is prepared."""
+    ) -> int:
+        """Diagnostics: ``encoding N texts`` while a change with texts to encode is prepared;
+        returns N (1 when it cannot be counted: prepare_update finds out what is wrong)."""
         try:
             count = segmenter.texts_to_encode(classes, engine_changes)
-        except Exception:  # prepare_update says what is wrong
-            return
+        except Exception:
+            return 1
         if count:
             self.change = (f"encoding {count} texts", False)
+        return count
 
     # Worker thread.
 
