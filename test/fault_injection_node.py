@@ -9,7 +9,11 @@ level, so that everything above it (engine, node, worker, diagnostics) runs as s
 - the real ``Segmenter.segment_many`` raises for a batch with a frame ``FAIL_WIDTH`` pixels wide;
 - for a frame ``GATE_WIDTH`` wide it first creates ``$OVSS_FAULT_DIR/held`` and waits until
   ``$OVSS_FAULT_DIR/release`` exists (a worker kept busy on demand: frames that arrive meanwhile
-  wait in their camera's slot), then removes both.
+  wait in their camera's slot), then removes both;
+- the real ``TextEncoder`` holds a batch of prompts with ``HOLD_WORD`` (a change's encoding kept
+  going on demand): it creates ``$OVSS_FAULT_DIR/encoding_held`` and waits until
+  ``$OVSS_FAULT_DIR/encoding_release`` exists, then removes both; its stop (the node's shutdown,
+  or a newer change superseding this one) ends the wait with Stopped, as between two batches.
 
 Tests start it with ``running_fault_node`` (test/ on the child's PYTHONPATH).
 """
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 TRIGGER_WORD = "oom_trigger"
+HOLD_WORD = "hold_encoding"
 FAIL_WIDTH = 13
 GATE_WIDTH = 17
 GATE_TIMEOUT_S = 300.0
@@ -39,6 +44,8 @@ def install_faults(fault_dir: Path) -> None:
     encode_prompts = text_encoding.TextEncoder.encode_prompts
 
     def faulty_encode_prompts(self, prompts: list[str]):
+        if any(HOLD_WORD in prompt for prompt in prompts):
+            hold_encoding(fault_dir, self.stop)
         if any(TRIGGER_WORD in prompt for prompt in prompts):
             raise RuntimeError(f"CUDA out of memory (injected: a prompt holds {TRIGGER_WORD})")
         return encode_prompts(self, prompts)
@@ -61,6 +68,22 @@ def install_faults(fault_dir: Path) -> None:
 
     text_encoding.TextEncoder.encode_prompts = faulty_encode_prompts
     engine.Segmenter.segment_many = faulty_segment_many
+
+
+def hold_encoding(fault_dir: Path, stop) -> None:
+    """The node's side of the encoding gate (see the module docstring)."""
+    from ovss_ros.core.stopping import check_stop
+
+    held, release = fault_dir / "encoding_held", fault_dir / "encoding_release"
+    held.touch()
+    try:
+        deadline = time.monotonic() + GATE_TIMEOUT_S
+        while not release.exists() and time.monotonic() < deadline:
+            check_stop(stop, "the held text prompts")
+            time.sleep(0.02)
+        release.unlink(missing_ok=True)
+    finally:
+        held.unlink(missing_ok=True)
 
 
 class Gate:

@@ -40,15 +40,15 @@ class FaultySegmenter(Segmenter):
         self.calls: list[str] = []
         super().__init__(config, **kwargs)
 
-    def update(self, classes=None, changes=None, **shared) -> None:
-        """The one call the node makes to change the engine (vocabulary and settings by dotted
-        name)."""
+    def prepare_update(self, classes=None, changes=None, cancel=None, **shared):
+        """The call the node makes to prepare a change of the engine (vocabulary and settings
+        by dotted name), beside the frames; ``commit`` puts it in force."""
         self.calls.append(f"update {classes is not None} {sorted({**(changes or {}), **shared})}")
         if classes is not None and FaultySegmenter.stopped:
             raise Stopped("stop requested before encoding")
         if classes is not None and FaultySegmenter.fail_set_classes:
             raise RuntimeError("out of memory while encoding text")
-        super().update(classes, changes, **shared)
+        return super().prepare_update(classes, changes, cancel, **shared)
 
     def segment_many(self, images: list[np.ndarray]) -> list[Segmentation]:
         self.calls.append(f"segment_many {len(images)}")
@@ -526,6 +526,6 @@ def test_a_stop_is_no_failure(two_cameras):
     accounted(node)
     with node.transactions.lock:
         node.transactions.pending = {"classes": ["bird"]}
-    with pytest.raises(Stopped):
-        node._apply_pending()
+    with pytest.raises(Stopped):  # the change encoder's step: it ends quietly
+        node.transactions.prepare(node.segmenter, node.segmenter.stop)
     assert node.transactions.change == ("none", False) and not node.transactions.reverts

@@ -18,8 +18,8 @@ import numpy as np
 
 from ovss_ros.core.config import PIPELINE_METHODS, PROPOSAL_METHODS, EngineConfig
 from ovss_ros.core.method_context import Loaded
-from ovss_ros.core.method_pipelines import update_pipeline
-from ovss_ros.core.methods.dense.method import update_dense
+from ovss_ros.core.method_pipelines import prepare_pipeline, update_pipeline
+from ovss_ros.core.methods.dense.method import DenseMethod, DensePrepared, update_dense
 from ovss_ros.core.methods.dense.settings import LAST_BLOCK_MODES
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import ClassEntry
@@ -59,6 +59,63 @@ UPDATES: dict[str, FamilyUpdate] = {
     "pnp_ovss": update_pipeline,
     "deop": update_pipeline,
 }
+
+
+class MethodChange(Protocol):
+    """A change prepared by a family (``FamilyPrepare``), not in force: ``method`` is the method
+    it will put in force (maybe the one in force, to be changed by ``commit``)."""
+
+    method: Method
+
+    def commit(self) -> None:
+        """Put the change in force: cheap, cannot fail (everything slow was prepared)."""
+
+    def discard(self) -> None:
+        """Drop the change unapplied: free what was loaded for it only."""
+
+
+# A family's prepare: the same arguments as FamilyUpdate -> the change, prepared (text encoded,
+# a model or checkpoint loaded) without changing the method in force, which may go on
+# segmenting meanwhile from another thread. On any exception nothing changes.
+FamilyPrepare = Callable[[Any, EngineConfig, list[ClassEntry], bool, Loaded], MethodChange]
+
+
+class DenseChange:
+    """The dense family's prepared change (``MethodChange``): ``DenseMethod.prepare``'s result,
+    committed with ``DenseMethod.commit``."""
+
+    def __init__(self, method: DenseMethod, prepared: DensePrepared) -> None:
+        self.method, self.prepared = method, prepared
+
+    def commit(self) -> None:
+        self.method.commit(self.prepared)
+
+    def discard(self) -> None:
+        sd2 = self.prepared.sd2
+        if sd2 is not None and sd2 is not self.method.sd2:
+            sd2.release()
+
+
+def prepare_dense(
+    current: object, config: EngineConfig, classes: list[ClassEntry], given: bool, loaded: Loaded
+) -> DenseChange:
+    """The dense family's prepare (``FamilyPrepare``): the DenseMethod in force, or a new one on
+    the loaded CLIP, with the change prepared (``DenseMethod.prepare``) and not committed."""
+    dense = current if isinstance(current, DenseMethod) else None
+    dense = dense or DenseMethod(loaded.clip, loaded.text, config, loaded.stop)
+    return DenseChange(dense, dense.prepare(config, classes, given, loaded.attempt))
+
+
+PREPARES: dict[str, FamilyPrepare] = {
+    "dense": prepare_dense,
+    "pnp_ovss": prepare_pipeline,
+    "deop": prepare_pipeline,
+}
+
+
+def prepare_for(method: str) -> FamilyPrepare:
+    """The prepare function of the family that runs ``method``."""
+    return PREPARES[family(method)]
 
 
 def family(method: str) -> str:

@@ -202,25 +202,48 @@ def same_vlm(a: EngineConfig, b: EngineConfig) -> bool:
 def update_pipeline(
     current: object, config: EngineConfig, classes: list[ClassEntry], given: bool, loaded: Loaded
 ) -> Pipeline:
-    """The pipelines' update (``core.method.FamilyUpdate``): the pipeline in force if
-    ``config`` keeps it (a new vocabulary set on it, transactional itself), else one built
-    (``build_pipeline``: the VLM or a checkpoint loaded, the vocabulary encoded); on any
-    exception the method in force is unchanged."""
+    """The pipelines' update (``core.method.FamilyUpdate``): ``prepare_pipeline``, then its
+    commit; on any exception the method in force is unchanged."""
+    change = prepare_pipeline(current, config, classes, given, loaded)
+    change.commit()
+    return change.method
+
+
+@dataclass
+class PipelineChange:
+    """A pipeline prepared for a change (``core.method.MethodChange``): ``method`` is ready
+    and not in force; ``commit`` sets the settings in force on it (cannot fail)."""
+
+    method: Pipeline
+    config: EngineConfig
+    announce: bool  # another pipeline than the one in force (not only a new vocabulary)
+
+    def commit(self) -> None:
+        self.method.config = self.config  # score_threshold and the shared settings in force
+        if self.announce:
+            logger.info("method %s", self.method.describe()[0])
+
+    def discard(self) -> None:
+        """Forget the prepared pipeline (what it loaded goes with its last reference)."""
+
+
+def prepare_pipeline(
+    current: object, config: EngineConfig, classes: list[ClassEntry], given: bool, loaded: Loaded
+) -> PipelineChange:
+    """The pipelines' prepare (``core.method.FamilyPrepare``): the pipeline in force if
+    ``config`` keeps it and the vocabulary stays, else a new one built beside it
+    (``build_pipeline``: the VLM or a checkpoint loaded or reused from the one in force, the
+    vocabulary encoded); the pipeline in force is never changed, so frames go on with it
+    meanwhile (from another thread). Raises what ``build_pipeline`` raises."""
     pipeline = current if isinstance(current, Pipeline) else None
-    if needs_rebuild(pipeline, config):
+    built, rebuild = pipeline, needs_rebuild(pipeline, config)
+    if rebuild or given:
         built = loaded.attempt(
             lambda: build_pipeline(
                 config, loaded.clip, loaded.text, classes, pipeline, loaded.stop
             )
         )
-    else:
-        built = pipeline
-        if given:
-            loaded.attempt(lambda: pipeline.core.set_classes(classes))
-    built.config = config  # score_threshold and the shared settings in force
-    if built is not current:
-        logger.info("method %s", built.describe()[0])
-    return built
+    return PipelineChange(built, config, rebuild)
 
 
 def build_pipeline(
@@ -297,7 +320,9 @@ __all__ = [
     "Pipeline",
     "build_pipeline",
     "check_with_clip",
+    "PipelineChange",
     "needs_rebuild",
+    "prepare_pipeline",
     "proposal_config",
     "update_pipeline",
 ]

@@ -15,6 +15,10 @@ Diffusion model, a VLM or a DeOP checkpoint loaded), and only then swaps the sta
 exception (bad input, out of memory, Stopped) everything stays as it was. With a stop event
 (``Segmenter(config, stop)``), text encoding and each inference stage raise Stopped once the
 event is set.
+
+The two halves can run on two threads (the node does): ``prepare_update`` on one, while
+another keeps calling ``segment_many`` with the state in force, then ``commit`` between two
+frames on the segmenting thread (``side_encoding``: the encoding's CUDA stream and CPU threads).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -30,6 +35,7 @@ import torch
 from ovss_ros.core.clip.image_resize import resized_size
 from ovss_ros.core.clip.model_loading import load_clip
 from ovss_ros.core.clip.text_encoding import (
+    SENTENCE,
     TextEncoder,
     check_class_prompts,
     description_texts,
@@ -37,13 +43,14 @@ from ovss_ros.core.clip.text_encoding import (
     template_set,
 )
 from ovss_ros.core.config import LOAD_FIELDS, EngineConfig, check_fits_model
-from ovss_ros.core.method import Method, update_for
+from ovss_ros.core.method import Method, MethodChange, prepare_for
 from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.method_pipelines import Pipeline, check_with_clip
 from ovss_ros.core.methods.dense.encoded import window_starts
 from ovss_ros.core.methods.dslo.sd2_attention import Sd2Attention
 from ovss_ros.core.segmentation import Segmentation, check_rgb
-from ovss_ros.core.stopping import Stopped
+from ovss_ros.core.side_encoding import SideEncoding
+from ovss_ros.core.stopping import AnyEvent, Stopped
 from ovss_ros.core.vocabulary import (
     ClassEntry,
     VocabularyError,
@@ -51,13 +58,34 @@ from ovss_ros.core.vocabulary import (
     parse_classes,
 )
 
-__all__ = ["EngineConfig", "Segmenter", "Stopped", "resized_size", "window_starts"]
+__all__ = [
+    "EngineConfig",
+    "PreparedUpdate",
+    "Segmenter",
+    "Stopped",
+    "resized_size",
+    "window_starts",
+]
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """A change made ready by ``Segmenter.prepare_update``, not in force: the config and the
+    vocabulary it puts in force, the method's prepared change, and the Segmenter state it was
+    prepared against (``generation``: a commit in between makes it stale)."""
+
+    config: EngineConfig
+    classes: list[ClassEntry]
+    change: MethodChange
+    generation: int
+
+
 class Segmenter:
-    """Segments RGB frames into the classes of its vocabulary. Not thread-safe: one caller.
+    """Segments RGB frames into the classes of its vocabulary. Not thread-safe: one caller,
+    except that one other thread may run ``prepare_update`` (one at a time, never beside
+    ``commit``) while the caller segments.
 
     ``stop``: optional event shared with the caller's other threads (e.g. the node's shutdown).
     Once set, text encoding (between prompt batches) and ``segment_many`` (between stages and
@@ -80,7 +108,9 @@ class Segmenter:
         self.check_config(config)
         self.text = TextEncoder(self.clip.model, self.clip.tokenizer, config.templates, stop)
         self.classes: list[ClassEntry] = []
-        self._update_method(config, [], False)
+        self.side = SideEncoding(self.clip.device)
+        self._generation = 0  # commits so far
+        self._commit_prepared(self._prepare(config, [], False))
 
     @property
     def device(self) -> torch.device:
@@ -142,12 +172,68 @@ class Segmenter:
         ModelLoadError, Stopped, or what the text tower raises; on any exception nothing
         changes.
         """
+        self.commit(self.prepare_update(classes, changes, **shared))
+
+    def prepare_update(
+        self,
+        classes: Sequence[ClassEntry | str] | None = None,
+        changes: Mapping[str, object] | None = None,
+        cancel: threading.Event | None = None,
+        **shared: object,
+    ) -> PreparedUpdate:
+        """``update``'s slow half, changing nothing in force: checks, encodes and loads for the
+        end state, on the encoding stream (``side_encoding``). May run on a thread of its own
+        while another segments (at most one such thread; never beside ``commit``).
+
+        ``cancel``: set, the encoding stops like on the stop event (Stopped), e.g. when a newer
+        change supersedes this one; the texts encoded whole by then stay cached. Raises as
+        ``update``; then nothing changed.
+        """
         config = self._changed_config({**(changes or {}), **shared})
         given = classes is not None
         vocabulary = parse_classes(classes) if given else self.classes
         check_query_count(vocabulary, config.background_words)
         self.check_vocabulary(vocabulary, config)
-        self._update_method(config, vocabulary, given)
+        stop, self.text.stop = self.text.stop, AnyEvent(self.stop, cancel)
+        try:
+            with self.side.encoding():
+                return self._prepare(config, vocabulary, given)
+        finally:
+            self.text.stop = stop
+
+    def commit(self, prepared: PreparedUpdate) -> None:
+        """Put ``prepared`` in force (cheap: plain assignments, cannot fail) on the segmenting
+        thread, between two frames. Raises RuntimeError, changing nothing, if another change
+        was committed since it was prepared (it was prepared against an older state)."""
+        if prepared.generation != self._generation:
+            raise RuntimeError("a change prepared against an older state cannot be committed")
+        self._commit_prepared(prepared)
+
+    def discard(self, prepared: PreparedUpdate) -> None:
+        """Drop ``prepared`` unapplied, freeing what was loaded for it only."""
+        prepared.change.discard()
+
+    def texts_to_encode(
+        self,
+        classes: Sequence[ClassEntry | str] | None = None,
+        changes: Mapping[str, object] | None = None,
+    ) -> int:
+        """How many texts (class synonyms, background words, descriptions) a change would send
+        to the text tower: those not cached with its templates; 0 for a change that keeps the
+        vocabulary, templates and background words. For diagnostics: raises ValueError (or
+        VocabularyError) for a change ``update`` would refuse."""
+        config = self.config.replace(dict(changes or {}))
+        vocabulary = parse_classes(classes) if classes is not None else self.classes
+        templates = template_set(config.templates)
+        same_words = config.background_words == self.config.background_words
+        if classes is None and templates == self.text.templates and same_words:
+            return 0
+        cache = self.text.cache
+        texts = query_texts(vocabulary, config.background_words)
+        sentences = description_texts(vocabulary)
+        return sum((templates, t) not in cache for t in dict.fromkeys(texts)) + sum(
+            (SENTENCE, t) not in cache for t in dict.fromkeys(sentences)
+        )
 
     def _changed_config(self, changes: dict[str, object]) -> EngineConfig:
         """The config with ``changes`` (dotted names), checked against this model
@@ -161,15 +247,22 @@ class Segmenter:
         self.check_config(config)
         return config
 
-    def _update_method(self, config: EngineConfig, classes: list[ClassEntry], given: bool) -> None:
-        """The family of ``config.method`` updates the method in force to ``config`` and
-        ``classes`` (the text encoded, a model or a checkpoint loaded; a new method when the
-        family changes), all or nothing; then it is swapped in and the previous one released
-        if replaced."""
-        previous = self.method
+    def _prepare(
+        self, config: EngineConfig, classes: list[ClassEntry], given: bool
+    ) -> PreparedUpdate:
+        """The family of ``config.method`` prepares the change of the method in force to
+        ``config`` and ``classes`` (the text encoded, a model or a checkpoint loaded; a new
+        method when the family changes) without putting it in force."""
         loaded = Loaded(self.clip, self.text, self.stop, self._attempt)
-        method = update_for(config.method)(previous, config, classes, given, loaded)
-        self.config, self.classes, self.method = config, classes, method
+        change = prepare_for(config.method)(self.method, config, classes, given, loaded)
+        return PreparedUpdate(config, classes, change, self._generation)
+
+    def _commit_prepared(self, prepared: PreparedUpdate) -> None:
+        """Swap ``prepared`` in and release the previous method if it was replaced."""
+        previous, method = self.method, prepared.change.method
+        prepared.change.commit()
+        self.config, self.classes, self.method = prepared.config, prepared.classes, method
+        self._generation += 1
         if previous is not None and previous is not method:
             previous.release()  # e.g. DSLO's sd2 affinity, not used by the pipelines
 
@@ -248,7 +341,8 @@ class Segmenter:
             raise VocabularyError("no classes set: call set_classes first")
         for rgb in images:
             check_rgb(rgb)
-        return self.method.segment_many(images)
+        with self.side.frames():
+            return self.method.segment_many(images)
 
     def batch_groups(self, images: Sequence[np.ndarray]) -> list[list[int]]:
         """Indices of the images that share one forward pass (the method's rule: those of

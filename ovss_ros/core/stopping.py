@@ -18,3 +18,15 @@ def check_stop(stop: threading.Event | None, before: str) -> None:
     """Raise Stopped when ``stop`` is set; ``before`` names the step that would come next."""
     if stop is not None and stop.is_set():
         raise Stopped(f"stop requested before {before}")
+
+
+class AnyEvent:
+    """Set when any of its events is set: what ``check_stop`` reads (``is_set``), e.g. the
+    node's shutdown or the supersession of the change being encoded. Read-only: set the events
+    themselves."""
+
+    def __init__(self, *events: threading.Event | AnyEvent | None) -> None:
+        self.events = tuple(event for event in events if event is not None)
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self.events)

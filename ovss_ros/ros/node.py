@@ -3,10 +3,13 @@
 A thin adapter around ``ovss_ros.core.Segmenter``. The executor thread only runs cheap callbacks:
 each camera's image subscription stores its newest frame in that camera's slot, parameter changes
 are validated and queued, ``~/enable`` flips a flag, a timer publishes /diagnostics. One worker
-thread owns the Segmenter (it is not thread-safe): it applies accepted changes, then segments the
-newest frame of every camera that has one, together (``segment_many``: one forward pass for frames
-of one size), and publishes each to its camera's outputs. So the parameter service never waits
-behind inference or text encoding, and a slow model drops frames instead of queueing them.
+thread segments the newest frame of every camera that has one, together (``segment_many``: one
+forward pass for frames of one size), and publishes each to its camera's outputs. Beside it the
+change encoder's thread (``change_encoder``) prepares accepted changes (text encoding, model
+loads) while the worker goes on with the state in force; the worker puts each prepared change in
+force between two frames. So the parameter service never waits behind inference or text
+encoding, frames never wait for a change, and a slow model drops frames instead of queueing
+them.
 rclpy entities are created and destroyed on the executor's thread only (the worker asks it for
 the mask topics of a new vocabulary and waits: ``ExecutorWork``), and nothing a request holds
 ends the node: every service answers, an error in any callback is counted and survived
@@ -15,9 +18,9 @@ ends the node: every service answers, an error in any callback is counted and su
 Every received frame gets exactly one outcome, counted per camera (``diagnostics``): processed,
 dropped (paused, stale, overwritten), rejected or failed; each frame is converted, checked and
 published in its own error boundary, so one bad frame never costs another its output. Every
-parameter change is validated whole before it is accepted, and applied whole by the worker or
-not at all: if applying fails anyway (out of memory while encoding text), the previous settings
-stay in force and the parameters are put back to them.
+parameter change is validated whole before it is accepted, and applied whole (prepared beside
+the worker, committed by it) or not at all: if preparing fails anyway (out of memory while
+encoding text), the previous settings stay in force and the parameters are put back to them.
 
 The plain node (``OvssNode``) and the managed one (``ovss_ros.ros.lifecycle_node``) share all of
 this through ``SegmentationNodeMixin``, written as the steps of a lifecycle: set up (parameters,
@@ -25,11 +28,12 @@ services, diagnostics), load (model and vocabulary), open (outputs and worker), 
 and back: stop, close. The plain node runs the first four at construction.
 
 This module is the wiring only; each concern is its own module: ``parameters`` (declare,
-validate), ``transactions`` (accepted changes -> worker, revert on failure), ``cameras``
-(subscriptions, publishers, QoS, mask topics), ``frames`` (frame accounting), ``worker`` (the
-newest-frame buffer and the worker thread), ``processing`` (what the worker does with frames),
-``node_diagnostics`` (/diagnostics), ``undeclared`` (unknown parameter names), ``running`` (the
-process: signals, spin loop).
+validate), ``transactions`` (accepted changes -> change encoder -> worker, revert on failure),
+``change_encoder`` (the thread that prepares them), ``cameras`` (subscriptions, publishers, QoS,
+mask topics), ``frames`` (frame accounting), ``worker`` (the newest-frame buffer and the worker
+thread), ``processing`` (what the worker does with frames), ``node_diagnostics``
+(/diagnostics), ``undeclared`` (unknown parameter names), ``running`` (the process: signals,
+spin loop).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from std_srvs.srv import SetBool
 from ovss_ros.core import ClassEntry, EngineConfig
 from ovss_ros.ros import parameters
 from ovss_ros.ros.cameras import Camera, CameraSet
+from ovss_ros.ros.change_encoder import ChangeEncoder, stop_change_encoder
 from ovss_ros.ros.executor_work import ExecutorWork
 from ovss_ros.ros.frames import Frame, FrameLedger
 from ovss_ros.ros.log_text import describe
@@ -102,6 +107,7 @@ class SegmentationNodeMixin:
         self._inactive_reason = inactive_reason
         self._buffer: FrameBuffer[Frame] = FrameBuffer()
         self._worker: FrameWorker[Frame] | None = None
+        self._changes: ChangeEncoder | None = None  # prepares changes beside the worker
         self.cameras = CameraSet(self, ())
         self.frames = FrameLedger()
         self.processor = FrameProcessor(
@@ -126,7 +132,7 @@ class SegmentationNodeMixin:
             values,
             self.callback_faults,
             check=self._check_change,
-            wake=lambda: self._buffer.wake(),
+            wake=self._wake_change_encoder,
         )
         self.cameras = CameraSet(self, self.transactions.settings.cameras)
         self.cameras.check_topics()
@@ -174,15 +180,27 @@ class SegmentationNodeMixin:
         self.cameras.open_outputs(self._wanted_masks())
         self._publish_label_info()
         self._buffer = FrameBuffer()
-        # The engine's stop event (stop_event) is the worker's too: set, it ends both.
+        # The engine's stop event (stop_event) is the worker's and the change encoder's too:
+        # set, it ends all three.
         self._worker = FrameWorker(
             self._buffer,
             self.processor.process,
             self._apply_pending,
             self._on_worker_error,
             stop=stop_event(self),
+            start=self.segmenter.side.frame_thread if self.segmenter is not None else None,
+        )
+        self._changes = ChangeEncoder(
+            self.transactions,
+            lambda: self.segmenter,
+            hand_over=self._buffer.wake,
+            stop=stop_event(self),
+            on_error=self._on_worker_error,
         )
         self._worker.start()
+        self._changes.start()
+        if self.transactions.pending:  # accepted between loading and now
+            self._changes.wake()
 
     def _start(self) -> None:
         self._active.set()
@@ -207,7 +225,9 @@ class SegmentationNodeMixin:
         """
         stop_event(self).set()
         worker, self._worker = self._worker, None
+        changes, self._changes = self._changes, None
         stop_worker(worker, self.get_logger().warning)
+        stop_change_encoder(changes, self.get_logger().warning)
         if self._executor_work is not None:  # mask topics the worker asked for: not needed now
             self._executor_work.cancel()
         self.cameras.close_outputs()
@@ -293,17 +313,25 @@ class SegmentationNodeMixin:
 
     # Worker thread: owns the Segmenter.
 
+    def _wake_change_encoder(self) -> None:
+        if self._changes is not None:  # accepted changes wait (executor thread)
+            self._changes.wake()
+
     def _apply_pending(self) -> None:
-        """Apply the accepted changes, all of them or none (``ParameterTransactions.apply``),
-        then say what changed and bring the mask topics and label_info in line: label_info
-        keeps telling the vocabulary in force, also after a failed change."""
-        applied = self.transactions.apply(self.segmenter)
-        if applied is None:
+        """Between two frames: put the prepared change in force, or settle its failure
+        (``ParameterTransactions.commit``), then say what changed and bring the mask topics and
+        label_info in line (also after a failed change)."""
+        changes = self._changes
+        handover = changes.take() if changes is not None else None
+        if handover is None:
             return
-        changes, failure = applied
-        if failure is None and METHOD_CHANGES & set(changes):
+        try:
+            failure = self.transactions.commit(self.segmenter, handover)
+        finally:
+            changes.done()
+        if failure is None and METHOD_CHANGES & set(handover.changes):
             self._log_method()
-        if "classes" in changes and failure is None:
+        if "classes" in handover.changes and failure is None:
             names = ", ".join(parameters.quoted(e.name) for e in self.segmenter.classes)
             self.get_logger().info(f"vocabulary: {names}")
         if self._update_masks():

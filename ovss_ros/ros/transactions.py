@@ -4,21 +4,26 @@ A request (``ros2 param set``, a params file, ``set_parameters_atomically``) is 
 executor thread against the whole would-be configuration (``parameters.validate_update``, plus
 what only the node can check: the loaded model's limits, the mask topics' names) and refused
 with the reason unless all of it is valid: nothing changes then. Accepted changes are queued for
-the worker thread, which owns the Segmenter and applies them before the next frame, all of them
-or none (``Segmenter.update``). Should applying fail anyway (out of memory while encoding text),
-the previous settings and vocabulary stay in force, diagnostics show the failure, and the
-parameters are put back to the values in force on the executor thread (a guard condition), so
-``ros2 param get`` tells the truth.
+the change encoder's thread (``change_encoder``), which prepares them beside the frame worker,
+all of them or none (``Segmenter.prepare_update``: text encoded, models loaded), while frames go
+on with the state in force; the worker then commits the prepared change between two frames
+(``Segmenter.commit``: plain assignments). A change accepted while another is being prepared
+supersedes it: that encoding stops and both are prepared again as one, the newer values
+winning. Should preparing fail anyway (out of memory while encoding text), the previous settings
+and vocabulary stay in force, diagnostics show the failure, and the parameters are put back to
+the values in force on the executor thread (a guard condition), so ``ros2 param get`` tells the
+truth.
 
 Three sets of values: ``values`` (accepted: what ``ros2 param get`` shows), ``pending`` (accepted,
-not yet applied by the worker), ``applied`` (in force: the worker's).
+not yet taken by the change encoder), ``applied`` (in force: the worker's).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
@@ -30,7 +35,33 @@ from ovss_ros.ros.log_text import describe
 from ovss_ros.ros.request_guard import CallbackFaults
 
 if TYPE_CHECKING:
-    from ovss_ros.core.segmenter import Segmenter
+    from ovss_ros.core.segmenter import PreparedUpdate, Segmenter
+
+SUPERSEDED: Final = "superseded"  # ``prepare``: a newer change stopped it; prepare again
+# Settings whose change may load a model (a VLM, a DeOP checkpoint, a Stable Diffusion model):
+# frames do not wait for such a change (nor for one that encodes texts); they wait for the rest.
+LOADING = frozenset(
+    {
+        "method",
+        "refinement",
+        "deop.checkpoint",
+        "dslo.affinity",
+        "dslo.sd.model",
+        "dslo.sd.precision",
+        "pnp.vlm_model",
+        "pnp.vlm_pretrained",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A change the change encoder prepared, for the worker to commit between two frames:
+    ``prepared`` (None when preparing failed: ``failure`` says why, nothing is put in force)."""
+
+    changes: dict[str, Any]
+    prepared: PreparedUpdate | None
+    failure: str | None
 
 
 class ParameterTransactions:
@@ -61,6 +92,7 @@ class ParameterTransactions:
         self.applied_settings: parameters.Settings | None = None
         self.change = ("none", False)  # (diagnostics text, failed)
         self.reverts: dict[str, tuple[Any, Any]] = {}  # name -> (refused value, in force)
+        self._cancel: threading.Event | None = None  # set: the change being prepared is stale
         self._reverting = False
         self._revert_guard: Any = None
 
@@ -113,7 +145,8 @@ class ParameterTransactions:
         return SetParametersResult(successful=True)
 
     def accept(self, accepted: list[Parameter]) -> None:
-        """Hand accepted changes to the worker; it applies them before the next frame.
+        """Hand accepted changes to the change encoder (``wake``); a change it is preparing
+        meanwhile is superseded (stopped, then prepared again with these).
 
         Not a revert (``revert``): those values are in force already.
         """
@@ -125,11 +158,15 @@ class ParameterTransactions:
             self.settings = parameters.validate(self.values)
             if not self._reverting:
                 self.pending.update(changes)
+                # Before the answer goes out: no later status says a previous change's fate.
+                self.change = ("preparing", False)
+                if self._cancel is not None:
+                    self._cancel.set()
         if not self._reverting:
             self._wake()
 
     def revert(self) -> None:
-        """Put parameters whose change failed in the worker back to the values in force, so that
+        """Put parameters whose change failed back to the values in force, so that
         ``ros2 param get`` tells the truth; a name changed again meanwhile is left alone (that
         newer change is queued). Runs on the executor thread, like every parameter request."""
         with self.lock:
@@ -161,40 +198,97 @@ class ParameterTransactions:
             if p.name in parameters.SPECS
         }
 
-    # Worker thread.
+    # Change encoder's thread.
 
-    def apply(self, segmenter: Segmenter | None) -> tuple[dict[str, Any], str | None] | None:
-        """Apply the accepted changes, all of them or none; return them and the failure (None:
-        applied), or None when there was nothing to apply.
+    def prepare(
+        self,
+        segmenter: Segmenter | None,
+        stop: threading.Event,
+        slow: Callable[[bool], None] = lambda _: None,
+    ) -> Handover | str | None:
+        """Take the accepted changes and prepare them, all of them or none, changing nothing
+        in force: a Handover (prepared, or its failure), SUPERSEDED when a newer change stopped
+        the encoding (its changes are pending again, under the newer ones), or None when there
+        was nothing to prepare. Raises Stopped when ``stop`` (the node's) is set. ``slow`` is
+        told, before the work starts, whether the change encodes texts or may load a model
+        (``LOADING``): the frames wait only for a change that does neither.
 
         Validation refused everything that can be foreseen, so a failure here is unexpected
-        (e.g. out of memory while encoding text). Then the engine keeps its previous settings
-        and vocabulary (``Segmenter.update`` changes nothing when it raises), the node keeps
-        its previous output settings, diagnostics show the failure, and the parameters are put
-        back to the values in force (``revert``). Raises Stopped when the node is stopping.
+        (e.g. out of memory while encoding text): the worker settles it (``commit``).
+        Diagnostics say ``preparing`` from the acceptance on (``accept``), ``encoding N texts``
+        when the change has texts to encode, until the worker put it in force (``applied``).
         """
         with self.lock:
             changes, self.pending = self.pending, {}
-        if not changes or segmenter is None:
-            return None
+            if not changes or segmenter is None:
+                self.pending = changes
+                return None
+            cancel = self._cancel = threading.Event()
         engine_changes = {
             name: value
             for name, value in changes.items()
             if name in parameters.RUNTIME_ENGINE_FIELDS
         }
-        failure = None
+        before = self.change  # restored if the node stops meanwhile
         try:
             # One step: validated and built for the end state, never for a mix of old and new
             # (new classes with new background words, a method with the classes it gets).
             classes = parse_classes(changes["classes"]) if "classes" in changes else None
-            segmenter.update(classes, engine_changes)
-        except Stopped:  # the node is stopping: nothing failed, nothing to put back
-            raise
+            count = self._announce(segmenter, classes, engine_changes)
+            slow(bool(count) or bool(LOADING & set(engine_changes)))
+            prepared = segmenter.prepare_update(classes, engine_changes, cancel=cancel)
+        except Stopped:
+            if stop.is_set() or not cancel.is_set():
+                self.change = before
+                raise  # the node is stopping: nothing failed, nothing to put back
+            with self.lock:  # superseded: prepared again, the newer values winning
+                self.pending = {**changes, **self.pending}
+            return SUPERSEDED
         except Exception as error:
             # Only the text: the traceback holds the tensors of the failed encoding.
-            failure = describe(error)
-        self._settle(changes, failure, segmenter)
-        return changes, failure
+            return Handover(changes, None, describe(error))
+        finally:
+            with self.lock:
+                self._cancel = None
+        return Handover(changes, prepared, None)
+
+    def _announce(
+        self,
+        segmenter: Segmenter,
+        classes: list | None,
+        engine_changes: Mapping[str, Any],
+    ) -> int:
+        """Diagnostics: ``encoding N texts`` while a change with texts to encode is prepared;
+        returns N (1 when it cannot be counted: prepare_update finds out what is wrong)."""
+        try:
+            count = segmenter.texts_to_encode(classes, engine_changes)
+        except Exception:
+            return 1
+        if count:
+            self.change = (f"encoding {count} texts", False)
+        return count
+
+    # Worker thread.
+
+    def commit(self, segmenter: Segmenter | None, handover: Handover) -> str | None:
+        """Put a prepared change in force between two frames (``Segmenter.commit``), or settle
+        its failure; return the failure (None: in force).
+
+        On failure the engine keeps its previous settings and vocabulary, the node keeps its
+        previous output settings, diagnostics show the failure, and the parameters are put back
+        to the values in force (``revert``).
+        """
+        failure = handover.failure
+        if segmenter is None:
+            return "the model was unloaded"
+        if handover.prepared is not None:
+            try:
+                segmenter.commit(handover.prepared)
+            except Exception as error:  # prepared against an older state: never expected
+                segmenter.discard(handover.prepared)
+                failure = describe(error)
+        self._settle(handover.changes, failure, segmenter)
+        return failure
 
     def _settle(
         self, changes: Mapping[str, Any], failure: str | None, segmenter: Segmenter

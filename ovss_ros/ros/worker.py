@@ -11,8 +11,9 @@ busy are segmented together (one forward pass when they share a size), so a seco
 little more GPU time than the first. An idle worker takes a lone frame at once: it never waits for
 the other cameras, which would add latency to every frame.
 
-The buffer also carries wake-ups without a frame, so that the worker can apply configuration
-changes (a new vocabulary, a new method) as soon as they are accepted, even when no images arrive.
+The buffer also carries wake-ups without a frame, so that the worker can put configuration
+changes (a new vocabulary, a new method) in force as soon as they are prepared (beside it, by the
+node's change encoder), even when no images arrive.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 # Step of a FrameWorker -> what the worker is doing then, for the log.
-WORKER_STEPS = {"between_frames": "applying a change", "handle_frames": "segmenting frames"}
+WORKER_STEPS = {
+    "start": "starting",
+    "between_frames": "putting a prepared change in force",
+    "handle_frames": "segmenting frames",
+}
 WORKER_STOP_TIMEOUT_S = 5.0
 
 
@@ -101,7 +106,8 @@ class FrameWorker(Generic[T]):
     ``stop``: the event that ends the worker (``stop`` sets it), shared with whatever the
     callables run so that a long step (text encoding, an inference stage) can end early too, by
     raising. Once it is set, an exception from a callable is the stop itself (or a consequence of
-    the shutdown under way): it is not reported, and the worker ends.
+    the shutdown under way): it is not reported, and the worker ends. ``start``: run once on the
+    thread before anything else (e.g. pinning its CPU threads: ``core/side_encoding``).
     """
 
     def __init__(
@@ -112,11 +118,13 @@ class FrameWorker(Generic[T]):
         on_error: Callable[[BaseException], None] | None = None,
         name: str = "ovss_worker",
         stop: threading.Event | None = None,
+        start: Callable[[], None] | None = None,
     ) -> None:
         self._buffer = buffer
         self._handle_frames = handle_frames
         self._between_frames = between_frames
         self._on_error = on_error
+        self._on_start = start
         self.stopping = stop if stop is not None else threading.Event()
         self.step: str | None = None  # "between_frames" or "handle_frames" while one runs
         # Daemon: a worker stuck inside a long forward pass must not keep the process alive.
@@ -139,6 +147,8 @@ class FrameWorker(Generic[T]):
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            self._guarded("start", self._on_start)
         while not self._stopped():
             frames = self._buffer.take()
             if self._stopped():

@@ -100,7 +100,8 @@ class TextEncoder:
     """Encodes texts as the normalised mean of their prompt embeddings, with a per-text cache.
 
     ``stop``: an event checked before every batch of PROMPT_BATCH prompts; once it is set, an
-    encoding raises Stopped and leaves the cache as it was.
+    encoding raises Stopped; the texts whose prompts were all encoded by then stay cached (a
+    change that supersedes a stopped one does not encode them again).
     """
 
     def __init__(
@@ -202,7 +203,8 @@ class TextEncoder:
         """(len(texts), D) embeddings with ``templates`` (default: the current ones); only texts
         not in the cache reach the text tower. Raises PromptTooLong (``check_lengths``) before
         encoding anything, Stopped (see ``stop``), or what the model raises (e.g. out of
-        memory), leaving the current templates and cached entries unchanged.
+        memory), leaving the current templates and cached entries unchanged (texts whose
+        prompts were all encoded before the error are added to the cache).
         """
         return self._cached(texts, self.templates if templates is None else templates)
 
@@ -216,18 +218,35 @@ class TextEncoder:
         if missing:
             self.check_lengths(missing, templates)
             prompts = [template.format(text) for text in missing for template in templates]
-            batches = []
+            batches: list[torch.Tensor] = []
+            done = 0  # texts of ``missing`` cached so far
             for start in range(0, len(prompts), PROMPT_BATCH):
                 check_stop(self.stop, f"text prompts {start}..{len(prompts)}")
                 batches.append(self.encode_prompts(prompts[start : start + PROMPT_BATCH]))
-            per_text = F.normalize(torch.cat(batches).float(), dim=-1).reshape(
-                len(missing), len(templates), -1
-            )
-            for text, embedding in zip(
-                missing, F.normalize(per_text.mean(dim=1), dim=-1), strict=True
-            ):
-                self.cache[templates, text] = embedding
+                done = self._cache_whole(missing, templates, batches, done)
         return torch.stack([self.cache[templates, t] for t in texts])
+
+    def _cache_whole(
+        self,
+        missing: list[str],
+        templates: tuple[str, ...],
+        batches: list[torch.Tensor],
+        done: int,
+    ) -> int:
+        """Cache the texts of ``missing`` from index ``done`` on whose prompts are all encoded
+        (``batches``: the prompt embeddings so far, in order; the batches are those of a whole
+        encoding, so the numbers are the same): an encoding stopped half-way (a superseding
+        change, shutdown) keeps what it finished. Returns the new ``done``."""
+        encoded = sum(len(batch) for batch in batches) // len(templates)
+        if encoded <= done:
+            return done
+        rows = torch.cat(batches)[done * len(templates) : encoded * len(templates)]
+        per_text = F.normalize(rows.float(), dim=-1).reshape(encoded - done, len(templates), -1)
+        for text, embedding in zip(
+            missing[done:encoded], F.normalize(per_text.mean(dim=1), dim=-1), strict=True
+        ):
+            self.cache[templates, text] = embedding
+        return encoded
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

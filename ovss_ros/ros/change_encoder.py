@@ -1,0 +1,180 @@
+"""The thread that prepares accepted parameter changes beside the frame worker.
+
+Text encoding (20 classes with the 80 ImageNet templates: half a minute on a CPU) and any model a
+change needs (a VLM, a Stable Diffusion model, a DeOP checkpoint) are prepared here, never in
+front of a frame: the frame worker keeps segmenting and publishing with the vocabulary in force
+meanwhile. A prepared change is handed over (``Handover``) and the worker commits it between two
+frames (``ParameterTransactions.commit``), so the swap is atomic; this thread waits for that
+before it prepares the next change, so a change is always prepared against the state in force.
+
+A change that needs neither text encoding nor a model load (a threshold, an output setting) is
+prepared in milliseconds, and the worker waits for it (``wait_quick``): it is in force for the
+next frame, as the parameter was answered. A change accepted while another is being prepared
+supersedes it: the encoding in progress stops
+(its ``cancel`` event; the texts it finished stay cached), and the two are prepared again as one,
+the newer values winning. The node's stop event ends this thread at once too (text encoding
+checks it between prompt batches). The thread's CPU and GPU share: ``core/side_encoding``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ovss_ros.core import Stopped
+from ovss_ros.ros.transactions import SUPERSEDED, Handover, ParameterTransactions
+
+if TYPE_CHECKING:
+    from ovss_ros.core.segmenter import Segmenter
+
+ENCODER_STOP_TIMEOUT_S = 5.0
+QUICK_WAIT_S = 10.0  # the most a frame waits for a quick change (normally milliseconds)
+
+
+class ChangeEncoder:
+    """Prepares the transactions' pending changes on its own thread and hands each to the frame
+    worker (``hand_over``: wakes the worker, whose ``take`` then gets it).
+
+    ``stop``: the node's stop event (the Segmenter's): set, the thread ends, an encoding in
+    progress with it. ``on_error``: an error nobody expected (the thread goes on).
+    """
+
+    def __init__(
+        self,
+        transactions: ParameterTransactions,
+        segmenter: Callable[[], Segmenter | None],
+        hand_over: Callable[[], None],
+        stop: threading.Event,
+        on_error: Callable[[BaseException], None],
+        name: str = "ovss_change_encoder",
+    ) -> None:
+        self._transactions = transactions
+        self._segmenter = segmenter
+        self._hand_over = hand_over
+        self._stop = stop
+        self._on_error = on_error
+        self._condition = threading.Condition()
+        self._wanted = False  # changes may be pending
+        self._ready: Handover | None = None  # prepared, waiting for the worker
+        self._in_hand = False  # the worker took a change and is putting it in force
+        self._phase = "idle"  # idle | classifying | quick | slow: the change being prepared
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Changes are pending (executor thread, after accepting them)."""
+        with self._condition:
+            self._wanted = True
+            self._condition.notify_all()
+
+    def stop(self, timeout: float = ENCODER_STOP_TIMEOUT_S) -> bool:
+        """Set the stop event and wait for the thread; False if it is still busy after
+        ``timeout`` seconds (e.g. loading a model, which cannot stop half-way)."""
+        self._stop.set()
+        with self._condition:
+            self._condition.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait_quick(self, timeout: float = QUICK_WAIT_S) -> None:
+        """Worker thread, before a frame: wait (at most ``timeout`` s) while an accepted change
+        that needs neither text encoding nor a model load is being prepared, so that it is in
+        force for the next frame (milliseconds); a slow change is not waited for."""
+        with self._condition:
+            self._condition.wait_for(
+                lambda: (
+                    self._stop.is_set()
+                    or self._ready is not None
+                    or not (
+                        self._phase in ("classifying", "quick")
+                        or (self._phase == "idle" and self._wanted)
+                    )
+                ),
+                timeout,
+            )
+
+    def take(self) -> Handover | None:
+        """The prepared change waiting for the worker, or None (worker thread), after
+        ``wait_quick``; it is the worker's then, which must call ``done`` once it has committed
+        or settled it."""
+        self.wait_quick()
+        with self._condition:
+            handover, self._ready = self._ready, None
+            self._in_hand = self._in_hand or handover is not None
+            return handover
+
+    def done(self) -> None:
+        """The worker has put the handed-over change in force (or settled its failure)."""
+        with self._condition:
+            self._in_hand = False
+            self._condition.notify_all()
+
+    def _run(self) -> None:
+        segmenter = self._segmenter()
+        if segmenter is not None:
+            segmenter.side.encoding_thread()
+        while not self._stop.is_set():
+            with self._condition:
+                self._condition.wait_for(lambda: self._wanted or self._stop.is_set())
+                self._wanted = False
+                self._phase = "classifying"
+            if self._stop.is_set():
+                return
+            try:
+                self._prepare_all()
+            except Stopped:
+                return
+            except Exception as error:  # the thread must survive any change
+                if not self._stop.is_set():
+                    self._on_error(error)
+            finally:
+                self._set_phase("idle")
+
+    def _prepare_all(self) -> None:
+        """Prepare and hand over what is pending until nothing is (a superseded change comes
+        back merged with the newer one)."""
+        while not self._stop.is_set():
+            self._set_phase("classifying")
+            handover = self._transactions.prepare(
+                self._segmenter(),
+                self._stop,
+                lambda slow: self._set_phase("slow" if slow else "quick"),
+            )
+            if handover is SUPERSEDED:
+                continue  # prepare the merged change
+            if handover is None:
+                return
+            with self._condition:
+                self._ready = handover
+            self._hand_over()
+            with self._condition:
+                self._condition.wait_for(
+                    lambda: (self._ready is None and not self._in_hand) or self._stop.is_set()
+                )
+                left, self._ready = self._ready, None  # not taken: stopping
+            segmenter = self._segmenter()
+            if left is not None and left.prepared is not None and segmenter is not None:
+                segmenter.discard(left.prepared)  # stopping: never put in force
+
+    def _set_phase(self, phase: str) -> None:
+        with self._condition:
+            self._phase = phase
+            self._condition.notify_all()
+
+
+def stop_change_encoder(encoder: ChangeEncoder | None, warn: Callable[[str], None]) -> None:
+    """Stop ``encoder``; ``warn`` if it is still busy after ENCODER_STOP_TIMEOUT_S (loading a
+    model cannot stop half-way): it is not waited for any longer (a daemon thread)."""
+    if encoder is not None and not encoder.stop():
+        warn(
+            f"change encoder still busy {ENCODER_STOP_TIMEOUT_S:.0f} s after the stop request "
+            "(loading a model): not waiting for it"
+        )
