@@ -109,7 +109,8 @@ class EngineConfig(Settings):
         "classified from one CLIP pass; needs deop.checkpoint), twostream (one CLIP pass per "
         "proposal crop), superpixel_clip (training-free: superpixels, DeOP's severed last "
         "block, mean pooling); switching to pnp_ovss loads the VLM, to deop/twostream the "
-        "deop.checkpoint, in the worker: a failed load keeps the old method",
+        "deop.checkpoint, beside the frames (which keep the old method until the switch): "
+        "a failed load keeps the old method",
         choices=METHODS,
         source="ovss_ros (NACLIP: the best training-free dense method)",
     )
