@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ovss_ros.core.frame_budget import POSTPROCESS_ELEMENTS
+from ovss_ros.core.methods.dense.candidates import candidate_queries, support_radius
 from ovss_ros.core.methods.dense.encoded import Encoded
 from ovss_ros.core.methods.dense.jbu import jbu_weights, joint_bilateral_upsample
 from ovss_ros.core.methods.dense.pamr import pamr_affinity, pamr_propagate
@@ -86,8 +87,11 @@ class DensePostprocess:
         labels = best = None
         if scores is not None:
             best, labels = self._best_label(encoded, scores, size, step, affinity)
-        reduced = self._reduce(encoded, logits, size, step, affinity, labels)
-        if labels is None and self.config.dense.area_threshold:
+        if labels is None and len(encoded.boxes) == 1:
+            reduced = self._reduce_pruned(encoded, logits, size, step, affinity)
+        else:
+            reduced = self._reduce(encoded, logits, size, step, affinity, labels)
+        if labels is None and self.config.dense.area_threshold and len(encoded.boxes) > 1:
             dropped = self._small_classes(reduced)
             if dropped is not None:
                 reduced = self._reduce(encoded, logits, size, step, affinity, None, dropped)
@@ -162,6 +166,93 @@ class DensePostprocess:
             if split < stop - start:
                 background = torch.maximum(background, maps[split:].amax(dim=0))
         return Reduced(peak, total, best, best_query, background)
+
+    def _reduce_pruned(
+        self,
+        encoded: Encoded,
+        logits: torch.Tensor,
+        size: tuple[int, int],
+        step: int,
+        affinity: torch.Tensor | None,
+    ) -> Reduced:
+        """``_reduce`` (and the area threshold's second pass) for one window, without a
+        refinement, with full-resolution argmax work only for the queries that can win; every
+        query's map is brought to the input size once (twice for the candidates when the area
+        threshold drops a class).
+
+        1. ``candidate_queries`` on the patch grid: the class queries that can be the argmax
+           somewhere (exact, see ``candidates.py``). Their maps and the background words' are
+           brought to the input size exactly as ``_reduce`` does (same ops, same values) and
+           reduced as there: best class query (first maximum wins), best background word,
+           running log-sum-exp. The peak (max over all queries) is then final: every other
+           query is below the best candidate at every pixel.
+        2. The other class queries only add to the softmax's denominator, with the peak known:
+           ``sum exp(scaled - peak)``, no running rescale, no argmax.
+        3. ``area_threshold``: the dropped classes from 1, then the best of the candidates
+           with them banned (their probabilities still count in the denominator).
+        """
+        owner, class_queries = self._query_owner, self._class_queries
+        config, device = self.config.dense, logits.device
+        radius = support_radius(
+            size, tuple(logits.shape[-2:]), config.upsample == "jbu", affinity is not None
+        )
+        scaled = logits[0, :class_queries].float() * config.logit_scale
+        chosen = candidate_queries(scaled, radius)
+        reduced = Reduced(
+            peak=torch.full(size, float("-inf"), device=device),
+            total=torch.zeros(size, device=device),
+            best=torch.full(size, float("-inf"), device=device),
+            best_query=torch.zeros(size, dtype=torch.long, device=device),
+            background=torch.full(size, float("-inf"), device=device),
+        )
+        words = torch.arange(class_queries, logits.shape[1], device=device)
+        for queries, is_class in ((chosen, True), (words, False)):
+            for start in range(0, len(queries), step):
+                check_stop(self.stop, f"postprocess of queries {start}..")
+                part = queries[start : start + step]
+                maps = self._scaled_maps(encoded, logits, part, size, affinity)
+                peak = torch.maximum(reduced.peak, maps.amax(dim=0))
+                reduced.total = reduced.total * torch.exp(reduced.peak - peak) + torch.exp(
+                    maps - peak
+                ).sum(dim=0)
+                reduced.peak = peak
+                if is_class:
+                    _take_better(reduced, maps, part)
+                else:
+                    reduced.background = torch.maximum(reduced.background, maps.amax(dim=0))
+        rest = torch.ones(class_queries, dtype=torch.bool, device=device)
+        rest[chosen] = False
+        rest = rest.nonzero().flatten()
+        for start in range(0, len(rest), step):
+            check_stop(self.stop, f"postprocess of other queries {start}..")
+            maps = self._scaled_maps(encoded, logits, rest[start : start + step], size, affinity)
+            reduced.total += maps.sub_(reduced.peak).exp_().sum(dim=0)
+        if config.area_threshold:
+            dropped = self._small_classes(reduced)
+            if dropped is not None:
+                chosen = candidate_queries(scaled, radius, dropped[owner[:class_queries]])
+                reduced.best = torch.full(size, float("-inf"), device=device)
+                reduced.best_query = torch.zeros(size, dtype=torch.long, device=device)
+                for start in range(0, len(chosen), step):
+                    check_stop(self.stop, f"postprocess of candidate queries {start}..")
+                    part = chosen[start : start + step]
+                    maps = self._scaled_maps(encoded, logits, part, size, affinity)
+                    _take_better(reduced, maps, part)
+        return reduced
+
+    def _scaled_maps(
+        self,
+        encoded: Encoded,
+        logits: torch.Tensor,
+        queries: torch.Tensor,
+        size: tuple[int, int],
+        affinity: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(len(queries), H, W) ``logit_scale`` x the queries' maps at the input size, by the
+        same ops as ``_reduce`` (each map's values do not depend on which others come along)."""
+        chunk = logits.index_select(1, queries.to(logits.device))
+        maps = self._to_input(chunk, encoded, size, True, affinity)
+        return maps.mul_(self.config.dense.logit_scale)  # a new tensor: same values as maps * s
 
     def _small_classes(self, reduced: Reduced) -> torch.Tensor | None:
         """Classes (bool, (classes,)) to drop under ``area_threshold``, or None if none labels
@@ -267,6 +358,15 @@ class DensePostprocess:
         for (top, left, height, width), window in zip(encoded.boxes, encoded.windows, strict=True):
             image[0, :, top : top + height, left : left + width] = window
         return image.float()
+
+
+def _take_better(reduced: Reduced, maps: torch.Tensor, queries: torch.Tensor) -> None:
+    """Fold the scaled maps (K, H, W) of ``queries`` (ascending, after those already folded)
+    into ``reduced.best`` / ``best_query``: the first maximum wins, as ``argmax``."""
+    value, index = maps.max(dim=0)
+    better = value > reduced.best
+    reduced.best = torch.where(better, value, reduced.best)
+    reduced.best_query = torch.where(better, queries[index], reduced.best_query)
 
 
 def _per_frame(encoded: Encoded, key: str, compute: Callable[[], object]) -> object:
