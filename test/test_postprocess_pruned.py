@@ -130,9 +130,12 @@ def test_pruned_postprocess_equals_the_formula(wide, voc_rgb, settings, shape):
         wide.reconfigure(**base)
 
 
-def test_ties_go_to_the_first_query(wide, voc_rgb):
-    """Two classes with the same logits everywhere: the first labels every pixel it wins."""
+@pytest.mark.parametrize("chunk", [1, 1000])
+def test_ties_go_to_the_first_query(wide, voc_rgb, monkeypatch, chunk):
+    """Two classes with the same logits everywhere: the first labels every pixel it wins, also
+    when they are in different chunks of queries."""
     method, rgb = wide.method, voc_rgb[0]
+    monkeypatch.setattr(method, "_chunk", lambda encoded, size: chunk)
     with torch.inference_mode():
         encoded = method.encode(method.preprocess(rgb))
         logits = random_logits(method, encoded, 3) * 0
