@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ovss_ros.core import EngineConfig, Segmenter
+from ovss_ros.core.methods.dense.candidates import candidate_queries, support_radius
 
 
 def vocabulary(count: int) -> list[str]:
@@ -56,6 +57,17 @@ def timed_segment(segmenter: Segmenter, rgb: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+def candidates(segmenter: Segmenter, rgb: np.ndarray) -> int:
+    """How many class queries get full-resolution argmax work for ``rgb`` (``candidates.py``)."""
+    method = segmenter.method
+    with torch.inference_mode():
+        encoded = method.encode(method.preprocess(rgb))
+        logits, _ = method.head(encoded)
+    scaled = logits[0, : method._class_queries] * method.config.dense.logit_scale
+    radius = support_radius(rgb.shape[:2], tuple(logits.shape[-2:]), False, False)
+    return len(candidate_queries(scaled, radius))
+
+
 def run_case(segmenter: Segmenter, case: str, rounds: int, rng: np.random.Generator) -> None:
     frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     if case == "classes":
@@ -78,6 +90,10 @@ def run_case(segmenter: Segmenter, case: str, rounds: int, rng: np.random.Genera
             count, rgb = variants[name]
             segmenter.set_classes(vocabulary(count))
             times[name].append(timed_segment(segmenter, rgb))
+    if case == "classes":
+        for name, (count, rgb) in variants.items():
+            segmenter.set_classes(vocabulary(count))
+            print(f"{name}: {candidates(segmenter, rgb)} of {count} class queries can win")
     first = times[names[0]]
     print(f"\n{case}: {rounds} rounds, bare forward median {statistics.median(forward):.3f} s")
     print(f"| {case} | segment s (median) | x {names[0]} (median [IQR]) | x bare forward |")

@@ -7,6 +7,15 @@ background words, ``score_threshold``, SCLIP's ``area_threshold``; a refinement'
 label where one is configured. The maps are reduced a chunk of queries at a time
 (``POSTPROCESS_ELEMENTS``), so the peak memory does not grow with the vocabulary.
 
+One window without a refinement (the default) takes ``_reduce_pruned``: the argmax is taken
+at full resolution only over the queries that can win somewhere (patch-grid bounds,
+``candidates.py``; exact), and the others only add to the softmax's denominator, each map
+brought to the input size once. Labels are the same bits as the whole softmax's; confidence
+equal to 1e-6 relative (float32 summation order; test/test_postprocess_pruned.py). The
+denominator still needs every query at every pixel (an exact log-sum-exp has no cheaper form),
+so that part of the cost grows with classes x pixels. Sliding windows and refinements keep
+``_reduce``: a pixel's value is then a mean over windows, whose bounds this does not track.
+
 ``DensePostprocess`` is the part of ``DenseMethod`` that does this; it reads the method's
 ``config``, ``classes``, text queries (``_query_owner``, ``_class_queries``) and ``stop``.
 """
@@ -211,15 +220,12 @@ class DensePostprocess:
                 check_stop(self.stop, f"postprocess of queries {start}..")
                 part = queries[start : start + step]
                 maps = self._scaled_maps(encoded, logits, part, size, affinity)
-                peak = torch.maximum(reduced.peak, maps.amax(dim=0))
-                reduced.total = reduced.total * torch.exp(reduced.peak - peak) + torch.exp(
-                    maps - peak
-                ).sum(dim=0)
-                reduced.peak = peak
+                largest = maps.amax(dim=0) if len(part) > 1 else maps[0]
                 if is_class:
                     _take_better(reduced, maps, part)
                 else:
-                    reduced.background = torch.maximum(reduced.background, maps.amax(dim=0))
+                    torch.maximum(reduced.background, largest, out=reduced.background)
+                _add_to_softmax(reduced, maps, largest)  # in place: maps become exp terms
         rest = torch.ones(class_queries, dtype=torch.bool, device=device)
         rest[chosen] = False
         rest = rest.nonzero().flatten()
@@ -362,11 +368,26 @@ class DensePostprocess:
 
 def _take_better(reduced: Reduced, maps: torch.Tensor, queries: torch.Tensor) -> None:
     """Fold the scaled maps (K, H, W) of ``queries`` (ascending, after those already folded)
-    into ``reduced.best`` / ``best_query``: the first maximum wins, as ``argmax``."""
-    value, index = maps.max(dim=0)
-    better = value > reduced.best
-    reduced.best = torch.where(better, value, reduced.best)
-    reduced.best_query = torch.where(better, queries[index], reduced.best_query)
+    into ``reduced.best`` / ``best_query``: the first maximum wins, as ``argmax``. In place
+    (a full-size frame's maps are large: no temporaries beyond one mask)."""
+    if len(queries) == 1:
+        value, better = maps[0], maps[0] > reduced.best
+        reduced.best_query.masked_fill_(better, int(queries[0]))
+    else:
+        value, index = maps.max(dim=0)
+        better = value > reduced.best
+        reduced.best_query = torch.where(better, queries[index], reduced.best_query)
+    torch.maximum(reduced.best, value, out=reduced.best)  # = where(better, value, best)
+
+
+def _add_to_softmax(reduced: Reduced, maps: torch.Tensor, largest: torch.Tensor) -> None:
+    """Running log-sum-exp: fold scaled maps (K, H, W) whose max over K is ``largest`` into
+    ``reduced.peak`` / ``total`` (total = sum exp(scaled - peak)). Overwrites ``maps``."""
+    peak = torch.maximum(reduced.peak, largest)
+    reduced.total.mul_(reduced.peak.sub_(peak).exp_())  # rescale to the new peak
+    reduced.peak = peak
+    terms = maps.sub_(peak).exp_()
+    reduced.total.add_(terms.sum(dim=0) if len(terms) > 1 else terms[0])
 
 
 def _per_frame(encoded: Encoded, key: str, compute: Callable[[], object]) -> object:
