@@ -169,9 +169,7 @@ def test_a_narrow_radius_or_no_margin_would_be_wrong(wide, voc_rgb, monkeypatch)
     """The guards are needed: with radius 0 (no support beyond a pixel's own cell) the pruned
     labels differ from the formula, so the test above can fail."""
     method, rgb = wide.method, voc_rgb[2]
-    monkeypatch.setattr(
-        "ovss_ros.core.methods.dense.postprocess.support_radius", lambda *args: 0
-    )
+    monkeypatch.setattr("ovss_ros.core.methods.dense.postprocess.support_radius", lambda *args: 0)
     with torch.inference_mode():
         encoded = method.encode(method.preprocess(rgb))
         logits = random_logits(method, encoded, 0)

@@ -34,9 +34,7 @@ MARGIN = 1e-3  # of the largest |scaled logit|: float rounding slack of the boun
 PAMR_REACH = 10 * 16  # input pixels: PAMR's iterations x its largest dilation
 
 
-def support_radius(
-    size: tuple[int, int], grid: tuple[int, int], jbu: bool, pamr: bool
-) -> int:
+def support_radius(size: tuple[int, int], grid: tuple[int, int], jbu: bool, pamr: bool) -> int:
     """Patch cells around a pixel's own cell that can reach it (see the module docstring).
 
     ``size``: the input (H, W); ``grid``: the patch grid (h, w) of the single window."""

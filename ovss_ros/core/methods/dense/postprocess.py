@@ -23,7 +23,6 @@ so that part of the cost grows with classes x pixels. Sliding windows and refine
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,23 +33,10 @@ from ovss_ros.core.methods.dense.candidates import candidate_queries, support_ra
 from ovss_ros.core.methods.dense.encoded import Encoded
 from ovss_ros.core.methods.dense.jbu import jbu_weights, joint_bilateral_upsample
 from ovss_ros.core.methods.dense.pamr import pamr_affinity, pamr_propagate
+from ovss_ros.core.methods.dense.reduction import Reduced, add_to_softmax, take_better
 from ovss_ros.core.methods.freecp.freecp import background_wins
 from ovss_ros.core.segmentation import Segmentation, label_dtype
 from ovss_ros.core.stopping import check_stop
-
-
-@dataclass
-class Reduced:
-    """One pass of ``postprocess`` over the query maps, per input pixel (each (H, W))."""
-
-    peak: torch.Tensor  # max over queries of the scaled logits
-    total: torch.Tensor  # sum over queries of exp(scaled logit - peak)
-    best: torch.Tensor  # best scaled class logit (of the classes allowed to win)
-    best_query: torch.Tensor  # its query
-    background: torch.Tensor  # best scaled background-word logit (-inf without any)
-
-    def background_probability(self) -> torch.Tensor:
-        return torch.exp(self.background - self.peak) / self.total
 
 
 class DensePostprocess:
@@ -222,10 +208,10 @@ class DensePostprocess:
                 maps = self._scaled_maps(encoded, logits, part, size, affinity)
                 largest = maps.amax(dim=0) if len(part) > 1 else maps[0]
                 if is_class:
-                    _take_better(reduced, maps, part)
+                    take_better(reduced, maps, part)
                 else:
                     torch.maximum(reduced.background, largest, out=reduced.background)
-                _add_to_softmax(reduced, maps, largest)  # in place: maps become exp terms
+                add_to_softmax(reduced, maps, largest)  # in place: maps become exp terms
         rest = torch.ones(class_queries, dtype=torch.bool, device=device)
         rest[chosen] = False
         rest = rest.nonzero().flatten()
@@ -243,7 +229,7 @@ class DensePostprocess:
                     check_stop(self.stop, f"postprocess of candidate queries {start}..")
                     part = chosen[start : start + step]
                     maps = self._scaled_maps(encoded, logits, part, size, affinity)
-                    _take_better(reduced, maps, part)
+                    take_better(reduced, maps, part)
         return reduced
 
     def _scaled_maps(
@@ -364,30 +350,6 @@ class DensePostprocess:
         for (top, left, height, width), window in zip(encoded.boxes, encoded.windows, strict=True):
             image[0, :, top : top + height, left : left + width] = window
         return image.float()
-
-
-def _take_better(reduced: Reduced, maps: torch.Tensor, queries: torch.Tensor) -> None:
-    """Fold the scaled maps (K, H, W) of ``queries`` (ascending, after those already folded)
-    into ``reduced.best`` / ``best_query``: the first maximum wins, as ``argmax``. In place
-    (a full-size frame's maps are large: no temporaries beyond one mask)."""
-    if len(queries) == 1:
-        value, better = maps[0], maps[0] > reduced.best
-        reduced.best_query.masked_fill_(better, int(queries[0]))
-    else:
-        value, index = maps.max(dim=0)
-        better = value > reduced.best
-        reduced.best_query = torch.where(better, queries[index], reduced.best_query)
-    torch.maximum(reduced.best, value, out=reduced.best)  # = where(better, value, best)
-
-
-def _add_to_softmax(reduced: Reduced, maps: torch.Tensor, largest: torch.Tensor) -> None:
-    """Running log-sum-exp: fold scaled maps (K, H, W) whose max over K is ``largest`` into
-    ``reduced.peak`` / ``total`` (total = sum exp(scaled - peak)). Overwrites ``maps``."""
-    peak = torch.maximum(reduced.peak, largest)
-    reduced.total.mul_(reduced.peak.sub_(peak).exp_())  # rescale to the new peak
-    reduced.peak = peak
-    terms = maps.sub_(peak).exp_()
-    reduced.total.add_(terms.sum(dim=0) if len(terms) > 1 else terms[0])
 
 
 def _per_frame(encoded: Encoded, key: str, compute: Callable[[], object]) -> object:
