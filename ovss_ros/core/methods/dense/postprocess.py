@@ -7,6 +7,15 @@ background words, ``score_threshold``, SCLIP's ``area_threshold``; a refinement'
 label where one is configured. The maps are reduced a chunk of queries at a time
 (``POSTPROCESS_ELEMENTS``), so the peak memory does not grow with the vocabulary.
 
+One window without a refinement (the default) takes ``_reduce_pruned``: the argmax is taken
+at full resolution only over the queries that can win somewhere (patch-grid bounds,
+``candidates.py``; exact), and the others only add to the softmax's denominator, each map
+brought to the input size once. Labels are the same bits as the whole softmax's; confidence
+equal to 1e-6 relative (float32 summation order; test/test_postprocess_pruned.py). The
+denominator still needs every query at every pixel (an exact log-sum-exp has no cheaper form),
+so that part of the cost grows with classes x pixels. Sliding windows and refinements keep
+``_reduce``: a pixel's value is then a mean over windows, whose bounds this does not track.
+
 ``DensePostprocess`` is the part of ``DenseMethod`` that does this; it reads the method's
 ``config``, ``classes``, text queries (``_query_owner``, ``_class_queries``) and ``stop``.
 """
@@ -14,33 +23,20 @@ label where one is configured. The maps are reduced a chunk of queries at a time
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ovss_ros.core.frame_budget import POSTPROCESS_ELEMENTS
+from ovss_ros.core.methods.dense.candidates import candidate_queries, support_radius
 from ovss_ros.core.methods.dense.encoded import Encoded
 from ovss_ros.core.methods.dense.jbu import jbu_weights, joint_bilateral_upsample
 from ovss_ros.core.methods.dense.pamr import pamr_affinity, pamr_propagate
+from ovss_ros.core.methods.dense.reduction import Reduced, add_to_softmax, take_better
 from ovss_ros.core.methods.freecp.freecp import background_wins
 from ovss_ros.core.segmentation import Segmentation, label_dtype
 from ovss_ros.core.stopping import check_stop
-
-
-@dataclass
-class Reduced:
-    """One pass of ``postprocess`` over the query maps, per input pixel (each (H, W))."""
-
-    peak: torch.Tensor  # max over queries of the scaled logits
-    total: torch.Tensor  # sum over queries of exp(scaled logit - peak)
-    best: torch.Tensor  # best scaled class logit (of the classes allowed to win)
-    best_query: torch.Tensor  # its query
-    background: torch.Tensor  # best scaled background-word logit (-inf without any)
-
-    def background_probability(self) -> torch.Tensor:
-        return torch.exp(self.background - self.peak) / self.total
 
 
 class DensePostprocess:
@@ -86,8 +82,11 @@ class DensePostprocess:
         labels = best = None
         if scores is not None:
             best, labels = self._best_label(encoded, scores, size, step, affinity)
-        reduced = self._reduce(encoded, logits, size, step, affinity, labels)
-        if labels is None and self.config.dense.area_threshold:
+        if labels is None and len(encoded.boxes) == 1:
+            reduced = self._reduce_pruned(encoded, logits, size, step, affinity)
+        else:
+            reduced = self._reduce(encoded, logits, size, step, affinity, labels)
+        if labels is None and self.config.dense.area_threshold and len(encoded.boxes) > 1:
             dropped = self._small_classes(reduced)
             if dropped is not None:
                 reduced = self._reduce(encoded, logits, size, step, affinity, None, dropped)
@@ -162,6 +161,90 @@ class DensePostprocess:
             if split < stop - start:
                 background = torch.maximum(background, maps[split:].amax(dim=0))
         return Reduced(peak, total, best, best_query, background)
+
+    def _reduce_pruned(
+        self,
+        encoded: Encoded,
+        logits: torch.Tensor,
+        size: tuple[int, int],
+        step: int,
+        affinity: torch.Tensor | None,
+    ) -> Reduced:
+        """``_reduce`` (and the area threshold's second pass) for one window, without a
+        refinement, with full-resolution argmax work only for the queries that can win; every
+        query's map is brought to the input size once (twice for the candidates when the area
+        threshold drops a class).
+
+        1. ``candidate_queries`` on the patch grid: the class queries that can be the argmax
+           somewhere (exact, see ``candidates.py``). Their maps and the background words' are
+           brought to the input size exactly as ``_reduce`` does (same ops, same values) and
+           reduced as there: best class query (first maximum wins), best background word,
+           running log-sum-exp. The peak (max over all queries) is then final: every other
+           query is below the best candidate at every pixel.
+        2. The other class queries only add to the softmax's denominator, with the peak known:
+           ``sum exp(scaled - peak)``, no running rescale, no argmax.
+        3. ``area_threshold``: the dropped classes from 1, then the best of the candidates
+           with them banned (their probabilities still count in the denominator).
+        """
+        owner, class_queries = self._query_owner, self._class_queries
+        config, device = self.config.dense, logits.device
+        radius = support_radius(
+            size, tuple(logits.shape[-2:]), config.upsample == "jbu", affinity is not None
+        )
+        scaled = logits[0, :class_queries].float() * config.logit_scale
+        chosen = candidate_queries(scaled, radius)
+        reduced = Reduced(
+            peak=torch.full(size, float("-inf"), device=device),
+            total=torch.zeros(size, device=device),
+            best=torch.full(size, float("-inf"), device=device),
+            best_query=torch.zeros(size, dtype=torch.long, device=device),
+            background=torch.full(size, float("-inf"), device=device),
+        )
+        words = torch.arange(class_queries, logits.shape[1], device=device)
+        for queries, is_class in ((chosen, True), (words, False)):
+            for start in range(0, len(queries), step):
+                check_stop(self.stop, f"postprocess of queries {start}..")
+                part = queries[start : start + step]
+                maps = self._scaled_maps(encoded, logits, part, size, affinity)
+                largest = maps.amax(dim=0) if len(part) > 1 else maps[0]
+                if is_class:
+                    take_better(reduced, maps, part)
+                else:
+                    torch.maximum(reduced.background, largest, out=reduced.background)
+                add_to_softmax(reduced, maps, largest)  # in place: maps become exp terms
+        rest = torch.ones(class_queries, dtype=torch.bool, device=device)
+        rest[chosen] = False
+        rest = rest.nonzero().flatten()
+        for start in range(0, len(rest), step):
+            check_stop(self.stop, f"postprocess of other queries {start}..")
+            maps = self._scaled_maps(encoded, logits, rest[start : start + step], size, affinity)
+            reduced.total += maps.sub_(reduced.peak).exp_().sum(dim=0)
+        if config.area_threshold:
+            dropped = self._small_classes(reduced)
+            if dropped is not None:
+                chosen = candidate_queries(scaled, radius, dropped[owner[:class_queries]])
+                reduced.best = torch.full(size, float("-inf"), device=device)
+                reduced.best_query = torch.zeros(size, dtype=torch.long, device=device)
+                for start in range(0, len(chosen), step):
+                    check_stop(self.stop, f"postprocess of candidate queries {start}..")
+                    part = chosen[start : start + step]
+                    maps = self._scaled_maps(encoded, logits, part, size, affinity)
+                    take_better(reduced, maps, part)
+        return reduced
+
+    def _scaled_maps(
+        self,
+        encoded: Encoded,
+        logits: torch.Tensor,
+        queries: torch.Tensor,
+        size: tuple[int, int],
+        affinity: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(len(queries), H, W) ``logit_scale`` x the queries' maps at the input size, by the
+        same ops as ``_reduce`` (each map's values do not depend on which others come along)."""
+        chunk = logits.index_select(1, queries.to(logits.device))
+        maps = self._to_input(chunk, encoded, size, True, affinity)
+        return maps.mul_(self.config.dense.logit_scale)  # a new tensor: same values as maps * s
 
     def _small_classes(self, reduced: Reduced) -> torch.Tensor | None:
         """Classes (bool, (classes,)) to drop under ``area_threshold``, or None if none labels
