@@ -184,7 +184,7 @@ def test_the_untrained_proposal_queries_differ():
     modules = parts.network.backbone.modules()
     batch_norms = [m for m in modules if isinstance(m, torch.nn.BatchNorm2d)]
     assert batch_norms and all(m.training for m in batch_norms)
-    decoder = parts.network.predictor.decoder.layers[0].encoder_attn.v_proj.weight
+    decoder = parts.network.predictor.decoder.layers[0].encoder_attn.v_proj.weight.detach()
     bound = (6 / sum(decoder.shape)) ** 0.5  # xavier_uniform_
     assert float(decoder.abs().max()) > 0.9 * bound and float(decoder.abs().max()) <= bound
     from planted_shapes import planted_image
@@ -209,7 +209,7 @@ def test_the_proposal_stage_learns_the_planted_shapes(proposal_run, planted):
     shapes_before, shapes_after = shape_miou(before, stage.data), shape_miou(after, stage.data)
     background = all_background_miou(stage.data)
     print(f"proposals: shapes mIoU {shapes_before:.1f} -> {shapes_after:.1f}, per class {after}")
-    assert shapes_after > shapes_before + 30, (before, after)
+    assert shapes_after > shapes_before + 20, (before, after)
     assert float(np.nanmean(after)) > background + 15, (after, background)
 
 
@@ -280,8 +280,8 @@ def test_the_deop_stage_beats_the_untrained_system_and_method_deop_loads_it(
         f"{after:.1f}, per class {untrained} -> {trained}"
     )
     # the planted shapes segmented, not the class prior: every pixel background scores 0 here
-    assert after > before + 20, (untrained, trained)
-    assert float(np.nanmean(trained)) > all_background_miou(data) + 10, trained
+    assert after > before + 30, (untrained, trained)
+    assert float(np.nanmean(trained)) > all_background_miou(data) + 20, trained
     released = load_released_deop(tmp_path / "model_final.pth")
     assert torch.equal(released.positions.input, stage.parts.positions.input.detach())
     assert torch.equal(released.modules.void, stage.parts.void.detach())
