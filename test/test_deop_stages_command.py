@@ -102,6 +102,7 @@ def test_the_command_runs_the_three_stages_in_the_release_order(planted, tmp_pat
         ("prompt", ["--steps", "0"], "steps must be >= 1"),
         ("deop", ["--pad", "8", "--proposal-network", "x"], "pad must be in 32..2048"),
         ("proposals", ["--short-sides", "10"], "short sides must be in"),
+        ("proposals", ["--batch-size", "1", "--pad", "32"], "batch statistics"),
         ("proposals", ["--lr", "nan"], "lr must be > 0"),
         ("prompt", ["--resume"], "nothing to resume"),
     ],

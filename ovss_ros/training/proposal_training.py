@@ -11,11 +11,17 @@ learned "no object" embedding, trained with MaskFormer's set criterion
 clipping 0.01, batch 32, 60k iterations, short side in {320..960}, crop 640 padded to 640,
 SSD colour augmentation.
 
+Initialisation as MaskFormer's: the transformer decoder's matrices ``xavier_uniform_``
+(``Transformer._reset_parameters``, ``transformer/transformer.py``), the input projection
+``c2_xavier_fill`` (``transformer_predictor.py``); transformers' MaskFormer modules start at its
+own normal(0.02), with which the zero-content queries leave the decoder all alike and the set
+criterion cannot tell them apart (every query's mask the same).
+
 Departures: the backbone starts from random weights (the release starts R101c from
-detectron2's ImageNet ``R-103.pkl``, which is not shipped here); its batch norms keep frozen
-statistics (eval mode, as FrozenBN) but their scale and shift train (detectron2's FrozenBN
-trains neither; from random weights timm's zero-initialised last norm of each block would leave
-the residual branches dead).
+detectron2's ImageNet ``R-103.pkl``, which is not shipped here), so its batch norms train with
+batch statistics (detectron2's FrozenBN keeps ImageNet's; a random start's statistics (mean 0,
+variance 1) would shrink res5 to about 1/100 of its input's scale, near constant in space, and
+collapse the queries likewise).
 
 Output: ``<output>/proposal_model.pth`` in the release's detectron2 layout (``backbone.*``,
 ``sem_seg_head.*``, ``clip_adapter.non_object_embedding``), read by ``load_proposal_network`` and
@@ -101,16 +107,25 @@ class ProposalParts(nn.Module):
 
     def __init__(self, arch: MaskFormerArchitecture) -> None:
         super().__init__()
-        self.network = ProposalNetwork(arch)
+        self.network = maskformer_init(ProposalNetwork(arch))
         dim = arch.embedding_dim
         self.void = nn.Parameter(torch.randn(1, dim) * dim**-0.5)
 
-    def train(self, mode: bool = True) -> ProposalParts:
-        super().train(mode)
-        for module in self.network.backbone.modules():  # frozen statistics (FrozenBN)
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
-        return self
+
+def maskformer_init(network: ProposalNetwork) -> ProposalNetwork:
+    """``network`` with MaskFormer's initialisation of its transformer predictor: every matrix of
+    the decoder ``xavier_uniform_`` (``Transformer._reset_parameters``), the input projection
+    ``c2_xavier_fill`` (kaiming uniform, a = 1, bias 0); the query embeddings stay N(0, 1).
+    Source: ``mask_former/modeling/transformer/transformer.py`` and
+    ``transformer_predictor.py`` (MaskFormer, DeOP)."""
+    for param in network.predictor.decoder.layers.parameters():
+        if param.dim() > 1:
+            nn.init.xavier_uniform_(param)
+    projection = network.predictor.input_projection
+    if projection is not None:  # None where res5's width is the decoder's
+        nn.init.kaiming_uniform_(projection.weight, a=1)
+        nn.init.zeros_(projection.bias)
+    return network
 
 
 def layer_outputs(

@@ -63,6 +63,12 @@ class StageConfig:
             if not self.short_sides or not all(32 <= s <= 2048 for s in self.short_sides):
                 raise ValueError(f"short sides must be in 32..2048, got {self.short_sides}")
             check_batch(self.batch_size, self.pad)
+            if self.stage == "proposals" and self.batch_size * math.ceil(self.pad / 32) ** 2 < 2:
+                raise ValueError(
+                    f"batch_size {self.batch_size} of pad {self.pad} leaves one value per channel "
+                    "at the backbone's stride 32, where stage proposals' batch norms train on "
+                    "batch statistics: raise batch_size or pad"
+                )
         else:
             check_batch(self.batch_size, self.crop or 224)
         return self
