@@ -165,6 +165,59 @@ def test_a_newer_change_supersedes_one_still_encoding(node, client, rgb):
         restore(client)
 
 
+def vocabularies_and_thresholds(client) -> set[tuple[tuple[str, ...], float]]:
+    """Every (vocabulary, threshold) label_info told so far (since the last clear)."""
+    messages = client.messages[client.topic("label_info")]
+    return {
+        (tuple(entry.class_name for entry in m.class_map), round(m.threshold, 3)) for m in messages
+    }
+
+
+def test_a_quick_change_accepted_while_a_slow_one_encodes_never_goes_in_force_before_it(
+    node, client, rgb
+):
+    """Order of acceptance: a threshold accepted while a new vocabulary encodes is in force with
+    it or after it, never with the old vocabulary (which the slow change's commit would then
+    overwrite with the values it was prepared with)."""
+    _, _, gate = node
+    slow = [f"{HOLD_WORD} before a threshold", "cat"]
+    try:
+        message = make_image(rgb, "rgb8", next_header(client.node))
+        old_threshold = round(
+            client.wait_for_output(message, ("label_info",))["label_info"].threshold, 3
+        )
+        set_classes(client, slow)
+        gate.wait_held(client)
+        result = client.set_parameters([Parameter("score_threshold", value=0.25)])[0]
+        assert result.successful, result.reason
+        for _ in range(2):  # frames after the answer: the slow change is still encoding
+            message = make_image(rgb, "rgb8", next_header(client.node))
+            info = client.wait_for_output(message, ("label_info",))["label_info"]
+            assert [e.class_name for e in info.class_map] == CLASSES
+            assert round(info.threshold, 3) == old_threshold
+        gate.release(client)
+        client.spin_until(lambda: latest_label_info(client) == slow)
+        client.spin_until(
+            lambda: round(client.messages[client.topic("label_info")][-1].threshold, 3) == 0.25,
+            message="label_info with the new threshold",
+        )
+        wait_for_change(client, lambda text: text == "applied")
+        assert client.get_parameter("classes") == slow
+        assert client.get_parameter("score_threshold") == pytest.approx(0.25)
+        told = vocabularies_and_thresholds(client)
+        assert (tuple(CLASSES), 0.25) not in told, told
+        assert told <= {
+            (tuple(CLASSES), old_threshold),
+            (tuple(slow), old_threshold),
+            (tuple(slow), 0.25),
+        }, told
+    finally:
+        gate.release_file.unlink(missing_ok=True)
+        result = client.set_parameters([Parameter("score_threshold", value=float(old_threshold))])
+        assert result[0].successful
+        restore(client)
+
+
 def test_shutdown_during_an_encoding_ends_the_node_at_once(node):
     """Last in this module: it ends the module's node (whose fixture then checks status 0)."""
     client, process, gate = node
