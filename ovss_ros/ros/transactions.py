@@ -249,7 +249,11 @@ class ParameterTransactions:
             prepared = segmenter.prepare_update(classes, engine_changes, cancel=cancel)
         except Stopped:
             if stop.is_set() or not cancel.is_set():
-                self.change = before
+                with self.lock:
+                    # A change encoder of an earlier configure ending late (a model load cannot
+                    # stop half-way) leaves the diagnostics of the one now running alone.
+                    if self._cancel is cancel:
+                        self.change = before
                 raise  # the node is stopping: nothing failed, nothing to put back
             with self.lock:  # superseded: prepared again, the newer values winning
                 self.pending = {**changes, **self.pending}
@@ -259,7 +263,8 @@ class ParameterTransactions:
             return Handover(changes, None, describe(error), accepted)
         finally:
             with self.lock:
-                self._cancel = None
+                if self._cancel is cancel:  # not a later configure's change encoder's
+                    self._cancel = None
         return Handover(changes, prepared, None, accepted)
 
     def _announce(

@@ -1,4 +1,7 @@
-"""A failed change's parameters are put back, but never over a newer acceptance of the same name.
+"""Races between the threads that carry a parameter change (``ParameterTransactions``).
+
+A failed change's parameters are put back, but never over a newer acceptance of the same name;
+a change encoder of an earlier configure that ends late leaves the running one's change alone.
 
 ``ParameterTransactions`` on a real rclpy node with the node's parameters, and a real Segmenter
 (tiny CLIP) whose first ``prepare_update`` fails as out of memory would. The steps run in the
@@ -19,7 +22,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from ros_harness import isolate_dds
 
-from ovss_ros.core import EngineConfig, Segmenter
+from ovss_ros.core import EngineConfig, Segmenter, Stopped
 from ovss_ros.ros import parameters
 from ovss_ros.ros.request_guard import CallbackFaults
 from ovss_ros.ros.transactions import ParameterTransactions
@@ -102,3 +105,53 @@ def test_a_failed_value_not_accepted_again_is_put_back(transactions, segmenter):
     tx.revert()
     assert node.get_parameter("classes").value == OLD
     assert tx.applied["classes"] == OLD and tx.values["classes"] == OLD
+
+
+def test_a_change_encoder_ending_late_leaves_the_next_configures_change_alone(
+    transactions, segmenter
+):
+    """Cleanup stops a change encoder busy loading a model (which cannot stop half-way): it
+    ends late, after the next configure's encoder began preparing a change. Its end must not
+    take away that change's cancel event (a newer change must still supersede it) nor
+    overwrite its diagnostics."""
+    node, tx = transactions
+    old_stop, new_stop = threading.Event(), threading.Event()
+    loading, finish_loading, preparing, finish_preparing = (threading.Event() for _ in range(4))
+    cancels = []
+
+    def slow_load(*args, cancel=None, **kwargs):
+        loading.set()
+        finish_loading.wait(60)
+        raise Stopped("stop requested before the text prompts")  # the load over, then a batch
+
+    def encode(*args, cancel=None, **kwargs):
+        cancels.append(cancel)
+        preparing.set()
+        finish_preparing.wait(60)
+        raise Stopped("superseded")
+
+    set_classes(node, NEW)
+    old = threading.Thread(target=lambda: run_prepare(tx, slow_load, segmenter, old_stop))
+    old.start()
+    assert loading.wait(60)
+    old_stop.set()  # cleanup: the old encoder is not waited for
+    set_classes(node, ["cow"])  # accepted after the next configure
+    new = threading.Thread(target=lambda: run_prepare(tx, encode, segmenter, new_stop))
+    new.start()
+    assert preparing.wait(60)
+    change = tx.change
+    finish_loading.set()
+    old.join(60)
+    assert tx.change == change
+    set_classes(node, ["horse"])  # supersedes the change being prepared
+    assert cancels[0].is_set()
+    finish_preparing.set()
+    new.join(60)
+
+
+def run_prepare(tx, prepare_update, segmenter, stop) -> None:
+    segmenter.prepare_update = prepare_update
+    try:
+        tx.prepare(segmenter, stop)
+    except Stopped:
+        pass
