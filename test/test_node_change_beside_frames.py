@@ -11,6 +11,8 @@ between two prompt batches), so nothing here depends on timing:
 - a change that fails after encoding for a while: frames flowed meanwhile, the parameters are
   put back;
 - a newer change supersedes one still encoding (the held encoding stops) and wins;
+- a threshold accepted while a vocabulary encodes is never in force with the old vocabulary;
+- a method switch accepted while a vocabulary encodes goes in force with it (and back);
 - shutdown during an encoding ends the node at once, cleanly.
 """
 
@@ -35,6 +37,11 @@ class EncodingGate:
     def __init__(self, fault_dir: Path) -> None:
         self.held = fault_dir / "encoding_held"
         self.release_file = fault_dir / "encoding_release"
+
+    def holds(self) -> int:
+        """How many times an encoding was held so far."""
+        path = self.held.with_name("encoding_holds")
+        return len(path.read_text()) if path.exists() else 0
 
     def wait_held(self, client) -> None:
         client.spin_until(self.held.exists, message="text encoding held at the gate")
@@ -215,6 +222,48 @@ def test_a_quick_change_accepted_while_a_slow_one_encodes_never_goes_in_force_be
         gate.release_file.unlink(missing_ok=True)
         result = client.set_parameters([Parameter("score_threshold", value=float(old_threshold))])
         assert result[0].successful
+        restore(client)
+
+
+def test_a_method_switch_while_a_vocabulary_encodes_goes_in_force_with_it_and_back(
+    node, client, rgb
+):
+    """A method accepted while a vocabulary change encodes joins it (the vocabulary is then
+    prepared for the new method): frames keep the old method and vocabulary until both swap in
+    together; switching back while another vocabulary encodes does the same."""
+    process, gate = node[1], node[2]
+    notice = "method superpixel_clip (training-free)"
+    steps = [
+        ("superpixel_clip", [f"{HOLD_WORD} with a method", "cat"]),
+        ("naclip", [f"{HOLD_WORD} and back", "dog"]),
+    ]
+    previous = CLASSES
+    try:
+        for method, classes in steps:
+            logged = process.output().count(notice)
+            set_classes(client, classes)
+            gate.wait_held(client)
+            holds = gate.holds()
+            switched = client.set_parameters([Parameter("method", value=method)])[0]
+            assert switched.successful, switched.reason
+            # Superseded, and held again: the vocabulary prepared anew for the method.
+            client.spin_until(lambda h=holds: gate.holds() > h, message="held again")
+            gate.wait_held(client)
+            _, names = segment(client, rgb)  # a frame while the change is prepared
+            assert names == previous and gate.held.exists()
+            assert process.output().count(notice) == logged  # nothing switched yet
+            gate.release(client)
+            client.spin_until(lambda c=classes: latest_label_info(client) == c)
+            wait_for_change(client, lambda text: text == "applied")
+            _, names = segment(client, rgb)
+            assert names == classes
+            assert client.get_parameter("method") == method
+            assert client.get_parameter("classes") == classes
+            previous = classes
+        assert process.output().count(notice) == 1
+    finally:
+        gate.release_file.unlink(missing_ok=True)
+        client.set_parameters([Parameter("method", value="naclip")])
         restore(client)
 
 
