@@ -157,8 +157,12 @@ def running_fault_node(
 
 
 def main() -> int:
+    """The node with the faults; the managed (lifecycle) node when $OVSS_FAULT_LIFECYCLE is 1."""
     install_faults(Path(os.environ["OVSS_FAULT_DIR"]))
-    from ovss_ros.ros.node import main as node_main
+    if os.environ.get("OVSS_FAULT_LIFECYCLE") == "1":
+        from ovss_ros.ros.lifecycle_node import main as node_main
+    else:
+        from ovss_ros.ros.node import main as node_main
 
     return node_main()
 
