@@ -13,6 +13,7 @@ between two prompt batches), so nothing here depends on timing:
 - a newer change supersedes one still encoding (the held encoding stops) and wins;
 - a threshold accepted while a vocabulary encodes is never in force with the old vocabulary;
 - a method switch accepted while a vocabulary encodes goes in force with it (and back);
+- a refused change leaves the change being encoded alone (it is not superseded);
 - shutdown during an encoding ends the node at once, cleanly.
 """
 
@@ -25,7 +26,13 @@ import numpy as np
 import pytest
 from fault_injection_node import GATE_TIMEOUT_S, HOLD_WORD, TRIGGER_WORD, running_fault_node
 from rclpy.parameter import Parameter
-from ros_harness import TINY_NODE_PARAMETERS, image_array, make_image, next_header
+from ros_harness import (
+    TINY_NODE_PARAMETERS,
+    call_service,
+    image_array,
+    make_image,
+    next_header,
+)
 
 CLASSES = ["cat", "dog"]
 STATUS = "ovss: image"
@@ -264,6 +271,43 @@ def test_a_method_switch_while_a_vocabulary_encodes_goes_in_force_with_it_and_ba
     finally:
         gate.release_file.unlink(missing_ok=True)
         client.set_parameters([Parameter("method", value="naclip")])
+        restore(client)
+
+
+def set_atomically(client, changes: list[Parameter]):
+    from rcl_interfaces.srv import SetParametersAtomically
+
+    service = client.node.create_client(SetParametersAtomically, "/ovss/set_parameters_atomically")
+    request = SetParametersAtomically.Request(parameters=[p.to_parameter_msg() for p in changes])
+    return call_service(client.node, service, request).result
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        [Parameter("classes", value=["cat", "cat"])],  # refused by the node's validation
+        [Parameter("score_threshold", value=5.0)],  # refused by the descriptor's range
+        [Parameter("classes", value=["cow"]), Parameter("templates", value="no braces")],
+    ],
+    ids=["duplicate classes", "out of range", "one bad value of two"],
+)
+def test_a_refused_change_leaves_the_change_being_encoded_alone(node, client, rgb, refused):
+    _, _, gate = node
+    classes = [f"{HOLD_WORD} then refused {len(refused)} {refused[-1].name}", "cat"]  # new
+    try:
+        set_classes(client, classes)
+        gate.wait_held(client)
+        holds = gate.holds()
+        result = set_atomically(client, refused)
+        assert not result.successful and result.reason
+        frames_with_the_old_vocabulary(client, rgb, gate, count=1)
+        assert gate.holds() == holds  # not superseded: still the first hold
+        gate.release(client)
+        client.spin_until(lambda: latest_label_info(client) == classes)
+        wait_for_change(client, lambda text: text == "applied")
+        assert client.get_parameter("classes") == classes
+    finally:
+        gate.release_file.unlink(missing_ok=True)
         restore(client)
 
 
