@@ -12,7 +12,8 @@ level, so that everything above it (engine, node, worker, diagnostics) runs as s
   wait in their camera's slot), then removes both;
 - the real ``TextEncoder`` holds a batch of prompts with ``HOLD_WORD`` (a change's encoding kept
   going on demand): it creates ``$OVSS_FAULT_DIR/encoding_held`` and waits until
-  ``$OVSS_FAULT_DIR/encoding_release`` exists, then removes both; its stop (the node's shutdown,
+  ``$OVSS_FAULT_DIR/encoding_release`` exists, then removes both (each hold adds a character to
+  ``$OVSS_FAULT_DIR/encoding_holds``); its stop (the node's shutdown,
   or a newer change superseding this one) ends the wait with Stopped, as between two batches.
 
 Tests start it with ``running_fault_node`` (test/ on the child's PYTHONPATH).
@@ -75,6 +76,8 @@ def hold_encoding(fault_dir: Path, stop) -> None:
     from ovss_ros.core.stopping import check_stop
 
     held, release = fault_dir / "encoding_held", fault_dir / "encoding_release"
+    with (fault_dir / "encoding_holds").open("a") as holds:  # one character per hold
+        holds.write(".")
     held.touch()
     try:
         deadline = time.monotonic() + GATE_TIMEOUT_S
@@ -154,8 +157,12 @@ def running_fault_node(
 
 
 def main() -> int:
+    """The node with the faults; the managed (lifecycle) node when $OVSS_FAULT_LIFECYCLE is 1."""
     install_faults(Path(os.environ["OVSS_FAULT_DIR"]))
-    from ovss_ros.ros.node import main as node_main
+    if os.environ.get("OVSS_FAULT_LIFECYCLE") == "1":
+        from ovss_ros.ros.lifecycle_node import main as node_main
+    else:
+        from ovss_ros.ros.node import main as node_main
 
     return node_main()
 

@@ -174,6 +174,50 @@ def test_on_a_cpu_no_stream_is_made_and_the_encoding_thread_alone_is_bounded():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own_nice
 
 
+def test_the_encoding_threads_bound_leaks_to_no_other_thread():
+    """The node starts the frame thread first: it pins its count, then the encoding thread
+    bounds its own. torch's thread count is set per thread only once a thread has initialised
+    it (its first parallel region reads the process's last count): the frame thread, and a
+    thread started afterwards, keep the process's count."""
+    own_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the process's count, also on a 1-core machine
+    side = SideEncoding(torch.device("cpu"))
+    pinned, bounded, checked = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def frame_thread():
+        side.frame_thread()
+        pinned.set()
+        bounded.wait(60)
+        seen["frame threads"] = torch.get_num_threads()
+        checked.set()
+
+    def encoding_thread():
+        pinned.wait(60)
+        side.encoding_thread()
+        bounded.set()
+        checked.wait(60)
+        seen["encoding threads"] = torch.get_num_threads()
+
+    def later_thread():
+        seen["later threads"] = torch.get_num_threads()
+
+    threads = [threading.Thread(target=t) for t in (frame_thread, encoding_thread)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    later = threading.Thread(target=later_thread)
+    later.start()
+    later.join(60)
+    torch.set_num_threads(own_threads)
+    assert seen == {
+        "frame threads": 2,
+        "encoding threads": min(ENCODER_THREADS, 2),
+        "later threads": 2,
+    }
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_a_cuda_device_without_cuda_makes_no_stream():
     side = SideEncoding(torch.device("cuda"))

@@ -12,8 +12,9 @@ its own while another thread keeps segmenting frames with the vocabulary in forc
   Streams are made only when the device is CUDA and CUDA is available.
 - CPU: ``torch.set_num_threads`` sets the calling thread's OpenMP team size (its ICV: each
   thread keeps its own once set; a thread that never set one takes the last value set in the
-  process, ``at::init_num_threads``). So the frame thread pins its own count first
-  (``frame_thread``: the count the process had), and the encoding thread takes ENCODER_THREADS
+  process, ``at::init_num_threads``, read at the thread's first parallel region). So the frame
+  thread initialises and pins its own count (``frame_thread``: the count the process had), and
+  the encoding thread takes ENCODER_THREADS
   intra-op threads and, on Linux, a lower scheduling priority (nice ENCODER_NICE: Linux
   schedules threads, and a thread's nice value is its own): the frame thread keeps its cores
   and the encoding runs in the time the frames leave (a change takes longer while frames
@@ -77,14 +78,32 @@ class SideEncoding:
 
     def frame_thread(self) -> None:
         """Pin the calling (frame) thread's intra-op threads to the process's count at load."""
-        torch.set_num_threads(self.frame_threads)
+        _own_threads(self.frame_threads)
 
     def encoding_thread(self) -> None:
         """Bound the calling (encoding) thread: ENCODER_THREADS intra-op threads, and nice
-        ENCODER_NICE more than the process (Linux; elsewhere, or refused: left as it is)."""
+        ENCODER_NICE more than the process (Linux; elsewhere, or refused: left as it is).
+        The process's count, which threads not started yet take, stays ``frame_threads``."""
         if self.device.type == "cpu":
-            torch.set_num_threads(min(ENCODER_THREADS, self.frame_threads))
+            _own_threads(min(ENCODER_THREADS, self.frame_threads))
+            # torch.set_num_threads also sets the process's count: a throwaway thread sets it
+            # back, so that no other thread (a later frame thread) takes the encoder's bound.
+            restore = threading.Thread(target=torch.set_num_threads, args=(self.frame_threads,))
+            restore.start()
+            restore.join()
         with contextlib.suppress(AttributeError, OSError):
             tid = threading.get_native_id()
             nice = os.getpriority(os.PRIO_PROCESS, tid)
             os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + ENCODER_NICE))
+
+
+def _own_threads(count: int) -> None:
+    """Set the calling thread's intra-op thread count to ``count``, for good.
+
+    torch initialises a thread's count at its first parallel region from the process's last
+    ``set_num_threads`` (``at::internal::lazy_init_num_threads``), which would override a count
+    set before it from another thread's later call: initialise first (``get_num_threads``),
+    then set.
+    """
+    torch.get_num_threads()
+    torch.set_num_threads(count)

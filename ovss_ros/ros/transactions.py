@@ -62,6 +62,7 @@ class Handover:
     changes: dict[str, Any]
     prepared: PreparedUpdate | None
     failure: str | None
+    accepted: int = 0  # acceptances so far when the changes were taken (``prepare``)
 
 
 class ParameterTransactions:
@@ -91,7 +92,10 @@ class ParameterTransactions:
         self.applied: dict[str, Any] = {}
         self.applied_settings: parameters.Settings | None = None
         self.change = ("none", False)  # (diagnostics text, failed)
-        self.reverts: dict[str, tuple[Any, Any]] = {}  # name -> (refused value, in force)
+        # name -> (refused value, in force, acceptances when the refused change was taken)
+        self.reverts: dict[str, tuple[Any, Any, int]] = {}
+        self._acceptances = 0  # accepted requests so far (reverts not counted)
+        self._accepted: dict[str, int] = {}  # name -> the acceptance that last set it
         self._cancel: threading.Event | None = None  # set: the change being prepared is stale
         self._reverting = False
         self._revert_guard: Any = None
@@ -157,6 +161,8 @@ class ParameterTransactions:
             self.values.update(changes)
             self.settings = parameters.validate(self.values)
             if not self._reverting:
+                self._acceptances += 1
+                self._accepted.update(dict.fromkeys(changes, self._acceptances))
                 self.pending.update(changes)
                 # Before the answer goes out: no later status says a previous change's fate.
                 self.change = ("preparing", False)
@@ -167,14 +173,17 @@ class ParameterTransactions:
 
     def revert(self) -> None:
         """Put parameters whose change failed back to the values in force, so that
-        ``ros2 param get`` tells the truth; a name changed again meanwhile is left alone (that
-        newer change is queued). Runs on the executor thread, like every parameter request."""
+        ``ros2 param get`` tells the truth; a name accepted again after the failed change was
+        taken is left alone, even with the same value (that newer change is queued, being
+        prepared or in force). Runs on the executor thread, like every parameter request."""
         with self.lock:
             reverts, self.reverts = self.reverts, {}
             wanted = [
                 Parameter(name, parameters.SPECS[name].type, value)
-                for name, (refused, value) in reverts.items()
-                if name not in self.pending and self.values.get(name) == refused
+                for name, (refused, value, taken) in reverts.items()
+                if self._accepted.get(name, 0) <= taken
+                and name not in self.pending
+                and self.values.get(name) == refused
             ]
         if not wanted:
             return
@@ -224,6 +233,7 @@ class ParameterTransactions:
                 self.pending = changes
                 return None
             cancel = self._cancel = threading.Event()
+            accepted = self._acceptances
         engine_changes = {
             name: value
             for name, value in changes.items()
@@ -239,18 +249,23 @@ class ParameterTransactions:
             prepared = segmenter.prepare_update(classes, engine_changes, cancel=cancel)
         except Stopped:
             if stop.is_set() or not cancel.is_set():
-                self.change = before
+                with self.lock:
+                    # A change encoder of an earlier configure ending late (a model load cannot
+                    # stop half-way) leaves the diagnostics of the one now running alone.
+                    if self._cancel is cancel:
+                        self.change = before
                 raise  # the node is stopping: nothing failed, nothing to put back
             with self.lock:  # superseded: prepared again, the newer values winning
                 self.pending = {**changes, **self.pending}
             return SUPERSEDED
         except Exception as error:
             # Only the text: the traceback holds the tensors of the failed encoding.
-            return Handover(changes, None, describe(error))
+            return Handover(changes, None, describe(error), accepted)
         finally:
             with self.lock:
-                self._cancel = None
-        return Handover(changes, prepared, None)
+                if self._cancel is cancel:  # not a later configure's change encoder's
+                    self._cancel = None
+        return Handover(changes, prepared, None, accepted)
 
     def _announce(
         self,
@@ -287,13 +302,18 @@ class ParameterTransactions:
             except Exception as error:  # prepared against an older state: never expected
                 segmenter.discard(handover.prepared)
                 failure = describe(error)
-        self._settle(handover.changes, failure, segmenter)
+        self._settle(handover.changes, failure, segmenter, handover.accepted)
         return failure
 
     def _settle(
-        self, changes: Mapping[str, Any], failure: str | None, segmenter: Segmenter
+        self,
+        changes: Mapping[str, Any],
+        failure: str | None,
+        segmenter: Segmenter,
+        accepted: int = 0,
     ) -> None:
-        """Record what is in force after applying ``changes`` (failed: ``failure``)."""
+        """Record what is in force after applying ``changes`` (failed: ``failure``; taken after
+        ``accepted`` acceptances: what the revert leaves alone is accepted after them)."""
         if failure is None:
             self.applied.update(changes)
         else:
@@ -318,5 +338,5 @@ class ParameterTransactions:
         with self.lock:
             for name, value in changes.items():
                 if value != self.applied[name]:
-                    self.reverts[name] = (value, self.applied[name])
+                    self.reverts[name] = (value, self.applied[name], accepted)
         self._revert_guard.trigger()
