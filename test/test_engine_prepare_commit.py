@@ -255,3 +255,13 @@ def test_on_cuda_frames_get_the_high_priority_stream_and_encoding_the_low_one(mo
         assert synced == [-1]  # not yet: the encoding is still running
     assert current == [side_encoding.FRAME_PRIORITY, 0]
     assert synced == [-1, 0]
+
+
+def test_a_pipeline_methods_vocabulary_change_counts_every_text(segmenter):
+    """A pipeline method (DeOP's family, PnP-OVSS) gets a new pipeline on a vocabulary change,
+    which encodes every text itself (DeOP's learned prompt bypasses the engine's cache): the
+    change is slow (prepared beside the frames) even when every text is in the cache."""
+    segmenter.update(None, {"method": "superpixel_clip"})
+    # Removing a class: every text is cached, yet the new pipeline encodes the rest itself.
+    assert segmenter.texts_to_encode(["person", "tv; television"], {}) == 3 + 1
+    assert segmenter.texts_to_encode(None, {"score_threshold": 0.5}) == 0

@@ -42,7 +42,7 @@ from ovss_ros.core.clip.text_encoding import (
     query_texts,
     template_set,
 )
-from ovss_ros.core.config import LOAD_FIELDS, EngineConfig, check_fits_model
+from ovss_ros.core.config import LOAD_FIELDS, PIPELINE_METHODS, EngineConfig, check_fits_model
 from ovss_ros.core.method import Method, MethodChange, prepare_for
 from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.method_pipelines import Pipeline, check_with_clip
@@ -228,9 +228,13 @@ class Segmenter:
         same_words = config.background_words == self.config.background_words
         if classes is None and templates == self.text.templates and same_words:
             return 0
-        cache = self.text.cache
         texts = query_texts(vocabulary, config.background_words)
         sentences = description_texts(vocabulary)
+        if config.method in PIPELINE_METHODS:
+            # The change builds a new pipeline, which encodes every text itself (DeOP with its
+            # learned prompt, outside this cache): all of them count.
+            return len(dict.fromkeys(texts)) + len(dict.fromkeys(sentences))
+        cache = self.text.cache
         return sum((templates, t) not in cache for t in dict.fromkeys(texts)) + sum(
             (SENTENCE, t) not in cache for t in dict.fromkeys(sentences)
         )
