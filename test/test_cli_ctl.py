@@ -454,6 +454,15 @@ def test_diagnostics_prints_until_ctrl_c(client):
     assert "  vocabulary size: 3\n" in lines
 
 
+def test_a_reader_that_stops_early_ends_the_tool_quietly(client):
+    """`ovss-ctl get --all | head -1`: the pipe's reader is gone before the tool writes; it
+    ends with status 0 and no message (it said '[Errno 32] Broken pipe', status 2)."""
+    tool = tool_process("get", "--all", "--timeout", WAIT)
+    tool.stdout.close()  # the reader is gone long before the node answers
+    _, err = tool.communicate(timeout=EVENT_TIMEOUT_S)
+    assert tool.returncode == 0 and err == "", err
+
+
 def test_the_tool_loads_no_model_library():
     code = (
         "import sys; from ovss_ros.cli.ctl import main; "

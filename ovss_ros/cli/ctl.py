@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -335,6 +336,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except Refused as error:
         print(f"{PROG}: {args.node} refused: {one_line(error)}", file=sys.stderr)
         return REFUSED
+    except BrokenPipeError:  # e.g. `ovss-ctl get --all | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (NoAnswer, OSError) as error:
         print(f"{PROG}: {one_line(error)}", file=sys.stderr)
         return REFUSED
