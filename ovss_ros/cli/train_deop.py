@@ -57,6 +57,8 @@ RELEASED_ONLY = (
     "pad", "short_sides", "clip_norm", "warmup_steps", "per_class", "architecture",
     "proposal_network", "prompt",
 )  # fmt: skip
+PROMPT_ONLY = ("warmup_steps", "per_class")  # the released stages only stage prompt reads
+NOT_PROMPT = ("pad", "short_sides", "val_size")  # ... and those it does not read
 
 
 def build_parser() -> ToolParser:
@@ -149,6 +151,14 @@ def check_stage_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} does not apply to --stage {args.stage}")
     if args.stage == "head" and args.no_color_aug:
         raise ValueError("--no-color-aug does not apply to --stage head")
+    if args.stage != "head":
+        wrong = NOT_PROMPT if args.stage == "prompt" else PROMPT_ONLY
+        for name in wrong:
+            if getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} does not apply to --stage {args.stage}")
+        if args.stage == "prompt" and args.no_color_aug:
+            raise ValueError("--no-color-aug does not apply to --stage prompt")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
