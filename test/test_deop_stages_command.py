@@ -16,6 +16,7 @@ from test_deop_stages import TINY_ARCH
 
 from ovss_ros.cli import train_deop
 from ovss_ros.core.methods.deop.maskformer import ProposalNetwork
+from ovss_ros.core.methods.deop.maskformer_weights import ProposalWeightsError
 from ovss_ros.core.methods.deop.release_writer import proposal_tensors, write_detectron2
 from ovss_ros.core.methods.deop.released_checkpoint import load_released_deop
 from ovss_ros.training.deop_data import training_data
@@ -207,3 +208,11 @@ def test_ctrl_c_keeps_the_last_state_and_names_it(planted, tmp_path, monkeypatch
         last
         == f"ovss-train-deop: interrupted; the last checkpoint is {state} (continue with --resume)"
     )
+
+
+def test_an_unreadable_prompt_file_is_named_as_a_prompt_file(tmp_path):
+    junk = tmp_path / "prompt.pth"
+    junk.write_bytes(b"not a torch archive")
+    with pytest.raises(ProposalWeightsError, match="prompt file") as error:
+        read_prompt(junk, 64)
+    assert "proposal network" not in str(error.value)

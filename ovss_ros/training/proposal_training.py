@@ -71,7 +71,7 @@ OUTPUT_NAME = "proposal_model.pth"
 def read_prompt(path: str | Path, width: int) -> torch.Tensor:
     """The learned prompt context (L, width) of a prompt file (stage ``prompt``'s
     ``prompt.pth``, the release's prompt file or its DeOP file). Raises ProposalWeightsError."""
-    path, tensors = read_released(path)
+    path, tensors = read_released(path, "prompt file")
     context = tensors.get(PROMPT_KEY)
     if context is None or context.ndim != 2 or context.shape[1] != width or not len(context):
         shape = None if context is None else tuple(context.shape)

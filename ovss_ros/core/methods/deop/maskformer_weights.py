@@ -160,14 +160,15 @@ class LoadedProposalNetwork:
     other: dict[str, torch.Tensor]
 
 
-def read_released(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+def read_released(
+    path: str | Path, what: str = "proposal network checkpoint"
+) -> tuple[Path, dict[str, torch.Tensor]]:
     """The tensors of a detectron2 checkpoint (``{"model": state_dict, ...}`` or a bare state
-    dict), mapped from the file; non-tensor entries are dropped.
+    dict), mapped from the file; non-tensor entries are dropped; ``what`` names the file.
 
     Raises ProposalWeightsError: not a regular file, not a ``torch.save`` archive, a compressed
     record, over MAX_RELEASED_BYTES (all checked before reading), unreadable, no tensors.
     """
-    what = "proposal network checkpoint"
     try:
         path = Path(path).expanduser()
         check_torch_archive(path, what, MAX_RELEASED_BYTES)
