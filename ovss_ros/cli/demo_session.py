@@ -216,8 +216,28 @@ class Session:
             )
             if done is not None:
                 result = done.result().results[0]
-                return None if result.successful else result.reason
+                if not result.successful:
+                    return result.reason
+                return self._wait_in_force(classes, deadline)
         return f"no answer from {NODE}/set_parameters within {SERVICE_TIMEOUT_S:g} s"
+
+    def _wait_in_force(self, classes: list[str], deadline: float) -> str | None:
+        """Until the node's label_info names ``classes``: an accepted vocabulary is prepared
+        beside the frames, which keep the old one until it is in force (the node publishes
+        label_info then)."""
+        from ovss_ros.core.vocabulary import parse_classes
+
+        wanted = [entry.name for entry in parse_classes(classes)]
+
+        def in_force() -> bool:
+            return any(
+                [entry.class_name for entry in info.class_map] == wanted
+                for info in self.received["label_info"].values()
+            )
+
+        if self._spin_until(in_force, max(1.0, deadline - time.monotonic()), lambda: False):
+            return None
+        return f"the vocabulary was accepted but not in force within {SERVICE_TIMEOUT_S:g} s"
 
     def close(self) -> None:
         self.node.destroy_node()
