@@ -55,7 +55,7 @@ from ovss_ros.core.methods.deop.release_writer import (
 )
 from ovss_ros.core.methods.deop.released_checkpoint import PROMPT_KEY
 from ovss_ros.core.vocabulary import ClassEntry
-from ovss_ros.training.deop_data import TrainingData
+from ovss_ros.training.deop_data import TrainingData, collate
 from ovss_ros.training.released_data import SemanticCrops
 from ovss_ros.training.set_criterion import set_losses
 from ovss_ros.training.stage_loop import (
@@ -217,7 +217,7 @@ class ProposalStage:
         )
 
     def collate(self, batch: list) -> tuple[np.ndarray, np.ndarray]:
-        return np.stack([b[0] for b in batch]), np.stack([b[1] for b in batch])
+        return collate(batch)
 
     def losses(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
         rgb, labels = batch

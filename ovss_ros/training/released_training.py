@@ -52,7 +52,7 @@ from ovss_ros.core.methods.deop.released import (
     released_scores,
 )
 from ovss_ros.core.methods.deop.released_checkpoint import DECODER_HEADS
-from ovss_ros.training.deop_data import TrainingData
+from ovss_ros.training.deop_data import TrainingData, collate
 from ovss_ros.training.deop_training import class_dice, focal_bce
 from ovss_ros.training.proposal_training import class_names, to_images
 from ovss_ros.training.released_data import SemanticCrops
@@ -138,7 +138,7 @@ class DeopStage:
         )
 
     def collate(self, batch: list) -> tuple[np.ndarray, np.ndarray]:
-        return np.stack([b[0] for b in batch]), np.stack([b[1] for b in batch])
+        return collate(batch)
 
     def text(self, names: list[str]) -> torch.Tensor:
         return self.parts.prompt.encode(self.clip.model, self.clip.tokenizer, names)
