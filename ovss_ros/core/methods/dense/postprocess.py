@@ -92,18 +92,24 @@ class DensePostprocess:
             if dropped is not None:
                 reduced = self._reduce(encoded, logits, size, step, affinity, None, dropped)
         confidence = torch.exp(reduced.best - reduced.peak) / reduced.total
+        dtype = label_dtype(num_classes)
+        torch_dtype = torch.uint8 if dtype == np.uint8 else torch.int32
+        background = None  # passes skipped where they cannot reject (no words, threshold 0)
         if labels is None:
-            labels = self._query_owner[reduced.best_query]
-            background = reduced.background_probability() > confidence
+            labels = self._query_owner.to(torch_dtype)[reduced.best_query]
+            if logits.shape[1] > self._class_queries:  # background words
+                background = reduced.background_probability() > confidence
         elif self.config.refinement == "freecp":
             background = self._freecp_background(best)
         else:
             background = labels == num_classes  # the refinement's background channel
             labels = labels.clamp(max=num_classes - 1)
-        dtype = label_dtype(num_classes)
-        rejected = background | (confidence < self.config.score_threshold)
-        labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
-        torch_dtype = torch.uint8 if dtype == np.uint8 else torch.int32
+        rejected = background
+        if self.config.score_threshold > 0:  # confidence >= 0: a threshold <= 0 rejects none
+            low = confidence < self.config.score_threshold
+            rejected = low if rejected is None else rejected | low
+        if rejected is not None:
+            labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
         labels_host, confidence_host = _to_host(labels.to(torch_dtype), confidence)
         return Segmentation(
             labels=labels_host.astype(dtype, copy=False),
