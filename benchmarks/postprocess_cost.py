@@ -116,6 +116,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # the random weights, so that runs prune the same candidates
     config = EngineConfig(model=args.model, pretrained="none", device="cpu", templates="single")
     segmenter = Segmenter(config)
     print(

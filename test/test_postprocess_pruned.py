@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter
-from ovss_ros.core.methods.dense import candidates
+from ovss_ros.core.methods.dense import candidates, separable
 from ovss_ros.core.methods.dense.candidates import candidate_queries, support_radius
+from ovss_ros.core.methods.dense.separable import exp_sum, resize_matrices
 
 RTOL = 1e-6
 CLASSES = 1000  # every fourth with a synonym: 1250 class queries
@@ -68,13 +69,15 @@ def formula(method, encoded, logits, size):
     return labels.masked_fill(rejected, 65535).numpy(), confidence.float().numpy()
 
 
-def random_logits(method, encoded, seed, spread=0.05):
-    """(1, Q, h, w) smooth random logits plus spikes and ties."""
+def random_logits(method, encoded, seed, spread=0.05, offsets=0.0):
+    """(1, Q, h, w) smooth random logits plus spikes and ties; ``offsets``: the spread of a
+    per-query constant (large: few queries can win, most go to the denominator's GEMMs)."""
     generator = torch.Generator().manual_seed(seed)
     queries = method._text_embeddings.shape[0]
     h, w = encoded.dense.features.shape[1:3]
     coarse = torch.randn((1, queries, max(h // 3, 1), max(w // 3, 1)), generator=generator)
     logits = F.interpolate(coarse, (h, w), mode="bilinear") * spread + 0.2
+    logits += offsets * torch.randn((1, queries, 1, 1), generator=generator)
     logits += torch.randn((1, queries, h, w), generator=generator) * spread / 4
     for _ in range(20):  # single-patch spikes: a class that wins only at its spike
         q, y, x = (int(torch.randint(n, (1,), generator=generator)) for n in (queries, h, w))
@@ -85,10 +88,13 @@ def random_logits(method, encoded, seed, spread=0.05):
 
 
 LARGER, SMALLER, TALL = (331, 419), (90, 130), (400, 120)
+SAME, ODD = (160, 240), (97, 333)  # the network input's own size; odd, wide and small
 CASES = {  # settings, input (H, W); PAMR on 1253 full-size maps is slow: smaller frames there
     "bilinear-larger": ({}, LARGER),
     "bilinear-smaller": ({}, SMALLER),
     "bilinear-tall": ({}, TALL),
+    "bilinear-same": ({}, SAME),
+    "bilinear-odd": ({}, ODD),
     "threshold": ({"score_threshold": 0.002}, LARGER),
     "area": ({"dense.area_threshold": 0.02}, TALL),
     "jbu-larger": ({"dense.upsample": "jbu"}, LARGER),
@@ -102,25 +108,24 @@ CASES = {  # settings, input (H, W); PAMR on 1253 full-size maps is slow: smalle
 }
 
 
+def resized(image, shape):
+    """A VOC image (H, W, 3) uint8 resized to ``shape``."""
+    chw = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    hwc = F.interpolate(chw, shape, mode="bilinear")[0].permute(1, 2, 0)
+    return np.ascontiguousarray(hwc.clamp(0, 255).byte().numpy())
+
+
 @pytest.mark.parametrize(("settings", "shape"), CASES.values(), ids=CASES.keys())
 def test_pruned_postprocess_equals_the_formula(wide, voc_rgb, settings, shape):
-    rgb = np.ascontiguousarray(
-        F.interpolate(
-            torch.from_numpy(voc_rgb[2]).permute(2, 0, 1)[None].float(), shape, mode="bilinear"
-        )[0]
-        .permute(1, 2, 0)
-        .clamp(0, 255)
-        .byte()
-        .numpy()
-    )
+    rgb = resized(voc_rgb[2], shape)
     base = {name: wide.config.flat()[name] for name in settings}
     wide.reconfigure(**settings)
     try:
         method = wide.method
         with torch.inference_mode():
             encoded = method.encode(method.preprocess(rgb))
-            for seed in range(2):
-                logits = random_logits(method, encoded, seed)
+            for seed, offsets in ((0, 0.0), (1, 0.0), (2, 0.03)):
+                logits = random_logits(method, encoded, seed, offsets=offsets)
                 want_labels, want_confidence = formula(method, encoded, logits, shape)
                 got = method.postprocess(encoded, logits, None, shape)
                 np.testing.assert_array_equal(got.labels, want_labels)
@@ -186,3 +191,77 @@ def test_banned_queries_are_never_candidates():
     chosen = candidate_queries(scaled, 2, banned)
     assert len(chosen) and not banned[chosen].any()
     assert len(candidate_queries(scaled, 2, torch.ones(50, dtype=torch.bool))) == 0
+
+
+GEOMETRIES = {  # patch grid, window / resized image, input: larger, smaller, odd, tall, same
+    "larger": ((10, 13), (160, 208), (331, 419)),
+    "smaller": ((10, 14), (160, 231), (90, 130)),
+    "odd": ((7, 23), (112, 368), (97, 333)),
+    "tall": ((33, 10), (528, 160), (400, 120)),
+    "same": ((10, 15), (160, 240), (160, 240)),
+    "one-cell": ((1, 1), (16, 16), (5, 9)),
+}
+
+
+def two_resizes(patch, middle, size):
+    """The maps (k, H, W) as ``to_image`` + ``_resize`` bring them to the input."""
+    maps = F.interpolate(patch[None], size=middle, mode="bilinear", align_corners=False)
+    if tuple(middle) != tuple(size):
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return maps[0]
+
+
+@pytest.mark.parametrize(("grid", "middle", "size"), GEOMETRIES.values(), ids=GEOMETRIES.keys())
+def test_resize_matrices_are_the_two_resizes(grid, middle, size):
+    """A_h @ Z @ A_w^T equals the two bilinear resizes to float32 rounding; a transposed chain
+    (the rows' matrix used for the columns where shapes allow, or its rows reversed) does
+    not."""
+    patch = torch.randn((6, *grid), generator=torch.Generator().manual_seed(1))
+    rows, columns = resize_matrices(grid, middle, size)
+    assert rows.shape == (size[0], grid[0]) and columns.shape == (size[1], grid[1])
+    want = two_resizes(patch, middle, size)
+    torch.testing.assert_close(rows @ patch @ columns.T, want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(rows.sum(dim=1), torch.ones(size[0]))  # convex combinations
+    if size[0] > 1 and grid[0] > 1:
+        flipped = rows.flip(0) @ patch @ columns.T
+        assert not torch.allclose(flipped, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(("grid", "middle", "size"), GEOMETRIES.values(), ids=GEOMETRIES.keys())
+def test_exp_sum_is_as_close_to_float64_as_the_resized_maps(grid, middle, size, monkeypatch):
+    """``exp_sum`` of 1200 queries against sum exp(scale * maps - peak) from float64 resizes,
+    with blocks of a few rows and chunks of a few queries (the memory bounds' loops): its error
+    is that of today's float32 path (resize, scale, exp, sum) within 1.5x, a few 1e-6 relative
+    for a sum of 1200 float32 terms (the confidence's own check is the formula test above)."""
+    monkeypatch.setattr("ovss_ros.core.methods.dense.separable.BLOCK_ELEMENTS", 3 * size[1] * 7)
+    generator = torch.Generator().manual_seed(2)
+    patch = 0.2 + 0.05 * torch.randn((1200, *grid), generator=generator)
+    maps = two_resizes(patch.double(), middle, size) * 40.0
+    peak = maps.amax(dim=0).float() + 0.5
+    want = torch.exp(maps - peak.double()).sum(dim=0)
+    total = torch.zeros(size)
+    rows, columns = resize_matrices(grid, middle, size)
+    exp_sum(patch, rows, columns, 40.0, peak, total)
+    today = (two_resizes(patch, middle, size) * 40.0 - peak).exp().sum(dim=0)
+    error = float(((total.double() - want).abs() / want).max())
+    assert error <= 1.5 * float(((today.double() - want).abs() / want).max()) + 1e-7
+    assert error < 2e-5
+
+
+def test_a_wrong_denominator_matrix_fails_the_formula_check(wide, voc_rgb, monkeypatch):
+    """The formula check catches a broken resize matrix in the denominator's GEMMs (rows in
+    reverse order): the confidence differs, though the labels do not come from there."""
+
+    def reversed_rows(*args):
+        rows, columns = resize_matrices(*args)
+        return rows.flip(0), columns
+
+    monkeypatch.setattr(separable, "resize_matrices", reversed_rows)
+    method, rgb = wide.method, resized(voc_rgb[2], LARGER)
+    with torch.inference_mode():
+        encoded = method.encode(method.preprocess(rgb))
+        logits = random_logits(method, encoded, 2, offsets=0.03)
+        want_labels, want_confidence = formula(method, encoded, logits, LARGER)
+        got = method.postprocess(encoded, logits, None, LARGER)
+    np.testing.assert_array_equal(got.labels, want_labels)
+    assert not np.allclose(got.confidence, want_confidence, rtol=RTOL, atol=0)

@@ -9,12 +9,12 @@ label where one is configured. The maps are reduced a chunk of queries at a time
 
 One window without a refinement (the default) takes ``_reduce_pruned``: the argmax is taken
 at full resolution only over the queries that can win somewhere (patch-grid bounds,
-``candidates.py``; exact), and the others only add to the softmax's denominator, each map
+``candidates.py``; exact), and the others only add to the softmax's denominator: with bilinear
+upsampling and no PAMR by two matrix products per chunk (``separable.py``), else each map
 brought to the input size once. Labels are the same bits as the whole softmax's; confidence
-equal to 1e-6 relative (float32 summation order; test/test_postprocess_pruned.py). The
-denominator still needs every query at every pixel (an exact log-sum-exp has no cheaper form),
-so that part of the cost grows with classes x pixels. Sliding windows and refinements keep
-``_reduce``: a pixel's value is then a mean over windows, whose bounds this does not track.
+equal to 1e-6 relative (float32 rounding; test/test_postprocess_pruned.py). The denominator
+still needs one exp per query and pixel (an exact log-sum-exp has no cheaper form). Sliding
+windows and refinements keep ``_reduce``: a pixel's value is then a mean over windows.
 
 ``DensePostprocess`` is the part of ``DenseMethod`` that does this; it reads the method's
 ``config``, ``classes``, text queries (``_query_owner``, ``_class_queries``) and ``stop``.
@@ -34,6 +34,7 @@ from ovss_ros.core.methods.dense.encoded import Encoded
 from ovss_ros.core.methods.dense.jbu import jbu_weights, joint_bilateral_upsample
 from ovss_ros.core.methods.dense.pamr import pamr_affinity, pamr_propagate
 from ovss_ros.core.methods.dense.reduction import Reduced, add_to_softmax, take_better
+from ovss_ros.core.methods.dense.separable import add_denominator
 from ovss_ros.core.methods.freecp.freecp import background_wins
 from ovss_ros.core.segmentation import Segmentation, label_dtype
 from ovss_ros.core.stopping import check_stop
@@ -91,18 +92,24 @@ class DensePostprocess:
             if dropped is not None:
                 reduced = self._reduce(encoded, logits, size, step, affinity, None, dropped)
         confidence = torch.exp(reduced.best - reduced.peak) / reduced.total
+        dtype = label_dtype(num_classes)
+        torch_dtype = torch.uint8 if dtype == np.uint8 else torch.int32
+        background = None  # passes skipped where they cannot reject (no words, threshold 0)
         if labels is None:
-            labels = self._query_owner[reduced.best_query]
-            background = reduced.background_probability() > confidence
+            labels = self._query_owner.to(torch_dtype)[reduced.best_query]
+            if logits.shape[1] > self._class_queries:  # background words
+                background = reduced.background_probability() > confidence
         elif self.config.refinement == "freecp":
             background = self._freecp_background(best)
         else:
             background = labels == num_classes  # the refinement's background channel
             labels = labels.clamp(max=num_classes - 1)
-        dtype = label_dtype(num_classes)
-        rejected = background | (confidence < self.config.score_threshold)
-        labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
-        torch_dtype = torch.uint8 if dtype == np.uint8 else torch.int32
+        rejected = background
+        if self.config.score_threshold > 0:  # confidence >= 0: a threshold <= 0 rejects none
+            low = confidence < self.config.score_threshold
+            rejected = low if rejected is None else rejected | low
+        if rejected is not None:
+            labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
         labels_host, confidence_host = _to_host(labels.to(torch_dtype), confidence)
         return Segmentation(
             labels=labels_host.astype(dtype, copy=False),
@@ -182,7 +189,8 @@ class DensePostprocess:
            running log-sum-exp. The peak (max over all queries) is then final: every other
            query is below the best candidate at every pixel.
         2. The other class queries only add to the softmax's denominator, with the peak known:
-           ``sum exp(scaled - peak)``, no running rescale, no argmax.
+           ``sum exp(scaled - peak)``, no running rescale, no argmax; by ``separable.exp_sum``
+           (GEMMs) where the upsampling is bilinear without PAMR (1e-6 relative).
         3. ``area_threshold``: the dropped classes from 1, then the best of the candidates
            with them banned (their probabilities still count in the denominator).
         """
@@ -215,7 +223,12 @@ class DensePostprocess:
         rest = torch.ones(class_queries, dtype=torch.bool, device=device)
         rest[chosen] = False
         rest = rest.nonzero().flatten()
-        for start in range(0, len(rest), step):
+        separable = config.upsample != "jbu" and affinity is None  # linear, separable: GEMMs
+        if separable and len(rest):
+            check_stop(self.stop, f"postprocess of {len(rest)} other queries")
+            middle = encoded.windows.shape[-2:]  # the window: one covers the resized image
+            add_denominator(logits[0], rest, middle, size, config.logit_scale, reduced)
+        for start in range(0, 0 if separable else len(rest), step):
             check_stop(self.stop, f"postprocess of other queries {start}..")
             maps = self._scaled_maps(encoded, logits, rest[start : start + step], size, affinity)
             reduced.total += maps.sub_(reduced.peak).exp_().sum(dim=0)
