@@ -8,19 +8,23 @@ frames (``ParameterTransactions.commit``), so the swap is atomic; this thread wa
 before it prepares the next change, so a change is always prepared against the state in force.
 
 A change that needs neither text encoding nor a model load (a threshold, an output setting) is
-prepared in milliseconds, and the worker waits for it (``wait_quick``): it is in force for the
-next frame, as the parameter was answered. A change accepted while another is being prepared
+prepared in milliseconds, on this thread at the frames' priority, and the worker waits for it
+(``wait_quick``): it is in force for the next frame, as the parameter was answered. A slow change
+is prepared on a second thread (``LowPriorityThread``) with the bounds of ``core/side_encoding``
+(one intra-op thread, nice +10): a thread's nice value cannot be lowered again without
+privileges, so the quick changes must never run there (on a loaded machine a nice +10 thread can
+wait seconds for a core). A change accepted while another is being prepared
 supersedes it: the encoding in progress stops
 (its ``cancel`` event; the texts it finished stay cached), and the two are prepared again as one,
 the newer values winning. The node's stop event ends this thread at once too (text encoding
-checks it between prompt batches). The thread's CPU and GPU share: ``core/side_encoding``.
+checks it between prompt batches).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ovss_ros.core import Stopped
 from ovss_ros.ros.transactions import SUPERSEDED, Handover, ParameterTransactions
@@ -30,6 +34,58 @@ if TYPE_CHECKING:
 
 ENCODER_STOP_TIMEOUT_S = 5.0
 QUICK_WAIT_S = 10.0  # the most a frame waits for a quick change (normally milliseconds)
+
+
+class LowPriorityThread:
+    """A daemon thread that runs slow preparations one at a time, bounded by ``bound`` (called
+    once on the thread before its first job: ``SideEncoding.encoding_thread``)."""
+
+    def __init__(self, name: str, stop: threading.Event) -> None:
+        self._name = name
+        self._stop = stop
+        self._condition = threading.Condition()
+        self._job: tuple[Callable[[], Any], dict[str, Any]] | None = None
+        self._thread: threading.Thread | None = None
+
+    def run(self, work: Callable[[], Any], bound: Callable[[], None]) -> Any:
+        """Run ``work()`` on the thread and return its result or raise its exception; raises
+        Stopped as soon as the stop event is set (the work is left to end on its own)."""
+        outcome: dict[str, Any] = {}
+        with self._condition:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, args=(bound,), name=self._name, daemon=True
+                )
+                self._thread.start()
+            self._job = (work, outcome)
+            self._condition.notify_all()
+            self._condition.wait_for(lambda: "done" in outcome or self._stop.is_set())
+        if "done" not in outcome:
+            raise Stopped()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+    def wake(self) -> None:
+        """The stop event was set: the waiting caller returns."""
+        with self._condition:
+            self._condition.notify_all()
+
+    def _loop(self, bound: Callable[[], None]) -> None:
+        bound()
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._job is not None or self._stop.is_set())
+                if self._job is None:
+                    return
+                (work, outcome), self._job = self._job, None
+            try:
+                outcome["result"] = work()
+            except BaseException as error:  # handed to the caller
+                outcome["error"] = error
+            with self._condition:
+                outcome["done"] = True
+                self._condition.notify_all()
 
 
 class ChangeEncoder:
@@ -60,6 +116,7 @@ class ChangeEncoder:
         self._in_hand = False  # the worker took a change and is putting it in force
         self._phase = "idle"  # idle | classifying | quick | slow: the change being prepared
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._slow_thread = LowPriorityThread(f"{name}_slow", stop)
 
     def start(self) -> None:
         self._thread.start()
@@ -76,6 +133,7 @@ class ChangeEncoder:
         self._stop.set()
         with self._condition:
             self._condition.notify_all()
+        self._slow_thread.wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -118,9 +176,6 @@ class ChangeEncoder:
             self._condition.notify_all()
 
     def _run(self) -> None:
-        segmenter = self._segmenter()
-        if segmenter is not None:
-            segmenter.side.encoding_thread()
         while not self._stop.is_set():
             with self._condition:
                 self._condition.wait_for(lambda: self._wanted or self._stop.is_set())
@@ -143,11 +198,7 @@ class ChangeEncoder:
         back merged with the newer one)."""
         while not self._stop.is_set():
             self._set_phase("classifying")
-            handover = self._transactions.prepare(
-                self._segmenter(),
-                self._stop,
-                lambda slow: self._set_phase("slow" if slow else "quick"),
-            )
+            handover = self._transactions.prepare(self._segmenter(), self._stop, self._run_one)
             if handover is SUPERSEDED:
                 continue  # prepare the merged change
             if handover is None:
@@ -163,6 +214,18 @@ class ChangeEncoder:
             segmenter = self._segmenter()
             if left is not None and left.prepared is not None and segmenter is not None:
                 segmenter.discard(left.prepared)  # stopping: never put in force
+
+    def _run_one(self, slow: bool, work: Callable[[], Any]) -> Any:
+        """Prepare one change: a quick one here, a slow one on the low-priority thread."""
+        self._set_phase("slow" if slow else "quick")
+        if not slow:
+            return work()
+        return self._slow_thread.run(work, self._bound_slow_thread)
+
+    def _bound_slow_thread(self) -> None:
+        segmenter = self._segmenter()
+        if segmenter is not None:
+            segmenter.side.encoding_thread()
 
     def _set_phase(self, phase: str) -> None:
         with self._condition:

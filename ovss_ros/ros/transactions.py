@@ -213,14 +213,16 @@ class ParameterTransactions:
         self,
         segmenter: Segmenter | None,
         stop: threading.Event,
-        slow: Callable[[bool], None] = lambda _: None,
+        run: Callable[[bool, Callable[[], Any]], Any] = lambda _slow, work: work(),
     ) -> Handover | str | None:
         """Take the accepted changes and prepare them, all of them or none, changing nothing
         in force: a Handover (prepared, or its failure), SUPERSEDED when a newer change stopped
         the encoding (its changes are pending again, under the newer ones), or None when there
-        was nothing to prepare. Raises Stopped when ``stop`` (the node's) is set. ``slow`` is
-        told, before the work starts, whether the change encodes texts or may load a model
-        (``LOADING``): the frames wait only for a change that does neither.
+        was nothing to prepare. Raises Stopped when ``stop`` (the node's) is set. ``run(slow,
+        work)`` does the preparation (``work()``) and returns its result, told whether the
+        change encodes texts or may load a model (``LOADING``): the frames wait only for a
+        change that does neither, so the change encoder runs such a quick one at the frames'
+        priority and a slow one on its low-priority thread.
 
         Validation refused everything that can be foreseen, so a failure here is unexpected
         (e.g. out of memory while encoding text): the worker settles it (``commit``).
@@ -245,8 +247,10 @@ class ParameterTransactions:
             # (new classes with new background words, a method with the classes it gets).
             classes = parse_classes(changes["classes"]) if "classes" in changes else None
             count = self._announce(segmenter, classes, engine_changes)
-            slow(bool(count) or bool(LOADING & set(engine_changes)))
-            prepared = segmenter.prepare_update(classes, engine_changes, cancel=cancel)
+            prepared = run(
+                bool(count) or bool(LOADING & set(engine_changes)),
+                lambda: segmenter.prepare_update(classes, engine_changes, cancel=cancel),
+            )
         except Stopped:
             if stop.is_set() or not cancel.is_set():
                 with self.lock:
