@@ -205,6 +205,7 @@ class ChangeEncoder:
                 return
             with self._condition:
                 self._ready = handover
+                self._condition.notify_all()  # a worker in wait_quick takes it now
             self._hand_over()
             with self._condition:
                 self._condition.wait_for(
