@@ -8,7 +8,9 @@ executor thread built its wait set from them, and the node died within a few rou
 (``InvalidHandle: cannot use Destroyable because destruction was requested``). Now:
 
 - the node is alive after every round, and stops cleanly (status 0) at the end;
-- every frame is accounted for: received = sent = processed + dropped + rejected + failed;
+- every frame is accounted for: received = sent = processed + dropped + rejected + failed,
+  and none failed or was rejected (a vocabulary half in force fails frames: checked with the
+  method's text embeddings left out of the commit, every frame failed);
 - no frame is published on a mask topic of a class its own label_info does not hold (the mask
   topics follow the vocabulary in force, before the next frame).
 
@@ -105,6 +107,8 @@ def test_vocabulary_changes_while_frames_flow_keep_the_node_alive(node, voc_rgb)
     received, outcomes = accounting(values)
     assert received == sent == outcomes, values
     assert int(values["frames processed"]) > 0
+    # Every frame was valid: one that failed (or was refused) met a vocabulary half in force.
+    assert int(values["frames failed"]) == int(values["frames rejected"]) == 0, values
     checked = 0
     for name, keys in record.masks.items():
         for key in keys:
