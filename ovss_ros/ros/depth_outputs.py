@@ -158,9 +158,7 @@ class DepthOutputs:
     def open(self) -> None:
         for depth in self.cameras:
             depth.outputs = _Outputs(
-                points=self._node.create_publisher(
-                    PointCloud2, depth.output_prefix + "points", 5
-                ),
+                points=self._node.create_publisher(PointCloud2, depth.output_prefix + "points", 5),
                 objects=self._node.create_publisher(
                     MarkerArray, depth.output_prefix + "objects", 5
                 ),
@@ -374,5 +372,3 @@ class DepthOutputs:
             hardware_id="ovss_ros",
             values=values,
         )
-
-
