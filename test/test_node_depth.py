@@ -301,8 +301,7 @@ def test_every_refusal_is_counted_and_the_node_goes_on(served, rgb):
             return [
                 s
                 for s in client.statuses(DEPTH_STATUS)[seen:]
-                if s.level == DiagnosticStatus.WARN
-                and status_values(s)["last refusal"].startswith(counter)
+                if s.level == DiagnosticStatus.WARN and f"{counter}: " in s.message
             ]
 
         client.spin_until(warned, message=f"a WARN status for {counter}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +48,7 @@ from ovss_ros.ros.depth_points import (
     object_markers,
     point_cloud,
 )
-from ovss_ros.ros.depth_settings import DepthSettings, depth_settings
+from ovss_ros.ros.depth_settings import DepthSettings
 from ovss_ros.ros.log_text import describe, one_line
 from ovss_ros.ros.stamp_pairing import StampPairer, stamp_ns
 from ovss_ros.ros.topic_names import check_node_topics
@@ -56,6 +56,7 @@ from ovss_ros.ros.topic_names import check_node_topics
 if TYPE_CHECKING:
     from ovss_ros.ros.cameras import Camera
     from ovss_ros.ros.frames import Frame
+    from ovss_ros.ros.parameters import Settings
 
 LOG_THROTTLE_S = 5.0
 DIAGNOSTICS_PERIOD_S = 1.0
@@ -106,6 +107,7 @@ class DepthCamera:
         self.counts: Counter[str] = Counter()
         self.reported: Counter[str] = Counter()  # the counts at the last diagnostics report
         self.last_refusal = ""
+        self.reasons: dict[str, str] = {}  # refusal kind -> its newest reason
         self.info: CameraInfo | None = None
         self.outputs: _Outputs | None = None
         self.subscriptions: list[Subscription] = []
@@ -123,22 +125,23 @@ class DepthCamera:
 class DepthOutputs:
     """The node's 3D outputs (module docstring); every step a no-op unless ``depth.enabled``.
 
-    ``values``: the node's accepted parameter values (read at each frame: ``depth.*`` settings
-    that change at runtime take effect on the next frame). Steps in lifecycle order: ``setup``
-    (check topic names, diagnostics), ``open`` (publishers), ``subscribe``, ``unsubscribe``,
-    ``close``; ``publish`` runs on the worker thread after a frame's labels are out.
+    ``settings``: the node's settings in force (read at each frame: ``depth.*`` settings that
+    change at runtime take effect on the next frame, as the node's other settings do). Steps
+    in lifecycle order: ``setup`` (check topic names, diagnostics), ``open`` (publishers),
+    ``subscribe``, ``unsubscribe``, ``close``; ``publish`` runs on the worker thread after a
+    frame's labels are out.
     """
 
     def __init__(self, node: Node) -> None:
         self._node = node
-        self._values: Callable[[], Mapping[str, Any]] = dict
+        self._settings: Callable[[], Settings] | None = None
         self.cameras: list[DepthCamera] = []
         self._warned: dict[tuple[str, str], float] = {}
 
-    def setup(self, cameras: Any, values: Callable[[], Mapping[str, Any]]) -> None:
+    def setup(self, cameras: Any, settings: Callable[[], Settings]) -> None:
         """Check the depth topics of ``cameras`` (CameraSet) as the node resolves them (raises
         ParameterError) and start the depth diagnostics. Nothing when depth is not enabled."""
-        self._values = values
+        self._settings = settings
         settings = self.settings()
         if not settings.enabled:
             return
@@ -153,7 +156,7 @@ class DepthOutputs:
         )
 
     def settings(self) -> DepthSettings:
-        return depth_settings(dict(self._values()))
+        return self._settings().depth if self._settings is not None else DepthSettings()
 
     def open(self) -> None:
         for depth in self.cameras:
@@ -216,9 +219,9 @@ class DepthOutputs:
                 f"depth encoding {message.encoding!r} is not supported: use 16UC1 (millimetres) "
                 "or 32FC1 (metres)",
             )
-        limit = int(self._values().get("max_input_pixels", 0)) or None
+        limit = self._settings().max_input_pixels
         pixels = int(message.width) * int(message.height)
-        if limit is not None and pixels > limit:
+        if pixels > limit:
             raise DepthRefused(
                 "depth too large",
                 f"depth image {message.width}x{message.height} has {pixels} pixels, over "
@@ -332,6 +335,7 @@ class DepthOutputs:
         with depth.lock:
             depth.counts[refusal.kind] += 1
             depth.last_refusal = f"{refusal.kind}: {reason}"
+            depth.reasons[refusal.kind] = reason
         key = (depth.camera.name, refusal.kind)
         now = time.monotonic()
         if now - self._warned.get(key, float("-inf")) >= LOG_THROTTLE_S:
@@ -352,14 +356,16 @@ class DepthOutputs:
         self._diagnostics.publish(array)
 
     def status(self, depth: DepthCamera) -> DiagnosticStatus:
-        """The camera's depth status: WARN while refusals grew since the last report."""
+        """The camera's depth status: WARN with each kind of refusal that grew since the last
+        report and its newest reason; else OK with what was published."""
         with depth.lock:
             counts = Counter(depth.counts)
-            grown = any(counts[k] > depth.reported[k] for k in REFUSALS)
+            grown = [k for k in COUNTERS if k in REFUSALS and counts[k] > depth.reported[k]]
             depth.reported = counts
             last = depth.last_refusal
+            reasons = [f"{kind}: {depth.reasons.get(kind, '')}" for kind in grown]
         if grown:
-            level, message = DiagnosticStatus.WARN, last
+            level, message = DiagnosticStatus.WARN, "; ".join(reasons)
         else:
             level = DiagnosticStatus.OK
             message = f"{counts['clouds published']} clouds, {counts['objects published']} objects"

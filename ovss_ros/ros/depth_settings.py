@@ -7,8 +7,9 @@ outputs); the others change at runtime and take effect on the next frame.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ovss_ros.core.settings import Settings, parameters, setting
 
@@ -79,9 +80,11 @@ class DepthSettings(Settings):
 DEPTH_SCHEMA = parameters(DepthSettings)
 
 
-def depth_settings(values: dict) -> DepthSettings:
-    """The depth settings among the node's parameter values (dotted names ``depth.*``)."""
-    prefix = DepthSettings.namespace + "."
-    return DepthSettings(
-        **{name[len(prefix):]: value for name, value in values.items() if name.startswith(prefix)}
-    )
+def depth_settings(values: Mapping[str, Any]) -> DepthSettings:
+    """The depth settings among the node's parameter values (dotted names ``depth.*``; an
+    integer given for a float is that float). Values are checked by the parameters' table."""
+    fields = {}
+    for definition in DEPTH_SCHEMA:
+        value = values[definition.name]
+        fields[definition.field] = float(value) if definition.type is float else value
+    return DepthSettings(**fields)

@@ -138,7 +138,8 @@ class SegmentationNodeMixin(UndeclaredRefusal):
         self.cameras = CameraSet(self, self.transactions.settings.cameras)
         self.cameras.check_topics()
         self.cameras.check_mask_topics(self.transactions.settings.classes)
-        self.depth.setup(self.cameras, lambda: self.transactions.values)
+        changes = self.transactions  # the depth settings: those in force, else those accepted
+        self.depth.setup(self.cameras, lambda: changes.applied_settings or changes.settings)
 
         self.transactions.install()
         # The worker asks the executor thread to make and unmake mask topics (ExecutorWork).
