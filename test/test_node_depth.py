@@ -125,6 +125,17 @@ def outputs_of(client: OvssClient, colour, topics):
     return found
 
 
+def cloud_shaped(client: OvssClient, colour, shape):
+    """A predicate: the newest cloud of ``colour``'s frame if it is ``shape`` (height, width)
+    (the frames sent before a parameter change was put in force have the old shape)."""
+
+    def found():
+        cloud = client.find("points", colour.header)
+        return cloud if cloud is not None and (cloud.height, cloud.width) == shape else None
+
+    return found
+
+
 def set_parameter(client: OvssClient, name: str, value) -> None:
     result = client.set_parameters([Parameter(name, value=value)])[0]
     assert result.successful, result.reason
@@ -183,8 +194,9 @@ def test_dense_cloud_of_a_plane_matches_the_intrinsics(served, rgb):
     # Bounded: at most depth.max_points points, still each on its pixel's ray at its depth.
     set_parameter(client, "depth.max_points", 500)
     depth, colour, info = frame(client, rgb, metres)
-    cloud = depth_client.send_until(depth, colour, outputs_of(client, colour, ["points"]), info)
-    points = cloud_array(cloud["points"])
+    # A change is put in force between two frames: the first frames may still have the old one.
+    cloud = depth_client.send_until(depth, colour, cloud_shaped(client, colour, (1, 500)), info)
+    points = cloud_array(cloud)
     assert points.shape == (1, 500)
     u = points["x"][0] * FX / points["z"][0] + CX
     np.testing.assert_allclose(u, np.round(u), atol=1e-3)
@@ -198,12 +210,11 @@ def test_organised_cloud_of_a_tilted_plane_32fc1(served, rgb):
     try:
         metres = tilted()
         depth, colour, info = frame(client, rgb, metres, "32FC1")
-        found = depth_client.send_until(
-            depth, colour, outputs_of(client, colour, ["points"]), info
+        cloud = depth_client.send_until(
+            depth, colour, cloud_shaped(client, colour, (HEIGHT, WIDTH)), info
         )
     finally:
         set_parameter(client, "depth.organised", False)
-    cloud = found["points"]
     points = cloud_array(cloud)
     assert (cloud.height, cloud.width) == (HEIGHT, WIDTH)
     assert not cloud.is_dense
