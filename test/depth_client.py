@@ -19,28 +19,35 @@ FX, FY, CX, CY = 50.0, 55.0, 31.5, 23.0
 
 
 class DepthClient:
-    """Publishes depth/image and depth/camera_info beside an OvssClient's image."""
+    """Publishes depth/image and depth/camera_info beside an OvssClient's image (``camera``:
+    ``front/depth/image`` beside ``front/image``; "" = the single camera)."""
 
-    def __init__(self, client: OvssClient) -> None:
+    def __init__(self, client: OvssClient, camera: str = "") -> None:
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image
 
         self.client = client
+        self.camera = camera
+        self.prefix = f"{camera}/" if camera else ""
         qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-        self.depth_pub = client.node.create_publisher(Image, "depth/image", qos)
-        self.info_pub = client.node.create_publisher(CameraInfo, "depth/camera_info", qos)
+        self.depth_pub = client.node.create_publisher(Image, f"{self.prefix}depth/image", qos)
+        self.info_pub = client.node.create_publisher(
+            CameraInfo, f"{self.prefix}depth/camera_info", qos
+        )
+        self.image_pub = client.image_pubs[camera]
+        self.status = f"ovss: {camera or 'image'} depth"
 
     def watch(self) -> None:
         """Subscribe to ~/points and ~/objects (the node computes them from now on)."""
-        self.client.subscribe(self.client.topic("points"), PointCloud2)
-        self.client.subscribe(self.client.topic("objects"), MarkerArray)
+        self.client.subscribe(self.client.topic(f"{self.prefix}points"), PointCloud2)
+        self.client.subscribe(self.client.topic(f"{self.prefix}objects"), MarkerArray)
 
     def publish_pair(self, depth: Any, colour: Any, info: CameraInfo | None = None) -> None:
         if info is not None:
             self.info_pub.publish(info)
         self.depth_pub.publish(depth)
         if colour is not None:  # None: depth alone
-            self.client.image_pub.publish(colour)
+            self.image_pub.publish(colour)
 
     def send_until(
         self,
@@ -71,14 +78,14 @@ class DepthClient:
 
     def counters(self) -> dict[str, int]:
         """The newest depth status's counters (empty before the first)."""
-        statuses = self.client.statuses(DEPTH_STATUS)
+        statuses = self.client.statuses(self.status)
         if not statuses:
             return {}
         values = status_values(statuses[-1])
         return {k: int(v) for k, v in values.items() if v.isdigit()}
 
     def wait_counters(self) -> dict[str, int]:
-        self.client.spin_until(self.counters, message=f"a status {DEPTH_STATUS!r}")
+        self.client.spin_until(self.counters, message=f"a status {self.status!r}")
         return self.counters()
 
     def grown(self, name: str, before: dict[str, int]) -> Any:
