@@ -23,6 +23,7 @@ ROS_LIBRARIES = {
     "builtin_interfaces",
     "cv_bridge",
     "diagnostic_msgs",
+    "geometry_msgs",
     "launch",
     "launch_ros",
     "lifecycle_msgs",
@@ -34,6 +35,7 @@ ROS_LIBRARIES = {
     "std_msgs",
     "std_srvs",
     "vision_msgs",
+    "visualization_msgs",
 }
 # The layers besides the core (the ROS adapter is ``ovss_ros.ros`` and, until it moves there,
 # the modules flat in ``ovss_ros/``).

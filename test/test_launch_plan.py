@@ -235,6 +235,8 @@ def test_rviz_is_pointed_at_the_namespaced_node_and_the_chosen_input(any_namespa
     assert dict(rviz.remappings) == {
         "/ovss/overlay": "/front_camera/ovss/overlay",
         "/ovss/labels": "/front_camera/ovss/labels",
+        "/ovss/points": "/front_camera/ovss/points",
+        "/ovss/objects": "/front_camera/ovss/objects",
         "/image": "/front_camera/color/image_raw",
     }
     _, rviz = ovss_and_rviz({})
@@ -343,6 +345,8 @@ def test_rcl_points_rviz_at_the_namespaced_topics(any_namespace_params):
         # The topics config/ovss.rviz names, as rviz2 would subscribe to them.
         assert node.resolve_topic_name("/ovss/overlay") == "/front_camera/ovss/overlay"
         assert node.resolve_topic_name("/ovss/labels") == "/front_camera/ovss/labels"
+        assert node.resolve_topic_name("/ovss/points") == "/front_camera/ovss/points"
+        assert node.resolve_topic_name("/ovss/objects") == "/front_camera/ovss/objects"
         assert node.resolve_topic_name("/image") == "/cam/image_raw"
     finally:
         node.destroy_node()
@@ -598,3 +602,17 @@ def test_node_started_from_the_plan_serves_its_namespace(tmp_path, voc_rgb):
         assert process.stop() == 0, process.output()
         # --log-level warn: the node's info line about the loaded model is not printed.
         assert "[INFO]" not in process.output(), process.output()
+
+
+def test_rviz_config_shows_the_labelled_cloud_and_the_class_markers():
+    """With depth.enabled: ~/points coloured by its label field, ~/objects' two namespaces."""
+    displays = yaml.safe_load(RVIZ_FILE.read_text())["Visualization Manager"]["Displays"]
+    by_class = {display["Class"]: display for display in displays}
+    cloud = by_class["rviz_default_plugins/PointCloud2"]
+    assert cloud["Topic"]["Value"] == launch_plan.RVIZ_POINTS
+    assert (cloud["Color Transformer"], cloud["Channel Name"]) == ("Intensity", "label")
+    assert cloud["Topic"]["Reliability Policy"] == "Reliable"
+    markers = by_class["rviz_default_plugins/MarkerArray"]
+    assert markers["Topic"]["Value"] == launch_plan.RVIZ_OBJECTS
+    assert markers["Namespaces"] == {"centres": True, "names": True}
+    assert cloud["Enabled"] and markers["Enabled"]

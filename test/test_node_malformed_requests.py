@@ -64,6 +64,9 @@ def node(voc_rgb):
             yield client, process
 
 
+BURST = 500  # requests sent at once: half of what rclpy's parameter services keep waiting
+
+
 class Services:
     """Typed clients of the node's parameter services, answered in bulk."""
 
@@ -82,20 +85,25 @@ class Services:
         }
 
     def call_all(self, srv: type, requests: list) -> list:
-        """Send every request at once; wait for every answer (each must come)."""
+        """Send the requests BURST at a time; wait for every answer (each must come). rclpy's
+        parameter services keep at most 1000 requests waiting (``qos_profile_parameters``):
+        a larger burst loses requests in DDS before the node sees them."""
         service = self.clients[srv]
         self.client.spin_until(service.service_is_ready, message=f"service {service.srv_name}")
-        futures = [service.call_async(request) for request in requests]
-        timeout = EVENT_TIMEOUT_S + 0.05 * len(requests)
-        self.client.spin_until(
-            lambda: all(future.done() for future in futures),
-            timeout,
-            message=lambda: (
-                f"{sum(not f.done() for f in futures)} of {len(futures)} "
-                f"requests to {service.srv_name} unanswered"
-            ),
-        )
-        return [future.result() for future in futures]
+        answers = []
+        for start in range(0, len(requests), BURST):
+            futures = [service.call_async(request) for request in requests[start : start + BURST]]
+            timeout = EVENT_TIMEOUT_S + 0.05 * len(futures)
+            self.client.spin_until(
+                lambda futures=futures: all(future.done() for future in futures),
+                timeout,
+                message=lambda futures=futures: (
+                    f"{sum(not f.done() for f in futures)} of {len(futures)} "
+                    f"requests to {service.srv_name} unanswered"
+                ),
+            )
+            answers += [future.result() for future in futures]
+        return answers
 
 
 @pytest.fixture(scope="module")

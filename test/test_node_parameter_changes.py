@@ -49,6 +49,7 @@ FROM_FILE = {
 FROM_FILE["dslo.sd.temperature"] = 2
 # pnp_ovss, deop, twostream (issues 9, 10)
 FROM_FILE |= {"pnp.threshold": 0, "pnp.blur": 0, "deop.logit_scale": 100}
+FROM_FILE["depth.slop"] = 1  # labels in 3D
 FROM_COMMAND_LINE = {
     "freecp.ambiguity": 1,
     "score_threshold": 0,

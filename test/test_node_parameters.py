@@ -85,6 +85,8 @@ def test_every_engine_field_is_a_parameter():
         "precision",
         "image_transport",
         "cameras",
+        "depth.enabled",
+        "depth.queue_size",
         "pnp.vlm_model",
         "pnp.vlm_pretrained",
     }
@@ -348,6 +350,7 @@ def test_the_float_parameters_are_found():
         "score_threshold",
         "overlay_alpha",
         "max_frame_age",
+        "depth.slop",
         "dense.logit_scale",
         "dense.area_threshold",
         "dslo.sinkhorn_epsilon",
@@ -369,6 +372,8 @@ def test_the_float_parameters_are_found():
 def test_an_integer_is_accepted_for_every_float_and_means_that_float(name):
     settings = validate_update(node_parameters.defaults(), {name: 1})
     value = getattr(settings, name, None)
+    if value is None and name.startswith("depth."):  # the node's depth settings
+        value = getattr(settings.depth, name.removeprefix("depth."))
     if value is None:
         value = settings.engine.flat()[name]
     assert value == 1.0 and type(value) is float

@@ -81,3 +81,24 @@ def test_the_oldest_stamp_leaves_a_full_queue_whatever_the_arrival_order():
     single.add_second(5 * MS, "d5")
     assert single.add_second(1 * MS, "d1") is None
     assert single.pending() == (1, 1)
+
+
+def test_match_first_takes_the_closest_depth_without_queueing_the_colour():
+    pairer = StampPairer(slop=0.005, queue_size=5)
+    for stamp in (96, 101, 110):
+        assert pairer.add_second(stamp * MS, f"d{stamp}") is None
+    assert pairer.match_first(100 * MS) == "d101"  # 1 ms away beats 4 ms away
+    assert pairer.pending() == (0, 2)  # the colour item was not queued; d101 left
+    assert pairer.match_first(100 * MS) == "d96"
+    assert pairer.match_first(100 * MS) is None  # d110 is 10 ms away
+    assert pairer.pending() == (0, 1)
+
+
+def test_set_slop_changes_the_rule_and_keeps_the_queues():
+    pairer = StampPairer(slop=0.0)
+    pairer.add_second(103 * MS, "d103")
+    assert pairer.match_first(100 * MS) is None
+    pairer.set_slop(0.005)
+    assert pairer.match_first(100 * MS) == "d103"
+    with pytest.raises(ValueError, match="slop"):
+        pairer.set_slop(float("nan"))

@@ -41,6 +41,8 @@ INPUT_TOPICS = ("image", "camera_info")
 RVIZ_OVERLAY = f"/{NODE_NAME}/overlay"
 RVIZ_LABELS = f"/{NODE_NAME}/labels"
 RVIZ_INPUT = "/image"
+RVIZ_POINTS = f"/{NODE_NAME}/points"  # with depth.enabled
+RVIZ_OBJECTS = f"/{NODE_NAME}/objects"
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -168,6 +170,8 @@ def plan(
     rviz_topics = {
         RVIZ_OVERLAY: f"{ovss_fqn}/overlay",
         RVIZ_LABELS: f"{ovss_fqn}/labels",
+        RVIZ_POINTS: f"{ovss_fqn}/points",
+        RVIZ_OBJECTS: f"{ovss_fqn}/objects",
         RVIZ_INPUT: resolve_topic(values["image"].strip(), namespace),
     }
     rviz = ProcessSpec(

@@ -43,10 +43,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import Clock
 from rclpy.node import Node
-from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool
 
@@ -54,6 +52,7 @@ from ovss_ros.core import ClassEntry, EngineConfig
 from ovss_ros.ros import parameters
 from ovss_ros.ros.cameras import Camera, CameraSet
 from ovss_ros.ros.change_encoder import ChangeEncoder, stop_change_encoder
+from ovss_ros.ros.depth_outputs import DepthOutputs
 from ovss_ros.ros.executor_work import ExecutorWork
 from ovss_ros.ros.frames import Frame, FrameLedger
 from ovss_ros.ros.log_text import describe
@@ -64,8 +63,8 @@ from ovss_ros.ros.running import NODE_NAME, START_ERRORS, run, stop_event
 from ovss_ros.ros.signals import ShutdownSignals
 from ovss_ros.ros.transactions import ParameterTransactions
 from ovss_ros.ros.undeclared import (
+    UndeclaredRefusal,
     refuse_renamed_overrides,
-    refuse_undeclared,
     report_undeclared_overrides,
 )
 from ovss_ros.ros.worker import FrameBuffer, FrameWorker, stop_worker
@@ -79,7 +78,7 @@ __all__ = ["NODE_NAME", "START_ERRORS", "OvssNode", "SegmentationNodeMixin", "ma
 METHOD_CHANGES = {"method", "deop.checkpoint", "deop.proposal_source", "deop.pooling"}
 
 
-class SegmentationNodeMixin:
+class SegmentationNodeMixin(UndeclaredRefusal):
     """What the plain and the managed ovss node share; mixed into an rclpy Node subclass.
 
     The steps, in lifecycle order: ``_setup`` (construction), ``_load`` and ``_open``
@@ -110,6 +109,7 @@ class SegmentationNodeMixin:
         self._changes: ChangeEncoder | None = None  # prepares changes beside the worker
         self.cameras = CameraSet(self, ())
         self.frames = FrameLedger()
+        self.depth = DepthOutputs(self)  # labels in 3D (depth.*): a no-op unless enabled
         self.processor = FrameProcessor(
             self.frames,
             logger=self.get_logger,
@@ -118,6 +118,7 @@ class SegmentationNodeMixin:
             segmenter=lambda: self.segmenter,
             settings=lambda: self.transactions.applied_settings,
             on_error=self._on_worker_error,
+            after_publish=self.depth.publish,
         )
         # Exceptions in callbacks (a malformed request, ...): counted, each kind logged once.
         self.callback_faults = CallbackFaults(self.get_logger().warning)
@@ -137,6 +138,8 @@ class SegmentationNodeMixin:
         self.cameras = CameraSet(self, self.transactions.settings.cameras)
         self.cameras.check_topics()
         self.cameras.check_mask_topics(self.transactions.settings.classes)
+        changes = self.transactions  # the depth settings: those in force, else those accepted
+        self.depth.setup(self.cameras, lambda: changes.applied_settings or changes.settings)
 
         self.transactions.install()
         # The worker asks the executor thread to make and unmake mask topics (ExecutorWork).
@@ -178,6 +181,7 @@ class SegmentationNodeMixin:
         """Create the outputs and start the worker: all done before any input is subscribed,
         so no frame waits on a half-built node."""
         self.cameras.open_outputs(self._wanted_masks())
+        self.depth.open()
         self._publish_label_info()
         self._buffer = FrameBuffer()
         # The engine's stop event (stop_event) is the worker's and the change encoder's too:
@@ -205,12 +209,14 @@ class SegmentationNodeMixin:
     def _start(self) -> None:
         self._active.set()
         self.cameras.subscribe(self.transactions.settings.image_transport, self._on_image)
+        self.depth.subscribe()
         # Every qos_overrides.* the node knows is declared now: outputs and inputs exist.
         report_undeclared_overrides(self, self._overrides_reported, qos=True)
 
     def _stop(self) -> None:
         self._active.clear()
         self.cameras.unsubscribe()
+        self.depth.unsubscribe()
         self._clear_frames()
 
     def _close(self) -> None:
@@ -231,6 +237,7 @@ class SegmentationNodeMixin:
         if self._executor_work is not None:  # mask topics the worker asked for: not needed now
             self._executor_work.cancel()
         self.cameras.close_outputs()
+        self.depth.close()
         self._stopping = threading.Event()  # for the next configure
 
     def _unload(self) -> None:
@@ -299,17 +306,6 @@ class SegmentationNodeMixin:
             ),
             parameter_change=self.transactions.change,
         )
-
-    def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
-        """rclpy's, after refusing a list with an undeclared name whole (``UndeclaredParameters``,
-        which the parameter services turn into an unsuccessful result with its message)."""
-        refuse_undeclared(self, parameter_list)
-        return super().set_parameters(parameter_list)
-
-    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
-        """rclpy's, after refusing a list with an undeclared name (``UndeclaredParameters``)."""
-        refuse_undeclared(self, parameter_list)
-        return super().set_parameters_atomically(parameter_list)
 
     # Worker thread: owns the Segmenter.
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ovss_ros.core.settings import Settings, parameters, setting
+from ovss_ros.ros.depth_settings import DepthSettings
 from ovss_ros.ros.encoded_images import DEFAULT_MAX_INPUT_PIXELS
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -92,4 +93,4 @@ class NodeSettings(Settings):
     )
 
 
-NODE_SCHEMA = parameters(NodeSettings)
+NODE_SCHEMA = parameters(NodeSettings, DepthSettings)  # depth.*: depth_settings

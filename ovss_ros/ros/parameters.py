@@ -28,6 +28,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from ovss_ros.core import ClassEntry, EngineConfig, check_query_count, parse_classes
+from ovss_ros.ros.depth_settings import DepthSettings, depth_settings
 from ovss_ros.ros.log_text import quoted
 from ovss_ros.ros.parameter_spec import (
     ParameterError,
@@ -109,6 +110,7 @@ class Settings:
     overlay_legend: bool
     max_frame_age: float
     max_input_pixels: int
+    depth: DepthSettings  # depth.*: labels in 3D (depth_outputs)
 
 
 def defaults() -> dict[str, Any]:
@@ -238,6 +240,7 @@ def validate(values: Mapping[str, Any]) -> Settings:
         overlay_legend=values["overlay_legend"],
         max_frame_age=float(values["max_frame_age"]),
         max_input_pixels=values["max_input_pixels"],
+        depth=depth_settings(values),
     )
 
 

@@ -56,8 +56,10 @@ class FrameProcessor:
         segmenter: Callable[[], Segmenter | None],
         settings: Callable[[], Settings | None],
         on_error: Callable[[BaseException], None],
+        after_publish: Callable[[Frame, Segmentation], None] | None = None,
     ) -> None:
         self._ledger = ledger
+        self._after_publish = after_publish  # more outputs of a published frame (3D: never raises)
         self._logger = logger
         self._clock = clock
         self._running = running
@@ -120,6 +122,8 @@ class FrameProcessor:
                 frame.camera.publish(
                     rgb, segmentation, header, settings, self._segmenter().config.score_threshold
                 )
+                if self._after_publish is not None:
+                    self._after_publish(frame, segmentation)
             except Exception as error:
                 self._fail(frame, "while publishing", error)
             else:

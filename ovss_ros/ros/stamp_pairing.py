@@ -45,6 +45,21 @@ class StampPairer(Generic[First, Second]):
         """Queue a depth item with stamp (ns); the (colour, depth) pair it completes, or None."""
         return self._add(1, stamp, item)
 
+    def match_first(self, stamp: int) -> Second | None:
+        """The queued depth item that a colour item with ``stamp`` (ns) pairs with now, taken
+        from its queue; None if none is within ``slop``. The colour item is not queued: for a
+        colour frame that cannot wait (the node's worker asks once, after segmenting it)."""
+        candidates = [s for s in self._queues[1] if abs(s - stamp) <= self.slop_ns]
+        if not candidates:
+            return None
+        return self._queues[1].pop(min(candidates, key=lambda s: (abs(s - stamp), s)))
+
+    def set_slop(self, slop: float) -> None:
+        """Change ``slop`` (seconds, >= 0; ValueError otherwise); the queues stay."""
+        if not slop >= 0.0:
+            raise ValueError(f"slop must be >= 0 seconds, got {slop}")
+        self.slop_ns = round(slop * 1e9)
+
     def pending(self) -> tuple[int, int]:
         """How many colour and depth items wait for a partner."""
         return len(self._queues[0]), len(self._queues[1])

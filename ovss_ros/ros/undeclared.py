@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.exceptions import ParameterNotDeclaredException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -94,3 +95,17 @@ def refuse_undeclared(node: Node, parameter_list: list[Parameter]) -> None:
     found = undeclared_overrides(names, list(node._parameters))
     if found:
         raise UndeclaredParameters(found)
+
+
+class UndeclaredRefusal:
+    """Mixed in before rclpy's Node: ``set_parameters`` and ``set_parameters_atomically`` refuse
+    a list with an undeclared name whole (``UndeclaredParameters``, which the parameter services
+    turn into an unsuccessful result with its message), then do what rclpy's do."""
+
+    def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
+        refuse_undeclared(self, parameter_list)  # type: ignore[arg-type]
+        return super().set_parameters(parameter_list)  # type: ignore[misc]
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        refuse_undeclared(self, parameter_list)  # type: ignore[arg-type]
+        return super().set_parameters_atomically(parameter_list)  # type: ignore[misc]
