@@ -18,7 +18,9 @@ import cv2
 import numpy as np
 import pytest
 import rclpy
-from fault_injection_node import MODULE
+from fault_injection_node import HOLD_WORD, MODULE
+from lifecycle_msgs.msg import Transition
+from rclpy.parameter import Parameter
 from ros_harness import (
     EVENT_TIMEOUT_S,
     TINY_NODE_PARAMETERS,
@@ -42,6 +44,7 @@ from vocabulary_clients import (
 )
 
 STREAM = ["cat", "dog"]
+LONG_PROMPT = " ".join(["x"] * 95)  # 95 tokens: beyond CLIP's 77, within the 200 characters
 MAX_PIXELS = 20000  # max_input_pixels: 141x141 passes, 200x101 is refused
 SEGMENT_STATUS = "ovss: segment service"
 
@@ -92,9 +95,9 @@ def served(request, tmp_path_factory):
 
 @pytest.fixture()
 def node(served):
-    """The served node with the streaming vocabulary STREAM in force."""
+    """The served node with STREAM, single templates and no background words in force."""
     client, services, fault_dir, process = served
-    answer = services.set_vocabulary(STREAM, background_words=[])
+    answer = services.set_vocabulary(STREAM, "single", background_words=[])
     assert answer.success, answer.reason
     return served
 
@@ -114,7 +117,7 @@ def streamed_names(client) -> list[str]:
 
 
 def classes_parameter(client) -> list[str]:
-    return list(client.get_parameter("classes").string_array_value)
+    return list(client.get_parameter("classes"))
 
 
 def test_set_vocabulary_is_in_force_and_in_the_parameters(node):
@@ -124,8 +127,8 @@ def test_set_vocabulary_is_in_force_and_in_the_parameters(node):
     assert answer.reason == ""
     assert label_names(answer.label_info) == ["person", "tv"]
     assert classes_parameter(client) == ["person; human", "tv | a flat screen"]
-    assert client.get_parameter("templates").string_value == "imagenet"
-    assert list(client.get_parameter("background_words").string_array_value) == ["sky"]
+    assert client.get_parameter("templates") == "imagenet"
+    assert list(client.get_parameter("background_words")) == ["sky"]
     assert streamed_names(client) == ["person", "tv"]
 
 
@@ -135,9 +138,9 @@ REFUSED_VOCABULARIES = [
     (["cat", "cat"], "", None, "cat"),
     (["cat", ""], "", None, "empty"),
     (["tree"], "a photo of a", None, "{}"),
-    (["tree " * 60], "", None, "token"),
-    (["tree"], "", ["sky " * 60], "token"),
-    (["bad\x00name"], "", None, "character"),
+    ([LONG_PROMPT], "", None, "token"),
+    (["tree"], "", [LONG_PROMPT], "token"),
+    (["bad\x07name"], "", None, "character"),
 ]
 
 
@@ -149,7 +152,7 @@ def test_set_vocabulary_refusals_change_nothing(node, classes, templates, backgr
     assert reason.lower() in answer.reason.lower(), answer.reason
     assert label_names(answer.label_info) == STREAM  # the vocabulary in force, unchanged
     assert classes_parameter(client) == STREAM
-    assert client.get_parameter("templates").string_value == "single"
+    assert client.get_parameter("templates") == "single"
     assert streamed_names(client) == STREAM
 
 
@@ -213,11 +216,11 @@ def refused_segment_requests(node_handle):
         ("both", both, "exactly one"),
         ("no words", segment_request(node_handle, photo(), []), "class"),
         ("duplicate words", segment_request(node_handle, photo(), ["sky", "sky"]), "sky"),
-        ("long prompt", segment_request(node_handle, photo(), ["sky " * 60]), "token"),
+        ("long prompt", segment_request(node_handle, photo(), [LONG_PROMPT]), "token"),
         ("too large", segment_request(node_handle, photo(200, 101), ["sky"]), str(MAX_PIXELS)),
         ("encoding", odd, "bgr9"),
         ("short data", short, "data"),
-        ("not a jpeg", garbage, "decode"),
+        ("not a jpeg", garbage, "undecodable"),
     ]
 
 
@@ -235,3 +238,102 @@ def test_segment_refusals(node):
     )
     assert classes_parameter(client) == STREAM
     assert streamed_names(client) == STREAM
+
+
+def wait_answer(client, future, timeout: float = 2 * EVENT_TIMEOUT_S):
+    client.spin_until(future.done, timeout, message="the service's answer")
+    return future.result()
+
+
+def classes_change(classes: list[str]) -> list[Parameter]:
+    return [Parameter("classes", Parameter.Type.STRING_ARRAY, classes)]
+
+
+def test_a_parameter_change_racing_the_service_leaves_one_vocabulary(node):
+    """The service's change is being encoded (held) when ``classes`` is set: the newer values
+    win, whole; the service's answer says what is in force."""
+    client, services, fault_dir, _ = node
+    held = fault_dir / "encoding_held"
+    future = services.set_client.call_async(
+        vocabulary_request([f"{HOLD_WORD} chair", "table"], background_words=["sky"])
+    )
+    client.spin_until(held.exists, message="the service's change held while encoding")
+    assert client.set_parameters(classes_change(["lamp", "sofa"]))[0].successful
+    answer = wait_answer(client, future)
+    assert answer.success, answer.reason
+    assert label_names(answer.label_info) == ["lamp", "sofa"]
+    assert classes_parameter(client) == ["lamp", "sofa"]
+    assert list(client.get_parameter("background_words")) == ["sky"]  # the service's, kept
+    assert streamed_names(client) == ["lamp", "sofa"]
+
+
+def test_the_service_racing_a_parameter_change_wins_whole(node):
+    """A ``classes`` change is being encoded (held) when the service sets another vocabulary:
+    the service's is in force when it answers, and the parameters show it."""
+    client, services, fault_dir, _ = node
+    held = fault_dir / "encoding_held"
+    assert client.set_parameters(classes_change([f"{HOLD_WORD} lamp", "sofa"]))[0].successful
+    client.spin_until(held.exists, message="the parameter change held while encoding")
+    future = services.set_client.call_async(vocabulary_request(["chair", "table"]))
+    answer = wait_answer(client, future)
+    assert answer.success, answer.reason
+    assert label_names(answer.label_info) == ["chair", "table"]
+    assert classes_parameter(client) == ["chair", "table"]
+    assert streamed_names(client) == ["chair", "table"]
+
+
+def test_the_executor_serves_while_segment_runs(node):
+    """A ``~/segment`` request is held while its words are encoded: meanwhile the node takes
+    camera frames (counted), answers its parameters, ``~/enable``, a refused ``~/segment`` and a
+    refused ``~/set_vocabulary``; once it answers, frames are segmented with the stream's
+    vocabulary again."""
+    client, services, fault_dir, _ = node
+    held = fault_dir / "encoding_held"
+    future = services.segment_client.call_async(
+        segment_request(client.node, photo(), [f"{HOLD_WORD} sky", "grass"])
+    )
+    client.spin_until(held.exists, message="the ~/segment request held while encoding")
+    assert classes_parameter(client) == STREAM
+    assert client.enable(True).success
+    assert not services.segment(segment_request(client.node, None, ["sky"])).success
+    assert not services.set_vocabulary([]).success
+    frame = make_image(photo(), "rgb8", next_header(client.node))
+    client.publish_until_counted(frame, "frames received")
+    assert held.exists() and not future.done()  # all of the above while it was held
+    (fault_dir / "encoding_release").touch()
+    answer = wait_answer(client, future)
+    assert answer.success, answer.reason
+    assert label_names(answer.label_info) == [f"{HOLD_WORD} sky", "grass"]
+    assert streamed_names(client) == STREAM
+
+
+def test_the_managed_node_refuses_while_inactive_or_unconfigured(served, request):
+    """Inactive: ``~/segment`` is refused, a vocabulary is put in force (the worker runs).
+    A change still encoding at cleanup is answered then; unconfigured, both services refuse;
+    the next configure loads the vocabulary the parameters hold."""
+    if request.node.callspec.params["served"] != "lifecycle":
+        pytest.skip("the plain node has no lifecycle states")
+    client, services, fault_dir, _ = served
+    lifecycle = Lifecycle(client, "/ovss")
+    assert lifecycle.transition(Transition.TRANSITION_DEACTIVATE)
+    answer = services.segment(segment_request(client.node, photo(), ["sky"]))
+    assert not answer.success and "not active" in answer.reason, answer.reason
+    assert services.set_vocabulary(["cat", "bird"], "single", []).success
+    assert classes_parameter(client) == ["cat", "bird"]
+
+    held = fault_dir / "encoding_held"
+    future = services.set_client.call_async(vocabulary_request([f"{HOLD_WORD} owl", "bird"]))
+    client.spin_until(held.exists, message="the change held while encoding")
+    assert lifecycle.transition(Transition.TRANSITION_CLEANUP)
+    answer = wait_answer(client, future)
+    assert not answer.success and "next configure" in answer.reason, answer.reason
+    for refused in (
+        services.set_vocabulary(["eagle"]),
+        services.segment(segment_request(client.node, photo(), ["sky"])),
+    ):
+        assert not refused.success and "not configured" in refused.reason, refused.reason
+    assert classes_parameter(client) == [f"{HOLD_WORD} owl", "bird"]
+
+    (fault_dir / "encoding_release").touch()  # the configure encodes the held word once more
+    lifecycle.activate()
+    assert streamed_names(client) == [f"{HOLD_WORD} owl", "bird"]

@@ -63,6 +63,10 @@ MAX_QUEUED = 2  # ~/segment requests waiting for the worker; more are refused
 SETTLED_KEPT = 64  # settled changes remembered for answers registered late
 SUPERSEDED_TRIES = 3  # a ~/segment encoding stopped by a superseded change: tried again
 STOPPING = "the node is stopping: the request was not handled"
+STOPPED_BEFORE = (
+    "the node was cleaned up or shut down before the change was in force: the parameters hold "
+    "it, and the next configure loads it"
+)
 
 
 @dataclass
@@ -241,7 +245,7 @@ class VocabularyServices:
             waiters, self._waiters = self._waiters, []
             jobs, self._jobs = list(self._jobs), deque()
         for _, future in waiters:
-            future.set_result(("the node stopped before the change was in force", None))
+            future.set_result((STOPPED_BEFORE, None))
         for job in jobs:
             job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
 
