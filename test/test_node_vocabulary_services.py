@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import pytest
 import rclpy
-from fault_injection_node import HOLD_WORD, MODULE
+from diagnostic_msgs.msg import DiagnosticStatus
+from fault_injection_node import HOLD_WORD, MODULE, TRIGGER_WORD
 from lifecycle_msgs.msg import Transition
 from rclpy.parameter import Parameter
 from ros_harness import (
@@ -305,6 +306,30 @@ def test_the_executor_serves_while_segment_runs(node):
     assert answer.success, answer.reason
     assert label_names(answer.label_info) == [f"{HOLD_WORD} sky", "grass"]
     assert streamed_names(client) == STREAM
+
+
+def test_a_change_that_fails_while_preparing_is_answered_with_why(node):
+    """Accepted, then out of memory while encoding (injected): the answer says so, the old
+    vocabulary stays in force and the parameters are put back to it."""
+    client, services, _, _ = node
+    answer = services.set_vocabulary([f"{TRIGGER_WORD} cup", "plate"])
+    assert not answer.success
+    assert "out of memory" in answer.reason, answer.reason
+    assert label_names(answer.label_info) == STREAM
+    client.spin_until(lambda: classes_parameter(client) == STREAM, message="classes put back")
+    assert streamed_names(client) == STREAM
+
+
+def test_a_segment_request_that_fails_is_answered_and_counted(node):
+    client, services, _, _ = node
+    request = segment_request(client.node, photo(), [f"{TRIGGER_WORD} cup", "plate"])
+    answer = services.segment(request)
+    assert not answer.success
+    assert "out of memory" in answer.reason, answer.reason
+    status = client.wait_for_status(SEGMENT_STATUS, lambda v: int(v["failed"]) >= 1)
+    assert status.level == DiagnosticStatus.WARN
+    assert streamed_names(client) == STREAM
+    assert services.segment(segment_request(client.node, photo(), ["plate"])).success
 
 
 def test_the_managed_node_refuses_while_inactive_or_unconfigured(served, request):

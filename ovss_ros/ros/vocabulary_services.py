@@ -47,7 +47,7 @@ from ovss_ros.ros.label_info import label_info
 from ovss_ros.ros.log_text import describe, one_line
 from ovss_ros.ros.node_diagnostics import DIAGNOSTICS_PERIOD_S
 from ovss_ros.ros.processing import to_rgb8
-from ovss_ros.ros.request_guard import refusal
+from ovss_ros.ros.request_guard import RECENT_S, refusal
 from ovss_ros.ros.running import stop_event
 from ovss_ros.ros.service_requests import (
     RequestError,
@@ -78,6 +78,7 @@ class SegmentCounters:
     refused: int = 0
     failed: int = 0
     last_seconds: float | None = None  # the last request's time on the worker
+    last_failure: float = float("-inf")  # time.monotonic() of the last failed request
 
 
 @dataclass(eq=False)
@@ -264,11 +265,11 @@ class VocabularyServices:
             "queued": queued,
             "last request (s)": "n/a" if seconds is None else f"{seconds:.2f}",
         }
-        level = DiagnosticStatus.WARN if counters.failed else DiagnosticStatus.OK
+        recent = time.monotonic() - counters.last_failure <= RECENT_S
         status = DiagnosticStatus(
-            level=level,
+            level=DiagnosticStatus.WARN if recent else DiagnosticStatus.OK,
             name=f"{self._node.get_name()}: segment service",
-            message=f"{counters.failed} failed" if counters.failed else "ok",
+            message=f"a request failed in the last {RECENT_S:.0f} s" if recent else "ok",
             hardware_id=self._node._engine_state().loaded_device,
             values=[KeyValue(key=key, value=str(value)) for key, value in values.items()],
         )
@@ -326,6 +327,7 @@ class VocabularyServices:
                 raise
             except Exception as error:  # the request's own failure: the worker goes on
                 self.counters.failed += 1
+                self.counters.last_failure = time.monotonic()
                 answer = refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
             self.counters.last_seconds = time.monotonic() - start
             job.future.set_result(answer)
