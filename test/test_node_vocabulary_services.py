@@ -308,6 +308,32 @@ def test_the_executor_serves_while_segment_runs(node):
     assert streamed_names(client) == STREAM
 
 
+def test_segment_requests_beyond_the_queue_are_refused(node):
+    """One request held on the worker, MAX_QUEUED (2) waiting: the next is refused at once,
+    busy; once the held one is released, every accepted request is answered."""
+    client, services, fault_dir, _ = node
+    held = fault_dir / "encoding_held"
+    first = services.segment_client.call_async(
+        segment_request(client.node, photo(), [f"{HOLD_WORD} sky"])
+    )
+    client.spin_until(held.exists, message="the first ~/segment request held")
+    waiting = [
+        services.segment_client.call_async(segment_request(client.node, photo(), [word]))
+        for word in ("grass", "road")
+    ]
+    client.wait_for_status(SEGMENT_STATUS, lambda v: int(v["queued"]) == 2)
+    refused = services.segment(segment_request(client.node, photo(), ["tree"]))
+    assert not refused.success and "busy" in refused.reason, refused.reason
+    (fault_dir / "encoding_release").touch()
+    for future in (first, *waiting):
+        answer = wait_answer(client, future)
+        assert answer.success, answer.reason
+    assert [label_names(wait_answer(client, f).label_info) for f in waiting] == [
+        ["grass"],
+        ["road"],
+    ]
+
+
 def test_a_change_that_fails_while_preparing_is_answered_with_why(node):
     """Accepted, then out of memory while encoding (injected): the answer says so, the old
     vocabulary stays in force and the parameters are put back to it."""
