@@ -314,7 +314,7 @@ def test_segment_requests_beyond_the_queue_are_refused(node):
     client, services, fault_dir, _ = node
     held = fault_dir / "encoding_held"
     first = services.segment_client.call_async(
-        segment_request(client.node, photo(), [f"{HOLD_WORD} sky"])
+        segment_request(client.node, photo(), [f"{HOLD_WORD} kite"])  # never encoded before
     )
     client.spin_until(held.exists, message="the first ~/segment request held")
     waiting = [
