@@ -27,6 +27,7 @@ ROS_LIBRARIES = {
     "launch",
     "launch_ros",
     "lifecycle_msgs",
+    "ovss_interfaces",
     "rcl_interfaces",
     "rclpy",
     "rosbags",

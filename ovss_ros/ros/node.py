@@ -32,8 +32,8 @@ validate), ``transactions`` (accepted changes -> change encoder -> worker, rever
 ``change_encoder`` (the thread that prepares them), ``cameras`` (subscriptions, publishers, QoS,
 mask topics), ``frames`` (frame accounting), ``worker`` (the newest-frame buffer and the worker
 thread), ``processing`` (what the worker does with frames), ``node_diagnostics``
-(/diagnostics), ``undeclared`` (unknown parameter names), ``running`` (the process: signals,
-spin loop).
+(/diagnostics), ``undeclared`` (unknown parameter names), ``vocabulary_services``
+(``~/set_vocabulary``, ``~/segment``), ``running`` (the process: signals, spin loop).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from ovss_ros.ros.undeclared import (
     refuse_renamed_overrides,
     report_undeclared_overrides,
 )
+from ovss_ros.ros.vocabulary_services import VocabularyServices
 from ovss_ros.ros.worker import FrameBuffer, FrameWorker, stop_worker
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class SegmentationNodeMixin(UndeclaredRefusal):
         # The worker asks the executor thread to make and unmake mask topics (ExecutorWork).
         self._executor_work = ExecutorWork(self, on_error=self._on_executor_work_error)
         self.create_service(SetBool, "~/enable", self._on_enable)
+        self.typed_services = VocabularyServices(self, wake=lambda: self._buffer.wake())
         self.diagnostics = NodeDiagnostics(
             self, self.cameras, self.callback_faults, self._engine_state
         )
@@ -184,12 +186,11 @@ class SegmentationNodeMixin(UndeclaredRefusal):
         self.depth.open()
         self._publish_label_info()
         self._buffer = FrameBuffer()
-        # The engine's stop event (stop_event) is the worker's and the change encoder's too:
-        # set, it ends all three.
+        # The engine's stop event (stop_event) ends the worker and the change encoder too.
         self._worker = FrameWorker(
             self._buffer,
             self.processor.process,
-            self._apply_pending,
+            self.typed_services.between_frames(self._apply_pending),
             self._on_worker_error,
             stop=stop_event(self),
             start=self.segmenter.side.frame_thread if self.segmenter is not None else None,
@@ -234,6 +235,7 @@ class SegmentationNodeMixin(UndeclaredRefusal):
         changes, self._changes = self._changes, None
         stop_worker(worker, self.get_logger().warning)
         stop_change_encoder(changes, self.get_logger().warning)
+        self.typed_services.close()  # requests waiting for the worker: answered
         if self._executor_work is not None:  # mask topics the worker asked for: not needed now
             self._executor_work.cancel()
         self.cameras.close_outputs()
@@ -278,19 +280,16 @@ class SegmentationNodeMixin(UndeclaredRefusal):
         if "classes" in changes:
             self.cameras.check_mask_topics(settings.classes)
 
-    def _check_model_fit(
-        self, engine: EngineConfig, classes: list[ClassEntry] | None = None
-    ) -> None:
+    def _check_model_fit(self, engine: EngineConfig, classes: list[ClassEntry] | None = None):
         """What EngineConfig.validate cannot check: settings that depend on the loaded model's
-        patch size, and a vocabulary against what the loaded method can take (PnP-OVSS: the
-        prompt with every class within the VLM's text positions), nor can anyone before the
-        model is loaded: then the next configure does. Raises ValueError."""
+        patch size, a vocabulary against what the loaded method can take (PnP-OVSS: the prompt
+        within the VLM's text positions); before loading, the next configure does. ValueError."""
         if self.segmenter is not None:
             self.segmenter.check_config(engine, classes)
 
     def _clear_frames(self) -> None:
-        """Pausing or stopping: the frames waiting are dropped, and counted as such (a frame
-        already being published is not: it is counted when it is out)."""
+        """Pausing or stopping: the frames waiting are dropped and counted (one being
+        published is counted when it is out)."""
         self._buffer.clear()
         self.frames.drop_waiting()
 
@@ -314,9 +313,8 @@ class SegmentationNodeMixin(UndeclaredRefusal):
             self._changes.wake()
 
     def _apply_pending(self) -> None:
-        """Between two frames: put the prepared change in force, or settle its failure
-        (``ParameterTransactions.commit``), then say what changed and bring the mask topics and
-        label_info in line (also after a failed change)."""
+        """Between two frames: put the prepared change in force or settle its failure
+        (``transactions``), say so, update mask topics and label_info (also after a failure)."""
         changes = self._changes
         handover = changes.take() if changes is not None else None
         if handover is None:
@@ -332,11 +330,11 @@ class SegmentationNodeMixin(UndeclaredRefusal):
             self.get_logger().info(f"vocabulary: {names}")
         if self._update_masks():
             self._publish_label_info()
+        self.typed_services.settled(handover.accepted, failure)  # ~/set_vocabulary answered
 
     def _update_masks(self) -> bool:
-        """Have the executor's thread make the mask topics match the vocabulary in force, and
-        wait until it has: the next frame is published with them. False if the node stopped
-        first (nothing more is published then)."""
+        """Have the executor's thread make the mask topics match the vocabulary in force and
+        wait: the next frame is published with them. False if the node stopped first."""
         steps = self.cameras.mask_steps(self._wanted_masks())
         return self._executor_work.run(steps, stop_event(self))
 

@@ -100,6 +100,12 @@ class ParameterTransactions:
         self._reverting = False
         self._revert_guard: Any = None
 
+    @property
+    def acceptances(self) -> int:
+        """Accepted requests so far (reverts not counted): a Handover with ``accepted`` at
+        least this holds every change accepted until now."""
+        return self._acceptances
+
     def install(self) -> None:
         """Register the parameter callbacks, and the guard condition that lets the worker have
         the executor thread put parameters back (``revert``)."""

@@ -1,0 +1,76 @@
+"""Segment one image for a vocabulary of its own, leaving the Segmenter's vocabulary alone.
+
+What the node's ``~/segment`` service does with a request ("segment this frame for these
+words"): the method in force is copied for the request's words only, on the Segmenter's loaded
+models (CLIP, its text encoder and cache; DSLO's Stable Diffusion model, PnP-OVSS's VLM, a DeOP
+checkpoint: reused, never loaded again), with the settings in force (templates, background
+words, method settings). The copy segments the image and is dropped; the Segmenter's
+vocabulary, method and embeddings are never changed, so the streaming frames before and after
+are segmented as if the request had never come.
+
+Runs on the thread that segments the frames (the Segmenter is not thread-safe for that), between
+two frames. The text encoder may be encoding a change on the change encoder's thread meanwhile:
+a newer change superseding that one stops this encoding too (Stopped, its ``cancel`` being the
+encoder's stop while it runs): the caller tries again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ovss_ros.core.method_pipelines import Pipeline, build_pipeline
+from ovss_ros.core.methods.dense.method import DenseMethod
+from ovss_ros.core.segmentation import Segmentation, check_rgb
+from ovss_ros.core.segmenter import Segmenter
+from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, check_query_count
+
+
+def check_words(segmenter: Segmenter, classes: Sequence[ClassEntry]) -> None:
+    """Refuse ``classes`` (parsed, ``parse_classes``) for a one-off segmentation with the
+    settings in force, before anything is encoded: none, too many queries with the background
+    words, a prompt CLIP's text model would cut, a prompt the method's model cannot take
+    (PnP-OVSS's VLM). Raises VocabularyError (a ValueError) with the reason."""
+    if not classes:
+        raise VocabularyError("no words: give at least one")
+    config = segmenter.config
+    check_query_count(list(classes), config.background_words)
+    segmenter.check_config(config, list(classes))
+
+
+def segment_with_words(
+    segmenter: Segmenter, rgb: np.ndarray, classes: Sequence[ClassEntry]
+) -> Segmentation:
+    """Segment ``rgb`` (HxWx3 uint8) into ``classes`` (parsed) with the method and settings in
+    force, changing nothing of ``segmenter``; labels (HxW uint8 or uint16) and confidence (HxW
+    float32) as ``Segmenter.segment``.
+
+    Raises VocabularyError (``check_words``), ValueError for a bad image, Stopped (the node's
+    stop, or a superseded change's encoding beside it), or what the text tower or the forward
+    pass raise (e.g. out of memory).
+    """
+    check_words(segmenter, classes)
+    check_rgb(rgb)
+    method = word_method(segmenter, list(classes))
+    with torch.inference_mode(), segmenter.side.frames():
+        return method.segment_many([rgb])[0]
+
+
+def word_method(segmenter: Segmenter, classes: list[ClassEntry]) -> DenseMethod | Pipeline:
+    """A method like the one in force, ready for ``classes``, sharing the loaded models."""
+    config, current = segmenter.config, segmenter.method
+    if isinstance(current, DenseMethod):
+        method = DenseMethod(segmenter.clip, segmenter.text, config, segmenter.stop)
+        # The Stable Diffusion model in force (DSLO's sd2 affinity) is shared, never reloaded;
+        # the copy is dropped without ``release``, which would free it.
+        method.sd2, method._sd2_key = current.sd2, current._sd2_key
+        prepared = method.prepare(config, classes, True, segmenter._attempt)
+        method.commit(prepared)  # the copy's state only (the templates are those in force)
+        return method
+    return segmenter._attempt(
+        lambda: build_pipeline(
+            config, segmenter.clip, segmenter.text, classes, current, segmenter.stop
+        )
+    )

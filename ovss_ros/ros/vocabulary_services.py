@@ -1,0 +1,376 @@
+"""The node's typed services (ovss_interfaces): ``~/set_vocabulary`` and ``~/segment``.
+
+``~/set_vocabulary`` (SetVocabulary) stands for one ``set_parameters_atomically`` request on
+``classes``, ``templates`` and ``background_words`` (``service_requests.vocabulary_parameters``)
+and goes through the node's own parameter path (``transactions``): the same validation and
+reasons, all of it or nothing, and ``ros2 param get`` shows what the service set; a parameter
+change racing it is merged or queued like any other, so one whole state is in force after both.
+The answer comes once the change is in force (put in force by the worker between two frames,
+after the change encoder prepared it) or has failed: the callback is a coroutine awaiting an
+rclpy Future that the worker completes, in a callback group of its own (a waiting coroutine
+holds its group), so the executor thread serves frames, parameters and the other services
+meanwhile.
+
+``~/segment`` (Segment) segments one image for the request's words with the method and settings
+in force, never touching the streaming vocabulary (``core.word_segmentation``). The request is
+checked on the executor thread (one image, words parsed and their prompts within the text
+model's limits), then queued for the worker, which runs it between two frames: behind at most
+the frames it is segmenting, ahead of the next. The image is bounded like a camera frame
+(``max_input_pixels``, from its declared size before decoding). At most MAX_QUEUED requests wait;
+more are refused. Its counters are on /diagnostics (``<node>: segment service``) once a request
+came.
+
+Neither service raises: whatever a request holds, it gets an answer (``success`` false and a
+reason), and an unexpected error is counted like any callback's (``request_guard``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
+from rclpy.parameter import Parameter
+from rclpy.task import Future
+
+from ovss_interfaces.srv import Segment, SetVocabulary
+from ovss_ros.core import ClassEntry, Stopped, parse_classes
+from ovss_ros.ros import parameters
+from ovss_ros.ros.image_conversion import float32_to_image, mono8_to_image, mono16_to_image
+from ovss_ros.ros.label_info import label_info
+from ovss_ros.ros.log_text import describe, one_line
+from ovss_ros.ros.node_diagnostics import DIAGNOSTICS_PERIOD_S
+from ovss_ros.ros.processing import to_rgb8
+from ovss_ros.ros.request_guard import RECENT_S, refusal
+from ovss_ros.ros.running import stop_event
+from ovss_ros.ros.service_requests import (
+    RequestError,
+    pixel_counts,
+    segment_image,
+    vocabulary_parameters,
+)
+
+if TYPE_CHECKING:
+    from rclpy.node import Node
+
+MAX_QUEUED = 2  # ~/segment requests waiting for the worker; more are refused
+SETTLED_KEPT = 64  # settled changes remembered for answers registered late
+SUPERSEDED_TRIES = 3  # a ~/segment encoding stopped by a superseded change: tried again
+STOPPING = "the node is stopping: the request was not handled"
+STOPPED_BEFORE = (
+    "the node was cleaned up or shut down before the change was in force: the parameters hold "
+    "it, and the next configure loads it"
+)
+
+
+@dataclass
+class SegmentCounters:
+    """``~/segment`` requests so far, by outcome (diagnostics)."""
+
+    received: int = 0
+    succeeded: int = 0
+    refused: int = 0
+    failed: int = 0
+    last_seconds: float | None = None  # the last request's time on the worker
+    last_failure: float = float("-inf")  # time.monotonic() of the last failed request
+
+
+@dataclass(eq=False)
+class _SegmentJob:
+    image: Any  # sensor_msgs Image or CompressedImage
+    classes: list[ClassEntry]
+    future: Future
+    header: Any = None
+    queued: float = field(default_factory=time.monotonic)
+
+
+class VocabularyServices:
+    """Serves ``~/set_vocabulary`` and ``~/segment`` for an ovss node (``SegmentationNodeMixin``).
+
+    The node calls ``between_frames`` (wrapping its change hook, for the worker), ``settled``
+    (worker: a change was put in force or failed) and ``close`` (executor: the worker is
+    stopping). ``wake``: makes the worker run ``between_frames`` soon (the frame buffer's wake).
+    """
+
+    def __init__(self, node: Node, wake: Callable[[], None]) -> None:
+        self._node = node
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[int, Future]] = []  # (acceptance, future of (failure, names))
+        self._settled: deque[tuple[int, str | None, list[str]]] = deque(maxlen=SETTLED_KEPT)
+        self._jobs: deque[_SegmentJob] = deque()
+        self.counters = SegmentCounters()
+        # A group of their own: a request awaiting the worker holds its callback group until
+        # answered, and the node's default group (mutually exclusive) serves the frames, the
+        # timers, the guard conditions and the other services. Reentrant: several requests may
+        # wait at once (the executor's one thread runs their callbacks in turn).
+        group = ReentrantCallbackGroup()
+        for srv_type, name, handler in (
+            (SetVocabulary, "~/set_vocabulary", self._set_vocabulary),
+            (Segment, "~/segment", self._segment),
+        ):
+            node.create_service(
+                srv_type, name, self._guarded(handler, srv_type, name), callback_group=group
+            )
+        self._diagnostics = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        node.create_timer(
+            DIAGNOSTICS_PERIOD_S,
+            self._publish_diagnostics,
+            clock=Clock(clock_type=ClockType.STEADY_TIME),
+        )
+
+    # Executor thread.
+
+    def _guarded(
+        self,
+        handler: Callable[[Any, Any], Coroutine[Any, Any, Any]],
+        srv_type: Any,
+        name: str,
+    ) -> Callable[[Any, Any], Coroutine[Any, Any, Any]]:
+        """``handler`` answering instead of raising (``request_guard.guarded``, for a coroutine;
+        marked so that ``guard_services`` leaves it as it is)."""
+        faults = self._node.callback_faults
+
+        async def call(request: Any, response: Any) -> Any:
+            try:
+                return await handler(request, response)
+            except Exception as error:
+                faults.record(f"service {name}", error)
+                return refusal(srv_type, request, f"the request could not be handled: {error}")
+
+        call.__wrapped__ = handler  # type: ignore[attr-defined]
+        return call
+
+    async def _set_vocabulary(
+        self, request: SetVocabulary.Request, response: SetVocabulary.Response
+    ) -> SetVocabulary.Response:
+        node = self._node
+        try:
+            changes = vocabulary_parameters(request)
+        except RequestError as error:
+            return self._vocabulary_answer(response, str(error))
+        if node.segmenter is None:
+            return self._vocabulary_answer(response, self._unconfigured())
+        wanted = [
+            Parameter(name, parameters.SPECS[name].type, value) for name, value in changes.items()
+        ]
+        result = node.set_parameters_atomically(wanted)
+        if not result.successful:
+            return self._vocabulary_answer(response, result.reason)
+        failure, names = await self._in_force(node.transactions.acceptances)
+        return self._vocabulary_answer(response, failure, names)
+
+    def _vocabulary_answer(
+        self, response: Any, failure: str | None, names: list[str] | None = None
+    ) -> SetVocabulary.Response:
+        """``success`` unless ``failure``; label_info: ``names``, or the vocabulary in force."""
+        response.success = failure is None
+        response.reason = one_line(failure or "")
+        segmenter = self._node.segmenter
+        if names is None:
+            names = [entry.name for entry in segmenter.classes] if segmenter is not None else []
+        threshold = segmenter.config.score_threshold if segmenter is not None else 0.0
+        header = response.label_info.header
+        header.stamp = self._node.get_clock().now().to_msg()
+        response.label_info = label_info(header, names, threshold)
+        return response
+
+    def _in_force(self, acceptance: int) -> Future:
+        """A Future of (failure or None, class names in force) for the change accepted as
+        ``acceptance``: done once the worker has put it in force or it failed."""
+        future = Future(executor=self._node.executor)
+        with self._lock:
+            done = next((s for s in self._settled if s[0] >= acceptance), None)
+            if done is None:
+                self._waiters.append((acceptance, future))
+        if done is not None:
+            future.set_result(done[1:])
+        return future
+
+    async def _segment(self, request: Segment.Request, response: Segment.Response) -> Any:
+        counters = self.counters
+        counters.received += 1
+        job, reason = self._segment_job(request)
+        if job is None:
+            counters.refused += 1
+            return refusal(Segment, request, reason)
+        self._wake()
+        answer = await job.future
+        if answer.success:
+            counters.succeeded += 1
+        elif answer.reason == STOPPING:
+            counters.refused += 1
+        return answer
+
+    def _segment_job(self, request: Segment.Request) -> tuple[_SegmentJob | None, str]:
+        """The request checked and queued for the worker, or (None, why it is refused)."""
+        node = self._node
+        try:
+            _, image = segment_image(request)
+            classes = parse_classes(list(request.words))
+            segmenter = node.segmenter
+            if segmenter is None:
+                return None, self._unconfigured()
+            if not node._running():
+                return None, f"not segmenting: {node._engine_state().not_enabled_reason}"
+            from ovss_ros.core.word_segmentation import check_words  # torch: loaded already
+
+            check_words(segmenter, classes)
+        except (RequestError, ValueError) as error:
+            return None, str(error)
+        job = _SegmentJob(image, classes, Future(executor=node.executor), image.header)
+        with self._lock:
+            if len(self._jobs) >= MAX_QUEUED:
+                return None, (
+                    f"busy: {len(self._jobs)} ~/segment requests wait already (at most "
+                    f"{MAX_QUEUED}); try again once one is answered"
+                )
+            self._jobs.append(job)
+        return job, ""
+
+    def _unconfigured(self) -> str:
+        return (
+            "the node is not configured (no model loaded): configure it first, or set the "
+            "classes parameter, which the next configure loads"
+        )
+
+    def close(self) -> None:
+        """The worker is stopping: every waiting request gets its answer now."""
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+            jobs, self._jobs = list(self._jobs), deque()
+        for _, future in waiters:
+            future.set_result((STOPPED_BEFORE, None))
+        for job in jobs:
+            job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
+
+    def _publish_diagnostics(self) -> None:
+        counters = self.counters
+        if not counters.received:  # no status until the service is used
+            return
+        with self._lock:
+            queued = len(self._jobs)
+        seconds = counters.last_seconds
+        values = {
+            "requests": counters.received,
+            "succeeded": counters.succeeded,
+            "refused": counters.refused,
+            "failed": counters.failed,
+            "queued": queued,
+            "last request (s)": "n/a" if seconds is None else f"{seconds:.2f}",
+        }
+        recent = time.monotonic() - counters.last_failure <= RECENT_S
+        status = DiagnosticStatus(
+            level=DiagnosticStatus.WARN if recent else DiagnosticStatus.OK,
+            name=f"{self._node.get_name()}: segment service",
+            message=f"a request failed in the last {RECENT_S:.0f} s" if recent else "ok",
+            hardware_id=self._node._engine_state().loaded_device,
+            values=[KeyValue(key=key, value=str(value)) for key, value in values.items()],
+        )
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self._node.get_clock().now().to_msg()
+        self._diagnostics.publish(array)
+
+    # Worker thread.
+
+    def between_frames(self, apply_pending: Callable[[], None]) -> Callable[[], None]:
+        """The worker's hook between two frames: ``apply_pending`` (the node's: put a prepared
+        change in force), then the waiting ``~/segment`` requests."""
+
+        def run() -> None:
+            try:
+                apply_pending()
+            except Exception as error:
+                self._fail_waiters(f"the change could not be confirmed: {describe(error)}")
+                raise
+            finally:
+                self.run_segment_jobs()
+
+        return run
+
+    def settled(self, accepted: int, failure: str | None) -> None:
+        """The change taken after ``accepted`` acceptances is in force (``failure`` None), or
+        failed: the ``~/set_vocabulary`` requests it holds get their answers."""
+        segmenter = self._node.segmenter
+        names = [entry.name for entry in segmenter.classes] if segmenter is not None else []
+        with self._lock:
+            self._settled.append((accepted, failure, names))
+            done = [future for number, future in self._waiters if number <= accepted]
+            self._waiters = [(n, f) for n, f in self._waiters if n > accepted]
+        for future in done:
+            future.set_result((failure, names))
+
+    def _fail_waiters(self, failure: str) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for _, future in waiters:
+            future.set_result((failure, None))
+
+    def run_segment_jobs(self) -> None:
+        """Segment the waiting ``~/segment`` requests, answering each."""
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            start = time.monotonic()
+            try:
+                answer = self._run_job(job)
+            except Stopped:
+                job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
+                raise
+            except Exception as error:  # the request's own failure: the worker goes on
+                self.counters.failed += 1
+                self.counters.last_failure = time.monotonic()
+                answer = refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
+            self.counters.last_seconds = time.monotonic() - start
+            job.future.set_result(answer)
+
+    def _run_job(self, job: _SegmentJob) -> Segment.Response:
+        from ovss_ros.core.word_segmentation import segment_with_words  # torch: loaded already
+
+        settings = self._node.transactions.applied_settings
+        segmenter = self._node.segmenter
+        if settings is None or segmenter is None:
+            return refusal(Segment, Segment.Request(), self._unconfigured())
+        try:
+            rgb = to_rgb8(job.image, settings.max_input_pixels)
+        except ValueError as error:  # ImageConversionError, ImageTooLarge: the request's fault
+            self.counters.refused += 1
+            return refusal(Segment, Segment.Request(), one_line(str(error)))
+        for _ in range(SUPERSEDED_TRIES):
+            try:
+                segmentation = segment_with_words(segmenter, rgb, job.classes)
+                break
+            except Stopped:
+                if stop_event(self._node).is_set():
+                    raise
+        else:
+            raise RuntimeError(
+                f"the words' encoding was stopped by {SUPERSEDED_TRIES} vocabulary changes "
+                "made meanwhile: try again"
+            )
+        return segment_response(segmentation, job.header, segmenter.config.score_threshold)
+
+
+def segment_response(segmentation: Any, header: Any, threshold: float) -> Segment.Response:
+    """A successful Segment answer for ``segmentation`` (``core.Segmentation``) with
+    ``header`` (the request image's): labels (mono8/mono16), confidence (32FC1), LabelInfo and
+    the pixels per class."""
+    labels = segmentation.labels
+    to_image = mono16_to_image if labels.dtype.itemsize == 2 else mono8_to_image
+    counts, unlabeled = pixel_counts(labels, len(segmentation.class_names))
+    return Segment.Response(
+        success=True,
+        labels=to_image(labels, header),
+        confidence=float32_to_image(segmentation.confidence, header),
+        label_info=label_info(header, segmentation.class_names, threshold),
+        pixel_counts=counts,
+        unlabeled_pixels=unlabeled,
+    )
