@@ -2,7 +2,8 @@
 the venv, its generated Python types have the documented fields, survive rclpy's CDR
 serialization unchanged, and carry a call between two processes over real DDS.
 
-The node does not serve these services yet: the server here is a stand-in process.
+The server here is a stand-in process (the node's own serving is tested in
+test_node_vocabulary_services.py).
 """
 
 from __future__ import annotations
