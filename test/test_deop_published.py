@@ -196,3 +196,35 @@ def test_two_stream_seen_classes_follow_the_releases_trainable_flag(deop, clip, 
     assert np.abs(result.confidence - other.confidence).max() > 1e-3
     with pytest.raises(ValueError, match="seen_classes must be a list of non-empty"):
         TwoStreamConfig(seen_classes=("",)).validate()
+
+
+def test_the_query_count_is_read_from_the_files_shapes(tmp_path, clip, voc_rgb):
+    """A release-layout file with 8 MaskFormer queries runs at the default settings (the count
+    comes from its shapes, not deop.proposals); deop.proposals 8 is accepted, another value is
+    refused naming the file's count; a file whose decoder slots disagree is refused."""
+    from ovss_ros.core.methods.deop.published_twostream import PublishedTwoStream
+    from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
+
+    state = released_file(tmp_path / "full.pth", clip.model)
+    state["sem_seg_head.predictor.query_embed.weight"] = state[
+        "sem_seg_head.predictor.query_embed.weight"][:8]  # fmt: skip
+    state["query_embedding.weight"] = state["query_embedding.weight"][:8]
+    path = tmp_path / "eight.pth"
+    torch.save({"model": state}, path)
+    deop = PublishedDeop(clip, DeopConfig(), checkpoint=str(path))
+    assert deop.released.proposals.arch.queries == 8 and "8 queries" in deop.describe()
+    deop.set_classes(CLASSES)
+    rgb = voc_rgb[0]
+    assert deop.prepare([rgb]).proposals.masks.shape[1] == 8
+    assert deop.segment(rgb).labels.shape == rgb.shape[:2]
+    deop.reconfigure(proposals=8)
+    with pytest.raises(ValueError, match=r"deop.proposals must be 8 with the DeOP file .*eight"):
+        deop.reconfigure(proposals=50)
+    assert deop.settings.proposals == 8  # nothing applied
+    two = PublishedTwoStream(clip, TwoStreamConfig(crop_batch=8), released=deop.released)
+    two.set_classes(CLASSES)
+    assert two.segment(rgb).labels.shape == rgb.shape[:2]
+    state["query_embedding.weight"] = state["query_embedding.weight"][:6]
+    torch.save({"model": state}, path)
+    with pytest.raises(ProposalWeightsError, match="6 slot queries .* proposal network 8"):
+        PublishedDeop(clip, DeopConfig(), checkpoint=str(path))

@@ -54,8 +54,7 @@ class PublishedTwoStream(ReleaseFrames, TwoStream):
         )
 
     def _check(self, settings: TwoStreamConfig, modules: DeopModules | None) -> None:
-        super()._check(settings, modules)
-        self.check_release(settings)
+        super()._check(self.check_release(settings), modules)
         width, text = self.released.proposals.arch.embedding_dim, self.clip.model.visual.output_dim
         if width != text:
             raise ValueError(
