@@ -41,7 +41,7 @@ def command(root: Path, output: Path, stage: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_the_command_runs_the_three_stages_in_the_release_order(planted, tmp_path):
+def test_the_command_runs_the_three_stages_in_the_release_order(planted, tmp_path, caplog):
     arch = tmp_path / "arch.json"
     arch.write_text(json.dumps(TINY_ARCH.to_dict()))
     small = ["--steps", "2", "--batch-size", "2", "--prompt-length", "4"]
@@ -82,6 +82,19 @@ def test_the_command_runs_the_three_stages_in_the_release_order(planted, tmp_pat
     )
     state = torch.load(deop / "training_state.pt", weights_only=True)
     assert state["step"] == 4 and state["stage"] == "deop"
+    # a resume with another proposal network of the same shapes is refused, the state kept
+    torch.manual_seed(11)
+    other = tmp_path / "other_proposals.pth"
+    write_detectron2(other, proposal_tensors(ProposalNetwork(TINY_ARCH)), 0)
+    before = (deop / "training_state.pt").read_bytes()
+    again = [*flags[:1], "6", *flags[2:], "--resume"]
+    again[again.index(network)] = str(other)
+    caplog.clear()
+    assert train_deop.main(command(planted, deop, "deop", *again)) == 2
+    error = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(error) == 1 and "was trained with another proposal network" in error[0], error
+    assert "resume with the proposal network (--proposal-network) the run started" in error[0]
+    assert (deop / "training_state.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize(
