@@ -553,6 +553,7 @@ def test_a_truncated_release_file_is_refused_as_unreadable_naming_both_formats(
         load_checkpoint(cut, tiny_clip)
     message = str(error.value)
     assert "unreadable or corrupt" in message and "not a torch.save archive" in message
+    assert message.count(str(cut)) == 1 and message.count("DeOP checkpoint") == 1, message
     assert (
         "copy it again (the DeOP release's model_final.pth, or a file from ovss-train-deop)"
         in message

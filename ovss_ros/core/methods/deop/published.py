@@ -63,11 +63,14 @@ def release_size(height: int, width: int, max_long_side: int) -> tuple[int, int]
     return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)  # a 1 x 10000 frame: 1 x 2048
 
 
-def load_release(path: str | None, clip: LoadedClip) -> ReleasedDeop:
-    """The release's file, checked against ``clip`` and moved to its device (ValueError)."""
+def load_release(
+    path: str | None, clip: LoadedClip, tensors: dict[str, torch.Tensor] | None = None
+) -> ReleasedDeop:
+    """The release's file, checked against ``clip`` and moved to its device (ValueError);
+    ``tensors``: its tensors read already (``released_tensors``)."""
     if not path:
         raise ValueError("the DeOP release's model file is needed (deop.checkpoint)")
-    released = load_released_deop(path)
+    released = load_released_deop(path, tensors)
     check_clip_weights(released, clip.model)
     return released.to(clip.device)
 

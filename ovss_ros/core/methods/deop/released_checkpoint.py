@@ -70,22 +70,33 @@ class ReleasedDeop:
         return self
 
 
-def is_released_file(path: str | Path) -> bool:
-    """Whether ``path`` looks like a detectron2 DeOP file rather than an ovss_ros checkpoint: a
-    ``torch.save`` dict without ovss_ros's ``format`` whose state dict has ``backbone.`` keys.
-    False for anything unreadable (the ovss_ros loader then says what is wrong)."""
+def released_tensors(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path`` (mapped from the file) when it looks like a detectron2 DeOP file
+    rather than an ovss_ros checkpoint: a ``torch.save`` dict without ovss_ros's ``format``
+    whose state dict has ``backbone.`` keys; None otherwise, and for anything unreadable (the
+    ovss_ros loader then says what is wrong). Give them to :func:`load_released_deop`, which
+    then does not read the file again."""
     try:
-        _, tensors = read_released(path)
+        _, tensors = read_released(path, "DeOP model file")
     except ProposalWeightsError:
-        return False
-    return any(key.startswith("backbone.") for key in tensors)
+        return None
+    return tensors if any(key.startswith("backbone.") for key in tensors) else None
 
 
-def load_released_deop(path: str | Path) -> ReleasedDeop:
-    """Read a released DeOP file (see the module docstring). Raises ProposalWeightsError: the
-    file checks of ``read_released``, a missing part, or a part whose keys or shapes do not
-    fit."""
-    path, tensors = read_released(path)
+def is_released_file(path: str | Path) -> bool:
+    """Whether ``path`` is a detectron2 DeOP file (:func:`released_tensors`)."""
+    return released_tensors(path) is not None
+
+
+def load_released_deop(
+    path: str | Path, tensors: dict[str, torch.Tensor] | None = None
+) -> ReleasedDeop:
+    """Read a released DeOP file (see the module docstring); ``tensors``: its tensors read
+    already (:func:`released_tensors`). Raises ProposalWeightsError: the file checks of
+    ``read_released``, a missing part, or a part whose keys or shapes do not fit."""
+    if tensors is None:
+        path, tensors = read_released(path, "DeOP model file")
+    path = Path(path).expanduser()
     trained = {
         key: value
         for key, value in tensors.items()
