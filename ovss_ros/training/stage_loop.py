@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ovss_ros.core.methods.deop.released_checkpoint import state_mismatch
 from ovss_ros.evaluation.confusion_metrics import ConfusionMatrix
 from ovss_ros.evaluation.evaluation_loop import read_rgb
 from ovss_ros.training.deop_data import TrainingData
@@ -173,6 +174,11 @@ def load_state(path: Path, stage: Stage) -> tuple[int, dict]:
     if not isinstance(step, int) or step < 0 or not isinstance(history, dict):
         raise StageStateError(f"{path}: its step or history is damaged: it cannot be resumed")
     check_inputs(path, state.get("inputs"), stage.frozen_inputs())
+    trainable = state.get("trainable")
+    if isinstance(trainable, dict):
+        reason = state_mismatch(stage.trainable().state_dict(), trainable, "this run")
+        if reason:
+            raise StageStateError(f"{path} does not fit this run (trainable tensors: {reason})")
     try:
         stage.trainable().load_state_dict(state["trainable"])
         stage.optimizer.load_state_dict(state["optimizer"])
