@@ -298,14 +298,14 @@ def test_the_two_stream_seen_classes_are_the_releases_trainable_flag():
     """The release's ``trainable_flag`` per data set (register_coco_stuff.py: the 156 base
     classes; register_voc_seg.py ``voc_sem_seg_test``: the 20 VOC classes but indices 15-19,
     pottedplant, sheep, sofa, train, tvmonitor); none on the others (every class unseen)."""
-    from ovss_ros.cli.evaluate import seen_class_names
+    from ovss_ros.evaluation.class_splits import seen_class_names
 
     pairs = zip(OFFICIAL_IDS, OFFICIAL_NAMES, strict=True)
     novel = {name for coco_id, name in pairs if coco_id - 1 in OFFICIAL_NOVEL}
     for name, dataset in PROTOCOLS.items():
         builtin = METHOD_PROTOCOLS["deop"].for_dataset(dataset).class_file(dataset)
         names = load_vocabulary(dataset, builtin=builtin).label_names
-        seen = seen_class_names(dataset, names)
+        seen = seen_class_names(name, names, dataset.has_background)
         if name == "coco_stuff":
             assert len(novel) == 15 and set(seen) == set(OFFICIAL_NAMES) - novel
             assert len(seen) == 156
@@ -316,7 +316,7 @@ def test_the_two_stream_seen_classes_are_the_releases_trainable_flag():
             assert seen == (), name
     voc = load_vocabulary(PROTOCOLS["voc20"]).label_names
     with pytest.raises(ValueError, match=r"\['cat'\] name both a seen and an unseen class"):
-        seen_class_names(PROTOCOLS["voc20"], [*voc[:19], "cat"])
+        seen_class_names("voc20", [*voc[:19], "cat"])
 
 
 def test_ovss_eval_gives_two_stream_the_splits_seen_classes(tmp_path, capsys):

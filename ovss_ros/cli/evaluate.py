@@ -63,7 +63,7 @@ from ovss_ros.core.methods.pnp_ovss.presence_lists import lists_argument
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
-from ovss_ros.evaluation.class_splits import SPLITS, TRAINABLE_FLAGS, ClassSplit
+from ovss_ros.evaluation.class_splits import SPLITS, ClassSplit, seen_class_names
 from ovss_ros.evaluation.dataset_readers import layout_text
 from ovss_ros.evaluation.pnp_release import (
     CATEGORY_IDS,
@@ -212,25 +212,6 @@ def class_split(
     return SPLITS.get(protocol.name) if wanted else None
 
 
-def seen_class_names(protocol: DatasetProtocol, label_names: list[str]) -> tuple[str, ...]:
-    """The names of the data set's seen classes in the release's two-stream ensemble (its
-    ``trainable_flag``, ``class_splits.TRAINABLE_FLAGS``); () where the release has none (every
-    class unseen). ``label_names``: the scored labels' names (``EvaluationVocabulary``).
-    ValueError when a seen and an unseen class share a name (the setting names classes)."""
-    split = TRAINABLE_FLAGS.get(protocol.name)
-    if split is None:
-        return ()
-    first = 1 if protocol.has_background else 0
-    seen = [label_names[label] for label in split.seen(len(label_names)) if label >= first]
-    clash = sorted({label_names[label] for label in split.unseen} & set(seen))
-    if clash:
-        raise ValueError(
-            f"the class names {clash} name both a seen and an unseen class of the "
-            f"{split.name} split: the two-stream ensemble needs them apart"
-        )
-    return tuple(seen)
-
-
 def engine_config(
     args: argparse.Namespace,
     background_words: tuple[str, ...],
@@ -348,7 +329,8 @@ def score(args: argparse.Namespace, protocol: DatasetProtocol, method: MethodPro
             writable_folder(args.output.expanduser().absolute().parent, "--output")
         config = engine_config(args, vocabulary.background_words, method)
         if config.method == "twostream" and not config.twostream.seen_classes:
-            seen = seen_class_names(protocol, vocabulary.label_names)
+            names, background = vocabulary.label_names, vocabulary.has_background
+            seen = seen_class_names(protocol.name, names, background)
             config = config.replace({"twostream.seen_classes": seen})
         config.validate()
         lists = checked_lists(args, config.method, protocol, reader, len(vocabulary.classes))

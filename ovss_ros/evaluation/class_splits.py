@@ -92,3 +92,25 @@ VOC_15_5 = ClassSplit(
 TRAINABLE_FLAGS: Mapping[str, ClassSplit] = MappingProxyType(
     {split.dataset: split for split in (COCO_STUFF_156_15, VOC_15_5)}
 )
+
+
+def seen_class_names(
+    dataset: str, label_names: list[str], has_background: bool = False
+) -> tuple[str, ...]:
+    """The names of data set ``dataset``'s seen classes in the release's two-stream ensemble
+    (its ``trainable_flag``, ``TRAINABLE_FLAGS``); () where the release has none (every class
+    unseen). ``label_names``: the scored labels' names, label 0 background when
+    ``has_background``. ValueError when a seen and an unseen class share a name (the setting,
+    ``twostream.seen_classes``, names classes)."""
+    split = TRAINABLE_FLAGS.get(dataset)
+    if split is None:
+        return ()
+    first = 1 if has_background else 0
+    seen = [label_names[label] for label in split.seen(len(label_names)) if label >= first]
+    clash = sorted({label_names[label] for label in split.unseen} & set(seen))
+    if clash:
+        raise ValueError(
+            f"the class names {clash} name both a seen and an unseen class of the "
+            f"{split.name} split: the two-stream ensemble needs them apart"
+        )
+    return tuple(seen)
