@@ -9,6 +9,17 @@ queries), CLIP ViT-B/16 with the learned positions, the slot-query decoder, the 
 per mask crop and the ensemble (PublishedTwoStream). Rounds are interleaved (deop, twostream,
 deop, ...) so that a machine's load falls on both; the medians and their ratio are printed.
 The paper: 4.37 (DeOP) vs 1.11 (two-stream) FPS on COCO-Stuff on a GPU, a ratio of 3.9.
+
+    python benchmarks/deop_release_speed.py --write /tmp/release
+    ovss-bench --model ViT-B-16 --pretrained /tmp/release/clip.pt --device cpu \
+        --deop-checkpoint /tmp/release/model_final.pth --combos deop twostream \
+        --templates single --width 640 --height 480 --warmup 1 --iterations 2
+
+``--write DIR`` writes those random parts as a file in the release's layout
+(``DIR/model_final.pth``, detectron2 names, as ``ovss-train-deop`` writes it) and the random
+CLIP it was made with (``DIR/clip.pt``, the weights the file's CLIP must equal), so that the
+tools run the release through their own loading: ``ovss-bench`` then times ``deop`` and
+``twostream`` in interleaved rounds, and its ``/first`` column is the ratio to ``deop``.
 """
 
 from __future__ import annotations
@@ -29,6 +40,15 @@ from ovss_ros.core.methods.deop.heads import DeopModules
 from ovss_ros.core.methods.deop.maskformer import R101C, ProposalNetwork
 from ovss_ros.core.methods.deop.published import PublishedDeop
 from ovss_ros.core.methods.deop.published_twostream import PublishedTwoStream
+from ovss_ros.core.methods.deop.release_writer import (
+    clip_tensors,
+    decoder_tensors,
+    position_tensors,
+    prompt_tensor,
+    proposal_tensors,
+    void_tensor,
+    write_detectron2,
+)
 from ovss_ros.core.methods.deop.released import LearnedPositions
 from ovss_ros.core.methods.deop.released_checkpoint import ReleasedDeop
 from ovss_ros.core.methods.deop.run_config import DeopConfig, TwoStreamConfig
@@ -70,6 +90,28 @@ def random_release(clip) -> ReleasedDeop:
     return released.to(clip.device)
 
 
+def write_release(folder: Path, clip, released: ReleasedDeop) -> None:
+    """``folder/model_final.pth`` (the release's layout) and ``folder/clip.pt`` (the CLIP's
+    state dict, for ``--pretrained``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = released.modules
+    state = (
+        proposal_tensors(released.proposals)
+        | clip_tensors(clip.model)
+        | position_tensors(released.positions)
+        | decoder_tensors(modules.decoder)
+        | void_tensor(modules.void)
+        | prompt_tensor(modules.prompt.context)
+    )
+    write_detectron2(folder / "model_final.pth", state, 0)
+    torch.save(clip.model.state_dict(), folder / "clip.pt")
+    size = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+    print(
+        f"wrote {folder / 'model_final.pth'} ({len(state)} tensors, {size:.0f} MiB) and "
+        f"{folder / 'clip.pt'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16")
@@ -77,10 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", type=Path, help="write the release file and CLIP here; exit")
     args = parser.parse_args(argv)
+    torch.manual_seed(0)
     clip = load_clip(args.model, args.pretrained, args.device)
     sync = torch.cuda.synchronize if clip.device.type == "cuda" else (lambda: None)
     released = random_release(clip)
+    if args.write is not None:
+        write_release(args.write, clip, released)
+        return 0
     methods = {
         "deop": PublishedDeop(clip, DeopConfig(templates="single"), released=released),
         "twostream": PublishedTwoStream(

@@ -142,3 +142,89 @@ def test_two_stream_as_released_on_the_same_proposals(deop, clip, voc_rgb):
     np.testing.assert_allclose(result.confidence, (best / coverage[0, 0]).numpy(), atol=1e-5)
     deop_confidence = deop.segment(rgb).confidence
     assert not np.allclose(result.confidence, deop_confidence, atol=1e-3)  # another method
+
+
+def test_two_stream_seen_classes_follow_the_releases_trainable_flag(deop, clip, voc_rgb):
+    """``twostream.seen_classes``: the release's ``trainable_flag`` per class (the synonyms of
+    a seen entry seen too, background words unseen), against the official ensemble with that
+    flag; the labels differ from every class unseen."""
+    from test_deop_maskformer import official_ensemble
+
+    from ovss_ros.core.methods.deop.published_twostream import PublishedTwoStream
+    from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
+
+    classes = ["cat; kitten", "dog", "person", "sky"]
+    settings = TwoStreamConfig(crop_batch=16, seen_classes=("Cat", "dog"), background_words=(
+        "wall",))  # fmt: skip
+    two = PublishedTwoStream(clip, settings, released=deop.released)
+    two.set_classes(classes)
+    assert two.seen_rows().tolist() == [True, True, True, False, False, False]
+    rgb = voc_rgb[1]
+    result = two.segment(rgb)
+    unseen = PublishedTwoStream(
+        clip, TwoStreamConfig(crop_batch=16, background_words=("wall",)), released=deop.released
+    )
+    unseen.set_classes(classes)
+    with torch.no_grad():
+        frames = two.prepare([rgb])
+        texts = ["cat", "kitten", "dog", "person", "sky"]
+        rows = torch.cat([
+            two.class_embeddings(texts), two.text.embeddings(["wall"]),
+            F.normalize(two.modules.void, dim=-1),
+        ])  # fmt: skip
+        unit = F.normalize(frames.query_embeddings[0], dim=-1)
+        mask_cls = torch.softmax(100 * unit @ rows.T, dim=-1)[..., :-1]
+        image = frames.resized[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        masks = frames.proposals.masks[0]
+        crops, slots = two.crops(image, masks, torch.ones(len(masks), dtype=torch.bool))
+        clip_logits = 100 * F.normalize(clip.model.encode_image(crops), dim=-1) @ rows.T
+        valid = torch.zeros(len(masks), dtype=torch.bool)
+        valid[slots] = True
+        flag = [1, 1, 1, 0, 0, 0]  # cat, kitten, dog, person, sky, wall
+        probs = official_ensemble(mask_cls, clip_logits, valid, flag, 0.8)
+        labels = torch.stack([probs[:, :2].amax(1), probs[:, 2], probs[:, 3], probs[:, 4]], 1)
+        scores = torch.einsum("qc,qhw->chw", labels, masks)
+        resized = F.interpolate(scores[None], size=rgb.shape[:2], mode="bilinear")[0]
+        wall = F.interpolate(
+            torch.einsum("q,qhw->hw", probs[:, 5], masks)[None, None], size=rgb.shape[:2],
+            mode="bilinear",
+        )[0, 0]  # fmt: skip
+    best, expected = resized.max(dim=0)
+    expected[wall > best] = 255  # the background word wins: unlabeled
+    assert np.mean(result.labels == expected.numpy()) >= 0.9999
+    other = unseen.segment(rgb)  # every class unseen: other scores
+    assert np.abs(result.confidence - other.confidence).max() > 1e-3
+    with pytest.raises(ValueError, match="seen_classes must be a list of non-empty"):
+        TwoStreamConfig(seen_classes=("",)).validate()
+
+
+def test_the_query_count_is_read_from_the_files_shapes(tmp_path, clip, voc_rgb):
+    """A release-layout file with 8 MaskFormer queries runs at the default settings (the count
+    comes from its shapes, not deop.proposals); deop.proposals 8 is accepted, another value is
+    refused naming the file's count; a file whose decoder slots disagree is refused."""
+    from ovss_ros.core.methods.deop.published_twostream import PublishedTwoStream
+    from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
+
+    state = released_file(tmp_path / "full.pth", clip.model)
+    state["sem_seg_head.predictor.query_embed.weight"] = state[
+        "sem_seg_head.predictor.query_embed.weight"][:8]  # fmt: skip
+    state["query_embedding.weight"] = state["query_embedding.weight"][:8]
+    path = tmp_path / "eight.pth"
+    torch.save({"model": state}, path)
+    deop = PublishedDeop(clip, DeopConfig(), checkpoint=str(path))
+    assert deop.released.proposals.arch.queries == 8 and "8 queries" in deop.describe()
+    deop.set_classes(CLASSES)
+    rgb = voc_rgb[0]
+    assert deop.prepare([rgb]).proposals.masks.shape[1] == 8
+    assert deop.segment(rgb).labels.shape == rgb.shape[:2]
+    deop.reconfigure(proposals=8)
+    with pytest.raises(ValueError, match=r"deop.proposals must be 8 with the DeOP file .*eight"):
+        deop.reconfigure(proposals=50)
+    assert deop.settings.proposals == 8  # nothing applied
+    two = PublishedTwoStream(clip, TwoStreamConfig(crop_batch=8), released=deop.released)
+    two.set_classes(CLASSES)
+    assert two.segment(rgb).labels.shape == rgb.shape[:2]
+    state["query_embedding.weight"] = state["query_embedding.weight"][:6]
+    torch.save({"model": state}, path)
+    with pytest.raises(ProposalWeightsError, match="6 slot queries .* proposal network 8"):
+        PublishedDeop(clip, DeopConfig(), checkpoint=str(path))

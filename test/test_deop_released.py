@@ -373,6 +373,35 @@ def test_a_release_file_missing_a_part_is_refused_naming_it(tmp_path, release, d
         load_released_deop(path)
 
 
+def test_a_decoder_of_other_sizes_is_refused_naming_the_first_key_and_the_count(
+    tmp_path, release
+):
+    """Every norm of the decoder one wider than its layers: one short reason (the first key
+    that does not fit, how many), not load_state_dict's line per key."""
+    from ovss_ros.core.methods.deop.maskformer_weights import ProposalWeightsError
+    from ovss_ros.core.methods.deop.released_checkpoint import load_released_deop
+
+    state = dict(release[1])
+    norms = [k for k in state if k.startswith("decoder.") and "norm" in k]
+    for key in norms:
+        state[key] = torch.ones(state[key].shape[0] + 1)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ProposalWeightsError) as error:
+        load_released_deop(path)
+    message = str(error.value)
+    dim = state["query_embedding.weight"].shape[1]
+    assert len(norms) == 10  # 8 used: decoder.norm serves only the auxiliary losses
+    assert "(8 keys do not fit in all)" in message, message
+    assert f"decoder: 'layers.0.norms.0.weight' has shape ({dim + 1},), the decoder needs " \
+        f"({dim},)" in message  # fmt: skip
+    assert message.count("shape") == 1 and len(message) < len(str(path)) + 120, message
+    del state["decoder.layers.0.linear2.bias"]  # a missing key is named first
+    torch.save({"model": state}, path)
+    with pytest.raises(ProposalWeightsError, match=r"decoder: no 'layers.0.ffn.3.bias' \(9 keys"):
+        load_released_deop(path)
+
+
 CLIP_KEY = "clip_adapter.clip_model."
 POSITION = CLIP_KEY + "visual.learned_position"
 BLOCK_POSITION = CLIP_KEY + "visual.transformer.resblocks.1.learned_position"
@@ -418,6 +447,11 @@ MALFORMED = {
     "1-row learned position": (
         lambda s: {POSITION: torch.randn(1, 64), BLOCK_POSITION: torch.randn(1, 64)},
         "learned_position has shape \\(1, 64\\); a \\(1 \\+ n\\*n, width\\) table",
+    ),
+    "a block's learned position of another size than the input's": (
+        lambda s: {BLOCK_POSITION: torch.randn(17, 64)},
+        "learned positions: 'blocks.0' has shape \\(17, 64\\), the input table needs "
+        "\\(577, 64\\)$",
     ),
     "learned positions narrower than CLIP": (
         lambda s: {POSITION: torch.randn(577, 63), BLOCK_POSITION: torch.randn(577, 63)},
@@ -553,6 +587,7 @@ def test_a_truncated_release_file_is_refused_as_unreadable_naming_both_formats(
         load_checkpoint(cut, tiny_clip)
     message = str(error.value)
     assert "unreadable or corrupt" in message and "not a torch.save archive" in message
+    assert message.count(str(cut)) == 1 and message.count("DeOP checkpoint") == 1, message
     assert (
         "copy it again (the DeOP release's model_final.pth, or a file from ovss-train-deop)"
         in message

@@ -40,7 +40,14 @@ from ovss_ros.training.proposal_training import (
 )
 from ovss_ros.training.released_training import DeopStage
 from ovss_ros.training.set_criterion import hungarian_match, layer_losses, semantic_targets
-from ovss_ros.training.stage_loop import StageConfig, released_defaults, resize_short, run_stage
+from ovss_ros.training.stage_loop import (
+    StageConfig,
+    StageStateError,
+    fingerprint,
+    released_defaults,
+    resize_short,
+    run_stage,
+)
 
 TINY_ARCH = MaskFormerArchitecture(
     depth=50, stem="basic", res5_multi_grid=(1, 1, 1), conv_dim=32, mask_dim=32,
@@ -332,6 +339,37 @@ def test_the_deop_stage_resumes_exactly(planted, tmp_path):
     for name, value in released.proposals.state_dict().items():
         if not name.endswith("num_batches_tracked"):
             assert torch.equal(value, proposals.state_dict()[name]), name
+    # the frozen inputs are fingerprinted: another proposal network (same shapes) or another
+    # CLIP (same shapes) cannot resume the run; a state without fingerprints neither
+    state = torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=True)
+    assert set(state["inputs"]) == {"CLIP", "proposal network (--proposal-network)"}
+    torch.manual_seed(4)
+    other = deop_stage(clip, data, ProposalNetwork(TINY_ARCH).eval(), steps=8)
+    with pytest.raises(StageStateError, match=r"another proposal network \(--proposal-network\)"):
+        run_stage(other, other.config, tmp_path / "resumed", resume=True)
+    other_clip = tiny_clip()
+    other_clip.model.visual.proj.data += 1
+    other = deop_stage(other_clip, data, proposals, steps=8)
+    with pytest.raises(StageStateError, match="was trained with another CLIP"):
+        run_stage(other, other.config, tmp_path / "resumed", resume=True)
+    del state["inputs"]
+    torch.save(state, tmp_path / "resumed" / "training_state.pt")
+    with pytest.raises(StageStateError, match="records no fingerprints"):
+        run_stage(resumed, resumed.config, tmp_path / "resumed", resume=True)
+
+
+def test_the_fingerprint_sees_names_shapes_dtypes_and_values():
+    a = {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}
+    assert fingerprint(a) == fingerprint({"n": torch.tensor(3), "w": torch.arange(6.0).view(2, 3)})
+    for other in (
+        {**a, "w": a["w"].reshape(3, 2)},
+        {**a, "w": a["w"].double()},
+        {**a, "w": a["w"] + 1e-6},
+        {"v": a["w"], "n": a["n"]},
+        {"w": a["w"]},
+    ):
+        assert fingerprint(other) != fingerprint(a)
+    assert fingerprint(None) == "none"
 
 
 def test_the_released_r101c_round_trips_and_trains_a_step(planted, tmp_path):

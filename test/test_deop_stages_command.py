@@ -41,7 +41,7 @@ def command(root: Path, output: Path, stage: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_the_command_runs_the_three_stages_in_the_release_order(planted, tmp_path):
+def test_the_command_runs_the_three_stages_in_the_release_order(planted, tmp_path, caplog):
     arch = tmp_path / "arch.json"
     arch.write_text(json.dumps(TINY_ARCH.to_dict()))
     small = ["--steps", "2", "--batch-size", "2", "--prompt-length", "4"]
@@ -82,6 +82,61 @@ def test_the_command_runs_the_three_stages_in_the_release_order(planted, tmp_pat
     )
     state = torch.load(deop / "training_state.pt", weights_only=True)
     assert state["step"] == 4 and state["stage"] == "deop"
+    # a resume with another proposal network of the same shapes is refused, the state kept
+    torch.manual_seed(11)
+    other = tmp_path / "other_proposals.pth"
+    write_detectron2(other, proposal_tensors(ProposalNetwork(TINY_ARCH)), 0)
+    before = (deop / "training_state.pt").read_bytes()
+    again = [*flags[:1], "6", *flags[2:], "--resume"]
+    again[again.index(network)] = str(other)
+    caplog.clear()
+    assert train_deop.main(command(planted, deop, "deop", *again)) == 2
+    error = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(error) == 1 and "was trained with another proposal network" in error[0], error
+    assert "resume with the proposal network (--proposal-network) the run started" in error[0]
+    assert (deop / "training_state.pt").read_bytes() == before
+
+
+def test_help_lists_a_flags_defaults_only_for_the_stages_that_read_it():
+    """Each training flag's --help names the defaults of exactly the stages that take it; the
+    others refuse it (check_stage_flags), and the help says so by leaving them out."""
+    import re
+
+    from ovss_ros.training.stage_config import STAGES
+
+    parser = train_deop.build_parser()
+    samples = {"scale": ["1", "2"], "short_sides": ["64"], "loss": ["ce"],
+               "proposal_source": ["clusters"], "architecture": ["r50"],
+               "proposal_network": ["x.pth"], "prompt": ["p.pth"]}  # fmt: skip
+    flags = [
+        a for a in parser._actions
+        if a.dest in (*train_deop.HEAD_ONLY, *train_deop.RELEASED_ONLY, *train_deop.NOT_PROMPT,
+                      *train_deop.PROMPT_ONLY, "steps", "lr", "crop", "clip_norm")
+    ]  # fmt: skip
+    assert len(flags) >= 16
+    for action in flags:
+        value = [] if action.nargs == 0 else samples.get(action.dest, ["2"])
+        listed = re.search(r"\(default: (.*)\)$", " ".join(action.help.split()))
+        named = set() if listed is None else {p.split()[0] for p in listed[1].split("; ")}
+        for stage in (*STAGES, "head"):
+            args = train_deop.parse_args(
+                ["folder", "root", "--stage", stage, action.option_strings[0], *value]
+            )
+            try:
+                train_deop.check_stage_flags(args)
+                taken = True
+            except ValueError as error:
+                assert "does not apply to --stage " + stage in str(error)
+                taken = False
+            assert taken == (not train_deop.refused_by(action.dest, stage)), (action.dest, stage)
+            if listed is not None:
+                assert (stage in named) == taken, (action.dest, stage, action.help)
+    helps = {a.dest: " ".join(a.help.split()) for a in flags}
+    assert helps["per_class"] == "prompt: mask crops per class (default: prompt 32)"
+    assert helps["warmup_steps"] == "prompt: constant warm-up steps (default: prompt 100)"
+    assert helps["pad"] == "padded training input side (default: proposals 640; deop 512)"
+    assert "prompt" not in helps["val_size"] and helps["no_color_aug"].startswith(
+        "proposals, deop:")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -145,7 +200,7 @@ def test_a_damaged_or_foreign_state_is_refused(planted, tmp_path):
     state["trainable"] = {"context": torch.zeros(3, 3)}
     torch.save(state, run / "training_state.pt")
     done = run_tool("train_deop", *command(planted, run, "prompt", *small, "--resume"))
-    assert_refused(done, "does not fit this run")
+    assert_refused(done, "does not fit this run (trainable tensors: 'context' has shape (3, 3)")
     # a prompt file for another text width; a proposal network for another CLIP
     prompt = tmp_path / "prompt.pth"
     torch.save({"model": {"clip_adapter.prompt_learner.prefix_prompt": torch.zeros(4, 7)}}, prompt)

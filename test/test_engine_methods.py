@@ -399,3 +399,30 @@ def test_the_release_file_runs_the_published_methods_through_the_dispatch(
     other = "twostream" if method == "deop" else "deop"
     segmenter.reconfigure({}, method=other)
     assert segmenter.pipeline.core.released is core.released  # not loaded again
+
+
+def test_a_switch_to_the_release_reads_its_file_once(blip, tmp_path, monkeypatch):
+    """superpixel_clip -> deop with the release's file in deop.checkpoint: the file is read
+    once (it was read to tell it from an ovss_ros checkpoint, and again to load it)."""
+    from test_deop_released import released_file
+
+    from ovss_ros.core.methods.deop import released_checkpoint
+    from ovss_ros.core.methods.deop.published import PublishedDeop
+
+    torch.manual_seed(0)  # the CLIP ``make`` loads
+    clip = load_clip(str(TINY_VIT), "none", "cpu")
+    path = tmp_path / "model_final.pth"
+    released_file(path, clip.model)
+    segmenter = make(blip, method="superpixel_clip")
+    reads = []
+    original = released_checkpoint.read_released
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(released_checkpoint, "read_released", counted)
+    changes = {"deop.checkpoint": str(path), "deop.proposals": 100}
+    segmenter.reconfigure({}, method="deop", **changes)
+    assert isinstance(segmenter.pipeline.core, PublishedDeop)
+    assert reads == [str(path)]

@@ -18,6 +18,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_VIT, VOC_DIR, voc_image_paths
 from PIL import Image
 
@@ -291,3 +292,53 @@ def test_seen_unseen_is_refused_on_a_data_set_without_a_split(tmp_path, capsys):
         assert len(err) == 1 and "Traceback" not in err[0], err
         assert err[0].startswith(f"ovss-eval: error: --seen-unseen: {argv[0]} has no seen/unseen")
         assert "coco_stuff" in err[0]
+
+
+def test_the_two_stream_seen_classes_are_the_releases_trainable_flag():
+    """The release's ``trainable_flag`` per data set (register_coco_stuff.py: the 156 base
+    classes; register_voc_seg.py ``voc_sem_seg_test``: the 20 VOC classes but indices 15-19,
+    pottedplant, sheep, sofa, train, tvmonitor); none on the others (every class unseen)."""
+    from ovss_ros.evaluation.class_splits import seen_class_names
+
+    pairs = zip(OFFICIAL_IDS, OFFICIAL_NAMES, strict=True)
+    novel = {name for coco_id, name in pairs if coco_id - 1 in OFFICIAL_NOVEL}
+    for name, dataset in PROTOCOLS.items():
+        builtin = METHOD_PROTOCOLS["deop"].for_dataset(dataset).class_file(dataset)
+        names = load_vocabulary(dataset, builtin=builtin).label_names
+        seen = seen_class_names(name, names, dataset.has_background)
+        if name == "coco_stuff":
+            assert len(novel) == 15 and set(seen) == set(OFFICIAL_NAMES) - novel
+            assert len(seen) == 156
+        elif name == "voc20":
+            assert seen == tuple(names[:15])
+            assert (names[14], names[15]) == ("person", "pottedplant")
+        else:
+            assert seen == (), name
+    voc = load_vocabulary(PROTOCOLS["voc20"]).label_names
+    with pytest.raises(ValueError, match=r"\['cat'\] name both a seen and an unseen class"):
+        seen_class_names("voc20", [*voc[:19], "cat"])
+
+
+def test_ovss_eval_gives_two_stream_the_splits_seen_classes(tmp_path, capsys):
+    """ovss-eval --method twostream on the release's file and COCO-Stuff: the engine runs with
+    the 156 seen names in twostream.seen_classes; a given --twostream-seen-classes wins."""
+    from test_deop_released import released_file
+
+    from ovss_ros.core.clip.model_loading import load_clip
+
+    clip = load_clip(str(TINY_VIT), "none", "cpu", "fp32")
+    release = tmp_path / "model_final.pth"
+    released_file(release, clip.model)
+    weights = tmp_path / "clip.pt"  # the release's CLIP: the same random weights
+    torch.save(clip.model.state_dict(), weights)
+    root = write_coco_stuff(tmp_path / "coco_stuff164k", count=1)
+    output = tmp_path / "report.json"
+    argv = ["coco_stuff", str(root), "--method", "twostream", "--deop-checkpoint", str(release),
+            "--model", str(TINY_VIT), "--pretrained", str(weights), "--device", "cpu",
+            "--no-progress", "-o", str(output)]  # fmt: skip
+    assert evaluate.main(argv) == 0, capsys.readouterr().err[-2000:]
+    seen = json.loads(output.read_text())["engine"]["twostream.seen_classes"]
+    assert len(seen) == 156 and not set(seen) & set(COCO_STUFF_156_15.unseen.values())
+    assert "person" in seen and "tree" not in seen
+    assert evaluate.main([*argv, "--twostream-seen-classes", "person;tree"]) == 0
+    assert json.loads(output.read_text())["engine"]["twostream.seen_classes"] == ["person", "tree"]

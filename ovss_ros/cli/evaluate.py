@@ -11,18 +11,20 @@ sclip, clearclip and deop have their own, the other methods get ``standard``) on
 weights, short side, sliding window, probability threshold, logit scale, SCLIP's area
 threshold, PAMR, class names and background words (``ovss_ros.evaluation.protocol``).
 ``--protocol`` picks another method's protocol (``freecp``: FreeCP's settings, refinement and
-variant of the base method, e.g. ``--method sclip --protocol freecp``; ``dslo``: DSLO's published
-configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with
+variant of the base method, e.g. ``--method sclip --protocol freecp``; ``dslo``: DSLO's
+published configuration, ``config/dslo_paper.yaml``; give the Stable Diffusion model with
 ``--dslo-sd-model`` where the hub is not reachable; ``deop``, the default of ``--method deop``:
 DeOP's released evaluation, COCO-Stuff's 171 classes at short side 512, with the mIoU of its
 156 seen and 15 unseen classes and their harmonic mean, hIoU; ``--seen-unseen`` adds those to
-any protocol on coco_stuff; ``pnp_ovss``: PnP-OVSS as its release evaluates it, with
-``--presence-lists`` its per-image class lists, and the release's scoring printed beside the
-standard one, ``ovss_ros.evaluation.pnp_release``); ``--params-file`` reads engine settings
-from a params file over the protocol's; any engine flag overrides single settings
-(``--background-words`` replaces the data set's background words). Data sets: voc21,
-context60, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k, each read from the
-folder layout listed below (``ovss_ros.evaluation.dataset_readers.LAYOUTS``, docs/tools.md).
+any protocol on coco_stuff; ``--method twostream`` on the DeOP release's file runs the
+release's ensemble with the data set's seen classes in ``twostream.seen_classes``: COCO-Stuff's
+156, VOC20's 15, none elsewhere, unless given; ``pnp_ovss``: PnP-OVSS as its release evaluates
+it, with ``--presence-lists`` its per-image class lists, and the release's scoring printed
+beside the standard one, ``ovss_ros.evaluation.pnp_release``); ``--params-file`` reads engine
+settings from a params file over the protocol's; any engine flag overrides single settings
+(``--background-words`` replaces the data set's background words). Data sets: voc21, context60,
+coco_object, voc20, context59, coco_stuff, cityscapes, ade20k, each read from the folder layout
+listed below (``ovss_ros.evaluation.dataset_readers.LAYOUTS``, docs/tools.md).
 
 Exit status: 0 scored, 1 the report could not be written (the scores are printed first), 2 bad
 arguments, data set, files or settings (one line on stderr; a damaged image or label stops the
@@ -61,7 +63,7 @@ from ovss_ros.core.methods.pnp_ovss.presence_lists import lists_argument
 from ovss_ros.core.segmentation import Segmentation
 from ovss_ros.core.vocabulary import VocabularyError
 from ovss_ros.evaluation import PROTOCOLS, EvaluationResult, evaluate, get_protocol
-from ovss_ros.evaluation.class_splits import SPLITS, ClassSplit
+from ovss_ros.evaluation.class_splits import SPLITS, ClassSplit, seen_class_names
 from ovss_ros.evaluation.dataset_readers import layout_text
 from ovss_ros.evaluation.pnp_release import (
     CATEGORY_IDS,
@@ -326,6 +328,10 @@ def score(args: argparse.Namespace, protocol: DatasetProtocol, method: MethodPro
             not_an_input(args.output, [*inputs, *filter(None, [args.class_names])], "--output")
             writable_folder(args.output.expanduser().absolute().parent, "--output")
         config = engine_config(args, vocabulary.background_words, method)
+        if config.method == "twostream" and not config.twostream.seen_classes:
+            names, background = vocabulary.label_names, vocabulary.has_background
+            seen = seen_class_names(protocol.name, names, background)
+            config = config.replace({"twostream.seen_classes": seen})
         config.validate()
         lists = checked_lists(args, config.method, protocol, reader, len(vocabulary.classes))
         from ovss_ros.core.segmenter import Segmenter  # the model libraries: arguments checked

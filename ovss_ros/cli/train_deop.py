@@ -58,7 +58,17 @@ RELEASED_ONLY = (
     "proposal_network", "prompt",
 )  # fmt: skip
 PROMPT_ONLY = ("warmup_steps", "per_class")  # the released stages only stage prompt reads
-NOT_PROMPT = ("pad", "short_sides", "val_size")  # ... and those it does not read
+NOT_PROMPT = ("pad", "short_sides", "val_size", "no_color_aug")  # ... and those it does not read
+
+
+def refused_by(dest: str, stage: str) -> bool:
+    """Whether ``--stage stage`` refuses the flag of ``dest`` (it does not read it): what
+    ``check_stage_flags`` refuses and ``--help`` leaves out of the flag's defaults."""
+    if stage == "head":
+        return dest in RELEASED_ONLY or dest == "no_color_aug"
+    if dest in HEAD_ONLY:
+        return True
+    return dest in (NOT_PROMPT if stage == "prompt" else PROMPT_ONLY)
 
 
 def build_parser() -> ToolParser:
@@ -92,7 +102,9 @@ def build_parser() -> ToolParser:
     released.add_argument("--pad", type=int, help="padded training input side")
     released.add_argument("--short-sides", type=int, nargs="+", help="training short sides")
     released.add_argument("--clip-norm", type=float, help="full-model gradient clipping (0: off)")
-    released.add_argument("--no-color-aug", action="store_true", help="no SSD colour jitter")
+    released.add_argument(
+        "--no-color-aug", action="store_true", help="proposals, deop: no SSD colour jitter"
+    )
     released.add_argument("--warmup-steps", type=int, help="prompt: constant warm-up steps")
     released.add_argument("--per-class", type=int, help="prompt: mask crops per class")
     released.add_argument(
@@ -127,10 +139,12 @@ def stage_defaults(dest: str) -> str:
     )
     released = {f.name: f.default for f in fields(StageConfig)}
     parts = []
-    if dest in head and dest not in RELEASED_ONLY and dest != "seed":
+    if dest in head and not refused_by(dest, "head") and dest != "seed":
         parts.append(f"head {head[dest]}")
-    if dest in released and dest not in HEAD_ONLY and dest not in ("seed", "stage"):
+    if dest in released and dest not in ("seed", "stage"):
         for stage in STAGES:
+            if refused_by(dest, stage):
+                continue
             value = released_defaults(stage).get(dest, released[dest])
             if isinstance(value, tuple):
                 value = " ".join(str(v) for v in value) or "-"
@@ -143,22 +157,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_stage_flags(args: argparse.Namespace) -> None:
-    """ValueError for a flag the chosen stage does not read."""
-    wrong = HEAD_ONLY if args.stage != "head" else RELEASED_ONLY
-    for name in wrong:
-        if getattr(args, name) is not None:
+    """ValueError for a flag the chosen stage does not read (``refused_by``)."""
+    for name in (*HEAD_ONLY, *RELEASED_ONLY, *NOT_PROMPT, *PROMPT_ONLY):
+        value = getattr(args, name)
+        if value not in (None, False) and refused_by(name, args.stage):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} does not apply to --stage {args.stage}")
-    if args.stage == "head" and args.no_color_aug:
-        raise ValueError("--no-color-aug does not apply to --stage head")
-    if args.stage != "head":
-        wrong = NOT_PROMPT if args.stage == "prompt" else PROMPT_ONLY
-        for name in wrong:
-            if getattr(args, name) is not None:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} does not apply to --stage {args.stage}")
-        if args.stage == "prompt" and args.no_color_aug:
-            raise ValueError("--no-color-aug does not apply to --stage prompt")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:

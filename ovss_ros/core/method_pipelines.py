@@ -30,9 +30,9 @@ from ovss_ros.core.clip.text_encoding import TextEncoder
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.method_context import Loaded
 from ovss_ros.core.methods.deop.deop import Deop, SuperpixelClip
-from ovss_ros.core.methods.deop.published import PublishedDeop
+from ovss_ros.core.methods.deop.published import PublishedDeop, load_release
 from ovss_ros.core.methods.deop.published_twostream import PublishedTwoStream
-from ovss_ros.core.methods.deop.released_checkpoint import is_released_file
+from ovss_ros.core.methods.deop.released_checkpoint import released_tensors
 from ovss_ros.core.methods.deop.run_config import (
     DeopConfig,
     ProposalConfig,
@@ -298,8 +298,9 @@ def build_pipeline(
                 core = SuperpixelClip(clip, settings)
             elif previous_release is not None:  # the release's file, loaded already
                 core = released[method](clip, settings, released=previous_release)
-            elif not keep and checkpoint and is_released_file(checkpoint):
-                core = released[method](clip, settings, checkpoint=checkpoint)
+            elif not keep and checkpoint and (tensors := released_tensors(checkpoint)):
+                release = load_release(checkpoint, clip, tensors)  # the file read once
+                core = released[method](clip, settings, released=release)
             elif keep:
                 core = kind[method](clip, settings, modules=previous.core.modules)
                 core.checkpoint = previous.core.checkpoint

@@ -76,3 +76,41 @@ COCO_STUFF_156_15 = ClassSplit(
 
 # data set -> its split (ovss-eval refuses --seen-unseen on the others)
 SPLITS: Mapping[str, ClassSplit] = MappingProxyType({COCO_STUFF_156_15.dataset: COCO_STUFF_156_15})
+
+VOC_15_5 = ClassSplit(
+    "voc_15_5",
+    "voc20",
+    MappingProxyType({15: "pottedplant", 16: "sheep", 17: "sofa", 18: "train", 19: "tvmonitor"}),
+    "github.com/CongHan0808/DeOP: mask_former/data/datasets/register_voc_seg.py "
+    "(NOVEL_CLASS_NAMES: CLASS_NAMES indices 15-19)",
+)
+
+# data set -> the seen classes of the release's two-stream ensemble on it: the data sets the
+# release registers with a ``trainable_flag`` (its ``voc_sem_seg_test`` is voc20: the 20 VOC
+# classes, background ignored); on every other data set it has none and every class is unseen.
+# ovss-eval gives these to ``twostream.seen_classes``.
+TRAINABLE_FLAGS: Mapping[str, ClassSplit] = MappingProxyType(
+    {split.dataset: split for split in (COCO_STUFF_156_15, VOC_15_5)}
+)
+
+
+def seen_class_names(
+    dataset: str, label_names: list[str], has_background: bool = False
+) -> tuple[str, ...]:
+    """The names of data set ``dataset``'s seen classes in the release's two-stream ensemble
+    (its ``trainable_flag``, ``TRAINABLE_FLAGS``); () where the release has none (every class
+    unseen). ``label_names``: the scored labels' names, label 0 background when
+    ``has_background``. ValueError when a seen and an unseen class share a name (the setting,
+    ``twostream.seen_classes``, names classes)."""
+    split = TRAINABLE_FLAGS.get(dataset)
+    if split is None:
+        return ()
+    first = 1 if has_background else 0
+    seen = [label_names[label] for label in split.seen(len(label_names)) if label >= first]
+    clash = sorted({label_names[label] for label in split.unseen} & set(seen))
+    if clash:
+        raise ValueError(
+            f"the class names {clash} name both a seen and an unseen class of the "
+            f"{split.name} split: the two-stream ensemble needs them apart"
+        )
+    return tuple(seen)

@@ -42,7 +42,7 @@ from ovss_ros.evaluation.evaluation_loop import read_rgb
 from ovss_ros.training.deop_data import TrainingData
 from ovss_ros.training.proposal_training import class_names, to_images
 from ovss_ros.training.released_data import MaskCrops, class_pairs, collate_masks
-from ovss_ros.training.stage_loop import StageConfig, cosine_factor
+from ovss_ros.training.stage_loop import StageConfig, cosine_factor, fingerprint
 
 OUTPUT_NAME = "prompt.pth"
 LOGIT_SCALE = 100.0  # ClipAdapter.get_sim_logits' temperature
@@ -85,6 +85,12 @@ class PromptStage:
 
     def trainable(self) -> nn.Module:
         return self.prompt
+
+    def frozen_inputs(self) -> dict[str, str]:
+        """The frozen CLIP's fingerprint (``stage_loop.fingerprint``)."""
+        if not hasattr(self, "_inputs"):
+            self._inputs = {"CLIP": fingerprint(self.clip.model.state_dict())}
+        return self._inputs
 
     def dataset(self, length: int) -> MaskCrops:
         if self.pairs is None:  # reads every training label image once

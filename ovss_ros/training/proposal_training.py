@@ -60,6 +60,7 @@ from ovss_ros.training.released_data import SemanticCrops
 from ovss_ros.training.set_criterion import set_losses
 from ovss_ros.training.stage_loop import (
     StageConfig,
+    fingerprint,
     param_groups,
     poly_factor,
     segmentation_miou,
@@ -209,6 +210,17 @@ class ProposalStage:
 
     def trainable(self) -> nn.Module:
         return self.parts
+
+    def frozen_inputs(self) -> dict[str, str]:
+        """Fingerprints (``stage_loop.fingerprint``) of the frozen CLIP and the frozen prompt
+        context (``--prompt``; "none": the templates)."""
+        if not hasattr(self, "_inputs"):
+            prompt = None if self.prompt is None else self.prompt.state_dict()
+            self._inputs = {
+                "CLIP": fingerprint(self.clip.model.state_dict()),
+                "prompt (--prompt)": fingerprint(prompt),
+            }
+        return self._inputs
 
     def dataset(self, length: int) -> SemanticCrops:
         c = self.config

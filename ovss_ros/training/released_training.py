@@ -56,7 +56,13 @@ from ovss_ros.training.deop_data import TrainingData, collate
 from ovss_ros.training.deop_training import class_dice, focal_bce
 from ovss_ros.training.proposal_training import class_names, to_images
 from ovss_ros.training.released_data import SemanticCrops
-from ovss_ros.training.stage_loop import StageConfig, param_groups, poly_factor, segmentation_miou
+from ovss_ros.training.stage_loop import (
+    StageConfig,
+    fingerprint,
+    param_groups,
+    poly_factor,
+    segmentation_miou,
+)
 
 OUTPUT_NAME = "model_final.pth"
 OUTPUT_SIG = 3.0  # INPUT.OUTPUT_SIG
@@ -130,6 +136,16 @@ class DeopStage:
 
     def trainable(self) -> nn.Module:
         return self.parts
+
+    def frozen_inputs(self) -> dict[str, str]:
+        """Fingerprints (``stage_loop.fingerprint``) of the frozen CLIP and the frozen proposal
+        network (``--proposal-network``); the prompt only starts the trained one."""
+        if not hasattr(self, "_inputs"):
+            self._inputs = {
+                "CLIP": fingerprint(self.clip.model.state_dict()),
+                "proposal network (--proposal-network)": fingerprint(self.proposals.state_dict()),
+            }
+        return self._inputs
 
     def dataset(self, length: int) -> SemanticCrops:
         c = self.config

@@ -12,11 +12,12 @@ schedules and the full-model gradient clipping are detectron2's, as the release 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ovss_ros.core.methods.deop.released_checkpoint import state_mismatch
 from ovss_ros.evaluation.confusion_metrics import ConfusionMatrix
 from ovss_ros.evaluation.evaluation_loop import read_rgb
 from ovss_ros.training.deop_data import TrainingData
@@ -74,8 +76,24 @@ def param_groups(modules: dict[str, nn.Module], lr: float, weight_decay: float) 
     return groups
 
 
+def fingerprint(tensors: Mapping[str, torch.Tensor] | None) -> str:
+    """SHA-256 (hex) of named tensors: names, dtypes, shapes and values, in name order
+    ("none" for None): what identifies a frozen input of a stage across runs, whatever file
+    holds it."""
+    if tensors is None:
+        return "none"
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class Stage(Protocol):
-    """What :func:`run_stage` needs of a stage."""
+    """What :func:`run_stage` needs of a stage. ``frozen_inputs``: what the stage reads and
+    does not train, as ``{what: fingerprint}`` (the proposal network of stage deop, the prompt
+    of stage proposals), recorded in the state so that a resume with other inputs is refused."""
 
     name: str
     optimizer: torch.optim.Optimizer
@@ -87,6 +105,7 @@ class Stage(Protocol):
     def losses(self, batch: tuple) -> dict[str, torch.Tensor]: ...
     def validate(self, progress: bool) -> dict[str, float]: ...
     def write_output(self, output: Path, step: int) -> Path: ...
+    def frozen_inputs(self) -> dict[str, str]: ...
 
 
 def resize_short(rgb: np.ndarray, short: int) -> np.ndarray:
@@ -129,6 +148,7 @@ def _save_state(path: Path, stage: Stage, config: StageConfig, step: int, histor
         "history": history,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
         "trainable": {k: v.detach().cpu() for k, v in stage.trainable().state_dict().items()},
+        "inputs": stage.frozen_inputs(),
     }
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
@@ -153,6 +173,12 @@ def load_state(path: Path, stage: Stage) -> tuple[int, dict]:
     step, history = state.get("step"), state.get("history")
     if not isinstance(step, int) or step < 0 or not isinstance(history, dict):
         raise StageStateError(f"{path}: its step or history is damaged: it cannot be resumed")
+    check_inputs(path, state.get("inputs"), stage.frozen_inputs())
+    trainable = state.get("trainable")
+    if isinstance(trainable, dict):
+        reason = state_mismatch(stage.trainable().state_dict(), trainable, "this run")
+        if reason:
+            raise StageStateError(f"{path} does not fit this run (trainable tensors: {reason})")
     try:
         stage.trainable().load_state_dict(state["trainable"])
         stage.optimizer.load_state_dict(state["optimizer"])
@@ -161,6 +187,24 @@ def load_state(path: Path, stage: Stage) -> tuple[int, dict]:
         reason = " ".join(str(error).split())[:300]
         raise StageStateError(f"{path} does not fit this run ({reason})") from None
     return step, history
+
+
+def check_inputs(path: Path, recorded: object, given: dict[str, str]) -> None:
+    """StageStateError when the frozen inputs a state was trained with (``recorded``, as
+    ``Stage.frozen_inputs`` gave them) are not this run's (``given``), naming the first that
+    differs and both fingerprints."""
+    if not isinstance(recorded, dict):
+        raise StageStateError(
+            f"{path} records no fingerprints of its frozen inputs ({', '.join(given)}): it "
+            "cannot be told whether this run gives the same ones; start a new run"
+        )
+    for name in sorted(set(recorded) | set(given)):
+        before, now = recorded.get(name, "absent"), given.get(name, "absent")
+        if before != now:
+            raise StageStateError(
+                f"{path} was trained with another {name}: sha256 {str(before)[:12]}, this "
+                f"run's {str(now)[:12]}; resume with the {name} the run started with"
+            )
 
 
 def run_stage(

@@ -160,12 +160,14 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
         check_torch_archive(path, "DeOP checkpoint", MAX_CHECKPOINT_BYTES)
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # the unpickler and zip reader raise many types
-        reason = f"{type(error).__name__}: {str(error)[:300]}"
+        again = (
+            "copy it again (the DeOP release's model_final.pth, or a file from ovss-train-deop)"
+        )
         if isinstance(error, FileCheckError):  # it names the file and says what is wrong
-            reason = str(error)
+            raise CheckpointError(f"{error}: unreadable or corrupt, {again}") from None
         raise CheckpointError(
-            f"DeOP checkpoint {path} is unreadable or corrupt ({reason}): copy it again (the "
-            "DeOP release's model_final.pth, or a file from ovss-train-deop)"
+            f"DeOP checkpoint {path} is unreadable or corrupt ({type(error).__name__}: "
+            f"{str(error)[:300]}): {again}"
         ) from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(

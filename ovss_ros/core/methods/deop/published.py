@@ -22,6 +22,7 @@ size replaces ``short_side`` and says so at start-up.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 MIN_SIZE_TEST = 512  # INPUT.MIN_SIZE_TEST of deop_verifycoco.sh / deop_train.sh
 MAX_SIZE_TEST = 2560  # INPUT.MAX_SIZE_TEST
+DEFAULT_QUERIES = DeopConfig.proposals  # deop.proposals' default: the file's query count
 
 
 def release_size(height: int, width: int, max_long_side: int) -> tuple[int, int]:
@@ -61,11 +63,14 @@ def release_size(height: int, width: int, max_long_side: int) -> tuple[int, int]
     return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)  # a 1 x 10000 frame: 1 x 2048
 
 
-def load_release(path: str | None, clip: LoadedClip) -> ReleasedDeop:
-    """The release's file, checked against ``clip`` and moved to its device (ValueError)."""
+def load_release(
+    path: str | None, clip: LoadedClip, tensors: dict[str, torch.Tensor] | None = None
+) -> ReleasedDeop:
+    """The release's file, checked against ``clip`` and moved to its device (ValueError);
+    ``tensors``: its tensors read already (``released_tensors``)."""
     if not path:
         raise ValueError("the DeOP release's model file is needed (deop.checkpoint)")
-    released = load_released_deop(path)
+    released = load_released_deop(path, tensors)
     check_clip_weights(released, clip.model)
     return released.to(clip.device)
 
@@ -89,19 +94,24 @@ class ReleaseFrames:
         self.released = released or load_release(checkpoint, clip)
         super().__init__(clip, settings, modules=self.released.modules)
 
-    def check_release(self, settings) -> None:
-        """Refuse the settings the release fixes (ValueError)."""
+    def check_release(self, settings):
+        """Refuse the settings the release fixes (ValueError); ``settings`` with the file's
+        query count as ``proposals`` (read from its shapes: ``deop.proposals`` at its default,
+        100, takes it; any other value must equal it)."""
         queries = self.released.proposals.arch.queries
         if settings.proposal_source != "auto":
             raise ValueError(
                 "deop.proposal_source must be auto with the DeOP release: its proposals come "
                 "from its MaskFormer"
             )
-        if settings.proposals != queries:
+        if settings.proposals not in (queries, DEFAULT_QUERIES):
             raise ValueError(
-                f"deop.proposals must be {queries} with the DeOP release: its decoder has one "
-                f"slot per MaskFormer query (got {settings.proposals})"
+                f"deop.proposals must be {queries} with the DeOP file "
+                f"{self.released.source}: its MaskFormer has {queries} queries and its decoder "
+                f"one slot per query (got {settings.proposals}; the default, "
+                f"{DEFAULT_QUERIES}, takes the file's count)"
             )
+        return replace(settings, proposals=queries)
 
     def network_size(self, height: int, width: int) -> tuple[int, int]:
         return release_size(height, width, self.settings.max_long_side)
@@ -187,8 +197,7 @@ class PublishedDeop(ReleaseFrames, Deop):
         logger.info("%s", self.describe())
 
     def _check(self, settings: DeopConfig, modules: DeopModules | None) -> None:
-        super()._check(settings, modules)
-        self.check_release(settings)
+        super()._check(self.check_release(settings), modules)
         if settings.pooling == "mean":
             raise ValueError("deop.pooling must be auto or cal with the DeOP release (its CAL)")
         blocks = len(self.clip.model.visual.transformer.resblocks)

@@ -10,8 +10,10 @@ on the release's MaskFormer proposals.
    colour, resized to CLIP's input (bicubic), through CLIP: ``100 * cos`` with the same texts,
    softmax over the classes (void dropped before it); proposals with an empty mask keep 1;
 3. the geometric ensemble (:func:`~ovss_ros.core.methods.deop.maskformer.clip_ensemble`,
-   weight 0.8) with every class unseen (a robot's vocabulary has no training split: the
-   release's rule for a data set without ``trainable_flag``);
+   weight 0.8), a class seen where ``twostream.seen_classes`` names it (the release's
+   ``trainable_flag`` of the test data set: COCO-Stuff's 156 seen classes, VOC's 15; ovss-eval
+   gives these), every other class unseen (the release's rule for a data set without
+   ``trainable_flag``, which is a robot's vocabulary unless told);
 4. the release's semantic inference (:class:`~.published.ReleaseFrames`).
 
 Departure: the release classifies with the *proposal model's* learned prompt and "no object"
@@ -31,6 +33,7 @@ from ovss_ros.core.methods.deop.proposal_segmentation import VOID, Frames
 from ovss_ros.core.methods.deop.published import MIN_SIZE_TEST, ReleaseFrames
 from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
 from ovss_ros.core.methods.deop.twostream import TwoStream
+from ovss_ros.core.vocabulary import name_key
 
 
 class PublishedTwoStream(ReleaseFrames, TwoStream):
@@ -45,19 +48,28 @@ class PublishedTwoStream(ReleaseFrames, TwoStream):
         return (
             f"two-stream as released on {self.released.source}: MaskFormer proposals (ResNet-"
             f"{arch.depth}, {arch.queries} queries), one CLIP forward per mask crop, geometric "
-            f"ensemble with the proposals' classes (weight {CLIP_ENSEMBLE_WEIGHT}); input short "
+            f"ensemble with the proposals' classes (weight {CLIP_ENSEMBLE_WEIGHT}; "
+            f"{len(self.settings.seen_classes)} seen class names, the others unseen); input short "
             f"side {MIN_SIZE_TEST} (the release's)"
         )
 
     def _check(self, settings: TwoStreamConfig, modules: DeopModules | None) -> None:
-        super()._check(settings, modules)
-        self.check_release(settings)
+        super()._check(self.check_release(settings), modules)
         width, text = self.released.proposals.arch.embedding_dim, self.clip.model.visual.output_dim
         if width != text:
             raise ValueError(
                 f"the release's proposal classifier is {width} wide, this CLIP's text space "
                 f"{text}: set model ViT-B-16 and pretrained openai"
             )
+
+    def seen_rows(self) -> torch.Tensor:
+        """(text rows,) bool: whether each class text row (synonyms; background words last)
+        belongs to a class ``seen_classes`` names (compared as vocabulary names are,
+        ``name_key``); the ensemble's per-class ``trainable_flag``."""
+        seen = {name_key(name) for name in self.settings.seen_classes}
+        labels = [name_key(entry.name) in seen for entry in self.classes] + [False]
+        owner = self._owner[self._owner != VOID]
+        return torch.tensor(labels, dtype=torch.bool, device=owner.device)[owner]
 
     def scores(self, frames: Frames) -> torch.Tensor:
         keep = self._owner != VOID
@@ -84,6 +96,8 @@ class PublishedTwoStream(ReleaseFrames, TwoStream):
                 if embeddings
                 else rows.new_zeros((0, rows.shape[0]))
             )
-            ensemble = clip_ensemble(mask_cls[index], clip_logits, valid.to(mask_cls.device))
+            ensemble = clip_ensemble(
+                mask_cls[index], clip_logits, valid.to(mask_cls.device), self.seen_rows()
+            )
             probs[index][:, keep] = ensemble
         return self.semantic(probs, frames)

@@ -21,6 +21,7 @@ naming the file and the first key that does not fit.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,22 +71,33 @@ class ReleasedDeop:
         return self
 
 
-def is_released_file(path: str | Path) -> bool:
-    """Whether ``path`` looks like a detectron2 DeOP file rather than an ovss_ros checkpoint: a
-    ``torch.save`` dict without ovss_ros's ``format`` whose state dict has ``backbone.`` keys.
-    False for anything unreadable (the ovss_ros loader then says what is wrong)."""
+def released_tensors(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path`` (mapped from the file) when it looks like a detectron2 DeOP file
+    rather than an ovss_ros checkpoint: a ``torch.save`` dict without ovss_ros's ``format``
+    whose state dict has ``backbone.`` keys; None otherwise, and for anything unreadable (the
+    ovss_ros loader then says what is wrong). Give them to :func:`load_released_deop`, which
+    then does not read the file again."""
     try:
-        _, tensors = read_released(path)
+        _, tensors = read_released(path, "DeOP model file")
     except ProposalWeightsError:
-        return False
-    return any(key.startswith("backbone.") for key in tensors)
+        return None
+    return tensors if any(key.startswith("backbone.") for key in tensors) else None
 
 
-def load_released_deop(path: str | Path) -> ReleasedDeop:
-    """Read a released DeOP file (see the module docstring). Raises ProposalWeightsError: the
-    file checks of ``read_released``, a missing part, or a part whose keys or shapes do not
-    fit."""
-    path, tensors = read_released(path)
+def is_released_file(path: str | Path) -> bool:
+    """Whether ``path`` is a detectron2 DeOP file (:func:`released_tensors`)."""
+    return released_tensors(path) is not None
+
+
+def load_released_deop(
+    path: str | Path, tensors: dict[str, torch.Tensor] | None = None
+) -> ReleasedDeop:
+    """Read a released DeOP file (see the module docstring); ``tensors``: its tensors read
+    already (:func:`released_tensors`). Raises ProposalWeightsError: the file checks of
+    ``read_released``, a missing part, or a part whose keys or shapes do not fit."""
+    if tensors is None:
+        path, tensors = read_released(path, "DeOP model file")
+    path = Path(path).expanduser()
     trained = {
         key: value
         for key, value in tensors.items()
@@ -168,10 +180,10 @@ def _positions(clip_state: dict[str, torch.Tensor], path: Path) -> LearnedPositi
         key = f"visual.transformer.resblocks.{layer}.learned_position"
         state[f"blocks.{index}"] = clip_state.pop(key).float()
     clip_state.pop("visual.learned_position")
-    try:
-        positions.load_state_dict(state)
-    except RuntimeError as error:
-        raise ProposalWeightsError(f"{str(path)!r}: learned positions: {error}") from None
+    reason = state_mismatch(positions.state_dict(), state, "the input table")
+    if reason:
+        raise ProposalWeightsError(f"{str(path)!r}: learned positions: {reason}")
+    positions.load_state_dict(state)
     return positions
 
 
@@ -184,13 +196,46 @@ def _decoder(tensors: dict[str, torch.Tensor], path: Path) -> AnchorDecoder:
             dim, DECODER_HEADS, layers=len(layers), feedforward=feedforward, slots=slots
         )
         state = {k: v.float() for k, v in released_decoder_state(tensors).items()}
-        decoder.load_state_dict(state, strict=True)
     except KeyError as error:
         raise ProposalWeightsError(f"{str(path)!r} has no {error.args[0]!r}") from None
     except (RuntimeError, ValueError) as error:
-        reason = " ".join(str(error).split())[:400]
+        reason = " ".join(str(error).split())[:300]
         raise ProposalWeightsError(f"{str(path)!r}: decoder: {reason}") from None
+    reason = state_mismatch(decoder.state_dict(), state)
+    if reason:
+        raise ProposalWeightsError(f"{str(path)!r}: decoder: {reason}")
+    decoder.load_state_dict(state, strict=True)
     return decoder
+
+
+def state_mismatch(
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    needs: str = "the decoder",
+) -> str:
+    """The first key of ``state`` that does not fit a module's ``expected`` state dict
+    (missing, unexpected or of another shape, in that order; ``needs`` names what sets the
+    shape) and how many do not; "" when all fit. (``load_state_dict`` lists every one, hundreds
+    of lines for a file of another size.)"""
+    missing = [key for key in expected if key not in state]
+    extra = [key for key in state if key not in expected]
+    shaped = [
+        key for key in expected if key in state and state[key].shape != expected[key].shape
+    ]
+    count = len(missing) + len(extra) + len(shaped)
+    if not count:
+        return ""
+    if missing:
+        first = f"no {missing[0]!r}"
+    elif extra:
+        first = f"an unexpected {extra[0]!r}"
+    else:
+        key = shaped[0]
+        first = (
+            f"{key!r} has shape {tuple(state[key].shape)}, {needs} needs "
+            f"{tuple(expected[key].shape)}"
+        )
+    return first + (f" ({count} keys do not fit in all)" if count > 1 else "")
 
 
 def check_clip_weights(released: ReleasedDeop, model: nn.Module) -> None:

@@ -95,9 +95,15 @@ class TwoStreamConfig(ProposalConfig):
     """The two-stream baseline's settings (changeable between frames)."""
 
     crop_batch: int = 32  # crops per encode_image call, within the per-frame budget
+    # classes (by name) the release's proposal network was trained on: its ensemble's seen ones
+    seen_classes: tuple[str, ...] = ()
 
     def validate(self) -> None:
         super().validate()
+        if isinstance(self.seen_classes, str) or any(
+            not isinstance(name, str) or not name.strip() for name in self.seen_classes
+        ):
+            raise ValueError("seen_classes must be a list of non-empty class names")
         batch = self.crop_batch
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             check_int(batch, "crop_batch", 1, max_crop_batch())  # raises

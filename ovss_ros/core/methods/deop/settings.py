@@ -121,6 +121,16 @@ class TwoStreamSettings(Settings):
         budget=check_crop_batch,
         source="ovss_ros",
     )
+    seen_classes: tuple[str, ...] = setting(
+        (),
+        "names of the classes the DeOP release's proposal network was trained on (COCO-Stuff's "
+        "156 seen ones as released): with that file the ensemble weighs these classes' "
+        "proposal scores 0.8 and CLIP's 0.2, every other class the reverse; empty: every class "
+        "unseen (the release on a data set without a training split); ovss-eval gives the data "
+        "set's split unless set",
+        constraints="class names as the vocabulary's entries name them",
+        source=DEOP + " ZeroShotMaskFormer.semantic_inference (trainable_flag)",
+    )
 
 
 @dataclass(frozen=True)
