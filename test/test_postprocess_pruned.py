@@ -39,6 +39,7 @@ def small_budget(monkeypatch):
         name = f"ovss_ros.core.methods.dense.{module}.POSTPROCESS_ELEMENTS"
         monkeypatch.setattr(name, BUDGET)
     monkeypatch.setattr("ovss_ros.core.methods.dense.separable.BLOCK_ELEMENTS", BUDGET)
+    monkeypatch.setattr("ovss_ros.core.methods.dense.reduction.FOLD_ELEMENTS", 1 << 14)
 
 
 @pytest.fixture(scope="module")

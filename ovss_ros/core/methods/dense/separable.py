@@ -8,9 +8,10 @@ A_h (H, h) and A_w (W, w) the chain applied to the identity's columns by the sam
 ``F.interpolate`` calls (``resize_matrices``: the library's own coefficients).
 
 ``exp_sum`` adds ``sum_q exp(logit_scale * L_q - peak)`` over a chunk of queries, one block of
-output rows at a time: a GEMM gives the block's logits of every query of the chunk, which
-are shifted by the (known) peak in the same call, exponentiated and summed in place, so no
-buffer exceeds ``POSTPROCESS_ELEMENTS`` (about two such buffers at once).
+output rows at a time: a GEMM gives the block's logits of every query of the chunk relative to
+the resized maximum of the chunk's patch maps, which are exponentiated and summed in place; the
+shift to the peak is one factor per pixel. No buffer exceeds ``POSTPROCESS_ELEMENTS`` (about
+two such buffers at once, and one input-sized map of sums).
 The cost is one GEMM of k x H x W x h multiply-adds plus one exp per query and pixel, instead of
 two resizes writing two full-size maps per query.
 
