@@ -1,12 +1,18 @@
 """The pruned post-processing (full-resolution argmax work only for the queries that can win,
 one pass for the softmax's denominator) against the whole softmax written out from the formula.
 
-Random patch logits are fed straight into ``postprocess`` (1250 class queries, synonyms, background
+Random patch logits are fed straight into ``postprocess`` (250 class queries, synonyms, background
 words, ties, spikes at the edge of a pixel's support), for bilinear, JBU and PAMR, score and area
 thresholds, input frames larger and smaller than the network input. The reference brings every
 query's map to the input size at once (the same ``_to_input`` ops), scales them, takes the
 argmax over class queries (first maximum wins) and the softmax in float64. Labels must be equal;
-confidence within ``RTOL`` = 1e-6 relative (float32 exp and summation of 1253 terms).
+confidence within ``RTOL`` relative: the float32 running log-sum-exp over many chunks of queries
+(each chunk rescales the sum) drifts by up to ~1e-5 from float64, as the whole-map chunked
+``_reduce`` does at the same chunks (measured 9.5e-6 for both at logit scale 100, one thread).
+
+The frames are small and the memory bound (``POSTPROCESS_ELEMENTS``) is shrunk to match
+(``small_budget``), so every loop of the memory bound (chunks of queries, row blocks of the
+denominator's GEMMs) runs many times, as 1000 classes do on a camera frame.
 """
 
 import numpy as np
@@ -19,9 +25,21 @@ from ovss_ros.core import EngineConfig, Segmenter
 from ovss_ros.core.methods.dense import candidates, separable
 from ovss_ros.core.methods.dense.candidates import candidate_queries, support_radius
 from ovss_ros.core.methods.dense.separable import exp_sum, resize_matrices
+from ovss_ros.core.segmentation import label_dtype
 
-RTOL = 1e-6
-CLASSES = 1000  # every fourth with a synonym: 1250 class queries
+RTOL = 2e-5  # float32 log-sum-exp of many chunks (module docstring)
+CLASSES = 200  # every fourth with a synonym: 250 class queries
+BUDGET = 1 << 18  # float32 elements of a chunk: a few queries of a frame below (many chunks)
+
+
+@pytest.fixture(autouse=True)
+def small_budget(monkeypatch):
+    """The memory bound shrunk with the frames, so that the chunked loops run many times."""
+    for module in ("postprocess", "separable"):
+        name = f"ovss_ros.core.methods.dense.{module}.POSTPROCESS_ELEMENTS"
+        monkeypatch.setattr(name, BUDGET)
+    monkeypatch.setattr("ovss_ros.core.methods.dense.separable.BLOCK_ELEMENTS", BUDGET)
+    monkeypatch.setattr("ovss_ros.core.methods.dense.reduction.FOLD_ELEMENTS", 1 << 14)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +84,8 @@ def formula(method, encoded, logits, size):
     if banned.all():
         confidence = torch.zeros_like(confidence)
     rejected = background | (confidence < config.score_threshold)
-    return labels.masked_fill(rejected, 65535).numpy(), confidence.float().numpy()
+    unlabeled = int(np.iinfo(label_dtype(classes)).max)
+    return labels.masked_fill(rejected, unlabeled).numpy(), confidence.float().numpy()
 
 
 def random_logits(method, encoded, seed, spread=0.05, offsets=0.0):
@@ -82,14 +101,14 @@ def random_logits(method, encoded, seed, spread=0.05, offsets=0.0):
     for _ in range(20):  # single-patch spikes: a class that wins only at its spike
         q, y, x = (int(torch.randint(n, (1,), generator=generator)) for n in (queries, h, w))
         logits[0, q, y, x] += 4 * spread
-    logits[0, 700] = logits[0, 9]  # an exact tie between two classes: the first query wins
-    logits[0, 1200] = logits[0, 20]
+    logits[0, 140] = logits[0, 9]  # an exact tie between two classes: the first query wins
+    logits[0, 240] = logits[0, 20]
     return logits
 
 
-LARGER, SMALLER, TALL = (331, 419), (90, 130), (400, 120)
+LARGER, SMALLER, TALL = (197, 263), (90, 130), (260, 90)
 SAME, ODD = (160, 240), (97, 333)  # the network input's own size; odd, wide and small
-CASES = {  # settings, input (H, W); PAMR on 1253 full-size maps is slow: smaller frames there
+CASES = {  # settings, input (H, W); PAMR on 253 full-size maps is slow: smaller frames there
     "bilinear-larger": ({}, LARGER),
     "bilinear-smaller": ({}, SMALLER),
     "bilinear-tall": ({}, TALL),
@@ -124,7 +143,7 @@ def test_pruned_postprocess_equals_the_formula(wide, voc_rgb, settings, shape):
         method = wide.method
         with torch.inference_mode():
             encoded = method.encode(method.preprocess(rgb))
-            for seed, offsets in ((0, 0.0), (1, 0.0), (2, 0.03)):
+            for seed, offsets in ((0, 0.0), (2, 0.03)):  # many candidates; most in the GEMMs
                 logits = random_logits(method, encoded, seed, offsets=offsets)
                 want_labels, want_confidence = formula(method, encoded, logits, shape)
                 got = method.postprocess(encoded, logits, None, shape)
@@ -135,7 +154,7 @@ def test_pruned_postprocess_equals_the_formula(wide, voc_rgb, settings, shape):
         wide.reconfigure(**base)
 
 
-@pytest.mark.parametrize("chunk", [1, 1000])
+@pytest.mark.parametrize("chunk", [1, 300])
 def test_ties_go_to_the_first_query(wide, voc_rgb, monkeypatch, chunk):
     """Two classes with the same logits everywhere: the first labels every pixel it wins, also
     when they are in different chunks of queries."""
@@ -145,14 +164,14 @@ def test_ties_go_to_the_first_query(wide, voc_rgb, monkeypatch, chunk):
         encoded = method.encode(method.preprocess(rgb))
         logits = random_logits(method, encoded, 3) * 0
         logits[0, 5] += 1.0
-        logits[0, 600] += 1.0  # owner 480, a later class, equal everywhere
+        logits[0, 200] += 1.0  # owner 160, a later class, equal everywhere
         got = method.postprocess(encoded, logits, None, rgb.shape[:2])
     owner = int(method._query_owner[5])
     assert (got.labels == owner).all()
 
 
 def test_pruning_drops_most_queries_and_keeps_every_winner(wide, voc_rgb):
-    """The candidates are a small part of 1250 class queries, and they hold the argmax of the
+    """The candidates are a small part of 250 class queries, and they hold the argmax of the
     full-resolution maps at every pixel (brute force, bilinear and PAMR radii)."""
     method, rgb = wide.method, voc_rgb[1]
     with torch.inference_mode():
@@ -173,7 +192,7 @@ def test_pruning_drops_most_queries_and_keeps_every_winner(wide, voc_rgb):
 def test_a_narrow_radius_or_no_margin_would_be_wrong(wide, voc_rgb, monkeypatch):
     """The guards are needed: with radius 0 (no support beyond a pixel's own cell) the pruned
     labels differ from the formula, so the test above can fail."""
-    method, rgb = wide.method, voc_rgb[2]
+    method, rgb = wide.method, resized(voc_rgb[2], LARGER)
     monkeypatch.setattr("ovss_ros.core.methods.dense.postprocess.support_radius", lambda *args: 0)
     with torch.inference_mode():
         encoded = method.encode(method.preprocess(rgb))
@@ -194,10 +213,10 @@ def test_banned_queries_are_never_candidates():
 
 
 GEOMETRIES = {  # patch grid, window / resized image, input: larger, smaller, odd, tall, same
-    "larger": ((10, 13), (160, 208), (331, 419)),
+    "larger": ((10, 13), (160, 208), (203, 277)),
     "smaller": ((10, 14), (160, 231), (90, 130)),
     "odd": ((7, 23), (112, 368), (97, 333)),
-    "tall": ((33, 10), (528, 160), (400, 120)),
+    "tall": ((33, 10), (528, 160), (260, 90)),
     "same": ((10, 15), (160, 240), (160, 240)),
     "one-cell": ((1, 1), (16, 16), (5, 9)),
 }
@@ -229,13 +248,13 @@ def test_resize_matrices_are_the_two_resizes(grid, middle, size):
 
 @pytest.mark.parametrize(("grid", "middle", "size"), GEOMETRIES.values(), ids=GEOMETRIES.keys())
 def test_exp_sum_is_as_close_to_float64_as_the_resized_maps(grid, middle, size, monkeypatch):
-    """``exp_sum`` of 1200 queries against sum exp(scale * maps - peak) from float64 resizes,
+    """``exp_sum`` of 300 queries against sum exp(scale * maps - peak) from float64 resizes,
     with blocks of a few rows and chunks of a few queries (the memory bounds' loops): its error
     is that of today's float32 path (resize, scale, exp, sum) within 1.5x, a few 1e-6 relative
-    for a sum of 1200 float32 terms (the confidence's own check is the formula test above)."""
+    for a sum of 300 float32 terms (the confidence's own check is the formula test above)."""
     monkeypatch.setattr("ovss_ros.core.methods.dense.separable.BLOCK_ELEMENTS", 3 * size[1] * 7)
     generator = torch.Generator().manual_seed(2)
-    patch = 0.2 + 0.05 * torch.randn((1200, *grid), generator=generator)
+    patch = 0.2 + 0.05 * torch.randn((300, *grid), generator=generator)
     maps = two_resizes(patch.double(), middle, size) * 40.0
     peak = maps.amax(dim=0).float() + 0.5
     want = torch.exp(maps - peak.double()).sum(dim=0)
@@ -265,3 +284,13 @@ def test_a_wrong_denominator_matrix_fails_the_formula_check(wide, voc_rgb, monke
         got = method.postprocess(encoded, logits, None, LARGER)
     np.testing.assert_array_equal(got.labels, want_labels)
     assert not np.allclose(got.confidence, want_confidence, rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("radius", [0, 2, 5, 40])
+def test_separable_max_pool_is_the_square_one(radius):
+    """The candidates' bounds pool rows then columns: the same values as the square pool."""
+    maps = torch.randn((30, 9, 14), generator=torch.Generator().manual_seed(4))
+    radius_used = min(radius, 14)
+    kernel = 2 * radius_used + 1
+    want = F.max_pool2d(maps[None], kernel, stride=1, padding=radius_used)[0]
+    assert torch.equal(candidates._max_pool(maps, kernel, radius_used), want)

@@ -64,8 +64,16 @@ def candidate_queries(
         return torch.zeros(0, dtype=torch.long, device=scaled.device)
     radius = min(radius, max(height, width))
     kernel = 2 * radius + 1
-    upper = F.max_pool2d(scaled[None], kernel, stride=1, padding=radius)[0]
-    lower = -F.max_pool2d(-scaled[allowed][None], kernel, stride=1, padding=radius)[0]
+    upper = _max_pool(scaled, kernel, radius)
+    lower = -_max_pool(-scaled[allowed], kernel, radius)
     bar = lower.amax(dim=0) - MARGIN * float(scaled.abs().amax())
     keep = (upper >= bar).flatten(1).any(dim=1) & allowed
     return keep.nonzero().flatten()
+
+
+def _max_pool(maps: torch.Tensor, kernel: int, radius: int) -> torch.Tensor:
+    """(Q, h, w) max over the kernel x kernel cells around each cell (edges: the cells there),
+    as ``F.max_pool2d(maps, kernel, 1, radius)``, by a column pass and a row pass (a max is
+    the same whichever way it is grouped: 2 kernel instead of kernel^2 reads a cell)."""
+    columns = F.max_pool2d(maps[None], (kernel, 1), stride=1, padding=(radius, 0))
+    return F.max_pool2d(columns, (1, kernel), stride=1, padding=(0, radius))[0]

@@ -12,9 +12,11 @@ at full resolution only over the queries that can win somewhere (patch-grid boun
 ``candidates.py``; exact), and the others only add to the softmax's denominator: with bilinear
 upsampling and no PAMR by two matrix products per chunk (``separable.py``), else each map
 brought to the input size once. Labels are the same bits as the whole softmax's; confidence
-equal to 1e-6 relative (float32 rounding; test/test_postprocess_pruned.py). The denominator
-still needs one exp per query and pixel (an exact log-sum-exp has no cheaper form). Sliding
-windows and refinements keep ``_reduce``: a pixel's value is then a mean over windows.
+as close to it as the whole-map chunked ``_reduce`` (float32 rounding of the running
+log-sum-exp, 1e-6 to 1e-5 relative with many chunks; test/test_postprocess_pruned.py).
+The denominator still needs one exp per query and pixel (an exact log-sum-exp has no cheaper
+form). Sliding windows and refinements keep ``_reduce``: a pixel's value is then a mean
+over windows.
 
 ``DensePostprocess`` is the part of ``DenseMethod`` that does this; it reads the method's
 ``config``, ``classes``, text queries (``_query_owner``, ``_class_queries``) and ``stop``.
@@ -33,7 +35,7 @@ from ovss_ros.core.methods.dense.candidates import candidate_queries, support_ra
 from ovss_ros.core.methods.dense.encoded import Encoded
 from ovss_ros.core.methods.dense.jbu import jbu_weights, joint_bilateral_upsample
 from ovss_ros.core.methods.dense.pamr import pamr_affinity, pamr_propagate
-from ovss_ros.core.methods.dense.reduction import Reduced, add_to_softmax, take_better
+from ovss_ros.core.methods.dense.reduction import Reduced, fold, take_better
 from ovss_ros.core.methods.dense.separable import add_denominator
 from ovss_ros.core.methods.freecp.freecp import background_wins
 from ovss_ros.core.segmentation import Segmentation, label_dtype
@@ -186,11 +188,12 @@ class DensePostprocess:
            somewhere (exact, see ``candidates.py``). Their maps and the background words' are
            brought to the input size exactly as ``_reduce`` does (same ops, same values) and
            reduced as there: best class query (first maximum wins), best background word,
-           running log-sum-exp. The peak (max over all queries) is then final: every other
-           query is below the best candidate at every pixel.
+           running log-sum-exp, a block of rows at a time in the cache (``reduction.fold``).
+           The peak (max over all queries) is then final: every other query is below the
+           best candidate at every pixel.
         2. The other class queries only add to the softmax's denominator, with the peak known:
            ``sum exp(scaled - peak)``, no running rescale, no argmax; by ``separable.exp_sum``
-           (GEMMs) where the upsampling is bilinear without PAMR (1e-6 relative).
+           (GEMMs) where the upsampling is bilinear without PAMR.
         3. ``area_threshold``: the dropped classes from 1, then the best of the candidates
            with them banned (their probabilities still count in the denominator).
         """
@@ -205,7 +208,7 @@ class DensePostprocess:
             peak=torch.full(size, float("-inf"), device=device),
             total=torch.zeros(size, device=device),
             best=torch.full(size, float("-inf"), device=device),
-            best_query=torch.zeros(size, dtype=torch.long, device=device),
+            best_query=torch.zeros(size, dtype=torch.int32, device=device),  # < 2^31 queries
             background=torch.full(size, float("-inf"), device=device),
         )
         words = torch.arange(class_queries, logits.shape[1], device=device)
@@ -213,13 +216,9 @@ class DensePostprocess:
             for start in range(0, len(queries), step):
                 check_stop(self.stop, f"postprocess of queries {start}..")
                 part = queries[start : start + step]
-                maps = self._scaled_maps(encoded, logits, part, size, affinity)
-                largest = maps.amax(dim=0) if len(part) > 1 else maps[0]
-                if is_class:
-                    take_better(reduced, maps, part)
-                else:
-                    torch.maximum(reduced.background, largest, out=reduced.background)
-                add_to_softmax(reduced, maps, largest)  # in place: maps become exp terms
+                chunk = logits.index_select(1, part.to(logits.device))
+                maps = self._to_input(chunk, encoded, size, True, affinity)
+                fold(reduced, maps, part, config.logit_scale, is_class)
         rest = torch.ones(class_queries, dtype=torch.bool, device=device)
         rest[chosen] = False
         rest = rest.nonzero().flatten()
@@ -237,7 +236,7 @@ class DensePostprocess:
             if dropped is not None:
                 chosen = candidate_queries(scaled, radius, dropped[owner[:class_queries]])
                 reduced.best = torch.full(size, float("-inf"), device=device)
-                reduced.best_query = torch.zeros(size, dtype=torch.long, device=device)
+                reduced.best_query = torch.zeros(size, dtype=torch.int32, device=device)
                 for start in range(0, len(chosen), step):
                     check_stop(self.stop, f"postprocess of candidate queries {start}..")
                     part = chosen[start : start + step]

@@ -8,9 +8,10 @@ A_h (H, h) and A_w (W, w) the chain applied to the identity's columns by the sam
 ``F.interpolate`` calls (``resize_matrices``: the library's own coefficients).
 
 ``exp_sum`` adds ``sum_q exp(logit_scale * L_q - peak)`` over a chunk of queries, one block of
-output rows at a time: a GEMM gives the block's logits of every query of the chunk, which
-are shifted by the (known) peak in the same call, exponentiated and summed in place, so no
-buffer exceeds ``POSTPROCESS_ELEMENTS`` (about two such buffers at once).
+output rows at a time: a GEMM gives the block's logits of every query of the chunk relative to
+the resized maximum of the chunk's patch maps, which are exponentiated and summed in place; the
+shift to the peak is one factor per pixel. No buffer exceeds ``POSTPROCESS_ELEMENTS`` (about
+two such buffers at once, and one input-sized map of sums).
 The cost is one GEMM of k x H x W x h multiply-adds plus one exp per query and pixel, instead of
 two resizes writing two full-size maps per query.
 
@@ -68,22 +69,39 @@ def exp_sum(
     """``total += sum_q exp(scale * (rows @ patch[q] @ columns^T) - peak)``, in place.
 
     ``patch``: (k, h, w) float32 patch logits; ``rows`` (H, h) / ``columns`` (W, w): from
-    ``resize_matrices``, on ``patch``'s device; ``peak``, ``total``: (H, W) float32. Queries
-    go in chunks of at most ``POSTPROCESS_ELEMENTS / (h W)``, output rows in blocks of about
-    ``BLOCK_ELEMENTS / (k W)``; each block is one batched GEMM that also subtracts the peak
-    (``baddbmm``, the scale folded into ``rows``), one in-place exp and one sum."""
+    ``resize_matrices``, on ``patch``'s device; ``peak``, ``total``: (H, W) float32, ``peak``
+    at least the largest map's value less ~80 (else exp overflows, as it would in float32).
+
+    Each query's patch map is taken relative to ``top``, the cells' maximum over the k queries,
+    so the GEMM gives ``scale * L_q - shift`` <= 0 straight away (``shift = scale * rows @ top
+    @ columns^T``, the same resize of ``top``, >= every map: the weights are convex): no copy
+    of the peak into each query's block, no overflow, and the products round at the size of
+    the (small) distance to ``top`` rather than of the logits. ``shift - peak`` is added once
+    per pixel, in float64, as the factor ``exp(shift - peak)`` of the block's sum.
+    Queries go in chunks of at most ``POSTPROCESS_ELEMENTS / (h W)``, output rows in blocks of
+    about ``BLOCK_ELEMENTS / (k W)``: each block is one batched GEMM, one in-place exp, one sum."""
     count, cells, _ = patch.shape
     height, width = peak.shape
+    top = patch.amax(dim=0)  # (h, w)
+    centred = patch - top  # <= 0: rounds at the distance to the top
+    sums = torch.zeros_like(total)
     step = max(1, min(count, POSTPROCESS_ELEMENTS // (cells * width), BLOCK_ELEMENTS // width))
     scaled_rows = rows * scale
     for start in range(0, count, step):
-        wide = torch.matmul(patch[start : start + step], columns.T)  # (k, h, W)
+        wide = torch.matmul(centred[start : start + step], columns.T)  # (k, h, W)
         k = wide.shape[0]
         block = max(1, BLOCK_ELEMENTS // (k * width))
-        for top in range(0, height, block):
-            part = scaled_rows[top : top + block]
-            logits = torch.baddbmm(-peak[top : top + block], part.expand(k, *part.shape), wide)
-            total[top : top + block] += logits.exp_().sum(dim=0)
+        for first in range(0, height, block):
+            part = scaled_rows[first : first + block]
+            logits = torch.matmul(part.expand(k, *part.shape), wide)  # scale L_q - shift
+            sums[first : first + block] += logits.exp_().sum(dim=0)
+    top_wide = (top.double() @ columns.double().T) * scale  # (h, W)
+    rows64 = rows.double()
+    block = max(1, BLOCK_ELEMENTS // (2 * width))  # float64 rows: two floats each
+    for first in range(0, height, block):
+        shift = rows64[first : first + block] @ top_wide
+        factor = torch.exp(shift - peak[first : first + block].double()).float()
+        total[first : first + block] += factor * sums[first : first + block]
 
 
 def add_denominator(
