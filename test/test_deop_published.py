@@ -193,7 +193,9 @@ def test_two_stream_seen_classes_follow_the_releases_trainable_flag(deop, clip, 
     expected[wall > best] = 255  # the background word wins: unlabeled
     assert np.mean(result.labels == expected.numpy()) >= 0.9999
     other = unseen.segment(rgb)  # every class unseen: other scores
-    assert np.abs(result.confidence - other.confidence).max() > 1e-3
+    # Relative: random weights give scores of ~1e-4, whichever flag.
+    difference = np.abs(result.confidence - other.confidence).max()
+    assert difference > 0.1 * np.abs(result.confidence).max()
     with pytest.raises(ValueError, match="seen_classes must be a list of non-empty"):
         TwoStreamConfig(seen_classes=("",)).validate()
 
