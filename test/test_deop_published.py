@@ -230,3 +230,16 @@ def test_the_query_count_is_read_from_the_files_shapes(tmp_path, clip, voc_rgb):
     torch.save({"model": state}, path)
     with pytest.raises(ProposalWeightsError, match="6 slot queries .* proposal network 8"):
         PublishedDeop(clip, DeopConfig(), checkpoint=str(path))
+
+
+def test_two_stream_says_its_input_size_is_deops_not_the_two_stream_releases(deop, clip):
+    """The release's two-stream system (ZeroShotMaskFormer, zero_shot_maskformer_R101c_bs32_60k
+    .yaml, INPUT.MIN_SIZE_TEST 640 from Base-COCOStuff164K-171.yaml) tests at short side 640;
+    twostream here runs at DeOP's 512 (deop_verifycoco.sh's override) on the same proposals, and
+    must not call that the release's."""
+    from ovss_ros.core.methods.deop.published_twostream import PublishedTwoStream
+    from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
+
+    text = PublishedTwoStream(clip, TwoStreamConfig(), released=deop.released).describe()
+    assert "input short side 512 (DeOP's; the release's two-stream configuration tests" in text
+    assert "at 640)" in text and "512 (the release's)" not in text

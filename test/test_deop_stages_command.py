@@ -271,3 +271,41 @@ def test_an_unreadable_prompt_file_is_named_as_a_prompt_file(tmp_path):
     with pytest.raises(ProposalWeightsError, match="prompt file") as error:
         read_prompt(junk, 64)
     assert "proposal network" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda s: s["history"].update(train=5), "its history is damaged"),
+        (lambda s: s.update(history={}), "its history is damaged"),
+        (lambda s: s["history"].update(validation=[{"x": 1}]), "its history is damaged"),
+        (lambda s: s["history"].update(train=[7]), "its history is damaged"),
+        (lambda s: s.update(step=10**15), "its step is damaged"),
+        (lambda s: s.update(step=True), "its step is damaged"),
+        (
+            lambda s: s["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3)),
+            "optimizer state 'momentum_buffer' of parameter 0 has shape (3,)",
+        ),
+        (
+            lambda s: s["trainable"]["context"].fill_(float("nan")),
+            "'context' holds NaN or infinite values",
+        ),
+    ],
+)
+def test_a_tampered_state_is_refused_before_a_step(planted, tmp_path, caplog, tamper, message):
+    """A state whose history, optimizer moments or trainable values were altered is refused
+    on --resume with one reason (status 2), before a step runs, and the file is kept."""
+    run = tmp_path / "run"
+    small = ["--steps", "1", "--batch-size", "2", "--prompt-length", "2", "--per-class", "2"]
+    assert train_deop.main(command(planted, run, "prompt", *small)) == 0
+    path = run / "training_state.pt"
+    state = torch.load(path, weights_only=True)
+    tamper(state)
+    torch.save(state, path)
+    before = path.read_bytes()
+    caplog.clear()
+    again = command(planted, run, "prompt", *small[2:], "--steps", "2", "--resume")
+    assert train_deop.main(again) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert path.read_bytes() == before

@@ -170,6 +170,11 @@ def test_engine_config_from_values():
         ({"pnp.image_size": 1024}, "pnp.image_size 1024 needs a 1.07 GB attention map per frame"),
         ({"pnp.image_size": 4096}, "pnp.image_size 4096 needs a 274.9 GB attention map"),
         ({"twostream.crop_batch": 1024}, "twostream.crop_batch 1024 needs a 2.48 GB CLIP"),
+        # a seen-class list is refused as the vocabulary's names are: blank, too long, too many
+        ({"twostream.seen_classes": ["cat", " "]}, "twostream.seen_classes entry 1 is blank"),
+        ({"twostream.seen_classes": [""]}, "twostream.seen_classes entry 0 is blank"),
+        ({"twostream.seen_classes": ["x" * 201]}, "entry 0 has 201 characters, at most 200"),
+        ({"twostream.seen_classes": [f"c{i}" for i in range(1001)]}, "1001 names, at most 1000"),
         (
             {"refinement": "dslo", "short_side": 4096, "max_long_side": 4096},
             "256x256 patches, whose patch affinity needs a 17.2 GB map per frame",

@@ -171,14 +171,26 @@ def load_state(path: Path, stage: Stage) -> tuple[int, dict]:
             "the stage that wrote it"
         )
     step, history = state.get("step"), state.get("history")
-    if not isinstance(step, int) or step < 0 or not isinstance(history, dict):
-        raise StageStateError(f"{path}: its step or history is damaged: it cannot be resumed")
+    recorded = state.get("config") if isinstance(state.get("config"), dict) else {}
+    planned = recorded.get("steps")  # the steps of the run that wrote it: a step is within
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, int)
+        or step < 0
+        or (isinstance(planned, int) and step > planned)
+    ):
+        raise StageStateError(f"{path}: its step is damaged: it cannot be resumed")
+    if not _history_ok(history):
+        raise StageStateError(f"{path}: its history is damaged: it cannot be resumed")
     check_inputs(path, state.get("inputs"), stage.frozen_inputs())
     trainable = state.get("trainable")
     if isinstance(trainable, dict):
         reason = state_mismatch(stage.trainable().state_dict(), trainable, "this run")
         if reason:
             raise StageStateError(f"{path} does not fit this run (trainable tensors: {reason})")
+        for name, value in trainable.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise StageStateError(f"{path}: {name!r} holds NaN or infinite values: damaged")
     try:
         stage.trainable().load_state_dict(state["trainable"])
         stage.optimizer.load_state_dict(state["optimizer"])
@@ -186,7 +198,37 @@ def load_state(path: Path, stage: Stage) -> tuple[int, dict]:
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         reason = " ".join(str(error).split())[:300]
         raise StageStateError(f"{path} does not fit this run ({reason})") from None
+    reason = _optimizer_mismatch(stage.optimizer)
+    if reason:
+        raise StageStateError(f"{path} does not fit this run ({reason})")
     return step, history
+
+
+def _history_ok(history: object) -> bool:
+    """Whether ``history`` is a state's ``{"train": [dict], "validation": [dict with an int
+    "step"]}`` (what :func:`run_stage` appends to and reads)."""
+    if not isinstance(history, dict):
+        return False
+    train, validation = history.get("train"), history.get("validation")
+    if not isinstance(train, list) or not isinstance(validation, list):
+        return False
+    return all(isinstance(entry, dict) for entry in train) and all(
+        isinstance(entry, dict) and isinstance(entry.get("step"), int) for entry in validation
+    )
+
+
+def _optimizer_mismatch(optimizer: torch.optim.Optimizer) -> str:
+    """The first loaded optimiser moment whose shape is not its parameter's ("" if none):
+    ``Optimizer.load_state_dict`` does not check them, and the first step would fail."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(params):
+        for name, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                return (
+                    f"optimizer state {name!r} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, the parameter {tuple(param.shape)}"
+                )
+    return ""
 
 
 def check_inputs(path: Path, recorded: object, given: dict[str, str]) -> None:

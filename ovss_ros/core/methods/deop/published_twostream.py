@@ -18,7 +18,9 @@ on the release's MaskFormer proposals.
 
 Departure: the release classifies with the *proposal model's* learned prompt and "no object"
 embedding; its DeOP file holds DeOP's, which both streams use here (the proposal model's file is
-not released).
+not released). The input is DeOP's test size (short side 512, ``deop_verifycoco.sh``), so that
+both run on the same proposals; the release's two-stream configuration
+(``zero_shot_maskformer_R101c_bs32_60k.yaml``) tests at its base's ``MIN_SIZE_TEST`` 640.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from ovss_ros.core.methods.deop.run_config import TwoStreamConfig
 from ovss_ros.core.methods.deop.twostream import TwoStream
 from ovss_ros.core.vocabulary import name_key
 
+# INPUT.MIN_SIZE_TEST of the release's two-stream (proposal model) configuration: its base,
+# configs/coco-stuff-164k-171/Base-COCOStuff164K-171.yaml (not used here: see the module note)
+TWO_STREAM_MIN_SIZE_TEST = 640
+
 
 class PublishedTwoStream(ReleaseFrames, TwoStream):
     """The two-stream baseline on the release's proposal network (``deop.checkpoint``).
@@ -50,7 +56,8 @@ class PublishedTwoStream(ReleaseFrames, TwoStream):
             f"{arch.depth}, {arch.queries} queries), one CLIP forward per mask crop, geometric "
             f"ensemble with the proposals' classes (weight {CLIP_ENSEMBLE_WEIGHT}; "
             f"{len(self.settings.seen_classes)} seen class names, the others unseen); input short "
-            f"side {MIN_SIZE_TEST} (the release's)"
+            f"side {MIN_SIZE_TEST} (DeOP's; the release's two-stream configuration tests at "
+            f"{TWO_STREAM_MIN_SIZE_TEST})"
         )
 
     def _check(self, settings: TwoStreamConfig, modules: DeopModules | None) -> None:

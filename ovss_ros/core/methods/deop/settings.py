@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from ovss_ros.core.frame_budget import check_crop_batch, max_crop_batch
 from ovss_ros.core.settings import Settings, setting
+from ovss_ros.core.vocabulary import MAX_CLASSES, MAX_NAMES_LENGTH
 
 PROPOSAL_SOURCES = ("superpixels", "clusters", "learned")
 MAX_PROPOSALS = 1000
@@ -131,6 +132,23 @@ class TwoStreamSettings(Settings):
         constraints="class names as the vocabulary's entries name them",
         source=DEOP + " ZeroShotMaskFormer.semantic_inference (trainable_flag)",
     )
+
+    def check(self) -> None:
+        """ValueError for a seen-class list the vocabulary would refuse as class names: more
+        than ``MAX_CLASSES`` names, a blank one, or one longer than ``MAX_NAMES_LENGTH``."""
+        names = self.seen_classes
+        if len(names) > MAX_CLASSES:
+            raise ValueError(
+                f"twostream.seen_classes has {len(names)} names, at most {MAX_CLASSES}"
+            )
+        for index, name in enumerate(names):
+            if not name.strip():
+                raise ValueError(f"twostream.seen_classes entry {index} is blank: name a class")
+            if len(name) > MAX_NAMES_LENGTH:
+                raise ValueError(
+                    f"twostream.seen_classes entry {index} has {len(name)} characters, at most "
+                    f"{MAX_NAMES_LENGTH} (a class name)"
+                )
 
 
 @dataclass(frozen=True)
