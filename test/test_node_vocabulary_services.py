@@ -334,6 +334,39 @@ def test_segment_requests_beyond_the_queue_are_refused(node):
     ]
 
 
+def test_a_camera_frame_waits_for_at_most_one_segment_request(node):
+    """Request A held on the worker, B queued behind it (its words held too once it runs), a
+    camera frame taken meanwhile: once A is answered the frame is segmented while B is still
+    held, not after every queued request (a flood of requests never starves the cameras)."""
+    client, services, fault_dir, _ = node
+    held = fault_dir / "encoding_held"
+    first = services.segment_client.call_async(
+        segment_request(client.node, photo(), [f"{HOLD_WORD} heron"])
+    )
+    client.spin_until(held.exists, message="the first ~/segment request held")
+    second = services.segment_client.call_async(
+        segment_request(client.node, photo(), [f"{HOLD_WORD} egret"])
+    )
+    client.wait_for_status(SEGMENT_STATUS, lambda v: int(v["queued"]) == 1)
+    frame = make_image(photo(), "rgb8", next_header(client.node))
+    client.publish_until_counted(frame, "frames received")
+    holds = fault_dir / "encoding_holds"
+    count = len(holds.read_text())
+    (fault_dir / "encoding_release").touch()
+    assert wait_answer(client, first).success
+    client.spin_until(
+        lambda: client.find("labels", frame.header) is not None,
+        2 * EVENT_TIMEOUT_S,
+        message="the camera frame segmented between the two requests",
+    )
+    client.spin_until(lambda: len(holds.read_text()) > count, message="the second one held")
+    assert not second.done()  # the frame did not wait for it
+    (fault_dir / "encoding_release").touch()
+    answer = wait_answer(client, second)
+    assert answer.success, answer.reason
+    assert label_names(answer.label_info) == [f"{HOLD_WORD} egret"]
+
+
 def test_a_change_that_fails_while_preparing_is_answered_with_why(node):
     """Accepted, then out of memory while encoding (injected): the answer says so, the old
     vocabulary stays in force and the parameters are put back to it."""

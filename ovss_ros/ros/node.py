@@ -194,6 +194,7 @@ class SegmentationNodeMixin(UndeclaredRefusal):
             self._on_worker_error,
             stop=stop_event(self),
             start=self.segmenter.side.frame_thread if self.segmenter is not None else None,
+            after_frames=self.typed_services.run_segment_job,
         )
         self._changes = ChangeEncoder(
             self.transactions,

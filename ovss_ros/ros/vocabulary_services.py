@@ -14,11 +14,12 @@ meanwhile.
 ``~/segment`` (Segment) segments one image for the request's words with the method and settings
 in force, never touching the streaming vocabulary (``core.word_segmentation``). The request is
 checked on the executor thread (one image, words parsed and their prompts within the text
-model's limits), then queued for the worker, which runs it between two frames: behind at most
-the frames it is segmenting, ahead of the next. The image is bounded like a camera frame
-(``max_input_pixels``, from its declared size before decoding). At most MAX_QUEUED requests wait;
-more are refused. Its counters are on /diagnostics (``<node>: segment service``) once a request
-came.
+model's limits), then queued for the worker, which runs one request after each turn's frames:
+a request waits for at most the frames being segmented (and the requests ahead of it), and a
+camera frame for at most one request, however many are queued. The image is bounded like a
+camera frame (``max_input_pixels``, from its declared size before decoding). At most
+MAX_QUEUED requests wait; more are refused. Its counters are on /diagnostics (``<node>: segment
+service``) once a request came.
 
 Neither service raises: whatever a request holds, it gets an answer (``success`` false and a
 reason), and an unexpected error is counted like any callback's (``request_guard``).
@@ -93,9 +94,10 @@ class _SegmentJob:
 class VocabularyServices:
     """Serves ``~/set_vocabulary`` and ``~/segment`` for an ovss node (``SegmentationNodeMixin``).
 
-    The node calls ``between_frames`` (wrapping its change hook, for the worker), ``settled``
-    (worker: a change was put in force or failed) and ``close`` (executor: the worker is
-    stopping). ``wake``: makes the worker run ``between_frames`` soon (the frame buffer's wake).
+    The node calls ``between_frames`` (wrapping its change hook, for the worker),
+    ``run_segment_job`` (the worker's hook after the frames), ``settled`` (worker: a change was
+    put in force or failed) and ``close`` (executor: the worker is stopping). ``wake``: makes
+    the worker take a turn soon (the frame buffer's wake).
     """
 
     def __init__(self, node: Node, wake: Callable[[], None]) -> None:
@@ -280,8 +282,8 @@ class VocabularyServices:
     # Worker thread.
 
     def between_frames(self, apply_pending: Callable[[], None]) -> Callable[[], None]:
-        """The worker's hook between two frames: ``apply_pending`` (the node's: put a prepared
-        change in force), then the waiting ``~/segment`` requests."""
+        """The worker's hook before the frames: ``apply_pending`` (the node's: put a prepared
+        change in force); a failure there answers the waiting ``~/set_vocabulary`` requests."""
 
         def run() -> None:
             try:
@@ -289,8 +291,6 @@ class VocabularyServices:
             except Exception as error:
                 self._fail_waiters(f"the change could not be confirmed: {describe(error)}")
                 raise
-            finally:
-                self.run_segment_jobs()
 
         return run
 
@@ -312,25 +312,29 @@ class VocabularyServices:
         for _, future in waiters:
             future.set_result((failure, None))
 
-    def run_segment_jobs(self) -> None:
-        """Segment the waiting ``~/segment`` requests, answering each."""
-        while True:
-            with self._lock:
-                if not self._jobs:
-                    return
-                job = self._jobs.popleft()
-            start = time.monotonic()
-            try:
-                answer = self._run_job(job)
-            except Stopped:
-                job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
-                raise
-            except Exception as error:  # the request's own failure: the worker goes on
-                self.counters.failed += 1
-                self.counters.last_failure = time.monotonic()
-                answer = refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
-            self.counters.last_seconds = time.monotonic() - start
-            job.future.set_result(answer)
+    def run_segment_job(self) -> None:
+        """The worker's hook after the frames: segment the oldest waiting ``~/segment`` request
+        and answer it. One a turn: the frames taken next wait for this request alone, never for
+        every request queued meanwhile; the worker is woken again while more wait."""
+        with self._lock:
+            if not self._jobs:
+                return
+            job = self._jobs.popleft()
+            more = bool(self._jobs)
+        if more:
+            self._wake()
+        start = time.monotonic()
+        try:
+            answer = self._run_job(job)
+        except Stopped:
+            job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
+            raise
+        except Exception as error:  # the request's own failure: the worker goes on
+            self.counters.failed += 1
+            self.counters.last_failure = time.monotonic()
+            answer = refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
+        self.counters.last_seconds = time.monotonic() - start
+        job.future.set_result(answer)
 
     def _run_job(self, job: _SegmentJob) -> Segment.Response:
         from ovss_ros.core.word_segmentation import segment_with_words  # torch: loaded already
