@@ -38,6 +38,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile
 from rclpy.task import Future
 
 from ovss_interfaces.srv import Segment, SetVocabulary
@@ -61,6 +62,10 @@ if TYPE_CHECKING:
     from rclpy.node import Node
 
 MAX_QUEUED = 2  # ~/segment requests waiting for the worker; more are refused
+# Requests (and answers) DDS keeps per service until the executor takes them: a burst of up to
+# this many requests sent at once is answered whole (refused as busy beyond MAX_QUEUED); with
+# rclpy's default (10) the rest were dropped unanswered and uncounted.
+REQUEST_QUEUE_DEPTH = 100
 SETTLED_KEPT = 64  # settled changes remembered for answers registered late
 SUPERSEDED_TRIES = 3  # a ~/segment encoding stopped by a superseded change: tried again
 STOPPING = "the node is stopping: the request was not handled"
@@ -118,7 +123,11 @@ class VocabularyServices:
             (Segment, "~/segment", self._segment),
         ):
             node.create_service(
-                srv_type, name, self._guarded(handler, srv_type, name), callback_group=group
+                srv_type,
+                name,
+                self._guarded(handler, srv_type, name),
+                qos_profile=QoSProfile(depth=REQUEST_QUEUE_DEPTH),
+                callback_group=group,
             )
         self._diagnostics = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         node.create_timer(
