@@ -327,3 +327,13 @@ def test_every_refusal_is_counted_and_the_node_goes_on(served, rgb):
         ), counter
         assert process.returncode is None, process.output()
     assert status_values(client.statuses(DEPTH_STATUS)[-1])["depth failed"] == "0"
+
+
+def test_the_depth_status_comes_in_the_nodes_one_diagnostics_array(served):
+    """The node publishes one DiagnosticArray a tick: the depth status comes in it, beside the
+    camera's, never in an array of its own."""
+    client, _, _ = served
+    client.messages["/diagnostics"].clear()
+    client.spin_until(lambda: client.statuses(DEPTH_STATUS), message="a depth status")
+    names = [{s.name for s in array.status} for array in client.messages["/diagnostics"]]
+    assert all("ovss: image" in each for each in names if DEPTH_STATUS in each), names

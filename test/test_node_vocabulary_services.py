@@ -402,6 +402,17 @@ def test_a_burst_of_segment_requests_is_answered_whole(node):
     client.node.destroy_client(burst_client)
 
 
+def test_the_segment_status_comes_in_the_nodes_one_diagnostics_array(node):
+    """The node publishes one DiagnosticArray a tick: the segment service's status comes in it,
+    beside the camera's, never in an array of its own."""
+    client, services, _, _ = node
+    assert services.segment(segment_request(client.node, photo(), ["sky"])).success
+    client.messages["/diagnostics"].clear()
+    client.wait_for_status(SEGMENT_STATUS, lambda v: True)
+    names = [{s.name for s in array.status} for array in client.messages["/diagnostics"]]
+    assert all("ovss: image" in each for each in names if SEGMENT_STATUS in each), names
+
+
 def test_a_change_that_fails_while_preparing_is_answered_with_why(node):
     """Accepted, then out of memory while encoding (injected): the answer says so, the old
     vocabulary stays in force and the parameters are put back to it."""

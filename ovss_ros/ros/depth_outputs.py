@@ -31,8 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.clock import Clock, ClockType
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rclpy.node import Node
 from rclpy.publisher import Publisher
 from rclpy.subscription import Subscription
@@ -59,7 +58,6 @@ if TYPE_CHECKING:
     from ovss_ros.ros.parameters import Settings
 
 LOG_THROTTLE_S = 5.0
-DIAGNOSTICS_PERIOD_S = 1.0
 INPUT_TOPICS = ("depth/image", "depth/camera_info")
 OUTPUT_TOPICS = ("points", "objects")
 # Diagnostics counters (key/values of the depth status), in the order shown.
@@ -148,12 +146,6 @@ class DepthOutputs:
         self.cameras = [DepthCamera(c, settings.queue_size, settings.slop) for c in cameras]
         topics = [topic for depth in self.cameras for topic in depth.topics()]
         check_node_topics(topics, self._node.resolve_topic_name, what="depth.enabled")
-        self._diagnostics = self._node.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._node.create_timer(
-            DIAGNOSTICS_PERIOD_S,
-            self.publish_diagnostics,
-            clock=Clock(clock_type=ClockType.STEADY_TIME),
-        )
 
     def settings(self) -> DepthSettings:
         return self._settings().depth if self._settings is not None else DepthSettings()
@@ -348,12 +340,10 @@ class DepthOutputs:
 
     # Executor thread: diagnostics.
 
-    def publish_diagnostics(self) -> None:
-        array = DiagnosticArray()
-        array.header.stamp = self._node.get_clock().now().to_msg()
-        for depth in self.cameras:
-            array.status.append(self.status(depth))
-        self._diagnostics.publish(array)
+    def statuses(self) -> list[DiagnosticStatus]:
+        """Each camera's depth status, for the node's /diagnostics (``NodeDiagnostics``); none
+        when depth is not enabled."""
+        return [self.status(depth) for depth in self.cameras]
 
     def status(self, depth: DepthCamera) -> DiagnosticStatus:
         """The camera's depth status: WARN with each kind of refusal that grew since the last

@@ -34,9 +34,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.clock import Clock, ClockType
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile
 from rclpy.task import Future
@@ -47,7 +46,6 @@ from ovss_ros.ros import parameters
 from ovss_ros.ros.image_conversion import float32_to_image, mono8_to_image, mono16_to_image
 from ovss_ros.ros.label_info import label_info
 from ovss_ros.ros.log_text import describe, one_line
-from ovss_ros.ros.node_diagnostics import DIAGNOSTICS_PERIOD_S
 from ovss_ros.ros.processing import to_rgb8
 from ovss_ros.ros.request_guard import RECENT_S, refusal
 from ovss_ros.ros.running import stop_event
@@ -129,12 +127,6 @@ class VocabularyServices:
                 qos_profile=QoSProfile(depth=REQUEST_QUEUE_DEPTH),
                 callback_group=group,
             )
-        self._diagnostics = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        node.create_timer(
-            DIAGNOSTICS_PERIOD_S,
-            self._publish_diagnostics,
-            clock=Clock(clock_type=ClockType.STEADY_TIME),
-        )
 
     # Executor thread.
 
@@ -261,10 +253,12 @@ class VocabularyServices:
         for job in jobs:
             job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
 
-    def _publish_diagnostics(self) -> None:
+    def statuses(self) -> list[DiagnosticStatus]:
+        """The service's status for the node's /diagnostics (``NodeDiagnostics``): none until
+        a ``~/segment`` request came."""
         counters = self.counters
-        if not counters.received:  # no status until the service is used
-            return
+        if not counters.received:
+            return []
         with self._lock:
             queued = len(self._jobs)
         seconds = counters.last_seconds
@@ -284,9 +278,7 @@ class VocabularyServices:
             hardware_id=self._node._engine_state().loaded_device,
             values=[KeyValue(key=key, value=str(value)) for key, value in values.items()],
         )
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self._node.get_clock().now().to_msg()
-        self._diagnostics.publish(array)
+        return [status]
 
     # Worker thread.
 
