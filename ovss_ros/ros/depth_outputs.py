@@ -48,6 +48,7 @@ from ovss_ros.ros.depth_points import (
     point_cloud,
 )
 from ovss_ros.ros.depth_settings import DepthSettings
+from ovss_ros.ros.frames import stamp_problem
 from ovss_ros.ros.log_text import describe, one_line
 from ovss_ros.ros.stamp_pairing import StampPairer, stamp_ns
 from ovss_ros.ros.topic_names import check_node_topics
@@ -69,6 +70,7 @@ COUNTERS = (
     "frames unpaired",
     "depth wrong encoding",
     "depth too large",
+    "depth unusable stamp",
     "depth size mismatch",
     "depth unreadable",
     "camera_info missing",
@@ -211,6 +213,9 @@ class DepthOutputs:
                 f"depth encoding {message.encoding!r} is not supported: use 16UC1 (millimetres) "
                 "or 32FC1 (metres)",
             )
+        problem = stamp_problem(message.header.stamp, self._node.get_clock())
+        if problem is not None:  # queued, a stamp far ahead would outlive every later image
+            raise DepthRefused("depth unusable stamp", f"depth stamp {problem}")
         limit = self._settings().max_input_pixels
         pixels = int(message.width) * int(message.height)
         if pixels > limit:
