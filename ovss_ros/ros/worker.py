@@ -132,7 +132,7 @@ class FrameWorker(Generic[T]):
         self._on_error = on_error
         self._on_start = start
         self.stopping = stop if stop is not None else threading.Event()
-        self.step: str | None = None  # "between_frames" or "handle_frames" while one runs
+        self.step: str | None = None  # a WORKER_STEPS key while that step runs
         # Daemon: a worker stuck inside a long forward pass must not keep the process alive.
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
