@@ -111,6 +111,23 @@ def test_worker_runs_between_frames_before_each_frame_and_on_wake():
     assert worker.stop(timeout=LIMIT_S)
 
 
+def test_worker_runs_after_frames_after_the_frames_and_on_wake():
+    buffer: FrameBuffer[str] = FrameBuffer()
+    events: list[str] = []
+    worker = FrameWorker(
+        buffer,
+        events.extend,
+        lambda: events.append("apply"),
+        after_frames=lambda: events.append("after"),
+    )
+    worker.start()
+    buffer.wake()
+    assert wait_until(lambda: events == ["apply", "after"])
+    buffer.put("frame")
+    assert wait_until(lambda: events == ["apply", "after", "apply", "frame", "after"])
+    assert worker.stop(timeout=LIMIT_S)
+
+
 def test_worker_survives_exceptions_and_reports_them():
     buffer: FrameBuffer[int] = FrameBuffer()
     errors: list[BaseException] = []

@@ -50,6 +50,7 @@ WIDTH, HEIGHT = 64, 48
 CLASSES = ["cat", "dog", "person", "sofa"]
 PARAMETERS = TINY_NODE_PARAMETERS | {"classes": CLASSES, "depth.enabled": True}
 MIN_REGION = 50  # depth.min_region_pixels' default
+QUEUE_SIZE = 5  # depth.queue_size's default
 
 
 @pytest.fixture(scope="module", params=["node", "lifecycle"])
@@ -327,3 +328,44 @@ def test_every_refusal_is_counted_and_the_node_goes_on(served, rgb):
         ), counter
         assert process.returncode is None, process.output()
     assert status_values(client.statuses(DEPTH_STATUS)[-1])["depth failed"] == "0"
+
+
+def test_the_depth_status_comes_in_the_nodes_one_diagnostics_array(served):
+    """The node publishes one DiagnosticArray a tick: the depth status comes in it, beside the
+    camera's, never in an array of its own."""
+    client, _, _ = served
+    client.messages["/diagnostics"].clear()
+    client.spin_until(lambda: client.statuses(DEPTH_STATUS), message="a depth status")
+    names = [{s.name for s in array.status} for array in client.messages["/diagnostics"]]
+    assert all("ovss: image" in each for each in names if DEPTH_STATUS in each), names
+
+
+def test_depth_stamped_in_the_future_is_refused_and_blocks_nothing(served, rgb):
+    """More than depth.queue_size depth images stamped an hour ahead (a clock gone wrong): each
+    refused and counted, never queued; queued, they would stay the newest stamps for an hour
+    and push out every real depth image, so that no frame paired. The next frame's depth pairs."""
+    client, depth_client, _ = served
+    depth_client.watch()
+    before = depth_client.wait_counters()
+    for sent in range(1, QUEUE_SIZE + 2):
+        ahead, colour, info = frame(client, rgb, plane())
+        stamp = colour.header.stamp
+        ahead.header = Header(
+            stamp=Time(sec=stamp.sec + 3600, nanosec=stamp.nanosec),
+            frame_id=colour.header.frame_id,
+        )
+        depth_client.send_until(
+            ahead,
+            None,
+            lambda n=sent: (
+                depth_client.counters()["depth received"] >= before["depth received"] + n
+            ),
+            info,
+        )
+    depth, colour, info = frame(client, rgb, plane())
+    assert depth_client.send_until(depth, colour, outputs_of(client, colour, ["points"]), info)
+    refused = before.get("depth unusable stamp", 0) + QUEUE_SIZE + 1
+    client.wait_for_status(DEPTH_STATUS, lambda v: int(v["depth unusable stamp"]) >= refused)
+    warnings = [s.message for s in client.statuses(DEPTH_STATUS)]
+    assert any("depth unusable stamp: depth stamp is" in w for w in warnings), warnings[-3:]
+    assert any("later than now" in w for w in warnings), warnings[-3:]

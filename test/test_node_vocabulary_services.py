@@ -22,6 +22,7 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from fault_injection_node import HOLD_WORD, MODULE, TRIGGER_WORD
 from lifecycle_msgs.msg import Transition
 from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile
 from ros_harness import (
     EVENT_TIMEOUT_S,
     TINY_NODE_PARAMETERS,
@@ -44,10 +45,13 @@ from vocabulary_clients import (
     vocabulary_request,
 )
 
+from ovss_interfaces.srv import Segment
+
 STREAM = ["cat", "dog"]
 LONG_PROMPT = " ".join(["x"] * 95)  # 95 tokens: beyond CLIP's 77, within the 200 characters
 MAX_PIXELS = 20000  # max_input_pixels: 141x141 passes, 200x101 is refused
 SEGMENT_STATUS = "ovss: segment service"
+BURST = 40  # ~/segment requests sent at once: beyond rclpy's default service queue (10)
 
 
 @pytest.fixture(scope="module", params=["node", "lifecycle"])
@@ -332,6 +336,81 @@ def test_segment_requests_beyond_the_queue_are_refused(node):
         ["grass"],
         ["road"],
     ]
+
+
+def test_a_camera_frame_waits_for_at_most_one_segment_request(node):
+    """Request A held on the worker, B queued behind it (its words held too once it runs), a
+    camera frame taken meanwhile: once A is answered the frame is segmented while B is still
+    held, not after every queued request (a flood of requests never starves the cameras)."""
+    client, services, fault_dir, _ = node
+    held = fault_dir / "encoding_held"
+    first = services.segment_client.call_async(
+        segment_request(client.node, photo(), [f"{HOLD_WORD} heron"])
+    )
+    client.spin_until(held.exists, message="the first ~/segment request held")
+    second = services.segment_client.call_async(
+        segment_request(client.node, photo(), [f"{HOLD_WORD} egret"])
+    )
+    client.wait_for_status(SEGMENT_STATUS, lambda v: int(v["queued"]) == 1)
+    frame = make_image(photo(), "rgb8", next_header(client.node))
+    client.publish_until_counted(frame, "frames received")
+    holds = fault_dir / "encoding_holds"
+    count = len(holds.read_text())
+    (fault_dir / "encoding_release").touch()
+    assert wait_answer(client, first).success
+    client.spin_until(
+        lambda: client.find("labels", frame.header) is not None,
+        2 * EVENT_TIMEOUT_S,
+        message="the camera frame segmented between the two requests",
+    )
+    client.spin_until(lambda: len(holds.read_text()) > count, message="the second one held")
+    assert not second.done()  # the frame did not wait for it
+    (fault_dir / "encoding_release").touch()
+    answer = wait_answer(client, second)
+    assert answer.success, answer.reason
+    assert label_names(answer.label_info) == [f"{HOLD_WORD} egret"]
+
+
+def test_a_burst_of_segment_requests_is_answered_whole(node):
+    """One request held on the worker, then BURST more sent at once: every one is answered
+    (MAX_QUEUED succeed, the rest are refused as busy and counted), none dropped unanswered."""
+    client, services, fault_dir, _ = node
+    held = fault_dir / "encoding_held"
+    burst_client = client.node.create_client(
+        Segment, f"{client.ns}/segment", qos_profile=QoSProfile(depth=2 * BURST)
+    )
+    client.spin_until(burst_client.service_is_ready, message="the burst's client")
+    before = client.counter("refused", SEGMENT_STATUS) if client.statuses(SEGMENT_STATUS) else 0
+    first = burst_client.call_async(segment_request(client.node, photo(), [f"{HOLD_WORD} wren"]))
+    client.spin_until(held.exists, message="the first ~/segment request held")
+    futures = [
+        burst_client.call_async(segment_request(client.node, photo(32, 32), [f"burst {i}"]))
+        for i in range(BURST)
+    ]
+    client.spin_until(
+        lambda: sum(f.done() for f in futures) >= BURST - 2,
+        2 * EVENT_TIMEOUT_S,
+        message=lambda: f"{sum(f.done() for f in futures)} of {BURST} answered while held",
+    )
+    (fault_dir / "encoding_release").touch()
+    answers = [wait_answer(client, future) for future in (first, *futures)]
+    refused = [a.reason for a in answers if not a.success]
+    assert len(refused) == BURST - 2 and all("busy" in r for r in refused), refused
+    client.wait_for_status(
+        SEGMENT_STATUS, lambda v: int(v["refused"]) >= before + BURST - 2, EVENT_TIMEOUT_S
+    )
+    client.node.destroy_client(burst_client)
+
+
+def test_the_segment_status_comes_in_the_nodes_one_diagnostics_array(node):
+    """The node publishes one DiagnosticArray a tick: the segment service's status comes in it,
+    beside the camera's, never in an array of its own."""
+    client, services, _, _ = node
+    assert services.segment(segment_request(client.node, photo(), ["sky"])).success
+    client.messages["/diagnostics"].clear()
+    client.wait_for_status(SEGMENT_STATUS, lambda v: True)
+    names = [{s.name for s in array.status} for array in client.messages["/diagnostics"]]
+    assert all("ovss: image" in each for each in names if SEGMENT_STATUS in each), names
 
 
 def test_a_change_that_fails_while_preparing_is_answered_with_why(node):

@@ -31,8 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.clock import Clock, ClockType
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rclpy.node import Node
 from rclpy.publisher import Publisher
 from rclpy.subscription import Subscription
@@ -49,6 +48,7 @@ from ovss_ros.ros.depth_points import (
     point_cloud,
 )
 from ovss_ros.ros.depth_settings import DepthSettings
+from ovss_ros.ros.frames import stamp_problem
 from ovss_ros.ros.log_text import describe, one_line
 from ovss_ros.ros.stamp_pairing import StampPairer, stamp_ns
 from ovss_ros.ros.topic_names import check_node_topics
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from ovss_ros.ros.parameters import Settings
 
 LOG_THROTTLE_S = 5.0
-DIAGNOSTICS_PERIOD_S = 1.0
 INPUT_TOPICS = ("depth/image", "depth/camera_info")
 OUTPUT_TOPICS = ("points", "objects")
 # Diagnostics counters (key/values of the depth status), in the order shown.
@@ -71,6 +70,7 @@ COUNTERS = (
     "frames unpaired",
     "depth wrong encoding",
     "depth too large",
+    "depth unusable stamp",
     "depth size mismatch",
     "depth unreadable",
     "camera_info missing",
@@ -148,12 +148,6 @@ class DepthOutputs:
         self.cameras = [DepthCamera(c, settings.queue_size, settings.slop) for c in cameras]
         topics = [topic for depth in self.cameras for topic in depth.topics()]
         check_node_topics(topics, self._node.resolve_topic_name, what="depth.enabled")
-        self._diagnostics = self._node.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._node.create_timer(
-            DIAGNOSTICS_PERIOD_S,
-            self.publish_diagnostics,
-            clock=Clock(clock_type=ClockType.STEADY_TIME),
-        )
 
     def settings(self) -> DepthSettings:
         return self._settings().depth if self._settings is not None else DepthSettings()
@@ -219,6 +213,9 @@ class DepthOutputs:
                 f"depth encoding {message.encoding!r} is not supported: use 16UC1 (millimetres) "
                 "or 32FC1 (metres)",
             )
+        problem = stamp_problem(message.header.stamp, self._node.get_clock())
+        if problem is not None:  # queued, a stamp far ahead would outlive every later image
+            raise DepthRefused("depth unusable stamp", f"depth stamp {problem}")
         limit = self._settings().max_input_pixels
         pixels = int(message.width) * int(message.height)
         if pixels > limit:
@@ -348,12 +345,10 @@ class DepthOutputs:
 
     # Executor thread: diagnostics.
 
-    def publish_diagnostics(self) -> None:
-        array = DiagnosticArray()
-        array.header.stamp = self._node.get_clock().now().to_msg()
-        for depth in self.cameras:
-            array.status.append(self.status(depth))
-        self._diagnostics.publish(array)
+    def statuses(self) -> list[DiagnosticStatus]:
+        """Each camera's depth status, for the node's /diagnostics (``NodeDiagnostics``); none
+        when depth is not enabled."""
+        return [self.status(depth) for depth in self.cameras]
 
     def status(self, depth: DepthCamera) -> DiagnosticStatus:
         """The camera's depth status: WARN with each kind of refusal that grew since the last

@@ -148,7 +148,11 @@ class SegmentationNodeMixin(UndeclaredRefusal):
         self.create_service(SetBool, "~/enable", self._on_enable)
         self.typed_services = VocabularyServices(self, wake=lambda: self._buffer.wake())
         self.diagnostics = NodeDiagnostics(
-            self, self.cameras, self.callback_faults, self._engine_state
+            self,
+            self.cameras,
+            self.callback_faults,
+            self._engine_state,
+            more=(self.depth.statuses, self.typed_services.statuses),
         )
         # Every service answers, whatever a request holds (request_guard).
         guard_services(self, self.callback_faults)
@@ -194,6 +198,7 @@ class SegmentationNodeMixin(UndeclaredRefusal):
             self._on_worker_error,
             stop=stop_event(self),
             start=self.segmenter.side.frame_thread if self.segmenter is not None else None,
+            after_frames=self.typed_services.run_segment_job,
         )
         self._changes = ChangeEncoder(
             self.transactions,

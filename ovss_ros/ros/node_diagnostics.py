@@ -10,10 +10,10 @@ simulated clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 
@@ -46,7 +46,8 @@ class EngineState:
 
 
 class NodeDiagnostics:
-    """Publishes the node's /diagnostics from a timer on the executor thread."""
+    """Publishes the node's /diagnostics from a timer on the executor thread: one
+    DiagnosticArray a tick, the cameras' statuses and then those of ``more``."""
 
     def __init__(
         self,
@@ -54,8 +55,10 @@ class NodeDiagnostics:
         cameras: CameraSet,
         faults: CallbackFaults,
         engine_state: Callable[[], EngineState],
+        more: Sequence[Callable[[], list[DiagnosticStatus]]] = (),
     ) -> None:
         self._node = node
+        self._more = list(more)  # more statuses for the same array (depth, ~/segment)
         self._cameras = cameras
         self._faults = faults
         self._engine_state = engine_state
@@ -92,6 +95,8 @@ class NodeDiagnostics:
             array.status.append(
                 status_message(f"{self._node.get_name()}: {camera.name}", state.device, report)
             )
+        for statuses in self._more:
+            array.status.extend(statuses())
         self._publisher.publish(array)
 
     def _log_silent_input(self, camera: Camera, input_state: InputState | None) -> None:

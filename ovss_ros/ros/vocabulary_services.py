@@ -14,11 +14,12 @@ meanwhile.
 ``~/segment`` (Segment) segments one image for the request's words with the method and settings
 in force, never touching the streaming vocabulary (``core.word_segmentation``). The request is
 checked on the executor thread (one image, words parsed and their prompts within the text
-model's limits), then queued for the worker, which runs it between two frames: behind at most
-the frames it is segmenting, ahead of the next. The image is bounded like a camera frame
-(``max_input_pixels``, from its declared size before decoding). At most MAX_QUEUED requests wait;
-more are refused. Its counters are on /diagnostics (``<node>: segment service``) once a request
-came.
+model's limits), then queued for the worker, which runs one request after each turn's frames:
+a request waits for at most the frames being segmented (and the requests ahead of it), and a
+camera frame for at most one request, however many are queued. The image is bounded like a
+camera frame (``max_input_pixels``, from its declared size before decoding). At most
+MAX_QUEUED requests wait; more are refused. Its counters are on /diagnostics (``<node>: segment
+service``) once a request came.
 
 Neither service raises: whatever a request holds, it gets an answer (``success`` false and a
 reason), and an unexpected error is counted like any callback's (``request_guard``).
@@ -33,10 +34,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.clock import Clock, ClockType
 from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile
 from rclpy.task import Future
 
 from ovss_interfaces.srv import Segment, SetVocabulary
@@ -45,7 +46,6 @@ from ovss_ros.ros import parameters
 from ovss_ros.ros.image_conversion import float32_to_image, mono8_to_image, mono16_to_image
 from ovss_ros.ros.label_info import label_info
 from ovss_ros.ros.log_text import describe, one_line
-from ovss_ros.ros.node_diagnostics import DIAGNOSTICS_PERIOD_S
 from ovss_ros.ros.processing import to_rgb8
 from ovss_ros.ros.request_guard import RECENT_S, refusal
 from ovss_ros.ros.running import stop_event
@@ -60,6 +60,10 @@ if TYPE_CHECKING:
     from rclpy.node import Node
 
 MAX_QUEUED = 2  # ~/segment requests waiting for the worker; more are refused
+# Requests (and answers) DDS keeps per service until the executor takes them: a burst of up to
+# this many requests sent at once is answered whole (refused as busy beyond MAX_QUEUED); with
+# rclpy's default (10) the rest were dropped unanswered and uncounted.
+REQUEST_QUEUE_DEPTH = 100
 SETTLED_KEPT = 64  # settled changes remembered for answers registered late
 SUPERSEDED_TRIES = 3  # a ~/segment encoding stopped by a superseded change: tried again
 STOPPING = "the node is stopping: the request was not handled"
@@ -93,9 +97,10 @@ class _SegmentJob:
 class VocabularyServices:
     """Serves ``~/set_vocabulary`` and ``~/segment`` for an ovss node (``SegmentationNodeMixin``).
 
-    The node calls ``between_frames`` (wrapping its change hook, for the worker), ``settled``
-    (worker: a change was put in force or failed) and ``close`` (executor: the worker is
-    stopping). ``wake``: makes the worker run ``between_frames`` soon (the frame buffer's wake).
+    The node calls ``between_frames`` (wrapping its change hook, for the worker),
+    ``run_segment_job`` (the worker's hook after the frames), ``settled`` (worker: a change was
+    put in force or failed) and ``close`` (executor: the worker is stopping). ``wake``: makes
+    the worker take a turn soon (the frame buffer's wake).
     """
 
     def __init__(self, node: Node, wake: Callable[[], None]) -> None:
@@ -116,14 +121,12 @@ class VocabularyServices:
             (Segment, "~/segment", self._segment),
         ):
             node.create_service(
-                srv_type, name, self._guarded(handler, srv_type, name), callback_group=group
+                srv_type,
+                name,
+                self._guarded(handler, srv_type, name),
+                qos_profile=QoSProfile(depth=REQUEST_QUEUE_DEPTH),
+                callback_group=group,
             )
-        self._diagnostics = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        node.create_timer(
-            DIAGNOSTICS_PERIOD_S,
-            self._publish_diagnostics,
-            clock=Clock(clock_type=ClockType.STEADY_TIME),
-        )
 
     # Executor thread.
 
@@ -250,10 +253,12 @@ class VocabularyServices:
         for job in jobs:
             job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
 
-    def _publish_diagnostics(self) -> None:
+    def statuses(self) -> list[DiagnosticStatus]:
+        """The service's status for the node's /diagnostics (``NodeDiagnostics``): none until
+        a ``~/segment`` request came."""
         counters = self.counters
-        if not counters.received:  # no status until the service is used
-            return
+        if not counters.received:
+            return []
         with self._lock:
             queued = len(self._jobs)
         seconds = counters.last_seconds
@@ -273,15 +278,13 @@ class VocabularyServices:
             hardware_id=self._node._engine_state().loaded_device,
             values=[KeyValue(key=key, value=str(value)) for key, value in values.items()],
         )
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self._node.get_clock().now().to_msg()
-        self._diagnostics.publish(array)
+        return [status]
 
     # Worker thread.
 
     def between_frames(self, apply_pending: Callable[[], None]) -> Callable[[], None]:
-        """The worker's hook between two frames: ``apply_pending`` (the node's: put a prepared
-        change in force), then the waiting ``~/segment`` requests."""
+        """The worker's hook before the frames: ``apply_pending`` (the node's: put a prepared
+        change in force); a failure there answers the waiting ``~/set_vocabulary`` requests."""
 
         def run() -> None:
             try:
@@ -289,8 +292,6 @@ class VocabularyServices:
             except Exception as error:
                 self._fail_waiters(f"the change could not be confirmed: {describe(error)}")
                 raise
-            finally:
-                self.run_segment_jobs()
 
         return run
 
@@ -312,25 +313,29 @@ class VocabularyServices:
         for _, future in waiters:
             future.set_result((failure, None))
 
-    def run_segment_jobs(self) -> None:
-        """Segment the waiting ``~/segment`` requests, answering each."""
-        while True:
-            with self._lock:
-                if not self._jobs:
-                    return
-                job = self._jobs.popleft()
-            start = time.monotonic()
-            try:
-                answer = self._run_job(job)
-            except Stopped:
-                job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
-                raise
-            except Exception as error:  # the request's own failure: the worker goes on
-                self.counters.failed += 1
-                self.counters.last_failure = time.monotonic()
-                answer = refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
-            self.counters.last_seconds = time.monotonic() - start
-            job.future.set_result(answer)
+    def run_segment_job(self) -> None:
+        """The worker's hook after the frames: segment the oldest waiting ``~/segment`` request
+        and answer it. One a turn: the frames taken next wait for this request alone, never for
+        every request queued meanwhile; the worker is woken again while more wait."""
+        with self._lock:
+            if not self._jobs:
+                return
+            job = self._jobs.popleft()
+            more = bool(self._jobs)
+        if more:
+            self._wake()
+        start = time.monotonic()
+        try:
+            answer = self._run_job(job)
+        except Stopped:
+            job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
+            raise
+        except Exception as error:  # the request's own failure: the worker goes on
+            self.counters.failed += 1
+            self.counters.last_failure = time.monotonic()
+            answer = refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
+        self.counters.last_seconds = time.monotonic() - start
+        job.future.set_result(answer)
 
     def _run_job(self, job: _SegmentJob) -> Segment.Response:
         from ovss_ros.core.word_segmentation import segment_with_words  # torch: loaded already

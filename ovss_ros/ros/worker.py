@@ -28,6 +28,7 @@ T = TypeVar("T")
 WORKER_STEPS = {
     "start": "starting",
     "between_frames": "putting a prepared change in force",
+    "after_frames": "answering a ~/segment request",
     "handle_frames": "segmenting frames",
 }
 WORKER_STOP_TIMEOUT_S = 5.0
@@ -95,11 +96,14 @@ class FrameBuffer(Generic[T]):
 
 
 class FrameWorker(Generic[T]):
-    """A thread that runs ``between_frames`` and then ``handle_frames`` for the newest frames.
+    """A thread that runs ``between_frames``, ``handle_frames`` for the newest frames, then
+    ``after_frames``.
 
     ``between_frames`` runs after every wake-up, before the frames (if any) are handled: the place
     to apply accepted configuration changes so that they take effect on the next frame.
     ``handle_frames`` gets every frame taken at once (at most one per slot), never an empty list.
+    ``after_frames`` runs after every wake-up too, after the frames: the place for one piece of
+    other work (e.g. one on-demand request), so that the frames taken next wait for it alone.
     An exception from either callable goes to ``on_error`` and the loop goes on: one failed frame
     (a CUDA out-of-memory, a bad input) must not end the node's service.
 
@@ -119,14 +123,16 @@ class FrameWorker(Generic[T]):
         name: str = "ovss_worker",
         stop: threading.Event | None = None,
         start: Callable[[], None] | None = None,
+        after_frames: Callable[[], None] | None = None,
     ) -> None:
         self._buffer = buffer
+        self._after_frames = after_frames
         self._handle_frames = handle_frames
         self._between_frames = between_frames
         self._on_error = on_error
         self._on_start = start
         self.stopping = stop if stop is not None else threading.Event()
-        self.step: str | None = None  # "between_frames" or "handle_frames" while one runs
+        self.step: str | None = None  # a WORKER_STEPS key while that step runs
         # Daemon: a worker stuck inside a long forward pass must not keep the process alive.
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -157,6 +163,8 @@ class FrameWorker(Generic[T]):
                 self._guarded("between_frames", self._between_frames)
             if frames and not self._stopped():
                 self._guarded("handle_frames", self._handle_frames, frames)
+            if self._after_frames is not None and not self._stopped():
+                self._guarded("after_frames", self._after_frames)
 
     def _stopped(self) -> bool:
         return self._buffer.closed or self.stopping.is_set()
