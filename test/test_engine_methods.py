@@ -96,6 +96,7 @@ def test_config_defaults_are_the_methods_own():
             "deop.severance_residual": 0.5,
             "superpixel_clip.severance_residual": 0.7,
             "twostream.crop_batch": 5,
+            "twostream.seen_classes": ("cat",),
             "max_long_side": 512,
             "templates": "single",
             "background_words": ("sky",),

@@ -111,6 +111,7 @@ class SegmentationNodeMixin(UndeclaredRefusal):
         self.cameras = CameraSet(self, ())
         self.frames = FrameLedger()
         self.depth = DepthOutputs(self)  # labels in 3D (depth.*): a no-op unless enabled
+        self.typed_services: VocabularyServices | None = None  # made below too
         self.processor = FrameProcessor(
             self.frames,
             logger=self.get_logger,
@@ -124,7 +125,6 @@ class SegmentationNodeMixin(UndeclaredRefusal):
         # Exceptions in callbacks (a malformed request, ...): counted, each kind logged once.
         self.callback_faults = CallbackFaults(self.get_logger().warning)
         self._executor_work: ExecutorWork | None = None  # made below, with the other entities
-
         self._overrides_reported: set[str] = set()
         refuse_renamed_overrides(self)
         values = parameters.declare_parameters(self)
@@ -240,7 +240,8 @@ class SegmentationNodeMixin(UndeclaredRefusal):
         changes, self._changes = self._changes, None
         stop_worker(worker, self.get_logger().warning)
         stop_change_encoder(changes, self.get_logger().warning)
-        self.typed_services.close()  # requests waiting for the worker: answered
+        if self.typed_services is not None:  # requests waiting for the worker: answered
+            self.typed_services.close()
         if self._executor_work is not None:  # mask topics the worker asked for: not needed now
             self._executor_work.cancel()
         self.cameras.close_outputs()
