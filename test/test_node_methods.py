@@ -237,7 +237,8 @@ def test_deop_on_the_release_file_serves_the_published_system(client, node, file
     # The release fixes its proposal count: 12 is refused up front, the release keeps serving.
     result = set_atomically(client, [Parameter("deop.proposals", value=12)])
     assert not result.successful
-    assert "deop.proposals must be 100 with the DeOP release" in result.reason
+    assert "deop.proposals must be 100 with the DeOP file" in result.reason
+    assert "its MaskFormer has 100 queries" in result.reason and "got 12" in result.reason
     assert_serves(client, rgb, expected["release"])
     back = {"method": "naclip", "deop.checkpoint": "", "deop.proposals": 12}
     assert set_atomically(client, [Parameter(k, value=v) for k, v in back.items()]).successful
