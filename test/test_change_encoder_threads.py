@@ -113,8 +113,10 @@ def harness():
             left.set()
 
     segmenter.prepare_update = recorded
+    # The held preparation stops with the node as text encoding does (between batches).
+    threading.Thread(target=lambda: (stop.wait(), gate.set()), daemon=True).start()
     h = Harness(node, segmenter, seen, stop)
-    h.gate, h.entered = gate, entered
+    h.gate, h.entered, h.left = gate, entered, left
     try:
         yield h
     finally:
@@ -146,7 +148,7 @@ def test_quick_changes_run_at_the_frames_priority_and_slow_ones_bounded(harness)
     assert not harness.errors
 
 
-def test_a_stop_ends_the_encoder_while_a_slow_preparation_is_held(harness):
+def test_a_stop_ends_a_slow_preparation_and_waits_for_it(harness):
     encoder = harness.start()
     harness.gate.clear()
     result = harness.node.set_parameters([Parameter("classes", value=["bird", "sofa"])])[0]
@@ -154,8 +156,10 @@ def test_a_stop_ends_the_encoder_while_a_slow_preparation_is_held(harness):
     # The preparation is held on the slow thread (waiting on the gate) ...
     assert harness.entered.wait(WAIT_S)
     assert harness.seen[-1]["thread"] == f"{NAME}_slow"
-    # ... and the stop does not wait for it.
+    # ... and the stop ends it: the encoding checks the stop event, and the stop waits for the
+    # low-priority thread too, so nothing of the change runs on while the process exits.
     assert encoder.stop(timeout=WAIT_S)
     assert not encoder.alive
+    assert harness.left.is_set()
     assert not harness.handed.is_set()
     assert not harness.errors

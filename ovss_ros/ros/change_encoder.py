@@ -23,6 +23,7 @@ checks it between prompt batches).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,13 @@ class LowPriorityThread:
         """The stop event was set: the waiting caller returns."""
         with self._condition:
             self._condition.notify_all()
+
+    def join(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) for the thread to end; False if it is still busy."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
 
     def _loop(self, bound: Callable[[], None]) -> None:
         bound()
@@ -128,15 +136,20 @@ class ChangeEncoder:
             self._condition.notify_all()
 
     def stop(self, timeout: float = ENCODER_STOP_TIMEOUT_S) -> bool:
-        """Set the stop event and wait for the thread; False if it is still busy after
-        ``timeout`` seconds (e.g. loading a model, which cannot stop half-way)."""
+        """Set the stop event and wait for the threads (this one and the low-priority one);
+        False if one is still busy after ``timeout`` seconds (e.g. loading a model, which cannot
+        stop half-way)."""
         self._stop.set()
         with self._condition:
             self._condition.notify_all()
         self._slow_thread.wake()
+        deadline = time.monotonic() + timeout
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        return not self._thread.is_alive()
+        # The slow preparation ends too (text encoding checks the stop event between batches),
+        # so nothing of it runs on while the process exits.
+        slow_ended = self._slow_thread.join(max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive() and slow_ended
 
     @property
     def alive(self) -> bool:
