@@ -60,9 +60,7 @@ def segment_with_words(
     return segment_prepared(segmenter, prepare_words(segmenter, classes), rgb)
 
 
-def prepare_words(
-    segmenter: Segmenter, classes: Sequence[ClassEntry]
-) -> DenseMethod | Pipeline:
+def prepare_words(segmenter: Segmenter, classes: Sequence[ClassEntry]) -> DenseMethod | Pipeline:
     """``segment_with_words``'s slow half, for a thread beside the frames: ``classes`` checked
     (``check_words``), their texts encoded on the encoding stream, the method copy built. Raises
     as ``segment_with_words`` (not for the image); ``segmenter`` is left as it is."""

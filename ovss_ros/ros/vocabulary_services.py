@@ -35,7 +35,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
@@ -45,17 +44,21 @@ from rclpy.qos import QoSProfile
 from rclpy.task import Future
 
 from ovss_interfaces.srv import Segment, SetVocabulary
-from ovss_ros.core import ClassEntry, Stopped, parse_classes
+from ovss_ros.core import Stopped, parse_classes
 from ovss_ros.ros import parameters
-from ovss_ros.ros.image_conversion import float32_to_image, mono8_to_image, mono16_to_image
 from ovss_ros.ros.label_info import label_info
 from ovss_ros.ros.log_text import describe, one_line
-from ovss_ros.ros.processing import to_rgb8
 from ovss_ros.ros.request_guard import RECENT_S, refusal
 from ovss_ros.ros.running import stop_event
+from ovss_ros.ros.segment_jobs import (
+    UNCONFIGURED,
+    SegmentCounters,
+    SegmentJob,
+    prepare_job,
+    segment_response,
+)
 from ovss_ros.ros.service_requests import (
     RequestError,
-    pixel_counts,
     segment_image,
     vocabulary_parameters,
 )
@@ -63,47 +66,17 @@ from ovss_ros.ros.service_requests import (
 if TYPE_CHECKING:
     from rclpy.node import Node
 
-MAX_QUEUED = 2  # ~/segment requests waiting for the worker; more are refused
+MAX_QUEUED = 2  # ~/segment requests waiting beside the one being prepared; more: refused
 # Requests (and answers) DDS keeps per service until the executor takes them: a burst of up to
 # this many requests sent at once is answered whole (refused as busy beyond MAX_QUEUED); with
 # rclpy's default (10) the rest were dropped unanswered and uncounted.
 REQUEST_QUEUE_DEPTH = 100
 SETTLED_KEPT = 64  # settled changes remembered for answers registered late
-SUPERSEDED_TRIES = 3  # a ~/segment encoding stopped by a superseded change: tried again
 STOPPING = "the node is stopping: the request was not handled"
 STOPPED_BEFORE = (
     "the node was cleaned up or shut down before the change was in force: the parameters hold "
     "it, and the next configure loads it"
 )
-
-
-@dataclass
-class SegmentCounters:
-    """``~/segment`` requests so far, by outcome (diagnostics)."""
-
-    received: int = 0
-    succeeded: int = 0
-    refused: int = 0
-    failed: int = 0
-    last_seconds: float | None = None  # the last request's time on the worker
-    last_failure: float = float("-inf")  # time.monotonic() of the last failed request
-
-
-@dataclass(eq=False)
-class _SegmentJob:
-    image: Any  # sensor_msgs Image or CompressedImage
-    classes: list[ClassEntry]
-    future: Future
-    header: Any = None
-    queued: float = field(default_factory=time.monotonic)
-    # Set by the preparing thread: the image and the method copy for the words, with the
-    # Segmenter's generation it was prepared at; or the answer already (a refusal), or the error.
-    rgb: Any = None
-    method: Any = None
-    generation: int = -1
-    answer: Any = None
-    error: BaseException | None = None
-    tries: int = 0  # preparations begun
 
 
 class VocabularyServices:
@@ -121,9 +94,9 @@ class VocabularyServices:
         self._lock = threading.Condition()  # also wakes the preparing thread
         self._waiters: list[tuple[int, Future]] = []  # (acceptance, future of (failure, names))
         self._settled: deque[tuple[int, str | None, list[str]]] = deque(maxlen=SETTLED_KEPT)
-        self._jobs: deque[_SegmentJob] = deque()  # accepted, waiting for their preparation
-        self._preparing: _SegmentJob | None = None  # the one being prepared
-        self._ready: deque[_SegmentJob] = deque()  # prepared, waiting for the worker
+        self._jobs: deque[SegmentJob] = deque()  # accepted, waiting for their preparation
+        self._preparing: SegmentJob | None = None  # the one being prepared
+        self._ready: deque[SegmentJob] = deque()  # prepared, waiting for the worker
         self._preparer: threading.Thread | None = None
         self.counters = SegmentCounters()
         # A group of their own: a request awaiting the worker holds its callback group until
@@ -226,7 +199,7 @@ class VocabularyServices:
             counters.refused += 1
         return answer
 
-    def _segment_job(self, request: Segment.Request) -> tuple[_SegmentJob | None, str]:
+    def _segment_job(self, request: Segment.Request) -> tuple[SegmentJob | None, str]:
         """The request checked and queued for the worker, or (None, why it is refused)."""
         node = self._node
         try:
@@ -242,7 +215,7 @@ class VocabularyServices:
             check_words(segmenter, classes)
         except (RequestError, ValueError) as error:
             return None, str(error)
-        job = _SegmentJob(image, classes, Future(executor=node.executor), image.header)
+        job = SegmentJob(image, classes, Future(executor=node.executor), image.header)
         with self._lock:
             waiting = len(self._jobs) + len(self._ready)
             if waiting >= MAX_QUEUED:
@@ -256,10 +229,7 @@ class VocabularyServices:
         return job, ""
 
     def _unconfigured(self) -> str:
-        return (
-            "the node is not configured (no model loaded): configure it first, or set the "
-            "classes parameter, which the next configure loads"
-        )
+        return UNCONFIGURED
 
     def close(self) -> None:
         """The worker is stopping: every waiting request gets its answer now."""
@@ -363,7 +333,7 @@ class VocabularyServices:
         self.counters.last_failure = time.monotonic()
         return refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
 
-    def _run_job(self, job: _SegmentJob) -> Segment.Response | None:
+    def _run_job(self, job: SegmentJob) -> Segment.Response | None:
         """The answer to prepared ``job``: its forward pass; None when a change was put in force
         since it was prepared (what its method copy shares may be gone): queued first for
         preparation again."""
@@ -416,7 +386,8 @@ class VocabularyServices:
                 segmenter.side.encoding_thread()
                 bound = True
             try:
-                self._prepare(job, segmenter, stop)
+                settings = self._node.transactions.applied_settings
+                prepare_job(job, segmenter, settings, stop, self.counters)
             except Stopped:
                 return  # stopping: ``close`` answers the request
             except Exception as error:  # the request's own failure: the thread goes on
@@ -427,56 +398,3 @@ class VocabularyServices:
                 self._preparing = None
                 self._ready.append(job)
             self._wake()
-
-    def _prepare(self, job: _SegmentJob, segmenter: Any, stop: threading.Event) -> None:
-        """Decode ``job``'s image and prepare the method copy for its words (the slow part),
-        setting ``job``'s rgb, method and generation, or its answer (a refusal) or error."""
-        from ovss_ros.core.word_segmentation import prepare_words  # torch: loaded already
-
-        settings = self._node.transactions.applied_settings
-        if settings is None or segmenter is None:
-            job.answer = refusal(Segment, Segment.Request(), self._unconfigured())
-            return
-        if job.rgb is None:
-            try:
-                job.rgb = to_rgb8(job.image, settings.max_input_pixels)
-            except ValueError as error:  # ImageConversionError, ImageTooLarge: its fault
-                self.counters.refused += 1
-                job.answer = refusal(Segment, Segment.Request(), one_line(str(error)))
-                return
-        while job.tries < SUPERSEDED_TRIES:
-            job.tries += 1
-            generation = segmenter.generation
-            try:
-                job.method = prepare_words(segmenter, job.classes)
-                job.generation = generation
-                return
-            except Stopped:
-                if stop.is_set():
-                    raise
-            except Exception:
-                if segmenter.generation == generation:
-                    raise
-                # A change put in force meanwhile (e.g. new templates) changed the text cache
-                # under this encoding: encoded again for the state in force now.
-        raise RuntimeError(
-            f"the words' encoding was stopped by {SUPERSEDED_TRIES} vocabulary changes "
-            "made meanwhile: try again"
-        )
-
-
-def segment_response(segmentation: Any, header: Any, threshold: float) -> Segment.Response:
-    """A successful Segment answer for ``segmentation`` (``core.Segmentation``) with
-    ``header`` (the request image's): labels (mono8/mono16), confidence (32FC1), LabelInfo and
-    the pixels per class."""
-    labels = segmentation.labels
-    to_image = mono16_to_image if labels.dtype.itemsize == 2 else mono8_to_image
-    counts, unlabeled = pixel_counts(labels, len(segmentation.class_names))
-    return Segment.Response(
-        success=True,
-        labels=to_image(labels, header),
-        confidence=float32_to_image(segmentation.confidence, header),
-        label_info=label_info(header, segmentation.class_names, threshold),
-        pixel_counts=counts,
-        unlabeled_pixels=unlabeled,
-    )
