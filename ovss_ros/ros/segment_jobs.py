@@ -107,6 +107,13 @@ def prepare_job(
     )
 
 
+def failed_answer(counters: SegmentCounters, error: BaseException) -> Segment.Response:
+    """The answer to a request that failed with ``error`` (its own failure), counted."""
+    counters.failed += 1
+    counters.last_failure = time.monotonic()
+    return refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
+
+
 def segment_response(segmentation: Any, header: Any, threshold: float) -> Segment.Response:
     """A successful Segment answer for ``segmentation`` (``core.Segmentation``) with
     ``header`` (the request image's): labels (mono8/mono16), confidence (32FC1), LabelInfo and

@@ -46,6 +46,7 @@ from rclpy.task import Future
 from ovss_interfaces.srv import Segment, SetVocabulary
 from ovss_ros.core import Stopped, parse_classes
 from ovss_ros.ros import parameters
+from ovss_ros.ros.change_encoder import ENCODER_STOP_TIMEOUT_S
 from ovss_ros.ros.label_info import label_info
 from ovss_ros.ros.log_text import describe, one_line
 from ovss_ros.ros.request_guard import RECENT_S, refusal
@@ -54,6 +55,7 @@ from ovss_ros.ros.segment_jobs import (
     UNCONFIGURED,
     SegmentCounters,
     SegmentJob,
+    failed_answer,
     prepare_job,
     segment_response,
 )
@@ -232,7 +234,8 @@ class VocabularyServices:
         return UNCONFIGURED
 
     def close(self) -> None:
-        """The worker is stopping: every waiting request gets its answer now."""
+        """The worker is stopping (the stop event is set): every waiting request gets its answer
+        now, and the preparing thread ends (waited for, like the change encoder)."""
         with self._lock:
             waiters, self._waiters = self._waiters, []
             jobs = [*self._ready, *self._jobs, *filter(None, [self._preparing])]
@@ -242,6 +245,8 @@ class VocabularyServices:
             future.set_result((STOPPED_BEFORE, None))
         for job in jobs:
             job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
+        if self._preparer is not None:  # ends at once: the encoding checks the stop event
+            self._preparer.join(ENCODER_STOP_TIMEOUT_S)
 
     def statuses(self) -> list[DiagnosticStatus]:
         """The service's status for the node's /diagnostics (``NodeDiagnostics``): none until
@@ -322,16 +327,11 @@ class VocabularyServices:
             job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
             raise
         except Exception as error:  # the request's own failure: the worker goes on
-            answer = self._failed(error)
+            answer = failed_answer(self.counters, error)
         if answer is None:  # prepared against a state no longer in force: prepared again
             return
         self.counters.last_seconds = time.monotonic() - start
         job.future.set_result(answer)
-
-    def _failed(self, error: BaseException) -> Segment.Response:
-        self.counters.failed += 1
-        self.counters.last_failure = time.monotonic()
-        return refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
 
     def _run_job(self, job: SegmentJob) -> Segment.Response | None:
         """The answer to prepared ``job``: its forward pass; None when a change was put in force
@@ -342,7 +342,7 @@ class VocabularyServices:
         if job.answer is not None:
             return job.answer
         if job.error is not None:
-            return self._failed(job.error)
+            return failed_answer(self.counters, job.error)
         segmenter = self._node.segmenter
         if segmenter is None:
             return refusal(Segment, Segment.Request(), self._unconfigured())
@@ -360,7 +360,7 @@ class VocabularyServices:
 
     def _start_preparer(self) -> None:
         """Start the preparing thread unless it runs (under the lock): it ends with the stop
-        event in force now (``close``), and the next configure's first request starts another."""
+        event in force now, and the next configure's first request starts another."""
         if self._preparer is None or not self._preparer.is_alive():
             self._preparer = threading.Thread(
                 target=self._prepare_loop,
