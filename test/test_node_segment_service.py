@@ -5,16 +5,18 @@ request can be kept in progress while the test races it). Checked: the answers (
 refusal with its reason, counters), that ``~/segment`` leaves the streaming vocabulary alone,
 that the executor takes frames and answers other services while a request is encoded, that
 camera frames are segmented and published while a request's words are encoded (the frames wait
-for its forward pass only), and the queue's bounds.
+for its forward pass only), the queue's bounds, and that a shutdown stops an encoding at once.
 """
 
 from __future__ import annotations
+
+import time
 
 import cv2
 import numpy as np
 import pytest
 from diagnostic_msgs.msg import DiagnosticStatus
-from fault_injection_node import HOLD_WORD, TRIGGER_WORD
+from fault_injection_node import GATE_TIMEOUT_S, HOLD_WORD, TRIGGER_WORD
 from rclpy.qos import QoSProfile
 from ros_harness import (
     EVENT_TIMEOUT_S,
@@ -22,6 +24,7 @@ from ros_harness import (
     make_compressed,
     make_image,
     next_header,
+    shutdown_problems,
     status_values,
 )
 from vocabulary_clients import (
@@ -289,3 +292,22 @@ def test_a_segment_request_that_fails_is_answered_and_counted(node):
     assert status.level == DiagnosticStatus.WARN
     assert streamed_names(client) == STREAM
     assert services.segment(segment_request(client.node, photo(), ["plate"])).success
+
+
+def test_shutdown_while_a_request_encodes_ends_the_node_at_once(served):
+    """Last in this module: it ends the module's node (whose fixture then checks status 0). A
+    ``~/segment`` request's words held while being encoded: Ctrl-C stops the encoding at once
+    (the stop event, not the gate giving up) and the node exits cleanly."""
+    client, services, fault_dir, process = served
+    held = fault_dir / "encoding_held"
+    services.segment_client.call_async(
+        segment_request(client.node, photo(), [f"{HOLD_WORD} at shutdown"])
+    )
+    client.spin_until(held.exists, message="the ~/segment request held while encoding")
+    start = time.monotonic()
+    returncode = process.stop()
+    took = time.monotonic() - start
+    assert returncode == 0, process.output()
+    assert took < GATE_TIMEOUT_S / 5, took
+    assert not held.exists()
+    assert not shutdown_problems(process.output()), process.output()
