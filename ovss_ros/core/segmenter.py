@@ -121,6 +121,12 @@ class Segmenter:
         return self.clip.patch_size
 
     @property
+    def generation(self) -> int:
+        """Changes committed so far: a method prepared beside the frames (``word_segmentation``)
+        is stale once it differs."""
+        return self._generation
+
+    @property
     def pipeline(self) -> Pipeline | None:
         """The pipeline method's pipeline in force (pnp_ovss, deop, ...), or None (a dense
         method)."""

@@ -8,10 +8,15 @@ words, method settings). The copy segments the image and is dropped; the Segment
 vocabulary, method and embeddings are never changed, so the streaming frames before and after
 are segmented as if the request had never come.
 
-Runs on the thread that segments the frames (the Segmenter is not thread-safe for that), between
-two frames. The text encoder may be encoding a change on the change encoder's thread meanwhile:
-a newer change superseding that one stops this encoding too (Stopped, its ``cancel`` being the
-encoder's stop while it runs): the caller tries again.
+Two halves, so that the frames never wait for the words' encoding: ``prepare_words`` (the slow
+half: the words' texts encoded, the method copy built) runs on a thread beside the frames, on the
+encoding stream (``side_encoding``); ``segment_prepared`` (one forward pass) runs on the thread
+that segments the frames (the Segmenter is not thread-safe for that), between two frames, while
+the Segmenter's ``generation`` is still the one the copy was prepared at (a change put in force
+meanwhile may have released what the copy shares: prepare it again). The text encoder may be
+encoding a change on the change encoder's thread meanwhile: a newer change superseding that one
+stops this encoding too (Stopped, its ``cancel`` being the encoder's stop while it runs): the
+caller tries again.
 """
 
 from __future__ import annotations
@@ -51,9 +56,26 @@ def segment_with_words(
     stop, or a superseded change's encoding beside it), or what the text tower or the forward
     pass raise (e.g. out of memory).
     """
-    check_words(segmenter, classes)
     check_rgb(rgb)
-    method = word_method(segmenter, list(classes))
+    return segment_prepared(segmenter, prepare_words(segmenter, classes), rgb)
+
+
+def prepare_words(segmenter: Segmenter, classes: Sequence[ClassEntry]) -> DenseMethod | Pipeline:
+    """``segment_with_words``'s slow half, for a thread beside the frames: ``classes`` checked
+    (``check_words``), their texts encoded on the encoding stream, the method copy built. Raises
+    as ``segment_with_words`` (not for the image); ``segmenter`` is left as it is."""
+    check_words(segmenter, classes)
+    with segmenter.side.encoding():
+        return word_method(segmenter, list(classes))
+
+
+def segment_prepared(
+    segmenter: Segmenter, method: DenseMethod | Pipeline, rgb: np.ndarray
+) -> Segmentation:
+    """Segment ``rgb`` (HxWx3 uint8) with ``method`` (``prepare_words``): one forward pass, on
+    the frames' stream, on the thread that segments the frames. Raises ValueError for a bad
+    image, Stopped, or what the forward pass raises."""
+    check_rgb(rgb)
     with torch.inference_mode(), segmenter.side.frames():
         return method.segment_many([rgb])[0]
 

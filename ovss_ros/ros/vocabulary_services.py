@@ -14,12 +14,16 @@ meanwhile.
 ``~/segment`` (Segment) segments one image for the request's words with the method and settings
 in force, never touching the streaming vocabulary (``core.word_segmentation``). The request is
 checked on the executor thread (one image, words parsed and their prompts within the text
-model's limits), then queued for the worker, which runs one request after each turn's frames:
-a request waits for at most the frames being segmented (and the requests ahead of it), and a
-camera frame for at most one request, however many are queued. The image is bounded like a
-camera frame (``max_input_pixels``, from its declared size before decoding). At most
-MAX_QUEUED requests wait; more are refused. Its counters are on /diagnostics (``<node>: segment
-service``) once a request came.
+model's limits), then queued. Its slow part (the image decoded, the words' texts encoded, the
+method copy built: up to minutes on a CPU with many words and templates) runs beside the frames
+on a thread of its own with the change encoder's bounds (``core/side_encoding``: one intra-op
+thread and nice +10 on a CPU, the low-priority stream on CUDA), one request at a time, in the
+order they came. Prepared, a request goes to the worker, which runs its forward pass alone
+after one turn's frames: a camera frame waits for at most one request's forward pass (one
+frame's worth of work), never for its encoding, however many are queued. The image is bounded
+like a camera frame (``max_input_pixels``, from its declared size before decoding). At most
+MAX_QUEUED requests wait (beside the one being prepared); more are refused. Its counters are on
+/diagnostics (``<node>: segment service``) once a request came.
 
 Neither service raises: whatever a request holds, it gets an answer (``success`` false and a
 reason), and an unexpected error is counted like any callback's (``request_guard``).
@@ -31,7 +35,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
@@ -41,17 +44,23 @@ from rclpy.qos import QoSProfile
 from rclpy.task import Future
 
 from ovss_interfaces.srv import Segment, SetVocabulary
-from ovss_ros.core import ClassEntry, Stopped, parse_classes
+from ovss_ros.core import Stopped, parse_classes
 from ovss_ros.ros import parameters
-from ovss_ros.ros.image_conversion import float32_to_image, mono8_to_image, mono16_to_image
+from ovss_ros.ros.change_encoder import ENCODER_STOP_TIMEOUT_S
 from ovss_ros.ros.label_info import label_info
 from ovss_ros.ros.log_text import describe, one_line
-from ovss_ros.ros.processing import to_rgb8
 from ovss_ros.ros.request_guard import RECENT_S, refusal
 from ovss_ros.ros.running import stop_event
+from ovss_ros.ros.segment_jobs import (
+    UNCONFIGURED,
+    SegmentCounters,
+    SegmentJob,
+    failed_answer,
+    prepare_job,
+    segment_response,
+)
 from ovss_ros.ros.service_requests import (
     RequestError,
-    pixel_counts,
     segment_image,
     vocabulary_parameters,
 )
@@ -59,39 +68,17 @@ from ovss_ros.ros.service_requests import (
 if TYPE_CHECKING:
     from rclpy.node import Node
 
-MAX_QUEUED = 2  # ~/segment requests waiting for the worker; more are refused
+MAX_QUEUED = 2  # ~/segment requests waiting beside the one being prepared; more: refused
 # Requests (and answers) DDS keeps per service until the executor takes them: a burst of up to
 # this many requests sent at once is answered whole (refused as busy beyond MAX_QUEUED); with
 # rclpy's default (10) the rest were dropped unanswered and uncounted.
 REQUEST_QUEUE_DEPTH = 100
 SETTLED_KEPT = 64  # settled changes remembered for answers registered late
-SUPERSEDED_TRIES = 3  # a ~/segment encoding stopped by a superseded change: tried again
 STOPPING = "the node is stopping: the request was not handled"
 STOPPED_BEFORE = (
     "the node was cleaned up or shut down before the change was in force: the parameters hold "
     "it, and the next configure loads it"
 )
-
-
-@dataclass
-class SegmentCounters:
-    """``~/segment`` requests so far, by outcome (diagnostics)."""
-
-    received: int = 0
-    succeeded: int = 0
-    refused: int = 0
-    failed: int = 0
-    last_seconds: float | None = None  # the last request's time on the worker
-    last_failure: float = float("-inf")  # time.monotonic() of the last failed request
-
-
-@dataclass(eq=False)
-class _SegmentJob:
-    image: Any  # sensor_msgs Image or CompressedImage
-    classes: list[ClassEntry]
-    future: Future
-    header: Any = None
-    queued: float = field(default_factory=time.monotonic)
 
 
 class VocabularyServices:
@@ -106,10 +93,13 @@ class VocabularyServices:
     def __init__(self, node: Node, wake: Callable[[], None]) -> None:
         self._node = node
         self._wake = wake
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # also wakes the preparing thread
         self._waiters: list[tuple[int, Future]] = []  # (acceptance, future of (failure, names))
         self._settled: deque[tuple[int, str | None, list[str]]] = deque(maxlen=SETTLED_KEPT)
-        self._jobs: deque[_SegmentJob] = deque()
+        self._jobs: deque[SegmentJob] = deque()  # accepted, waiting for their preparation
+        self._preparing: SegmentJob | None = None  # the one being prepared
+        self._ready: deque[SegmentJob] = deque()  # prepared, waiting for the worker
+        self._preparer: threading.Thread | None = None
         self.counters = SegmentCounters()
         # A group of their own: a request awaiting the worker holds its callback group until
         # answered, and the node's default group (mutually exclusive) serves the frames, the
@@ -211,7 +201,7 @@ class VocabularyServices:
             counters.refused += 1
         return answer
 
-    def _segment_job(self, request: Segment.Request) -> tuple[_SegmentJob | None, str]:
+    def _segment_job(self, request: Segment.Request) -> tuple[SegmentJob | None, str]:
         """The request checked and queued for the worker, or (None, why it is refused)."""
         node = self._node
         try:
@@ -227,31 +217,36 @@ class VocabularyServices:
             check_words(segmenter, classes)
         except (RequestError, ValueError) as error:
             return None, str(error)
-        job = _SegmentJob(image, classes, Future(executor=node.executor), image.header)
+        job = SegmentJob(image, classes, Future(executor=node.executor), image.header)
         with self._lock:
-            if len(self._jobs) >= MAX_QUEUED:
+            waiting = len(self._jobs) + len(self._ready)
+            if waiting >= MAX_QUEUED:
                 return None, (
-                    f"busy: {len(self._jobs)} ~/segment requests wait already (at most "
+                    f"busy: {waiting} ~/segment requests wait already (at most "
                     f"{MAX_QUEUED}); try again once one is answered"
                 )
             self._jobs.append(job)
+            self._start_preparer()
+            self._lock.notify_all()
         return job, ""
 
     def _unconfigured(self) -> str:
-        return (
-            "the node is not configured (no model loaded): configure it first, or set the "
-            "classes parameter, which the next configure loads"
-        )
+        return UNCONFIGURED
 
     def close(self) -> None:
-        """The worker is stopping: every waiting request gets its answer now."""
+        """The worker is stopping (the stop event is set): every waiting request gets its answer
+        now, and the preparing thread ends (waited for, like the change encoder)."""
         with self._lock:
             waiters, self._waiters = self._waiters, []
-            jobs, self._jobs = list(self._jobs), deque()
+            jobs = [*self._ready, *self._jobs, *filter(None, [self._preparing])]
+            self._jobs, self._ready, self._preparing = deque(), deque(), None
+            self._lock.notify_all()
         for _, future in waiters:
             future.set_result((STOPPED_BEFORE, None))
         for job in jobs:
             job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
+        if self._preparer is not None:  # ends at once: the encoding checks the stop event
+            self._preparer.join(ENCODER_STOP_TIMEOUT_S)
 
     def statuses(self) -> list[DiagnosticStatus]:
         """The service's status for the node's /diagnostics (``NodeDiagnostics``): none until
@@ -260,7 +255,7 @@ class VocabularyServices:
         if not counters.received:
             return []
         with self._lock:
-            queued = len(self._jobs)
+            queued = len(self._jobs) + len(self._ready)
         seconds = counters.last_seconds
         values = {
             "requests": counters.received,
@@ -314,14 +309,15 @@ class VocabularyServices:
             future.set_result((failure, None))
 
     def run_segment_job(self) -> None:
-        """The worker's hook after the frames: segment the oldest waiting ``~/segment`` request
-        and answer it. One a turn: the frames taken next wait for this request alone, never for
-        every request queued meanwhile; the worker is woken again while more wait."""
+        """The worker's hook after the frames: the oldest prepared ``~/segment`` request gets
+        its forward pass and its answer. One a turn: the frames taken next wait for this forward
+        pass alone, never for an encoding nor for every request queued meanwhile; the worker is
+        woken again while more are prepared."""
         with self._lock:
-            if not self._jobs:
+            if not self._ready:
                 return
-            job = self._jobs.popleft()
-            more = bool(self._jobs)
+            job = self._ready.popleft()
+            more = bool(self._ready)
         if more:
             self._wake()
         start = time.monotonic()
@@ -331,51 +327,74 @@ class VocabularyServices:
             job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
             raise
         except Exception as error:  # the request's own failure: the worker goes on
-            self.counters.failed += 1
-            self.counters.last_failure = time.monotonic()
-            answer = refusal(Segment, Segment.Request(), f"segmenting failed: {error}")
+            answer = failed_answer(self.counters, error)
+        if answer is None:  # prepared against a state no longer in force: prepared again
+            return
         self.counters.last_seconds = time.monotonic() - start
         job.future.set_result(answer)
 
-    def _run_job(self, job: _SegmentJob) -> Segment.Response:
-        from ovss_ros.core.word_segmentation import segment_with_words  # torch: loaded already
+    def _run_job(self, job: SegmentJob) -> Segment.Response | None:
+        """The answer to prepared ``job``: its forward pass; None when a change was put in force
+        since it was prepared (what its method copy shares may be gone): queued first for
+        preparation again."""
+        from ovss_ros.core.word_segmentation import segment_prepared  # torch: loaded already
 
-        settings = self._node.transactions.applied_settings
+        if job.answer is not None:
+            return job.answer
+        if job.error is not None:
+            return failed_answer(self.counters, job.error)
         segmenter = self._node.segmenter
-        if settings is None or segmenter is None:
+        if segmenter is None:
             return refusal(Segment, Segment.Request(), self._unconfigured())
-        try:
-            rgb = to_rgb8(job.image, settings.max_input_pixels)
-        except ValueError as error:  # ImageConversionError, ImageTooLarge: the request's fault
-            self.counters.refused += 1
-            return refusal(Segment, Segment.Request(), one_line(str(error)))
-        for _ in range(SUPERSEDED_TRIES):
-            try:
-                segmentation = segment_with_words(segmenter, rgb, job.classes)
-                break
-            except Stopped:
-                if stop_event(self._node).is_set():
-                    raise
-        else:
-            raise RuntimeError(
-                f"the words' encoding was stopped by {SUPERSEDED_TRIES} vocabulary changes "
-                "made meanwhile: try again"
-            )
+        if job.generation != segmenter.generation:
+            job.method = None
+            with self._lock:
+                self._jobs.appendleft(job)
+                self._start_preparer()
+                self._lock.notify_all()
+            return None
+        segmentation = segment_prepared(segmenter, job.method, job.rgb)
         return segment_response(segmentation, job.header, segmenter.config.score_threshold)
 
+    # Preparing thread.
 
-def segment_response(segmentation: Any, header: Any, threshold: float) -> Segment.Response:
-    """A successful Segment answer for ``segmentation`` (``core.Segmentation``) with
-    ``header`` (the request image's): labels (mono8/mono16), confidence (32FC1), LabelInfo and
-    the pixels per class."""
-    labels = segmentation.labels
-    to_image = mono16_to_image if labels.dtype.itemsize == 2 else mono8_to_image
-    counts, unlabeled = pixel_counts(labels, len(segmentation.class_names))
-    return Segment.Response(
-        success=True,
-        labels=to_image(labels, header),
-        confidence=float32_to_image(segmentation.confidence, header),
-        label_info=label_info(header, segmentation.class_names, threshold),
-        pixel_counts=counts,
-        unlabeled_pixels=unlabeled,
-    )
+    def _start_preparer(self) -> None:
+        """Start the preparing thread unless it runs (under the lock): it ends with the stop
+        event in force now, and the next configure's first request starts another."""
+        if self._preparer is None or not self._preparer.is_alive():
+            self._preparer = threading.Thread(
+                target=self._prepare_loop,
+                args=(stop_event(self._node),),
+                name="ovss_segment_words",
+                daemon=True,
+            )
+            self._preparer.start()
+
+    def _prepare_loop(self, stop: threading.Event) -> None:
+        """Prepare the accepted requests one at a time, oldest first, and hand each to the
+        worker; bounded like the change encoder's slow thread (``SideEncoding.encoding_thread``,
+        once, before the first encoding)."""
+        bound = False
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: bool(self._jobs) or stop.is_set())
+                if stop.is_set():
+                    return
+                job = self._preparing = self._jobs.popleft()
+            segmenter = self._node.segmenter
+            if not bound and segmenter is not None:
+                segmenter.side.encoding_thread()
+                bound = True
+            try:
+                settings = self._node.transactions.applied_settings
+                prepare_job(job, segmenter, settings, stop, self.counters)
+            except Stopped:
+                return  # stopping: ``close`` answers the request
+            except Exception as error:  # the request's own failure: the thread goes on
+                job.error = error
+            with self._lock:
+                if self._preparing is not job:  # answered by ``close`` meanwhile
+                    continue
+                self._preparing = None
+                self._ready.append(job)
+            self._wake()
