@@ -78,3 +78,75 @@ def test_words_it_cannot_take_are_refused_before_encoding(words, reason):
     with pytest.raises(VocabularyError, match=reason):
         segment_with_words(segmenter, np.zeros((8, 8, 3), np.uint8), classes)
     assert len(segmenter.text.cache) == cached
+
+
+NEW_TEMPLATES = "a photo of the {}.|{} in a picture."
+
+
+def encoding_hook(segmenter: Segmenter, when, action) -> None:
+    """Run ``action`` once, inside the shared text encoder's forward, the first time its
+    prompts satisfy ``when``: the other thread (the worker's commit, the change encoder)
+    acting while this encoding is under way, deterministically on one thread."""
+    encode, done = segmenter.text.encode_prompts, []
+
+    def hooked(prompts):
+        if not done and when(prompts):
+            done.append(True)
+            action()
+        return encode(prompts)
+
+    segmenter.text.encode_prompts = hooked
+
+
+@pytest.mark.parametrize("method", ["naclip", "sclip"])
+def test_a_change_committed_while_the_words_encode_stays_in_force(method, voc_rgb):
+    # The words' copy is built for the templates in force when it began; new templates put in
+    # force meanwhile (the worker's commit) must stay the encoder's: the copy once set its own
+    # templates on the shared encoder, putting the old ones back under the streaming method.
+    from ovss_ros.core.clip.templates import template_set
+    from ovss_ros.core.word_segmentation import prepare_words
+
+    segmenter = make_segmenter(method)
+    rgb = voc_rgb[0][:96, :128].copy()
+    encoding_hook(
+        segmenter,
+        lambda prompts: any("barks" in p for p in prompts),  # the description, encoded last
+        lambda: segmenter.reconfigure(templates=NEW_TEMPLATES),
+    )
+    try:
+        prepare_words(segmenter, parse_classes(WORDS))
+    except KeyError:
+        pass  # its cached entries for the old templates left with them: prepared again
+    assert segmenter.text.templates == template_set(NEW_TEMPLATES)
+    reference = make_segmenter(method)
+    reference.reconfigure(templates=NEW_TEMPLATES)
+    # A change back to the old templates re-encodes the stream's queries.
+    segmenter.reconfigure(templates="a {}.|a photo of a {}.")
+    reference.reconfigure(templates="a {}.|a photo of a {}.")
+    got, expected = segmenter.segment(rgb), reference.segment(rgb)
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    np.testing.assert_allclose(got.confidence, expected.confidence, atol=1e-5)
+
+
+def test_words_encoded_while_a_pipeline_change_encodes_leave_its_templates(voc_rgb):
+    # A pipeline change with new templates is being prepared (change encoder) while a request's
+    # words are prepared with the templates in force (words thread): the change must encode
+    # and commit with its own templates.
+    from ovss_ros.core.clip.templates import template_set
+    from ovss_ros.core.word_segmentation import prepare_words
+
+    segmenter = make_segmenter("superpixel_clip")
+    rgb = voc_rgb[0][:96, :128].copy()
+    encoding_hook(
+        segmenter,
+        lambda prompts: any("person" in p for p in prompts),
+        lambda: prepare_words(segmenter, parse_classes(WORDS)),
+    )
+    segmenter.text.cache.clear()  # the change encodes the stream's words again
+    segmenter.reconfigure(templates=NEW_TEMPLATES)
+    assert segmenter.text.templates == template_set(NEW_TEMPLATES)
+    reference = make_segmenter("superpixel_clip")
+    reference.reconfigure(templates=NEW_TEMPLATES)
+    got, expected = segmenter.segment(rgb), reference.segment(rgb)
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    np.testing.assert_allclose(got.confidence, expected.confidence, atol=1e-5)

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ovss_ros.core.clip.templates import template_set
+from ovss_ros.core.clip.text_encoding import TextEncoder
 from ovss_ros.core.method_pipelines import Pipeline, build_pipeline
 from ovss_ros.core.methods.dense.method import DenseMethod
 from ovss_ros.core.segmentation import Segmentation, check_rgb
@@ -80,11 +82,50 @@ def segment_prepared(
         return method.segment_many([rgb])[0]
 
 
+class WordsText:
+    """The Segmenter's text encoder as a words copy sees it: its model, cache and stop shared,
+    the templates its own (those in force when the copy began). The copy's methods set the
+    templates of the encoder they hold (``set_templates``, at build or commit): on the shared
+    encoder that would put the copy's templates under the streaming method while the worker
+    commits a change, or under a change the change encoder prepares, both on other threads."""
+
+    def __init__(self, text: TextEncoder, templates: tuple[str, ...]) -> None:
+        self._text = text
+        self.templates = templates
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._text, name)
+
+    def set_templates(self, templates: str | tuple[str, ...]) -> None:
+        """This copy's templates (a template_set string, or its result); raises ValueError."""
+        self.templates = templates if isinstance(templates, tuple) else template_set(templates)
+
+    def check_lengths(
+        self,
+        texts: Sequence[str],
+        templates: tuple[str, ...] | None = None,
+        *more: object,
+        **options: object,
+    ) -> None:
+        """``TextEncoder.check_lengths`` (raises PromptTooLong), with this copy's templates by
+        default."""
+        templates = self.templates if templates is None else templates
+        self._text.check_lengths(texts, templates, *more, **options)
+
+    def embeddings(
+        self, texts: Sequence[str], templates: tuple[str, ...] | None = None
+    ) -> torch.Tensor:
+        """``TextEncoder.embeddings`` ((len(texts), D)), with this copy's templates by default."""
+        return self._text.embeddings(texts, self.templates if templates is None else templates)
+
+
 def word_method(segmenter: Segmenter, classes: list[ClassEntry]) -> DenseMethod | Pipeline:
-    """A method like the one in force, ready for ``classes``, sharing the loaded models."""
+    """A method like the one in force, ready for ``classes``, sharing the loaded models (the
+    text encoder through ``WordsText``: the encoder in force is never changed)."""
     config, current = segmenter.config, segmenter.method
+    text = WordsText(segmenter.text, template_set(config.templates))
     if isinstance(current, DenseMethod):
-        method = DenseMethod(segmenter.clip, segmenter.text, config, segmenter.stop)
+        method = DenseMethod(segmenter.clip, text, config, segmenter.stop)
         # The Stable Diffusion model in force (DSLO's sd2 affinity) is shared, never reloaded;
         # the copy is dropped without ``release``, which would free it.
         method.sd2, method._sd2_key = current.sd2, current._sd2_key
@@ -93,6 +134,6 @@ def word_method(segmenter: Segmenter, classes: list[ClassEntry]) -> DenseMethod 
         return method
     return segmenter._attempt(
         lambda: build_pipeline(
-            config, segmenter.clip, segmenter.text, classes, current, segmenter.stop
+            config, segmenter.clip, text, classes, current, segmenter.stop
         )
     )
