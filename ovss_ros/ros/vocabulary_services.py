@@ -245,8 +245,9 @@ class VocabularyServices:
             future.set_result((STOPPED_BEFORE, None))
         for job in jobs:
             job.future.set_result(refusal(Segment, Segment.Request(), STOPPING))
-        if self._preparer is not None:  # ends at once: the encoding checks the stop event
-            self._preparer.join(ENCODER_STOP_TIMEOUT_S)
+        preparer, self._preparer = self._preparer, None  # one still ending takes no request
+        if preparer is not None:  # ends at once: the encoding checks the stop event
+            preparer.join(ENCODER_STOP_TIMEOUT_S)
 
     def statuses(self) -> list[DiagnosticStatus]:
         """The service's status for the node's /diagnostics (``NodeDiagnostics``): none until
@@ -359,8 +360,7 @@ class VocabularyServices:
     # Preparing thread.
 
     def _start_preparer(self) -> None:
-        """Start the preparing thread unless it runs (under the lock): it ends with the stop
-        event in force now, and the next configure's first request starts another."""
+        """Start this configure's preparing thread unless it runs (under the lock)."""
         if self._preparer is None or not self._preparer.is_alive():
             self._preparer = threading.Thread(
                 target=self._prepare_loop,
