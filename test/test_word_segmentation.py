@@ -150,3 +150,25 @@ def test_words_encoded_while_a_pipeline_change_encodes_leave_its_templates(voc_r
     got, expected = segmenter.segment(rgb), reference.segment(rgb)
     np.testing.assert_array_equal(got.labels, expected.labels)
     np.testing.assert_allclose(got.confidence, expected.confidence, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["naclip", "superpixel_clip"])
+def test_a_failed_words_encoding_leaves_the_shared_cache_alone(method, monkeypatch):
+    """A failure while the words encode must not trim the text cache (``Segmenter._attempt``
+    does for a change of its own): the trim replaces the cache that a change being encoded on
+    the change encoder's thread is filling at the same time."""
+    from ovss_ros.core.clip import text_encoding
+    from ovss_ros.core.word_segmentation import prepare_words
+
+    segmenter = make_segmenter(method)
+    monkeypatch.setattr(text_encoding, "CACHE_LIMIT", 0)  # any cache is over the limit
+    cache, entries = segmenter.text.cache, dict(segmenter.text.cache)
+    assert entries
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(segmenter.text, "encode_prompts", out_of_memory)
+    with pytest.raises(RuntimeError, match="injected"):
+        prepare_words(segmenter, parse_classes(WORDS))
+    assert segmenter.text.cache is cache and cache == entries

@@ -21,7 +21,8 @@ caller tries again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ from ovss_ros.core.methods.dense.method import DenseMethod
 from ovss_ros.core.segmentation import Segmentation, check_rgb
 from ovss_ros.core.segmenter import Segmenter
 from ovss_ros.core.vocabulary import ClassEntry, VocabularyError, check_query_count
+
+T = TypeVar("T")
 
 
 def check_words(segmenter: Segmenter, classes: Sequence[ClassEntry]) -> None:
@@ -129,11 +132,13 @@ def word_method(segmenter: Segmenter, classes: list[ClassEntry]) -> DenseMethod 
         # The Stable Diffusion model in force (DSLO's sd2 affinity) is shared, never reloaded;
         # the copy is dropped without ``release``, which would free it.
         method.sd2, method._sd2_key = current.sd2, current._sd2_key
-        prepared = method.prepare(config, classes, True, segmenter._attempt)
+        prepared = method.prepare(config, classes, True, _untrimmed)
         method.commit(prepared)  # the copy's state only (the templates are those in force)
         return method
-    return segmenter._attempt(
-        lambda: build_pipeline(
-            config, segmenter.clip, text, classes, current, segmenter.stop
-        )
-    )
+    return build_pipeline(config, segmenter.clip, text, classes, current, segmenter.stop)
+
+
+def _untrimmed(encode: Callable[[], T]) -> T:
+    """Run ``encode`` without ``Segmenter._attempt``'s trim of the text cache on failure: the
+    trim replaces the shared cache, which a change being encoded on another thread is filling."""
+    return encode()
