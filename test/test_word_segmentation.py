@@ -172,3 +172,21 @@ def test_a_failed_words_encoding_leaves_the_shared_cache_alone(method, monkeypat
     with pytest.raises(RuntimeError, match="injected"):
         prepare_words(segmenter, parse_classes(WORDS))
     assert segmenter.text.cache is cache and cache == entries
+
+
+def test_the_generation_is_new_before_a_commit_swaps_anything():
+    """The words' preparation retries a failure only if a change was put in force meanwhile
+    (the generation differs): a failure on what a commit swaps (the text cache) while the
+    commit runs must already see the new generation."""
+    segmenter = make_segmenter("naclip")
+    prepared = segmenter.prepare_update(parse_classes(WORDS), {"templates": "single"})
+    seen, commit = [], prepared.change.commit
+
+    def observed() -> None:
+        seen.append(segmenter.generation)
+        commit()
+
+    prepared.change.commit = observed
+    before = segmenter.generation
+    segmenter.commit(prepared)
+    assert seen == [before + 1] and segmenter.generation == before + 1

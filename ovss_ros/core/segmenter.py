@@ -270,9 +270,11 @@ class Segmenter:
     def _commit_prepared(self, prepared: PreparedUpdate) -> None:
         """Swap ``prepared`` in and release the previous method if it was replaced."""
         previous, method = self.method, prepared.change.method
+        # First: a method being prepared beside the frames that fails on what the commit swaps
+        # (the text cache) sees a new generation, and is prepared again (``word_segmentation``).
+        self._generation += 1
         prepared.change.commit()
         self.config, self.classes, self.method = prepared.config, prepared.classes, method
-        self._generation += 1
         if previous is not None and previous is not method:
             previous.release()  # e.g. DSLO's sd2 affinity, not used by the pipelines
 
