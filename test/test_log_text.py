@@ -69,3 +69,19 @@ def test_a_text_without_spaces_is_cut_at_the_limit_with_the_count():
     assert len(text) == REASON_LIMIT
     assert text.endswith(f" ... ({1000 - text.index(' ')} more characters)")
     assert cut("short", 10) == "short"
+
+
+def test_kind_throttle_lets_each_kind_through_once_a_period(monkeypatch):
+    from ovss_ros.ros import log_text
+
+    now = [100.0]
+    monkeypatch.setattr(log_text.time, "monotonic", lambda: now[0])
+    throttle = log_text.KindThrottle(5.0)
+    assert throttle.due(("front", "rejected"))
+    assert not throttle.due(("front", "rejected"))  # the same kind within the period
+    assert throttle.due(("front", "stamp"))  # a new kind shows at once
+    now[0] += 4.9
+    assert not throttle.due(("front", "rejected"))
+    now[0] += 0.1
+    assert throttle.due(("front", "rejected"))  # the period is over
+    assert not throttle.due(("front", "rejected"))

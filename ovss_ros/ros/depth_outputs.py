@@ -25,7 +25,6 @@ match its header.
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from ovss_ros.ros.depth_points import (
 )
 from ovss_ros.ros.depth_settings import DepthSettings
 from ovss_ros.ros.frames import stamp_problem
-from ovss_ros.ros.log_text import describe, one_line
+from ovss_ros.ros.log_text import KindThrottle, describe, one_line
 from ovss_ros.ros.stamp_pairing import StampPairer, stamp_ns
 from ovss_ros.ros.topic_names import check_node_topics
 
@@ -136,7 +135,7 @@ class DepthOutputs:
         self._node = node
         self._settings: Callable[[], Settings] | None = None
         self.cameras: list[DepthCamera] = []
-        self._warned: dict[tuple[str, str], float] = {}
+        self._warnings = KindThrottle(LOG_THROTTLE_S)
 
     def setup(self, cameras: Any, settings: Callable[[], Settings]) -> None:
         """Check the depth topics of ``cameras`` (CameraSet) as the node resolves them (raises
@@ -333,10 +332,7 @@ class DepthOutputs:
             depth.counts[refusal.kind] += 1
             depth.last_refusal = f"{refusal.kind}: {reason}"
             depth.reasons[refusal.kind] = reason
-        key = (depth.camera.name, refusal.kind)
-        now = time.monotonic()
-        if now - self._warned.get(key, float("-inf")) >= LOG_THROTTLE_S:
-            self._warned[key] = now
+        if self._warnings.due((depth.camera.name, refusal.kind)):
             text = f"camera {depth.camera.name}: no 3D outputs ({refusal.kind}): {reason}"
             if error:
                 self._node.get_logger().error(text)

@@ -9,6 +9,8 @@ standard library is imported.
 from __future__ import annotations
 
 import array
+import time
+from collections.abc import Hashable
 from typing import Any
 
 REASON_LIMIT = 400  # text from requests (names, values) in a reason
@@ -53,3 +55,23 @@ def quoted(value: Any, limit: int = 80) -> str:
     (a newline cannot forge a log line), long values cut with an ellipsis."""
     text = repr(list(value) if isinstance(value, array.array) else value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class KindThrottle:
+    """Lets a log line of each kind through at most once in ``period`` seconds: a stream of the
+    same problem gives a line every few seconds, and a new kind of problem shows at once
+    (rclpy's ``throttle_duration_sec`` throttles per call site, which would hide it behind the
+    first kind)."""
+
+    def __init__(self, period: float) -> None:
+        self._period = period
+        self._last: dict[Hashable, float] = {}  # kind -> time.monotonic() when last let through
+
+    def due(self, kind: Hashable) -> bool:
+        """True (and the kind's period starts again) if no line of ``kind`` went out within the
+        period."""
+        now = time.monotonic()
+        if now - self._last.get(kind, float("-inf")) < self._period:
+            return False
+        self._last[kind] = now
+        return True

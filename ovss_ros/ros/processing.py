@@ -22,7 +22,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from ovss_ros.core import Segmentation, Stopped
 from ovss_ros.ros.frames import Frame, FrameLedger, frame_age, stamp_problem
 from ovss_ros.ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
-from ovss_ros.ros.log_text import describe, one_line
+from ovss_ros.ros.log_text import KindThrottle, describe, one_line
 from ovss_ros.ros.parameters import Settings
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class FrameProcessor:
         self._segmenter = segmenter
         self._settings = settings
         self._on_worker_error = on_error
-        self._warned: dict[tuple, float] = {}  # kind of warning -> when last logged
+        self._warnings = KindThrottle(LOG_THROTTLE_S)
 
     def process(self, frames: list[Frame]) -> None:
         """Convert, segment together and publish the newest frame of each camera that has one.
@@ -168,12 +168,8 @@ class FrameProcessor:
             return None
 
     def _warn_once_in_a_while(self, kind: tuple, text: str) -> None:
-        """Log a warning unless one of the same kind was logged within LOG_THROTTLE_S: a stream
-        of bad frames gives a line every few seconds, and a new kind of problem shows at once
-        (rclpy throttles per call site, which would hide it behind the first kind)."""
-        now = time.monotonic()
-        if now - self._warned.get(kind, float("-inf")) >= LOG_THROTTLE_S:
-            self._warned[kind] = now
+        """Log a warning unless one of the same kind was logged within LOG_THROTTLE_S."""
+        if self._warnings.due(kind):
             self._logger().warning(text)
 
     def _segment(self, batch: list[tuple[Frame, np.ndarray]]) -> list[Result]:
