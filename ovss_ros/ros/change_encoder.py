@@ -39,7 +39,11 @@ QUICK_WAIT_S = 10.0  # the most a frame waits for a quick change (normally milli
 
 class LowPriorityThread:
     """A daemon thread that runs slow preparations one at a time, bounded by ``bound`` (called
-    once on the thread before its first job: ``SideEncoding.encoding_thread``)."""
+    once on the thread before its first job: ``SideEncoding.encoding_thread``).
+
+    Not a ``ThreadPoolExecutor(1, initializer=bound)``: its workers are joined at interpreter
+    exit (a model load cannot stop half-way and would hold the node's exit), and the caller
+    must return as soon as the node's stop event is set, not when the work ends."""
 
     def __init__(self, name: str, stop: threading.Event) -> None:
         self._name = name

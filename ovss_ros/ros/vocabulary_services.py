@@ -149,7 +149,7 @@ class VocabularyServices:
         except RequestError as error:
             return self._vocabulary_answer(response, str(error))
         if node.segmenter is None:
-            return self._vocabulary_answer(response, self._unconfigured())
+            return self._vocabulary_answer(response, UNCONFIGURED)
         wanted = [
             Parameter(name, parameters.SPECS[name].type, value) for name, value in changes.items()
         ]
@@ -209,7 +209,7 @@ class VocabularyServices:
             classes = parse_classes(list(request.words))
             segmenter = node.segmenter
             if segmenter is None:
-                return None, self._unconfigured()
+                return None, UNCONFIGURED
             if not node._running():
                 return None, f"not segmenting: {node._engine_state().not_enabled_reason}"
             from ovss_ros.core.word_segmentation import check_words  # torch: loaded already
@@ -229,9 +229,6 @@ class VocabularyServices:
             self._start_preparer()
             self._lock.notify_all()
         return job, ""
-
-    def _unconfigured(self) -> str:
-        return UNCONFIGURED
 
     def close(self) -> None:
         """The worker is stopping (the stop event is set): every waiting request gets its answer
@@ -346,7 +343,7 @@ class VocabularyServices:
             return failed_answer(self.counters, job.error)
         segmenter = self._node.segmenter
         if segmenter is None:
-            return refusal(Segment, Segment.Request(), self._unconfigured())
+            return refusal(Segment, Segment.Request(), UNCONFIGURED)
         if job.generation != segmenter.generation:
             job.method = None
             with self._lock:
