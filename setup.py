@@ -22,7 +22,7 @@ setup(
             glob("config/*.yaml") + glob("config/*.rviz") + glob("config/*.xml"),
         ),
     ],
-    install_requires=["setuptools", "numpy", "torch", "open_clip_torch"],
+    install_requires=["setuptools", "numpy", "numba", "torch", "open_clip_torch"],
     zip_safe=False,
     maintainer="ovss_ros developers",
     maintainer_email="ovss_ros@example.com",

@@ -36,6 +36,7 @@ from ovss_ros.core.clip.text_encoding import TextEncoder, query_texts, template_
 from ovss_ros.core.config import EngineConfig
 from ovss_ros.core.frame_budget import rows_per_chunk
 from ovss_ros.core.method_context import Loaded
+from ovss_ros.core.methods.dense import fused
 from ovss_ros.core.methods.dense.encoded import (
     Encoded,
     TextQueries,
@@ -94,6 +95,7 @@ class DenseMethod(DensePostprocess):
         device, dtype = self.clip.device, torch.float32
         self._mean = torch.tensor(self.clip.mean, device=device, dtype=dtype).view(1, 3, 1, 1)
         self._std = torch.tensor(self.clip.std, device=device, dtype=dtype).view(1, 3, 1, 1)
+        fused.warm_up(device)  # the CPU kernel ready before the first frame
 
     @property
     def device(self) -> torch.device:

@@ -7,16 +7,13 @@ background words, ``score_threshold``, SCLIP's ``area_threshold``; a refinement'
 label where one is configured. The maps are reduced a chunk of queries at a time
 (``POSTPROCESS_ELEMENTS``), so the peak memory does not grow with the vocabulary.
 
-One window without a refinement (the default) takes ``_reduce_pruned``: the argmax is taken
-at full resolution only over the queries that can win somewhere (patch-grid bounds,
-``candidates.py``; exact), and the others only add to the softmax's denominator: with bilinear
-upsampling and no PAMR by two matrix products per chunk (``separable.py``), else each map
-brought to the input size once. Labels are the same bits as the whole softmax's; confidence
-as close to it as the whole-map chunked ``_reduce`` (float32 rounding of the running
-log-sum-exp, 1e-6 to 1e-5 relative with many chunks; test/test_postprocess_pruned.py).
-The denominator still needs one exp per query and pixel (an exact log-sum-exp has no cheaper
-form). Sliding windows and refinements keep ``_reduce``: a pixel's value is then a mean
-over windows.
+One window without a refinement (the default): on the CPU with bilinear upsampling and no PAMR,
+one pass of a kernel over the pixels (``fused.py``; maps and labels as the resized maps' up to
+float32 rounding). Otherwise ``_reduce_pruned``: the argmax at full resolution only over the
+queries that can win somewhere (patch-grid bounds, ``candidates.py``; exact, the same bits as
+the whole softmax's labels), the others only in the softmax's denominator (two matrix products
+per chunk where separable, ``separable.py``). Sliding windows and refinements keep ``_reduce``:
+a pixel's value is then a mean over windows.
 
 ``DensePostprocess`` is the part of ``DenseMethod`` that does this; it reads the method's
 ``config``, ``classes``, text queries (``_query_owner``, ``_class_queries``) and ``stop``.
@@ -31,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ovss_ros.core.frame_budget import POSTPROCESS_ELEMENTS
+from ovss_ros.core.methods.dense import fused
 from ovss_ros.core.methods.dense.candidates import candidate_queries, support_radius
 from ovss_ros.core.methods.dense.encoded import Encoded
 from ovss_ros.core.methods.dense.jbu import jbu_weights, joint_bilateral_upsample
@@ -44,6 +42,8 @@ from ovss_ros.core.stopping import check_stop
 
 class DensePostprocess:
     """Post-processing of the dense family (mixed into ``DenseMethod``)."""
+
+    cpu_kernel = True  # the CPU kernel where it applies (``fused.py``); False: the torch path
 
     def _freecp_background(self, best: torch.Tensor) -> torch.Tensor:
         """(H, W) bool: pixels FreeCP leaves unlabeled, from the best window-averaged class
@@ -73,11 +73,8 @@ class DensePostprocess:
         label at most that share of the class-labelled pixels are dropped and their pixels go
         to the best remaining class (or background), as SCLIP's ``postprocess_result``.
 
-        The maps reach the input size as in the official code (``_to_input``) a chunk of
-        queries at a time (POSTPROCESS_ELEMENTS) and are reduced on the fly (running
-        log-sum-exp, best class, best background word), so the peak memory does not grow with
-        the number of queries; the result equals the whole softmax at once up to float
-        rounding.
+        The maps are reduced on the fly (module docstring), so the peak memory does not grow
+        with the number of queries; the result is the whole softmax's up to float rounding.
         """
         num_classes = len(self.classes)
         step = self._chunk(encoded, size)
@@ -179,26 +176,25 @@ class DensePostprocess:
         step: int,
         affinity: torch.Tensor | None,
     ) -> Reduced:
-        """``_reduce`` (and the area threshold's second pass) for one window, without a
-        refinement, with full-resolution argmax work only for the queries that can win; every
-        query's map is brought to the input size once (twice for the candidates when the area
-        threshold drops a class).
+        """``_reduce`` (and the area threshold's second pass) for one window without a
+        refinement; on the CPU with bilinear upsampling and no PAMR by ``_reduce_fused``.
 
         1. ``candidate_queries`` on the patch grid: the class queries that can be the argmax
-           somewhere (exact, see ``candidates.py``). Their maps and the background words' are
-           brought to the input size exactly as ``_reduce`` does (same ops, same values) and
-           reduced as there: best class query (first maximum wins), best background word,
-           running log-sum-exp, a block of rows at a time in the cache (``reduction.fold``).
-           The peak (max over all queries) is then final: every other query is below the
-           best candidate at every pixel.
-        2. The other class queries only add to the softmax's denominator, with the peak known:
-           ``sum exp(scaled - peak)``, no running rescale, no argmax; by ``separable.exp_sum``
-           (GEMMs) where the upsampling is bilinear without PAMR.
+           somewhere (exact, ``candidates.py``). Their maps and the background words' are
+           brought to the input size as ``_reduce`` does (same ops, same values) and folded
+           (``reduction.fold``): best class query (first maximum wins), best background word,
+           running log-sum-exp. The peak is then final: every other query is below the best
+           candidate at every pixel.
+        2. The other class queries only add ``sum exp(scaled - peak)`` to the denominator, by
+           ``separable.add_denominator`` (GEMMs) where the upsampling is bilinear without PAMR.
         3. ``area_threshold``: the dropped classes from 1, then the best of the candidates
            with them banned (their probabilities still count in the denominator).
         """
         owner, class_queries = self._query_owner, self._class_queries
         config, device = self.config.dense, logits.device
+        if self.cpu_kernel and device.type == "cpu" and affinity is None:
+            if config.upsample == "bilinear":  # the kernel's linear resizes
+                return self._reduce_fused(encoded, logits, size)
         radius = support_radius(
             size, tuple(logits.shape[-2:]), config.upsample == "jbu", affinity is not None
         )
@@ -242,6 +238,20 @@ class DensePostprocess:
                     part = chosen[start : start + step]
                     maps = self._scaled_maps(encoded, logits, part, size, affinity)
                     take_better(reduced, maps, part)
+        return reduced
+
+    def _reduce_fused(
+        self, encoded: Encoded, logits: torch.Tensor, size: tuple[int, int]
+    ) -> Reduced:
+        """``_reduce_pruned`` by the CPU kernel (``fused.reduce``), the area threshold's
+        second pass included (the dropped classes' queries may not win)."""
+        check_stop(self.stop, "postprocess")
+        middle, scale = tuple(encoded.windows.shape[-2:]), self.config.dense.logit_scale
+        reduced = fused.reduce(logits[0], self._class_queries, middle, size, scale)
+        dropped = self._small_classes(reduced) if self.config.dense.area_threshold else None
+        if dropped is not None:
+            allowed = ~dropped[self._query_owner[: self._class_queries]]
+            fused.reduce(logits[0], self._class_queries, middle, size, scale, allowed, reduced)
         return reduced
 
     def _scaled_maps(
