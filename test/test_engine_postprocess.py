@@ -6,7 +6,10 @@ size, PAMR there (guided by the resized input upsampled to the input size), ``so
 * logits)`` over all queries, the max over each class's synonyms, SCLIP's area threshold, argmax
 over classes, background where a background word's probability beats the best class, unlabeled
 below the threshold. The engine must give the same labels and
-(up to float rounding) the same confidence with chunks of 1, 2, 3 or all queries.
+(up to float rounding) the same confidence with chunks of 1, 2, 3 or all queries; a label may
+differ only where the confidence is within float rounding of ``score_threshold`` (the CPU
+kernel's confidence is within 1e-5 of the reference, not its bits; this photo has a row at
+0.3000001 with a threshold of 0.3).
 """
 
 import numpy as np
@@ -111,7 +114,11 @@ def test_chunked_postprocess_equals_the_whole_softmax(
         seg = segmenter.segment(rgb)
     finally:
         segmenter.reconfigure(**base)
-    np.testing.assert_array_equal(seg.labels, want_labels)
+    differ = seg.labels != want_labels
+    if settings.get("score_threshold"):  # confidence within rounding of the threshold decides
+        at_threshold = np.isclose(want_confidence, settings["score_threshold"], rtol=1e-5, atol=0)
+        differ &= ~at_threshold
+    assert not differ.any()
     np.testing.assert_allclose(seg.confidence, want_confidence, rtol=1e-5, atol=1e-6)
     assert (seg.labels != 255).any() and len(np.unique(seg.labels)) > 1  # not a trivial map
 

@@ -13,6 +13,7 @@ from conftest import TINY_VIT
 
 from ovss_ros.core import EngineConfig, Segmenter, Stopped
 from ovss_ros.core.clip.text_encoding import PROMPT_BATCH, TextEncoder
+from ovss_ros.core.methods.dense import fused
 
 WAIT_S = 120.0  # generous: only reached if the code under test is broken
 
@@ -154,6 +155,8 @@ def test_without_a_stop_event_every_stage_runs(voc_rgb):
 
 
 def test_postprocess_checks_the_event_between_query_chunks(segmenter, voc_rgb, monkeypatch):
+    """The torch path (CUDA, JBU, PAMR; here forced on the CPU): between chunks of queries."""
+    monkeypatch.setattr(segmenter.method, "cpu_kernel", False)
     monkeypatch.setattr(segmenter.method, "_chunk", lambda encoded, size: 1)  # one query per chunk
     real = segmenter.method._to_input
     chunks = []
@@ -167,3 +170,20 @@ def test_postprocess_checks_the_event_between_query_chunks(segmenter, voc_rgb, m
     with pytest.raises(Stopped, match="postprocess of queries 1"):
         segmenter.segment(voc_rgb[0])
     assert len(chunks) == 1 < len(segmenter.method._query_owner)
+
+
+def test_the_cpu_kernel_checks_the_event_first(segmenter, voc_rgb, monkeypatch):
+    """The CPU kernel (one pass, ~0.1 s for 1000 classes) checks once, before it starts."""
+    calls = []
+    monkeypatch.setattr(fused, "reduce", lambda *args, **kwargs: calls.append(args))
+    method = segmenter.method
+    with torch.inference_mode():
+        encoded = method.encode(method.preprocess(voc_rgb[0]))
+        logits, _ = method.head(encoded)
+    segmenter.stop.set()
+    try:
+        with pytest.raises(Stopped, match="stop requested before postprocess"):
+            method.postprocess(encoded, logits, None, voc_rgb[0].shape[:2])
+    finally:
+        segmenter.stop.clear()
+    assert not calls

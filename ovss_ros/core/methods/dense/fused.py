@@ -208,7 +208,7 @@ def reduce(
     grid = tuple(logits.shape[-2:])
     taps, weights, starts, columns = _geometry(grid, tuple(middle), tuple(size))
     band = columns.shape[1]
-    scaled = logits.float() * scale
+    scaled = logits.detach().float() * scale
     if grid[1] < band:  # a band wider than the grid (grid under 8 columns): zero weight there
         scaled = torch.nn.functional.pad(scaled, (0, band - grid[1]))
     scaled = np.ascontiguousarray(scaled.numpy())
