@@ -3,13 +3,16 @@ own: its resize geometry against the library's, its exp, ties, banned classes, t
 grids; and that ``postprocess`` takes it exactly where it applies. Against the whole softmax of
 a real model's frames: test_postprocess_pruned.py (``cpu-kernel`` cases)."""
 
+import logging
+import threading
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_VIT
 
-from ovss_ros.core import EngineConfig, Segmenter
+from ovss_ros.core import EngineConfig, Segmenter, Stopped
 from ovss_ros.core.methods.dense import fused
 from ovss_ros.core.methods.dense.separable import resize_matrices
 
@@ -98,7 +101,8 @@ def test_the_kernel_is_the_formula(grid, middle, size):
 def test_exp_is_within_two_ulps():
     """Two constant maps ``gap`` apart: total = 1 + exp(-gap), over the float32 range (below
     -87 the kernel's term is about 1e-38: nothing next to the peak's 1)."""
-    for gap in [0.0, 1e-6, 0.1, 0.34657, 0.5, 1.0, 2.5, 7.0, 20.0, 50.0, 86.9, 87.5, 200.0]:
+    gaps = [1e-6, 2.5, 7.0, 20.0, 50.0, 86.9, 87.5, 200.0] + np.linspace(0, 1.5, 61).tolist()
+    for gap in gaps:  # densely over n = 0, -1, -2: the polynomial's whole range
         logits = torch.zeros(2, 3, 4)
         logits[1] -= gap
         reduced = fused.reduce(logits, 2, (24, 32), (10, 13), 1.0)
@@ -123,7 +127,87 @@ def test_banned_classes_never_win_and_still_count():
     best = float32_formula(logits[allowed], kept, (96, 128), (70, 90), 40.0)[0]
     torch.testing.assert_close(reduced.best.double(), best, rtol=ULPS, atol=0)
     none = fused.reduce(logits, 40, (96, 128), (70, 90), 40.0, torch.zeros(40, dtype=torch.bool))
-    assert torch.isinf(none.best).all() and (none.best < 0).all()
+    assert (none.best == fused._NONE).all()
+
+
+def test_a_banned_dominant_class_neither_wins_nor_sets_the_bar():
+    """Query 0 is far above every other everywhere and banned: the second pass must pick the
+    best of the others (the candidates' bar comes only from allowed queries)."""
+    logits = smooth_logits(30, (6, 8), 7)
+    logits[0] += 5.0
+    reduced = fused.reduce(logits, 30, (96, 128), (70, 90), 40.0)
+    assert (reduced.best_query == 0).all()
+    allowed = torch.ones(30, dtype=torch.bool)
+    allowed[0] = False
+    fused.reduce(logits, 30, (96, 128), (70, 90), 40.0, allowed, reduced)
+    best, query, _, _ = float32_formula(logits[1:], 29, (96, 128), (70, 90), 40.0)
+    torch.testing.assert_close(reduced.best.double(), best, rtol=ULPS, atol=0)
+    assert (
+        (reduced.best_query.long() == query + 1)
+        | (top_two_gap(logits[1:], 29, (96, 128), (70, 90), 40.0) <= 2 * ULPS * best.abs())
+    ).all()
+
+
+def test_most_queries_pruned_in_every_block():
+    """Classes apart (offsets twice their spatial spread): each block has a few candidates;
+    labels and values still the formula's."""
+    logits = smooth_logits(400, (14, 19), 8) + 0.1 * torch.randn(
+        (400, 1, 1), generator=torch.Generator().manual_seed(8)
+    )
+    reduced = fused.reduce(logits, 400, (224, 304), (240, 320), 40.0)
+    best, query, _, lse = float32_formula(logits, 400, (224, 304), (240, 320), 40.0)
+    torch.testing.assert_close(reduced.best.double(), best, rtol=ULPS, atol=0)
+    differ = reduced.best_query.long() != query
+    assert (
+        top_two_gap(logits, 400, (224, 304), (240, 320), 40.0)[differ]
+        <= 2 * ULPS * best[differ].abs()
+    ).all()
+    confidence = torch.exp(reduced.best - reduced.peak) / reduced.total
+    torch.testing.assert_close(confidence.double(), torch.exp(best - lse), rtol=2e-5, atol=0)
+    assert 1 < len(query.unique()) < 40
+
+
+class CountingStop:
+    """A stop event that is set after its ``limit``-th look, noting who looked."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.threads = limit, []
+
+    def is_set(self) -> bool:
+        self.threads.append(threading.current_thread())
+        return len(self.threads) > self.limit
+
+
+def test_stop_is_checked_between_bands_by_daemon_threads(monkeypatch):
+    """A 12 MP frame runs in bands of rows; a stop seen after 3 looks ends it early (Stopped),
+    and the helper threads are daemons (a process may exit while one runs)."""
+    monkeypatch.setattr(fused, "BAND_PAIRS", 1 << 18)
+    logits = smooth_logits(20, (28, 37), 9)
+    stop = CountingStop(3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(Stopped, match="postprocess rows"):
+            fused.reduce(logits, 20, (448, 597), (3000, 4000), 40.0, stop=stop)
+    finally:
+        torch.set_num_threads(threads)
+    bands = 3000 // ((1 << 18) // (4000 * 20))
+    assert len(stop.threads) < 10 < bands  # each thread looks once more, then returns
+    helpers = {t for t in stop.threads if t is not threading.current_thread()}
+    assert helpers and all(t.daemon for t in helpers)
+    unstopped = fused.reduce(logits, 20, (448, 597), (300, 400), 40.0, stop=CountingStop(10**9))
+    assert np.isfinite(unstopped.total.numpy()).all()
+
+
+def test_the_kernel_compiles_without_a_disk_cache(caplog):
+    """Where numba cannot cache (here: code without a file, as a read-only install and home
+    give), the kernel is compiled for the process, with a warning, not refused."""
+    namespace = {}
+    exec("def double(x):\n    return 2 * x\n", namespace)  # noqa: S102  (no file: no cache)
+    with caplog.at_level(logging.WARNING):
+        compiled = fused._jit(namespace["double"])
+    assert compiled(21) == 42
+    assert "NUMBA_CACHE_DIR" in caplog.text
 
 
 def test_threads_split_rows_without_changing_a_bit():
@@ -140,15 +224,21 @@ def test_threads_split_rows_without_changing_a_bit():
         assert torch.equal(getattr(one, name), getattr(two, name)), name
 
 
-def test_bad_values_do_not_crash():
-    """NaN and infinite logits (a broken model) give numbers or NaN, not a crash or an
-    out-of-range query."""
-    logits = smooth_logits(20, (5, 6), 5)
-    logits[3, 2, 2] = float("nan")
-    logits[4, 1, 1] = float("inf")
-    logits[5, 0, 0] = float("-inf")
-    reduced = fused.reduce(logits, 18, (80, 96), (40, 50), 40.0)
-    assert ((reduced.best_query >= 0) & (reduced.best_query < 18)).all()
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_bad_cell_stays_in_its_support(bad):
+    """A non-finite patch logit (a broken model) is clamped to +-1e30 (NaN: -1e30): every
+    output is finite, and pixels beyond the cell's support (2 cells) are as without it."""
+    logits = smooth_logits(20, (10, 12), 5)
+    broken = logits.clone()
+    broken[3, 2, 2] = bad
+    good = fused.reduce(logits, 18, (160, 192), (80, 96), 40.0)
+    got = fused.reduce(broken, 18, (160, 192), (80, 96), 40.0)
+    far = torch.ones(80, 96, dtype=torch.bool)
+    far[: 5 * 8, : 5 * 8] = False  # cells 0..4 of 8x8 pixels: the cell (2, 2) +- 2
+    for name in ("peak", "total", "best", "best_query", "background"):
+        value = getattr(got, name)
+        assert torch.isfinite(value.float()).all(), name
+        assert torch.equal(value[far], getattr(good, name)[far]), name
 
 
 def test_a_wrong_geometry_fails_the_formula(monkeypatch):

@@ -7,8 +7,8 @@ or columns). ``reduce`` runs it for every query and pixel and reduces on the spo
 writing a full-size map:
 
 1. per output row y: R (Q, w) = the row's taps (2-4 patch rows) x the scaled patch logits;
-2. per block of ``BLOCK`` output columns: V (Q, BLOCK) = R's band of columns (at most 8) x the
-   block's column weights, in the cache;
+2. per block of ``BLOCK`` output columns: V (Q, BLOCK) = R's band of columns (4 or 8; more
+   where the frame is narrower than the network input) x the block's weights, in the cache;
 3. the block's candidates from patch-grid bounds (``candidates.py``'s argument, per block: a
    query whose largest logit in the block's support is below another allowed query's smallest
    cannot win there): the best class query over them (the first maximum wins, as ``argmax``),
@@ -17,22 +17,26 @@ writing a full-size map:
    (range reduction by ln 2, degree-7 polynomial, 2^n from the exponent bits; 1-2 ulp), which
    vectorises; ``math.exp`` would not, and is the cost that matters at 1000 classes.
 
-The output rows are split over ``torch.get_num_threads()`` threads (the kernel releases the GIL).
-
 Exactness: each map value is the same convex combination of patch logits as the resized maps,
 its products summed in another order: they differ by float32 rounding (a few ulps). So labels
 equal the whole softmax's (``DensePostprocess._reduce``) except where two classes' logits are
 within that rounding of each other, and the confidence is within 2e-5 relative of the float64
-softmax of the resized maps (measured up to 3e-6 at logit scale 40, 1.2e-5 at 100, where a few
-ulps of a scaled logit move each exp term that much; test/test_postprocess_fused.py). On CUDA,
-and with JBU or PAMR, the torch path (``postprocess._reduce_pruned``) stays.
+softmax of the resized maps at logit scales up to 100 (measured up to 3e-6 at 40, 1.2e-5 at
+100: a few ulps of a scaled logit move each exp term that much, and grow with the scale, ~5e-5
+at 1000; test/test_postprocess_fused.py). On CUDA, and with JBU or PAMR, the torch path
+(``postprocess._reduce_pruned``) stays.
+
+The rows go in bands of about ``BAND_PAIRS`` (query, pixel) pairs, shared by
+``torch.get_num_threads()`` threads (the kernel releases the GIL): the stop event is checked
+between bands (~30 ms), and the helper threads are daemons (a process may exit while they run).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
+import logging
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,16 +45,32 @@ from numba import njit
 from ovss_ros.core.methods.dense.candidates import MARGIN
 from ovss_ros.core.methods.dense.reduction import Reduced
 from ovss_ros.core.methods.dense.separable import resize_matrices
+from ovss_ros.core.stopping import check_stop
 
-BLOCK = 64  # output columns per block: V (Q, BLOCK) stays in the cache, a band of <= 8 columns
+logger = logging.getLogger(__name__)
+
+BLOCK = 64  # output columns per block: V (Q, BLOCK) stays in the cache
+BAND_PAIRS = 1 << 24  # (query, pixel) pairs of one band of rows: ~30 ms a thread, then stop?
+LARGE = np.float32(1e30)  # logits are clamped to +-LARGE (NaN: -LARGE): every value is finite
+_NONE = np.float32(-3e38)  # "no value yet" / "none" (background without words, all banned)
 _FAST = {"reassoc", "nsz", "contract", "nnan", "ninf", "arcp"}  # vectorised sums and maxima
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 in two parts (Cody-Waite): r = t - n ln 2 exactly
 _LN2_LO = np.float32(-2.12194440e-4)
-_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="ovss_fused")
 
 
-@njit(nogil=True, fastmath=_FAST, cache=True)
+def _jit(function: Callable) -> Callable:
+    """numba's ``njit`` (GIL released, vectorising fast-math), its machine code cached on disk
+    where numba can write (beside this module, else ``~/.cache/numba`` or ``NUMBA_CACHE_DIR``);
+    where it cannot (read-only install and home), compiled once per process instead."""
+    try:
+        return njit(nogil=True, fastmath=_FAST, cache=True)(function)
+    except RuntimeError as error:  # numba: "cannot cache function ...: no locator available"
+        logger.warning("%s: compiling it once per process (set NUMBA_CACHE_DIR)", error)
+        return njit(nogil=True, fastmath=_FAST)(function)
+
+
+@_jit
 def _rows(
     scaled, upper_cells, lower_cells, row_taps, row_weights, band_starts, band_weights,
     allowed, margin, softmax, first, last, peak, total, best, best_query, background,
@@ -106,9 +126,9 @@ def _rows(
                         c0, wt = row[column + t], w[t]
                         for x in range(BLOCK):
                             out[x] += wt[x] * c0
-            bar = np.float32(-np.inf)  # candidates: upper bound >= the best lower bound
+            bar = _NONE  # candidates: upper bound >= the best lower bound
             for q in range(classes):
-                high, low = np.float32(-np.inf), np.float32(np.inf)
+                high, low = _NONE, -_NONE
                 for t in range(taps):
                     if row_weights[y, t] != 0:
                         high = max(high, upper_cells[q, row_taps[y, t], block])
@@ -122,7 +142,7 @@ def _rows(
                     chosen[count] = q
                     count += 1
             for x in range(BLOCK):
-                top[x], top_query[x], words[x], sums[x] = -np.inf, 0, -np.inf, 0
+                top[x], top_query[x], words[x], sums[x] = _NONE, 0, _NONE, 0
             for k in range(count):  # ascending: the first maximum wins
                 q = chosen[k]
                 out = values[q]
@@ -197,6 +217,7 @@ def reduce(
     scale: float,
     allowed: torch.Tensor | None = None,
     reduced: Reduced | None = None,
+    stop: threading.Event | None = None,
 ) -> Reduced:
     """The single window's ``Reduced`` at the input size (module docstring).
 
@@ -204,11 +225,15 @@ def reduce(
     (H', W'); ``size``: the input (H, W); ``scale``: ``logit_scale``; ``allowed``: (classes,)
     bool, the class queries that may win (None: all; all queries count in the denominator).
     With ``reduced`` (the result for the same logits), only its ``best`` and ``best_query``
-    are computed again, for ``allowed`` (SCLIP's area threshold)."""
+    are computed again, for ``allowed`` (SCLIP's area threshold). ``best`` and ``background``
+    are ``-3e38`` where nothing is allowed or there are no background words; non-finite logits
+    are clamped to +-1e30 (NaN: -1e30). Raises Stopped when ``stop`` is set (checked between
+    bands of rows, every ~30 ms)."""
     grid = tuple(logits.shape[-2:])
     taps, weights, starts, columns = _geometry(grid, tuple(middle), tuple(size))
     band = columns.shape[1]
     scaled = logits.detach().float() * scale
+    scaled = scaled.nan_to_num(-LARGE, LARGE, -LARGE).clamp_(-LARGE, LARGE)  # finite sums
     if grid[1] < band:  # a band wider than the grid (grid under 8 columns): zero weight there
         scaled = torch.nn.functional.pad(scaled, (0, band - grid[1]))
     scaled = np.ascontiguousarray(scaled.numpy())
@@ -225,16 +250,51 @@ def reduce(
     outputs = [t.numpy() for t in (reduced.peak, reduced.total, reduced.best)]
     outputs += [reduced.best_query.numpy(), reduced.background.numpy()]
     fixed = (scaled, upper, lower, taps, weights, starts, columns, allowed.numpy(), margin)
-    parts = max(1, min(torch.get_num_threads(), size[0] // 8))
-    bounds = [int(b) for b in np.linspace(0, size[0], parts + 1)]
-    jobs = [
-        _POOL.submit(_rows, *fixed, softmax, first, last, *outputs)
-        for first, last in zip(bounds[1:-1], bounds[2:], strict=True)
-    ]
-    _rows(*fixed, softmax, bounds[0], bounds[1], *outputs)  # the first part on this thread
-    for job in jobs:
-        job.result()
+    _run_bands(
+        lambda first, last: _rows(*fixed, softmax, first, last, *outputs),
+        size,
+        scaled.shape[0],
+        stop,
+    )
     return reduced
+
+
+def _run_bands(
+    rows: Callable[[int, int], None],
+    size: tuple[int, int],
+    queries: int,
+    stop: threading.Event | None,
+) -> None:
+    """``rows(first, last)`` over bands of rows of about ``BAND_PAIRS`` (query, pixel) pairs,
+    shared by ``torch.get_num_threads()`` threads (this one and daemon helpers: a process can
+    exit while they run; no pool to break in a forked child). Each checks ``stop`` between its
+    bands; set, Stopped is raised once all have returned."""
+    threads = max(1, torch.get_num_threads())
+    height = max(1, min(BAND_PAIRS // (size[1] * queries), -(-size[0] // threads)))
+    bands = [(first, min(first + height, size[0])) for first in range(0, size[0], height)]
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            for first, last in bands[index :: len(helpers) + 1]:
+                if stop is not None and stop.is_set():
+                    return
+                rows(first, last)
+        except BaseException as error:  # noqa: BLE001  (raised on the calling thread below)
+            errors.append(error)
+
+    helpers = [
+        threading.Thread(target=work, args=(index,), name="ovss_fused", daemon=True)
+        for index in range(1, min(threads, len(bands)))
+    ]
+    for helper in helpers:
+        helper.start()
+    work(0)
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+    check_stop(stop, f"postprocess rows of a {size[1]}x{size[0]} frame")
 
 
 def warm_up(device: torch.device) -> None:

@@ -247,11 +247,12 @@ class DensePostprocess:
         second pass included (the dropped classes' queries may not win)."""
         check_stop(self.stop, "postprocess")
         middle, scale = tuple(encoded.windows.shape[-2:]), self.config.dense.logit_scale
-        reduced = fused.reduce(logits[0], self._class_queries, middle, size, scale)
+        queries = self._class_queries
+        reduced = fused.reduce(logits[0], queries, middle, size, scale, stop=self.stop)
         dropped = self._small_classes(reduced) if self.config.dense.area_threshold else None
         if dropped is not None:
-            allowed = ~dropped[self._query_owner[: self._class_queries]]
-            fused.reduce(logits[0], self._class_queries, middle, size, scale, allowed, reduced)
+            allowed = ~dropped[self._query_owner[:queries]]
+            fused.reduce(logits[0], queries, middle, size, scale, allowed, reduced, self.stop)
         return reduced
 
     def _scaled_maps(
