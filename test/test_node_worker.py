@@ -389,6 +389,31 @@ def test_a_newer_change_is_not_put_back(node):
     assert node.get_parameter("classes").value == ["fish"]
 
 
+def test_a_failed_change_registers_its_reverts_before_it_says_failed(node, monkeypatch):
+    """Whoever sees the status say "failed" (``change[1]``) sees what is to be put back: the
+    reverts are registered first (the test above polls the status, then reads the reverts; the
+    other order failed it under load). Checked at the failure's log line, which follows the
+    status."""
+    logger, seen = node.get_logger(), []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(logger, name)
+
+        def error(self, message, *args, **kwargs):
+            seen.append((node.transactions.change[1], dict(node.transactions.reverts)))
+            return logger.error(message, *args, **kwargs)
+
+    monkeypatch.setattr(node, "get_logger", Recorder)
+    FaultySegmenter.fail_set_classes = True
+    assert node.set_parameters([Parameter("classes", value=["owl"])])[0].successful
+    spin_until(node, lambda: seen)
+    FaultySegmenter.fail_set_classes = False
+    failed, reverts = seen[0]
+    assert failed and "classes" in reverts
+    spin_until(node, lambda: node.get_parameter("classes").value == ["cat", "dog"])
+
+
 def test_a_mask_topic_that_cannot_be_created_costs_no_other_output(node, monkeypatch):
     create = node.create_publisher
 

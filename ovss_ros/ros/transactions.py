@@ -340,13 +340,13 @@ class ParameterTransactions:
             self.change = ("applied", False)
             return
         names = ", ".join(sorted(changes))
+        with self.lock:  # before the status says it failed: a reader of it sees the reverts
+            for name, value in changes.items():
+                if value != self.applied[name]:
+                    self.reverts[name] = (value, self.applied[name], accepted)
         self.change = (f"{names}: {failure}; previous settings in force", True)
         self._node.get_logger().error(
             f"could not apply the change of {names} ({failure}): the previous settings stay in "
             "force and the parameters are put back"
         )
-        with self.lock:
-            for name, value in changes.items():
-                if value != self.applied[name]:
-                    self.reverts[name] = (value, self.applied[name], accepted)
         self._revert_guard.trigger()
