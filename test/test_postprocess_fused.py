@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TINY_VIT
+from test_postprocess_pruned import two_resizes
 
 from ovss_ros.core import EngineConfig, Segmenter, Stopped
 from ovss_ros.core.methods.dense import fused
@@ -32,10 +32,7 @@ GEOMETRIES = {  # patch grid, window / resized image, input
 def float32_formula(logits, classes, middle, size, scale):
     """Today's maps (two float32 ``F.interpolate``, scaled), reduced in float64: best class
     value and query (first maximum wins), best background word, log-sum-exp."""
-    maps = F.interpolate(logits[None], size=middle, mode="bilinear", align_corners=False)
-    if tuple(middle) != tuple(size):
-        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    maps = (maps[0] * scale).double()
+    maps = (two_resizes(logits, middle, size) * scale).double()
     best, query = maps[:classes].max(dim=0)
     words = maps[classes:].amax(dim=0) if classes < len(maps) else None
     return best, query, words, torch.logsumexp(maps, dim=0)
@@ -43,10 +40,7 @@ def float32_formula(logits, classes, middle, size, scale):
 
 def top_two_gap(logits, classes, middle, size, scale):
     """(H, W) the best class value less the second best, of today's maps."""
-    maps = F.interpolate(logits[None, :classes], size=middle, mode="bilinear", align_corners=False)
-    if tuple(middle) != tuple(size):
-        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    top = (maps[0] * scale).double().topk(2, dim=0).values
+    top = (two_resizes(logits[:classes], middle, size) * scale).double().topk(2, dim=0).values
     return top[0] - top[1]
 
 
@@ -65,10 +59,9 @@ def test_the_geometry_is_the_resize_chain(grid, middle, size):
         np.add.at(rows[y], taps[y], weights[y])
     columns = np.zeros((size[1], max(grid[1], bands.shape[1])), np.float32)
     for block, start in enumerate(starts):
-        part = bands[block, :, : min(fused.BLOCK, size[1] - block * fused.BLOCK)]
-        columns[block * fused.BLOCK : block * fused.BLOCK + part.shape[1], start:][
-            :, : part.shape[0]
-        ] += part.T
+        first = block * fused.BLOCK
+        part = bands[block, :, : min(fused.BLOCK, size[1] - first)]  # (band, block's columns)
+        columns[first : first + part.shape[1], start : start + part.shape[0]] += part.T
     assert bands.shape[1] == BANDS.get(grid, 8)  # each of the kernel's three loops is tested
     want_rows, want_columns = resize_matrices(grid, middle, size)
     np.testing.assert_array_equal(rows, want_rows.numpy())
