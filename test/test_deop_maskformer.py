@@ -54,9 +54,14 @@ OTHER = {  # tensors of a released DeOP file outside the proposal network
 
 
 def official_state_dict(
-    depth: int, deeplab: bool, seed: int = 0, embedding_dim: int = 512
+    depth: int, deeplab: bool, seed: int = 0, embedding_dim: int = 512, memory_scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
-    """``embedding_dim``: the text width class_embed maps into (512: CLIP ViT-B/16's)."""
+    """``embedding_dim``: the text width class_embed maps into (512: CLIP ViT-B/16's).
+
+    ``memory_scale`` multiplies the predictor's input projection. The random backbone has no
+    fitted statistics: its res5 reaches ~1e3-1e4, so at 1.0 the predictor's attention logits
+    are ~1e4 and its output chaotic (a float32 rounding amplified ~4e4 times: float32 results
+    that depend on the CPU); 1e-3 gives an O(1) memory, as a trained network has."""
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
 
@@ -108,6 +113,7 @@ def official_state_dict(
     predictor = "sem_seg_head.predictor"
     state[f"{predictor}.query_embed.weight"] = randn(100, 256)
     conv(f"{predictor}.input_proj", 256, 2048, 1, norm="", bias=True)
+    state[f"{predictor}.input_proj.weight"] *= memory_scale
     for layer in range(6):
         prefix = f"{predictor}.transformer.decoder.layers.{layer}"
         for attention in ("self_attn", "multihead_attn"):
