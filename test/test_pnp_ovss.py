@@ -19,9 +19,11 @@ from ovss_ros.core.methods.pnp_ovss import pnp_ovss, steps
 from ovss_ros.core.methods.pnp_ovss import settings as pnp_settings
 from ovss_ros.core.methods.pnp_ovss.pnp_ovss import PnpOvss, PnpSettings
 from ovss_ros.core.methods.pnp_ovss.steps import (
+    best_classes,
     class_maps,
     gaussian_blur,
     minmax,
+    most_salient,
     prompt_tokens,
     threshold_maps,
     with_background,
@@ -249,6 +251,41 @@ def test_threshold_keeps_raw_values_where_the_normalised_map_reaches_it():
     assert exactly[0, 1, 2] == ramp[0, 1, 2] and exactly[0, 1, 1] == 0
     background = with_background(kept)
     assert torch.equal(background[0], (kept[0] == 0).float())
+
+
+def test_ties_go_to_the_first_channel_background_first_as_the_releases_argmax():
+    """np.argmax (after the CRF) and torch.argmax (otherwise) in the release: the first maximum
+    wins; a class equal to background is background; equal classes, the first of them."""
+    probs = torch.tensor([
+        [0.4, 0.2, 0.3, 0.1],  # background
+        [0.4, 0.4, 0.3, 0.3],
+        [0.2, 0.4, 0.3, 0.3],
+    ]).view(3, 1, 4)  # fmt: skip
+    best, confidence, unlabeled = best_classes(probs, background=True)
+    assert unlabeled.tolist() == [[True, False, True, False]]
+    assert best.tolist() == [[0, 0, 0, 0]] and torch.equal(confidence, probs[1:].amax(0))
+    best, confidence, unlabeled = best_classes(probs[1:].flip(0), background=False)
+    assert best.tolist() == [[1, 0, 0, 0]] and not unlabeled.any()
+    assert torch.equal(confidence, probs[1:].amax(0))
+    # each rotation of the same values: its first maximum
+    values = torch.tensor([0.5, 0.5, 0.1, 0.5])
+    for start in range(4):
+        rolled = values.roll(start).view(4, 1, 1)
+        best, _, _ = best_classes(rolled, background=False)
+        assert int(best) == int((rolled.flatten() == 0.5).nonzero()[0])
+
+
+def test_equal_salience_drops_the_lower_patches_first():
+    """Patches of equal salience (0 where no gradient is positive): the lower index first, on
+    every CPU; dropped patches never again; the highest first otherwise."""
+    salience = torch.tensor([0.0, 0.0, 3.0, 0.0, 2.0, 0.0, 0.0, 0.0])
+    dropped = torch.zeros(8, dtype=torch.bool)
+    assert most_salient(salience, dropped, 4).tolist() == [2, 4, 0, 1]
+    dropped[[0, 2]] = True
+    assert most_salient(salience, dropped, 4).tolist() == [4, 1, 3, 5]
+    assert most_salient(salience, torch.ones(8, dtype=torch.bool), 4).tolist() == []
+    big = torch.zeros(441)  # BLIP's 21 x 21 patches at 336 px, all equal
+    assert most_salient(big, torch.zeros(441, dtype=torch.bool), 10).tolist() == list(range(10))
 
 
 def test_postprocess_labels_present_classes_and_background(make, rgb):

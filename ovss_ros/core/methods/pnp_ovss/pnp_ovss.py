@@ -53,6 +53,7 @@ from ovss_ros.core.frame_budget import check_vlm_image_size
 from ovss_ros.core.methods.dense.pamr import pamr
 from ovss_ros.core.methods.pnp_ovss.settings import PnpSettings
 from ovss_ros.core.methods.pnp_ovss.steps import (
+    best_classes,
     class_maps,
     dense_crf,
     drop_patches,
@@ -367,12 +368,8 @@ class PnpOvss:
             guide = guide.permute(2, 0, 1)[None].float()
             probs = pamr(guide, probs[None].to(self.device))[0].cpu()
         dtype = label_dtype(len(self.classes))
-        if background:
-            confidence, best = probs[1:].max(dim=0)
-            unlabeled = probs[0] > confidence
-        else:  # the release's argmax over the classes alone: every pixel gets one
-            confidence, best = probs.max(dim=0)
-            unlabeled = torch.zeros_like(best, dtype=torch.bool)
+        # without background, the release's argmax over the classes alone: every pixel gets one
+        best, confidence, unlabeled = best_classes(probs, background)
         labels = torch.tensor(list(present))[best].masked_fill(unlabeled, int(np.iinfo(dtype).max))
         return Segmentation(
             labels=labels.numpy().astype(dtype),

@@ -48,10 +48,13 @@ def class_maps(cams: torch.Tensor, spans: Sequence[slice]) -> torch.Tensor:
 
 
 def most_salient(salience: torch.Tensor, dropped: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` highest of ``salience`` (P,) among patches not yet ``dropped``."""
+    """Indices of the ``count`` highest of ``salience`` (P,) among patches not yet ``dropped``.
+
+    Equal salience (e.g. 0 where no gradient is positive) goes to the lower patch index, on
+    every CPU (the release's ``np.argsort`` and torch's ``topk`` leave that order open)."""
     available = int((~dropped).sum())
     ranked = salience.masked_fill(dropped, float("-inf"))
-    return ranked.topk(min(count, available)).indices
+    return ranked.sort(descending=True, stable=True).indices[: min(count, available)]
 
 
 def drop_patches(pixels: torch.Tensor, dropped: torch.Tensor, patch: int) -> torch.Tensor:
@@ -89,6 +92,20 @@ def with_background(maps: torch.Tensor) -> torch.Tensor:
     """(C, H, W) -> (1 + C, H, W): channel 0 is 1 where no class map is above zero."""
     background = (maps.amax(dim=0, keepdim=True) <= 0).to(maps.dtype)
     return torch.cat([background, maps])
+
+
+def best_classes(
+    probs: torch.Tensor, background: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The release's argmax of the final probabilities: (1 + C, H, W) with ``background`` in
+    channel 0, else (C, H, W). Returns the (H, W) best class (0..C-1), its probability and
+    where background wins. Ties go to the first channel, background first, as the release's
+    ``np.argmax`` (``densecrf``) and ``torch.argmax`` (``postprocess``) break them."""
+    classes = probs[1:] if background else probs
+    confidence, best = classes.max(dim=0)  # the first maximum (torch.max's documented rule)
+    if not background:
+        return best, confidence, torch.zeros_like(best, dtype=torch.bool)
+    return best, confidence, probs[0] >= confidence
 
 
 def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
