@@ -231,7 +231,8 @@ def test_trained_modules_use_cal_learned_proposals_and_prompt(clip, voc_rgb):
     frames = deop.prepare([voc_rgb[0]])
     assert frames.proposals.masks.shape[1] == 12  # the head's queries, fewer than asked
     expected = modules.prompt.encode(clip.model, clip.tokenizer, ["person"])
-    assert torch.allclose(deop.class_embeddings(["person"]), expected)
+    # unit vectors (entries ~0.1) from another batch of prompts: float32 rounding, ~1e-7
+    assert torch.allclose(deop.class_embeddings(["person"]), expected, atol=1e-6)
     deop.reconfigure(pooling="mean", proposal_source="superpixels")
     features = deop.encode(frames)
     assert torch.allclose(

@@ -12,6 +12,7 @@ from ovss_ros.core.methods.deop.proposals import (
     ProposalHead,
     cluster_proposals,
     hungarian_match,
+    learned_proposals,
     merge_to_count,
     pairwise_dice_cost,
     pairwise_focal_cost,
@@ -132,3 +133,24 @@ def test_proposal_loss_prefers_the_right_masks_and_the_head_learns():
         optimiser.step()
         totals.append(float(loss.detach()))
     assert np.mean(totals[-5:]) < 0.5 * np.mean(totals[:5])
+
+
+def test_learned_proposals_take_the_most_object_like_and_equal_ones_in_query_order():
+    """The head's ``count`` highest objectness; equal objectness (a saturated head) goes to the
+    lower query on every device (topk leaves that order open)."""
+    torch.manual_seed(0)
+    head = ProposalHead(width=16, queries=6, dim=16, layers=1, heads=4, cells=2).eval()
+    tokens = torch.randn(1, 4, 4, 16)
+    proposals, objectness = learned_proposals(head, tokens, 3)
+    with torch.no_grad():
+        masks, object_logits = head(tokens)
+    every = object_logits.softmax(dim=-1)[0, :, 0]
+    assert torch.equal(objectness[0], every.sort(descending=True).values[:3])
+    with torch.no_grad():
+        head.objectness.weight.zero_()
+        head.objectness.bias.copy_(torch.tensor([30.0, -30.0]))  # every query: objectness 1.0
+    proposals, objectness = learned_proposals(head, tokens, 4)
+    assert (objectness == 1).all()
+    with torch.no_grad():
+        masks, _ = head(tokens)
+    torch.testing.assert_close(proposals.masks, masks[:, :4].sigmoid())

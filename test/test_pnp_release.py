@@ -79,11 +79,13 @@ def test_round0_release_counts_the_first_round_twice(make, rgb):
 
 def release_argmax(maps: torch.Tensor, size, threshold: float, background: bool) -> np.ndarray:
     """The release without blur and CRF: threshold (min-max >= t keeps the raw value),
-    bilinear align_corners resize, background = (max map == 0) when added, argmax."""
+    bilinear align_corners resize, ``Scale_0_1`` (each map min-max again), background = (max
+    map == 0) when added, argmax."""
     normalised = torch.stack([(m - m.min()) / (m.max() - m.min()) for m in maps])
     kept = maps * (normalised >= threshold)
     kept = torch.nn.functional.interpolate(kept[None], size=size, mode="bilinear",
                                            align_corners=True)[0]  # fmt: skip
+    kept = torch.stack([(m - m.min()) / (m.max() - m.min()) for m in kept])
     if background:
         kept = torch.cat([(kept.max(dim=0)[0] == 0)[None].float(), kept])
     return torch.argmax(kept, dim=0).numpy()
@@ -106,6 +108,21 @@ def test_background_rule(make, rgb, rule, count, with_background):
         expected[channels == k + offset] = index
     np.testing.assert_array_equal(result.labels, expected)
     assert (result.labels == 255).any() == with_background
+
+
+@pytest.mark.parametrize("refine", ["none", "pamr"])
+def test_the_maps_scale_does_not_matter_without_blur(make, rgb, refine):
+    """Maps of ~1e-14 (the tiny random BLIP's) label as maps of ~1: the release's Scale_0_1
+    after the resize. Without it, softmax made every class equal to background's 0 and the
+    first-channel tie rule left every pixel unlabeled."""
+    pipeline = make(blur=0.0, refine=refine, threshold=0.5)
+    maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(5)) ** 3
+    present = [3, 0, 2]
+    tiny = pipeline.postprocess(maps * 1e-14, present, rgb[:8, :8], (8, 8))
+    plain = pipeline.postprocess(maps, present, rgb[:8, :8], (8, 8))
+    np.testing.assert_array_equal(tiny.labels, plain.labels)
+    assert set(np.unique(plain.labels)) == {0, 2, 3, 255}
+    np.testing.assert_allclose(tiny.confidence, plain.confidence, rtol=1e-5)
 
 
 def test_pil_resize_is_torchvisions_resize_of_the_pil_image(make, rgb):

@@ -77,7 +77,7 @@ def formula(method, encoded, logits, size, margins=False):
     for _ in range(2):  # SCLIP's area threshold: drop small classes once, decide again
         candidates = scaled[:class_queries].masked_fill(banned.view(-1, 1, 1), float("-inf"))
         best, query = candidates.max(dim=0)
-        background = scaled[class_queries:].amax(dim=0) > best
+        background = scaled[class_queries:].amax(dim=0) >= best
         labels = owner[query]
         if not config.dense.area_threshold:
             break
@@ -198,6 +198,29 @@ def test_ties_go_to_the_first_query(wide, voc_rgb, monkeypatch, chunk):
         got = method.postprocess(encoded, logits, None, rgb.shape[:2])
     owner = int(method._query_owner[5])
     assert (got.labels == owner).all()
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "cpu-kernel"])
+def test_a_background_word_equal_to_the_best_class_leaves_the_pixel_unlabeled(
+    wide, voc_rgb, monkeypatch, kernel
+):
+    """SCLIP's argmax runs over background (class 0) and the classes: background wins a tie.
+    A background word with the logits of the class that wins a region: that region is
+    unlabeled; the rest keeps its labels. Both paths (the same bits for equal inputs)."""
+    method, rgb = wide.method, voc_rgb[0]
+    monkeypatch.setattr(method, "cpu_kernel", kernel)
+    with torch.inference_mode():
+        encoded = method.encode(method.preprocess(rgb))
+        logits = random_logits(method, encoded, 3) * 0
+        logits[0, 5] += 1.0  # query 5's class wins everywhere ...
+        logits[0, 5, :, : logits.shape[-1] // 2] += 1.0  # ... by more on the left
+        word = method._class_queries  # the first background word: equal to query 5 on the left
+        logits[0, word, :, : logits.shape[-1] // 2] = logits[0, 5, :, : logits.shape[-1] // 2]
+        got = method.postprocess(encoded, logits, None, rgb.shape[:2])
+    unlabeled = int(np.iinfo(got.labels.dtype).max)
+    width = rgb.shape[1]
+    assert (got.labels[:, : width // 3] == unlabeled).all()  # left of every blend: a tie
+    assert (got.labels[:, -width // 3 :] == int(method._query_owner[5])).all()
 
 
 def test_pruning_drops_most_queries_and_keeps_every_winner(wide, voc_rgb):

@@ -52,10 +52,10 @@ Background: in VOC21, PASCAL Context 60 and COCO-Object label 0 is "background",
 thing CLIP can be asked about by name. Line 0 of those class files therefore lists background
 *words* (VOC21 / COCO-Object: sky, wall, tree, ...; Context 60 and ClearCLIP's files: just
 "background"), which go to the engine as ``background_words``; the other lines are the classes.
-The engine calls a pixel unlabeled when a background word beats every class or the best class
-is below the threshold, which is exactly the official "argmax over background + classes, then
-0 where max prob < prob_thd", so unlabeled is scored as label 0 and engine label k as data-set
-label k + 1.
+The engine calls a pixel unlabeled when a background word is at least as probable as every
+class or the best class is below the threshold, which is exactly the official "argmax over
+background + classes (background first: it wins ties), then 0 where max prob < prob_thd", so
+unlabeled is scored as label 0 and engine label k as data-set label k + 1.
 """
 
 from __future__ import annotations

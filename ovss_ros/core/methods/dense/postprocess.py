@@ -68,10 +68,10 @@ class DensePostprocess:
         ``logits``: (n, Q, h, w) query logits of the image's n windows; ``scores``: (n, L, h, w)
         refined label scores or None; ``size``: the input (H, W). Pixel p gets the class whose
         best synonym has the largest ``softmax(logit_scale * logits)`` over all Q queries
-        (docs/methods.md), unlabeled where a background word wins or the probability is
-        below ``score_threshold``. With ``area_threshold`` (SCLIP's ``area_thd``), classes that
-        label at most that share of the class-labelled pixels are dropped and their pixels go
-        to the best remaining class (or background), as SCLIP's ``postprocess_result``.
+        (docs/methods.md), unlabeled where a background word wins or ties (SCLIP's argmax has
+        background first) or the probability is below ``score_threshold``. ``area_threshold``
+        (SCLIP's ``area_thd``) drops classes that label at most that share of the labelled
+        pixels; theirs go to the best remaining class (or background), as ``postprocess_result``.
 
         The maps are reduced on the fly (module docstring), so the peak memory does not grow
         with the number of queries; the result is the whole softmax's up to float rounding.
@@ -97,7 +97,7 @@ class DensePostprocess:
         if labels is None:
             labels = self._query_owner.to(torch_dtype)[reduced.best_query]
             if logits.shape[1] > self._class_queries:  # background words
-                background = reduced.background_probability() > confidence
+                background = reduced.background_probability() >= confidence
         elif self.config.refinement == "freecp":
             background = self._freecp_background(best)
         else:
@@ -274,7 +274,7 @@ class DensePostprocess:
         any pixel: a class is kept iff its pixels are more than ``area_threshold`` times all
         class-labelled pixels (background-word pixels excluded; SCLIP's ``area_pred``)."""
         confidence = torch.exp(reduced.best - reduced.peak) / reduced.total
-        labelled = reduced.background_probability() <= confidence
+        labelled = reduced.background_probability() < confidence
         labels = self._query_owner[reduced.best_query][labelled]
         counts = torch.bincount(labels, minlength=len(self.classes))
         dropped = counts <= self.config.dense.area_threshold * counts.sum()

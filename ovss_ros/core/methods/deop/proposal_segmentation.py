@@ -385,7 +385,7 @@ class ProposalSegmenter:
             better = value > confidence
             confidence = torch.where(better, value, confidence)
             labels = torch.where(better, index + start, labels)
-        background = _upsample(scores[num_classes:], size)[0] > confidence
+        background = _upsample(scores[num_classes:], size)[0] >= confidence
         if coverage is not None:
             confidence = confidence / _upsample(coverage[None], size)[0].clamp(min=1e-6)
         rejected = background | (confidence < self.settings.score_threshold)

@@ -299,12 +299,13 @@ class ProposalHead(nn.Module):
 def learned_proposals(
     head: ProposalHead, tokens: torch.Tensor, count: int
 ) -> tuple[Proposals, torch.Tensor]:
-    """The ``count`` most object-like masks of the head (sigmoid), and their objectness (N, K)."""
+    """The ``count`` most object-like masks of the head (sigmoid), and their objectness (N, K);
+    equal objectness (e.g. saturated at 1) to the lower query, on every device."""
     with torch.no_grad():
         mask_logits, object_logits = head(tokens)
     objectness = object_logits.softmax(dim=-1)[..., 0]
     k = min(count, objectness.shape[1])
-    top = objectness.topk(k, dim=1).indices
+    top = objectness.sort(dim=1, descending=True, stable=True).indices[:, :k]
     masks = mask_logits.gather(1, top[..., None, None].expand(-1, -1, *mask_logits.shape[2:]))
     valid = torch.ones(top.shape, dtype=torch.bool, device=top.device)
     return Proposals(masks.sigmoid(), valid), objectness.gather(1, top)

@@ -13,8 +13,9 @@ blip_image_text_matching.py``). Training-free, with BLIP image-text matching (IT
 4. salience dropout: in each of ``dropout_rounds`` rounds the ``dropout_patches`` most salient
    patches not yet dropped are zeroed in the input image, the GradCAM is recomputed, and the
    maps of all rounds (zeroed at the dropped patches) are summed;
-5. per class min-max normalisation and ``threshold``; background where no class fires; Gaussian
-   blur; dense CRF (or PAMR), argmax.
+5. per class ``threshold`` on the min-max normalised map; the maps resized and min-max
+   normalised (``Scale_0_1``); background where no class fires; Gaussian blur and min-max;
+   dense CRF (or PAMR), argmax (ties to the first channel, background first).
 
 Deliberate departures from the released code, each for a reason:
 - classes present come from CLIP here (the release reads GPT-4o answers from files; the tools
@@ -355,6 +356,9 @@ class PnpOvss:
         background = settings.background == "always" or len(present) < 3
         maps = threshold_maps(maps.float(), settings.threshold)
         maps = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=True)[0]
+        if settings.blur <= 0:  # the release's Scale_0_1; with blur, the min-max after the
+            # (linear) blur gives the same values
+            maps = minmax(maps)
         scores = (with_background(maps) if background else maps).cpu()
         if settings.blur > 0:
             blurred = gaussian_blur(scores.numpy(), settings.blur * max(size))
