@@ -119,8 +119,13 @@ def test_banned_classes_never_win_and_still_count():
     kept = int(allowed.sum())
     best = float32_formula(logits[allowed], kept, (96, 128), (70, 90), 40.0)[0]
     torch.testing.assert_close(reduced.best.double(), best, rtol=ULPS, atol=0)
-    none = fused.reduce(logits, 40, (96, 128), (70, 90), 40.0, torch.zeros(40, dtype=torch.bool))
+    nothing = torch.zeros(40, dtype=torch.bool)
+    first = fused.reduce(logits, 40, (96, 128), (70, 90), 40.0)
+    none = fused.reduce(logits, 40, (96, 128), (70, 90), 40.0, nothing, first)
     assert (none.best == fused._NONE).all()
+    # without the first pass, the peak and denominator would be the allowed classes' alone
+    with pytest.raises(ValueError, match="allowed needs reduced"):
+        fused.reduce(logits, 40, (96, 128), (70, 90), 40.0, allowed)
 
 
 def test_a_banned_dominant_class_neither_wins_nor_sets_the_bar():

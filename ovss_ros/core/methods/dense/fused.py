@@ -228,7 +228,10 @@ def reduce(
     are computed again, for ``allowed`` (SCLIP's area threshold). ``best`` and ``background``
     are ``-3e38`` where nothing is allowed or there are no background words; non-finite logits
     are clamped to +-1e30 (NaN: -1e30). Raises Stopped when ``stop`` is set (checked between
-    bands of rows, every ~30 ms)."""
+    bands of rows, every ~30 ms); ValueError for ``allowed`` without ``reduced`` (the first
+    pass, over every class, gives the softmax's peak and denominator)."""
+    if allowed is not None and reduced is None:
+        raise ValueError("fused.reduce: allowed needs reduced, the first pass over all classes")
     grid = tuple(logits.shape[-2:])
     taps, weights, starts, columns = _geometry(grid, tuple(middle), tuple(size))
     band = columns.shape[1]
