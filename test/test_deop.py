@@ -204,6 +204,26 @@ def test_superpixel_clip_segments_real_images(clip, voc_rgb, caplog, source):
     assert np.array_equal(alone.labels, results[1].labels)
 
 
+def test_background_wins_ties_only_with_background_words(clip):
+    """Pixels no proposal covers score 0 for every class and for the (empty) background
+    channel: without words they get the first class, as the official argmax over the classes;
+    with words a word equal to the best class wins (SCLIP's argmax, background first)."""
+    scores = torch.zeros(len(CLASSES) + 1, 4, 6)
+    scores[1, :2] = 0.5  # class 1 on the top rows; below, nothing covers
+    plain = SuperpixelClip(clip, settings())
+    plain.set_classes(CLASSES)
+    labels = plain.postprocess(scores, (4, 6)).labels
+    assert (labels[:2] == 1).all() and (labels[2:] == 0).all()
+    words = SuperpixelClip(clip, settings(background_words=["wall"]))
+    words.set_classes(CLASSES)
+    tied = scores.clone()
+    tied[-1, :2] = 0.5  # the word ties class 1 on the top rows
+    labels = words.postprocess(tied, (4, 6)).labels
+    assert (labels == 255).all()  # the top rows tie; below, 0 = 0 ties too
+    tied[-1, :2] = 0.4
+    assert (words.postprocess(tied, (4, 6)).labels[:2] == 1).all()
+
+
 def test_threshold_background_words_and_wide_vocabulary(clip, voc_rgb):
     deop = SuperpixelClip(clip, settings(score_threshold=1.0))
     deop.set_classes(CLASSES)

@@ -385,10 +385,12 @@ class ProposalSegmenter:
             better = value > confidence
             confidence = torch.where(better, value, confidence)
             labels = torch.where(better, index + start, labels)
-        background = _upsample(scores[num_classes:], size)[0] >= confidence
+        rejected = torch.zeros_like(labels, dtype=torch.bool)
+        if self.settings.background_words:  # they win ties (without words the channel is 0)
+            rejected = _upsample(scores[num_classes:], size)[0] >= confidence
         if coverage is not None:
             confidence = confidence / _upsample(coverage[None], size)[0].clamp(min=1e-6)
-        rejected = background | (confidence < self.settings.score_threshold)
+        rejected |= confidence < self.settings.score_threshold
         dtype = label_dtype(num_classes)
         labels = labels.masked_fill(rejected, int(np.iinfo(dtype).max))
         torch_dtype = torch.uint8 if dtype == np.uint8 else torch.int32
