@@ -34,8 +34,12 @@ class DepthClient:
         self.info_pub = client.node.create_publisher(
             CameraInfo, f"{self.prefix}depth/camera_info", qos
         )
-        self.image_pub = client.image_pubs[camera]
         self.status = f"ovss: {camera or 'image'} depth"
+
+    @property
+    def image_pub(self) -> Any:
+        """The colour image's publisher (the client's, which ``ready`` may renew)."""
+        return self.client.image_pubs[self.camera]
 
     def watch(self) -> None:
         """Subscribe to ~/points and ~/objects (the node computes them from now on)."""

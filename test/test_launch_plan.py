@@ -555,7 +555,7 @@ def test_node_started_from_the_plan_serves_its_namespace(tmp_path, voc_rgb):
         rclpy.init()
         client = OvssClient(node_namespace="/front_camera/ovss")
         try:
-            client.image_pub = client.node.create_publisher(
+            client.image_pubs[""] = client.node.create_publisher(
                 Image, "/cam/image_raw", qos_profile_sensor_data
             )
             client.spin_until(
