@@ -60,7 +60,7 @@ STOP_TIMEOUT_S = 60.0  # a node process ending after a signal
 ATTEMPT_TIMEOUT_S = 5.0
 # An input writer that the node's diagnostics still do not count this long after the writer
 # matched the node's reader is replaced (``OvssClient.ready``).
-ONE_SIDED_RENEW_S = EVENT_TIMEOUT_S
+ONE_SIDED_RENEW_S = 20.0
 
 
 def startup_timeout(processes: int = 1) -> float:

@@ -15,6 +15,7 @@ import rclpy
 from lifecycle_msgs.msg import Transition
 from rclpy.parameter import Parameter
 from ros_harness import (
+    EVENT_TIMEOUT_S,
     TINY_NODE_PARAMETERS,
     VOC_IMAGES,
     Lifecycle,
@@ -70,7 +71,7 @@ def publishers(client: OvssClient, topic: str) -> int:
 def test_configure_activate_deactivate_cleanup_shutdown(nodes, rgb):
     client, process, _ = nodes
     lifecycle = Lifecycle(client, "/ovss")
-    labels, image = client.topic("labels"), client.image_pub
+    labels = client.topic("labels")
 
     # Unconfigured: parameters and diagnostics, no model and no topics. The process may still be
     # importing torch (seconds, more on a busy machine; two start together): a start-up's limit.
@@ -79,7 +80,7 @@ def test_configure_activate_deactivate_cleanup_shutdown(nodes, rgb):
     values = status_values(status)
     assert values["enabled"] == "false" and values["vocabulary size"] == "0"
     assert "not active" in status.message
-    assert publishers(client, labels) == 0 and image.get_subscription_count() == 0
+    assert publishers(client, labels) == 0 and client.image_pub.get_subscription_count() == 0
     # Runtime parameters can be changed before configure; configure uses them.
     result = client.set_parameters([Parameter("classes", value=["sofa", "plant; potted plant"])])
     assert result[0].successful, result[0].reason
@@ -90,12 +91,12 @@ def test_configure_activate_deactivate_cleanup_shutdown(nodes, rgb):
     client.spin_until(lambda: publishers(client, labels) == 1, message="~/labels publisher")
     info = client.spin_until(lambda: client.messages[client.topic("label_info")])
     assert [entry.class_name for entry in info[-1].class_map] == ["sofa", "plant"]
-    assert image.get_subscription_count() == 0
+    assert client.image_pub.get_subscription_count() == 0
 
     # Activate: frames in, results out.
     assert lifecycle.transition(Transition.TRANSITION_ACTIVATE)
     assert lifecycle.state() == "active"
-    client.spin_until(lambda: image.get_subscription_count() == 1, message="image subscription")
+    client.spin_until(client.inputs_matched, 2 * EVENT_TIMEOUT_S, "image matched on both sides")
     first = make_image(rgb, "rgb8", next_header(client.node))
     out = client.wait_for_output(first, ("labels", "label_info"))
     assert (out["labels"].height, out["labels"].width) == rgb.shape[:2]
@@ -105,9 +106,11 @@ def test_configure_activate_deactivate_cleanup_shutdown(nodes, rgb):
     # Deactivate: the input is unsubscribed, nothing is published.
     assert lifecycle.transition(Transition.TRANSITION_DEACTIVATE)
     assert lifecycle.state() == "inactive"
-    client.spin_until(lambda: image.get_subscription_count() == 0, message="unsubscribed")
+    client.spin_until(
+        lambda: client.image_pub.get_subscription_count() == 0, message="unsubscribed"
+    )
     ignored = make_image(rgb, "rgb8", next_header(client.node))
-    image.publish(ignored)
+    client.image_pub.publish(ignored)
     client.spin_for(0.5)
     assert client.find("labels", ignored.header) is None
     assert publishers(client, labels) == 1
@@ -121,7 +124,7 @@ def test_configure_activate_deactivate_cleanup_shutdown(nodes, rgb):
     # And again, up to active: the model is loaded anew.
     assert lifecycle.transition(Transition.TRANSITION_CONFIGURE)
     assert lifecycle.transition(Transition.TRANSITION_ACTIVATE)
-    client.spin_until(lambda: image.get_subscription_count() == 1, message="image subscription")
+    client.spin_until(client.inputs_matched, 2 * EVENT_TIMEOUT_S, "image matched on both sides")
     again = make_image(rgb, "rgb8", next_header(client.node))
     client.wait_for_output(again, ("labels",))
 
@@ -129,7 +132,7 @@ def test_configure_activate_deactivate_cleanup_shutdown(nodes, rgb):
     assert lifecycle.transition(Transition.TRANSITION_ACTIVE_SHUTDOWN)
     assert lifecycle.state() == "finalized"
     client.spin_until(
-        lambda: publishers(client, labels) == 0 and image.get_subscription_count() == 0,
+        lambda: publishers(client, labels) == 0 and client.image_pub.get_subscription_count() == 0,
         message="everything released at shutdown",
     )
     assert process.returncode is None, process.output()

@@ -115,7 +115,7 @@ def test_lifecycle_and_parameter_services_answer_malformed_requests(node, voc_rg
 
     # And it still does its job.
     lifecycle.activate()
-    client.spin_until(lambda: client.image_pub.get_subscription_count() == 1)
+    client.spin_until(client.inputs_matched, 2 * EVENT_TIMEOUT_S)
     frame = make_image(voc_rgb[0][:48, :64].copy(), "rgb8", next_header(client.node))
     client.wait_for_output(frame, ("labels",))
     # A fresh malformed request: the diagnostics window (5 s) may have passed the earlier ones
