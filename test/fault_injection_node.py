@@ -141,7 +141,9 @@ def running_fault_node(
         client.spin_until(
             lambda: process.returncode is not None or client.ready(),
             ready_timeout,
-            message=lambda: f"node start-up; its output:\n{process.output()}",
+            message=lambda: (
+                f"node start-up; its output:\n{process.output()}\nthe client:\n{client.describe()}"
+            ),
         )
         if process.returncode is not None:
             raise AssertionError(f"node exited with {process.returncode}:\n{process.output()}")

@@ -58,9 +58,16 @@ EVENT_TIMEOUT_S = 30.0  # a running node: an output, a service answer, a status,
 STOP_TIMEOUT_S = 60.0  # a node process ending after a signal
 # A service call that got no answer in this time is sent again (``call_service``).
 ATTEMPT_TIMEOUT_S = 5.0
-# An input writer that the node's diagnostics still do not count this long after the writer
-# matched the node's reader is replaced (``OvssClient.ready``).
+# An input writer that the node's diagnostics, sent after the writer matched the node's reader,
+# have said for this long that the node does not count is replaced (``OvssClient.ready``); at
+# most MAX_RENEWALS times per input topic.
 ONE_SIDED_RENEW_S = 20.0
+MAX_RENEWALS = 3
+
+
+def _now() -> float:
+    """The clock of the renewal rule (a function, so that a test can move it)."""
+    return time.monotonic()
 
 
 def startup_timeout(processes: int = 1) -> float:
@@ -423,7 +430,8 @@ class OvssClient:
         self.compressed_pub = self.node.create_publisher(
             CompressedImage, f"{first}/image/compressed", input_qos
         )
-        self._one_sided_since: dict[str, float] = {}  # input topic -> when seen one-sided
+        self._input_watch: dict[str, list] = {}  # input topic -> inputs_matched's state
+        self._renewals: dict[str, int] = {}  # input topic -> writers replaced
         self.subscribe("/diagnostics", DiagnosticArray)
         self.set_client = self.node.create_client(SetParameters, f"{self.ns}/set_parameters")
         self.get_client = self.node.create_client(GetParameters, f"{self.ns}/get_parameters")
@@ -444,58 +452,69 @@ class OvssClient:
         return self.image_pubs[self.cameras[0]]
 
     def ready(self, compressed: bool = False) -> bool:
-        """Every camera's input is matched on both sides (the node's diagnostics count this
-        client's writer, and the writer counts the node's reader) and its label_info has arrived.
-
-        Discovery can stay one-sided: once in about ten CI runs, a node never matched the
-        client's image writer in 240 s while that writer had matched the node's reader and the
-        node's own publishers reached the client (Fast DDS 3.2.3; not reproduced here in many
-        tries). Frames then never arrive. A writer that stays unmatched by the node for
-        ONE_SIDED_RENEW_S is replaced by a new one (``renew_input``), with a DiscoveryRenewed
-        warning; the new writer is announced afresh."""
+        """Every camera's input is matched on both sides (``inputs_matched``) and its
+        label_info has arrived."""
         return self.inputs_matched(compressed) and all(
             self.messages[self.topic(f"{camera}/label_info" if camera else "label_info")]
             for camera in self.cameras
         )
 
     def inputs_matched(self, compressed: bool = False) -> bool:
-        """Each input writer (the compressed one, or every camera's image) and the node's reader
-        have matched each other; one that stays one-sided too long is renewed (``ready``)."""
+        """Each input writer (the compressed one, or every camera's image) counts a reader, and
+        the node's diagnostics sent since then count at least one publisher on that topic.
+
+        Discovery can stay one-sided: once in about ten CI runs a node never matched the
+        client's image writer in 240 s, while that writer counted the node's reader and the
+        node's own publishers reached the client (Fast DDS 3.2.3; not reproduced here). Frames
+        then never arrive. When the node's diagnostics have said 0 publishers for
+        ONE_SIDED_RENEW_S, the writer is replaced by a new one (``renew_input``, a
+        DiscoveryRenewed warning; at most MAX_RENEWALS times per topic). Whether a new writer
+        cures that fault is not known (it was never reproduced); a wait that still ends in a
+        timeout shows both counts (``describe``)."""
         inputs = [self.compressed_pub] if compressed else list(self.image_pubs.values())
         matched = True
         for pub in inputs:
+            topic = pub.topic_name
             if pub.get_subscription_count() == 0:
+                self._input_watch.pop(topic, None)  # the clock restarts at the next match
                 matched = False
                 continue
-            publishers = self.node_input_publishers(pub.topic_name)
+            # [index of the first diagnostics received since the match, when one said 0]
+            watch = self._input_watch.setdefault(topic, [len(self.messages["/diagnostics"]), None])
+            publishers = self.node_input_publishers(topic, since=watch[0])
             if publishers is not None and publishers > 0:
-                self._one_sided_since.pop(pub.topic_name, None)
+                watch[1] = None
                 continue
             matched = False
-            since = self._one_sided_since.setdefault(pub.topic_name, time.monotonic())
-            if publishers == 0 and time.monotonic() - since > ONE_SIDED_RENEW_S:
-                self.renew_input(pub.topic_name)
+            if publishers == 0:
+                watch[1] = _now() if watch[1] is None else watch[1]
+                one_sided_s = _now() - watch[1]
+                if one_sided_s > ONE_SIDED_RENEW_S and self._renewals.get(topic, 0) < MAX_RENEWALS:
+                    self.renew_input(topic, one_sided_s)
         return matched
 
-    def node_input_publishers(self, topic: str) -> int | None:
-        """How many publishers the node's reader of ``topic`` has matched, from its newest
-        diagnostics that name that input topic; None before any."""
-        for array in reversed(self.messages["/diagnostics"]):
+    def node_input_publishers(self, topic: str, since: int = 0) -> int | None:
+        """How many publishers the node's reader of ``topic`` has matched, from the newest of
+        the diagnostics arrays received from the ``since``-th on that name that input topic;
+        None while there is none."""
+        for array in reversed(self.messages["/diagnostics"][since:]):
             for status in array.status:
                 values = status_values(status)
                 if values.get("input topic") == topic and "input publishers" in values:
                     return int(values["input publishers"])
         return None
 
-    def renew_input(self, topic: str) -> None:
+    def renew_input(self, topic: str, one_sided_s: float = 0.0) -> None:
         """Replace the writer of input ``topic`` by a new one with the same QoS."""
+        self._renewals[topic] = self._renewals.get(topic, 0) + 1
         warnings.warn(
-            f"the node had not matched the writer of {topic} for {ONE_SIDED_RENEW_S} s, while "
-            "that writer had matched the node's reader: writer replaced",
+            f"the node's diagnostics counted no publisher on {topic} for {one_sided_s:.1f} s "
+            "while its writer counted the node's reader: writer replaced "
+            f"(renewal {self._renewals[topic]} of at most {MAX_RENEWALS})",
             DiscoveryRenewed,
-            stacklevel=3,
+            stacklevel=2,
         )
-        self._one_sided_since.pop(topic, None)
+        self._input_watch.pop(topic, None)
         if topic == self.compressed_pub.topic_name:
             self.compressed_pub = self._replace(self.compressed_pub)
             return
@@ -545,6 +564,7 @@ class OvssClient:
         """Forget the messages received so far (they hold whole images)."""
         for messages in self.messages.values():
             messages.clear()
+        self._input_watch.clear()  # its indices point into the diagnostics received
 
     def wait_for_output(
         self,
@@ -679,8 +699,10 @@ class OvssClient:
         """What this client sees, for a failure message: who is matched on each of its topics,
         how many messages each brought, and the last diagnostics report received."""
         lines = [
-            f"{pub.topic_name}: {pub.get_subscription_count()} subscription(s)"
-            for pub in self.image_pubs.values()
+            f"{pub.topic_name}: {pub.get_subscription_count()} subscription(s); the node's "
+            f"newest diagnostics: {self.node_input_publishers(pub.topic_name)} publisher(s); "
+            f"writer replaced {self._renewals.get(pub.topic_name, 0)} time(s)"
+            for pub in [*self.image_pubs.values(), self.compressed_pub]
         ]
         for topic, messages in self.messages.items():
             if topic != "/diagnostics":
@@ -872,7 +894,9 @@ def running_node(
         client.spin_until(
             lambda: process.returncode is not None or client.ready(compressed),
             ready_timeout,
-            message=lambda: f"node start-up; its output:\n{process.output()}",
+            message=lambda: (
+                f"node start-up; its output:\n{process.output()}\nthe client:\n{client.describe()}"
+            ),
         )
         if process.returncode is not None:
             raise AssertionError(f"node exited with {process.returncode}:\n{process.output()}")

@@ -57,7 +57,7 @@ def node():
         client.spin_until(
             lambda: plain.returncode is not None or client.ready(),
             startup_timeout(2),
-            message=lambda: f"node start-up:\n{plain.output()}",
+            message=lambda: f"node start-up:\n{plain.output()}\nthe client:\n{client.describe()}",
         )
         assert plain.returncode is None, plain.output()
         yield client, plain, managed

@@ -202,7 +202,10 @@ def test_installed_ovss_node_starts_and_answers_over_dds(workspace, tmp_path):
             client.spin_until(
                 lambda: process.poll() is not None or client.ready(),
                 STARTUP_TIMEOUT_S,
-                message=lambda: f"installed node start-up:\n{log_path.read_text()}",
+                message=lambda: (
+                    f"installed node start-up:\n{log_path.read_text()}"
+                    f"\nthe client:\n{client.describe()}"
+                ),
             )
             assert process.poll() is None, log_path.read_text()
             rgb = camera_frame(64, 48)

@@ -102,7 +102,10 @@ def test_the_plain_node_leaves_the_graph_when_it_exits(observer):
         observer.spin_until(
             lambda: process.returncode is not None or observer.ready(),
             STARTUP_TIMEOUT_S,
-            message=lambda: f"node start-up; its output:\n{process.output()}",
+            message=lambda: (
+                f"node start-up; its output:\n{process.output()}"
+                f"\nthe client:\n{observer.describe()}"
+            ),
         )
         # Serving is spinning: the node is in the graph (and has published its label_info)
         # a moment before it spins, and a Ctrl-C in that moment ends start-up (status 130).

@@ -67,7 +67,9 @@ def served(request):
         client.spin_until(
             lambda: process.returncode is not None or client.ready(),
             startup_timeout(),
-            message=lambda: f"node start-up; its output:\n{process.output()}",
+            message=lambda: (
+                f"node start-up; its output:\n{process.output()}\nthe client:\n{client.describe()}"
+            ),
         )
         assert process.returncode is None, process.output()
         yield client, DepthClient(client), process

@@ -19,6 +19,7 @@ from fault_injection_node import HOLD_WORD, MODULE
 from lifecycle_msgs.msg import Transition
 from rclpy.parameter import Parameter
 from ros_harness import (
+    EVENT_TIMEOUT_S,
     TINY_NODE_PARAMETERS,
     Lifecycle,
     NodeProcess,
@@ -67,7 +68,7 @@ def test_deactivate_keeps_and_cleanup_stops_an_encoding_and_configure_loads_it(m
     held, release = fault_dir / "encoding_held", fault_dir / "encoding_release"
     rgb = np.ascontiguousarray(voc_rgb[1][:96, :128])
     lifecycle.activate()
-    client.spin_until(client.ready, message="inputs subscribed")
+    client.spin_until(client.ready, 2 * EVENT_TIMEOUT_S, "inputs subscribed")
     assert segment(client, rgb) == CLASSES
 
     result = client.set_parameters([Parameter("classes", value=CHANGED)])[0]
@@ -87,7 +88,7 @@ def test_deactivate_keeps_and_cleanup_stops_an_encoding_and_configure_loads_it(m
     client.spin_until(configure.done, message="configure answered")
     assert configure.result().success
     assert lifecycle.transition(Transition.TRANSITION_ACTIVATE)
-    client.spin_until(client.ready, message="inputs subscribed again")
+    client.spin_until(client.ready, 2 * EVENT_TIMEOUT_S, "inputs subscribed again")
     assert segment(client, rgb) == CHANGED
     assert client.get_parameter("classes") == CHANGED
 
@@ -96,7 +97,7 @@ def test_the_shutdown_transition_stops_an_encoding_at_once(managed, voc_rgb):
     client, process, lifecycle, fault_dir = managed
     held, release = fault_dir / "encoding_held", fault_dir / "encoding_release"
     lifecycle.activate()
-    client.spin_until(client.ready, message="inputs subscribed")
+    client.spin_until(client.ready, 2 * EVENT_TIMEOUT_S, "inputs subscribed")
     result = client.set_parameters([Parameter("classes", value=CHANGED)])[0]
     assert result.successful, result.reason
     client.spin_until(held.exists, message="encoding held")

@@ -90,7 +90,10 @@ class Node:
         self.client.spin_until(
             lambda: self.process.returncode is not None or self.client.ready(),
             startup_s,
-            message=lambda: f"node start-up; its output:\n{self.process.output()}",
+            message=lambda: (
+                f"node start-up; its output:\n{self.process.output()}"
+                f"\nthe client:\n{self.client.describe()}"
+            ),
         )
         assert self.process.returncode is None, self.process.output()
 

@@ -155,7 +155,10 @@ def node_from(words: list[str], cwd: Path):
         client.spin_until(
             lambda: process.poll() is not None or client.ready(),
             STARTUP_TIMEOUT_S,
-            message=lambda: f"node start-up; its output:\n{log_path.read_text()}",
+            message=lambda: (
+                f"node start-up; its output:\n{log_path.read_text()}"
+                f"\nthe client:\n{client.describe()}"
+            ),
         )
         assert process.poll() is None, log_path.read_text()
         yield client

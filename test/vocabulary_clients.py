@@ -119,7 +119,9 @@ def serve(kind: str, tmp_path_factory: Any) -> Iterator[tuple[Any, VocabularyCli
         client.spin_until(
             lambda: process.returncode is not None or client.ready(),
             startup_timeout(),
-            message=lambda: f"node start-up; its output:\n{process.output()}",
+            message=lambda: (
+                f"node start-up; its output:\n{process.output()}\nthe client:\n{client.describe()}"
+            ),
         )
         assert process.returncode is None, process.output()
         services = VocabularyClients(client)
