@@ -58,9 +58,9 @@ EVENT_TIMEOUT_S = 30.0  # a running node: an output, a service answer, a status,
 STOP_TIMEOUT_S = 60.0  # a node process ending after a signal
 # A service call that got no answer in this time is sent again (``call_service``).
 ATTEMPT_TIMEOUT_S = 5.0
-# An input writer that the node's diagnostics, sent after the writer matched the node's reader,
-# have said for this long that the node does not count is replaced (``OvssClient.ready``); at
-# most MAX_RENEWALS times per input topic.
+# An input writer whose node's statuses, received since the writer matched a reader, have said
+# for this long that it counts no publisher is replaced (``OvssClient.inputs_matched``); at most
+# MAX_RENEWALS times per input topic.
 ONE_SIDED_RENEW_S = 20.0
 MAX_RENEWALS = 3
 
@@ -298,7 +298,7 @@ class ServiceRetried(UserWarning):
 
 class DiscoveryRenewed(UserWarning):
     """A node did not match the client's input writer; the writer was replaced
-    (``OvssClient.ready``)."""
+    (``OvssClient.inputs_matched``)."""
 
 
 def call_service(
@@ -392,6 +392,9 @@ class OvssClient:
         self.ns = node_namespace
         self.node = Node(name)
         self.messages: dict[str, list[Any]] = {}
+        self._input_watch: dict[str, list] = {}  # input topic -> inputs_matched's state
+        self._renewals: dict[str, int] = {}  # input topic -> writers replaced
+        self.diagnostics_received = 0  # arrays received on /diagnostics, ever
         self._subscriptions: dict[str, Any] = {}
         inputs = input_namespace.rstrip("/")
         # A camera driver's usual QoS; a RELIABLE one also serves RELIABLE subscriptions. Its
@@ -430,9 +433,10 @@ class OvssClient:
         self.compressed_pub = self.node.create_publisher(
             CompressedImage, f"{first}/image/compressed", input_qos
         )
-        self._input_watch: dict[str, list] = {}  # input topic -> inputs_matched's state
-        self._renewals: dict[str, int] = {}  # input topic -> writers replaced
-        self.subscribe("/diagnostics", DiagnosticArray)
+        self.messages["/diagnostics"] = []
+        self._subscriptions["/diagnostics"] = self.node.create_subscription(
+            DiagnosticArray, "/diagnostics", self.record_diagnostics, self.reliable
+        )
         self.set_client = self.node.create_client(SetParameters, f"{self.ns}/set_parameters")
         self.get_client = self.node.create_client(GetParameters, f"{self.ns}/get_parameters")
         self.enable_client = self.node.create_client(SetBool, f"{self.ns}/enable")
@@ -461,26 +465,28 @@ class OvssClient:
 
     def inputs_matched(self, compressed: bool = False) -> bool:
         """Each input writer (the compressed one, or every camera's image) counts a reader, and
-        the node's diagnostics sent since then count at least one publisher on that topic.
+        the node's newest word on that topic counts at least one publisher on it
+        (``node_input_publishers``, from the statuses received since this call first saw the
+        writer count a reader).
 
         Discovery can stay one-sided: once in about ten CI runs a node never matched the
         client's image writer in 240 s, while that writer counted the node's reader and the
         node's own publishers reached the client (Fast DDS 3.2.3; not reproduced here). Frames
-        then never arrive. When the node's diagnostics have said 0 publishers for
-        ONE_SIDED_RENEW_S, the writer is replaced by a new one (``renew_input``, a
-        DiscoveryRenewed warning; at most MAX_RENEWALS times per topic). Whether a new writer
-        cures that fault is not known (it was never reproduced); a wait that still ends in a
-        timeout shows both counts (``describe``)."""
+        then never arrive. When such statuses have said 0 publishers for ONE_SIDED_RENEW_S
+        (counted from the first of them received), this call replaces the writer by a new one
+        (``renew_input``, a DiscoveryRenewed warning; at most MAX_RENEWALS times per topic).
+        Whether a new writer cures that fault is not known (it was never reproduced); a wait
+        that still ends in a timeout shows both counts (``describe``)."""
         inputs = [self.compressed_pub] if compressed else list(self.image_pubs.values())
         matched = True
         for pub in inputs:
             topic = pub.topic_name
             if pub.get_subscription_count() == 0:
-                self._input_watch.pop(topic, None)  # the clock restarts at the next match
+                self._input_watch.pop(topic, None)  # the watch restarts at the next match
                 matched = False
                 continue
-            # [index of the first diagnostics received since the match, when one said 0]
-            watch = self._input_watch.setdefault(topic, [len(self.messages["/diagnostics"]), None])
+            # [diagnostics_received at the match, when a status saying 0 was first received]
+            watch = self._input_watch.setdefault(topic, [self.diagnostics_received, None])
             publishers = self.node_input_publishers(topic, since=watch[0])
             if publishers is not None and publishers > 0:
                 watch[1] = None
@@ -494,22 +500,33 @@ class OvssClient:
         return matched
 
     def node_input_publishers(self, topic: str, since: int = 0) -> int | None:
-        """How many publishers the node's reader of ``topic`` has matched, from the newest of
-        the diagnostics arrays received from the ``since``-th on that name that input topic;
-        None while there is none."""
-        for array in reversed(self.messages["/diagnostics"][since:]):
+        """The "input publishers" value of the newest status naming ``topic`` as its "input
+        topic", among the /diagnostics arrays received after the first ``since``
+        (``diagnostics_received`` counts them; those forgotten by ``clear`` are not looked at).
+        None while there is none, or when a newer status of the same name names no input topic
+        (that node was unsubscribed since: e.g. deactivated and activated again). Any node's
+        status naming the topic counts; in the tests each node has input topics of its own."""
+        arrays = self.messages["/diagnostics"]
+        newer = self.diagnostics_received - since
+        unsubscribed: set[str] = set()
+        for array in reversed(arrays[-newer:] if newer > 0 else []):
             for status in array.status:
                 values = status_values(status)
-                if values.get("input topic") == topic and "input publishers" in values:
+                if "input topic" not in values:
+                    unsubscribed.add(status.name)
+                elif values["input topic"] == topic and "input publishers" in values:
+                    if status.name in unsubscribed:
+                        return None
                     return int(values["input publishers"])
         return None
 
-    def renew_input(self, topic: str, one_sided_s: float = 0.0) -> None:
-        """Replace the writer of input ``topic`` by a new one with the same QoS."""
+    def renew_input(self, topic: str, one_sided_s: float) -> None:
+        """Replace the writer of input ``topic`` by a new one with the same QoS (``one_sided_s``:
+        for the warning, how long the node's statuses said 0)."""
         self._renewals[topic] = self._renewals.get(topic, 0) + 1
         warnings.warn(
-            f"the node's diagnostics counted no publisher on {topic} for {one_sided_s:.1f} s "
-            "while its writer counted the node's reader: writer replaced "
+            f"the node's statuses counted no publisher on {topic} for {one_sided_s:.1f} s while "
+            "the writer counted a reader: writer replaced "
             f"(renewal {self._renewals[topic]} of at most {MAX_RENEWALS})",
             DiscoveryRenewed,
             stacklevel=2,
@@ -526,6 +543,11 @@ class OvssClient:
         new = self.node.create_publisher(pub.msg_type, pub.topic_name, pub.qos_profile)
         self.node.destroy_publisher(pub)
         return new
+
+    def record_diagnostics(self, array: Any) -> None:
+        """Keep a received /diagnostics array (the subscription's callback)."""
+        self.diagnostics_received += 1
+        self.messages["/diagnostics"].append(array)
 
     def subscribe_mask(self, slug: str, camera: str = "") -> str:
         topic = f"{self.ns}/{camera}/masks/{slug}" if camera else f"{self.ns}/masks/{slug}"
@@ -564,7 +586,6 @@ class OvssClient:
         """Forget the messages received so far (they hold whole images)."""
         for messages in self.messages.values():
             messages.clear()
-        self._input_watch.clear()  # its indices point into the diagnostics received
 
     def wait_for_output(
         self,

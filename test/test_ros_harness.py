@@ -8,6 +8,8 @@ received ones, or the reading is patched; the writers, readers and the node are 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import ros_harness
@@ -23,7 +25,7 @@ from ros_harness import (
     running_node,
     status_values,
 )
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 
 pytestmark = pytest.mark.usefixtures("node_survives")
 
@@ -56,12 +58,15 @@ def read(probe: OvssClient, topic: str) -> None:
     probe.spin_until(lambda: writer.get_subscription_count() > 0, message=f"{topic} matched")
 
 
-def node_says(client: OvssClient, topic: str, publishers: int) -> None:
-    """A diagnostics array, as a node would send it, counting ``publishers`` on ``topic``."""
-    values = [KeyValue(key="input topic", value=topic)]
-    values.append(KeyValue(key="input publishers", value=str(publishers)))
-    status = DiagnosticStatus(name="ovss: image", values=values)
-    client.messages["/diagnostics"].append(DiagnosticArray(status=[status]))
+def node_says(client: OvssClient, topic: str, publishers: int | None) -> None:
+    """A diagnostics array, as a node would send it, counting ``publishers`` on ``topic`` (None:
+    the node's status for that camera while it is unsubscribed, without the input values)."""
+    values = [KeyValue(key="frames received", value="0")]
+    if publishers is not None:
+        values.append(KeyValue(key="input topic", value=topic))
+        values.append(KeyValue(key="input publishers", value=str(publishers)))
+    status = DiagnosticStatus(name=f"ovss: {topic.split('/')[-2]}", values=values)
+    client.record_diagnostics(DiagnosticArray(status=[status]))
 
 
 def frame(client) -> object:
@@ -143,6 +148,91 @@ def test_only_diagnostics_received_since_the_match_count_and_the_newest_wins(pro
     assert probe.node_input_publishers(rear) == 0
     node_says(probe, rear, 2)
     assert probe.inputs_matched()
+
+
+def rematch(probe: OvssClient, topic: str) -> None:
+    """Destroy the test's newest reader (of ``topic``) and read ``topic`` anew."""
+    probe.node.destroy_subscription(probe.readers.pop())
+    probe.spin_until(lambda: probe.image_pubs["front"].get_subscription_count() == 0)
+
+
+def test_a_new_match_is_not_taken_for_the_old_one(probe):
+    """Unmatched and matched again (a lifecycle node deactivated and activated): the statuses of
+    the first match say nothing about the second."""
+    rear, front = (probe.image_pubs[camera].topic_name for camera in ("rear", "front"))
+    read(probe, rear)
+    read(probe, front)
+    assert not probe.inputs_matched()
+    node_says(probe, rear, 1)
+    node_says(probe, front, 1)
+    assert probe.inputs_matched()
+    # No call while unmatched; the node said it was unsubscribed meanwhile.
+    rematch(probe, front)
+    node_says(probe, front, None)
+    read(probe, front)
+    assert not probe.inputs_matched()  # the "1" is older than the unsubscribed status
+    node_says(probe, front, 1)
+    assert probe.inputs_matched()
+    # A call while unmatched; no status in between: the watch restarts at the new match.
+    rematch(probe, front)
+    assert not probe.inputs_matched()
+    read(probe, front)
+    assert not probe.inputs_matched()
+    node_says(probe, front, 1)
+    assert probe.inputs_matched()
+
+
+def test_forgotten_diagnostics_do_not_hide_new_ones(probe):
+    front, rear = (probe.image_pubs[camera].topic_name for camera in ("front", "rear"))
+    read(probe, front)
+    read(probe, rear)
+    for _ in range(5):
+        node_says(probe, front, 0)
+    assert not probe.inputs_matched()
+    probe.messages["/diagnostics"].clear()  # as some tests do, not through clear()
+    node_says(probe, front, 1)
+    node_says(probe, rear, 1)
+    assert probe.inputs_matched()
+
+
+def test_the_compressed_input_is_matched_on_its_own(probe):
+    topic = probe.compressed_pub.topic_name
+    read_compressed = probe.node.create_subscription(
+        CompressedImage, topic, lambda _: None, qos_profile_sensor_data
+    )
+    probe.readers.append(read_compressed)
+    probe.spin_until(lambda: probe.compressed_pub.get_subscription_count() > 0)
+    assert not probe.inputs_matched(compressed=True)
+    node_says(probe, topic, 1)
+    assert probe.inputs_matched(compressed=True)
+    assert not probe.inputs_matched()  # the image writers have no reader
+
+
+def test_the_clock_starts_at_the_first_zero_not_at_the_match(probe, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(ros_harness, "_now", lambda: now[0])
+    monkeypatch.setattr(ros_harness, "ONE_SIDED_RENEW_S", 10.0)
+    front = probe.image_pubs["front"]
+    topic = front.topic_name
+    read(probe, topic)
+    read(probe, probe.image_pubs["rear"].topic_name)
+    assert not probe.inputs_matched()  # matched at 100 s; no status yet
+    now[0] = 115.0
+    node_says(probe, topic, 0)
+    assert not probe.inputs_matched()  # the first 0, at 115 s: no renewal
+    assert probe.image_pubs["front"] is front
+    now[0] = 125.5
+    with pytest.warns(DiscoveryRenewed, match=r"for 10\.5 s"):
+        assert not probe.inputs_matched()
+    # The new writer starts a watch of its own: its first 0 starts the clock again.
+    probe.spin_until(lambda: probe.image_pubs["front"].get_subscription_count() > 0)
+    assert not probe.inputs_matched()
+    node_says(probe, topic, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiscoveryRenewed)
+        assert not probe.inputs_matched()
+        now[0] = 135.0
+        assert not probe.inputs_matched()
 
 
 def test_the_one_sided_clock_restarts_when_the_node_counts_the_writer(probe, monkeypatch):
