@@ -90,7 +90,7 @@ class DensePostprocess:
             dropped = self._small_classes(reduced)
             if dropped is not None:
                 reduced = self._reduce(encoded, logits, size, step, affinity, None, dropped)
-        confidence = torch.exp(reduced.best - reduced.peak) / reduced.total
+        confidence = reduced.confidence()
         dtype = label_dtype(num_classes)
         torch_dtype = torch.uint8 if dtype == np.uint8 else torch.int32
         background = None  # passes skipped where they cannot reject (no words, threshold 0)
@@ -273,7 +273,7 @@ class DensePostprocess:
         """Classes (bool, (classes,)) to drop under ``area_threshold``, or None if none labels
         any pixel: a class is kept iff its pixels are more than ``area_threshold`` times all
         class-labelled pixels (background-word pixels excluded; SCLIP's ``area_pred``)."""
-        confidence = torch.exp(reduced.best - reduced.peak) / reduced.total
+        confidence = reduced.confidence()
         labelled = reduced.background_probability() < confidence
         labels = self._query_owner[reduced.best_query][labelled]
         counts = torch.bincount(labels, minlength=len(self.classes))

@@ -20,7 +20,12 @@ class Reduced:
     best_query: torch.Tensor  # its query
     background: torch.Tensor  # best scaled background-word logit (-inf without any)
 
+    def confidence(self) -> torch.Tensor:
+        """The best allowed class's softmax probability over all queries, (H, W)."""
+        return torch.exp(self.best - self.peak) / self.total
+
     def background_probability(self) -> torch.Tensor:
+        """The best background word's softmax probability over all queries, (H, W)."""
         return torch.exp(self.background - self.peak) / self.total
 
 
