@@ -150,10 +150,11 @@ def test_only_diagnostics_received_since_the_match_count_and_the_newest_wins(pro
     assert probe.inputs_matched()
 
 
-def rematch(probe: OvssClient, topic: str) -> None:
-    """Destroy the test's newest reader (of ``topic``) and read ``topic`` anew."""
+def unmatch(probe: OvssClient, topic: str) -> None:
+    """Destroy the test's newest reader (of ``topic``); wait until its writer counts none."""
     probe.node.destroy_subscription(probe.readers.pop())
-    probe.spin_until(lambda: probe.image_pubs["front"].get_subscription_count() == 0)
+    writer = next(pub for pub in probe.image_pubs.values() if pub.topic_name == topic)
+    probe.spin_until(lambda: writer.get_subscription_count() == 0, message=f"{topic} unmatched")
 
 
 def test_a_new_match_is_not_taken_for_the_old_one(probe):
@@ -167,14 +168,14 @@ def test_a_new_match_is_not_taken_for_the_old_one(probe):
     node_says(probe, front, 1)
     assert probe.inputs_matched()
     # No call while unmatched; the node said it was unsubscribed meanwhile.
-    rematch(probe, front)
+    unmatch(probe, front)
     node_says(probe, front, None)
     read(probe, front)
     assert not probe.inputs_matched()  # the "1" is older than the unsubscribed status
     node_says(probe, front, 1)
     assert probe.inputs_matched()
     # A call while unmatched; no status in between: the watch restarts at the new match.
-    rematch(probe, front)
+    unmatch(probe, front)
     assert not probe.inputs_matched()
     read(probe, front)
     assert not probe.inputs_matched()
